@@ -1,0 +1,151 @@
+//! The engine's public error type.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::format::{DecodeError, EventId};
+use crate::index::IndexError;
+use crate::log::ExpectedVersion;
+
+/// Everything the engine's public API can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file-system operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process (or another `Log` in this one) has the data directory open.
+    #[error("data directory {} is locked by another opener", dir.display())]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// The directory does not hold a Tally log and `Options::create` is off.
+    #[error("{} is not a Tally data directory (no tally.meta)", dir.display())]
+    NotFound {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Bytes on disk are damaged or do not belong to this log. Nothing was changed.
+    #[error(
+        "corrupt data in {} at byte {offset}{}: {detail}",
+        file.display(),
+        position.map(|p| format!(" (position {p})")).unwrap_or_default()
+    )]
+    Corrupt {
+        /// The damaged file.
+        file: PathBuf,
+        /// Byte offset of the damage within the file.
+        offset: u64,
+        /// The log position concerned, when known.
+        position: Option<u64>,
+        /// What is wrong, in words.
+        detail: String,
+        /// The decode error, when there is one.
+        #[source]
+        source: Option<DecodeError>,
+    },
+    /// An index sidecar is damaged and could not be rebuilt.
+    #[error("index {} is unusable", file.display())]
+    Index {
+        /// The sidecar.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: IndexError,
+    },
+    /// The stream is not at the version the append expected. Nothing was written.
+    #[error("wrong expected version for stream {stream}: expected {expected:?}, actual {actual:?}")]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: String,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's last version (`None`: the stream has no events).
+        actual: Option<u64>,
+    },
+    /// An event in the batch breaks a documented limit. Nothing was written.
+    #[error("event {index} of the batch is invalid")]
+    InvalidEvent {
+        /// Index of the event in the batch (counting across all streams of a multi-append).
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// The append itself is malformed (empty, a stream twice, an event id twice).
+    #[error("invalid append: {reason}")]
+    InvalidAppend {
+        /// Why.
+        reason: String,
+    },
+    /// The batch does not fit in one segment.
+    #[error("batch of {bytes} bytes does not fit in a segment (at most {max} bytes of records)")]
+    BatchTooLarge {
+        /// Bytes the batch's records take.
+        bytes: u64,
+        /// Bytes of records one segment holds.
+        max: u64,
+    },
+    /// Some, but not all, of the batch's event ids were already written: the batch is not a
+    /// retry of an earlier one, and writing it would duplicate events.
+    #[error(
+        "event {event_id} was already written to stream {stream}, but other events of the batch were not"
+    )]
+    PartialDuplicate {
+        /// The stream.
+        stream: String,
+        /// One of the ids already written.
+        event_id: EventId,
+    },
+    /// An event id of the batch was already written to a different stream.
+    #[error("event id {event_id} was already written to stream {existing_stream}")]
+    DuplicateEventId {
+        /// The id.
+        event_id: EventId,
+        /// The stream it was written to.
+        existing_stream: String,
+    },
+    /// A sync to disk failed earlier; the log accepts no more writes (reads still work),
+    /// because a retried sync cannot prove that earlier writes reached the disk.
+    #[error("the log stopped accepting writes after a failed sync")]
+    Poisoned {
+        /// The failure that poisoned the log.
+        #[source]
+        cause: Arc<io::Error>,
+    },
+    /// The log was closed.
+    #[error("the log is closed")]
+    Closed,
+    /// The log was opened read-only (`RecoveryMode::ReadOnly`).
+    #[error("the log was opened read-only")]
+    ReadOnly,
+    /// Options out of range.
+    #[error("invalid options: {reason}")]
+    InvalidOptions {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+}
+
+/// Shorthand for results of the engine's API.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,221 @@
+//! The hash chain and the Merkle tree hashing (docs/FORMAT.md, "Hash chain" and "Merkle
+//! roots").
+//!
+//! Chain: `seed = BLAKE3-derive_key(CHAIN_SEED_CONTEXT, log_id)`, and for each record
+//! `chain_hash = BLAKE3-keyed(key = previous chain_hash, link)` where `link` is 64 bytes:
+//! the 32 header bytes `durable_lag..kind` exactly as stored, followed by `BLAKE3(body)`.
+//! The body hash can be computed by the appending thread before the record's position is
+//! known; the serial step then hashes one 64-byte block.
+//!
+//! Merkle: RFC 9162 section 2.1 with BLAKE3: the hash of an empty tree is `BLAKE3("")`, a
+//! leaf is `BLAKE3(0x00 || chain_hash)`, an inner node is `BLAKE3(0x01 || left || right)`,
+//! and a tree of `n > 1` leaves splits at the largest power of two below `n`.
+
+use super::Hash32;
+use super::record::{LINK_FROM, LINK_TO, RECORD_HEADER_LEN};
+
+/// The BLAKE3 key-derivation context for a log's chain seed.
+pub const CHAIN_SEED_CONTEXT: &str = "tally 2026-11 record chain seed v1";
+
+/// Bytes hashed by one chain step.
+pub const LINK_LEN: usize = 64;
+
+/// The chain value before a log's first record: distinct for every log id, so that records
+/// from another log (or stale bytes of a recycled file) never chain.
+#[must_use]
+pub fn chain_seed(log_id: &[u8; 16]) -> Hash32 {
+    blake3::derive_key(CHAIN_SEED_CONTEXT, log_id)
+}
+
+/// The hash of a record body.
+#[must_use]
+pub fn body_hash(body: &[u8]) -> Hash32 {
+    *blake3::hash(body).as_bytes()
+}
+
+/// One chain step: the record hash of a record whose header encodes to `header` (its
+/// `chain_hash` field is ignored) and whose body hashes to `body_hash`.
+#[must_use]
+pub fn chain_step(prev: &Hash32, header: &[u8; RECORD_HEADER_LEN], body_hash: &Hash32) -> Hash32 {
+    let mut link = [0u8; LINK_LEN];
+    link[..32].copy_from_slice(&header[LINK_FROM..LINK_TO]);
+    link[32..].copy_from_slice(body_hash);
+    *blake3::keyed_hash(prev, &link).as_bytes()
+}
+
+/// RFC 9162 leaf hash of one record hash.
+#[must_use]
+pub fn leaf_hash(record_hash: &Hash32) -> Hash32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&[0x00]);
+    h.update(record_hash);
+    *h.finalize().as_bytes()
+}
+
+/// RFC 9162 inner node hash.
+#[must_use]
+pub fn node_hash(left: &Hash32, right: &Hash32) -> Hash32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&[0x01]);
+    h.update(left);
+    h.update(right);
+    *h.finalize().as_bytes()
+}
+
+/// The hash of a tree with no leaves.
+#[must_use]
+pub fn empty_root() -> Hash32 {
+    *blake3::hash(b"").as_bytes()
+}
+
+/// Computes an RFC 9162 Merkle root over leaves pushed one at a time, in O(log n) memory:
+/// it keeps the roots of the perfect subtrees seen so far (the "frontier").
+#[derive(Clone, Debug, Default)]
+pub struct MerkleBuilder {
+    /// `(height, root)` of perfect subtrees, strictly decreasing heights.
+    frontier: Vec<(u32, Hash32)>,
+    leaves: u64,
+}
+
+impl MerkleBuilder {
+    /// An empty tree.
+    #[must_use]
+    pub fn new() -> MerkleBuilder {
+        MerkleBuilder::default()
+    }
+
+    /// Adds the next record hash as a leaf.
+    pub fn push(&mut self, record_hash: &Hash32) {
+        let mut node = (0u32, leaf_hash(record_hash));
+        while let Some(&(height, left)) = self.frontier.last() {
+            if height != node.0 {
+                break;
+            }
+            self.frontier.pop();
+            node = (height + 1, node_hash(&left, &node.1));
+        }
+        self.frontier.push(node);
+        self.leaves += 1;
+    }
+
+    /// Leaves pushed so far.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.leaves
+    }
+
+    /// Whether no leaf was pushed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.leaves == 0
+    }
+
+    /// The root of the tree over every leaf pushed so far.
+    #[must_use]
+    pub fn root(&self) -> Hash32 {
+        let mut iter = self.frontier.iter().rev();
+        let Some(&(_, mut acc)) = iter.next() else {
+            return empty_root();
+        };
+        for (_, left) in iter {
+            acc = node_hash(left, &acc);
+        }
+        acc
+    }
+}
+
+/// The RFC 9162 root of `record_hashes`, computed recursively from the definition. Used to
+/// check [`MerkleBuilder`] and by verifiers that hold all leaves.
+#[must_use]
+pub fn merkle_root(record_hashes: &[Hash32]) -> Hash32 {
+    match record_hashes.len() {
+        0 => empty_root(),
+        1 => leaf_hash(&record_hashes[0]),
+        n => {
+            let k = (n - 1).checked_ilog2().map_or(1, |e| 1usize << e);
+            node_hash(
+                &merkle_root(&record_hashes[..k]),
+                &merkle_root(&record_hashes[k..]),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaves(n: usize) -> Vec<Hash32> {
+        (0..n)
+            .map(|i| *blake3::hash(&(i as u64).to_le_bytes()).as_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn builder_matches_the_recursive_definition_for_every_size() {
+        for n in 0..70 {
+            let ls = leaves(n);
+            let mut b = MerkleBuilder::new();
+            for l in &ls {
+                b.push(l);
+            }
+            assert_eq!(b.len(), n as u64);
+            assert_eq!(b.root(), merkle_root(&ls), "size {n}");
+        }
+    }
+
+    #[test]
+    fn split_point_is_the_largest_power_of_two_below_n() {
+        let ls = leaves(7);
+        let left = merkle_root(&ls[..4]);
+        let right = node_hash(
+            &node_hash(&leaf_hash(&ls[4]), &leaf_hash(&ls[5])),
+            &leaf_hash(&ls[6]),
+        );
+        assert_eq!(merkle_root(&ls), node_hash(&left, &right));
+        let ls = leaves(4);
+        assert_eq!(
+            merkle_root(&ls),
+            node_hash(
+                &node_hash(&leaf_hash(&ls[0]), &leaf_hash(&ls[1])),
+                &node_hash(&leaf_hash(&ls[2]), &leaf_hash(&ls[3]))
+            )
+        );
+    }
+
+    #[test]
+    fn leaf_and_node_hashes_are_domain_separated() {
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        let mut concat = [0u8; 64];
+        concat[..32].copy_from_slice(&a);
+        concat[32..].copy_from_slice(&b);
+        // A node must not be confusable with a leaf over the same 64 bytes, nor with a plain
+        // hash of them.
+        assert_ne!(node_hash(&a, &b), *blake3::hash(&concat).as_bytes());
+        assert_ne!(leaf_hash(&a), *blake3::hash(&a).as_bytes());
+        assert_eq!(
+            leaf_hash(&a),
+            *blake3::hash(&[&[0u8][..], &a[..]].concat()).as_bytes()
+        );
+    }
+
+    #[test]
+    fn seed_depends_on_log_id_and_step_on_every_input() {
+        assert_ne!(chain_seed(&[0; 16]), chain_seed(&[1; 16]));
+        let seed = chain_seed(&[0; 16]);
+        let header = [5u8; RECORD_HEADER_LEN];
+        let body = body_hash(b"body");
+        let base = chain_step(&seed, &header, &body);
+        let mut other_header = header;
+        other_header[LINK_FROM] ^= 1;
+        assert_ne!(chain_step(&seed, &other_header, &body), base);
+        assert_ne!(chain_step(&[9; 32], &header, &body), base);
+        assert_ne!(chain_step(&seed, &header, &body_hash(b"bodz")), base);
+        // Bytes outside the link (the CRC and the stored chain hash) do not enter it.
+        let mut outside = header;
+        outside[0] ^= 1;
+        outside[RECORD_HEADER_LEN - 1] ^= 1;
+        assert_eq!(chain_step(&seed, &outside, &body), base);
+    }
+}

@@ -1,0 +1,408 @@
+//! The fixed 80-byte record header (docs/FORMAT.md, "Record header").
+//!
+//! A record is the header, the body (an encoded [`super::envelope`]), and zero padding up to
+//! the next multiple of [`RECORD_ALIGN`]. The header carries its own CRC so that a reader can
+//! trust `body_len` before it reads the body, and a separate CRC of the body so that a scan
+//! can check the body without hashing it.
+
+use super::{DecodeError, Hash32, Position, Timestamp, check_crc, check_zero, le, need};
+
+/// Bytes in a record header.
+pub const RECORD_HEADER_LEN: usize = 80;
+/// Records start at offsets that are multiples of this.
+pub const RECORD_ALIGN: usize = 8;
+
+/// `header_crc`: CRC-32 of bytes `HEADER_CRC_COVERS_FROM..RECORD_HEADER_LEN`.
+pub const HEADER_CRC_OFFSET: usize = 0;
+/// `body_len`: bytes of body after the header, excluding padding.
+pub const BODY_LEN_OFFSET: usize = HEADER_CRC_OFFSET + 4;
+/// `body_crc`: CRC-32 of the body.
+pub const BODY_CRC_OFFSET: usize = BODY_LEN_OFFSET + 4;
+/// `durable_lag`: how far behind this record the durable watermark was when it was written.
+pub const DURABLE_LAG_OFFSET: usize = BODY_CRC_OFFSET + 4;
+/// `position`: the record's position in the log.
+pub const POSITION_OFFSET: usize = DURABLE_LAG_OFFSET + 4;
+/// `stream_version`: the event's version in its stream (0 for the first event).
+pub const STREAM_VERSION_OFFSET: usize = POSITION_OFFSET + 8;
+/// `record_time`: nanoseconds since the Unix epoch, assigned by the engine.
+pub const RECORD_TIME_OFFSET: usize = STREAM_VERSION_OFFSET + 8;
+/// `flags`: see [`flags`].
+pub const FLAGS_OFFSET: usize = RECORD_TIME_OFFSET + 8;
+/// `kind`: see [`RecordKind`].
+pub const KIND_OFFSET: usize = FLAGS_OFFSET + 2;
+/// `reserved`: zero.
+pub const RESERVED_OFFSET: usize = KIND_OFFSET + 2;
+/// `chain_hash`: this record's hash in the chain (docs/FORMAT.md, "Hash chain").
+pub const CHAIN_HASH_OFFSET: usize = RESERVED_OFFSET + 4;
+
+/// The header CRC covers everything after itself.
+pub const HEADER_CRC_COVERS_FROM: usize = BODY_LEN_OFFSET;
+/// The chain link takes header bytes `LINK_FROM..LINK_TO` verbatim (32 bytes).
+pub const LINK_FROM: usize = DURABLE_LAG_OFFSET;
+/// End of the header bytes that go into the chain link.
+pub const LINK_TO: usize = RESERVED_OFFSET;
+
+const _: () = assert!(CHAIN_HASH_OFFSET + 32 == RECORD_HEADER_LEN);
+const _: () = assert!(LINK_TO - LINK_FROM == 32);
+const _: () = assert!(RECORD_HEADER_LEN % RECORD_ALIGN == 0);
+
+/// The largest body a record may carry: the envelope's fixed part and string limits plus
+/// the largest payload.
+pub const BODY_BYTES_MAX: u32 = super::envelope::BODY_BYTES_MAX;
+
+/// Record flag bits. Version 1 defines the batch markers; the others are reserved for later
+/// versions and must be zero.
+pub mod flags {
+    /// First record of an atomic batch.
+    pub const BATCH_START: u16 = 1 << 0;
+    /// Last record of an atomic batch. Readers see a batch only once its end is durable.
+    pub const BATCH_END: u16 = 1 << 1;
+    /// Reserved: the record marks a deleted stream.
+    pub const TOMBSTONE: u16 = 1 << 2;
+    /// Reserved: the body was redacted (crypto-shredded).
+    pub const REDACTED: u16 = 1 << 3;
+    /// Reserved: the body is encrypted.
+    pub const ENCRYPTED: u16 = 1 << 4;
+    /// The bits version 1 accepts.
+    pub const KNOWN_V1: u16 = BATCH_START | BATCH_END;
+}
+
+/// What a record holds. Version 1 has events only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RecordKind {
+    /// An event envelope.
+    Event = 1,
+}
+
+/// A decoded record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Bytes of body that follow the header.
+    pub body_len: u32,
+    /// CRC-32 of the body.
+    pub body_crc: u32,
+    /// `position - durable_through` at the time of writing, saturated at `u32::MAX`; see
+    /// docs/FORMAT.md, "Recovery". Lets recovery tell a torn tail from damage to data that
+    /// was already acknowledged.
+    pub durable_lag: u32,
+    /// The record's position in the log.
+    pub position: Position,
+    /// The event's version in its stream.
+    pub stream_version: u64,
+    /// When the engine wrote it.
+    pub record_time: Timestamp,
+    /// [`flags`] bits.
+    pub flags: u16,
+    /// What the body holds.
+    pub kind: RecordKind,
+    /// The record's chain hash.
+    pub chain_hash: Hash32,
+}
+
+impl RecordHeader {
+    /// Bytes the whole record occupies in a segment, padding included.
+    #[must_use]
+    pub fn record_len(&self) -> u64 {
+        record_len(self.body_len)
+    }
+
+    /// The 32 header bytes that enter the chain link, as they are laid out on disk.
+    #[must_use]
+    pub fn link_prefix(&self) -> [u8; 32] {
+        let mut buf = [0u8; RECORD_HEADER_LEN];
+        self.encode_into(&mut buf);
+        le::array_at(&buf, LINK_FROM)
+    }
+
+    /// The position the durable watermark had reached when this record was written: every
+    /// record before it had been acknowledged durable.
+    #[must_use]
+    pub fn durable_through(&self) -> Position {
+        Position(self.position.0.saturating_sub(u64::from(self.durable_lag)))
+    }
+
+    /// Writes the header, computing `header_crc` last.
+    pub fn encode_into(&self, out: &mut [u8; RECORD_HEADER_LEN]) {
+        le::put_u32(out, BODY_LEN_OFFSET, self.body_len);
+        le::put_u32(out, BODY_CRC_OFFSET, self.body_crc);
+        le::put_u32(out, DURABLE_LAG_OFFSET, self.durable_lag);
+        le::put_u64(out, POSITION_OFFSET, self.position.0);
+        le::put_u64(out, STREAM_VERSION_OFFSET, self.stream_version);
+        le::put_u64(out, RECORD_TIME_OFFSET, self.record_time.0);
+        le::put_u16(out, FLAGS_OFFSET, self.flags);
+        le::put_u16(out, KIND_OFFSET, self.kind as u16);
+        le::put_u32(out, RESERVED_OFFSET, 0);
+        out[CHAIN_HASH_OFFSET..].copy_from_slice(&self.chain_hash);
+        let crc = crc32fast::hash(&out[HEADER_CRC_COVERS_FROM..]);
+        le::put_u32(out, HEADER_CRC_OFFSET, crc);
+    }
+
+    /// Decodes and checks a header: its CRC first, then every field against the format.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when the header is short, its CRC does not match, the reserved bytes
+    /// are not zero, or a flag, kind or length is outside version 1.
+    pub fn decode(buf: &[u8]) -> Result<RecordHeader, DecodeError> {
+        need(buf, RECORD_HEADER_LEN)?;
+        let buf = &buf[..RECORD_HEADER_LEN];
+        check_crc(
+            le::u32_at(buf, HEADER_CRC_OFFSET),
+            &buf[HEADER_CRC_COVERS_FROM..],
+            "record header",
+        )?;
+        check_zero(buf, RESERVED_OFFSET..RESERVED_OFFSET + 4, "record header")?;
+        let body_len = le::u32_at(buf, BODY_LEN_OFFSET);
+        if body_len > BODY_BYTES_MAX {
+            return Err(DecodeError::TooLong {
+                what: "record body",
+                len: u64::from(body_len),
+                max: u64::from(BODY_BYTES_MAX),
+            });
+        }
+        let flags = le::u16_at(buf, FLAGS_OFFSET);
+        if flags & !flags::KNOWN_V1 != 0 {
+            return Err(DecodeError::UnknownFlags { flags });
+        }
+        let kind = match le::u16_at(buf, KIND_OFFSET) {
+            1 => RecordKind::Event,
+            other => return Err(DecodeError::UnknownKind { kind: other }),
+        };
+        let position = le::u64_at(buf, POSITION_OFFSET);
+        let durable_lag = le::u32_at(buf, DURABLE_LAG_OFFSET);
+        if u64::from(durable_lag) > position {
+            return Err(DecodeError::Invalid {
+                what: "durable_lag",
+                detail: format!("{durable_lag} exceeds position {position}"),
+            });
+        }
+        Ok(RecordHeader {
+            body_len,
+            body_crc: le::u32_at(buf, BODY_CRC_OFFSET),
+            durable_lag,
+            position: Position(position),
+            stream_version: le::u64_at(buf, STREAM_VERSION_OFFSET),
+            record_time: Timestamp(le::u64_at(buf, RECORD_TIME_OFFSET)),
+            flags,
+            kind,
+            chain_hash: le::array_at(buf, CHAIN_HASH_OFFSET),
+        })
+    }
+
+    /// Checks `body` (exactly `body_len` bytes) against `body_crc`.
+    ///
+    /// # Errors
+    /// [`DecodeError::LengthMismatch`] or [`DecodeError::Checksum`].
+    pub fn check_body(&self, body: &[u8]) -> Result<(), DecodeError> {
+        if body.len() as u64 != u64::from(self.body_len) {
+            return Err(DecodeError::LengthMismatch {
+                what: "record body",
+                declared: u64::from(self.body_len),
+                actual: body.len() as u64,
+            });
+        }
+        check_crc(self.body_crc, body, "record body")
+    }
+}
+
+/// Stores `chain_hash` into an encoded header and recomputes its CRC.
+pub fn set_chain_hash(header: &mut [u8; RECORD_HEADER_LEN], chain_hash: &Hash32) {
+    header[CHAIN_HASH_OFFSET..].copy_from_slice(chain_hash);
+    let crc = crc32fast::hash(&header[HEADER_CRC_COVERS_FROM..]);
+    le::put_u32(header, HEADER_CRC_OFFSET, crc);
+}
+
+/// Bytes a record with a body of `body_len` occupies, padding included.
+#[must_use]
+pub fn record_len(body_len: u32) -> u64 {
+    let raw = RECORD_HEADER_LEN as u64 + u64::from(body_len);
+    raw.next_multiple_of(RECORD_ALIGN as u64)
+}
+
+/// Checks that the padding after a body (`record_len - header - body_len` bytes) is zero.
+///
+/// # Errors
+/// [`DecodeError::NonZeroReserved`] naming the first non-zero byte.
+pub fn check_padding(padding: &[u8]) -> Result<(), DecodeError> {
+    check_zero(padding, 0..padding.len(), "record padding")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RecordHeader {
+        RecordHeader {
+            body_len: 301,
+            body_crc: 0xdead_beef,
+            durable_lag: 3,
+            position: Position(1234),
+            stream_version: 7,
+            record_time: Timestamp(1_700_000_000_123_456_789),
+            flags: flags::BATCH_START | flags::BATCH_END,
+            kind: RecordKind::Event,
+            chain_hash: [0xab; 32],
+        }
+    }
+
+    fn encoded() -> [u8; RECORD_HEADER_LEN] {
+        let mut buf = [0u8; RECORD_HEADER_LEN];
+        sample().encode_into(&mut buf);
+        buf
+    }
+
+    /// Re-seals a header whose bytes a test has edited, so that the check under test is
+    /// reached rather than the CRC check.
+    fn reseal(buf: &mut [u8; RECORD_HEADER_LEN]) {
+        let crc = crc32fast::hash(&buf[HEADER_CRC_COVERS_FROM..]);
+        le::put_u32(buf, HEADER_CRC_OFFSET, crc);
+    }
+
+    #[test]
+    fn round_trips_every_field() {
+        let h = sample();
+        assert_eq!(RecordHeader::decode(&encoded()), Ok(h));
+        assert_eq!(h.record_len(), 384, "80 + 301 rounded up to 8");
+        assert_eq!(h.durable_through(), Position(1231));
+    }
+
+    #[test]
+    fn every_field_lands_at_its_documented_offset() {
+        let b = encoded();
+        assert_eq!(le::u32_at(&b, 4), 301);
+        assert_eq!(le::u32_at(&b, 8), 0xdead_beef);
+        assert_eq!(le::u32_at(&b, 12), 3);
+        assert_eq!(le::u64_at(&b, 16), 1234);
+        assert_eq!(le::u64_at(&b, 24), 7);
+        assert_eq!(le::u64_at(&b, 32), 1_700_000_000_123_456_789);
+        assert_eq!(le::u16_at(&b, 40), 3);
+        assert_eq!(le::u16_at(&b, 42), 1);
+        assert_eq!(le::u32_at(&b, 44), 0);
+        assert_eq!(&b[48..80], &[0xab; 32]);
+        assert_eq!(le::u32_at(&b, 0), crc32fast::hash(&b[4..80]));
+        assert_eq!(sample().link_prefix()[..], b[12..44]);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_rejected() {
+        let good = encoded();
+        for bit in 0..RECORD_HEADER_LEN * 8 {
+            let mut b = good;
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                RecordHeader::decode(&b).is_err(),
+                "flip of bit {bit} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_short_input() {
+        let b = encoded();
+        assert_eq!(
+            RecordHeader::decode(&b[..79]),
+            Err(DecodeError::Truncated {
+                needed: 80,
+                have: 79
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_crc() {
+        let mut b = encoded();
+        b[0] ^= 1;
+        assert!(matches!(
+            RecordHeader::decode(&b),
+            Err(DecodeError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_non_zero_reserved() {
+        let mut b = encoded();
+        b[RESERVED_OFFSET + 2] = 1;
+        reseal(&mut b);
+        assert_eq!(
+            RecordHeader::decode(&b),
+            Err(DecodeError::NonZeroReserved {
+                what: "record header",
+                at: 46
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_body_len() {
+        let mut b = encoded();
+        le::put_u32(&mut b, BODY_LEN_OFFSET, BODY_BYTES_MAX + 1);
+        reseal(&mut b);
+        assert!(matches!(
+            RecordHeader::decode(&b),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_flags_and_kind() {
+        for bit in [flags::TOMBSTONE, flags::REDACTED, flags::ENCRYPTED, 1 << 15] {
+            let mut b = encoded();
+            le::put_u16(&mut b, FLAGS_OFFSET, bit);
+            reseal(&mut b);
+            assert_eq!(
+                RecordHeader::decode(&b),
+                Err(DecodeError::UnknownFlags { flags: bit })
+            );
+        }
+        let mut b = encoded();
+        le::put_u16(&mut b, KIND_OFFSET, 2);
+        reseal(&mut b);
+        assert_eq!(
+            RecordHeader::decode(&b),
+            Err(DecodeError::UnknownKind { kind: 2 })
+        );
+    }
+
+    #[test]
+    fn rejects_durable_lag_beyond_position() {
+        let mut b = encoded();
+        le::put_u32(&mut b, DURABLE_LAG_OFFSET, 1235);
+        reseal(&mut b);
+        assert!(matches!(
+            RecordHeader::decode(&b),
+            Err(DecodeError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn body_check_catches_length_and_content() {
+        let body = vec![9u8; 301];
+        let h = RecordHeader {
+            body_crc: crc32fast::hash(&body),
+            ..sample()
+        };
+        assert_eq!(h.check_body(&body), Ok(()));
+        assert!(matches!(
+            h.check_body(&body[..300]),
+            Err(DecodeError::LengthMismatch { .. })
+        ));
+        let mut bad = body.clone();
+        bad[100] ^= 0x10;
+        assert!(matches!(
+            h.check_body(&bad),
+            Err(DecodeError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn padding_must_be_zero() {
+        assert_eq!(check_padding(&[0, 0, 0]), Ok(()));
+        assert_eq!(
+            check_padding(&[0, 7, 0]),
+            Err(DecodeError::NonZeroReserved {
+                what: "record padding",
+                at: 1
+            })
+        );
+    }
+}

@@ -1,0 +1,646 @@
+//! The append path.
+//!
+//! 1. `prepare` (on the caller's thread, no lock): validate and encode each envelope, hash
+//!    and checksum its body. This is the expensive part (BLAKE3 over the body), and it runs
+//!    in parallel across appenders; large batches split it over two threads.
+//! 2. `Writer::commit` (under the writer lock): check expected versions and idempotency,
+//!    assign positions, versions and the record time, take one 64-byte chain step per
+//!    record, copy the records into the active segment's map, update the index, the stream
+//!    table and the id window, and register the written range for group commit.
+//! 3. Wait for durability (`Shared::wait_durable`) if the log's durability asks for it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::background::SealJob;
+use super::ids::{IdSlot, IdWindow};
+use super::shared::{SegState, SegmentHandle, Shared, lock};
+use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable};
+use super::{
+    AppendRequest, AppendResult, Durability, EventData, ExpectedVersion, new_event_id, now,
+};
+use crate::error::{Error, Result};
+use crate::format::chain::{body_hash, chain_step};
+use crate::format::envelope::EnvelopeRef;
+use crate::format::record::{
+    RECORD_HEADER_LEN, RecordHeader, RecordKind, flags, record_len, set_chain_hash,
+};
+use crate::format::segment::SegmentHeader;
+use crate::format::{
+    EventId, Hash32, PAGE_BYTES, Position, SEGMENT_DATA_START, SEGMENT_FOOTER_BYTES, SegmentSeq,
+    Timestamp,
+};
+use crate::index::{ActiveIndex, IndexFileInfo, StreamKey, stream_hash};
+use crate::sys::MapWriter;
+
+/// Bytes of bodies above which a batch's hashing is split over two threads.
+const PARALLEL_HASH_BYTES: usize = 256 * 1024;
+
+/// One event, encoded and hashed, waiting for its position.
+struct PreparedEvent {
+    body_start: usize,
+    body_len: u32,
+    body_hash: Hash32,
+    body_crc: u32,
+    event_id: EventId,
+}
+
+struct PreparedPart<'a> {
+    stream: &'a str,
+    hash: u64,
+    expected: ExpectedVersion,
+    events: Vec<PreparedEvent>,
+}
+
+pub(crate) struct Prepared<'a> {
+    parts: Vec<PreparedPart<'a>>,
+    bodies: Vec<u8>,
+    record_bytes: u64,
+}
+
+fn invalid_append(reason: impl Into<String>) -> Error {
+    Error::InvalidAppend {
+        reason: reason.into(),
+    }
+}
+
+/// Validates, encodes and hashes a request.
+fn prepare<'a>(requests: &[AppendRequest<'a>], segment_bytes: u64) -> Result<Prepared<'a>> {
+    if requests.is_empty() {
+        return Err(invalid_append("no streams"));
+    }
+    let mut streams_seen = HashSet::new();
+    let mut ids_seen = HashSet::new();
+    let mut bodies = Vec::new();
+    let mut parts = Vec::with_capacity(requests.len());
+    let mut record_bytes = 0u64;
+    let mut index = 0usize;
+    let default_time = now();
+    for req in requests {
+        if req.events.is_empty() {
+            return Err(invalid_append(format!(
+                "no events for stream {}",
+                req.stream
+            )));
+        }
+        if requests.len() > 1 && !streams_seen.insert(req.stream) {
+            return Err(invalid_append(format!(
+                "stream {} appears twice",
+                req.stream
+            )));
+        }
+        let mut events = Vec::with_capacity(req.events.len());
+        for ev in req.events {
+            let event_id = ev.event_id.unwrap_or_else(new_event_id);
+            if (requests.len() > 1 || req.events.len() > 1) && !ids_seen.insert(event_id) {
+                return Err(invalid_append(format!("event id {event_id} appears twice")));
+            }
+            let env = envelope_of(ev, req.stream, event_id, default_time);
+            let body_start = bodies.len();
+            env.encode_into(&mut bodies)
+                .map_err(|source| Error::InvalidEvent { index, source })?;
+            let body_len = (bodies.len() - body_start) as u32;
+            record_bytes += record_len(body_len);
+            events.push(PreparedEvent {
+                body_start,
+                body_len,
+                body_hash: [0; 32],
+                body_crc: 0,
+                event_id,
+            });
+            index += 1;
+        }
+        parts.push(PreparedPart {
+            stream: req.stream,
+            hash: stream_hash(req.stream),
+            expected: req.expected,
+            events,
+        });
+    }
+    let max = segment_bytes - SEGMENT_DATA_START - SEGMENT_FOOTER_BYTES;
+    if record_bytes > max {
+        return Err(Error::BatchTooLarge {
+            bytes: record_bytes,
+            max,
+        });
+    }
+    hash_bodies(&mut parts, &bodies);
+    Ok(Prepared {
+        parts,
+        bodies,
+        record_bytes,
+    })
+}
+
+fn envelope_of<'e>(
+    ev: &'e EventData,
+    stream: &'e str,
+    event_id: EventId,
+    default_time: Timestamp,
+) -> EnvelopeRef<'e> {
+    EnvelopeRef {
+        event_id,
+        event_time: ev.event_time.unwrap_or(default_time),
+        schema_version: ev.schema_version,
+        content_type: ev.content_type,
+        stream,
+        aggregate_type: &ev.aggregate_type,
+        event_type: &ev.event_type,
+        correlation_id: &ev.correlation_id,
+        causation_id: &ev.causation_id,
+        actor: &ev.actor,
+        payload: &ev.payload,
+    }
+}
+
+fn hash_one(ev: &mut PreparedEvent, bodies: &[u8]) {
+    let body = &bodies[ev.body_start..ev.body_start + ev.body_len as usize];
+    ev.body_hash = body_hash(body);
+    ev.body_crc = crc32fast::hash(body);
+}
+
+/// Hashes and checksums every body; splits large batches over two threads.
+fn hash_bodies(parts: &mut [PreparedPart<'_>], bodies: &[u8]) {
+    let mut all: Vec<&mut PreparedEvent> =
+        parts.iter_mut().flat_map(|p| p.events.iter_mut()).collect();
+    if bodies.len() < PARALLEL_HASH_BYTES || all.len() < 2 {
+        for ev in all {
+            hash_one(ev, bodies);
+        }
+        return;
+    }
+    let mid = all.len() / 2;
+    let (a, b) = all.split_at_mut(mid);
+    std::thread::scope(|s| {
+        s.spawn(|| b.iter_mut().for_each(|ev| hash_one(ev, bodies)));
+        a.iter_mut().for_each(|ev| hash_one(ev, bodies));
+    });
+}
+
+/// The writer: everything the serial part of an append touches.
+pub(crate) struct Writer {
+    pub(crate) active: Arc<SegmentHandle>,
+    /// `None` only in a log opened read-only, which never commits.
+    pub(crate) map_writer: Option<MapWriter>,
+    pub(crate) index: ActiveIndex,
+    pub(crate) write_offset: u64,
+    pub(crate) next_position: Position,
+    pub(crate) chain: Hash32,
+    pub(crate) last_record_time: Timestamp,
+    pub(crate) streams: StreamTable,
+    pub(crate) ids: IdWindow,
+}
+
+/// What `commit` hands back to be waited on.
+struct Committed {
+    results: Vec<AppendResult>,
+    /// Every position below this must be durable before the results are acknowledged.
+    durable_target: Position,
+}
+
+enum Resolution {
+    /// Write the events with these first versions.
+    Write(Vec<u64>),
+    /// A retry of an earlier append: return its results.
+    Replay(Vec<AppendResult>),
+}
+
+impl Writer {
+    /// The stream's last written version.
+    fn current_version(&self, stream: &str) -> Option<(StreamKey, u64)> {
+        let key = self.streams.key(stream)?;
+        let st = self.streams.get(key);
+        (st.first_position.0 != u64::MAX).then_some((key, st.last_version))
+    }
+
+    /// Checks expectations and idempotency for every part; nothing is changed.
+    fn resolve(&self, shared: &Shared, prepared: &Prepared<'_>) -> Result<Resolution> {
+        let mut replays = Vec::with_capacity(prepared.parts.len());
+        let mut first_versions = Vec::with_capacity(prepared.parts.len());
+        for part in &prepared.parts {
+            let current = self.current_version(part.stream);
+            match self.find_earlier_write(shared, part, current)? {
+                Some(result) => replays.push(result),
+                None => {
+                    let ok = match (part.expected, current) {
+                        (ExpectedVersion::Any, _) => true,
+                        (ExpectedVersion::NoStream, c) => c.is_none(),
+                        (ExpectedVersion::StreamExists, c) => c.is_some(),
+                        (ExpectedVersion::Exact(n), Some((_, v))) => v == n,
+                        (ExpectedVersion::Exact(_), None) => false,
+                    };
+                    if !ok {
+                        return Err(Error::WrongExpectedVersion {
+                            stream: part.stream.to_owned(),
+                            expected: part.expected,
+                            actual: current.map(|(_, v)| v),
+                        });
+                    }
+                    first_versions.push(current.map_or(0, |(_, v)| v + 1));
+                }
+            }
+        }
+        match (replays.len(), first_versions.len()) {
+            (_, 0) => Ok(Resolution::Replay(replays)),
+            (0, _) => Ok(Resolution::Write(first_versions)),
+            _ => Err(invalid_append(
+                "some streams of the batch repeat an earlier append and others do not",
+            )),
+        }
+    }
+
+    /// If `part` repeats an earlier append to the same stream, the earlier result.
+    fn find_earlier_write(
+        &self,
+        shared: &Shared,
+        part: &PreparedPart<'_>,
+        current: Option<(StreamKey, u64)>,
+    ) -> Result<Option<AppendResult>> {
+        let slots: Vec<Option<IdSlot>> = part
+            .events
+            .iter()
+            .map(|e| self.ids.get(e.event_id))
+            .collect();
+        let found = slots.iter().filter(|s| s.is_some()).count();
+        let key = current.map(|(k, _)| k);
+        if found == 0 {
+            return self.find_in_stream_history(shared, part, current);
+        }
+        for (ev, slot) in part.events.iter().zip(&slots) {
+            if let Some(slot) = slot {
+                if Some(slot.stream) != key {
+                    return Err(Error::DuplicateEventId {
+                        event_id: ev.event_id,
+                        existing_stream: self.streams.get(slot.stream).name.to_string(),
+                    });
+                }
+            }
+        }
+        let first = slots[0];
+        let consecutive = first.is_some_and(|f| {
+            slots.iter().enumerate().all(|(i, s)| {
+                s.is_some_and(|s| {
+                    s.position.0 == f.position.0 + i as u64 && s.version == f.version + i as u64
+                })
+            })
+        });
+        match (found == slots.len(), consecutive, first) {
+            (true, true, Some(f)) => {
+                let n = slots.len() as u64;
+                Ok(Some(AppendResult {
+                    first_position: f.position,
+                    last_position: Position(f.position.0 + n - 1),
+                    first_version: f.version,
+                    last_version: f.version + n - 1,
+                }))
+            }
+            _ => {
+                let dup = part.events.iter().zip(&slots).find(|(_, s)| s.is_some());
+                Err(Error::PartialDuplicate {
+                    stream: part.stream.to_owned(),
+                    event_id: dup.map(|(e, _)| e.event_id).unwrap_or_default(),
+                })
+            }
+        }
+    }
+
+    /// A retry older than the id window is still recognised when it names the version it
+    /// expected: the events at the versions it would have written are read back and their
+    /// ids compared.
+    fn find_in_stream_history(
+        &self,
+        shared: &Shared,
+        part: &PreparedPart<'_>,
+        current: Option<(StreamKey, u64)>,
+    ) -> Result<Option<AppendResult>> {
+        let start = match part.expected {
+            ExpectedVersion::Exact(n) => n + 1,
+            ExpectedVersion::NoStream => 0,
+            _ => return Ok(None),
+        };
+        let n = part.events.len() as u64;
+        let Some((_, last)) = current else {
+            return Ok(None);
+        };
+        if last < start || last - start + 1 < n {
+            return Ok(None);
+        }
+        let written =
+            super::read::read_stream_locked(shared, self, part.stream, start, part.events.len())?;
+        if written.len() as u64 != n {
+            return Ok(None);
+        }
+        let matches = written
+            .iter()
+            .zip(&part.events)
+            .filter(|(w, p)| w.event_id == p.event_id)
+            .count();
+        if matches == 0 {
+            return Ok(None);
+        }
+        if matches as u64 != n {
+            let dup = written
+                .iter()
+                .zip(&part.events)
+                .find(|(w, p)| w.event_id == p.event_id);
+            return Err(Error::PartialDuplicate {
+                stream: part.stream.to_owned(),
+                event_id: dup.map(|(w, _)| w.event_id).unwrap_or_default(),
+            });
+        }
+        Ok(Some(AppendResult {
+            first_position: written[0].position,
+            last_position: written[written.len() - 1].position,
+            first_version: start,
+            last_version: start + n - 1,
+        }))
+    }
+
+    /// Writes a prepared batch. Called under the writer lock.
+    fn commit(&mut self, shared: &Shared, prepared: &Prepared<'_>) -> Result<Committed> {
+        lock(&shared.commit).check_writable()?;
+        let first_versions = match self.resolve(shared, prepared)? {
+            Resolution::Replay(results) => {
+                let end = results.iter().map(|r| r.last_position.next()).max();
+                return Ok(Committed {
+                    results,
+                    durable_target: end.unwrap_or_default(),
+                });
+            }
+            Resolution::Write(v) => v,
+        };
+        if self.write_offset + prepared.record_bytes > self.active.header.data_limit() {
+            self.roll(shared)?;
+        }
+        let mw = self
+            .map_writer
+            .as_mut()
+            .expect("a read-only log never commits");
+        let record_time = Timestamp(now().0.max(self.last_record_time.0));
+        self.last_record_time = record_time;
+        let durable = shared.durable.load(Ordering::Acquire);
+        let start_offset = self.write_offset;
+        let total: usize = prepared.parts.iter().map(|p| p.events.len()).sum();
+        let mut n = 0usize;
+        let mut results = Vec::with_capacity(prepared.parts.len());
+        let seq = self.active.seq;
+        for (part, &first_version) in prepared.parts.iter().zip(&first_versions) {
+            let key = self.streams.key_or_insert(part.stream);
+            let prev_segment = {
+                let st = self.streams.get(key);
+                (st.first_position.0 != u64::MAX && st.last_segment != seq)
+                    .then_some(st.last_segment)
+            };
+            let name = Arc::clone(&self.streams.get(key).name);
+            let first_position = self.next_position;
+            for (i, ev) in part.events.iter().enumerate() {
+                let position = self.next_position;
+                let version = first_version + i as u64;
+                let mut fl = 0;
+                if n == 0 {
+                    fl |= flags::BATCH_START;
+                }
+                if n + 1 == total {
+                    fl |= flags::BATCH_END;
+                }
+                let header = RecordHeader {
+                    body_len: ev.body_len,
+                    body_crc: ev.body_crc,
+                    durable_lag: u32::try_from(position.0 - durable.min(position.0))
+                        .unwrap_or(u32::MAX),
+                    position,
+                    stream_version: version,
+                    record_time,
+                    flags: fl,
+                    kind: RecordKind::Event,
+                    chain_hash: [0; 32],
+                };
+                let mut hb = [0u8; RECORD_HEADER_LEN];
+                header.encode_into(&mut hb);
+                self.chain = chain_step(&self.chain, &hb, &ev.body_hash);
+                set_chain_hash(&mut hb, &self.chain);
+                let offset = self.write_offset;
+                let body = &prepared.bodies[ev.body_start..ev.body_start + ev.body_len as usize];
+                mw.write(offset, &hb);
+                mw.write(offset + RECORD_HEADER_LEN as u64, body);
+                let len = record_len(ev.body_len);
+                let pad = len as usize - RECORD_HEADER_LEN - body.len();
+                if pad > 0 {
+                    mw.write(offset + (len - pad as u64), &[0u8; 8][..pad]);
+                }
+                self.index.push(
+                    key,
+                    &name,
+                    part.hash,
+                    prev_segment,
+                    version,
+                    position,
+                    offset,
+                    record_time,
+                    ev.event_id,
+                );
+                self.ids.insert(
+                    ev.event_id,
+                    IdSlot {
+                        position,
+                        stream: key,
+                        version,
+                    },
+                );
+                self.write_offset += len;
+                self.next_position = position.next();
+                n += 1;
+            }
+            self.streams.apply_events(
+                key,
+                seq,
+                (first_position, first_version),
+                (
+                    Position(self.next_position.0 - 1),
+                    first_version + part.events.len() as u64 - 1,
+                ),
+                record_time,
+            );
+            results.push(AppendResult {
+                first_position,
+                last_position: Position(self.next_position.0 - 1),
+                first_version,
+                last_version: first_version + part.events.len() as u64 - 1,
+            });
+        }
+        mw.publish(self.write_offset);
+        let written = self.next_position;
+        {
+            let mut c = lock(&shared.commit);
+            c.written = written;
+            c.add_dirty(mw.map(), start_offset, self.write_offset);
+            match shared.opts.durability {
+                Durability::Fsync => {}
+                Durability::Batched { .. } => shared.flush_cv.notify_one(),
+                Durability::None => {}
+            }
+        }
+        if shared.opts.durability != Durability::Fsync {
+            shared.publish_visible(written);
+        }
+        Ok(Committed {
+            results,
+            durable_target: written,
+        })
+    }
+
+    /// Moves to a fresh segment: takes a prepared spare, writes its header, freezes the
+    /// current index and hands the old segment to the sealer.
+    fn roll(&mut self, shared: &Shared) -> Result<()> {
+        assert!(
+            self.index.record_count() > 0,
+            "an empty segment is never rolled"
+        );
+        let next_seq = SegmentSeq(self.active.seq.0 + 1);
+        let (handle, map_writer) =
+            super::background::activate_spare(shared, next_seq, self.next_position, self.chain)?;
+        let old = std::mem::replace(&mut self.active, Arc::clone(&handle));
+        let old_index = Arc::new(std::mem::replace(
+            &mut self.index,
+            ActiveIndex::new(next_seq, self.next_position),
+        ));
+        let old_end = self.write_offset;
+        *old.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = SegState::Frozen {
+            index: Arc::clone(&old_index),
+            data_end: old_end,
+        };
+        lock(&shared.commit).add_dirty(map_writer.map(), 0, PAGE_BYTES);
+        self.map_writer = Some(map_writer);
+        self.write_offset = SEGMENT_DATA_START;
+        shared
+            .segments
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::clone(&handle));
+        super::background::request_spare(shared, SegmentSeq(next_seq.0 + 1));
+        super::background::send_seal(
+            shared,
+            SealJob {
+                segment: old,
+                index: old_index,
+                data_end: old_end,
+                last_chain_hash: self.chain,
+            },
+        );
+        Ok(())
+    }
+
+    /// At a clean close: writes the active segment's index (as an incomplete sidecar) and
+    /// the stream-table snapshot, both covering everything written.
+    pub(crate) fn write_clean_close_state(self, shared: &Shared) -> Result<()> {
+        let seq = self.active.seq;
+        let info = IndexFileInfo {
+            log_id: shared.meta.log_id,
+            data_end: self.write_offset,
+            last_chain_hash: self.chain,
+        };
+        let idx = self.index.encode(&info, false);
+        crate::sys::write_file_atomic(&shared.dir, &seq.index_file_name(), &idx).map_err(
+            Error::io("writing index", shared.dir.join(seq.index_file_name())),
+        )?;
+        let cover = SnapshotCover {
+            seq,
+            data_end: self.write_offset,
+            next_position: self.next_position,
+        };
+        let snap = self.streams.encode_snapshot(shared.meta.log_id, &cover);
+        crate::sys::write_file_atomic(&shared.dir, SNAPSHOT_FILE, &snap).map_err(Error::io(
+            "writing stream snapshot",
+            shared.dir.join(SNAPSHOT_FILE),
+        ))
+    }
+}
+
+/// A header for a segment becoming active.
+pub(crate) fn segment_header(
+    shared: &Shared,
+    seq: SegmentSeq,
+    base_position: Position,
+    prev_chain_hash: Hash32,
+) -> SegmentHeader {
+    SegmentHeader {
+        log_id: shared.meta.log_id,
+        seq,
+        base_position,
+        created_time: now(),
+        capacity: shared.opts.segment_bytes,
+        prev_chain_hash,
+    }
+}
+
+/// Runs the append up to the point of waiting.
+///
+/// `wake_flusher`: the caller will not wait at once (an async append), so the flusher
+/// thread must see to durability; a blocking caller leads its own sync instead, which saves
+/// two thread hand-offs per acknowledgement.
+pub(crate) fn submit(
+    shared: &Arc<Shared>,
+    requests: &[AppendRequest<'_>],
+    wake_flusher: bool,
+) -> Result<AppendHandle> {
+    if shared.read_only {
+        return Err(Error::ReadOnly);
+    }
+    let prepared = prepare(requests, shared.opts.segment_bytes)?;
+    let committed = {
+        let mut guard = lock(&shared.writer);
+        let writer = guard.as_mut().ok_or(Error::Closed)?;
+        writer.commit(shared, &prepared)?
+    };
+    let wait = shared.opts.durability == Durability::Fsync;
+    if wait && wake_flusher {
+        let _c = lock(&shared.commit);
+        shared.flush_cv.notify_one();
+    }
+    Ok(AppendHandle {
+        shared: Arc::clone(shared),
+        results: committed.results,
+        durable_target: wait.then_some(committed.durable_target),
+    })
+}
+
+/// An append whose records are written and ordered, waiting for its acknowledgement.
+#[must_use = "an append is acknowledged only by waiting on its handle"]
+pub struct AppendHandle {
+    shared: Arc<Shared>,
+    results: Vec<AppendResult>,
+    durable_target: Option<Position>,
+}
+
+impl std::fmt::Debug for AppendHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendHandle")
+            .field("results", &self.results)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppendHandle {
+    /// Waits for the acknowledgement and returns one result per stream of the request.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] if the sync that would have made the records durable failed.
+    pub fn wait(self) -> Result<Vec<AppendResult>> {
+        if let Some(target) = self.durable_target {
+            self.shared.wait_durable(target)?;
+        }
+        Ok(self.results)
+    }
+
+    /// Whether [`AppendHandle::wait`] would return without blocking.
+    #[must_use]
+    pub fn is_done(&self) -> bool {
+        self.durable_target.is_none_or(|t| {
+            let c = lock(&self.shared.commit);
+            c.durable >= t || c.poisoned.is_some()
+        })
+    }
+}

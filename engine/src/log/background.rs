@@ -1,0 +1,832 @@
+//! Background work: preparing spare segments, sealing rolled segments, the flusher for
+//! batched and asynchronous appends, and full verification.
+//!
+//! Sealing a segment (docs/FORMAT.md, "Sealing"): sync its records, compute the Merkle
+//! root over its record hashes, write and sync the footer, write the index sidecar
+//! (temporary name, sync, rename, sync directory). A crash at any step leaves a segment
+//! that `open` seals again.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use super::append::segment_header;
+use super::shared::{SegState, SegmentHandle, Shared, lock};
+use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
+use super::{Durability, VerifyReport};
+use crate::error::{Error, Result};
+use crate::format::chain::MerkleBuilder;
+use crate::format::record::RecordHeader;
+use crate::format::segment::{SegmentFooter, SegmentHeader};
+use crate::format::{Hash32, PAGE_BYTES, Position, SEGMENT_DATA_START, SegmentSeq, Timestamp};
+use crate::index::{ActiveIndex, IndexFileInfo, SealedIndex};
+use crate::segment::{
+    ByteSource, FileSource, RecordError, SliceSource, is_zero, read_page, read_record,
+};
+use crate::sys::{MapWriter, ReadOnlyMap, SegmentMap, create_zeroed, sync_dir};
+
+/// A rolled segment for the sealer.
+pub(crate) struct SealJob {
+    pub(crate) segment: Arc<SegmentHandle>,
+    pub(crate) index: Arc<ActiveIndex>,
+    pub(crate) data_end: u64,
+    pub(crate) last_chain_hash: Hash32,
+}
+
+pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
+    let (tx, rx) = mpsc::channel::<SealJob>();
+    *lock(&shared.seal_tx) = Some(tx);
+    let mut threads = lock(&shared.threads);
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(format!("tally-{name}"))
+            .spawn(f)
+            .map_err(Error::io("spawning thread", &shared.dir))
+    };
+    let s = Arc::clone(shared);
+    threads.push(spawn("prepare", Box::new(move || preparer(&s)))?);
+    let s = Arc::clone(shared);
+    threads.push(spawn("seal", Box::new(move || sealer(&s, &rx)))?);
+    let s = Arc::clone(shared);
+    threads.push(spawn("flush", Box::new(move || flusher(&s)))?);
+    Ok(())
+}
+
+/// Makes the sealer drop its queue instead of sealing (a simulated crash).
+#[cfg(any(test, feature = "internals"))]
+pub(crate) fn abandon_seal_queue(shared: &Shared) {
+    shared.abandon_seals.store(true, Ordering::SeqCst);
+}
+
+fn preparer(shared: &Shared) {
+    let mut spares = lock(&shared.spares);
+    loop {
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let next = spares
+            .wanted
+            .filter(|w| spares.error.is_none() && !spares.ready.iter().any(|(s, _)| s == w));
+        let Some(seq) = next else {
+            spares = shared
+                .spares_cv
+                .wait(spares)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            continue;
+        };
+        drop(spares);
+        let result = prepare_spare(&shared.dir, seq, shared.opts.segment_bytes);
+        spares = lock(&shared.spares);
+        match result {
+            Ok(path) => spares.ready.push((seq, path)),
+            Err(e) => spares.error = Some(Arc::new(e)),
+        }
+        shared.spares_cv.notify_all();
+    }
+}
+
+/// Creates a zeroed, synced segment file under a temporary name and renames it into place.
+pub(crate) fn prepare_spare(
+    dir: &Path,
+    seq: SegmentSeq,
+    bytes: u64,
+) -> std::io::Result<std::path::PathBuf> {
+    let tmp = dir.join(format!("{}.prep", seq.file_name()));
+    let _ = std::fs::remove_file(&tmp);
+    drop(create_zeroed(&tmp, bytes)?);
+    let path = dir.join(seq.file_name());
+    std::fs::rename(&tmp, &path)?;
+    sync_dir(dir)?;
+    Ok(path)
+}
+
+pub(crate) fn request_spare(shared: &Shared, seq: SegmentSeq) {
+    let mut s = lock(&shared.spares);
+    if s.wanted.is_none_or(|w| w < seq) {
+        s.wanted = Some(seq);
+    }
+    shared.spares_cv.notify_all();
+}
+
+/// Turns spare `seq` into the active segment: maps it and writes its header.
+pub(crate) fn activate_spare(
+    shared: &Shared,
+    seq: SegmentSeq,
+    base_position: Position,
+    prev_chain_hash: Hash32,
+) -> Result<(Arc<SegmentHandle>, MapWriter)> {
+    request_spare(shared, seq);
+    let path = {
+        let mut s = lock(&shared.spares);
+        loop {
+            if let Some(i) = s.ready.iter().position(|(q, _)| *q == seq) {
+                break s.ready.swap_remove(i).1;
+            }
+            if let Some(e) = s.error.take() {
+                // Let the preparer try again on the next roll.
+                return Err(Error::Io {
+                    op: "preparing segment",
+                    path: shared.dir.join(seq.file_name()),
+                    source: std::io::Error::new(e.kind(), e.to_string()),
+                });
+            }
+            if shared.shutdown.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            s = shared
+                .spares_cv
+                .wait(s)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io("opening segment", &path))?;
+    let header = segment_header(shared, seq, base_position, prev_chain_hash);
+    let (map, mut writer) =
+        SegmentMap::map(&file, header.capacity, 0).map_err(Error::io("mapping segment", &path))?;
+    writer.write(0, &header.encode_page());
+    writer.publish(PAGE_BYTES);
+    let handle = Arc::new(SegmentHandle {
+        seq,
+        path,
+        header,
+        map: OnceLock::from(map),
+        state: RwLock::new(SegState::Active),
+    });
+    Ok((handle, writer))
+}
+
+pub(crate) fn send_seal(shared: &Shared, job: SealJob) {
+    *lock(&shared.sealing) += 1;
+    let sent = lock(&shared.seal_tx).as_ref().map(|tx| tx.send(job));
+    if !matches!(sent, Some(Ok(()))) {
+        // No sealer (closing): the next open seals the segment.
+        *lock(&shared.sealing) -= 1;
+    }
+}
+
+fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
+    let mut since_snapshot = 0u64;
+    while let Ok(job) = rx.recv() {
+        if !shared.abandon_seals.load(Ordering::SeqCst) {
+            match seal(shared, &job) {
+                Ok(streams) => {
+                    since_snapshot += streams;
+                    if let Err(e) = maybe_snapshot(shared, job.segment.seq, &mut since_snapshot) {
+                        // A snapshot is an optimisation; failing to write one loses nothing.
+                        let _ = e;
+                    }
+                }
+                Err(e) => {
+                    let mut c = lock(&shared.commit);
+                    let cause = match e {
+                        Error::Io { source, .. } => source,
+                        other => std::io::Error::other(other.to_string()),
+                    };
+                    shared.poison(&mut c, cause);
+                }
+            }
+        }
+        *lock(&shared.sealing) -= 1;
+        shared.sealing_cv.notify_all();
+    }
+}
+
+/// Computes a segment's footer from its records.
+pub(crate) fn footer_from_records<S: ByteSource>(
+    src: &mut S,
+    header: &SegmentHeader,
+    data_end: u64,
+    path: &Path,
+) -> Result<SegmentFooter> {
+    let mut merkle = MerkleBuilder::new();
+    let mut offset = SEGMENT_DATA_START;
+    let (mut first_time, mut last_time) = (Timestamp(0), Timestamp(0));
+    let mut last_chain = header.prev_chain_hash;
+    while offset < data_end {
+        let rec = read_record(src, offset, data_end).map_err(|e| corrupt_record(path, e))?;
+        if merkle.is_empty() {
+            first_time = rec.header.record_time;
+        }
+        last_time = rec.header.record_time;
+        last_chain = rec.header.chain_hash;
+        merkle.push(&rec.header.chain_hash);
+        offset = rec.end();
+    }
+    if merkle.is_empty() {
+        return Err(corrupt(
+            path,
+            offset,
+            None,
+            "a sealed segment must hold records".into(),
+            None,
+        ));
+    }
+    Ok(SegmentFooter {
+        log_id: header.log_id,
+        seq: header.seq,
+        record_count: merkle.len(),
+        first_position: header.base_position,
+        last_position: Position(header.base_position.0 + merkle.len() - 1),
+        data_end,
+        first_record_time: first_time,
+        last_record_time: last_time,
+        last_chain_hash: last_chain,
+        merkle_root: merkle.root(),
+    })
+}
+
+/// Writes a footer and syncs the file.
+pub(crate) fn write_footer(
+    path: &Path,
+    header: &SegmentHeader,
+    footer: &SegmentFooter,
+) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(Error::io("opening segment", path))?;
+    file.write_all_at(&footer.encode_page(), header.footer_offset())
+        .map_err(Error::io("writing footer", path))?;
+    file.sync_data().map_err(Error::io("syncing footer", path))
+}
+
+/// Writes an index sidecar for a sealed segment and maps it back.
+pub(crate) fn write_sealed_index(
+    dir: &Path,
+    seq: SegmentSeq,
+    index: &ActiveIndex,
+    info: &IndexFileInfo,
+) -> Result<Arc<SealedIndex>> {
+    let bytes = index.encode(info, true);
+    let name = seq.index_file_name();
+    crate::sys::write_file_atomic(dir, &name, &bytes)
+        .map_err(Error::io("writing index", dir.join(&name)))?;
+    load_index(&dir.join(&name))
+}
+
+/// Maps and checks an index sidecar.
+pub(crate) fn load_index(path: &Path) -> Result<Arc<SealedIndex>> {
+    let file = File::open(path).map_err(Error::io("opening index", path))?;
+    let map = ReadOnlyMap::map_immutable(&file).map_err(Error::io("mapping index", path))?;
+    let idx = SealedIndex::open(Arc::new(map)).map_err(|source| Error::Index {
+        file: path.to_owned(),
+        source,
+    })?;
+    Ok(Arc::new(idx))
+}
+
+impl AsRef<[u8]> for ReadOnlyMap {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+/// Seals a rolled segment; returns the number of streams in it.
+fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
+    let seg = &job.segment;
+    let map = seg.map()?;
+    map.sync_range(0, job.data_end)
+        .map_err(Error::io("syncing segment", &seg.path))?;
+    let bytes = map.read(0, job.data_end).ok_or_else(|| {
+        corrupt(
+            &seg.path,
+            job.data_end,
+            None,
+            "sealed range is not published".into(),
+            None,
+        )
+    })?;
+    let footer = footer_from_records(
+        &mut SliceSource { bytes },
+        &seg.header,
+        job.data_end,
+        &seg.path,
+    )?;
+    assert_eq!(
+        footer.record_count,
+        job.index.record_count(),
+        "index and records disagree"
+    );
+    assert_eq!(
+        footer.last_chain_hash, job.last_chain_hash,
+        "chain and records disagree"
+    );
+    write_footer(&seg.path, &seg.header, &footer)?;
+    let info = IndexFileInfo {
+        log_id: shared.meta.log_id,
+        data_end: job.data_end,
+        last_chain_hash: job.last_chain_hash,
+    };
+    let index = write_sealed_index(&shared.dir, seg.seq, &job.index, &info)?;
+    let streams = index.stream_count() as u64;
+    *seg.state
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = SegState::Sealed {
+        footer,
+        index: Arc::new(Mutex::new(Some(index))),
+    };
+    Ok(streams)
+}
+
+/// Writes a new stream-table snapshot covering sealed segment `seq` when enough has
+/// changed since the last one (as many stream entries in new sidecars as the snapshot
+/// holds streams), so that the work of an open stays bounded by the number of streams,
+/// not the number of segments.
+fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, since: &mut u64) -> Result<()> {
+    let path = shared.dir.join(SNAPSHOT_FILE);
+    let old = std::fs::read(&path)
+        .ok()
+        .and_then(|b| decode_snapshot(&b).ok());
+    let old_streams = old.as_ref().map_or(0, |(_, _, e)| e.len() as u64);
+    if *since < old_streams.max(1024) {
+        return Ok(());
+    }
+    let (mut table, from) = match old {
+        Some((id, cover, entries)) if id == shared.meta.log_id && cover.seq < seq => (
+            StreamTable::from_entries(entries),
+            SegmentSeq(cover.seq.0 + 1),
+        ),
+        _ => (StreamTable::default(), SegmentSeq(0)),
+    };
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let mut cover = None;
+    for seg in segs.iter().filter(|s| s.seq >= from && s.seq <= seq) {
+        let Some((index, footer)) = sealed_index(shared, seg)? else {
+            return Ok(());
+        };
+        for s in index.stream_summaries() {
+            table.apply_summary(seg.seq, &s);
+        }
+        cover = Some(SnapshotCover {
+            seq: seg.seq,
+            data_end: footer.data_end,
+            next_position: footer.last_position.next(),
+        });
+    }
+    let Some(cover) = cover else { return Ok(()) };
+    let bytes = table.encode_snapshot(shared.meta.log_id, &cover);
+    crate::sys::write_file_atomic(&shared.dir, SNAPSHOT_FILE, &bytes)
+        .map_err(Error::io("writing stream snapshot", &path))?;
+    *since = 0;
+    Ok(())
+}
+
+/// The sealed index and footer of a segment, loading (or rebuilding) the sidecar on first
+/// use; `None` if the segment is not sealed yet.
+pub(crate) fn sealed_index(
+    shared: &Shared,
+    seg: &SegmentHandle,
+) -> Result<Option<(Arc<SealedIndex>, SegmentFooter)>> {
+    let (footer, slot) = match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Sealed { footer, index } => (*footer, Arc::clone(index)),
+        _ => return Ok(None),
+    };
+    let mut slot = lock(&slot);
+    if let Some(idx) = &*slot {
+        return Ok(Some((Arc::clone(idx), footer)));
+    }
+    let path = shared.dir.join(seg.seq.index_file_name());
+    let idx = match load_index(&path) {
+        Ok(idx) if index_matches(&idx, shared, &seg.header, &footer) => idx,
+        _ => rebuild_index(shared, seg, &footer)?,
+    };
+    *slot = Some(Arc::clone(&idx));
+    Ok(Some((idx, footer)))
+}
+
+pub(crate) fn index_matches(
+    idx: &SealedIndex,
+    shared: &Shared,
+    header: &SegmentHeader,
+    footer: &SegmentFooter,
+) -> bool {
+    idx.is_complete()
+        && idx.log_id() == shared.meta.log_id
+        && idx.seq() == header.seq
+        && idx.base_position() == header.base_position
+        && idx.record_count() == footer.record_count
+        && idx.data_end() == footer.data_end
+        && idx.last_chain_hash() == footer.last_chain_hash
+}
+
+/// Rebuilds a sealed segment's sidecar from its records (read with plain reads).
+pub(crate) fn rebuild_index(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    footer: &SegmentFooter,
+) -> Result<Arc<SealedIndex>> {
+    let file = File::open(&seg.path).map_err(Error::io("opening segment", &seg.path))?;
+    let mut src = FileSource::new(&file).map_err(Error::io("reading segment", &seg.path))?;
+    let from = crate::segment::ScanFrom {
+        offset: SEGMENT_DATA_START,
+        position: seg.header.base_position,
+        chain: seg.header.prev_chain_hash,
+    };
+    let scan = crate::segment::scan(&mut src, from, footer.data_end);
+    if scan.records.len() as u64 != footer.record_count || scan.complete_end != footer.data_end {
+        let (offset, position) = match &scan.end {
+            crate::segment::ScanEnd::Break {
+                offset, position, ..
+            } => (*offset, Some(position.0)),
+            crate::segment::ScanEnd::Clean { offset } => (*offset, None),
+        };
+        return Err(corrupt(
+            &seg.path,
+            offset,
+            position,
+            format!(
+                "sealed segment holds {} valid records, its footer says {}",
+                scan.records.len(),
+                footer.record_count
+            ),
+            None,
+        ));
+    }
+    // Keys are local to this index; the previous segment holding each stream is found by
+    // looking back through the earlier segments' indexes (this is a repair path).
+    let mut keys: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let index = super::recover::index_from_scan(
+        seg.header.seq,
+        seg.header.base_position,
+        &scan.records,
+        |name| {
+            let n = keys.len() as u32;
+            let key = crate::index::StreamKey(*keys.entry(name.to_owned()).or_insert(n));
+            let hash = crate::index::stream_hash(name);
+            let prev = previous_segment_with(shared, seg.seq, name, hash);
+            (key, Arc::from(name), hash, prev)
+        },
+    );
+    lock(&shared.rebuilt).push(seg.seq);
+    let info = IndexFileInfo {
+        log_id: shared.meta.log_id,
+        data_end: footer.data_end,
+        last_chain_hash: footer.last_chain_hash,
+    };
+    if shared.read_only {
+        let bytes = index.encode(&info, true);
+        let idx = SealedIndex::open(Arc::new(bytes)).map_err(|source| Error::Index {
+            file: seg.path.clone(),
+            source,
+        })?;
+        return Ok(Arc::new(idx));
+    }
+    write_sealed_index(&shared.dir, seg.seq, &index, &info)
+}
+
+/// The newest segment before `seq` whose index holds `name`.
+fn previous_segment_with(
+    shared: &Shared,
+    seq: SegmentSeq,
+    name: &str,
+    hash: u64,
+) -> Option<SegmentSeq> {
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for seg in segs.iter().rev().filter(|s| s.seq < seq) {
+        let found = match &*seg
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            SegState::Frozen { .. } | SegState::Active => None,
+            SegState::Sealed { .. } => Some(()),
+        };
+        if found.is_none() {
+            continue;
+        }
+        if let Ok(Some((idx, _))) = sealed_index(shared, seg) {
+            if idx.find_stream(hash, name).is_some() {
+                return Some(seg.seq);
+            }
+        }
+    }
+    None
+}
+
+fn flusher(shared: &Shared) {
+    let mut c = lock(&shared.commit);
+    loop {
+        if shared.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let pending = c.written > c.durable && c.poisoned.is_none();
+        match shared.opts.durability {
+            Durability::Fsync if pending && !c.syncing => c = shared.lead_sync(c),
+            Durability::Fsync if pending => {
+                c = shared
+                    .commit_cv
+                    .wait(c)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            Durability::Batched { max_delay } if pending => {
+                // Let the batch gather for max_delay, then sync everything written.
+                let (g, _) = shared
+                    .flush_cv
+                    .wait_timeout(c, max_delay)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                c = g;
+                while c.syncing {
+                    c = shared
+                        .commit_cv
+                        .wait(c)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                if c.written > c.durable && !shared.shutdown.load(Ordering::SeqCst) {
+                    c = shared.lead_sync(c);
+                }
+            }
+            _ => {
+                let (g, _) = shared
+                    .flush_cv
+                    .wait_timeout(c, Duration::from_millis(200))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                c = g;
+            }
+        }
+    }
+}
+
+pub(crate) fn corrupt(
+    path: &Path,
+    offset: u64,
+    position: Option<u64>,
+    detail: String,
+    source: Option<crate::format::DecodeError>,
+) -> Error {
+    Error::Corrupt {
+        file: path.to_owned(),
+        offset,
+        position,
+        detail,
+        source,
+    }
+}
+
+pub(crate) fn corrupt_record(path: &Path, e: RecordError) -> Error {
+    match e {
+        RecordError::Io { offset, source } => Error::Io {
+            op: "reading record",
+            path: path.join(format!("@{offset}")),
+            source,
+        },
+        RecordError::Invalid { offset, source } => {
+            corrupt(path, offset, None, source.to_string(), Some(source))
+        }
+    }
+}
+
+/// Full verification with plain reads (see [`super::Log::verify`]).
+pub(crate) fn verify(shared: &Shared) -> Result<VerifyReport> {
+    let visible = shared.visible_position();
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let mut report = VerifyReport {
+        last_chain_hash: shared.seed,
+        ..VerifyReport::default()
+    };
+    let mut position = Position(0);
+    for seg in &segs {
+        if position >= visible
+            && !matches!(
+                &*seg
+                    .state
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                SegState::Sealed { .. }
+            )
+        {
+            break;
+        }
+        let path = &seg.path;
+        let file = File::open(path).map_err(Error::io("opening segment", path))?;
+        let page = read_page(&file, 0).map_err(Error::io("reading segment header", path))?;
+        let header = SegmentHeader::decode_page(&page)
+            .map_err(|e| corrupt(path, 0, None, "segment header".into(), Some(e)))?;
+        if header.log_id != shared.meta.log_id || header.seq != seg.seq {
+            return Err(corrupt(
+                path,
+                0,
+                None,
+                "segment header names another log or segment".into(),
+                None,
+            ));
+        }
+        if header.base_position != position || header.prev_chain_hash != report.last_chain_hash {
+            return Err(corrupt(
+                path,
+                0,
+                Some(position.0),
+                format!(
+                    "segment does not continue the log: base position {} (expected {position}) or previous chain hash differs",
+                    header.base_position
+                ),
+                None,
+            ));
+        }
+        let sealed_footer = match &*seg
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            SegState::Sealed { footer, .. } => Some(*footer),
+            _ => None,
+        };
+        let limit = header.data_limit();
+        let mut src = FileSource::new(&file).map_err(Error::io("reading segment", path))?;
+        let mut offset = SEGMENT_DATA_START;
+        let mut merkle = MerkleBuilder::new();
+        let mut records = Vec::new();
+        loop {
+            if sealed_footer.is_none() && position >= visible {
+                break;
+            }
+            if sealed_footer.is_some_and(|f| offset >= f.data_end) {
+                break;
+            }
+            if offset + 80 > limit {
+                break;
+            }
+            let hb = src
+                .bytes(offset, 80)
+                .map_err(Error::io("reading segment", path))?;
+            if is_zero(hb) {
+                break;
+            }
+            let rec = read_record(&mut src, offset, limit).map_err(|e| corrupt_record(path, e))?;
+            if rec.header.position != position {
+                return Err(corrupt(
+                    path,
+                    offset,
+                    Some(position.0),
+                    format!("record says position {}", rec.header.position),
+                    None,
+                ));
+            }
+            rec.check_chain(&report.last_chain_hash).map_err(|e| {
+                let mut err = corrupt_record(path, e);
+                if let Error::Corrupt { position: p, .. } = &mut err {
+                    *p = Some(position.0);
+                }
+                err
+            })?;
+            let env = rec.envelope().map_err(|e| corrupt_record(path, e))?;
+            report.last_chain_hash = rec.header.chain_hash;
+            report.bytes += rec.header.record_len();
+            merkle.push(&rec.header.chain_hash);
+            records.push((rec.header, env.stream.to_owned(), env.event_id, offset));
+            offset = rec.end();
+            position = position.next();
+            report.records += 1;
+        }
+        if let Some(footer) = sealed_footer {
+            verify_sealed(
+                shared, seg, &file, &header, &footer, &merkle, offset, &records,
+            )?;
+        }
+        report.segments += 1;
+    }
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_sealed(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    file: &File,
+    header: &SegmentHeader,
+    footer: &SegmentFooter,
+    merkle: &MerkleBuilder,
+    data_end: u64,
+    records: &[(RecordHeader, String, crate::format::EventId, u64)],
+) -> Result<()> {
+    let path = &seg.path;
+    let page =
+        read_page(file, header.footer_offset()).map_err(Error::io("reading footer", path))?;
+    let on_disk = SegmentFooter::decode_page(&page).map_err(|e| {
+        corrupt(
+            path,
+            header.footer_offset(),
+            None,
+            "segment footer".into(),
+            Some(e),
+        )
+    })?;
+    let checks = [
+        (
+            on_disk == *footer,
+            "footer on disk differs from the one read at open",
+        ),
+        (
+            footer.record_count == merkle.len(),
+            "record count differs from the footer",
+        ),
+        (
+            footer.data_end == data_end,
+            "data end differs from the footer",
+        ),
+        (
+            footer.merkle_root == merkle.root(),
+            "Merkle root differs from the footer",
+        ),
+        (
+            records
+                .last()
+                .is_some_and(|r| r.0.chain_hash == footer.last_chain_hash),
+            "last chain hash differs from the footer",
+        ),
+    ];
+    if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
+        return Err(corrupt(
+            path,
+            header.footer_offset(),
+            Some(footer.last_position.0),
+            (*what).into(),
+            None,
+        ));
+    }
+    // The bytes between the records and the footer must be zero: a sealed segment has no
+    // room for anything unaccounted for.
+    let mut at = data_end;
+    let end = header.footer_offset();
+    let mut buf = vec![0u8; 1 << 20];
+    while at < end {
+        let n = (end - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(Error::io("reading segment", path))?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Err(corrupt(
+                path,
+                at + i as u64,
+                None,
+                "non-zero byte after the last record of a sealed segment".into(),
+                None,
+            ));
+        }
+        at += n as u64;
+    }
+    // The index on disk must agree with the records.
+    let idx_path = shared.dir.join(seg.seq.index_file_name());
+    let bytes = std::fs::read(&idx_path).map_err(Error::io("reading index", &idx_path))?;
+    let idx = SealedIndex::open(Arc::new(bytes)).map_err(|source| Error::Index {
+        file: idx_path.clone(),
+        source,
+    })?;
+    if !index_matches(&idx, shared, header, footer) {
+        return Err(corrupt(
+            &idx_path,
+            0,
+            None,
+            "index header does not match the segment footer".into(),
+            None,
+        ));
+    }
+    for (i, (h, stream, event_id, offset)) in records.iter().enumerate() {
+        let ok = idx.event_id(i as u64) == *event_id;
+        let run = idx.find_stream(crate::index::stream_hash(stream), stream);
+        let entry = run.and_then(|r| {
+            let i = h.stream_version.checked_sub(r.first_version)?;
+            (h.stream_version <= r.last_version).then(|| idx.run_entry(&r, i as u32))
+        });
+        let matches = entry.is_some_and(|e| {
+            u64::from(e.offset) == *offset
+                && e.version == h.stream_version
+                && header.base_position.0 + u64::from(e.pos_delta) == h.position.0
+        });
+        if !ok || !matches {
+            return Err(corrupt(
+                &idx_path,
+                0,
+                Some(h.position.0),
+                format!(
+                    "index entry for {stream} version {} does not match its record",
+                    h.stream_version
+                ),
+                None,
+            ));
+        }
+    }
+    Ok(())
+}

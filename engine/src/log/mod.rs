@@ -1,0 +1,623 @@
+//! The log: many segments behind one API. Appends with optimistic concurrency, atomic
+//! batches and multi-stream batches, idempotent retries, group commit, reads by stream and
+//! by position, a blocking tail, recovery on open, and sealing of full segments.
+//!
+//! Contract (docs/FORMAT.md, "Recovery"; README, "Durability"):
+//! - An append acknowledged under [`Durability::Fsync`] survives any crash, including a
+//!   power loss, and so does everything before it in the log.
+//! - A batch is atomic: after any crash, all of its events are in the log or none is.
+//! - Readers see only acknowledged records (under `Fsync`, durable ones), and never part of
+//!   a batch.
+//! - After a failed sync the log refuses every later write ([`Error::Poisoned`]).
+
+mod append;
+mod background;
+mod ids;
+mod read;
+mod recover;
+mod shared;
+pub(crate) mod streams;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use append::AppendHandle;
+pub use read::Tail;
+use shared::Shared;
+
+use crate::error::{Error, Result};
+use crate::format::envelope::ContentType;
+use crate::format::{EventId, Hash32, Position, SEGMENT_BYTES_DEFAULT, SegmentSeq, Timestamp};
+
+/// When an append is acknowledged, and what survives a crash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge only after the records, and everything needed to find them after a
+    /// crash, are on stable storage. Concurrent appends share one sync (group commit).
+    #[default]
+    Fsync,
+    /// Acknowledge once the records are in the page cache; a background flusher makes them
+    /// durable within `max_delay`. A process crash loses nothing acknowledged; a power loss
+    /// loses at most the last `max_delay` (plus one sync) of acknowledged appends.
+    Batched {
+        /// The longest an acknowledged append waits before a sync covers it.
+        max_delay: Duration,
+    },
+    /// Acknowledge once the records are in the page cache and never sync on the append
+    /// path. A process crash loses nothing acknowledged; a power loss may lose everything
+    /// since the last segment was sealed.
+    None,
+}
+
+/// What `open` does with damage it finds in the unsealed tail of the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// Truncate a torn tail (an unfinished write that was never acknowledged) and report
+    /// it; refuse to open when the damage lies in data that was acknowledged.
+    #[default]
+    Strict,
+    /// Like `Strict`, but also truncate damaged acknowledged data at the end of the log,
+    /// reporting it as lost. For an operator who has copied the directory first.
+    TruncateDamagedTail,
+    /// Change nothing on disk: read up to the first damage, refuse writes, take no lock.
+    /// For forensics.
+    ReadOnly,
+}
+
+/// Options for [`Log::open`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Size of each segment file, a multiple of 4096 between 64 KiB and 4 GiB.
+    pub segment_bytes: u64,
+    /// When appends are acknowledged.
+    pub durability: Durability,
+    /// What to do with damage found on open.
+    pub recovery: RecoveryMode,
+    /// How many of the most recent event ids are remembered to recognise retried appends.
+    pub idempotency_window: usize,
+    /// Create the directory and a new log if there is none.
+    pub create: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            durability: Durability::Fsync,
+            recovery: RecoveryMode::Strict,
+            idempotency_window: 1 << 18,
+            create: true,
+        }
+    }
+}
+
+/// The condition an append places on its stream's current version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No condition.
+    Any,
+    /// The stream must have no events.
+    NoStream,
+    /// The stream must have at least one event.
+    StreamExists,
+    /// The stream's last version must be exactly this (versions count from 0).
+    Exact(u64),
+}
+
+/// Order of a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first.
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// An event to append: the envelope without what the engine assigns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventData {
+    /// The event id; a v7 UUID is generated when `None`. Give ids to make retries
+    /// idempotent.
+    pub event_id: Option<EventId>,
+    /// The event type, for example `TradeAmended`.
+    pub event_type: String,
+    /// Version of the payload's schema.
+    pub schema_version: u32,
+    /// The aggregate type, for example `Trade`.
+    pub aggregate_type: String,
+    /// How to read the payload.
+    pub content_type: ContentType,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Correlation id (empty for none).
+    pub correlation_id: String,
+    /// Causation id (empty for none).
+    pub causation_id: String,
+    /// Who did it.
+    pub actor: String,
+    /// Business time; the time of the append when `None`.
+    pub event_time: Option<Timestamp>,
+}
+
+impl EventData {
+    /// An event with a binary payload and everything else empty or default.
+    #[must_use]
+    pub fn new(event_type: impl Into<String>, payload: impl Into<Vec<u8>>) -> EventData {
+        EventData {
+            event_id: None,
+            event_type: event_type.into(),
+            schema_version: 1,
+            aggregate_type: String::new(),
+            content_type: ContentType::Binary,
+            payload: payload.into(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            actor: String::new(),
+            event_time: None,
+        }
+    }
+
+    /// An event with a JSON payload.
+    #[must_use]
+    pub fn json(event_type: impl Into<String>, json: impl Into<String>) -> EventData {
+        EventData {
+            content_type: ContentType::Json,
+            ..EventData::new(event_type, json.into().into_bytes())
+        }
+    }
+
+    /// Sets the event id.
+    #[must_use]
+    pub fn with_id(mut self, id: EventId) -> EventData {
+        self.event_id = Some(id);
+        self
+    }
+
+    /// Sets the aggregate type.
+    #[must_use]
+    pub fn aggregate_type(mut self, t: impl Into<String>) -> EventData {
+        self.aggregate_type = t.into();
+        self
+    }
+
+    /// Sets the schema version.
+    #[must_use]
+    pub fn schema_version(mut self, v: u32) -> EventData {
+        self.schema_version = v;
+        self
+    }
+
+    /// Sets the correlation id.
+    #[must_use]
+    pub fn correlation_id(mut self, id: impl Into<String>) -> EventData {
+        self.correlation_id = id.into();
+        self
+    }
+
+    /// Sets the causation id.
+    #[must_use]
+    pub fn causation_id(mut self, id: impl Into<String>) -> EventData {
+        self.causation_id = id.into();
+        self
+    }
+
+    /// Sets the actor.
+    #[must_use]
+    pub fn actor(mut self, actor: impl Into<String>) -> EventData {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Sets the business time.
+    #[must_use]
+    pub fn event_time(mut self, t: Timestamp) -> EventData {
+        self.event_time = Some(t);
+        self
+    }
+}
+
+/// One stream's part of a (multi-stream) append.
+#[derive(Clone, Copy, Debug)]
+pub struct AppendRequest<'a> {
+    /// The stream.
+    pub stream: &'a str,
+    /// The condition on its current version.
+    pub expected: ExpectedVersion,
+    /// The events, in order.
+    pub events: &'a [EventData],
+}
+
+/// Where an append's events went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Position of the first event.
+    pub first_position: Position,
+    /// Position of the last event.
+    pub last_position: Position,
+    /// Stream version of the first event.
+    pub first_version: u64,
+    /// Stream version of the last event: the next append's `Exact` expectation.
+    pub last_version: u64,
+}
+
+/// An event as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedEvent {
+    /// Position in the log.
+    pub position: Position,
+    /// The stream.
+    pub stream: String,
+    /// Version in the stream.
+    pub version: u64,
+    /// The event id.
+    pub event_id: EventId,
+    /// The event type.
+    pub event_type: String,
+    /// Schema version of the payload.
+    pub schema_version: u32,
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// How to read the payload.
+    pub content_type: ContentType,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Correlation id.
+    pub correlation_id: String,
+    /// Causation id.
+    pub causation_id: String,
+    /// Who did it.
+    pub actor: String,
+    /// Business time.
+    pub event_time: Timestamp,
+    /// When the engine wrote it.
+    pub record_time: Timestamp,
+    /// The record's chain hash.
+    pub record_hash: Hash32,
+}
+
+/// What the log knows about a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The stream.
+    pub stream: String,
+    /// Version of its last event.
+    pub last_version: u64,
+    /// Position of its first event.
+    pub first_position: Position,
+    /// Position of its last event.
+    pub last_position: Position,
+    /// Record time of its first event.
+    pub created: Timestamp,
+}
+
+/// Bytes removed from the end of the log when it was opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Truncation {
+    /// The segment file.
+    pub file: PathBuf,
+    /// File offset where the kept data ends.
+    pub offset: u64,
+    /// Bytes zeroed after it (or the whole file's length when it was removed).
+    pub bytes: u64,
+    /// The first position that is no longer in the log.
+    pub first_lost_position: Position,
+    /// Records, whole or partial, that were removed (valid records of an unfinished batch
+    /// count; torn ones count as one).
+    pub records: u64,
+    /// `true` when the removed data may have been acknowledged (only with
+    /// [`RecoveryMode::TruncateDamagedTail`]).
+    pub acknowledged_data_lost: bool,
+    /// Why the data ended there.
+    pub reason: String,
+}
+
+/// What `open` found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The last close was clean (no scan of the active segment was needed).
+    pub clean: bool,
+    /// Torn or damaged tails removed.
+    pub truncations: Vec<Truncation>,
+    /// Segments whose index sidecar was missing or damaged and was rebuilt.
+    pub rebuilt_indexes: Vec<SegmentSeq>,
+    /// Segments that were full but unsealed and were sealed during open.
+    pub sealed_on_open: Vec<SegmentSeq>,
+    /// Records read from segment files (not from indexes) to recover.
+    pub records_scanned: u64,
+    /// Position of the next record to be written.
+    pub next_position: Position,
+}
+
+/// A summary of one segment, for tools.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Sequence number.
+    pub seq: SegmentSeq,
+    /// The file.
+    pub path: PathBuf,
+    /// First position.
+    pub base_position: Position,
+    /// Records in it (visible ones, for the active segment).
+    pub record_count: u64,
+    /// Sealed (footer written).
+    pub sealed: bool,
+    /// Merkle root from the footer, for sealed segments.
+    pub merkle_root: Option<Hash32>,
+}
+
+/// An open log. Share it between threads by reference or in an `Arc`; every method takes
+/// `&self`. Dropping it closes it.
+pub struct Log {
+    shared: Arc<Shared>,
+    report: RecoveryReport,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating it if `options.create` is set, and recovers it.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] if another opener holds the directory, [`Error::Corrupt`] for
+    /// damage that recovery may not repair (see [`RecoveryMode`]), [`Error::Io`] for
+    /// file-system failures, [`Error::InvalidOptions`].
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Log> {
+        let (shared, report) = recover::open(dir.as_ref(), options)?;
+        Ok(Log { shared, report })
+    }
+
+    /// What `open` found and did.
+    #[must_use]
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The data directory.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The log's 16-byte id.
+    #[must_use]
+    pub fn log_id(&self) -> [u8; 16] {
+        self.shared.meta.log_id
+    }
+
+    /// Appends `events` to `stream` if its version matches `expected`, and waits for the
+    /// acknowledgement the log's [`Durability`] asks for.
+    ///
+    /// A retry of an earlier append (same event ids, same stream) writes nothing and returns
+    /// the earlier result.
+    ///
+    /// # Errors
+    /// [`Error::WrongExpectedVersion`], [`Error::InvalidEvent`], [`Error::InvalidAppend`],
+    /// [`Error::BatchTooLarge`], [`Error::PartialDuplicate`], [`Error::DuplicateEventId`],
+    /// [`Error::Poisoned`], [`Error::Closed`], [`Error::ReadOnly`]. On any error nothing of
+    /// the batch was written.
+    pub fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+    ) -> Result<AppendResult> {
+        let mut results = self.append_multi(&[AppendRequest {
+            stream,
+            expected,
+            events,
+        }])?;
+        Ok(results.remove(0))
+    }
+
+    /// Appends to several streams atomically: every request's expectation must hold, and
+    /// then all events are written as one batch (all or none survive a crash).
+    ///
+    /// # Errors
+    /// As [`Log::append`]; nothing is written if any request fails.
+    pub fn append_multi(&self, requests: &[AppendRequest<'_>]) -> Result<Vec<AppendResult>> {
+        append::submit(&self.shared, requests, false)?.wait()
+    }
+
+    /// Starts an append and returns at once with a handle to wait on; the records are
+    /// already ordered in the log, so one thread can keep many appends in flight.
+    ///
+    /// # Errors
+    /// As [`Log::append`] for everything checked before the write; durability errors are
+    /// reported by [`AppendHandle::wait`].
+    pub fn append_async(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+    ) -> Result<AppendHandle> {
+        self.append_async_multi(&[AppendRequest {
+            stream,
+            expected,
+            events,
+        }])
+    }
+
+    /// [`Log::append_multi`] without waiting.
+    ///
+    /// # Errors
+    /// As [`Log::append_async`].
+    pub fn append_async_multi(&self, requests: &[AppendRequest<'_>]) -> Result<AppendHandle> {
+        append::submit(&self.shared, requests, true)
+    }
+
+    /// Reads up to `max` events of `stream`, starting at `from_version` and going in
+    /// `direction` (`u64::MAX` with `Backward` reads from the newest).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a record read is damaged; I/O errors.
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        max: usize,
+        direction: Direction,
+    ) -> Result<Vec<RecordedEvent>> {
+        read::read_stream(&self.shared, stream, from_version, max, direction)
+    }
+
+    /// Reads up to `max` events of the whole log, starting at `from` and going in
+    /// `direction` (`Position(u64::MAX)` with `Backward` reads from the newest).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a record read is damaged; I/O errors.
+    pub fn read_all(
+        &self,
+        from: Position,
+        max: usize,
+        direction: Direction,
+    ) -> Result<Vec<RecordedEvent>> {
+        read::read_all(&self.shared, from, max, direction)
+    }
+
+    /// What the log knows about `stream`, or `None` if it has no visible events.
+    ///
+    /// # Errors
+    /// As [`Log::read_stream`].
+    pub fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>> {
+        read::stream_info(&self.shared, stream)
+    }
+
+    /// A blocking iterator over the log from `from`, yielding records as they become
+    /// visible; it ends when the log is closed.
+    #[must_use]
+    pub fn tail(&self, from: Position) -> Tail {
+        Tail::new(Arc::clone(&self.shared), from)
+    }
+
+    /// The position the next record will get, among visible records: every position below
+    /// it can be read.
+    #[must_use]
+    pub fn next_position(&self) -> Position {
+        self.shared.visible_position()
+    }
+
+    /// The segments, oldest first.
+    #[must_use]
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.shared.segment_infos()
+    }
+
+    /// Waits until every segment that has been rolled is sealed (footer and index written).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] if sealing failed.
+    pub fn wait_sealed(&self) -> Result<()> {
+        self.shared.wait_sealed()
+    }
+
+    /// Makes every acknowledged record durable now, whatever the durability setting.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] if the sync fails (the log then refuses writes).
+    pub fn sync(&self) -> Result<()> {
+        self.shared.sync_all()
+    }
+
+    /// Reads the whole log from disk with plain reads and checks every header and body
+    /// checksum, the hash chain across segments, each sealed segment's footer and Merkle
+    /// root, and that each index agrees with the records. Runs beside appends.
+    ///
+    /// # Errors
+    /// The first problem found, as [`Error::Corrupt`] or [`Error::Index`] naming the file,
+    /// byte offset and position.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        background::verify(&self.shared)
+    }
+
+    /// Flushes, seals nothing new, writes the active segment's index and the stream table
+    /// snapshot (so the next open reads no records), and releases the directory.
+    ///
+    /// # Errors
+    /// A failure to sync or to write the snapshot; the log is closed anyway, and the next
+    /// open recovers by scanning.
+    pub fn close(self) -> Result<()> {
+        self.shared.close()
+    }
+
+    /// Makes the next sync fail, as a full or failing disk would (for tests of poisoning).
+    #[cfg(any(test, feature = "internals"))]
+    pub fn inject_sync_failure(&self) {
+        self.shared.inject_sync_failure();
+    }
+
+    /// Stops the log as a crash would: no final sync, no index or snapshot written, lock
+    /// released. What was acknowledged must be found by the next open.
+    #[cfg(any(test, feature = "internals"))]
+    pub fn crash(self) {
+        self.shared.crash();
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Best effort: an explicit `close` reports errors; a dropped log is recovered by
+        // the next open in the worst case.
+        let _ignored = self.shared.close();
+    }
+}
+
+/// What [`Log::verify`] checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Segments checked.
+    pub segments: u64,
+    /// Records checked.
+    pub records: u64,
+    /// Bytes of record data read.
+    pub bytes: u64,
+    /// The chain hash of the last record.
+    pub last_chain_hash: Hash32,
+}
+
+/// A fresh v7 UUID as an event id.
+#[must_use]
+pub fn new_event_id() -> EventId {
+    EventId(*uuid::Uuid::now_v7().as_bytes())
+}
+
+/// Nanoseconds since the Unix epoch, now.
+#[must_use]
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn invalid_options(reason: impl Into<String>) -> Error {
+    Error::InvalidOptions {
+        reason: reason.into(),
+    }
+}
+
+impl Options {
+    fn check(&self) -> Result<()> {
+        use crate::format::{PAGE_BYTES, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN};
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes)
+            || self.segment_bytes % PAGE_BYTES != 0
+        {
+            return Err(invalid_options(format!(
+                "segment_bytes {} must be a multiple of {PAGE_BYTES} in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                self.segment_bytes
+            )));
+        }
+        if let Durability::Batched { max_delay } = self.durability {
+            if max_delay.is_zero() {
+                return Err(invalid_options("Batched max_delay must be positive"));
+            }
+        }
+        Ok(())
+    }
+}

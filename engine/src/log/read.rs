@@ -1,0 +1,686 @@
+//! Reads: by stream through the per-segment indexes, by position through the sparse
+//! position index, and the blocking tail.
+//!
+//! Every record read is checked (header CRC, body CRC, padding, envelope) and must agree
+//! with the index entry that led to it (position, stream, version): a damaged record or
+//! index is an error, never a wrong answer. Only positions below the visible watermark are
+//! returned.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::append::Writer;
+use super::background::{corrupt, corrupt_record, sealed_index};
+use super::shared::{SegState, SegmentHandle, Shared, lock};
+use super::{Direction, RecordedEvent, StreamInfo};
+use crate::error::{Error, Result};
+use crate::format::{Position, SegmentSeq};
+use crate::index::{ActiveIndex, IndexEntry, SealedIndex, SealedRun, StreamKey};
+use crate::segment::{RecordRef, SliceSource, read_record};
+
+/// A stream's part of a segment that is not the active one.
+enum RunRef {
+    Frozen(Arc<ActiveIndex>, StreamKey),
+    Sealed(Arc<SealedIndex>, SealedRun),
+}
+
+impl RunRef {
+    fn first_version(&self) -> u64 {
+        match self {
+            RunRef::Frozen(idx, key) => idx.stream_run(*key).map_or(0, |r| r.entries[0].version),
+            RunRef::Sealed(_, run) => run.first_version,
+        }
+    }
+    fn len(&self) -> u64 {
+        match self {
+            RunRef::Frozen(idx, key) => idx.stream_run(*key).map_or(0, |r| r.entries.len() as u64),
+            RunRef::Sealed(_, run) => run.last_version - run.first_version + 1,
+        }
+    }
+    fn prev(&self) -> Option<SegmentSeq> {
+        match self {
+            RunRef::Frozen(idx, key) => idx.stream_run(*key).and_then(|r| r.prev_segment),
+            RunRef::Sealed(_, run) => run.prev_segment,
+        }
+    }
+    fn entry(&self, i: u64) -> IndexEntry {
+        match self {
+            RunRef::Frozen(idx, key) => {
+                idx.stream_run(*key).expect("run looked up before").entries[i as usize]
+            }
+            RunRef::Sealed(idx, run) => idx.run_entry(run, i as u32),
+        }
+    }
+}
+
+/// Indexes into a dense run of versions `first..first+len` for a read from `from`.
+fn pick(first: u64, len: u64, from: u64, max: usize, direction: Direction) -> Vec<u64> {
+    if len == 0 || max == 0 {
+        return Vec::new();
+    }
+    let last = first + len - 1;
+    match direction {
+        Direction::Forward => {
+            if from > last {
+                return Vec::new();
+            }
+            let start = from.saturating_sub(first);
+            (start..len).take(max).collect()
+        }
+        Direction::Backward => {
+            if from < first {
+                return Vec::new();
+            }
+            let start = from.min(last) - first;
+            (0..=start).rev().take(max).collect()
+        }
+    }
+}
+
+fn segment_by_seq(shared: &Shared, seq: SegmentSeq) -> Option<Arc<SegmentHandle>> {
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let first = segs.first()?.seq.0;
+    segs.get(usize::try_from(seq.0.checked_sub(first)?).ok()?)
+        .cloned()
+}
+
+fn run_in(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    key: StreamKey,
+    name: &str,
+    hash: u64,
+) -> Result<Option<RunRef>> {
+    let frozen = match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Frozen { index, .. } => Some(Arc::clone(index)),
+        SegState::Sealed { .. } => None,
+        SegState::Active => return Ok(None),
+    };
+    if let Some(index) = frozen {
+        return Ok(index
+            .stream_run(key)
+            .is_some()
+            .then_some(RunRef::Frozen(index, key)));
+    }
+    let Some((index, _)) = sealed_index(shared, seg)? else {
+        // Sealed between the two looks: try again.
+        return run_in(shared, seg, key, name, hash);
+    };
+    Ok(index
+        .find_stream(hash, name)
+        .map(|run| RunRef::Sealed(index, run)))
+}
+
+/// Records to read: the segment and the entry.
+type Picks = Vec<(Arc<SegmentHandle>, IndexEntry)>;
+
+/// What a stream read needs from under the writer lock.
+struct StreamPlan {
+    key: StreamKey,
+    name: Arc<str>,
+    hash: u64,
+    active: Option<(Arc<SegmentHandle>, u64, u64, Vec<IndexEntry>)>,
+    /// The newest segment before the active one that may hold the stream.
+    walk_from: Option<SegmentSeq>,
+}
+
+fn plan(
+    w: &Writer,
+    stream: &str,
+    from: u64,
+    max: usize,
+    direction: Direction,
+    visible: Position,
+) -> Option<StreamPlan> {
+    let key = w.streams.key(stream)?;
+    let st = w.streams.get(key);
+    if st.first_position.0 == u64::MAX {
+        return None;
+    }
+    let (active, walk_from) = match w.index.stream_run(key) {
+        Some(run) => {
+            let first = run.entries[0].version;
+            let len = run.entries.len() as u64;
+            // Written but not yet visible entries are the newest ones; pick past them so
+            // that `max` visible ones remain after filtering.
+            let base = w.active.header.base_position.0;
+            let invisible = run
+                .entries
+                .iter()
+                .rev()
+                .take_while(|e| base + u64::from(e.pos_delta) >= visible.0)
+                .count();
+            let picked: Vec<IndexEntry> =
+                pick(first, len, from, max.saturating_add(invisible), direction)
+                    .into_iter()
+                    .map(|i| run.entries[i as usize])
+                    .collect();
+            (
+                Some((Arc::clone(&w.active), first, len, picked)),
+                run.prev_segment,
+            )
+        }
+        None => (None, Some(st.last_segment)),
+    };
+    Some(StreamPlan {
+        key,
+        name: Arc::clone(&st.name),
+        hash: st.hash,
+        active,
+        walk_from,
+    })
+}
+
+fn visible_entry(seg: &SegmentHandle, e: &IndexEntry, visible: Position) -> bool {
+    seg.header.base_position.0 + u64::from(e.pos_delta) < visible.0
+}
+
+/// Chooses the records of a stream read.
+fn walk(
+    shared: &Shared,
+    p: StreamPlan,
+    from: u64,
+    max: usize,
+    direction: Direction,
+    visible: Position,
+) -> Result<Picks> {
+    let mut out: Picks = Vec::new();
+    let active_picks: Picks = p
+        .active
+        .as_ref()
+        .map(|(seg, _, _, entries)| {
+            entries
+                .iter()
+                .filter(|e| visible_entry(seg, e, visible))
+                .map(|e| (Arc::clone(seg), *e))
+                .collect()
+        })
+        .unwrap_or_default();
+    let active_covers_from = p
+        .active
+        .as_ref()
+        .is_some_and(|(_, first, _, _)| *first <= from);
+    let mut active_picks = Some(active_picks);
+    if direction == Direction::Backward || active_covers_from {
+        out.extend(
+            active_picks
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .take(max),
+        );
+        if out.len() >= max || direction == Direction::Forward {
+            return Ok(out);
+        }
+    }
+    // Walk back through older segments that hold the stream.
+    let mut older: Vec<(Arc<SegmentHandle>, RunRef)> = Vec::new();
+    let mut next = p.walk_from;
+    while let Some(seq) = next {
+        let Some(seg) = segment_by_seq(shared, seq) else {
+            break;
+        };
+        let Some(run) = run_in(shared, &seg, p.key, &p.name, p.hash)? else {
+            break;
+        };
+        next = run.prev();
+        match direction {
+            Direction::Backward => {
+                let room = max - out.len();
+                for i in pick(run.first_version(), run.len(), from, room, direction) {
+                    let e = run.entry(i);
+                    if visible_entry(&seg, &e, visible) {
+                        out.push((Arc::clone(&seg), e));
+                    }
+                }
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Direction::Forward => {
+                let reached = run.first_version() <= from;
+                older.push((seg, run));
+                if reached {
+                    break;
+                }
+            }
+        }
+    }
+    if direction == Direction::Forward {
+        for (seg, run) in older.iter().rev() {
+            let room = max - out.len();
+            for i in pick(run.first_version(), run.len(), from, room, direction) {
+                let e = run.entry(i);
+                if visible_entry(seg, &e, visible) {
+                    out.push((Arc::clone(seg), e));
+                }
+            }
+            if out.len() >= max {
+                return Ok(out);
+            }
+        }
+        let room = max - out.len();
+        out.extend(
+            active_picks
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .take(room),
+        );
+    }
+    Ok(out)
+}
+
+fn read_picks(shared: &Shared, stream: &str, picks: &Picks) -> Result<Vec<RecordedEvent>> {
+    let _ = shared;
+    picks
+        .iter()
+        .map(|(seg, e)| {
+            let position = Position(seg.header.base_position.0 + u64::from(e.pos_delta));
+            let ev = read_event(seg, u64::from(e.offset), position)?;
+            if ev.stream != stream || ev.version != e.version {
+                return Err(corrupt(
+                    &seg.path,
+                    u64::from(e.offset),
+                    Some(position.0),
+                    format!(
+                        "index says {stream} version {}, record says {} version {}",
+                        e.version, ev.stream, ev.version
+                    ),
+                    None,
+                ));
+            }
+            Ok(ev)
+        })
+        .collect()
+}
+
+pub(crate) fn read_stream(
+    shared: &Shared,
+    stream: &str,
+    from: u64,
+    max: usize,
+    direction: Direction,
+) -> Result<Vec<RecordedEvent>> {
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    let visible = shared.visible_position();
+    let plan = {
+        let guard = lock(&shared.writer);
+        let w = guard.as_ref().ok_or(Error::Closed)?;
+        plan(w, stream, from, max, direction, visible)
+    };
+    let Some(plan) = plan else {
+        return Ok(Vec::new());
+    };
+    let picks = walk(shared, plan, from, max, direction, visible)?;
+    read_picks(shared, stream, &picks)
+}
+
+/// A forward stream read by a caller that holds the writer lock (the idempotency check):
+/// it sees every written record, visible or not.
+pub(crate) fn read_stream_locked(
+    shared: &Shared,
+    w: &Writer,
+    stream: &str,
+    from: u64,
+    max: usize,
+) -> Result<Vec<RecordedEvent>> {
+    let Some(plan) = plan(w, stream, from, max, Direction::Forward, Position(u64::MAX)) else {
+        return Ok(Vec::new());
+    };
+    let picks = walk(
+        shared,
+        plan,
+        from,
+        max,
+        Direction::Forward,
+        Position(u64::MAX),
+    )?;
+    read_picks(shared, stream, &picks)
+}
+
+pub(crate) fn stream_info(shared: &Shared, stream: &str) -> Result<Option<StreamInfo>> {
+    let visible = shared.visible_position();
+    let state = {
+        let guard = lock(&shared.writer);
+        let w = guard.as_ref().ok_or(Error::Closed)?;
+        w.streams.key(stream).map(|k| w.streams.get(k).clone())
+    };
+    let Some(st) = state else { return Ok(None) };
+    if st.first_position.0 == u64::MAX || st.first_position >= visible {
+        return Ok(None);
+    }
+    let (last_version, last_position) = if st.last_position < visible {
+        (st.last_version, st.last_position)
+    } else {
+        // The newest events are written but not yet acknowledged: report the newest visible.
+        let last = read_stream(shared, stream, u64::MAX, 1, Direction::Backward)?;
+        match last.first() {
+            Some(ev) => (ev.version, ev.position),
+            None => return Ok(None),
+        }
+    };
+    Ok(Some(StreamInfo {
+        stream: stream.to_owned(),
+        last_version,
+        first_position: st.first_position,
+        last_position,
+        created: st.created,
+    }))
+}
+
+/// Reads and checks the record at `offset` of `seg`, which must be at `position`.
+pub(crate) fn read_event(
+    seg: &SegmentHandle,
+    offset: u64,
+    position: Position,
+) -> Result<RecordedEvent> {
+    let map = seg.map()?;
+    let published = map.published();
+    let bytes = map.read(0, published).unwrap_or_default();
+    let mut src = SliceSource { bytes };
+    let rec =
+        read_record(&mut src, offset, published).map_err(|e| with_position(seg, e, position))?;
+    to_event(seg, &rec, position)
+}
+
+fn with_position(seg: &SegmentHandle, e: crate::segment::RecordError, position: Position) -> Error {
+    let mut err = corrupt_record(&seg.path, e);
+    if let Error::Corrupt { position: p, .. } = &mut err {
+        *p = Some(position.0);
+    }
+    err
+}
+
+/// Turns a checked record that must be at `position` into an event.
+fn to_event(seg: &SegmentHandle, rec: &RecordRef<'_>, position: Position) -> Result<RecordedEvent> {
+    if rec.header.position != position {
+        return Err(corrupt(
+            &seg.path,
+            rec.offset,
+            Some(position.0),
+            format!("record at this offset has position {}", rec.header.position),
+            None,
+        ));
+    }
+    let env = rec
+        .envelope()
+        .map_err(|e| with_position(seg, e, position))?;
+    Ok(RecordedEvent {
+        position,
+        stream: env.stream.to_owned(),
+        version: rec.header.stream_version,
+        event_id: env.event_id,
+        event_type: env.event_type.to_owned(),
+        schema_version: env.schema_version,
+        aggregate_type: env.aggregate_type.to_owned(),
+        content_type: env.content_type,
+        payload: env.payload.to_vec(),
+        correlation_id: env.correlation_id.to_owned(),
+        causation_id: env.causation_id.to_owned(),
+        actor: env.actor.to_owned(),
+        event_time: env.event_time,
+        record_time: rec.header.record_time,
+        record_hash: rec.header.chain_hash,
+    })
+}
+
+/// The nearest sampled record at or before `position` in `seg`, and the segment's end.
+fn locate(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    position: Position,
+) -> Result<Option<(Position, u64)>> {
+    let frozen = match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Frozen { index, .. } => Some(Arc::clone(index)),
+        SegState::Sealed { .. } => None,
+        SegState::Active => {
+            let guard = lock(&shared.writer);
+            let w = guard.as_ref().ok_or(Error::Closed)?;
+            if w.active.seq == seg.seq {
+                return Ok(w.index.locate(position));
+            }
+            // Rolled since: look again.
+            drop(guard);
+            return locate(shared, seg, position);
+        }
+    };
+    if let Some(index) = frozen {
+        return Ok(index.locate(position));
+    }
+    match sealed_index(shared, seg)? {
+        Some((index, _)) => Ok(index.locate(position)),
+        None => locate(shared, seg, position),
+    }
+}
+
+/// Reads the records of `seg` from `position` forward, stopping before `end` or after
+/// `max`.
+fn read_forward_in(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    position: Position,
+    end: Position,
+    max: usize,
+    out: &mut Vec<RecordedEvent>,
+) -> Result<()> {
+    let Some((mut at, mut offset)) = locate(shared, seg, position)? else {
+        return Ok(());
+    };
+    let map = seg.map()?;
+    let published = map.published();
+    let bytes = map.read(0, published).unwrap_or_default();
+    let mut src = SliceSource { bytes };
+    while at < end && out.len() < max {
+        let rec =
+            read_record(&mut src, offset, published).map_err(|e| with_position(seg, e, at))?;
+        if at >= position {
+            out.push(to_event(seg, &rec, at)?);
+        } else if rec.header.position != at {
+            return Err(corrupt(
+                &seg.path,
+                offset,
+                Some(at.0),
+                "record out of place".into(),
+                None,
+            ));
+        }
+        offset = rec.end();
+        at = at.next();
+    }
+    Ok(())
+}
+
+fn segment_index_of(segs: &[Arc<SegmentHandle>], position: Position) -> Option<usize> {
+    let i = segs.partition_point(|s| s.header.base_position <= position);
+    i.checked_sub(1)
+}
+
+pub(crate) fn read_all(
+    shared: &Shared,
+    from: Position,
+    max: usize,
+    direction: Direction,
+) -> Result<Vec<RecordedEvent>> {
+    let visible = shared.visible_position();
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let mut out = Vec::new();
+    if max == 0 || visible.0 == 0 {
+        return Ok(out);
+    }
+    match direction {
+        Direction::Forward => {
+            if from >= visible {
+                return Ok(out);
+            }
+            let Some(mut i) = segment_index_of(&segs, from) else {
+                return Ok(out);
+            };
+            let mut position = from;
+            while i < segs.len() && out.len() < max && position < visible {
+                let end = segs
+                    .get(i + 1)
+                    .map_or(visible, |n| n.header.base_position.min(visible));
+                read_forward_in(shared, &segs[i], position, end, max, &mut out)?;
+                position = end;
+                i += 1;
+            }
+        }
+        Direction::Backward => {
+            let mut top = Position(from.0.min(visible.0 - 1));
+            loop {
+                let Some(i) = segment_index_of(&segs, top) else {
+                    break;
+                };
+                let seg = &segs[i];
+                // Read the sampled block that holds `top`, newest first.
+                let Some((block_start, _)) = locate(shared, seg, top)? else {
+                    break;
+                };
+                let mut block = Vec::new();
+                read_forward_in(shared, seg, block_start, top.next(), usize::MAX, &mut block)?;
+                out.extend(block.into_iter().rev().take(max - out.len()));
+                if out.len() >= max || block_start.0 == 0 {
+                    break;
+                }
+                top = Position(block_start.0 - 1);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A blocking iterator over the log from a position; see [`super::Log::tail`].
+pub struct Tail {
+    shared: Arc<Shared>,
+    next: Position,
+    buf: VecDeque<RecordedEvent>,
+}
+
+impl std::fmt::Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tail")
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records fetched per read while tailing.
+const TAIL_BATCH: usize = 512;
+
+impl Tail {
+    pub(crate) fn new(shared: Arc<Shared>, from: Position) -> Tail {
+        Tail {
+            shared,
+            next: from,
+            buf: VecDeque::new(),
+        }
+    }
+
+    /// The position of the next record this tail yields.
+    #[must_use]
+    pub fn position(&self) -> Position {
+        self.buf.front().map_or(self.next, |e| e.position)
+    }
+
+    /// The next record, waiting at most `timeout` for one to become visible. `Ok(None)` on
+    /// timeout or when the log is closed.
+    ///
+    /// # Errors
+    /// As [`super::Log::read_all`].
+    pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<RecordedEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ev) = self.buf.pop_front() {
+                return Ok(Some(ev));
+            }
+            if self.shared.visible_position() > self.next {
+                let got = read_all(&self.shared, self.next, TAIL_BATCH, Direction::Forward)?;
+                if let Some(last) = got.last() {
+                    self.next = last.position.next();
+                }
+                self.buf.extend(got);
+                continue;
+            }
+            if self.shared.closed.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.wait_for_more(deadline - now);
+        }
+    }
+
+    fn wait_for_more(&self, timeout: Duration) {
+        let s = &self.shared;
+        s.tail_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = lock(&s.tail_lock);
+        let deadline = Instant::now() + timeout;
+        while s.visible_position() <= self.next && !s.closed.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = s
+                .tail_cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        drop(g);
+        s.tail_waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Iterator for Tail {
+    type Item = Result<RecordedEvent>;
+
+    /// Blocks until the next record is visible; `None` once the log is closed.
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.next_timeout(Duration::from_secs(1)) {
+                Ok(Some(ev)) => return Some(Ok(ev)),
+                Ok(None) if self.shared.closed.load(Ordering::SeqCst) => return None,
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pick_walks_dense_versions_both_ways() {
+        assert_eq!(pick(10, 5, 0, 3, Direction::Forward), vec![0, 1, 2]);
+        assert_eq!(pick(10, 5, 12, 10, Direction::Forward), vec![2, 3, 4]);
+        assert_eq!(pick(10, 5, 15, 10, Direction::Forward), Vec::<u64>::new());
+        assert_eq!(pick(10, 5, u64::MAX, 2, Direction::Backward), vec![4, 3]);
+        assert_eq!(pick(10, 5, 11, 10, Direction::Backward), vec![1, 0]);
+        assert_eq!(pick(10, 5, 9, 10, Direction::Backward), Vec::<u64>::new());
+        assert_eq!(pick(10, 0, 0, 10, Direction::Forward), Vec::<u64>::new());
+    }
+}

@@ -1,0 +1,404 @@
+//! State shared by the API, the appenders and the background threads, and group commit.
+//!
+//! Locks, always taken in this order: `writer` -> `commit` -> (`segments`, a segment's
+//! `state`). Nothing blocks on I/O while holding `commit`; the writer lock is held while
+//! records are copied into the map, never across a sync (except while rolling to a spare
+//! that is not ready yet).
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::append::Writer;
+use super::background::SealJob;
+use super::{Durability, Options, SegmentInfo};
+use crate::error::{Error, Result};
+use crate::format::meta::LogMeta;
+use crate::format::segment::{SegmentFooter, SegmentHeader};
+use crate::format::{Hash32, Position, SegmentSeq};
+use crate::index::{ActiveIndex, SealedIndex};
+use crate::sys::SegmentMap;
+
+/// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent
+/// before anything that can panic, and a panicking appender must not take reads down.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One segment, as readers and the sealer see it.
+#[derive(Debug)]
+pub(crate) struct SegmentHandle {
+    pub(crate) seq: SegmentSeq,
+    pub(crate) path: PathBuf,
+    pub(crate) header: SegmentHeader,
+    /// Mapped on first use for sealed segments, at activation for the active one.
+    pub(crate) map: OnceLock<Arc<SegmentMap>>,
+    pub(crate) state: RwLock<SegState>,
+}
+
+/// Where a segment's index is.
+#[derive(Debug)]
+pub(crate) enum SegState {
+    /// Being written: the index is the writer's.
+    Active,
+    /// Rolled, not yet sealed: the index is frozen in memory.
+    Frozen {
+        index: Arc<ActiveIndex>,
+        data_end: u64,
+    },
+    /// Sealed: the footer is written; the sidecar is loaded on first use.
+    Sealed {
+        footer: SegmentFooter,
+        index: Arc<Mutex<Option<Arc<SealedIndex>>>>,
+    },
+}
+
+impl SegmentHandle {
+    /// The segment's map, mapping a sealed segment on first use.
+    pub(crate) fn map(&self) -> Result<&Arc<SegmentMap>> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
+        }
+        let data_end = match &*self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            SegState::Sealed { footer, .. } => footer.data_end,
+            SegState::Frozen { data_end, .. } => *data_end,
+            SegState::Active => unreachable!("the active segment is mapped at activation"),
+        };
+        let file = File::open(&self.path).map_err(Error::io("opening segment", &self.path))?;
+        let map = SegmentMap::map_read_only(&file, self.header.capacity, data_end)
+            .map_err(Error::io("mapping segment", &self.path))?;
+        let _ = self.map.set(map);
+        Ok(self.map.get().expect("set above or by a racing reader"))
+    }
+}
+
+/// A range of a segment written but not yet synced.
+#[derive(Debug)]
+pub(crate) struct DirtyRange {
+    pub(crate) map: Arc<SegmentMap>,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+/// Group-commit state.
+#[derive(Debug, Default)]
+pub(crate) struct CommitState {
+    /// Position after the last batch fully copied into a map.
+    pub(crate) written: Position,
+    /// Position after the last batch known durable.
+    pub(crate) durable: Position,
+    pub(crate) dirty: Vec<DirtyRange>,
+    pub(crate) syncing: bool,
+    pub(crate) poisoned: Option<Arc<io::Error>>,
+    pub(crate) closed: bool,
+    /// Test hook: fail the next sync.
+    pub(crate) fail_next_sync: bool,
+}
+
+impl CommitState {
+    /// Adds a written range, merging with the previous one when contiguous.
+    pub(crate) fn add_dirty(&mut self, map: &Arc<SegmentMap>, start: u64, end: u64) {
+        if let Some(last) = self.dirty.last_mut() {
+            if Arc::ptr_eq(&last.map, map) && last.end == start {
+                last.end = end;
+                return;
+            }
+        }
+        self.dirty.push(DirtyRange {
+            map: Arc::clone(map),
+            start,
+            end,
+        });
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if let Some(cause) = &self.poisoned {
+            return Err(Error::Poisoned {
+                cause: Arc::clone(cause),
+            });
+        }
+        if self.closed {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+}
+
+/// Spare segment files prepared ahead of time.
+#[derive(Debug, Default)]
+pub(crate) struct Spares {
+    /// Prepared, zeroed and synced: `(seq, path)`.
+    pub(crate) ready: Vec<(SegmentSeq, PathBuf)>,
+    /// The highest seq asked for.
+    pub(crate) wanted: Option<SegmentSeq>,
+    pub(crate) error: Option<Arc<io::Error>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    pub(crate) opts: Options,
+    pub(crate) meta: LogMeta,
+    pub(crate) seed: Hash32,
+    pub(crate) read_only: bool,
+    pub(crate) writer: Mutex<Option<Writer>>,
+    pub(crate) commit: Mutex<CommitState>,
+    /// Signalled when `durable` advances, or on poison or close.
+    pub(crate) commit_cv: Condvar,
+    /// Wakes the flusher thread.
+    pub(crate) flush_cv: Condvar,
+    /// Records below this position are visible to readers.
+    pub(crate) visible: AtomicU64,
+    /// Mirror of `CommitState::durable`, read on the append path for `durable_lag`.
+    pub(crate) durable: AtomicU64,
+    pub(crate) tail_lock: Mutex<()>,
+    pub(crate) tail_cv: Condvar,
+    pub(crate) tail_waiters: AtomicUsize,
+    pub(crate) segments: RwLock<Vec<Arc<SegmentHandle>>>,
+    pub(crate) spares: Mutex<Spares>,
+    pub(crate) spares_cv: Condvar,
+    pub(crate) seal_tx: Mutex<Option<mpsc::Sender<SealJob>>>,
+    /// Segments handed to the sealer and not yet sealed.
+    pub(crate) sealing: Mutex<u64>,
+    pub(crate) sealing_cv: Condvar,
+    pub(crate) shutdown: AtomicBool,
+    /// Set by a simulated crash: the sealer drops its queue.
+    pub(crate) abandon_seals: AtomicBool,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) lock_file: Mutex<Option<File>>,
+    pub(crate) closed: AtomicBool,
+    /// Segments whose sidecar was rebuilt since open (for the recovery report).
+    pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
+}
+
+impl Shared {
+    pub(crate) fn visible_position(&self) -> Position {
+        Position(self.visible.load(Ordering::Acquire))
+    }
+
+    /// Makes records below `upto` visible and wakes tailers.
+    pub(crate) fn publish_visible(&self, upto: Position) {
+        let before = self.visible.fetch_max(upto.0, Ordering::SeqCst);
+        if before < upto.0 && self.tail_waiters.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&self.tail_lock);
+            self.tail_cv.notify_all();
+        }
+    }
+
+    pub(crate) fn poison(&self, c: &mut CommitState, cause: io::Error) {
+        if c.poisoned.is_none() {
+            c.poisoned = Some(Arc::new(cause));
+        }
+        self.commit_cv.notify_all();
+    }
+
+    /// Waits until every position below `target` is durable, leading a sync when none is
+    /// running (group commit: the leader syncs everything written before it started, and
+    /// every waiter covered by that returns together).
+    pub(crate) fn wait_durable(&self, target: Position) -> Result<()> {
+        let mut c = lock(&self.commit);
+        loop {
+            if c.durable >= target {
+                return Ok(());
+            }
+            if let Some(cause) = &c.poisoned {
+                return Err(Error::Poisoned {
+                    cause: Arc::clone(cause),
+                });
+            }
+            if c.syncing {
+                c = self
+                    .commit_cv
+                    .wait(c)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            } else {
+                c = self.lead_sync(c);
+            }
+        }
+    }
+
+    /// Syncs every dirty range as the leader. Called with the commit lock held and
+    /// `syncing` false; returns with the lock held again.
+    pub(crate) fn lead_sync<'a>(
+        &'a self,
+        mut c: MutexGuard<'a, CommitState>,
+    ) -> MutexGuard<'a, CommitState> {
+        debug_assert!(!c.syncing);
+        let target = c.written;
+        let ranges = std::mem::take(&mut c.dirty);
+        let fail = std::mem::take(&mut c.fail_next_sync);
+        c.syncing = true;
+        drop(c);
+        let result = if fail {
+            Err(io::Error::other("injected sync failure"))
+        } else {
+            ranges
+                .iter()
+                .try_for_each(|r| r.map.sync_range(r.start, r.end))
+        };
+        let mut c = lock(&self.commit);
+        c.syncing = false;
+        match result {
+            Ok(()) => {
+                if target > c.durable {
+                    c.durable = target;
+                    self.durable.store(target.0, Ordering::Release);
+                    if self.opts.durability == Durability::Fsync {
+                        self.publish_visible(target);
+                    }
+                }
+                self.commit_cv.notify_all();
+            }
+            Err(e) => self.poison(&mut c, e),
+        }
+        c
+    }
+
+    /// Makes everything written so far durable.
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        let target = lock(&self.commit).written;
+        self.wait_durable(target)
+    }
+
+    #[cfg(any(test, feature = "internals"))]
+    pub(crate) fn inject_sync_failure(&self) {
+        lock(&self.commit).fail_next_sync = true;
+    }
+
+    /// Waits until no rolled segment is waiting to be sealed.
+    pub(crate) fn wait_sealed(&self) -> Result<()> {
+        let mut pending = lock(&self.sealing);
+        while *pending > 0 {
+            let (g, _timeout) = self
+                .sealing_cv
+                .wait_timeout(pending, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending = g;
+            if let Some(cause) = &lock(&self.commit).poisoned {
+                return Err(Error::Poisoned {
+                    cause: Arc::clone(cause),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn segment_infos(&self) -> Vec<SegmentInfo> {
+        let segs = self
+            .segments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let visible = self.visible_position();
+        segs.iter()
+            .map(|s| {
+                let st = s
+                    .state
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (record_count, sealed, merkle_root) = match &*st {
+                    SegState::Sealed { footer, .. } => {
+                        (footer.record_count, true, Some(footer.merkle_root))
+                    }
+                    SegState::Frozen { index, .. } => (index.record_count(), false, None),
+                    SegState::Active => (
+                        visible.0.saturating_sub(s.header.base_position.0),
+                        false,
+                        None,
+                    ),
+                };
+                SegmentInfo {
+                    seq: s.seq,
+                    path: s.path.clone(),
+                    base_position: s.header.base_position,
+                    record_count,
+                    sealed,
+                    merkle_root,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops the background threads and waits for them.
+    fn stop_threads(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        *lock(&self.seal_tx) = None;
+        {
+            let _c = lock(&self.commit);
+            self.flush_cv.notify_all();
+        }
+        {
+            let _s = lock(&self.spares);
+            self.spares_cv.notify_all();
+        }
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn wake_everyone(&self) {
+        let _t = lock(&self.tail_lock);
+        self.tail_cv.notify_all();
+        self.commit_cv.notify_all();
+    }
+
+    /// Closes cleanly: refuses new appends, syncs, finishes sealing, writes the active
+    /// index and the stream snapshot, releases the lock.
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Holding the writer lock: no append is between its write and its registration.
+        let mut writer = lock(&self.writer);
+        let synced = if self.read_only {
+            Ok(())
+        } else {
+            let target = {
+                let mut c = lock(&self.commit);
+                c.closed = true;
+                c.written
+            };
+            self.wait_durable(target)
+        };
+        self.stop_threads();
+        let written = match (&synced, writer.take()) {
+            (Ok(()), Some(w)) if !self.read_only => w.write_clean_close_state(self),
+            _ => Ok(()),
+        };
+        drop(writer);
+        self.wake_everyone();
+        *lock(&self.lock_file) = None;
+        synced.and(written)
+    }
+
+    /// Stops like a crash: nothing more is synced or written.
+    #[cfg(any(test, feature = "internals"))]
+    pub(crate) fn crash(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut writer = lock(&self.writer);
+        lock(&self.commit).closed = true;
+        self.stop_threads_without_sealing();
+        *writer = None;
+        drop(writer);
+        self.wake_everyone();
+        *lock(&self.lock_file) = None;
+    }
+
+    #[cfg(any(test, feature = "internals"))]
+    fn stop_threads_without_sealing(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        super::background::abandon_seal_queue(self);
+        self.stop_threads();
+    }
+}
