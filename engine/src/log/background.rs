@@ -68,9 +68,11 @@ fn preparer(shared: &Shared) {
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
+        // Prepare only seqs above every segment that exists or was prepared: a spare that
+        // was taken is active and must never be prepared (overwritten) again.
         let next = spares
             .wanted
-            .filter(|w| spares.error.is_none() && !spares.ready.iter().any(|(s, _)| s == w));
+            .filter(|w| spares.error.is_none() && spares.prepared.is_none_or(|p| *w > p));
         let Some(seq) = next else {
             spares = shared
                 .spares_cv
@@ -82,7 +84,10 @@ fn preparer(shared: &Shared) {
         let result = prepare_spare(&shared.dir, seq, shared.opts.segment_bytes);
         spares = lock(&shared.spares);
         match result {
-            Ok(path) => spares.ready.push((seq, path)),
+            Ok(path) => {
+                spares.ready.push((seq, path));
+                spares.prepared = Some(seq);
+            }
             Err(e) => spares.error = Some(Arc::new(e)),
         }
         shared.spares_cv.notify_all();
@@ -99,7 +104,10 @@ pub(crate) fn prepare_spare(
     let _ = std::fs::remove_file(&tmp);
     drop(create_zeroed(&tmp, bytes)?);
     let path = dir.join(seq.file_name());
-    std::fs::rename(&tmp, &path)?;
+    // A hard link fails if the name exists, so an existing segment is never replaced; the
+    // temporary name is removed after.
+    std::fs::hard_link(&tmp, &path)?;
+    std::fs::remove_file(&tmp)?;
     sync_dir(dir)?;
     Ok(path)
 }
@@ -440,18 +448,27 @@ pub(crate) fn rebuild_index(
     };
     let scan = crate::segment::scan(&mut src, from, footer.data_end);
     if scan.records.len() as u64 != footer.record_count || scan.complete_end != footer.data_end {
-        let (offset, position) = match &scan.end {
+        let (offset, position, why) = match &scan.end {
             crate::segment::ScanEnd::Break {
-                offset, position, ..
-            } => (*offset, Some(position.0)),
-            crate::segment::ScanEnd::Clean { offset } => (*offset, None),
+                offset,
+                position,
+                error,
+            } => {
+                let cause = std::error::Error::source(error).map(ToString::to_string);
+                (
+                    *offset,
+                    Some(position.0),
+                    format!(": {}", cause.unwrap_or_default()),
+                )
+            }
+            crate::segment::ScanEnd::Clean { offset } => (*offset, None, String::new()),
         };
         return Err(corrupt(
             &seg.path,
             offset,
             position,
             format!(
-                "sealed segment holds {} valid records, its footer says {}",
+                "sealed segment holds {} valid records, its footer says {}{why}",
                 scan.records.len(),
                 footer.record_count
             ),

@@ -442,23 +442,26 @@ fn locate(
     seg: &SegmentHandle,
     position: Position,
 ) -> Result<Option<(Position, u64)>> {
-    let frozen = match &*seg
+    // The state's lock is released before the writer's is taken (lock order: writer, then
+    // segment state).
+    let state = match &*seg
         .state
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
     {
-        SegState::Frozen { index, .. } => Some(Arc::clone(index)),
-        SegState::Sealed { .. } => None,
-        SegState::Active => {
-            let guard = lock(&shared.writer);
-            let w = guard.as_ref().ok_or(Error::Closed)?;
-            if w.active.seq == seg.seq {
-                return Ok(w.index.locate(position));
-            }
-            // Rolled since: look again.
-            drop(guard);
-            return locate(shared, seg, position);
+        SegState::Frozen { index, .. } => Some(Some(Arc::clone(index))),
+        SegState::Sealed { .. } => Some(None),
+        SegState::Active => None,
+    };
+    let Some(frozen) = state else {
+        let guard = lock(&shared.writer);
+        let w = guard.as_ref().ok_or(Error::Closed)?;
+        if w.active.seq == seg.seq {
+            return Ok(w.index.locate(position));
         }
+        // Rolled since: look again.
+        drop(guard);
+        return locate(shared, seg, position);
     };
     if let Some(index) = frozen {
         return Ok(index.locate(position));

@@ -168,6 +168,11 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         tail_waiters: AtomicUsize::new(0),
         segments: RwLock::new(Vec::new()),
         spares: Mutex::new(Spares {
+            prepared: spares
+                .iter()
+                .map(|(s, _)| *s)
+                .chain(found.iter().map(|f| f.seq))
+                .max(),
             ready: spares,
             wanted: None,
             error: None,
@@ -901,7 +906,9 @@ fn make_writer(
             "preparing segment",
             &shared.dir.join(next_seq.file_name()),
         ))?;
-        lock(&shared.spares).ready.push((next_seq, path));
+        let mut spares = lock(&shared.spares);
+        spares.ready.push((next_seq, path));
+        spares.prepared = spares.prepared.max(Some(next_seq));
     }
     let (handle, map_writer) =
         super::background::activate_spare(shared, next_seq, end.position, end.chain)?;

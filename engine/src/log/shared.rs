@@ -140,6 +140,8 @@ pub(crate) struct Spares {
     pub(crate) ready: Vec<(SegmentSeq, PathBuf)>,
     /// The highest seq asked for.
     pub(crate) wanted: Option<SegmentSeq>,
+    /// The highest seq that exists as a segment or spare: never prepared again.
+    pub(crate) prepared: Option<SegmentSeq>,
     pub(crate) error: Option<Arc<io::Error>>,
 }
 

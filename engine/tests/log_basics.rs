@@ -1,0 +1,522 @@
+//! The engine API end to end on a real directory: appends with every expected-version kind,
+//! multi-stream batches, idempotent retries, reads in both directions across segment rolls,
+//! stream info, reopen after close and after a simulated crash, the directory lock, the
+//! tail, and poisoning after a failed sync.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_engine::{
+    AppendRequest, Direction, Durability, Error, EventData, EventId, ExpectedVersion, Log, Options,
+    Position,
+};
+
+fn opts() -> Options {
+    Options {
+        segment_bytes: 256 * 1024,
+        ..Options::default()
+    }
+}
+
+fn ev(t: &str, n: u64) -> EventData {
+    EventData::json(
+        t,
+        format!(
+            "{{\"n\":{n},\"pad\":\"{}\"}}",
+            "x".repeat((n % 50) as usize)
+        ),
+    )
+    .aggregate_type("Trade")
+    .actor("alice")
+    .correlation_id(format!("corr-{}", n % 7))
+}
+
+fn id(n: u64) -> EventId {
+    let mut b = [0u8; 16];
+    b[8..].copy_from_slice(&n.to_be_bytes());
+    b[0] = 0x42;
+    EventId(b)
+}
+
+#[test]
+fn append_and_read_round_trip_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let e = EventData::json("TradeNew", r#"{"qty":"100"}"#)
+        .with_id(id(1))
+        .aggregate_type("Trade")
+        .schema_version(3)
+        .correlation_id("corr-9")
+        .causation_id("cause-1")
+        .actor("alice@desk")
+        .event_time(tally_engine::Timestamp(1_000));
+    let r = log
+        .append(
+            "trade-42",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&e),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.first_position, r.first_version, r.last_version),
+        (Position(0), 0, 0)
+    );
+    let got = log
+        .read_stream("trade-42", 0, 10, Direction::Forward)
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    let g = &got[0];
+    assert_eq!(g.event_id, id(1));
+    assert_eq!(g.event_type, "TradeNew");
+    assert_eq!(g.schema_version, 3);
+    assert_eq!(g.aggregate_type, "Trade");
+    assert_eq!(g.payload, br#"{"qty":"100"}"#);
+    assert_eq!(g.correlation_id, "corr-9");
+    assert_eq!(g.causation_id, "cause-1");
+    assert_eq!(g.actor, "alice@desk");
+    assert_eq!(g.event_time, tally_engine::Timestamp(1_000));
+    assert!(
+        g.record_time.0 > 1_000,
+        "record time is assigned by the engine"
+    );
+    assert_eq!(g.stream, "trade-42");
+    let info = log.stream_info("trade-42").unwrap().unwrap();
+    assert_eq!(
+        (info.last_version, info.first_position, info.last_position),
+        (0, Position(0), Position(0))
+    );
+    assert_eq!(info.created, g.record_time);
+    assert_eq!(log.stream_info("trade-43").unwrap(), None);
+    assert!(
+        log.read_stream("trade-43", 0, 10, Direction::Forward)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn expected_versions_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let wev = |r: Result<_, Error>| match r {
+        Err(Error::WrongExpectedVersion { actual, .. }) => actual,
+        other => panic!("expected WrongExpectedVersion, got {other:?}"),
+    };
+    assert_eq!(
+        wev(log.append("s", ExpectedVersion::StreamExists, &[ev("A", 0)])),
+        None
+    );
+    assert_eq!(
+        wev(log.append("s", ExpectedVersion::Exact(0), &[ev("A", 0)])),
+        None
+    );
+    log.append("s", ExpectedVersion::NoStream, &[ev("A", 0), ev("A", 1)])
+        .unwrap();
+    assert_eq!(
+        wev(log.append("s", ExpectedVersion::NoStream, &[ev("A", 2)])),
+        Some(1)
+    );
+    assert_eq!(
+        wev(log.append("s", ExpectedVersion::Exact(0), &[ev("A", 2)])),
+        Some(1)
+    );
+    let r = log
+        .append("s", ExpectedVersion::Exact(1), &[ev("A", 2)])
+        .unwrap();
+    assert_eq!((r.first_version, r.last_version), (2, 2));
+    log.append("s", ExpectedVersion::StreamExists, &[ev("A", 3)])
+        .unwrap();
+    let r = log
+        .append("s", ExpectedVersion::Any, &[ev("A", 4)])
+        .unwrap();
+    assert_eq!(r.last_version, 4);
+    let all = log.read_stream("s", 0, 100, Direction::Forward).unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn multi_stream_append_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    log.append("trade-1", ExpectedVersion::NoStream, &[ev("New", 0)])
+        .unwrap();
+    let novate_old = [ev("Novated", 1)];
+    let novate_new = [ev("New", 2)];
+    // The second expectation fails: nothing is written to either stream.
+    let err = log
+        .append_multi(&[
+            AppendRequest {
+                stream: "trade-1",
+                expected: ExpectedVersion::Exact(0),
+                events: &novate_old,
+            },
+            AppendRequest {
+                stream: "trade-2",
+                expected: ExpectedVersion::Exact(5),
+                events: &novate_new,
+            },
+        ])
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongExpectedVersion { .. }), "{err:?}");
+    assert_eq!(log.stream_info("trade-1").unwrap().unwrap().last_version, 0);
+    assert_eq!(log.stream_info("trade-2").unwrap(), None);
+    let rs = log
+        .append_multi(&[
+            AppendRequest {
+                stream: "trade-1",
+                expected: ExpectedVersion::Exact(0),
+                events: &novate_old,
+            },
+            AppendRequest {
+                stream: "trade-2",
+                expected: ExpectedVersion::NoStream,
+                events: &novate_new,
+            },
+        ])
+        .unwrap();
+    assert_eq!(rs.len(), 2);
+    assert_eq!(
+        (rs[0].first_position, rs[1].first_position),
+        (Position(1), Position(2))
+    );
+    assert_eq!((rs[0].last_version, rs[1].last_version), (1, 0));
+    let dup = log.append_multi(&[
+        AppendRequest {
+            stream: "a",
+            expected: ExpectedVersion::Any,
+            events: &novate_old,
+        },
+        AppendRequest {
+            stream: "a",
+            expected: ExpectedVersion::Any,
+            events: &novate_new,
+        },
+    ]);
+    assert!(matches!(dup, Err(Error::InvalidAppend { .. })));
+}
+
+#[test]
+fn retries_are_idempotent_and_mixed_batches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let batch = [ev("A", 0).with_id(id(1)), ev("A", 1).with_id(id(2))];
+    let first = log.append("s", ExpectedVersion::NoStream, &batch).unwrap();
+    log.append("other", ExpectedVersion::Any, &[ev("B", 0)])
+        .unwrap();
+    // The same batch again, with the same or another expectation: the original result.
+    assert_eq!(
+        log.append("s", ExpectedVersion::NoStream, &batch).unwrap(),
+        first
+    );
+    assert_eq!(
+        log.append("s", ExpectedVersion::Any, &batch).unwrap(),
+        first
+    );
+    assert_eq!(
+        log.read_stream("s", 0, 10, Direction::Forward)
+            .unwrap()
+            .len(),
+        2
+    );
+    // Half old, half new.
+    let mixed = [ev("A", 1).with_id(id(2)), ev("A", 2).with_id(id(3))];
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &mixed),
+        Err(Error::PartialDuplicate { .. })
+    ));
+    // An id already used by another stream.
+    assert!(matches!(
+        log.append("t", ExpectedVersion::Any, &[ev("A", 0).with_id(id(1))]),
+        Err(Error::DuplicateEventId { .. })
+    ));
+    // Twice in one batch.
+    let twice = [ev("A", 0).with_id(id(9)), ev("A", 1).with_id(id(9))];
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &twice),
+        Err(Error::InvalidAppend { .. })
+    ));
+    // Still a retry after reopening.
+    log.close().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(
+        log.append("s", ExpectedVersion::NoStream, &batch).unwrap(),
+        first
+    );
+    assert_eq!(
+        log.read_stream("s", 0, 10, Direction::Forward)
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn retries_older_than_the_window_are_recognised_by_expected_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Options {
+        idempotency_window: 4,
+        ..opts()
+    };
+    let log = Log::open(dir.path(), o).unwrap();
+    let batch = [ev("A", 0).with_id(id(100))];
+    let first = log.append("s", ExpectedVersion::NoStream, &batch).unwrap();
+    for i in 0..10 {
+        log.append("filler", ExpectedVersion::Any, &[ev("F", i)])
+            .unwrap();
+    }
+    assert_eq!(
+        log.append("s", ExpectedVersion::NoStream, &batch).unwrap(),
+        first
+    );
+    assert_eq!(log.stream_info("s").unwrap().unwrap().last_version, 0);
+}
+
+#[test]
+fn reads_span_segment_rolls_in_both_directions_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let n = 5000u64;
+    for i in 0..n {
+        let stream = format!("trade-{}", i % 13);
+        log.append(&stream, ExpectedVersion::Any, &[ev("E", i).with_id(id(i))])
+            .unwrap();
+    }
+    log.wait_sealed().unwrap();
+    let segs = log.segments();
+    assert!(
+        segs.len() >= 4,
+        "expected several segments, got {}",
+        segs.len()
+    );
+    assert!(segs[..segs.len() - 1].iter().all(|s| s.sealed));
+    let check = |log: &Log| {
+        let all = log
+            .read_all(Position(0), usize::MAX, Direction::Forward)
+            .unwrap();
+        assert_eq!(all.len() as u64, n);
+        assert!(
+            all.iter()
+                .enumerate()
+                .all(|(i, e)| e.position.0 == i as u64 && e.event_id == id(i as u64))
+        );
+        let back = log
+            .read_all(Position(u64::MAX), 100, Direction::Backward)
+            .unwrap();
+        assert_eq!(
+            back.iter().map(|e| e.position.0).collect::<Vec<_>>(),
+            (n - 100..n).rev().collect::<Vec<_>>()
+        );
+        let mid = log
+            .read_all(Position(1234), 10, Direction::Backward)
+            .unwrap();
+        assert_eq!(mid.first().unwrap().position, Position(1234));
+        assert_eq!(mid.last().unwrap().position, Position(1225));
+        let s = log
+            .read_stream("trade-5", 0, usize::MAX, Direction::Forward)
+            .unwrap();
+        let expect: Vec<u64> = (0..n).filter(|i| i % 13 == 5).collect();
+        assert_eq!(s.iter().map(|e| e.position.0).collect::<Vec<_>>(), expect);
+        assert!(s.iter().enumerate().all(|(v, e)| e.version == v as u64));
+        let latest = log
+            .read_stream("trade-5", u64::MAX, 7, Direction::Backward)
+            .unwrap();
+        assert_eq!(
+            latest.iter().map(|e| e.position.0).collect::<Vec<_>>(),
+            expect.iter().rev().take(7).copied().collect::<Vec<_>>()
+        );
+        let from_mid = log
+            .read_stream("trade-5", 100, 3, Direction::Forward)
+            .unwrap();
+        assert_eq!(
+            from_mid.iter().map(|e| e.version).collect::<Vec<_>>(),
+            vec![100, 101, 102]
+        );
+        let back_mid = log
+            .read_stream("trade-5", 100, 3, Direction::Backward)
+            .unwrap();
+        assert_eq!(
+            back_mid.iter().map(|e| e.version).collect::<Vec<_>>(),
+            vec![100, 99, 98]
+        );
+        let info = log.stream_info("trade-12").unwrap().unwrap();
+        assert_eq!(info.first_position, Position(12));
+        assert_eq!(
+            info.last_version,
+            (0..n).filter(|i| i % 13 == 12).count() as u64 - 1
+        );
+    };
+    check(&log);
+    let report = log.verify().unwrap();
+    assert_eq!(report.records, n);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert!(log.recovery_report().clean, "{:?}", log.recovery_report());
+    assert_eq!(log.recovery_report().records_scanned, 0);
+    check(&log);
+    let expect_last = (0..n).filter(|i| i % 13 == 5).count() as u64 - 1;
+    log.append(
+        "trade-5",
+        ExpectedVersion::Exact(expect_last),
+        &[ev("E", n)],
+    )
+    .unwrap();
+    log.crash();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert!(!log.recovery_report().clean);
+    assert_eq!(log.next_position(), Position(n + 1));
+    assert_eq!(
+        log.stream_info("trade-5").unwrap().unwrap().last_version,
+        expect_last + 1
+    );
+    log.verify().unwrap();
+}
+
+#[test]
+fn a_second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert!(matches!(
+        Log::open(dir.path(), opts()),
+        Err(Error::Locked { .. })
+    ));
+    log.close().unwrap();
+    Log::open(dir.path(), opts()).unwrap();
+}
+
+#[test]
+fn tail_catches_up_and_then_follows_live_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), opts()).unwrap());
+    for i in 0..500 {
+        log.append("s", ExpectedVersion::Any, &[ev("E", i)])
+            .unwrap();
+    }
+    let mut tail = log.tail(Position(0));
+    let writer = {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for i in 500..1500 {
+                log.append("s", ExpectedVersion::Any, &[ev("E", i)])
+                    .unwrap();
+            }
+        })
+    };
+    for expect in 0..1500u64 {
+        let e = tail
+            .next_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("record within 10 s");
+        assert_eq!(e.position, Position(expect));
+    }
+    writer.join().unwrap();
+    assert_eq!(tail.next_timeout(Duration::from_millis(20)).unwrap(), None);
+}
+
+#[test]
+fn a_failed_sync_poisons_writes_but_not_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    log.append("s", ExpectedVersion::Any, &[ev("E", 0)])
+        .unwrap();
+    log.inject_sync_failure();
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &[ev("E", 1)]),
+        Err(Error::Poisoned { .. })
+    ));
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &[ev("E", 2)]),
+        Err(Error::Poisoned { .. })
+    ));
+    let read = log.read_stream("s", 0, 10, Direction::Forward).unwrap();
+    assert_eq!(read.len(), 1, "the unacknowledged event is not visible");
+}
+
+#[test]
+fn none_and_batched_durability_acknowledge_without_waiting() {
+    for durability in [
+        Durability::None,
+        Durability::Batched {
+            max_delay: Duration::from_millis(5),
+        },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(
+            dir.path(),
+            Options {
+                durability,
+                ..opts()
+            },
+        )
+        .unwrap();
+        for i in 0..2000 {
+            log.append("s", ExpectedVersion::Any, &[ev("E", i)])
+                .unwrap();
+        }
+        assert_eq!(
+            log.read_stream("s", 0, usize::MAX, Direction::Forward)
+                .unwrap()
+                .len(),
+            2000
+        );
+        log.crash();
+        let log = Log::open(
+            dir.path(),
+            Options {
+                durability,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            log.next_position(),
+            Position(2000),
+            "{durability:?}: a process crash loses nothing acknowledged"
+        );
+    }
+}
+
+#[test]
+fn async_appends_keep_many_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let handles: Vec<_> = (0..1000)
+        .map(|i| {
+            log.append_async("s", ExpectedVersion::Any, &[ev("E", i)])
+                .unwrap()
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let r = h.wait().unwrap();
+        assert_eq!(r[0].first_position, Position(i as u64));
+    }
+}
+
+#[test]
+fn invalid_events_and_oversized_batches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert!(matches!(
+        log.append("", ExpectedVersion::Any, &[ev("E", 0)]),
+        Err(Error::InvalidEvent { .. })
+    ));
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &[]),
+        Err(Error::InvalidAppend { .. })
+    ));
+    let long_type = EventData::new("x".repeat(200), vec![]);
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &[long_type]),
+        Err(Error::InvalidEvent { index: 0, .. })
+    ));
+    let big: Vec<EventData> = (0..300)
+        .map(|_| EventData::new("E", vec![0u8; 1000]))
+        .collect();
+    assert!(matches!(
+        log.append("s", ExpectedVersion::Any, &big),
+        Err(Error::BatchTooLarge { .. })
+    ));
+    assert_eq!(log.next_position(), Position(0));
+}
