@@ -351,6 +351,16 @@ fn reads_span_segment_rolls_in_both_directions_and_survive_reopen() {
     check(&log);
     let report = log.verify().unwrap();
     assert_eq!(report.records, n);
+    let mut positions = Vec::new();
+    assert_eq!(
+        log.scan(Position(10), Verify::Chain, |r| positions
+            .push(r.position.0))
+            .unwrap(),
+        n - 10
+    );
+    assert_eq!(positions, (10..n).collect::<Vec<_>>());
+    assert_eq!(log.scan(Position(0), Verify::Checksums, |_| {}).unwrap(), n);
+    assert_eq!(log.check_chain(2).unwrap(), n);
     log.close().unwrap();
     let log = Log::open(dir.path(), opts()).unwrap();
     assert!(log.recovery_report().clean, "{:?}", log.recovery_report());

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use append::AppendHandle;
-pub use read::Tail;
+pub use read::{RecordView, Tail, Verify};
 use shared::Shared;
 
 use crate::error::{Error, Result};
@@ -487,6 +487,31 @@ impl Log {
     /// As [`Log::read_stream`].
     pub fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>> {
         read::stream_info(&self.shared, stream)
+    }
+
+    /// Calls `visit` for every visible record from `from`, in order, without decoding
+    /// envelopes or allocating: the fast path for replays and projections. Returns the
+    /// number of records visited.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] at the first record that fails the checks `verify` asks for.
+    pub fn scan(
+        &self,
+        from: Position,
+        verify: Verify,
+        mut visit: impl FnMut(RecordView<'_>),
+    ) -> Result<u64> {
+        read::scan(&self.shared, from, verify, &mut visit)
+    }
+
+    /// Checks the checksums and chain links of every visible record, spreading segments
+    /// over `threads` threads (links are independent given the stored previous hash).
+    /// Returns the number of records checked.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for the first damaged segment in log order.
+    pub fn check_chain(&self, threads: usize) -> Result<u64> {
+        read::check_chain_parallel(&self.shared, threads)
     }
 
     /// A blocking iterator over the log from `from`, yielding records as they become

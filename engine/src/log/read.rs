@@ -687,3 +687,190 @@ mod tests {
         assert_eq!(pick(10, 0, 0, 10, Direction::Forward), Vec::<u64>::new());
     }
 }
+
+/// How much a scan checks of each record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Header and body checksums, padding, and position.
+    Checksums,
+    /// Checksums, and each record's chain hash recomputed from the previous one.
+    Chain,
+}
+
+/// A record seen by a scan: checked as the [`Verify`] level asks, not decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordView<'a> {
+    /// Position in the log.
+    pub position: Position,
+    /// Version in its stream.
+    pub stream_version: u64,
+    /// When the engine wrote it.
+    pub record_time: crate::format::Timestamp,
+    /// The record's chain hash.
+    pub record_hash: &'a crate::format::Hash32,
+    /// The encoded envelope.
+    pub body: &'a [u8],
+}
+
+impl<'a> RecordView<'a> {
+    /// Decodes the envelope.
+    ///
+    /// # Errors
+    /// The body is not a valid envelope.
+    pub fn envelope(
+        &self,
+    ) -> Result<crate::format::envelope::EnvelopeRef<'a>, crate::format::DecodeError> {
+        crate::format::envelope::EnvelopeRef::decode(self.body)
+    }
+}
+
+/// Visible records of one segment, `(first position, end position)`.
+fn segment_range(seg: &SegmentHandle, visible: Position) -> (Position, Position) {
+    let end = match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Sealed { footer, .. } => footer.last_position.next(),
+        SegState::Frozen { index, .. } => index.next_position(),
+        SegState::Active => visible,
+    };
+    (seg.header.base_position, end.min(visible))
+}
+
+/// Scans the visible records of one segment from `from`, checking each as `verify` asks.
+fn scan_segment(
+    seg: &SegmentHandle,
+    from: Position,
+    visible: Position,
+    verify: Verify,
+    visit: &mut dyn FnMut(RecordView<'_>),
+) -> Result<u64> {
+    let (first, end) = segment_range(seg, visible);
+    if end <= first || from >= end {
+        return Ok(0);
+    }
+    let map = seg.map()?;
+    let published = map.published();
+    let bytes = map.read(0, published).unwrap_or_default();
+    let mut src = SliceSource { bytes };
+    let mut offset = crate::format::SEGMENT_DATA_START;
+    let mut chain = seg.header.prev_chain_hash;
+    let mut position = first;
+    let mut seen = 0;
+    while position < end {
+        let rec = read_record(&mut src, offset, published)
+            .map_err(|e| with_position(seg, e, position))?;
+        if rec.header.position != position {
+            return Err(corrupt(
+                &seg.path,
+                offset,
+                Some(position.0),
+                "record out of place".into(),
+                None,
+            ));
+        }
+        if verify == Verify::Chain {
+            rec.check_chain(&chain)
+                .map_err(|e| with_position(seg, e, position))?;
+            chain = rec.header.chain_hash;
+        }
+        if position >= from {
+            visit(RecordView {
+                position,
+                stream_version: rec.header.stream_version,
+                record_time: rec.header.record_time,
+                record_hash: &rec.header.chain_hash,
+                body: rec.body,
+            });
+            seen += 1;
+        }
+        offset = rec.end();
+        position = position.next();
+    }
+    Ok(seen)
+}
+
+/// Scans every visible record from `from` in order; see [`super::Log::scan`].
+pub(crate) fn scan(
+    shared: &Shared,
+    from: Position,
+    verify: Verify,
+    visit: &mut dyn FnMut(RecordView<'_>),
+) -> Result<u64> {
+    let visible = shared.visible_position();
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let start = segment_index_of(&segs, from).unwrap_or(0);
+    let mut seen = 0;
+    for seg in &segs[start.min(segs.len())..] {
+        seen += scan_segment(seg, from, visible, verify, visit)?;
+    }
+    Ok(seen)
+}
+
+/// Checks every visible record's checksums and chain link with `threads` threads, one
+/// segment at a time each; the links between segments are checked from the headers.
+pub(crate) fn check_chain_parallel(shared: &Shared, threads: usize) -> Result<u64> {
+    let visible = shared.visible_position();
+    let segs = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let total = std::sync::atomic::AtomicU64::new(0);
+    let first_error: std::sync::Mutex<Option<(usize, Error)>> = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(seg) = segs.get(i) else { break };
+                    match scan_segment(seg, Position(0), visible, Verify::Chain, &mut |_| {}) {
+                        Ok(n) => {
+                            total.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            let mut slot = lock(&first_error);
+                            if slot.as_ref().is_none_or(|(j, _)| i < *j) {
+                                *slot = Some((i, e));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some((_, e)) = first_error
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        return Err(e);
+    }
+    // Each segment must continue the previous one.
+    for pair in segs.windows(2) {
+        let (prev, next) = (&pair[0], &pair[1]);
+        if let SegState::Sealed { footer, .. } = &*prev
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            if next.header.prev_chain_hash != footer.last_chain_hash
+                || next.header.base_position != footer.last_position.next()
+            {
+                return Err(corrupt(
+                    &next.path,
+                    0,
+                    Some(next.header.base_position.0),
+                    "segment does not continue the chain of the previous one".into(),
+                    None,
+                ));
+            }
+        }
+    }
+    Ok(total.into_inner())
+}
