@@ -36,6 +36,6 @@ pub use format::envelope::ContentType;
 pub use format::{EventId, Hash32, Position, SegmentSeq, Timestamp};
 pub use log::{
     AppendHandle, AppendRequest, AppendResult, Direction, Durability, EventData, ExpectedVersion,
-    Log, Options, RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamInfo, Tail,
-    Truncation, VerifyReport, new_event_id, now,
+    Log, Options, RecordView, RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamInfo,
+    Tail, Truncation, Verify, VerifyReport, new_event_id, now,
 };

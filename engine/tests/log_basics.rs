@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tally_engine::{
     AppendRequest, Direction, Durability, Error, EventData, EventId, ExpectedVersion, Log, Options,
-    Position,
+    Position, Verify,
 };
 
 fn opts() -> Options {
