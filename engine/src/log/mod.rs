@@ -340,6 +340,9 @@ pub struct SegmentInfo {
     pub base_position: Position,
     /// Records in it (visible ones, for the active segment).
     pub record_count: u64,
+    /// File offset just past the last record written (for the active segment, including
+    /// records not yet acknowledged).
+    pub data_end: u64,
     /// Sealed (footer written).
     pub sealed: bool,
     /// Merkle root from the footer, for sealed segments.

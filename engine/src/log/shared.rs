@@ -306,15 +306,23 @@ impl Shared {
                     .state
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let (record_count, sealed, merkle_root) = match &*st {
-                    SegState::Sealed { footer, .. } => {
-                        (footer.record_count, true, Some(footer.merkle_root))
+                let (record_count, sealed, merkle_root, data_end) = match &*st {
+                    SegState::Sealed { footer, .. } => (
+                        footer.record_count,
+                        true,
+                        Some(footer.merkle_root),
+                        footer.data_end,
+                    ),
+                    SegState::Frozen { index, data_end } => {
+                        (index.record_count(), false, None, *data_end)
                     }
-                    SegState::Frozen { index, .. } => (index.record_count(), false, None),
                     SegState::Active => (
                         visible.0.saturating_sub(s.header.base_position.0),
                         false,
                         None,
+                        s.map
+                            .get()
+                            .map_or(crate::format::SEGMENT_DATA_START, |m| m.published()),
                     ),
                 };
                 SegmentInfo {
@@ -322,6 +330,7 @@ impl Shared {
                     path: s.path.clone(),
                     base_position: s.header.base_position,
                     record_count,
+                    data_end,
                     sealed,
                     merkle_root,
                 }
