@@ -24,6 +24,11 @@
 
 #![deny(unsafe_code)]
 
+/// The README's example is compiled as a doctest so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 mod error;
 pub mod format;
 pub mod index;
