@@ -31,6 +31,8 @@ pub struct ReadmeDoctests;
 
 mod error;
 pub mod format;
+#[cfg(feature = "internals")]
+pub mod fuzzing;
 pub mod index;
 mod log;
 mod segment;
