@@ -1,0 +1,1212 @@
+//! `docs/FORMAT.md` against the code.
+//!
+//! Scenario: the format document is the specification and the code mirrors it; nothing else
+//! keeps the two in step. Method: parse the document, find each table by the heading above
+//! it, and compare every row with the public constants of `tally_engine::format` and
+//! `tally_engine::index` (offsets, sizes, field names, flag bits, kinds, limits, magics, the
+//! chain seed context). Where an encoder is public, also encode a value whose fields are
+//! all distinct and read each field back at the offset the document gives it, and check each
+//! CRC field over the byte range its row names, with a CRC-32 written out here from the
+//! definition in "Conventions".
+//!
+//! The stream snapshot constants (`engine/src/log/streams.rs`) are not reachable from an
+//! integration test (the module is private); until they are re-exported, their values are read
+//! from the source text, so a changed constant still fails this test.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tally_engine::ContentType;
+use tally_engine::format::chain::{CHAIN_SEED_CONTEXT, LINK_LEN};
+use tally_engine::format::envelope::{self, EnvelopeRef};
+use tally_engine::format::meta;
+use tally_engine::format::record::{self, RecordKind, flags};
+use tally_engine::format::segment;
+use tally_engine::format::{self, EventId, Position, SegmentSeq, Timestamp};
+use tally_engine::index::{self, ActiveIndex, IndexFileInfo, StreamKey};
+
+const DOC: &str = include_str!("../../docs/FORMAT.md");
+const STREAMS_RS: &str = include_str!("../src/log/streams.rs");
+
+// ---------------------------------------------------------------------------------------
+// Reading the document.
+
+/// A markdown table: its header cells and its rows, cells trimmed and unquoted.
+#[derive(Debug)]
+struct Table {
+    title: String,
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+/// The title of a heading line with its section number removed ("10.2 Index header" gives
+/// "Index header"), or `None` for other lines.
+fn heading_title(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('#')?.trim_start_matches('#').trim();
+    let mut words = rest.splitn(2, ' ');
+    let first = words.next().unwrap_or("");
+    let numbered = !first.is_empty() && first.chars().all(|c| c.is_ascii_digit() || c == '.');
+    Some(if numbered {
+        words.next().unwrap_or("").trim()
+    } else {
+        rest
+    })
+}
+
+/// The document's lines, each with the title of the section it is in (code fences skipped
+/// when looking for headings).
+fn lines_with_sections() -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    let mut section = String::new();
+    let mut in_fence = false;
+    for line in DOC.lines() {
+        if line.trim_start().starts_with("```") {
+            in_fence = !in_fence;
+        } else if !in_fence && let Some(t) = heading_title(line) {
+            section = t.to_owned();
+            continue;
+        }
+        out.push((section.clone(), line));
+    }
+    out
+}
+
+/// The text of the section under the heading `title` (up to the next heading of any level).
+/// Panics unless exactly one heading has that title.
+fn section(title: &str) -> String {
+    let count = DOC
+        .lines()
+        .filter(|l| heading_title(l) == Some(title))
+        .count();
+    assert_eq!(
+        count, 1,
+        "FORMAT.md must have exactly one heading {title:?}"
+    );
+    lines_with_sections()
+        .into_iter()
+        .filter(|(s, _)| s == title)
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The cells of a table row; a cell that is one code span (`` `name` ``) loses its quotes.
+fn cells(line: &str) -> Vec<String> {
+    let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+    inner
+        .split('|')
+        .map(|c| {
+            let c = c.trim();
+            let one_span = c.len() >= 2 && c.starts_with('`') && c.ends_with('`');
+            if one_span && c.matches('`').count() == 2 {
+                c[1..c.len() - 1].to_owned()
+            } else {
+                c.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// Every table of the document, titled by the heading above it.
+fn all_tables() -> Vec<Table> {
+    let mut tables: Vec<Table> = Vec::new();
+    let mut current: Option<Table> = None;
+    for (title, line) in lines_with_sections() {
+        if line.trim_start().starts_with('|') {
+            let row = cells(line);
+            match &mut current {
+                None => {
+                    current = Some(Table {
+                        title,
+                        header: row,
+                        rows: Vec::new(),
+                    });
+                }
+                Some(t) => {
+                    let separator = row
+                        .iter()
+                        .all(|c| !c.is_empty() && c.chars().all(|ch| ch == '-' || ch == ':'));
+                    if !separator {
+                        assert_eq!(
+                            row.len(),
+                            t.header.len(),
+                            "table under {:?}: row {line:?} has the wrong number of cells",
+                            t.title
+                        );
+                        t.rows.push(row);
+                    }
+                }
+            }
+        } else if let Some(t) = current.take() {
+            tables.push(t);
+        }
+    }
+    tables.extend(current);
+    tables
+}
+
+/// The first table under the heading `title`.
+fn table(title: &str) -> Table {
+    section(title); // checks that the heading exists exactly once
+    let t = all_tables()
+        .into_iter()
+        .find(|t| t.title == title)
+        .unwrap_or_else(|| panic!("no table under the heading {title:?} in FORMAT.md"));
+    assert!(!t.rows.is_empty(), "the table under {title:?} is empty");
+    t
+}
+
+fn column(t: &Table, name: &str) -> usize {
+    t.header
+        .iter()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("table {:?} has no column {name:?}", t.title))
+}
+
+fn number(t: &Table, cell: &str) -> u64 {
+    cell.parse()
+        .unwrap_or_else(|_| panic!("table {:?}: {cell:?} is not a number", t.title))
+}
+
+fn fail_on(errors: Vec<String>) {
+    assert!(
+        errors.is_empty(),
+        "FORMAT.md disagrees with the code:\n  {}",
+        errors.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks.
+
+const LAYOUT_HEADER: [&str; 4] = ["Offset", "Size", "Field", "Meaning"];
+
+/// Compares a field table with the code: `fields` lists each field's name and offset
+/// constant in order, `total` is the structure's length constant; sizes follow from them.
+fn check_layout(title: &str, total: usize, fields: &[(&str, usize)]) {
+    let t = table(title);
+    assert_eq!(t.header, LAYOUT_HEADER, "columns of the table {title:?}");
+    let mut errors = Vec::new();
+    if t.rows.len() != fields.len() {
+        errors.push(format!(
+            "{title}: {} rows in the document, {} fields in the code",
+            t.rows.len(),
+            fields.len()
+        ));
+    }
+    for (i, (row, &(name, offset))) in t.rows.iter().zip(fields).enumerate() {
+        let end = fields.get(i + 1).map_or(total, |f| f.1);
+        let size = end - offset;
+        let (doc_offset, doc_size) = (number(&t, &row[0]), number(&t, &row[1]));
+        if row[2] != name || doc_offset != offset as u64 || doc_size != size as u64 {
+            errors.push(format!(
+                "{title}: document row {} {} {:?}, code {offset} {size} {name:?}",
+                row[0], row[1], row[2]
+            ));
+        }
+    }
+    // The document's own arithmetic: rows are contiguous and fill the structure.
+    let mut at = 0;
+    for row in &t.rows {
+        let offset = number(&t, &row[0]);
+        if offset != at {
+            errors.push(format!(
+                "{title}: field {:?} starts at {offset}, the previous one ends at {at}",
+                row[2]
+            ));
+        }
+        at = offset + number(&t, &row[1]);
+    }
+    if at != total as u64 {
+        errors.push(format!(
+            "{title}: the fields end at {at}, the structure is {total} bytes"
+        ));
+    }
+    fail_on(errors);
+}
+
+/// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), bit by bit from the definition.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The first code span of the form `a..b` in a cell.
+fn range_in(cell: &str) -> Option<std::ops::Range<usize>> {
+    cell.split('`').skip(1).step_by(2).find_map(|span| {
+        let (a, b) = span.split_once("..")?;
+        Some(a.parse().ok()?..b.parse().ok()?)
+    })
+}
+
+/// Reads every field of an encoded structure at the offset its table row gives: reserved
+/// fields must be zero, a magic must be the one the row names, a CRC field whose row names a
+/// byte range must be the CRC-32 of that range, and every other field must hold
+/// `values[name]`.
+fn check_encoding(title: &str, bytes: &[u8], values: &[(&str, Vec<u8>)]) {
+    let values: HashMap<&str, &Vec<u8>> = values.iter().map(|(k, v)| (*k, v)).collect();
+    let t = table(title);
+    let mut errors = Vec::new();
+    for row in &t.rows {
+        let (offset, size) = (number(&t, &row[0]) as usize, number(&t, &row[1]) as usize);
+        let field = row[2].as_str();
+        let Some(got) = bytes.get(offset..offset + size) else {
+            errors.push(format!(
+                "{title}: {field} lies outside the {} bytes",
+                bytes.len()
+            ));
+            continue;
+        };
+        let meaning = &row[3];
+        if field == "reserved" {
+            if got.iter().any(|&b| b != 0) {
+                errors.push(format!("{title}: reserved bytes at {offset} are not zero"));
+            }
+        } else if field == "magic" {
+            let magic = String::from_utf8_lossy(got);
+            if !meaning.contains(&format!("`{magic}`")) {
+                errors.push(format!(
+                    "{title}: the magic at {offset} is {magic:?}; the document says {meaning}"
+                ));
+            }
+        } else if let Some(range) = range_in(meaning).filter(|_| field.ends_with("crc")) {
+            let crc = crc32(&bytes[range.clone()]).to_le_bytes();
+            if got != crc {
+                errors.push(format!(
+                    "{title}: {field} at {offset} is not the CRC-32 of bytes {range:?}"
+                ));
+            }
+        } else {
+            match values.get(field) {
+                Some(v) if v.as_slice() == got => {}
+                Some(v) => errors.push(format!(
+                    "{title}: {field} at {offset}: encoded {got:02x?}, expected {v:02x?}"
+                )),
+                None => errors.push(format!("{title}: no test value for field {field:?}")),
+            }
+        }
+    }
+    fail_on(errors);
+}
+
+/// The value of `pub const NAME: usize = N;` (or a byte-string magic) in the source of the
+/// private `log::streams` module.
+fn streams_const(name: &str) -> u64 {
+    let prefix = format!("pub const {name}: usize = ");
+    let line = STREAMS_RS
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("log/streams.rs has no `{prefix}<literal>;`"));
+    line.trim_end_matches(';')
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("log/streams.rs: {name} is not a plain literal: {line:?}"))
+}
+
+fn streams_magic() -> Vec<u8> {
+    let line = STREAMS_RS
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("pub const SNAPSHOT_MAGIC: &[u8; 8] = b\"")
+        })
+        .expect("log/streams.rs defines SNAPSHOT_MAGIC");
+    line.split('"').next().unwrap_or("").as_bytes().to_vec()
+}
+
+fn le16(v: u16) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+fn le32(v: u32) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+fn le64(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+/// `n` distinct bytes starting at `from`.
+fn ramp<const N: usize>(from: u8) -> [u8; N] {
+    std::array::from_fn(|i| from.wrapping_add(i as u8))
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn every_field_table_is_checked() {
+    let checked = [
+        "Log identity file",
+        "Segment header",
+        "Segment footer",
+        "Record header",
+        "Envelope fixed part",
+        "Index header",
+        "Stream-table entry",
+        "Event entry",
+        "Sparse entry",
+        "Snapshot header",
+        "Snapshot entry",
+    ];
+    let field_tables: Vec<String> = all_tables()
+        .into_iter()
+        .filter(|t| t.header == LAYOUT_HEADER)
+        .map(|t| t.title)
+        .collect();
+    for title in &field_tables {
+        assert!(
+            checked.contains(&title.as_str()),
+            "the field table under {title:?} is not checked by this test"
+        );
+    }
+    for title in checked {
+        assert!(
+            field_tables.iter().any(|t| t == title),
+            "no field table under {title:?}"
+        );
+    }
+}
+
+#[test]
+fn constants_table_matches_the_code() {
+    let code: Vec<(&str, u64)> = vec![
+        ("FORMAT_VERSION", u64::from(format::FORMAT_VERSION)),
+        ("PAGE_BYTES", format::PAGE_BYTES),
+        ("SEGMENT_DATA_START", format::SEGMENT_DATA_START),
+        ("SEGMENT_FOOTER_BYTES", format::SEGMENT_FOOTER_BYTES),
+        ("SEGMENT_BYTES_MIN", format::SEGMENT_BYTES_MIN),
+        ("SEGMENT_BYTES_MAX", format::SEGMENT_BYTES_MAX),
+        ("SEGMENT_BYTES_DEFAULT", format::SEGMENT_BYTES_DEFAULT),
+        ("SEGMENT_HEADER_LEN", segment::SEGMENT_HEADER_LEN as u64),
+        ("SEGMENT_FOOTER_LEN", segment::SEGMENT_FOOTER_LEN as u64),
+        ("META_LEN", meta::META_LEN as u64),
+        ("RECORD_HEADER_LEN", record::RECORD_HEADER_LEN as u64),
+        ("RECORD_ALIGN", record::RECORD_ALIGN as u64),
+        ("ENVELOPE_FIXED_LEN", envelope::ENVELOPE_FIXED_LEN as u64),
+        ("BODY_BYTES_MAX", u64::from(record::BODY_BYTES_MAX)),
+        ("LINK_LEN", LINK_LEN as u64),
+        ("INDEX_HEADER_LEN", index::INDEX_HEADER_LEN as u64),
+        ("STREAM_ENTRY_LEN", index::STREAM_ENTRY_LEN as u64),
+        ("EVENT_ENTRY_LEN", index::EVENT_ENTRY_LEN as u64),
+        ("SPARSE_ENTRY_LEN", index::SPARSE_ENTRY_LEN as u64),
+        ("EVENT_ID_LEN", index::EVENT_ID_LEN as u64),
+        ("INDEX_TRAILER_LEN", index::INDEX_TRAILER_LEN as u64),
+        ("SPARSE_EVERY", u64::from(index::SPARSE_EVERY)),
+        ("SNAPSHOT_HEADER_LEN", streams_const("SNAPSHOT_HEADER_LEN")),
+        ("SNAPSHOT_ENTRY_LEN", streams_const("SNAPSHOT_ENTRY_LEN")),
+    ];
+    let t = table("Constants");
+    let (name_col, value_col) = (column(&t, "Name"), column(&t, "Value"));
+    let mut errors = Vec::new();
+    let doc: HashMap<&str, u64> = t
+        .rows
+        .iter()
+        .map(|r| (r[name_col].as_str(), number(&t, &r[value_col])))
+        .collect();
+    for (name, value) in &code {
+        match doc.get(name) {
+            Some(v) if v == value => {}
+            Some(v) => errors.push(format!("{name}: document {v}, code {value}")),
+            None => errors.push(format!("{name} ({value}) is missing from the document")),
+        }
+    }
+    for name in doc.keys() {
+        if !code.iter().any(|(n, _)| n == name) {
+            errors.push(format!("{name} is in the document but not checked here"));
+        }
+    }
+    fail_on(errors);
+}
+
+#[test]
+fn magic_numbers_match_the_code() {
+    let code: Vec<(&str, Vec<u8>)> = vec![
+        ("format::meta::META_MAGIC", meta::META_MAGIC.to_vec()),
+        (
+            "format::segment::SEGMENT_MAGIC",
+            segment::SEGMENT_MAGIC.to_vec(),
+        ),
+        (
+            "format::segment::FOOTER_MAGIC",
+            segment::FOOTER_MAGIC.to_vec(),
+        ),
+        ("index::INDEX_MAGIC", index::INDEX_MAGIC.to_vec()),
+        ("log::streams::SNAPSHOT_MAGIC", streams_magic()),
+    ];
+    let t = table("Magic numbers");
+    let (magic_col, const_col) = (column(&t, "Magic"), column(&t, "Constant"));
+    assert_eq!(t.rows.len(), code.len(), "rows of the magic table");
+    let mut errors = Vec::new();
+    for row in &t.rows {
+        match code.iter().find(|(n, _)| *n == row[const_col]) {
+            Some((_, m)) if m.as_slice() == row[magic_col].as_bytes() => {}
+            Some((n, m)) => errors.push(format!(
+                "{n}: document {:?}, code {:?}",
+                row[magic_col],
+                String::from_utf8_lossy(m)
+            )),
+            None => errors.push(format!("unknown constant {:?}", row[const_col])),
+        }
+    }
+    fail_on(errors);
+}
+
+#[test]
+fn file_names_match_the_code() {
+    let dirs = section("Directory layout and file naming");
+    let seg = SegmentSeq(42).file_name();
+    let idx = SegmentSeq(42).index_file_name();
+    assert!(dirs.contains(&format!("`{seg}`")), "example name {seg}");
+    assert!(dirs.contains(&format!("`{idx}`")), "example name {idx}");
+    let width = seg.len() - ".seg".len();
+    assert!(
+        dirs.contains(&format!("`{}.seg`", "N".repeat(width))),
+        "the name pattern has {width} digits"
+    );
+    assert!(dirs.contains(&format!("exactly {width} digits")));
+    assert_eq!(SegmentSeq::parse_file_name(&seg), Some(SegmentSeq(42)));
+}
+
+#[test]
+fn log_identity_file_matches_the_code() {
+    use meta::*;
+    check_layout(
+        "Log identity file",
+        META_LEN,
+        &[
+            ("magic", 0),
+            ("format_version", META_VERSION),
+            ("meta_len", META_LEN_FIELD),
+            ("reserved", META_RESERVED_A),
+            ("log_id", META_LOG_ID),
+            ("created_time", META_CREATED_TIME),
+            ("reserved", META_RESERVED_B),
+            ("meta_crc", META_CRC),
+        ],
+    );
+    let m = LogMeta {
+        log_id: ramp(0x10),
+        created_time: Timestamp(0x0102_0304_0506_0708),
+    };
+    check_encoding(
+        "Log identity file",
+        &m.encode(),
+        &[
+            ("format_version", le16(format::FORMAT_VERSION)),
+            ("meta_len", le16(META_LEN as u16)),
+            ("log_id", m.log_id.to_vec()),
+            ("created_time", le64(m.created_time.0)),
+        ],
+    );
+}
+
+#[test]
+fn segment_header_matches_the_code() {
+    use segment::*;
+    check_layout(
+        "Segment header",
+        SEGMENT_HEADER_LEN,
+        &[
+            ("magic", 0),
+            ("format_version", SH_VERSION),
+            ("header_len", SH_HEADER_LEN),
+            ("reserved", SH_RESERVED_A),
+            ("log_id", SH_LOG_ID),
+            ("seq", SH_SEQ),
+            ("base_position", SH_BASE_POSITION),
+            ("created_time", SH_CREATED_TIME),
+            ("capacity", SH_CAPACITY),
+            ("prev_chain_hash", SH_PREV_CHAIN_HASH),
+            ("reserved", SH_RESERVED_B),
+            ("header_crc", SH_CRC),
+        ],
+    );
+    let h = SegmentHeader {
+        log_id: ramp(0x10),
+        seq: SegmentSeq(0x1111),
+        base_position: Position(0x2222_3333),
+        created_time: Timestamp(0x4444_5555_6666),
+        capacity: 1 << 20,
+        prev_chain_hash: ramp(0x80),
+    };
+    let page = h.encode_page();
+    assert_eq!(page.len() as u64, format::PAGE_BYTES);
+    assert!(
+        page[SEGMENT_HEADER_LEN..].iter().all(|&b| b == 0),
+        "the rest of the header page is zero"
+    );
+    check_encoding(
+        "Segment header",
+        &page,
+        &[
+            ("format_version", le16(format::FORMAT_VERSION)),
+            ("header_len", le16(SEGMENT_HEADER_LEN as u16)),
+            ("log_id", h.log_id.to_vec()),
+            ("seq", le64(h.seq.0)),
+            ("base_position", le64(h.base_position.0)),
+            ("created_time", le64(h.created_time.0)),
+            ("capacity", le64(h.capacity)),
+            ("prev_chain_hash", h.prev_chain_hash.to_vec()),
+        ],
+    );
+}
+
+#[test]
+fn segment_footer_matches_the_code() {
+    use segment::*;
+    check_layout(
+        "Segment footer",
+        SEGMENT_FOOTER_LEN,
+        &[
+            ("magic", 0),
+            ("format_version", SF_VERSION),
+            ("footer_len", SF_FOOTER_LEN),
+            ("reserved", SF_RESERVED_A),
+            ("log_id", SF_LOG_ID),
+            ("seq", SF_SEQ),
+            ("record_count", SF_RECORD_COUNT),
+            ("first_position", SF_FIRST_POSITION),
+            ("last_position", SF_LAST_POSITION),
+            ("data_end", SF_DATA_END),
+            ("first_record_time", SF_FIRST_TIME),
+            ("last_record_time", SF_LAST_TIME),
+            ("last_chain_hash", SF_LAST_CHAIN_HASH),
+            ("merkle_root", SF_MERKLE_ROOT),
+            ("reserved", SF_RESERVED_B),
+            ("footer_crc", SF_CRC),
+        ],
+    );
+    let f = SegmentFooter {
+        log_id: ramp(0x10),
+        seq: SegmentSeq(0x1111),
+        record_count: 0x30,
+        first_position: Position(0x2222_3333),
+        last_position: Position(0x2222_3333 + 0x2f),
+        data_end: 0x5_6000,
+        first_record_time: Timestamp(0x7777_8888),
+        last_record_time: Timestamp(0x9999_aaaa),
+        last_chain_hash: ramp(0x40),
+        merkle_root: ramp(0xc0),
+    };
+    let page = f.encode_page();
+    assert!(
+        page[SEGMENT_FOOTER_LEN..].iter().all(|&b| b == 0),
+        "the rest of the footer page is zero"
+    );
+    check_encoding(
+        "Segment footer",
+        &page,
+        &[
+            ("format_version", le16(format::FORMAT_VERSION)),
+            ("footer_len", le16(SEGMENT_FOOTER_LEN as u16)),
+            ("log_id", f.log_id.to_vec()),
+            ("seq", le64(f.seq.0)),
+            ("record_count", le64(f.record_count)),
+            ("first_position", le64(f.first_position.0)),
+            ("last_position", le64(f.last_position.0)),
+            ("data_end", le64(f.data_end)),
+            ("first_record_time", le64(f.first_record_time.0)),
+            ("last_record_time", le64(f.last_record_time.0)),
+            ("last_chain_hash", f.last_chain_hash.to_vec()),
+            ("merkle_root", f.merkle_root.to_vec()),
+        ],
+    );
+}
+
+#[test]
+fn record_header_matches_the_code() {
+    use record::*;
+    check_layout(
+        "Record header",
+        RECORD_HEADER_LEN,
+        &[
+            ("header_crc", HEADER_CRC_OFFSET),
+            ("body_len", BODY_LEN_OFFSET),
+            ("body_crc", BODY_CRC_OFFSET),
+            ("durable_lag", DURABLE_LAG_OFFSET),
+            ("position", POSITION_OFFSET),
+            ("stream_version", STREAM_VERSION_OFFSET),
+            ("record_time", RECORD_TIME_OFFSET),
+            ("flags", FLAGS_OFFSET),
+            ("kind", KIND_OFFSET),
+            ("reserved", RESERVED_OFFSET),
+            ("chain_hash", CHAIN_HASH_OFFSET),
+        ],
+    );
+    let h = RecordHeader {
+        body_len: 0x0301,
+        body_crc: 0xdead_beef,
+        durable_lag: 0x0102,
+        position: Position(0x0a0b_0c0d),
+        stream_version: 0x0e0f,
+        record_time: Timestamp(0x1700_0000_1234_5678),
+        flags: flags::BATCH_START | flags::BATCH_END,
+        kind: RecordKind::Event,
+        chain_hash: ramp(0x60),
+    };
+    let mut b = [0u8; RECORD_HEADER_LEN];
+    h.encode_into(&mut b);
+    check_encoding(
+        "Record header",
+        &b,
+        &[
+            ("body_len", le32(h.body_len)),
+            ("body_crc", le32(h.body_crc)),
+            ("durable_lag", le32(h.durable_lag)),
+            ("position", le64(h.position.0)),
+            ("stream_version", le64(h.stream_version)),
+            ("record_time", le64(h.record_time.0)),
+            ("flags", le16(h.flags)),
+            ("kind", le16(RecordKind::Event as u16)),
+            ("chain_hash", h.chain_hash.to_vec()),
+        ],
+    );
+    // The chain link range named in the text.
+    let text = section("Record header");
+    assert!(
+        text.contains(&format!("Bytes `{LINK_FROM}..{LINK_TO}`")),
+        "the link range is bytes {LINK_FROM}..{LINK_TO}"
+    );
+    assert_eq!(h.link_prefix()[..], b[LINK_FROM..LINK_TO]);
+    assert_eq!(record_len(h.body_len), (80 + 0x0301u64).next_multiple_of(8));
+}
+
+#[test]
+fn record_flags_match_the_code() {
+    let code = [
+        ("BATCH_START", flags::BATCH_START),
+        ("BATCH_END", flags::BATCH_END),
+        ("TOMBSTONE", flags::TOMBSTONE),
+        ("REDACTED", flags::REDACTED),
+        ("ENCRYPTED", flags::ENCRYPTED),
+    ];
+    let t = table("Record flags");
+    let (bit, value, name) = (column(&t, "Bit"), column(&t, "Value"), column(&t, "Name"));
+    assert_eq!(t.rows.len(), code.len(), "rows of the flags table");
+    let mut errors = Vec::new();
+    for row in &t.rows {
+        let (b, v) = (number(&t, &row[bit]), number(&t, &row[value]));
+        if v != 1 << b {
+            errors.push(format!("{}: value {v} is not bit {b}", row[name]));
+        }
+        match code.iter().find(|(n, _)| *n == row[name]) {
+            Some((_, c)) if u64::from(*c) == v => {}
+            Some((n, c)) => errors.push(format!("{n}: document {v}, code {c}")),
+            None => errors.push(format!("unknown flag {:?}", row[name])),
+        }
+    }
+    let text = section("Record flags");
+    if !text.contains(&format!("(`flags::KNOWN_V1` = {})", flags::KNOWN_V1)) {
+        errors.push(format!("KNOWN_V1 is {}", flags::KNOWN_V1));
+    }
+    fail_on(errors);
+}
+
+#[test]
+fn record_kinds_match_the_code() {
+    let t = table("Record kinds");
+    let (value, name) = (column(&t, "Value"), column(&t, "Name"));
+    assert_eq!(t.rows.len(), 1, "version 1 has one record kind");
+    assert_eq!(t.rows[0][name], "Event");
+    assert_eq!(
+        number(&t, &t.rows[0][value]),
+        u64::from(RecordKind::Event as u16)
+    );
+}
+
+#[test]
+fn envelope_fixed_part_matches_the_code() {
+    use envelope::*;
+    check_layout(
+        "Envelope fixed part",
+        ENVELOPE_FIXED_LEN,
+        &[
+            ("event_id", EVENT_ID_OFFSET),
+            ("event_time", EVENT_TIME_OFFSET),
+            ("schema_version", SCHEMA_VERSION_OFFSET),
+            ("content_type", CONTENT_TYPE_OFFSET),
+            ("reserved", RESERVED_A_OFFSET),
+            ("stream_len", STREAM_LEN_OFFSET),
+            ("aggregate_type_len", AGGREGATE_TYPE_LEN_OFFSET),
+            ("event_type_len", EVENT_TYPE_LEN_OFFSET),
+            ("correlation_id_len", CORRELATION_ID_LEN_OFFSET),
+            ("causation_id_len", CAUSATION_ID_LEN_OFFSET),
+            ("actor_len", ACTOR_LEN_OFFSET),
+            ("reserved", RESERVED_B_OFFSET),
+            ("payload_len", PAYLOAD_LEN_OFFSET),
+        ],
+    );
+    let (e, bytes) = sample_envelope();
+    check_encoding(
+        "Envelope fixed part",
+        &bytes,
+        &[
+            ("event_id", e.event_id.0.to_vec()),
+            ("event_time", le64(e.event_time.0)),
+            ("schema_version", le32(e.schema_version)),
+            ("content_type", vec![ContentType::Json as u8]),
+            ("stream_len", le16(e.stream.len() as u16)),
+            ("aggregate_type_len", le16(e.aggregate_type.len() as u16)),
+            ("event_type_len", le16(e.event_type.len() as u16)),
+            ("correlation_id_len", le16(e.correlation_id.len() as u16)),
+            ("causation_id_len", le16(e.causation_id.len() as u16)),
+            ("actor_len", le16(e.actor.len() as u16)),
+            ("payload_len", le32(e.payload.len() as u32)),
+        ],
+    );
+}
+
+/// An envelope whose variable fields all differ in length and content.
+fn sample_envelope() -> (EnvelopeRef<'static>, Vec<u8>) {
+    let e = EnvelopeRef {
+        event_id: EventId(ramp(0x20)),
+        event_time: Timestamp(0x1600_0000_0000_0001),
+        schema_version: 0x0003_0201,
+        content_type: ContentType::Json,
+        stream: "trade-42",
+        aggregate_type: "Trade",
+        event_type: "TradeAmended",
+        correlation_id: "corr-1",
+        causation_id: "cause-19",
+        actor: "alice@desk",
+        payload: br#"{"qty":"150"}"#,
+    };
+    let mut out = Vec::new();
+    e.encode_into(&mut out)
+        .expect("the sample is within the limits");
+    (e, out)
+}
+
+#[test]
+fn envelope_variable_fields_are_in_the_documented_order() {
+    let (e, bytes) = sample_envelope();
+    let values: HashMap<&str, &[u8]> = HashMap::from([
+        ("stream", e.stream.as_bytes()),
+        ("aggregate_type", e.aggregate_type.as_bytes()),
+        ("event_type", e.event_type.as_bytes()),
+        ("correlation_id", e.correlation_id.as_bytes()),
+        ("causation_id", e.causation_id.as_bytes()),
+        ("actor", e.actor.as_bytes()),
+        ("payload", e.payload),
+    ]);
+    let t = table("Envelope variable fields");
+    let (order, field, length) = (
+        column(&t, "Order"),
+        column(&t, "Field"),
+        column(&t, "Length"),
+    );
+    assert_eq!(
+        t.rows.len(),
+        values.len(),
+        "rows of the variable-field table"
+    );
+    let fixed = table("Envelope fixed part");
+    let mut at = envelope::ENVELOPE_FIXED_LEN;
+    for (i, row) in t.rows.iter().enumerate() {
+        assert_eq!(number(&t, &row[order]), i as u64 + 1, "order column");
+        let name = row[field].as_str();
+        let v = values
+            .get(name)
+            .unwrap_or_else(|| panic!("unknown variable field {name:?}"));
+        assert_eq!(
+            &bytes[at..at + v.len()],
+            *v,
+            "field {name} is not where the document's order puts it"
+        );
+        assert_eq!(
+            row[length],
+            format!("{name}_len"),
+            "length column of {name}"
+        );
+        assert!(
+            fixed.rows.iter().any(|r| r[2] == row[length]),
+            "{} is in the fixed part",
+            row[length]
+        );
+        at += v.len();
+    }
+    assert_eq!(at, bytes.len(), "the fields fill the envelope exactly");
+    assert_eq!(EnvelopeRef::decode(&bytes), Ok(e));
+}
+
+#[test]
+fn envelope_limits_match_the_code() {
+    use envelope::*;
+    let code: Vec<(&str, &str, u64)> = vec![
+        ("stream", "STREAM_BYTES_MAX", STREAM_BYTES_MAX as u64),
+        (
+            "aggregate_type",
+            "AGGREGATE_TYPE_BYTES_MAX",
+            AGGREGATE_TYPE_BYTES_MAX as u64,
+        ),
+        (
+            "event_type",
+            "EVENT_TYPE_BYTES_MAX",
+            EVENT_TYPE_BYTES_MAX as u64,
+        ),
+        (
+            "correlation_id",
+            "CORRELATION_ID_BYTES_MAX",
+            CORRELATION_ID_BYTES_MAX as u64,
+        ),
+        (
+            "causation_id",
+            "CAUSATION_ID_BYTES_MAX",
+            CAUSATION_ID_BYTES_MAX as u64,
+        ),
+        ("actor", "ACTOR_BYTES_MAX", ACTOR_BYTES_MAX as u64),
+        ("payload", "PAYLOAD_BYTES_MAX", PAYLOAD_BYTES_MAX as u64),
+        (
+            "whole envelope",
+            "BODY_BYTES_MAX",
+            u64::from(envelope::BODY_BYTES_MAX),
+        ),
+    ];
+    assert_eq!(envelope::BODY_BYTES_MAX, record::BODY_BYTES_MAX);
+    let t = table("Envelope limits");
+    let (field, max, constant) = (
+        column(&t, "Field"),
+        column(&t, "Max bytes"),
+        column(&t, "Constant"),
+    );
+    assert_eq!(t.rows.len(), code.len(), "rows of the limits table");
+    let mut errors = Vec::new();
+    for (row, (f, c, v)) in t.rows.iter().zip(&code) {
+        let doc = (
+            row[field].as_str(),
+            row[constant].as_str(),
+            number(&t, &row[max]),
+        );
+        if doc != (*f, *c, *v) {
+            errors.push(format!("document {doc:?}, code {:?}", (f, c, v)));
+        }
+    }
+    fail_on(errors);
+}
+
+#[test]
+fn content_types_match_the_code() {
+    let t = table("Content types");
+    let (value, name) = (column(&t, "Value"), column(&t, "Name"));
+    let code = [
+        ("Binary", ContentType::Binary as u8),
+        ("Json", ContentType::Json as u8),
+    ];
+    assert_eq!(t.rows.len(), code.len(), "rows of the content-type table");
+    for (row, (n, v)) in t.rows.iter().zip(code) {
+        assert_eq!(
+            (row[name].as_str(), number(&t, &row[value])),
+            (n, u64::from(v))
+        );
+    }
+}
+
+#[test]
+fn hash_chain_definition_matches_the_code() {
+    let text = section("Hash chain");
+    assert!(
+        text.contains(&format!("context = \"{CHAIN_SEED_CONTEXT}\"")),
+        "the definition names the seed context {CHAIN_SEED_CONTEXT:?}"
+    );
+    assert!(
+        text.contains(&format!(
+            "exactly `{CHAIN_SEED_CONTEXT}` (ASCII, {} bytes",
+            CHAIN_SEED_CONTEXT.len()
+        )),
+        "the context string and its length in the text"
+    );
+    assert!(CHAIN_SEED_CONTEXT.is_ascii());
+    let link = format!(
+        "link(r)       = header(r)[{}..{}] || BLAKE3(body(r))",
+        record::LINK_FROM,
+        record::LINK_TO
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&link))
+        .unwrap_or_else(|| panic!("the definition has the line {link:?}"));
+    assert!(
+        line.ends_with(&format!("-- 32 + 32 = {LINK_LEN} bytes")),
+        "the link is {LINK_LEN} bytes: {line:?}"
+    );
+    assert_eq!(record::LINK_TO - record::LINK_FROM + 32, LINK_LEN);
+}
+
+/// An index of two streams and 40 records (two sparse samples), encoded complete.
+fn sample_index() -> (Vec<u8>, Vec<(&'static str, u64)>, IndexFileInfo) {
+    let names: [Arc<str>; 2] = [Arc::from("trade-1"), Arc::from("order-77")];
+    let mut idx = ActiveIndex::new(SegmentSeq(0x0107), Position(0x1000));
+    let mut versions = [5u64, 0];
+    for i in 0..40u64 {
+        let s = usize::from(i % 4 == 3);
+        idx.push(
+            StreamKey(s as u32),
+            &names[s],
+            index::stream_hash(&names[s]),
+            (s == 0).then_some(SegmentSeq(0x0105)),
+            versions[s],
+            Position(0x1000 + i),
+            4096 + i * 200,
+            Timestamp(0x5000 + i),
+            EventId([i as u8 + 1; 16]),
+        );
+        versions[s] += 1;
+    }
+    let info = IndexFileInfo {
+        log_id: ramp(0x10),
+        data_end: 4096 + 40 * 200,
+        last_chain_hash: ramp(0x90),
+    };
+    let mut sorted: Vec<(&'static str, u64)> = vec![
+        ("trade-1", index::stream_hash("trade-1")),
+        ("order-77", index::stream_hash("order-77")),
+    ];
+    sorted.sort_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)));
+    (idx.encode(&info, true), sorted, info)
+}
+
+#[test]
+fn index_header_matches_the_code() {
+    use index::*;
+    check_layout(
+        "Index header",
+        INDEX_HEADER_LEN,
+        &[
+            ("magic", 0),
+            ("format_version", IH_VERSION),
+            ("header_len", IH_HEADER_LEN),
+            ("flags", IH_FLAGS),
+            ("log_id", IH_LOG_ID),
+            ("seq", IH_SEQ),
+            ("base_position", IH_BASE_POSITION),
+            ("record_count", IH_RECORD_COUNT),
+            ("data_end", IH_DATA_END),
+            ("last_chain_hash", IH_LAST_CHAIN_HASH),
+            ("stream_count", IH_STREAM_COUNT),
+            ("sparse_count", IH_SPARSE_COUNT),
+            ("names_len", IH_NAMES_LEN),
+            ("sparse_every", IH_SPARSE_EVERY),
+            ("last_record_time", IH_LAST_RECORD_TIME),
+            ("reserved", IH_RESERVED),
+        ],
+    );
+    let (bytes, streams, info) = sample_index();
+    let names_len: usize = streams.iter().map(|s| s.0.len()).sum();
+    check_encoding(
+        "Index header",
+        &bytes,
+        &[
+            ("format_version", le16(format::FORMAT_VERSION)),
+            ("header_len", le16(INDEX_HEADER_LEN as u16)),
+            ("flags", le32(INDEX_FLAG_COMPLETE)),
+            ("log_id", info.log_id.to_vec()),
+            ("seq", le64(0x0107)),
+            ("base_position", le64(0x1000)),
+            ("record_count", le64(40)),
+            ("data_end", le64(info.data_end)),
+            ("last_chain_hash", info.last_chain_hash.to_vec()),
+            ("stream_count", le32(2)),
+            ("sparse_count", le32(2)),
+            ("names_len", le32(names_len as u32)),
+            ("sparse_every", le32(SPARSE_EVERY)),
+            ("last_record_time", le64(0x5000 + 39)),
+        ],
+    );
+    let t = table("Index header flags");
+    assert_eq!(t.rows.len(), 1, "one index flag in version 1");
+    let row = &t.rows[0];
+    assert_eq!(row[column(&t, "Name")], "INDEX_FLAG_COMPLETE");
+    assert_eq!(
+        number(&t, &row[column(&t, "Value")]),
+        u64::from(INDEX_FLAG_COMPLETE)
+    );
+    assert_eq!(
+        1u64 << number(&t, &row[column(&t, "Bit")]),
+        u64::from(INDEX_FLAG_COMPLETE)
+    );
+}
+
+#[test]
+fn index_entries_match_the_code() {
+    use index::*;
+    check_layout(
+        "Stream-table entry",
+        STREAM_ENTRY_LEN,
+        &[
+            ("hash", SE_HASH),
+            ("first_version", SE_FIRST_VERSION),
+            ("last_version", SE_LAST_VERSION),
+            ("first_position", SE_FIRST_POSITION),
+            ("last_position", SE_LAST_POSITION),
+            ("first_record_time", SE_FIRST_RECORD_TIME),
+            ("prev_segment", SE_PREV_SEGMENT),
+            ("entries_start", SE_ENTRIES_START),
+            ("entries_count", SE_ENTRIES_COUNT),
+            ("name_offset", SE_NAME_OFFSET),
+            ("name_len", SE_NAME_LEN),
+            ("reserved", SE_RESERVED),
+        ],
+    );
+    // Event and sparse entries have no offset constants in the code: their layout is
+    // checked against the encoder below.
+    check_layout(
+        "Event entry",
+        EVENT_ENTRY_LEN,
+        &[("version", 0), ("pos_delta", 8), ("offset", 12)],
+    );
+    check_layout(
+        "Sparse entry",
+        SPARSE_ENTRY_LEN,
+        &[("pos_delta", 0), ("offset", 4)],
+    );
+
+    // Walk the encoded sections in the order of the "Index file layout" table.
+    let (bytes, streams, _) = sample_index();
+    let layout = table("Index file layout");
+    let sections: Vec<&str> = layout.rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        sections,
+        [
+            "header",
+            "stream table",
+            "event entries",
+            "sparse entries",
+            "event ids",
+            "names blob",
+            "trailer"
+        ]
+    );
+    let streams_at = INDEX_HEADER_LEN;
+    let entries_at = streams_at + 2 * STREAM_ENTRY_LEN;
+    let sparse_at = entries_at + 40 * EVENT_ENTRY_LEN;
+    let ids_at = sparse_at + 2 * SPARSE_ENTRY_LEN;
+    let names_at = ids_at + 40 * EVENT_ID_LEN;
+    let trailer_at = bytes.len() - INDEX_TRAILER_LEN;
+    assert_eq!(
+        names_at + streams.iter().map(|s| s.0.len()).sum::<usize>(),
+        trailer_at
+    );
+
+    // "trade-1" has records i % 4 != 3 (30 of them, versions 5..=34); "order-77" the other
+    // 10 (versions 0..=9). The stream table is sorted by (hash, name).
+    let mut entries_start = 0u32;
+    let mut name_offset = 0u32;
+    for (k, &(name, hash)) in streams.iter().enumerate() {
+        let trade = name == "trade-1";
+        let deltas: Vec<u64> = (0..40).filter(|i| (i % 4 != 3) == trade).collect();
+        let first_version = if trade { 5 } else { 0 };
+        let count = deltas.len() as u64;
+        let entry = &bytes[streams_at + k * STREAM_ENTRY_LEN..][..STREAM_ENTRY_LEN];
+        check_encoding(
+            "Stream-table entry",
+            entry,
+            &[
+                ("hash", le64(hash)),
+                ("first_version", le64(first_version)),
+                ("last_version", le64(first_version + count - 1)),
+                ("first_position", le64(0x1000 + deltas[0])),
+                ("last_position", le64(0x1000 + deltas[deltas.len() - 1])),
+                ("first_record_time", le64(0x5000 + deltas[0])),
+                ("prev_segment", le64(if trade { 0x0105 } else { u64::MAX })),
+                ("entries_start", le32(entries_start)),
+                ("entries_count", le32(count as u32)),
+                ("name_offset", le32(name_offset)),
+                ("name_len", le16(name.len() as u16)),
+            ],
+        );
+        for (j, &d) in deltas.iter().enumerate() {
+            let at = entries_at + (entries_start as usize + j) * EVENT_ENTRY_LEN;
+            check_encoding(
+                "Event entry",
+                &bytes[at..at + EVENT_ENTRY_LEN],
+                &[
+                    ("version", le64(first_version + j as u64)),
+                    ("pos_delta", le32(d as u32)),
+                    ("offset", le32(4096 + d as u32 * 200)),
+                ],
+            );
+        }
+        let n = names_at + name_offset as usize;
+        assert_eq!(&bytes[n..n + name.len()], name.as_bytes(), "names blob");
+        entries_start += count as u32;
+        name_offset += name.len() as u32;
+    }
+    for (j, d) in [0u32, SPARSE_EVERY].into_iter().enumerate() {
+        let at = sparse_at + j * SPARSE_ENTRY_LEN;
+        check_encoding(
+            "Sparse entry",
+            &bytes[at..at + SPARSE_ENTRY_LEN],
+            &[("pos_delta", le32(d)), ("offset", le32(4096 + d * 200))],
+        );
+    }
+    for i in 0..40 {
+        let at = ids_at + i * EVENT_ID_LEN;
+        assert_eq!(
+            &bytes[at..at + EVENT_ID_LEN],
+            &[i as u8 + 1; 16],
+            "event id {i}"
+        );
+    }
+    assert_eq!(
+        bytes[trailer_at..],
+        crc32(&bytes[..trailer_at]).to_le_bytes(),
+        "the trailer is the CRC-32 of everything before it"
+    );
+    let sealed = SealedIndex::open(Arc::new(bytes)).expect("the sample decodes");
+    assert_eq!(sealed.record_count(), 40);
+}
+
+#[test]
+fn stream_snapshot_tables_match_the_code() {
+    // Not reachable as constants (private module `log::streams`): read from its source.
+    let c = streams_const;
+    check_layout(
+        "Snapshot header",
+        c("SNAPSHOT_HEADER_LEN") as usize,
+        &[
+            ("magic", 0),
+            ("format_version", c("SN_VERSION") as usize),
+            ("header_len", c("SN_HEADER_LEN") as usize),
+            ("reserved", c("SN_RESERVED_A") as usize),
+            ("log_id", c("SN_LOG_ID") as usize),
+            ("covered_seq", c("SN_COVERED_SEQ") as usize),
+            ("covered_data_end", c("SN_COVERED_DATA_END") as usize),
+            ("next_position", c("SN_NEXT_POSITION") as usize),
+            ("stream_count", c("SN_STREAM_COUNT") as usize),
+        ],
+    );
+    check_layout(
+        "Snapshot entry",
+        c("SNAPSHOT_ENTRY_LEN") as usize,
+        &[
+            ("first_position", c("SNE_FIRST_POSITION") as usize),
+            ("created_time", c("SNE_CREATED") as usize),
+            ("last_version", c("SNE_LAST_VERSION") as usize),
+            ("last_position", c("SNE_LAST_POSITION") as usize),
+            ("last_segment", c("SNE_LAST_SEGMENT") as usize),
+            ("name_len", c("SNE_NAME_LEN") as usize),
+            ("reserved", c("SNE_RESERVED") as usize),
+        ],
+    );
+    let magic = streams_magic();
+    let t = table("Snapshot header");
+    assert_eq!(
+        t.rows[0][3],
+        format!("ASCII `{}`", String::from_utf8_lossy(&magic)),
+        "snapshot magic"
+    );
+    let when = section("When the snapshot is written");
+    assert!(
+        STREAMS_RS.contains("pub(crate) const SNAPSHOT_FILE: &str = \"streams.snap\";"),
+        "the snapshot file name"
+    );
+    assert!(when.contains("at least 1024"));
+}
