@@ -31,7 +31,7 @@ use crate::format::{
     EventId, Hash32, PAGE_BYTES, Position, SEGMENT_DATA_START, SEGMENT_FOOTER_BYTES, SegmentSeq,
     Timestamp,
 };
-use crate::index::{ActiveIndex, IndexFileInfo, StreamKey, stream_hash};
+use crate::index::{ActiveIndex, IndexFileInfo, StreamKey};
 use crate::sys::MapWriter;
 
 /// Bytes of bodies above which a batch's hashing is split over two threads.
@@ -48,7 +48,6 @@ struct PreparedEvent {
 
 struct PreparedPart<'a> {
     stream: &'a str,
-    hash: u64,
     expected: ExpectedVersion,
     events: Vec<PreparedEvent>,
 }
@@ -113,7 +112,6 @@ fn prepare<'a>(requests: &[AppendRequest<'a>], segment_bytes: u64) -> Result<Pre
         }
         parts.push(PreparedPart {
             stream: req.stream,
-            hash: stream_hash(req.stream),
             expected: req.expected,
             events,
         });
@@ -392,7 +390,10 @@ impl Writer {
                 (st.first_position.0 != u64::MAX && st.last_segment != seq)
                     .then_some(st.last_segment)
             };
-            let name = Arc::clone(&self.streams.get(key).name);
+            let (name, hash) = {
+                let st = self.streams.get(key);
+                (Arc::clone(&st.name), st.hash)
+            };
             let first_position = self.next_position;
             for (i, ev) in part.events.iter().enumerate() {
                 let position = self.next_position;
@@ -432,7 +433,7 @@ impl Writer {
                 self.index.push(
                     key,
                     &name,
-                    part.hash,
+                    hash,
                     prev_segment,
                     version,
                     position,

@@ -386,11 +386,10 @@ fn read_or_create_meta(dir: &Path, read_only: bool) -> Result<LogMeta> {
         Ok(bytes) => LogMeta::decode(&bytes)
             .map_err(|e| corrupt(&path, 0, None, "log identity file".into(), Some(e))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !read_only => {
-            let uuid = uuid::Uuid::now_v7();
-            let meta = LogMeta {
-                log_id: *uuid.as_bytes(),
-                created_time: now(),
-            };
+            let mut log_id = [0u8; 16];
+            log_id[..8].copy_from_slice(&super::random_u64().to_le_bytes());
+            log_id[8..].copy_from_slice(&super::random_u64().to_le_bytes());
+            let meta = LogMeta { log_id, created_time: now() };
             crate::sys::write_file_atomic(dir, META_FILE, &meta.encode())
                 .map_err(io("writing log identity", &path))?;
             if let Some(parent) = dir.parent() {
