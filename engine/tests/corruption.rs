@@ -106,6 +106,9 @@ fn typed(e: &Error) -> bool {
 /// Opens a damaged copy, reads everything, verifies. Returns whether damage was reported.
 fn exercise(dir: &Path, ids: &[EventId], what: &str) -> bool {
     let log = match Log::open(dir, opts()) {
+        // A damaged footer on the newest sealed segment is taken for an interrupted seal:
+        // reported, and rebuilt from the verified records.
+        Ok(log) if !log.recovery_report().footers_rewritten.is_empty() => return true,
         Ok(log) => log,
         Err(e) => {
             assert!(typed(&e), "{what}: open failed with an untyped error {e:?}");

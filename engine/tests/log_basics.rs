@@ -541,10 +541,25 @@ fn generated_ids_are_v7_and_increase_within_a_thread() {
         assert_eq!(id.0[6] >> 4, 7, "version 7");
         assert_eq!(id.0[8] >> 6, 0b10, "RFC variant");
     }
-    let ms = u64::from_be_bytes([0, 0, ids[0].0[0], ids[0].0[1], ids[0].0[2], ids[0].0[3], ids[0].0[4], ids[0].0[5]]);
+    let ms = u64::from_be_bytes([
+        0,
+        0,
+        ids[0].0[0],
+        ids[0].0[1],
+        ids[0].0[2],
+        ids[0].0[3],
+        ids[0].0[4],
+        ids[0].0[5],
+    ]);
     let now_ms = tally_engine::now().0 / 1_000_000;
-    assert!(now_ms.abs_diff(ms) < 60_000, "timestamp is Unix milliseconds");
-    let other: Vec<EventId> = std::thread::spawn(|| (0..1000).map(|_| tally_engine::new_event_id()).collect()).join().unwrap();
+    assert!(
+        now_ms.abs_diff(ms) < 60_000,
+        "timestamp is Unix milliseconds"
+    );
+    let other: Vec<EventId> =
+        std::thread::spawn(|| (0..1000).map(|_| tally_engine::new_event_id()).collect())
+            .join()
+            .unwrap();
     let mine: std::collections::HashSet<_> = ids.iter().collect();
     assert!(other.iter().all(|id| !mine.contains(id)));
 }

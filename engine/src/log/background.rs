@@ -145,6 +145,11 @@ pub(crate) fn activate_spare(
             if shared.shutdown.load(Ordering::SeqCst) {
                 return Err(Error::Closed);
             }
+            // A seq at or below the prepared mark that is not ready would never come.
+            assert!(
+                s.prepared.is_none_or(|p| p < seq),
+                "spare {seq} was prepared and taken before, or removed without resetting the mark"
+            );
             s = shared
                 .spares_cv
                 .wait(s)
@@ -181,13 +186,16 @@ pub(crate) fn send_seal(shared: &Shared, job: SealJob) {
 }
 
 fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
-    let mut since_snapshot = 0u64;
+    let mut policy = SnapshotPolicy {
+        since: 0,
+        streams: None,
+    };
     while let Ok(job) = rx.recv() {
         if !shared.abandon_seals.load(Ordering::SeqCst) {
             match seal(shared, &job) {
                 Ok(streams) => {
-                    since_snapshot += streams;
-                    if let Err(e) = maybe_snapshot(shared, job.segment.seq, &mut since_snapshot) {
+                    policy.since += streams;
+                    if let Err(e) = maybe_snapshot(shared, job.segment.seq, &mut policy) {
                         // A snapshot is an optimisation; failing to write one loses nothing.
                         let _ = e;
                     }
@@ -348,20 +356,39 @@ fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
 /// changed since the last one (as many stream entries in new sidecars as the snapshot
 /// holds streams), so that the work of an open stays bounded by the number of streams,
 /// not the number of segments.
-fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, since: &mut u64) -> Result<()> {
+/// When the sealer last wrote a snapshot, and how big it was.
+struct SnapshotPolicy {
+    /// Stream entries in sidecars sealed since the last snapshot.
+    since: u64,
+    /// Streams in the last snapshot (read from its header once, then remembered).
+    streams: Option<u64>,
+}
+
+fn snapshot_streams_on_disk(path: &Path) -> u64 {
+    use super::streams::{SN_STREAM_COUNT, SNAPSHOT_HEADER_LEN};
+    let mut header = [0u8; SNAPSHOT_HEADER_LEN];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut header, 0))
+        .map_or(0, |()| crate::format::le::u64_at(&header, SN_STREAM_COUNT))
+}
+
+fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, policy: &mut SnapshotPolicy) -> Result<()> {
     let path = shared.dir.join(SNAPSHOT_FILE);
+    let streams = *policy
+        .streams
+        .get_or_insert_with(|| snapshot_streams_on_disk(&path));
+    if policy.since < streams.max(1024) {
+        return Ok(());
+    }
     let old = std::fs::read(&path)
         .ok()
         .and_then(|b| decode_snapshot(&b).ok());
-    let old_streams = old.as_ref().map_or(0, |(_, _, e)| e.len() as u64);
-    if *since < old_streams.max(1024) {
-        return Ok(());
-    }
+    // Folding is idempotent, so the snapshot's own segment (covered partially by a
+    // clean-close snapshot) is folded again.
     let (mut table, from) = match old {
-        Some((id, cover, entries)) if id == shared.meta.log_id && cover.seq < seq => (
-            StreamTable::from_entries(entries),
-            SegmentSeq(cover.seq.0 + 1),
-        ),
+        Some((id, cover, entries)) if id == shared.meta.log_id && cover.seq <= seq => {
+            (StreamTable::from_entries(entries), cover.seq)
+        }
         _ => (StreamTable::default(), SegmentSeq(0)),
     };
     let segs = shared
@@ -387,7 +414,10 @@ fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, since: &mut u64) -> Result<(
     let bytes = table.encode_snapshot(shared.meta.log_id, &cover);
     crate::sys::write_file_atomic(&shared.dir, SNAPSHOT_FILE, &bytes)
         .map_err(Error::io("writing stream snapshot", &path))?;
-    *since = 0;
+    *policy = SnapshotPolicy {
+        since: 0,
+        streams: Some(table.len() as u64),
+    };
     Ok(())
 }
 

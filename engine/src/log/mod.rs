@@ -323,6 +323,9 @@ pub struct RecoveryReport {
     pub rebuilt_indexes: Vec<SegmentSeq>,
     /// Segments that were full but unsealed and were sealed during open.
     pub sealed_on_open: Vec<SegmentSeq>,
+    /// Segments whose footer was damaged by an interrupted seal and was written again from
+    /// their (verified) records.
+    pub footers_rewritten: Vec<SegmentSeq>,
     /// Records read from segment files (not from indexes) to recover.
     pub records_scanned: u64,
     /// Position of the next record to be written.

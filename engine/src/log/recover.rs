@@ -1,17 +1,18 @@
-//! Opening a log: the recovery rules of docs/FORMAT.md ("Recovery").
+//! Opening a log: the recovery rules of docs/FORMAT.md ("Recovery rules").
 //!
 //! 1. Lock the directory, read `tally.meta` (or create a new log).
 //! 2. Read every segment's header and footer page with plain reads. Sealed segments must
 //!    form a prefix, continue each other (positions and chain), and are trusted from their
 //!    footers; their records are not read.
-//! 3. Restore the stream table from `streams.snap` plus the stream tables of the sealed
-//!    segments' sidecars written after it.
-//! 4. Scan the unsealed segments (from the active segment's clean-close sidecar, if any):
+//! 3. Scan the unsealed segments (from the active segment's clean-close sidecar, if any):
 //!    every record's checksums, position and chain. The log ends at the last complete
-//!    batch. Damage after it is a torn tail (zeroed and reported) unless a later record
-//!    says the log had been durable beyond the damage, which proves acknowledged data was
-//!    lost: then open fails with [`Error::Corrupt`] (unless the recovery mode says to
+//!    batch. Whatever follows is a torn tail (zeroed or removed, and reported) unless a
+//!    later record says the log had been durable beyond it, which proves acknowledged data
+//!    was lost: then open fails with [`Error::Corrupt`] (unless the recovery mode says to
 //!    truncate anyway).
+//! 4. Only now that the end is known, restore the stream table: `streams.snap` if it does
+//!    not claim more than was found, the sidecars of sealed segments after it, and the
+//!    kept unsealed records.
 //! 5. Seal unsealed segments that are complete, make the last one active, rebuild the
 //!    idempotency window, sync, and start the background threads.
 
@@ -28,25 +29,26 @@ use super::background::{
 };
 use super::ids::{IdSlot, IdWindow};
 use super::shared::{CommitState, SegState, SegmentHandle, Shared, Spares, lock};
-use super::streams::{SNAPSHOT_FILE, StreamTable, decode_snapshot};
+use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
 use super::{Options, RecoveryMode, RecoveryReport, Truncation, now};
 use crate::error::{Error, Result};
 use crate::format::chain::chain_seed;
 use crate::format::meta::LogMeta;
-use crate::format::record::RecordHeader;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{
     EventId, Hash32, PAGE_BYTES, Position, SEGMENT_DATA_START, SegmentSeq, Timestamp,
 };
 use crate::index::{ActiveIndex, IndexFileInfo, SealedIndex, StreamKey, stream_hash};
 use crate::segment::{
-    FileSource, ScanEnd, ScanFrom, ScannedRecord, find_durable_evidence, is_zero, read_page, scan,
-    zero_range,
+    FileSource, Scan, ScanEnd, ScanFrom, ScannedRecord, find_durable_evidence, is_zero, read_page,
+    scan, zero_range,
 };
 use crate::sys::{SegmentMap, sync_dir};
 
-const META_FILE: &str = "tally.meta";
-const LOCK_FILE: &str = "tally.lock";
+/// The log identity file.
+pub const META_FILE: &str = "tally.meta";
+/// The advisory lock file.
+pub const LOCK_FILE: &str = "tally.lock";
 
 /// A segment file found on disk.
 struct Found {
@@ -54,6 +56,17 @@ struct Found {
     path: PathBuf,
     header: SegmentHeader,
     footer: Option<SegmentFooter>,
+    /// The footer page is neither zero nor a valid footer.
+    footer_damaged: bool,
+}
+
+/// What the directory holds.
+struct Listing {
+    found: Vec<Found>,
+    spares: Vec<(SegmentSeq, PathBuf)>,
+    /// The newest segment file, if its header page does not decode (or is zero) while its
+    /// first data page is not zero: a header write that did not reach the disk, or damage.
+    torn_newest: Option<(SegmentSeq, PathBuf)>,
 }
 
 /// The log's end as recovery has established it so far.
@@ -61,6 +74,13 @@ struct Found {
 struct End {
     position: Position,
     chain: Hash32,
+}
+
+/// An unsealed segment after its scan.
+struct Scanned<'a> {
+    f: &'a Found,
+    partial: Option<Arc<SealedIndex>>,
+    scan: Scan,
 }
 
 /// Builds an index from scanned records. `key_of` gives each stream's key, shared name,
@@ -105,6 +125,28 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     Error::io(op, path)
 }
 
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("opening lock file", &path))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            dir: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::Io {
+            op: "locking",
+            path,
+            source: e,
+        }),
+    }
+}
+
 pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryReport)> {
     opts.check()?;
     let read_only = opts.recovery == RecoveryMode::ReadOnly;
@@ -119,36 +161,18 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     let lock_file = if read_only {
         None
     } else {
-        let path = dir.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io("opening lock file", &path))?;
-        match f.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
-                    dir: dir.to_owned(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::Io {
-                    op: "locking",
-                    path,
-                    source: e,
-                });
-            }
-        }
-        Some(f)
+        Some(lock_dir(dir)?)
     };
     let meta = read_or_create_meta(dir, read_only)?;
     let seed = chain_seed(&meta.log_id);
     let mut report = RecoveryReport::default();
 
-    let (found, spares) = list_segments(dir, &meta, &opts, read_only)?;
+    let Listing {
+        mut found,
+        spares,
+        torn_newest,
+    } = list_segments(dir, &meta, &opts, read_only)?;
+    accept_interrupted_seal(&mut found, &mut report)?;
     check_sealed_prefix(&found, seed)?;
 
     let shared = Arc::new(Shared {
@@ -172,6 +196,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 .iter()
                 .map(|(s, _)| *s)
                 .chain(found.iter().map(|f| f.seq))
+                .chain(torn_newest.iter().map(|t| t.0))
                 .max(),
             ready: spares,
             wanted: None,
@@ -198,6 +223,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         position: Position(0),
         chain: seed,
     };
+    let mut last_sealed_time = Timestamp(0);
     {
         let mut segs = shared
             .segments
@@ -219,64 +245,172 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 position: footer.last_position.next(),
                 chain: footer.last_chain_hash,
             };
+            last_sealed_time = footer.last_record_time;
         }
     }
 
-    // The stream table: snapshot, then the sidecars of sealed segments after it.
-    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE))
-        .ok()
-        .and_then(|b| decode_snapshot(&b).ok())
-        .filter(|(id, _, _)| *id == shared.meta.log_id);
-    let (mut table, table_from) = match snapshot {
-        Some((_, cover, entries)) => (StreamTable::from_entries(entries), Some(cover)),
-        None => (StreamTable::default(), None),
-    };
-    let sealed: Vec<Arc<SegmentHandle>> = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    for seg in &sealed {
-        if table_from.is_some_and(|c| seg.seq < c.seq) {
-            continue;
-        }
-        let (index, _) = sealed_index(&shared, seg)?.expect("sealed segments have an index");
-        for s in index.stream_summaries() {
-            table.apply_summary(seg.seq, &s);
-        }
-    }
-
-    // Unsealed segments: scanned.
+    // Unsealed segments: scanned, to find where the log ends. Nothing is derived yet.
     let unsealed = &found[first_unsealed..];
-    let mut kept: Vec<(SegmentHandle, ActiveIndex, u64, Hash32)> = Vec::new();
+    let mut scanned: Vec<Scanned<'_>> = Vec::new();
+    let mut truncated = false;
     for (j, f) in unsealed.iter().enumerate() {
-        if f.header.base_position != end.position || f.header.prev_chain_hash != end.chain {
-            return Err(corrupt(
-                &f.path,
-                0,
-                Some(end.position.0),
-                format!(
-                    "segment does not continue the log: it starts at position {} (expected {})",
-                    f.header.base_position, end.position
-                ),
+        let continues =
+            f.header.base_position == end.position && f.header.prev_chain_hash == end.chain;
+        if !continues {
+            if j == 0 {
+                return Err(corrupt(
+                    &f.path,
+                    0,
+                    Some(end.position.0),
+                    format!(
+                        "segment does not continue the log: it starts at position {} (expected {})",
+                        f.header.base_position, end.position
+                    ),
+                    None,
+                ));
+            }
+            // The previous segment ends before this one starts: the end of the previous
+            // segment was lost after a roll (writeback order is arbitrary), so everything
+            // from here on was never acknowledged, unless a record proves otherwise.
+            let reason = format!(
+                "segment {} starts at position {} but the log ends at {}",
+                f.seq, f.header.base_position, end.position
+            );
+            report.truncations.push(remove_tail(
+                &shared,
                 None,
-            ));
+                &unsealed[j..],
+                torn_newest.as_ref(),
+                end.position,
+                reason,
+            )?);
+            truncated = true;
+            break;
         }
-        let (mut index, from, from_sidecar) = start_of_scan(&shared, f, &mut table);
+        let (partial, from) = start_of_scan(&shared, f);
         let file = File::open(&f.path).map_err(io("opening segment", &f.path))?;
         let mut src = FileSource::new(&file).map_err(io("reading segment", &f.path))?;
         let s = scan(&mut src, from, f.header.data_limit());
         report.records_scanned += s.records.len() as u64;
-        let kept_records = &s.records[..s.complete];
-        let seq = f.seq;
-        extend_index(&mut index, kept_records, &mut |name: &str| {
+        let base_count = partial.as_ref().map_or(0, |p| p.record_count());
+        end = End {
+            position: Position(f.header.base_position.0 + base_count + s.complete as u64),
+            chain: s.complete_chain,
+        };
+        let clean_end = matches!(s.end, ScanEnd::Clean { .. }) && s.complete == s.records.len();
+        if j + 1 == unsealed.len() && partial.is_some() && clean_end && s.records.is_empty() {
+            report.clean = true;
+        }
+        scanned.push(Scanned {
+            f,
+            partial,
+            scan: s,
+        });
+        if !clean_end {
+            let last = scanned.last().expect("pushed above");
+            let reason = match &last.scan.end {
+                ScanEnd::Break { error, .. } => error.to_string(),
+                ScanEnd::Clean { .. } => "unfinished batch".to_owned(),
+            };
+            report.truncations.push(remove_tail(
+                &shared,
+                Some((
+                    f,
+                    last.scan.complete_end,
+                    (last.scan.records.len() - last.scan.complete) as u64
+                        + u64::from(matches!(last.scan.end, ScanEnd::Break { .. })),
+                )),
+                &unsealed[j + 1..],
+                torn_newest.as_ref(),
+                end.position,
+                reason,
+            )?);
+            truncated = true;
+            break;
+        }
+    }
+    if let Some(torn) = torn_newest.as_ref().filter(|_| !truncated) {
+        report.truncations.push(remove_tail(
+            &shared,
+            None,
+            &[],
+            Some(torn),
+            end.position,
+            format!("segment {} has no valid header", torn.0),
+        )?);
+        truncated = true;
+    }
+    if truncated && !read_only {
+        // Segment files after the new end are gone; spares prepared after them would leave
+        // a gap in the numbering, so they go too and are prepared again.
+        let mut spares = lock(&shared.spares);
+        for (_, path) in spares.ready.drain(..) {
+            std::fs::remove_file(&path).map_err(io("removing spare segment", &path))?;
+        }
+        let last_kept = scanned
+            .last()
+            .map(|s| s.f.seq)
+            .or_else(|| found[..first_unsealed].last().map(|f| f.seq));
+        spares.prepared = last_kept;
+    }
+
+    // The stream table, now that the end is known. A snapshot written at a clean close or
+    // by the sealer covers only durable data: if it claims more than recovery found,
+    // acknowledged records are missing.
+    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE))
+        .ok()
+        .and_then(|b| decode_snapshot(&b).ok())
+        .filter(|(id, _, _)| *id == shared.meta.log_id);
+    let snapshot = match snapshot {
+        Some((_, cover, _)) if cover.next_position > end.position => {
+            if opts.recovery == RecoveryMode::Strict {
+                return Err(corrupt(
+                    &dir.join(SNAPSHOT_FILE),
+                    0,
+                    Some(end.position.0),
+                    format!(
+                        "the stream snapshot covers the log up to position {}, but the segments end at {}",
+                        cover.next_position, end.position
+                    ),
+                    None,
+                ));
+            }
+            None
+        }
+        other => other,
+    };
+    let (mut table, cover) = match snapshot {
+        Some((_, cover, entries)) => (StreamTable::from_entries(entries), Some(cover)),
+        None => (StreamTable::default(), None),
+    };
+    apply_sealed_summaries(&shared, &mut table, cover.as_ref())?;
+
+    // Indexes of the kept unsealed segments, each folded into the table in log order.
+    let mut kept: Vec<(SegmentHandle, ActiveIndex, u64, Hash32)> = Vec::new();
+    for s in &scanned {
+        let seq = s.f.seq;
+        let mut index = match &s.partial {
+            Some(p) => {
+                for summary in p.stream_summaries() {
+                    table.apply_summary(seq, &summary);
+                }
+                p.to_active(|name| {
+                    let key = table.key_or_insert(name);
+                    let st = table.get(key);
+                    (key, Arc::clone(&st.name), st.hash)
+                })
+            }
+            None => ActiveIndex::new(seq, s.f.header.base_position),
+        };
+        let records = &s.scan.records[..s.scan.complete];
+        extend_index(&mut index, records, &mut |name: &str| {
             let key = table.key_or_insert(name);
             let st = table.get(key);
             let prev = (st.first_position.0 != u64::MAX && st.last_segment < seq)
                 .then_some(st.last_segment);
             (key, Arc::clone(&st.name), st.hash, prev)
         });
-        for r in kept_records {
+        for r in records {
             let key = table.key(&r.stream).expect("inserted by extend_index");
             table.apply_event(
                 key,
@@ -286,39 +420,8 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 r.header.record_time,
             );
         }
-        let data_end = s.complete_end;
-        end = End {
-            position: Position(f.header.base_position.0 + index.record_count()),
-            chain: s.complete_chain,
-        };
-        let clean_end = matches!(s.end, ScanEnd::Clean { .. }) && s.complete == s.records.len();
-        if j + 1 == unsealed.len() && from_sidecar && clean_end && s.records.is_empty() {
-            report.clean = true;
-        }
-        if !clean_end {
-            let truncation = truncate_tail(&shared, f, &s, &unsealed[j + 1..], end.position)?;
-            report.truncations.push(truncation);
-            kept.push((seg_handle(f), index, data_end, end.chain));
-            break;
-        }
-        kept.push((seg_handle(f), index, data_end, end.chain));
-    }
-
-    // A snapshot (or sidecar) written at a clean close covers only durable data: if it
-    // claims more than recovery found, acknowledged records are missing.
-    if let Some(cover) = table_from {
-        if cover.next_position > end.position && opts.recovery == RecoveryMode::Strict {
-            return Err(corrupt(
-                &dir.join(SNAPSHOT_FILE),
-                0,
-                Some(end.position.0),
-                format!(
-                    "the stream snapshot covers the log up to position {}, but the segments end at {}",
-                    cover.next_position, end.position
-                ),
-                None,
-            ));
-        }
+        let data_end = s.scan.complete_end;
+        kept.push((seg_handle(s.f), index, data_end, s.scan.complete_chain));
     }
 
     // Seal complete unsealed segments; the last kept one becomes active.
@@ -343,7 +446,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(handle);
     }
-    let writer = make_writer(&shared, last, end, table)?;
+    let writer = make_writer(&shared, last, end, table, last_sealed_time)?;
     let next_position = writer.next_position;
     *lock(&shared.writer) = Some(writer);
     {
@@ -370,6 +473,57 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     Ok((shared, report))
 }
 
+/// Folds the stream tables of sealed segments into `table`: all of them, or those from the
+/// snapshot's segment on (folding is idempotent, so the covered segment may be folded again).
+fn apply_sealed_summaries(
+    shared: &Shared,
+    table: &mut StreamTable,
+    cover: Option<&SnapshotCover>,
+) -> Result<()> {
+    let sealed: Vec<Arc<SegmentHandle>> = shared
+        .segments
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for seg in &sealed {
+        if cover.is_some_and(|c| seg.seq < c.seq) {
+            continue;
+        }
+        let (index, _) = sealed_index(shared, seg)?.expect("sealed segments have an index");
+        for s in index.stream_summaries() {
+            table.apply_summary(seg.seq, &s);
+        }
+    }
+    Ok(())
+}
+
+/// A damaged footer on the newest sealed segment, followed only by unsealed ones, is an
+/// interrupted seal: the segment is scanned and sealed again. Anywhere else it is damage.
+fn accept_interrupted_seal(found: &mut [Found], report: &mut RecoveryReport) -> Result<()> {
+    let n = found.len();
+    for i in 0..n {
+        if !found[i].footer_damaged {
+            continue;
+        }
+        if found[i + 1..]
+            .iter()
+            .any(|f| f.footer.is_some() || f.footer_damaged)
+        {
+            let f = &found[i];
+            return Err(corrupt(
+                &f.path,
+                f.header.footer_offset(),
+                None,
+                "damaged footer on a segment followed by sealed segments".into(),
+                None,
+            ));
+        }
+        found[i].footer_damaged = false;
+        report.footers_rewritten.push(found[i].seq);
+    }
+    Ok(())
+}
+
 fn seg_handle(f: &Found) -> SegmentHandle {
     SegmentHandle {
         seq: f.seq,
@@ -389,7 +543,10 @@ fn read_or_create_meta(dir: &Path, read_only: bool) -> Result<LogMeta> {
             let mut log_id = [0u8; 16];
             log_id[..8].copy_from_slice(&super::random_u64().to_le_bytes());
             log_id[8..].copy_from_slice(&super::random_u64().to_le_bytes());
-            let meta = LogMeta { log_id, created_time: now() };
+            let meta = LogMeta {
+                log_id,
+                created_time: now(),
+            };
             crate::sys::write_file_atomic(dir, META_FILE, &meta.encode())
                 .map_err(io("writing log identity", &path))?;
             if let Some(parent) = dir.parent() {
@@ -405,19 +562,26 @@ fn read_or_create_meta(dir: &Path, read_only: bool) -> Result<LogMeta> {
     }
 }
 
-/// Lists segment files: those with headers, in order, and spare (all-zero) ones.
-fn list_segments(
-    dir: &Path,
-    meta: &LogMeta,
-    opts: &Options,
-    read_only: bool,
-) -> Result<(Vec<Found>, Vec<(SegmentSeq, PathBuf)>)> {
+/// Temporary files Tally itself leaves behind when interrupted.
+fn is_our_temporary(name: &str) -> bool {
+    name.strip_suffix(".seg.prep")
+        .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
+        || name
+            .strip_suffix(".idx.tmp")
+            .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
+        || name == "streams.snap.tmp"
+        || name == "tally.meta.tmp"
+}
+
+/// Lists segment files: those with headers, in order, spare (all-zero) ones, and a newest
+/// one whose header is missing but which holds data.
+fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) -> Result<Listing> {
     let mut seqs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io("listing directory", dir))? {
         let entry = entry.map_err(io("listing directory", dir))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.ends_with(".prep") || name.ends_with(".tmp") {
+        if is_our_temporary(&name) {
             if !read_only {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -428,7 +592,7 @@ fn list_segments(
         }
     }
     seqs.sort();
-    // First pass: which files are spares (an all-zero header page).
+    // First pass: header pages, and whether the first data page is empty.
     let mut files = Vec::with_capacity(seqs.len());
     for seq in seqs {
         let path = dir.join(seq.file_name());
@@ -447,14 +611,20 @@ fn list_segments(
             ));
         }
         let page = read_page(&file, 0).map_err(io("reading segment header", &path))?;
-        files.push((seq, path, file, len, page));
+        let first_data =
+            read_page(&file, SEGMENT_DATA_START).map_err(io("reading segment", &path))?;
+        let empty = is_zero(&page) && is_zero(&first_data);
+        files.push((seq, path, file, len, page, empty));
     }
-    let newest_written = files.iter().rposition(|f| !is_zero(&f.4));
-    let mut found: Vec<Found> = Vec::new();
-    let mut spares = Vec::new();
-    for (i, (seq, path, file, len, page)) in files.into_iter().enumerate() {
-        if is_zero(&page) {
-            if newest_written.is_some_and(|n| i < n) {
+    let newest_used = files.iter().rposition(|f| !f.5);
+    let mut listing = Listing {
+        found: Vec::new(),
+        spares: Vec::new(),
+        torn_newest: None,
+    };
+    for (i, (seq, path, file, len, page, empty)) in files.into_iter().enumerate() {
+        if empty {
+            if newest_used.is_some_and(|n| i < n) {
                 return Err(corrupt(
                     &path,
                     0,
@@ -463,22 +633,18 @@ fn list_segments(
                     None,
                 ));
             }
-            spares.push((seq, path, len));
+            let _ = len;
+            listing.spares.push((seq, path));
             continue;
         }
         let header = match SegmentHeader::decode_page(&page) {
             Ok(h) => h,
-            Err(e) if Some(i) == newest_written => {
-                // The newest segment's header may be torn if the crash came before its first
-                // sync; then nothing in it was acknowledged, and it is removed.
-                if torn_header_is_unacknowledged(&file, len, &path)? {
-                    if !read_only {
-                        std::fs::remove_file(&path).map_err(io("removing torn segment", &path))?;
-                        sync_dir(dir).map_err(io("syncing directory", dir))?;
-                    }
-                    continue;
-                }
-                return Err(corrupt(&path, 0, None, "segment header".into(), Some(e)));
+            Err(e) if Some(i) == newest_used => {
+                // The newest segment's header may not have reached the disk if the crash
+                // came before its first sync; recovery decides once the log's end is known.
+                let _ = e;
+                listing.torn_newest = Some((seq, path));
+                continue;
             }
             Err(e) => return Err(corrupt(&path, 0, None, "segment header".into(), Some(e))),
         };
@@ -503,7 +669,7 @@ fn list_segments(
                 None,
             ));
         }
-        if let Some(prev) = found.last() {
+        if let Some(prev) = listing.found.last() {
             if prev.seq.0 + 1 != seq.0 {
                 return Err(corrupt(
                     &path,
@@ -513,93 +679,59 @@ fn list_segments(
                     None,
                 ));
             }
-        } else if seq.0 != 0 && header.base_position != Position(0) {
-            return Err(corrupt(
-                &path,
-                0,
-                None,
-                "the first segment does not start the log".into(),
-                None,
-            ));
         }
         let fpage =
             read_page(&file, header.footer_offset()).map_err(io("reading footer", &path))?;
-        let footer = if is_zero(&fpage) {
-            None
+        let (footer, footer_damaged) = if is_zero(&fpage) {
+            (None, false)
         } else {
-            let f = SegmentFooter::decode_page(&fpage).map_err(|e| {
-                corrupt(
-                    &path,
-                    header.footer_offset(),
-                    None,
-                    "segment footer".into(),
-                    Some(e),
-                )
-            })?;
-            if f.seq != seq || f.log_id != meta.log_id || f.first_position != header.base_position {
-                return Err(corrupt(
-                    &path,
-                    header.footer_offset(),
-                    None,
-                    "footer does not match the segment header".into(),
-                    None,
-                ));
+            match SegmentFooter::decode_page(&fpage) {
+                Ok(f)
+                    if f.seq == seq
+                        && f.log_id == meta.log_id
+                        && f.first_position == header.base_position
+                        && f.data_end <= header.data_limit() =>
+                {
+                    (Some(f), false)
+                }
+                _ => (None, true),
             }
-            if f.data_end > header.data_limit() {
-                return Err(corrupt(
-                    &path,
-                    header.footer_offset(),
-                    None,
-                    "footer data_end beyond the data area".into(),
-                    None,
-                ));
-            }
-            Some(f)
         };
-        found.push(Found {
+        listing.found.push(Found {
             seq,
             path,
             header,
             footer,
+            footer_damaged,
         });
+    }
+    if let (Some((seq, path)), Some(last)) = (&listing.torn_newest, listing.found.last()) {
+        if seq.0 != last.seq.0 + 1 {
+            return Err(corrupt(path, 0, None, "segment header".into(), None));
+        }
     }
     // Spare files of another size (from an earlier segment_bytes) are removed: they hold
     // nothing.
+    let next_seq = listing
+        .torn_newest
+        .as_ref()
+        .map(|t| t.0.0)
+        .or(listing.found.last().map(|f| f.seq.0))
+        .map_or(0, |s| s + 1);
     let mut ready = Vec::new();
-    let next_seq = found.last().map_or(0, |f| f.seq.0 + 1);
-    for (seq, path, len) in spares {
+    for (seq, path, len) in listing
+        .spares
+        .drain(..)
+        .map(|(s, p)| (s, p.clone(), std::fs::metadata(&p).map_or(0, |m| m.len())))
+    {
         if len == opts.segment_bytes && seq.0 >= next_seq {
             ready.push((seq, path));
         } else if !read_only {
             std::fs::remove_file(&path).map_err(io("removing spare segment", &path))?;
         }
     }
-    Ok((found, ready))
-}
-
-/// Whether a segment whose header does not decode holds no record that was acknowledged:
-/// no CRC-valid record header in it says the log was durable beyond the smallest position
-/// found in it (the segment's first).
-fn torn_header_is_unacknowledged(file: &File, len: u64, path: &Path) -> Result<bool> {
-    let mut src = FileSource::new(file).map_err(io("reading segment", path))?;
-    let limit = len - PAGE_BYTES;
-    let mut headers: Vec<RecordHeader> = Vec::new();
-    let mut at = SEGMENT_DATA_START;
-    while at + 80 <= limit {
-        let (found, _) = find_durable_evidence(&mut src, at, limit, Position(0))
-            .map_err(io("reading segment", path))?;
-        match found {
-            Some((off, h)) => {
-                headers.push(h);
-                at = off + 8;
-            }
-            None => break,
-        }
-    }
-    let min = headers.iter().map(|h| h.position).min();
-    Ok(headers
-        .iter()
-        .all(|h| min.is_some_and(|m| h.durable_through() <= m)))
+    listing.spares = ready;
+    Ok(listing)
 }
 
 /// Checks that the sealed segments form a prefix and continue each other.
@@ -610,19 +742,19 @@ fn check_sealed_prefix(found: &[Found], seed: Hash32) -> Result<()> {
         chain: seed,
     };
     for f in found {
-        if f.header.base_position != end.position || f.header.prev_chain_hash != end.chain {
-            if f.footer.is_some() || !seen_unsealed {
-                return Err(corrupt(
-                    &f.path,
-                    0,
-                    Some(end.position.0),
-                    format!(
-                        "segment does not continue the log: starts at position {} (expected {}) or its previous chain hash differs",
-                        f.header.base_position, end.position
-                    ),
-                    None,
-                ));
-            }
+        let continues =
+            f.header.base_position == end.position && f.header.prev_chain_hash == end.chain;
+        if !continues && !seen_unsealed {
+            return Err(corrupt(
+                &f.path,
+                0,
+                Some(end.position.0),
+                format!(
+                    "segment does not continue the log: starts at position {} (expected {}) or its previous chain hash differs",
+                    f.header.base_position, end.position
+                ),
+                None,
+            ));
         }
         match (f.footer, seen_unsealed) {
             (Some(_), true) => {
@@ -646,25 +778,17 @@ fn check_sealed_prefix(found: &[Found], seed: Hash32) -> Result<()> {
     Ok(())
 }
 
-/// Where to start scanning an unsealed segment: after its clean-close sidecar if there is
-/// a valid one, else at its first record.
-fn start_of_scan(
-    shared: &Shared,
-    f: &Found,
-    table: &mut StreamTable,
-) -> (ActiveIndex, ScanFrom, bool) {
-    let fresh = (
-        ActiveIndex::new(f.seq, f.header.base_position),
-        ScanFrom {
-            offset: SEGMENT_DATA_START,
-            position: f.header.base_position,
-            chain: f.header.prev_chain_hash,
-        },
-        false,
-    );
+/// Where to start scanning an unsealed segment: after its clean-close sidecar if there is a
+/// valid one, else at its first record.
+fn start_of_scan(shared: &Shared, f: &Found) -> (Option<Arc<SealedIndex>>, ScanFrom) {
+    let fresh = ScanFrom {
+        offset: SEGMENT_DATA_START,
+        position: f.header.base_position,
+        chain: f.header.prev_chain_hash,
+    };
     let path = shared.dir.join(f.seq.index_file_name());
     let Ok(idx) = load_index(&path) else {
-        return fresh;
+        return (None, fresh);
     };
     let plausible = !idx.is_complete()
         && idx.log_id() == shared.meta.log_id
@@ -673,16 +797,8 @@ fn start_of_scan(
         && idx.data_end() >= SEGMENT_DATA_START
         && idx.data_end() <= f.header.data_limit();
     if !plausible {
-        return fresh;
+        return (None, fresh);
     }
-    for s in idx.stream_summaries() {
-        table.apply_summary(f.seq, &s);
-    }
-    let index = idx.to_active(|name| {
-        let key = table.key_or_insert(name);
-        let st = table.get(key);
-        (key, Arc::clone(&st.name), st.hash)
-    });
     let from = ScanFrom {
         offset: idx.data_end(),
         position: Position(f.header.base_position.0 + idx.record_count()),
@@ -692,98 +808,105 @@ fn start_of_scan(
             idx.last_chain_hash()
         },
     };
-    (index, from, true)
+    (Some(idx), from)
 }
 
-/// Decides what the damage at the end of segment `f` is, and removes it if it is a torn
-/// tail (or the mode allows truncating damaged data).
-fn truncate_tail(
+/// Removes what follows the end of the log: the bytes after `cut` in a segment (zeroed),
+/// every later segment file, and a newest segment without a header. First looks for
+/// evidence that any of it was acknowledged (a record saying the log was durable beyond
+/// `end`): with evidence, `Strict` refuses to open.
+fn remove_tail(
     shared: &Shared,
-    f: &Found,
-    s: &crate::segment::Scan,
+    cut: Option<(&Found, u64, u64)>,
     later: &[Found],
-    lost_from: Position,
+    torn_newest: Option<&(SegmentSeq, PathBuf)>,
+    end: Position,
+    reason: String,
 ) -> Result<Truncation> {
-    let (break_offset, reason, decode) = match &s.end {
-        ScanEnd::Break { offset, error, .. } => {
-            let src = match error {
-                crate::segment::RecordError::Invalid { source, .. } => Some(source.clone()),
-                crate::segment::RecordError::Io { .. } => None,
-            };
-            (*offset, error.to_string(), src)
-        }
-        ScanEnd::Clean { offset } => (*offset, "unfinished batch".to_owned(), None),
-    };
-    let _ = break_offset;
-    let file = File::open(&f.path).map_err(io("opening segment", &f.path))?;
-    let mut src = FileSource::new(&file).map_err(io("reading segment", &f.path))?;
-    let (mut evidence, last_nonzero) =
-        find_durable_evidence(&mut src, s.complete_end, f.header.data_limit(), lost_from)
-            .map_err(io("reading segment", &f.path))?;
-    let mut evidence_file = f.path.clone();
+    let mut regions: Vec<(PathBuf, u64, u64)> = Vec::new();
+    if let Some((f, offset, _)) = cut {
+        regions.push((f.path.clone(), offset, f.header.data_limit()));
+    }
     for l in later {
-        if evidence.is_some() {
-            break;
+        regions.push((l.path.clone(), SEGMENT_DATA_START, l.header.data_limit()));
+    }
+    if let Some((_, path)) = torn_newest {
+        let len = std::fs::metadata(path)
+            .map_err(io("reading segment size", path))?
+            .len();
+        regions.push((path.clone(), SEGMENT_DATA_START, len - PAGE_BYTES));
+    }
+    let mut evidence = None;
+    let mut cut_end = 0;
+    for (i, (path, from, limit)) in regions.iter().enumerate() {
+        let file = File::open(path).map_err(io("opening segment", path))?;
+        let mut src = FileSource::new(&file).map_err(io("reading segment", path))?;
+        let (e, last_nonzero) = find_durable_evidence(&mut src, *from, *limit, end)
+            .map_err(io("reading segment", path))?;
+        if i == 0 && cut.is_some() {
+            cut_end = last_nonzero;
         }
-        let lf = File::open(&l.path).map_err(io("opening segment", &l.path))?;
-        let mut lsrc = FileSource::new(&lf).map_err(io("reading segment", &l.path))?;
-        let (e, _) = find_durable_evidence(
-            &mut lsrc,
-            SEGMENT_DATA_START,
-            l.header.data_limit(),
-            lost_from,
-        )
-        .map_err(io("reading segment", &l.path))?;
-        if e.is_some() {
-            evidence = e;
-            evidence_file = l.path.clone();
+        if evidence.is_none() {
+            evidence = e.map(|(at, h)| (path.clone(), at, h));
         }
     }
     let acknowledged = evidence.is_some();
-    if let Some((at, h)) = evidence {
+    if let Some((path, at, h)) = &evidence {
         if shared.opts.recovery == RecoveryMode::Strict {
+            let (file, offset) = cut.map_or((path.clone(), *at), |(f, o, _)| (f.path.clone(), o));
             return Err(corrupt(
-                &f.path,
-                s.complete_end,
-                Some(lost_from.0),
+                &file,
+                offset,
+                Some(end.0),
                 format!(
-                    "{reason}; acknowledged data follows it ({} byte {at}: record {} was written when the log was durable through position {})",
-                    evidence_file.display(),
+                    "{reason}; acknowledged data follows ({} byte {at}: record {} was written when the log was durable through position {})",
+                    path.display(),
                     h.position,
                     h.durable_through()
                 ),
-                decode,
+                None,
             ));
         }
     }
-    let mut removed_bytes = last_nonzero.saturating_sub(s.complete_end);
-    if !shared.read_only {
-        if last_nonzero > s.complete_end {
+    let (file, offset) = match (cut, later.first(), torn_newest) {
+        (Some((f, o, _)), _, _) => (f.path.clone(), o),
+        (None, Some(l), _) => (l.path.clone(), 0),
+        (None, None, Some((_, p))) => (p.clone(), 0),
+        (None, None, None) => unreachable!("remove_tail is called with something to remove"),
+    };
+    let mut bytes = 0;
+    if let Some((f, o, _)) = cut {
+        bytes += cut_end.saturating_sub(o);
+        if !shared.read_only && cut_end > o {
             let wf = OpenOptions::new()
                 .write(true)
                 .open(&f.path)
                 .map_err(io("opening segment", &f.path))?;
-            zero_range(&wf, s.complete_end, last_nonzero)
-                .map_err(io("zeroing torn tail", &f.path))?;
-        }
-        for l in later {
-            let len = std::fs::metadata(&l.path).map(|m| m.len()).unwrap_or(0);
-            removed_bytes += len;
-            std::fs::remove_file(&l.path)
-                .map_err(io("removing segment after torn tail", &l.path))?;
-            let _ = std::fs::remove_file(shared.dir.join(l.seq.index_file_name()));
-        }
-        if !later.is_empty() {
-            sync_dir(&shared.dir).map_err(io("syncing directory", &shared.dir))?;
+            zero_range(&wf, o, cut_end).map_err(io("zeroing torn tail", &f.path))?;
         }
     }
+    let removed: Vec<(SegmentSeq, PathBuf)> = later
+        .iter()
+        .map(|l| (l.seq, l.path.clone()))
+        .chain(torn_newest.cloned())
+        .collect();
+    for (seq, path) in &removed {
+        bytes += std::fs::metadata(path).map_or(0, |m| m.len());
+        if !shared.read_only {
+            std::fs::remove_file(path)
+                .map_err(io("removing segment after the end of the log", path))?;
+            let _ = std::fs::remove_file(shared.dir.join(seq.index_file_name()));
+        }
+    }
+    if !removed.is_empty() && !shared.read_only {
+        sync_dir(&shared.dir).map_err(io("syncing directory", &shared.dir))?;
+    }
     Ok(Truncation {
-        file: f.path.clone(),
-        offset: s.complete_end,
-        bytes: removed_bytes,
-        first_lost_position: lost_from,
-        records: (s.records.len() - s.complete) as u64
-            + u64::from(matches!(s.end, ScanEnd::Break { .. })),
+        file,
+        offset,
+        bytes,
+        first_lost_position: end,
+        records: cut.map_or(0, |c| c.2),
         acknowledged_data_lost: acknowledged,
         reason,
     })
@@ -825,6 +948,7 @@ fn make_writer(
     last: Option<(SegmentHandle, ActiveIndex, u64, Hash32)>,
     end: End,
     streams: StreamTable,
+    last_sealed_time: Timestamp,
 ) -> Result<Writer> {
     let ids = IdWindow::new(shared.opts.idempotency_window);
     let last_record_time = Timestamp(0);
@@ -855,7 +979,8 @@ fn make_writer(
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(Arc::clone(&handle));
-        let last_time = index.last_record_time();
+        // Record time never decreases, even across a reopen onto an empty segment.
+        let last_time = index.last_record_time().max(last_sealed_time);
         return Ok(Writer {
             active: handle,
             map_writer,
@@ -918,23 +1043,7 @@ fn make_writer(
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .push(Arc::clone(&handle));
-    let last_time = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .rev()
-        .find_map(|s| {
-            match &*s
-                .state
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-            {
-                SegState::Sealed { footer, .. } => Some(footer.last_record_time),
-                _ => None,
-            }
-        })
-        .unwrap_or_default();
+    let last_time = last_sealed_time;
     Ok(Writer {
         active: handle,
         map_writer: Some(map_writer),

@@ -264,9 +264,22 @@ impl Shared {
         c
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, including ranges that hold no record yet
+    /// (the header of a segment that just became active).
     pub(crate) fn sync_all(&self) -> Result<()> {
-        let target = lock(&self.commit).written;
+        let target = {
+            let mut c = lock(&self.commit);
+            while c.syncing {
+                c = self
+                    .commit_cv
+                    .wait(c)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if !c.dirty.is_empty() && c.poisoned.is_none() {
+                c = self.lead_sync(c);
+            }
+            c.written
+        };
         self.wait_durable(target)
     }
 
@@ -373,12 +386,8 @@ impl Shared {
         let synced = if self.read_only {
             Ok(())
         } else {
-            let target = {
-                let mut c = lock(&self.commit);
-                c.closed = true;
-                c.written
-            };
-            self.wait_durable(target)
+            lock(&self.commit).closed = true;
+            self.sync_all()
         };
         self.stop_threads();
         let written = match (&synced, writer.take()) {

@@ -48,7 +48,6 @@ impl StreamTable {
         &mut self.states[key.0 as usize]
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.states.len()
     }
@@ -318,6 +317,7 @@ pub(crate) fn decode_snapshot(
         });
     }
     let mut entries = Vec::with_capacity(count as usize);
+    let mut names = std::collections::HashSet::with_capacity(count as usize);
     let mut at = SNAPSHOT_HEADER_LEN;
     for _ in 0..count {
         let fixed = b
@@ -345,6 +345,12 @@ pub(crate) fn decode_snapshot(
             }
         })?;
         crate::format::envelope::check_stream_id(name)?;
+        if !names.insert(name) {
+            return Err(DecodeError::Invalid {
+                what: "stream snapshot",
+                detail: format!("stream {name} appears twice"),
+            });
+        }
         entries.push(SnapshotEntry {
             name: name.to_owned(),
             first_position: Position(le::u64_at(fixed, SNE_FIRST_POSITION)),

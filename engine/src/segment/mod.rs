@@ -331,7 +331,7 @@ pub(crate) fn scan<S: ByteSource>(src: &mut S, from: ScanFrom, limit: u64) -> Sc
 /// had been acknowledged durable: any record header in `offset..limit` (on 8-byte
 /// boundaries) whose CRC holds and that says the log was durable beyond the break. Returns
 /// the offset and header of the first such record, and the end of the last non-zero byte
-/// seen (so that a torn tail can be zeroed).
+/// in the range (so that a torn tail can be zeroed entirely).
 pub(crate) fn find_durable_evidence<S: ByteSource>(
     src: &mut S,
     offset: u64,
@@ -339,6 +339,7 @@ pub(crate) fn find_durable_evidence<S: ByteSource>(
     break_position: Position,
 ) -> io::Result<(Option<(u64, RecordHeader)>, u64)> {
     let mut last_nonzero_end = offset;
+    let mut evidence = None;
     let mut at = offset;
     let chunk = 64 * 1024u64;
     while at < limit {
@@ -352,16 +353,18 @@ pub(crate) fn find_durable_evidence<S: ByteSource>(
             last_nonzero_end = word_at + word.len() as u64;
             if word_at + RECORD_HEADER_LEN as u64 <= limit {
                 let hb = src.bytes(word_at, RECORD_HEADER_LEN)?;
-                if let Ok(h) = RecordHeader::decode(hb) {
-                    if h.durable_through() > break_position {
-                        return Ok((Some((word_at, h)), last_nonzero_end));
+                if evidence.is_none() {
+                    if let Ok(h) = RecordHeader::decode(hb) {
+                        if h.durable_through() > break_position {
+                            evidence = Some((word_at, h));
+                        }
                     }
                 }
             }
         }
         at += n;
     }
-    Ok((None, last_nonzero_end))
+    Ok((evidence, last_nonzero_end))
 }
 
 /// Reads one page at `offset` with a plain read.
@@ -565,6 +568,13 @@ mod tests {
         let (found, _) =
             find_durable_evidence(&mut SliceSource { bytes: &area }, 0, 4096, Position(5)).unwrap();
         assert_eq!(found.map(|f| f.0), Some(1024), "durable through 8 > 5");
+        let (_, end) =
+            find_durable_evidence(&mut SliceSource { bytes: &area }, 0, 4096, Position(5)).unwrap();
+        assert_eq!(
+            end,
+            1024 + 80,
+            "the search goes on past the evidence to the last non-zero byte"
+        );
         let (found, end) =
             find_durable_evidence(&mut SliceSource { bytes: &area }, 0, 4096, Position(8)).unwrap();
         assert_eq!(found, None, "durable through 8 is not past a break at 8");
