@@ -3,6 +3,9 @@
 //! `WrongExpectedVersion` with the actual version; the stream ends up dense and each
 //! winner's events are where its result says.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -10,8 +13,8 @@ use tally_engine::{Direction, Error, EventData, EventId, ExpectedVersion, Log, O
 
 fn id(thread: u64, attempt: u64) -> EventId {
     let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&thread.to_be_bytes());
-    b[8..].copy_from_slice(&attempt.to_be_bytes());
+    b[..8].copy_from_slice(&thread.to_le_bytes());
+    b[8..].copy_from_slice(&attempt.to_le_bytes());
     EventId(b)
 }
 

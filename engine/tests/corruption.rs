@@ -9,6 +9,9 @@
 //!
 //! `TALLY_CORRUPTION_CASES=N` runs more cases; `TALLY_CORRUPTION_SEED` replays a run.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::FileExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -43,7 +46,7 @@ fn build(dir: &Path, crash: bool) -> Vec<EventId> {
     let mut ids = Vec::new();
     for i in 0..700u64 {
         let mut id = [0u8; 16];
-        id[8..].copy_from_slice(&i.to_be_bytes());
+        id[8..].copy_from_slice(&i.to_le_bytes());
         id[0] = 0xcc;
         let n = 1 + (i % 3) as usize;
         let events: Vec<EventData> = (0..n)

@@ -15,6 +15,9 @@
 //! `TALLY_WRITE_FIXTURES=1 cargo test -p tally-engine --test fixtures_v1`, which refuses to
 //! overwrite an existing fixture; a new format version gets a new directory instead.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

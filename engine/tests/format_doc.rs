@@ -13,6 +13,9 @@
 //! integration test (the module is private); until they are re-exported, their values are read
 //! from the source text, so a changed constant still fails this test.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -3,6 +3,9 @@
 //! header and footer pages) and must neither panic nor accept bytes that re-encode
 //! differently. Crashes found by `cargo fuzz` become named cases here.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use proptest::prelude::*;
 use tally_engine::fuzzing::{decode_pages, decode_record, open_index, recover_segment};
 use tally_engine::{EventData, ExpectedVersion, Log, Options};

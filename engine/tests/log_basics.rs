@@ -3,6 +3,9 @@
 //! stream info, reopen after close and after a simulated crash, the directory lock, the
 //! tail, and poisoning after a failed sync.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +36,7 @@ fn ev(t: &str, n: u64) -> EventData {
 
 fn id(n: u64) -> EventId {
     let mut b = [0u8; 16];
-    b[8..].copy_from_slice(&n.to_be_bytes());
+    b[8..].copy_from_slice(&n.to_le_bytes());
     b[0] = 0x42;
     EventId(b)
 }
@@ -541,7 +544,7 @@ fn generated_ids_are_v7_and_increase_within_a_thread() {
         assert_eq!(id.0[6] >> 4, 7, "version 7");
         assert_eq!(id.0[8] >> 6, 0b10, "RFC variant");
     }
-    let ms = u64::from_be_bytes([
+    let ms = u64::from_le_bytes([
         0,
         0,
         ids[0].0[0],

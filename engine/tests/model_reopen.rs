@@ -6,6 +6,9 @@
 //!
 //! `PROPTEST_CASES=N` runs more cases.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
@@ -144,7 +147,7 @@ impl Model {
             .map(|&n| {
                 self.next_id += 1;
                 let mut id = [0u8; 16];
-                id[8..].copy_from_slice(&self.next_id.to_be_bytes());
+                id[8..].copy_from_slice(&self.next_id.to_le_bytes());
                 let payload = (0..n)
                     .map(|i| (i as u8) ^ (self.next_id as u8))
                     .collect::<Vec<u8>>();

@@ -5,6 +5,9 @@
 //! the disk taken for an empty spare, and a stream snapshot trusted beyond the end of the
 //! log (which later made an append panic).
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 

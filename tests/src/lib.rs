@@ -25,9 +25,9 @@ impl EventKey {
     #[must_use]
     pub fn event_id(&self) -> EventId {
         let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&self.cycle.to_be_bytes());
-        b[4..6].copy_from_slice(&self.thread.to_be_bytes());
-        b[6..10].copy_from_slice(&self.counter.to_be_bytes());
+        b[0..4].copy_from_slice(&self.cycle.to_le_bytes());
+        b[4..6].copy_from_slice(&self.thread.to_le_bytes());
+        b[6..10].copy_from_slice(&self.counter.to_le_bytes());
         b[10] = self.part;
         b[11] = self.index;
         b[12..16].copy_from_slice(b"TLLY");
@@ -42,9 +42,9 @@ impl EventKey {
             return None;
         }
         Some(EventKey {
-            cycle: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-            thread: u16::from_be_bytes([b[4], b[5]]),
-            counter: u32::from_be_bytes([b[6], b[7], b[8], b[9]]),
+            cycle: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            thread: u16::from_le_bytes([b[4], b[5]]),
+            counter: u32::from_le_bytes([b[6], b[7], b[8], b[9]]),
             part: b[10],
             index: b[11],
         })

@@ -14,6 +14,9 @@
 //! This models a process crash: the page cache survives. Power loss is covered by the
 //! recovery rules' tests (torn tails, damaged data), not here.
 
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::process::{Command, Stdio};

@@ -44,7 +44,7 @@ pub const LINK_TO: usize = RESERVED_OFFSET;
 
 const _: () = assert!(CHAIN_HASH_OFFSET + 32 == RECORD_HEADER_LEN);
 const _: () = assert!(LINK_TO - LINK_FROM == 32);
-const _: () = assert!(RECORD_HEADER_LEN % RECORD_ALIGN == 0);
+const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(RECORD_ALIGN));
 
 /// The largest body a record may carry: the envelope's fixed part and string limits plus
 /// the largest payload.

@@ -100,7 +100,9 @@ pub struct SegmentHeader {
 }
 
 fn check_capacity(capacity: u64) -> Result<(), DecodeError> {
-    if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&capacity) || capacity % PAGE_BYTES != 0 {
+    if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&capacity)
+        || !capacity.is_multiple_of(PAGE_BYTES)
+    {
         return Err(DecodeError::Invalid {
             what: "segment capacity",
             detail: format!(

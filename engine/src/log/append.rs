@@ -266,13 +266,13 @@ impl Writer {
             return self.find_in_stream_history(shared, part, current);
         }
         for (ev, slot) in part.events.iter().zip(&slots) {
-            if let Some(slot) = slot {
-                if Some(slot.stream) != key {
-                    return Err(Error::DuplicateEventId {
-                        event_id: ev.event_id,
-                        existing_stream: self.streams.get(slot.stream).name.to_string(),
-                    });
-                }
+            if let Some(slot) = slot
+                && Some(slot.stream) != key
+            {
+                return Err(Error::DuplicateEventId {
+                    event_id: ev.event_id,
+                    existing_stream: self.streams.get(slot.stream).name.to_string(),
+                });
             }
         }
         let first = slots[0];

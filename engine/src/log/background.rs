@@ -561,10 +561,10 @@ fn previous_segment_with(
         if found.is_none() {
             continue;
         }
-        if let Ok(Some((idx, _))) = sealed_index(shared, seg) {
-            if idx.find_stream(hash, name).is_some() {
-                return Some(seg.seq);
-            }
+        if let Ok(Some((idx, _))) = sealed_index(shared, seg)
+            && idx.find_stream(hash, name).is_some()
+        {
+            return Some(seg.seq);
         }
     }
     None

@@ -617,6 +617,8 @@ pub struct VerifyReport {
 /// section 6.2), and 62 random bits. The random bits come from a per-thread generator
 /// seeded once from the OS, so making an id costs no system call.
 #[must_use]
+// RFC 9562 lays the timestamp and random bits out big-endian.
+#[allow(clippy::big_endian_bytes)]
 pub fn new_event_id() -> EventId {
     thread_local! {
         static STATE: std::cell::Cell<(u64, u16, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
@@ -684,17 +686,17 @@ impl Options {
     fn check(&self) -> Result<()> {
         use crate::format::{PAGE_BYTES, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN};
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes)
-            || self.segment_bytes % PAGE_BYTES != 0
+            || !self.segment_bytes.is_multiple_of(PAGE_BYTES)
         {
             return Err(invalid_options(format!(
                 "segment_bytes {} must be a multiple of {PAGE_BYTES} in {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
                 self.segment_bytes
             )));
         }
-        if let Durability::Batched { max_delay } = self.durability {
-            if max_delay.is_zero() {
-                return Err(invalid_options("Batched max_delay must be positive"));
-            }
+        if let Durability::Batched { max_delay } = self.durability
+            && max_delay.is_zero()
+        {
+            return Err(invalid_options("Batched max_delay must be positive"));
         }
         Ok(())
     }

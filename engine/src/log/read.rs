@@ -550,10 +550,7 @@ pub(crate) fn read_all(
         }
         Direction::Backward => {
             let mut top = Position(from.0.min(visible.0 - 1));
-            loop {
-                let Some(i) = segment_index_of(&segs, top) else {
-                    break;
-                };
+            while let Some(i) = segment_index_of(&segs, top) {
                 let seg = &segs[i];
                 // Read the sampled block that holds `top`, newest first.
                 let Some((block_start, _)) = locate(shared, seg, top)? else {
@@ -858,18 +855,16 @@ pub(crate) fn check_chain_parallel(shared: &Shared, threads: usize) -> Result<u6
             .state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            && (next.header.prev_chain_hash != footer.last_chain_hash
+                || next.header.base_position != footer.last_position.next())
         {
-            if next.header.prev_chain_hash != footer.last_chain_hash
-                || next.header.base_position != footer.last_position.next()
-            {
-                return Err(corrupt(
-                    &next.path,
-                    0,
-                    Some(next.header.base_position.0),
-                    "segment does not continue the chain of the previous one".into(),
-                    None,
-                ));
-            }
+            return Err(corrupt(
+                &next.path,
+                0,
+                Some(next.header.base_position.0),
+                "segment does not continue the chain of the previous one".into(),
+                None,
+            ));
         }
     }
     Ok(total.into_inner())

@@ -83,13 +83,17 @@ struct Scanned<'a> {
     scan: Scan,
 }
 
+/// What an index needs to know about a stream: its key, shared name, hash, and the previous
+/// segment that holds it.
+type StreamKeying = (StreamKey, Arc<str>, u64, Option<SegmentSeq>);
+
 /// Builds an index from scanned records. `key_of` gives each stream's key, shared name,
 /// hash, and the previous segment that holds it.
 pub(crate) fn index_from_scan(
     seq: SegmentSeq,
     base: Position,
     records: &[ScannedRecord],
-    mut key_of: impl FnMut(&str) -> (StreamKey, Arc<str>, u64, Option<SegmentSeq>),
+    mut key_of: impl FnMut(&str) -> StreamKeying,
 ) -> ActiveIndex {
     let mut index = ActiveIndex::new(seq, base);
     extend_index(&mut index, records, &mut key_of);
@@ -99,9 +103,9 @@ pub(crate) fn index_from_scan(
 fn extend_index(
     index: &mut ActiveIndex,
     records: &[ScannedRecord],
-    key_of: &mut impl FnMut(&str) -> (StreamKey, Arc<str>, u64, Option<SegmentSeq>),
+    key_of: &mut impl FnMut(&str) -> StreamKeying,
 ) {
-    let mut cache: HashMap<&str, (StreamKey, Arc<str>, u64, Option<SegmentSeq>)> = HashMap::new();
+    let mut cache: HashMap<&str, StreamKeying> = HashMap::new();
     for r in records {
         let (key, name, hash, prev) = cache
             .entry(r.stream.as_str())
@@ -150,7 +154,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
 pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryReport)> {
     opts.check()?;
     let read_only = opts.recovery == RecoveryMode::ReadOnly;
-    if !dir.join(META_FILE).exists() && !(opts.create && !read_only) {
+    if !dir.join(META_FILE).exists() && (!opts.create || read_only) {
         return Err(Error::NotFound {
             dir: dir.to_owned(),
         });
@@ -669,16 +673,16 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
                 None,
             ));
         }
-        if let Some(prev) = listing.found.last() {
-            if prev.seq.0 + 1 != seq.0 {
-                return Err(corrupt(
-                    &path,
-                    0,
-                    None,
-                    format!("segment {} is missing", prev.seq.0 + 1),
-                    None,
-                ));
-            }
+        if let Some(prev) = listing.found.last()
+            && prev.seq.0 + 1 != seq.0
+        {
+            return Err(corrupt(
+                &path,
+                0,
+                None,
+                format!("segment {} is missing", prev.seq.0 + 1),
+                None,
+            ));
         }
         let fpage =
             read_page(&file, header.footer_offset()).map_err(io("reading footer", &path))?;
@@ -705,10 +709,10 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
             footer_damaged,
         });
     }
-    if let (Some((seq, path)), Some(last)) = (&listing.torn_newest, listing.found.last()) {
-        if seq.0 != last.seq.0 + 1 {
-            return Err(corrupt(path, 0, None, "segment header".into(), None));
-        }
+    if let (Some((seq, path)), Some(last)) = (&listing.torn_newest, listing.found.last())
+        && seq.0 != last.seq.0 + 1
+    {
+        return Err(corrupt(path, 0, None, "segment header".into(), None));
     }
     // Spare files of another size (from an earlier segment_bytes) are removed: they hold
     // nothing.
@@ -851,22 +855,22 @@ fn remove_tail(
         }
     }
     let acknowledged = evidence.is_some();
-    if let Some((path, at, h)) = &evidence {
-        if shared.opts.recovery == RecoveryMode::Strict {
-            let (file, offset) = cut.map_or((path.clone(), *at), |(f, o, _)| (f.path.clone(), o));
-            return Err(corrupt(
-                &file,
-                offset,
-                Some(end.0),
-                format!(
-                    "{reason}; acknowledged data follows ({} byte {at}: record {} was written when the log was durable through position {})",
-                    path.display(),
-                    h.position,
-                    h.durable_through()
-                ),
-                None,
-            ));
-        }
+    if let Some((path, at, h)) = &evidence
+        && shared.opts.recovery == RecoveryMode::Strict
+    {
+        let (file, offset) = cut.map_or((path.clone(), *at), |(f, o, _)| (f.path.clone(), o));
+        return Err(corrupt(
+            &file,
+            offset,
+            Some(end.0),
+            format!(
+                "{reason}; acknowledged data follows ({} byte {at}: record {} was written when the log was durable through position {})",
+                path.display(),
+                h.position,
+                h.durable_through()
+            ),
+            None,
+        ));
     }
     let (file, offset) = match (cut, later.first(), torn_newest) {
         (Some((f, o, _)), _, _) => (f.path.clone(), o),

@@ -107,11 +107,12 @@ pub(crate) struct CommitState {
 impl CommitState {
     /// Adds a written range, merging with the previous one when contiguous.
     pub(crate) fn add_dirty(&mut self, map: &Arc<SegmentMap>, start: u64, end: u64) {
-        if let Some(last) = self.dirty.last_mut() {
-            if Arc::ptr_eq(&last.map, map) && last.end == start {
-                last.end = end;
-                return;
-            }
+        if let Some(last) = self.dirty.last_mut()
+            && Arc::ptr_eq(&last.map, map)
+            && last.end == start
+        {
+            last.end = end;
+            return;
         }
         self.dirty.push(DirtyRange {
             map: Arc::clone(map),

@@ -353,12 +353,11 @@ pub(crate) fn find_durable_evidence<S: ByteSource>(
             last_nonzero_end = word_at + word.len() as u64;
             if word_at + RECORD_HEADER_LEN as u64 <= limit {
                 let hb = src.bytes(word_at, RECORD_HEADER_LEN)?;
-                if evidence.is_none() {
-                    if let Ok(h) = RecordHeader::decode(hb) {
-                        if h.durable_through() > break_position {
-                            evidence = Some((word_at, h));
-                        }
-                    }
+                if evidence.is_none()
+                    && let Ok(h) = RecordHeader::decode(hb)
+                    && h.durable_through() > break_position
+                {
+                    evidence = Some((word_at, h));
                 }
             }
         }
