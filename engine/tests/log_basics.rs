@@ -544,16 +544,10 @@ fn generated_ids_are_v7_and_increase_within_a_thread() {
         assert_eq!(id.0[6] >> 4, 7, "version 7");
         assert_eq!(id.0[8] >> 6, 0b10, "RFC variant");
     }
-    let ms = u64::from_le_bytes([
-        0,
-        0,
-        ids[0].0[0],
-        ids[0].0[1],
-        ids[0].0[2],
-        ids[0].0[3],
-        ids[0].0[4],
-        ids[0].0[5],
-    ]);
+    // The first 48 bits, most significant byte first.
+    let ms = ids[0].0[..6]
+        .iter()
+        .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
     let now_ms = tally_engine::now().0 / 1_000_000;
     assert!(
         now_ms.abs_diff(ms) < 60_000,
