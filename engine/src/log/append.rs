@@ -10,11 +10,12 @@
 //! 3. Wait for durability (`Shared::wait_durable`) if the log's durability asks for it.
 
 use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::background::SealJob;
-use super::ids::{IdSlot, IdWindow};
+use super::ids::{IdHasher, IdSlot, IdWindow};
 use super::shared::{SegState, SegmentHandle, Shared, lock};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable};
 use super::{
@@ -34,8 +35,14 @@ use crate::format::{
 use crate::index::{ActiveIndex, IndexFileInfo, StreamKey};
 use crate::sys::MapWriter;
 
-/// Bytes of bodies above which a batch's hashing is split over two threads.
-const PARALLEL_HASH_BYTES: usize = 256 * 1024;
+/// A thread keeps its encoding buffer between appends up to this size, so that large
+/// batches do not allocate (and, above the allocator's mmap threshold, map and unmap, which
+/// costs a TLB shootdown on every core) each time.
+const BODIES_KEPT_BYTES: usize = 8 << 20;
+
+thread_local! {
+    static BODIES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// One event, encoded and hashed, waiting for its position.
 struct PreparedEvent {
@@ -65,13 +72,21 @@ fn invalid_append(reason: impl Into<String>) -> Error {
 }
 
 /// Validates, encodes and hashes a request.
-fn prepare<'a>(requests: &[AppendRequest<'a>], segment_bytes: u64) -> Result<Prepared<'a>> {
+fn prepare<'a>(
+    requests: &[AppendRequest<'a>],
+    segment_bytes: u64,
+    mut bodies: Vec<u8>,
+) -> Result<Prepared<'a>> {
     if requests.is_empty() {
         return Err(invalid_append("no streams"));
     }
+    bodies.clear();
     let mut streams_seen = HashSet::new();
-    let mut ids_seen = HashSet::new();
-    let mut bodies = Vec::new();
+    let events_total: usize = requests.iter().map(|r| r.events.len()).sum();
+    let mut ids_seen: HashSet<u128, BuildHasherDefault<IdHasher>> = HashSet::default();
+    if events_total > 1 {
+        ids_seen.reserve(events_total);
+    }
     let mut parts = Vec::with_capacity(requests.len());
     let mut record_bytes = 0u64;
     let mut index = 0usize;
@@ -92,7 +107,7 @@ fn prepare<'a>(requests: &[AppendRequest<'a>], segment_bytes: u64) -> Result<Pre
         let mut events = Vec::with_capacity(req.events.len());
         for ev in req.events {
             let event_id = ev.event_id.unwrap_or_else(new_event_id);
-            if (requests.len() > 1 || req.events.len() > 1) && !ids_seen.insert(event_id) {
+            if events_total > 1 && !ids_seen.insert(event_id.as_u128()) {
                 return Err(invalid_append(format!("event id {event_id} appears twice")));
             }
             let env = envelope_of(ev, req.stream, event_id, default_time);
@@ -158,22 +173,12 @@ fn hash_one(ev: &mut PreparedEvent, bodies: &[u8]) {
     ev.body_crc = crc32fast::hash(body);
 }
 
-/// Hashes and checksums every body; splits large batches over two threads.
+/// Hashes and checksums every body, on the appending thread (in parallel across
+/// appenders, outside the writer lock).
 fn hash_bodies(parts: &mut [PreparedPart<'_>], bodies: &[u8]) {
-    let mut all: Vec<&mut PreparedEvent> =
-        parts.iter_mut().flat_map(|p| p.events.iter_mut()).collect();
-    if bodies.len() < PARALLEL_HASH_BYTES || all.len() < 2 {
-        for ev in all {
-            hash_one(ev, bodies);
-        }
-        return;
+    for ev in parts.iter_mut().flat_map(|p| p.events.iter_mut()) {
+        hash_one(ev, bodies);
     }
-    let mid = all.len() / 2;
-    let (a, b) = all.split_at_mut(mid);
-    std::thread::scope(|s| {
-        s.spawn(|| b.iter_mut().for_each(|ev| hash_one(ev, bodies)));
-        a.iter_mut().for_each(|ev| hash_one(ev, bodies));
-    });
 }
 
 /// The writer: everything the serial part of an append touches.
@@ -590,12 +595,17 @@ pub(crate) fn submit(
     if shared.read_only {
         return Err(Error::ReadOnly);
     }
-    let prepared = prepare(requests, shared.opts.segment_bytes)?;
+    let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let prepared = prepare(requests, shared.opts.segment_bytes, bodies)?;
     let committed = {
         let mut guard = lock(&shared.writer);
         let writer = guard.as_mut().ok_or(Error::Closed)?;
-        writer.commit(shared, &prepared)?
+        writer.commit(shared, &prepared)
     };
+    if prepared.bodies.capacity() <= BODIES_KEPT_BYTES {
+        BODIES.with(|b| *b.borrow_mut() = prepared.bodies);
+    }
+    let committed = committed?;
     let wait = shared.opts.durability == Durability::Fsync;
     if wait && wake_flusher {
         let _c = lock(&shared.commit);
