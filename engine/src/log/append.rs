@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::background::SealJob;
 use super::ids::{IdHasher, IdSlot, IdWindow};
-use super::shared::{SegState, SegmentHandle, Shared, lock};
+use super::shared::{SegState, SegmentHandle, Shared};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable};
 use super::{
     AppendRequest, AppendResult, Durability, EventData, ExpectedVersion, new_event_id, now,
@@ -362,7 +362,7 @@ impl Writer {
 
     /// Writes a prepared batch. Called under the writer lock.
     fn commit(&mut self, shared: &Shared, prepared: &Prepared<'_>) -> Result<Committed> {
-        lock(&shared.commit).check_writable()?;
+        shared.commit.lock().check_writable()?;
         let first_versions = match self.resolve(shared, prepared)? {
             Resolution::Replay(results) => {
                 let end = results.iter().map(|r| r.last_position.next()).max();
@@ -478,13 +478,11 @@ impl Writer {
         mw.publish(self.write_offset);
         let written = self.next_position;
         {
-            let mut c = lock(&shared.commit);
+            let mut c = shared.commit.lock();
             c.written = written;
             c.add_dirty(mw.map(), start_offset, self.write_offset);
-            match shared.opts.durability {
-                Durability::Fsync => {}
-                Durability::Batched { .. } => shared.flush_cv.notify_one(),
-                Durability::None => {}
+            if matches!(shared.opts.durability, Durability::Batched { .. }) && c.flusher_idle {
+                shared.flush_cv.notify_one();
             }
         }
         if shared.opts.durability != Durability::Fsync {
@@ -518,7 +516,10 @@ impl Writer {
             index: Arc::clone(&old_index),
             data_end: old_end,
         };
-        lock(&shared.commit).add_dirty(map_writer.map(), 0, PAGE_BYTES);
+        shared
+            .commit
+            .lock()
+            .add_dirty(map_writer.map(), 0, PAGE_BYTES);
         self.map_writer = Some(map_writer);
         self.write_offset = SEGMENT_DATA_START;
         shared
@@ -598,7 +599,7 @@ pub(crate) fn submit(
     let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));
     let prepared = prepare(requests, shared.opts.segment_bytes, bodies)?;
     let committed = {
-        let mut guard = lock(&shared.writer);
+        let mut guard = shared.writer.lock();
         let writer = guard.as_mut().ok_or(Error::Closed)?;
         writer.commit(shared, &prepared)
     };
@@ -608,8 +609,11 @@ pub(crate) fn submit(
     let committed = committed?;
     let wait = shared.opts.durability == Durability::Fsync;
     if wait && wake_flusher {
-        let _c = lock(&shared.commit);
-        shared.flush_cv.notify_one();
+        // Only an idle flusher needs waking: a busy one looks for new work after each sync.
+        let c = shared.commit.lock();
+        if c.flusher_idle {
+            shared.flush_cv.notify_one();
+        }
     }
     Ok(AppendHandle {
         shared: Arc::clone(shared),
@@ -650,7 +654,7 @@ impl AppendHandle {
     #[must_use]
     pub fn is_done(&self) -> bool {
         self.durable_target.is_none_or(|t| {
-            let c = lock(&self.shared.commit);
+            let c = self.shared.commit.lock();
             c.durable >= t || c.poisoned.is_some()
         })
     }

@@ -201,7 +201,7 @@ fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
                     }
                 }
                 Err(e) => {
-                    let mut c = lock(&shared.commit);
+                    let mut c = shared.commit.lock();
                     let cause = match e {
                         Error::Io { source, .. } => source,
                         other => std::io::Error::other(other.to_string()),
@@ -571,7 +571,7 @@ fn previous_segment_with(
 }
 
 fn flusher(shared: &Shared) {
-    let mut c = lock(&shared.commit);
+    let mut c = shared.commit.lock();
     loop {
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
@@ -580,34 +580,22 @@ fn flusher(shared: &Shared) {
         match shared.opts.durability {
             Durability::Fsync if pending && !c.syncing => c = shared.lead_sync(c),
             Durability::Fsync if pending => {
-                c = shared
-                    .commit_cv
-                    .wait(c)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                shared.commit_cv.wait(&mut c);
             }
             Durability::Batched { max_delay } if pending => {
                 // Let the batch gather for max_delay, then sync everything written.
-                let (g, _) = shared
-                    .flush_cv
-                    .wait_timeout(c, max_delay)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                c = g;
+                shared.flush_cv.wait_for(&mut c, max_delay);
                 while c.syncing {
-                    c = shared
-                        .commit_cv
-                        .wait(c)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    shared.commit_cv.wait(&mut c);
                 }
                 if c.written > c.durable && !shared.shutdown.load(Ordering::SeqCst) {
                     c = shared.lead_sync(c);
                 }
             }
             _ => {
-                let (g, _) = shared
-                    .flush_cv
-                    .wait_timeout(c, Duration::from_millis(200))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                c = g;
+                c.flusher_idle = true;
+                shared.flush_cv.wait_for(&mut c, Duration::from_millis(200));
+                c.flusher_idle = false;
             }
         }
     }

@@ -316,7 +316,7 @@ pub(crate) fn read_stream(
     }
     let visible = shared.visible_position();
     let plan = {
-        let guard = lock(&shared.writer);
+        let guard = shared.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
         plan(w, stream, from, max, direction, visible)
     };
@@ -353,7 +353,7 @@ pub(crate) fn read_stream_locked(
 pub(crate) fn stream_info(shared: &Shared, stream: &str) -> Result<Option<StreamInfo>> {
     let visible = shared.visible_position();
     let state = {
-        let guard = lock(&shared.writer);
+        let guard = shared.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
         w.streams.key(stream).map(|k| w.streams.get(k).clone())
     };
@@ -454,7 +454,7 @@ fn locate(
         SegState::Active => None,
     };
     let Some(frozen) = state else {
-        let guard = lock(&shared.writer);
+        let guard = shared.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
         if w.active.seq == seg.seq {
             return Ok(w.index.locate(position));

@@ -185,12 +185,13 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         meta,
         seed,
         read_only,
-        writer: Mutex::new(None),
-        commit: Mutex::new(CommitState::default()),
-        commit_cv: Condvar::new(),
-        flush_cv: Condvar::new(),
+        writer: parking_lot::Mutex::new(None),
+        commit: parking_lot::Mutex::new(CommitState::default()),
+        commit_cv: parking_lot::Condvar::new(),
+        flush_cv: parking_lot::Condvar::new(),
         visible: AtomicU64::new(0),
         durable: AtomicU64::new(0),
+        poisoned: AtomicBool::new(false),
         tail_lock: Mutex::new(()),
         tail_cv: Condvar::new(),
         tail_waiters: AtomicUsize::new(0),
@@ -452,9 +453,9 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     }
     let writer = make_writer(&shared, last, end, table, last_sealed_time)?;
     let next_position = writer.next_position;
-    *lock(&shared.writer) = Some(writer);
+    *shared.writer.lock() = Some(writer);
     {
-        let mut c = lock(&shared.commit);
+        let mut c = shared.commit.lock();
         c.written = next_position;
         c.durable = next_position;
     }
@@ -467,7 +468,9 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     if !read_only {
         rebuild_id_window(&shared)?;
         start_threads(&shared)?;
-        let next = lock(&shared.writer)
+        let next = shared
+            .writer
+            .lock()
             .as_ref()
             .map(|w| SegmentSeq(w.active.seq.0 + 1));
         if let Some(next) = next {
@@ -1041,7 +1044,10 @@ fn make_writer(
     let (handle, map_writer) =
         super::background::activate_spare(shared, next_seq, end.position, end.chain)?;
     // The header must be durable with the first records; register it.
-    lock(&shared.commit).add_dirty(map_writer.map(), 0, PAGE_BYTES);
+    shared
+        .commit
+        .lock()
+        .add_dirty(map_writer.map(), 0, PAGE_BYTES);
     shared
         .segments
         .write()
@@ -1063,7 +1069,7 @@ fn make_writer(
 
 /// Fills the idempotency window with the ids of the newest records, newest segment first.
 fn rebuild_id_window(shared: &Shared) -> Result<()> {
-    let mut guard = lock(&shared.writer);
+    let mut guard = shared.writer.lock();
     let w = guard.as_mut().expect("writer made above");
     let active_ids = slots_of_active(&w.index, w.active.header.base_position);
     for (id, slot) in active_ids {

@@ -98,6 +98,10 @@ pub(crate) struct CommitState {
     pub(crate) durable: Position,
     pub(crate) dirty: Vec<DirtyRange>,
     pub(crate) syncing: bool,
+    /// Threads parked in `wait_durable`, with the position each waits for.
+    pub(crate) parked: Vec<(Position, std::thread::Thread)>,
+    /// The flusher thread is waiting for work (so appends must wake it).
+    pub(crate) flusher_idle: bool,
     pub(crate) poisoned: Option<Arc<io::Error>>,
     pub(crate) closed: bool,
     /// Test hook: fail the next sync.
@@ -152,16 +156,22 @@ pub(crate) struct Shared {
     pub(crate) meta: LogMeta,
     pub(crate) seed: Hash32,
     pub(crate) read_only: bool,
-    pub(crate) writer: Mutex<Option<Writer>>,
-    pub(crate) commit: Mutex<CommitState>,
+    /// The serial part of appends. `parking_lot`'s mutex, because with many appenders on
+    /// few cores std's convoys (measured: see docs/adr/0004).
+    pub(crate) writer: parking_lot::Mutex<Option<Writer>>,
+    /// Group-commit state (`parking_lot`, like the writer lock).
+    pub(crate) commit: parking_lot::Mutex<CommitState>,
     /// Signalled when `durable` advances, or on poison or close.
-    pub(crate) commit_cv: Condvar,
+    pub(crate) commit_cv: parking_lot::Condvar,
     /// Wakes the flusher thread.
-    pub(crate) flush_cv: Condvar,
+    pub(crate) flush_cv: parking_lot::Condvar,
     /// Records below this position are visible to readers.
     pub(crate) visible: AtomicU64,
-    /// Mirror of `CommitState::durable`, read on the append path for `durable_lag`.
+    /// Mirror of `CommitState::durable`, read on the append path for `durable_lag` and by
+    /// parked waiters.
     pub(crate) durable: AtomicU64,
+    /// Mirror of `CommitState::poisoned.is_some()`, for parked waiters.
+    pub(crate) poisoned: AtomicBool,
     pub(crate) tail_lock: Mutex<()>,
     pub(crate) tail_cv: Condvar,
     pub(crate) tail_waiters: AtomicUsize,
@@ -200,6 +210,10 @@ impl Shared {
         if c.poisoned.is_none() {
             c.poisoned = Some(Arc::new(cause));
         }
+        self.poisoned.store(true, Ordering::SeqCst);
+        for (_, t) in c.parked.drain(..) {
+            t.unpark();
+        }
         self.commit_cv.notify_all();
     }
 
@@ -207,7 +221,7 @@ impl Shared {
     /// running (group commit: the leader syncs everything written before it started, and
     /// every waiter covered by that returns together).
     pub(crate) fn wait_durable(&self, target: Position) -> Result<()> {
-        let mut c = lock(&self.commit);
+        let mut c = self.commit.lock();
         loop {
             if c.durable >= target {
                 return Ok(());
@@ -217,14 +231,25 @@ impl Shared {
                     cause: Arc::clone(cause),
                 });
             }
-            if c.syncing {
-                c = self
-                    .commit_cv
-                    .wait(c)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            } else {
+            if !c.syncing && c.parked.is_empty() {
+                // Alone: sync now, on this thread, rather than hand off to the flusher and
+                // back (two wake-ups on the acknowledgement path).
                 c = self.lead_sync(c);
+                continue;
             }
+            // Others are waiting too: the flusher thread leads the group's syncs back to
+            // back, and each sync wakes exactly the waiters it covered (no herd).
+            if !c.syncing && c.flusher_idle {
+                self.flush_cv.notify_one();
+            }
+            c.parked.push((target, std::thread::current()));
+            drop(c);
+            while self.durable.load(Ordering::Acquire) < target.0
+                && !self.poisoned.load(Ordering::SeqCst)
+            {
+                std::thread::park();
+            }
+            c = self.commit.lock();
         }
     }
 
@@ -232,8 +257,8 @@ impl Shared {
     /// `syncing` false; returns with the lock held again.
     pub(crate) fn lead_sync<'a>(
         &'a self,
-        mut c: MutexGuard<'a, CommitState>,
-    ) -> MutexGuard<'a, CommitState> {
+        mut c: parking_lot::MutexGuard<'a, CommitState>,
+    ) -> parking_lot::MutexGuard<'a, CommitState> {
         debug_assert!(!c.syncing);
         let target = c.written;
         let ranges = std::mem::take(&mut c.dirty);
@@ -247,7 +272,7 @@ impl Shared {
                 .iter()
                 .try_for_each(|r| r.map.sync_range(r.start, r.end))
         };
-        let mut c = lock(&self.commit);
+        let mut c = self.commit.lock();
         c.syncing = false;
         match result {
             Ok(()) => {
@@ -257,8 +282,22 @@ impl Shared {
                     if self.opts.durability == Durability::Fsync {
                         self.publish_visible(target);
                     }
+                    // Wake exactly the waiters this sync covered.
+                    let mut i = 0;
+                    while i < c.parked.len() {
+                        if c.parked[i].0 <= target {
+                            c.parked.swap_remove(i).1.unpark();
+                        } else {
+                            i += 1;
+                        }
+                    }
                 }
                 self.commit_cv.notify_all();
+                // Waiters this sync did not cover need a leader: the flusher (this thread
+                // may be an appender about to return).
+                if !c.parked.is_empty() && c.flusher_idle {
+                    self.flush_cv.notify_one();
+                }
             }
             Err(e) => self.poison(&mut c, e),
         }
@@ -269,12 +308,9 @@ impl Shared {
     /// (the header of a segment that just became active).
     pub(crate) fn sync_all(&self) -> Result<()> {
         let target = {
-            let mut c = lock(&self.commit);
+            let mut c = self.commit.lock();
             while c.syncing {
-                c = self
-                    .commit_cv
-                    .wait(c)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.commit_cv.wait(&mut c);
             }
             if !c.dirty.is_empty() && c.poisoned.is_none() {
                 c = self.lead_sync(c);
@@ -286,7 +322,7 @@ impl Shared {
 
     #[cfg(any(test, feature = "internals"))]
     pub(crate) fn inject_sync_failure(&self) {
-        lock(&self.commit).fail_next_sync = true;
+        self.commit.lock().fail_next_sync = true;
     }
 
     /// Waits until no rolled segment is waiting to be sealed.
@@ -298,7 +334,7 @@ impl Shared {
                 .wait_timeout(pending, Duration::from_millis(50))
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             pending = g;
-            if let Some(cause) = &lock(&self.commit).poisoned {
+            if let Some(cause) = &self.commit.lock().poisoned {
                 return Err(Error::Poisoned {
                     cause: Arc::clone(cause),
                 });
@@ -357,7 +393,7 @@ impl Shared {
         self.shutdown.store(true, Ordering::SeqCst);
         *lock(&self.seal_tx) = None;
         {
-            let _c = lock(&self.commit);
+            let _c = self.commit.lock();
             self.flush_cv.notify_all();
         }
         {
@@ -383,11 +419,11 @@ impl Shared {
             return Ok(());
         }
         // Holding the writer lock: no append is between its write and its registration.
-        let mut writer = lock(&self.writer);
+        let mut writer = self.writer.lock();
         let synced = if self.read_only {
             Ok(())
         } else {
-            lock(&self.commit).closed = true;
+            self.commit.lock().closed = true;
             self.sync_all()
         };
         self.stop_threads();
@@ -407,8 +443,8 @@ impl Shared {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut writer = lock(&self.writer);
-        lock(&self.commit).closed = true;
+        let mut writer = self.writer.lock();
+        self.commit.lock().closed = true;
         self.stop_threads_without_sealing();
         *writer = None;
         drop(writer);
