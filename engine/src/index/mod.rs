@@ -124,6 +124,27 @@ pub struct IndexEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StreamKey(pub u32);
 
+/// Hashes a [`StreamKey`] with one multiplication: keys are dense integers the log assigns,
+/// not input anyone else chooses, and SipHash costs more than the rest of an index update.
+#[derive(Default)]
+pub struct StreamKeyHasher(u64);
+
+impl std::hash::Hasher for StreamKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type KeyMap<V> = HashMap<StreamKey, V, std::hash::BuildHasherDefault<StreamKeyHasher>>;
+
 /// One stream's part of one segment.
 #[derive(Clone, Debug)]
 pub struct StreamRun {
@@ -161,7 +182,7 @@ pub struct StreamSummary {
 pub struct ActiveIndex {
     seq: SegmentSeq,
     base_position: Position,
-    streams: HashMap<StreamKey, StreamRun>,
+    streams: KeyMap<StreamRun>,
     sparse: Vec<(u32, u32)>,
     ids: Vec<EventId>,
     last_record_time: Timestamp,
@@ -174,7 +195,7 @@ impl ActiveIndex {
         ActiveIndex {
             seq,
             base_position,
-            streams: HashMap::new(),
+            streams: KeyMap::default(),
             sparse: Vec::new(),
             ids: Vec::new(),
             last_record_time: Timestamp(0),

@@ -203,8 +203,8 @@ struct Committed {
 }
 
 enum Resolution {
-    /// Write the events with these first versions.
-    Write(Vec<u64>),
+    /// Write the events with these first versions (and the streams' keys, if they exist).
+    Write(Vec<(u64, Option<StreamKey>)>),
     /// A retry of an earlier append: return its results.
     Replay(Vec<AppendResult>),
 }
@@ -240,7 +240,8 @@ impl Writer {
                             actual: current.map(|(_, v)| v),
                         });
                     }
-                    first_versions.push(current.map_or(0, |(_, v)| v + 1));
+                    first_versions
+                        .push((current.map_or(0, |(_, v)| v + 1), current.map(|(k, _)| k)));
                 }
             }
         }
@@ -388,8 +389,12 @@ impl Writer {
         let mut n = 0usize;
         let mut results = Vec::with_capacity(prepared.parts.len());
         let seq = self.active.seq;
-        for (part, &first_version) in prepared.parts.iter().zip(&first_versions) {
-            let key = self.streams.key_or_insert(part.stream);
+        for (part, &(first_version, known)) in prepared.parts.iter().zip(&first_versions) {
+            // The key was looked up by `resolve`; only a new stream needs hashing.
+            let key = match known {
+                Some(k) => k,
+                None => self.streams.key_or_insert(part.stream),
+            };
             let prev_segment = {
                 let st = self.streams.get(key);
                 (st.first_position.0 != u64::MAX && st.last_segment != seq)

@@ -1033,7 +1033,13 @@ fn make_writer(
         .iter()
         .any(|(s, _)| *s == next_seq);
     if !have_spare {
-        let path = prepare_spare(&shared.dir, next_seq, shared.opts.segment_bytes).map_err(io(
+        let path = prepare_spare(
+            &shared.dir,
+            next_seq,
+            shared.opts.segment_bytes,
+            shared.opts.durability,
+        )
+        .map_err(io(
             "preparing segment",
             &shared.dir.join(next_seq.file_name()),
         ))?;
