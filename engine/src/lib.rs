@@ -16,7 +16,7 @@
 //! let amend = EventData::json("TradeAmended", r#"{"qty":"150"}"#).actor("bob");
 //! log.append("trade-42", ExpectedVersion::Exact(r.last_version), &[amend])?;
 //! for ev in log.read_stream("trade-42", 0, 100, Direction::Forward)? {
-//!     println!("{} v{} {}", ev.stream, ev.version, ev.event_type);
+//!     println!("{} v{} {}", ev.stream(), ev.version, ev.event_type());
 //! }
 //! log.close()?;
 //! # Ok::<(), tally_engine::Error>(())

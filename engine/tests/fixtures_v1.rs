@@ -418,32 +418,32 @@ fn write_fixture_when_asked() {
     }
     for e in &events {
         let text = [
-            &e.stream,
-            &e.event_type,
-            &e.aggregate_type,
-            &e.correlation_id,
-            &e.causation_id,
-            &e.actor,
+            &e.stream(),
+            &e.event_type(),
+            &e.aggregate_type(),
+            &e.correlation_id(),
+            &e.causation_id(),
+            &e.actor(),
         ];
         assert!(text.iter().all(|t| !t.contains(['\t', '\n'])));
         let line = manifest_line(&ExpectedEvent {
             position: e.position.0,
-            stream: e.stream.clone(),
+            stream: e.stream().to_owned(),
             version: e.version,
             event_id: e.event_id,
-            event_type: e.event_type.clone(),
+            event_type: e.event_type().to_owned(),
             schema_version: e.schema_version,
-            aggregate_type: e.aggregate_type.clone(),
+            aggregate_type: e.aggregate_type().to_owned(),
             content_type: e.content_type as u8,
-            correlation_id: e.correlation_id.clone(),
-            causation_id: e.causation_id.clone(),
-            actor: e.actor.clone(),
+            correlation_id: e.correlation_id().to_owned(),
+            causation_id: e.causation_id().to_owned(),
+            actor: e.actor().to_owned(),
             event_time: e.event_time.0,
             record_time: e.record_time.0,
             flags: flags[e.position.0 as usize],
             record_hash: e.record_hash,
-            payload_len: e.payload.len(),
-            payload_crc: crc32(&e.payload),
+            payload_len: e.payload().len(),
+            payload_crc: crc32(&e.payload()),
         });
         out.push_str(&line);
         out.push('\n');
@@ -819,7 +819,7 @@ fn check_contents(log: &Log, m: &Expected) {
         let (content_type, payload) = payload(e.position);
         let got_place = (
             got.position.0,
-            got.stream.as_str(),
+            got.stream(),
             got.version,
             got.event_id,
             got.record_time.0,
@@ -835,13 +835,13 @@ fn check_contents(log: &Log, m: &Expected) {
         );
         assert_eq!(got_place, want_place, "event at position {}", e.position);
         let got_fields = (
-            got.event_type.as_str(),
+            got.event_type(),
             got.schema_version,
-            got.aggregate_type.as_str(),
+            got.aggregate_type(),
             got.content_type,
-            got.correlation_id.as_str(),
-            got.causation_id.as_str(),
-            got.actor.as_str(),
+            got.correlation_id(),
+            got.causation_id(),
+            got.actor(),
             got.event_time.0,
         );
         let want_fields = (
@@ -855,7 +855,7 @@ fn check_contents(log: &Log, m: &Expected) {
             e.event_time,
         );
         assert_eq!(got_fields, want_fields, "event at position {}", e.position);
-        assert_eq!(got.payload, payload, "payload at position {}", e.position);
+        assert_eq!(got.payload(), payload, "payload at position {}", e.position);
     }
     // By stream, both directions, and the stream table.
     let mut streams: Vec<&str> = m.events.iter().map(|e| e.stream.as_str()).collect();

@@ -70,19 +70,19 @@ fn append_and_read_round_trip_every_field() {
     assert_eq!(got.len(), 1);
     let g = &got[0];
     assert_eq!(g.event_id, id(1));
-    assert_eq!(g.event_type, "TradeNew");
+    assert_eq!(g.event_type(), "TradeNew");
     assert_eq!(g.schema_version, 3);
-    assert_eq!(g.aggregate_type, "Trade");
-    assert_eq!(g.payload, br#"{"qty":"100"}"#);
-    assert_eq!(g.correlation_id, "corr-9");
-    assert_eq!(g.causation_id, "cause-1");
-    assert_eq!(g.actor, "alice@desk");
+    assert_eq!(g.aggregate_type(), "Trade");
+    assert_eq!(g.payload(), br#"{"qty":"100"}"#);
+    assert_eq!(g.correlation_id(), "corr-9");
+    assert_eq!(g.causation_id(), "cause-1");
+    assert_eq!(g.actor(), "alice@desk");
     assert_eq!(g.event_time, tally_engine::Timestamp(1_000));
     assert!(
         g.record_time.0 > 1_000,
         "record time is assigned by the engine"
     );
-    assert_eq!(g.stream, "trade-42");
+    assert_eq!(g.stream(), "trade-42");
     let info = log.stream_info("trade-42").unwrap().unwrap();
     assert_eq!(
         (info.last_version, info.first_position, info.last_position),

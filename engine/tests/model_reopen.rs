@@ -196,10 +196,10 @@ fn same(got: &[RecordedEvent], want: &[(u64, &ModelEvent)]) -> Result<(), TestCa
     prop_assert_eq!(got.len(), want.len());
     for (g, (pos, w)) in got.iter().zip(want) {
         prop_assert_eq!(g.position, Position(*pos));
-        prop_assert_eq!(&g.stream, &name(w.stream));
+        prop_assert_eq!(&g.stream(), &name(w.stream));
         prop_assert_eq!(g.version, w.version);
         prop_assert_eq!(g.event_id, w.id);
-        prop_assert_eq!(&g.payload, &w.payload);
+        prop_assert_eq!(&g.payload(), &w.payload);
     }
     Ok(())
 }

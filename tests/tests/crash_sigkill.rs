@@ -176,17 +176,17 @@ fn check_acknowledged(log: &Log, acks: &[(u32, Ack)], cycle: u32) {
             );
             assert_eq!(e.event_id, key.event_id(), "{at}: wrong event");
             assert_eq!(
-                (e.stream.as_str(), e.version),
+                (e.stream(), e.version),
                 (stream, version),
                 "{at}: wrong place"
             );
-            assert_eq!(e.payload, w.payload, "{at}: payload");
-            assert_eq!(e.event_type, w.event_type, "{at}");
-            assert_eq!(e.actor, w.actor, "{at}");
-            assert_eq!(e.correlation_id, w.correlation_id, "{at}");
-            assert_eq!(e.causation_id, w.causation_id, "{at}");
+            assert_eq!(e.payload(), &w.payload[..], "{at}: payload");
+            assert_eq!(e.event_type(), w.event_type, "{at}");
+            assert_eq!(e.actor(), w.actor, "{at}");
+            assert_eq!(e.correlation_id(), w.correlation_id, "{at}");
+            assert_eq!(e.causation_id(), w.causation_id, "{at}");
             assert_eq!(Some(e.event_time), w.event_time, "{at}");
-            assert_eq!(e.aggregate_type, w.aggregate_type, "{at}");
+            assert_eq!(e.aggregate_type(), w.aggregate_type, "{at}");
         }
     }
     assert_eq!(
@@ -219,7 +219,7 @@ fn check_no_partial_batches(log: &Log, cycle: u32) {
         from = last.position.next();
         for e in &chunk {
             let key = EventKey::from_event_id(e.event_id).expect("only crash-test events");
-            let want = batch_events_of(&e.payload).expect("payload carries the batch size");
+            let want = batch_events_of(&e.payload()).expect("payload carries the batch size");
             let entry = batches.entry(key.batch()).or_insert((0, want));
             entry.0 += 1;
         }

@@ -329,9 +329,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "  {stream} v{} {:<9} by {:<7} corr {:<7} pos {:>3} hash {}..",
                 e.version,
-                e.event_type,
-                e.actor,
-                e.correlation_id,
+                e.event_type(),
+                e.actor(),
+                e.correlation_id(),
                 e.position,
                 &hex(&e.record_hash)[..16]
             );
@@ -354,7 +354,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let back = log.read_stream("trade-1", 0, 10, Direction::Forward)?;
-    let kinds: Vec<&str> = back.iter().map(|e| e.event_type.as_str()).collect();
+    let kinds: Vec<&str> = back.iter().map(|e| e.event_type()).collect();
     println!("  trade-1 after reopen: {}", kinds.join(" -> "));
 
     println!("\n5. Verifying (plain reads of every byte):");

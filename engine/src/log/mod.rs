@@ -241,39 +241,157 @@ pub struct AppendResult {
     pub last_version: u64,
 }
 
-/// An event as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An event as stored. The variable fields (stream, types, ids, actor, payload) stay in the
+/// record's encoded envelope, one allocation per event, and are read through accessors.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RecordedEvent {
     /// Position in the log.
     pub position: Position,
-    /// The stream.
-    pub stream: String,
     /// Version in the stream.
     pub version: u64,
     /// The event id.
     pub event_id: EventId,
-    /// The event type.
-    pub event_type: String,
     /// Schema version of the payload.
     pub schema_version: u32,
-    /// The aggregate type.
-    pub aggregate_type: String,
     /// How to read the payload.
     pub content_type: ContentType,
-    /// The payload.
-    pub payload: Vec<u8>,
-    /// Correlation id.
-    pub correlation_id: String,
-    /// Causation id.
-    pub causation_id: String,
-    /// Who did it.
-    pub actor: String,
     /// Business time.
     pub event_time: Timestamp,
     /// When the engine wrote it.
     pub record_time: Timestamp,
     /// The record's chain hash.
     pub record_hash: Hash32,
+    /// The encoded envelope, checked when read.
+    body: Box<[u8]>,
+    /// End offsets in `body` of stream, aggregate type, event type, correlation id,
+    /// causation id, actor and payload (each starts where the previous ends; the first at
+    /// the envelope's fixed length).
+    ends: [u32; 7],
+}
+
+impl RecordedEvent {
+    /// Builds an event from a checked envelope.
+    pub(crate) fn new(
+        position: Position,
+        version: u64,
+        record_time: Timestamp,
+        record_hash: Hash32,
+        env: &crate::format::envelope::EnvelopeRef<'_>,
+        body: &[u8],
+    ) -> RecordedEvent {
+        let mut ends = [0u32; 7];
+        let mut at = crate::format::envelope::ENVELOPE_FIXED_LEN as u32;
+        let lens = [
+            env.stream.len(),
+            env.aggregate_type.len(),
+            env.event_type.len(),
+            env.correlation_id.len(),
+            env.causation_id.len(),
+            env.actor.len(),
+            env.payload.len(),
+        ];
+        for (end, len) in ends.iter_mut().zip(lens) {
+            at += len as u32;
+            *end = at;
+        }
+        debug_assert_eq!(at as usize, body.len());
+        RecordedEvent {
+            position,
+            version,
+            event_id: env.event_id,
+            schema_version: env.schema_version,
+            content_type: env.content_type,
+            event_time: env.event_time,
+            record_time,
+            record_hash,
+            body: body.into(),
+            ends,
+        }
+    }
+
+    fn field(&self, i: usize) -> &[u8] {
+        let start = if i == 0 {
+            crate::format::envelope::ENVELOPE_FIXED_LEN
+        } else {
+            self.ends[i - 1] as usize
+        };
+        &self.body[start..self.ends[i] as usize]
+    }
+
+    fn text(&self, i: usize) -> &str {
+        // Checked as UTF-8 when the record was read; checking again costs little and keeps
+        // this crate free of unchecked conversions.
+        std::str::from_utf8(self.field(i)).unwrap_or_default()
+    }
+
+    /// The stream.
+    #[must_use]
+    pub fn stream(&self) -> &str {
+        self.text(0)
+    }
+
+    /// The aggregate type.
+    #[must_use]
+    pub fn aggregate_type(&self) -> &str {
+        self.text(1)
+    }
+
+    /// The event type.
+    #[must_use]
+    pub fn event_type(&self) -> &str {
+        self.text(2)
+    }
+
+    /// Correlation id (empty for none).
+    #[must_use]
+    pub fn correlation_id(&self) -> &str {
+        self.text(3)
+    }
+
+    /// Causation id (empty for none).
+    #[must_use]
+    pub fn causation_id(&self) -> &str {
+        self.text(4)
+    }
+
+    /// Who did it.
+    #[must_use]
+    pub fn actor(&self) -> &str {
+        self.text(5)
+    }
+
+    /// The payload.
+    #[must_use]
+    pub fn payload(&self) -> &[u8] {
+        self.field(6)
+    }
+
+    /// The encoded envelope, as stored (what the record hash covers through its body hash).
+    #[must_use]
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl std::fmt::Debug for RecordedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordedEvent")
+            .field("position", &self.position)
+            .field("stream", &self.stream())
+            .field("version", &self.version)
+            .field("event_id", &self.event_id)
+            .field("event_type", &self.event_type())
+            .field("schema_version", &self.schema_version)
+            .field("aggregate_type", &self.aggregate_type())
+            .field("content_type", &self.content_type)
+            .field("payload_len", &self.payload().len())
+            .field("correlation_id", &self.correlation_id())
+            .field("causation_id", &self.causation_id())
+            .field("actor", &self.actor())
+            .field("event_time", &self.event_time)
+            .field("record_time", &self.record_time)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the log knows about a stream.

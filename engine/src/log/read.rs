@@ -287,14 +287,16 @@ fn read_picks(shared: &Shared, stream: &str, picks: &Picks) -> Result<Vec<Record
         .map(|(seg, e)| {
             let position = Position(seg.header.base_position.0 + u64::from(e.pos_delta));
             let ev = read_event(seg, u64::from(e.offset), position)?;
-            if ev.stream != stream || ev.version != e.version {
+            if ev.stream() != stream || ev.version != e.version {
                 return Err(corrupt(
                     &seg.path,
                     u64::from(e.offset),
                     Some(position.0),
                     format!(
                         "index says {stream} version {}, record says {} version {}",
-                        e.version, ev.stream, ev.version
+                        e.version,
+                        ev.stream(),
+                        ev.version
                     ),
                     None,
                 ));
@@ -417,23 +419,14 @@ fn to_event(seg: &SegmentHandle, rec: &RecordRef<'_>, position: Position) -> Res
     let env = rec
         .envelope()
         .map_err(|e| with_position(seg, e, position))?;
-    Ok(RecordedEvent {
+    Ok(RecordedEvent::new(
         position,
-        stream: env.stream.to_owned(),
-        version: rec.header.stream_version,
-        event_id: env.event_id,
-        event_type: env.event_type.to_owned(),
-        schema_version: env.schema_version,
-        aggregate_type: env.aggregate_type.to_owned(),
-        content_type: env.content_type,
-        payload: env.payload.to_vec(),
-        correlation_id: env.correlation_id.to_owned(),
-        causation_id: env.causation_id.to_owned(),
-        actor: env.actor.to_owned(),
-        event_time: env.event_time,
-        record_time: rec.header.record_time,
-        record_hash: rec.header.chain_hash,
-    })
+        rec.header.stream_version,
+        rec.header.record_time,
+        rec.header.chain_hash,
+        &env,
+        rec.body,
+    ))
 }
 
 /// The nearest sampled record at or before `position` in `seg`, and the segment's end.
