@@ -219,7 +219,7 @@ fn check_no_partial_batches(log: &Log, cycle: u32) {
         from = last.position.next();
         for e in &chunk {
             let key = EventKey::from_event_id(e.event_id).expect("only crash-test events");
-            let want = batch_events_of(&e.payload()).expect("payload carries the batch size");
+            let want = batch_events_of(e.payload()).expect("payload carries the batch size");
             let entry = batches.entry(key.batch()).or_insert((0, want));
             entry.0 += 1;
         }
