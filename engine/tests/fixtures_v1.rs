@@ -443,7 +443,7 @@ fn write_fixture_when_asked() {
             flags: flags[e.position.0 as usize],
             record_hash: e.record_hash,
             payload_len: e.payload().len(),
-            payload_crc: crc32(&e.payload()),
+            payload_crc: crc32(e.payload()),
         });
         out.push_str(&line);
         out.push('\n');
