@@ -560,3 +560,44 @@ fn generated_ids_are_v7_and_increase_within_a_thread() {
     let mine: std::collections::HashSet<_> = ids.iter().collect();
     assert!(other.iter().all(|id| !mine.contains(id)));
 }
+
+#[test]
+fn parallel_chain_check_finds_a_flip_in_any_range() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            segment_bytes: 1 << 20,
+            ..opts()
+        },
+    )
+    .unwrap();
+    for i in 0..12_000u64 {
+        log.append("s", ExpectedVersion::Any, &[ev("E", i)])
+            .unwrap();
+    }
+    log.wait_sealed().unwrap();
+    assert_eq!(log.check_chain(2).unwrap(), 12_000);
+    let seg = log.segments()[0].clone();
+    assert!(seg.sealed && seg.record_count > 1000);
+    // Flip one payload byte of records spread over the whole segment, one at a time.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg.path)
+        .unwrap();
+    for frac in [1u64, 3, 5, 7, 9] {
+        let at = 4096 + (seg.data_end - 4096) * frac / 10;
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x04], at).unwrap();
+        assert!(
+            matches!(log.check_chain(2), Err(Error::Corrupt { .. })),
+            "flip at {frac}/10 missed"
+        );
+        assert!(log.scan(Position(0), Verify::Chain, |_| {}).is_err());
+        f.write_all_at(&b, at).unwrap();
+        assert_eq!(log.check_chain(2).unwrap(), 12_000);
+    }
+}

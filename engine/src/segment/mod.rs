@@ -151,6 +151,18 @@ pub(crate) fn read_record<'s, S: ByteSource>(
     offset: u64,
     limit: u64,
 ) -> Result<RecordRef<'s>, RecordError> {
+    read_record_checked(src, offset, limit, true)
+}
+
+/// [`read_record`], optionally without checking the body's CRC: for callers that check the
+/// record's chain link, which covers the body through its BLAKE3 hash (a stronger check;
+/// the header CRC still covers the stored `body_crc`).
+pub(crate) fn read_record_checked<'s, S: ByteSource>(
+    src: &'s mut S,
+    offset: u64,
+    limit: u64,
+    check_body_crc: bool,
+) -> Result<RecordRef<'s>, RecordError> {
     let invalid = |source| RecordError::Invalid { offset, source };
     if offset + RECORD_HEADER_LEN as u64 > limit {
         return Err(invalid(DecodeError::Truncated {
@@ -174,7 +186,9 @@ pub(crate) fn read_record<'s, S: ByteSource>(
         .bytes(offset + RECORD_HEADER_LEN as u64, padded)
         .map_err(io)?;
     let (body, padding) = all.split_at(header.body_len as usize);
-    header.check_body(body).map_err(invalid)?;
+    if check_body_crc {
+        header.check_body(body).map_err(invalid)?;
+    }
     check_padding(padding).map_err(invalid)?;
     Ok(RecordRef {
         offset,
