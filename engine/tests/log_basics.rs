@@ -601,3 +601,46 @@ fn parallel_chain_check_finds_a_flip_in_any_range() {
         assert_eq!(log.check_chain(2).unwrap(), 12_000);
     }
 }
+
+#[test]
+fn a_tail_ends_when_the_log_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    log.append("s", ExpectedVersion::Any, &[ev("E", 0)])
+        .unwrap();
+    let mut tail = log.tail(Position(0));
+    assert!(tail.next().is_some());
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        log.close().unwrap();
+    });
+    assert!(tail.next().is_none(), "a closed log ends the tail");
+    closer.join().unwrap();
+}
+
+#[test]
+fn a_retry_straddling_the_window_is_still_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            idempotency_window: 4,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let batch = [
+        ev("A", 0).with_id(id(500)),
+        ev("A", 1).with_id(id(501)),
+        ev("A", 2).with_id(id(502)),
+    ];
+    let first = log.append("s", ExpectedVersion::NoStream, &batch).unwrap();
+    // Two more events push the first two ids of the batch out of the window.
+    log.append("f", ExpectedVersion::Any, &[ev("F", 0), ev("F", 1)])
+        .unwrap();
+    assert_eq!(
+        log.append("s", ExpectedVersion::NoStream, &batch).unwrap(),
+        first
+    );
+    assert_eq!(log.stream_info("s").unwrap().unwrap().last_version, 2);
+}

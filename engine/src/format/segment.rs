@@ -269,7 +269,10 @@ impl SegmentFooter {
             merkle_root: le::array_at(page, SF_MERKLE_ROOT),
         };
         let span = footer.last_position.0.checked_sub(footer.first_position.0);
-        if footer.record_count == 0 || span != Some(footer.record_count - 1) {
+        if footer.record_count == 0
+            || span != Some(footer.record_count - 1)
+            || footer.last_position.0 == u64::MAX
+        {
             return Err(DecodeError::Invalid {
                 what: "segment footer",
                 detail: format!(

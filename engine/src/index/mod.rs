@@ -625,6 +625,27 @@ impl SealedIndex {
                 entry,
                 detail: "utf-8",
             })?;
+            // Every entry of the run: dense versions, a position inside the segment, an
+            // offset inside the data written (readers check the record too, but a damaged
+            // sidecar is caught here and rebuilt).
+            let base = self.entries_at + start as usize * EVENT_ENTRY_LEN;
+            for k in 0..count as usize {
+                let at = base + k * EVENT_ENTRY_LEN;
+                let b = self.b();
+                let version = le::u64_at(b, at);
+                let pos_delta = u64::from(le::u32_at(b, at + 8));
+                let offset = u64::from(le::u32_at(b, at + 12));
+                if version != first + k as u64
+                    || pos_delta >= self.record_count
+                    || offset < crate::format::SEGMENT_DATA_START
+                    || offset >= self.data_end
+                {
+                    return Err(IndexError::OutOfBounds {
+                        entry,
+                        detail: "event entry",
+                    });
+                }
+            }
             let key = (le::u64_at(e, SE_HASH), name);
             if prev_key.is_some_and(|p| p >= key) {
                 return Err(IndexError::OutOfBounds {

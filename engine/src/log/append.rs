@@ -300,6 +300,11 @@ impl Writer {
                 }))
             }
             _ => {
+                // Part of a retried batch may have left the window already: the stream's
+                // history decides when the retry names its expected version.
+                if let Some(result) = self.find_in_stream_history(shared, part, current)? {
+                    return Ok(Some(result));
+                }
                 let dup = part.events.iter().zip(&slots).find(|(_, s)| s.is_some());
                 Err(Error::PartialDuplicate {
                     stream: part.stream.to_owned(),
@@ -319,7 +324,10 @@ impl Writer {
         current: Option<(StreamKey, u64)>,
     ) -> Result<Option<AppendResult>> {
         let start = match part.expected {
-            ExpectedVersion::Exact(n) => n + 1,
+            ExpectedVersion::Exact(n) => match n.checked_add(1) {
+                Some(s) => s,
+                None => return Ok(None),
+            },
             ExpectedVersion::NoStream => 0,
             _ => return Ok(None),
         };
@@ -375,6 +383,14 @@ impl Writer {
             Resolution::Write(v) => v,
         };
         if self.write_offset + prepared.record_bytes > self.active.header.data_limit() {
+            if self.index.record_count() == 0 {
+                // Even an empty segment of this size (made before `segment_bytes` was
+                // raised) cannot hold the batch.
+                return Err(Error::BatchTooLarge {
+                    bytes: prepared.record_bytes,
+                    max: self.active.header.data_limit() - SEGMENT_DATA_START,
+                });
+            }
             self.roll(shared)?;
         }
         let mw = self
@@ -577,13 +593,14 @@ pub(crate) fn segment_header(
     seq: SegmentSeq,
     base_position: Position,
     prev_chain_hash: Hash32,
+    capacity: u64,
 ) -> SegmentHeader {
     SegmentHeader {
         log_id: shared.meta.log_id,
         seq,
         base_position,
         created_time: now(),
-        capacity: shared.opts.segment_bytes,
+        capacity,
         prev_chain_hash,
     }
 }
@@ -606,7 +623,10 @@ pub(crate) fn submit(
     let committed = {
         let mut guard = shared.writer.lock();
         let writer = guard.as_mut().ok_or(Error::Closed)?;
-        writer.commit(shared, &prepared)
+        let unwinding = PoisonOnUnwind(shared);
+        let committed = writer.commit(shared, &prepared);
+        std::mem::forget(unwinding);
+        committed
     };
     if prepared.bodies.capacity() <= BODIES_KEPT_BYTES {
         BODIES.with(|b| *b.borrow_mut() = prepared.bodies);
@@ -625,6 +645,20 @@ pub(crate) fn submit(
         results: committed.results,
         durable_target: wait.then_some(committed.durable_target),
     })
+}
+
+/// Poisons the log if an append panics half-way (a broken invariant): the writer's state
+/// (chain, offsets, index) may then be half-updated and must not take more writes.
+struct PoisonOnUnwind<'a>(&'a Shared);
+
+impl Drop for PoisonOnUnwind<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.commit.lock();
+        self.0.poison(
+            &mut c,
+            std::io::Error::other("an append panicked; the log takes no more writes"),
+        );
+    }
 }
 
 /// An append whose records are written and ordered, waiting for its acknowledgement.

@@ -121,10 +121,26 @@ pub(crate) fn prepare_spare(
     let path = dir.join(seq.file_name());
     // A hard link fails if the name exists, so an existing segment is never replaced; the
     // temporary name is removed after.
-    std::fs::hard_link(&tmp, &path)?;
+    match std::fs::hard_link(&tmp, &path) {
+        Ok(()) => {}
+        // An earlier attempt linked it and then failed: accept it if it is still an
+        // untouched spare of the right size.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                && is_untouched_spare(&path, bytes) => {}
+        Err(e) => return Err(e),
+    }
     std::fs::remove_file(&tmp)?;
     sync_dir(dir)?;
     Ok(path)
+}
+
+fn is_untouched_spare(path: &Path, bytes: u64) -> bool {
+    File::open(path).is_ok_and(|f| {
+        f.metadata().is_ok_and(|m| m.len() == bytes)
+            && read_page(&f, 0).is_ok_and(|p| is_zero(&p))
+            && read_page(&f, SEGMENT_DATA_START).is_ok_and(|p| is_zero(&p))
+    })
 }
 
 pub(crate) fn request_spare(shared: &Shared, seq: SegmentSeq) {
@@ -171,14 +187,28 @@ pub(crate) fn activate_spare(
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     };
-    let file = OpenOptions::new()
+    let opened = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(Error::io("opening segment", &path))?;
-    let header = segment_header(shared, seq, base_position, prev_chain_hash);
-    let (map, mut writer) =
-        SegmentMap::map(&file, header.capacity, 0).map_err(Error::io("mapping segment", &path))?;
+        .and_then(|file| {
+            let capacity = file.metadata()?.len();
+            let (map, writer) = SegmentMap::map(&file, capacity, 0)?;
+            Ok((capacity, map, writer))
+        });
+    let (capacity, map, mut writer) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            // Keep the spare for the next attempt (a transient EMFILE or ENOMEM).
+            lock(&shared.spares).ready.push((seq, path.clone()));
+            return Err(Error::Io {
+                op: "opening segment",
+                path,
+                source: e,
+            });
+        }
+    };
+    let header = segment_header(shared, seq, base_position, prev_chain_hash, capacity);
     writer.write(0, &header.encode_page());
     writer.publish(PAGE_BYTES);
     let handle = Arc::new(SegmentHandle {
@@ -205,17 +235,19 @@ fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
         since: 0,
         streams: None,
     };
+    // After a failure nothing more is sealed: a sealed segment after an unsealed one is
+    // not a shape recovery accepts, and the log is poisoned anyway.
+    let mut failed = false;
     while let Ok(job) = rx.recv() {
-        if !shared.abandon_seals.load(Ordering::SeqCst) {
+        if !failed && !shared.abandon_seals.load(Ordering::SeqCst) {
             match seal(shared, &job) {
                 Ok(streams) => {
                     policy.since += streams;
-                    if let Err(e) = maybe_snapshot(shared, job.segment.seq, &mut policy) {
-                        // A snapshot is an optimisation; failing to write one loses nothing.
-                        let _ = e;
-                    }
+                    // A snapshot is an optimisation; failing to write one loses nothing.
+                    let _ = maybe_snapshot(shared, job.segment.seq, &mut policy);
                 }
                 Err(e) => {
+                    failed = true;
                     let mut c = shared.commit.lock();
                     let cause = match e {
                         Error::Io { source, .. } => source,
@@ -324,8 +356,16 @@ impl AsRef<[u8]> for ReadOnlyMap {
 fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
     let seg = &job.segment;
     let map = seg.map()?;
-    map.sync_range(0, job.data_end)
-        .map_err(Error::io("syncing segment", &seg.path))?;
+    // The records must be durable before the footer claims them. They are synced through
+    // group commit, not here: a write-back error is reported to one sync of a file only, and
+    // it must reach the sync whose success would acknowledge appends (it poisons the log).
+    shared
+        .wait_durable(job.index.next_position())
+        .map_err(|e| Error::Io {
+            op: "syncing segment before sealing",
+            path: seg.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     let bytes = map.read(0, job.data_end).ok_or_else(|| {
         corrupt(
             &seg.path,
@@ -341,15 +381,21 @@ fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
         job.data_end,
         &seg.path,
     )?;
-    assert_eq!(
-        footer.record_count,
-        job.index.record_count(),
-        "index and records disagree"
-    );
-    assert_eq!(
-        footer.last_chain_hash, job.last_chain_hash,
-        "chain and records disagree"
-    );
+    if footer.record_count != job.index.record_count()
+        || footer.last_chain_hash != job.last_chain_hash
+    {
+        return Err(corrupt(
+            &seg.path,
+            job.data_end,
+            Some(footer.last_position.0),
+            format!(
+                "the segment's records ({}) disagree with what was written ({} records)",
+                footer.record_count,
+                job.index.record_count()
+            ),
+            None,
+        ));
+    }
     write_footer(&seg.path, &seg.header, &footer)?;
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,
@@ -553,7 +599,7 @@ pub(crate) fn rebuild_index(
 }
 
 /// The newest segment before `seq` whose index holds `name`.
-fn previous_segment_with(
+pub(crate) fn previous_segment_with(
     shared: &Shared,
     seq: SegmentSeq,
     name: &str,

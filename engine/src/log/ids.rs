@@ -96,8 +96,12 @@ impl IdWindow {
         let take = older.len().min(self.room());
         for (id, slot) in older.into_iter().rev().take(take) {
             let key = id.as_u128();
-            self.map.entry(key).or_insert(slot);
-            self.order.push_front(key);
+            // An id seen twice (damage, or a client that reused one): keep the newer slot
+            // and queue the key once, so evicting it cannot drop the newer entry early.
+            if let std::collections::hash_map::Entry::Vacant(v) = self.map.entry(key) {
+                v.insert(slot);
+                self.order.push_front(key);
+            }
         }
     }
 

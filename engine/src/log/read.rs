@@ -55,26 +55,38 @@ impl RunRef {
     }
 }
 
-/// Indexes into a dense run of versions `first..first+len` for a read from `from`.
-fn pick(first: u64, len: u64, from: u64, max: usize, direction: Direction) -> Vec<u64> {
+/// Indexes into a dense run of versions `first..first+len` for a read from `from`, in read
+/// order, lazily.
+fn pick(first: u64, len: u64, from: u64, max: usize, direction: Direction) -> PickIter {
     if len == 0 || max == 0 {
-        return Vec::new();
+        return PickIter::Empty;
     }
     let last = first + len - 1;
     match direction {
-        Direction::Forward => {
-            if from > last {
-                return Vec::new();
-            }
-            let start = from.saturating_sub(first);
-            (start..len).take(max).collect()
+        Direction::Forward if from <= last => {
+            PickIter::Forward((from.saturating_sub(first)..len).take(max))
         }
-        Direction::Backward => {
-            if from < first {
-                return Vec::new();
-            }
-            let start = from.min(last) - first;
-            (0..=start).rev().take(max).collect()
+        Direction::Backward if from >= first => {
+            PickIter::Backward((0..=from.min(last) - first).rev().take(max))
+        }
+        _ => PickIter::Empty,
+    }
+}
+
+/// What [`pick`] yields.
+enum PickIter {
+    Empty,
+    Forward(std::iter::Take<std::ops::Range<u64>>),
+    Backward(std::iter::Take<std::iter::Rev<std::ops::RangeInclusive<u64>>>),
+}
+
+impl Iterator for PickIter {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        match self {
+            PickIter::Empty => None,
+            PickIter::Forward(r) => r.next(),
+            PickIter::Backward(r) => r.next(),
         }
     }
 }
@@ -161,7 +173,6 @@ fn plan(
                 .count();
             let picked: Vec<IndexEntry> =
                 pick(first, len, from, max.saturating_add(invisible), direction)
-                    .into_iter()
                     .map(|i| run.entries[i as usize])
                     .collect();
             (
@@ -226,20 +237,38 @@ fn walk(
     let mut older: Vec<(Arc<SegmentHandle>, RunRef)> = Vec::new();
     let mut next = p.walk_from;
     while let Some(seq) = next {
+        // A link to a segment that is missing or does not hold the stream is a damaged
+        // index: an error, not a silently short read.
+        let broken = |file: std::path::PathBuf| {
+            corrupt(
+                &file,
+                0,
+                None,
+                format!(
+                    "the index links stream {} to segment {seq}, which does not hold it",
+                    p.name
+                ),
+                None,
+            )
+        };
         let Some(seg) = segment_by_seq(shared, seq) else {
-            break;
+            return Err(broken(shared.dir.join(seq.file_name())));
         };
         let Some(run) = run_in(shared, &seg, p.key, &p.name, p.hash)? else {
-            break;
+            return Err(broken(seg.path.clone()));
         };
         next = run.prev();
         match direction {
             Direction::Backward => {
-                let room = max - out.len();
-                for i in pick(run.first_version(), run.len(), from, room, direction) {
+                // Newest first; entries not yet visible (a batch written before a roll and
+                // not yet durable) are skipped without counting against `max`.
+                for i in pick(run.first_version(), run.len(), from, usize::MAX, direction) {
                     let e = run.entry(i);
                     if visible_entry(&seg, &e, visible) {
                         out.push((Arc::clone(&seg), e));
+                        if out.len() >= max {
+                            break;
+                        }
                     }
                 }
                 if out.len() >= max {
@@ -656,6 +685,7 @@ impl Iterator for Tail {
                 Ok(Some(ev)) => return Some(Ok(ev)),
                 Ok(None) if self.shared.closed.load(Ordering::SeqCst) => return None,
                 Ok(None) => {}
+                Err(Error::Closed) => return None,
                 Err(e) => return Some(Err(e)),
             }
         }
@@ -668,13 +698,14 @@ mod tests {
 
     #[test]
     fn pick_walks_dense_versions_both_ways() {
-        assert_eq!(pick(10, 5, 0, 3, Direction::Forward), vec![0, 1, 2]);
-        assert_eq!(pick(10, 5, 12, 10, Direction::Forward), vec![2, 3, 4]);
-        assert_eq!(pick(10, 5, 15, 10, Direction::Forward), Vec::<u64>::new());
-        assert_eq!(pick(10, 5, u64::MAX, 2, Direction::Backward), vec![4, 3]);
-        assert_eq!(pick(10, 5, 11, 10, Direction::Backward), vec![1, 0]);
-        assert_eq!(pick(10, 5, 9, 10, Direction::Backward), Vec::<u64>::new());
-        assert_eq!(pick(10, 0, 0, 10, Direction::Forward), Vec::<u64>::new());
+        let p = |a, b, c, d, e| pick(a, b, c, d, e).collect::<Vec<u64>>();
+        assert_eq!(p(10, 5, 0, 3, Direction::Forward), vec![0, 1, 2]);
+        assert_eq!(p(10, 5, 12, 10, Direction::Forward), vec![2, 3, 4]);
+        assert_eq!(p(10, 5, 15, 10, Direction::Forward), Vec::<u64>::new());
+        assert_eq!(p(10, 5, u64::MAX, 2, Direction::Backward), vec![4, 3]);
+        assert_eq!(p(10, 5, 11, 10, Direction::Backward), vec![1, 0]);
+        assert_eq!(p(10, 5, 9, 10, Direction::Backward), Vec::<u64>::new());
+        assert_eq!(p(10, 0, 0, 10, Direction::Forward), Vec::<u64>::new());
     }
 }
 

@@ -333,6 +333,30 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             truncated = true;
             break;
         }
+        if j + 1 == unsealed.len() && !report.clean {
+            // The records end cleanly, but bytes may follow: pages of an unfinished write
+            // that reached the disk out of order, or a zeroed header hiding acknowledged
+            // records. Evidence decides, as for any torn tail.
+            let last = scanned.last().expect("pushed above");
+            let mut src = FileSource::new(&file).map_err(io("reading segment", &f.path))?;
+            let (_, last_nonzero) = find_durable_evidence(
+                &mut src,
+                last.scan.complete_end,
+                f.header.data_limit(),
+                end.position,
+            )
+            .map_err(io("reading segment", &f.path))?;
+            if last_nonzero > last.scan.complete_end {
+                report.truncations.push(remove_tail(
+                    &shared,
+                    Some((f, last.scan.complete_end, 0)),
+                    &[],
+                    None,
+                    end.position,
+                    "bytes after the last complete record".to_owned(),
+                )?);
+            }
+        }
     }
     if let Some(torn) = torn_newest.as_ref().filter(|_| !truncated) {
         report.truncations.push(remove_tail(
@@ -380,6 +404,12 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                     None,
                 ));
             }
+            // The snapshot describes data that is gone: never use it again (the sealer
+            // folds new sidecars into the snapshot on disk).
+            if !read_only {
+                let path = dir.join(SNAPSHOT_FILE);
+                std::fs::remove_file(&path).map_err(io("removing stale stream snapshot", &path))?;
+            }
             None
         }
         other => other,
@@ -411,8 +441,15 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         extend_index(&mut index, records, &mut |name: &str| {
             let key = table.key_or_insert(name);
             let st = table.get(key);
-            let prev = (st.first_position.0 != u64::MAX && st.last_segment < seq)
-                .then_some(st.last_segment);
+            let prev = if st.first_position.0 == u64::MAX {
+                None
+            } else if st.last_segment < seq {
+                Some(st.last_segment)
+            } else {
+                // The snapshot already counts this segment (a clean close while it was
+                // active): find the previous holder in the sealed indexes.
+                super::background::previous_segment_with(&shared, seq, name, st.hash)
+            };
             (key, Arc::clone(&st.name), st.hash, prev)
         });
         for r in records {
@@ -1012,7 +1049,13 @@ fn make_writer(
         let handle = Arc::new(SegmentHandle {
             seq: next_seq,
             path: shared.dir.join(next_seq.file_name()),
-            header: super::append::segment_header(shared, next_seq, end.position, end.chain),
+            header: super::append::segment_header(
+                shared,
+                next_seq,
+                end.position,
+                end.chain,
+                shared.opts.segment_bytes,
+            ),
             map: OnceLock::new(),
             state: RwLock::new(SegState::Active),
         });
@@ -1120,7 +1163,9 @@ fn slots_of_active(index: &ActiveIndex, base: Position) -> Vec<(EventId, IdSlot)
     let mut slots: Vec<Option<(StreamKey, u64)>> = vec![None; ids.len()];
     for (key, run) in index.runs() {
         for e in &run.entries {
-            slots[e.pos_delta as usize] = Some((key, e.version));
+            if let Some(slot) = slots.get_mut(e.pos_delta as usize) {
+                *slot = Some((key, e.version));
+            }
         }
     }
     ids.iter()
