@@ -452,11 +452,7 @@ fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, policy: &mut SnapshotPolicy)
         }
         _ => (StreamTable::default(), SegmentSeq(0)),
     };
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     let mut cover = None;
     for seg in segs.iter().filter(|s| s.seq >= from && s.seq <= seq) {
         let Some((index, footer)) = sealed_index(shared, seg)? else {
@@ -605,11 +601,7 @@ pub(crate) fn previous_segment_with(
     name: &str,
     hash: u64,
 ) -> Option<SegmentSeq> {
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     for seg in segs.iter().rev().filter(|s| s.seq < seq) {
         let found = match &*seg
             .state
@@ -694,11 +686,7 @@ pub(crate) fn corrupt_record(path: &Path, e: RecordError) -> Error {
 /// Full verification with plain reads (see [`super::Log::verify`]).
 pub(crate) fn verify(shared: &Shared) -> Result<VerifyReport> {
     let visible = shared.visible_position();
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     let mut report = VerifyReport {
         last_chain_hash: shared.seed,
         ..VerifyReport::default()

@@ -543,11 +543,7 @@ pub(crate) fn read_all(
     direction: Direction,
 ) -> Result<Vec<RecordedEvent>> {
     let visible = shared.visible_position();
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     let mut out = Vec::new();
     if max == 0 || visible.0 == 0 {
         return Ok(out);
@@ -849,11 +845,7 @@ pub(crate) fn scan(
     visit: &mut dyn FnMut(RecordView<'_>),
 ) -> Result<u64> {
     let visible = shared.visible_position();
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     let start = segment_index_of(&segs, from).unwrap_or(0);
     let mut seen = 0;
     for seg in &segs[start.min(segs.len())..] {
@@ -866,11 +858,7 @@ pub(crate) fn scan(
 /// segment at a time each; the links between segments are checked from the headers.
 pub(crate) fn check_chain_parallel(shared: &Shared, threads: usize) -> Result<u64> {
     let visible = shared.visible_position();
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     // Each segment is cut into ranges (twice as many as threads, at least 64 records each)
     // at sampled records of the sparse index: a range re-reads the record it starts at
     // (checked by the range before) for its chain value.

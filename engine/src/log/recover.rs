@@ -263,16 +263,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             f.header.base_position == end.position && f.header.prev_chain_hash == end.chain;
         if !continues {
             if j == 0 {
-                return Err(corrupt(
-                    &f.path,
-                    0,
-                    Some(end.position.0),
-                    format!(
-                        "segment does not continue the log: it starts at position {} (expected {})",
-                        f.header.base_position, end.position
-                    ),
-                    None,
-                ));
+                return Err(discontinuity(f, end));
             }
             // The previous segment ends before this one starts: the end of the previous
             // segment was lost after a roll (writeback order is arbitrary), so everything
@@ -524,11 +515,7 @@ fn apply_sealed_summaries(
     table: &mut StreamTable,
     cover: Option<&SnapshotCover>,
 ) -> Result<()> {
-    let sealed: Vec<Arc<SegmentHandle>> = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let sealed: Vec<Arc<SegmentHandle>> = shared.segments_snapshot();
     for seg in &sealed {
         if cover.is_some_and(|c| seg.seq < c.seq) {
             continue;
@@ -778,6 +765,20 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
     Ok(listing)
 }
 
+/// The error for a segment that does not start where the log before it ends.
+fn discontinuity(f: &Found, end: End) -> Error {
+    corrupt(
+        &f.path,
+        0,
+        Some(end.position.0),
+        format!(
+            "segment does not continue the log: it starts at position {} (expected {}) or its previous chain hash differs",
+            f.header.base_position, end.position
+        ),
+        None,
+    )
+}
+
 /// Checks that the sealed segments form a prefix and continue each other.
 fn check_sealed_prefix(found: &[Found], seed: Hash32) -> Result<()> {
     let mut seen_unsealed = false;
@@ -789,16 +790,7 @@ fn check_sealed_prefix(found: &[Found], seed: Hash32) -> Result<()> {
         let continues =
             f.header.base_position == end.position && f.header.prev_chain_hash == end.chain;
         if !continues && !seen_unsealed {
-            return Err(corrupt(
-                &f.path,
-                0,
-                Some(end.position.0),
-                format!(
-                    "segment does not continue the log: starts at position {} (expected {}) or its previous chain hash differs",
-                    f.header.base_position, end.position
-                ),
-                None,
-            ));
+            return Err(discontinuity(f, end));
         }
         match (f.footer, seen_unsealed) {
             (Some(_), true) => {
@@ -1124,11 +1116,7 @@ fn rebuild_id_window(shared: &Shared) -> Result<()> {
     for (id, slot) in active_ids {
         w.ids.insert(id, slot);
     }
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let segs = shared.segments_snapshot();
     for seg in segs.iter().rev() {
         if w.ids.room() == 0 {
             break;

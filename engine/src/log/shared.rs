@@ -193,6 +193,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The segments, oldest first, as they are now.
+    pub(crate) fn segments_snapshot(&self) -> Vec<Arc<SegmentHandle>> {
+        self.segments
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub(crate) fn visible_position(&self) -> Position {
         Position(self.visible.load(Ordering::Acquire))
     }
@@ -344,11 +352,7 @@ impl Shared {
     }
 
     pub(crate) fn segment_infos(&self) -> Vec<SegmentInfo> {
-        let segs = self
-            .segments
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let segs = self.segments_snapshot();
         let visible = self.visible_position();
         segs.iter()
             .map(|s| {

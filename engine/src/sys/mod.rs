@@ -233,6 +233,13 @@ pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
         .write(true)
         .create_new(true)
         .open(path)?;
+    write_zeros(&file, len)?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Writes `len` zero bytes from offset 0 with 4 KiB writes.
+fn write_zeros(file: &File, len: u64) -> io::Result<()> {
     let page = [0u8; 4096];
     let mut at = 0u64;
     while at < len {
@@ -240,8 +247,7 @@ pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
         file.write_all_at(&page[..n], at)?;
         at += n as u64;
     }
-    file.sync_all()?;
-    Ok(file)
+    Ok(())
 }
 
 /// Creates `path` with `len` bytes reserved by `fallocate` (no data written), then syncs
@@ -270,13 +276,7 @@ pub(crate) fn create_allocated(path: &Path, len: u64) -> io::Result<File> {
         if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(err);
         }
-        let page = [0u8; 4096];
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(page.len() as u64) as usize;
-            file.write_all_at(&page[..n], at)?;
-            at += n as u64;
-        }
+        write_zeros(&file, len)?;
     }
     file.sync_all()?;
     Ok(file)
