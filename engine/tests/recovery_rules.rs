@@ -205,7 +205,16 @@ fn a_newest_segment_whose_header_never_reached_the_disk() {
     for durability in [Durability::None, Durability::Fsync] {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), opts(durability, RecoveryMode::Strict)).unwrap();
-        fill(&log, 700);
+        // Under `None` nothing in the active segment is ever synced before the crash (the
+        // sealer syncs only the segment it seals); one segment is enough.
+        fill(
+            &log,
+            if durability == Durability::None {
+                100
+            } else {
+                700
+            },
+        );
         log.wait_sealed().unwrap();
         let active = log.segments().pop().unwrap();
         assert!(active.record_count > 2);

@@ -356,16 +356,24 @@ impl AsRef<[u8]> for ReadOnlyMap {
 fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
     let seg = &job.segment;
     let map = seg.map()?;
-    // The records must be durable before the footer claims them. They are synced through
-    // group commit, not here: a write-back error is reported to one sync of a file only, and
-    // it must reach the sync whose success would acknowledge appends (it poisons the log).
-    shared
-        .wait_durable(job.index.next_position())
-        .map_err(|e| Error::Io {
-            op: "syncing segment before sealing",
-            path: seg.path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    // The records must be durable before the footer claims them. Under `Fsync` they are
+    // synced through group commit, not here: a write-back error is reported to one sync of a
+    // file only, and it must reach the sync whose success would acknowledge appends (it
+    // poisons the log). Under `Batched` and `None` no acknowledgement waits for a sync, so
+    // the sealer syncs just this segment (a failure poisons the log all the same) and the
+    // durable watermark, which records carry as `durable_lag`, moves only with real
+    // group-commit syncs.
+    let synced = match shared.opts.durability {
+        Durability::Fsync => shared
+            .wait_durable(job.index.next_position())
+            .map_err(|e| std::io::Error::other(e.to_string())),
+        Durability::Batched { .. } | Durability::None => map.sync_range(0, job.data_end),
+    };
+    synced.map_err(|source| Error::Io {
+        op: "syncing segment before sealing",
+        path: seg.path.clone(),
+        source,
+    })?;
     let bytes = map.read(0, job.data_end).ok_or_else(|| {
         corrupt(
             &seg.path,
@@ -627,6 +635,10 @@ fn flusher(shared: &Shared) {
     let mut c = shared.commit.lock();
     loop {
         if shared.shutdown.load(Ordering::SeqCst) {
+            // Parked waiters relied on this thread to lead: wake them to lead themselves.
+            for (_, t) in &c.parked {
+                t.unpark();
+            }
             return;
         }
         let pending = c.written > c.durable && c.poisoned.is_none();

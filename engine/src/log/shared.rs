@@ -239,7 +239,9 @@ impl Shared {
                     cause: Arc::clone(cause),
                 });
             }
-            if !c.syncing && c.parked.is_empty() {
+            // Alone, or the flusher is gone (closing): lead.
+            let flusher_gone = self.shutdown.load(Ordering::SeqCst);
+            if !c.syncing && (c.parked.is_empty() || flusher_gone) {
                 // Alone: sync now, on this thread, rather than hand off to the flusher and
                 // back (two wake-ups on the acknowledgement path).
                 c = self.lead_sync(c);
@@ -254,6 +256,7 @@ impl Shared {
             drop(c);
             while self.durable.load(Ordering::Acquire) < target.0
                 && !self.poisoned.load(Ordering::SeqCst)
+                && !self.shutdown.load(Ordering::SeqCst)
             {
                 std::thread::park();
             }
