@@ -261,6 +261,14 @@ impl Writer {
         part: &PreparedPart<'_>,
         current: Option<(StreamKey, u64)>,
     ) -> Result<Option<AppendResult>> {
+        // The common case, no id seen before, costs one lookup per event and no allocation.
+        if part
+            .events
+            .iter()
+            .all(|e| self.ids.get(e.event_id).is_none())
+        {
+            return self.find_in_stream_history(shared, part, current);
+        }
         let slots: Vec<Option<IdSlot>> = part
             .events
             .iter()
@@ -268,9 +276,6 @@ impl Writer {
             .collect();
         let found = slots.iter().filter(|s| s.is_some()).count();
         let key = current.map(|(k, _)| k);
-        if found == 0 {
-            return self.find_in_stream_history(shared, part, current);
-        }
         for (ev, slot) in part.events.iter().zip(&slots) {
             if let Some(slot) = slot
                 && Some(slot.stream) != key
@@ -371,7 +376,15 @@ impl Writer {
 
     /// Writes a prepared batch. Called under the writer lock.
     fn commit(&mut self, shared: &Shared, prepared: &Prepared<'_>) -> Result<Committed> {
-        shared.commit.lock().check_writable()?;
+        // Poisoning is rare: look at the flag, and take the lock only for the cause. (A closed
+        // log has no writer, so this point is never reached after `close`.)
+        if shared.poisoned.load(Ordering::Acquire)
+            && let Some(cause) = &shared.commit.lock().poisoned
+        {
+            return Err(Error::Poisoned {
+                cause: Arc::clone(cause),
+            });
+        }
         let first_versions = match self.resolve(shared, prepared)? {
             Resolution::Replay(results) => {
                 let end = results.iter().map(|r| r.last_position.next()).max();

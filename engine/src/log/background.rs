@@ -20,12 +20,12 @@ use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot}
 use super::{Durability, VerifyReport};
 use crate::error::{Error, Result};
 use crate::format::chain::MerkleBuilder;
-use crate::format::record::RecordHeader;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{Hash32, PAGE_BYTES, Position, SEGMENT_DATA_START, SegmentSeq, Timestamp};
 use crate::index::{ActiveIndex, IndexFileInfo, SealedIndex};
 use crate::segment::{
-    ByteSource, FileSource, RecordError, SliceSource, is_zero, read_page, read_record,
+    ByteSource, FileSource, RecordError, ScanEnd, ScanFrom, ScannedRecord, SliceSource, is_zero,
+    read_page, read_record,
 };
 use crate::sys::{MapWriter, ReadOnlyMap, SegmentMap, create_allocated, create_zeroed, sync_dir};
 
@@ -750,56 +750,68 @@ pub(crate) fn verify(shared: &Shared) -> Result<VerifyReport> {
             SegState::Sealed { footer, .. } => Some(*footer),
             _ => None,
         };
-        let limit = header.data_limit();
+        // The same checks as recovery's scan: checksums, padding, envelope, position,
+        // batch flags and chain. A sealed segment must end cleanly at its footer's
+        // `data_end`; the active one is checked up to the visible records only (what follows
+        // may be a write in progress).
+        let limit = sealed_footer.map_or(header.data_limit(), |f| f.data_end);
         let mut src = FileSource::new(&file).map_err(Error::io("reading segment", path))?;
-        let mut offset = SEGMENT_DATA_START;
-        let mut merkle = MerkleBuilder::new();
-        let mut records = Vec::new();
-        loop {
-            if sealed_footer.is_none() && position >= visible {
-                break;
-            }
-            if sealed_footer.is_some_and(|f| offset >= f.data_end) {
-                break;
-            }
-            if offset + 80 > limit {
-                break;
-            }
-            let hb = src
-                .bytes(offset, 80)
-                .map_err(Error::io("reading segment", path))?;
-            if is_zero(hb) {
-                break;
-            }
-            let rec = read_record(&mut src, offset, limit).map_err(|e| corrupt_record(path, e))?;
-            if rec.header.position != position {
-                return Err(corrupt(
-                    path,
+        let from = ScanFrom {
+            offset: SEGMENT_DATA_START,
+            position,
+            chain: report.last_chain_hash,
+        };
+        let mut s = crate::segment::scan(&mut src, from, limit);
+        let wanted = match sealed_footer {
+            Some(f) => f.record_count as usize,
+            None => visible.0.saturating_sub(position.0) as usize,
+        };
+        // The first `wanted` records must all be valid and end a batch.
+        if s.complete < wanted {
+            let (offset, at, detail, source) = match s.end {
+                ScanEnd::Break {
                     offset,
-                    Some(position.0),
-                    format!("record says position {}", rec.header.position),
+                    position,
+                    error,
+                } => match error {
+                    RecordError::Invalid { source, .. } => {
+                        (offset, position, source.to_string(), Some(source))
+                    }
+                    RecordError::Io { source, .. } => {
+                        return Err(Error::Io {
+                            op: "reading segment",
+                            path: path.clone(),
+                            source,
+                        });
+                    }
+                },
+                ScanEnd::Clean { offset } => (
+                    offset,
+                    Position(position.0 + s.records.len() as u64),
+                    format!("{} records where {wanted} were expected", s.records.len()),
                     None,
-                ));
-            }
-            rec.check_chain(&report.last_chain_hash).map_err(|e| {
-                let mut err = corrupt_record(path, e);
-                if let Error::Corrupt { position: p, .. } = &mut err {
-                    *p = Some(position.0);
-                }
-                err
-            })?;
-            let env = rec.envelope().map_err(|e| corrupt_record(path, e))?;
-            report.last_chain_hash = rec.header.chain_hash;
-            report.bytes += rec.header.record_len();
-            merkle.push(&rec.header.chain_hash);
-            records.push((rec.header, env.stream.to_owned(), env.event_id, offset));
-            offset = rec.end();
-            position = position.next();
-            report.records += 1;
+                ),
+            };
+            return Err(corrupt(path, offset, Some(at.0), detail, source));
         }
+        s.records.truncate(wanted);
+        let mut merkle = MerkleBuilder::new();
+        for r in &s.records {
+            merkle.push(&r.header.chain_hash);
+            report.bytes += r.header.record_len();
+        }
+        if let Some(last) = s.records.last() {
+            report.last_chain_hash = last.header.chain_hash;
+        }
+        report.records += s.records.len() as u64;
+        position = Position(position.0 + s.records.len() as u64);
         if let Some(footer) = sealed_footer {
+            let data_end = s
+                .records
+                .last()
+                .map_or(SEGMENT_DATA_START, |r| r.offset + r.header.record_len());
             verify_sealed(
-                shared, seg, &file, &header, &footer, &merkle, offset, &records,
+                shared, seg, &file, &header, &footer, &merkle, data_end, &s.records,
             )?;
         }
         report.segments += 1;
@@ -816,7 +828,7 @@ fn verify_sealed(
     footer: &SegmentFooter,
     merkle: &MerkleBuilder,
     data_end: u64,
-    records: &[(RecordHeader, String, crate::format::EventId, u64)],
+    records: &[ScannedRecord],
 ) -> Result<()> {
     let path = &seg.path;
     let page =
@@ -850,7 +862,7 @@ fn verify_sealed(
         (
             records
                 .last()
-                .is_some_and(|r| r.0.chain_hash == footer.last_chain_hash),
+                .is_some_and(|r| r.header.chain_hash == footer.last_chain_hash),
             "last chain hash differs from the footer",
         ),
     ];
@@ -899,8 +911,9 @@ fn verify_sealed(
             None,
         ));
     }
-    for (i, (h, stream, event_id, offset)) in records.iter().enumerate() {
-        let ok = idx.event_id(i as u64) == *event_id;
+    for (i, r) in records.iter().enumerate() {
+        let (h, stream, offset) = (&r.header, &r.stream, &r.offset);
+        let ok = idx.event_id(i as u64) == r.event_id;
         let run = idx.find_stream(crate::index::stream_hash(stream), stream);
         let entry = run.and_then(|r| {
             let i = h.stream_version.checked_sub(r.first_version)?;

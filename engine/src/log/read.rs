@@ -309,8 +309,7 @@ fn walk(
     Ok(out)
 }
 
-fn read_picks(shared: &Shared, stream: &str, picks: &Picks) -> Result<Vec<RecordedEvent>> {
-    let _ = shared;
+fn read_picks(stream: &str, picks: &Picks) -> Result<Vec<RecordedEvent>> {
     picks
         .iter()
         .map(|(seg, e)| {
@@ -355,7 +354,7 @@ pub(crate) fn read_stream(
         return Ok(Vec::new());
     };
     let picks = walk(shared, plan, from, max, direction, visible)?;
-    read_picks(shared, stream, &picks)
+    read_picks(stream, &picks)
 }
 
 /// A forward stream read by a caller that holds the writer lock (the idempotency check):
@@ -378,7 +377,7 @@ pub(crate) fn read_stream_locked(
         Direction::Forward,
         Position(u64::MAX),
     )?;
-    read_picks(shared, stream, &picks)
+    read_picks(stream, &picks)
 }
 
 pub(crate) fn stream_info(shared: &Shared, stream: &str) -> Result<Option<StreamInfo>> {

@@ -103,7 +103,6 @@ pub(crate) struct CommitState {
     /// The flusher thread is waiting for work (so appends must wake it).
     pub(crate) flusher_idle: bool,
     pub(crate) poisoned: Option<Arc<io::Error>>,
-    pub(crate) closed: bool,
     /// Test hook: fail the next sync.
     pub(crate) fail_next_sync: bool,
 }
@@ -123,18 +122,6 @@ impl CommitState {
             start,
             end,
         });
-    }
-
-    pub(crate) fn check_writable(&self) -> Result<()> {
-        if let Some(cause) = &self.poisoned {
-            return Err(Error::Poisoned {
-                cause: Arc::clone(cause),
-            });
-        }
-        if self.closed {
-            return Err(Error::Closed);
-        }
-        Ok(())
     }
 }
 
@@ -430,7 +417,6 @@ impl Shared {
         let synced = if self.read_only {
             Ok(())
         } else {
-            self.commit.lock().closed = true;
             self.sync_all()
         };
         self.stop_threads();
@@ -451,7 +437,6 @@ impl Shared {
             return;
         }
         let mut writer = self.writer.lock();
-        self.commit.lock().closed = true;
         self.stop_threads_without_sealing();
         *writer = None;
         drop(writer);
