@@ -13,8 +13,10 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod checkpoint;
 pub mod envelope;
 pub mod meta;
+pub mod proof;
 pub mod record;
 pub mod segment;
 

@@ -1,0 +1,357 @@
+//! Signed checkpoints (docs/FORMAT.md, "Checkpoints") and the signing key files.
+//!
+//! A checkpoint statement says "the log `log_id` had `tree_size` records, whose Merkle root
+//! was `root` and whose last record hash was `chain_head`, at `time`". It is 120 bytes in a
+//! fixed layout, signed with Ed25519 (RFC 8032) over exactly those bytes. A signed
+//! checkpoint carries the public key that signed it, so that checkpoints signed before a key
+//! rotation stay verifiable; a verifier decides which keys it trusts.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+
+use super::{DecodeError, Hash32, Timestamp, check_crc, check_magic, check_zero, le, need};
+
+/// Magic of a checkpoint statement.
+pub const STATEMENT_MAGIC: &[u8; 8] = b"TALLYCKP";
+/// Statement layout version.
+pub const STATEMENT_VERSION: u16 = 1;
+/// Bytes in a statement.
+pub const STATEMENT_LEN: usize = 120;
+/// `version` (u16).
+pub const ST_VERSION: usize = 8;
+/// 6 reserved bytes.
+pub const ST_RESERVED: usize = 10;
+/// `log_id` (16 bytes).
+pub const ST_LOG_ID: usize = 16;
+/// `checkpoint_id` (u64, counting from 1).
+pub const ST_ID: usize = 32;
+/// `tree_size` (u64).
+pub const ST_TREE_SIZE: usize = 40;
+/// `time` (u64, nanoseconds since the Unix epoch).
+pub const ST_TIME: usize = 48;
+/// `root` (32 bytes).
+pub const ST_ROOT: usize = 56;
+/// `chain_head` (32 bytes).
+pub const ST_CHAIN_HEAD: usize = 88;
+const _: () = assert!(ST_CHAIN_HEAD + 32 == STATEMENT_LEN);
+
+/// Bytes of an entry in the checkpoints file: statement, public key, signature, CRC, and 4
+/// reserved bytes.
+pub const ENTRY_LEN: usize = 224;
+/// Offset of the public key in an entry.
+pub const ENTRY_PUBKEY: usize = STATEMENT_LEN;
+/// Offset of the signature in an entry.
+pub const ENTRY_SIGNATURE: usize = ENTRY_PUBKEY + 32;
+/// Offset of the CRC-32 of bytes `0..ENTRY_CRC`.
+pub const ENTRY_CRC: usize = ENTRY_SIGNATURE + 64;
+/// Offset of the 4 reserved bytes.
+pub const ENTRY_RESERVED: usize = ENTRY_CRC + 4;
+const _: () = assert!(ENTRY_RESERVED + 4 == ENTRY_LEN);
+
+/// A checkpoint statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// The log.
+    pub log_id: [u8; 16],
+    /// The checkpoint's number in its log, from 1.
+    pub id: u64,
+    /// Records covered: positions `0..tree_size`.
+    pub tree_size: u64,
+    /// When it was signed.
+    pub time: Timestamp,
+    /// The Merkle root over the first `tree_size` record hashes.
+    pub root: Hash32,
+    /// The record hash of position `tree_size - 1` (the chain seed when `tree_size` is 0).
+    pub chain_head: Hash32,
+}
+
+impl Statement {
+    /// Encodes the statement: the bytes that are signed.
+    #[must_use]
+    pub fn encode(&self) -> [u8; STATEMENT_LEN] {
+        let mut b = [0u8; STATEMENT_LEN];
+        b[..8].copy_from_slice(STATEMENT_MAGIC);
+        le::put_u16(&mut b, ST_VERSION, STATEMENT_VERSION);
+        b[ST_LOG_ID..ST_LOG_ID + 16].copy_from_slice(&self.log_id);
+        le::put_u64(&mut b, ST_ID, self.id);
+        le::put_u64(&mut b, ST_TREE_SIZE, self.tree_size);
+        le::put_u64(&mut b, ST_TIME, self.time.0);
+        b[ST_ROOT..ST_ROOT + 32].copy_from_slice(&self.root);
+        b[ST_CHAIN_HEAD..ST_CHAIN_HEAD + 32].copy_from_slice(&self.chain_head);
+        b
+    }
+
+    /// Decodes a statement.
+    ///
+    /// # Errors
+    /// [`DecodeError`] on a wrong length, magic or version, or non-zero reserved bytes.
+    pub fn decode(b: &[u8]) -> Result<Statement, DecodeError> {
+        need(b, STATEMENT_LEN)?;
+        if b.len() != STATEMENT_LEN {
+            return Err(DecodeError::LengthMismatch {
+                what: "checkpoint statement",
+                declared: STATEMENT_LEN as u64,
+                actual: b.len() as u64,
+            });
+        }
+        check_magic(b, STATEMENT_MAGIC, "checkpoint statement")?;
+        let version = le::u16_at(b, ST_VERSION);
+        if version != STATEMENT_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "checkpoint statement",
+                found: version,
+                supported: STATEMENT_VERSION,
+            });
+        }
+        check_zero(b, ST_RESERVED..ST_LOG_ID, "checkpoint statement")?;
+        Ok(Statement {
+            log_id: le::array_at(b, ST_LOG_ID),
+            id: le::u64_at(b, ST_ID),
+            tree_size: le::u64_at(b, ST_TREE_SIZE),
+            time: Timestamp(le::u64_at(b, ST_TIME)),
+            root: le::array_at(b, ST_ROOT),
+            chain_head: le::array_at(b, ST_CHAIN_HEAD),
+        })
+    }
+}
+
+/// A statement with its signature and the key that made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignedCheckpoint {
+    /// What is signed.
+    pub statement: Statement,
+    /// The Ed25519 public key of the signer.
+    pub public_key: [u8; 32],
+    /// The Ed25519 signature over the statement's 120 bytes.
+    pub signature: [u8; 64],
+}
+
+/// Why a signature was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignatureError {
+    /// The stored public key is not a valid Ed25519 point.
+    #[error("the checkpoint's public key is not a valid Ed25519 key")]
+    BadKey,
+    /// The signature does not verify.
+    #[error("the signature does not verify under key {fingerprint}")]
+    BadSignature {
+        /// Fingerprint of the key it was checked with.
+        fingerprint: String,
+    },
+    /// Signed by a key the verifier does not trust.
+    #[error("signed by key {fingerprint}, which is not among the trusted keys")]
+    UntrustedKey {
+        /// Fingerprint of the signing key.
+        fingerprint: String,
+    },
+}
+
+impl SignedCheckpoint {
+    /// Signs `statement` with `key`.
+    #[must_use]
+    pub fn sign(statement: Statement, key: &SigningKey) -> SignedCheckpoint {
+        let signature = key.sign(&statement.encode()).to_bytes();
+        SignedCheckpoint {
+            statement,
+            public_key: key.verifying_key().to_bytes(),
+            signature,
+        }
+    }
+
+    /// Checks the signature against the key stored with it, and that the key is one of
+    /// `trusted` (any key when `trusted` is empty).
+    ///
+    /// # Errors
+    /// [`SignatureError`] saying why it does not verify.
+    pub fn verify(&self, trusted: &[[u8; 32]]) -> Result<(), SignatureError> {
+        if !trusted.is_empty() && !trusted.contains(&self.public_key) {
+            return Err(SignatureError::UntrustedKey {
+                fingerprint: fingerprint(&self.public_key),
+            });
+        }
+        let key = VerifyingKey::from_bytes(&self.public_key).map_err(|_| SignatureError::BadKey)?;
+        key.verify_strict(
+            &self.statement.encode(),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| SignatureError::BadSignature {
+            fingerprint: fingerprint(&self.public_key),
+        })
+    }
+
+    /// Encodes the checkpoints-file entry.
+    #[must_use]
+    pub fn encode_entry(&self) -> [u8; ENTRY_LEN] {
+        let mut b = [0u8; ENTRY_LEN];
+        b[..STATEMENT_LEN].copy_from_slice(&self.statement.encode());
+        b[ENTRY_PUBKEY..ENTRY_PUBKEY + 32].copy_from_slice(&self.public_key);
+        b[ENTRY_SIGNATURE..ENTRY_SIGNATURE + 64].copy_from_slice(&self.signature);
+        let crc = crc32fast::hash(&b[..ENTRY_CRC]);
+        le::put_u32(&mut b, ENTRY_CRC, crc);
+        b
+    }
+
+    /// Decodes a checkpoints-file entry (the signature is not checked).
+    ///
+    /// # Errors
+    /// [`DecodeError`] on a wrong length, CRC, statement or non-zero reserved bytes.
+    pub fn decode_entry(b: &[u8]) -> Result<SignedCheckpoint, DecodeError> {
+        need(b, ENTRY_LEN)?;
+        let b = &b[..ENTRY_LEN];
+        check_crc(le::u32_at(b, ENTRY_CRC), &b[..ENTRY_CRC], "checkpoint entry")?;
+        check_zero(b, ENTRY_RESERVED..ENTRY_LEN, "checkpoint entry")?;
+        Ok(SignedCheckpoint {
+            statement: Statement::decode(&b[..STATEMENT_LEN])?,
+            public_key: le::array_at(b, ENTRY_PUBKEY),
+            signature: le::array_at(b, ENTRY_SIGNATURE),
+        })
+    }
+}
+
+/// A key's fingerprint: the first 8 bytes of BLAKE3 over the 32 public key bytes, in hex.
+#[must_use]
+pub fn fingerprint(public_key: &[u8; 32]) -> String {
+    super::proof::hex(&blake3::hash(public_key).as_bytes()[..8])
+}
+
+/// The first line of a secret key file.
+pub const SECRET_KEY_HEADER: &str = "tally-ed25519-secret-key-v1";
+
+/// Encodes a secret key file: a header line and the 32-byte seed in hex.
+#[must_use]
+pub fn encode_secret_key(key: &SigningKey) -> String {
+    format!(
+        "{SECRET_KEY_HEADER}\n{}\n",
+        super::proof::hex(key.as_bytes())
+    )
+}
+
+/// Decodes a secret key file.
+///
+/// # Errors
+/// [`DecodeError::Invalid`] when it is not a key file.
+pub fn decode_secret_key(text: &str) -> Result<SigningKey, DecodeError> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let bad = |detail: &str| DecodeError::Invalid {
+        what: "secret key file",
+        detail: detail.into(),
+    };
+    if lines.next() != Some(SECRET_KEY_HEADER) {
+        return Err(bad(&format!("the first line must be {SECRET_KEY_HEADER}")));
+    }
+    let seed = lines
+        .next()
+        .and_then(super::proof::parse_hex::<32>)
+        .ok_or_else(|| bad("the second line must be 64 hex digits"))?;
+    if lines.next().is_some() {
+        return Err(bad("unexpected text after the key"));
+    }
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Parses a public key file: one or more lines of 64 hex digits (a key each); empty lines
+/// and lines starting with `#` are ignored.
+///
+/// # Errors
+/// [`DecodeError::Invalid`] naming the first line that is not a key.
+pub fn parse_public_keys(text: &str) -> Result<Vec<[u8; 32]>, DecodeError> {
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = super::proof::parse_hex::<32>(line)
+            .filter(|k| VerifyingKey::from_bytes(k).is_ok())
+            .ok_or_else(|| DecodeError::Invalid {
+                what: "public key file",
+                detail: format!(
+                    "line {} is not an Ed25519 public key in 64 hex digits",
+                    n + 1
+                ),
+            })?;
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(DecodeError::Invalid {
+            what: "public key file",
+            detail: "no key in it".into(),
+        });
+    }
+    Ok(keys)
+}
+
+/// Encodes a public key as a public key file line.
+#[must_use]
+pub fn encode_public_key(key: &[u8; 32]) -> String {
+    format!("{}\n", super::proof::hex(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statement() -> Statement {
+        Statement {
+            log_id: [7; 16],
+            id: 3,
+            tree_size: 1000,
+            time: Timestamp(1_700_000_000_000_000_000),
+            root: [1; 32],
+            chain_head: [2; 32],
+        }
+    }
+
+    #[test]
+    fn statement_and_entry_round_trip() {
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let cp = SignedCheckpoint::sign(statement(), &key);
+        let entry = cp.encode_entry();
+        assert_eq!(&entry[..8], STATEMENT_MAGIC);
+        assert_eq!(SignedCheckpoint::decode_entry(&entry), Ok(cp));
+        assert_eq!(Statement::decode(&entry[..STATEMENT_LEN]), Ok(statement()));
+        cp.verify(&[]).unwrap();
+        cp.verify(&[cp.public_key]).unwrap();
+    }
+
+    #[test]
+    fn any_changed_byte_of_a_signed_checkpoint_is_refused() {
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let cp = SignedCheckpoint::sign(statement(), &key);
+        let entry = cp.encode_entry();
+        for i in 0..ENTRY_CRC {
+            let mut b = entry;
+            b[i] ^= 1;
+            // The CRC catches it on disk; with the CRC recomputed, the signature must.
+            assert!(SignedCheckpoint::decode_entry(&b).is_err(), "byte {i}");
+            let crc = crc32fast::hash(&b[..ENTRY_CRC]);
+            le::put_u32(&mut b, ENTRY_CRC, crc);
+            let ok = SignedCheckpoint::decode_entry(&b).map(|c| c.verify(&[]));
+            assert!(!matches!(ok, Ok(Ok(()))), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn untrusted_keys_are_refused() {
+        let cp = SignedCheckpoint::sign(statement(), &SigningKey::from_bytes(&[9; 32]));
+        let other = SigningKey::from_bytes(&[8; 32]).verifying_key().to_bytes();
+        assert!(matches!(
+            cp.verify(&[other]),
+            Err(SignatureError::UntrustedKey { .. })
+        ));
+    }
+
+    #[test]
+    fn key_files_round_trip_and_refuse_junk() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let text = encode_secret_key(&key);
+        assert_eq!(decode_secret_key(&text).unwrap().to_bytes(), key.to_bytes());
+        assert!(decode_secret_key("nonsense").is_err());
+        assert!(decode_secret_key(&format!("{SECRET_KEY_HEADER}\nabcd\n")).is_err());
+        let public = key.verifying_key().to_bytes();
+        let file = format!("# ours\n{}\n", encode_public_key(&public));
+        assert_eq!(parse_public_keys(&file).unwrap(), vec![public]);
+        assert!(parse_public_keys("").is_err());
+        assert!(parse_public_keys("zz").is_err());
+    }
+}
