@@ -129,6 +129,9 @@ pub enum Error {
     /// The log was opened read-only (`RecoveryMode::ReadOnly`).
     #[error("the log was opened read-only")]
     ReadOnly,
+    /// A proof was asked for, or checked against, positions or sizes the log does not have.
+    #[error(transparent)]
+    Proof(#[from] crate::format::proof::ProofError),
     /// Options out of range.
     #[error("invalid options: {reason}")]
     InvalidOptions {

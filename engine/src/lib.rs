@@ -42,7 +42,8 @@ pub use error::{Error, Result};
 pub use format::envelope::ContentType;
 pub use format::{EventId, Hash32, Position, SegmentSeq, Timestamp};
 pub use log::{
-    AppendHandle, AppendRequest, AppendResult, Direction, Durability, EventData, ExpectedVersion,
-    Log, Options, RecordView, RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamInfo,
-    Tail, Truncation, Verify, VerifyReport, new_event_id, now,
+    AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, Direction, Durability, EventData,
+    ExpectedVersion, KEY_FILE, Log, Options, RawRecord, RecordView, RecordedEvent, RecoveryMode,
+    RecoveryReport, SegmentInfo, StreamInfo, TREE_FILE, Tail, Truncation, Verify, VerifyOptions,
+    VerifyReport, new_event_id, now,
 };

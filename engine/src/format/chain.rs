@@ -84,6 +84,15 @@ impl MerkleBuilder {
         MerkleBuilder::default()
     }
 
+    /// A tree whose first leaves are summarised by `frontier`: the roots of the perfect
+    /// subtrees that make it up, `(level, root)` with strictly decreasing levels (the binary
+    /// digits of its size).
+    #[must_use]
+    pub fn from_frontier(frontier: Vec<(u32, Hash32)>) -> MerkleBuilder {
+        let leaves = frontier.iter().map(|(level, _)| 1u64 << level).sum();
+        MerkleBuilder { frontier, leaves }
+    }
+
     /// Adds the next record hash as a leaf.
     pub fn push(&mut self, record_hash: &Hash32) {
         let mut node = (0u32, leaf_hash(record_hash));

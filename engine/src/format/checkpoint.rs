@@ -6,7 +6,7 @@
 //! checkpoint carries the public key that signed it, so that checkpoints signed before a key
 //! rotation stay verifiable; a verifier decides which keys it trusts.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use super::{DecodeError, Hash32, Timestamp, check_crc, check_magic, check_zero, le, need};
 
@@ -198,7 +198,11 @@ impl SignedCheckpoint {
     pub fn decode_entry(b: &[u8]) -> Result<SignedCheckpoint, DecodeError> {
         need(b, ENTRY_LEN)?;
         let b = &b[..ENTRY_LEN];
-        check_crc(le::u32_at(b, ENTRY_CRC), &b[..ENTRY_CRC], "checkpoint entry")?;
+        check_crc(
+            le::u32_at(b, ENTRY_CRC),
+            &b[..ENTRY_CRC],
+            "checkpoint entry",
+        )?;
         check_zero(b, ENTRY_RESERVED..ENTRY_LEN, "checkpoint entry")?;
         Ok(SignedCheckpoint {
             statement: Statement::decode(&b[..STATEMENT_LEN])?,

@@ -19,6 +19,7 @@ pub mod meta;
 pub mod proof;
 pub mod record;
 pub mod segment;
+pub mod tree;
 
 use std::fmt;
 

@@ -12,14 +12,17 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::VerifyOptions;
 use super::append::segment_header;
 use super::shared::{SegState, SegmentHandle, Shared, lock};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
 use super::{Durability, VerifyReport};
 use crate::error::{Error, Result};
 use crate::format::chain::MerkleBuilder;
+use crate::format::checkpoint::ENTRY_LEN;
+use crate::format::proof::{NodeSource, hex};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{Hash32, PAGE_BYTES, Position, SEGMENT_DATA_START, SegmentSeq, Timestamp};
 use crate::index::{ActiveIndex, IndexFileInfo, SealedIndex};
@@ -53,7 +56,63 @@ pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
     threads.push(spawn("seal", Box::new(move || sealer(&s, &rx)))?);
     let s = Arc::clone(shared);
     threads.push(spawn("flush", Box::new(move || flusher(&s)))?);
+    drop(threads);
+    let s = Arc::clone(shared);
+    *lock(&shared.checkpointer) = Some(spawn("checkpoint", Box::new(move || checkpointer(&s)))?);
     Ok(())
+}
+
+/// Writes checkpoints when a segment is sealed, every `checkpoint_every_records` records,
+/// and every `checkpoint_interval` while the log grows. Between checkpoints it keeps the
+/// Merkle tree caught up, so that a checkpoint or proof rarely has much to hash.
+fn checkpointer(shared: &Shared) {
+    const POLL: Duration = Duration::from_millis(100);
+    let every = shared.opts.checkpoint_every_records;
+    let interval = shared.opts.checkpoint_interval;
+    let mut last_time = Instant::now();
+    loop {
+        let due = {
+            let mut due = lock(&shared.checkpoint_due);
+            if !*due {
+                due = shared
+                    .checkpoint_cv
+                    .wait_timeout(due, POLL)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            std::mem::take(&mut *due)
+        };
+        if shared.shutdown_checkpoints.load(Ordering::SeqCst)
+            || shared.poisoned.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let last = lock(&shared.checkpoints)
+            .list
+            .last()
+            .map_or(0, |c| c.statement.tree_size);
+        let visible = shared.visible_position().0;
+        let grown = visible.saturating_sub(last);
+        let wanted = grown > 0
+            && (due
+                || every.is_some_and(|n| grown >= n)
+                || interval.is_some_and(|t| last_time.elapsed() >= t));
+        if wanted {
+            // A failure here is retried at the next trigger; the log's own syncs report
+            // disk failures to appenders.
+            let _ = super::checkpoints::checkpoint(shared, false);
+            last_time = Instant::now();
+        } else if grown > 0 {
+            let mut tree = lock(&shared.tree);
+            let _ = tree.catch_up(shared, Position(visible));
+        }
+    }
+}
+
+/// Asks the checkpoint thread for a checkpoint (after a seal).
+pub(crate) fn request_checkpoint(shared: &Shared) {
+    *lock(&shared.checkpoint_due) = true;
+    shared.checkpoint_cv.notify_all();
 }
 
 /// Makes the sealer drop its queue instead of sealing (a simulated crash).
@@ -242,6 +301,7 @@ fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
         if !failed && !shared.abandon_seals.load(Ordering::SeqCst) {
             match seal(shared, &job) {
                 Ok(streams) => {
+                    request_checkpoint(shared);
                     policy.since += streams;
                     // A snapshot is an optimisation; failing to write one loses nothing.
                     let _ = maybe_snapshot(shared, job.segment.seq, &mut policy);
@@ -695,14 +755,122 @@ pub(crate) fn corrupt_record(path: &Path, e: RecordError) -> Error {
     }
 }
 
-/// Full verification with plain reads (see [`super::Log::verify`]).
-pub(crate) fn verify(shared: &Shared) -> Result<VerifyReport> {
+/// Full verification with plain reads (see [`super::Log::verify_with`]).
+pub(crate) fn verify(
+    shared: &Shared,
+    options: &VerifyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerifyReport> {
     let visible = shared.visible_position();
-    let segs = shared.segments_snapshot();
+    let mut segs = shared.segments_snapshot();
     let mut report = VerifyReport {
         last_chain_hash: shared.seed,
         ..VerifyReport::default()
     };
+    let checkpoints = lock(&shared.checkpoints).list.clone();
+    let cp_path = shared.dir.join(super::checkpoints::CHECKPOINTS_FILE);
+    if let Some((offset, cause)) = lock(&shared.checkpoints).damage.clone() {
+        return Err(corrupt(
+            &cp_path,
+            offset,
+            None,
+            "damaged checkpoint".into(),
+            Some(cause),
+        ));
+    }
+    // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
+    let mut whole = MerkleBuilder::new();
+    if let Some(from) = options.from_segment {
+        let first = segs
+            .iter()
+            .position(|s| s.seq >= from)
+            .unwrap_or(segs.len());
+        if let Some(seg) = segs.get(first) {
+            report.last_chain_hash = seg.header.prev_chain_hash;
+            report.first_position = seg.header.base_position;
+            // Earlier records are trusted: start from the frontier the node file gives.
+            let base = seg.header.base_position.0;
+            let mut tree = lock(&shared.tree);
+            tree.catch_up(shared, Position(base))?;
+            let mut src = tree.source(shared);
+            let mut frontier = Vec::new();
+            let mut done = 0u64;
+            for level in (0..64u32).rev() {
+                if base & (1 << level) != 0 {
+                    frontier.push((level, src.perfect(level, done >> level)?));
+                    done += 1 << level;
+                }
+            }
+            whole = MerkleBuilder::from_frontier(frontier);
+        } else {
+            report.first_position = visible;
+        }
+        segs.drain(..first);
+    }
+    let mut next_cp = 0usize;
+    let mut check_cps = |whole: &MerkleBuilder,
+                         head: &Hash32,
+                         tree: Option<&super::tree::Tree>,
+                         report: &mut VerifyReport|
+     -> Result<()> {
+        while let Some(cp) = checkpoints.get(next_cp) {
+            let s = &cp.statement;
+            let at = (next_cp * ENTRY_LEN) as u64;
+            let fail = |detail: String| corrupt(&cp_path, at, Some(s.tree_size), detail, None);
+            if s.tree_size > whole.len() {
+                break;
+            }
+            next_cp += 1;
+            report.checkpoints += 1;
+            cp.verify(&options.trusted_keys)
+                .map_err(|e| fail(format!("checkpoint {}: {e}", s.id)))?;
+            if s.log_id != shared.meta.log_id {
+                return Err(fail(format!("checkpoint {} names another log", s.id)));
+            }
+            if s.tree_size < whole.len() {
+                // Before the first checked record (`from_segment`): checked against the
+                // trusted node file.
+                let Some(tree) = tree else { continue };
+                let root = crate::format::proof::root(&mut tree.source(shared), s.tree_size)?;
+                if root != s.root {
+                    return Err(fail(format!(
+                        "checkpoint {}: Merkle root {} of the first {} records differs from the signed root {}",
+                        s.id,
+                        hex(&root),
+                        s.tree_size,
+                        hex(&s.root)
+                    )));
+                }
+                continue;
+            }
+            let root = whole.root();
+            if root != s.root {
+                return Err(fail(format!(
+                    "checkpoint {}: Merkle root {} of the first {} records differs from the signed root {}",
+                    s.id,
+                    hex(&root),
+                    s.tree_size,
+                    hex(&s.root)
+                )));
+            }
+            if *head != s.chain_head {
+                return Err(fail(format!(
+                    "checkpoint {}: chain head {} differs from the signed chain head {}",
+                    s.id,
+                    hex(head),
+                    hex(&s.chain_head)
+                )));
+            }
+        }
+        Ok(())
+    };
+    let head = report.last_chain_hash;
+    if options.from_segment.is_some() {
+        let tree = lock(&shared.tree);
+        check_cps(&whole, &head, Some(&tree), &mut report)?;
+    } else {
+        check_cps(&whole, &head, None, &mut report)?;
+    }
     let mut position = Position(0);
     for seg in &segs {
         if position >= visible
@@ -798,8 +966,11 @@ pub(crate) fn verify(shared: &Shared) -> Result<VerifyReport> {
         let mut merkle = MerkleBuilder::new();
         for r in &s.records {
             merkle.push(&r.header.chain_hash);
+            whole.push(&r.header.chain_hash);
+            check_cps(&whole, &r.header.chain_hash, None, &mut report)?;
             report.bytes += r.header.record_len();
         }
+        progress(report.bytes);
         if let Some(last) = s.records.last() {
             report.last_chain_hash = last.header.chain_hash;
         }
@@ -815,6 +986,20 @@ pub(crate) fn verify(shared: &Shared) -> Result<VerifyReport> {
             )?;
         }
         report.segments += 1;
+    }
+    if let Some(cp) = checkpoints.get(next_cp) {
+        return Err(corrupt(
+            &cp_path,
+            (next_cp * ENTRY_LEN) as u64,
+            Some(cp.statement.tree_size),
+            format!(
+                "checkpoint {} covers {} records, but the log has only {}: records were removed",
+                cp.statement.id,
+                cp.statement.tree_size,
+                whole.len()
+            ),
+            None,
+        ));
     }
     Ok(report)
 }

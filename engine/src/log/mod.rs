@@ -12,22 +12,29 @@
 
 mod append;
 mod background;
+mod checkpoints;
 mod ids;
 mod read;
 mod recover;
 mod shared;
 pub(crate) mod streams;
+mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use append::AppendHandle;
+pub use checkpoints::{CHECKPOINTS_FILE, KEY_FILE};
 pub use read::{RecordView, Tail, Verify};
 use shared::Shared;
+pub use tree::TREE_FILE;
 
 use crate::error::{Error, Result};
+use crate::format::DecodeError;
+use crate::format::checkpoint::SignedCheckpoint;
 use crate::format::envelope::ContentType;
+use crate::format::proof::{self, ConsistencyProof, InclusionProof, ProofError};
 use crate::format::{EventId, Hash32, Position, SEGMENT_BYTES_DEFAULT, SegmentSeq, Timestamp};
 
 /// When an append is acknowledged, and what survives a crash.
@@ -78,6 +85,15 @@ pub struct Options {
     pub idempotency_window: usize,
     /// Create the directory and a new log if there is none.
     pub create: bool,
+    /// The Ed25519 signing key file for checkpoints. `None`: `tally.key` in the data
+    /// directory, created (mode 0600) when missing.
+    pub signing_key: Option<PathBuf>,
+    /// Write a signed checkpoint once this many records were appended since the last one.
+    /// Checkpoints are also written on every segment seal, on close, and on demand.
+    pub checkpoint_every_records: Option<u64>,
+    /// Write a signed checkpoint when the log has grown and this long has passed since the
+    /// last one.
+    pub checkpoint_interval: Option<Duration>,
 }
 
 impl Default for Options {
@@ -88,6 +104,9 @@ impl Default for Options {
             recovery: RecoveryMode::Strict,
             idempotency_window: 1 << 18,
             create: true,
+            signing_key: None,
+            checkpoint_every_records: Some(1 << 20),
+            checkpoint_interval: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -446,6 +465,9 @@ pub struct RecoveryReport {
     pub footers_rewritten: Vec<SegmentSeq>,
     /// Records read from segment files (not from indexes) to recover.
     pub records_scanned: u64,
+    /// The Merkle node file was missing, damaged or disagreed with the latest checkpoint,
+    /// and was recomputed from the records.
+    pub merkle_tree_rebuilt: bool,
     /// Position of the next record to be written.
     pub next_position: Position,
 }
@@ -682,7 +704,169 @@ impl Log {
     /// The first problem found, as [`Error::Corrupt`] or [`Error::Index`] naming the file,
     /// byte offset and position.
     pub fn verify(&self) -> Result<VerifyReport> {
-        background::verify(&self.shared)
+        self.verify_with(&VerifyOptions::default(), &mut |_| {})
+    }
+
+    /// [`Log::verify`], plus every checkpoint: its signature (by one of
+    /// `options.trusted_keys` when any are given), that it names this log, and that its
+    /// root and chain head are those of the records it covers. `progress` is called with
+    /// the bytes of records checked so far.
+    ///
+    /// # Errors
+    /// As [`Log::verify`]; a bad checkpoint is [`Error::Corrupt`] in the checkpoints file,
+    /// at the checkpoint's entry, with the position its tree ends at.
+    pub fn verify_with(
+        &self,
+        options: &VerifyOptions,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<VerifyReport> {
+        background::verify(&self.shared, options, progress)
+    }
+
+    /// Signs and durably stores a checkpoint of every acknowledged record now (syncing
+    /// them first), and returns it.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`] for a read-only log; I/O errors writing the node or checkpoint
+    /// files; [`Error::Poisoned`] if the sync fails.
+    pub fn checkpoint(&self) -> Result<SignedCheckpoint> {
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
+        checkpoints::checkpoint(&self.shared, true)
+    }
+
+    /// Every signed checkpoint of the log, oldest first.
+    #[must_use]
+    pub fn checkpoints(&self) -> Vec<SignedCheckpoint> {
+        shared::lock(&self.shared.checkpoints).list.clone()
+    }
+
+    /// A damaged entry of the checkpoints file found by a read-only open: its byte offset
+    /// and cause. (A writable open refuses such a file.)
+    #[must_use]
+    pub fn checkpoints_damage(&self) -> Option<(u64, DecodeError)> {
+        shared::lock(&self.shared.checkpoints).damage.clone()
+    }
+
+    /// The public half of the key that signs this log's new checkpoints (`None` for a
+    /// read-only log).
+    #[must_use]
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        shared::lock(&self.shared.checkpoints).public_key()
+    }
+
+    /// The Merkle root over the record hashes of positions `0..tree_size`.
+    ///
+    /// # Errors
+    /// [`Error::Proof`] when `tree_size` is beyond the visible records; read errors.
+    pub fn merkle_root(&self, tree_size: u64) -> Result<Hash32> {
+        self.with_tree(tree_size, |src| proof::root(src, tree_size).map(Some))
+    }
+
+    /// An inclusion proof of the record at `position` in the tree of size `tree_size`.
+    ///
+    /// # Errors
+    /// [`Error::Proof`] when the position or size is out of range; read errors.
+    pub fn prove_inclusion(&self, position: Position, tree_size: u64) -> Result<InclusionProof> {
+        // Each proof is checked against the root before it is handed out: a damaged node
+        // that is not on the path to the root (which open checks against the latest
+        // checkpoint) is noticed here, and the node file is recomputed from the records.
+        self.with_tree(tree_size, |src| {
+            let root = proof::root(src, tree_size)?;
+            let p = proof::prove_inclusion(src, position.0, tree_size)?.map_err(Error::from)?;
+            let leaf = src.leaf(position.0)?;
+            Ok(p.verify(&leaf, &root).is_ok().then_some(p))
+        })
+    }
+
+    /// A consistency proof that the tree of `old_size` records is a prefix of the tree of
+    /// `new_size` records.
+    ///
+    /// # Errors
+    /// [`Error::Proof`] when the sizes are out of order or range; read errors.
+    pub fn prove_consistency(&self, old_size: u64, new_size: u64) -> Result<ConsistencyProof> {
+        if old_size > new_size {
+            return Err(Error::Proof(ProofError::SizesOutOfOrder {
+                old: old_size,
+                new: new_size,
+            }));
+        }
+        self.with_tree(new_size, |src| {
+            let old = proof::root(src, old_size)?;
+            let new = proof::root(src, new_size)?;
+            let p = proof::prove_consistency(src, old_size, new_size)?.map_err(Error::from)?;
+            Ok(p.verify(&old, &new).is_ok().then_some(p))
+        })
+    }
+
+    /// Runs `f` over the tree of `tree_size` records; when it returns `None` (a proof that
+    /// does not verify: a damaged node), recomputes the node file and runs it again.
+    fn with_tree<T>(
+        &self,
+        tree_size: u64,
+        f: impl Fn(&mut tree::TreeSource<'_>) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let visible = self.shared.visible_position();
+        if tree_size > visible.0 {
+            return Err(Error::Proof(ProofError::OutOfRange {
+                index: tree_size,
+                size: visible.0,
+            }));
+        }
+        let mut tree = shared::lock(&self.shared.tree);
+        tree.catch_up(&self.shared, Position(tree_size))?;
+        if let Some(out) = f(&mut tree.source(&self.shared))? {
+            return Ok(out);
+        }
+        tree.rebuild(&self.shared)?;
+        f(&mut tree.source(&self.shared))?.ok_or_else(|| Error::Corrupt {
+            file: self.shared.dir.clone(),
+            offset: 0,
+            position: None,
+            detail: "a Merkle proof computed from the records does not verify".into(),
+            source: None,
+        })
+    }
+
+    /// The stored bytes of the record at `position`, with the record hash before it: what
+    /// an outside verifier needs to recompute the record's hash (docs/FORMAT.md, "Hash
+    /// chain") and check it against a Merkle proof.
+    ///
+    /// # Errors
+    /// [`Error::Proof`] when `position` is not visible; read errors.
+    pub fn read_raw(&self, position: Position) -> Result<RawRecord> {
+        let visible = self.shared.visible_position();
+        if position >= visible {
+            return Err(Error::Proof(ProofError::OutOfRange {
+                index: position.0,
+                size: visible.0,
+            }));
+        }
+        let mut prev = self.shared.seed;
+        let mut out = None;
+        read::scan_range(
+            &self.shared,
+            Position(position.0.saturating_sub(1)),
+            position.next(),
+            Verify::Checksums,
+            &mut |r| {
+                if r.position == position {
+                    out = Some(RawRecord {
+                        position,
+                        header: *r.header,
+                        body: r.body.to_vec(),
+                        prev_hash: prev,
+                    });
+                } else {
+                    prev = *r.record_hash;
+                }
+            },
+        )?;
+        out.ok_or(Error::Proof(ProofError::OutOfRange {
+            index: position.0,
+            size: visible.0,
+        }))
     }
 
     /// Flushes, seals nothing new, writes the active segment's index and the stream table
@@ -717,6 +901,19 @@ impl Drop for Log {
     }
 }
 
+/// A record as stored, with the record hash it chains from (see [`Log::read_raw`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawRecord {
+    /// Its position.
+    pub position: Position,
+    /// The 80 header bytes.
+    pub header: [u8; crate::format::record::RECORD_HEADER_LEN],
+    /// The body (the encoded envelope), without padding.
+    pub body: Vec<u8>,
+    /// The record hash of the previous position (the chain seed for position 0).
+    pub prev_hash: Hash32,
+}
+
 /// What [`Log::verify`] checked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -728,6 +925,21 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// The chain hash of the last record.
     pub last_chain_hash: Hash32,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+    /// The first position checked (non-zero with [`VerifyOptions::from_segment`]).
+    pub first_position: Position,
+}
+
+/// What [`Log::verify_with`] checks beyond the records.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Public keys a checkpoint must be signed by; empty: any key, as long as the signature
+    /// verifies under the key stored with it.
+    pub trusted_keys: Vec<[u8; 32]>,
+    /// Check records from this segment on only, trusting the earlier ones (checked before)
+    /// and the Merkle node file for them.
+    pub from_segment: Option<SegmentSeq>,
 }
 
 /// A fresh v7 UUID (RFC 9562) as an event id: 48 bits of Unix milliseconds, a 12-bit

@@ -728,6 +728,8 @@ pub struct RecordView<'a> {
     pub record_hash: &'a crate::format::Hash32,
     /// The encoded envelope.
     pub body: &'a [u8],
+    /// The record's 80 header bytes as stored.
+    pub header: &'a [u8; crate::format::record::RECORD_HEADER_LEN],
 }
 
 impl<'a> RecordView<'a> {
@@ -826,6 +828,7 @@ fn scan_records(
                 record_time: rec.header.record_time,
                 record_hash: &rec.header.chain_hash,
                 body: rec.body,
+                header: &rec.header_bytes,
             });
             seen += 1;
         }
@@ -849,6 +852,61 @@ pub(crate) fn scan(
     let mut seen = 0;
     for seg in &segs[start.min(segs.len())..] {
         seen += scan_segment(seg, from, visible, verify, visit)?;
+    }
+    Ok(seen)
+}
+
+/// Scans the visible records `from..to` in order, finding the start through the sparse
+/// index instead of reading each segment from its beginning. Records are checked as
+/// `verify` asks. Returns the number of records visited.
+pub(crate) fn scan_range(
+    shared: &Shared,
+    from: Position,
+    to: Position,
+    verify: Verify,
+    visit: &mut dyn FnMut(RecordView<'_>),
+) -> Result<u64> {
+    let visible = shared.visible_position();
+    let to = to.min(visible);
+    let segs = shared.segments_snapshot();
+    let mut position = from;
+    let mut seen = 0;
+    while position < to {
+        let Some(i) = segment_index_of(&segs, position) else {
+            break;
+        };
+        let seg = &segs[i];
+        let (first, end) = segment_range(seg, visible);
+        let end = end.min(to);
+        if end <= position {
+            break;
+        }
+        // A start at the segment's first record checks its link from the header; any other
+        // start re-reads the record before it (at or after a sparse entry) for its chain value.
+        let start = if position == first {
+            (
+                first,
+                crate::format::SEGMENT_DATA_START,
+                Some(seg.header.prev_chain_hash),
+            )
+        } else {
+            match locate(shared, seg, Position(position.0 - 1))? {
+                Some((pos, off)) if pos >= first && pos < position => (pos, off, None),
+                _ => (
+                    first,
+                    crate::format::SEGMENT_DATA_START,
+                    Some(seg.header.prev_chain_hash),
+                ),
+            }
+        };
+        let want = position;
+        scan_records(seg, start, end, verify, &mut |r| {
+            if r.position >= want {
+                visit(r);
+                seen += 1;
+            }
+        })?;
+        position = end;
     }
     Ok(seen)
 }

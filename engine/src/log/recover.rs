@@ -27,9 +27,11 @@ use super::background::{
     corrupt, footer_from_records, load_index, prepare_spare, request_spare, sealed_index,
     start_threads, write_footer, write_sealed_index,
 };
+use super::checkpoints::{Checkpoints, load_or_create_key};
 use super::ids::{IdSlot, IdWindow};
 use super::shared::{CommitState, SegState, SegmentHandle, Shared, Spares, lock};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
+use super::tree::{Tree, open_tree};
 use super::{Options, RecoveryMode, RecoveryReport, Truncation, now};
 use crate::error::{Error, Result};
 use crate::format::chain::chain_seed;
@@ -129,6 +131,12 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     Error::io(op, path)
 }
 
+/// Whether another opener holds the directory's lock (a read-only open beside a live log).
+fn held_by_another(dir: &Path) -> bool {
+    File::open(dir.join(LOCK_FILE))
+        .is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let f = OpenOptions::new()
@@ -217,6 +225,12 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         lock_file: Mutex::new(lock_file),
         closed: AtomicBool::new(false),
         rebuilt: Mutex::new(Vec::new()),
+        tree: Mutex::new(Tree::empty(seed)),
+        checkpoints: Mutex::new(Checkpoints::empty()),
+        checkpoint_due: Mutex::new(false),
+        checkpoint_cv: Condvar::new(),
+        checkpointer: Mutex::new(None),
+        shutdown_checkpoints: AtomicBool::new(false),
     });
 
     // Sealed segments: trusted from their footers.
@@ -493,6 +507,31 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     shared.publish_visible(next_position);
     report.next_position = next_position;
     report.rebuilt_indexes = std::mem::take(&mut *lock(&shared.rebuilt));
+    // The signing key, the checkpoints, and the Merkle tree checked against the latest.
+    let key_path = opts
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| dir.join(super::checkpoints::KEY_FILE));
+    let key = load_or_create_key(&key_path, !read_only && opts.signing_key.is_none())?;
+    if key.is_none() && opts.signing_key.is_some() {
+        return Err(Error::Io {
+            op: "reading signing key file",
+            path: key_path,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    // Beside a live log, checkpoints written after the segments were read are newer than
+    // this view of the log, not evidence of missing records.
+    let live = read_only && held_by_another(dir);
+    let cps = Checkpoints::open(&shared, key, live.then_some(next_position.0))?;
+    let trusted = cps
+        .list
+        .last()
+        .map(|c| (c.statement.tree_size, c.statement.root));
+    *lock(&shared.checkpoints) = cps;
+    let tree = open_tree(&shared, trusted)?;
+    report.merkle_tree_rebuilt = tree.rebuilt;
+    *lock(&shared.tree) = tree;
     if !read_only {
         rebuild_id_window(&shared)?;
         start_threads(&shared)?;

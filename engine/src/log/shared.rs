@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use super::append::Writer;
 use super::background::SealJob;
+use super::checkpoints::Checkpoints;
+use super::tree::Tree;
 use super::{Durability, Options, SegmentInfo};
 use crate::error::{Error, Result};
 use crate::format::meta::LogMeta;
@@ -177,6 +179,17 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     /// Segments whose sidecar was rebuilt since open (for the recovery report).
     pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
+    /// The log's Merkle tree. Lock order: `checkpoints`, then `tree`, then `writer`.
+    pub(crate) tree: Mutex<Tree>,
+    /// Signed checkpoints and the signing key.
+    pub(crate) checkpoints: Mutex<Checkpoints>,
+    /// Set (and `checkpoint_cv` signalled) when a seal asks for a checkpoint.
+    pub(crate) checkpoint_due: Mutex<bool>,
+    pub(crate) checkpoint_cv: Condvar,
+    /// The checkpoint thread, stopped before anything else on close (it reads through the
+    /// writer lock that close holds).
+    pub(crate) checkpointer: Mutex<Option<JoinHandle<()>>>,
+    pub(crate) shutdown_checkpoints: AtomicBool,
 }
 
 impl Shared {
@@ -409,8 +422,19 @@ impl Shared {
     /// Closes cleanly: refuses new appends, syncs, finishes sealing, writes the active
     /// index and the stream snapshot, releases the lock.
     pub(crate) fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
+        if self.closed.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        // A last checkpoint covers everything acknowledged, before appends stop (it reads
+        // through the writer lock).
+        self.stop_checkpointer();
+        let checkpointed = if self.read_only || self.poisoned.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            super::checkpoints::checkpoint(self, false).map(|_| ())
+        };
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return checkpointed;
         }
         // Holding the writer lock: no append is between its write and its registration.
         let mut writer = self.writer.lock();
@@ -427,7 +451,20 @@ impl Shared {
         drop(writer);
         self.wake_everyone();
         *lock(&self.lock_file) = None;
-        synced.and(written)
+        checkpointed.and(synced).and(written)
+    }
+
+    /// Stops the checkpoint thread and waits for it.
+    pub(crate) fn stop_checkpointer(&self) {
+        {
+            let mut due = lock(&self.checkpoint_due);
+            self.shutdown_checkpoints.store(true, Ordering::SeqCst);
+            *due = true;
+            self.checkpoint_cv.notify_all();
+        }
+        if let Some(t) = lock(&self.checkpointer).take() {
+            let _ = t.join();
+        }
     }
 
     /// Stops like a crash: nothing more is synced or written.
@@ -436,6 +473,7 @@ impl Shared {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.stop_checkpointer();
         let mut writer = self.writer.lock();
         self.stop_threads_without_sealing();
         *writer = None;

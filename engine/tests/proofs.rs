@@ -1,0 +1,310 @@
+//! The whole-log Merkle tree, proofs and signed checkpoints, through the public API.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tally_engine::format::chain::merkle_root;
+use tally_engine::format::proof::ProofError;
+use tally_engine::{
+    Durability, Error, EventData, ExpectedVersion, Hash32, Log, Options, Position, RecoveryMode,
+    VerifyOptions,
+};
+
+fn opts() -> Options {
+    Options {
+        segment_bytes: 64 << 10,
+        durability: Durability::None,
+        checkpoint_every_records: None,
+        checkpoint_interval: None,
+        ..Options::default()
+    }
+}
+
+fn fill(log: &Log, n: usize) {
+    for i in 0..n {
+        let e = EventData::new("E", vec![i as u8; 40 + (i * 37) % 300]);
+        log.append(&format!("s-{}", i % 5), ExpectedVersion::Any, &[e])
+            .unwrap();
+    }
+}
+
+fn record_hashes(log: &Log) -> Vec<Hash32> {
+    let mut out = Vec::new();
+    log.scan(Position(0), tally_engine::Verify::Checksums, |r| {
+        out.push(*r.record_hash);
+    })
+    .unwrap();
+    out
+}
+
+#[test]
+fn roots_and_proofs_agree_with_the_records_across_chunks_and_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 700);
+    assert!(log.segments().len() > 2, "the log spans several segments");
+    let hashes = record_hashes(&log);
+    assert_eq!(hashes.len(), 700);
+    for n in [
+        0u64, 1, 2, 63, 64, 65, 127, 128, 129, 300, 511, 512, 513, 699, 700,
+    ] {
+        let root = log.merkle_root(n).unwrap();
+        assert_eq!(root, merkle_root(&hashes[..n as usize]), "size {n}");
+        for p in [0, n / 3, n.saturating_sub(1)] {
+            if p < n {
+                let proof = log.prove_inclusion(Position(p), n).unwrap();
+                proof.verify(&hashes[p as usize], &root).unwrap();
+            }
+        }
+        for m in [0, 1.min(n), n / 2, n.saturating_sub(1), n] {
+            let old = merkle_root(&hashes[..m as usize]);
+            log.prove_consistency(m, n)
+                .unwrap()
+                .verify(&old, &root)
+                .unwrap();
+        }
+    }
+    assert!(matches!(
+        log.merkle_root(701),
+        Err(Error::Proof(ProofError::OutOfRange { .. }))
+    ));
+    assert!(matches!(
+        log.prove_inclusion(Position(700), 700),
+        Err(Error::Proof(ProofError::OutOfRange { .. }))
+    ));
+    assert!(matches!(
+        log.prove_consistency(10, 5),
+        Err(Error::Proof(ProofError::SizesOutOfOrder { .. }))
+    ));
+}
+
+#[test]
+fn checkpoints_are_written_on_seal_on_demand_and_on_close_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let key = std::fs::metadata(dir.path().join("tally.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    fill(&log, 400);
+    log.wait_sealed().unwrap();
+    // Seals ask the checkpoint thread for a checkpoint.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log.checkpoints().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!log.checkpoints().is_empty(), "a seal wrote a checkpoint");
+    let cp = log.checkpoint().unwrap();
+    assert_eq!(cp.statement.tree_size, 400);
+    let hashes = record_hashes(&log);
+    assert_eq!(cp.statement.root, merkle_root(&hashes));
+    assert_eq!(cp.statement.chain_head, hashes[399]);
+    assert_eq!(Some(cp.public_key), log.public_key());
+    cp.verify(&[cp.public_key]).unwrap();
+    let ids: Vec<u64> = log.checkpoints().iter().map(|c| c.statement.id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    fill(&log, 10);
+    let public = log.public_key().unwrap();
+    log.close().unwrap();
+
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let last = *log.checkpoints().last().unwrap();
+    assert_eq!(last.statement.tree_size, 410, "close wrote a checkpoint");
+    assert!(!log.recovery_report().merkle_tree_rebuilt);
+    assert_eq!(log.public_key(), Some(public), "the key is kept");
+    let report = log
+        .verify_with(
+            &VerifyOptions {
+                trusted_keys: vec![public],
+                ..VerifyOptions::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(report.checkpoints, log.checkpoints().len() as u64);
+    // Another key is not trusted.
+    let err = log
+        .verify_with(
+            &VerifyOptions {
+                trusted_keys: vec![[7; 32]],
+                ..VerifyOptions::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("tally.checkpoints"), "{err}");
+}
+
+#[test]
+fn periodic_checkpoints_follow_the_record_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            segment_bytes: 4 << 20,
+            checkpoint_every_records: Some(50),
+            ..opts()
+        },
+    )
+    .unwrap();
+    fill(&log, 120);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log.checkpoints().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cps = log.checkpoints();
+    assert!(!cps.is_empty());
+    assert!(cps.iter().all(|c| c.statement.tree_size >= 50));
+}
+
+fn corrupt_tree_file(dir: &Path) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("merkle.tree"))
+        .unwrap();
+    f.write_all_at(&[0xAB; 32], 64).unwrap();
+}
+
+#[test]
+fn a_damaged_node_file_is_noticed_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 300);
+    log.close().unwrap();
+    // The first chunk's root is not on the path to the checkpoint's root, but it is the
+    // sibling in every proof of a record of the second chunk.
+    corrupt_tree_file(dir.path());
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let hashes = record_hashes(&log);
+    let root = log.merkle_root(300).unwrap();
+    assert_eq!(root, merkle_root(&hashes));
+    let proof = log.prove_inclusion(Position(70), 300).unwrap();
+    proof.verify(&hashes[70], &root).unwrap();
+    // A damaged peak is noticed on open, against the checkpoint.
+    log.close().unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("merkle.tree"))
+        .unwrap();
+    // Node 6 is the root of the first four chunks (256 records): a peak of 300.
+    f.write_all_at(&[0xAB; 32], 64 + 6 * 32).unwrap();
+    drop(f);
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert!(log.recovery_report().merkle_tree_rebuilt);
+    assert_eq!(log.merkle_root(300).unwrap(), merkle_root(&hashes));
+    log.verify().unwrap();
+    drop(log);
+    // A read-only open does the same in memory.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("merkle.tree"))
+        .unwrap();
+    f.write_all_at(&[0xAB; 32], 64 + 6 * 32).unwrap();
+    let ro = Log::open(
+        dir.path(),
+        Options {
+            recovery: RecoveryMode::ReadOnly,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert!(ro.recovery_report().merkle_tree_rebuilt);
+    assert_eq!(ro.merkle_root(300).unwrap(), merkle_root(&hashes));
+    assert!(matches!(ro.checkpoint(), Err(Error::ReadOnly)));
+}
+
+#[test]
+fn after_a_crash_the_tree_is_recomputed_past_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 150);
+    log.checkpoint().unwrap();
+    fill(&log, 150);
+    log.sync().unwrap();
+    log.crash();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let hashes = record_hashes(&log);
+    assert_eq!(hashes.len(), 300);
+    assert_eq!(log.merkle_root(300).unwrap(), merkle_root(&hashes));
+    assert_eq!(log.merkle_root(150).unwrap(), merkle_root(&hashes[..150]));
+    log.verify().unwrap();
+}
+
+#[test]
+fn removed_records_fail_verification_against_an_earlier_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 300);
+    log.checkpoint().unwrap();
+    let last = log.segments().pop().unwrap().path;
+    log.close().unwrap();
+    // Drop the newest segment: the log now ends earlier than the checkpoint says.
+    std::fs::remove_file(&last).unwrap();
+    let _ = std::fs::remove_file(last.with_extension("idx"));
+    let _ = std::fs::remove_file(dir.path().join("streams.snap"));
+    let ro = Log::open(
+        dir.path(),
+        Options {
+            recovery: RecoveryMode::ReadOnly,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert!(ro.next_position().0 < 300);
+    let err = ro.verify().unwrap_err();
+    assert!(err.to_string().contains("records were removed"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn proofs_for_random_sizes_verify_and_altered_ones_fail(
+        n in 1u64..400,
+        picks in proptest::collection::vec((0u64..1000, 0u64..1000), 4),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), opts()).unwrap();
+        fill(&log, n as usize);
+        let hashes = record_hashes(&log);
+        for (a, b) in picks {
+            let size = 1 + b % n;
+            let p = a % size;
+            let root = log.merkle_root(size).unwrap();
+            let proof = log.prove_inclusion(Position(p), size).unwrap();
+            proof.verify(&hashes[p as usize], &root).unwrap();
+            let mut bad = proof.clone();
+            if let Some(h) = bad.path.first_mut() {
+                h[0] ^= 1;
+                prop_assert!(bad.verify(&hashes[p as usize], &root).is_err());
+            }
+            // The same path presented as a proof for a larger tree fails against its root.
+            if size < n {
+                let mut wrong_size = proof.clone();
+                wrong_size.tree_size += 1;
+                let bigger = log.merkle_root(size + 1).unwrap();
+                prop_assert!(wrong_size.verify(&hashes[p as usize], &bigger).is_err());
+            }
+            let mut wrong_root = root;
+            wrong_root[5] ^= 1;
+            prop_assert!(proof.verify(&hashes[p as usize], &wrong_root).is_err());
+
+            let m = a % (size + 1);
+            let old = log.merkle_root(m).unwrap();
+            let c = log.prove_consistency(m, size).unwrap();
+            c.verify(&old, &root).unwrap();
+            if m > 0 && m < size {
+                let mut bad = c.clone();
+                bad.path[0][0] ^= 1;
+                prop_assert!(bad.verify(&old, &root).is_err());
+                prop_assert!(c.verify(&old, &wrong_root).is_err());
+                let mut wrong = c.clone();
+                wrong.old_size = if m > 1 { m - 1 } else { m + 1 };
+                let ok = wrong.old_size < size && wrong.verify(&old, &root).is_ok();
+                prop_assert!(!ok);
+            }
+        }
+    }
+}
