@@ -20,6 +20,9 @@ fn opts(durability: Durability, recovery: RecoveryMode) -> Options {
         segment_bytes: 64 * 1024,
         durability,
         recovery,
+        // These tests zero records to simulate losing data that was never synced; an
+        // automatic checkpoint would have synced (and signed) it.
+        auto_checkpoints: false,
         ..Options::default()
     }
 }

@@ -57,6 +57,9 @@ pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
     let s = Arc::clone(shared);
     threads.push(spawn("flush", Box::new(move || flusher(&s)))?);
     drop(threads);
+    if !shared.opts.auto_checkpoints {
+        return Ok(());
+    }
     let s = Arc::clone(shared);
     *lock(&shared.checkpointer) = Some(spawn("checkpoint", Box::new(move || checkpointer(&s)))?);
     Ok(())

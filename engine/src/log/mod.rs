@@ -94,6 +94,10 @@ pub struct Options {
     /// Write a signed checkpoint when the log has grown and this long has passed since the
     /// last one.
     pub checkpoint_interval: Option<Duration>,
+    /// Write checkpoints on seals, on close, and by the two settings above. Off, only
+    /// [`Log::checkpoint`] writes them (for tests that simulate losing synced data, which
+    /// a checkpoint would otherwise have covered).
+    pub auto_checkpoints: bool,
 }
 
 impl Default for Options {
@@ -107,6 +111,7 @@ impl Default for Options {
             signing_key: None,
             checkpoint_every_records: Some(1 << 20),
             checkpoint_interval: Some(Duration::from_secs(60)),
+            auto_checkpoints: true,
         }
     }
 }

@@ -428,7 +428,10 @@ impl Shared {
         // A last checkpoint covers everything acknowledged, before appends stop (it reads
         // through the writer lock).
         self.stop_checkpointer();
-        let checkpointed = if self.read_only || self.poisoned.load(Ordering::SeqCst) {
+        let checkpointed = if self.read_only
+            || !self.opts.auto_checkpoints
+            || self.poisoned.load(Ordering::SeqCst)
+        {
             Ok(())
         } else {
             super::checkpoints::checkpoint(self, false).map(|_| ())
