@@ -3,11 +3,18 @@
 //! - `tally demo`: an end-to-end run of the engine on an embedded data directory (trade
 //!   lifecycle events, reads, reopen, chain verification).
 //! - `tally bench`: the embedded load generator (throughput and acknowledgement latency).
+//! - `tally init | pubkey | inspect | dump | verify | checkpoint | prove`: the operator's
+//!   inspection and verification commands ([`ops`]).
+//! - `tally extract | verify-extract | backup`: audit extracts and backups ([`audit`]).
+//!
+//! Exit status: 0 success, 1 when verification finds a problem, 2 on usage or I/O errors.
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod bench;
 mod demo;
+mod ops;
 
 use std::process::ExitCode;
 
@@ -29,6 +36,26 @@ enum Command {
     /// Append to an embedded log from several threads and report throughput and
     /// acknowledgement latency.
     Bench(bench::BenchArgs),
+    /// Create a data directory and its signing key.
+    Init(ops::InitArgs),
+    /// Print the log's public key, in the form `--pubkey FILE` reads.
+    Pubkey(ops::PubkeyArgs),
+    /// Show the segments (or one segment's header, footer and index).
+    Inspect(ops::InspectArgs),
+    /// Print records in order.
+    Dump(ops::DumpArgs),
+    /// Check every checksum, the hash chain, Merkle roots, checkpoints and indexes.
+    Verify(ops::VerifyArgs),
+    /// Write and print a signed checkpoint now (or list them with --list).
+    Checkpoint(ops::CheckpointArgs),
+    /// Print an inclusion or consistency proof.
+    Prove(ops::ProveArgs),
+    /// Write an audit extract: events with inclusion proofs against a signed checkpoint.
+    Extract(audit::ExtractArgs),
+    /// Verify an audit extract offline, with only the log's public key.
+    VerifyExtract(audit::VerifyExtractArgs),
+    /// Copy a (live) data directory up to a signed checkpoint, and verify the copy.
+    Backup(audit::BackupArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,9 +63,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Init(a) => ops::init(&a),
+        Command::Pubkey(a) => ops::pubkey(&a),
+        Command::Inspect(a) => ops::inspect(&a),
+        Command::Dump(a) => ops::dump(&a),
+        Command::Verify(a) => ops::verify(&a),
+        Command::Checkpoint(a) => ops::checkpoint(&a),
+        Command::Prove(a) => ops::prove(&a),
+        Command::Extract(a) => audit::extract(&a),
+        Command::VerifyExtract(a) => audit::verify_extract(&a),
+        Command::Backup(a) => audit::backup(&a),
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<ops::Finding>().is_some() => {
+            println!("FAILED: {e:#}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("tally: {e:#}");
             ExitCode::from(2)
