@@ -42,15 +42,21 @@ pub fn open_read_only(dir: &Path) -> Result<Log> {
             dir.display()
         );
     }
-    Log::open(
+    match Log::open(
         dir,
         Options {
             recovery: RecoveryMode::ReadOnly,
             create: false,
             ..Options::default()
         },
-    )
-    .with_context(|| format!("opening {} read-only", dir.display()))
+    ) {
+        Ok(log) => Ok(log),
+        // Damage that stops even a read-only open is a finding, not a usage error.
+        Err(e @ Error::Corrupt { .. }) => {
+            Err(Finding(format!("opening {}: {e}", dir.display())).into())
+        }
+        Err(e) => Err(e).with_context(|| format!("opening {} read-only", dir.display())),
+    }
 }
 
 /// Opens a log for writing when no other process has it open; otherwise read-only.

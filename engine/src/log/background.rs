@@ -874,7 +874,7 @@ pub(crate) fn verify(
     } else {
         check_cps(&whole, &head, None, &mut report)?;
     }
-    let mut position = Position(0);
+    let mut position = report.first_position;
     for seg in &segs {
         if position >= visible
             && !matches!(
