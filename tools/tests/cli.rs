@@ -41,14 +41,14 @@ fn opts() -> Options {
 
 fn event(i: usize) -> EventData {
     EventData::json(
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             "TradeNew"
         } else {
             "TradeAmended"
         },
         format!(r#"{{"trade":{},"qty":"{}"}}"#, i % 7, 100 + i),
     )
-    .actor(if i % 2 == 0 { "alice" } else { "bob" })
+    .actor(if i.is_multiple_of(2) { "alice" } else { "bob" })
     .correlation_id(format!("corr-{}", i % 5))
     .aggregate_type("Trade")
 }
@@ -353,7 +353,8 @@ fn extracts_verify_offline_and_any_change_fails_precisely() {
     assert_eq!(code(&o), 0, "{}", stdout(&o));
     assert_eq!(json(&o)["events"], 43);
     let y = tmp.path().join("y.json");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "actor",
             Box::new(|v| v["events"][2]["actor"] = "mallory".into()),
@@ -384,11 +385,8 @@ fn extracts_verify_offline_and_any_change_fails_precisely() {
                     .as_str()
                     .unwrap()
                     .to_owned();
-                let flipped = if h.starts_with('0') {
-                    format!("1{}", &h[1..])
-                } else {
-                    format!("0{}", &h[1..])
-                };
+                let first = if h.starts_with('0') { '1' } else { '0' };
+                let flipped = format!("{first}{}", h.get(1..).unwrap());
                 v["events"][3]["proof"]["path"][0] = flipped.into();
             }),
             "inclusion proof",
