@@ -358,6 +358,9 @@ fn every_field_table_is_checked() {
         "Sparse entry",
         "Snapshot header",
         "Snapshot entry",
+        "Node file header",
+        "Checkpoint statement",
+        "Checkpoint entry",
     ];
     let field_tables: Vec<String> = all_tables()
         .into_iter()
@@ -1212,4 +1215,94 @@ fn stream_snapshot_tables_match_the_code() {
         "the snapshot file name"
     );
     assert!(when.contains("at least 1024"));
+}
+
+#[test]
+fn merkle_node_file_and_checkpoint_tables_match_the_code() {
+    use tally_engine::format::checkpoint::{self as cp, SignedCheckpoint, Statement};
+    use tally_engine::format::tree as t;
+    check_layout(
+        "Node file header",
+        t::TREE_HEADER_LEN,
+        &[
+            ("magic", 0),
+            ("format_version", t::TH_VERSION),
+            ("chunk_level", t::TH_CHUNK_LEVEL),
+            ("reserved", t::TH_RESERVED_A),
+            ("log_id", t::TH_LOG_ID),
+            ("reserved", t::TH_RESERVED_B),
+            ("header_crc", t::TH_CRC),
+        ],
+    );
+    check_encoding(
+        "Node file header",
+        &t::encode_header(&[0x5A; 16]),
+        &[
+            ("format_version", 1u16.to_le_bytes().to_vec()),
+            ("chunk_level", 6u16.to_le_bytes().to_vec()),
+            ("log_id", vec![0x5A; 16]),
+        ],
+    );
+    check_layout(
+        "Checkpoint statement",
+        cp::STATEMENT_LEN,
+        &[
+            ("magic", 0),
+            ("version", cp::ST_VERSION),
+            ("reserved", cp::ST_RESERVED),
+            ("log_id", cp::ST_LOG_ID),
+            ("checkpoint_id", cp::ST_ID),
+            ("tree_size", cp::ST_TREE_SIZE),
+            ("time", cp::ST_TIME),
+            ("root", cp::ST_ROOT),
+            ("chain_head", cp::ST_CHAIN_HEAD),
+        ],
+    );
+    let statement = Statement {
+        log_id: [1; 16],
+        id: 9,
+        tree_size: 1234,
+        time: tally_engine::Timestamp(777),
+        root: [2; 32],
+        chain_head: [3; 32],
+    };
+    let bytes = statement.encode();
+    check_encoding(
+        "Checkpoint statement",
+        &bytes,
+        &[
+            ("version", 1u16.to_le_bytes().to_vec()),
+            ("log_id", vec![1; 16]),
+            ("checkpoint_id", 9u64.to_le_bytes().to_vec()),
+            ("tree_size", 1234u64.to_le_bytes().to_vec()),
+            ("time", 777u64.to_le_bytes().to_vec()),
+            ("root", vec![2; 32]),
+            ("chain_head", vec![3; 32]),
+        ],
+    );
+    check_layout(
+        "Checkpoint entry",
+        cp::ENTRY_LEN,
+        &[
+            ("statement", 0),
+            ("public_key", cp::ENTRY_PUBKEY),
+            ("signature", cp::ENTRY_SIGNATURE),
+            ("entry_crc", cp::ENTRY_CRC),
+            ("reserved", cp::ENTRY_RESERVED),
+        ],
+    );
+    let signed = SignedCheckpoint {
+        statement,
+        public_key: [4; 32],
+        signature: [5; 64],
+    };
+    check_encoding(
+        "Checkpoint entry",
+        &signed.encode_entry(),
+        &[
+            ("statement", bytes.to_vec()),
+            ("public_key", vec![4; 32]),
+            ("signature", vec![5; 64]),
+        ],
+    );
 }
