@@ -178,6 +178,13 @@ fn inspect_dump_verify_checkpoint_and_prove_on_a_generated_log() {
     assert!(v["checkpoints"].as_u64().unwrap() >= 1);
     let o = tally(&["verify", s(&dir), "--from-segment", "2"]);
     assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let o = tally(&["verify", s(&dir), "--from-segment", "999"]);
+    assert_eq!(
+        code(&o),
+        2,
+        "no such segment is a usage error: {}",
+        stdout(&o)
+    );
 
     let o = tally(&["checkpoint", s(&dir), "--json"]);
     assert_eq!(code(&o), 0);

@@ -806,7 +806,12 @@ pub(crate) fn verify(
             }
             whole = MerkleBuilder::from_frontier(frontier);
         } else {
-            report.first_position = visible;
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "verify from segment {}: the log has no such segment",
+                    from.0
+                ),
+            });
         }
         segs.drain(..first);
     }
