@@ -308,3 +308,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_interrupted_checkpoint_write_is_cut_off_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 50);
+    log.checkpoint().unwrap();
+    log.checkpoint().unwrap();
+    log.crash();
+    let path = dir.path().join("tally.checkpoints");
+    let len = std::fs::metadata(&path).unwrap().len();
+    // The second entry's write was torn: only part of it reached the disk.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert_eq!(
+        log.recovery_report().checkpoint_tail_truncated,
+        Some(len / 2)
+    );
+    assert_eq!(log.checkpoints().len(), 1);
+    log.verify().unwrap();
+}

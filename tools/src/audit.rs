@@ -162,10 +162,8 @@ fn select(log: &Log, a: &ExtractArgs, size: u64) -> Result<Vec<Position>> {
     };
     let mut out = Vec::new();
     let mut bad = None;
-    log.scan(Position(0), tally_engine::Verify::Checksums, |r| {
-        if r.position.0 >= size {
-            return;
-        }
+    let checks = tally_engine::Verify::Checksums;
+    log.scan_range(Position(0), Position(size), checks, |r| {
         let keep = match &a.correlation {
             Some(c) => match r.envelope() {
                 Ok(e) => e.correlation_id == c,
@@ -498,11 +496,12 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
         } else {
             // The segment the checkpoint ends in: its records up to the checkpoint.
             let mut end = PAGE_BYTES;
-            log.scan(seg.base_position, tally_engine::Verify::Checksums, |r| {
-                if r.position.0 < size && r.position.0 >= base {
-                    end += (RECORD_HEADER_LEN as u64 + r.body.len() as u64).next_multiple_of(8);
-                }
-            })?;
+            log.scan_range(
+                seg.base_position,
+                Position(size),
+                tally_engine::Verify::Checksums,
+                |r| end += (RECORD_HEADER_LEN as u64 + r.body.len() as u64).next_multiple_of(8),
+            )?;
             copy_prefix(&seg.path, &a.dest.join(name), end, len, None)?;
         }
         files += 1;

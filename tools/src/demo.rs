@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use tally_engine::format::proof::hex;
 use tally_engine::{
     AppendRequest, Direction, Error, EventData, EventId, ExpectedVersion, Log, Options, Position,
     new_event_id,
@@ -23,10 +24,6 @@ pub struct DemoArgs {
     /// system's temporary directory (kept, so that it can be inspected).
     #[arg(long)]
     data: Option<PathBuf>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct Desk<'a> {

@@ -34,14 +34,19 @@ impl std::fmt::Display for Finding {
 
 impl std::error::Error for Finding {}
 
-/// Opens a log read-only: nothing on disk changes and no lock is taken.
-pub fn open_read_only(dir: &Path) -> Result<Log> {
+fn require_data_dir(dir: &Path) -> Result<()> {
     if !dir.join("tally.meta").exists() {
         bail!(
             "{} is not a Tally data directory (no tally.meta)",
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// Opens a log read-only: nothing on disk changes and no lock is taken.
+pub fn open_read_only(dir: &Path) -> Result<Log> {
+    require_data_dir(dir)?;
     match Log::open(
         dir,
         Options {
@@ -62,12 +67,7 @@ pub fn open_read_only(dir: &Path) -> Result<Log> {
 /// Opens a log for writing when no other process has it open; otherwise read-only.
 /// Returns whether it is writable.
 pub fn open_writable_if_free(dir: &Path) -> Result<(Log, bool)> {
-    if !dir.join("tally.meta").exists() {
-        bail!(
-            "{} is not a Tally data directory (no tally.meta)",
-            dir.display()
-        );
-    }
+    require_data_dir(dir)?;
     match Log::open(
         dir,
         Options {
@@ -535,57 +535,62 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
     }
     let mut error = None;
     let mut write_err = None;
-    log.scan(Position(a.from), tally_engine::Verify::Checksums, |r| {
-        if r.position.0 >= to || error.is_some() || write_err.is_some() {
-            return;
-        }
-        let e = match r.envelope() {
-            Ok(e) => e,
-            Err(err) => {
-                error = Some(format!("position {}: {err}", r.position));
+    log.scan_range(
+        Position(a.from),
+        Position(to),
+        tally_engine::Verify::Checksums,
+        |r| {
+            if error.is_some() || write_err.is_some() {
                 return;
             }
-        };
-        if a.stream.as_deref().is_some_and(|s| s != e.stream)
-            || a.event_type.as_deref().is_some_and(|t| t != e.event_type)
-        {
-            return;
-        }
-        let res = match a.format {
-            EventFormat::Jsonl => {
-                let v = event_json(
-                    r.position.0,
-                    r.stream_version,
-                    r.record_time,
-                    r.record_hash,
-                    &e,
-                );
-                serde_json::to_writer(&mut out, &v)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| writeln!(out))
+            let e = match r.envelope() {
+                Ok(e) => e,
+                Err(err) => {
+                    error = Some(format!("position {}: {err}", r.position));
+                    return;
+                }
+            };
+            if a.stream.as_deref().is_some_and(|s| s != e.stream)
+                || a.event_type.as_deref().is_some_and(|t| t != e.event_type)
+            {
+                return;
             }
-            EventFormat::Table => {
-                let payload = match payload_json(&e) {
-                    (Value::String(s), _) => s,
-                    (v, _) => v.to_string(),
-                };
-                let payload: String = payload.chars().take(60).collect();
-                writeln!(
-                    out,
-                    "{:>10}  {:<24}  {:>7}  {:<24}  {:<30}  {:<12}  {payload}",
-                    r.position.0,
-                    e.stream,
-                    r.stream_version,
-                    e.event_type,
-                    rfc3339(r.record_time),
-                    e.actor
-                )
+            let res = match a.format {
+                EventFormat::Jsonl => {
+                    let v = event_json(
+                        r.position.0,
+                        r.stream_version,
+                        r.record_time,
+                        r.record_hash,
+                        &e,
+                    );
+                    serde_json::to_writer(&mut out, &v)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| writeln!(out))
+                }
+                EventFormat::Table => {
+                    let payload = match payload_json(&e) {
+                        (Value::String(s), _) => s,
+                        (v, _) => v.to_string(),
+                    };
+                    let payload: String = payload.chars().take(60).collect();
+                    writeln!(
+                        out,
+                        "{:>10}  {:<24}  {:>7}  {:<24}  {:<30}  {:<12}  {payload}",
+                        r.position.0,
+                        e.stream,
+                        r.stream_version,
+                        e.event_type,
+                        rfc3339(r.record_time),
+                        e.actor
+                    )
+                }
+            };
+            if let Err(err) = res {
+                write_err = Some(err);
             }
-        };
-        if let Err(err) = res {
-            write_err = Some(err);
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = write_err {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(ExitCode::SUCCESS);

@@ -835,23 +835,15 @@ pub(crate) fn verify(
             if s.log_id != shared.meta.log_id {
                 return Err(fail(format!("checkpoint {} names another log", s.id)));
             }
-            if s.tree_size < whole.len() {
-                // Before the first checked record (`from_segment`): checked against the
-                // trusted node file.
+            // Checkpoints before the first checked record (`from_segment`) are checked
+            // against the trusted node file; the others against the records.
+            let (root, at_head) = if s.tree_size < whole.len() {
                 let Some(tree) = tree else { continue };
                 let root = crate::format::proof::root(&mut tree.source(shared), s.tree_size)?;
-                if root != s.root {
-                    return Err(fail(format!(
-                        "checkpoint {}: Merkle root {} of the first {} records differs from the signed root {}",
-                        s.id,
-                        hex(&root),
-                        s.tree_size,
-                        hex(&s.root)
-                    )));
-                }
-                continue;
-            }
-            let root = whole.root();
+                (root, false)
+            } else {
+                (whole.root(), true)
+            };
             if root != s.root {
                 return Err(fail(format!(
                     "checkpoint {}: Merkle root {} of the first {} records differs from the signed root {}",
@@ -861,7 +853,7 @@ pub(crate) fn verify(
                     hex(&s.root)
                 )));
             }
-            if *head != s.chain_head {
+            if at_head && *head != s.chain_head {
                 return Err(fail(format!(
                     "checkpoint {}: chain head {} differs from the signed chain head {}",
                     s.id,

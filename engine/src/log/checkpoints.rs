@@ -31,6 +31,8 @@ pub(crate) struct Checkpoints {
     pub(crate) list: Vec<SignedCheckpoint>,
     /// A damaged entry found on open in a read-only log: `(byte offset, cause)`.
     pub(crate) damage: Option<(u64, DecodeError)>,
+    /// Where a damaged last entry (an interrupted write) was cut off on open.
+    pub(crate) truncated_at: Option<u64>,
     key: Option<SigningKey>,
 }
 
@@ -86,6 +88,7 @@ impl Checkpoints {
             file: None,
             list: Vec::new(),
             damage: None,
+            truncated_at: None,
             key: None,
         }
     }
@@ -121,6 +124,7 @@ impl Checkpoints {
         };
         let mut list = Vec::new();
         let mut damage = None;
+        let mut truncated_at = None;
         let mut offset = 0usize;
         while offset < bytes.len() {
             let entry = &bytes[offset..bytes.len().min(offset + ENTRY_LEN)];
@@ -155,6 +159,7 @@ impl Checkpoints {
                 f.set_len(*at)
                     .and_then(|()| f.sync_all())
                     .map_err(Error::io("truncating checkpoints file", &path))?;
+                truncated_at = Some(*at);
                 damage = None;
             } else {
                 return Err(Error::Corrupt {
@@ -179,6 +184,7 @@ impl Checkpoints {
             file,
             list,
             damage,
+            truncated_at,
             key,
         })
     }
@@ -194,6 +200,23 @@ impl Checkpoints {
             return Err(Error::ReadOnly);
         };
         let size = tree.size();
+        // A log shorter than a checkpoint it signed lost records (or was truncated on
+        // purpose): a smaller checkpoint would hide that, and the next open would take it
+        // for a torn entry.
+        if let Some(last) = self.list.last()
+            && last.statement.tree_size > size
+        {
+            return Err(Error::Corrupt {
+                file: self.path.clone(),
+                offset: ((self.list.len() - 1) * ENTRY_LEN) as u64,
+                position: Some(size),
+                detail: format!(
+                    "checkpoint {} covers {} records but the log has {size}: records were removed",
+                    last.statement.id, last.statement.tree_size
+                ),
+                source: None,
+            });
+        }
         let root = crate::format::proof::root(&mut tree.source(shared), size)?;
         // Every node the checkpoint's root depends on is on disk before the checkpoint is.
         tree.sync()?;

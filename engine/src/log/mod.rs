@@ -473,6 +473,9 @@ pub struct RecoveryReport {
     /// The Merkle node file was missing, damaged or disagreed with the latest checkpoint,
     /// and was recomputed from the records.
     pub merkle_tree_rebuilt: bool,
+    /// The byte offset at which a damaged last entry of the checkpoints file (a checkpoint
+    /// whose write was interrupted, so never returned) was cut off.
+    pub checkpoint_tail_truncated: Option<u64>,
     /// Position of the next record to be written.
     pub next_position: Position,
 }
@@ -652,7 +655,22 @@ impl Log {
         verify: Verify,
         mut visit: impl FnMut(RecordView<'_>),
     ) -> Result<u64> {
-        read::scan(&self.shared, from, verify, &mut visit)
+        read::scan_range(&self.shared, from, Position(u64::MAX), verify, &mut visit)
+    }
+
+    /// [`Log::scan`] of the records `from..to` only: it starts at the nearest indexed
+    /// record and stops at `to`.
+    ///
+    /// # Errors
+    /// As [`Log::scan`].
+    pub fn scan_range(
+        &self,
+        from: Position,
+        to: Position,
+        verify: Verify,
+        mut visit: impl FnMut(RecordView<'_>),
+    ) -> Result<u64> {
+        read::scan_range(&self.shared, from, to, verify, &mut visit)
     }
 
     /// Checks the checksums and chain links of every visible record, spreading segments

@@ -758,33 +758,6 @@ fn segment_range(seg: &SegmentHandle, visible: Position) -> (Position, Position)
     (seg.header.base_position, end.min(visible))
 }
 
-/// Scans the visible records of one segment from `from`, checking each as `verify` asks.
-fn scan_segment(
-    seg: &SegmentHandle,
-    from: Position,
-    visible: Position,
-    verify: Verify,
-    visit: &mut dyn FnMut(RecordView<'_>),
-) -> Result<u64> {
-    let (first, end) = segment_range(seg, visible);
-    if end <= first || from >= end {
-        return Ok(0);
-    }
-    let start = (
-        first,
-        crate::format::SEGMENT_DATA_START,
-        Some(seg.header.prev_chain_hash),
-    );
-    let mut seen = 0;
-    scan_records(seg, start, end, verify, &mut |r| {
-        if r.position >= from {
-            visit(r);
-            seen += 1;
-        }
-    })?;
-    Ok(seen)
-}
-
 /// Scans records of `seg` from `start = (position, offset, chain)` up to `end`. With a
 /// chain value, the first record's link is checked against it; without one (a range that
 /// starts mid-segment) the first record only provides the chain value for the next, and is
@@ -835,23 +808,6 @@ fn scan_records(
         check_link = true;
         offset = rec.end();
         position = position.next();
-    }
-    Ok(seen)
-}
-
-/// Scans every visible record from `from` in order; see [`super::Log::scan`].
-pub(crate) fn scan(
-    shared: &Shared,
-    from: Position,
-    verify: Verify,
-    visit: &mut dyn FnMut(RecordView<'_>),
-) -> Result<u64> {
-    let visible = shared.visible_position();
-    let segs = shared.segments_snapshot();
-    let start = segment_index_of(&segs, from).unwrap_or(0);
-    let mut seen = 0;
-    for seg in &segs[start.min(segs.len())..] {
-        seen += scan_segment(seg, from, visible, verify, visit)?;
     }
     Ok(seen)
 }

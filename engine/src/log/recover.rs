@@ -512,8 +512,12 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .signing_key
         .clone()
         .unwrap_or_else(|| dir.join(super::checkpoints::KEY_FILE));
-    let key = load_or_create_key(&key_path, !read_only && opts.signing_key.is_none())?;
-    if key.is_none() && opts.signing_key.is_some() {
+    let key = if read_only {
+        None
+    } else {
+        load_or_create_key(&key_path, opts.signing_key.is_none())?
+    };
+    if key.is_none() && !read_only {
         return Err(Error::Io {
             op: "reading signing key file",
             path: key_path,
@@ -528,6 +532,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .list
         .last()
         .map(|c| (c.statement.tree_size, c.statement.root));
+    report.checkpoint_tail_truncated = cps.truncated_at;
     *lock(&shared.checkpoints) = cps;
     let tree = open_tree(&shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;
