@@ -619,6 +619,9 @@ pub struct VerifyArgs {
     /// Check from this segment on only (for incremental daily runs).
     #[arg(long)]
     from_segment: Option<u64>,
+    /// Segments checked at once, each on its own thread (default: one per core).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    threads: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -651,6 +654,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     let options = VerifyOptions {
         trusted_keys: trusted.clone(),
         from_segment: a.from_segment.map(tally_engine::SegmentSeq),
+        threads: a.threads,
     };
     let result = log.verify_with(&options, &mut |done| {
         if let Some(b) = &bar {

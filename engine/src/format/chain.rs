@@ -46,20 +46,21 @@ pub fn chain_step(prev: &Hash32, header: &[u8; RECORD_HEADER_LEN], body_hash: &H
 /// RFC 9162 leaf hash of one record hash.
 #[must_use]
 pub fn leaf_hash(record_hash: &Hash32) -> Hash32 {
-    let mut h = blake3::Hasher::new();
-    h.update(&[0x00]);
-    h.update(record_hash);
-    *h.finalize().as_bytes()
+    // One contiguous input: `blake3::hash` of a short input skips the incremental hasher's
+    // bookkeeping, which costs as much as the compression here.
+    let mut input = [0u8; 33];
+    input[1..].copy_from_slice(record_hash);
+    *blake3::hash(&input).as_bytes()
 }
 
 /// RFC 9162 inner node hash.
 #[must_use]
 pub fn node_hash(left: &Hash32, right: &Hash32) -> Hash32 {
-    let mut h = blake3::Hasher::new();
-    h.update(&[0x01]);
-    h.update(left);
-    h.update(right);
-    *h.finalize().as_bytes()
+    let mut input = [0u8; 65];
+    input[0] = 0x01;
+    input[1..33].copy_from_slice(left);
+    input[33..].copy_from_slice(right);
+    *blake3::hash(&input).as_bytes()
 }
 
 /// The hash of a tree with no leaves.
@@ -95,7 +96,22 @@ impl MerkleBuilder {
 
     /// Adds the next record hash as a leaf.
     pub fn push(&mut self, record_hash: &Hash32) {
-        let mut node = (0u32, leaf_hash(record_hash));
+        self.push_leaf(leaf_hash(record_hash));
+    }
+
+    /// Adds the next leaf, given its [`leaf_hash`].
+    pub fn push_leaf(&mut self, leaf: Hash32) {
+        self.push_perfect(0, leaf);
+    }
+
+    /// Adds the next `2^level` leaves at once, given the root of their perfect subtree.
+    /// Returns `false` (and changes nothing) unless the tree's size is a multiple of
+    /// `2^level`: only then are those leaves a subtree of the whole tree.
+    pub fn push_perfect(&mut self, level: u32, root: Hash32) -> bool {
+        if level >= 64 || self.leaves & ((1u64 << level) - 1) != 0 {
+            return false;
+        }
+        let mut node = (level, root);
         while let Some(&(height, left)) = self.frontier.last() {
             if height != node.0 {
                 break;
@@ -104,7 +120,8 @@ impl MerkleBuilder {
             node = (height + 1, node_hash(&left, &node.1));
         }
         self.frontier.push(node);
-        self.leaves += 1;
+        self.leaves += 1 << level;
+        true
     }
 
     /// Leaves pushed so far.
@@ -130,6 +147,65 @@ impl MerkleBuilder {
             acc = node_hash(left, &acc);
         }
         acc
+    }
+}
+
+/// The aligned perfect subtrees of the whole log's tree that the leaves `start..` make up,
+/// built one leaf at a time: what a worker that sees only one range of the log (a segment)
+/// contributes to the whole tree. Pushing [`AlignedRange::subtrees`] in order into a
+/// [`MerkleBuilder`] of size `start` gives the builder of size `start + len`.
+#[derive(Clone, Debug)]
+pub struct AlignedRange {
+    start: u64,
+    leaves: u64,
+    /// `(level, root)` of the subtrees, in leaf order; each starts at a multiple of its size.
+    subtrees: Vec<(u32, Hash32)>,
+}
+
+impl AlignedRange {
+    /// No leaves yet; the first pushed is leaf `start` of the log.
+    #[must_use]
+    pub fn new(start: u64) -> AlignedRange {
+        AlignedRange {
+            start,
+            leaves: 0,
+            subtrees: Vec::new(),
+        }
+    }
+
+    /// Adds the next leaf, given its [`leaf_hash`].
+    pub fn push_leaf(&mut self, leaf: Hash32) {
+        let mut node = (0u32, leaf);
+        // The index one past the new leaf: a node of height `h + 1` ends here only if this
+        // is a multiple of its size.
+        let end = self.start + self.leaves + 1;
+        while let Some(&(height, left)) = self.subtrees.last() {
+            if height != node.0 || height >= 63 || end & ((2u64 << height) - 1) != 0 {
+                break;
+            }
+            self.subtrees.pop();
+            node = (height + 1, node_hash(&left, &node.1));
+        }
+        self.subtrees.push(node);
+        self.leaves += 1;
+    }
+
+    /// Leaves pushed so far.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.leaves
+    }
+
+    /// Whether no leaf was pushed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.leaves == 0
+    }
+
+    /// The aligned subtrees, in leaf order.
+    #[must_use]
+    pub fn subtrees(&self) -> &[(u32, Hash32)] {
+        &self.subtrees
     }
 }
 
@@ -171,6 +247,43 @@ mod tests {
             assert_eq!(b.len(), n as u64);
             assert_eq!(b.root(), merkle_root(&ls), "size {n}");
         }
+    }
+
+    #[test]
+    fn aligned_ranges_join_into_the_whole_tree() {
+        let ls = leaves(200);
+        for cut in [0usize, 1, 3, 7, 64, 65, 100, 128, 199] {
+            let mut whole = MerkleBuilder::new();
+            for l in &ls[..cut] {
+                whole.push(l);
+            }
+            let mut range = AlignedRange::new(cut as u64);
+            for (i, l) in ls[cut..].iter().enumerate() {
+                range.push_leaf(leaf_hash(l));
+                let mut joined = whole.clone();
+                for &(level, root) in range.subtrees() {
+                    assert!(joined.push_perfect(level, root), "cut {cut}, +{i}");
+                }
+                assert_eq!(joined.len(), (cut + i + 1) as u64);
+                assert_eq!(
+                    joined.root(),
+                    merkle_root(&ls[..=cut + i]),
+                    "cut {cut}, +{i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn push_perfect_refuses_a_misaligned_subtree() {
+        let mut b = MerkleBuilder::new();
+        b.push(&[1; 32]);
+        assert!(!b.push_perfect(1, [2; 32]));
+        assert_eq!(b.len(), 1);
+        assert!(b.push_perfect(0, [2; 32]));
+        assert!(b.push_perfect(1, [3; 32]));
+        assert_eq!(b.len(), 4);
+        assert!(!b.push_perfect(64, [3; 32]));
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod recover;
 mod shared;
 pub(crate) mod streams;
 mod tree;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -743,7 +744,7 @@ impl Log {
         options: &VerifyOptions,
         progress: &mut dyn FnMut(u64),
     ) -> Result<VerifyReport> {
-        background::verify(&self.shared, options, progress)
+        verify::verify(&self.shared, options, progress)
     }
 
     /// Signs and durably stores a checkpoint of every acknowledged record now (syncing
@@ -963,6 +964,8 @@ pub struct VerifyOptions {
     /// Check records from this segment on only, trusting the earlier ones (checked before)
     /// and the Merkle node file for them.
     pub from_segment: Option<SegmentSeq>,
+    /// Segments checked at once, each by its own thread; 0: one per available core.
+    pub threads: usize,
 }
 
 /// A fresh v7 UUID (RFC 9562) as an event id: 48 bits of Unix milliseconds, a 12-bit

@@ -252,6 +252,48 @@ pub(crate) struct Scan {
 /// [`ScanEnd::Break`].
 pub(crate) fn scan<S: ByteSource>(src: &mut S, from: ScanFrom, limit: u64) -> Scan {
     let mut records = Vec::new();
+    let summary = scan_visit(src, from, limit, u64::MAX, &mut |rec, env| {
+        records.push(ScannedRecord {
+            offset: rec.offset,
+            header: rec.header,
+            event_id: env.event_id,
+            stream: env.stream.to_owned(),
+        });
+    });
+    Scan {
+        records,
+        end: summary.end,
+        complete: summary.complete as usize,
+        complete_chain: summary.complete_chain,
+        complete_end: summary.complete_end,
+    }
+}
+
+/// How a [`scan_visit`] ended: [`Scan`] without the records.
+#[derive(Debug)]
+pub(crate) struct ScanSummary {
+    /// Records visited.
+    pub(crate) visited: u64,
+    /// How the run of valid records ended (`Clean` also when `max_records` were visited).
+    pub(crate) end: ScanEnd,
+    /// Records `0..complete` end with a batch end: the rest are an unfinished batch.
+    pub(crate) complete: u64,
+    /// Chain hash after the first `complete` records.
+    pub(crate) complete_chain: Hash32,
+    /// File offset after the first `complete` records.
+    pub(crate) complete_end: u64,
+}
+
+/// The checks of [`scan`], handing each valid record and its envelope to `visit` instead of
+/// collecting them, and stopping after `max_records`.
+pub(crate) fn scan_visit<S: ByteSource>(
+    src: &mut S,
+    from: ScanFrom,
+    limit: u64,
+    max_records: u64,
+    visit: &mut dyn FnMut(&RecordRef<'_>, &EnvelopeRef<'_>),
+) -> ScanSummary {
+    let mut visited = 0u64;
     let mut offset = from.offset;
     let mut position = from.position;
     let mut chain = from.chain;
@@ -260,7 +302,7 @@ pub(crate) fn scan<S: ByteSource>(src: &mut S, from: ScanFrom, limit: u64) -> Sc
     let mut complete_end = offset;
     let mut in_batch = false;
     let end = loop {
-        if offset + RECORD_HEADER_LEN as u64 > limit {
+        if visited == max_records || offset + RECORD_HEADER_LEN as u64 > limit {
             break ScanEnd::Clean { offset };
         }
         match src.bytes(offset, RECORD_HEADER_LEN) {
@@ -300,25 +342,18 @@ pub(crate) fn scan<S: ByteSource>(src: &mut S, from: ScanFrom, limit: u64) -> Sc
             }
             rec.check_chain(&chain)?;
             let env = rec.envelope()?;
-            Ok((
-                ScannedRecord {
-                    offset,
-                    header: rec.header,
-                    event_id: env.event_id,
-                    stream: env.stream.to_owned(),
-                },
-                rec.end(),
-            ))
+            visit(&rec, &env);
+            Ok((rec.header, rec.end()))
         });
         match step {
-            Ok((scanned, next)) => {
-                chain = scanned.header.chain_hash;
-                in_batch = scanned.header.flags & flags::BATCH_END == 0;
-                records.push(scanned);
+            Ok((header, next)) => {
+                chain = header.chain_hash;
+                in_batch = header.flags & flags::BATCH_END == 0;
+                visited += 1;
                 offset = next;
                 position = position.next();
                 if !in_batch {
-                    complete = records.len();
+                    complete = visited;
                     complete_chain = chain;
                     complete_end = offset;
                 }
@@ -332,8 +367,8 @@ pub(crate) fn scan<S: ByteSource>(src: &mut S, from: ScanFrom, limit: u64) -> Sc
             }
         }
     };
-    Scan {
-        records,
+    ScanSummary {
+        visited,
         end,
         complete,
         complete_chain,

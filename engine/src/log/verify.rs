@@ -1,0 +1,616 @@
+//! Full verification (see [`super::Log::verify_with`]).
+//!
+//! Segments are checked in parallel, each by one worker and independently of the others:
+//! the header, every record's checksums, envelope, position, batch flags and chain link
+//! (starting from the previous chain hash in the segment's own header), and for a sealed
+//! segment the footer, the zero bytes after the records and the index. A worker also hashes
+//! its records' leaves into the aligned subtrees of the whole-log Merkle tree they make up
+//! ([`AlignedRange`]), with a snapshot wherever a checkpoint ends inside the segment.
+//!
+//! One thread joins the results in log order: each segment must continue the one before
+//! (base position and previous chain hash), the whole tree grows by the segment's subtrees,
+//! and each checkpoint's signature, root and chain head are checked. The first failure in
+//! log order is reported, whichever worker found it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::background::{corrupt, index_matches};
+use super::checkpoints::CHECKPOINTS_FILE;
+use super::shared::{SegState, SegmentHandle, Shared, lock};
+use super::{VerifyOptions, VerifyReport};
+use crate::error::{Error, Result};
+use crate::format::chain::{AlignedRange, MerkleBuilder, leaf_hash};
+use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
+use crate::format::proof::{NodeSource, hex};
+use crate::format::segment::{SegmentFooter, SegmentHeader};
+use crate::format::{Hash32, Position, SEGMENT_DATA_START};
+use crate::index::{SealedIndex, SealedRun, stream_hash};
+use crate::segment::{FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
+
+/// What one worker learned about one segment.
+struct Checked {
+    header: SegmentHeader,
+    records: u64,
+    bytes: u64,
+    /// The chain hash of the last record (the header's previous chain hash if none).
+    last_chain: Hash32,
+    /// The segment's records as aligned subtrees of the whole tree.
+    subtrees: Vec<(u32, Hash32)>,
+    /// Every checkpoint whose tree ends inside the segment.
+    at_checkpoints: Vec<InsideCheckpoint>,
+}
+
+/// A checkpoint's tree ending inside a segment: its size, the segment's subtrees up to
+/// there, and the chain hash of its last record.
+type InsideCheckpoint = (u64, Vec<(u32, Hash32)>, Hash32);
+
+/// Checks every segment from `options.from_segment` with `options.threads` workers.
+pub(crate) fn verify(
+    shared: &Shared,
+    options: &VerifyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<VerifyReport> {
+    let visible = shared.visible_position();
+    let mut segs = shared.segments_snapshot();
+    let cp_path = shared.dir.join(CHECKPOINTS_FILE);
+    let checkpoints = {
+        let cps = lock(&shared.checkpoints);
+        if let Some((offset, cause)) = cps.damage.clone() {
+            return Err(corrupt(
+                &cp_path,
+                offset,
+                None,
+                "damaged checkpoint".into(),
+                Some(cause),
+            ));
+        }
+        cps.list.clone()
+    };
+    let mut report = VerifyReport {
+        last_chain_hash: shared.seed,
+        ..VerifyReport::default()
+    };
+    // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
+    let mut whole = MerkleBuilder::new();
+    let mut cps = CheckpointCheck {
+        shared,
+        options,
+        list: &checkpoints,
+        next: 0,
+        path: &cp_path,
+    };
+    if let Some(from) = options.from_segment {
+        let Some(first) = segs.iter().position(|s| s.seq >= from) else {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "verify from segment {}: the log has no such segment",
+                    from.0
+                ),
+            });
+        };
+        let seg = &segs[first];
+        report.last_chain_hash = seg.header.prev_chain_hash;
+        report.first_position = seg.header.base_position;
+        // Earlier records are trusted: start from the frontier the node file gives, and
+        // check earlier checkpoints against the node file.
+        let base = seg.header.base_position.0;
+        let mut tree = lock(&shared.tree);
+        tree.catch_up(shared, Position(base))?;
+        let mut src = tree.source(shared);
+        let mut done = 0u64;
+        for level in (0..64u32).rev() {
+            if base & (1 << level) != 0 {
+                whole.push_perfect(level, src.perfect(level, done >> level)?);
+                done += 1 << level;
+            }
+        }
+        while let Some(cp) = cps.pending(base) {
+            let root = if cp.statement.tree_size == base {
+                whole.root()
+            } else {
+                crate::format::proof::root(&mut src, cp.statement.tree_size)?
+            };
+            cps.check(
+                root,
+                (cp.statement.tree_size == base).then_some(&report.last_chain_hash),
+            )?;
+            report.checkpoints += 1;
+        }
+        segs.drain(..first);
+    } else {
+        while cps.pending(0).is_some() {
+            cps.check(whole.root(), Some(&report.last_chain_hash))?;
+            report.checkpoints += 1;
+        }
+    }
+    // The segments to check: every sealed one, and the active one up to the visible records.
+    let end = segs
+        .iter()
+        .position(|s| s.header.base_position >= visible && sealed_footer(s).is_none())
+        .unwrap_or(segs.len());
+    segs.truncate(end);
+    let sizes: Vec<u64> = checkpoints.iter().map(|c| c.statement.tree_size).collect();
+    let threads = match options.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+    .min(segs.len().max(1));
+
+    let results: Mutex<Vec<Option<Result<Checked>>>> =
+        Mutex::new(std::iter::repeat_with(|| None).take(segs.len()).collect());
+    let ready = Condvar::new();
+    let next = AtomicUsize::new(0);
+    // Workers stop taking segments after one that failed, or once the joiner gave up.
+    let stop_after = AtomicUsize::new(usize::MAX);
+    let bytes_read = AtomicU64::new(0);
+    let workers = AtomicUsize::new(threads);
+    std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            handles.push(s.spawn(|| {
+                // Counts the worker out even if it panics, so that the joiner never waits
+                // for a result that cannot come.
+                let _exit = WorkerExit {
+                    workers: &workers,
+                    ready: &ready,
+                    results: &results,
+                };
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= segs.len() || i > stop_after.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = check_segment(shared, &segs[i], visible, &sizes, &bytes_read);
+                    if r.is_err() {
+                        stop_after.fetch_min(i, Ordering::Relaxed);
+                    }
+                    lock(&results)[i] = Some(r);
+                    ready.notify_all();
+                }
+            }));
+        }
+        let joined = (|| -> Result<()> {
+            let mut position = report.first_position;
+            for i in 0..segs.len() {
+                let checked = {
+                    let mut slots = lock(&results);
+                    loop {
+                        if let Some(r) = slots[i].take() {
+                            break r?;
+                        }
+                        if workers.load(Ordering::Acquire) == 0 {
+                            return Err(Error::Io {
+                                op: "verifying segment",
+                                path: segs[i].path.clone(),
+                                source: std::io::Error::other("the verification worker stopped"),
+                            });
+                        }
+                        slots = ready
+                            .wait_timeout(slots, Duration::from_millis(100))
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .0;
+                        progress(bytes_read.load(Ordering::Relaxed));
+                    }
+                };
+                let h = &checked.header;
+                if h.base_position != position || h.prev_chain_hash != report.last_chain_hash {
+                    return Err(corrupt(
+                        &segs[i].path,
+                        0,
+                        Some(position.0),
+                        format!(
+                            "segment does not continue the log: base position {} (expected {position}) or previous chain hash differs",
+                            h.base_position
+                        ),
+                        None,
+                    ));
+                }
+                for (size, subtrees, head) in &checked.at_checkpoints {
+                    while cps.pending(*size).is_some() {
+                        let mut at = whole.clone();
+                        join(&mut at, subtrees);
+                        debug_assert_eq!(at.len(), *size);
+                        cps.check(at.root(), Some(head))?;
+                        report.checkpoints += 1;
+                    }
+                }
+                join(&mut whole, &checked.subtrees);
+                position = Position(position.0 + checked.records);
+                report.records += checked.records;
+                report.bytes += checked.bytes;
+                report.last_chain_hash = checked.last_chain;
+                report.segments += 1;
+                progress(bytes_read.load(Ordering::Relaxed));
+            }
+            Ok(())
+        })();
+        if joined.is_err() {
+            stop_after.store(0, Ordering::Relaxed);
+        }
+        // Joined here so that a worker's panic (a bug) is the error above, not a panic of
+        // the caller.
+        for h in handles {
+            let _ = h.join();
+        }
+        joined
+    })?;
+    debug_assert_eq!(whole.len(), report.first_position.0 + report.records);
+    if let Some(cp) = checkpoints.get(cps.next) {
+        return Err(corrupt(
+            &cp_path,
+            (cps.next * ENTRY_LEN) as u64,
+            Some(cp.statement.tree_size),
+            format!(
+                "checkpoint {} covers {} records, but the log has only {}: records were removed",
+                cp.statement.id,
+                cp.statement.tree_size,
+                whole.len()
+            ),
+            None,
+        ));
+    }
+    Ok(report)
+}
+
+/// Counts a verification worker out when it ends.
+struct WorkerExit<'a, T> {
+    workers: &'a AtomicUsize,
+    ready: &'a Condvar,
+    results: &'a Mutex<T>,
+}
+
+impl<T> Drop for WorkerExit<'_, T> {
+    fn drop(&mut self) {
+        // Under the results lock, so that the joiner cannot miss the wake-up between
+        // checking the count and waiting.
+        let _slots = lock(self.results);
+        self.workers.fetch_sub(1, Ordering::AcqRel);
+        self.ready.notify_all();
+    }
+}
+
+/// Pushes a segment's aligned subtrees into the whole tree.
+fn join(whole: &mut MerkleBuilder, subtrees: &[(u32, Hash32)]) {
+    for &(level, root) in subtrees {
+        let aligned = whole.push_perfect(level, root);
+        debug_assert!(aligned, "segment subtrees follow the whole tree");
+    }
+}
+
+/// The checkpoints, checked in order as the whole tree reaches their sizes.
+struct CheckpointCheck<'a> {
+    shared: &'a Shared,
+    options: &'a VerifyOptions,
+    list: &'a [SignedCheckpoint],
+    next: usize,
+    path: &'a std::path::Path,
+}
+
+impl CheckpointCheck<'_> {
+    /// The next checkpoint, if its tree has exactly `size` records or fewer.
+    fn pending(&self, size: u64) -> Option<&SignedCheckpoint> {
+        self.list
+            .get(self.next)
+            .filter(|cp| cp.statement.tree_size <= size)
+    }
+
+    /// Checks the next checkpoint against the root of its tree and, where known, the chain
+    /// hash of its last record.
+    fn check(&mut self, root: Hash32, head: Option<&Hash32>) -> Result<()> {
+        let Some(cp) = self.list.get(self.next) else {
+            return Ok(());
+        };
+        let s = &cp.statement;
+        let at = (self.next * ENTRY_LEN) as u64;
+        self.next += 1;
+        let fail = |detail: String| corrupt(self.path, at, Some(s.tree_size), detail, None);
+        cp.verify(&self.options.trusted_keys)
+            .map_err(|e| fail(format!("checkpoint {}: {e}", s.id)))?;
+        if s.log_id != self.shared.meta.log_id {
+            return Err(fail(format!("checkpoint {} names another log", s.id)));
+        }
+        if root != s.root {
+            return Err(fail(format!(
+                "checkpoint {}: Merkle root {} of the first {} records differs from the signed root {}",
+                s.id,
+                hex(&root),
+                s.tree_size,
+                hex(&s.root)
+            )));
+        }
+        if let Some(head) = head
+            && *head != s.chain_head
+        {
+            return Err(fail(format!(
+                "checkpoint {}: chain head {} differs from the signed chain head {}",
+                s.id,
+                hex(head),
+                hex(&s.chain_head)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn sealed_footer(seg: &SegmentHandle) -> Option<SegmentFooter> {
+    match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Sealed { footer, .. } => Some(*footer),
+        _ => None,
+    }
+}
+
+/// The last stream looked up in a sealed index: records of one stream tend to come in runs.
+struct RunCache {
+    stream: String,
+    run: Option<SealedRun>,
+}
+
+/// Checks one segment on its own (see the module comment).
+fn check_segment(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    visible: Position,
+    checkpoint_sizes: &[u64],
+    bytes_read: &AtomicU64,
+) -> Result<Checked> {
+    let path = &seg.path;
+    let file = File::open(path).map_err(Error::io("opening segment", path))?;
+    let page = read_page(&file, 0).map_err(Error::io("reading segment header", path))?;
+    let header = SegmentHeader::decode_page(&page)
+        .map_err(|e| corrupt(path, 0, None, "segment header".into(), Some(e)))?;
+    if header.log_id != shared.meta.log_id || header.seq != seg.seq {
+        return Err(corrupt(
+            path,
+            0,
+            None,
+            "segment header names another log or segment".into(),
+            None,
+        ));
+    }
+    let footer = sealed_footer(seg);
+    // A sealed segment must end cleanly at its footer's `data_end`; the active one is
+    // checked up to the visible records only (what follows may be a write in progress).
+    let limit = footer.map_or(header.data_limit(), |f| f.data_end);
+    let wanted = match footer {
+        Some(f) => f.record_count,
+        None => visible.0.saturating_sub(header.base_position.0),
+    };
+    // The index is read first so that each record is checked against it as it is scanned;
+    // a failure to read it is reported after the records and the footer.
+    let idx_path = shared.dir.join(seg.seq.index_file_name());
+    let index = footer.map(|f| load_sealed_index(shared, &idx_path, &header, &f));
+    let mut index_failure: Option<Error> = None;
+    let mut cache = RunCache {
+        stream: String::new(),
+        run: None,
+    };
+
+    let base = header.base_position.0;
+    let mut local = MerkleBuilder::new();
+    let mut range = AlignedRange::new(base);
+    let mut at_checkpoints = Vec::new();
+    let mut sizes = checkpoint_sizes
+        .iter()
+        .copied()
+        .filter(|&s| s > base && s <= base + wanted)
+        .peekable();
+    let mut last_chain = header.prev_chain_hash;
+    let mut data_end = SEGMENT_DATA_START;
+    let mut bytes = 0u64;
+    let mut unreported = 0u64;
+
+    let mut src = FileSource::new(&file).map_err(Error::io("reading segment", path))?;
+    let from = ScanFrom {
+        offset: SEGMENT_DATA_START,
+        position: header.base_position,
+        chain: header.prev_chain_hash,
+    };
+    let scan = scan_visit(&mut src, from, limit, wanted, &mut |rec, env| {
+        let h = &rec.header;
+        let leaf = leaf_hash(&h.chain_hash);
+        local.push_leaf(leaf);
+        range.push_leaf(leaf);
+        let size = base + range.len();
+        if sizes.peek() == Some(&size) {
+            while sizes.next_if_eq(&size).is_some() {}
+            at_checkpoints.push((size, range.subtrees().to_vec(), h.chain_hash));
+        }
+        last_chain = h.chain_hash;
+        data_end = rec.end();
+        let len = h.record_len();
+        bytes += len;
+        unreported += len;
+        if unreported >= 4 << 20 {
+            bytes_read.fetch_add(unreported, Ordering::Relaxed);
+            unreported = 0;
+        }
+        if index_failure.is_some() {
+            return;
+        }
+        if let Some(Ok(idx)) = &index {
+            let i = h.position.0 - base;
+            if cache.stream != env.stream {
+                cache.stream.clear();
+                cache.stream.push_str(env.stream);
+                cache.run = idx.find_stream(stream_hash(env.stream), env.stream);
+            }
+            let entry = cache.run.as_ref().and_then(|run| {
+                let k = h.stream_version.checked_sub(run.first_version)?;
+                (h.stream_version <= run.last_version).then(|| idx.run_entry(run, k as u32))
+            });
+            let matches = entry.is_some_and(|e| {
+                u64::from(e.offset) == rec.offset
+                    && e.version == h.stream_version
+                    && base + u64::from(e.pos_delta) == h.position.0
+            });
+            if idx.event_id(i) != env.event_id || !matches {
+                index_failure = Some(corrupt(
+                    &idx_path,
+                    0,
+                    Some(h.position.0),
+                    format!(
+                        "index entry for {} version {} does not match its record",
+                        env.stream, h.stream_version
+                    ),
+                    None,
+                ));
+            }
+        }
+    });
+    bytes_read.fetch_add(unreported, Ordering::Relaxed);
+    // The first `wanted` records must all be valid and end a batch.
+    if scan.complete < wanted {
+        let (offset, at, detail, source) = match scan.end {
+            ScanEnd::Break {
+                offset,
+                position,
+                error,
+            } => match error {
+                RecordError::Invalid { source, .. } => {
+                    (offset, position, source.to_string(), Some(source))
+                }
+                RecordError::Io { source, .. } => {
+                    return Err(Error::Io {
+                        op: "reading segment",
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            },
+            ScanEnd::Clean { offset } => (
+                offset,
+                Position(base + scan.visited),
+                format!("{} records where {wanted} were expected", scan.visited),
+                None,
+            ),
+        };
+        return Err(corrupt(path, offset, Some(at.0), detail, source));
+    }
+    if let Some(footer) = footer {
+        check_footer(path, &file, &header, &footer, &local, data_end, &last_chain)?;
+        match index {
+            Some(Err(e)) => return Err(e),
+            _ => {
+                if let Some(e) = index_failure {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(Checked {
+        header,
+        records: wanted,
+        bytes,
+        last_chain,
+        subtrees: range.subtrees().to_vec(),
+        at_checkpoints,
+    })
+}
+
+/// Reads a sealed segment's index sidecar and checks its header against the footer.
+fn load_sealed_index(
+    shared: &Shared,
+    idx_path: &std::path::Path,
+    header: &SegmentHeader,
+    footer: &SegmentFooter,
+) -> Result<SealedIndex> {
+    let bytes = std::fs::read(idx_path).map_err(Error::io("reading index", idx_path))?;
+    let idx = SealedIndex::open(Arc::new(bytes)).map_err(|source| Error::Index {
+        file: idx_path.to_owned(),
+        source,
+    })?;
+    if !index_matches(&idx, shared, header, footer) {
+        return Err(corrupt(
+            idx_path,
+            0,
+            None,
+            "index header does not match the segment footer".into(),
+            None,
+        ));
+    }
+    Ok(idx)
+}
+
+/// Checks a sealed segment's footer against its records, and that only zero bytes lie
+/// between the records and the footer.
+fn check_footer(
+    path: &std::path::Path,
+    file: &File,
+    header: &SegmentHeader,
+    footer: &SegmentFooter,
+    merkle: &MerkleBuilder,
+    data_end: u64,
+    last_chain: &Hash32,
+) -> Result<()> {
+    let page =
+        read_page(file, header.footer_offset()).map_err(Error::io("reading footer", path))?;
+    let on_disk = SegmentFooter::decode_page(&page).map_err(|e| {
+        corrupt(
+            path,
+            header.footer_offset(),
+            None,
+            "segment footer".into(),
+            Some(e),
+        )
+    })?;
+    let checks = [
+        (
+            on_disk == *footer,
+            "footer on disk differs from the one read at open",
+        ),
+        (
+            footer.record_count == merkle.len(),
+            "record count differs from the footer",
+        ),
+        (
+            footer.data_end == data_end,
+            "data end differs from the footer",
+        ),
+        (
+            footer.merkle_root == merkle.root(),
+            "Merkle root differs from the footer",
+        ),
+        (
+            footer.record_count > 0 && footer.last_chain_hash == *last_chain,
+            "last chain hash differs from the footer",
+        ),
+    ];
+    if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
+        return Err(corrupt(
+            path,
+            header.footer_offset(),
+            Some(footer.last_position.0),
+            (*what).into(),
+            None,
+        ));
+    }
+    // The bytes between the records and the footer must be zero: a sealed segment has no
+    // room for anything unaccounted for.
+    let mut at = data_end;
+    let end = header.footer_offset();
+    let mut buf = vec![0u8; 1 << 20];
+    while at < end {
+        let n = (end - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(Error::io("reading segment", path))?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Err(corrupt(
+                path,
+                at + i as u64,
+                None,
+                "non-zero byte after the last record of a sealed segment".into(),
+                None,
+            ));
+        }
+        at += n as u64;
+    }
+    Ok(())
+}
