@@ -4,7 +4,8 @@
 //! # What it measures
 //! - `verify/log_verify`: `Log::verify_with` over the whole log (every checksum, the chain,
 //!   each sealed segment's footer, Merkle root and index, every checkpoint's signature and
-//!   root), reported in record-body bytes per second.
+//!   root) with one worker per core, reported in record-body bytes per second.
+//! - `verify/log_verify_1_thread`: the same with one worker.
 //! - `verify/blake3_records_1_thread` (baseline): `blake3::hash` of every record body once
 //!   from one contiguous buffer, one thread: the floor of a chain check on one core.
 //! - `proof/inclusion_generate`: `Log::prove_inclusion` of a pseudo-random position against
@@ -14,13 +15,19 @@
 //!   whole log.
 //! - `checkpoint/sign` and `checkpoint/verify`: Ed25519 over the 120-byte statement.
 //!
-//! The log: 1,000,000 events of 256 B payload (`TALLY_BENCH_EVENTS` changes it) in
-//! 64 MiB segments, built once with `Durability::None`, then checkpointed, in the page cache.
+//! The log: 1,000,000 events of 256 B payload (`TALLY_BENCH_EVENTS` and
+//! `TALLY_BENCH_PAYLOAD` change them) in 64 MiB segments, built once with
+//! `Durability::None`, then checkpointed, in the page cache. `TALLY_BENCH_PROOFS_ONLY=1`
+//! skips the `verify` group (which keeps every body in memory for its baseline), for
+//! proofs over very large logs.
 //!
 //! # Running
 //! ```text
 //! cargo bench -p tally-benches --bench proofs
 //! TALLY_BENCH_EVENTS=100000 cargo bench -p tally-benches --bench proofs -- --quick  # smoke
+//! # proofs at 100M records (about 17 GiB of segments; build takes several minutes)
+//! TALLY_BENCH_EVENTS=100000000 TALLY_BENCH_PAYLOAD=16 TALLY_BENCH_PROOFS_ONLY=1 \
+//!     cargo bench -p tally-benches --bench proofs -- proof/
 //! ```
 
 use std::hint::black_box;
@@ -41,7 +48,7 @@ struct Dataset {
     ends: Vec<usize>,
 }
 
-fn build(events: u64) -> Dataset {
+fn build(events: u64, payload_len: usize, keep_bodies: bool) -> Dataset {
     let log = TempLog::open(Options {
         durability: Durability::None,
         ..Options::default()
@@ -54,19 +61,22 @@ fn build(events: u64) -> Dataset {
             first_stream: 1000,
             streams: 1000,
             batch: 100,
-            payload_len: 256,
+            payload_len,
         },
     )
     .expect("build the dataset");
     log.log().checkpoint().expect("checkpoint");
     let (mut bodies, mut ends) = (Vec::new(), Vec::new());
-    let records = log
-        .log()
-        .scan(Position(0), Verify::Checksums, |r| {
-            bodies.extend_from_slice(r.body);
-            ends.push(bodies.len());
-        })
-        .expect("scan");
+    let records = if keep_bodies {
+        log.log()
+            .scan(Position(0), Verify::Checksums, |r| {
+                bodies.extend_from_slice(r.body);
+                ends.push(bodies.len());
+            })
+            .expect("scan")
+    } else {
+        log.log().next_position().0
+    };
     Dataset {
         log,
         records,
@@ -78,10 +88,21 @@ fn build(events: u64) -> Dataset {
 
 fn bench(c: &mut Criterion) {
     let events = env_u64("TALLY_BENCH_EVENTS", DEFAULT_EVENTS).max(2);
-    let d = build(events);
+    let payload_len = usize::try_from(env_u64("TALLY_BENCH_PAYLOAD", 256)).unwrap_or(256);
+    let proofs_only = env_u64("TALLY_BENCH_PROOFS_ONLY", 0) != 0;
+    let d = build(events, payload_len, !proofs_only);
     let log = d.log.log();
     let n = d.records;
+    if !proofs_only {
+        bench_verify(c, &d);
+    }
+    bench_proofs(c, log, n);
+    d.log.close();
+}
 
+fn bench_verify(c: &mut Criterion, d: &Dataset) {
+    let log = d.log.log();
+    let n = d.records;
     let mut g = c.benchmark_group("verify");
     g.sampling_mode(SamplingMode::Flat);
     g.sample_size(10);
@@ -91,6 +112,16 @@ fn bench(c: &mut Criterion) {
             let r = log
                 .verify_with(&VerifyOptions::default(), &mut |_| {})
                 .expect("verify");
+            assert_eq!(r.records, n);
+        });
+    });
+    g.bench_function("log_verify_1_thread", |b| {
+        b.iter(|| {
+            let options = VerifyOptions {
+                threads: 1,
+                ..VerifyOptions::default()
+            };
+            let r = log.verify_with(&options, &mut |_| {}).expect("verify");
             assert_eq!(r.records, n);
         });
     });
@@ -104,7 +135,9 @@ fn bench(c: &mut Criterion) {
         });
     });
     g.finish();
+}
 
+fn bench_proofs(c: &mut Criterion, log: &tally_engine::Log, n: u64) {
     let mut g = c.benchmark_group("proof");
     let root = log.merkle_root(n).expect("root");
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -146,7 +179,6 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(&cp).verify(&[]).expect("verifies"));
     });
     g.finish();
-    d.log.close();
 }
 
 fn config() -> Criterion {

@@ -1239,7 +1239,7 @@ fn merkle_node_file_and_checkpoint_tables_match_the_code() {
         &t::encode_header(&[0x5A; 16]),
         &[
             ("format_version", 1u16.to_le_bytes().to_vec()),
-            ("chunk_level", 6u16.to_le_bytes().to_vec()),
+            ("chunk_level", 4u16.to_le_bytes().to_vec()),
             ("log_id", vec![0x5A; 16]),
         ],
     );

@@ -180,16 +180,17 @@ fn a_damaged_node_file_is_noticed_and_rebuilt() {
     let hashes = record_hashes(&log);
     let root = log.merkle_root(300).unwrap();
     assert_eq!(root, merkle_root(&hashes));
-    let proof = log.prove_inclusion(Position(70), 300).unwrap();
-    proof.verify(&hashes[70], &root).unwrap();
+    let proof = log.prove_inclusion(Position(20), 300).unwrap();
+    proof.verify(&hashes[20], &root).unwrap();
     // A damaged peak is noticed on open, against the checkpoint.
     log.close().unwrap();
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.path().join("merkle.tree"))
         .unwrap();
-    // Node 6 is the root of the first four chunks (256 records): a peak of 300.
-    f.write_all_at(&[0xAB; 32], 64 + 6 * 32).unwrap();
+    // The root of the first 256 records (16 chunks) is a peak of 300.
+    let peak = tally_engine::format::tree::node_index(4, 0);
+    f.write_all_at(&[0xAB; 32], 64 + peak * 32).unwrap();
     drop(f);
     let log = Log::open(dir.path(), opts()).unwrap();
     assert!(log.recovery_report().merkle_tree_rebuilt);
@@ -201,7 +202,7 @@ fn a_damaged_node_file_is_noticed_and_rebuilt() {
         .write(true)
         .open(dir.path().join("merkle.tree"))
         .unwrap();
-    f.write_all_at(&[0xAB; 32], 64 + 6 * 32).unwrap();
+    f.write_all_at(&[0xAB; 32], 64 + peak * 32).unwrap();
     let ro = Log::open(
         dir.path(),
         Options {
@@ -333,4 +334,175 @@ fn an_interrupted_checkpoint_write_is_cut_off_and_reported() {
     );
     assert_eq!(log.checkpoints().len(), 1);
     log.verify().unwrap();
+}
+
+fn verify_threads(log: &Log, threads: usize) -> tally_engine::Result<tally_engine::VerifyReport> {
+    log.verify_with(
+        &VerifyOptions {
+            threads,
+            ..VerifyOptions::default()
+        },
+        &mut |_| {},
+    )
+}
+
+fn read_only(dir: &Path) -> Log {
+    Log::open(
+        dir,
+        Options {
+            recovery: RecoveryMode::ReadOnly,
+            ..opts()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn parallel_verification_agrees_with_one_thread_and_checks_checkpoints_inside_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    // Checkpoints at sizes that fall inside segments, at their ends, and twice at one size.
+    for n in [111, 3, 270, 192, 0, 600, 9] {
+        fill(&log, n);
+        log.checkpoint().unwrap();
+    }
+    log.checkpoint().unwrap();
+    let segments = log.segments();
+    assert!(segments.len() >= 4, "{} segments", segments.len());
+    let one = verify_threads(&log, 1).unwrap();
+    assert_eq!(one.records, 1185);
+    assert_eq!(one.checkpoints, log.checkpoints().len() as u64);
+    for threads in [2, 3, 8, 0] {
+        let many = verify_threads(&log, threads).unwrap();
+        assert_eq!(
+            (many.segments, many.records, many.bytes, many.checkpoints),
+            (one.segments, one.records, one.bytes, one.checkpoints),
+            "{threads} threads"
+        );
+        assert_eq!(many.last_chain_hash, one.last_chain_hash);
+    }
+    // From any segment on, with the earlier checkpoints checked against the node file.
+    for s in &segments {
+        let report = log
+            .verify_with(
+                &VerifyOptions {
+                    from_segment: Some(s.seq),
+                    threads: 2,
+                    ..VerifyOptions::default()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(report.first_position, s.base_position);
+        assert_eq!(report.checkpoints, one.checkpoints, "from {:?}", s.seq);
+    }
+    log.close().unwrap();
+
+    // A checkpoint validly signed with the log's key but over a root the records do not
+    // have, ending inside the first segment: caught, by any number of threads.
+    let key = std::fs::read_to_string(dir.path().join(tally_engine::KEY_FILE)).unwrap();
+    let key = tally_engine::format::checkpoint::decode_secret_key(&key).unwrap();
+    let ro = read_only(dir.path());
+    let first = ro.checkpoints()[0];
+    assert!(first.statement.tree_size < segments[1].base_position.0);
+    let forged = tally_engine::format::checkpoint::SignedCheckpoint::sign(
+        tally_engine::format::checkpoint::Statement {
+            root: [9; 32],
+            ..first.statement
+        },
+        &key,
+    );
+    let inside = first.statement.tree_size;
+    drop(ro);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(tally_engine::CHECKPOINTS_FILE))
+        .unwrap();
+    file.write_all_at(&forged.encode_entry(), 0).unwrap();
+    drop(file);
+    let ro = read_only(dir.path());
+    for threads in [1, 2] {
+        let err = verify_threads(&ro, threads).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("Merkle root") && text.contains(&format!("first {inside} records")),
+            "{threads} threads: {text}"
+        );
+    }
+}
+
+#[test]
+fn parallel_verification_reports_the_first_damage_in_log_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 2000);
+    log.close().unwrap();
+    let segments = read_only(dir.path()).segments();
+    assert!(segments.len() >= 5 && segments[3].sealed);
+    // Damage one payload byte in the second and the fourth segment.
+    for s in [&segments[1], &segments[3]] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&s.path)
+            .unwrap();
+        let at = 4096 + 80 + 60;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    }
+    let ro = read_only(dir.path());
+    for threads in [1, 2, 4] {
+        match verify_threads(&ro, threads).unwrap_err() {
+            Error::Corrupt { file, position, .. } => {
+                assert_eq!(file, segments[1].path, "{threads} threads");
+                assert_eq!(position, Some(segments[1].base_position.0));
+            }
+            e => panic!("{threads} threads: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_node_file_of_another_chunk_level_is_recomputed() {
+    use tally_engine::format::tree::{TH_CHUNK_LEVEL, TH_CRC, TREE_HEADER_LEN};
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 300);
+    log.checkpoint().unwrap();
+    let root = log.merkle_root(300).unwrap();
+    log.close().unwrap();
+    // Rewrite the header as the first node files had it: chunk level 6, valid CRC.
+    let path = dir.path().join("merkle.tree");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut header = [0u8; TREE_HEADER_LEN];
+    f.read_exact_at(&mut header, 0).unwrap();
+    header[TH_CHUNK_LEVEL..TH_CHUNK_LEVEL + 2].copy_from_slice(&6u16.to_le_bytes());
+    let crc = crc32fast::hash(&header[..TH_CRC]);
+    header[TH_CRC..].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&header, 0).unwrap();
+    drop(f);
+
+    let ro = read_only(dir.path());
+    assert_eq!(ro.merkle_root(300).unwrap(), root);
+    drop(ro);
+    let log = Log::open(dir.path(), opts()).unwrap();
+    assert!(log.recovery_report().merkle_tree_rebuilt);
+    assert_eq!(log.merkle_root(300).unwrap(), root);
+    let hashes = record_hashes(&log);
+    let proof = log.prove_inclusion(Position(123), 300).unwrap();
+    proof.verify(&hashes[123], &root).unwrap();
+    let mut header = [0u8; TREE_HEADER_LEN];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut header, 0)
+        .unwrap();
+    assert_eq!(
+        header[TH_CHUNK_LEVEL], 4,
+        "a writable open rewrote the header"
+    );
 }

@@ -19,7 +19,7 @@ pub const TREE_HEADER_LEN: usize = 64;
 /// Bytes per stored node.
 pub const TREE_NODE_LEN: usize = 32;
 /// Subtrees at this level (`2^CHUNK_LEVEL` leaves) and above are stored.
-pub const CHUNK_LEVEL: u32 = 6;
+pub const CHUNK_LEVEL: u32 = 4;
 /// Leaves under one stored chunk root.
 pub const CHUNK_LEAVES: u64 = 1 << CHUNK_LEVEL;
 /// `format_version` (u16).

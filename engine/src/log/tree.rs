@@ -7,6 +7,8 @@
 //! the nodes up to the latest checkpoint are checked against that checkpoint's root, and
 //! anything after it is recomputed from the records.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -47,12 +49,33 @@ pub(crate) struct Tree {
     pub(crate) head: Hash32,
     /// Whether the node file was found damaged or out of step and rebuilt on open.
     pub(crate) rebuilt: bool,
+    /// Stored nodes of height [`CACHED_HEIGHT`] or more read so far, by node index.
+    upper: RefCell<HashMap<u64, Hash32>>,
 }
+
+/// Stored nodes this many levels above the chunk level or higher are kept in memory once
+/// read: they are on the path of nearly every root and proof, and there are few of them
+/// (two for every `2^CACHED_HEIGHT` chunks: 128 KiB per million records).
+const CACHED_HEIGHT: u32 = 6;
 
 impl Tree {
     /// Leaves in the tree.
     pub(crate) fn size(&self) -> u64 {
         self.chunks * CHUNK_LEAVES + self.partial.len() as u64
+    }
+
+    /// The stored root of the `index`-th perfect subtree of `2^height` chunks.
+    fn node_at(&self, height: u32, index: u64) -> Result<Hash32> {
+        let i = node_index(height, index);
+        if height < CACHED_HEIGHT || i >= self.on_disk {
+            return self.node(i);
+        }
+        if let Some(h) = self.upper.borrow().get(&i) {
+            return Ok(*h);
+        }
+        let h = self.node(i)?;
+        self.upper.borrow_mut().insert(i, h);
+        Ok(h)
     }
 
     fn node(&self, i: u64) -> Result<Hash32> {
@@ -231,7 +254,7 @@ impl NodeSource for TreeSource<'_> {
             if ((index + 1) << height) > self.tree.chunks {
                 return Err(self.tree.corrupt(0, "subtree beyond the tree"));
             }
-            return self.tree.node(node_index(height, index));
+            return self.tree.node_at(height, index);
         }
         let first = index << level;
         let chunk = first / CHUNK_LEAVES;
@@ -260,6 +283,7 @@ impl Tree {
             peaks: Vec::new(),
             head: shared_seed,
             rebuilt: false,
+            upper: RefCell::new(HashMap::new()),
         }
     }
 }
@@ -343,6 +367,7 @@ impl Tree {
     /// Forgets everything after the first `chunks` complete chunks of stored nodes.
     fn restart(&mut self, shared: &Shared, chunks: u64) -> Result<()> {
         self.on_disk = nodes_for_chunks(chunks);
+        self.upper.get_mut().clear();
         if !shared.read_only
             && let Some(file) = &self.file
         {
@@ -370,7 +395,7 @@ fn peaks(tree: &Tree, chunks: u64) -> Result<Vec<(u32, Hash32)>> {
     let mut done = 0u64;
     for height in (0..64u32).rev() {
         if chunks & (1 << height) != 0 {
-            out.push((height, tree.node(node_index(height, done >> height))?));
+            out.push((height, tree.node_at(height, done >> height)?));
             done += 1 << height;
         }
     }
