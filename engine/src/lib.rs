@@ -45,5 +45,5 @@ pub use log::{
     AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, Direction, Durability, EventData,
     ExpectedVersion, KEY_FILE, Log, Options, RawRecord, RecordView, RecordedEvent, RecoveryMode,
     RecoveryReport, SegmentInfo, StreamInfo, TREE_FILE, Tail, Truncation, Verify, VerifyOptions,
-    VerifyReport, new_event_id, now,
+    VerifyReport, create_signing_key, new_event_id, now,
 };

@@ -506,3 +506,77 @@ fn a_node_file_of_another_chunk_level_is_recomputed() {
         "a writable open rewrote the header"
     );
 }
+
+#[test]
+fn records_a_checkpoint_covers_count_as_acknowledged_in_recovery() {
+    use tally_engine::format::record::RecordHeader;
+    // A damaged record that only a checkpoint says was acknowledged: the last one it
+    // covers, with no later record whose header claims durability.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            segment_bytes: 4 << 20,
+            ..opts()
+        },
+    )
+    .unwrap();
+    fill(&log, 100);
+    assert_eq!(log.checkpoint().unwrap().statement.tree_size, 100);
+    let seg = log.segments().pop().unwrap().path;
+    log.crash();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    let mut offset = 4096u64;
+    for _ in 0..99 {
+        let mut h = [0u8; 80];
+        f.read_exact_at(&mut h, offset).unwrap();
+        offset += RecordHeader::decode(&h).unwrap().record_len();
+    }
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset + 90).unwrap();
+    f.write_all_at(&[b[0] ^ 1], offset + 90).unwrap();
+    drop(f);
+    let err = Log::open(dir.path(), opts()).unwrap_err();
+    assert!(
+        err.to_string().contains("checkpoint 1 covers 100 records"),
+        "{err}"
+    );
+    let log = Log::open(
+        dir.path(),
+        Options {
+            recovery: RecoveryMode::TruncateDamagedTail,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(log.next_position(), Position(99));
+    let t = &log.recovery_report().truncations;
+    assert!(t.len() == 1 && t[0].acknowledged_data_lost, "{t:?}");
+    drop(log);
+
+    // Whole segments gone: the log ends cleanly, but before the checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 600);
+    log.close().unwrap();
+    let last = read_only(dir.path()).segments().pop().unwrap();
+    std::fs::remove_file(&last.path).unwrap();
+    let _ = std::fs::remove_file(last.path.with_extension("idx"));
+    let err = Log::open(dir.path(), opts()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("covers 600 records, but the segments end"),
+        "{err}"
+    );
+    let ro = read_only(dir.path());
+    assert!(
+        ro.verify()
+            .unwrap_err()
+            .to_string()
+            .contains("records were removed")
+    );
+}

@@ -26,7 +26,8 @@ use tally_engine::format::{PAGE_BYTES, Timestamp};
 use tally_engine::{Direction, Log, Position};
 
 use crate::ops::{
-    Finding, checkpoint_json, event_json, open_writable_if_free, parse_time, read_pubkeys, rfc3339,
+    Finding, KeyArg, checkpoint_json, event_json, open_writable_if_free, parse_time, read_pubkeys,
+    rfc3339,
 };
 
 /// The extract format's name and version.
@@ -52,6 +53,8 @@ pub struct ExtractArgs {
     /// The extract file to write.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    key: KeyArg,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -69,7 +72,7 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     } else {
         bail!("select events with --stream, --correlation or --from-time/--to-time");
     };
-    let (log, writable) = open_writable_if_free(&a.dir)?;
+    let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
     // One checkpoint covers every selected event: a fresh one when the log is free, else
     // the latest the running server wrote.
     let cp = if writable {
@@ -385,6 +388,8 @@ pub struct BackupArgs {
     /// Leave the secret signing key out of the copy.
     #[arg(long)]
     without_key: bool,
+    #[command(flatten)]
+    key: KeyArg,
 }
 
 fn copy_prefix(from: &Path, to: &Path, len: u64, file_len: u64, mode: Option<u32>) -> Result<()> {
@@ -416,7 +421,7 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
     if a.dest.exists() {
         bail!("{} already exists", a.dest.display());
     }
-    let (log, writable) = open_writable_if_free(&a.dir)?;
+    let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
     let cp = if writable {
         log.checkpoint()?
     } else {
@@ -518,10 +523,10 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
     let copy = crate::ops::open_read_only(&a.dest)?;
     let report = copy
         .verify_with(
-            &tally_engine::VerifyOptions {
-                trusted_keys: vec![cp.public_key],
-                ..Default::default()
-            },
+            // Every checkpoint is checked under the key stored with it: the copy must be
+            // exactly the source, whose keys may have been rotated; whoever relies on the
+            // copy verifies it against their own key file.
+            &tally_engine::VerifyOptions::default(),
             &mut |_| {},
         )
         .map_err(|e| Finding(format!("the copy does not verify: {e}")))?;

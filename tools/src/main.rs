@@ -40,6 +40,8 @@ enum Command {
     Init(ops::InitArgs),
     /// Print the log's public key, in the form `--pubkey FILE` reads.
     Pubkey(ops::PubkeyArgs),
+    /// Create a new signing key file (for a key kept outside the data directory, or a rotation).
+    Keygen(ops::KeygenArgs),
     /// Show the segments (or one segment's header, footer and index).
     Inspect(ops::InspectArgs),
     /// Print records in order.
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Init(a) => ops::init(&a),
         Command::Pubkey(a) => ops::pubkey(&a),
+        Command::Keygen(a) => ops::keygen(&a),
         Command::Inspect(a) => ops::inspect(&a),
         Command::Dump(a) => ops::dump(&a),
         Command::Verify(a) => ops::verify(&a),

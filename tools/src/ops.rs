@@ -66,12 +66,13 @@ pub fn open_read_only(dir: &Path) -> Result<Log> {
 
 /// Opens a log for writing when no other process has it open; otherwise read-only.
 /// Returns whether it is writable.
-pub fn open_writable_if_free(dir: &Path) -> Result<(Log, bool)> {
+pub fn open_writable_if_free(dir: &Path, key: &KeyArg) -> Result<(Log, bool)> {
     require_data_dir(dir)?;
     match Log::open(
         dir,
         Options {
             create: false,
+            signing_key: key.key.clone(),
             ..Options::default()
         },
     ) {
@@ -198,6 +199,10 @@ fn print_json(v: &Value) -> Result<()> {
 pub struct InitArgs {
     /// The data directory to create.
     dir: PathBuf,
+    /// Sign with this existing key file instead of creating DIR/tally.key; later writers
+    /// must be given the same file (Options::signing_key, `--key`).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -208,8 +213,18 @@ pub fn init(a: &InitArgs) -> Result<ExitCode> {
     if a.dir.join("tally.meta").exists() {
         bail!("{} already holds a Tally log", a.dir.display());
     }
-    let log = Log::open(&a.dir, Options::default())
-        .with_context(|| format!("creating {}", a.dir.display()))?;
+    let log = Log::open(
+        &a.dir,
+        Options {
+            signing_key: a.key.clone(),
+            ..Options::default()
+        },
+    )
+    .with_context(|| format!("creating {}", a.dir.display()))?;
+    let key_file = a
+        .key
+        .clone()
+        .unwrap_or_else(|| a.dir.join(tally_engine::KEY_FILE));
     let key = log.public_key().context("the new log has no signing key")?;
     let id = log.log_id();
     log.close()?;
@@ -219,35 +234,72 @@ pub fn init(a: &InitArgs) -> Result<ExitCode> {
             "log_id": hex(&id),
             "public_key": hex(&key),
             "key_fingerprint": fingerprint(&key),
-            "key_file": a.dir.join(tally_engine::KEY_FILE),
+            "key_file": key_file,
         }))?;
     } else {
         println!("created {}", a.dir.display());
         println!("log id           {}", hex(&id));
-        println!(
-            "signing key      {} (mode 0600)",
-            a.dir.join(tally_engine::KEY_FILE).display()
-        );
+        println!("signing key      {}", key_file.display());
         println!("public key       {}", hex(&key));
         println!("fingerprint      {}", fingerprint(&key));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The signing key a command that may sign a checkpoint uses.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyArg {
+    /// The signing key file, when it is kept outside the data directory (default:
+    /// DIR/tally.key). Used only when the command opens a stopped log for writing.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+}
+
+fn read_secret_key(path: &Path) -> Result<tally_engine::format::checkpoint::SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading signing key {}", path.display()))?;
+    tally_engine::format::checkpoint::decode_secret_key(&text)
+        .with_context(|| format!("signing key {}", path.display()))
+}
+
+/// `tally keygen FILE`.
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// The key file to create (mode 0600; an existing file is never overwritten).
+    file: PathBuf,
+}
+
+/// Creates a new signing key file and prints its public key.
+pub fn keygen(a: &KeygenArgs) -> Result<ExitCode> {
+    let key = tally_engine::create_signing_key(&a.file)
+        .with_context(|| format!("creating signing key {}", a.file.display()))?;
+    eprintln!(
+        "created {} (mode 0600), fingerprint {}",
+        a.file.display(),
+        fingerprint(&key)
+    );
+    print!("{}", encode_public_key(&key));
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `tally pubkey DIR`.
 #[derive(Args, Debug)]
 pub struct PubkeyArgs {
-    /// The data directory.
-    dir: PathBuf,
+    /// The data directory (its key is DIR/tally.key).
+    #[arg(required_unless_present = "key")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyArg,
 }
 
 /// Prints the public key in the form `--pubkey FILE` reads.
 pub fn pubkey(a: &PubkeyArgs) -> Result<ExitCode> {
-    let path = a.dir.join(tally_engine::KEY_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading signing key {}", path.display()))?;
-    let key = tally_engine::format::checkpoint::decode_secret_key(&text)
-        .with_context(|| format!("signing key {}", path.display()))?;
+    let path = match (&a.key.key, &a.dir) {
+        (Some(k), _) => k.clone(),
+        (None, Some(d)) => d.join(tally_engine::KEY_FILE),
+        (None, None) => bail!("name a data directory or --key FILE"),
+    };
+    let key = read_secret_key(&path)?;
     print!("{}", encode_public_key(&key.verifying_key().to_bytes()));
     Ok(ExitCode::SUCCESS)
 }
@@ -770,6 +822,8 @@ pub struct CheckpointArgs {
     /// List the checkpoints instead of writing one.
     #[arg(long)]
     list: bool,
+    #[command(flatten)]
+    key: KeyArg,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -800,7 +854,7 @@ pub fn checkpoint(a: &CheckpointArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (log, writable) = open_writable_if_free(&a.dir)?;
+    let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
     if !writable {
         bail!(
             "{} is open by another process (a running tallyd?): it writes checkpoints itself; use `tally checkpoint --list` to see them",

@@ -252,11 +252,6 @@ fn a_careful_forger_who_rewrites_and_rechains_is_caught_by_the_signed_checkpoint
     let forged = tmp.path().join("forged");
     std::fs::create_dir_all(&forged).unwrap();
     std::fs::copy(dir.join("tally.meta"), forged.join("tally.meta")).unwrap();
-    std::fs::copy(
-        dir.join("tally.checkpoints"),
-        forged.join("tally.checkpoints"),
-    )
-    .unwrap();
     {
         let src = Log::open(
             &dir,
@@ -292,6 +287,11 @@ fn a_careful_forger_who_rewrites_and_rechains_is_caught_by_the_signed_checkpoint
         dst.wait_sealed().unwrap();
         dst.close().unwrap();
     }
+    std::fs::copy(
+        dir.join("tally.checkpoints"),
+        forged.join("tally.checkpoints"),
+    )
+    .unwrap();
     // The forged log is internally consistent...
     let forged_log = Log::open(
         &forged,
@@ -527,4 +527,128 @@ fn bad_arguments_and_directories_give_one_clear_line() {
     assert_eq!(code(&o), 2);
     let o = tally(&["prove", s(&dir), "--consistency", "1"]);
     assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn a_log_whose_key_is_kept_elsewhere_never_gets_a_new_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let key = tmp.path().join("secure.key");
+    let o = tally(&["keygen", s(&key)]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let public = stdout(&o);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(code(&tally(&["keygen", s(&key)])), 2, "never overwrites");
+    let o = tally(&["pubkey", "--key", s(&key)]);
+    assert_eq!(stdout(&o), public);
+
+    let o = tally(&["init", s(&dir), "--key", s(&key), "--json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!dir.join("tally.key").exists());
+    let log = Log::open(
+        &dir,
+        Options {
+            signing_key: Some(key.clone()),
+            ..opts()
+        },
+    )
+    .unwrap();
+    for i in 0..50 {
+        log.append("trade-1", ExpectedVersion::Any, &[event(i)])
+            .unwrap();
+    }
+    log.close().unwrap();
+
+    // Without the key, a writing command refuses instead of minting a new one.
+    let o = tally(&["checkpoint", s(&dir)]);
+    assert_eq!(code(&o), 2);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is missing") && err.contains("--key"), "{err}");
+    assert!(!dir.join("tally.key").exists(), "no key was created");
+    // So does the engine.
+    let e = Log::open(&dir, opts()).unwrap_err();
+    assert!(e.to_string().contains("is missing"), "{e}");
+    // With it, the checkpoint is signed by that key.
+    let o = tally(&["checkpoint", s(&dir), "--key", s(&key), "--json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let pk = tmp.path().join("pub.key");
+    std::fs::write(&pk, &public).unwrap();
+    let o = tally(&["verify", s(&dir), "--pubkey", s(&pk), "--json"]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(json(&o)["checkpoints"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn backup_after_a_key_rotation_verifies_and_keeps_every_signer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    make_log(&dir, 200);
+    let old = stdout(&tally(&["pubkey", s(&dir)]));
+    let new_key = tmp.path().join("new.key");
+    let new = stdout(&tally(&["keygen", s(&new_key)]));
+    let log = Log::open(
+        &dir,
+        Options {
+            signing_key: Some(new_key.clone()),
+            ..opts()
+        },
+    )
+    .unwrap();
+    log.append("trade-1", ExpectedVersion::Any, &[event(1)])
+        .unwrap();
+    log.close().unwrap();
+    let dest = tmp.path().join("copy");
+    let o = tally(&["backup", s(&dir), s(&dest), "--key", s(&new_key)]);
+    assert_eq!(
+        code(&o),
+        0,
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let keys = tmp.path().join("keys.pub");
+    std::fs::write(&keys, format!("{old}{new}")).unwrap();
+    let o = tally(&["verify", s(&dest), "--pubkey", s(&keys), "--json"]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    // The old key alone does not cover the checkpoints after the rotation.
+    let only_old = tmp.path().join("old.pub");
+    std::fs::write(&only_old, &old).unwrap();
+    let o = tally(&["verify", s(&dest), "--pubkey", s(&only_old)]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+}
+
+#[test]
+fn json_numbers_keep_every_digit_in_dump_and_extract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let payload = r#"{"notional":123456789012345678901234.50,"rate":0.1000000000000000055511151231257827,"qty":18446744073709551617}"#;
+    let log = Log::open(&dir, opts()).unwrap();
+    log.append(
+        "trade-9",
+        ExpectedVersion::Any,
+        &[EventData::json("TradeNew", payload)],
+    )
+    .unwrap();
+    log.close().unwrap();
+    let o = tally(&["dump", s(&dir), "--format", "jsonl"]);
+    assert_eq!(code(&o), 0);
+    let out = stdout(&o);
+    for digits in [
+        "123456789012345678901234.50",
+        "0.1000000000000000055511151231257827",
+        "18446744073709551617",
+    ] {
+        assert!(out.contains(digits), "{digits} in {out}");
+    }
+    let x = tmp.path().join("x.json");
+    let o = tally(&["extract", s(&dir), "--stream", "trade-9", "--out", s(&x)]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&x).unwrap();
+    assert!(text.contains("123456789012345678901234.50"), "{text}");
+    let pk = pubkey_file(&dir, tmp.path());
+    let o = tally(&["verify-extract", s(&x), "--pubkey", s(&pk)]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
 }

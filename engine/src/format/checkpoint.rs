@@ -6,7 +6,9 @@
 //! checkpoint carries the public key that signed it, so that checkpoints signed before a key
 //! rotation stay verifiable; a verifier decides which keys it trusts.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+/// The Ed25519 secret key type the key file functions use.
+pub use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signature, Signer, VerifyingKey};
 
 use super::{DecodeError, Hash32, Timestamp, check_crc, check_magic, check_zero, le, need};
 

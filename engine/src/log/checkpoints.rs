@@ -50,26 +50,7 @@ pub(crate) fn load_or_create_key(path: &Path, create: bool) -> Result<Option<Sig
                 source: Some(e),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).map_err(|e| Error::Io {
-                op: "generating a signing key",
-                path: path.to_owned(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            let key = SigningKey::from_bytes(&seed);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(Error::io("creating signing key file", path))?;
-            f.write_all(encode_secret_key(&key).as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(Error::io("writing signing key file", path))?;
-            if let Some(parent) = path.parent() {
-                sync_dir(parent).map_err(Error::io("syncing directory", parent))?;
-            }
-            Ok(Some(key))
+            create_key_file(path).map(Some)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::Io {
@@ -78,6 +59,31 @@ pub(crate) fn load_or_create_key(path: &Path, create: bool) -> Result<Option<Sig
             source: e,
         }),
     }
+}
+
+/// Creates a new signing key file at `path` (mode 0600, synced, never overwriting a file)
+/// and returns the key.
+pub(crate) fn create_key_file(path: &Path) -> Result<SigningKey> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| Error::Io {
+        op: "generating a signing key",
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let key = SigningKey::from_bytes(&seed);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io("creating signing key file", path))?;
+    f.write_all(encode_secret_key(&key).as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(Error::io("writing signing key file", path))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent).map_err(Error::io("syncing directory", parent))?;
+    }
+    Ok(key)
 }
 
 impl Checkpoints {

@@ -968,6 +968,18 @@ pub struct VerifyOptions {
     pub threads: usize,
 }
 
+/// Creates a new Ed25519 signing key file at `path` (mode 0600; an existing file is never
+/// overwritten), for a key kept outside the data directory ([`Options::signing_key`]) or a
+/// key rotation. Returns its public key.
+///
+/// # Errors
+/// [`Error::Io`] when the file exists or cannot be written.
+pub fn create_signing_key(path: &Path) -> Result<[u8; 32]> {
+    Ok(checkpoints::create_key_file(path)?
+        .verifying_key()
+        .to_bytes())
+}
+
 /// A fresh v7 UUID (RFC 9562) as an event id: 48 bits of Unix milliseconds, a 12-bit
 /// counter that keeps the ids of one thread increasing within a millisecond (method 1 of
 /// section 6.2), and 62 random bits. The random bits come from a per-thread generator

@@ -47,6 +47,38 @@ use crate::segment::{
 };
 use crate::sys::{SegmentMap, sync_dir};
 
+/// The fingerprint of the key that signed the last whole entry of the checkpoints file, or
+/// `"unknown"` if that entry does not decode; `None` when the file holds no entry.
+fn last_checkpoint_signer(dir: &Path) -> Option<String> {
+    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint, fingerprint};
+    let bytes = std::fs::read(dir.join(super::checkpoints::CHECKPOINTS_FILE)).ok()?;
+    let whole = bytes.len() / ENTRY_LEN * ENTRY_LEN;
+    let last = bytes.get(whole.checked_sub(ENTRY_LEN)?..whole)?;
+    Some(
+        SignedCheckpoint::decode_entry(last)
+            .map_or_else(|_| "unknown".to_owned(), |cp| fingerprint(&cp.public_key)),
+    )
+}
+
+/// The tree size of the last checkpoint of this log that decodes, reading the checkpoints
+/// file from its start and stopping at the first entry that does not (a torn write). Every
+/// record a checkpoint covers was synced before it was signed: it is evidence that those
+/// records were acknowledged, whatever the records themselves say.
+fn checkpointed_size(dir: &Path, log_id: &[u8; 16]) -> Option<(u64, u64)> {
+    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
+    let bytes = std::fs::read(dir.join(super::checkpoints::CHECKPOINTS_FILE)).ok()?;
+    let mut last = None;
+    for entry in bytes.chunks_exact(ENTRY_LEN) {
+        match SignedCheckpoint::decode_entry(entry) {
+            Ok(cp) if cp.statement.log_id == *log_id => {
+                last = Some((cp.statement.id, cp.statement.tree_size));
+            }
+            _ => break,
+        }
+    }
+    last
+}
+
 /// The log identity file.
 pub const META_FILE: &str = "tally.meta";
 /// The advisory lock file.
@@ -388,6 +420,25 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         spares.prepared = last_kept;
     }
 
+    // Records a signed checkpoint covers were synced before it was signed: a log that ends
+    // before them lost acknowledged records (whole segments gone, say), and a writable open
+    // would write new history over them.
+    if opts.recovery == RecoveryMode::Strict
+        && let Some((id, size)) = checkpointed_size(dir, &shared.meta.log_id)
+        && size > end.position.0
+    {
+        return Err(corrupt(
+            &dir.join(super::checkpoints::CHECKPOINTS_FILE),
+            0,
+            Some(end.position.0),
+            format!(
+                "checkpoint {id} covers {size} records, but the segments end at position {}: acknowledged records are missing (open read-only to investigate, or with TruncateDamagedTail to accept the loss)",
+                end.position
+            ),
+            None,
+        ));
+    }
+
     // The stream table, now that the end is known. A snapshot written at a clean close or
     // by the sealer covers only durable data: if it claims more than recovery found,
     // acknowledged records are missing.
@@ -512,11 +563,26 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .signing_key
         .clone()
         .unwrap_or_else(|| dir.join(super::checkpoints::KEY_FILE));
+    // A new key is made only for a log that has never signed a checkpoint: minting one for a
+    // log whose key was moved away would sign its future under a key nobody trusts.
+    let signed_by = last_checkpoint_signer(dir);
     let key = if read_only {
         None
     } else {
-        load_or_create_key(&key_path, opts.signing_key.is_none())?
+        load_or_create_key(&key_path, opts.signing_key.is_none() && signed_by.is_none())?
     };
+    if key.is_none()
+        && !read_only
+        && opts.signing_key.is_none()
+        && let Some(signer) = signed_by
+    {
+        return Err(Error::InvalidOptions {
+            reason: format!(
+                "the signing key {} is missing, but this log's checkpoints are signed (the latest by key {signer}): restore the key file, or name the key to sign with (Options::signing_key; `--key FILE` in tally); a new key is created only for a log without checkpoints",
+                key_path.display()
+            ),
+        });
+    }
     if key.is_none() && !read_only {
         return Err(Error::Io {
             op: "reading signing key file",
@@ -930,7 +996,32 @@ fn remove_tail(
             evidence = e.map(|(at, h)| (path.clone(), at, h));
         }
     }
-    let acknowledged = evidence.is_some();
+    let checkpointed =
+        checkpointed_size(&shared.dir, &shared.meta.log_id).filter(|&(_, size)| size > end.0);
+    let acknowledged = evidence.is_some() || checkpointed.is_some();
+    if let Some((id, size)) = checkpointed
+        && shared.opts.recovery == RecoveryMode::Strict
+    {
+        let (file, offset) = cut.map_or_else(
+            || {
+                later
+                    .first()
+                    .map(|l| l.path.clone())
+                    .or_else(|| torn_newest.map(|(_, p)| p.clone()))
+                    .map_or_else(|| (shared.dir.clone(), 0), |p| (p, 0))
+            },
+            |(f, o, _)| (f.path.clone(), o),
+        );
+        return Err(corrupt(
+            &file,
+            offset,
+            Some(end.0),
+            format!(
+                "{reason}; acknowledged data follows: checkpoint {id} covers {size} records, and the records it covers were synced before it was signed"
+            ),
+            None,
+        ));
+    }
     if let Some((path, at, h)) = &evidence
         && shared.opts.recovery == RecoveryMode::Strict
     {
