@@ -47,36 +47,42 @@ use crate::segment::{
 };
 use crate::sys::{SegmentMap, sync_dir};
 
-/// The fingerprint of the key that signed the last whole entry of the checkpoints file, or
-/// `"unknown"` if that entry does not decode; `None` when the file holds no entry.
-fn last_checkpoint_signer(dir: &Path) -> Option<String> {
-    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint, fingerprint};
-    let bytes = std::fs::read(dir.join(super::checkpoints::CHECKPOINTS_FILE)).ok()?;
-    let whole = bytes.len() / ENTRY_LEN * ENTRY_LEN;
-    let last = bytes.get(whole.checked_sub(ENTRY_LEN)?..whole)?;
-    Some(
-        SignedCheckpoint::decode_entry(last)
-            .map_or_else(|_| "unknown".to_owned(), |cp| fingerprint(&cp.public_key)),
-    )
+/// The bytes of `tally.checkpoints`; an empty list when the file does not exist. Any other
+/// read error stops the open: without them recovery could not tell acknowledged records
+/// from a torn tail, nor whether the log already has a signing key.
+fn read_checkpoints_file(dir: &Path) -> Result<Vec<u8>> {
+    let path = dir.join(super::checkpoints::CHECKPOINTS_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io("reading checkpoints file", &path)(e)),
+    }
 }
 
-/// The tree size of the last checkpoint of this log that decodes, reading the checkpoints
-/// file from its start and stopping at the first entry that does not (a torn write). Every
-/// record a checkpoint covers was synced before it was signed: it is evidence that those
-/// records were acknowledged, whatever the records themselves say.
-fn checkpointed_size(dir: &Path, log_id: &[u8; 16]) -> Option<(u64, u64)> {
+/// The fingerprint of the key that signed the last whole entry of the checkpoints file, or
+/// `"unknown"` if that entry does not decode; `None` when the file holds no entry.
+fn last_checkpoint_signer(dir: &Path) -> Result<Option<String>> {
+    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint, fingerprint};
+    let bytes = read_checkpoints_file(dir)?;
+    Ok(bytes.chunks_exact(ENTRY_LEN).last().map(|last| {
+        SignedCheckpoint::decode_entry(last)
+            .map_or_else(|_| "unknown".to_owned(), |cp| fingerprint(&cp.public_key))
+    }))
+}
+
+/// `(id, tree_size)` of the largest checkpoint of this log among the entries of the
+/// checkpoints file that decode (a damaged entry does not hide later ones). Every record a
+/// checkpoint covers was synced before it was signed: it is evidence that those records
+/// were acknowledged, whatever the records themselves say.
+fn checkpointed_size(dir: &Path, log_id: &[u8; 16]) -> Result<Option<(u64, u64)>> {
     use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
-    let bytes = std::fs::read(dir.join(super::checkpoints::CHECKPOINTS_FILE)).ok()?;
-    let mut last = None;
-    for entry in bytes.chunks_exact(ENTRY_LEN) {
-        match SignedCheckpoint::decode_entry(entry) {
-            Ok(cp) if cp.statement.log_id == *log_id => {
-                last = Some((cp.statement.id, cp.statement.tree_size));
-            }
-            _ => break,
-        }
-    }
-    last
+    let bytes = read_checkpoints_file(dir)?;
+    Ok(bytes
+        .chunks_exact(ENTRY_LEN)
+        .filter_map(|e| SignedCheckpoint::decode_entry(e).ok())
+        .filter(|cp| cp.statement.log_id == *log_id)
+        .map(|cp| (cp.statement.id, cp.statement.tree_size))
+        .max_by_key(|&(_, size)| size))
 }
 
 /// The log identity file.
@@ -424,7 +430,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     // before them lost acknowledged records (whole segments gone, say), and a writable open
     // would write new history over them.
     if opts.recovery == RecoveryMode::Strict
-        && let Some((id, size)) = checkpointed_size(dir, &shared.meta.log_id)
+        && let Some((id, size)) = checkpointed_size(dir, &shared.meta.log_id)?
         && size > end.position.0
     {
         return Err(corrupt(
@@ -565,7 +571,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .unwrap_or_else(|| dir.join(super::checkpoints::KEY_FILE));
     // A new key is made only for a log that has never signed a checkpoint: minting one for a
     // log whose key was moved away would sign its future under a key nobody trusts.
-    let signed_by = last_checkpoint_signer(dir);
+    let signed_by = last_checkpoint_signer(dir)?;
     let key = if read_only {
         None
     } else {
@@ -997,7 +1003,7 @@ fn remove_tail(
         }
     }
     let checkpointed =
-        checkpointed_size(&shared.dir, &shared.meta.log_id).filter(|&(_, size)| size > end.0);
+        checkpointed_size(&shared.dir, &shared.meta.log_id)?.filter(|&(_, size)| size > end.0);
     let acknowledged = evidence.is_some() || checkpointed.is_some();
     if let Some((id, size)) = checkpointed
         && shared.opts.recovery == RecoveryMode::Strict

@@ -366,14 +366,25 @@ impl Tree {
 
     /// Forgets everything after the first `chunks` complete chunks of stored nodes.
     fn restart(&mut self, shared: &Shared, chunks: u64) -> Result<()> {
-        self.on_disk = nodes_for_chunks(chunks);
-        self.upper.get_mut().clear();
+        let on_disk = nodes_for_chunks(chunks);
+        // Cut the file first: if that fails, the tree is left as empty (nothing kept from
+        // the file, nothing written after a stale end), so a later catch-up starts over.
         if !shared.read_only
             && let Some(file) = &self.file
+            && let Err(e) = file.set_len(TREE_HEADER_LEN as u64 + on_disk * TREE_NODE_LEN as u64)
         {
-            file.set_len(TREE_HEADER_LEN as u64 + self.on_disk * TREE_NODE_LEN as u64)
-                .map_err(Error::io("truncating Merkle node file", &self.path))?;
+            self.on_disk = 0;
+            self.upper.get_mut().clear();
+            self.pending.clear();
+            self.chunks = 0;
+            self.partial.clear();
+            self.peaks.clear();
+            self.head = shared.seed;
+            self.writable = false;
+            return Err(Error::io("truncating Merkle node file", &self.path)(e));
         }
+        self.on_disk = on_disk;
+        self.upper.get_mut().clear();
         self.pending.clear();
         self.chunks = chunks;
         self.partial.clear();

@@ -54,8 +54,8 @@ pub(crate) fn verify(
     options: &VerifyOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<VerifyReport> {
-    let visible = shared.visible_position();
-    let mut segs = shared.segments_snapshot();
+    // Checkpoints first: every one signed so far covers no more than the records visible
+    // after it, so none is newer than the view of the log taken next.
     let cp_path = shared.dir.join(CHECKPOINTS_FILE);
     let checkpoints = {
         let cps = lock(&shared.checkpoints);
@@ -70,6 +70,8 @@ pub(crate) fn verify(
         }
         cps.list.clone()
     };
+    let visible = shared.visible_position();
+    let mut segs = shared.segments_snapshot();
     let mut report = VerifyReport {
         last_chain_hash: shared.seed,
         ..VerifyReport::default()
@@ -158,13 +160,19 @@ pub(crate) fn verify(
                     workers: &workers,
                     ready: &ready,
                     results: &results,
+                    stop_after: &stop_after,
                 };
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= segs.len() || i > stop_after.load(Ordering::Relaxed) {
                         break;
                     }
-                    let r = check_segment(shared, &segs[i], visible, &sizes, &bytes_read);
+                    // An unsealed segment before the last (rolled, its seal in progress)
+                    // ends where the next one begins.
+                    let end = segs
+                        .get(i + 1)
+                        .map_or(visible, |n| n.header.base_position.min(visible));
+                    let r = check_segment(shared, &segs[i], end, &sizes, &bytes_read);
                     if r.is_err() {
                         stop_after.fetch_min(i, Ordering::Relaxed);
                     }
@@ -261,10 +269,14 @@ struct WorkerExit<'a, T> {
     workers: &'a AtomicUsize,
     ready: &'a Condvar,
     results: &'a Mutex<T>,
+    stop_after: &'a AtomicUsize,
 }
 
 impl<T> Drop for WorkerExit<'_, T> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.stop_after.store(0, Ordering::Relaxed);
+        }
         // Under the results lock, so that the joiner cannot miss the wake-up between
         // checking the count and waiting.
         let _slots = lock(self.results);
@@ -357,7 +369,7 @@ struct RunCache {
 fn check_segment(
     shared: &Shared,
     seg: &SegmentHandle,
-    visible: Position,
+    end: Position,
     checkpoint_sizes: &[u64],
     bytes_read: &AtomicU64,
 ) -> Result<Checked> {
@@ -375,13 +387,22 @@ fn check_segment(
             None,
         ));
     }
+    if header != seg.header {
+        return Err(corrupt(
+            path,
+            0,
+            Some(seg.header.base_position.0),
+            "segment header on disk differs from the one read at open".into(),
+            None,
+        ));
+    }
     let footer = sealed_footer(seg);
     // A sealed segment must end cleanly at its footer's `data_end`; the active one is
     // checked up to the visible records only (what follows may be a write in progress).
     let limit = footer.map_or(header.data_limit(), |f| f.data_end);
     let wanted = match footer {
         Some(f) => f.record_count,
-        None => visible.0.saturating_sub(header.base_position.0),
+        None => end.0.saturating_sub(header.base_position.0),
     };
     // The index is read first so that each record is checked against it as it is scanned;
     // a failure to read it is reported after the records and the footer.
@@ -485,6 +506,15 @@ fn check_segment(
                     });
                 }
             },
+            ScanEnd::Clean { offset } if scan.visited == wanted => (
+                offset,
+                Position(base + scan.complete),
+                format!(
+                    "unfinished batch: record {} does not end a batch, but the segment ends there",
+                    base + wanted - 1
+                ),
+                None,
+            ),
             ScanEnd::Clean { offset } => (
                 offset,
                 Position(base + scan.visited),
