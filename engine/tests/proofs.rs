@@ -203,14 +203,7 @@ fn a_damaged_node_file_is_noticed_and_rebuilt() {
         .open(dir.path().join("merkle.tree"))
         .unwrap();
     f.write_all_at(&[0xAB; 32], 64 + peak * 32).unwrap();
-    let ro = Log::open(
-        dir.path(),
-        Options {
-            recovery: RecoveryMode::ReadOnly,
-            ..opts()
-        },
-    )
-    .unwrap();
+    let ro = read_only(dir.path());
     assert!(ro.recovery_report().merkle_tree_rebuilt);
     assert_eq!(ro.merkle_root(300).unwrap(), merkle_root(&hashes));
     assert!(matches!(ro.checkpoint(), Err(Error::ReadOnly)));
@@ -245,14 +238,7 @@ fn removed_records_fail_verification_against_an_earlier_checkpoint() {
     std::fs::remove_file(&last).unwrap();
     let _ = std::fs::remove_file(last.with_extension("idx"));
     let _ = std::fs::remove_file(dir.path().join("streams.snap"));
-    let ro = Log::open(
-        dir.path(),
-        Options {
-            recovery: RecoveryMode::ReadOnly,
-            ..opts()
-        },
-    )
-    .unwrap();
+    let ro = read_only(dir.path());
     assert!(ro.next_position().0 < 300);
     let err = ro.verify().unwrap_err();
     assert!(err.to_string().contains("records were removed"), "{err}");
