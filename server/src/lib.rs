@@ -1,10 +1,13 @@
-//! `tallyd`, the TCP protocol server in front of the engine, and its Rust client.
+//! `tallyd`, Tally's TCP protocol server, and its Rust client.
 //!
-//! The protocol, server and client arrive with issue #4; the crate exists now so that the
-//! workspace has its final shape and the layering (server -> engine's public API only) is
-//! enforced by cargo from the start.
+//! - [`protocol`]: the frames and messages of docs/PROTOCOL.md, encoded and decoded
+//!   without I/O;
+//! - [`server`]: the server that `tallyd` runs, in front of one engine log;
+//! - [`client`]: an async client with pipelining, typed errors, idempotent retries and
+//!   resuming subscriptions.
 
 #![forbid(unsafe_code)]
 
-/// The engine this server fronts, re-exported for the client's types.
-pub use tally_engine as engine;
+pub mod client;
+pub mod protocol;
+pub mod server;

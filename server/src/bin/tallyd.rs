@@ -1,0 +1,197 @@
+//! `tallyd`: Tally's TCP protocol server.
+//!
+//! ```text
+//! tallyd --data DIR [--listen 127.0.0.1:7878] [--config tallyd.toml]
+//! ```
+//!
+//! Settings come from, in order of precedence: command-line flags, `TALLYD_*` environment
+//! variables, the TOML file given by `--config` (or `TALLYD_CONFIG`), and defaults. Logs go
+//! to stderr through `tracing` (`RUST_LOG` or `--log` sets the level). SIGTERM and SIGINT
+//! shut down gracefully: no new connections, in-flight requests finish, the log closes,
+//! exit status 0.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use tally_engine::{Durability, Options, RecoveryMode};
+use tally_server::protocol::DEFAULT_PORT;
+use tally_server::server::{Config, Server};
+
+/// Tally's TCP protocol server.
+#[derive(Parser, Debug)]
+#[command(name = "tallyd", version, about)]
+struct Cli {
+    /// Data directory (created on first start).
+    #[arg(long, env = "TALLYD_DATA")]
+    data: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7878).
+    #[arg(long, env = "TALLYD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// A TOML configuration file (keys as in docs/OPERATIONS.md, "tallyd").
+    #[arg(long, env = "TALLYD_CONFIG")]
+    config: Option<PathBuf>,
+    /// When appends are acknowledged.
+    #[arg(long, env = "TALLYD_DURABILITY", value_enum)]
+    durability: Option<DurabilityArg>,
+    /// Most open connections.
+    #[arg(long, env = "TALLYD_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Log level filter for stderr (for example `info`, `tallyd=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum DurabilityArg {
+    Fsync,
+    Batched,
+    None,
+}
+
+/// The TOML file. Every key is optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    durability: Option<DurabilityArg>,
+    batched_delay_ms: Option<u64>,
+    segment_mib: Option<u64>,
+    max_connections: Option<usize>,
+    max_inflight: Option<u32>,
+    max_subscriptions: Option<u32>,
+    max_frame_bytes: Option<u32>,
+    max_append_events: Option<u32>,
+    handshake_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    checkpoint_every_records: Option<u64>,
+    checkpoint_interval_secs: Option<u64>,
+    signing_key: Option<PathBuf>,
+}
+
+fn config(cli: &Cli) -> anyhow::Result<Config> {
+    let file: FileConfig = match &cli.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let Some(data) = cli.data.clone().or(file.data) else {
+        bail!("no data directory: give --data DIR (or TALLYD_DATA, or `data` in the config file)");
+    };
+    let mut cfg = Config::new(data);
+    cfg.listen = cli
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)));
+    let ms = Duration::from_millis;
+    if let Some(v) = cli.max_connections.or(file.max_connections) {
+        cfg.connections_max = v;
+    }
+    if let Some(v) = file.max_inflight {
+        cfg.inflight_max = v;
+    }
+    if let Some(v) = file.max_subscriptions {
+        cfg.subscriptions_max = v;
+    }
+    if let Some(v) = file.max_frame_bytes {
+        cfg.frame_bytes_max = v;
+    }
+    if let Some(v) = file.max_append_events {
+        cfg.append_events_max = v;
+    }
+    if let Some(v) = file.handshake_timeout_ms {
+        cfg.handshake_timeout = ms(v);
+    }
+    if let Some(v) = file.idle_timeout_ms {
+        cfg.idle_timeout = ms(v);
+    }
+    if let Some(v) = file.shutdown_timeout_ms {
+        cfg.shutdown_timeout = ms(v);
+    }
+    let mut options = Options {
+        recovery: RecoveryMode::Strict,
+        ..Options::default()
+    };
+    options.durability = match cli.durability.or(file.durability) {
+        None | Some(DurabilityArg::Fsync) => Durability::Fsync,
+        Some(DurabilityArg::Batched) => Durability::Batched {
+            max_delay: ms(file.batched_delay_ms.unwrap_or(5).max(1)),
+        },
+        Some(DurabilityArg::None) => Durability::None,
+    };
+    if let Some(m) = file.segment_mib {
+        options.segment_bytes = m << 20;
+    }
+    if let Some(n) = file.checkpoint_every_records {
+        options.checkpoint_every_records = Some(n);
+    }
+    if let Some(s) = file.checkpoint_interval_secs {
+        options.checkpoint_interval = Some(Duration::from_secs(s));
+    }
+    options.signing_key = file.signing_key;
+    cfg.options = options;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tallyd: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let cfg = config(cli)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tallyd")
+        .max_blocking_threads(64)
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let server = Server::bind(cfg.clone()).await?;
+        let addr = server.local_addr()?;
+        tracing::info!(%addr, data = %cfg.data.display(), "listening");
+        server.run(shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

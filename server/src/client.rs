@@ -1,0 +1,898 @@
+//! An async client for `tallyd` (docs/PROTOCOL.md).
+//!
+//! One [`Client`] holds one connection, shared by every caller: requests are pipelined
+//! (each gets a request id, and responses are matched to callers in whatever order they
+//! arrive). [`Client::send`] returns without waiting, so a single task can keep many
+//! requests in flight.
+//!
+//! - Appends are idempotent across retries: events without ids get a v7 id before the
+//!   first attempt, and a lost connection is re-established and the same bytes sent
+//!   again; the server recognises a retry and returns the first result.
+//! - Errors are typed: [`ClientError::WrongExpectedVersion`] carries the stream's actual
+//!   version.
+//! - A [`Subscription`] grants the server credit as its events are consumed, and after a
+//!   lost connection resubscribes from the event after the last one it delivered.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tally_engine::{AppendResult, Direction, EventData, ExpectedVersion, StreamInfo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::protocol::{
+    self, AppendPart, ErrorCode, Event, FRAME_BYTES_MAX_DEFAULT, Filter, HelloOk, LENGTH_BYTES,
+    PROTOCOL_VERSION, ProofResponse, ProtocolError, Request, Response, ServerInfo, SubscribeFrom,
+    SubscribeTarget, WireError,
+};
+
+/// What a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Connecting or talking to the server failed.
+    #[error("connection to {addr} failed")]
+    Io {
+        /// The server's address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection closed before the response arrived. The request may or may not have
+    /// been executed (appends are retried safely; see [`ClientOptions::retries`]).
+    #[error("the connection closed before the response arrived{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Disconnected {
+        /// What the server said when it closed the connection, if anything.
+        reason: Option<WireError>,
+    },
+    /// The stream's version was not the expected one; nothing was written.
+    #[error("wrong expected version for stream {stream}: expected {expected:?}, actual {actual:?}")]
+    WrongExpectedVersion {
+        /// The stream.
+        stream: String,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's last version (`None`: no such stream).
+        actual: Option<u64>,
+    },
+    /// The server refused the request.
+    #[error("server error {code}{}: {message}", ErrorCode::from_u16(*code).map(|c| format!(" ({c:?})")).unwrap_or_default())]
+    Server {
+        /// The error code's number.
+        code: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// The server sent bytes this client cannot decode.
+    #[error("undecodable response")]
+    Protocol(#[from] ProtocolError),
+    /// The server answered with a response of the wrong kind.
+    #[error("unexpected response: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    /// The server's error code, for errors the server sent.
+    #[must_use]
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::WrongExpectedVersion { .. } => Some(ErrorCode::WrongExpectedVersion),
+            ClientError::Server { code, .. } => ErrorCode::from_u16(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the request might succeed on a new connection (the connection failed, or
+    /// the server was shutting down).
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Io { .. } | ClientError::Disconnected { .. }
+        ) || self.code() == Some(ErrorCode::ShuttingDown)
+    }
+
+    fn from_wire(e: WireError) -> ClientError {
+        if let Some((stream, expected, actual)) = e.wrong_version {
+            return ClientError::WrongExpectedVersion {
+                stream,
+                expected: protocol::expected_from_wire(expected),
+                actual,
+            };
+        }
+        ClientError::Server {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// How a client connects and retries.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Name sent in HELLO.
+    pub name: String,
+    /// Attempts after the first for appends and subscription resumes that failed because
+    /// the connection did.
+    pub retries: u32,
+    /// Wait before the first retry; doubled each time up to one second.
+    pub retry_delay: Duration,
+    /// Events a subscription lets the server send ahead of the consumer.
+    pub subscription_window: u32,
+    /// Time to connect and complete the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            name: concat!("tally-client/", env!("CARGO_PKG_VERSION")).into(),
+            retries: 20,
+            retry_delay: Duration::from_millis(50),
+            subscription_window: 2048,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+enum Waiter {
+    Once(oneshot::Sender<Result<Response, ClientError>>),
+    Stream(mpsc::UnboundedSender<Result<Response, ClientError>>),
+}
+
+struct Conn {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: parking_lot::Mutex<Option<HashMap<u32, Waiter>>>,
+    hello: HelloOk,
+    closed: AtomicBool,
+}
+
+impl Conn {
+    fn register(&self, id: u32, w: Waiter) -> Result<(), ClientError> {
+        match &mut *self.pending.lock() {
+            Some(map) => {
+                map.insert(id, w);
+                Ok(())
+            }
+            None => Err(ClientError::Disconnected { reason: None }),
+        }
+    }
+
+    fn fail_all(&self, reason: Option<WireError>) {
+        self.closed.store(true, Ordering::SeqCst);
+        let map = self.pending.lock().take();
+        for (_, w) in map.into_iter().flatten() {
+            let e = ClientError::Disconnected {
+                reason: reason.clone(),
+            };
+            match w {
+                Waiter::Once(t) => {
+                    let _ = t.send(Err(e));
+                }
+                Waiter::Stream(t) => {
+                    let _ = t.send(Err(e));
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, id: u32, resp: Response) {
+        let mut guard = self.pending.lock();
+        let Some(map) = guard.as_mut() else { return };
+        match map.get(&id) {
+            Some(Waiter::Once(_)) => {
+                if let Some(Waiter::Once(t)) = map.remove(&id) {
+                    let _ = t.send(Ok(resp));
+                }
+            }
+            Some(Waiter::Stream(t)) => {
+                let last = matches!(
+                    resp,
+                    Response::SubEnded(_) | Response::Error(_) | Response::Unsubscribed
+                );
+                let _ = t.send(Ok(resp));
+                if last {
+                    map.remove(&id);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// A response not yet received.
+#[derive(Debug)]
+pub struct PendingResponse {
+    rx: oneshot::Receiver<Result<Response, ClientError>>,
+}
+
+impl PendingResponse {
+    /// Waits for it.
+    ///
+    /// # Errors
+    /// [`ClientError::Disconnected`], or the server's error.
+    pub async fn wait(self) -> Result<Response, ClientError> {
+        match self.rx.await {
+            Ok(Ok(Response::Error(e))) => Err(ClientError::from_wire(e)),
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Disconnected { reason: None }),
+        }
+    }
+}
+
+/// A connection to a server, shareable between tasks (clone it).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: String,
+    opts: ClientOptions,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.inner.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`) with default options.
+    ///
+    /// # Errors
+    /// [`ClientError::Io`] or a refused handshake.
+    pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+        Client::connect_with(addr, ClientOptions::default()).await
+    }
+
+    /// Connects with `opts`.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_with(addr: &str, opts: ClientOptions) -> Result<Client, ClientError> {
+        let c = Client {
+            inner: Arc::new(Inner {
+                addr: addr.to_owned(),
+                opts,
+                conn: tokio::sync::Mutex::new(None),
+                next_id: AtomicU32::new(1),
+            }),
+        };
+        c.conn().await?;
+        Ok(c)
+    }
+
+    /// The server's handshake answer on the current connection.
+    ///
+    /// # Errors
+    /// As [`Client::connect`] if a new connection is needed.
+    pub async fn hello(&self) -> Result<HelloOk, ClientError> {
+        Ok(self.conn().await?.hello.clone())
+    }
+
+    async fn conn(&self) -> Result<Arc<Conn>, ClientError> {
+        let mut g = self.inner.conn.lock().await;
+        if let Some(c) = &*g
+            && !c.closed.load(Ordering::SeqCst)
+        {
+            return Ok(Arc::clone(c));
+        }
+        let c = tokio::time::timeout(self.inner.opts.connect_timeout, open(&self.inner))
+            .await
+            .map_err(|_| ClientError::Io {
+                addr: self.inner.addr.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })??;
+        *g = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    fn next_id(&self) -> u32 {
+        loop {
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Sends a request and returns at once; await the result with
+    /// [`PendingResponse::wait`]. This is how one task pipelines many requests.
+    ///
+    /// # Errors
+    /// [`ClientError::Io`] if a connection cannot be made.
+    pub async fn send(&self, req: &Request) -> Result<PendingResponse, ClientError> {
+        let conn = self.conn().await?;
+        let id = self.next_id();
+        let mut frame = Vec::with_capacity(128);
+        req.encode(id, &mut frame);
+        let (t, rx) = oneshot::channel();
+        conn.register(id, Waiter::Once(t))?;
+        if conn.tx.send(frame).is_err() {
+            conn.fail_all(None);
+        }
+        Ok(PendingResponse { rx })
+    }
+
+    /// Sends a request and waits for its response.
+    ///
+    /// # Errors
+    /// As [`PendingResponse::wait`].
+    pub async fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        self.send(req).await?.wait().await
+    }
+
+    /// Sends a request, retrying on a new connection while the failure is the
+    /// connection's.
+    async fn call_retrying(&self, req: &Request) -> Result<Response, ClientError> {
+        let mut delay = self.inner.opts.retry_delay;
+        let mut attempt = 0;
+        loop {
+            match self.call(req).await {
+                Err(e) if e.is_retryable() && attempt < self.inner.opts.retries => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "retrying on a new connection");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Appends `events` to `stream` if its version matches `expected`. Events without an
+    /// id are given one first, so that a retry after a lost connection cannot write them
+    /// twice.
+    ///
+    /// # Errors
+    /// [`ClientError::WrongExpectedVersion`], [`ClientError::Server`], connection errors
+    /// once the retries are spent.
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, ClientError> {
+        let req = Request::Append(AppendPart {
+            stream: stream.to_owned(),
+            expected,
+            events: with_ids(events),
+        });
+        match self.call_retrying(&req).await? {
+            Response::Appended(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Builds an append request with ids on every event, for [`Client::send`] (pipelined
+    /// appends) or for retrying by hand.
+    #[must_use]
+    pub fn append_request(
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Request {
+        Request::Append(AppendPart {
+            stream: stream.to_owned(),
+            expected,
+            events: with_ids(events),
+        })
+    }
+
+    /// Appends to several streams atomically, each with its own expectation.
+    ///
+    /// # Errors
+    /// As [`Client::append`].
+    pub async fn append_multi(
+        &self,
+        parts: Vec<(String, ExpectedVersion, Vec<EventData>)>,
+    ) -> Result<Vec<AppendResult>, ClientError> {
+        let req = Request::AppendMulti(
+            parts
+                .into_iter()
+                .map(|(stream, expected, events)| AppendPart {
+                    stream,
+                    expected,
+                    events: with_ids(events),
+                })
+                .collect(),
+        );
+        match self.call_retrying(&req).await? {
+            Response::AppendedMulti(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads up to `max` events of `stream` from `from_version` (`u64::MAX` backward: the
+    /// newest). Returns the events, where to continue, and whether the end was reached.
+    ///
+    /// # Errors
+    /// The server's error; connection errors.
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        max: u32,
+        direction: Direction,
+    ) -> Result<(Vec<Event>, u64, bool), ClientError> {
+        let req = Request::ReadStream {
+            stream: stream.to_owned(),
+            from_version,
+            max,
+            direction,
+        };
+        events_of(self.call_retrying(&req).await?)
+    }
+
+    /// Reads up to `max` events of the whole log from position `from` (`u64::MAX`
+    /// backward: the newest) that pass `filter`. Returns the events, where to continue,
+    /// and whether the end was reached.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn read_all(
+        &self,
+        from: u64,
+        max: u32,
+        direction: Direction,
+        filter: &Filter,
+    ) -> Result<(Vec<Event>, u64, bool), ClientError> {
+        let req = Request::ReadAll {
+            from,
+            max,
+            direction,
+            filter: filter.clone(),
+        };
+        events_of(self.call_retrying(&req).await?)
+    }
+
+    /// A stream's facts (`None`: no such stream).
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>, ClientError> {
+        match self
+            .call_retrying(&Request::StreamInfo {
+                stream: stream.to_owned(),
+            })
+            .await?
+        {
+            Response::StreamInfo(i) => Ok(i),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Server and log facts.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn server_info(&self) -> Result<ServerInfo, ClientError> {
+        match self.call_retrying(&Request::ServerInfo).await? {
+            Response::ServerInfo(i) => Ok(i),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Round trip.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        match self.call(&Request::Ping(b"tally".to_vec())).await? {
+            Response::Pong(b) if b == b"tally" => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Stores a named consumer's position durably (in the log).
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn store_checkpoint(&self, name: &str, position: u64) -> Result<(), ClientError> {
+        match self
+            .call_retrying(&Request::CheckpointStore {
+                name: name.to_owned(),
+                position,
+            })
+            .await?
+        {
+            Response::CheckpointStored => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A named consumer's stored position (`None`: never stored).
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn fetch_checkpoint(&self, name: &str) -> Result<Option<u64>, ClientError> {
+        match self
+            .call_retrying(&Request::CheckpointFetch {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Response::Checkpoint(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The latest signed checkpoint, as its 224-byte entry (FORMAT.md §17).
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn latest_checkpoint(
+        &self,
+    ) -> Result<Option<tally_engine::format::checkpoint::SignedCheckpoint>, ClientError> {
+        match self.call_retrying(&Request::LatestCheckpoint).await? {
+            Response::LatestCheckpoint(None) => Ok(None),
+            Response::LatestCheckpoint(Some(entry)) => {
+                tally_engine::format::checkpoint::SignedCheckpoint::decode_entry(&entry[..])
+                    .map(Some)
+                    .map_err(|e| {
+                        ClientError::Unexpected(format!("checkpoint does not decode: {e}"))
+                    })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// An inclusion proof of the record at `position` in the tree of `tree_size` records
+    /// (0: the latest checkpoint's size).
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn inclusion_proof(
+        &self,
+        position: u64,
+        tree_size: u64,
+    ) -> Result<ProofResponse, ClientError> {
+        match self
+            .call_retrying(&Request::InclusionProof {
+                position,
+                tree_size,
+            })
+            .await?
+        {
+            Response::InclusionProof(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Subscribes to the whole log (filtered) or one stream, from a position (or version)
+    /// or from now.
+    ///
+    /// # Errors
+    /// The server's refusal; connection errors.
+    pub async fn subscribe(
+        &self,
+        target: SubscribeTarget,
+        from: SubscribeFrom,
+    ) -> Result<Subscription, ClientError> {
+        let mut s = Subscription {
+            client: self.clone(),
+            target,
+            from,
+            rx: None,
+            id: 0,
+            buf: VecDeque::new(),
+            unacked: 0,
+            conn: None,
+        };
+        s.start().await?;
+        Ok(s)
+    }
+}
+
+fn with_ids(mut events: Vec<EventData>) -> Vec<EventData> {
+    for e in &mut events {
+        if e.event_id.is_none() {
+            e.event_id = Some(tally_engine::new_event_id());
+        }
+    }
+    events
+}
+
+fn unexpected(r: &Response) -> ClientError {
+    ClientError::Unexpected(format!("{r:?}"))
+}
+
+fn events_of(r: Response) -> Result<(Vec<Event>, u64, bool), ClientError> {
+    match r {
+        Response::Events { next, end, events } => Ok((events, next, end)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
+    let io = |source| ClientError::Io {
+        addr: inner.addr.clone(),
+        source,
+    };
+    let stream = TcpStream::connect(&inner.addr).await.map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut hello = Vec::new();
+    Request::Hello {
+        min_version: 1,
+        max_version: PROTOCOL_VERSION,
+        client: inner.opts.name.clone(),
+    }
+    .encode(0, &mut hello);
+    wr.write_all(&hello).await.map_err(io)?;
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let frame = read_frame(&mut rd, &mut buf, FRAME_BYTES_MAX_DEFAULT)
+        .await
+        .map_err(|e| match e {
+            FrameError::Io(e) => io(e),
+            FrameError::Protocol(p) => ClientError::Protocol(p),
+        })?
+        .ok_or(ClientError::Disconnected { reason: None })?;
+    let hello = match Response::decode(&frame)?.1 {
+        Response::Hello(h) => h,
+        Response::Error(e) => return Err(ClientError::from_wire(e)),
+        other => return Err(unexpected(&other)),
+    };
+    let (tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let conn = Arc::new(Conn {
+        tx,
+        pending: parking_lot::Mutex::new(Some(HashMap::new())),
+        hello,
+        closed: AtomicBool::new(false),
+    });
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(64 << 10);
+        while let Some(f) = out_rx.recv().await {
+            batch.extend_from_slice(&f);
+            while batch.len() < (256 << 10) {
+                match out_rx.try_recv() {
+                    Ok(f) => batch.extend_from_slice(&f),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&batch).await.is_err() {
+                break;
+            }
+            batch.clear();
+        }
+        let _ = wr.shutdown().await;
+    });
+    let reader_conn = Arc::clone(&conn);
+    let max = conn.hello.limits.frame_bytes_max;
+    tokio::spawn(async move {
+        let conn = reader_conn;
+        let mut reason = None;
+        while let Ok(Some(frame)) = read_frame(&mut rd, &mut buf, max).await {
+            match Response::decode(&frame) {
+                Ok((h, Response::Error(e))) if h.request_id == 0 => {
+                    // A connection-level error: the server closes the connection.
+                    reason = Some(e);
+                }
+                Ok((h, resp)) => conn.dispatch(h.request_id, resp),
+                Err(e) => {
+                    reason = Some(WireError::new(
+                        ErrorCode::MalformedRequest,
+                        format!("client could not decode a frame: {e}"),
+                    ));
+                    break;
+                }
+            }
+        }
+        conn.fail_all(reason);
+    });
+    Ok(conn)
+}
+
+enum FrameError {
+    Io(std::io::Error),
+    Protocol(ProtocolError),
+}
+
+async fn read_frame(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    max: u32,
+) -> Result<Option<bytes::Bytes>, FrameError> {
+    loop {
+        if buf.len() >= LENGTH_BYTES {
+            let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            protocol::check_frame_len(len, max.max(FRAME_BYTES_MAX_DEFAULT))
+                .map_err(FrameError::Protocol)?;
+            let total = LENGTH_BYTES + len as usize;
+            if buf.len() >= total {
+                buf.advance(LENGTH_BYTES);
+                return Ok(Some(buf.split_to(len as usize).freeze()));
+            }
+            buf.reserve(total - buf.len());
+        } else {
+            buf.reserve(64 << 10);
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => {
+                return Err(FrameError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a frame",
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+}
+
+/// What a subscription yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubscriptionItem {
+    /// The next event.
+    Event(Event),
+    /// Everything that existed has been delivered; from here on events are live. The
+    /// number is the next position (all) or version (stream).
+    CaughtUp(u64),
+}
+
+/// A subscription; see [`Client::subscribe`].
+pub struct Subscription {
+    client: Client,
+    target: SubscribeTarget,
+    /// Where the next event starts (updated as events are delivered).
+    from: SubscribeFrom,
+    rx: Option<mpsc::UnboundedReceiver<Result<Response, ClientError>>>,
+    id: u32,
+    buf: VecDeque<Event>,
+    unacked: u32,
+    conn: Option<Arc<Conn>>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("target", &self.target)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    async fn start(&mut self) -> Result<(), ClientError> {
+        let conn = self.client.conn().await?;
+        let id = self.client.next_id();
+        let window = self.client.inner.opts.subscription_window.max(2);
+        let mut frame = Vec::new();
+        Request::Subscribe {
+            target: self.target.clone(),
+            from: self.from,
+            credit: window,
+        }
+        .encode(id, &mut frame);
+        let (t, mut rx) = mpsc::unbounded_channel();
+        conn.register(id, Waiter::Stream(t))?;
+        if conn.tx.send(frame).is_err() {
+            conn.fail_all(None);
+        }
+        match rx.recv().await {
+            Some(Ok(Response::Subscribed { start })) => {
+                self.from = SubscribeFrom::At(start);
+            }
+            Some(Ok(Response::Error(e))) => return Err(ClientError::from_wire(e)),
+            Some(Ok(other)) => return Err(unexpected(&other)),
+            Some(Err(e)) => return Err(e),
+            None => return Err(ClientError::Disconnected { reason: None }),
+        }
+        self.rx = Some(rx);
+        self.id = id;
+        self.unacked = 0;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// The position (all) or version (stream) of the next event this subscription yields.
+    #[must_use]
+    pub fn next_from(&self) -> u64 {
+        match (self.buf.front(), self.from, &self.target) {
+            (Some(e), _, SubscribeTarget::All(_)) => e.position.0,
+            (Some(e), _, SubscribeTarget::Stream(_)) => e.version,
+            (None, SubscribeFrom::At(p), _) => p,
+            (None, SubscribeFrom::Now, _) => 0,
+        }
+    }
+
+    /// The next event (or the caught-up marker). After a lost connection it reconnects and
+    /// resumes after the last event it yielded, so nothing is skipped or repeated.
+    ///
+    /// # Errors
+    /// The server ended the subscription for a reason other than a shutdown, or the
+    /// retries to reconnect are spent.
+    pub async fn next(&mut self) -> Result<SubscriptionItem, ClientError> {
+        let mut attempt = 0;
+        let mut delay = self.client.inner.opts.retry_delay;
+        loop {
+            if let Some(e) = self.buf.pop_front() {
+                self.from = SubscribeFrom::At(match self.target {
+                    SubscribeTarget::All(_) => e.position.0 + 1,
+                    SubscribeTarget::Stream(_) => e.version + 1,
+                });
+                self.consumed();
+                return Ok(SubscriptionItem::Event(e));
+            }
+            let got = match &mut self.rx {
+                Some(rx) => rx.recv().await,
+                None => Some(Err(ClientError::Disconnected { reason: None })),
+            };
+            let err = match got {
+                Some(Ok(Response::SubEvents(events))) => {
+                    self.buf.extend(events);
+                    continue;
+                }
+                Some(Ok(Response::SubCaughtUp(p))) => return Ok(SubscriptionItem::CaughtUp(p)),
+                Some(Ok(Response::SubEnded(e) | Response::Error(e))) => ClientError::from_wire(e),
+                Some(Ok(other)) => return Err(unexpected(&other)),
+                Some(Err(e)) => e,
+                None => ClientError::Disconnected { reason: None },
+            };
+            if !err.is_retryable() || attempt >= self.client.inner.opts.retries {
+                return Err(err);
+            }
+            attempt += 1;
+            tracing::debug!(error = %err, attempt, "subscription resuming on a new connection");
+            self.rx = None;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+            match self.start().await {
+                Ok(()) => {}
+                Err(e) if e.is_retryable() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Grants more credit once half the window has been consumed.
+    fn consumed(&mut self) {
+        self.unacked += 1;
+        let window = self.client.inner.opts.subscription_window.max(2);
+        if self.unacked >= window / 2
+            && let Some(conn) = &self.conn
+        {
+            let mut frame = Vec::new();
+            Request::Credit {
+                subscription: self.id,
+                credit: self.unacked,
+            }
+            .encode(self.client.next_id(), &mut frame);
+            let _ = conn.tx.send(frame);
+            self.unacked = 0;
+        }
+    }
+
+    /// Ends the subscription; events already received are dropped.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn unsubscribe(mut self) -> Result<(), ClientError> {
+        let Some(conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let id = self.id;
+        let req = Request::Unsubscribe { subscription: id };
+        let rid = self.client.next_id();
+        let mut frame = Vec::new();
+        req.encode(rid, &mut frame);
+        let (t, rx) = oneshot::channel();
+        conn.register(rid, Waiter::Once(t))?;
+        let _ = conn.tx.send(frame);
+        match (PendingResponse { rx }).wait().await? {
+            Response::Unsubscribed => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}

@@ -1,0 +1,1978 @@
+//! The wire protocol: frames, requests, responses and error codes (docs/PROTOCOL.md).
+//!
+//! Pure encoding and decoding, with no I/O, shared by the server and the client. Every
+//! length read from the network is checked against the bytes actually received before it
+//! is used, and every count is checked against the smallest size its items can take before
+//! anything is allocated for it, so hostile bytes produce a [`ProtocolError`], never a
+//! panic or a large allocation.
+//!
+//! All integers are little-endian. Strings are a `u16` byte length followed by UTF-8.
+
+use bytes::Bytes;
+use tally_engine::format::envelope::EnvelopeRef;
+use tally_engine::{
+    AppendResult, ContentType, EventData, EventId, ExpectedVersion, Position, RecordedEvent,
+    StreamInfo, Timestamp,
+};
+
+/// The protocol version this build speaks (the only one so far).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The four bytes a HELLO request starts with.
+pub const MAGIC: [u8; 4] = *b"TALY";
+/// The TCP port `tallyd` listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7878;
+/// Bytes of the frame header after the length field: opcode, flags, request id.
+pub const FRAME_HEADER_BYTES: usize = 6;
+/// Bytes of the length field.
+pub const LENGTH_BYTES: usize = 4;
+/// The default largest frame (the length field's value), either way.
+pub const FRAME_BYTES_MAX_DEFAULT: u32 = 4 << 20;
+/// The smallest largest frame a server may announce: one event of the largest size fits.
+pub const FRAME_BYTES_MAX_FLOOR: u32 = 2 << 20;
+/// Events a single append (all parts of a multi-stream append together) may carry.
+pub const APPEND_EVENTS_MAX_DEFAULT: u32 = 10_000;
+/// Streams one multi-stream append may name.
+pub const APPEND_PARTS_MAX: u16 = 1_000;
+/// Event types one filter may name.
+pub const FILTER_TYPES_MAX: u16 = 64;
+/// Bytes a PING may carry.
+pub const PING_BYTES_MAX: usize = 1024;
+/// Wire value of [`ExpectedVersion::Any`].
+pub const EXPECT_ANY: u64 = u64::MAX;
+/// Wire value of [`ExpectedVersion::NoStream`].
+pub const EXPECT_NO_STREAM: u64 = u64::MAX - 1;
+/// Wire value of [`ExpectedVersion::StreamExists`].
+pub const EXPECT_STREAM_EXISTS: u64 = u64::MAX - 2;
+/// Streams whose name starts with this are the server's own (consumer checkpoints).
+pub const SYSTEM_STREAM_PREFIX: &str = "$";
+/// The stream a named consumer's checkpoints are stored in is this prefix and the name.
+pub const CONSUMER_STREAM_PREFIX: &str = "$consumer-";
+/// The event type of a stored consumer checkpoint.
+pub const CONSUMER_EVENT_TYPE: &str = "$ConsumerCheckpoint";
+/// Bytes of a signed checkpoint entry in a LATEST_CHECKPOINT response (FORMAT.md §17).
+pub const CHECKPOINT_ENTRY_BYTES: usize = tally_engine::format::checkpoint::ENTRY_LEN;
+
+/// Operation codes. A response's opcode is its request's with the high bit set; pushes
+/// and errors have their own.
+pub mod op {
+    /// Handshake.
+    pub const HELLO: u8 = 0x01;
+    /// Liveness check, echoes its payload.
+    pub const PING: u8 = 0x02;
+    /// Server and log facts.
+    pub const SERVER_INFO: u8 = 0x03;
+    /// Append to one stream.
+    pub const APPEND: u8 = 0x10;
+    /// Atomic append to several streams.
+    pub const APPEND_MULTI: u8 = 0x11;
+    /// Read one stream.
+    pub const READ_STREAM: u8 = 0x20;
+    /// Read the whole log, optionally filtered.
+    pub const READ_ALL: u8 = 0x21;
+    /// One stream's facts.
+    pub const STREAM_INFO: u8 = 0x22;
+    /// Start a subscription.
+    pub const SUBSCRIBE: u8 = 0x30;
+    /// Grant a subscription more events (no response).
+    pub const CREDIT: u8 = 0x31;
+    /// End a subscription.
+    pub const UNSUBSCRIBE: u8 = 0x32;
+    /// Store a named consumer's position.
+    pub const CHECKPOINT_STORE: u8 = 0x40;
+    /// Fetch a named consumer's position.
+    pub const CHECKPOINT_FETCH: u8 = 0x41;
+    /// The latest signed checkpoint.
+    pub const LATEST_CHECKPOINT: u8 = 0x50;
+    /// An inclusion proof for a position.
+    pub const INCLUSION_PROOF: u8 = 0x51;
+    /// Marks a response.
+    pub const RESPONSE_BIT: u8 = 0x80;
+    /// Push: events of a subscription.
+    pub const SUB_EVENTS: u8 = 0xE0;
+    /// Push: the subscription has delivered everything that existed and is now live.
+    pub const SUB_CAUGHT_UP: u8 = 0xE1;
+    /// Push: the server ended the subscription.
+    pub const SUB_ENDED: u8 = 0xE2;
+    /// An error response (or, with request id 0, a connection-level error).
+    pub const ERROR: u8 = 0xFF;
+}
+
+/// Stable numeric error codes. Published codes are never reused or renumbered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame's length is out of range; the connection is closed.
+    BadFrame = 1,
+    /// No protocol version in common; the connection is closed.
+    UnsupportedVersion = 2,
+    /// The first frame was not a HELLO; the connection is closed.
+    HandshakeRequired = 3,
+    /// The opcode is not a request this server knows.
+    UnknownOperation = 4,
+    /// The payload does not decode (truncated, trailing bytes, a bad enum value).
+    MalformedRequest = 5,
+    /// A string is not UTF-8.
+    InvalidUtf8 = 6,
+    /// A protocol limit was exceeded (frame size, events per append, filter size).
+    LimitExceeded = 7,
+    /// The server has as many connections as it accepts; the connection is closed.
+    TooManyConnections = 8,
+    /// The connection has as many subscriptions as the server allows.
+    TooManySubscriptions = 9,
+    /// No HELLO within the handshake timeout, or idle too long; the connection is closed.
+    Timeout = 10,
+    /// The server is shutting down; the request was not executed.
+    ShuttingDown = 11,
+    /// Clients may not append to streams starting with `$`.
+    ReservedStream = 12,
+    /// The subscription id names no subscription of this connection.
+    UnknownSubscription = 13,
+    /// The stream's version is not the expected one; nothing was written.
+    WrongExpectedVersion = 20,
+    /// An event breaks an envelope limit; nothing was written.
+    InvalidEvent = 21,
+    /// The append is malformed (empty, a stream twice, an event id twice).
+    InvalidAppend = 22,
+    /// The batch does not fit in one segment.
+    BatchTooLarge = 23,
+    /// Some but not all of the batch's event ids were written before.
+    PartialDuplicate = 24,
+    /// An event id was already written to another stream.
+    DuplicateEventId = 25,
+    /// The log refuses writes after a failed sync.
+    Poisoned = 30,
+    /// The log is read-only.
+    ReadOnly = 31,
+    /// Stored data is damaged.
+    Corrupt = 32,
+    /// A file-system error on the server.
+    Io = 33,
+    /// The proof asked for is not available (position or size out of range, no checkpoint).
+    ProofUnavailable = 34,
+    /// Anything else: a bug on the server.
+    Internal = 99,
+}
+
+impl ErrorCode {
+    /// Every code, for documentation and tests.
+    pub const ALL: [ErrorCode; 25] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::HandshakeRequired,
+        ErrorCode::UnknownOperation,
+        ErrorCode::MalformedRequest,
+        ErrorCode::InvalidUtf8,
+        ErrorCode::LimitExceeded,
+        ErrorCode::TooManyConnections,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::Timeout,
+        ErrorCode::ShuttingDown,
+        ErrorCode::ReservedStream,
+        ErrorCode::UnknownSubscription,
+        ErrorCode::WrongExpectedVersion,
+        ErrorCode::InvalidEvent,
+        ErrorCode::InvalidAppend,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::PartialDuplicate,
+        ErrorCode::DuplicateEventId,
+        ErrorCode::Poisoned,
+        ErrorCode::ReadOnly,
+        ErrorCode::Corrupt,
+        ErrorCode::Io,
+        ErrorCode::ProofUnavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code's number.
+    #[must_use]
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The code of a number, if it is one this build knows.
+    #[must_use]
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| c.as_u16() == v)
+    }
+}
+
+/// Why bytes from the network were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The payload ended inside a field.
+    #[error("truncated {what}: needs {need} more bytes, {left} left")]
+    Truncated {
+        /// The field.
+        what: &'static str,
+        /// Bytes it needs.
+        need: usize,
+        /// Bytes left in the frame.
+        left: usize,
+    },
+    /// Bytes were left after the last field.
+    #[error("{left} unexpected bytes after the {what} payload")]
+    Trailing {
+        /// The operation.
+        what: &'static str,
+        /// Bytes left over.
+        left: usize,
+    },
+    /// A string field is not UTF-8.
+    #[error("{what} is not valid UTF-8")]
+    InvalidUtf8 {
+        /// The field.
+        what: &'static str,
+    },
+    /// A field holds a value outside its range.
+    #[error("invalid {what}: {value}")]
+    InvalidValue {
+        /// The field.
+        what: &'static str,
+        /// The value received.
+        value: u64,
+    },
+    /// A count or length exceeds a protocol limit.
+    #[error("{what} of {value} exceeds the limit of {max}")]
+    Limit {
+        /// What was counted.
+        what: &'static str,
+        /// The count received.
+        value: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The opcode is unknown.
+    #[error("unknown opcode 0x{0:02x}")]
+    UnknownOpcode(u8),
+    /// The frame's length field is out of range.
+    #[error("frame length {len} outside {min}..={max}")]
+    FrameLength {
+        /// The length received.
+        len: u32,
+        /// Smallest allowed.
+        min: u32,
+        /// Largest allowed.
+        max: u32,
+    },
+}
+
+impl ProtocolError {
+    /// The error code a server answers this with.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::InvalidUtf8 { .. } => ErrorCode::InvalidUtf8,
+            ProtocolError::Limit { .. } => ErrorCode::LimitExceeded,
+            ProtocolError::UnknownOpcode(_) => ErrorCode::UnknownOperation,
+            ProtocolError::FrameLength { .. } => ErrorCode::BadFrame,
+            _ => ErrorCode::MalformedRequest,
+        }
+    }
+}
+
+/// The six bytes after a frame's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// What the frame is.
+    pub opcode: u8,
+    /// Reserved, zero.
+    pub flags: u8,
+    /// The request this frame is or answers (a subscription's pushes carry the id of its
+    /// SUBSCRIBE request).
+    pub request_id: u32,
+}
+
+/// Checks a frame's length field against the limits: at least the header, at most `max`.
+///
+/// # Errors
+/// [`ProtocolError::FrameLength`].
+pub fn check_frame_len(len: u32, max: u32) -> Result<(), ProtocolError> {
+    let min = FRAME_HEADER_BYTES as u32;
+    if len < min || len > max {
+        return Err(ProtocolError::FrameLength { len, min, max });
+    }
+    Ok(())
+}
+
+/// Splits a frame body (the bytes after the length field) into its header and payload.
+///
+/// # Errors
+/// [`ProtocolError::Truncated`] if it is shorter than the header.
+pub fn split_frame(body: &[u8]) -> Result<(FrameHeader, &[u8]), ProtocolError> {
+    let mut r = Reader::new(body);
+    let opcode = r.u8("opcode")?;
+    let flags = r.u8("flags")?;
+    let request_id = r.u32("request id")?;
+    Ok((
+        FrameHeader {
+            opcode,
+            flags,
+            request_id,
+        },
+        r.rest(),
+    ))
+}
+
+/// Starts a frame in `out`: a length placeholder and the header. Finish it with
+/// [`finish_frame`] after writing the payload.
+pub fn start_frame(out: &mut Vec<u8>, opcode: u8, request_id: u32) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; LENGTH_BYTES]);
+    out.push(opcode);
+    out.push(0);
+    out.extend_from_slice(&request_id.to_le_bytes());
+    start
+}
+
+/// Writes the length of the frame that starts at `start` (everything to the end of `out`).
+///
+/// # Panics
+/// If the frame is longer than `u32::MAX` bytes (callers bound frames far below that).
+pub fn finish_frame(out: &mut [u8], start: usize) {
+    let len = u32::try_from(out.len() - start - LENGTH_BYTES).expect("frame fits in u32");
+    out[start..start + LENGTH_BYTES].copy_from_slice(&len.to_le_bytes());
+}
+
+/// A cursor over untrusted bytes.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `b`.
+    #[must_use]
+    pub fn new(b: &'a [u8]) -> Reader<'a> {
+        Reader { b }
+    }
+
+    /// Bytes left.
+    #[must_use]
+    pub fn left(&self) -> usize {
+        self.b.len()
+    }
+
+    /// Everything left.
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.b)
+    }
+
+    /// The next `n` bytes.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`].
+    pub fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+        if n > self.b.len() {
+            return Err(ProtocolError::Truncated {
+                what,
+                need: n,
+                left: self.b.len(),
+            });
+        }
+        let (head, tail) = self.b.split_at(n);
+        self.b = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+
+    /// A byte.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`].
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    /// A little-endian `u16`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`].
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+
+    /// A little-endian `u32`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`].
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    /// A little-endian `u64`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`].
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A string: `u16` length and UTF-8.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`], [`ProtocolError::InvalidUtf8`].
+    pub fn str(&mut self, what: &'static str) -> Result<&'a str, ProtocolError> {
+        let n = self.u16(what)? as usize;
+        std::str::from_utf8(self.take(n, what)?).map_err(|_| ProtocolError::InvalidUtf8 { what })
+    }
+
+    /// Length-prefixed (`u32`) bytes.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Truncated`].
+    pub fn bytes32(&mut self, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+        let n = self.u32(what)? as usize;
+        self.take(n, what)
+    }
+
+    /// A count whose items take at least `item_min` bytes each, checked against the bytes
+    /// left and against `max` before anyone allocates for it.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Limit`], [`ProtocolError::Truncated`].
+    pub fn count(
+        &mut self,
+        n: u64,
+        item_min: usize,
+        max: u64,
+        what: &'static str,
+    ) -> Result<usize, ProtocolError> {
+        if n > max {
+            return Err(ProtocolError::Limit {
+                what,
+                value: n,
+                max,
+            });
+        }
+        let need = (n as usize).saturating_mul(item_min);
+        if need > self.b.len() {
+            return Err(ProtocolError::Truncated {
+                what,
+                need,
+                left: self.b.len(),
+            });
+        }
+        Ok(n as usize)
+    }
+
+    /// Checks that nothing is left.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Trailing`].
+    pub fn end(&self, what: &'static str) -> Result<(), ProtocolError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Trailing {
+                what,
+                left: self.b.len(),
+            })
+        }
+    }
+}
+
+/// Appends a string field.
+///
+/// # Panics
+/// If `s` is longer than `u16::MAX` bytes (every string field's limit is far below).
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
+    let n = u16::try_from(s.len()).expect("string fields are shorter than 64 KiB");
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends `u32`-length-prefixed bytes.
+///
+/// # Panics
+/// If `b` is 4 GiB or longer.
+pub fn put_bytes32(out: &mut Vec<u8>, b: &[u8]) {
+    let n = u32::try_from(b.len()).expect("payloads are shorter than 4 GiB");
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// The wire value of an expectation.
+#[must_use]
+pub fn expected_to_wire(e: ExpectedVersion) -> u64 {
+    match e {
+        ExpectedVersion::Any => EXPECT_ANY,
+        ExpectedVersion::NoStream => EXPECT_NO_STREAM,
+        ExpectedVersion::StreamExists => EXPECT_STREAM_EXISTS,
+        ExpectedVersion::Exact(v) => {
+            assert!(v < EXPECT_STREAM_EXISTS, "version {v} is out of range");
+            v
+        }
+    }
+}
+
+/// The expectation of a wire value.
+#[must_use]
+pub fn expected_from_wire(v: u64) -> ExpectedVersion {
+    match v {
+        EXPECT_ANY => ExpectedVersion::Any,
+        EXPECT_NO_STREAM => ExpectedVersion::NoStream,
+        EXPECT_STREAM_EXISTS => ExpectedVersion::StreamExists,
+        v => ExpectedVersion::Exact(v),
+    }
+}
+
+/// Which way a read goes.
+fn direction_from_wire(v: u8) -> Result<tally_engine::Direction, ProtocolError> {
+    match v {
+        0 => Ok(tally_engine::Direction::Forward),
+        1 => Ok(tally_engine::Direction::Backward),
+        v => Err(ProtocolError::InvalidValue {
+            what: "direction",
+            value: u64::from(v),
+        }),
+    }
+}
+
+fn direction_to_wire(d: tally_engine::Direction) -> u8 {
+    match d {
+        tally_engine::Direction::Forward => 0,
+        tally_engine::Direction::Backward => 1,
+    }
+}
+
+fn content_type_from_wire(v: u8) -> Result<ContentType, ProtocolError> {
+    match v {
+        0 => Ok(ContentType::Binary),
+        1 => Ok(ContentType::Json),
+        v => Err(ProtocolError::InvalidValue {
+            what: "content type",
+            value: u64::from(v),
+        }),
+    }
+}
+
+fn content_type_to_wire(c: ContentType) -> u8 {
+    match c {
+        ContentType::Binary => 0,
+        ContentType::Json => 1,
+    }
+}
+
+/// Smallest encoded event of an append: id, four empty strings' lengths, schema version,
+/// content type, event time, payload length (and a non-empty type).
+const EVENT_DATA_BYTES_MIN: usize = 16 + 2 + 4 + 2 + 1 + 2 + 2 + 2 + 8 + 4;
+
+/// Appends one event of an append request.
+pub fn put_event_data(out: &mut Vec<u8>, e: &EventData) {
+    out.extend_from_slice(&e.event_id.map_or([0; 16], |id| id.0));
+    put_str(out, &e.event_type);
+    put_u32(out, e.schema_version);
+    put_str(out, &e.aggregate_type);
+    out.push(content_type_to_wire(e.content_type));
+    put_str(out, &e.correlation_id);
+    put_str(out, &e.causation_id);
+    put_str(out, &e.actor);
+    put_u64(out, e.event_time.map_or(0, Timestamp::as_nanos));
+    put_bytes32(out, &e.payload);
+}
+
+fn event_data(r: &mut Reader<'_>) -> Result<EventData, ProtocolError> {
+    let id: [u8; 16] = r.array("event id")?;
+    let event_type = r.str("event type")?.to_owned();
+    let schema_version = r.u32("schema version")?;
+    let aggregate_type = r.str("aggregate type")?.to_owned();
+    let content_type = content_type_from_wire(r.u8("content type")?)?;
+    let correlation_id = r.str("correlation id")?.to_owned();
+    let causation_id = r.str("causation id")?.to_owned();
+    let actor = r.str("actor")?.to_owned();
+    let event_time = r.u64("event time")?;
+    let payload = r.bytes32("payload")?.to_vec();
+    Ok(EventData {
+        event_id: (id != [0; 16]).then_some(EventId(id)),
+        event_type,
+        schema_version,
+        aggregate_type,
+        content_type,
+        payload,
+        correlation_id,
+        causation_id,
+        actor,
+        event_time: (event_time != 0).then_some(Timestamp(event_time)),
+    })
+}
+
+/// A filter of a read of the whole log or a subscription to it: both parts must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only streams starting with this (empty: all).
+    pub stream_prefix: String,
+    /// Only these event types (empty: all).
+    pub event_types: Vec<String>,
+}
+
+impl Filter {
+    /// Whether the filter lets everything through.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.stream_prefix.is_empty() && self.event_types.is_empty()
+    }
+
+    /// Whether an event of `stream` and `event_type` passes.
+    #[must_use]
+    pub fn matches(&self, stream: &str, event_type: &str) -> bool {
+        stream.starts_with(self.stream_prefix.as_str())
+            && (self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type))
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        put_str(out, &self.stream_prefix);
+        put_u16(out, self.event_types.len() as u16);
+        for t in &self.event_types {
+            put_str(out, t);
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Filter, ProtocolError> {
+        let stream_prefix = r.str("stream prefix")?.to_owned();
+        let n = r.u16("event type count")?;
+        let n = r.count(u64::from(n), 2, u64::from(FILTER_TYPES_MAX), "event types")?;
+        let mut event_types = Vec::with_capacity(n);
+        for _ in 0..n {
+            event_types.push(r.str("event type")?.to_owned());
+        }
+        Ok(Filter {
+            stream_prefix,
+            event_types,
+        })
+    }
+}
+
+/// One stream's part of an append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendPart {
+    /// The stream.
+    pub stream: String,
+    /// Its expected version.
+    pub expected: ExpectedVersion,
+    /// The events.
+    pub events: Vec<EventData>,
+}
+
+/// What a subscription follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubscribeTarget {
+    /// The whole log, filtered.
+    All(Filter),
+    /// One stream.
+    Stream(String),
+}
+
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscribeFrom {
+    /// At this position (all) or version (stream), inclusive.
+    At(u64),
+    /// After everything that exists when the server receives the request.
+    Now,
+}
+
+/// A request, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Handshake: the range of versions the client speaks.
+    Hello {
+        /// Oldest version.
+        min_version: u16,
+        /// Newest version.
+        max_version: u16,
+        /// Free text naming the client, for the server's logs.
+        client: String,
+    },
+    /// Liveness check.
+    Ping(Vec<u8>),
+    /// Server and log facts.
+    ServerInfo,
+    /// Append to one stream.
+    Append(AppendPart),
+    /// Atomic append to several streams.
+    AppendMulti(Vec<AppendPart>),
+    /// Read one stream.
+    ReadStream {
+        /// The stream.
+        stream: String,
+        /// First version (`u64::MAX` backward: the newest).
+        from_version: u64,
+        /// Most events to return.
+        max: u32,
+        /// Direction.
+        direction: tally_engine::Direction,
+    },
+    /// Read the whole log.
+    ReadAll {
+        /// First position (`u64::MAX` backward: the newest).
+        from: u64,
+        /// Most events to return.
+        max: u32,
+        /// Direction.
+        direction: tally_engine::Direction,
+        /// Filter.
+        filter: Filter,
+    },
+    /// One stream's facts.
+    StreamInfo {
+        /// The stream.
+        stream: String,
+    },
+    /// Start a subscription; its id is this request's id.
+    Subscribe {
+        /// What to follow.
+        target: SubscribeTarget,
+        /// Where to start.
+        from: SubscribeFrom,
+        /// Events the server may push before it receives a CREDIT.
+        credit: u32,
+    },
+    /// Grant a subscription more events.
+    Credit {
+        /// The subscription (its SUBSCRIBE's request id).
+        subscription: u32,
+        /// Events to add.
+        credit: u32,
+    },
+    /// End a subscription.
+    Unsubscribe {
+        /// The subscription.
+        subscription: u32,
+    },
+    /// Store a named consumer's position.
+    CheckpointStore {
+        /// The consumer's name.
+        name: String,
+        /// The position to store.
+        position: u64,
+    },
+    /// Fetch a named consumer's position.
+    CheckpointFetch {
+        /// The consumer's name.
+        name: String,
+    },
+    /// The latest signed checkpoint.
+    LatestCheckpoint,
+    /// An inclusion proof.
+    InclusionProof {
+        /// The record's position.
+        position: u64,
+        /// The tree size (0: the latest checkpoint's).
+        tree_size: u64,
+    },
+}
+
+impl Request {
+    /// The request's opcode.
+    #[must_use]
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Request::Hello { .. } => op::HELLO,
+            Request::Ping(_) => op::PING,
+            Request::ServerInfo => op::SERVER_INFO,
+            Request::Append(_) => op::APPEND,
+            Request::AppendMulti(_) => op::APPEND_MULTI,
+            Request::ReadStream { .. } => op::READ_STREAM,
+            Request::ReadAll { .. } => op::READ_ALL,
+            Request::StreamInfo { .. } => op::STREAM_INFO,
+            Request::Subscribe { .. } => op::SUBSCRIBE,
+            Request::Credit { .. } => op::CREDIT,
+            Request::Unsubscribe { .. } => op::UNSUBSCRIBE,
+            Request::CheckpointStore { .. } => op::CHECKPOINT_STORE,
+            Request::CheckpointFetch { .. } => op::CHECKPOINT_FETCH,
+            Request::LatestCheckpoint => op::LATEST_CHECKPOINT,
+            Request::InclusionProof { .. } => op::INCLUSION_PROOF,
+        }
+    }
+
+    /// Appends the request as one frame.
+    pub fn encode(&self, request_id: u32, out: &mut Vec<u8>) {
+        let start = start_frame(out, self.opcode(), request_id);
+        match self {
+            Request::Hello {
+                min_version,
+                max_version,
+                client,
+            } => {
+                out.extend_from_slice(&MAGIC);
+                put_u16(out, *min_version);
+                put_u16(out, *max_version);
+                put_str(out, client);
+            }
+            Request::Ping(b) => out.extend_from_slice(b),
+            Request::ServerInfo | Request::LatestCheckpoint => {}
+            Request::Append(p) => put_part(out, &p.stream, p.expected, &p.events),
+            Request::AppendMulti(parts) => {
+                put_u16(out, parts.len() as u16);
+                for p in parts {
+                    put_part(out, &p.stream, p.expected, &p.events);
+                }
+            }
+            Request::ReadStream {
+                stream,
+                from_version,
+                max,
+                direction,
+            } => {
+                put_str(out, stream);
+                put_u64(out, *from_version);
+                put_u32(out, *max);
+                out.push(direction_to_wire(*direction));
+            }
+            Request::ReadAll {
+                from,
+                max,
+                direction,
+                filter,
+            } => {
+                put_u64(out, *from);
+                put_u32(out, *max);
+                out.push(direction_to_wire(*direction));
+                filter.put(out);
+            }
+            Request::StreamInfo { stream } => put_str(out, stream),
+            Request::Subscribe {
+                target,
+                from,
+                credit,
+            } => {
+                match target {
+                    SubscribeTarget::All(f) => {
+                        out.push(0);
+                        f.put(out);
+                    }
+                    SubscribeTarget::Stream(s) => {
+                        out.push(1);
+                        put_str(out, s);
+                    }
+                }
+                match from {
+                    SubscribeFrom::At(p) => {
+                        out.push(0);
+                        put_u64(out, *p);
+                    }
+                    SubscribeFrom::Now => {
+                        out.push(1);
+                        put_u64(out, 0);
+                    }
+                }
+                put_u32(out, *credit);
+            }
+            Request::Credit {
+                subscription,
+                credit,
+            } => {
+                put_u32(out, *subscription);
+                put_u32(out, *credit);
+            }
+            Request::Unsubscribe { subscription } => put_u32(out, *subscription),
+            Request::CheckpointStore { name, position } => {
+                put_str(out, name);
+                put_u64(out, *position);
+            }
+            Request::CheckpointFetch { name } => put_str(out, name),
+            Request::InclusionProof {
+                position,
+                tree_size,
+            } => {
+                put_u64(out, *position);
+                put_u64(out, *tree_size);
+            }
+        }
+        finish_frame(out, start);
+    }
+
+    /// Decodes a request's payload, given its opcode.
+    ///
+    /// # Errors
+    /// [`ProtocolError`] naming the first thing wrong.
+    pub fn decode(
+        opcode: u8,
+        payload: &[u8],
+        append_events_max: u32,
+    ) -> Result<Request, ProtocolError> {
+        let mut r = Reader::new(payload);
+        let req = match opcode {
+            op::HELLO => {
+                let magic: [u8; 4] = r.array("magic")?;
+                if magic != MAGIC {
+                    return Err(ProtocolError::InvalidValue {
+                        what: "magic",
+                        value: u64::from(u32::from_le_bytes(magic)),
+                    });
+                }
+                Request::Hello {
+                    min_version: r.u16("min version")?,
+                    max_version: r.u16("max version")?,
+                    client: r.str("client name")?.to_owned(),
+                }
+            }
+            op::PING => {
+                let b = r.rest();
+                if b.len() > PING_BYTES_MAX {
+                    return Err(ProtocolError::Limit {
+                        what: "ping payload",
+                        value: b.len() as u64,
+                        max: PING_BYTES_MAX as u64,
+                    });
+                }
+                Request::Ping(b.to_vec())
+            }
+            op::SERVER_INFO => Request::ServerInfo,
+            op::APPEND => {
+                let mut budget = append_events_max;
+                Request::Append(read_part(&mut r, &mut budget)?)
+            }
+            op::APPEND_MULTI => {
+                let n = r.u16("part count")?;
+                let n = r.count(
+                    u64::from(n),
+                    2 + 8 + 4,
+                    u64::from(APPEND_PARTS_MAX),
+                    "parts",
+                )?;
+                let mut budget = append_events_max;
+                let mut parts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    parts.push(read_part(&mut r, &mut budget)?);
+                }
+                Request::AppendMulti(parts)
+            }
+            op::READ_STREAM => Request::ReadStream {
+                stream: r.str("stream")?.to_owned(),
+                from_version: r.u64("from version")?,
+                max: r.u32("max")?,
+                direction: direction_from_wire(r.u8("direction")?)?,
+            },
+            op::READ_ALL => Request::ReadAll {
+                from: r.u64("from position")?,
+                max: r.u32("max")?,
+                direction: direction_from_wire(r.u8("direction")?)?,
+                filter: Filter::read(&mut r)?,
+            },
+            op::STREAM_INFO => Request::StreamInfo {
+                stream: r.str("stream")?.to_owned(),
+            },
+            op::SUBSCRIBE => {
+                let target = match r.u8("target")? {
+                    0 => SubscribeTarget::All(Filter::read(&mut r)?),
+                    1 => SubscribeTarget::Stream(r.str("stream")?.to_owned()),
+                    v => {
+                        return Err(ProtocolError::InvalidValue {
+                            what: "subscription target",
+                            value: u64::from(v),
+                        });
+                    }
+                };
+                let kind = r.u8("from kind")?;
+                let at = r.u64("from")?;
+                let from = match kind {
+                    0 => SubscribeFrom::At(at),
+                    1 => SubscribeFrom::Now,
+                    v => {
+                        return Err(ProtocolError::InvalidValue {
+                            what: "from kind",
+                            value: u64::from(v),
+                        });
+                    }
+                };
+                Request::Subscribe {
+                    target,
+                    from,
+                    credit: r.u32("credit")?,
+                }
+            }
+            op::CREDIT => Request::Credit {
+                subscription: r.u32("subscription")?,
+                credit: r.u32("credit")?,
+            },
+            op::UNSUBSCRIBE => Request::Unsubscribe {
+                subscription: r.u32("subscription")?,
+            },
+            op::CHECKPOINT_STORE => Request::CheckpointStore {
+                name: r.str("consumer name")?.to_owned(),
+                position: r.u64("position")?,
+            },
+            op::CHECKPOINT_FETCH => Request::CheckpointFetch {
+                name: r.str("consumer name")?.to_owned(),
+            },
+            op::LATEST_CHECKPOINT => Request::LatestCheckpoint,
+            op::INCLUSION_PROOF => Request::InclusionProof {
+                position: r.u64("position")?,
+                tree_size: r.u64("tree size")?,
+            },
+            other => return Err(ProtocolError::UnknownOpcode(other)),
+        };
+        r.end("request")?;
+        Ok(req)
+    }
+}
+
+fn put_part(out: &mut Vec<u8>, stream: &str, expected: ExpectedVersion, events: &[EventData]) {
+    put_str(out, stream);
+    put_u64(out, expected_to_wire(expected));
+    put_u32(out, events.len() as u32);
+    for e in events {
+        put_event_data(out, e);
+    }
+}
+
+fn read_part(r: &mut Reader<'_>, budget: &mut u32) -> Result<AppendPart, ProtocolError> {
+    let stream = r.str("stream")?.to_owned();
+    let expected = expected_from_wire(r.u64("expected version")?);
+    let n = r.u32("event count")?;
+    let n = r.count(
+        u64::from(n),
+        EVENT_DATA_BYTES_MIN,
+        u64::from(*budget),
+        "events per append",
+    )?;
+    *budget -= n as u32;
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        events.push(event_data(r)?);
+    }
+    Ok(AppendPart {
+        stream,
+        expected,
+        events,
+    })
+}
+
+/// Bytes of an event's fixed fields on the wire (before its strings and payload).
+pub const EVENT_FIXED_BYTES: usize = 8 + 8 + 16 + 4 + 1 + 8 + 8;
+/// Smallest encoded event: fixed fields, six string lengths, the payload length.
+pub const EVENT_BYTES_MIN: usize = EVENT_FIXED_BYTES + 6 * 2 + 4;
+
+/// Bytes an event takes on the wire.
+#[must_use]
+pub fn event_wire_len(env: &EnvelopeRef<'_>) -> usize {
+    EVENT_BYTES_MIN
+        + env.stream.len()
+        + env.aggregate_type.len()
+        + env.event_type.len()
+        + env.correlation_id.len()
+        + env.causation_id.len()
+        + env.actor.len()
+        + env.payload.len()
+}
+
+/// Appends a stored event, from its decoded envelope.
+pub fn put_event(
+    out: &mut Vec<u8>,
+    position: Position,
+    version: u64,
+    record_time: Timestamp,
+    env: &EnvelopeRef<'_>,
+) {
+    put_u64(out, position.0);
+    put_u64(out, version);
+    out.extend_from_slice(&env.event_id.0);
+    put_u32(out, env.schema_version);
+    out.push(content_type_to_wire(env.content_type));
+    put_u64(out, env.event_time.as_nanos());
+    put_u64(out, record_time.as_nanos());
+    put_str(out, env.stream);
+    put_str(out, env.aggregate_type);
+    put_str(out, env.event_type);
+    put_str(out, env.correlation_id);
+    put_str(out, env.causation_id);
+    put_str(out, env.actor);
+    put_bytes32(out, env.payload);
+}
+
+/// Appends a stored event read through the engine's owned type.
+pub fn put_recorded(out: &mut Vec<u8>, e: &RecordedEvent) {
+    let env = EnvelopeRef {
+        event_id: e.event_id,
+        event_time: e.event_time,
+        schema_version: e.schema_version,
+        content_type: e.content_type,
+        stream: e.stream(),
+        aggregate_type: e.aggregate_type(),
+        event_type: e.event_type(),
+        correlation_id: e.correlation_id(),
+        causation_id: e.causation_id(),
+        actor: e.actor(),
+        payload: e.payload(),
+    };
+    put_event(out, e.position, e.version, e.record_time, &env);
+}
+
+/// A stored event as received: its fixed fields decoded, its strings and payload kept in
+/// the frame's buffer (one reference count, no copy) and checked as UTF-8 once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Position in the log.
+    pub position: Position,
+    /// Version in its stream.
+    pub version: u64,
+    /// Event id.
+    pub event_id: EventId,
+    /// Schema version.
+    pub schema_version: u32,
+    /// Content type of the payload.
+    pub content_type: ContentType,
+    /// Business time.
+    pub event_time: Timestamp,
+    /// When the server's log wrote it.
+    pub record_time: Timestamp,
+    buf: Bytes,
+    /// Start and end of each of the six strings and the payload in `buf`.
+    spans: [[u32; 2]; 7],
+}
+
+impl Event {
+    fn field(&self, i: usize) -> &[u8] {
+        &self.buf[self.spans[i][0] as usize..self.spans[i][1] as usize]
+    }
+
+    fn text(&self, i: usize) -> &str {
+        // Checked as UTF-8 when decoded.
+        std::str::from_utf8(self.field(i)).unwrap_or_default()
+    }
+
+    /// The stream.
+    #[must_use]
+    pub fn stream(&self) -> &str {
+        self.text(0)
+    }
+
+    /// The aggregate type.
+    #[must_use]
+    pub fn aggregate_type(&self) -> &str {
+        self.text(1)
+    }
+
+    /// The event type.
+    #[must_use]
+    pub fn event_type(&self) -> &str {
+        self.text(2)
+    }
+
+    /// Correlation id.
+    #[must_use]
+    pub fn correlation_id(&self) -> &str {
+        self.text(3)
+    }
+
+    /// Causation id.
+    #[must_use]
+    pub fn causation_id(&self) -> &str {
+        self.text(4)
+    }
+
+    /// Actor.
+    #[must_use]
+    pub fn actor(&self) -> &str {
+        self.text(5)
+    }
+
+    /// Payload.
+    #[must_use]
+    pub fn payload(&self) -> &[u8] {
+        self.field(6)
+    }
+
+    /// Decodes one event at the reader's position; the reader reads from inside `frame`.
+    fn read(r: &mut Reader<'_>, frame: &Bytes) -> Result<Event, ProtocolError> {
+        let position = Position(r.u64("position")?);
+        let version = r.u64("version")?;
+        let event_id = EventId(r.array("event id")?);
+        let schema_version = r.u32("schema version")?;
+        let content_type = content_type_from_wire(r.u8("content type")?)?;
+        let event_time = Timestamp(r.u64("event time")?);
+        let record_time = Timestamp(r.u64("record time")?);
+        let mut spans = [[0u32; 2]; 7];
+        let names = [
+            "stream",
+            "aggregate type",
+            "event type",
+            "correlation id",
+            "causation id",
+            "actor",
+        ];
+        let frame_start = frame.as_ptr() as usize;
+        for (i, what) in names.iter().enumerate() {
+            let s = r.str(what)?;
+            let at = (s.as_ptr() as usize - frame_start) as u32;
+            spans[i] = [at, at + s.len() as u32];
+        }
+        let p = r.bytes32("payload")?;
+        let at = (p.as_ptr() as usize - frame_start) as u32;
+        spans[6] = [at, at + p.len() as u32];
+        Ok(Event {
+            position,
+            version,
+            event_id,
+            schema_version,
+            content_type,
+            event_time,
+            record_time,
+            buf: frame.clone(),
+            spans,
+        })
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Event")
+            .field("position", &self.position)
+            .field("stream", &self.stream())
+            .field("version", &self.version)
+            .field("event_type", &self.event_type())
+            .field("payload_len", &self.payload().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Limits a server announces in its HELLO response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame, either way (the length field's value).
+    pub frame_bytes_max: u32,
+    /// Events per append.
+    pub append_events_max: u32,
+    /// Requests one connection may have unanswered; more are not read until some are
+    /// answered.
+    pub inflight_max: u32,
+    /// Subscriptions per connection.
+    pub subscriptions_max: u32,
+}
+
+/// The server's answer to HELLO.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloOk {
+    /// The version chosen.
+    pub version: u16,
+    /// The server's name and version.
+    pub server: String,
+    /// The log's id.
+    pub log_id: [u8; 16],
+    /// The log's next position.
+    pub next_position: u64,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// Server and log facts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// The server's name and version.
+    pub server: String,
+    /// Protocol version of this connection.
+    pub protocol_version: u16,
+    /// The log's id.
+    pub log_id: [u8; 16],
+    /// The log's next position.
+    pub next_position: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Open connections.
+    pub connections: u32,
+    /// Milliseconds since the server started.
+    pub uptime_ms: u64,
+    /// 0 fsync, 1 batched, 2 none.
+    pub durability: u8,
+    /// Signed checkpoints in the log.
+    pub checkpoints: u64,
+}
+
+/// An error response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireError {
+    /// The code's number (kept raw: a newer server may send codes this build does not know).
+    pub code: u16,
+    /// What went wrong, in words.
+    pub message: String,
+    /// For [`ErrorCode::WrongExpectedVersion`]: the stream, the expectation (wire value)
+    /// and the stream's actual last version (`None`: no stream).
+    pub wrong_version: Option<(String, u64, Option<u64>)>,
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code() {
+            Some(c) => write!(f, "{c:?} ({}): {}", self.code, self.message),
+            None => write!(f, "error {}: {}", self.code, self.message),
+        }
+    }
+}
+
+impl WireError {
+    /// An error without details.
+    #[must_use]
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
+        WireError {
+            code: code.as_u16(),
+            message: message.into(),
+            wrong_version: None,
+        }
+    }
+
+    /// The code, if this build knows it.
+    #[must_use]
+    pub fn code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.code)
+    }
+
+    /// Appends the error as one frame.
+    pub fn encode(&self, opcode: u8, request_id: u32, out: &mut Vec<u8>) {
+        let start = start_frame(out, opcode, request_id);
+        put_u16(out, self.code);
+        // Messages are cut to fit a string field (at a character boundary).
+        let mut m = self.message.as_str();
+        while m.len() > 4096 {
+            let mut cut = 4096;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            m = &m[..cut];
+        }
+        put_str(out, m);
+        match &self.wrong_version {
+            Some((stream, expected, actual)) => {
+                out.push(1);
+                put_str(out, stream);
+                put_u64(out, *expected);
+                out.push(u8::from(actual.is_some()));
+                put_u64(out, actual.unwrap_or(0));
+            }
+            None => out.push(0),
+        }
+        finish_frame(out, start);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<WireError, ProtocolError> {
+        let code = r.u16("error code")?;
+        let message = r.str("error message")?.to_owned();
+        let wrong_version = match r.u8("detail kind")? {
+            0 => None,
+            1 => {
+                let stream = r.str("stream")?.to_owned();
+                let expected = r.u64("expected")?;
+                let has = r.u8("has actual")?;
+                let actual = r.u64("actual")?;
+                Some((stream, expected, (has != 0).then_some(actual)))
+            }
+            v => {
+                return Err(ProtocolError::InvalidValue {
+                    what: "error detail kind",
+                    value: u64::from(v),
+                });
+            }
+        };
+        Ok(WireError {
+            code,
+            message,
+            wrong_version,
+        })
+    }
+}
+
+/// The answer to INCLUSION_PROOF.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProofResponse {
+    /// The record's position (its leaf index).
+    pub position: u64,
+    /// The tree size the proof is for.
+    pub tree_size: u64,
+    /// The record's chain hash (the leaf's input).
+    pub record_hash: [u8; 32],
+    /// The Merkle root of the tree of `tree_size` records.
+    pub root: [u8; 32],
+    /// Sibling hashes from the leaf up.
+    pub path: Vec<[u8; 32]>,
+}
+
+/// A frame from the server, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Response {
+    /// Handshake accepted.
+    Hello(HelloOk),
+    /// Ping's echo.
+    Pong(Vec<u8>),
+    /// Server facts.
+    ServerInfo(ServerInfo),
+    /// An append's result.
+    Appended(AppendResult),
+    /// A multi-stream append's results, one per part.
+    AppendedMulti(Vec<AppendResult>),
+    /// Events of a read. `next` is where to continue (a version for READ_STREAM, a
+    /// position for READ_ALL); `end` says nothing is left in that direction now.
+    Events {
+        /// Where the next read should start.
+        next: u64,
+        /// Whether the read reached the end.
+        end: bool,
+        /// The events.
+        events: Vec<Event>,
+    },
+    /// A stream's facts (`None`: no such stream).
+    StreamInfo(Option<StreamInfo>),
+    /// A subscription started; the first event it will deliver has this position (all)
+    /// or version (stream).
+    Subscribed {
+        /// Start.
+        start: u64,
+    },
+    /// A subscription ended at the client's request.
+    Unsubscribed,
+    /// A consumer position was stored.
+    CheckpointStored,
+    /// A consumer's stored position (`None`: never stored).
+    Checkpoint(Option<u64>),
+    /// The latest signed checkpoint, as the 224-byte entry of FORMAT.md §17.
+    LatestCheckpoint(Option<Box<[u8; CHECKPOINT_ENTRY_BYTES]>>),
+    /// An inclusion proof.
+    InclusionProof(ProofResponse),
+    /// Push: subscription events.
+    SubEvents(Vec<Event>),
+    /// Push: the subscription is live from this position (all) or version (stream).
+    SubCaughtUp(u64),
+    /// Push: the subscription ended.
+    SubEnded(WireError),
+    /// An error.
+    Error(WireError),
+}
+
+/// Appends an APPEND response's fields.
+pub fn put_append_result(out: &mut Vec<u8>, r: &AppendResult) {
+    put_u64(out, r.first_position.0);
+    put_u64(out, r.last_position.0);
+    put_u64(out, r.first_version);
+    put_u64(out, r.last_version);
+}
+
+fn read_append_result(r: &mut Reader<'_>) -> Result<AppendResult, ProtocolError> {
+    Ok(AppendResult {
+        first_position: Position(r.u64("first position")?),
+        last_position: Position(r.u64("last position")?),
+        first_version: r.u64("first version")?,
+        last_version: r.u64("last version")?,
+    })
+}
+
+impl Response {
+    /// Appends the response as one frame (for events, see also the server's direct
+    /// encoders, which write the same bytes without building [`Event`]s).
+    pub fn encode(&self, request_opcode: u8, request_id: u32, out: &mut Vec<u8>) {
+        let code = request_opcode | op::RESPONSE_BIT;
+        let opcode = match self {
+            Response::SubEvents(_) => op::SUB_EVENTS,
+            Response::SubCaughtUp(_) => op::SUB_CAUGHT_UP,
+            Response::SubEnded(e) => return e.encode(op::SUB_ENDED, request_id, out),
+            Response::Error(e) => return e.encode(op::ERROR, request_id, out),
+            _ => code,
+        };
+        let start = start_frame(out, opcode, request_id);
+        match self {
+            Response::Hello(h) => {
+                put_u16(out, h.version);
+                put_str(out, &h.server);
+                out.extend_from_slice(&h.log_id);
+                put_u64(out, h.next_position);
+                put_u32(out, h.limits.frame_bytes_max);
+                put_u32(out, h.limits.append_events_max);
+                put_u32(out, h.limits.inflight_max);
+                put_u32(out, h.limits.subscriptions_max);
+            }
+            Response::Pong(b) => out.extend_from_slice(b),
+            Response::ServerInfo(i) => {
+                put_str(out, &i.server);
+                put_u16(out, i.protocol_version);
+                out.extend_from_slice(&i.log_id);
+                put_u64(out, i.next_position);
+                put_u64(out, i.segments);
+                put_u32(out, i.connections);
+                put_u64(out, i.uptime_ms);
+                out.push(i.durability);
+                put_u64(out, i.checkpoints);
+            }
+            Response::Appended(r) => put_append_result(out, r),
+            Response::AppendedMulti(rs) => {
+                put_u16(out, rs.len() as u16);
+                for r in rs {
+                    put_append_result(out, r);
+                }
+            }
+            Response::Events { next, end, events } => {
+                put_u64(out, *next);
+                out.push(u8::from(*end));
+                put_u32(out, events.len() as u32);
+                for e in events {
+                    put_wire_event(out, e);
+                }
+            }
+            Response::StreamInfo(info) => put_stream_info(out, info.as_ref()),
+            Response::Subscribed { start } => put_u64(out, *start),
+            Response::Unsubscribed | Response::CheckpointStored => {}
+            Response::Checkpoint(p) => {
+                out.push(u8::from(p.is_some()));
+                put_u64(out, p.unwrap_or(0));
+            }
+            Response::LatestCheckpoint(c) => match c {
+                Some(entry) => {
+                    out.push(1);
+                    out.extend_from_slice(&entry[..]);
+                }
+                None => out.push(0),
+            },
+            Response::InclusionProof(p) => {
+                put_u64(out, p.position);
+                put_u64(out, p.tree_size);
+                out.extend_from_slice(&p.record_hash);
+                out.extend_from_slice(&p.root);
+                put_u16(out, p.path.len() as u16);
+                for h in &p.path {
+                    out.extend_from_slice(h);
+                }
+            }
+            Response::SubEvents(events) => {
+                put_u32(out, events.len() as u32);
+                for e in events {
+                    put_wire_event(out, e);
+                }
+            }
+            Response::SubCaughtUp(p) => put_u64(out, *p),
+            Response::SubEnded(_) | Response::Error(_) => unreachable!("encoded above"),
+        }
+        finish_frame(out, start);
+    }
+
+    /// Decodes a frame from the server. `frame` holds the whole frame body (header and
+    /// payload), so that events can keep a reference to it instead of copying.
+    ///
+    /// # Errors
+    /// [`ProtocolError`] naming the first thing wrong.
+    pub fn decode(frame: &Bytes) -> Result<(FrameHeader, Response), ProtocolError> {
+        let (h, payload) = split_frame(frame)?;
+        let mut r = Reader::new(payload);
+        let resp = match h.opcode {
+            op::ERROR => Response::Error(WireError::read(&mut r)?),
+            op::SUB_ENDED => Response::SubEnded(WireError::read(&mut r)?),
+            op::SUB_EVENTS => Response::SubEvents(read_events(&mut r, frame)?),
+            op::SUB_CAUGHT_UP => Response::SubCaughtUp(r.u64("position")?),
+            c if c == op::HELLO | op::RESPONSE_BIT => {
+                let version = r.u16("version")?;
+                let server = r.str("server")?.to_owned();
+                let log_id = r.array("log id")?;
+                let next_position = r.u64("next position")?;
+                let limits = Limits {
+                    frame_bytes_max: r.u32("frame bytes max")?,
+                    append_events_max: r.u32("append events max")?,
+                    inflight_max: r.u32("inflight max")?,
+                    subscriptions_max: r.u32("subscriptions max")?,
+                };
+                Response::Hello(HelloOk {
+                    version,
+                    server,
+                    log_id,
+                    next_position,
+                    limits,
+                })
+            }
+            c if c == op::PING | op::RESPONSE_BIT => Response::Pong(r.rest().to_vec()),
+            c if c == op::SERVER_INFO | op::RESPONSE_BIT => Response::ServerInfo(ServerInfo {
+                server: r.str("server")?.to_owned(),
+                protocol_version: r.u16("protocol version")?,
+                log_id: r.array("log id")?,
+                next_position: r.u64("next position")?,
+                segments: r.u64("segments")?,
+                connections: r.u32("connections")?,
+                uptime_ms: r.u64("uptime")?,
+                durability: r.u8("durability")?,
+                checkpoints: r.u64("checkpoints")?,
+            }),
+            c if c == op::APPEND | op::RESPONSE_BIT => {
+                Response::Appended(read_append_result(&mut r)?)
+            }
+            c if c == op::APPEND_MULTI | op::RESPONSE_BIT => {
+                let n = r.u16("result count")?;
+                let n = r.count(u64::from(n), 32, u64::from(APPEND_PARTS_MAX), "results")?;
+                let mut rs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    rs.push(read_append_result(&mut r)?);
+                }
+                Response::AppendedMulti(rs)
+            }
+            c if c == op::READ_STREAM | op::RESPONSE_BIT
+                || c == op::READ_ALL | op::RESPONSE_BIT =>
+            {
+                let next = r.u64("next")?;
+                let end = r.u8("end")? != 0;
+                Response::Events {
+                    next,
+                    end,
+                    events: read_events(&mut r, frame)?,
+                }
+            }
+            c if c == op::STREAM_INFO | op::RESPONSE_BIT => {
+                let found = r.u8("found")?;
+                let last_version = r.u64("last version")?;
+                let first_position = Position(r.u64("first position")?);
+                let last_position = Position(r.u64("last position")?);
+                let created = Timestamp(r.u64("created")?);
+                let stream = r.str("stream")?.to_owned();
+                Response::StreamInfo((found != 0).then_some(StreamInfo {
+                    stream,
+                    last_version,
+                    first_position,
+                    last_position,
+                    created,
+                }))
+            }
+            c if c == op::SUBSCRIBE | op::RESPONSE_BIT => Response::Subscribed {
+                start: r.u64("start")?,
+            },
+            c if c == op::UNSUBSCRIBE | op::RESPONSE_BIT => Response::Unsubscribed,
+            c if c == op::CHECKPOINT_STORE | op::RESPONSE_BIT => Response::CheckpointStored,
+            c if c == op::CHECKPOINT_FETCH | op::RESPONSE_BIT => {
+                let found = r.u8("found")?;
+                let p = r.u64("position")?;
+                Response::Checkpoint((found != 0).then_some(p))
+            }
+            c if c == op::LATEST_CHECKPOINT | op::RESPONSE_BIT => match r.u8("found")? {
+                0 => Response::LatestCheckpoint(None),
+                _ => {
+                    let entry: [u8; CHECKPOINT_ENTRY_BYTES] = r.array("checkpoint")?;
+                    Response::LatestCheckpoint(Some(Box::new(entry)))
+                }
+            },
+            c if c == op::INCLUSION_PROOF | op::RESPONSE_BIT => {
+                let position = r.u64("position")?;
+                let tree_size = r.u64("tree size")?;
+                let record_hash = r.array("record hash")?;
+                let root = r.array("root")?;
+                let n = r.u16("path length")?;
+                let n = r.count(u64::from(n), 32, 64, "proof path")?;
+                let mut path = Vec::with_capacity(n);
+                for _ in 0..n {
+                    path.push(r.array("path hash")?);
+                }
+                Response::InclusionProof(ProofResponse {
+                    position,
+                    tree_size,
+                    record_hash,
+                    root,
+                    path,
+                })
+            }
+            other => return Err(ProtocolError::UnknownOpcode(other)),
+        };
+        r.end("response")?;
+        Ok((h, resp))
+    }
+}
+
+/// Appends a stream-info response's fields.
+pub fn put_stream_info(out: &mut Vec<u8>, info: Option<&StreamInfo>) {
+    match info {
+        Some(i) => {
+            out.push(1);
+            put_u64(out, i.last_version);
+            put_u64(out, i.first_position.0);
+            put_u64(out, i.last_position.0);
+            put_u64(out, i.created.as_nanos());
+            put_str(out, &i.stream);
+        }
+        None => {
+            out.push(0);
+            out.extend_from_slice(&[0; 32]);
+            put_str(out, "");
+        }
+    }
+}
+
+fn put_wire_event(out: &mut Vec<u8>, e: &Event) {
+    let env = EnvelopeRef {
+        event_id: e.event_id,
+        event_time: e.event_time,
+        schema_version: e.schema_version,
+        content_type: e.content_type,
+        stream: e.stream(),
+        aggregate_type: e.aggregate_type(),
+        event_type: e.event_type(),
+        correlation_id: e.correlation_id(),
+        causation_id: e.causation_id(),
+        actor: e.actor(),
+        payload: e.payload(),
+    };
+    put_event(out, e.position, e.version, e.record_time, &env);
+}
+
+fn read_events(r: &mut Reader<'_>, frame: &Bytes) -> Result<Vec<Event>, ProtocolError> {
+    let n = r.u32("event count")?;
+    let n = r.count(u64::from(n), EVENT_BYTES_MIN, u64::from(u32::MAX), "events")?;
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        events.push(Event::read(r, frame)?);
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(frame: &[u8]) -> Bytes {
+        let len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
+        assert_eq!(
+            len,
+            frame.len() - 4,
+            "length field counts the rest of the frame"
+        );
+        Bytes::copy_from_slice(&frame[4..])
+    }
+
+    fn sample_event() -> EventData {
+        EventData::json("TradeNew", r#"{"qty":"100"}"#)
+            .aggregate_type("Trade")
+            .actor("alice")
+            .correlation_id("c-1")
+            .causation_id("k-1")
+            .schema_version(3)
+            .with_id(EventId([7; 16]))
+            .event_time(Timestamp(1_700_000_000_000_000_000))
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let filter = Filter {
+            stream_prefix: "trade-".into(),
+            event_types: vec!["TradeNew".into(), "TradeAmended".into()],
+        };
+        let part = AppendPart {
+            stream: "trade-1".into(),
+            expected: ExpectedVersion::Exact(4),
+            events: vec![sample_event(), EventData::new("X", vec![1, 2, 3])],
+        };
+        let reqs = vec![
+            Request::Hello {
+                min_version: 1,
+                max_version: 3,
+                client: "test".into(),
+            },
+            Request::Ping(b"hi".to_vec()),
+            Request::ServerInfo,
+            Request::Append(part.clone()),
+            Request::AppendMulti(vec![
+                part.clone(),
+                AppendPart {
+                    stream: "trade-2".into(),
+                    expected: ExpectedVersion::NoStream,
+                    ..part.clone()
+                },
+            ]),
+            Request::ReadStream {
+                stream: "s".into(),
+                from_version: u64::MAX,
+                max: 10,
+                direction: tally_engine::Direction::Backward,
+            },
+            Request::ReadAll {
+                from: 5,
+                max: 100,
+                direction: tally_engine::Direction::Forward,
+                filter: filter.clone(),
+            },
+            Request::StreamInfo { stream: "s".into() },
+            Request::Subscribe {
+                target: SubscribeTarget::All(filter),
+                from: SubscribeFrom::At(9),
+                credit: 100,
+            },
+            Request::Subscribe {
+                target: SubscribeTarget::Stream("s".into()),
+                from: SubscribeFrom::Now,
+                credit: 1,
+            },
+            Request::Credit {
+                subscription: 3,
+                credit: 50,
+            },
+            Request::Unsubscribe { subscription: 3 },
+            Request::CheckpointStore {
+                name: "proj".into(),
+                position: 77,
+            },
+            Request::CheckpointFetch {
+                name: "proj".into(),
+            },
+            Request::LatestCheckpoint,
+            Request::InclusionProof {
+                position: 1,
+                tree_size: 0,
+            },
+        ];
+        for (i, req) in reqs.iter().enumerate() {
+            let mut out = Vec::new();
+            req.encode(i as u32 + 1, &mut out);
+            let b = body(&out);
+            let (h, payload) = split_frame(&b).expect("header");
+            assert_eq!(h.request_id, i as u32 + 1);
+            assert_eq!(h.opcode, req.opcode());
+            let back = Request::decode(h.opcode, payload, APPEND_EVENTS_MAX_DEFAULT)
+                .unwrap_or_else(|e| panic!("{req:?}: {e}"));
+            assert_eq!(&back, req);
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let env_json = br#"{"qty":"100"}"#;
+        let env = EnvelopeRef {
+            event_id: EventId([1; 16]),
+            event_time: Timestamp(5),
+            schema_version: 2,
+            content_type: ContentType::Json,
+            stream: "trade-1",
+            aggregate_type: "Trade",
+            event_type: "TradeNew",
+            correlation_id: "c",
+            causation_id: "",
+            actor: "bob",
+            payload: env_json,
+        };
+        // An EVENTS frame written by the server's direct encoder decodes into the same
+        // fields.
+        let mut out = Vec::new();
+        let start = start_frame(&mut out, op::READ_ALL | op::RESPONSE_BIT, 9);
+        out.extend_from_slice(&8u64.to_le_bytes());
+        out.push(0);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        put_event(&mut out, Position(7), 3, Timestamp(6), &env);
+        finish_frame(&mut out, start);
+        let (h, resp) = Response::decode(&body(&out)).expect("decodes");
+        assert_eq!(h.request_id, 9);
+        let Response::Events { next, end, events } = &resp else {
+            panic!("{resp:?}")
+        };
+        assert_eq!((*next, *end, events.len()), (8, false, 1));
+        let e = &events[0];
+        assert_eq!(e.position, Position(7));
+        assert_eq!(e.version, 3);
+        assert_eq!(e.stream(), "trade-1");
+        assert_eq!(e.aggregate_type(), "Trade");
+        assert_eq!(e.event_type(), "TradeNew");
+        assert_eq!(e.correlation_id(), "c");
+        assert_eq!(e.causation_id(), "");
+        assert_eq!(e.actor(), "bob");
+        assert_eq!(e.payload(), env_json);
+        assert_eq!(e.record_time, Timestamp(6));
+        // And re-encoding the decoded response gives the same bytes.
+        let mut again = Vec::new();
+        resp.encode(op::READ_ALL, 9, &mut again);
+        assert_eq!(again, out);
+
+        let err = WireError {
+            code: ErrorCode::WrongExpectedVersion.as_u16(),
+            message: "nope".into(),
+            wrong_version: Some(("s".into(), 3, Some(5))),
+        };
+        for resp in [
+            Response::Error(err.clone()),
+            Response::SubEnded(WireError::new(ErrorCode::ShuttingDown, "bye")),
+            Response::Checkpoint(Some(4)),
+            Response::Checkpoint(None),
+            Response::StreamInfo(None),
+            Response::SubCaughtUp(12),
+            Response::Subscribed { start: 3 },
+            Response::AppendedMulti(vec![AppendResult {
+                first_position: Position(1),
+                last_position: Position(2),
+                first_version: 0,
+                last_version: 1,
+            }]),
+        ] {
+            let mut out = Vec::new();
+            resp.encode(op::CHECKPOINT_FETCH, 4, &mut out);
+            let (_, back) = Response::decode(&body(&out)).expect("decodes");
+            match (&resp, &back) {
+                (Response::Checkpoint(_), Response::Checkpoint(_))
+                | (Response::Error(_), Response::Error(_))
+                | (Response::SubEnded(_), Response::SubEnded(_))
+                | (Response::SubCaughtUp(_), Response::SubCaughtUp(_)) => {
+                    assert_eq!(back, resp);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_counts_are_refused_before_allocating() {
+        // An append claiming 4 billion events in a 20-byte payload.
+        let mut p = Vec::new();
+        put_str(&mut p, "s");
+        p.extend_from_slice(&EXPECT_ANY.to_le_bytes());
+        p.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = Request::decode(op::APPEND, &p, u32::MAX).expect_err("refused");
+        assert!(matches!(e, ProtocolError::Truncated { .. }), "{e}");
+        let e = Request::decode(op::APPEND, &p, 10).expect_err("refused");
+        assert_eq!(e.code(), ErrorCode::LimitExceeded, "{e}");
+        // A string longer than the frame.
+        let e = Request::decode(op::STREAM_INFO, &[0xff, 0xff, b'a'], 10).expect_err("refused");
+        assert!(matches!(e, ProtocolError::Truncated { .. }), "{e}");
+        // Invalid UTF-8.
+        let e = Request::decode(op::STREAM_INFO, &[2, 0, 0xc3, 0x28], 10).expect_err("refused");
+        assert_eq!(e.code(), ErrorCode::InvalidUtf8);
+        // Trailing bytes.
+        let e = Request::decode(op::SERVER_INFO, &[0], 10).expect_err("refused");
+        assert!(matches!(e, ProtocolError::Trailing { .. }), "{e}");
+        // Unknown opcode.
+        let e = Request::decode(0x7f, &[], 10).expect_err("refused");
+        assert_eq!(e.code(), ErrorCode::UnknownOperation);
+        // A response claiming many events.
+        let mut out = Vec::new();
+        let start = start_frame(&mut out, op::SUB_EVENTS, 1);
+        out.extend_from_slice(&u32::MAX.to_le_bytes());
+        finish_frame(&mut out, start);
+        assert!(Response::decode(&body(&out)).is_err());
+    }
+
+    #[test]
+    fn error_codes_are_distinct_and_stable() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.as_u16()), "{c:?} reuses a number");
+            assert_eq!(ErrorCode::from_u16(c.as_u16()), Some(c));
+        }
+        // Published numbers (docs/PROTOCOL.md): changing one breaks every client.
+        assert_eq!(ErrorCode::WrongExpectedVersion.as_u16(), 20);
+        assert_eq!(ErrorCode::ShuttingDown.as_u16(), 11);
+        assert_eq!(ErrorCode::Internal.as_u16(), 99);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_payloads_never_panic(opcode: u8, payload: Vec<u8>) {
+            let _ = Request::decode(opcode, &payload, APPEND_EVENTS_MAX_DEFAULT);
+            let mut frame = vec![opcode, 0, 1, 0, 0, 0];
+            frame.extend_from_slice(&payload);
+            let _ = Response::decode(&Bytes::from(frame));
+        }
+    }
+}

@@ -1,0 +1,1453 @@
+//! The server: accepts connections, decodes requests, runs them against the engine, and
+//! writes responses (docs/PROTOCOL.md).
+//!
+//! Shape:
+//! - one tokio task reads each connection's frames and one writes its responses; a
+//!   connection may have `inflight_max` requests unanswered, and a permit per request is
+//!   released only when its response has been written to the socket, so a client that
+//!   does not read its responses stops being read (backpressure, no unbounded queue);
+//! - appends are submitted to the engine on the reading task (ordering and hashing, a few
+//!   microseconds) and their acknowledgements are awaited on one *ack thread*, oldest
+//!   first: the engine's group commit makes one sync cover every append written before it,
+//!   whichever connection sent it;
+//! - reads and proofs run on tokio's blocking pool;
+//! - each subscription is a task that reads the log from its next position, in batches no
+//!   larger than the client's remaining credit, with at most `SUB_FRAMES_QUEUED` frames
+//!   waiting for the socket; when it has read everything it waits for the log to grow, so
+//!   catch-up and live delivery are one loop and nothing is skipped or sent twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tally_engine::format::envelope::EnvelopeRef;
+use tally_engine::{
+    AppendHandle, AppendRequest, AppendResult, Direction, Durability, Error as EngineError,
+    EventData, ExpectedVersion, Log, Options, Position, Verify,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::protocol::{
+    self, APPEND_EVENTS_MAX_DEFAULT, AppendPart, CONSUMER_EVENT_TYPE, CONSUMER_STREAM_PREFIX,
+    ErrorCode, FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_FLOOR, Filter, HelloOk, LENGTH_BYTES,
+    Limits, PROTOCOL_VERSION, ProofResponse, ProtocolError, Request, Response,
+    SYSTEM_STREAM_PREFIX, ServerInfo, SubscribeFrom, SubscribeTarget, WireError, op,
+};
+
+/// The server's name and version, sent in HELLO and SERVER_INFO responses.
+pub const SERVER_NAME: &str = concat!("tallyd/", env!("CARGO_PKG_VERSION"));
+/// Events one read returns at most (fewer when the frame would exceed its limit).
+pub const READ_EVENTS_MAX: u32 = 4096;
+/// Records a filtered read or subscription examines per batch before it answers with what
+/// it found (possibly nothing) and where to continue.
+pub const FILTER_SCAN_WINDOW: u64 = 8192;
+/// Events one subscription push carries at most.
+pub const SUB_BATCH_MAX: u64 = 1024;
+/// Push frames of one subscription that may wait for the socket.
+pub const SUB_FRAMES_QUEUED: usize = 4;
+/// Bytes the writer gathers from queued frames into one write.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+/// How a server runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The data directory.
+    pub data: PathBuf,
+    /// The address to listen on.
+    pub listen: SocketAddr,
+    /// Most open connections; more are refused with `TooManyConnections`.
+    pub connections_max: usize,
+    /// Unanswered requests per connection before the server stops reading it.
+    pub inflight_max: u32,
+    /// Subscriptions per connection.
+    pub subscriptions_max: u32,
+    /// Largest frame, either way.
+    pub frame_bytes_max: u32,
+    /// Events per append.
+    pub append_events_max: u32,
+    /// Time a new connection has to send HELLO.
+    pub handshake_timeout: Duration,
+    /// A connection with nothing in flight, no subscription and no frame for this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// How long a shutdown waits for in-flight requests and connections to finish.
+    pub shutdown_timeout: Duration,
+    /// How the log is opened (durability, segment size, recovery, checkpoints).
+    pub options: Options,
+}
+
+impl Config {
+    /// Defaults for everything but the data directory.
+    #[must_use]
+    pub fn new(data: impl Into<PathBuf>) -> Config {
+        Config {
+            data: data.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], protocol::DEFAULT_PORT)),
+            connections_max: 10_000,
+            inflight_max: 1024,
+            subscriptions_max: 64,
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            append_events_max: APPEND_EVENTS_MAX_DEFAULT,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(10),
+            options: Options::default(),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            frame_bytes_max: self.frame_bytes_max,
+            append_events_max: self.append_events_max,
+            inflight_max: self.inflight_max,
+            subscriptions_max: self.subscriptions_max,
+        }
+    }
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setting is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The log could not be opened.
+    #[error("opening the log in {}", dir.display())]
+    Open {
+        /// The data directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: EngineError,
+    },
+    /// The engine failed to close the log.
+    #[error("closing the log")]
+    Close(#[source] EngineError),
+}
+
+/// What every connection shares.
+struct Ctx {
+    log: Arc<Log>,
+    cfg: Config,
+    acks: std::sync::mpsc::Sender<Ack>,
+    visible: watch::Sender<u64>,
+    shutdown: watch::Receiver<bool>,
+    connections: AtomicU32,
+    started: Instant,
+}
+
+/// A frame on its way to the socket, with the permit it releases once written.
+type Outbound = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
+/// Where a response goes.
+struct Reply {
+    request_id: u32,
+    opcode: u8,
+    tx: mpsc::UnboundedSender<Outbound>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Reply {
+    fn send(self, resp: &Response) {
+        let mut out = Vec::with_capacity(64);
+        resp.encode(self.opcode, self.request_id, &mut out);
+        self.send_frame(out);
+    }
+
+    fn send_frame(self, frame: Vec<u8>) {
+        // The connection may be gone; then there is nobody to tell.
+        let _ = self.tx.send((frame, self.permit));
+    }
+
+    fn error(self, e: WireError) {
+        self.send(&Response::Error(e));
+    }
+}
+
+/// An append waiting for its acknowledgement on the ack thread.
+struct Ack {
+    handle: AppendHandle,
+    reply: Reply,
+    kind: AckKind,
+}
+
+#[derive(Clone, Copy)]
+enum AckKind {
+    One,
+    Multi,
+    ConsumerCheckpoint,
+}
+
+fn respond_append(ctx_visible: &watch::Sender<u64>, log: &Log, ack: Ack) {
+    let Ack {
+        handle,
+        reply,
+        kind,
+    } = ack;
+    match handle.wait() {
+        Ok(results) => {
+            publish_visible(ctx_visible, log);
+            reply.send(&append_response(kind, results));
+        }
+        Err(e) => reply.error(engine_error(&e)),
+    }
+}
+
+fn append_response(kind: AckKind, mut results: Vec<AppendResult>) -> Response {
+    match kind {
+        AckKind::One => Response::Appended(results.remove(0)),
+        AckKind::Multi => Response::AppendedMulti(results),
+        AckKind::ConsumerCheckpoint => Response::CheckpointStored,
+    }
+}
+
+fn publish_visible(visible: &watch::Sender<u64>, log: &Log) {
+    let now = log.next_position().0;
+    visible.send_if_modified(|v| {
+        if now > *v {
+            *v = now;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// The error response for an engine error.
+#[must_use]
+pub fn engine_error(e: &EngineError) -> WireError {
+    let (code, wrong_version) = match e {
+        EngineError::WrongExpectedVersion {
+            stream,
+            expected,
+            actual,
+        } => (
+            ErrorCode::WrongExpectedVersion,
+            Some((
+                stream.clone(),
+                protocol::expected_to_wire(*expected),
+                *actual,
+            )),
+        ),
+        EngineError::InvalidEvent { .. } => (ErrorCode::InvalidEvent, None),
+        EngineError::InvalidAppend { .. } => (ErrorCode::InvalidAppend, None),
+        EngineError::BatchTooLarge { .. } => (ErrorCode::BatchTooLarge, None),
+        EngineError::PartialDuplicate { .. } => (ErrorCode::PartialDuplicate, None),
+        EngineError::DuplicateEventId { .. } => (ErrorCode::DuplicateEventId, None),
+        EngineError::Poisoned { .. } => (ErrorCode::Poisoned, None),
+        EngineError::ReadOnly => (ErrorCode::ReadOnly, None),
+        EngineError::Closed => (ErrorCode::ShuttingDown, None),
+        EngineError::Corrupt { .. } | EngineError::Index { .. } => (ErrorCode::Corrupt, None),
+        EngineError::Io { .. } => (ErrorCode::Io, None),
+        EngineError::Proof(_) => (ErrorCode::ProofUnavailable, None),
+        _ => (ErrorCode::Internal, None),
+    };
+    // The message names the cause chain, as the engine's errors keep their sources.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    WireError {
+        code: code.as_u16(),
+        message,
+        wrong_version,
+    }
+}
+
+/// A bound, not yet serving, server.
+pub struct Server {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    shutdown_tx: watch::Sender<bool>,
+    ack_thread: std::thread::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listen", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens (and recovers, or creates) the log and binds the listening socket. Must be
+    /// called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`ServerError::Open`], [`ServerError::Bind`], [`ServerError::Config`].
+    pub async fn bind(cfg: Config) -> Result<Server, ServerError> {
+        if cfg.frame_bytes_max < FRAME_BYTES_MAX_FLOOR {
+            return Err(ServerError::Config(format!(
+                "frame_bytes_max must be at least {FRAME_BYTES_MAX_FLOOR} (one largest event)"
+            )));
+        }
+        if cfg.inflight_max == 0 || cfg.append_events_max == 0 || cfg.connections_max == 0 {
+            return Err(ServerError::Config(
+                "inflight_max, append_events_max and connections_max must be at least 1".into(),
+            ));
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let (dir, options) = (cfg.data.clone(), cfg.options.clone());
+        let log = tokio::task::spawn_blocking(move || Log::open(&dir, options))
+            .await
+            .map_err(|e| ServerError::Config(format!("open task failed: {e}")))?
+            .map_err(|source| ServerError::Open {
+                dir: cfg.data.clone(),
+                source,
+            })?;
+        let report = log.recovery_report();
+        tracing::info!(
+            data = %cfg.data.display(),
+            clean = report.clean,
+            next_position = report.next_position.0,
+            truncations = report.truncations.len(),
+            records_scanned = report.records_scanned,
+            "log open"
+        );
+        for t in &report.truncations {
+            tracing::warn!(file = %t.file.display(), offset = t.offset, records = t.records, reason = %t.reason, "recovery cut a torn tail");
+        }
+        let log = Arc::new(log);
+        let (acks, ack_rx) = std::sync::mpsc::channel::<Ack>();
+        let (visible, _) = watch::channel(log.next_position().0);
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let ctx = Arc::new(Ctx {
+            log: Arc::clone(&log),
+            cfg,
+            acks,
+            visible,
+            shutdown,
+            connections: AtomicU32::new(0),
+            started: Instant::now(),
+        });
+        let ack_ctx = Arc::clone(&ctx);
+        let ack_thread = std::thread::Builder::new()
+            .name("tallyd-ack".into())
+            .spawn(move || {
+                // Acknowledgements oldest first: when one returns, the sync that covered
+                // it usually covered the next ones too.
+                while let Ok(ack) = ack_rx.recv() {
+                    respond_append(&ack_ctx.visible, &ack_ctx.log, ack);
+                }
+            })
+            .map_err(|e| ServerError::Config(format!("cannot start the ack thread: {e}")))?;
+        Ok(Server {
+            listener,
+            ctx,
+            shutdown_tx,
+            ack_thread,
+        })
+    }
+
+    /// The address the server listens on.
+    ///
+    /// # Errors
+    /// The socket's address cannot be read.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
+    /// finish (up to the shutdown timeout), ends subscriptions with `ShuttingDown`, and
+    /// closes the log.
+    ///
+    /// # Errors
+    /// [`ServerError::Close`] if the log could not be closed cleanly.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            ctx,
+            shutdown_tx,
+            ack_thread,
+        } = self;
+        let conn_slots = Arc::new(Semaphore::new(ctx.cfg.connections_max));
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        while conns.try_join_next().is_some() {}
+                        let _ = stream.set_nodelay(true);
+                        match Arc::clone(&conn_slots).try_acquire_owned() {
+                            Ok(slot) => {
+                                let ctx = Arc::clone(&ctx);
+                                conns.spawn(async move {
+                                    ctx.connections.fetch_add(1, Ordering::Relaxed);
+                                    connection(&ctx, stream, peer).await;
+                                    ctx.connections.fetch_sub(1, Ordering::Relaxed);
+                                    drop(slot);
+                                });
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "refused: too many connections");
+                                conns.spawn(refuse(stream));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        drop(listener);
+        let _ = shutdown_tx.send(true);
+        let deadline = tokio::time::Instant::now() + ctx.cfg.shutdown_timeout;
+        while !conns.is_empty() {
+            match tokio::time::timeout_at(deadline, conns.join_next()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(left = conns.len(), "shutdown timeout: closing connections");
+                    conns.abort_all();
+                    while conns.join_next().await.is_some() {}
+                }
+            }
+        }
+        // Every connection is gone; the ack thread ends once the last sender does, after
+        // answering (or failing) what it holds.
+        let log = Arc::clone(&ctx.log);
+        drop(ctx);
+        let ctx_wait = tokio::task::spawn_blocking(move || ack_thread.join());
+        let _ = ctx_wait.await;
+        // Blocking reads may still hold the log briefly.
+        let mut log = log;
+        let closed = loop {
+            match Arc::try_unwrap(log) {
+                Ok(l) => break Some(l),
+                Err(l) if tokio::time::Instant::now() < deadline + Duration::from_secs(5) => {
+                    log = l;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(_) => break None,
+            }
+        };
+        match closed {
+            Some(l) => {
+                tokio::task::spawn_blocking(move || l.close())
+                    .await
+                    .map_err(|e| ServerError::Config(format!("close task failed: {e}")))?
+                    .map_err(ServerError::Close)?;
+                tracing::info!("log closed");
+            }
+            None => tracing::warn!("log still in use after shutdown; it closes on exit"),
+        }
+        Ok(())
+    }
+}
+
+async fn refuse(mut stream: TcpStream) {
+    let mut out = Vec::new();
+    WireError::new(
+        ErrorCode::TooManyConnections,
+        "the server has too many connections",
+    )
+    .encode(op::ERROR, 0, &mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+}
+
+/// Writes queued frames, gathering what is queued into one write, and releases each
+/// frame's permit once written.
+async fn writer(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outbound>) {
+    let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let mut permits = Vec::new();
+    while let Some((frame, permit)) = rx.recv().await {
+        buf.extend_from_slice(&frame);
+        permits.extend(permit);
+        while buf.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok((frame, permit)) => {
+                    buf.extend_from_slice(&frame);
+                    permits.extend(permit);
+                }
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            break;
+        }
+        buf.clear();
+        if buf.capacity() > 4 * WRITE_BATCH_BYTES {
+            buf = Vec::with_capacity(WRITE_BATCH_BYTES);
+        }
+        permits.clear();
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Reads one frame body into `buf`'s front; `Ok(None)` on a clean end of stream.
+async fn read_frame(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    frame_bytes_max: u32,
+) -> Result<Option<BytesMut>, FrameReadError> {
+    loop {
+        if buf.len() >= LENGTH_BYTES {
+            let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            protocol::check_frame_len(len, frame_bytes_max).map_err(FrameReadError::Protocol)?;
+            let total = LENGTH_BYTES + len as usize;
+            if buf.len() >= total {
+                buf.advance(LENGTH_BYTES);
+                return Ok(Some(buf.split_to(len as usize)));
+            }
+            buf.reserve(total - buf.len());
+        } else {
+            buf.reserve(64 << 10);
+        }
+        // `read_buf` is cancel-safe: a timeout or shutdown never loses bytes.
+        match rd.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err(FrameReadError::Truncated),
+            Ok(_) => {}
+            Err(e) => return Err(FrameReadError::Io(e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum FrameReadError {
+    Protocol(ProtocolError),
+    Truncated,
+    Io(std::io::Error),
+}
+
+/// A subscription as the connection's reader sees it.
+struct SubControl {
+    credit: Arc<SubShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct SubShared {
+    credit: AtomicU64,
+    /// The request id of an UNSUBSCRIBE, plus one (0: none).
+    unsubscribe: AtomicU64,
+    ended: AtomicBool,
+    wake: Notify,
+}
+
+async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
+    let writer_task = tokio::spawn(writer(wr, rx));
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let cfg = &ctx.cfg;
+    let send_error = |e: WireError, request_id: u32| {
+        let mut out = Vec::new();
+        e.encode(op::ERROR, request_id, &mut out);
+        let _ = tx.send((out, None));
+    };
+
+    // Handshake.
+    let hello = tokio::time::timeout(
+        cfg.handshake_timeout,
+        read_frame(&mut rd, &mut buf, cfg.frame_bytes_max),
+    )
+    .await;
+    let version = match hello {
+        Err(_) => {
+            send_error(
+                WireError::new(ErrorCode::Timeout, "no HELLO within the handshake timeout"),
+                0,
+            );
+            None
+        }
+        Ok(Ok(Some(frame))) => handshake(ctx, &frame, &tx),
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            frame_error(&send_error, e);
+            None
+        }
+    };
+    if let Some(version) = version {
+        tracing::debug!(%peer, version, "connection ready");
+        serve(ctx, &mut rd, &mut buf, &tx, version).await;
+    }
+    drop(tx);
+    let _ = writer_task.await;
+    tracing::debug!(%peer, "connection closed");
+}
+
+fn frame_error(send_error: &impl Fn(WireError, u32), e: FrameReadError) {
+    match e {
+        FrameReadError::Protocol(p) => send_error(WireError::new(p.code(), p.to_string()), 0),
+        FrameReadError::Truncated => tracing::debug!("connection closed inside a frame"),
+        FrameReadError::Io(e) => tracing::debug!(error = %e, "connection read failed"),
+    }
+}
+
+fn handshake(ctx: &Ctx, frame: &[u8], tx: &mpsc::UnboundedSender<Outbound>) -> Option<u16> {
+    let fail = |code, msg: String, request_id| {
+        let mut out = Vec::new();
+        WireError::new(code, msg).encode(op::ERROR, request_id, &mut out);
+        let _ = tx.send((out, None));
+        None
+    };
+    let (h, payload) = match protocol::split_frame(frame) {
+        Ok(x) => x,
+        Err(e) => return fail(ErrorCode::MalformedRequest, e.to_string(), 0),
+    };
+    if h.opcode != op::HELLO {
+        return fail(
+            ErrorCode::HandshakeRequired,
+            format!(
+                "the first frame must be HELLO (0x01), not 0x{:02x}",
+                h.opcode
+            ),
+            h.request_id,
+        );
+    }
+    let (min, max) = match Request::decode(h.opcode, payload, 0) {
+        Ok(Request::Hello {
+            min_version,
+            max_version,
+            ..
+        }) => (min_version, max_version),
+        Ok(_) => unreachable!("HELLO decodes to Hello"),
+        Err(e) => return fail(e.code(), e.to_string(), h.request_id),
+    };
+    let version = max.min(PROTOCOL_VERSION);
+    if version < min.max(1) {
+        return fail(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "client speaks versions {min}..={max}; this server speaks 1..={PROTOCOL_VERSION}"
+            ),
+            h.request_id,
+        );
+    }
+    let ok = Response::Hello(HelloOk {
+        version,
+        server: SERVER_NAME.into(),
+        log_id: ctx.log.log_id(),
+        next_position: ctx.log.next_position().0,
+        limits: ctx.cfg.limits(),
+    });
+    let mut out = Vec::new();
+    ok.encode(op::HELLO, h.request_id, &mut out);
+    let _ = tx.send((out, None));
+    Some(version)
+}
+
+async fn serve(
+    ctx: &Arc<Ctx>,
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    tx: &mpsc::UnboundedSender<Outbound>,
+    version: u16,
+) {
+    let cfg = &ctx.cfg;
+    let inflight = Arc::new(Semaphore::new(cfg.inflight_max as usize));
+    let mut subs: HashMap<u32, SubControl> = HashMap::new();
+    let mut shutdown = ctx.shutdown.clone();
+    let send_error = |e: WireError, request_id: u32| {
+        let mut out = Vec::new();
+        e.encode(op::ERROR, request_id, &mut out);
+        let _ = tx.send((out, None));
+    };
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Backpressure: a request is read only when a slot for its response is free.
+        let permit = tokio::select! {
+            p = Arc::clone(&inflight).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let frame = tokio::select! {
+            r = tokio::time::timeout(cfg.idle_timeout, read_frame(rd, buf, cfg.frame_bytes_max)) => r,
+            _ = shutdown.changed() => break,
+        };
+        let frame = match frame {
+            Err(_) => {
+                subs.retain(|_, s| !s.task.is_finished());
+                let busy = inflight.available_permits() + 1 < cfg.inflight_max as usize;
+                if busy || !subs.is_empty() {
+                    continue;
+                }
+                send_error(WireError::new(ErrorCode::Timeout, "idle timeout"), 0);
+                break;
+            }
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                frame_error(&send_error, e);
+                break;
+            }
+        };
+        let (h, payload) = match protocol::split_frame(&frame) {
+            Ok(x) => x,
+            Err(e) => {
+                send_error(WireError::new(e.code(), e.to_string()), 0);
+                break;
+            }
+        };
+        let reply = Reply {
+            request_id: h.request_id,
+            opcode: h.opcode,
+            tx: tx.clone(),
+            permit: Some(permit),
+        };
+        let req = match Request::decode(h.opcode, payload, cfg.append_events_max) {
+            Ok(r) => r,
+            Err(e) => {
+                // The frame was whole, so the stream is still in step: answer and go on.
+                reply.error(WireError::new(e.code(), e.to_string()));
+                continue;
+            }
+        };
+        handle(ctx, req, reply, &mut subs, version);
+    }
+    // Shutdown or the client left: end subscriptions, then wait for every answer to be
+    // written (or the shutdown deadline).
+    for s in subs.values() {
+        s.credit.ended.store(true, Ordering::SeqCst);
+        s.credit.wake.notify_one();
+    }
+    if *shutdown.borrow() {
+        send_error(
+            WireError::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down: requests it has not answered were not executed",
+            ),
+            0,
+        );
+    }
+    let all = cfg.inflight_max;
+    let _ = tokio::time::timeout(cfg.shutdown_timeout, inflight.acquire_many(all)).await;
+    for (_, s) in subs {
+        let _ = tokio::time::timeout(Duration::from_secs(1), s.task).await;
+    }
+}
+
+fn reserved(stream: &str) -> bool {
+    stream.starts_with(SYSTEM_STREAM_PREFIX)
+}
+
+fn handle(
+    ctx: &Arc<Ctx>,
+    req: Request,
+    reply: Reply,
+    subs: &mut HashMap<u32, SubControl>,
+    version: u16,
+) {
+    match req {
+        Request::Hello { .. } => reply.error(WireError::new(
+            ErrorCode::MalformedRequest,
+            "HELLO was already received on this connection",
+        )),
+        Request::Ping(b) => reply.send(&Response::Pong(b)),
+        Request::ServerInfo => {
+            let log = &ctx.log;
+            let info = ServerInfo {
+                server: SERVER_NAME.into(),
+                protocol_version: version,
+                log_id: log.log_id(),
+                next_position: log.next_position().0,
+                segments: log.segments().len() as u64,
+                connections: ctx.connections.load(Ordering::Relaxed),
+                uptime_ms: ctx.started.elapsed().as_millis() as u64,
+                durability: durability_code(ctx.cfg.options.durability),
+                checkpoints: log.checkpoints().len() as u64,
+            };
+            reply.send(&Response::ServerInfo(info));
+        }
+        Request::Append(part) => append(ctx, std::slice::from_ref(&part), reply, AckKind::One),
+        Request::AppendMulti(parts) => append(ctx, &parts, reply, AckKind::Multi),
+        Request::CheckpointStore { name, position } => {
+            let Some(stream) = consumer_stream(&name) else {
+                return reply.error(WireError::new(
+                    ErrorCode::InvalidAppend,
+                    format!("consumer name must be 1 to 200 bytes without control characters, got {} bytes", name.len()),
+                ));
+            };
+            let part = AppendPart {
+                stream,
+                expected: ExpectedVersion::Any,
+                events: vec![EventData::new(
+                    CONSUMER_EVENT_TYPE,
+                    position.to_le_bytes().to_vec(),
+                )],
+            };
+            submit(
+                ctx,
+                std::slice::from_ref(&part),
+                reply,
+                AckKind::ConsumerCheckpoint,
+            );
+        }
+        Request::Subscribe {
+            target,
+            from,
+            credit,
+        } => {
+            subs.retain(|_, s| !s.task.is_finished());
+            if subs.len() >= ctx.cfg.subscriptions_max as usize {
+                return reply.error(WireError::new(
+                    ErrorCode::TooManySubscriptions,
+                    format!(
+                        "a connection may have {} subscriptions",
+                        ctx.cfg.subscriptions_max
+                    ),
+                ));
+            }
+            if subs.contains_key(&reply.request_id) {
+                return reply.error(WireError::new(
+                    ErrorCode::MalformedRequest,
+                    "a subscription with this request id is active",
+                ));
+            }
+            if let SubscribeTarget::Stream(s) = &target
+                && let Err(e) = tally_engine::format::envelope::check_stream_id(s)
+            {
+                return reply.error(WireError::new(ErrorCode::MalformedRequest, e.to_string()));
+            }
+            let shared = Arc::new(SubShared {
+                credit: AtomicU64::new(u64::from(credit)),
+                unsubscribe: AtomicU64::new(0),
+                ended: AtomicBool::new(false),
+                wake: Notify::new(),
+            });
+            let id = reply.request_id;
+            let task = tokio::spawn(subscription(
+                Arc::clone(ctx),
+                target,
+                from,
+                Arc::clone(&shared),
+                reply,
+            ));
+            subs.insert(
+                id,
+                SubControl {
+                    credit: shared,
+                    task,
+                },
+            );
+        }
+        Request::Credit {
+            subscription,
+            credit,
+        } => {
+            // CREDIT has no response; its permit is released now. Credit for a
+            // subscription that has ended is ignored (it may have crossed the end).
+            if let Some(s) = subs.get(&subscription) {
+                let _ = s
+                    .credit
+                    .credit
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                        Some(c.saturating_add(u64::from(credit)).min(u64::from(u32::MAX)))
+                    });
+                s.credit.wake.notify_one();
+            }
+            drop(reply);
+        }
+        Request::Unsubscribe { subscription } => match subs.remove(&subscription) {
+            Some(s) if !s.task.is_finished() => {
+                // The subscription's task answers, after its last push.
+                let rid = reply.request_id;
+                s.credit
+                    .unsubscribe
+                    .store(u64::from(rid) + 1, Ordering::SeqCst);
+                s.credit.wake.notify_one();
+                let tx = reply.tx.clone();
+                let permit = reply.permit;
+                tokio::spawn(async move {
+                    let _ = s.task.await;
+                    let mut out = Vec::new();
+                    Response::Unsubscribed.encode(op::UNSUBSCRIBE, rid, &mut out);
+                    let _ = tx.send((out, permit));
+                });
+            }
+            _ => reply.error(WireError::new(
+                ErrorCode::UnknownSubscription,
+                format!("no active subscription {subscription} on this connection"),
+            )),
+        },
+        req => {
+            let ctx = Arc::clone(ctx);
+            tokio::task::spawn_blocking(move || blocking_request(&ctx, req, reply));
+        }
+    }
+}
+
+fn consumer_stream(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return None;
+    }
+    Some(format!("{CONSUMER_STREAM_PREFIX}{name}"))
+}
+
+fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) {
+    if let Some(p) = parts.iter().find(|p| reserved(&p.stream)) {
+        return reply.error(WireError::new(
+            ErrorCode::ReservedStream,
+            format!(
+                "stream {:?}: names starting with {SYSTEM_STREAM_PREFIX:?} are the server's own",
+                p.stream
+            ),
+        ));
+    }
+    submit(ctx, parts, reply, kind);
+}
+
+fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) {
+    let reqs: Vec<AppendRequest<'_>> = parts
+        .iter()
+        .map(|p| AppendRequest {
+            stream: &p.stream,
+            expected: p.expected,
+            events: &p.events,
+        })
+        .collect();
+    match ctx.log.append_async_multi(&reqs) {
+        Err(e) => reply.error(engine_error(&e)),
+        Ok(handle) if handle.is_done() => respond_append(
+            &ctx.visible,
+            &ctx.log,
+            Ack {
+                handle,
+                reply,
+                kind,
+            },
+        ),
+        Ok(handle) => {
+            if let Err(std::sync::mpsc::SendError(ack)) = ctx.acks.send(Ack {
+                handle,
+                reply,
+                kind,
+            }) {
+                // The ack thread is gone only after every connection ended; answer here.
+                respond_append(&ctx.visible, &ctx.log, ack);
+            }
+        }
+    }
+}
+
+/// Requests that read files: run on the blocking pool.
+fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
+    let log = &ctx.log;
+    let max_frame = ctx.cfg.frame_bytes_max as usize;
+    match req {
+        Request::ReadStream {
+            stream,
+            from_version,
+            max,
+            direction,
+        } => {
+            let max = max.min(READ_EVENTS_MAX) as usize;
+            match log.read_stream(&stream, from_version, max, direction) {
+                Err(e) => reply.error(engine_error(&e)),
+                Ok(events) => {
+                    let mut out = Vec::with_capacity(256 + events.len() * 400);
+                    let start = protocol::start_frame(
+                        &mut out,
+                        op::READ_STREAM | op::RESPONSE_BIT,
+                        reply.request_id,
+                    );
+                    let header_at = out.len();
+                    out.extend_from_slice(&[0; 8 + 1 + 4]);
+                    let mut count = 0u32;
+                    let mut last: Option<u64> = None;
+                    for e in &events {
+                        let before = out.len();
+                        protocol::put_recorded(&mut out, e);
+                        if out.len() - start > max_frame && count > 0 {
+                            out.truncate(before);
+                            break;
+                        }
+                        count += 1;
+                        last = Some(e.version);
+                    }
+                    let truncated = (count as usize) < events.len();
+                    let (next, end) = match (direction, last) {
+                        (Direction::Forward, Some(v)) => (v + 1, !truncated && events.len() < max),
+                        (Direction::Forward, None) => (from_version, true),
+                        (Direction::Backward, Some(0)) => (0, true),
+                        (Direction::Backward, Some(v)) => (v - 1, !truncated && events.len() < max),
+                        (Direction::Backward, None) => (0, true),
+                    };
+                    out[header_at..header_at + 8].copy_from_slice(&next.to_le_bytes());
+                    out[header_at + 8] = u8::from(end);
+                    out[header_at + 9..header_at + 13].copy_from_slice(&count.to_le_bytes());
+                    protocol::finish_frame(&mut out, start);
+                    reply.send_frame(out);
+                }
+            }
+        }
+        Request::ReadAll {
+            from,
+            max,
+            direction,
+            filter,
+        } => {
+            let max = u64::from(max.min(READ_EVENTS_MAX));
+            let r = match direction {
+                Direction::Forward => read_all_forward(
+                    log,
+                    Position(from),
+                    max,
+                    &filter,
+                    max_frame,
+                    reply.request_id,
+                    op::READ_ALL | op::RESPONSE_BIT,
+                )
+                .map(|b| b.into_response_frame()),
+                Direction::Backward => {
+                    read_all_backward(log, from, max, &filter, max_frame, reply.request_id)
+                }
+            };
+            match r {
+                Ok(frame) => reply.send_frame(frame),
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
+        Request::StreamInfo { stream } => match log.stream_info(&stream) {
+            Ok(info) => reply.send(&Response::StreamInfo(info)),
+            Err(e) => reply.error(engine_error(&e)),
+        },
+        Request::CheckpointFetch { name } => {
+            let Some(stream) = consumer_stream(&name) else {
+                return reply.send(&Response::Checkpoint(None));
+            };
+            match log.read_stream(&stream, u64::MAX, 1, Direction::Backward) {
+                Ok(events) => {
+                    let p = events.first().and_then(|e| {
+                        let b: [u8; 8] = e.payload().try_into().ok()?;
+                        Some(u64::from_le_bytes(b))
+                    });
+                    reply.send(&Response::Checkpoint(p));
+                }
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
+        Request::LatestCheckpoint => {
+            let latest = log.checkpoints().last().map(|c| Box::new(c.encode_entry()));
+            reply.send(&Response::LatestCheckpoint(latest));
+        }
+        Request::InclusionProof {
+            position,
+            tree_size,
+        } => {
+            let size = if tree_size == 0 {
+                match log.checkpoints().last() {
+                    Some(c) => c.statement.tree_size,
+                    None => {
+                        return reply.error(WireError::new(
+                            ErrorCode::ProofUnavailable,
+                            "the log has no signed checkpoint yet; give a tree size",
+                        ));
+                    }
+                }
+            } else {
+                tree_size
+            };
+            let r = (|| {
+                let proof = log.prove_inclusion(Position(position), size)?;
+                let root = log.merkle_root(size)?;
+                let rec = log.read_all(Position(position), 1, Direction::Forward)?;
+                let record_hash = rec
+                    .first()
+                    .filter(|e| e.position.0 == position)
+                    .map(|e| e.record_hash)
+                    .ok_or(EngineError::Proof(
+                        tally_engine::format::proof::ProofError::OutOfRange {
+                            index: position,
+                            size,
+                        },
+                    ))?;
+                Ok::<_, EngineError>(ProofResponse {
+                    position,
+                    tree_size: size,
+                    record_hash,
+                    root,
+                    path: proof.path.clone(),
+                })
+            })();
+            match r {
+                Ok(p) => reply.send(&Response::InclusionProof(p)),
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
+        other => reply.error(WireError::new(
+            ErrorCode::Internal,
+            format!("request 0x{:02x} reached the blocking pool", other.opcode()),
+        )),
+    }
+}
+
+/// Events gathered for one frame.
+struct Batch {
+    out: Vec<u8>,
+    start: usize,
+    header_at: usize,
+    count: u32,
+    next: u64,
+    end: bool,
+    with_header: bool,
+}
+
+impl Batch {
+    fn new(opcode: u8, request_id: u32, with_next: bool) -> Batch {
+        let mut out = Vec::with_capacity(64 << 10);
+        let start = protocol::start_frame(&mut out, opcode, request_id);
+        let header_at = out.len();
+        if with_next {
+            out.extend_from_slice(&[0; 9]);
+        }
+        out.extend_from_slice(&[0; 4]);
+        Batch {
+            out,
+            start,
+            header_at,
+            count: 0,
+            next: 0,
+            end: false,
+            with_header: with_next,
+        }
+    }
+
+    fn into_response_frame(mut self) -> Vec<u8> {
+        let mut at = self.header_at;
+        if self.with_header {
+            self.out[at..at + 8].copy_from_slice(&self.next.to_le_bytes());
+            self.out[at + 8] = u8::from(self.end);
+            at += 9;
+        }
+        self.out[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
+        protocol::finish_frame(&mut self.out, self.start);
+        self.out
+    }
+}
+
+/// Reads forward from `from`: at most `max` events passing `filter`, examining at most
+/// [`FILTER_SCAN_WINDOW`] records when filtered, within one frame. `next` is where to go
+/// on.
+fn read_all_forward(
+    log: &Log,
+    from: Position,
+    max: u64,
+    filter: &Filter,
+    max_frame: usize,
+    request_id: u32,
+    opcode: u8,
+) -> Result<Batch, EngineError> {
+    let visible = log.next_position();
+    let with_next = opcode != op::SUB_EVENTS;
+    let mut b = Batch::new(opcode, request_id, with_next);
+    let window = if filter.is_empty() {
+        max
+    } else {
+        FILTER_SCAN_WINDOW
+    };
+    let to = Position(from.0.saturating_add(window).min(visible.0));
+    b.next = to.0.max(from.0);
+    if from < to {
+        let mut full = false;
+        let mut bad = None;
+        log.scan_range(from, to, Verify::Checksums, |v| {
+            if full {
+                return;
+            }
+            let env = match v.envelope() {
+                Ok(e) => e,
+                Err(e) => {
+                    bad.get_or_insert((v.position, e));
+                    full = true;
+                    return;
+                }
+            };
+            if !filter.matches(env.stream, env.event_type) {
+                return;
+            }
+            let len = protocol::event_wire_len(&env);
+            if u64::from(b.count) == max || (b.count > 0 && b.out.len() - b.start + len > max_frame)
+            {
+                full = true;
+                b.next = v.position.0;
+                return;
+            }
+            put_view(
+                &mut b.out,
+                v.position,
+                v.stream_version,
+                v.record_time,
+                &env,
+            );
+            b.count += 1;
+        })?;
+        if let Some((p, e)) = bad {
+            return Err(EngineError::Corrupt {
+                file: log.dir().to_path_buf(),
+                offset: 0,
+                position: Some(p.0),
+                detail: "record envelope does not decode".into(),
+                source: Some(e),
+            });
+        }
+    }
+    b.end = b.next >= visible.0;
+    Ok(b)
+}
+
+fn put_view(
+    out: &mut Vec<u8>,
+    position: Position,
+    version: u64,
+    record_time: tally_engine::Timestamp,
+    env: &EnvelopeRef<'_>,
+) {
+    protocol::put_event(out, position, version, record_time, env);
+}
+
+fn read_all_backward(
+    log: &Log,
+    from: u64,
+    max: u64,
+    filter: &Filter,
+    max_frame: usize,
+    request_id: u32,
+) -> Result<Vec<u8>, EngineError> {
+    let mut b = Batch::new(op::READ_ALL | op::RESPONSE_BIT, request_id, true);
+    let visible = log.next_position().0;
+    if visible == 0 {
+        b.end = true;
+        return Ok(b.into_response_frame());
+    }
+    let mut top = from.min(visible - 1);
+    let mut examined = 0u64;
+    loop {
+        let chunk = log.read_all(Position(top), 512, Direction::Backward)?;
+        let Some(last) = chunk.last().map(|e| e.position.0) else {
+            b.end = true;
+            break;
+        };
+        let mut stop = false;
+        for e in &chunk {
+            examined += 1;
+            if !filter.matches(e.stream(), e.event_type()) {
+                b.next = e.position.0.saturating_sub(1);
+                continue;
+            }
+            let before = b.out.len();
+            protocol::put_recorded(&mut b.out, e);
+            if u64::from(b.count) == max || (b.count > 0 && b.out.len() - b.start > max_frame) {
+                b.out.truncate(before);
+                b.next = e.position.0;
+                stop = true;
+                break;
+            }
+            b.count += 1;
+            b.next = e.position.0.saturating_sub(1);
+        }
+        if stop {
+            break;
+        }
+        if last == 0 {
+            b.end = true;
+            break;
+        }
+        top = last - 1;
+        b.next = top;
+        if examined >= FILTER_SCAN_WINDOW.max(max) {
+            break;
+        }
+    }
+    Ok(b.into_response_frame())
+}
+
+/// A subscription's task: reads from `next`, pushes while it has credit, waits when it
+/// has read everything, and answers the SUBSCRIBE first.
+async fn subscription(
+    ctx: Arc<Ctx>,
+    target: SubscribeTarget,
+    from: SubscribeFrom,
+    shared: Arc<SubShared>,
+    reply: Reply,
+) {
+    let log = Arc::clone(&ctx.log);
+    let start = match (&target, from) {
+        (_, SubscribeFrom::At(p)) => Ok(p),
+        (SubscribeTarget::All(_), SubscribeFrom::Now) => Ok(log.next_position().0),
+        (SubscribeTarget::Stream(s), SubscribeFrom::Now) => log
+            .stream_info(s)
+            .map(|i| i.map_or(0, |i| i.last_version + 1)),
+    };
+    let mut next = match start {
+        Ok(p) => p,
+        Err(e) => return reply.error(engine_error(&e)),
+    };
+    let id = reply.request_id;
+    let tx = reply.tx.clone();
+    reply.send(&Response::Subscribed { start: next });
+    let queue = Arc::new(Semaphore::new(SUB_FRAMES_QUEUED));
+    let mut visible = ctx.visible.subscribe();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut caught_up = false;
+    let max_frame = ctx.cfg.frame_bytes_max as usize;
+    let push_end = |code: ErrorCode, msg: String| {
+        let mut out = Vec::new();
+        WireError::new(code, msg).encode(op::SUB_ENDED, id, &mut out);
+        let _ = tx.send((out, None));
+    };
+    loop {
+        if shared.unsubscribe.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        if *shutdown.borrow() || shared.ended.load(Ordering::SeqCst) {
+            return push_end(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down".into(),
+            );
+        }
+        let credit = shared.credit.load(Ordering::SeqCst);
+        if credit == 0 {
+            tokio::select! {
+                () = shared.wake.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        // Room in the connection's queue: a subscriber that does not read its socket
+        // holds at most SUB_FRAMES_QUEUED frames here.
+        let permit = tokio::select! {
+            p = Arc::clone(&queue).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            () = shared.wake.notified() => continue,
+            _ = shutdown.changed() => continue,
+        };
+        let n = credit.min(SUB_BATCH_MAX);
+        let log2 = Arc::clone(&log);
+        let target2 = target.clone();
+        let read =
+            tokio::task::spawn_blocking(move || sub_read(&log2, &target2, next, n, max_frame, id))
+                .await;
+        let (frame, count, new_next) = match read {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                let w = engine_error(&e);
+                return push_end(w.code().unwrap_or(ErrorCode::Internal), w.message);
+            }
+            Err(e) => {
+                return push_end(
+                    ErrorCode::Internal,
+                    format!("subscription read failed: {e}"),
+                );
+            }
+        };
+        if count > 0 {
+            shared.credit.fetch_sub(u64::from(count), Ordering::SeqCst);
+            next = new_next;
+            let _ = tx.send((frame, Some(permit)));
+            continue;
+        }
+        drop(permit);
+        if new_next > next {
+            // A filtered window with no match: go on from its end.
+            next = new_next;
+            continue;
+        }
+        if !caught_up {
+            caught_up = true;
+            let mut out = Vec::new();
+            Response::SubCaughtUp(next).encode(op::SUBSCRIBE, id, &mut out);
+            let _ = tx.send((out, None));
+        }
+        // Wait for the log to grow. The watch is published after every acknowledged
+        // append; the timer covers appends acknowledged without this server noticing.
+        visible.borrow_and_update();
+        tokio::select! {
+            _ = visible.changed() => {}
+            () = shared.wake.notified() => {}
+            _ = shutdown.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// One subscription read: `(frame, events, next)`.
+fn sub_read(
+    log: &Log,
+    target: &SubscribeTarget,
+    next: u64,
+    n: u64,
+    max_frame: usize,
+    id: u32,
+) -> Result<(Vec<u8>, u32, u64), EngineError> {
+    match target {
+        SubscribeTarget::All(filter) => {
+            let b = read_all_forward(
+                log,
+                Position(next),
+                n,
+                filter,
+                max_frame,
+                id,
+                op::SUB_EVENTS,
+            )?;
+            let (count, to) = (b.count, b.next);
+            Ok((b.into_response_frame(), count, to))
+        }
+        SubscribeTarget::Stream(stream) => {
+            let events = log.read_stream(stream, next, n as usize, Direction::Forward)?;
+            let mut b = Batch::new(op::SUB_EVENTS, id, false);
+            let mut to = next;
+            for e in &events {
+                let before = b.out.len();
+                protocol::put_recorded(&mut b.out, e);
+                if b.count > 0 && b.out.len() - b.start > max_frame {
+                    b.out.truncate(before);
+                    break;
+                }
+                b.count += 1;
+                to = e.version + 1;
+            }
+            let count = b.count;
+            Ok((b.into_response_frame(), count, to))
+        }
+    }
+}
+
+/// The durability a log was opened with, as SERVER_INFO reports it.
+#[must_use]
+pub fn durability_code(d: Durability) -> u8 {
+    match d {
+        Durability::Fsync => 0,
+        Durability::Batched { .. } => 1,
+        Durability::None => 2,
+    }
+}
