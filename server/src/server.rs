@@ -148,7 +148,7 @@ struct Ctx {
     log: Arc<Log>,
     cfg: Config,
     acks: std::sync::mpsc::Sender<Ack>,
-    visible: watch::Sender<u64>,
+    visible: Arc<watch::Sender<u64>>,
     shutdown: watch::Receiver<bool>,
     connections: AtomicU32,
     started: Instant,
@@ -336,25 +336,27 @@ impl Server {
         }
         let log = Arc::new(log);
         let (acks, ack_rx) = std::sync::mpsc::channel::<Ack>();
-        let (visible, _) = watch::channel(log.next_position().0);
+        let visible = Arc::new(watch::channel(log.next_position().0).0);
         let (shutdown_tx, shutdown) = watch::channel(false);
         let ctx = Arc::new(Ctx {
             log: Arc::clone(&log),
             cfg,
             acks,
-            visible,
+            visible: Arc::clone(&visible),
             shutdown,
             connections: AtomicU32::new(0),
             started: Instant::now(),
         });
-        let ack_ctx = Arc::clone(&ctx);
+        // The ack thread holds the log and the watch, not the context: the context holds
+        // the channel's sender, and the thread ends when the last sender is dropped.
+        let ack_log = Arc::clone(&log);
         let ack_thread = std::thread::Builder::new()
             .name("tallyd-ack".into())
             .spawn(move || {
                 // Acknowledgements oldest first: when one returns, the sync that covered
                 // it usually covered the next ones too.
                 while let Ok(ack) = ack_rx.recv() {
-                    respond_append(&ack_ctx.visible, &ack_ctx.log, ack);
+                    respond_append(&visible, &ack_log, ack);
                 }
             })
             .map_err(|e| ServerError::Config(format!("cannot start the ack thread: {e}")))?;

@@ -1,0 +1,929 @@
+//! Integration tests against the real `tallyd` binary.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Tallyd, runtime, small_segments_config};
+use tally_engine::{ContentType, Direction, EventData, EventId, ExpectedVersion, Timestamp};
+use tally_server::client::{Client, ClientError, ClientOptions, SubscriptionItem};
+use tally_server::protocol::{
+    self, ErrorCode, Filter, PROTOCOL_VERSION, Request, Response, SubscribeFrom, SubscribeTarget,
+    op,
+};
+
+fn payload(i: u64) -> String {
+    format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(200))
+}
+
+#[test]
+fn append_and_read_round_trip_the_full_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        c.ping().await.unwrap();
+        let id = EventId([42; 16]);
+        let ev = EventData::json("TradeNew", r#"{"qty":"100"}"#)
+            .with_id(id)
+            .aggregate_type("Trade")
+            .schema_version(2)
+            .correlation_id("corr-1")
+            .causation_id("cause-1")
+            .actor("alice")
+            .event_time(Timestamp(1_700_000_000_123_456_789));
+        let r = c
+            .append("trade-1", ExpectedVersion::NoStream, vec![ev.clone()])
+            .await
+            .unwrap();
+        assert_eq!((r.first_version, r.last_version), (0, 0));
+        let amend = EventData::new("TradeAmended", vec![0, 1, 2, 255]);
+        let r2 = c
+            .append("trade-1", ExpectedVersion::Exact(0), vec![amend])
+            .await
+            .unwrap();
+        assert_eq!(r2.last_version, 1);
+        assert_eq!(r2.first_position.0, r.last_position.0 + 1);
+
+        let (events, next, end) = c
+            .read_stream("trade-1", 0, 100, Direction::Forward)
+            .await
+            .unwrap();
+        assert_eq!((events.len(), next, end), (2, 2, true));
+        let e = &events[0];
+        assert_eq!(e.event_id, id);
+        assert_eq!(e.event_type(), "TradeNew");
+        assert_eq!(e.aggregate_type(), "Trade");
+        assert_eq!(e.schema_version, 2);
+        assert_eq!(e.content_type, ContentType::Json);
+        assert_eq!(e.correlation_id(), "corr-1");
+        assert_eq!(e.causation_id(), "cause-1");
+        assert_eq!(e.actor(), "alice");
+        assert_eq!(e.event_time, Timestamp(1_700_000_000_123_456_789));
+        assert!(e.record_time.as_nanos() > 0);
+        assert_eq!(e.payload(), br#"{"qty":"100"}"#);
+        assert_eq!(events[1].payload(), &[0, 1, 2, 255]);
+        assert_eq!(events[1].version, 1);
+
+        // Backward from the newest.
+        let (back, next, end) = c
+            .read_stream("trade-1", u64::MAX, 1, Direction::Backward)
+            .await
+            .unwrap();
+        assert_eq!(back[0].version, 1);
+        assert_eq!((next, end), (0, false));
+
+        // Multi-stream append, then read all with filters.
+        let rs = c
+            .append_multi(vec![
+                (
+                    "trade-2".into(),
+                    ExpectedVersion::NoStream,
+                    vec![EventData::new("TradeNew", b"a".to_vec())],
+                ),
+                (
+                    "order-9".into(),
+                    ExpectedVersion::Any,
+                    vec![EventData::new("OrderPlaced", b"b".to_vec())],
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(rs.len(), 2);
+        assert_eq!(rs[1].first_position.0, rs[0].last_position.0 + 1);
+        let all = Filter::default();
+        let (events, next, end) = c.read_all(0, 100, Direction::Forward, &all).await.unwrap();
+        assert_eq!(events.len(), 4);
+        assert_eq!((next, end), (4, true));
+        let trades = Filter {
+            stream_prefix: "trade-".into(),
+            event_types: vec![],
+        };
+        let (events, _, _) = c
+            .read_all(0, 100, Direction::Forward, &trades)
+            .await
+            .unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.stream()).collect::<Vec<_>>(),
+            ["trade-1", "trade-1", "trade-2"]
+        );
+        let news = Filter {
+            stream_prefix: String::new(),
+            event_types: vec!["TradeNew".into()],
+        };
+        let (events, _, _) = c
+            .read_all(u64::MAX, 100, Direction::Backward, &news)
+            .await
+            .unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.position.0).collect::<Vec<_>>(),
+            [2, 0]
+        );
+
+        let info = c.stream_info("trade-1").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                info.last_version,
+                info.first_position.0,
+                info.last_position.0
+            ),
+            (1, 0, 1)
+        );
+        assert!(c.stream_info("nope").await.unwrap().is_none());
+        let si = c.server_info().await.unwrap();
+        assert_eq!(si.next_position, 4);
+        assert_eq!(si.protocol_version, PROTOCOL_VERSION);
+
+        // Retrying an append with the same ids writes nothing new.
+        let again = c
+            .append("trade-1", ExpectedVersion::NoStream, vec![ev])
+            .await
+            .unwrap();
+        assert_eq!(again, r);
+
+        // Reserved streams.
+        let e = c
+            .append(
+                "$consumer-x",
+                ExpectedVersion::Any,
+                vec![EventData::new("X", vec![])],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ReservedStream), "{e}");
+    });
+}
+
+#[test]
+fn expected_version_conflicts_across_two_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let a = Client::connect(&d.addr).await.unwrap();
+        let b = Client::connect(&d.addr).await.unwrap();
+        a.append(
+            "acct-1",
+            ExpectedVersion::NoStream,
+            vec![EventData::new("Opened", vec![])],
+        )
+        .await
+        .unwrap();
+        // Both read version 0 and both try to write version 1: exactly one wins.
+        let (ra, rb) = tokio::join!(
+            a.append(
+                "acct-1",
+                ExpectedVersion::Exact(0),
+                vec![EventData::new("A", vec![])]
+            ),
+            b.append(
+                "acct-1",
+                ExpectedVersion::Exact(0),
+                vec![EventData::new("B", vec![])]
+            ),
+        );
+        let (ok, err) = match (ra, rb) {
+            (Ok(o), Err(e)) | (Err(e), Ok(o)) => (o, e),
+            other => panic!("exactly one append must win: {other:?}"),
+        };
+        assert_eq!(ok.last_version, 1);
+        match err {
+            ClientError::WrongExpectedVersion {
+                stream,
+                expected,
+                actual,
+            } => {
+                assert_eq!(stream, "acct-1");
+                assert_eq!(expected, ExpectedVersion::Exact(0));
+                assert_eq!(actual, Some(1));
+            }
+            other => panic!("expected WrongExpectedVersion, got {other:?}"),
+        }
+        let e = b
+            .append(
+                "acct-1",
+                ExpectedVersion::NoStream,
+                vec![EventData::new("C", vec![])],
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::WrongExpectedVersion {
+                    actual: Some(1),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = b
+            .append(
+                "acct-2",
+                ExpectedVersion::StreamExists,
+                vec![EventData::new("C", vec![])],
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ClientError::WrongExpectedVersion { actual: None, .. }),
+            "{e}"
+        );
+        // A multi-stream append with one failing expectation writes nothing.
+        let e = a
+            .append_multi(vec![
+                (
+                    "acct-3".into(),
+                    ExpectedVersion::NoStream,
+                    vec![EventData::new("X", vec![])],
+                ),
+                (
+                    "acct-1".into(),
+                    ExpectedVersion::Exact(0),
+                    vec![EventData::new("X", vec![])],
+                ),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::WrongExpectedVersion));
+        assert!(a.stream_info("acct-3").await.unwrap().is_none());
+    });
+}
+
+#[test]
+fn subscription_catches_up_across_a_segment_roll_then_goes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_segments_config(dir.path());
+    let data = dir.path().join("data");
+    let d = Tallyd::start(&data, &["--config", cfg.to_str().unwrap()]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        // About 1.7 MB of records: the 1 MiB segments roll at least once.
+        let before = 6_000u64;
+        for chunk in 0..before / 100 {
+            let events = (0..100)
+                .map(|i| EventData::json("Tick", payload(chunk * 100 + i)))
+                .collect();
+            c.append(&format!("s-{}", chunk % 7), ExpectedVersion::Any, events)
+                .await
+                .unwrap();
+        }
+        let segments = c.server_info().await.unwrap().segments;
+        assert!(segments >= 2, "the log rolled ({segments} segments)");
+        let mut sub = c
+            .subscribe(
+                SubscribeTarget::All(Filter::default()),
+                SubscribeFrom::At(0),
+            )
+            .await
+            .unwrap();
+        let writer = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in 0..500u64 {
+                    c.append(
+                        "live",
+                        ExpectedVersion::Any,
+                        vec![EventData::json("Tick", payload(before + i))],
+                    )
+                    .await
+                    .unwrap();
+                }
+            })
+        };
+        let mut expected = 0u64;
+        let mut caught_up = 0;
+        while expected < before + 500 {
+            match tokio::time::timeout(Duration::from_secs(20), sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                SubscriptionItem::Event(e) => {
+                    assert_eq!(e.position.0, expected, "no gap and no duplicate");
+                    let want = payload(expected);
+                    assert_eq!(e.payload(), want.as_bytes());
+                    expected += 1;
+                }
+                SubscriptionItem::CaughtUp(p) => {
+                    assert_eq!(p, expected);
+                    caught_up += 1;
+                }
+            }
+        }
+        assert_eq!(caught_up, 1, "one switch from catch-up to live");
+        writer.await.unwrap();
+        // And nothing more arrives.
+        let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+        assert!(extra.is_err(), "no event after the last: {extra:?}");
+
+        // A stream subscription from now sees only new events of its stream.
+        let mut s = c
+            .subscribe(SubscribeTarget::Stream("live".into()), SubscribeFrom::Now)
+            .await
+            .unwrap();
+        assert_eq!(s.next_from(), 500);
+        c.append(
+            "other",
+            ExpectedVersion::Any,
+            vec![EventData::new("X", vec![])],
+        )
+        .await
+        .unwrap();
+        c.append(
+            "live",
+            ExpectedVersion::Any,
+            vec![EventData::new("Y", vec![])],
+        )
+        .await
+        .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                SubscriptionItem::CaughtUp(_) => {}
+                SubscriptionItem::Event(e) => {
+                    assert_eq!((e.stream(), e.version, e.event_type()), ("live", 500, "Y"));
+                    break;
+                }
+            }
+        }
+        s.unsubscribe().await.unwrap();
+    });
+}
+
+/// A raw protocol connection, for tests that look at frames.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    fn connect(addr: &str) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { s }
+    }
+
+    fn hello(addr: &str) -> Raw {
+        let mut r = Raw::connect(addr);
+        r.send(
+            0,
+            &Request::Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                client: "raw".into(),
+            },
+        );
+        let (_, resp) = r.recv().unwrap();
+        assert!(matches!(resp, Response::Hello(_)), "{resp:?}");
+        r
+    }
+
+    fn send(&mut self, id: u32, req: &Request) {
+        let mut out = Vec::new();
+        req.encode(id, &mut out);
+        self.s.write_all(&out).unwrap();
+    }
+
+    /// The next frame, or `None` when the server closed the connection or nothing came
+    /// within the read timeout.
+    fn recv(&mut self) -> Option<(protocol::FrameHeader, Response)> {
+        let mut len = [0u8; 4];
+        self.s.read_exact(&mut len).ok()?;
+        let mut body = vec![0; u32::from_le_bytes(len) as usize];
+        self.s.read_exact(&mut body).ok()?;
+        Some(Response::decode(&bytes::Bytes::from(body)).unwrap())
+    }
+}
+
+#[test]
+fn a_slow_subscriber_is_held_by_flow_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        for i in 0..20 {
+            c.append(
+                "s",
+                ExpectedVersion::Any,
+                (0..100)
+                    .map(|j| EventData::json("T", payload(i * 100 + j)))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let mut r = Raw::hello(&d.addr);
+    r.send(
+        7,
+        &Request::Subscribe {
+            target: SubscribeTarget::All(Filter::default()),
+            from: SubscribeFrom::At(0),
+            credit: 10,
+        },
+    );
+    r.s.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some((h, resp)) = r.recv() {
+        assert_eq!(h.request_id, 7);
+        match resp {
+            Response::Subscribed { start } => assert_eq!(start, 0),
+            Response::SubEvents(es) => got.extend(es.iter().map(|e| e.position.0)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        got,
+        (0..10).collect::<Vec<_>>(),
+        "exactly the credit granted, no more"
+    );
+    r.send(
+        8,
+        &Request::Credit {
+            subscription: 7,
+            credit: 5,
+        },
+    );
+    while let Some((_, resp)) = r.recv() {
+        if let Response::SubEvents(es) = resp {
+            got.extend(es.iter().map(|e| e.position.0));
+        }
+    }
+    assert_eq!(
+        got,
+        (0..15).collect::<Vec<_>>(),
+        "five more after a credit of five"
+    );
+    // A client that grants credit but never reads its socket: the server queues a bounded
+    // number of frames and keeps serving others.
+    let mut greedy = Raw::hello(&d.addr);
+    greedy.send(
+        1,
+        &Request::Subscribe {
+            target: SubscribeTarget::All(Filter::default()),
+            from: SubscribeFrom::At(0),
+            credit: u32::MAX,
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        c.ping().await.unwrap();
+        let (es, _, _) = c
+            .read_all(0, 10, Direction::Forward, &Filter::default())
+            .await
+            .unwrap();
+        assert_eq!(es.len(), 10);
+    });
+    r.send(9, &Request::Unsubscribe { subscription: 7 });
+    r.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut unsubscribed = false;
+    while let Some((h, resp)) = r.recv() {
+        if h.request_id == 9 {
+            assert_eq!(resp, Response::Unsubscribed);
+            unsubscribed = true;
+            break;
+        }
+    }
+    assert!(unsubscribed);
+    drop(greedy);
+}
+
+#[test]
+fn named_checkpoints_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        assert_eq!(c.fetch_checkpoint("pnl-projection").await.unwrap(), None);
+        c.store_checkpoint("pnl-projection", 41).await.unwrap();
+        c.store_checkpoint("pnl-projection", 1234).await.unwrap();
+        c.store_checkpoint("risk", 7).await.unwrap();
+        assert_eq!(
+            c.fetch_checkpoint("pnl-projection").await.unwrap(),
+            Some(1234)
+        );
+    });
+    assert!(d.terminate().success());
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        assert_eq!(
+            c.fetch_checkpoint("pnl-projection").await.unwrap(),
+            Some(1234)
+        );
+        assert_eq!(c.fetch_checkpoint("risk").await.unwrap(), Some(7));
+        // They live in the log, as events of the server's own streams.
+        let (es, _, _) = c
+            .read_all(
+                0,
+                10,
+                Direction::Forward,
+                &Filter {
+                    stream_prefix: "$consumer-".into(),
+                    event_types: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(es.len(), 3);
+        // Signed checkpoint and an inclusion proof that verifies against it.
+        let cp = c
+            .latest_checkpoint()
+            .await
+            .unwrap()
+            .expect("a checkpoint on close");
+        let size = cp.statement.tree_size;
+        assert!(size >= 3);
+        let p = c.inclusion_proof(1, 0).await.unwrap();
+        assert_eq!((p.position, p.tree_size), (1, size));
+        assert_eq!(p.root, cp.statement.root);
+        let proof = tally_engine::format::proof::InclusionProof {
+            index: 1,
+            tree_size: size,
+            path: p.path.clone(),
+        };
+        proof.verify(&p.record_hash, &cp.statement.root).unwrap();
+        let e = c.inclusion_proof(size + 5, size).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ProofUnavailable), "{e}");
+    });
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    let acked = runtime().block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..8u64 {
+            let addr = d.addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let opts = ClientOptions {
+                    retries: 0,
+                    ..ClientOptions::default()
+                };
+                let c = Client::connect_with(&addr, opts).await.unwrap();
+                let mut acked = Vec::new();
+                for i in 0u64.. {
+                    let id = tally_engine::new_event_id();
+                    let ev = EventData::json("Tick", payload(i)).with_id(id);
+                    let expected = if i == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::Exact(i - 1)
+                    };
+                    match c.append(&format!("w-{w}"), expected, vec![ev]).await {
+                        Ok(r) => acked.push((r.last_position.0, id)),
+                        Err(_) => break,
+                    }
+                }
+                acked
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        common::signal(d.pid(), "KILL");
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    drop(d);
+    assert!(
+        acked.len() > 50,
+        "the load ran ({} acknowledged)",
+        acked.len()
+    );
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        let mut found = std::collections::HashMap::new();
+        let mut from = 0;
+        loop {
+            let (es, next, end) = c
+                .read_all(from, 4096, Direction::Forward, &Filter::default())
+                .await
+                .unwrap();
+            for e in es {
+                found.insert(e.position.0, e.event_id);
+            }
+            from = next;
+            if end {
+                break;
+            }
+        }
+        for (pos, id) in &acked {
+            assert_eq!(
+                found.get(pos),
+                Some(id),
+                "acknowledged append at {pos} survived"
+            );
+        }
+    });
+}
+
+#[test]
+fn graceful_shutdown_answers_in_flight_requests_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    let pid = d.pid();
+    let (acked, sub_end) = runtime().block_on(async {
+        let c = Client::connect_with(
+            &d.addr,
+            ClientOptions {
+                retries: 0,
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut sub = c
+            .subscribe(SubscribeTarget::Stream("g".into()), SubscribeFrom::Now)
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        for i in 0..200u64 {
+            pending.push(
+                c.send(&Client::append_request(
+                    "g",
+                    ExpectedVersion::Any,
+                    vec![EventData::json("T", payload(i))],
+                ))
+                .await
+                .unwrap(),
+            );
+        }
+        // Signal once the server is working on them: some are done, some in flight, some
+        // perhaps not read yet.
+        let mut pending = pending.into_iter();
+        let first = pending.next().unwrap().wait().await.unwrap();
+        assert!(matches!(first, Response::Appended(_)));
+        common::signal(pid, "TERM");
+        let mut acked = 1;
+        for p in pending {
+            match p.wait().await {
+                Ok(Response::Appended(_)) => acked += 1,
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => assert!(
+                    matches!(e, ClientError::Disconnected { .. })
+                        || e.code() == Some(ErrorCode::ShuttingDown),
+                    "a clear error: {e}"
+                ),
+            }
+        }
+        // The subscription ends with ShuttingDown (its resume then fails: no retries).
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .unwrap()
+            {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        (acked, end)
+    });
+    assert!(acked >= 1);
+    assert!(
+        sub_end.code() == Some(ErrorCode::ShuttingDown)
+            || matches!(
+                sub_end,
+                ClientError::Disconnected { .. } | ClientError::Io { .. }
+            ),
+        "{sub_end}"
+    );
+    let status = d.wait();
+    assert!(status.success(), "exit status {status:?}");
+    // The log was closed cleanly: the next open needs no recovery scan.
+    let log = tally_engine::Log::open(dir.path(), tally_engine::Options::default()).unwrap();
+    assert!(log.recovery_report().clean, "{:?}", log.recovery_report());
+    // Every append the server executed was answered: none was written without its
+    // acknowledgement reaching the client, and none acknowledged is missing.
+    assert_eq!(log.stream_info("g").unwrap().unwrap().last_version + 1, acked);
+}
+
+#[test]
+fn a_thousand_concurrent_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..1000 {
+            clients.push(Client::connect(&d.addr).await.unwrap());
+        }
+        // All open at once; each appends once, concurrently (one group commit covers many).
+        let mut tasks = Vec::new();
+        for (i, c) in clients.iter().enumerate() {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                c.append(
+                    &format!("c-{i}"),
+                    ExpectedVersion::NoStream,
+                    vec![EventData::new("Hi", vec![1])],
+                )
+                .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let info = clients[0].server_info().await.unwrap();
+        assert_eq!(info.next_position, 1000);
+        assert!(
+            info.connections >= 1000,
+            "{} connections open",
+            info.connections
+        );
+    });
+}
+
+#[test]
+fn malformed_input_gets_errors_and_never_hurts_other_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        c.append(
+            "keep",
+            ExpectedVersion::NoStream,
+            vec![EventData::new("A", vec![1, 2, 3])],
+        )
+        .await
+        .unwrap();
+    });
+    let frame = |opcode: u8, id: u32, payload: &[u8]| {
+        let mut out = Vec::new();
+        let s = protocol::start_frame(&mut out, opcode, id);
+        out.extend_from_slice(payload);
+        protocol::finish_frame(&mut out, s);
+        out
+    };
+    let expect_error = |r: &mut Raw, code: ErrorCode| match r.recv() {
+        Some((_, Response::Error(e))) => assert_eq!(e.code(), Some(code), "{e}"),
+        other => panic!("expected {code:?}, got {other:?}"),
+    };
+    // A first frame that is not HELLO.
+    let mut r = Raw::connect(&d.addr);
+    r.s.write_all(&frame(op::PING, 1, b"")).unwrap();
+    expect_error(&mut r, ErrorCode::HandshakeRequired);
+    assert!(r.recv().is_none(), "closed after a failed handshake");
+    // No version in common.
+    let mut r = Raw::connect(&d.addr);
+    r.send(
+        1,
+        &Request::Hello {
+            min_version: 7,
+            max_version: 9,
+            client: "future".into(),
+        },
+    );
+    expect_error(&mut r, ErrorCode::UnsupportedVersion);
+    // A bad magic.
+    let mut r = Raw::connect(&d.addr);
+    r.s.write_all(&frame(op::HELLO, 1, b"HTTP/1.1 \x01\x00"))
+        .unwrap();
+    expect_error(&mut r, ErrorCode::MalformedRequest);
+    // An oversized length: error and close, without reading (or allocating) 4 GiB.
+    let mut r = Raw::hello(&d.addr);
+    r.s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    expect_error(&mut r, ErrorCode::BadFrame);
+    assert!(r.recv().is_none());
+    // A length shorter than the header.
+    let mut r = Raw::hello(&d.addr);
+    r.s.write_all(&[2, 0, 0, 0, 1, 2]).unwrap();
+    expect_error(&mut r, ErrorCode::BadFrame);
+    // Whole frames with bad payloads get an error each, and the connection goes on.
+    let mut r = Raw::hello(&d.addr);
+    r.s.write_all(&frame(0x77, 5, b"???")).unwrap();
+    expect_error(&mut r, ErrorCode::UnknownOperation);
+    r.s.write_all(&frame(op::STREAM_INFO, 6, &[3, 0, b'a', 0xff, b'b']))
+        .unwrap();
+    expect_error(&mut r, ErrorCode::InvalidUtf8);
+    r.s.write_all(&frame(op::APPEND, 7, &[1, 0, b's', 1, 2]))
+        .unwrap();
+    expect_error(&mut r, ErrorCode::MalformedRequest);
+    let mut too_many = Vec::new();
+    protocol::put_str(&mut too_many, "s");
+    too_many.extend_from_slice(&u64::MAX.to_le_bytes());
+    too_many.extend_from_slice(&1_000_000u32.to_le_bytes());
+    r.s.write_all(&frame(op::APPEND, 8, &too_many)).unwrap();
+    expect_error(&mut r, ErrorCode::LimitExceeded);
+    r.send(
+        9,
+        &Request::Append(protocol::AppendPart {
+            stream: String::new(),
+            expected: ExpectedVersion::Any,
+            events: vec![EventData::new("X", vec![])],
+        }),
+    );
+    expect_error(&mut r, ErrorCode::InvalidEvent);
+    r.send(
+        10,
+        &Request::Append(protocol::AppendPart {
+            stream: "s".into(),
+            expected: ExpectedVersion::Any,
+            events: vec![EventData::new(
+                "X",
+                vec![0; tally_engine::format::envelope::PAYLOAD_BYTES_MAX + 1],
+            )],
+        }),
+    );
+    expect_error(&mut r, ErrorCode::InvalidEvent);
+    r.send(11, &Request::Ping(b"still here".to_vec()));
+    assert_eq!(r.recv().unwrap().1, Response::Pong(b"still here".to_vec()));
+    // A frame cut short by the client leaving.
+    let mut r = Raw::hello(&d.addr);
+    r.s.write_all(&[100, 0, 0, 0, op::PING, 0]).unwrap();
+    drop(r);
+    // Random bytes, with and without a handshake first.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..200 {
+        let mut r = if round % 2 == 0 {
+            Raw::connect(&d.addr)
+        } else {
+            Raw::hello(&d.addr)
+        };
+        let n = 1 + (round * 37) % 300;
+        let bytes: Vec<u8> = (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = r.s.write_all(&bytes);
+        let _ = r.s.shutdown(std::net::Shutdown::Write);
+        r.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The server answers and/or closes; it never hangs on a finished connection.
+        while r.recv_raw() {}
+    }
+    // The server still serves, and the data is intact.
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        let (es, _, _) = c
+            .read_stream("keep", 0, 10, Direction::Forward)
+            .await
+            .unwrap();
+        assert_eq!(es.len(), 1);
+        assert_eq!(es[0].payload(), &[1, 2, 3]);
+        c.append(
+            "keep",
+            ExpectedVersion::Exact(0),
+            vec![EventData::new("B", vec![])],
+        )
+        .await
+        .unwrap();
+        assert_eq!(c.server_info().await.unwrap().next_position, 2);
+    });
+    let status = d.terminate();
+    assert!(status.success());
+    let log = tally_engine::Log::open(dir.path(), tally_engine::Options::default()).unwrap();
+    log.verify().unwrap();
+}
+
+impl Raw {
+    /// Reads one frame's bytes without decoding; false at the end of the connection.
+    fn recv_raw(&mut self) -> bool {
+        let mut len = [0u8; 4];
+        if self.s.read_exact(&mut len).is_err() {
+            return false;
+        }
+        let mut body = vec![0; u32::from_le_bytes(len).min(1 << 20) as usize];
+        self.s.read_exact(&mut body).is_ok()
+    }
+}
+
+#[test]
+fn handshake_timeout_closes_silent_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, "handshake_timeout_ms = 200\nidle_timeout_ms = 400\n").unwrap();
+    let d = Tallyd::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    let mut r = Raw::connect(&d.addr);
+    match r.recv() {
+        Some((h, Response::Error(e))) => {
+            assert_eq!((h.request_id, e.code()), (0, Some(ErrorCode::Timeout)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.recv().is_none());
+    let mut r = Raw::hello(&d.addr);
+    match r.recv() {
+        Some((_, Response::Error(e))) => assert_eq!(e.code(), Some(ErrorCode::Timeout)),
+        other => panic!("idle connection: {other:?}"),
+    }
+    let seen: HashSet<u16> = ErrorCode::ALL.iter().map(|c| c.as_u16()).collect();
+    assert_eq!(seen.len(), ErrorCode::ALL.len());
+}
