@@ -152,17 +152,29 @@ struct Ctx {
     shutdown: watch::Receiver<bool>,
     connections: AtomicU32,
     started: Instant,
+    /// An append is being waited for on a runtime worker (see `submit`).
+    inline_leader: AtomicBool,
+    /// The runtime can block in place (multi-threaded).
+    inline_leader_allowed: bool,
 }
 
-/// A frame on its way to the socket, with the permit it releases once written.
-type Outbound = (Vec<u8>, Option<OwnedSemaphorePermit>);
+/// A frame on its way to a connection's socket.
+struct Outbound {
+    frame: Vec<u8>,
+    /// It answers a request (the connection's in-flight count drops when it is written).
+    answers_request: bool,
+    /// Released once written (a subscription's share of the queue).
+    permit: Option<OwnedSemaphorePermit>,
+}
 
-/// Where a response goes.
+/// Where a response goes. Every request gets exactly one `Reply`, which sends exactly one
+/// frame (or, for CREDIT, none) and so frees the request's in-flight slot; a reply
+/// dropped unsent answers `Internal` rather than leaking the slot.
 struct Reply {
     request_id: u32,
     opcode: u8,
     tx: mpsc::UnboundedSender<Outbound>,
-    permit: Option<OwnedSemaphorePermit>,
+    done: bool,
 }
 
 impl Reply {
@@ -172,13 +184,42 @@ impl Reply {
         self.send_frame(out);
     }
 
-    fn send_frame(self, frame: Vec<u8>) {
+    fn send_frame(mut self, frame: Vec<u8>) {
+        self.done = true;
         // The connection may be gone; then there is nobody to tell.
-        let _ = self.tx.send((frame, self.permit));
+        let _ = self.tx.send(Outbound {
+            frame,
+            answers_request: true,
+            permit: None,
+        });
+    }
+
+    /// Frees the slot without a response (CREDIT has none).
+    fn no_response(self) {
+        self.send_frame(Vec::new());
     }
 
     fn error(self, e: WireError) {
         self.send(&Response::Error(e));
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            let mut out = Vec::new();
+            WireError::new(
+                ErrorCode::Internal,
+                "the request was dropped without an answer",
+            )
+            .encode(op::ERROR, self.request_id, &mut out);
+            let _ = self.tx.send(Outbound {
+                frame: out,
+                answers_request: true,
+                permit: None,
+            });
+        }
     }
 }
 
@@ -346,6 +387,9 @@ impl Server {
             shutdown,
             connections: AtomicU32::new(0),
             started: Instant::now(),
+            inline_leader: AtomicBool::new(false),
+            inline_leader_allowed: tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread,
         });
         // The ack thread holds the log and the watch, not the context: the context holds
         // the channel's sender, and the thread ends when the last sender is dropped.
@@ -482,55 +526,34 @@ async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }
 
-/// Writes queued frames, gathering what is queued into one write, and releases each
-/// frame's permit once written.
-async fn writer(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outbound>) {
-    let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
-    let mut permits = Vec::new();
-    while let Some((frame, permit)) = rx.recv().await {
-        buf.extend_from_slice(&frame);
-        permits.extend(permit);
-        while buf.len() < WRITE_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok((frame, permit)) => {
-                    buf.extend_from_slice(&frame);
-                    permits.extend(permit);
-                }
-                Err(_) => break,
-            }
-        }
-        if w.write_all(&buf).await.is_err() {
-            break;
-        }
-        buf.clear();
-        if buf.capacity() > 4 * WRITE_BATCH_BYTES {
-            buf = Vec::with_capacity(WRITE_BATCH_BYTES);
-        }
-        permits.clear();
+/// Takes the next whole frame body off the front of `buf`, if there is one.
+fn next_frame(buf: &mut BytesMut, frame_bytes_max: u32) -> Result<Option<BytesMut>, ProtocolError> {
+    if buf.len() < LENGTH_BYTES {
+        return Ok(None);
     }
-    let _ = w.shutdown().await;
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    protocol::check_frame_len(len, frame_bytes_max)?;
+    let total = LENGTH_BYTES + len as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    buf.advance(LENGTH_BYTES);
+    Ok(Some(buf.split_to(len as usize)))
 }
 
-/// Reads one frame body into `buf`'s front; `Ok(None)` on a clean end of stream.
+/// Reads one frame body; `Ok(None)` on a clean end of stream.
 async fn read_frame(
     rd: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     frame_bytes_max: u32,
 ) -> Result<Option<BytesMut>, FrameReadError> {
     loop {
-        if buf.len() >= LENGTH_BYTES {
-            let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-            protocol::check_frame_len(len, frame_bytes_max).map_err(FrameReadError::Protocol)?;
-            let total = LENGTH_BYTES + len as usize;
-            if buf.len() >= total {
-                buf.advance(LENGTH_BYTES);
-                return Ok(Some(buf.split_to(len as usize)));
-            }
-            buf.reserve(total - buf.len());
-        } else {
-            buf.reserve(64 << 10);
+        if let Some(f) = next_frame(buf, frame_bytes_max).map_err(FrameReadError::Protocol)? {
+            return Ok(Some(f));
         }
-        // `read_buf` is cancel-safe: a timeout or shutdown never loses bytes.
+        buf.reserve(64 << 10);
+        // `read_buf` is cancel-safe: a timeout never loses bytes.
         match rd.read_buf(buf).await {
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err(FrameReadError::Truncated),
@@ -547,7 +570,7 @@ enum FrameReadError {
     Io(std::io::Error),
 }
 
-/// A subscription as the connection's reader sees it.
+/// A subscription as the connection sees it.
 struct SubControl {
     credit: Arc<SubShared>,
     task: tokio::task::JoinHandle<()>,
@@ -561,19 +584,15 @@ struct SubShared {
     wake: Notify,
 }
 
+fn error_frame(out: &mut Vec<u8>, code: ErrorCode, message: impl Into<String>, request_id: u32) {
+    WireError::new(code, message).encode(op::ERROR, request_id, out);
+}
+
 async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
-    let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
-    let writer_task = tokio::spawn(writer(wr, rx));
+    let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(64 << 10);
     let cfg = &ctx.cfg;
-    let send_error = |e: WireError, request_id: u32| {
-        let mut out = Vec::new();
-        e.encode(op::ERROR, request_id, &mut out);
-        let _ = tx.send((out, None));
-    };
-
-    // Handshake.
+    let mut out = Vec::new();
     let hello = tokio::time::timeout(
         cfg.handshake_timeout,
         read_frame(&mut rd, &mut buf, cfg.frame_bytes_max),
@@ -581,49 +600,55 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     .await;
     let version = match hello {
         Err(_) => {
-            send_error(
-                WireError::new(ErrorCode::Timeout, "no HELLO within the handshake timeout"),
+            error_frame(
+                &mut out,
+                ErrorCode::Timeout,
+                "no HELLO within the handshake timeout",
                 0,
             );
             None
         }
-        Ok(Ok(Some(frame))) => handshake(ctx, &frame, &tx),
+        Ok(Ok(Some(frame))) => handshake(ctx, &frame, &mut out),
         Ok(Ok(None)) => None,
         Ok(Err(e)) => {
-            frame_error(&send_error, e);
+            frame_error(&mut out, e);
             None
         }
     };
-    if let Some(version) = version {
-        tracing::debug!(%peer, version, "connection ready");
-        serve(ctx, &mut rd, &mut buf, &tx, version).await;
+    if !out.is_empty() && wr.write_all(&out).await.is_err() {
+        return;
     }
-    drop(tx);
-    let _ = writer_task.await;
+    match version {
+        Some(version) => {
+            tracing::debug!(%peer, version, "connection ready");
+            serve(ctx, rd, wr, buf, version).await;
+        }
+        None => {
+            let _ = wr.shutdown().await;
+        }
+    }
     tracing::debug!(%peer, "connection closed");
 }
 
-fn frame_error(send_error: &impl Fn(WireError, u32), e: FrameReadError) {
+fn frame_error(out: &mut Vec<u8>, e: FrameReadError) {
     match e {
-        FrameReadError::Protocol(p) => send_error(WireError::new(p.code(), p.to_string()), 0),
+        FrameReadError::Protocol(p) => error_frame(out, p.code(), p.to_string(), 0),
         FrameReadError::Truncated => tracing::debug!("connection closed inside a frame"),
         FrameReadError::Io(e) => tracing::debug!(error = %e, "connection read failed"),
     }
 }
 
-fn handshake(ctx: &Ctx, frame: &[u8], tx: &mpsc::UnboundedSender<Outbound>) -> Option<u16> {
-    let fail = |code, msg: String, request_id| {
-        let mut out = Vec::new();
-        WireError::new(code, msg).encode(op::ERROR, request_id, &mut out);
-        let _ = tx.send((out, None));
-        None
-    };
+fn handshake(ctx: &Ctx, frame: &[u8], out: &mut Vec<u8>) -> Option<u16> {
     let (h, payload) = match protocol::split_frame(frame) {
         Ok(x) => x,
-        Err(e) => return fail(ErrorCode::MalformedRequest, e.to_string(), 0),
+        Err(e) => {
+            error_frame(out, ErrorCode::MalformedRequest, e.to_string(), 0);
+            return None;
+        }
     };
     if h.opcode != op::HELLO {
-        return fail(
+        error_frame(
+            out,
             ErrorCode::HandshakeRequired,
             format!(
                 "the first frame must be HELLO (0x01), not 0x{:02x}",
@@ -631,6 +656,7 @@ fn handshake(ctx: &Ctx, frame: &[u8], tx: &mpsc::UnboundedSender<Outbound>) -> O
             ),
             h.request_id,
         );
+        return None;
     }
     let (min, max) = match Request::decode(h.opcode, payload, 0) {
         Ok(Request::Hello {
@@ -639,17 +665,22 @@ fn handshake(ctx: &Ctx, frame: &[u8], tx: &mpsc::UnboundedSender<Outbound>) -> O
             ..
         }) => (min_version, max_version),
         Ok(_) => unreachable!("HELLO decodes to Hello"),
-        Err(e) => return fail(e.code(), e.to_string(), h.request_id),
+        Err(e) => {
+            error_frame(out, e.code(), e.to_string(), h.request_id);
+            return None;
+        }
     };
     let version = max.min(PROTOCOL_VERSION);
     if version < min.max(1) {
-        return fail(
+        error_frame(
+            out,
             ErrorCode::UnsupportedVersion,
             format!(
                 "client speaks versions {min}..={max}; this server speaks 1..={PROTOCOL_VERSION}"
             ),
             h.request_id,
         );
+        return None;
     }
     let ok = Response::Hello(HelloOk {
         version,
@@ -658,103 +689,192 @@ fn handshake(ctx: &Ctx, frame: &[u8], tx: &mpsc::UnboundedSender<Outbound>) -> O
         next_position: ctx.log.next_position().0,
         limits: ctx.cfg.limits(),
     });
-    let mut out = Vec::new();
-    ok.encode(op::HELLO, h.request_id, &mut out);
-    let _ = tx.send((out, None));
+    ok.encode(op::HELLO, h.request_id, out);
     Some(version)
 }
 
+/// Serves a connection after its handshake, on one task: it reads requests (up to
+/// `inflight_max` unanswered, then it stops reading: backpressure), writes responses and
+/// pushes that other tasks and threads queue for it, and leads the wait for its appends'
+/// sync when no other connection is leading one (see [`Ctx::inline_leader`]).
 async fn serve(
     ctx: &Arc<Ctx>,
-    rd: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    tx: &mpsc::UnboundedSender<Outbound>,
+    mut rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
+    mut buf: BytesMut,
     version: u16,
 ) {
     let cfg = &ctx.cfg;
-    let inflight = Arc::new(Semaphore::new(cfg.inflight_max as usize));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let mut subs: HashMap<u32, SubControl> = HashMap::new();
     let mut shutdown = ctx.shutdown.clone();
-    let send_error = |e: WireError, request_id: u32| {
-        let mut out = Vec::new();
-        e.encode(op::ERROR, request_id, &mut out);
-        let _ = tx.send((out, None));
-    };
+    let mut inflight: u32 = 0;
+    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut held: Vec<OwnedSemaphorePermit> = Vec::new();
+    let mut eof = false;
+    let mut closing = false;
+    let mut stopping_since: Option<tokio::time::Instant> = None;
+    let mut last_activity = tokio::time::Instant::now();
     loop {
-        if *shutdown.borrow() {
+        // 1. Every whole frame that has a slot.
+        let mut acks = Vec::new();
+        while !closing && stopping_since.is_none() && inflight < cfg.inflight_max {
+            let frame = match next_frame(&mut buf, cfg.frame_bytes_max) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    error_frame(&mut out, e.code(), e.to_string(), 0);
+                    closing = true;
+                    break;
+                }
+            };
+            inflight += 1;
+            let (h, payload) = match protocol::split_frame(&frame) {
+                Ok(x) => x,
+                Err(e) => {
+                    inflight -= 1;
+                    error_frame(&mut out, e.code(), e.to_string(), 0);
+                    closing = true;
+                    break;
+                }
+            };
+            let reply = Reply {
+                request_id: h.request_id,
+                opcode: h.opcode,
+                tx: tx.clone(),
+                done: false,
+            };
+            match Request::decode(h.opcode, payload, cfg.append_events_max) {
+                // The frame was whole, so the stream is still in step: answer and go on.
+                Err(e) => reply.error(WireError::new(e.code(), e.to_string())),
+                Ok(req) => acks.extend(handle(ctx, req, reply, &mut subs, version)),
+            }
+        }
+        // 2. Appends waiting for their sync.
+        if !acks.is_empty() {
+            wait_acks(ctx, acks);
+        }
+        // 3. Everything queued for the socket, then one write.
+        while let Ok(o) = rx.try_recv() {
+            take(&mut out, &mut inflight, &mut held, o);
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+            if out.capacity() > 4 * WRITE_BATCH_BYTES {
+                out = Vec::with_capacity(WRITE_BATCH_BYTES);
+            }
+            held.clear();
+            last_activity = tokio::time::Instant::now();
+        }
+        if closing {
             break;
         }
-        // Backpressure: a request is read only when a slot for its response is free.
-        let permit = tokio::select! {
-            p = Arc::clone(&inflight).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => break,
-        };
-        let frame = tokio::select! {
-            r = tokio::time::timeout(cfg.idle_timeout, read_frame(rd, buf, cfg.frame_bytes_max)) => r,
-            _ = shutdown.changed() => break,
-        };
-        let frame = match frame {
-            Err(_) => {
-                subs.retain(|_, s| !s.task.is_finished());
-                let busy = inflight.available_permits() + 1 < cfg.inflight_max as usize;
-                if busy || !subs.is_empty() {
-                    continue;
-                }
-                send_error(WireError::new(ErrorCode::Timeout, "idle timeout"), 0);
-                break;
+        let stopping = *shutdown.borrow() || eof;
+        if stopping && stopping_since.is_none() {
+            stopping_since = Some(tokio::time::Instant::now());
+            for s in subs.values() {
+                s.credit.ended.store(true, Ordering::SeqCst);
+                s.credit.wake.notify_one();
             }
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                frame_error(&send_error, e);
-                break;
-            }
-        };
-        let (h, payload) = match protocol::split_frame(&frame) {
-            Ok(x) => x,
-            Err(e) => {
-                send_error(WireError::new(e.code(), e.to_string()), 0);
-                break;
-            }
-        };
-        let reply = Reply {
-            request_id: h.request_id,
-            opcode: h.opcode,
-            tx: tx.clone(),
-            permit: Some(permit),
-        };
-        let req = match Request::decode(h.opcode, payload, cfg.append_events_max) {
-            Ok(r) => r,
-            Err(e) => {
-                // The frame was whole, so the stream is still in step: answer and go on.
-                reply.error(WireError::new(e.code(), e.to_string()));
+            if *shutdown.borrow() {
+                error_frame(
+                    &mut out,
+                    ErrorCode::ShuttingDown,
+                    "the server is shutting down: requests it has not answered were not executed",
+                    0,
+                );
                 continue;
             }
-        };
-        handle(ctx, req, reply, &mut subs, version);
+        }
+        if let Some(since) = stopping_since {
+            subs.retain(|_, s| !s.task.is_finished());
+            if (inflight == 0 && subs.is_empty()) || since.elapsed() > cfg.shutdown_timeout {
+                break;
+            }
+        }
+        // 4. Wait for bytes, something to write, a shutdown, or the idle timer.
+        let can_read = stopping_since.is_none() && inflight < cfg.inflight_max;
+        if can_read {
+            buf.reserve(64 << 10);
+        }
+        let idle_at = last_activity + cfg.idle_timeout;
+        tokio::select! {
+            r = rd.read_buf(&mut buf), if can_read => match r {
+                Ok(0) => {
+                    if !buf.is_empty() {
+                        tracing::debug!("connection closed inside a frame");
+                    }
+                    eof = true;
+                }
+                Ok(_) => last_activity = tokio::time::Instant::now(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection read failed");
+                    eof = true;
+                }
+            },
+            Some(o) = rx.recv() => take(&mut out, &mut inflight, &mut held, o),
+            _ = shutdown.changed(), if stopping_since.is_none() => {}
+            () = tokio::time::sleep_until(idle_at), if stopping_since.is_none() => {
+                subs.retain(|_, s| !s.task.is_finished());
+                if inflight == 0 && subs.is_empty() {
+                    error_frame(&mut out, ErrorCode::Timeout, "idle timeout", 0);
+                    closing = true;
+                } else {
+                    last_activity = tokio::time::Instant::now();
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)), if stopping_since.is_some() => {}
+        }
     }
-    // Shutdown or the client left: end subscriptions, then wait for every answer to be
-    // written (or the shutdown deadline).
     for s in subs.values() {
         s.credit.ended.store(true, Ordering::SeqCst);
         s.credit.wake.notify_one();
     }
-    if *shutdown.borrow() {
-        send_error(
-            WireError::new(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down: requests it has not answered were not executed",
-            ),
-            0,
-        );
+    let _ = wr.shutdown().await;
+}
+
+fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePermit>, o: Outbound) {
+    out.extend_from_slice(&o.frame);
+    if o.answers_request {
+        *inflight -= 1;
     }
-    let all = cfg.inflight_max;
-    let _ = tokio::time::timeout(cfg.shutdown_timeout, inflight.acquire_many(all)).await;
-    for (_, s) in subs {
-        let _ = tokio::time::timeout(Duration::from_secs(1), s.task).await;
+    held.extend(o.permit);
+}
+
+/// Waits for appends' syncs: on this task when no other connection is leading one (no
+/// cross-thread wake-up on the way to the sync or back), otherwise on the ack thread,
+/// where they share the sync that the leader or the engine's flusher runs.
+fn wait_acks(ctx: &Arc<Ctx>, acks: Vec<Ack>) {
+    if ctx.inline_leader_allowed
+        && ctx
+            .inline_leader
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        // Waiting for the last covers the earlier ones: durability is a prefix.
+        let done: Vec<_> = tokio::task::block_in_place(|| {
+            acks.into_iter()
+                .map(|a| (a.handle.wait(), a.reply, a.kind))
+                .collect()
+        });
+        ctx.inline_leader.store(false, Ordering::Release);
+        publish_visible(&ctx.visible, &ctx.log);
+        for (r, reply, kind) in done {
+            match r {
+                Ok(results) => reply.send(&append_response(kind, results)),
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
+        return;
+    }
+    for ack in acks {
+        if let Err(std::sync::mpsc::SendError(ack)) = ctx.acks.send(ack) {
+            // The ack thread is gone only after every connection ended; answer here.
+            respond_append(&ctx.visible, &ctx.log, ack);
+        }
     }
 }
 
@@ -762,13 +882,14 @@ fn reserved(stream: &str) -> bool {
     stream.starts_with(SYSTEM_STREAM_PREFIX)
 }
 
+#[must_use]
 fn handle(
     ctx: &Arc<Ctx>,
     req: Request,
     reply: Reply,
     subs: &mut HashMap<u32, SubControl>,
     version: u16,
-) {
+) -> Option<Ack> {
     match req {
         Request::Hello { .. } => reply.error(WireError::new(
             ErrorCode::MalformedRequest,
@@ -790,14 +911,22 @@ fn handle(
             };
             reply.send(&Response::ServerInfo(info));
         }
-        Request::Append(part) => append(ctx, std::slice::from_ref(&part), reply, AckKind::One),
-        Request::AppendMulti(parts) => append(ctx, &parts, reply, AckKind::Multi),
+        Request::Append(part) => {
+            return append(ctx, std::slice::from_ref(&part), reply, AckKind::One);
+        }
+        Request::AppendMulti(parts) => return append(ctx, &parts, reply, AckKind::Multi),
         Request::CheckpointStore { name, position } => {
             let Some(stream) = consumer_stream(&name) else {
-                return reply.error(WireError::new(
-                    ErrorCode::InvalidAppend,
-                    format!("consumer name must be 1 to 200 bytes without control characters, got {} bytes", name.len()),
-                ));
+                return early(
+                    reply,
+                    WireError::new(
+                        ErrorCode::InvalidAppend,
+                        format!(
+                            "consumer name must be 1 to 200 bytes without control characters, got {} bytes",
+                            name.len()
+                        ),
+                    ),
+                );
             };
             let part = AppendPart {
                 stream,
@@ -807,7 +936,7 @@ fn handle(
                     position.to_le_bytes().to_vec(),
                 )],
             };
-            submit(
+            return submit(
                 ctx,
                 std::slice::from_ref(&part),
                 reply,
@@ -821,24 +950,33 @@ fn handle(
         } => {
             subs.retain(|_, s| !s.task.is_finished());
             if subs.len() >= ctx.cfg.subscriptions_max as usize {
-                return reply.error(WireError::new(
-                    ErrorCode::TooManySubscriptions,
-                    format!(
-                        "a connection may have {} subscriptions",
-                        ctx.cfg.subscriptions_max
+                return early(
+                    reply,
+                    WireError::new(
+                        ErrorCode::TooManySubscriptions,
+                        format!(
+                            "a connection may have {} subscriptions",
+                            ctx.cfg.subscriptions_max
+                        ),
                     ),
-                ));
+                );
             }
             if subs.contains_key(&reply.request_id) {
-                return reply.error(WireError::new(
-                    ErrorCode::MalformedRequest,
-                    "a subscription with this request id is active",
-                ));
+                return early(
+                    reply,
+                    WireError::new(
+                        ErrorCode::MalformedRequest,
+                        "a subscription with this request id is active",
+                    ),
+                );
             }
             if let SubscribeTarget::Stream(s) = &target
                 && let Err(e) = tally_engine::format::envelope::check_stream_id(s)
             {
-                return reply.error(WireError::new(ErrorCode::MalformedRequest, e.to_string()));
+                return early(
+                    reply,
+                    WireError::new(ErrorCode::MalformedRequest, e.to_string()),
+                );
             }
             let shared = Arc::new(SubShared {
                 credit: AtomicU64::new(u64::from(credit)),
@@ -877,23 +1015,18 @@ fn handle(
                     });
                 s.credit.wake.notify_one();
             }
-            drop(reply);
+            reply.no_response();
         }
         Request::Unsubscribe { subscription } => match subs.remove(&subscription) {
             Some(s) if !s.task.is_finished() => {
                 // The subscription's task answers, after its last push.
-                let rid = reply.request_id;
                 s.credit
                     .unsubscribe
-                    .store(u64::from(rid) + 1, Ordering::SeqCst);
+                    .store(u64::from(reply.request_id) + 1, Ordering::SeqCst);
                 s.credit.wake.notify_one();
-                let tx = reply.tx.clone();
-                let permit = reply.permit;
                 tokio::spawn(async move {
                     let _ = s.task.await;
-                    let mut out = Vec::new();
-                    Response::Unsubscribed.encode(op::UNSUBSCRIBE, rid, &mut out);
-                    let _ = tx.send((out, permit));
+                    reply.send(&Response::Unsubscribed);
                 });
             }
             _ => reply.error(WireError::new(
@@ -906,6 +1039,13 @@ fn handle(
             tokio::task::spawn_blocking(move || blocking_request(&ctx, req, reply));
         }
     }
+    None
+}
+
+/// Answers with an error and returns no ack.
+fn early(reply: Reply, e: WireError) -> Option<Ack> {
+    reply.error(e);
+    None
 }
 
 fn consumer_stream(name: &str) -> Option<String> {
@@ -915,20 +1055,24 @@ fn consumer_stream(name: &str) -> Option<String> {
     Some(format!("{CONSUMER_STREAM_PREFIX}{name}"))
 }
 
-fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) {
+#[must_use]
+fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> Option<Ack> {
     if let Some(p) = parts.iter().find(|p| reserved(&p.stream)) {
-        return reply.error(WireError::new(
+        reply.error(WireError::new(
             ErrorCode::ReservedStream,
             format!(
                 "stream {:?}: names starting with {SYSTEM_STREAM_PREFIX:?} are the server's own",
                 p.stream
             ),
         ));
+        return None;
     }
-    submit(ctx, parts, reply, kind);
+    submit(ctx, parts, reply, kind)
 }
 
-fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) {
+/// Submits an append; returns it if it still waits for its sync.
+#[must_use]
+fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> Option<Ack> {
     let reqs: Vec<AppendRequest<'_>> = parts
         .iter()
         .map(|p| AppendRequest {
@@ -937,27 +1081,28 @@ fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) {
             events: &p.events,
         })
         .collect();
-    match ctx.log.append_async_multi(&reqs) {
-        Err(e) => reply.error(engine_error(&e)),
-        Ok(handle) if handle.is_done() => respond_append(
-            &ctx.visible,
-            &ctx.log,
-            Ack {
-                handle,
-                reply,
-                kind,
-            },
-        ),
-        Ok(handle) => {
-            if let Err(std::sync::mpsc::SendError(ack)) = ctx.acks.send(Ack {
-                handle,
-                reply,
-                kind,
-            }) {
-                // The ack thread is gone only after every connection ended; answer here.
-                respond_append(&ctx.visible, &ctx.log, ack);
-            }
+    match ctx.log.append_deferred_multi(&reqs) {
+        Err(e) => {
+            reply.error(engine_error(&e));
+            None
         }
+        Ok(handle) if handle.is_done() => {
+            respond_append(
+                &ctx.visible,
+                &ctx.log,
+                Ack {
+                    handle,
+                    reply,
+                    kind,
+                },
+            );
+            None
+        }
+        Ok(handle) => Some(Ack {
+            handle,
+            reply,
+            kind,
+        }),
     }
 }
 
@@ -1325,7 +1470,11 @@ async fn subscription(
     let push_end = |code: ErrorCode, msg: String| {
         let mut out = Vec::new();
         WireError::new(code, msg).encode(op::SUB_ENDED, id, &mut out);
-        let _ = tx.send((out, None));
+        let _ = tx.send(Outbound {
+            frame: out,
+            answers_request: false,
+            permit: None,
+        });
     };
     loop {
         if shared.unsubscribe.load(Ordering::SeqCst) != 0 {
@@ -1374,7 +1523,11 @@ async fn subscription(
         if count > 0 {
             shared.credit.fetch_sub(u64::from(count), Ordering::SeqCst);
             next = new_next;
-            let _ = tx.send((frame, Some(permit)));
+            let _ = tx.send(Outbound {
+                frame,
+                answers_request: false,
+                permit: Some(permit),
+            });
             continue;
         }
         drop(permit);
@@ -1387,7 +1540,11 @@ async fn subscription(
             caught_up = true;
             let mut out = Vec::new();
             Response::SubCaughtUp(next).encode(op::SUBSCRIBE, id, &mut out);
-            let _ = tx.send((out, None));
+            let _ = tx.send(Outbound {
+                frame: out,
+                answers_request: false,
+                permit: None,
+            });
         }
         // Wait for the log to grow. The watch is published after every acknowledged
         // append; the timer covers appends acknowledged without this server noticing.

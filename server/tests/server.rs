@@ -707,7 +707,10 @@ fn graceful_shutdown_answers_in_flight_requests_and_exits_zero() {
     assert!(log.recovery_report().clean, "{:?}", log.recovery_report());
     // Every append the server executed was answered: none was written without its
     // acknowledgement reaching the client, and none acknowledged is missing.
-    assert_eq!(log.stream_info("g").unwrap().unwrap().last_version + 1, acked);
+    assert_eq!(
+        log.stream_info("g").unwrap().unwrap().last_version + 1,
+        acked
+    );
 }
 
 #[test]

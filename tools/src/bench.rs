@@ -1,8 +1,14 @@
-//! `tally bench`: the embedded load generator.
+//! `tally bench`: the load generator, embedded or against a running server.
 //!
-//! N writer threads append to one embedded log. Each keeps `--inflight` appends outstanding
-//! (1: a blocking `append`; more: `append_async` handles waited on oldest first) and records
-//! the time from submitting an append to its acknowledgement in an HdrHistogram.
+//! Embedded: N writer threads append to one embedded log. Each keeps `--inflight` appends
+//! outstanding (1: a blocking `append`; more: `append_async` handles waited on oldest first)
+//! and records the time from submitting an append to its acknowledgement in an
+//! HdrHistogram.
+//!
+//! With `--server ADDR`: `--connections` connections each keep `--inflight` pipelined
+//! appends outstanding, measured the same way; `--embedded-baseline` then runs the same
+//! load through the embedded engine in a temporary directory, in the same process, and
+//! prints both with their ratio. `--read all|stream` measures replay instead.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -21,59 +27,200 @@ pub struct BenchArgs {
     /// Data directory (created if missing). Default: a fresh temporary directory, removed
     /// afterwards.
     #[arg(long)]
-    data: Option<PathBuf>,
+    pub(crate) data: Option<PathBuf>,
     /// Writer threads.
     #[arg(long, default_value_t = 1)]
-    writers: usize,
+    pub(crate) writers: usize,
     /// Appends each writer keeps outstanding.
     #[arg(long, default_value_t = 1)]
-    inflight: usize,
+    pub(crate) inflight: usize,
     /// Total events to append (ignored with --duration).
     #[arg(long, default_value_t = 100_000)]
-    events: u64,
+    pub(crate) events: u64,
     /// Run for this many seconds instead of a number of events.
     #[arg(long)]
-    duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
     /// Payload bytes per event.
     #[arg(long, default_value_t = 256)]
-    payload: usize,
+    pub(crate) payload: usize,
     /// Streams to spread the events over.
     #[arg(long, default_value_t = 1000)]
-    streams: u64,
+    pub(crate) streams: u64,
     /// Events per append.
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Durability of the log.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
-    durability: DurabilityArg,
+    pub(crate) durability: DurabilityArg,
     /// Max delay for --durability batched, in milliseconds.
     #[arg(long, default_value_t = 5)]
-    batched_delay_ms: u64,
+    pub(crate) batched_delay_ms: u64,
     /// Segment size in MiB.
     #[arg(long, default_value_t = 64)]
-    segment_mib: u64,
+    pub(crate) segment_mib: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// Load a running server at this address instead of an embedded log.
+    #[arg(long)]
+    pub(crate) server: Option<String>,
+    /// Connections to the server (with --server; each keeps --inflight requests).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) connections: usize,
+    /// With --server: measure replay (the whole log in order, or stream by stream)
+    /// instead of appends. The first --events events are read; if the log has fewer, the
+    /// rest are appended first (not measured).
+    #[arg(long, value_enum)]
+    pub(crate) read: Option<crate::remote::ReadMode>,
+    /// With --server: afterwards run the same load (writers = connections) through the
+    /// embedded engine in a temporary directory, and print both and their ratio.
+    #[arg(long)]
+    pub(crate) embedded_baseline: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
-enum DurabilityArg {
+pub(crate) enum DurabilityArg {
     Fsync,
     Batched,
     None,
 }
 
 /// What one writer measured.
-struct WriterResult {
-    histogram: Histogram<u64>,
-    events: u64,
+pub(crate) struct WriterResult {
+    pub(crate) histogram: Histogram<u64>,
+    pub(crate) events: u64,
+}
+
+/// One measured run.
+pub(crate) struct Measured {
+    pub(crate) label: &'static str,
+    pub(crate) events: u64,
+    pub(crate) seconds: f64,
+    /// Bytes counted for MB/s: payload bytes.
+    pub(crate) bytes: u64,
+    pub(crate) histogram: Histogram<u64>,
+}
+
+impl Measured {
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+
+    fn mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let q = |p: f64| self.histogram.value_at_quantile(p);
+        serde_json::json!({
+            "events": self.events,
+            "seconds": self.seconds,
+            "events_per_sec": self.events_per_sec(),
+            "mb_per_sec": self.mb_per_sec(),
+            "latency_us": {
+                "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "p999": q(0.999),
+                "max": self.histogram.max(),
+            },
+        })
+    }
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    if args.writers == 0 || args.inflight == 0 || args.batch == 0 || args.streams == 0 {
-        bail!("--writers, --inflight, --batch and --streams must be at least 1");
+    if args.writers == 0
+        || args.inflight == 0
+        || args.batch == 0
+        || args.streams == 0
+        || args.connections == 0
+    {
+        bail!("--writers, --connections, --inflight, --batch and --streams must be at least 1");
     }
+    let Some(addr) = &args.server else {
+        if args.read.is_some() || args.embedded_baseline {
+            bail!("--read and --embedded-baseline need --server ADDR");
+        }
+        let m = embedded(args, args.writers)?;
+        print(args, &[m], args.writers);
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut runs = vec![crate::remote_bench::run(addr, args)?];
+    if args.embedded_baseline {
+        let mut m = embedded(args, args.connections)?;
+        m.label = "embedded";
+        runs.push(m);
+    }
+    print(args, &runs, args.connections);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print(args: &BenchArgs, runs: &[Measured], writers: usize) {
+    if args.json {
+        let mut v = serde_json::Map::new();
+        for m in runs {
+            v.insert(m.label.into(), m.json());
+        }
+        if runs.len() == 1 {
+            println!("{}", runs[0].json());
+        } else {
+            let ratio = runs[0].events_per_sec() / runs[1].events_per_sec();
+            let added = runs[0].histogram.value_at_quantile(0.5) as i64
+                - runs[1].histogram.value_at_quantile(0.5) as i64;
+            v.insert("throughput_ratio".into(), serde_json::json!(ratio));
+            v.insert("added_p50_us".into(), serde_json::json!(added));
+            println!("{}", serde_json::Value::Object(v));
+        }
+        return;
+    }
+    let what = match (&args.server, args.read) {
+        (Some(_), Some(r)) => format!(
+            "server replay ({r:?})  connections {}  inflight {}",
+            args.connections, args.inflight
+        ),
+        (Some(_), None) => format!(
+            "server  connections {}  inflight {}",
+            args.connections, args.inflight
+        ),
+        (None, _) => format!("embedded  writers {writers}  inflight {}", args.inflight),
+    };
+    println!(
+        "{what}  batch {}  payload {} B  streams {}  durability {:?}",
+        args.batch, args.payload, args.streams, args.durability
+    );
+    println!(
+        "{:<10} {:>10} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "run", "events", "seconds", "events/s", "MB/s", "p50 us", "p90", "p99", "p99.9", "max"
+    );
+    for m in runs {
+        let q = |p: f64| m.histogram.value_at_quantile(p);
+        println!(
+            "{:<10} {:>10} {:>8.3} {:>11.0} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            m.label,
+            m.events,
+            m.seconds,
+            m.events_per_sec(),
+            m.mb_per_sec(),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            m.histogram.max()
+        );
+    }
+    if runs.len() == 2 {
+        println!(
+            "server/embedded throughput {:.2}x; p50 added {} us",
+            runs[0].events_per_sec() / runs[1].events_per_sec(),
+            runs[0].histogram.value_at_quantile(0.5) as i64
+                - runs[1].histogram.value_at_quantile(0.5) as i64
+        );
+    }
+}
+
+/// The embedded load with `writers` threads.
+fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
+    let args = &BenchArgs {
+        writers,
+        ..args.clone()
+    };
     let temp;
     let dir = match &args.data {
         Some(d) => d.clone(),
@@ -120,53 +267,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         events += r.events;
     }
     log.close()?;
-    let mb = events as f64 * args.payload as f64 / 1e6;
-    let q = |p: f64| histogram.value_at_quantile(p);
-    if args.json {
-        let v = serde_json::json!({
-            "events": events,
-            "seconds": seconds,
-            "events_per_sec": events as f64 / seconds,
-            "mb_per_sec": mb / seconds,
-            "latency_us": {
-                "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "p999": q(0.999),
-                "max": histogram.max(),
-            },
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "writers {}  inflight {}  batch {}  payload {} B  streams {}  durability {:?}",
-            args.writers, args.inflight, args.batch, args.payload, args.streams, args.durability
-        );
-        println!(
-            "{:>12} {:>9} {:>13} {:>9}",
-            "events", "seconds", "events/s", "MB/s"
-        );
-        println!(
-            "{events:>12} {seconds:>9.3} {:>13.0} {:>9.1}",
-            events as f64 / seconds,
-            mb / seconds
-        );
-        println!("ack latency (us, per append):");
-        println!(
-            "{:>9} {:>9} {:>9} {:>9} {:>9}",
-            "p50", "p90", "p99", "p99.9", "max"
-        );
-        println!(
-            "{:>9} {:>9} {:>9} {:>9} {:>9}",
-            q(0.50),
-            q(0.90),
-            q(0.99),
-            q(0.999),
-            histogram.max()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(Measured {
+        label: "embedded",
+        events,
+        seconds,
+        bytes: events * args.payload as u64,
+        histogram,
+    })
 }
 
 /// A temporary data directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -174,7 +285,7 @@ impl Drop for TempDir {
     }
 }
 
-fn tempfile_dir() -> anyhow::Result<TempDir> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<TempDir> {
     let base = std::env::temp_dir();
     for i in 0..1000u32 {
         let p = base.join(format!("tally-bench-{}-{i}", std::process::id()));

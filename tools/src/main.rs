@@ -6,6 +6,8 @@
 //! - `tally init | pubkey | inspect | dump | verify | checkpoint | prove`: the operator's
 //!   inspection and verification commands ([`ops`]).
 //! - `tally extract | verify-extract | backup`: audit extracts and backups ([`audit`]).
+//! - `tally append | read | tail | info --server ADDR`: a running server's client
+//!   ([`remote`]); `tally bench --server ADDR` loads one ([`remote_bench`]).
 //!
 //! Exit status: 0 success, 1 when verification finds a problem, 2 on usage or I/O errors.
 
@@ -15,6 +17,8 @@ mod audit;
 mod bench;
 mod demo;
 mod ops;
+mod remote;
+mod remote_bench;
 
 use std::process::ExitCode;
 
@@ -33,8 +37,8 @@ enum Command {
     /// Run the end-to-end demo: append trade-lifecycle events, read them back, reopen,
     /// verify the chain.
     Demo(demo::DemoArgs),
-    /// Append to an embedded log from several threads and report throughput and
-    /// acknowledgement latency.
+    /// Append to an embedded log (or a running server, with --server) and report
+    /// throughput and acknowledgement latency; --read measures replay.
     Bench(bench::BenchArgs),
     /// Create a data directory and its signing key.
     Init(ops::InitArgs),
@@ -58,6 +62,14 @@ enum Command {
     VerifyExtract(audit::VerifyExtractArgs),
     /// Copy a (live) data directory up to a signed checkpoint, and verify the copy.
     Backup(audit::BackupArgs),
+    /// Append one event through a running server.
+    Append(remote::AppendArgs),
+    /// Read a stream from a running server.
+    Read(remote::ReadArgs),
+    /// Follow the log (or a stream) on a running server: catch up, then live.
+    Tail(remote::TailArgs),
+    /// A running server's facts (and a stream's, with --stream).
+    Info(remote::InfoArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +88,10 @@ fn main() -> ExitCode {
         Command::Extract(a) => audit::extract(&a),
         Command::VerifyExtract(a) => audit::verify_extract(&a),
         Command::Backup(a) => audit::backup(&a),
+        Command::Append(a) => remote::append(&a),
+        Command::Read(a) => remote::read(&a),
+        Command::Tail(a) => remote::tail(&a),
+        Command::Info(a) => remote::info(&a),
     };
     match result {
         Ok(code) => code,

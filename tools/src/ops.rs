@@ -532,6 +532,18 @@ pub fn event_json(
     record_hash: &[u8; 32],
     e: &EnvelopeRef<'_>,
 ) -> Value {
+    let mut v = envelope_json(position, version, record_time, e);
+    v["record_hash"] = Value::String(hex(record_hash));
+    v
+}
+
+/// An event as JSON, without its record hash (what a server's read returns).
+pub fn envelope_json(
+    position: u64,
+    version: u64,
+    record_time: Timestamp,
+    e: &EnvelopeRef<'_>,
+) -> Value {
     let (payload, encoding) = payload_json(e);
     json!({
         "position": position,
@@ -549,7 +561,6 @@ pub fn event_json(
         "content_type": content_type_name(e.content_type),
         "payload": payload,
         "payload_encoding": encoding,
-        "record_hash": hex(record_hash),
     })
 }
 

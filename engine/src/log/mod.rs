@@ -607,6 +607,19 @@ impl Log {
         append::submit(&self.shared, requests, true)
     }
 
+    /// [`Log::append_async_multi`] for a caller that will wait on the handle itself soon,
+    /// typically after submitting a few more appends: no background flusher is woken, and
+    /// the first [`AppendHandle::wait`] leads the sync on the waiting thread, which saves
+    /// two thread hand-offs per acknowledgement. A server that gathers the appends it has
+    /// read and then waits once uses this. A handle that nobody waits on becomes durable
+    /// only when another append's sync covers it.
+    ///
+    /// # Errors
+    /// As [`Log::append_async`].
+    pub fn append_deferred_multi(&self, requests: &[AppendRequest<'_>]) -> Result<AppendHandle> {
+        append::submit(&self.shared, requests, false)
+    }
+
     /// Reads up to `max` events of `stream`, starting at `from_version` and going in
     /// `direction` (`u64::MAX` with `Backward` reads from the newest).
     ///
