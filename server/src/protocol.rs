@@ -988,7 +988,14 @@ impl Request {
                 let at = r.u64("from")?;
                 let from = match kind {
                     0 => SubscribeFrom::At(at),
-                    1 => SubscribeFrom::Now,
+                    // The position field is zero with "now": one meaning, one encoding.
+                    1 if at == 0 => SubscribeFrom::Now,
+                    1 => {
+                        return Err(ProtocolError::InvalidValue {
+                            what: "from (must be 0 with kind now)",
+                            value: at,
+                        });
+                    }
                     v => {
                         return Err(ProtocolError::InvalidValue {
                             what: "from kind",
@@ -1733,6 +1740,35 @@ fn read_events(r: &mut Reader<'_>, frame: &Bytes) -> Result<Vec<Event>, Protocol
     Ok(events)
 }
 
+/// Runs `data` through everything that decodes bytes from the network, as the fuzz
+/// target `decode_frame` and the tests do: a frame's length check and header, a request of
+/// the frame's opcode (which, when it decodes, must re-encode to the same payload: the
+/// encoding is canonical), and the response decoder. Panics only on a bug.
+pub fn check_decoders(data: &[u8]) {
+    if data.len() >= LENGTH_BYTES {
+        let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let _ = check_frame_len(len, FRAME_BYTES_MAX_DEFAULT);
+    }
+    let Ok((h, payload)) = split_frame(data) else {
+        return;
+    };
+    if let Ok(req) = Request::decode(h.opcode, payload, APPEND_EVENTS_MAX_DEFAULT) {
+        let mut again = Vec::new();
+        req.encode(h.request_id, &mut again);
+        assert_eq!(
+            &again[LENGTH_BYTES + FRAME_HEADER_BYTES..],
+            payload,
+            "{req:?} re-encodes differently"
+        );
+    }
+    if let Ok((_, resp)) = Response::decode(&Bytes::copy_from_slice(data)) {
+        // Decoded responses re-encode (events through the same field order).
+        let mut again = Vec::new();
+        let opcode = h.opcode & !op::RESPONSE_BIT;
+        resp.encode(opcode, h.request_id, &mut again);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2012,10 +2048,47 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn random_payloads_never_panic(opcode: u8, payload: Vec<u8>) {
-            let _ = Request::decode(opcode, &payload, APPEND_EVENTS_MAX_DEFAULT);
             let mut frame = vec![opcode, 0, 1, 0, 0, 0];
             frame.extend_from_slice(&payload);
-            let _ = Response::decode(&Bytes::from(frame));
+            check_decoders(&frame);
+        }
+
+        #[test]
+        fn mutated_valid_requests_never_panic(
+            which in 0usize..4,
+            flips in proptest::collection::vec((0usize..400, proptest::num::u8::ANY), 0..6),
+            cut in 0usize..400,
+        ) {
+            let reqs = [
+                Request::Append(AppendPart {
+                    stream: "trade-1".into(),
+                    expected: ExpectedVersion::Exact(3),
+                    events: vec![sample_event(), EventData::new("X", vec![1, 2])],
+                }),
+                Request::ReadAll {
+                    from: 1,
+                    max: 2,
+                    direction: tally_engine::Direction::Forward,
+                    filter: Filter { stream_prefix: "t".into(), event_types: vec!["A".into()] },
+                },
+                Request::Subscribe {
+                    target: SubscribeTarget::Stream("s".into()),
+                    from: SubscribeFrom::Now,
+                    credit: 5,
+                },
+                Request::Hello { min_version: 1, max_version: 1, client: "c".into() },
+            ];
+            let mut out = Vec::new();
+            reqs[which].encode(9, &mut out);
+            let mut body = out[LENGTH_BYTES..].to_vec();
+            for (at, b) in flips {
+                if !body.is_empty() {
+                    let i = at % body.len();
+                    body[i] ^= b;
+                }
+            }
+            body.truncate(cut.max(1));
+            check_decoders(&body);
         }
     }
 }

@@ -930,3 +930,76 @@ fn handshake_timeout_closes_silent_connections() {
     let seen: HashSet<u16> = ErrorCode::ALL.iter().map(|c| c.as_u16()).collect();
     assert_eq!(seen.len(), ErrorCode::ALL.len());
 }
+
+#[test]
+fn a_subscription_resumes_after_a_server_restart_without_gaps_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    let addr = d.addr.clone();
+    let rt = runtime();
+    let c = rt.block_on(async {
+        let opts = ClientOptions {
+            subscription_window: 16,
+            retries: 100,
+            retry_delay: Duration::from_millis(20),
+            ..ClientOptions::default()
+        };
+        let c = Client::connect_with(&addr, opts).await.unwrap();
+        for i in 0..100 {
+            c.append(
+                "r",
+                ExpectedVersion::Any,
+                vec![EventData::json("T", payload(i))],
+            )
+            .await
+            .unwrap();
+        }
+        c
+    });
+    let mut sub = rt.block_on(async {
+        let mut sub = c
+            .subscribe(
+                SubscribeTarget::All(Filter::default()),
+                SubscribeFrom::At(0),
+            )
+            .await
+            .unwrap();
+        for want in 0..50u64 {
+            match sub.next().await.unwrap() {
+                SubscriptionItem::Event(e) => assert_eq!(e.position.0, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        sub
+    });
+    // The server goes away with events buffered and credit outstanding, and comes back.
+    d.kill();
+    let d = Tallyd::start(dir.path(), &["--listen", &addr]);
+    rt.block_on(async {
+        for i in 100..150 {
+            c.append(
+                "r",
+                ExpectedVersion::Any,
+                vec![EventData::json("T", payload(i))],
+            )
+            .await
+            .unwrap();
+        }
+        let mut want = 50u64;
+        while want < 150 {
+            match tokio::time::timeout(Duration::from_secs(20), sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                SubscriptionItem::Event(e) => {
+                    assert_eq!(e.position.0, want, "resumed after the last delivered event");
+                    assert_eq!(e.payload(), payload(want).as_bytes());
+                    want += 1;
+                }
+                SubscriptionItem::CaughtUp(_) => {}
+            }
+        }
+    });
+    drop(d);
+}

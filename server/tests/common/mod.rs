@@ -19,10 +19,12 @@ impl Tallyd {
     /// Starts `tallyd --data DATA --listen 127.0.0.1:0` with `extra` arguments and waits
     /// until it listens.
     pub fn start(data: &Path, extra: &[&str]) -> Tallyd {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .arg("--data")
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+        cmd.arg("--data").arg(data).args(["--log", "info"]);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
