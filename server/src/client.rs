@@ -713,7 +713,14 @@ async fn read_frame(
                 buf.advance(LENGTH_BYTES);
                 return Ok(Some(buf.split_to(len as usize).freeze()));
             }
-            buf.reserve(total - buf.len());
+            // Room for several large frames at once: once the frames split off earlier are
+            // dropped, `reserve` takes the whole allocation back instead of allocating (and
+            // page-faulting) a fresh one per frame.
+            if total > (64 << 10) {
+                buf.reserve(total.max(4 << 20));
+            } else {
+                buf.reserve(total - buf.len());
+            }
         } else {
             buf.reserve(64 << 10);
         }

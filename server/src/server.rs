@@ -837,7 +837,12 @@ async fn serve(
 }
 
 fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePermit>, o: Outbound) {
-    out.extend_from_slice(&o.frame);
+    if out.is_empty() {
+        // A large read response is written as it is, not copied.
+        *out = o.frame;
+    } else {
+        out.extend_from_slice(&o.frame);
+    }
     if o.answers_request {
         *inflight -= 1;
     }
@@ -1258,6 +1263,12 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
     }
 }
 
+/// A first guess at a frame of `events` events: typical events (a few hundred bytes) fit,
+/// and untouched capacity costs no memory.
+fn frame_capacity(events: u64, max_frame: usize) -> usize {
+    (64 + events as usize * 512).min(max_frame + 1024)
+}
+
 /// Events gathered for one frame.
 struct Batch {
     out: Vec<u8>,
@@ -1270,8 +1281,9 @@ struct Batch {
 }
 
 impl Batch {
-    fn new(opcode: u8, request_id: u32, with_next: bool) -> Batch {
-        let mut out = Vec::with_capacity(64 << 10);
+    fn new(opcode: u8, request_id: u32, with_next: bool, capacity: usize) -> Batch {
+        // Sized up front: growing a megabyte frame by doubling copies it several times.
+        let mut out = Vec::with_capacity(capacity);
         let start = protocol::start_frame(&mut out, opcode, request_id);
         let header_at = out.len();
         if with_next {
@@ -1316,7 +1328,12 @@ fn read_all_forward(
 ) -> Result<Batch, EngineError> {
     let visible = log.next_position();
     let with_next = opcode != op::SUB_EVENTS;
-    let mut b = Batch::new(opcode, request_id, with_next);
+    let mut b = Batch::new(
+        opcode,
+        request_id,
+        with_next,
+        frame_capacity(max, max_frame),
+    );
     let window = if filter.is_empty() {
         max
     } else {
@@ -1390,7 +1407,12 @@ fn read_all_backward(
     max_frame: usize,
     request_id: u32,
 ) -> Result<Vec<u8>, EngineError> {
-    let mut b = Batch::new(op::READ_ALL | op::RESPONSE_BIT, request_id, true);
+    let mut b = Batch::new(
+        op::READ_ALL | op::RESPONSE_BIT,
+        request_id,
+        true,
+        frame_capacity(max, max_frame),
+    );
     let visible = log.next_position().0;
     if visible == 0 {
         b.end = true;
@@ -1583,7 +1605,7 @@ fn sub_read(
         }
         SubscribeTarget::Stream(stream) => {
             let events = log.read_stream(stream, next, n as usize, Direction::Forward)?;
-            let mut b = Batch::new(op::SUB_EVENTS, id, false);
+            let mut b = Batch::new(op::SUB_EVENTS, id, false, frame_capacity(n, max_frame));
             let mut to = next;
             for e in &events {
                 let before = b.out.len();
