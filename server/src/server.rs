@@ -16,7 +16,7 @@
 //!   waiting for the socket; when it has read everything it waits for the log to grow, so
 //!   catch-up and live delivery are one loop and nothing is skipped or sent twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -715,6 +715,8 @@ async fn serve(
     let mut closing = false;
     let mut stopping_since: Option<tokio::time::Instant> = None;
     let mut last_activity = tokio::time::Instant::now();
+    let mut pending: VecDeque<Ack> = VecDeque::new();
+    let mut durable = ctx.visible.subscribe();
     loop {
         // 1. Every whole frame that has a slot.
         let mut acks = Vec::new();
@@ -751,8 +753,11 @@ async fn serve(
             }
         }
         // 2. Appends waiting for their sync.
-        if !acks.is_empty() {
-            wait_acks(ctx, acks);
+        if !acks.is_empty() || !pending.is_empty() {
+            // Seen before checking, so that an announcement after the check wakes us.
+            durable.borrow_and_update();
+            pending.extend(acks);
+            settle_acks(ctx, &mut pending);
         }
         // 3. Everything queued for the socket, then one write.
         while let Ok(o) = rx.try_recv() {
@@ -816,6 +821,10 @@ async fn serve(
                 }
             },
             Some(o) = rx.recv() => take(&mut out, &mut inflight, &mut held, o),
+            // Another connection's sync was announced: ours may be covered, or it is our
+            // turn to lead. The timer guards against an announcement that never comes.
+            _ = durable.changed(), if !pending.is_empty() => {}
+            () = tokio::time::sleep(Duration::from_millis(2)), if !pending.is_empty() => {}
             _ = shutdown.changed(), if stopping_since.is_none() => {}
             () = tokio::time::sleep_until(idle_at), if stopping_since.is_none() => {
                 subs.retain(|_, s| !s.task.is_finished());
@@ -849,36 +858,52 @@ fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePerm
     held.extend(o.permit);
 }
 
-/// Waits for appends' syncs: on this task when no other connection is leading one (no
-/// cross-thread wake-up on the way to the sync or back), otherwise on the ack thread,
-/// where they share the sync that the leader or the engine's flusher runs.
-fn wait_acks(ctx: &Arc<Ctx>, acks: Vec<Ack>) {
-    if ctx.inline_leader_allowed
-        && ctx
-            .inline_leader
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    {
-        // Waiting for the last covers the earlier ones: durability is a prefix.
-        let done: Vec<_> = tokio::task::block_in_place(|| {
-            acks.into_iter()
-                .map(|a| (a.handle.wait(), a.reply, a.kind))
-                .collect()
-        });
-        ctx.inline_leader.store(false, Ordering::Release);
-        publish_visible(&ctx.visible, &ctx.log);
-        for (r, reply, kind) in done {
-            match r {
-                Ok(results) => reply.send(&append_response(kind, results)),
-                Err(e) => reply.error(engine_error(&e)),
+/// Answers the appends of `pending` whose sync is done; when some are not and no other
+/// connection is leading a sync, leads one on this task (no cross-thread hand-off on the
+/// way to the sync or back) and answers them all. Otherwise the connection waits for the
+/// leader's announcement on `Ctx::visible` (see `serve`) and comes back here. On a runtime
+/// that cannot block in place, the ack thread waits instead.
+fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
+    while pending.front().is_some_and(|a| a.handle.is_done()) {
+        if let Some(a) = pending.pop_front() {
+            respond_append(&ctx.visible, &ctx.log, a);
+        }
+    }
+    if pending.is_empty() {
+        return;
+    }
+    if !ctx.inline_leader_allowed {
+        for ack in pending.drain(..) {
+            if let Err(std::sync::mpsc::SendError(ack)) = ctx.acks.send(ack) {
+                // The ack thread is gone only after every connection ended; answer here.
+                respond_append(&ctx.visible, &ctx.log, ack);
             }
         }
         return;
     }
-    for ack in acks {
-        if let Err(std::sync::mpsc::SendError(ack)) = ctx.acks.send(ack) {
-            // The ack thread is gone only after every connection ended; answer here.
-            respond_append(&ctx.visible, &ctx.log, ack);
+    if ctx
+        .inline_leader
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    // Waiting for the last covers the earlier ones (durability is a prefix), and the
+    // sync this leads covers every append written before it, from any connection.
+    let acks: Vec<Ack> = pending.drain(..).collect();
+    let done: Vec<_> = tokio::task::block_in_place(|| {
+        acks.into_iter()
+            .map(|a| (a.handle.wait(), a.reply, a.kind))
+            .collect()
+    });
+    // Step down before announcing, so that a follower woken by the announcement whose
+    // appends this sync did not cover can lead the next one.
+    ctx.inline_leader.store(false, Ordering::Release);
+    publish_visible(&ctx.visible, &ctx.log);
+    for (r, reply, kind) in done {
+        match r {
+            Ok(results) => reply.send(&append_response(kind, results)),
+            Err(e) => reply.error(engine_error(&e)),
         }
     }
 }
