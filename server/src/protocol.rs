@@ -114,7 +114,7 @@ pub enum ErrorCode {
     MalformedRequest = 5,
     /// A string is not UTF-8.
     InvalidUtf8 = 6,
-    /// A protocol limit was exceeded (frame size, events per append, filter size).
+    /// A protocol limit was exceeded (events per append, parts, filter size, ping size).
     LimitExceeded = 7,
     /// The server has as many connections as it accepts; the connection is closed.
     TooManyConnections = 8,
@@ -961,12 +961,12 @@ impl Request {
             op::READ_STREAM => Request::ReadStream {
                 stream: r.str("stream")?.to_owned(),
                 from_version: r.u64("from version")?,
-                max: r.u32("max")?,
+                max: read_max(&mut r)?,
                 direction: direction_from_wire(r.u8("direction")?)?,
             },
             op::READ_ALL => Request::ReadAll {
                 from: r.u64("from position")?,
-                max: r.u32("max")?,
+                max: read_max(&mut r)?,
                 direction: direction_from_wire(r.u8("direction")?)?,
                 filter: Filter::read(&mut r)?,
             },
@@ -1032,6 +1032,17 @@ impl Request {
         };
         r.end("request")?;
         Ok(req)
+    }
+}
+
+/// A read's `max`: at least 1.
+fn read_max(r: &mut Reader<'_>) -> Result<u32, ProtocolError> {
+    match r.u32("max")? {
+        0 => Err(ProtocolError::InvalidValue {
+            what: "max (must be at least 1)",
+            value: 0,
+        }),
+        n => Ok(n),
     }
 }
 

@@ -483,6 +483,31 @@ fn a_slow_subscriber_is_held_by_flow_control() {
             .unwrap();
         assert_eq!(es.len(), 10);
     });
+    // Credit that exactly covers a stream's backlog: the caught-up marker needs none.
+    let mut exact = Raw::hello(&d.addr);
+    exact.send(
+        3,
+        &Request::Subscribe {
+            target: SubscribeTarget::Stream("s".into()),
+            from: SubscribeFrom::At(1990),
+            credit: 10,
+        },
+    );
+    let mut seen = Vec::new();
+    let mut marker = None;
+    while let Some((_, resp)) = exact.recv() {
+        match resp {
+            Response::Subscribed { start } => assert_eq!(start, 1990),
+            Response::SubEvents(es) => seen.extend(es.iter().map(|e| e.version)),
+            Response::SubCaughtUp(v) => {
+                marker = Some(v);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen, (1990..2000).collect::<Vec<_>>());
+    assert_eq!(marker, Some(2000));
     r.send(9, &Request::Unsubscribe { subscription: 7 });
     r.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut unsubscribed = false;
@@ -840,6 +865,28 @@ fn malformed_input_gets_errors_and_never_hurts_other_clients() {
         }),
     );
     expect_error(&mut r, ErrorCode::InvalidEvent);
+    // Reserved flags, and a read of nothing.
+    let mut flagged = frame(op::PING, 12, b"");
+    flagged[5] = 0x80;
+    r.s.write_all(&flagged).unwrap();
+    expect_error(&mut r, ErrorCode::MalformedRequest);
+    r.send(
+        13,
+        &Request::ReadAll {
+            from: 0,
+            max: 0,
+            direction: Direction::Forward,
+            filter: Filter::default(),
+        },
+    );
+    expect_error(&mut r, ErrorCode::MalformedRequest);
+    r.send(
+        14,
+        &Request::CheckpointFetch {
+            name: String::new(),
+        },
+    );
+    expect_error(&mut r, ErrorCode::MalformedRequest);
     r.send(11, &Request::Ping(b"still here".to_vec()));
     assert_eq!(r.recv().unwrap().1, Response::Pong(b"still here".to_vec()));
     // A frame cut short by the client leaving.

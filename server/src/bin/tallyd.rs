@@ -166,7 +166,10 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let cfg = config(cli)?;
+    // At least two workers: one may block in a sync it leads (see the server module).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("tallyd")
         .max_blocking_threads(64)
