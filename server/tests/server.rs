@@ -1050,3 +1050,45 @@ fn a_subscription_resumes_after_a_server_restart_without_gaps_or_duplicates() {
     });
     drop(d);
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(&dir.path().join("data"), &["--max-connections", "2"]);
+    let a = Raw::hello(&d.addr);
+    let b = Raw::hello(&d.addr);
+    let mut c = Raw::connect(&d.addr);
+    match c.recv() {
+        Some((h, Response::Error(e))) => {
+            assert_eq!(
+                (h.request_id, e.code()),
+                (0, Some(ErrorCode::TooManyConnections))
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.recv().is_none(), "closed");
+    drop(a);
+    // A slot frees when a connection closes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut r = Raw::connect(&d.addr);
+        r.send(
+            0,
+            &Request::Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                client: "again".into(),
+            },
+        );
+        if let Some((_, Response::Hello(_))) = r.recv() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a freed slot is reused"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(b);
+}
