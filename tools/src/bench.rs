@@ -25,7 +25,7 @@ use tally_engine::{AppendHandle, Durability, EventData, ExpectedVersion, Log, Op
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Data directory (created if missing). Default: a fresh temporary directory, removed
-    /// afterwards.
+    /// afterwards. With --server --read --embedded-baseline: the server's data directory.
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
     /// Writer threads.
@@ -73,7 +73,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub(crate) read: Option<crate::remote::ReadMode>,
     /// With --server: afterwards run the same load (writers = connections) through the
-    /// embedded engine in a temporary directory, and print both and their ratio.
+    /// embedded engine in a temporary directory, and print both and their ratio. With
+    /// --read, replay the server's data directory (--data DIR, opened read-only) in
+    /// process instead.
     #[arg(long)]
     pub(crate) embedded_baseline: bool,
 }
@@ -144,8 +146,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let mut runs = vec![crate::remote_bench::run(addr, args)?];
     if args.embedded_baseline {
-        let mut m = embedded(args, args.connections)?;
-        m.label = "embedded";
+        let m = match (args.read, &args.data) {
+            (None, _) => embedded(args, args.connections)?,
+            (Some(mode), Some(dir)) => crate::remote_bench::embedded_replay(dir, args, mode)?,
+            (Some(_), None) => bail!(
+                "--read with --embedded-baseline needs --data DIR: the server's data directory, \
+                 opened read-only beside it"
+            ),
+        };
         runs.push(m);
     }
     print(args, &runs, args.connections);

@@ -270,3 +270,56 @@ async fn reads(clients: Vec<Client>, args: &BenchArgs, mode: ReadMode) -> Result
         histogram: h,
     })
 }
+
+/// The replay of `reads`, in process: the server's data directory opened read-only (no
+/// lock, nothing changed), read through the engine's API in pages of the same size.
+pub fn embedded_replay(
+    dir: &std::path::Path,
+    args: &BenchArgs,
+    mode: ReadMode,
+) -> Result<Measured> {
+    let log = crate::ops::open_read_only(dir)?;
+    let mut h = histogram()?;
+    let (mut events, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    match mode {
+        ReadMode::All => {
+            let mut from = 0u64;
+            while from < args.events {
+                let t = Instant::now();
+                let max = (args.events - from).min(u64::from(READ_PAGE)) as usize;
+                let page = log.read_all(tally_engine::Position(from), max, Direction::Forward)?;
+                record(&mut h, t);
+                let Some(last) = page.last() else { break };
+                from = last.position.0 + 1;
+                events += page.len() as u64;
+                bytes += page.iter().map(|e| e.payload().len() as u64).sum::<u64>();
+            }
+        }
+        ReadMode::Stream => {
+            for s in 0..args.streams {
+                let stream = format!("bench-{s}");
+                let mut from = 0u64;
+                loop {
+                    let t = Instant::now();
+                    let page =
+                        log.read_stream(&stream, from, READ_PAGE as usize, Direction::Forward)?;
+                    record(&mut h, t);
+                    events += page.len() as u64;
+                    bytes += page.iter().map(|e| e.payload().len() as u64).sum::<u64>();
+                    match page.last() {
+                        Some(last) if page.len() == READ_PAGE as usize => from = last.version + 1,
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+    Ok(Measured {
+        label: "embedded",
+        events,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes,
+        histogram: h,
+    })
+}
