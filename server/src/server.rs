@@ -153,8 +153,10 @@ struct Ctx {
     shutdown: watch::Receiver<bool>,
     connections: AtomicU32,
     started: Instant,
-    /// An append is being waited for on a runtime worker (see `submit`).
+    /// A connection is leading a sync on its task (see `settle_acks`).
     inline_leader: AtomicBool,
+    /// Connections with appends waiting for a sync.
+    waiting: std::sync::atomic::AtomicUsize,
     /// The runtime has at least two workers, so one may block in a sync.
     inline_leader_allowed: bool,
 }
@@ -389,6 +391,7 @@ impl Server {
             connections: AtomicU32::new(0),
             started: Instant::now(),
             inline_leader: AtomicBool::new(false),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             inline_leader_allowed: {
                 let rt = tokio::runtime::Handle::current();
                 rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
@@ -771,8 +774,30 @@ async fn serve(
         if !acks.is_empty() || !pending.is_empty() {
             // Seen before checking, so that an announcement after the check wakes us.
             durable.borrow_and_update();
+            let was_waiting = !pending.is_empty();
             pending.extend(acks);
+            answer_synced(ctx, &mut pending);
+            if !pending.is_empty()
+                && ctx.inline_leader_allowed
+                && !ctx.inline_leader.load(Ordering::Acquire)
+                && ctx.waiting.load(Ordering::Relaxed) > usize::from(was_waiting)
+            {
+                // Other connections wait for syncs too, and some may have been woken by
+                // the last announcement: before blocking this worker for the next sync,
+                // let them answer (and write) what it covered.
+                tokio::task::yield_now().await;
+                answer_synced(ctx, &mut pending);
+            }
             settle_acks(ctx, &mut pending);
+            match (was_waiting, pending.is_empty()) {
+                (false, false) => {
+                    ctx.waiting.fetch_add(1, Ordering::Relaxed);
+                }
+                (true, true) => {
+                    ctx.waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
         }
         // 3. Everything queued for the socket, then one write.
         while let Ok(o) = rx.try_recv() {
@@ -860,6 +885,9 @@ async fn serve(
             () = tokio::time::sleep(Duration::from_millis(100)), if stopping_since.is_some() => {}
         }
     }
+    if !pending.is_empty() {
+        ctx.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
     for s in subs.values() {
         s.credit.ended.store(true, Ordering::SeqCst);
         s.credit.wake.notify_one();
@@ -885,12 +913,17 @@ fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePerm
 /// way to the sync or back) and answers them all. Otherwise the connection waits for the
 /// leader's announcement on `Ctx::visible` (see `serve`) and comes back here. On a runtime
 /// with one worker, the ack thread waits instead.
-fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
+/// Answers the appends at the front of `pending` whose sync is done.
+fn answer_synced(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
     while pending.front().is_some_and(|a| a.handle.is_done()) {
         if let Some(a) = pending.pop_front() {
             respond_append(&ctx.visible, &ctx.log, a);
         }
     }
+}
+
+fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
+    answer_synced(ctx, pending);
     if pending.is_empty() {
         return;
     }
