@@ -1,0 +1,221 @@
+//! `tally append | read | tail | info | bench --server` against a server started in this
+//! process (the `tally` binary is run for real).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tally_server::server::{Config, Server};
+
+/// A server on an ephemeral port, running on its own runtime thread until dropped.
+struct InProcess {
+    addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcess {
+    fn start(dir: &std::path::Path) -> InProcess {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut cfg = Config::new(dir);
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let server = Server::bind(cfg).await.unwrap();
+                addr_tx
+                    .send(server.local_addr().unwrap().to_string())
+                    .unwrap();
+                server
+                    .run(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        InProcess {
+            addr: addr_rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn client_commands_round_trip_through_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = InProcess::start(dir.path());
+    let addr = s.addr.clone();
+    let a = addr.as_str();
+
+    let o = tally(&[
+        "append",
+        "--server",
+        a,
+        "trade-42",
+        "--type",
+        "NEW",
+        "--data",
+        r#"{"qty":100}"#,
+        "--expected-version",
+        "-1",
+        "--actor",
+        "alice",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (v["position"].as_u64(), v["version"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    let o = tally(&[
+        "append",
+        "--server",
+        a,
+        "trade-42",
+        "--type",
+        "AMEND",
+        "--data",
+        r#"{"qty":150}"#,
+        "--expected-version",
+        "0",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    // A stale expectation: exit 2, one line naming the actual version.
+    let o = tally(&[
+        "append",
+        "--server",
+        a,
+        "trade-42",
+        "--type",
+        "AMEND",
+        "--data",
+        "{}",
+        "--expected-version",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("actual Some(1)"), "{err}");
+    // Invalid JSON is refused before anything is sent.
+    let o = tally(&[
+        "append", "--server", a, "t", "--type", "X", "--data", "{nope",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = tally(&["read", "--server", a, "trade-42", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["type"], "NEW");
+    assert_eq!(lines[0]["actor"], "alice");
+    assert_eq!(lines[0]["payload"]["qty"], 100);
+    assert_eq!(lines[1]["version"], 1);
+
+    let o = tally(&[
+        "read",
+        "--server",
+        a,
+        "trade-42",
+        "--backward",
+        "--limit",
+        "1",
+        "--json",
+    ]);
+    let last: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(last["type"], "AMEND");
+
+    // tail from the start stops after --limit events.
+    let o = tally(&[
+        "tail", "--server", a, "--from", "0", "--limit", "2", "--json",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o).lines().count(), 2);
+
+    let o = tally(&["info", "--server", a, "--stream", "trade-42", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["next_position"], 2);
+    assert_eq!(v["durability"], "fsync");
+    assert_eq!(v["stream"]["last_version"], 1);
+
+    // The load generator against the server, and its embedded baseline in the same run.
+    let o = tally(&[
+        "bench",
+        "--server",
+        a,
+        "--connections",
+        "2",
+        "--inflight",
+        "4",
+        "--events",
+        "400",
+        "--embedded-baseline",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["server"]["events"], 400);
+    assert_eq!(v["embedded"]["events"], 400);
+    assert!(v["throughput_ratio"].as_f64().unwrap() > 0.0);
+    // Replay of what is there, read-only beside the server.
+    let data = dir.path().to_str().unwrap();
+    let o = tally(&[
+        "bench",
+        "--server",
+        a,
+        "--read",
+        "all",
+        "--events",
+        "402",
+        "--inflight",
+        "2",
+        "--embedded-baseline",
+        "--data",
+        data,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["replay"]["events"], 402);
+    assert_eq!(v["embedded"]["events"], 402);
+
+    // No server there: exit 2 and a message naming the address.
+    drop(s);
+    let o = tally(&["info", "--server", a]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(a));
+}
