@@ -1020,9 +1020,28 @@ fn a_subscription_resumes_after_a_server_restart_without_gaps_or_duplicates() {
         sub
     });
     // The server goes away with events buffered and credit outstanding, and comes back.
+    // An append made meanwhile is retried on a new connection, with the same event id.
     d.kill();
+    let during = {
+        let c = c.clone();
+        rt.spawn(async move {
+            c.append(
+                "outage",
+                ExpectedVersion::Any,
+                vec![EventData::new("Kept", b"x".to_vec())],
+            )
+            .await
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
     let d = Tallyd::start(dir.path(), &["--listen", &addr]);
     rt.block_on(async {
+        during.await.unwrap().unwrap();
+        let (es, _, _) = c
+            .read_stream("outage", 0, 10, Direction::Forward)
+            .await
+            .unwrap();
+        assert_eq!(es.len(), 1, "written once");
         for i in 100..150 {
             c.append(
                 "r",
@@ -1032,8 +1051,9 @@ fn a_subscription_resumes_after_a_server_restart_without_gaps_or_duplicates() {
             .await
             .unwrap();
         }
+        // Positions 50..100 from before, the outage event at 100, then 101..151.
         let mut want = 50u64;
-        while want < 150 {
+        while want < 151 {
             match tokio::time::timeout(Duration::from_secs(20), sub.next())
                 .await
                 .unwrap()
@@ -1041,7 +1061,12 @@ fn a_subscription_resumes_after_a_server_restart_without_gaps_or_duplicates() {
             {
                 SubscriptionItem::Event(e) => {
                     assert_eq!(e.position.0, want, "resumed after the last delivered event");
-                    assert_eq!(e.payload(), payload(want).as_bytes());
+                    if want == 100 {
+                        assert_eq!(e.stream(), "outage");
+                    } else {
+                        let i = if want > 100 { want - 1 } else { want };
+                        assert_eq!(e.payload(), payload(i).as_bytes());
+                    }
                     want += 1;
                 }
                 SubscriptionItem::CaughtUp(_) => {}

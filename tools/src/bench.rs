@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Embedded, one append in flight: spin this many microseconds between appends (a
+    /// remote client's round trip leaves the disk idle that long between syncs).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) think_us: u64,
     /// Load a running server at this address instead of an embedded log.
     #[arg(long)]
     pub(crate) server: Option<String>,
@@ -351,6 +355,14 @@ fn writer(
         if args.inflight == 1 {
             log.append(stream, ExpectedVersion::Any, &batch)?;
             record(&mut histogram, t);
+            if args.think_us > 0 {
+                // Busy, not asleep: only the disk idles, as it does between a remote
+                // client's appends.
+                let until = Instant::now() + Duration::from_micros(args.think_us);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
         } else {
             if pending.len() == args.inflight {
                 let (h, t0) = pending.pop_front().expect("window is full");
