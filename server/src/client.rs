@@ -68,6 +68,15 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// The request does not fit in a frame of the size the server accepts (split the
+    /// append). Nothing was sent.
+    #[error("request of {bytes} bytes exceeds the server's frame limit of {max} bytes")]
+    TooLarge {
+        /// The request's frame size (after the length field).
+        bytes: usize,
+        /// The server's limit.
+        max: usize,
+    },
     /// The server sent bytes this client cannot decode.
     #[error("undecodable response")]
     Protocol(#[from] ProtocolError),
@@ -153,14 +162,42 @@ struct Conn {
 }
 
 impl Conn {
-    fn register(&self, id: u32, w: Waiter) -> Result<(), ClientError> {
+    /// Registers a waiter under a fresh request id (never 0, never one still waiting, even
+    /// after the counter wraps) and returns the id.
+    fn register(&self, ids: &AtomicU32, w: Waiter) -> Result<u32, ClientError> {
         match &mut *self.pending.lock() {
-            Some(map) => {
-                map.insert(id, w);
-                Ok(())
-            }
+            Some(map) => loop {
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                if id != 0
+                    && let std::collections::hash_map::Entry::Vacant(v) = map.entry(id)
+                {
+                    v.insert(w);
+                    return Ok(id);
+                }
+            },
             None => Err(ClientError::Disconnected { reason: None }),
         }
+    }
+
+    fn forget(&self, id: u32) {
+        if let Some(map) = &mut *self.pending.lock() {
+            map.remove(&id);
+        }
+    }
+
+    /// Sends a frame, refusing one the server would not accept (it would close the
+    /// connection, failing every other request on it).
+    fn send_frame(&self, id: u32, frame: Vec<u8>) -> Result<(), ClientError> {
+        let bytes = frame.len() - LENGTH_BYTES;
+        let max = self.hello.limits.frame_bytes_max as usize;
+        if bytes > max {
+            self.forget(id);
+            return Err(ClientError::TooLarge { bytes, max });
+        }
+        if self.tx.send(frame).is_err() {
+            self.fail_all(None);
+        }
+        Ok(())
     }
 
     fn fail_all(&self, reason: Option<WireError>) {
@@ -306,6 +343,10 @@ impl Client {
         }
     }
 
+    fn ids(&self) -> &AtomicU32 {
+        &self.inner.next_id
+    }
+
     /// Sends a request and returns at once; await the result with
     /// [`PendingResponse::wait`]. This is how one task pipelines many requests.
     ///
@@ -313,14 +354,11 @@ impl Client {
     /// [`ClientError::Io`] if a connection cannot be made.
     pub async fn send(&self, req: &Request) -> Result<PendingResponse, ClientError> {
         let conn = self.conn().await?;
-        let id = self.next_id();
+        let (t, rx) = oneshot::channel();
+        let id = conn.register(self.ids(), Waiter::Once(t))?;
         let mut frame = Vec::with_capacity(128);
         req.encode(id, &mut frame);
-        let (t, rx) = oneshot::channel();
-        conn.register(id, Waiter::Once(t))?;
-        if conn.tx.send(frame).is_err() {
-            conn.fail_all(None);
-        }
+        conn.send_frame(id, frame)?;
         Ok(PendingResponse { rx })
     }
 
@@ -773,8 +811,9 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     async fn start(&mut self) -> Result<(), ClientError> {
         let conn = self.client.conn().await?;
-        let id = self.client.next_id();
         let window = self.client.inner.opts.subscription_window.max(2);
+        let (t, mut rx) = mpsc::unbounded_channel();
+        let id = conn.register(self.client.ids(), Waiter::Stream(t))?;
         let mut frame = Vec::new();
         Request::Subscribe {
             target: self.target.clone(),
@@ -782,11 +821,7 @@ impl Subscription {
             credit: window,
         }
         .encode(id, &mut frame);
-        let (t, mut rx) = mpsc::unbounded_channel();
-        conn.register(id, Waiter::Stream(t))?;
-        if conn.tx.send(frame).is_err() {
-            conn.fail_all(None);
-        }
+        conn.send_frame(id, frame)?;
         match rx.recv().await {
             Some(Ok(Response::Subscribed { start })) => {
                 self.from = SubscribeFrom::At(start);
@@ -891,15 +926,36 @@ impl Subscription {
         };
         let id = self.id;
         let req = Request::Unsubscribe { subscription: id };
-        let rid = self.client.next_id();
+        let (t, rx) = oneshot::channel();
+        let rid = conn.register(self.client.ids(), Waiter::Once(t))?;
         let mut frame = Vec::new();
         req.encode(rid, &mut frame);
-        let (t, rx) = oneshot::channel();
-        conn.register(rid, Waiter::Once(t))?;
-        let _ = conn.tx.send(frame);
-        match (PendingResponse { rx }).wait().await? {
+        conn.send_frame(rid, frame)?;
+        let r = (PendingResponse { rx }).wait().await;
+        // No push follows the answer: the subscription's waiter goes.
+        conn.forget(id);
+        match r? {
             Response::Unsubscribed => Ok(()),
             other => Err(unexpected(&other)),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    /// A subscription dropped without [`Subscription::unsubscribe`] is ended on the server
+    /// (without waiting for the answer), so that it stops counting against the
+    /// connection's subscriptions and keeping it busy.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.forget(self.id);
+            if !conn.closed.load(Ordering::SeqCst) {
+                let mut frame = Vec::new();
+                Request::Unsubscribe {
+                    subscription: self.id,
+                }
+                .encode(self.client.next_id(), &mut frame);
+                let _ = conn.tx.send(frame);
+            }
         }
     }
 }

@@ -52,6 +52,8 @@ pub const READ_EVENTS_MAX: u32 = 4096;
 pub const FILTER_SCAN_WINDOW: u64 = 8192;
 /// Events one subscription push carries at most.
 pub const SUB_BATCH_MAX: u64 = 1024;
+/// Reads (and proofs) of one connection that may run or wait for its socket at once.
+pub const READS_QUEUED: usize = 8;
 /// Push frames of one subscription that may wait for the socket.
 pub const SUB_FRAMES_QUEUED: usize = 4;
 /// Bytes the writer gathers from queued frames into one write.
@@ -178,6 +180,9 @@ struct Reply {
     opcode: u8,
     tx: mpsc::UnboundedSender<Outbound>,
     done: bool,
+    /// Released when the response is written (a read's share of the connection's
+    /// response bytes).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Reply {
@@ -193,7 +198,7 @@ impl Reply {
         let _ = self.tx.send(Outbound {
             frame,
             answers_request: true,
-            permit: None,
+            permit: self.permit.take(),
         });
     }
 
@@ -727,6 +732,7 @@ async fn serve(
     let mut last_activity = tokio::time::Instant::now();
     let mut pending: VecDeque<Ack> = VecDeque::new();
     let mut durable = ctx.visible.subscribe();
+    let read_slots = Arc::new(Semaphore::new(READS_QUEUED));
     loop {
         // 1. Every whole frame that has a slot.
         let mut acks = Vec::new();
@@ -755,6 +761,7 @@ async fn serve(
                 opcode: h.opcode,
                 tx: tx.clone(),
                 done: false,
+                permit: None,
             };
             if h.flags != 0 {
                 // Reserved: refused now so that they can be given a meaning later.
@@ -767,7 +774,7 @@ async fn serve(
             match Request::decode(h.opcode, payload, cfg.append_events_max) {
                 // The frame was whole, so the stream is still in step: answer and go on.
                 Err(e) => reply.error(WireError::new(e.code(), e.to_string())),
-                Ok(req) => acks.extend(handle(ctx, req, reply, &mut subs, version)),
+                Ok(req) => acks.extend(handle(ctx, req, reply, &mut subs, &read_slots, version)),
             }
         }
         // 2. Appends waiting for their sync.
@@ -799,9 +806,12 @@ async fn serve(
                 _ => {}
             }
         }
-        // 3. Everything queued for the socket, then one write.
-        while let Ok(o) = rx.try_recv() {
-            take(&mut out, &mut inflight, &mut held, o);
+        // 3. What is queued for the socket, up to a batch, then one write.
+        while out.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(o) => take(&mut out, &mut inflight, &mut held, o),
+                Err(_) => break,
+            }
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() {
@@ -834,8 +844,11 @@ async fn serve(
             let timed_out = since.elapsed() > cfg.shutdown_timeout;
             if (inflight == 0 && subs.is_empty()) || timed_out {
                 if *shutdown.borrow() && !said_goodbye {
-                    // Last, after every answer: what was not answered was not read.
+                    // Last, after every answer and push already queued.
                     said_goodbye = true;
+                    while let Ok(o) = rx.try_recv() {
+                        take(&mut out, &mut inflight, &mut held, o);
+                    }
                     let why = if timed_out && inflight > 0 {
                         "the server is shutting down and stopped waiting for requests in flight: those without an answer may or may not have been executed"
                     } else {
@@ -913,6 +926,16 @@ fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePerm
 /// way to the sync or back) and answers them all. Otherwise the connection waits for the
 /// leader's announcement on `Ctx::visible` (see `serve`) and comes back here. On a runtime
 /// with one worker, the ack thread waits instead.
+/// Clears the leader flag when dropped, even if the wait panicked: a flag left set would
+/// stop every later sync led by a connection.
+struct StepDown<'a>(&'a AtomicBool);
+
+impl Drop for StepDown<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Answers the appends at the front of `pending` whose sync is done.
 fn answer_synced(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
     while pending.front().is_some_and(|a| a.handle.is_done()) {
@@ -952,13 +975,14 @@ fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
     // the worker off first (`block_in_place`) measured 20 us slower per sync and put 10 ms
     // stalls into the 99.9th percentile.
     let acks: Vec<Ack> = pending.drain(..).collect();
+    let step_down = StepDown(&ctx.inline_leader);
     let done: Vec<_> = acks
         .into_iter()
         .map(|a| (a.handle.wait(), a.reply, a.kind))
         .collect();
     // Step down before announcing, so that a follower woken by the announcement whose
     // appends this sync did not cover can lead the next one.
-    ctx.inline_leader.store(false, Ordering::Release);
+    drop(step_down);
     publish_visible(&ctx.visible, &ctx.log);
     for (r, reply, kind) in done {
         match r {
@@ -978,6 +1002,7 @@ fn handle(
     req: Request,
     reply: Reply,
     subs: &mut HashMap<u32, SubControl>,
+    read_slots: &Arc<Semaphore>,
     version: u16,
 ) -> Option<Ack> {
     match req {
@@ -1068,6 +1093,16 @@ fn handle(
                     WireError::new(ErrorCode::MalformedRequest, e.to_string()),
                 );
             }
+            // "Now" is when the request is read, not when its task first runs: an append
+            // pipelined right after it must be delivered.
+            let start = match (&target, from) {
+                (_, SubscribeFrom::At(p)) => p,
+                (SubscribeTarget::All(_), SubscribeFrom::Now) => ctx.log.next_position().0,
+                (SubscribeTarget::Stream(s), SubscribeFrom::Now) => match ctx.log.stream_info(s) {
+                    Ok(i) => i.map_or(0, |i| i.last_version + 1),
+                    Err(e) => return early(reply, engine_error(&e)),
+                },
+            };
             let shared = Arc::new(SubShared {
                 credit: AtomicU64::new(u64::from(credit)),
                 unsubscribe: AtomicU64::new(0),
@@ -1079,7 +1114,7 @@ fn handle(
             let task = tokio::spawn(subscription(
                 Arc::clone(ctx),
                 target,
-                from,
+                start,
                 Arc::clone(&shared),
                 reply,
             ));
@@ -1126,8 +1161,20 @@ fn handle(
             )),
         },
         req => {
+            // At most READS_QUEUED reads of a connection run or wait for its socket at
+            // once: a client that pipelines many large reads and does not read its socket
+            // holds a bounded number of response bytes.
             let ctx = Arc::clone(ctx);
-            tokio::task::spawn_blocking(move || blocking_request(&ctx, req, reply));
+            let slots = Arc::clone(read_slots);
+            tokio::spawn(async move {
+                let mut reply = reply;
+                match slots.acquire_owned().await {
+                    Ok(p) => reply.permit = Some(p),
+                    Err(_) => return,
+                }
+                let _ =
+                    tokio::task::spawn_blocking(move || blocking_request(&ctx, req, reply)).await;
+            });
         }
     }
     None
@@ -1557,22 +1604,12 @@ fn read_all_backward(
 async fn subscription(
     ctx: Arc<Ctx>,
     target: SubscribeTarget,
-    from: SubscribeFrom,
+    start: u64,
     shared: Arc<SubShared>,
     reply: Reply,
 ) {
     let log = Arc::clone(&ctx.log);
-    let start = match (&target, from) {
-        (_, SubscribeFrom::At(p)) => Ok(p),
-        (SubscribeTarget::All(_), SubscribeFrom::Now) => Ok(log.next_position().0),
-        (SubscribeTarget::Stream(s), SubscribeFrom::Now) => log
-            .stream_info(s)
-            .map(|i| i.map_or(0, |i| i.last_version + 1)),
-    };
-    let mut next = match start {
-        Ok(p) => p,
-        Err(e) => return reply.error(engine_error(&e)),
-    };
+    let mut next = start;
     let id = reply.request_id;
     let tx = reply.tx.clone();
     reply.send(&Response::Subscribed { start: next });
@@ -1591,7 +1628,7 @@ async fn subscription(
         });
     };
     loop {
-        if shared.unsubscribe.load(Ordering::SeqCst) != 0 {
+        if shared.unsubscribe.load(Ordering::SeqCst) != 0 || tx.is_closed() {
             return;
         }
         if shared.ended.load(Ordering::SeqCst) && shared.quiet.load(Ordering::SeqCst) {
@@ -1630,6 +1667,8 @@ async fn subscription(
             _ = shutdown.changed() => continue,
         };
         let n = credit.min(SUB_BATCH_MAX);
+        // Seen before the read: an append announced after the read wakes the wait below.
+        visible.borrow_and_update();
         let log2 = Arc::clone(&log);
         let target2 = target.clone();
         let read =
@@ -1676,7 +1715,6 @@ async fn subscription(
         }
         // Wait for the log to grow. The watch is published after every acknowledged
         // append; the timer covers appends acknowledged without this server noticing.
-        visible.borrow_and_update();
         tokio::select! {
             _ = visible.changed() => {}
             () = shared.wake.notified() => {}

@@ -1117,3 +1117,100 @@ fn connections_beyond_the_limit_are_refused_with_a_clear_error() {
     }
     drop(b);
 }
+
+#[test]
+fn subscribe_from_now_means_when_the_request_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    for round in 0..20u32 {
+        let mut r = Raw::hello(&d.addr);
+        // SUBSCRIBE from now and an APPEND behind it, in one write.
+        let mut bytes = Vec::new();
+        Request::Subscribe {
+            target: SubscribeTarget::All(Filter::default()),
+            from: SubscribeFrom::Now,
+            credit: 10,
+        }
+        .encode(1, &mut bytes);
+        Client::append_request(
+            "pipelined",
+            ExpectedVersion::Any,
+            vec![EventData::new("After", round.to_le_bytes().to_vec())],
+        )
+        .encode(2, &mut bytes);
+        r.s.write_all(&bytes).unwrap();
+        let mut got = None;
+        while let Some((h, resp)) = r.recv() {
+            match resp {
+                Response::SubEvents(es) => {
+                    got = Some(es[0].payload().to_vec());
+                    break;
+                }
+                Response::Subscribed { .. } | Response::Appended(_) | Response::SubCaughtUp(_) => {}
+                other => panic!("{h:?} {other:?}"),
+            }
+        }
+        assert_eq!(
+            got,
+            Some(round.to_le_bytes().to_vec()),
+            "round {round}: the append after SUBSCRIBE is delivered"
+        );
+    }
+}
+
+#[test]
+fn the_client_refuses_oversized_requests_and_frees_dropped_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, "max_subscriptions = 2\nmax_frame_bytes = 2097152\n").unwrap();
+    let d = Tallyd::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        // 3 MB in one append: refused before sending; the connection stays up.
+        let big: Vec<EventData> = (0..6)
+            .map(|_| EventData::new("Big", vec![7; 500_000]))
+            .collect();
+        let e = c
+            .append("big", ExpectedVersion::Any, big)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ClientError::TooLarge { max: 2_097_152, .. }),
+            "{e}"
+        );
+        c.ping().await.unwrap();
+        // Subscriptions dropped without unsubscribe are ended on the server.
+        for _ in 0..5 {
+            let s = c
+                .subscribe(SubscribeTarget::All(Filter::default()), SubscribeFrom::Now)
+                .await
+                .unwrap();
+            drop(s);
+            c.ping().await.unwrap();
+        }
+        let mut s = c
+            .subscribe(SubscribeTarget::Stream("x".into()), SubscribeFrom::At(0))
+            .await
+            .unwrap();
+        c.append("x", ExpectedVersion::Any, vec![EventData::new("X", vec![])])
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                SubscriptionItem::Event(e) => {
+                    assert_eq!(e.stream(), "x");
+                    break;
+                }
+                SubscriptionItem::CaughtUp(_) => {}
+            }
+        }
+        s.unsubscribe().await.unwrap();
+    });
+}
