@@ -49,7 +49,7 @@ pub struct BenchArgs {
     /// Events per append.
     #[arg(long, default_value_t = 1)]
     pub(crate) batch: usize,
-    /// Durability of the log.
+    /// Durability of the log (with --server: the server's is used, for the baseline too).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Fsync)]
     pub(crate) durability: DurabilityArg,
     /// Max delay for --durability batched, in milliseconds.
@@ -148,7 +148,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         print(args, &[m], args.writers);
         return Ok(ExitCode::SUCCESS);
     };
-    let mut runs = vec![crate::remote_bench::run(addr, args)?];
+    let (server, durability) = crate::remote_bench::run(addr, args)?;
+    // What the table says and what the baseline runs with is the server's durability.
+    let args = &BenchArgs {
+        durability: match durability {
+            0 => DurabilityArg::Fsync,
+            1 => DurabilityArg::Batched,
+            _ => DurabilityArg::None,
+        },
+        ..args.clone()
+    };
+    let mut runs = vec![server];
     if args.embedded_baseline {
         let m = match (args.read, &args.data) {
             (None, _) => embedded(args, args.connections)?,

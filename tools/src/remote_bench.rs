@@ -35,7 +35,9 @@ fn record(h: &mut Histogram<u64>, t: Instant) {
     h.record(us.min(h.high())).ok();
 }
 
-pub fn run(addr: &str, args: &BenchArgs) -> Result<Measured> {
+/// Runs the load against the server; returns what was measured and the server's
+/// durability (0 fsync, 1 batched, 2 none, as SERVER_INFO reports it).
+pub fn run(addr: &str, args: &BenchArgs) -> Result<(Measured, u8)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -49,13 +51,15 @@ pub fn run(addr: &str, args: &BenchArgs) -> Result<Measured> {
                     .with_context(|| format!("connecting to {addr}"))?,
             );
         }
-        match args.read {
-            None => writes(clients, args).await,
+        let durability = clients[0].server_info().await?.durability;
+        let m = match args.read {
+            None => writes(clients, args).await?,
             Some(mode) => {
                 prefill(&clients[0], args).await?;
-                reads(clients, args, mode).await
+                reads(clients, args, mode).await?
             }
-        }
+        };
+        Ok((m, durability))
     })
 }
 
