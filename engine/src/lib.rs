@@ -29,6 +29,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+pub mod aggregate;
 mod error;
 pub mod format;
 #[cfg(feature = "internals")]

@@ -1,0 +1,348 @@
+//! Aggregates on the log: an aggregate's state is the fold of its stream's events; loading
+//! starts from the latest usable snapshot at or below the wanted version and folds the
+//! events after it; saving appends with the version that was loaded as the expectation, so
+//! that a concurrent change surfaces as [`Error::WrongExpectedVersion`] and the caller can
+//! load again and retry.
+//!
+//! This module uses only the log's public API.
+//!
+//! Snapshots are stored by the log itself, as events of the stream `$snapshot-STREAM`
+//! (event type `$Snapshot`, binary payload: `u64` aggregate version, `u32` snapshot
+//! version, then the aggregate's encoded state; little-endian; docs/FORMAT.md, "Snapshot
+//! events"). A snapshot is only a shortcut: one whose snapshot version is not the
+//! aggregate's current [`Aggregate::SNAPSHOT_VERSION`], or that does not decode, is passed
+//! over, and the state is folded from older snapshots or from the first event, so a
+//! snapshot never changes what a load computes.
+
+use crate::error::Error;
+use crate::format::envelope::STREAM_BYTES_MAX;
+use crate::log::{AppendResult, Direction, EventData, ExpectedVersion, Log, RecordedEvent};
+
+/// The prefix of the stream that holds a stream's snapshots.
+pub const SNAPSHOT_STREAM_PREFIX: &str = "$snapshot-";
+/// The event type of a snapshot.
+pub const SNAPSHOT_EVENT_TYPE: &str = "$Snapshot";
+/// Bytes of a snapshot payload before the encoded state.
+pub const SNAPSHOT_HEADER_BYTES: usize = 12;
+/// Events read per page while folding.
+const FOLD_PAGE: usize = 1024;
+/// Snapshots examined per page while looking for a usable one.
+const SNAPSHOT_PAGE: usize = 64;
+
+/// A type whose state is the fold of a stream's events.
+pub trait Aggregate: Sized {
+    /// Version of [`Aggregate::encode_snapshot`]'s encoding. Change it whenever the
+    /// encoding or the meaning of the state changes: older snapshots are then ignored.
+    const SNAPSHOT_VERSION: u32;
+
+    /// The state before the first event.
+    fn initial() -> Self;
+
+    /// Folds one event into the state.
+    ///
+    /// # Errors
+    /// A reason, when the event cannot be applied (the load stops there).
+    fn apply(&mut self, event: &RecordedEvent) -> std::result::Result<(), String>;
+
+    /// The state, encoded for a snapshot.
+    fn encode_snapshot(&self) -> Vec<u8>;
+
+    /// The state from a snapshot of this [`Aggregate::SNAPSHOT_VERSION`]; `None` if the
+    /// bytes do not decode (the snapshot is then ignored).
+    fn decode_snapshot(bytes: &[u8]) -> Option<Self>;
+}
+
+/// Why a load or save failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregateError {
+    /// The log failed (including [`Error::WrongExpectedVersion`] on a save).
+    #[error(transparent)]
+    Log(#[from] Error),
+    /// The aggregate refused an event.
+    #[error("stream {stream}, version {version}: the aggregate refused the event: {reason}")]
+    Apply {
+        /// The stream.
+        stream: String,
+        /// The event's version.
+        version: u64,
+        /// The aggregate's reason.
+        reason: String,
+    },
+    /// The stream's name leaves no room for the snapshot stream's prefix.
+    #[error("stream {stream:?} is too long to have snapshots (at most {max} bytes)")]
+    StreamTooLong {
+        /// The stream.
+        stream: String,
+        /// The longest stream that can have snapshots.
+        max: usize,
+    },
+}
+
+/// An aggregate as loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded<A> {
+    /// The state.
+    pub state: A,
+    /// The version of the last event folded into it (`None`: no event, the stream is new).
+    pub version: Option<u64>,
+    /// The version of the snapshot the load started from, if any.
+    pub from_snapshot: Option<u64>,
+    /// Events folded on top of the snapshot (or from the start).
+    pub events_applied: u64,
+}
+
+impl<A> Loaded<A> {
+    /// The expectation for appending to the stream as loaded.
+    #[must_use]
+    pub fn expected_version(&self) -> ExpectedVersion {
+        self.version
+            .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact)
+    }
+}
+
+/// When a [`Repository`] writes snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotPolicy {
+    /// Only when asked ([`Repository::snapshot`]).
+    OnDemand,
+    /// After a save, when at least this many events were folded since the snapshot the
+    /// state was loaded from (or since the first event).
+    EveryEvents(u64),
+}
+
+/// The snapshot stream of `stream`.
+///
+/// # Errors
+/// [`AggregateError::StreamTooLong`].
+pub fn snapshot_stream(stream: &str) -> std::result::Result<String, AggregateError> {
+    let max = STREAM_BYTES_MAX - SNAPSHOT_STREAM_PREFIX.len();
+    if stream.len() > max {
+        return Err(AggregateError::StreamTooLong {
+            stream: stream.to_owned(),
+            max,
+        });
+    }
+    Ok(format!("{SNAPSHOT_STREAM_PREFIX}{stream}"))
+}
+
+/// Encodes a snapshot event's payload.
+#[must_use]
+pub fn encode_snapshot_payload(version: u64, snapshot_version: u32, state: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + state.len());
+    p.extend_from_slice(&version.to_le_bytes());
+    p.extend_from_slice(&snapshot_version.to_le_bytes());
+    p.extend_from_slice(state);
+    p
+}
+
+/// Decodes a snapshot event's payload: `(aggregate version, snapshot version, state)`.
+#[must_use]
+pub fn decode_snapshot_payload(p: &[u8]) -> Option<(u64, u32, &[u8])> {
+    let version = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
+    let snapshot_version = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
+    Some((version, snapshot_version, &p[SNAPSHOT_HEADER_BYTES..]))
+}
+
+/// An event that corrects `original`: its causation id is the original's event id and it
+/// keeps the original's correlation id, so that the history shows both and how they
+/// relate. Tally never changes a stored event; corrections are new events.
+#[must_use]
+pub fn correction_of(original: &RecordedEvent, event_type: &str, json: &str) -> EventData {
+    EventData::json(event_type, json)
+        .aggregate_type(original.aggregate_type())
+        .causation_id(original.event_id.to_string())
+        .correlation_id(original.correlation_id())
+}
+
+/// Loads and saves aggregates of type `A` in one log.
+#[derive(Debug)]
+pub struct Repository<'a, A> {
+    log: &'a Log,
+    policy: SnapshotPolicy,
+    _aggregate: std::marker::PhantomData<fn() -> A>,
+}
+
+impl<'a, A: Aggregate> Repository<'a, A> {
+    /// A repository over `log`.
+    #[must_use]
+    pub fn new(log: &'a Log, policy: SnapshotPolicy) -> Repository<'a, A> {
+        Repository {
+            log,
+            policy,
+            _aggregate: std::marker::PhantomData,
+        }
+    }
+
+    /// The current state of `stream`.
+    ///
+    /// # Errors
+    /// [`AggregateError`].
+    pub fn load(&self, stream: &str) -> std::result::Result<Loaded<A>, AggregateError> {
+        self.load_at(stream, u64::MAX)
+    }
+
+    /// The state of `stream` after its event of version `version` (or its last, if it has
+    /// fewer), starting from the latest usable snapshot at or below it.
+    ///
+    /// # Errors
+    /// [`AggregateError`].
+    pub fn load_at(
+        &self,
+        stream: &str,
+        version: u64,
+    ) -> std::result::Result<Loaded<A>, AggregateError> {
+        let start = self.usable_snapshot(stream, version)?;
+        self.fold(stream, version, start)
+    }
+
+    /// The state of `stream` after version `version`, folded from the first event without
+    /// any snapshot: the reference a snapshot must agree with.
+    ///
+    /// # Errors
+    /// [`AggregateError`].
+    pub fn load_without_snapshots(
+        &self,
+        stream: &str,
+        version: u64,
+    ) -> std::result::Result<Loaded<A>, AggregateError> {
+        self.fold(stream, version, None)
+    }
+
+    /// The latest snapshot at or below `version` that has this aggregate's snapshot
+    /// version and decodes.
+    fn usable_snapshot(
+        &self,
+        stream: &str,
+        version: u64,
+    ) -> std::result::Result<Option<(u64, A)>, AggregateError> {
+        let snaps = snapshot_stream(stream)?;
+        let mut from = u64::MAX;
+        loop {
+            let page = self
+                .log
+                .read_stream(&snaps, from, SNAPSHOT_PAGE, Direction::Backward)?;
+            for e in &page {
+                let Some((v, sv, state)) = decode_snapshot_payload(e.payload()) else {
+                    continue;
+                };
+                if v <= version
+                    && sv == A::SNAPSHOT_VERSION
+                    && let Some(a) = A::decode_snapshot(state)
+                {
+                    return Ok(Some((v, a)));
+                }
+            }
+            match page.last() {
+                Some(last) if last.version > 0 && page.len() == SNAPSHOT_PAGE => {
+                    from = last.version - 1;
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    fn fold(
+        &self,
+        stream: &str,
+        upto: u64,
+        start: Option<(u64, A)>,
+    ) -> std::result::Result<Loaded<A>, AggregateError> {
+        let (mut next, from_snapshot, mut state) = match start {
+            Some((v, a)) => (v + 1, Some(v), a),
+            None => (0, None, A::initial()),
+        };
+        let mut version = from_snapshot;
+        let mut applied = 0;
+        while next <= upto {
+            let left = (upto - next).saturating_add(1);
+            let want = FOLD_PAGE.min(usize::try_from(left).unwrap_or(FOLD_PAGE));
+            let page = self
+                .log
+                .read_stream(stream, next, want, Direction::Forward)?;
+            for e in &page {
+                state.apply(e).map_err(|reason| AggregateError::Apply {
+                    stream: stream.to_owned(),
+                    version: e.version,
+                    reason,
+                })?;
+                version = Some(e.version);
+                applied += 1;
+            }
+            if page.len() < want {
+                break;
+            }
+            next = page.last().map_or(upto, |e| e.version) + 1;
+        }
+        Ok(Loaded {
+            state,
+            version,
+            from_snapshot,
+            events_applied: applied,
+        })
+    }
+
+    /// Appends `events` to `stream` expecting the version `loaded` was loaded at, folds
+    /// them into `loaded`, and writes a snapshot if the policy says so. On
+    /// [`Error::WrongExpectedVersion`] nothing was written and `loaded` is unchanged: load
+    /// again, decide again, retry.
+    ///
+    /// # Errors
+    /// [`AggregateError`].
+    pub fn save(
+        &self,
+        stream: &str,
+        loaded: &mut Loaded<A>,
+        events: &[EventData],
+    ) -> std::result::Result<AppendResult, AggregateError> {
+        let r = self.log.append(stream, loaded.expected_version(), events)?;
+        let written =
+            self.log
+                .read_stream(stream, r.first_version, events.len(), Direction::Forward)?;
+        for e in &written {
+            loaded
+                .state
+                .apply(e)
+                .map_err(|reason| AggregateError::Apply {
+                    stream: stream.to_owned(),
+                    version: e.version,
+                    reason,
+                })?;
+            loaded.events_applied += 1;
+        }
+        loaded.version = Some(r.last_version);
+        if let SnapshotPolicy::EveryEvents(n) = self.policy
+            && loaded.events_applied >= n.max(1)
+        {
+            self.snapshot(stream, loaded)?;
+        }
+        Ok(r)
+    }
+
+    /// Writes a snapshot of `loaded` now (nothing for a stream with no events).
+    ///
+    /// # Errors
+    /// [`AggregateError`].
+    pub fn snapshot(
+        &self,
+        stream: &str,
+        loaded: &mut Loaded<A>,
+    ) -> std::result::Result<(), AggregateError> {
+        let Some(version) = loaded.version else {
+            return Ok(());
+        };
+        let payload = encode_snapshot_payload(
+            version,
+            A::SNAPSHOT_VERSION,
+            &loaded.state.encode_snapshot(),
+        );
+        self.log.append(
+            &snapshot_stream(stream)?,
+            ExpectedVersion::Any,
+            &[EventData::new(SNAPSHOT_EVENT_TYPE, payload)],
+        )?;
+        loaded.from_snapshot = Some(version);
+        loaded.events_applied = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! Aggregates and snapshots: a snapshot never changes what a load computes.
+
+#![allow(clippy::unwrap_used)]
+
+use proptest::prelude::*;
+use tally_engine::aggregate::{
+    Aggregate, AggregateError, Repository, SNAPSHOT_EVENT_TYPE, SnapshotPolicy, correction_of,
+    encode_snapshot_payload, snapshot_stream,
+};
+use tally_engine::{Direction, Error, EventData, ExpectedVersion, Log, Options, RecordedEvent};
+
+/// A position: quantity and cash, in integers (exact), and how many fills it has seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Position {
+    quantity: i64,
+    cash: i64,
+    fills: u64,
+    /// Every event type seen, in order (makes the fold order-sensitive).
+    trail: Vec<String>,
+}
+
+fn fill(qty: i64, px: i64) -> EventData {
+    EventData::json("Fill", format!(r#"{{"qty":{qty},"px":{px}}}"#))
+}
+
+fn parse(e: &RecordedEvent) -> (i64, i64) {
+    let v: serde_json::Value = serde_json::from_slice(e.payload()).unwrap();
+    (v["qty"].as_i64().unwrap(), v["px"].as_i64().unwrap())
+}
+
+impl Aggregate for Position {
+    const SNAPSHOT_VERSION: u32 = 2;
+
+    fn initial() -> Position {
+        Position::default()
+    }
+
+    fn apply(&mut self, e: &RecordedEvent) -> Result<(), String> {
+        match e.event_type() {
+            "Fill" | "FillCorrected" => {
+                let (q, p) = parse(e);
+                self.quantity += q;
+                self.cash -= q * p;
+                self.fills += 1;
+            }
+            "Poison" => return Err("poison event".into()),
+            other => return Err(format!("unknown event type {other}")),
+        }
+        self.trail.push(e.event_type().to_owned());
+        Ok(())
+    }
+
+    fn encode_snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&(self.quantity, self.cash, self.fills, &self.trail)).unwrap()
+    }
+
+    fn decode_snapshot(bytes: &[u8]) -> Option<Position> {
+        let (quantity, cash, fills, trail) = serde_json::from_slice(bytes).ok()?;
+        Some(Position {
+            quantity,
+            cash,
+            fills,
+            trail,
+        })
+    }
+}
+
+fn open(dir: &std::path::Path) -> Log {
+    Log::open(
+        dir,
+        Options {
+            segment_bytes: 1 << 20,
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The fold of the first `n` fills, computed without the log.
+fn expected(fills: &[(i64, i64)], n: usize) -> (i64, i64, u64) {
+    let mut q = 0;
+    let mut c = 0;
+    for &(qty, px) in &fills[..n] {
+        q += qty;
+        c -= qty * px;
+    }
+    (q, c, n as u64)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Every version of every aggregate loads to the same state with and without
+    /// snapshots, and to the independently computed fold.
+    #[test]
+    fn snapshots_never_change_what_a_load_computes(
+        streams in prop::collection::vec(
+            prop::collection::vec((-50i64..50, 1i64..1000), 1..40), 1..4),
+        every in 1u64..12,
+        batch in 1usize..5,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        let repo = Repository::<Position>::new(&log, SnapshotPolicy::EveryEvents(every));
+        // Interleave the streams' appends, in batches.
+        let mut cursors = vec![0usize; streams.len()];
+        let mut loaded: Vec<_> = (0..streams.len())
+            .map(|i| repo.load(&format!("book-{i}")).unwrap())
+            .collect();
+        loop {
+            let mut progressed = false;
+            for (i, fills) in streams.iter().enumerate() {
+                let c = cursors[i];
+                if c == fills.len() {
+                    continue;
+                }
+                let end = (c + batch).min(fills.len());
+                let events: Vec<_> = fills[c..end].iter().map(|&(q, p)| fill(q, p)).collect();
+                repo.save(&format!("book-{i}"), &mut loaded[i], &events).unwrap();
+                cursors[i] = end;
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        for (i, fills) in streams.iter().enumerate() {
+            let stream = format!("book-{i}");
+            for v in 0..fills.len() as u64 {
+                let with = repo.load_at(&stream, v).unwrap();
+                let without = repo.load_without_snapshots(&stream, v).unwrap();
+                prop_assert_eq!(&with.state, &without.state);
+                prop_assert_eq!(with.version, Some(v));
+                let (q, c, n) = expected(fills, v as usize + 1);
+                prop_assert_eq!((with.state.quantity, with.state.cash, with.state.fills), (q, c, n));
+            }
+            let latest = repo.load(&stream).unwrap();
+            prop_assert_eq!(&latest.state, &loaded[i].state);
+            if fills.len() as u64 > every {
+                prop_assert!(latest.from_snapshot.is_some(), "a snapshot was used");
+                prop_assert!(latest.events_applied < every, "{} events folded", latest.events_applied);
+            }
+        }
+    }
+}
+
+#[test]
+fn unusable_snapshots_are_passed_over_and_a_conflict_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let repo = Repository::<Position>::new(&log, SnapshotPolicy::OnDemand);
+    let mut a = repo.load("t").unwrap();
+    assert_eq!(a.version, None);
+    repo.save("t", &mut a, &[fill(10, 100), fill(5, 101)])
+        .unwrap();
+    repo.snapshot("t", &mut a).unwrap();
+    repo.save("t", &mut a, &[fill(-3, 102)]).unwrap();
+    let good = repo.load("t").unwrap();
+    assert_eq!(good.from_snapshot, Some(1));
+    assert_eq!(good.events_applied, 1);
+    // Newer snapshots that must not be used: an older snapshot version, and bytes that do
+    // not decode. The load passes over both to the good one.
+    let snaps = snapshot_stream("t").unwrap();
+    for payload in [
+        encode_snapshot_payload(2, 1, b"[999,0,0,[]]"),
+        encode_snapshot_payload(2, 2, b"not json"),
+        b"short".to_vec(),
+    ] {
+        log.append(
+            &snaps,
+            ExpectedVersion::Any,
+            &[EventData::new(SNAPSHOT_EVENT_TYPE, payload)],
+        )
+        .unwrap();
+    }
+    let after = repo.load("t").unwrap();
+    assert_eq!(after.state, good.state);
+    assert_eq!(after.from_snapshot, Some(1));
+    assert_eq!(after.state.quantity, 12);
+    // A stale writer gets WrongExpectedVersion, writes nothing, and succeeds after
+    // loading again.
+    let mut stale = repo.load_at("t", 1).unwrap();
+    let e = repo.save("t", &mut stale, &[fill(1, 1)]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AggregateError::Log(Error::WrongExpectedVersion {
+                actual: Some(2),
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert_eq!(stale.version, Some(1), "unchanged after a conflict");
+    let mut fresh = repo.load("t").unwrap();
+    repo.save("t", &mut fresh, &[fill(1, 1)]).unwrap();
+    assert_eq!(repo.load("t").unwrap().state.quantity, 13);
+    // An event the aggregate refuses stops the load with its version.
+    log.append(
+        "t",
+        ExpectedVersion::Any,
+        &[EventData::new("Poison", vec![])],
+    )
+    .unwrap();
+    match repo.load("t") {
+        Err(AggregateError::Apply {
+            version, reason, ..
+        }) => {
+            assert_eq!(version, 4);
+            assert_eq!(reason, "poison event");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn corrections_reference_the_original_and_history_keeps_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let repo = Repository::<Position>::new(&log, SnapshotPolicy::OnDemand);
+    let mut a = repo.load("trade-7").unwrap();
+    let booked = fill(100, 50)
+        .correlation_id("desk-9")
+        .aggregate_type("Trade");
+    repo.save("trade-7", &mut a, &[booked]).unwrap();
+    let original = log
+        .read_stream("trade-7", 0, 1, Direction::Forward)
+        .unwrap()
+        .remove(0);
+    // The booking error is reversed and rebooked, never edited.
+    let fix = [
+        correction_of(&original, "FillCorrected", r#"{"qty":-100,"px":50}"#),
+        correction_of(&original, "FillCorrected", r#"{"qty":10,"px":50}"#),
+    ];
+    repo.save("trade-7", &mut a, &fix).unwrap();
+    let history = log
+        .read_stream("trade-7", 0, 10, Direction::Forward)
+        .unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(
+        history[0].payload(),
+        br#"{"qty":100,"px":50}"#,
+        "the original is unchanged"
+    );
+    for c in &history[1..] {
+        assert_eq!(c.causation_id(), original.event_id.to_string());
+        assert_eq!(c.correlation_id(), "desk-9");
+        assert_eq!(c.aggregate_type(), "Trade");
+    }
+    assert_eq!(repo.load("trade-7").unwrap().state.quantity, 10);
+}
+
+#[test]
+fn streams_too_long_for_a_snapshot_stream_are_refused() {
+    let long = "x".repeat(250);
+    assert!(matches!(
+        snapshot_stream(&long),
+        Err(AggregateError::StreamTooLong { max: 246, .. })
+    ));
+    assert!(snapshot_stream(&"x".repeat(246)).is_ok());
+}
