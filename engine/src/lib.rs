@@ -36,6 +36,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod index;
 mod log;
+pub mod projection;
 mod segment;
 mod sys;
 

@@ -1,0 +1,391 @@
+//! Projections (read models): a fold of the whole log, in log order, that keeps a durable
+//! checkpoint, reports its status, and can be rebuilt while its current state keeps
+//! serving readers.
+//!
+//! A checkpoint is the projection's state together with the position it has folded up to,
+//! stored by the log itself as an event of the stream `$projection-NAME` (event type
+//! `$ProjectionCheckpoint`, binary payload: `u64` next position, `u32` state version, then
+//! the encoded state; little-endian; docs/FORMAT.md 18). Storing both in one append makes
+//! them agree after any crash: a restarted projection resumes exactly where its last
+//! checkpoint was taken, and folds every later event once.
+//!
+//! Streams whose names start with `$` (snapshots, checkpoints, consumer positions) are the
+//! log's own bookkeeping and are not projected.
+//!
+//! This module uses only the log's public API.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use crate::error::Error;
+use crate::format::Position;
+use crate::log::{Direction, EventData, ExpectedVersion, Log, RecordedEvent};
+
+/// The prefix of the stream that holds a projection's checkpoints.
+pub const CHECKPOINT_STREAM_PREFIX: &str = "$projection-";
+/// The event type of a projection checkpoint.
+pub const CHECKPOINT_EVENT_TYPE: &str = "$ProjectionCheckpoint";
+/// Bytes of a checkpoint payload before the encoded state.
+pub const CHECKPOINT_HEADER_BYTES: usize = 12;
+/// Events read per page while folding.
+const PAGE: usize = 4096;
+
+/// A read model folded from the log.
+pub trait Projection: Sized {
+    /// Version of [`Projection::encode_state`]'s encoding; checkpoints of another version
+    /// are ignored (the projection then rebuilds from the start).
+    const STATE_VERSION: u32;
+
+    /// The state before the first event.
+    fn initial() -> Self;
+
+    /// Folds one event (events of `$` streams are never passed).
+    ///
+    /// # Errors
+    /// A reason, when the event cannot be applied: the projection stops there, failed.
+    fn apply(&mut self, event: &RecordedEvent) -> std::result::Result<(), String>;
+
+    /// The state, encoded for a checkpoint.
+    fn encode_state(&self) -> Vec<u8>;
+
+    /// The state from a checkpoint; `None` if the bytes do not decode.
+    fn decode_state(bytes: &[u8]) -> Option<Self>;
+}
+
+/// Why a projection stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] Error),
+    /// The projection refused an event; it stays at that event.
+    #[error("projection {name}: the event at position {position} was refused: {reason}")]
+    Apply {
+        /// The projection.
+        name: String,
+        /// The event's position.
+        position: u64,
+        /// The projection's reason.
+        reason: String,
+    },
+}
+
+/// What a projection is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProjectionState {
+    /// Folding, or waiting for new events.
+    Running,
+    /// Building a new state beside the one that serves.
+    Rebuilding,
+    /// Not folding.
+    Stopped,
+    /// Stopped at an event it refused.
+    Failed,
+}
+
+/// A projection's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    /// What it is doing.
+    pub state: ProjectionState,
+    /// The next position it will fold.
+    pub position: u64,
+    /// Events folded since it was opened.
+    pub events_applied: u64,
+    /// Events refused since it was opened.
+    pub errors: u64,
+    /// The last refusal.
+    pub last_error: Option<String>,
+    /// The position its last checkpoint covers (the next position to fold after it).
+    pub checkpoint: Option<u64>,
+}
+
+/// Options of a [`Projector`].
+#[derive(Clone, Copy, Debug)]
+pub struct ProjectorOptions {
+    /// Write a checkpoint after this many events folded since the last one (and at the
+    /// end of every catch-up that folded any).
+    pub checkpoint_every: u64,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> ProjectorOptions {
+        ProjectorOptions {
+            checkpoint_every: 10_000,
+        }
+    }
+}
+
+/// The state readers see: shared, replaced whole by a rebuild.
+pub type SharedState<P> = Arc<RwLock<P>>;
+
+/// Runs one projection over one log.
+#[derive(Debug)]
+pub struct Projector<'a, P> {
+    log: &'a Log,
+    name: String,
+    stream: String,
+    state: SharedState<P>,
+    next: u64,
+    opts: ProjectorOptions,
+    since_checkpoint: u64,
+    status: ProjectionStatus,
+}
+
+/// The checkpoint stream of projection `name`.
+#[must_use]
+pub fn checkpoint_stream(name: &str) -> String {
+    format!("{CHECKPOINT_STREAM_PREFIX}{name}")
+}
+
+/// Encodes a checkpoint payload.
+#[must_use]
+pub fn encode_checkpoint_payload(next: u64, state_version: u32, state: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(CHECKPOINT_HEADER_BYTES + state.len());
+    p.extend_from_slice(&next.to_le_bytes());
+    p.extend_from_slice(&state_version.to_le_bytes());
+    p.extend_from_slice(state);
+    p
+}
+
+/// Decodes a checkpoint payload: `(next position, state version, state)`.
+#[must_use]
+pub fn decode_checkpoint_payload(p: &[u8]) -> Option<(u64, u32, &[u8])> {
+    let next = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
+    let version = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
+    Some((next, version, &p[CHECKPOINT_HEADER_BYTES..]))
+}
+
+fn is_system(e: &RecordedEvent) -> bool {
+    e.stream().starts_with('$')
+}
+
+impl<'a, P: Projection> Projector<'a, P> {
+    /// Opens projection `name`: from its latest usable checkpoint, or from the start.
+    ///
+    /// # Errors
+    /// [`ProjectionError::Log`].
+    pub fn open(
+        log: &'a Log,
+        name: &str,
+        opts: ProjectorOptions,
+    ) -> std::result::Result<Projector<'a, P>, ProjectionError> {
+        let stream = checkpoint_stream(name);
+        crate::format::envelope::check_stream_id(&stream).map_err(|e| Error::InvalidEvent {
+            index: 0,
+            source: e,
+        })?;
+        let mut start = (0, P::initial(), None);
+        let mut from = u64::MAX;
+        'search: loop {
+            let page = log.read_stream(&stream, from, 64, Direction::Backward)?;
+            for e in &page {
+                if let Some((next, v, bytes)) = decode_checkpoint_payload(e.payload())
+                    && v == P::STATE_VERSION
+                    && let Some(state) = P::decode_state(bytes)
+                {
+                    start = (next, state, Some(next));
+                    break 'search;
+                }
+            }
+            match page.last() {
+                Some(last) if last.version > 0 && page.len() == 64 => from = last.version - 1,
+                _ => break,
+            }
+        }
+        let (next, state, checkpoint) = start;
+        Ok(Projector {
+            log,
+            name: name.to_owned(),
+            stream,
+            state: Arc::new(RwLock::new(state)),
+            next,
+            opts,
+            since_checkpoint: 0,
+            status: ProjectionStatus {
+                state: ProjectionState::Stopped,
+                position: next,
+                events_applied: 0,
+                errors: 0,
+                last_error: None,
+                checkpoint,
+            },
+        })
+    }
+
+    /// The state, for readers on any thread (a rebuild replaces what it holds).
+    #[must_use]
+    pub fn shared_state(&self) -> SharedState<P> {
+        Arc::clone(&self.state)
+    }
+
+    /// The status.
+    #[must_use]
+    pub fn status(&self) -> ProjectionStatus {
+        let mut s = self.status.clone();
+        s.position = self.next;
+        s
+    }
+
+    fn fold_one(&mut self, e: &RecordedEvent) -> std::result::Result<(), ProjectionError> {
+        debug_assert_eq!(e.position.0, self.next);
+        if !is_system(e)
+            && let Err(reason) = self.state.write().apply(e)
+        {
+            self.status.state = ProjectionState::Failed;
+            self.status.errors += 1;
+            self.status.last_error = Some(reason.clone());
+            return Err(ProjectionError::Apply {
+                name: self.name.clone(),
+                position: e.position.0,
+                reason,
+            });
+        }
+        self.next = e.position.0 + 1;
+        if is_system(e) {
+            // Bookkeeping (this projection's own checkpoints among it) neither counts nor
+            // calls for a checkpoint.
+            return Ok(());
+        }
+        self.status.events_applied += 1;
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.opts.checkpoint_every.max(1) {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Folds every event visible now, checkpointing as the options say and at the end.
+    /// Returns the events folded.
+    ///
+    /// # Errors
+    /// [`ProjectionError`]; after a refusal the projection stays at the refused event.
+    pub fn catch_up(&mut self) -> std::result::Result<u64, ProjectionError> {
+        self.status.state = ProjectionState::Running;
+        let before = self.status.events_applied;
+        loop {
+            let page = self
+                .log
+                .read_all(Position(self.next), PAGE, Direction::Forward)?;
+            for e in &page {
+                self.fold_one(e)?;
+            }
+            if page.len() < PAGE {
+                break;
+            }
+        }
+        if self.since_checkpoint > 0 {
+            self.checkpoint()?;
+        }
+        Ok(self.status.events_applied - before)
+    }
+
+    /// Folds events as they become visible until `stop` is set (checked at least every
+    /// `poll`), then checkpoints.
+    ///
+    /// # Errors
+    /// As [`Projector::catch_up`].
+    pub fn follow(
+        &mut self,
+        stop: &AtomicBool,
+        poll: Duration,
+    ) -> std::result::Result<(), ProjectionError> {
+        self.catch_up()?;
+        let mut tail = self.log.tail(Position(self.next));
+        while !stop.load(Ordering::SeqCst) {
+            match tail.next_timeout(poll)? {
+                Some(e) => self.fold_one(&e)?,
+                None => {
+                    if self.since_checkpoint > 0 {
+                        self.checkpoint()?;
+                    }
+                }
+            }
+        }
+        if self.since_checkpoint > 0 {
+            self.checkpoint()?;
+        }
+        self.status.state = ProjectionState::Stopped;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the state and position now.
+    ///
+    /// # Errors
+    /// [`ProjectionError::Log`].
+    pub fn checkpoint(&mut self) -> std::result::Result<(), ProjectionError> {
+        let payload = encode_checkpoint_payload(
+            self.next,
+            P::STATE_VERSION,
+            &self.state.read().encode_state(),
+        );
+        self.log.append(
+            &self.stream,
+            ExpectedVersion::Any,
+            &[EventData::new(CHECKPOINT_EVENT_TYPE, payload)],
+        )?;
+        self.since_checkpoint = 0;
+        self.status.checkpoint = Some(self.next);
+        Ok(())
+    }
+
+    /// Rebuilds the state from the first event into a new state, while the current one
+    /// keeps serving readers, then replaces it and checkpoints. For a changed handler, or
+    /// a state that is in doubt.
+    ///
+    /// # Errors
+    /// As [`Projector::catch_up`]; on an error the old state keeps serving.
+    pub fn rebuild(&mut self) -> std::result::Result<(), ProjectionError> {
+        self.status.state = ProjectionState::Rebuilding;
+        let upto = self.log.next_position().0;
+        let fresh = fold_window(self.log, &self.name, 0, upto).inspect_err(|e| {
+            self.status.state = ProjectionState::Failed;
+            self.status.errors += 1;
+            self.status.last_error = Some(e.to_string());
+        })?;
+        *self.state.write() = fresh;
+        self.next = upto;
+        self.since_checkpoint = 0;
+        self.checkpoint()?;
+        // Events that arrived during the rebuild.
+        self.catch_up()?;
+        Ok(())
+    }
+}
+
+/// Folds the events of positions `from..to` into a fresh state, without touching any
+/// projector: a window of history (one day's P&L), or a rebuild's new state.
+///
+/// # Errors
+/// [`ProjectionError`].
+pub fn fold_window<P: Projection>(
+    log: &Log,
+    name: &str,
+    from: u64,
+    to: u64,
+) -> std::result::Result<P, ProjectionError> {
+    let mut state = P::initial();
+    let mut next = from;
+    while next < to {
+        let want = PAGE.min(usize::try_from(to - next).unwrap_or(PAGE));
+        let page = log.read_all(Position(next), want, Direction::Forward)?;
+        for e in page.iter().filter(|e| e.position.0 < to) {
+            if !is_system(e) {
+                state.apply(e).map_err(|reason| ProjectionError::Apply {
+                    name: name.to_owned(),
+                    position: e.position.0,
+                    reason,
+                })?;
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == want => next = last.position.0 + 1,
+            _ => break,
+        }
+    }
+    Ok(state)
+}
