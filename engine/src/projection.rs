@@ -389,3 +389,43 @@ pub fn fold_window<P: Projection>(
     }
     Ok(state)
 }
+
+/// A projection's state in the view `as_of` (see [`crate::aggregate::AsOf`]): what the
+/// log knew at a record time, what was true at an event time (late events in their
+/// business-time place), or both. Folded from the first event; the events of the view are
+/// held in memory while they are put in event-time order.
+///
+/// # Errors
+/// [`ProjectionError`].
+pub fn fold_as_of<P: Projection>(
+    log: &Log,
+    name: &str,
+    as_of: crate::aggregate::AsOf,
+) -> std::result::Result<P, ProjectionError> {
+    let mut events = Vec::new();
+    let mut next = 0u64;
+    loop {
+        let page = log.read_all(Position(next), PAGE, Direction::Forward)?;
+        let full = page.len() == PAGE;
+        if let Some(last) = page.last() {
+            next = last.position.0 + 1;
+        }
+        events.extend(
+            page.into_iter()
+                .filter(|e| !is_system(e) && as_of.includes(e)),
+        );
+        if !full {
+            break;
+        }
+    }
+    as_of.order(&mut events);
+    let mut state = P::initial();
+    for e in &events {
+        state.apply(e).map_err(|reason| ProjectionError::Apply {
+            name: name.to_owned(),
+            position: e.position.0,
+            reason,
+        })?;
+    }
+    Ok(state)
+}

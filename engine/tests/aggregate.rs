@@ -3,10 +3,12 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
+use std::time::Duration;
 use tally_engine::aggregate::{
     Aggregate, AggregateError, Repository, SNAPSHOT_EVENT_TYPE, SnapshotPolicy, correction_of,
     encode_snapshot_payload, snapshot_stream,
 };
+
 use tally_engine::{Direction, Error, EventData, ExpectedVersion, Log, Options, RecordedEvent};
 
 /// A position: quantity and cash, in integers (exact), and how many fills it has seen.
@@ -258,4 +260,59 @@ fn streams_too_long_for_a_snapshot_stream_are_refused() {
         Err(AggregateError::StreamTooLong { max: 246, .. })
     ));
     assert!(snapshot_stream(&"x".repeat(246)).is_ok());
+}
+
+#[test]
+fn time_travel_by_record_time_and_by_event_time_with_a_late_event() {
+    use tally_engine::Timestamp;
+    use tally_engine::aggregate::AsOf;
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let repo = Repository::<Position>::new(&log, SnapshotPolicy::EveryEvents(1));
+    let secs = |s: u64| Timestamp(1_700_000_000_000_000_000 + s * 1_000_000_000);
+    let recorded = |v: u64| log.read_stream("t", v, 1, Direction::Forward).unwrap()[0].record_time;
+    let mut a = repo.load("t").unwrap();
+    repo.save("t", &mut a, &[fill(10, 100).event_time(secs(1000))])
+        .unwrap();
+    repo.save("t", &mut a, &[fill(5, 100).event_time(secs(3000))])
+        .unwrap();
+    let r1 = recorded(1);
+    std::thread::sleep(Duration::from_millis(2));
+    // Arrives late: it happened between the two fills.
+    let late = EventData::json("FillCorrected", r#"{"qty":-3,"px":100}"#).event_time(secs(2000));
+    repo.save("t", &mut a, &[late]).unwrap();
+    let r2 = recorded(2);
+    assert!(r1 < r2);
+    let view = |as_of: AsOf| {
+        let l = repo.load_as_of("t", as_of).unwrap();
+        (l.state.quantity, l.state.trail.join(","))
+    };
+    // Now, in log order.
+    assert_eq!(
+        view(AsOf::default()),
+        (12, "Fill,Fill,FillCorrected".into())
+    );
+    // What we knew before the late event was recorded.
+    assert_eq!(view(AsOf::known_at(r1)), (15, "Fill,Fill".into()));
+    // What was true at 2500 s, as known now: the late correction counts, the 3000 s fill
+    // does not.
+    assert_eq!(
+        view(AsOf::true_at(secs(2500))),
+        (7, "Fill,FillCorrected".into())
+    );
+    // What was true at 3000 s: every event, in the order they happened.
+    assert_eq!(
+        view(AsOf::true_at(secs(3000))),
+        (12, "Fill,FillCorrected,Fill".into())
+    );
+    // What we believed, before the late event arrived, was true at 3000 s.
+    let bitemporal = AsOf {
+        record_time: Some(r1),
+        event_time: Some(secs(3000)),
+    };
+    assert_eq!(view(bitemporal), (15, "Fill,Fill".into()));
+    // Before anything happened.
+    assert_eq!(view(AsOf::true_at(secs(999))), (0, String::new()));
+    // The current state through snapshots agrees with the log-order view.
+    assert_eq!(repo.load("t").unwrap().state.quantity, 12);
 }

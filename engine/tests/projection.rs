@@ -234,3 +234,56 @@ fn a_rebuild_serves_the_old_state_until_the_new_one_replaces_it() {
     assert_eq!(first_100.net, w);
     assert_eq!(readers.read().net, doubled);
 }
+
+#[test]
+fn a_projection_as_of_a_record_time_and_an_event_time() {
+    use tally_engine::Timestamp;
+    use tally_engine::aggregate::AsOf;
+    use tally_engine::projection::fold_as_of;
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let secs = |s: u64| Timestamp(1_700_000_000_000_000_000 + s * 1_000_000_000);
+    let at = |s: u64, book: &str, q: i64| fill(book, q).event_time(secs(s));
+    log.append("a", ExpectedVersion::Any, &[at(100, "x", 5)])
+        .unwrap();
+    log.append("b", ExpectedVersion::Any, &[at(300, "x", 7)])
+        .unwrap();
+    let known = log
+        .read_all(
+            tally_engine::Position(1),
+            1,
+            tally_engine::Direction::Forward,
+        )
+        .unwrap()[0]
+        .record_time;
+    std::thread::sleep(Duration::from_millis(2));
+    // Late: happened at 200 s, recorded last.
+    log.append("c", ExpectedVersion::Any, &[at(200, "x", -2)])
+        .unwrap();
+    let net = |as_of: AsOf| {
+        fold_as_of::<Books>(&log, "pnl", as_of)
+            .unwrap()
+            .net
+            .get("x")
+            .copied()
+    };
+    assert_eq!(net(AsOf::default()), Some(10));
+    assert_eq!(
+        net(AsOf::known_at(known)),
+        Some(12),
+        "before the late event was recorded"
+    );
+    assert_eq!(
+        net(AsOf::true_at(secs(250))),
+        Some(3),
+        "the late event counts where it happened"
+    );
+    assert_eq!(net(AsOf::true_at(secs(150))), Some(5));
+    assert_eq!(
+        net(AsOf {
+            record_time: Some(known),
+            event_time: Some(secs(250))
+        }),
+        Some(5)
+    );
+}
