@@ -17,7 +17,9 @@
 use crate::error::Error;
 use crate::format::Timestamp;
 use crate::format::envelope::STREAM_BYTES_MAX;
-use crate::log::{AppendResult, Direction, EventData, ExpectedVersion, Log, RecordedEvent};
+use crate::log::{
+    AppendResult, Direction, EventData, EventView, ExpectedVersion, Log, RecordedEvent,
+};
 
 /// The prefix of the stream that holds a stream's snapshots.
 pub const SNAPSHOT_STREAM_PREFIX: &str = "$snapshot-";
@@ -43,7 +45,7 @@ pub trait Aggregate: Sized {
     ///
     /// # Errors
     /// A reason, when the event cannot be applied (the load stops there).
-    fn apply(&mut self, event: &RecordedEvent) -> std::result::Result<(), String>;
+    fn apply(&mut self, event: &dyn EventView) -> std::result::Result<(), String>;
 
     /// The state, encoded for a snapshot.
     fn encode_snapshot(&self) -> Vec<u8>;
@@ -200,10 +202,10 @@ pub fn decode_snapshot_payload(p: &[u8]) -> Option<(u64, u32, &[u8])> {
 /// keeps the original's correlation id, so that the history shows both and how they
 /// relate. Tally never changes a stored event; corrections are new events.
 #[must_use]
-pub fn correction_of(original: &RecordedEvent, event_type: &str, json: &str) -> EventData {
+pub fn correction_of(original: &dyn EventView, event_type: &str, json: &str) -> EventData {
     EventData::json(event_type, json)
         .aggregate_type(original.aggregate_type())
-        .causation_id(original.event_id.to_string())
+        .causation_id(original.event_id().to_string())
         .correlation_id(original.correlation_id())
 }
 

@@ -45,7 +45,7 @@ pub use format::envelope::ContentType;
 pub use format::{EventId, Hash32, Position, SegmentSeq, Timestamp};
 pub use log::{
     AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, Direction, Durability, EventData,
-    ExpectedVersion, KEY_FILE, Log, Options, RawRecord, RecordView, RecordedEvent, RecoveryMode,
-    RecoveryReport, SegmentInfo, StreamInfo, TREE_FILE, Tail, Truncation, Verify, VerifyOptions,
-    VerifyReport, create_signing_key, new_event_id, now,
+    EventView, ExpectedVersion, KEY_FILE, Log, Options, RawRecord, RecordView, RecordedEvent,
+    RecoveryMode, RecoveryReport, SegmentInfo, StreamInfo, TREE_FILE, Tail, Truncation, Verify,
+    VerifyOptions, VerifyReport, create_signing_key, new_event_id, now,
 };

@@ -22,7 +22,7 @@ use parking_lot::RwLock;
 
 use crate::error::Error;
 use crate::format::Position;
-use crate::log::{Direction, EventData, ExpectedVersion, Log, RecordedEvent};
+use crate::log::{Direction, EventData, EventView, ExpectedVersion, Log, RecordedEvent};
 
 /// The prefix of the stream that holds a projection's checkpoints.
 pub const CHECKPOINT_STREAM_PREFIX: &str = "$projection-";
@@ -46,7 +46,7 @@ pub trait Projection: Sized {
     ///
     /// # Errors
     /// A reason, when the event cannot be applied: the projection stops there, failed.
-    fn apply(&mut self, event: &RecordedEvent) -> std::result::Result<(), String>;
+    fn apply(&mut self, event: &dyn EventView) -> std::result::Result<(), String>;
 
     /// The state, encoded for a checkpoint.
     fn encode_state(&self) -> Vec<u8>;

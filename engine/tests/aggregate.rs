@@ -9,7 +9,7 @@ use tally_engine::aggregate::{
     encode_snapshot_payload, snapshot_stream,
 };
 
-use tally_engine::{Direction, Error, EventData, ExpectedVersion, Log, Options, RecordedEvent};
+use tally_engine::{Direction, Error, EventData, EventView, ExpectedVersion, Log, Options};
 
 /// A position: quantity and cash, in integers (exact), and how many fills it has seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,7 +25,7 @@ fn fill(qty: i64, px: i64) -> EventData {
     EventData::json("Fill", format!(r#"{{"qty":{qty},"px":{px}}}"#))
 }
 
-fn parse(e: &RecordedEvent) -> (i64, i64) {
+fn parse(e: &dyn EventView) -> (i64, i64) {
     let v: serde_json::Value = serde_json::from_slice(e.payload()).unwrap();
     (v["qty"].as_i64().unwrap(), v["px"].as_i64().unwrap())
 }
@@ -37,7 +37,7 @@ impl Aggregate for Position {
         Position::default()
     }
 
-    fn apply(&mut self, e: &RecordedEvent) -> Result<(), String> {
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
         match e.event_type() {
             "Fill" | "FillCorrected" => {
                 let (q, p) = parse(e);

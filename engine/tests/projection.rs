@@ -9,7 +9,7 @@ use std::time::Duration;
 use tally_engine::projection::{
     Projection, ProjectionError, ProjectionState, Projector, ProjectorOptions, fold_window,
 };
-use tally_engine::{EventData, ExpectedVersion, Log, Options, RecordedEvent};
+use tally_engine::{EventData, EventView, ExpectedVersion, Log, Options};
 
 /// Net quantity per book, from `Fill` events whose payload is `book:qty`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -34,9 +34,9 @@ impl Projection for Books {
         }
     }
 
-    fn apply(&mut self, e: &RecordedEvent) -> Result<(), String> {
-        if PANIC_AT.with(std::cell::Cell::get) == Some(e.position.0) {
-            panic!("simulated crash at position {}", e.position.0);
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+        if PANIC_AT.with(std::cell::Cell::get) == Some(e.position().0) {
+            panic!("simulated crash at position {}", e.position().0);
         }
         if e.event_type() == "Poison" {
             return Err("cannot apply Poison".into());

@@ -398,6 +398,84 @@ impl RecordedEvent {
     }
 }
 
+/// Read access to a stored event, whether the engine read it or it came over the wire, so
+/// that aggregates and projections run unchanged on an embedded log and through a server.
+pub trait EventView {
+    /// Position in the log.
+    fn position(&self) -> Position;
+    /// Version in its stream.
+    fn version(&self) -> u64;
+    /// The event id.
+    fn event_id(&self) -> EventId;
+    /// The stream.
+    fn stream(&self) -> &str;
+    /// The event type.
+    fn event_type(&self) -> &str;
+    /// The aggregate type.
+    fn aggregate_type(&self) -> &str;
+    /// Schema version of the payload.
+    fn schema_version(&self) -> u32;
+    /// How to read the payload.
+    fn content_type(&self) -> ContentType;
+    /// Correlation id (empty for none).
+    fn correlation_id(&self) -> &str;
+    /// Causation id (empty for none).
+    fn causation_id(&self) -> &str;
+    /// Who did it.
+    fn actor(&self) -> &str;
+    /// The payload.
+    fn payload(&self) -> &[u8];
+    /// Business time.
+    fn event_time(&self) -> Timestamp;
+    /// When the log recorded it.
+    fn record_time(&self) -> Timestamp;
+}
+
+impl EventView for RecordedEvent {
+    fn position(&self) -> Position {
+        self.position
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn event_id(&self) -> EventId {
+        self.event_id
+    }
+    fn stream(&self) -> &str {
+        RecordedEvent::stream(self)
+    }
+    fn event_type(&self) -> &str {
+        RecordedEvent::event_type(self)
+    }
+    fn aggregate_type(&self) -> &str {
+        RecordedEvent::aggregate_type(self)
+    }
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+    fn content_type(&self) -> ContentType {
+        self.content_type
+    }
+    fn correlation_id(&self) -> &str {
+        RecordedEvent::correlation_id(self)
+    }
+    fn causation_id(&self) -> &str {
+        RecordedEvent::causation_id(self)
+    }
+    fn actor(&self) -> &str {
+        RecordedEvent::actor(self)
+    }
+    fn payload(&self) -> &[u8] {
+        RecordedEvent::payload(self)
+    }
+    fn event_time(&self) -> Timestamp {
+        self.event_time
+    }
+    fn record_time(&self) -> Timestamp {
+        self.record_time
+    }
+}
+
 impl std::fmt::Debug for RecordedEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordedEvent")
