@@ -4,10 +4,12 @@
 //!   without I/O;
 //! - [`server`]: the server that `tallyd` runs, in front of one engine log;
 //! - [`client`]: an async client with pipelining, typed errors, idempotent retries and
-//!   resuming subscriptions.
+//!   resuming subscriptions;
+//! - [`projection`]: the engine's projections, run through a server.
 
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod projection;
 pub mod protocol;
 pub mod server;

@@ -81,6 +81,8 @@ pub mod op {
     pub const CHECKPOINT_STORE: u8 = 0x40;
     /// Fetch a named consumer's position.
     pub const CHECKPOINT_FETCH: u8 = 0x41;
+    /// Store a projection's checkpoint (position and state).
+    pub const PROJECTION_STORE: u8 = 0x42;
     /// The latest signed checkpoint.
     pub const LATEST_CHECKPOINT: u8 = 0x50;
     /// An inclusion proof for a position.
@@ -771,6 +773,18 @@ pub enum Request {
         /// The consumer's name.
         name: String,
     },
+    /// Store a projection's checkpoint: appended to `$projection-NAME` as the engine's
+    /// projections store theirs, so either can resume from the other's.
+    ProjectionStore {
+        /// The projection's name.
+        name: String,
+        /// The first position not yet folded.
+        next: u64,
+        /// The projection's state version.
+        state_version: u32,
+        /// The encoded state.
+        state: Vec<u8>,
+    },
     /// The latest signed checkpoint.
     LatestCheckpoint,
     /// An inclusion proof.
@@ -800,6 +814,7 @@ impl Request {
             Request::Unsubscribe { .. } => op::UNSUBSCRIBE,
             Request::CheckpointStore { .. } => op::CHECKPOINT_STORE,
             Request::CheckpointFetch { .. } => op::CHECKPOINT_FETCH,
+            Request::ProjectionStore { .. } => op::PROJECTION_STORE,
             Request::LatestCheckpoint => op::LATEST_CHECKPOINT,
             Request::InclusionProof { .. } => op::INCLUSION_PROOF,
         }
@@ -891,6 +906,17 @@ impl Request {
                 put_u64(out, *position);
             }
             Request::CheckpointFetch { name } => put_str(out, name),
+            Request::ProjectionStore {
+                name,
+                next,
+                state_version,
+                state,
+            } => {
+                put_str(out, name);
+                put_u64(out, *next);
+                put_u32(out, *state_version);
+                put_bytes32(out, state);
+            }
             Request::InclusionProof {
                 position,
                 tree_size,
@@ -1022,6 +1048,12 @@ impl Request {
             },
             op::CHECKPOINT_FETCH => Request::CheckpointFetch {
                 name: r.str("consumer name")?.to_owned(),
+            },
+            op::PROJECTION_STORE => Request::ProjectionStore {
+                name: r.str("projection name")?.to_owned(),
+                next: r.u64("next position")?,
+                state_version: r.u32("state version")?,
+                state: r.bytes32("state")?.to_vec(),
             },
             op::LATEST_CHECKPOINT => Request::LatestCheckpoint,
             op::INCLUSION_PROOF => Request::InclusionProof {
@@ -1262,6 +1294,51 @@ impl std::fmt::Debug for Event {
             .field("event_type", &self.event_type())
             .field("payload_len", &self.payload().len())
             .finish_non_exhaustive()
+    }
+}
+
+impl tally_engine::EventView for Event {
+    fn position(&self) -> Position {
+        self.position
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn event_id(&self) -> EventId {
+        self.event_id
+    }
+    fn stream(&self) -> &str {
+        Event::stream(self)
+    }
+    fn event_type(&self) -> &str {
+        Event::event_type(self)
+    }
+    fn aggregate_type(&self) -> &str {
+        Event::aggregate_type(self)
+    }
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+    fn content_type(&self) -> ContentType {
+        self.content_type
+    }
+    fn correlation_id(&self) -> &str {
+        Event::correlation_id(self)
+    }
+    fn causation_id(&self) -> &str {
+        Event::causation_id(self)
+    }
+    fn actor(&self) -> &str {
+        Event::actor(self)
+    }
+    fn payload(&self) -> &[u8] {
+        Event::payload(self)
+    }
+    fn event_time(&self) -> Timestamp {
+        self.event_time
+    }
+    fn record_time(&self) -> Timestamp {
+        self.record_time
     }
 }
 
@@ -1666,7 +1743,11 @@ impl Response {
                 start: r.u64("start")?,
             },
             c if c == op::UNSUBSCRIBE | op::RESPONSE_BIT => Response::Unsubscribed,
-            c if c == op::CHECKPOINT_STORE | op::RESPONSE_BIT => Response::CheckpointStored,
+            c if c == op::CHECKPOINT_STORE | op::RESPONSE_BIT
+                || c == op::PROJECTION_STORE | op::RESPONSE_BIT =>
+            {
+                Response::CheckpointStored
+            }
             c if c == op::CHECKPOINT_FETCH | op::RESPONSE_BIT => {
                 let found = r.u8("found")?;
                 let p = r.u64("position")?;
@@ -1872,6 +1953,12 @@ mod tests {
             Request::InclusionProof {
                 position: 1,
                 tree_size: 0,
+            },
+            Request::ProjectionStore {
+                name: "pnl".into(),
+                next: 9,
+                state_version: 2,
+                state: b"state".to_vec(),
             },
         ];
         for (i, req) in reqs.iter().enumerate() {

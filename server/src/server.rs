@@ -1058,6 +1058,46 @@ fn handle(
                 AckKind::ConsumerCheckpoint,
             );
         }
+        Request::ProjectionStore {
+            name,
+            next,
+            state_version,
+            state,
+        } => {
+            let stream = tally_engine::projection::checkpoint_stream(&name);
+            if name.is_empty() || tally_engine::format::envelope::check_stream_id(&stream).is_err()
+            {
+                return early(
+                    reply,
+                    WireError::new(
+                        ErrorCode::MalformedRequest,
+                        format!(
+                            "projection name must be 1 to {} bytes without control characters",
+                            tally_engine::format::envelope::STREAM_BYTES_MAX
+                                - tally_engine::projection::CHECKPOINT_STREAM_PREFIX.len()
+                        ),
+                    ),
+                );
+            }
+            let part = AppendPart {
+                stream,
+                expected: ExpectedVersion::Any,
+                events: vec![EventData::new(
+                    tally_engine::projection::CHECKPOINT_EVENT_TYPE,
+                    tally_engine::projection::encode_checkpoint_payload(
+                        next,
+                        state_version,
+                        &state,
+                    ),
+                )],
+            };
+            return submit(
+                ctx,
+                std::slice::from_ref(&part),
+                reply,
+                AckKind::ConsumerCheckpoint,
+            );
+        }
         Request::Subscribe {
             target,
             from,

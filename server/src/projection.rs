@@ -1,0 +1,206 @@
+//! Projections through a server: the same [`Projection`] code as embedded
+//! (`tally_engine::projection`), fed by a subscription instead of the engine's tail, with
+//! checkpoints stored through PROJECTION_STORE in the same stream and format
+//! (`$projection-NAME`), so a projection can move between the two and resume.
+
+use std::time::Duration;
+
+use tally_engine::Direction;
+use tally_engine::EventView;
+use tally_engine::projection::{
+    CHECKPOINT_STREAM_PREFIX, Projection, ProjectionState, ProjectionStatus, ProjectorOptions,
+    SharedState, decode_checkpoint_payload,
+};
+
+use crate::client::{Client, ClientError, Subscription, SubscriptionItem};
+use crate::protocol::{Filter, Request, Response, SubscribeFrom, SubscribeTarget};
+
+/// Why a remote projection stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteProjectionError {
+    /// The server or the connection failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The projection refused an event; it stays at that event.
+    #[error("projection {name}: the event at position {position} was refused: {reason}")]
+    Apply {
+        /// The projection.
+        name: String,
+        /// The event's position.
+        position: u64,
+        /// The projection's reason.
+        reason: String,
+    },
+}
+
+/// Runs one projection against a server.
+pub struct RemoteProjector<P> {
+    client: Client,
+    name: String,
+    state: SharedState<P>,
+    next: u64,
+    opts: ProjectorOptions,
+    since_checkpoint: u64,
+    status: ProjectionStatus,
+    sub: Option<Subscription>,
+}
+
+impl<P> std::fmt::Debug for RemoteProjector<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteProjector")
+            .field("name", &self.name)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Projection> RemoteProjector<P> {
+    /// Opens projection `name` from its latest usable checkpoint on the server, or from
+    /// the start.
+    ///
+    /// # Errors
+    /// [`RemoteProjectionError::Client`].
+    pub async fn open(
+        client: &Client,
+        name: &str,
+        opts: ProjectorOptions,
+    ) -> Result<RemoteProjector<P>, RemoteProjectionError> {
+        let stream = format!("{CHECKPOINT_STREAM_PREFIX}{name}");
+        let mut start = (0, P::initial(), None);
+        let mut from = u64::MAX;
+        'search: loop {
+            let (page, next, end) = client
+                .read_stream(&stream, from, 64, Direction::Backward)
+                .await?;
+            for e in &page {
+                if let Some((pos, v, bytes)) = decode_checkpoint_payload(e.payload())
+                    && v == P::STATE_VERSION
+                    && let Some(state) = P::decode_state(bytes)
+                {
+                    start = (pos, state, Some(pos));
+                    break 'search;
+                }
+            }
+            if end || page.is_empty() {
+                break;
+            }
+            from = next;
+        }
+        let (next, state, checkpoint) = start;
+        Ok(RemoteProjector {
+            client: client.clone(),
+            name: name.to_owned(),
+            state: std::sync::Arc::new(parking_lot::RwLock::new(state)),
+            next,
+            opts,
+            since_checkpoint: 0,
+            status: ProjectionStatus {
+                state: ProjectionState::Stopped,
+                position: next,
+                events_applied: 0,
+                errors: 0,
+                last_error: None,
+                checkpoint,
+            },
+            sub: None,
+        })
+    }
+
+    /// The state, for readers on any thread.
+    #[must_use]
+    pub fn shared_state(&self) -> SharedState<P> {
+        std::sync::Arc::clone(&self.state)
+    }
+
+    /// The status.
+    #[must_use]
+    pub fn status(&self) -> ProjectionStatus {
+        let mut s = self.status.clone();
+        s.position = self.next;
+        s
+    }
+
+    /// Writes a checkpoint of the state and position now.
+    ///
+    /// # Errors
+    /// [`RemoteProjectionError::Client`].
+    pub async fn checkpoint(&mut self) -> Result<(), RemoteProjectionError> {
+        let state = self.state.read().encode_state();
+        let req = Request::ProjectionStore {
+            name: self.name.clone(),
+            next: self.next,
+            state_version: P::STATE_VERSION,
+            state,
+        };
+        match self.client.call(&req).await? {
+            Response::CheckpointStored => {}
+            other => {
+                return Err(ClientError::Unexpected(format!("{other:?}")).into());
+            }
+        }
+        self.since_checkpoint = 0;
+        self.status.checkpoint = Some(self.next);
+        Ok(())
+    }
+
+    /// Folds events, catching up and then live, until the next position to fold is at
+    /// least `target` or `idle` passes with no event; then checkpoints. Returns the next
+    /// position.
+    ///
+    /// # Errors
+    /// [`RemoteProjectionError`]; after a refusal the projection stays at that event.
+    pub async fn run_until(
+        &mut self,
+        target: u64,
+        idle: Duration,
+    ) -> Result<u64, RemoteProjectionError> {
+        self.status.state = ProjectionState::Running;
+        if self.sub.is_none() {
+            let sub = self
+                .client
+                .subscribe(
+                    SubscribeTarget::All(Filter::default()),
+                    SubscribeFrom::At(self.next),
+                )
+                .await?;
+            self.sub = Some(sub);
+        }
+        while self.next < target {
+            let Some(sub) = self.sub.as_mut() else { break };
+            let item = match tokio::time::timeout(idle, sub.next()).await {
+                Err(_) => break,
+                Ok(item) => item?,
+            };
+            let SubscriptionItem::Event(e) = item else {
+                continue;
+            };
+            let position = e.position.0;
+            if !e.stream().starts_with('$') {
+                let applied = self.state.write().apply(&e as &dyn EventView);
+                if let Err(reason) = applied {
+                    self.status.state = ProjectionState::Failed;
+                    self.status.errors += 1;
+                    self.status.last_error = Some(reason.clone());
+                    self.sub = None;
+                    return Err(RemoteProjectionError::Apply {
+                        name: self.name.clone(),
+                        position,
+                        reason,
+                    });
+                }
+                self.status.events_applied += 1;
+                self.since_checkpoint += 1;
+            }
+            self.next = position + 1;
+            if self.since_checkpoint >= self.opts.checkpoint_every.max(1) {
+                self.checkpoint().await?;
+            }
+        }
+        if self.since_checkpoint > 0 {
+            self.checkpoint().await?;
+        }
+        self.status.state = ProjectionState::Stopped;
+        Ok(self.next)
+    }
+}

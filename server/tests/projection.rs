@@ -1,0 +1,136 @@
+//! The same projection code through a server and embedded, sharing checkpoints.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Tallyd, runtime};
+use tally_engine::projection::{Projection, Projector, ProjectorOptions};
+use tally_engine::{EventData, EventView, ExpectedVersion};
+use tally_server::client::Client;
+use tally_server::projection::RemoteProjector;
+
+/// Event count and payload bytes per stream prefix (before the first '-').
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Volume(BTreeMap<String, (u64, u64)>);
+
+impl Projection for Volume {
+    const STATE_VERSION: u32 = 1;
+
+    fn initial() -> Volume {
+        Volume::default()
+    }
+
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+        let kind = e.stream().split('-').next().unwrap_or_default().to_owned();
+        let v = self.0.entry(kind).or_default();
+        v.0 += 1;
+        v.1 += e.payload().len() as u64;
+        Ok(())
+    }
+
+    fn encode_state(&self) -> Vec<u8> {
+        self.0
+            .iter()
+            .map(|(k, (n, b))| format!("{k} {n} {b}\n"))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    fn decode_state(bytes: &[u8]) -> Option<Volume> {
+        let mut m = BTreeMap::new();
+        for line in std::str::from_utf8(bytes).ok()?.lines() {
+            let mut f = line.split(' ');
+            let k = f.next()?.to_owned();
+            m.insert(k, (f.next()?.parse().ok()?, f.next()?.parse().ok()?));
+        }
+        Some(Volume(m))
+    }
+}
+
+#[test]
+fn a_projection_runs_remote_and_embedded_and_resumes_from_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    let opts = ProjectorOptions {
+        checkpoint_every: 25,
+    };
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    fn add(want: &mut BTreeMap<String, (u64, u64)>, kind: &str, n: usize) {
+        let e = want.entry(kind.to_owned()).or_default();
+        e.0 += n as u64;
+        e.1 += 3 * n as u64;
+    }
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        for i in 0..60 {
+            let kind = if i % 3 == 0 { "order" } else { "trade" };
+            c.append(
+                &format!("{kind}-{i}"),
+                ExpectedVersion::Any,
+                vec![EventData::new("E", b"abc".to_vec())],
+            )
+            .await
+            .unwrap();
+        }
+        add(&mut want, "order", 20);
+        add(&mut want, "trade", 40);
+        let mut p = RemoteProjector::<Volume>::open(&c, "volume", opts)
+            .await
+            .unwrap();
+        let end = c.server_info().await.unwrap().next_position;
+        p.run_until(end, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(p.shared_state().read().0, want);
+        assert_eq!(p.status().events_applied, 60);
+        assert_eq!(p.status().checkpoint, Some(p.status().position));
+        // More events, and a new remote projector resumes from the checkpoint: only the
+        // new ones are folded (the checkpoint events of `$projection-volume` are skipped).
+        for i in 0..10 {
+            c.append(
+                &format!("order-x{i}"),
+                ExpectedVersion::Any,
+                vec![EventData::new("E", b"abc".to_vec())],
+            )
+            .await
+            .unwrap();
+        }
+        let mut p = RemoteProjector::<Volume>::open(&c, "volume", opts)
+            .await
+            .unwrap();
+        let end = c.server_info().await.unwrap().next_position;
+        p.run_until(end, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(p.status().events_applied, 10);
+    });
+    add(&mut want, "order", 10);
+    assert!(d.terminate().success());
+    // The embedded projector resumes from the remote one's checkpoint.
+    let log = tally_engine::Log::open(dir.path(), tally_engine::Options::default()).unwrap();
+    let mut p = Projector::<Volume>::open(&log, "volume", opts).unwrap();
+    assert_eq!(p.shared_state().read().0, want);
+    assert_eq!(p.catch_up().unwrap(), 0, "nothing left to fold");
+    log.append(
+        "trade-late",
+        ExpectedVersion::Any,
+        &[EventData::new("E", b"abc".to_vec())],
+    )
+    .unwrap();
+    assert_eq!(p.catch_up().unwrap(), 1);
+    add(&mut want, "trade", 1);
+    log.close().unwrap();
+    // And the remote one resumes from the embedded one's.
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        let mut p = RemoteProjector::<Volume>::open(&c, "volume", opts)
+            .await
+            .unwrap();
+        assert_eq!(p.shared_state().read().0, want);
+        let end = c.server_info().await.unwrap().next_position;
+        p.run_until(end, Duration::from_millis(500)).await.unwrap();
+        assert_eq!(p.status().events_applied, 0);
+        assert_eq!(p.shared_state().read().0, want);
+    });
+}
