@@ -318,10 +318,12 @@ impl<'a, A: Aggregate> Repository<'a, A> {
     ) -> std::result::Result<Option<(u64, A)>, AggregateError> {
         let snaps = snapshot_stream(stream)?;
         let mut from = u64::MAX;
+        // The newest snapshot is usually the one: read it alone first.
+        let mut want = 1;
         loop {
             let page = self
                 .log
-                .read_stream(&snaps, from, SNAPSHOT_PAGE, Direction::Backward)?;
+                .read_stream(&snaps, from, want, Direction::Backward)?;
             for e in &page {
                 let Some((v, sv, state)) = decode_snapshot_payload(e.payload()) else {
                     continue;
@@ -334,8 +336,9 @@ impl<'a, A: Aggregate> Repository<'a, A> {
                 }
             }
             match page.last() {
-                Some(last) if last.version > 0 && page.len() == SNAPSHOT_PAGE => {
+                Some(last) if last.version > 0 && page.len() == want => {
                     from = last.version - 1;
+                    want = SNAPSHOT_PAGE;
                 }
                 _ => return Ok(None),
             }
