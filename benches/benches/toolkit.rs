@@ -48,7 +48,10 @@ impl Aggregate for Sum {
     }
 
     fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
-        let b: [u8; 8] = e.payload().try_into().map_err(|_| "payload is not 8 bytes")?;
+        let b: [u8; 8] = e
+            .payload()
+            .try_into()
+            .map_err(|_| "payload is not 8 bytes")?;
         self.total = self.total.wrapping_add(u64::from_le_bytes(b));
         self.count += 1;
         Ok(())
@@ -130,22 +133,30 @@ fn aggregate_load(c: &mut Criterion) {
     for &n in &lengths {
         let stream = format!("agg-{n}");
         g.throughput(Throughput::Elements(1));
-        g.bench_with_input(BenchmarkId::new(n.to_string(), "snapshots"), &stream, |b, s| {
-            b.iter(|| {
-                let l = repo.load(s).unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(l.state.count, n);
-                black_box(l.state.total)
-            });
-        });
-        g.bench_with_input(BenchmarkId::new(n.to_string(), "no_snapshots"), &stream, |b, s| {
-            b.iter(|| {
-                let l = repo
-                    .load_without_snapshots(s, u64::MAX)
-                    .unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(l.state.count, n);
-                black_box(l.state.total)
-            });
-        });
+        g.bench_with_input(
+            BenchmarkId::new(n.to_string(), "snapshots"),
+            &stream,
+            |b, s| {
+                b.iter(|| {
+                    let l = repo.load(s).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(l.state.count, n);
+                    black_box(l.state.total)
+                });
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new(n.to_string(), "no_snapshots"),
+            &stream,
+            |b, s| {
+                b.iter(|| {
+                    let l = repo
+                        .load_without_snapshots(s, u64::MAX)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(l.state.count, n);
+                    black_box(l.state.total)
+                });
+            },
+        );
     }
     g.finish();
     log.close();
@@ -162,7 +173,11 @@ fn projection_rebuild(c: &mut Criterion) {
             .map(|_| EventData::new("Tick", body.clone()))
             .collect();
         log.log()
-            .append(&format!("s-{}", (i / 1000) % 1000), ExpectedVersion::Any, &batch)
+            .append(
+                &format!("s-{}", (i / 1000) % 1000),
+                ExpectedVersion::Any,
+                &batch,
+            )
             .unwrap_or_else(|e| panic!("{e}"));
         i += k;
     }
@@ -175,8 +190,8 @@ fn projection_rebuild(c: &mut Criterion) {
     g.throughput(Throughput::Elements(events));
     g.bench_function(BenchmarkId::from_parameter(events), |b| {
         b.iter(|| {
-            let v = fold_window::<Volume>(log.log(), "bench", 0, to)
-                .unwrap_or_else(|e| panic!("{e}"));
+            let v =
+                fold_window::<Volume>(log.log(), "bench", 0, to).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(v.0.values().map(|x| x.0).sum::<u64>(), events);
             black_box(v.0.len())
         });

@@ -19,6 +19,7 @@ mod demo;
 mod ops;
 mod remote;
 mod remote_bench;
+mod trading;
 
 use std::process::ExitCode;
 
