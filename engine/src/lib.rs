@@ -37,6 +37,7 @@ pub mod fuzzing;
 pub mod index;
 mod log;
 pub mod projection;
+pub mod replay;
 mod segment;
 mod sys;
 
