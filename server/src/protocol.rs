@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::{
-    AppendResult, ContentType, EventData, EventId, ExpectedVersion, Position, RecordedEvent,
+    AppendResult, ContentType, EventData, EventId, EventView, ExpectedVersion, Position,
     StreamInfo, Timestamp,
 };
 
@@ -1151,22 +1151,15 @@ pub fn put_event(
     put_bytes32(out, env.payload);
 }
 
-/// Appends a stored event read through the engine's owned type.
-pub fn put_recorded(out: &mut Vec<u8>, e: &RecordedEvent) {
-    let env = EnvelopeRef {
-        event_id: e.event_id,
-        event_time: e.event_time,
-        schema_version: e.schema_version,
-        content_type: e.content_type,
-        stream: e.stream(),
-        aggregate_type: e.aggregate_type(),
-        event_type: e.event_type(),
-        correlation_id: e.correlation_id(),
-        causation_id: e.causation_id(),
-        actor: e.actor(),
-        payload: e.payload(),
-    };
-    put_event(out, e.position, e.version, e.record_time, &env);
+/// Appends a stored event, read by the engine or received from a server.
+pub fn put_recorded(out: &mut Vec<u8>, e: &dyn EventView) {
+    put_event(
+        out,
+        e.position(),
+        e.version(),
+        e.record_time(),
+        &e.envelope(),
+    );
 }
 
 /// A stored event as received: its fixed fields decoded, its strings and payload kept in
@@ -1297,7 +1290,7 @@ impl std::fmt::Debug for Event {
     }
 }
 
-impl tally_engine::EventView for Event {
+impl EventView for Event {
     fn position(&self) -> Position {
         self.position
     }
@@ -1618,7 +1611,7 @@ impl Response {
                 out.push(u8::from(*end));
                 put_u32(out, events.len() as u32);
                 for e in events {
-                    put_wire_event(out, e);
+                    put_recorded(out, e);
                 }
             }
             Response::StreamInfo(info) => put_stream_info(out, info.as_ref()),
@@ -1648,7 +1641,7 @@ impl Response {
             Response::SubEvents(events) => {
                 put_u32(out, events.len() as u32);
                 for e in events {
-                    put_wire_event(out, e);
+                    put_recorded(out, e);
                 }
             }
             Response::SubCaughtUp(p) => put_u64(out, *p),
@@ -1803,23 +1796,6 @@ pub fn put_stream_info(out: &mut Vec<u8>, info: Option<&StreamInfo>) {
             put_str(out, "");
         }
     }
-}
-
-fn put_wire_event(out: &mut Vec<u8>, e: &Event) {
-    let env = EnvelopeRef {
-        event_id: e.event_id,
-        event_time: e.event_time,
-        schema_version: e.schema_version,
-        content_type: e.content_type,
-        stream: e.stream(),
-        aggregate_type: e.aggregate_type(),
-        event_type: e.event_type(),
-        correlation_id: e.correlation_id(),
-        causation_id: e.causation_id(),
-        actor: e.actor(),
-        payload: e.payload(),
-    };
-    put_event(out, e.position, e.version, e.record_time, &env);
 }
 
 fn read_events(r: &mut Reader<'_>, frame: &Bytes) -> Result<Vec<Event>, ProtocolError> {

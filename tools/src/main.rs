@@ -16,6 +16,7 @@
 mod audit;
 mod bench;
 mod demo;
+mod forensic;
 mod ops;
 mod remote;
 mod remote_bench;
@@ -71,6 +72,8 @@ enum Command {
     Tail(remote::TailArgs),
     /// A running server's facts (and a stream's, with --stream).
     Info(remote::InfoArgs),
+    /// Explain one stream: who did what, when and why (causation chain, correlated events).
+    Audit(forensic::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Read(a) => remote::read(&a),
         Command::Tail(a) => remote::tail(&a),
         Command::Info(a) => remote::info(&a),
+        Command::Audit(a) => forensic::audit(&a),
     };
     match result {
         Ok(code) => code,

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
-use tally_engine::format::envelope::EnvelopeRef;
-use tally_engine::{Direction, EventData, ExpectedVersion};
+use tally_engine::{Direction, EventData, EventView, ExpectedVersion};
 use tally_server::client::{Client, SubscriptionItem};
 use tally_server::protocol::{Event, Filter, SubscribeFrom, SubscribeTarget};
 
@@ -161,20 +160,12 @@ pub fn append(a: &AppendArgs) -> Result<ExitCode> {
 }
 
 pub fn event_value(e: &Event) -> Value {
-    let env = EnvelopeRef {
-        event_id: e.event_id,
-        event_time: e.event_time,
-        schema_version: e.schema_version,
-        content_type: e.content_type,
-        stream: e.stream(),
-        aggregate_type: e.aggregate_type(),
-        event_type: e.event_type(),
-        correlation_id: e.correlation_id(),
-        causation_id: e.causation_id(),
-        actor: e.actor(),
-        payload: e.payload(),
-    };
-    envelope_json(e.position.0, e.version, e.record_time, &env)
+    envelope_json(
+        e.position.0,
+        e.version,
+        e.record_time,
+        &EventView::envelope(e),
+    )
 }
 
 fn print_event(e: &Event, as_json: bool) {

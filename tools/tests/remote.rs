@@ -213,6 +213,13 @@ fn client_commands_round_trip_through_a_server() {
     assert_eq!(v["replay"]["events"], 402);
     assert_eq!(v["embedded"]["events"], 402);
 
+    // The forensic view through the server.
+    let o = tally(&["audit", "--server", a, "--stream", "trade-42", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["events"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["events"][0]["event"]["actor"], "alice");
+
     // No server there: exit 2 and a message naming the address.
     drop(s);
     let o = tally(&["info", "--server", a]);

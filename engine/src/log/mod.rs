@@ -429,6 +429,23 @@ pub trait EventView {
     fn event_time(&self) -> Timestamp;
     /// When the log recorded it.
     fn record_time(&self) -> Timestamp;
+
+    /// The envelope's fields, borrowed.
+    fn envelope(&self) -> crate::format::envelope::EnvelopeRef<'_> {
+        crate::format::envelope::EnvelopeRef {
+            event_id: self.event_id(),
+            event_time: self.event_time(),
+            schema_version: self.schema_version(),
+            content_type: self.content_type(),
+            stream: self.stream(),
+            aggregate_type: self.aggregate_type(),
+            event_type: self.event_type(),
+            correlation_id: self.correlation_id(),
+            causation_id: self.causation_id(),
+            actor: self.actor(),
+            payload: self.payload(),
+        }
+    }
 }
 
 impl EventView for RecordedEvent {
