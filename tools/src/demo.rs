@@ -1,20 +1,39 @@
-//! `tally demo`: the engine end to end on an embedded data directory.
+//! `tally demo`: a day of trading on an embedded data directory, end to end.
 //!
-//! Appends the lifecycle of a few trades (NEW, AMEND, CANCEL, NOVATE as one atomic
-//! two-stream append, SETTLE, EXERCISE) with actors, correlation and causation ids, shows
-//! optimistic concurrency refusing a stale write and a retried append being recognised,
-//! reads every trade back, closes, reopens, and verifies the whole hash chain, every
-//! checksum, the sealed segments' Merkle roots and the indexes.
+//! producer -> append-only store -> projection -> snapshots -> replay validation -> audit:
+//! 1. books thousands of trades over many books (`--trades`, `--books`, `--seed`) with
+//!    their lifecycles (AMEND, NOVATE, EXERCISE, SETTLE, CANCEL) and market prices; some
+//!    amendments arrive late, some deliveries are duplicated (absorbed by idempotent
+//!    appends), two desks amend one trade at once (the loser retries), and a fat-finger
+//!    booking is corrected by a compensating event that references it;
+//! 2. builds positions and realised / unrealised P&L per book and instrument (a projection
+//!    with durable checkpoints), while trades are loaded through snapshots;
+//! 3. replays everything from scratch, archives the result signed with the log's key, and
+//!    validates the replay against the archive;
+//! 4. explains the corrected trade (who, what, when, why), exports its audit extract and
+//!    verifies it offline with the log's public key;
+//! 5. prints a report: counts, timings, the positions table (`--json` for a document).
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use tally_engine::aggregate::{Repository, SnapshotPolicy, correction_of};
 use tally_engine::format::proof::hex;
+use tally_engine::projection::{Projection, Projector, ProjectorOptions};
+use tally_engine::replay::{Archive, Validation, trace, validate};
 use tally_engine::{
-    AppendRequest, Direction, Error, EventData, EventId, ExpectedVersion, Log, Options, Position,
-    new_event_id,
+    Direction, Error, EventData, EventId, ExpectedVersion, Log, Options, Position, Timestamp,
+};
+
+use crate::trading::{
+    Amend, NewTrade, Positions, Side, Trade, event_id, price_event, price_stream, trade_stream,
 };
 
 /// Options of `tally demo`.
@@ -24,77 +43,145 @@ pub struct DemoArgs {
     /// system's temporary directory (kept, so that it can be inspected).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Trades to book.
+    #[arg(long, default_value_t = 2000)]
+    trades: u64,
+    /// Books to spread them over.
+    #[arg(long, default_value_t = 8)]
+    books: u64,
+    /// Seed of the generator (the same seed gives the same day).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print the report as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
-struct Desk<'a> {
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+}
+
+const INSTRUMENTS: [&str; 5] = [
+    "BRENT-DEC26",
+    "WTI-JAN27",
+    "NBP-Q1-27",
+    "TTF-CAL27",
+    "EUA-DEC26",
+];
+const COUNTERPARTIES: [&str; 4] = ["ACME BANK", "NORDIC POWER", "GULF TRADING", "ALPINE GAS"];
+/// 2026-11-23T08:00:00Z, the start of the demo's trading day (business time).
+const DAY_START_NS: u64 = 1_795_420_800_000_000_000;
+
+fn secs(s: u64) -> Timestamp {
+    Timestamp(DAY_START_NS + s * 1_000_000_000)
+}
+
+#[derive(Default)]
+struct Counts {
+    events: u64,
+    duplicates_absorbed: u64,
+    conflicts_retried: u64,
+    corrections: u64,
+    late_amendments: u64,
+    amendments: u64,
+    cancels: u64,
+    novations: u64,
+    exercises: u64,
+    settlements: u64,
+    prices: u64,
+}
+
+struct Day<'a> {
     log: &'a Log,
+    repo: Repository<'a, Trade>,
+    rng: Rng,
+    seed: u64,
+    ids: u64,
+    counts: Counts,
+    marks: Vec<Decimal>,
 }
 
-impl Desk<'_> {
-    fn event(
-        &self,
-        kind: &str,
-        json: String,
-        actor: &str,
-        corr: &str,
-        cause: Option<EventId>,
-    ) -> EventData {
-        let mut e = EventData::json(kind, json)
-            .with_id(new_event_id())
-            .aggregate_type("Trade")
-            .actor(actor)
-            .correlation_id(corr);
-        if let Some(c) = cause {
-            e = e.causation_id(c.to_string());
-        }
-        e
+impl Day<'_> {
+    fn id(&mut self) -> EventId {
+        self.ids += 1;
+        event_id(self.seed, self.ids)
     }
 
-    fn append(
-        &self,
+    fn price(&mut self, instrument: usize, at: u64) -> anyhow::Result<()> {
+        let step = Decimal::new(self.rng.below(101) as i64 - 50, 2);
+        self.marks[instrument] = (self.marks[instrument] + step).max(Decimal::ONE);
+        let ev = price_event(INSTRUMENTS[instrument], self.marks[instrument])
+            .with_id(self.id())
+            .event_time(secs(at))
+            .actor("market-data");
+        self.log.append(
+            &price_stream(INSTRUMENTS[instrument]),
+            ExpectedVersion::Any,
+            &[ev],
+        )?;
+        self.counts.prices += 1;
+        self.counts.events += 1;
+        Ok(())
+    }
+
+    /// Appends `make(trade)` to the trade's stream, tagging it.
+    fn act(
+        &mut self,
         stream: &str,
-        expected: ExpectedVersion,
-        e: EventData,
-    ) -> anyhow::Result<(EventId, u64)> {
-        let id = e.event_id.context("demo events carry ids")?;
-        let kind = e.event_type.clone();
-        let r = self.log.append(stream, expected, &[e])?;
-        println!(
-            "  {:<9} {stream:<9} version {}  position {:>3}  ({})",
-            kind,
-            r.last_version,
-            r.last_position,
-            expected_text(expected)
-        );
-        Ok((id, r.last_version))
+        actor: &str,
+        at: u64,
+        cause: Option<EventId>,
+        make: impl Fn(&Trade) -> Result<EventData, crate::trading::TradeError>,
+    ) -> anyhow::Result<bool> {
+        let mut t = self.repo.load(stream)?;
+        let Ok(ev) = make(&t.state) else {
+            return Ok(false);
+        };
+        let mut ev = ev
+            .with_id(self.id())
+            .actor(actor)
+            .event_time(secs(at))
+            .correlation_id(stream.replace("trade-", "deal-"));
+        if let Some(c) = cause {
+            ev = ev.causation_id(c.to_string());
+        }
+        self.repo.save(stream, &mut t, &[ev])?;
+        self.counts.events += 1;
+        Ok(true)
     }
 }
 
-fn expected_text(e: ExpectedVersion) -> String {
-    match e {
-        ExpectedVersion::Any => "any".into(),
-        ExpectedVersion::NoStream => "new stream".into(),
-        ExpectedVersion::StreamExists => "stream exists".into(),
-        ExpectedVersion::Exact(n) => format!("expected version {n}"),
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
     }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<22} [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_message(what.to_owned());
+    b
 }
 
-fn trade(
-    id: u32,
-    book: &str,
-    cpty: &str,
-    instrument: &str,
-    side: &str,
-    qty: &str,
-    px: &str,
-) -> String {
-    format!(
-        r#"{{"trade_id":"{id}","book":"{book}","counterparty":"{cpty}","instrument":"{instrument}","side":"{side}","quantity":"{qty}","price":"{px}","trade_date":"2026-11-20","settlement_date":"2026-11-24"}}"#
-    )
-}
-
-pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
-    let dir = match &args.data {
+fn data_dir(args: &DemoArgs) -> anyhow::Result<PathBuf> {
+    Ok(match &args.data {
         Some(d) => {
             if d.exists() && std::fs::read_dir(d)?.next().is_some() {
                 bail!(
@@ -105,283 +192,425 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             d.clone()
         }
         None => std::env::temp_dir().join(format!("tally-demo-{}", tally_engine::now().0)),
-    };
-    println!("Tally demo: data directory {}", dir.display());
-    // Small segments, so that the demo log rolls and seals segments.
-    let opts = || Options {
-        segment_bytes: 64 * 1024,
-        ..Options::default()
-    };
-    let log = Log::open(&dir, opts()).with_context(|| format!("opening {}", dir.display()))?;
-    let desk = Desk { log: &log };
+    })
+}
 
-    println!("\n1. Trade lifecycle (each append is durable before it returns):");
-    let (n1, v) = desk.append(
-        "trade-1",
-        ExpectedVersion::NoStream,
-        desk.event(
-            "NEW",
-            trade(
-                1,
-                "RATES-LDN",
-                "ACME BANK",
-                "EUR 5Y IRS",
-                "BUY",
-                "10000000",
-                "2.315",
-            ),
-            "alice",
-            "deal-1",
-            None,
-        ),
-    )?;
-    let (a1, v) = desk.append(
-        "trade-1",
-        ExpectedVersion::Exact(v),
-        desk.event(
-            "AMEND",
-            r#"{"trade_id":"1","quantity":"12000000","reason":"client call 09:14"}"#.into(),
-            "alice",
-            "deal-1",
-            Some(n1),
-        ),
-    )?;
-    let (n2, v2) = desk.append(
-        "trade-2",
-        ExpectedVersion::NoStream,
-        desk.event(
-            "NEW",
-            trade(
-                2,
-                "FX-NY",
-                "GLOBEX",
-                "EURUSD 3M FWD",
-                "SELL",
-                "5000000",
-                "1.0842",
-            ),
-            "bob",
-            "deal-2",
-            None,
-        ),
-    )?;
-    desk.append(
-        "trade-2",
-        ExpectedVersion::Exact(v2),
-        desk.event(
-            "CANCEL",
-            r#"{"trade_id":"2","reason":"booked twice"}"#.into(),
-            "bob",
-            "deal-2",
-            Some(n2),
-        ),
-    )?;
-    let (n3, v3) = desk.append(
-        "trade-3",
-        ExpectedVersion::NoStream,
-        desk.event(
-            "NEW",
-            trade(
-                3,
-                "CREDIT-LDN",
-                "INITECH",
-                "ITRAXX MAIN S46",
-                "BUY",
-                "25000000",
-                "61.5",
-            ),
-            "carol",
-            "deal-3",
-            None,
-        ),
-    )?;
-    let (n4, v4) = desk.append(
-        "trade-4",
-        ExpectedVersion::NoStream,
-        desk.event(
-            "NEW",
-            trade(
-                4,
-                "EQD-PAR",
-                "HOOLI",
-                "SX5E DEC26 5000 C",
-                "BUY",
-                "100",
-                "142.0",
-            ),
-            "dave",
-            "deal-4",
-            None,
-        ),
-    )?;
-
-    // Novation: trade-3 is closed and trade-5 opened with the new counterparty, atomically.
-    let novated = desk.event(
-        "NOVATE",
-        r#"{"trade_id":"3","new_counterparty":"UMBRELLA CCP","new_trade_id":"5"}"#.into(),
-        "erin",
-        "deal-3",
-        Some(n3),
-    );
-    let opened = desk.event(
-        "NEW",
-        trade(
-            5,
-            "CREDIT-LDN",
-            "UMBRELLA CCP",
-            "ITRAXX MAIN S46",
-            "BUY",
-            "25000000",
-            "61.5",
-        ),
-        "erin",
-        "deal-3",
-        novated.event_id,
-    );
-    let rs = log.append_multi(&[
-        AppendRequest {
-            stream: "trade-3",
-            expected: ExpectedVersion::Exact(v3),
-            events: std::slice::from_ref(&novated),
-        },
-        AppendRequest {
-            stream: "trade-5",
-            expected: ExpectedVersion::NoStream,
-            events: std::slice::from_ref(&opened),
-        },
-    ])?;
-    println!(
-        "  NOVATE    trade-3 -> trade-5, one atomic batch at positions {}..={}",
-        rs[0].first_position, rs[1].last_position
-    );
-    desk.append(
-        "trade-1",
-        ExpectedVersion::Exact(v),
-        desk.event(
-            "SETTLE",
-            r#"{"trade_id":"1","settled_amount":"12000000","currency":"EUR"}"#.into(),
-            "ops-bot",
-            "deal-1",
-            Some(a1),
-        ),
-    )?;
-    desk.append(
-        "trade-4",
-        ExpectedVersion::Exact(v4),
-        desk.event(
-            "EXERCISE",
-            r#"{"trade_id":"4","exercised_quantity":"100","underlying_price":"5150.0"}"#.into(),
-            "dave",
-            "deal-4",
-            Some(n4),
-        ),
-    )?;
-
-    println!("\n2. Optimistic concurrency and idempotency:");
-    let stale = desk.event(
-        "AMEND",
-        r#"{"trade_id":"1","quantity":"1"}"#.into(),
-        "mallory",
-        "deal-1",
-        None,
-    );
-    match log.append("trade-1", ExpectedVersion::Exact(0), &[stale]) {
-        Err(Error::WrongExpectedVersion { actual, .. }) => {
-            println!(
-                "  a stale AMEND expecting version 0 is refused: trade-1 is at version {actual:?}"
-            );
+#[allow(clippy::too_many_lines)]
+pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.trades < 2 || args.books == 0 {
+        bail!("--trades must be at least 2 and --books at least 1");
+    }
+    let dir = data_dir(args)?;
+    let say = |s: &str| {
+        if !args.json {
+            println!("{s}");
         }
-        other => bail!("a stale append was not refused: {other:?}"),
-    }
-    let retry = log.append(
-        "trade-5",
-        ExpectedVersion::NoStream,
-        std::slice::from_ref(&opened),
-    )?;
-    println!(
-        "  resending trade-5's NEW (same event id) returns the original position {} and writes nothing",
-        retry.first_position
-    );
+    };
+    say(&format!("Tally demo: data directory {}", dir.display()));
+    let mut timings = BTreeMap::new();
+    let log = Log::open(
+        &dir,
+        Options {
+            segment_bytes: 4 << 20,
+            ..Options::default()
+        },
+    )
+    .with_context(|| format!("opening {}", dir.display()))?;
 
-    // Some volume, so that segments roll and get sealed.
-    for i in 0..400u32 {
-        let t = 100 + i % 40;
-        let e = EventData::json(
-            "PRICE",
-            format!(
-                r#"{{"trade_id":"{t}","mark":"{}.{:02}"}}"#,
-                100 + i % 7,
-                i % 100
-            ),
-        )
-        .aggregate_type("Trade")
-        .actor("pricing-engine");
-        log.append(&format!("trade-{t}"), ExpectedVersion::Any, &[e])?;
+    // 1. The trading day.
+    let started = Instant::now();
+    let mut day = Day {
+        log: &log,
+        repo: Repository::new(&log, SnapshotPolicy::EveryEvents(2)),
+        rng: Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+        seed: args.seed,
+        ids: 0,
+        counts: Counts::default(),
+        marks: (0..INSTRUMENTS.len())
+            .map(|i| Decimal::new(8_000 + 1_250 * i as i64, 2))
+            .collect(),
+    };
+    // Opening prices: every instrument has a mark from the start.
+    for k in 0..INSTRUMENTS.len() {
+        day.price(k, 0)?;
     }
-    log.wait_sealed()?;
-
-    println!("\n3. Reading the trades back:");
-    for stream in ["trade-1", "trade-2", "trade-3", "trade-4", "trade-5"] {
-        for e in log.read_stream(stream, 0, 100, Direction::Forward)? {
-            println!(
-                "  {stream} v{} {:<9} by {:<7} corr {:<7} pos {:>3} hash {}..",
-                e.version,
-                e.event_type(),
-                e.actor(),
-                e.correlation_id(),
-                e.position,
-                &hex(&e.record_hash)[..16]
-            );
+    let bar = progress(args.trades * 2, "trading day");
+    let mut new_ids = Vec::with_capacity(args.trades as usize);
+    let mut fat_finger = None;
+    for i in 0..args.trades {
+        let at = i * 10;
+        if i % 50 == 0 {
+            let k = day.rng.below(INSTRUMENTS.len() as u64) as usize;
+            day.price(k, at)?;
         }
+        let k = day.rng.below(INSTRUMENTS.len() as u64) as usize;
+        let mut price = day.marks[k] + Decimal::new(day.rng.below(21) as i64 - 10, 2);
+        if i == 1 {
+            // A fat finger: ten times the price. Corrected below.
+            fat_finger = Some(price);
+            price *= Decimal::TEN;
+        }
+        let terms = NewTrade {
+            trade_id: format!("{i:06}"),
+            book: format!("BOOK-{:02}", day.rng.below(args.books) + 1),
+            counterparty: COUNTERPARTIES[day.rng.below(4) as usize].into(),
+            instrument: INSTRUMENTS[k].into(),
+            side: if day.rng.percent(50) {
+                Side::Buy
+            } else {
+                Side::Sell
+            },
+            quantity: Decimal::from(100 * (day.rng.below(50) + 1)),
+            price,
+            trade_date: "2026-11-23".into(),
+            settlement_date: "2026-11-25".into(),
+        };
+        let stream = trade_stream(&terms.trade_id);
+        let id = day.id();
+        let new = Trade::book(&terms)?
+            .with_id(id)
+            .actor(format!("trader-{}", day.rng.below(12) + 1))
+            .event_time(secs(at))
+            .correlation_id(stream.replace("trade-", "deal-"));
+        let r = day.log.append(
+            &stream,
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&new),
+        )?;
+        day.counts.events += 1;
+        new_ids.push(id);
+        // A duplicate delivery of the same event: absorbed, the same result comes back.
+        if day.rng.percent(2) {
+            let again = day.log.append(&stream, ExpectedVersion::NoStream, &[new])?;
+            if again == r {
+                day.counts.duplicates_absorbed += 1;
+            }
+        }
+        bar.inc(1);
     }
-    let next = log.next_position();
+    // Trades 0 and 1 are kept for the concurrent amendment and the correction below.
+    bar.inc(2);
+    for i in 2..args.trades {
+        let stream = trade_stream(&format!("{i:06}"));
+        let cause = Some(new_ids[i as usize]);
+        let at = args.trades * 10 + i * 5;
+        let roll = day.rng.below(100);
+        let late = day.rng.percent(20);
+        match roll {
+            0..5 => {
+                let done = day.act(&stream, "middle-office", at, cause, |t| {
+                    t.cancel("booked in error")
+                })?;
+                day.counts.cancels += u64::from(done);
+            }
+            5..13 => {
+                let q = Decimal::from(100 * (day.rng.below(50) + 1));
+                // A late amendment happened right after the booking, hours ago.
+                let when = if late { i * 10 + 1 } else { at };
+                let amend = Amend {
+                    quantity: Some(q),
+                    ..Amend::default()
+                };
+                let done = day.act(&stream, "sales", when, cause, |t| t.amend(&amend))?;
+                day.counts.amendments += u64::from(done);
+                day.counts.late_amendments += u64::from(done && late);
+            }
+            13..18 => {
+                let to = COUNTERPARTIES[day.rng.below(4) as usize];
+                let done = day.act(&stream, "legal", at, cause, |t| t.novate(to))?;
+                day.counts.novations += u64::from(done);
+            }
+            18..28 => {
+                let done = day.act(&stream, "ops", at, cause, |t| {
+                    t.exercise((t.open_quantity / Decimal::TWO).round())
+                })?;
+                day.counts.exercises += u64::from(done);
+            }
+            28..58 => {
+                let done = day.act(&stream, "settlements", at, cause, |t| {
+                    t.settle("2026-11-25")
+                })?;
+                day.counts.settlements += u64::from(done);
+            }
+            _ => {}
+        }
+        if i % 100 == 0 {
+            let k = day.rng.below(INSTRUMENTS.len() as u64) as usize;
+            day.price(k, at)?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // Two desks amend trade 0 from the same version: the second is refused and retries.
+    let s0 = trade_stream("000000");
+    let mut first = day.repo.load(&s0)?;
+    let mut second = day.repo.load(&s0)?;
+    let stamp = |e: EventData, day: &mut Day<'_>| e.with_id(day.id()).actor("desk-b");
+    if let (Ok(a), Ok(b)) = (
+        first.state.amend(&Amend {
+            price: Some(day.marks[0]),
+            ..Amend::default()
+        }),
+        second.state.amend(&Amend {
+            quantity: Some(Decimal::from(700)),
+            ..Amend::default()
+        }),
+    ) {
+        let a = stamp(a, &mut day);
+        day.repo.save(&s0, &mut first, &[a])?;
+        let b = stamp(b, &mut day);
+        match day.repo.save(&s0, &mut second, std::slice::from_ref(&b)) {
+            Err(tally_engine::aggregate::AggregateError::Log(Error::WrongExpectedVersion {
+                ..
+            })) => {
+                let mut fresh = day.repo.load(&s0)?;
+                day.repo.save(&s0, &mut fresh, &[b])?;
+                day.counts.conflicts_retried += 1;
+            }
+            other => {
+                other?;
+            }
+        }
+        day.counts.events += 2;
+        day.counts.amendments += 2;
+    }
+    // The fat finger on trade 1 is corrected by a compensating AMEND that references the
+    // booking (its causation id), never by editing it.
+    let s1 = trade_stream("000001");
+    let booked = log.read_stream(&s1, 0, 1, Direction::Forward)?.remove(0);
+    let t1 = day.repo.load(&s1)?;
+    if let (Some(right), Some(terms)) = (fat_finger, t1.state.terms.as_ref())
+        && t1.state.status == crate::trading::Status::Live
+    {
+        let fix = Amend {
+            price: Some(right),
+            ..Amend::default()
+        };
+        let body = serde_json::to_string(&fix)?;
+        let ev = correction_of(&booked, "AMEND", &body)
+            .with_id(day.id())
+            .actor("middle-office")
+            .event_time(secs(args.trades * 20));
+        let mut t = t1.clone();
+        day.repo.save(&s1, &mut t, &[ev])?;
+        day.counts.corrections += 1;
+        day.counts.events += 1;
+        let _ = terms;
+    }
+    let counts = std::mem::take(&mut day.counts);
+    timings.insert("trading_day_ms", started.elapsed().as_millis());
+
+    // 2. Positions and P&L.
+    let started = Instant::now();
+    let mut projector = Projector::<Positions>::open(
+        &log,
+        "positions",
+        ProjectorOptions {
+            checkpoint_every: 1000,
+        },
+    )?;
+    projector.catch_up()?;
+    let positions = projector.shared_state();
+    let table = positions.read().table();
+    timings.insert("projection_ms", started.elapsed().as_millis());
+
+    // 3. Replay from scratch, archive, validate.
+    let started = Instant::now();
+    let key_text = std::fs::read_to_string(dir.join(tally_engine::KEY_FILE))
+        .context("reading the log's signing key")?;
+    let key = tally_engine::format::checkpoint::decode_secret_key(&key_text)?;
+    let upto = projector.status().position;
+    let (replayed, run) = trace::<Positions>(&log, "positions", upto)?;
+    let incremental_equals_replay = replayed.encode_state() == positions.read().encode_state();
+    let archive = Archive::sign(
+        "positions",
+        log.log_id(),
+        Positions::STATE_VERSION,
+        concat!("tally ", env!("CARGO_PKG_VERSION")),
+        "NEW/AMEND/CANCEL/NOVATE/EXERCISE/SETTLE/PRICE v1",
+        replayed.encode_state(),
+        run,
+        &key,
+    );
+    write_archive(&dir.join("positions.archive.json"), &archive)?;
+    let validation = validate::<Positions>(&log, &archive, &[key.verifying_key().to_bytes()])?;
+    let identical = matches!(validation, Validation::Identical { .. });
+    timings.insert("replay_validation_ms", started.elapsed().as_millis());
+    let snapshots = count_prefix(&log, "$snapshot-")?;
+    let positions_read = log.next_position().0;
     log.close()?;
 
-    println!("\n4. Reopening:");
-    let log = Log::open(&dir, opts())?;
-    let report = log.recovery_report();
-    println!(
-        "  clean close: {}, records scanned: {}, next position: {} (was {next})",
-        report.clean, report.records_scanned, report.next_position
-    );
-    if report.next_position != next {
-        bail!(
-            "reopened log ends at {}, expected {next}",
-            report.next_position
-        );
-    }
-    let back = log.read_stream("trade-1", 0, 10, Direction::Forward)?;
-    let kinds: Vec<&str> = back.iter().map(|e| e.event_type()).collect();
-    println!("  trade-1 after reopen: {}", kinds.join(" -> "));
+    // 4. Forensics and the audit extract, through the tool's own commands.
+    let started = Instant::now();
+    let exe = std::env::current_exe().context("finding the tally binary")?;
+    let forensic = Command::new(&exe)
+        .arg("audit")
+        .arg(&dir)
+        .args(["--stream", &s1])
+        .output()?;
+    let extract_file = dir.join(format!("{s1}.extract.json"));
+    let pub_file = dir.join("tally.pub");
+    let extracted = Command::new(&exe)
+        .arg("extract")
+        .arg(&dir)
+        .args(["--stream", &s1, "--out"])
+        .arg(&extract_file)
+        .output()?;
+    let pubkey = Command::new(&exe).arg("pubkey").arg(&dir).output()?;
+    std::fs::write(&pub_file, &pubkey.stdout)?;
+    let verified = Command::new(&exe)
+        .arg("verify-extract")
+        .arg(&extract_file)
+        .arg("--pubkey")
+        .arg(&pub_file)
+        .output()?;
+    let extract_verified =
+        extracted.status.success() && pubkey.status.success() && verified.status.success();
+    timings.insert("audit_ms", started.elapsed().as_millis());
 
-    println!("\n5. Verifying (plain reads of every byte):");
-    let v = log.verify()?;
-    println!(
-        "  {} segments, {} records, {} bytes: checksums, hash chain, Merkle roots and indexes OK",
-        v.segments, v.records, v.bytes
-    );
-    println!("  chain head {}", hex(&v.last_chain_hash));
-    for s in log.segments() {
-        println!(
-            "  segment {:>2}  first position {:>4}  records {:>4}  {}",
-            s.seq,
-            s.base_position,
-            s.record_count,
-            s.merkle_root.map_or("active".to_owned(), |r| format!(
-                "sealed, Merkle root {}..",
-                &hex(&r)[..16]
-            ))
-        );
+    // 5. The report.
+    let rows: Vec<Value> = table
+        .iter()
+        .map(|((book, instrument), p)| {
+            json!({
+                "book": book, "instrument": instrument,
+                "quantity": p.quantity.normalize().to_string(),
+                "cost": p.cost.normalize().to_string(),
+                "realised": p.realised.normalize().to_string(),
+                "unrealised": p.unrealised.normalize().to_string(),
+                "mark": p.mark.map(|m| m.normalize().to_string()),
+            })
+        })
+        .collect();
+    let report = json!({
+        "data": dir.display().to_string(),
+        "trades": args.trades,
+        "books": args.books,
+        "seed": args.seed,
+        "events": counts.events,
+        "log_records": positions_read,
+        "amendments": counts.amendments,
+        "late_amendments": counts.late_amendments,
+        "cancels": counts.cancels,
+        "novations": counts.novations,
+        "exercises": counts.exercises,
+        "settlements": counts.settlements,
+        "prices": counts.prices,
+        "duplicates_absorbed": counts.duplicates_absorbed,
+        "conflicts_retried": counts.conflicts_retried,
+        "corrections": counts.corrections,
+        "snapshots": snapshots,
+        "projection_checkpoint": projector_checkpoint(upto),
+        "replay": {
+            "identical": identical,
+            "incremental_equals_replay": incremental_equals_replay,
+            "state_hash": hex(&archive.state_hash),
+            "archive": dir.join("positions.archive.json").display().to_string(),
+        },
+        "forensic_stream": s1,
+        "extract_verified": extract_verified,
+        "timings_ms": timings,
+        "positions": rows,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        print_report(&report, &String::from_utf8_lossy(&forensic.stdout));
     }
-    let all = log.read_all(Position(0), usize::MAX, Direction::Forward)?;
-    if all.len() as u64 != next.0 {
-        bail!(
-            "read_all returned {} records, expected {}",
-            all.len(),
-            next.0
-        );
+    if !(identical && incremental_equals_replay && extract_verified) {
+        bail!("the demo's checks failed: {report}");
     }
-    log.close()?;
-    println!("\nDone. The log is kept in {}", dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn projector_checkpoint(upto: u64) -> u64 {
+    upto
+}
+
+fn count_prefix(log: &Log, prefix: &str) -> anyhow::Result<u64> {
+    let mut n = 0;
+    log.scan(Position(0), tally_engine::Verify::Checksums, |v| {
+        if v.envelope().is_ok_and(|e| e.stream.starts_with(prefix)) {
+            n += 1;
+        }
+    })?;
+    Ok(n)
+}
+
+fn write_archive(path: &Path, a: &Archive) -> anyhow::Result<()> {
+    let v = json!({
+        "projection": a.projection,
+        "log_id": hex(&a.log_id),
+        "next": a.next,
+        "state_version": a.state_version,
+        "code_version": a.code_version,
+        "schema_versions": a.schema_versions,
+        "state_hash": hex(&a.state_hash),
+        "trace_digest": hex(&a.trace_digest),
+        "trace_steps": a.trace.steps.len(),
+        "public_key": hex(&a.public_key),
+        "signature": hex(&a.signature),
+        "state": String::from_utf8_lossy(&a.state),
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_report(r: &Value, forensic: &str) {
+    println!();
+    println!(
+        "1. Trading day: {} trades over {} books, {} events ({} amendments, {} of them late; \
+         {} novations, {} exercises, {} settlements, {} cancels, {} prices)",
+        r["trades"],
+        r["books"],
+        r["events"],
+        r["amendments"],
+        r["late_amendments"],
+        r["novations"],
+        r["exercises"],
+        r["settlements"],
+        r["cancels"],
+        r["prices"]
+    );
+    println!(
+        "   duplicate deliveries absorbed: {}; concurrent amendments retried: {}; \
+         corrections by compensating event: {}; snapshots written: {}",
+        r["duplicates_absorbed"], r["conflicts_retried"], r["corrections"], r["snapshots"]
+    );
+    println!("2. Positions and P&L (exact decimals), projected incrementally with checkpoints:");
+    println!(
+        "   {:<8} {:<12} {:>10} {:>14} {:>14} {:>10}",
+        "book", "instrument", "quantity", "realised", "unrealised", "mark"
+    );
+    for p in r["positions"].as_array().into_iter().flatten() {
+        println!(
+            "   {:<8} {:<12} {:>10} {:>14} {:>14} {:>10}",
+            p["book"].as_str().unwrap_or_default(),
+            p["instrument"].as_str().unwrap_or_default(),
+            p["quantity"].as_str().unwrap_or_default(),
+            p["realised"].as_str().unwrap_or_default(),
+            p["unrealised"].as_str().unwrap_or_default(),
+            p["mark"].as_str().unwrap_or("-"),
+        );
+    }
+    println!(
+        "3. Replay from scratch: identical to the signed archive: {}; incremental state equals \
+         the replay: {} (state {})",
+        r["replay"]["identical"],
+        r["replay"]["incremental_equals_replay"],
+        r["replay"]["state_hash"]
+    );
+    println!(
+        "4. Who did what, when and why, for {}:",
+        r["forensic_stream"]
+    );
+    for line in forensic.lines() {
+        println!("   {line}");
+    }
+    println!(
+        "   audit extract exported and verified offline with the public key: {}",
+        r["extract_verified"]
+    );
+    println!("5. Timings (ms): {}", r["timings_ms"]);
+    println!("Data directory (kept): {}", r["data"]);
 }

@@ -255,7 +255,7 @@ pub struct KeyArg {
     pub key: Option<PathBuf>,
 }
 
-fn read_secret_key(path: &Path) -> Result<tally_engine::format::checkpoint::SigningKey> {
+pub fn read_secret_key(path: &Path) -> Result<tally_engine::format::checkpoint::SigningKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading signing key {}", path.display()))?;
     tally_engine::format::checkpoint::decode_secret_key(&text)

@@ -1,0 +1,177 @@
+//! `tally demo` at a small size: its report's positions and P&L agree with an independent
+//! computation from the log, and its checks (replay, extract) pass.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use rust_decimal::Decimal;
+use tally_engine::{Direction, Log, Options, Position, RecoveryMode};
+
+#[derive(Clone)]
+struct Open {
+    book: String,
+    instrument: String,
+    sign: Decimal,
+    open: Decimal,
+    price: Decimal,
+    quantity: Decimal,
+}
+
+fn dec(v: &serde_json::Value) -> Decimal {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_demo_report_matches_an_independent_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "demo", "--trades", "250", "--books", "4", "--seed", "7", "--json", "--data",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["replay"]["identical"], true);
+    assert_eq!(r["replay"]["incremental_equals_replay"], true);
+    assert_eq!(r["extract_verified"], true);
+    assert_eq!(r["conflicts_retried"], 1);
+    assert_eq!(r["corrections"], 1);
+    assert!(r["snapshots"].as_u64().unwrap() > 0);
+    assert!(r["late_amendments"].as_u64().unwrap() > 0);
+
+    // Independently: fold the log's events with this test's own code.
+    let log = Log::open(
+        &data,
+        Options {
+            recovery: RecoveryMode::ReadOnly,
+            create: false,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let mut trades: BTreeMap<String, Open> = BTreeMap::new();
+    let mut marks: BTreeMap<String, Decimal> = BTreeMap::new();
+    let mut realised: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+    let mut next = 0;
+    let mut counted = BTreeMap::<String, u64>::new();
+    loop {
+        let page = log
+            .read_all(Position(next), 1000, Direction::Forward)
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        next = last.position.0 + 1;
+        for e in &page {
+            let p: serde_json::Value = match serde_json::from_slice(e.payload()) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            let id = e.stream().strip_prefix("trade-").map(str::to_owned);
+            *counted.entry(e.event_type().to_owned()).or_default() += 1;
+            let mut close = |id: &str, x: Decimal, trades: &mut BTreeMap<String, Open>| {
+                let t = trades.get_mut(id).unwrap();
+                let m = marks.get(&t.instrument).copied().unwrap_or(t.price);
+                *realised
+                    .entry((t.book.clone(), t.instrument.clone()))
+                    .or_default() += t.sign * x * (m - t.price);
+                t.open -= x;
+            };
+            match (e.event_type(), id) {
+                ("PRICE", _) => {
+                    marks.insert(p["instrument"].as_str().unwrap().into(), dec(&p["price"]));
+                }
+                ("NEW", Some(id)) => {
+                    let q = dec(&p["quantity"]);
+                    trades.insert(
+                        id,
+                        Open {
+                            book: p["book"].as_str().unwrap().into(),
+                            instrument: p["instrument"].as_str().unwrap().into(),
+                            sign: if p["side"] == "BUY" {
+                                Decimal::ONE
+                            } else {
+                                Decimal::NEGATIVE_ONE
+                            },
+                            open: q,
+                            price: dec(&p["price"]),
+                            quantity: q,
+                        },
+                    );
+                }
+                ("AMEND", Some(id)) => {
+                    let t = trades.get_mut(&id).unwrap();
+                    if p.get("quantity").is_some() {
+                        let q = dec(&p["quantity"]);
+                        t.open = (t.open + q - t.quantity).max(Decimal::ZERO);
+                        t.quantity = q;
+                    }
+                    if p.get("price").is_some() {
+                        t.price = dec(&p["price"]);
+                    }
+                }
+                ("CANCEL", Some(id)) => {
+                    trades.remove(&id);
+                }
+                ("EXERCISE", Some(id)) => close(&id, dec(&p["quantity"]), &mut trades),
+                ("SETTLE", Some(id)) => {
+                    let open = trades[&id].open;
+                    close(&id, open, &mut trades);
+                    trades.remove(&id);
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut want: BTreeMap<(String, String), (Decimal, Decimal, Decimal)> = BTreeMap::new();
+    for t in trades.values() {
+        let w = want
+            .entry((t.book.clone(), t.instrument.clone()))
+            .or_default();
+        w.0 += t.sign * t.open;
+        w.1 += t.sign * t.open * t.price;
+    }
+    for k in realised.keys() {
+        want.entry(k.clone()).or_default();
+    }
+    let rows = r["positions"].as_array().unwrap();
+    assert_eq!(rows.len(), want.len());
+    for row in rows {
+        let key = (
+            row["book"].as_str().unwrap().to_owned(),
+            row["instrument"].as_str().unwrap().to_owned(),
+        );
+        let (q, cost) = (want[&key].0, want[&key].1);
+        let mark = marks[&key.1];
+        assert_eq!(dec(&row["quantity"]), q, "{key:?} quantity");
+        assert_eq!(dec(&row["cost"]), cost, "{key:?} cost");
+        assert_eq!(
+            dec(&row["realised"]),
+            realised.get(&key).copied().unwrap_or_default(),
+            "{key:?} realised"
+        );
+        assert_eq!(
+            dec(&row["unrealised"]),
+            q * mark - cost,
+            "{key:?} unrealised"
+        );
+    }
+    // The report's counts are the log's.
+    assert_eq!(
+        r["cancels"].as_u64().unwrap(),
+        counted.get("CANCEL").copied().unwrap_or(0)
+    );
+    assert_eq!(
+        r["settlements"].as_u64().unwrap(),
+        counted.get("SETTLE").copied().unwrap_or(0)
+    );
+    assert_eq!(r["prices"].as_u64().unwrap(), counted["PRICE"]);
+    assert_eq!(counted["NEW"], 250, "duplicates were absorbed, not written");
+}
