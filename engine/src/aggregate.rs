@@ -8,8 +8,8 @@
 //!
 //! Snapshots are stored by the log itself, as events of the stream `$snapshot-STREAM`
 //! (event type `$Snapshot`, binary payload: `u64` aggregate version, `u32` snapshot
-//! version, then the aggregate's encoded state; little-endian; docs/FORMAT.md, "Snapshot
-//! events"). A snapshot is only a shortcut: one whose snapshot version is not the
+//! version, then the aggregate's encoded state; little-endian; docs/FORMAT.md 18.1). A
+//! snapshot is only a shortcut: one whose snapshot version is not the
 //! aggregate's current [`Aggregate::SNAPSHOT_VERSION`], or that does not decode, is passed
 //! over, and the state is folded from older snapshots or from the first event, so a
 //! snapshot never changes what a load computes.

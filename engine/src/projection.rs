@@ -5,7 +5,7 @@
 //! A checkpoint is the projection's state together with the position it has folded up to,
 //! stored by the log itself as an event of the stream `$projection-NAME` (event type
 //! `$ProjectionCheckpoint`, binary payload: `u64` next position, `u32` state version, then
-//! the encoded state; little-endian; docs/FORMAT.md 18). Storing both in one append makes
+//! the encoded state; little-endian; docs/FORMAT.md 18.2). Storing both in one append makes
 //! them agree after any crash: a restarted projection resumes exactly where its last
 //! checkpoint was taken, and folds every later event once.
 //!

@@ -361,6 +361,8 @@ fn every_field_table_is_checked() {
         "Node file header",
         "Checkpoint statement",
         "Checkpoint entry",
+        "Snapshot payload header",
+        "Projection checkpoint header",
     ];
     let field_tables: Vec<String> = all_tables()
         .into_iter()
@@ -1304,5 +1306,34 @@ fn merkle_node_file_and_checkpoint_tables_match_the_code() {
             ("public_key", vec![4; 32]),
             ("signature", vec![5; 64]),
         ],
+    );
+}
+
+#[test]
+fn snapshot_and_projection_checkpoint_headers_match_the_code() {
+    use tally_engine::aggregate::{SNAPSHOT_HEADER_BYTES, encode_snapshot_payload};
+    use tally_engine::projection::{CHECKPOINT_HEADER_BYTES, encode_checkpoint_payload};
+    check_layout(
+        "Snapshot payload header",
+        SNAPSHOT_HEADER_BYTES,
+        &[("version", 0), ("snapshot_version", 8)],
+    );
+    check_encoding(
+        "Snapshot payload header",
+        &encode_snapshot_payload(0x0102_0304_0506_0708, 9, b"state"),
+        &[
+            ("version", le64(0x0102_0304_0506_0708)),
+            ("snapshot_version", le32(9)),
+        ],
+    );
+    check_layout(
+        "Projection checkpoint header",
+        CHECKPOINT_HEADER_BYTES,
+        &[("next", 0), ("state_version", 8)],
+    );
+    check_encoding(
+        "Projection checkpoint header",
+        &encode_checkpoint_payload(77, 3, b"state"),
+        &[("next", le64(77)), ("state_version", le32(3))],
     );
 }

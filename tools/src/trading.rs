@@ -19,7 +19,6 @@
 //! the mark `m` of that moment and realises `sign x (m - p)`. Without a mark, the trade's
 //! own price is used (no P&L).
 
-
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
