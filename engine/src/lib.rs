@@ -38,6 +38,7 @@ pub mod index;
 mod log;
 pub mod projection;
 pub mod replay;
+pub mod schema;
 mod segment;
 mod sys;
 

@@ -134,6 +134,7 @@ pub struct Projector<'a, P> {
     opts: ProjectorOptions,
     since_checkpoint: u64,
     status: ProjectionStatus,
+    registry: Option<crate::schema::Registry>,
 }
 
 /// The checkpoint stream of projection `name`.
@@ -214,6 +215,7 @@ impl<'a, P: Projection> Projector<'a, P> {
                 last_error: None,
                 checkpoint,
             },
+            registry: None,
         })
     }
 
@@ -231,10 +233,26 @@ impl<'a, P: Projection> Projector<'a, P> {
         s
     }
 
+    /// Shows every event to the projection as its newest schema version (see
+    /// [`crate::schema`]), so that it only ever handles the newest payloads.
+    pub fn set_registry(&mut self, registry: crate::schema::Registry) {
+        self.registry = Some(registry);
+    }
+
+    fn apply_event(&self, e: &RecordedEvent) -> std::result::Result<(), String> {
+        match &self.registry {
+            None => self.state.write().apply(e),
+            Some(r) => {
+                let view = r.view(e).map_err(|err| err.to_string())?;
+                self.state.write().apply(&view)
+            }
+        }
+    }
+
     fn fold_one(&mut self, e: &RecordedEvent) -> std::result::Result<(), ProjectionError> {
         debug_assert_eq!(e.position.0, self.next);
         if !is_system(e)
-            && let Err(reason) = self.state.write().apply(e)
+            && let Err(reason) = self.apply_event(e)
         {
             self.status.state = ProjectionState::Failed;
             self.status.errors += 1;

@@ -1,0 +1,207 @@
+//! The schema registry: versions kept in the log, compatibility, validation, upcasting.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tally_engine::projection::{Projection, Projector, ProjectorOptions};
+use tally_engine::schema::{Field, FieldKind, Registry, Schema, SchemaError};
+use tally_engine::{EventData, EventView, ExpectedVersion, Log, Options};
+
+fn field(name: &str, kind: FieldKind, required: bool, default: Option<serde_json::Value>) -> Field {
+    Field {
+        name: name.into(),
+        kind,
+        required,
+        default,
+    }
+}
+
+fn v1() -> Schema {
+    Schema {
+        event_type: "NEW".into(),
+        version: 1,
+        fields: vec![
+            field("trade_id", FieldKind::String, true, None),
+            field("qty", FieldKind::Decimal, true, None),
+            field("px", FieldKind::Decimal, true, None),
+            field("note", FieldKind::String, false, None),
+        ],
+        validate: true,
+    }
+}
+
+fn v2() -> Schema {
+    let mut s = v1();
+    s.version = 2;
+    s.fields.retain(|f| f.name != "note");
+    s.fields.push(field(
+        "book",
+        FieldKind::String,
+        true,
+        Some(json!("UNASSIGNED")),
+    ));
+    s
+}
+
+#[test]
+fn versions_are_kept_in_the_log_and_breaking_changes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    let mut r = Registry::load(&log).unwrap();
+    r.register(&log, v1()).unwrap();
+    r.register(&log, v2()).unwrap();
+    // A kind change.
+    let mut bad = v2();
+    bad.version = 3;
+    bad.fields[1].kind = FieldKind::Integer;
+    match r.register(&log, bad) {
+        Err(SchemaError::Breaking {
+            reason, version: 3, ..
+        }) => {
+            assert_eq!(reason, "field \"qty\" changes kind from Decimal to Integer");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A new required field without a default.
+    let mut bad = v2();
+    bad.version = 3;
+    bad.fields
+        .push(field("desk", FieldKind::String, true, None));
+    assert!(matches!(
+        r.register(&log, bad),
+        Err(SchemaError::Breaking { .. })
+    ));
+    // A default that is not of its field's kind.
+    let mut bad = v2();
+    bad.version = 3;
+    bad.fields
+        .push(field("desk", FieldKind::String, true, Some(json!(5))));
+    match r.register(&log, bad) {
+        Err(SchemaError::Breaking { reason, .. }) => {
+            assert_eq!(reason, "the default of \"desk\" is not a String");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Not the next version.
+    let mut skip = v2();
+    skip.version = 5;
+    assert!(matches!(
+        r.register(&log, skip),
+        Err(SchemaError::WrongVersion { expected: 3, .. })
+    ));
+    // A rename is allowed with an upcaster that does it.
+    r.set_upcaster(
+        "NEW",
+        2,
+        Arc::new(|mut v| {
+            let o = v.as_object_mut().ok_or("not an object")?;
+            let q = o.remove("qty").ok_or("no qty")?;
+            o.insert("quantity".into(), q);
+            Ok(v)
+        }),
+    );
+    let mut v3 = v2();
+    v3.version = 3;
+    v3.fields[1].name = "quantity".into();
+    r.register(&log, v3).unwrap();
+    log.close().unwrap();
+    // The registry's history is in the log.
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    let again = Registry::load(&log).unwrap();
+    assert_eq!(again.latest("NEW").map(|s| s.version), Some(3));
+    assert_eq!(again.get("NEW", 1), Some(&v1()));
+}
+
+#[test]
+fn appends_are_checked_and_old_payloads_are_upcast_on_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    let mut r = Registry::load(&log).unwrap();
+    r.register(&log, v1()).unwrap();
+    let ok = EventData::json("NEW", r#"{"trade_id":"T1","qty":"10","px":101,"note":"x"}"#);
+    r.check(&ok).unwrap();
+    for (payload, bad_field) in [
+        (r#"{"trade_id":"T1","px":"1"}"#, "qty"),
+        (r#"{"trade_id":"T1","qty":"10","px":101.5}"#, "px"),
+        (r#"{"trade_id":7,"qty":"10","px":"1"}"#, "trade_id"),
+        (r#"{"trade_id":"T1","qty":"1e5","px":"1"}"#, "qty"),
+        (r#"[1,2]"#, ""),
+    ] {
+        match r.check(&EventData::json("NEW", payload)) {
+            Err(SchemaError::Invalid { field, .. }) => assert_eq!(field, bad_field, "{payload}"),
+            other => panic!("{payload}: {other:?}"),
+        }
+    }
+    // Version 1 events are written, then the schema moves on.
+    for i in 0..3 {
+        let e = EventData::json(
+            "NEW",
+            format!(r#"{{"trade_id":"T{i}","qty":"{i}","px":"1","note":"n"}}"#),
+        );
+        r.check(&e).unwrap();
+        log.append(&format!("trade-{i}"), ExpectedVersion::NoStream, &[e])
+            .unwrap();
+    }
+    r.register(&log, v2()).unwrap();
+    let v2_event = EventData::json(
+        "NEW",
+        r#"{"trade_id":"T9","qty":"9","px":"1","book":"OIL"}"#,
+    )
+    .schema_version(2);
+    r.check(&v2_event).unwrap();
+    log.append("trade-9", ExpectedVersion::NoStream, &[v2_event])
+        .unwrap();
+    // A projection that knows only version 2 sees every event as version 2.
+    #[derive(Default)]
+    struct Books(Vec<(u32, String)>);
+    impl Projection for Books {
+        const STATE_VERSION: u32 = 1;
+        fn initial() -> Books {
+            Books::default()
+        }
+        fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+            let v: serde_json::Value =
+                serde_json::from_slice(e.payload()).map_err(|e| e.to_string())?;
+            if v.get("note").is_some() {
+                return Err("saw a field version 2 dropped".into());
+            }
+            let book = v["book"].as_str().ok_or("no book")?.to_owned();
+            self.0.push((e.schema_version(), book));
+            Ok(())
+        }
+        fn encode_state(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn decode_state(_: &[u8]) -> Option<Books> {
+            None
+        }
+    }
+    let mut p = Projector::<Books>::open(&log, "books", ProjectorOptions::default()).unwrap();
+    p.set_registry(Registry::load(&log).unwrap());
+    p.catch_up().unwrap();
+    let state = p.shared_state();
+    let seen = &state.read().0;
+    assert_eq!(
+        seen.iter()
+            .map(|(v, b)| (*v, b.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (2, "UNASSIGNED"),
+            (2, "UNASSIGNED"),
+            (2, "UNASSIGNED"),
+            (2, "OIL")
+        ]
+    );
+    // The bytes on disk are unchanged.
+    let first = log
+        .read_stream("trade-0", 0, 1, tally_engine::Direction::Forward)
+        .unwrap();
+    assert_eq!(first[0].schema_version, 1);
+    assert!(
+        std::str::from_utf8(first[0].payload())
+            .unwrap()
+            .contains("\"note\"")
+    );
+}
