@@ -104,6 +104,31 @@ pub struct ProjectionStatus {
     pub checkpoint: Option<u64>,
 }
 
+impl ProjectionStatus {
+    /// A projection opened at `position`, from `checkpoint` (`None`: from the start).
+    #[must_use]
+    pub fn opened(position: u64, checkpoint: Option<u64>) -> ProjectionStatus {
+        ProjectionStatus {
+            state: ProjectionState::Stopped,
+            position,
+            events_applied: 0,
+            errors: 0,
+            last_error: None,
+            checkpoint,
+        }
+    }
+}
+
+/// A checkpoint payload's position and state, if it is of `P`'s state version and decodes.
+#[must_use]
+pub fn usable_checkpoint<P: Projection>(payload: &[u8]) -> Option<(u64, P)> {
+    let (next, version, bytes) = decode_checkpoint_payload(payload)?;
+    if version != P::STATE_VERSION {
+        return None;
+    }
+    Some((next, P::decode_state(bytes)?))
+}
+
 /// Options of a [`Projector`].
 #[derive(Clone, Copy, Debug)]
 pub struct ProjectorOptions {
@@ -184,14 +209,12 @@ impl<'a, P: Projection> Projector<'a, P> {
         let mut from = u64::MAX;
         'search: loop {
             let page = log.read_stream(&stream, from, 64, Direction::Backward)?;
-            for e in &page {
-                if let Some((next, v, bytes)) = decode_checkpoint_payload(e.payload())
-                    && v == P::STATE_VERSION
-                    && let Some(state) = P::decode_state(bytes)
-                {
-                    start = (next, state, Some(next));
-                    break 'search;
-                }
+            if let Some((next, state)) = page
+                .iter()
+                .find_map(|e| usable_checkpoint::<P>(e.payload()))
+            {
+                start = (next, state, Some(next));
+                break 'search;
             }
             match page.last() {
                 Some(last) if last.version > 0 && page.len() == 64 => from = last.version - 1,
@@ -207,14 +230,7 @@ impl<'a, P: Projection> Projector<'a, P> {
             next,
             opts,
             since_checkpoint: 0,
-            status: ProjectionStatus {
-                state: ProjectionState::Stopped,
-                position: next,
-                events_applied: 0,
-                errors: 0,
-                last_error: None,
-                checkpoint,
-            },
+            status: ProjectionStatus::opened(next, checkpoint),
             registry: None,
         })
     }

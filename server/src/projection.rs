@@ -9,7 +9,7 @@ use tally_engine::Direction;
 use tally_engine::EventView;
 use tally_engine::projection::{
     CHECKPOINT_STREAM_PREFIX, Projection, ProjectionState, ProjectionStatus, ProjectorOptions,
-    SharedState, decode_checkpoint_payload,
+    SharedState, usable_checkpoint,
 };
 
 use crate::client::{Client, ClientError, Subscription, SubscriptionItem};
@@ -73,14 +73,12 @@ impl<P: Projection> RemoteProjector<P> {
             let (page, next, end) = client
                 .read_stream(&stream, from, 64, Direction::Backward)
                 .await?;
-            for e in &page {
-                if let Some((pos, v, bytes)) = decode_checkpoint_payload(e.payload())
-                    && v == P::STATE_VERSION
-                    && let Some(state) = P::decode_state(bytes)
-                {
-                    start = (pos, state, Some(pos));
-                    break 'search;
-                }
+            if let Some((pos, state)) = page
+                .iter()
+                .find_map(|e| usable_checkpoint::<P>(e.payload()))
+            {
+                start = (pos, state, Some(pos));
+                break 'search;
             }
             if end || page.is_empty() {
                 break;
@@ -95,14 +93,7 @@ impl<P: Projection> RemoteProjector<P> {
             next,
             opts,
             since_checkpoint: 0,
-            status: ProjectionStatus {
-                state: ProjectionState::Stopped,
-                position: next,
-                events_applied: 0,
-                errors: 0,
-                last_error: None,
-                checkpoint,
-            },
+            status: ProjectionStatus::opened(next, checkpoint),
             sub: None,
         })
     }
