@@ -72,6 +72,13 @@ pub enum AggregateError {
         /// The aggregate's reason.
         reason: String,
     },
+    /// A time-travel state cannot be saved or snapshotted: it may lack events below its
+    /// version.
+    #[error("stream {stream}: a state loaded as of a time is for reading, not for saving")]
+    TimeTravel {
+        /// The stream.
+        stream: String,
+    },
     /// The stream's name leaves no room for the snapshot stream's prefix.
     #[error("stream {stream:?} is too long to have snapshots (at most {max} bytes)")]
     StreamTooLong {
@@ -93,6 +100,9 @@ pub struct Loaded<A> {
     pub from_snapshot: Option<u64>,
     /// Events folded on top of the snapshot (or from the start).
     pub events_applied: u64,
+    /// The view it was loaded in, for a time-travel load: such a state is for reading,
+    /// and [`Repository::save`] and [`Repository::snapshot`] refuse it.
+    pub as_of: Option<AsOf>,
 }
 
 impl<A> Loaded<A> {
@@ -306,6 +316,7 @@ impl<'a, A: Aggregate> Repository<'a, A> {
             version,
             from_snapshot: None,
             events_applied: events.len() as u64,
+            as_of: Some(as_of),
         })
     }
 
@@ -329,6 +340,7 @@ impl<'a, A: Aggregate> Repository<'a, A> {
                     continue;
                 };
                 if v <= version
+                    && v < u64::MAX
                     && sv == A::SNAPSHOT_VERSION
                     && let Some(a) = A::decode_snapshot(state)
                 {
@@ -382,6 +394,7 @@ impl<'a, A: Aggregate> Repository<'a, A> {
             version,
             from_snapshot,
             events_applied: applied,
+            as_of: None,
         })
     }
 
@@ -398,7 +411,19 @@ impl<'a, A: Aggregate> Repository<'a, A> {
         loaded: &mut Loaded<A>,
         events: &[EventData],
     ) -> std::result::Result<AppendResult, AggregateError> {
+        if loaded.as_of.is_some() {
+            return Err(AggregateError::TimeTravel {
+                stream: stream.to_owned(),
+            });
+        }
         let r = self.log.append(stream, loaded.expected_version(), events)?;
+        if r.first_version != loaded.version.map_or(0, |v| v + 1) {
+            // The log recognised the events as a retry of an earlier append and returned
+            // its result: they are already in the state's past (or not where this state
+            // expects them). Take the stream as it is instead of folding them again.
+            *loaded = self.load(stream)?;
+            return Ok(r);
+        }
         let written =
             self.log
                 .read_stream(stream, r.first_version, events.len(), Direction::Forward)?;
@@ -431,6 +456,11 @@ impl<'a, A: Aggregate> Repository<'a, A> {
         stream: &str,
         loaded: &mut Loaded<A>,
     ) -> std::result::Result<(), AggregateError> {
+        if loaded.as_of.is_some() {
+            return Err(AggregateError::TimeTravel {
+                stream: stream.to_owned(),
+            });
+        }
         let Some(version) = loaded.version else {
             return Ok(());
         };

@@ -62,6 +62,14 @@ pub enum ProjectionError {
     /// The log failed.
     #[error(transparent)]
     Log(#[from] Error),
+    /// A fold was asked to go past the end of the log.
+    #[error("the log ends at position {end}, before {to}")]
+    PastTheEnd {
+        /// Where the fold was to end.
+        to: u64,
+        /// The log's next position.
+        end: u64,
+    },
     /// The projection refused an event; it stays at that event.
     #[error("projection {name}: the event at position {position} was refused: {reason}")]
     Apply {
@@ -376,11 +384,12 @@ impl<'a, P: Projection> Projector<'a, P> {
     pub fn rebuild(&mut self) -> std::result::Result<(), ProjectionError> {
         self.status.state = ProjectionState::Rebuilding;
         let upto = self.log.next_position().0;
-        let fresh = fold_window(self.log, &self.name, 0, upto).inspect_err(|e| {
-            self.status.state = ProjectionState::Failed;
-            self.status.errors += 1;
-            self.status.last_error = Some(e.to_string());
-        })?;
+        let fresh =
+            fold_range(self.log, &self.name, 0, upto, self.registry.as_ref()).inspect_err(|e| {
+                self.status.state = ProjectionState::Failed;
+                self.status.errors += 1;
+                self.status.last_error = Some(e.to_string());
+            })?;
         *self.state.write() = fresh;
         self.next = upto;
         self.since_checkpoint = 0;
@@ -402,6 +411,17 @@ pub fn fold_window<P: Projection>(
     from: u64,
     to: u64,
 ) -> std::result::Result<P, ProjectionError> {
+    fold_range(log, name, from, to, None)
+}
+
+/// [`fold_window`], showing events through `registry` when there is one.
+fn fold_range<P: Projection>(
+    log: &Log,
+    name: &str,
+    from: u64,
+    to: u64,
+    registry: Option<&crate::schema::Registry>,
+) -> std::result::Result<P, ProjectionError> {
     let mut state = P::initial();
     let mut next = from;
     while next < to {
@@ -409,7 +429,14 @@ pub fn fold_window<P: Projection>(
         let page = log.read_all(Position(next), want, Direction::Forward)?;
         for e in page.iter().filter(|e| e.position.0 < to) {
             if !is_system(e) {
-                state.apply(e).map_err(|reason| ProjectionError::Apply {
+                let applied = match registry {
+                    None => state.apply(e),
+                    Some(r) => r
+                        .view(e)
+                        .map_err(|err| err.to_string())
+                        .and_then(|v| state.apply(&v)),
+                };
+                applied.map_err(|reason| ProjectionError::Apply {
                     name: name.to_owned(),
                     position: e.position.0,
                     reason,

@@ -82,6 +82,12 @@ pub fn trace<P: Traced>(
     name: &str,
     to: u64,
 ) -> std::result::Result<(P, Trace), ProjectionError> {
+    let end = log.next_position().0;
+    if to > end {
+        // A trace must not claim positions the log does not have (a log that lost its
+        // tail would otherwise replay "identically" when the lost events left no step).
+        return Err(ProjectionError::PastTheEnd { to, end });
+    }
     let mut state = P::initial();
     let mut steps = Vec::new();
     let mut next = 0u64;

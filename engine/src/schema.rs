@@ -40,7 +40,7 @@ pub const SCHEMA_EVENT_TYPE: &str = "$SchemaRegistered";
 pub enum FieldKind {
     /// A string.
     String,
-    /// An exact decimal, written as a string (`"101.25"`) or an integer.
+    /// An exact decimal, written as a string (`"101.25"`, `"-3"`), at most 28 digits.
     Decimal,
     /// An integer.
     Integer,
@@ -56,21 +56,18 @@ impl FieldKind {
     fn admits(self, v: &Value) -> bool {
         match self {
             FieldKind::String => v.is_string(),
-            FieldKind::Decimal => {
-                v.is_i64()
-                    || v.is_u64()
-                    || v.as_str().is_some_and(|s| {
-                        let t = s.strip_prefix('-').unwrap_or(s);
-                        let mut parts = t.splitn(2, '.');
-                        let int = parts.next().unwrap_or("");
-                        let frac = parts.next();
-                        !int.is_empty()
-                            && int.bytes().all(|b| b.is_ascii_digit())
-                            && frac.is_none_or(|f| {
-                                !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit())
-                            })
-                    })
-            }
+            FieldKind::Decimal => v.as_str().is_some_and(|s| {
+                let t = s.strip_prefix('-').unwrap_or(s);
+                let mut parts = t.splitn(2, '.');
+                let int = parts.next().unwrap_or("");
+                let frac = parts.next().unwrap_or("");
+                // At most 28 significant digits: what an exact 96-bit decimal holds.
+                !int.is_empty()
+                    && int.len() + frac.len() <= 28
+                    && int.bytes().all(|b| b.is_ascii_digit())
+                    && (!t.contains('.') || !frac.is_empty())
+                    && frac.bytes().all(|b| b.is_ascii_digit())
+            }),
             FieldKind::Integer => v.is_i64() || v.is_u64(),
             FieldKind::Boolean => v.is_boolean(),
             FieldKind::Object => v.is_object(),
@@ -355,6 +352,7 @@ impl Registry {
         for f in &s.fields {
             match obj.get(&f.name) {
                 None if f.required => return Err(invalid(s, &f.name, "is required")),
+                Some(Value::Null) if !f.required => {}
                 Some(val) if !f.kind.admits(val) => {
                     return Err(invalid(
                         s,
@@ -416,10 +414,26 @@ impl Registry {
                         }
                     }
                     for f in &next.fields {
-                        if !obj.contains_key(&f.name)
-                            && let Some(d) = &f.default
-                        {
-                            obj.insert(f.name.clone(), d.clone());
+                        if obj.contains_key(&f.name) {
+                            continue;
+                        }
+                        match &f.default {
+                            Some(d) => {
+                                obj.insert(f.name.clone(), d.clone());
+                            }
+                            // A registered upcaster was expected for this step and is not
+                            // set in this process: refuse rather than lose the field.
+                            None if f.required => {
+                                return Err(fail(
+                                    from,
+                                    format!(
+                                        "version {} requires {:?}, which has no default; set the step's upcaster",
+                                        from + 1,
+                                        f.name
+                                    ),
+                                ));
+                            }
+                            None => {}
                         }
                     }
                     Value::Object(obj)

@@ -316,3 +316,42 @@ fn time_travel_by_record_time_and_by_event_time_with_a_late_event() {
     // The current state through snapshots agrees with the log-order view.
     assert_eq!(repo.load("t").unwrap().state.quantity, 12);
 }
+
+#[test]
+fn a_retried_save_is_not_folded_twice_and_time_travel_states_are_not_saved() {
+    use tally_engine::aggregate::AsOf;
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let repo = Repository::<Position>::new(&log, SnapshotPolicy::EveryEvents(1));
+    let mut a = repo.load("r").unwrap();
+    let first = fill(10, 1).with_id(tally_engine::EventId([9; 16]));
+    repo.save("r", &mut a, &[first.clone()]).unwrap();
+    repo.save("r", &mut a, &[fill(5, 1)]).unwrap();
+    // The same command delivered again (same event id) from a fresh load: the log returns
+    // the first result, and the state is the stream's, not the event folded twice.
+    let mut b = repo.load("r").unwrap();
+    let r = repo.save("r", &mut b, &[first]).unwrap();
+    assert_eq!(r.first_version, 0);
+    assert_eq!(b.version, Some(1));
+    assert_eq!(b.state.quantity, 15);
+    assert_eq!(repo.load("r").unwrap().state.quantity, 15);
+    assert_eq!(
+        repo.load_without_snapshots("r", u64::MAX)
+            .unwrap()
+            .state
+            .quantity,
+        15
+    );
+    // A state seen as of a time cannot be saved or snapshotted.
+    let mut past = repo
+        .load_as_of("r", AsOf::true_at(tally_engine::Timestamp(u64::MAX)))
+        .unwrap();
+    assert!(matches!(
+        repo.save("r", &mut past, &[fill(1, 1)]),
+        Err(AggregateError::TimeTravel { .. })
+    ));
+    assert!(matches!(
+        repo.snapshot("r", &mut past),
+        Err(AggregateError::TimeTravel { .. })
+    ));
+}

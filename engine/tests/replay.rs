@@ -152,6 +152,12 @@ fn a_tampered_or_foreign_archive_does_not_verify() {
     );
     let other = SigningKey::from_bytes(&[4; 32]).verifying_key().to_bytes();
     assert!(good.verify(&[other]).is_err(), "an untrusted key");
+    // A trace cannot claim positions the log does not have.
+    let end = log.next_position().0;
+    assert!(matches!(
+        trace::<Net>(&log, "net", end + 1),
+        Err(tally_engine::projection::ProjectionError::PastTheEnd { .. })
+    ));
     // Another log's archive is refused.
     let dir2 = tempfile::tempdir().unwrap();
     let log2 = log_with_fills(dir2.path());

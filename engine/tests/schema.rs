@@ -112,6 +112,31 @@ fn versions_are_kept_in_the_log_and_breaking_changes_are_refused() {
     let again = Registry::load(&log).unwrap();
     assert_eq!(again.latest("NEW").map(|s| s.version), Some(3));
     assert_eq!(again.get("NEW", 1), Some(&v1()));
+    // Without the rename's upcaster, this process refuses to lift version 2 payloads
+    // rather than lose `qty`.
+    let old = br#"{"trade_id":"T1","qty":"5","px":"1","book":"B"}"#;
+    match again.upcast("NEW", 2, old) {
+        Err(SchemaError::Upcast {
+            from: 2, reason, ..
+        }) => assert!(reason.contains("quantity"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // With it, the payload is lifted.
+    let mut with = again.clone();
+    with.set_upcaster(
+        "NEW",
+        2,
+        Arc::new(|mut v| {
+            let o = v.as_object_mut().ok_or("not an object")?;
+            let q = o.remove("qty").ok_or("no qty")?;
+            o.insert("quantity".into(), q);
+            Ok(v)
+        }),
+    );
+    let (version, lifted) = with.upcast("NEW", 2, old).unwrap();
+    assert_eq!(version, 3);
+    let lifted: serde_json::Value = serde_json::from_slice(&lifted).unwrap();
+    assert_eq!(lifted["quantity"], "5");
 }
 
 #[test]
@@ -120,13 +145,21 @@ fn appends_are_checked_and_old_payloads_are_upcast_on_read() {
     let log = Log::open(dir.path(), Options::default()).unwrap();
     let mut r = Registry::load(&log).unwrap();
     r.register(&log, v1()).unwrap();
-    let ok = EventData::json("NEW", r#"{"trade_id":"T1","qty":"10","px":101,"note":"x"}"#);
+    let ok = EventData::json(
+        "NEW",
+        r#"{"trade_id":"T1","qty":"10","px":"101","note":null}"#,
+    );
     r.check(&ok).unwrap();
     for (payload, bad_field) in [
         (r#"{"trade_id":"T1","px":"1"}"#, "qty"),
         (r#"{"trade_id":"T1","qty":"10","px":101.5}"#, "px"),
         (r#"{"trade_id":7,"qty":"10","px":"1"}"#, "trade_id"),
         (r#"{"trade_id":"T1","qty":"1e5","px":"1"}"#, "qty"),
+        (r#"{"trade_id":"T1","qty":10,"px":"1"}"#, "qty"),
+        (
+            r#"{"trade_id":"T1","qty":"12345678901234567890123456789","px":"1"}"#,
+            "qty",
+        ),
         (r#"[1,2]"#, ""),
     ] {
         match r.check(&EventData::json("NEW", payload)) {
