@@ -325,7 +325,8 @@ fn a_retried_save_is_not_folded_twice_and_time_travel_states_are_not_saved() {
     let repo = Repository::<Position>::new(&log, SnapshotPolicy::EveryEvents(1));
     let mut a = repo.load("r").unwrap();
     let first = fill(10, 1).with_id(tally_engine::EventId([9; 16]));
-    repo.save("r", &mut a, std::slice::from_ref(&first)).unwrap();
+    repo.save("r", &mut a, std::slice::from_ref(&first))
+        .unwrap();
     repo.save("r", &mut a, &[fill(5, 1)]).unwrap();
     // The same command delivered again (same event id) from a fresh load: the log returns
     // the first result, and the state is the stream's, not the event folded twice.

@@ -133,6 +133,28 @@ pub fn price_stream(instrument: &str) -> String {
     format!("price-{instrument}")
 }
 
+/// The largest quantity a trade may have: with [`PRICE_MAX`], products stay far inside an
+/// exact decimal's range (28 digits), so P&L arithmetic cannot overflow.
+pub const QUANTITY_MAX: Decimal = Decimal::from_parts(
+    1_000_000_000_000u64 as u32,
+    (1_000_000_000_000u64 >> 32) as u32,
+    0,
+    false,
+    0,
+);
+/// The largest price.
+pub const PRICE_MAX: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+
+fn check_range(quantity: Decimal, price: Decimal) -> Result<(), String> {
+    if quantity <= Decimal::ZERO || quantity > QUANTITY_MAX {
+        return Err(format!("quantity {quantity} is not in (0, {QUANTITY_MAX}]"));
+    }
+    if price <= Decimal::ZERO || price > PRICE_MAX {
+        return Err(format!("price {price} is not in (0, {PRICE_MAX}]"));
+    }
+    Ok(())
+}
+
 fn json<T: Serialize>(event_type: &str, body: &T) -> EventData {
     let text = serde_json::to_string(body).unwrap_or_else(|e| unreachable!("{e}"));
     EventData::json(event_type, text).aggregate_type("Trade")
@@ -177,6 +199,9 @@ pub struct Trade {
     pub status: Status,
     /// Quantity not yet exercised or settled.
     pub open_quantity: Decimal,
+    /// Quantity exercised so far.
+    #[serde(default)]
+    pub exercised: Decimal,
     /// Events applied.
     pub events: u64,
 }
@@ -209,11 +234,7 @@ impl Trade {
     /// # Errors
     /// [`TradeError::Invalid`] for a quantity or price that is not positive.
     pub fn book(terms: &NewTrade) -> Result<EventData, TradeError> {
-        if terms.quantity <= Decimal::ZERO || terms.price <= Decimal::ZERO {
-            return Err(TradeError::Invalid(
-                "quantity and price must be positive".into(),
-            ));
-        }
+        check_range(terms.quantity, terms.price).map_err(TradeError::Invalid)?;
         Ok(json("NEW", terms))
     }
 
@@ -222,13 +243,14 @@ impl Trade {
     /// # Errors
     /// The trade is not live, or the new terms are out of range.
     pub fn amend(&self, a: &Amend) -> Result<EventData, TradeError> {
-        self.live()?;
-        if a.quantity.is_some_and(|q| q <= Decimal::ZERO)
-            || a.price.is_some_and(|p| p <= Decimal::ZERO)
-        {
-            return Err(TradeError::Invalid(
-                "quantity and price must be positive".into(),
-            ));
+        let t = self.live()?;
+        check_range(a.quantity.unwrap_or(t.quantity), a.price.unwrap_or(t.price))
+            .map_err(TradeError::Invalid)?;
+        if a.quantity.is_some_and(|q| q < self.exercised) {
+            return Err(TradeError::Invalid(format!(
+                "a quantity below the {} already exercised",
+                self.exercised
+            )));
         }
         Ok(json("AMEND", a))
     }
@@ -297,13 +319,14 @@ impl Trade {
 }
 
 impl Aggregate for Trade {
-    const SNAPSHOT_VERSION: u32 = 1;
+    const SNAPSHOT_VERSION: u32 = 2;
 
     fn initial() -> Trade {
         Trade {
             terms: None,
             status: Status::Live,
             open_quantity: Decimal::ZERO,
+            exercised: Decimal::ZERO,
             events: 0,
         }
     }
@@ -312,7 +335,9 @@ impl Aggregate for Trade {
         match e.event_type() {
             "NEW" => {
                 let t: NewTrade = parse(e)?;
+                check_range(t.quantity, t.price)?;
                 self.open_quantity = t.quantity;
+                self.exercised = Decimal::ZERO;
                 self.terms = Some(t);
                 self.status = Status::Live;
             }
@@ -324,10 +349,16 @@ impl Aggregate for Trade {
                 match other {
                     "AMEND" => {
                         let a: Amend = parse(e)?;
+                        check_range(
+                            a.quantity.unwrap_or(terms.quantity),
+                            a.price.unwrap_or(terms.price),
+                        )?;
                         if let Some(q) = a.quantity {
                             // Exercised quantity stays exercised.
-                            self.open_quantity += q - terms.quantity;
                             terms.quantity = q;
+                            if self.status == Status::Live {
+                                self.open_quantity = (q - self.exercised).max(Decimal::ZERO);
+                            }
                         }
                         if let Some(p) = a.price {
                             terms.price = p;
@@ -338,7 +369,11 @@ impl Aggregate for Trade {
                     }
                     "CANCEL" => self.status = Status::Cancelled,
                     "NOVATE" => terms.counterparty = parse::<Novate>(e)?.new_counterparty,
-                    "EXERCISE" => self.open_quantity -= parse::<Exercise>(e)?.quantity,
+                    "EXERCISE" => {
+                        let x = parse::<Exercise>(e)?.quantity.min(self.open_quantity);
+                        self.open_quantity -= x;
+                        self.exercised += x;
+                    }
                     "SETTLE" => {
                         self.status = Status::Settled;
                         self.open_quantity = Decimal::ZERO;
@@ -372,6 +407,8 @@ struct OpenTrade {
     open: Decimal,
     price: Decimal,
     quantity: Decimal,
+    /// Quantity closed by exercises and settlement.
+    closed: Decimal,
 }
 
 /// One book and instrument's position.
@@ -436,6 +473,7 @@ impl Positions {
             .entry((t.book.clone(), t.instrument.clone()))
             .or_default() += t.sign * x * (mark - t.price);
         t.open -= x;
+        t.closed += x;
     }
 }
 
@@ -444,7 +482,7 @@ fn trade_id_of(stream: &str) -> Option<&str> {
 }
 
 impl Projection for Positions {
-    const STATE_VERSION: u32 = 1;
+    const STATE_VERSION: u32 = 2;
 
     fn initial() -> Positions {
         Positions::default()
@@ -453,6 +491,7 @@ impl Projection for Positions {
     fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
         if e.event_type() == "PRICE" {
             let p: MarketPrice = parse(e)?;
+            check_range(Decimal::ONE, p.price)?;
             self.marks.insert(p.instrument, p.price);
             return Ok(());
         }
@@ -462,6 +501,7 @@ impl Projection for Positions {
         match e.event_type() {
             "NEW" => {
                 let t: NewTrade = parse(e)?;
+                check_range(t.quantity, t.price)?;
                 self.trades.insert(
                     id.to_owned(),
                     OpenTrade {
@@ -471,6 +511,7 @@ impl Projection for Positions {
                         open: t.quantity,
                         price: t.price,
                         quantity: t.quantity,
+                        closed: Decimal::ZERO,
                     },
                 );
             }
@@ -478,9 +519,10 @@ impl Projection for Positions {
                 let a: Amend = parse(e)?;
                 match self.trades.get_mut(id) {
                     Some(t) => {
+                        check_range(a.quantity.unwrap_or(t.quantity), a.price.unwrap_or(t.price))?;
                         if let Some(q) = a.quantity {
-                            t.open = (t.open + q - t.quantity).max(Decimal::ZERO);
                             t.quantity = q;
+                            t.open = (q - t.closed).max(Decimal::ZERO);
                         }
                         if let Some(p) = a.price {
                             t.price = p;
@@ -498,9 +540,10 @@ impl Projection for Positions {
                 self.close(id, x.quantity);
             }
             "SETTLE" => {
+                // Settled trades stay (with nothing open), so that their part of the
+                // state still names them in a replay's trace.
                 let open = self.trades.get(id).map_or(Decimal::ZERO, |t| t.open);
                 self.close(id, open);
-                self.trades.remove(id);
             }
             _ => {}
         }
@@ -521,6 +564,7 @@ impl Projection for Positions {
                     t.open.normalize().to_string(),
                     t.price.normalize().to_string(),
                     t.quantity.normalize().to_string(),
+                    t.closed.normalize().to_string(),
                 )
             })
             .collect();
@@ -539,7 +583,16 @@ impl Projection for Positions {
     }
 
     fn decode_state(bytes: &[u8]) -> Option<Positions> {
-        type Row = (String, String, String, String, String, String, String);
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        );
         type Encoded = (
             Vec<Row>,
             Vec<(String, String)>,
@@ -552,7 +605,7 @@ impl Projection for Positions {
             orphans,
             ..Positions::default()
         };
-        for (id, book, instrument, sign, open, price, quantity) in trades {
+        for (id, book, instrument, sign, open, price, quantity, closed) in trades {
             p.trades.insert(
                 id,
                 OpenTrade {
@@ -562,6 +615,7 @@ impl Projection for Positions {
                     open: d(&open)?,
                     price: d(&price)?,
                     quantity: d(&quantity)?,
+                    closed: d(&closed)?,
                 },
             );
         }
@@ -579,10 +633,9 @@ impl tally_engine::replay::Traced for Positions {
     /// A trade's events change its trade's part; a price changes its instrument's mark.
     fn key_of(e: &dyn EventView) -> Option<String> {
         if e.event_type() == "PRICE" {
-            return e
-                .stream()
-                .strip_prefix("price-")
-                .map(|i| format!("mark:{i}"));
+            // The instrument the projection applies the price to: the payload's.
+            let p: MarketPrice = serde_json::from_slice(e.payload()).ok()?;
+            return Some(format!("mark:{}", p.instrument));
         }
         trade_id_of(e.stream()).map(|id| format!("trade:{id}"))
     }
@@ -758,6 +811,63 @@ mod tests {
         let back = Positions::decode_state(&encoded).unwrap_or_else(|| panic!("decodes"));
         assert_eq!(back.table(), table);
         assert_eq!(back.encode_state(), encoded, "canonical encoding");
+    }
+
+    #[test]
+    fn amendments_respect_exercised_quantity_and_ranges() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let log = Log::open(dir.path(), Options::default()).unwrap_or_else(|e| panic!("{e}"));
+        let repo = Repository::<Trade>::new(&log, SnapshotPolicy::OnDemand);
+        let s = trade_stream("X");
+        let mut t = repo.load(&s).unwrap_or_else(|e| panic!("{e}"));
+        let new =
+            Trade::book(&terms("X", "B", Side::Buy, "100", "10")).unwrap_or_else(|e| panic!("{e}"));
+        repo.save(&s, &mut t, &[new])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ex = t
+            .state
+            .exercise(dec("50"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        repo.save(&s, &mut t, &[ex])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let below = Amend {
+            quantity: Some(dec("40")),
+            ..Amend::default()
+        };
+        assert!(matches!(t.state.amend(&below), Err(TradeError::Invalid(_))));
+        let up = t
+            .state
+            .amend(&Amend {
+                quantity: Some(dec("120")),
+                ..Amend::default()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        repo.save(&s, &mut t, &[up])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.state.open_quantity, dec("70"));
+        let mut p = Projector::<Positions>::open(&log, "p", ProjectorOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        p.catch_up().unwrap_or_else(|e| panic!("{e}"));
+        let table = p.shared_state().read().table();
+        assert_eq!(
+            table[&("B".to_owned(), "BRENT-DEC26".to_owned())].quantity,
+            dec("70")
+        );
+        // Out of range: refused by the command, and by the projection if written anyway.
+        assert!(Trade::book(&terms("Y", "B", Side::Buy, "10000000000000", "1")).is_err());
+        log.append(
+            &trade_stream("Z"),
+            ExpectedVersion::Any,
+            &[json(
+                "NEW",
+                &terms("Z", "B", Side::Buy, "1", "100000000000"),
+            )],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            p.catch_up().is_err(),
+            "the projection refuses it instead of overflowing"
+        );
     }
 
     #[test]

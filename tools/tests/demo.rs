@@ -17,6 +17,7 @@ struct Open {
     open: Decimal,
     price: Decimal,
     quantity: Decimal,
+    closed: Decimal,
 }
 
 fn dec(v: &serde_json::Value) -> Decimal {
@@ -79,10 +80,12 @@ fn the_demo_report_matches_an_independent_computation() {
             let mut close = |id: &str, x: Decimal, trades: &mut BTreeMap<String, Open>| {
                 let t = trades.get_mut(id).unwrap();
                 let m = marks.get(&t.instrument).copied().unwrap_or(t.price);
+                let x = x.min(t.open);
                 *realised
                     .entry((t.book.clone(), t.instrument.clone()))
                     .or_default() += t.sign * x * (m - t.price);
                 t.open -= x;
+                t.closed += x;
             };
             match (e.event_type(), id) {
                 ("PRICE", _) => {
@@ -103,6 +106,7 @@ fn the_demo_report_matches_an_independent_computation() {
                             open: q,
                             price: dec(&p["price"]),
                             quantity: q,
+                            closed: Decimal::ZERO,
                         },
                     );
                 }
@@ -110,7 +114,7 @@ fn the_demo_report_matches_an_independent_computation() {
                     let t = trades.get_mut(&id).unwrap();
                     if p.get("quantity").is_some() {
                         let q = dec(&p["quantity"]);
-                        t.open = (t.open + q - t.quantity).max(Decimal::ZERO);
+                        t.open = (q - t.closed).max(Decimal::ZERO);
                         t.quantity = q;
                     }
                     if p.get("price").is_some() {
@@ -124,7 +128,6 @@ fn the_demo_report_matches_an_independent_computation() {
                 ("SETTLE", Some(id)) => {
                     let open = trades[&id].open;
                     close(&id, open, &mut trades);
-                    trades.remove(&id);
                 }
                 _ => {}
             }
