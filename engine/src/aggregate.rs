@@ -79,6 +79,9 @@ pub enum AggregateError {
         /// The stream.
         stream: String,
     },
+    /// An event does not match its registered schema; nothing was written.
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
     /// The stream's name leaves no room for the snapshot stream's prefix.
     #[error("stream {stream:?} is too long to have snapshots (at most {max} bytes)")]
     StreamTooLong {
@@ -224,6 +227,7 @@ pub fn correction_of(original: &dyn EventView, event_type: &str, json: &str) -> 
 pub struct Repository<'a, A> {
     log: &'a Log,
     policy: SnapshotPolicy,
+    registry: Option<crate::schema::Registry>,
     _aggregate: std::marker::PhantomData<fn() -> A>,
 }
 
@@ -234,7 +238,27 @@ impl<'a, A: Aggregate> Repository<'a, A> {
         Repository {
             log,
             policy,
+            registry: None,
             _aggregate: std::marker::PhantomData,
+        }
+    }
+
+    /// Checks every event [`Repository::save`] appends against the schema registry (for
+    /// the schemas that ask for validation), and shows loaded events to the aggregate as
+    /// their newest schema version.
+    #[must_use]
+    pub fn with_registry(mut self, registry: crate::schema::Registry) -> Repository<'a, A> {
+        self.registry = Some(registry);
+        self
+    }
+
+    fn apply(&self, state: &mut A, e: &RecordedEvent) -> std::result::Result<(), String> {
+        match &self.registry {
+            None => state.apply(e),
+            Some(r) => {
+                let view = r.view(e).map_err(|err| err.to_string())?;
+                state.apply(&view)
+            }
         }
     }
 
@@ -304,11 +328,12 @@ impl<'a, A: Aggregate> Repository<'a, A> {
         let mut state = A::initial();
         let mut version = None;
         for e in &events {
-            state.apply(e).map_err(|reason| AggregateError::Apply {
-                stream: stream.to_owned(),
-                version: e.version,
-                reason,
-            })?;
+            self.apply(&mut state, e)
+                .map_err(|reason| AggregateError::Apply {
+                    stream: stream.to_owned(),
+                    version: e.version,
+                    reason,
+                })?;
             version = version.max(Some(e.version));
         }
         Ok(Loaded {
@@ -376,11 +401,12 @@ impl<'a, A: Aggregate> Repository<'a, A> {
                 .log
                 .read_stream(stream, next, want, Direction::Forward)?;
             for e in &page {
-                state.apply(e).map_err(|reason| AggregateError::Apply {
-                    stream: stream.to_owned(),
-                    version: e.version,
-                    reason,
-                })?;
+                self.apply(&mut state, e)
+                    .map_err(|reason| AggregateError::Apply {
+                        stream: stream.to_owned(),
+                        version: e.version,
+                        reason,
+                    })?;
                 version = Some(e.version);
                 applied += 1;
             }
@@ -416,6 +442,11 @@ impl<'a, A: Aggregate> Repository<'a, A> {
                 stream: stream.to_owned(),
             });
         }
+        if let Some(reg) = &self.registry {
+            for e in events {
+                reg.check(e)?;
+            }
+        }
         let r = self.log.append(stream, loaded.expected_version(), events)?;
         if r.first_version != loaded.version.map_or(0, |v| v + 1) {
             // The log recognised the events as a retry of an earlier append and returned
@@ -428,9 +459,7 @@ impl<'a, A: Aggregate> Repository<'a, A> {
             self.log
                 .read_stream(stream, r.first_version, events.len(), Direction::Forward)?;
         for e in &written {
-            loaded
-                .state
-                .apply(e)
+            self.apply(&mut loaded.state, e)
                 .map_err(|reason| AggregateError::Apply {
                     stream: stream.to_owned(),
                     version: e.version,

@@ -238,3 +238,65 @@ fn appends_are_checked_and_old_payloads_are_upcast_on_read() {
             .contains("\"note\"")
     );
 }
+
+#[test]
+fn a_repository_with_a_registry_checks_saves_and_upcasts_loads() {
+    use tally_engine::aggregate::{Aggregate, AggregateError, Repository, SnapshotPolicy};
+    /// The books a trade stream has been seen in, newest schema only.
+    struct Seen(Vec<String>);
+    impl Aggregate for Seen {
+        const SNAPSHOT_VERSION: u32 = 1;
+        fn initial() -> Seen {
+            Seen(Vec::new())
+        }
+        fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+            let v: serde_json::Value =
+                serde_json::from_slice(e.payload()).map_err(|e| e.to_string())?;
+            self.0
+                .push(v["book"].as_str().ok_or("no book: not upcast")?.to_owned());
+            Ok(())
+        }
+        fn encode_snapshot(&self) -> Vec<u8> {
+            self.0.join(",").into_bytes()
+        }
+        fn decode_snapshot(b: &[u8]) -> Option<Seen> {
+            Some(Seen(
+                std::str::from_utf8(b)
+                    .ok()?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect(),
+            ))
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    let mut r = Registry::load(&log).unwrap();
+    r.register(&log, v1()).unwrap();
+    // A version 1 event, written before version 2 existed.
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[EventData::json(
+            "NEW",
+            r#"{"trade_id":"1","qty":"1","px":"2"}"#,
+        )],
+    )
+    .unwrap();
+    r.register(&log, v2()).unwrap();
+    let repo = Repository::<Seen>::new(&log, SnapshotPolicy::OnDemand).with_registry(r);
+    let mut a = repo.load("trade-1").unwrap();
+    assert_eq!(a.state.0, ["UNASSIGNED"]);
+    // An invalid version 2 event is refused and nothing is written.
+    let bad = EventData::json("NEW", r#"{"trade_id":"1","qty":"x","px":"2","book":"B"}"#)
+        .schema_version(2);
+    match repo.save("trade-1", &mut a, &[bad]) {
+        Err(AggregateError::Schema(SchemaError::Invalid { field, .. })) => assert_eq!(field, "qty"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(log.stream_info("trade-1").unwrap().unwrap().last_version, 0);
+    let good = EventData::json("NEW", r#"{"trade_id":"1","qty":"3","px":"2","book":"B"}"#)
+        .schema_version(2);
+    repo.save("trade-1", &mut a, &[good]).unwrap();
+    assert_eq!(repo.load("trade-1").unwrap().state.0, ["UNASSIGNED", "B"]);
+}
