@@ -423,32 +423,61 @@ fn fold_range<P: Projection>(
     registry: Option<&crate::schema::Registry>,
 ) -> std::result::Result<P, ProjectionError> {
     let mut state = P::initial();
+    each_projected_event(log, from, to, |e| match registry {
+        None => apply_to(&mut state, &e, name),
+        Some(r) => {
+            let view = r.view(&e).map_err(|err| ProjectionError::Apply {
+                name: name.to_owned(),
+                position: e.position.0,
+                reason: err.to_string(),
+            })?;
+            apply_to(&mut state, &view, name)
+        }
+    })?;
+    Ok(state)
+}
+
+/// Calls `visit` with every event of positions `from..to` outside `$` streams, in log
+/// order, reading the log a page at a time.
+pub(crate) fn each_projected_event<E: From<Error>>(
+    log: &Log,
+    from: u64,
+    to: u64,
+    mut visit: impl FnMut(RecordedEvent) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let mut next = from;
     while next < to {
         let want = PAGE.min(usize::try_from(to - next).unwrap_or(PAGE));
         let page = log.read_all(Position(next), want, Direction::Forward)?;
-        for e in page.iter().filter(|e| e.position.0 < to) {
-            if !is_system(e) {
-                let applied = match registry {
-                    None => state.apply(e),
-                    Some(r) => r
-                        .view(e)
-                        .map_err(|err| err.to_string())
-                        .and_then(|v| state.apply(&v)),
-                };
-                applied.map_err(|reason| ProjectionError::Apply {
-                    name: name.to_owned(),
-                    position: e.position.0,
-                    reason,
-                })?;
-            }
-        }
+        let full = page.len() == want;
         match page.last() {
-            Some(last) if page.len() == want => next = last.position.0 + 1,
-            _ => break,
+            Some(last) => next = last.position.0 + 1,
+            None => break,
+        }
+        for e in page
+            .into_iter()
+            .filter(|e| e.position.0 < to && !is_system(e))
+        {
+            visit(e)?;
+        }
+        if !full {
+            break;
         }
     }
-    Ok(state)
+    Ok(())
+}
+
+/// Folds one event into `state`, naming the projection and position on a refusal.
+pub(crate) fn apply_to<P: Projection>(
+    state: &mut P,
+    e: &dyn EventView,
+    name: &str,
+) -> std::result::Result<(), ProjectionError> {
+    state.apply(e).map_err(|reason| ProjectionError::Apply {
+        name: name.to_owned(),
+        position: e.position().0,
+        reason,
+    })
 }
 
 /// A projection's state in the view `as_of` (see [`crate::aggregate::AsOf`]): what the
@@ -464,29 +493,16 @@ pub fn fold_as_of<P: Projection>(
     as_of: crate::aggregate::AsOf,
 ) -> std::result::Result<P, ProjectionError> {
     let mut events = Vec::new();
-    let mut next = 0u64;
-    loop {
-        let page = log.read_all(Position(next), PAGE, Direction::Forward)?;
-        let full = page.len() == PAGE;
-        if let Some(last) = page.last() {
-            next = last.position.0 + 1;
+    each_projected_event(log, 0, u64::MAX, |e| {
+        if as_of.includes(&e) {
+            events.push(e);
         }
-        events.extend(
-            page.into_iter()
-                .filter(|e| !is_system(e) && as_of.includes(e)),
-        );
-        if !full {
-            break;
-        }
-    }
+        Ok::<_, ProjectionError>(())
+    })?;
     as_of.order(&mut events);
     let mut state = P::initial();
     for e in &events {
-        state.apply(e).map_err(|reason| ProjectionError::Apply {
-            name: name.to_owned(),
-            position: e.position.0,
-            reason,
-        })?;
+        apply_to(&mut state, e, name)?;
     }
     Ok(state)
 }

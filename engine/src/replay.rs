@@ -16,10 +16,9 @@
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
-use crate::format::Position;
 use crate::format::checkpoint::SignatureError;
-use crate::log::{Direction, EventView, Log};
-use crate::projection::{Projection, ProjectionError};
+use crate::log::{EventView, Log};
+use crate::projection::{Projection, ProjectionError, apply_to, each_projected_event};
 
 /// A projection whose state splits into per-aggregate parts, so that a replay can say
 /// which aggregate diverged.
@@ -90,35 +89,18 @@ pub fn trace<P: Traced>(
     }
     let mut state = P::initial();
     let mut steps = Vec::new();
-    let mut next = 0u64;
-    while next < to {
-        let want = 4096usize.min(usize::try_from(to - next).unwrap_or(4096));
-        let page = log.read_all(Position(next), want, Direction::Forward)?;
-        for e in page.iter().filter(|e| e.position.0 < to) {
-            if e.stream().starts_with('$') {
-                continue;
-            }
-            state
-                .apply(e as &dyn EventView)
-                .map_err(|reason| ProjectionError::Apply {
-                    name: name.to_owned(),
-                    position: e.position.0,
-                    reason,
-                })?;
-            if let Some(key) = P::key_of(e) {
-                let part_hash = *blake3::hash(&state.encode_part(&key)).as_bytes();
-                steps.push(Step {
-                    position: e.position.0,
-                    key,
-                    part_hash,
-                });
-            }
+    each_projected_event(log, 0, to, |e| {
+        apply_to(&mut state, &e, name)?;
+        if let Some(key) = P::key_of(&e) {
+            let part_hash = *blake3::hash(&state.encode_part(&key)).as_bytes();
+            steps.push(Step {
+                position: e.position.0,
+                key,
+                part_hash,
+            });
         }
-        match page.last() {
-            Some(last) if page.len() == want => next = last.position.0 + 1,
-            _ => break,
-        }
-    }
+        Ok::<_, ProjectionError>(())
+    })?;
     let state_hash = *blake3::hash(&state.encode_state()).as_bytes();
     Ok((
         state,

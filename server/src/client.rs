@@ -135,6 +135,9 @@ pub struct ClientOptions {
     pub subscription_window: u32,
     /// Time to connect and complete the handshake.
     pub connect_timeout: Duration,
+    /// The largest frame this client accepts from a server, whatever the server announces
+    /// (a frame's buffer is allocated before it arrives).
+    pub frame_bytes_max: u32,
 }
 
 impl Default for ClientOptions {
@@ -145,6 +148,7 @@ impl Default for ClientOptions {
             retry_delay: Duration::from_millis(50),
             subscription_window: 2048,
             connect_timeout: Duration::from_secs(5),
+            frame_bytes_max: 64 << 20,
         }
     }
 }
@@ -706,7 +710,12 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
         let _ = wr.shutdown().await;
     });
     let reader_conn = Arc::clone(&conn);
-    let max = conn.hello.limits.frame_bytes_max;
+    // The server's frames are at most what it announced, and never more than this client
+    // accepts.
+    let max = conn.hello.limits.frame_bytes_max.clamp(
+        FRAME_BYTES_MAX_DEFAULT,
+        inner.opts.frame_bytes_max.max(FRAME_BYTES_MAX_DEFAULT),
+    );
     tokio::spawn(async move {
         let conn = reader_conn;
         let mut reason = None;
@@ -744,8 +753,7 @@ async fn read_frame(
     loop {
         if buf.len() >= LENGTH_BYTES {
             let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-            protocol::check_frame_len(len, max.max(FRAME_BYTES_MAX_DEFAULT))
-                .map_err(FrameError::Protocol)?;
+            protocol::check_frame_len(len, max).map_err(FrameError::Protocol)?;
             let total = LENGTH_BYTES + len as usize;
             if buf.len() >= total {
                 buf.advance(LENGTH_BYTES);
