@@ -45,9 +45,10 @@ mod sys;
 pub use error::{Error, Result};
 pub use format::envelope::ContentType;
 pub use format::{EventId, Hash32, Position, SegmentSeq, Timestamp};
+pub use index::attrs::Field;
 pub use log::{
     AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, Direction, Durability, EventData,
-    EventView, ExpectedVersion, KEY_FILE, Log, Options, RawRecord, RecordView, RecordedEvent,
-    RecoveryMode, RecoveryReport, SegmentInfo, StreamInfo, TREE_FILE, Tail, Truncation, Verify,
-    VerifyOptions, VerifyReport, create_signing_key, new_event_id, now,
+    EventView, ExpectedVersion, KEY_FILE, Log, Options, Query, RawRecord, RecordView,
+    RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamInfo, TREE_FILE, Tail,
+    Truncation, Verify, VerifyOptions, VerifyReport, create_signing_key, new_event_id, now,
 };

@@ -363,6 +363,10 @@ fn every_field_table_is_checked() {
         "Checkpoint entry",
         "Snapshot payload header",
         "Projection checkpoint header",
+        "Attribute index header",
+        "Key entry",
+        "Event-time entry",
+        "Typed event-time entry",
     ];
     let field_tables: Vec<String> = all_tables()
         .into_iter()
@@ -447,6 +451,10 @@ fn magic_numbers_match_the_code() {
             segment::FOOTER_MAGIC.to_vec(),
         ),
         ("index::INDEX_MAGIC", index::INDEX_MAGIC.to_vec()),
+        (
+            "index::attrs::ATTR_MAGIC",
+            index::attrs::ATTR_MAGIC.to_vec(),
+        ),
         ("log::streams::SNAPSHOT_MAGIC", streams_magic()),
     ];
     let t = table("Magic numbers");
@@ -1336,4 +1344,189 @@ fn snapshot_and_projection_checkpoint_headers_match_the_code() {
         &encode_checkpoint_payload(77, 3, b"state"),
         &[("next", le64(77)), ("state_version", le32(3))],
     );
+}
+
+/// An attribute index of 6 records whose fields and times are all distinct where they can be.
+fn sample_attrs() -> Vec<u8> {
+    use index::attrs::AttrBuilder;
+    let mut b = AttrBuilder::new(SegmentSeq(0x0107), Position(0x1000), ramp(0x40));
+    let types = ["New", "Amend", "New", "Cancel", "Amend", "New"];
+    for (i, ty) in types.iter().enumerate() {
+        let i = i as u64;
+        let corr = format!("corr-{}", i % 2);
+        let cause = if i.is_multiple_of(3) {
+            String::new()
+        } else {
+            format!("cause-{i}")
+        };
+        let env = EnvelopeRef {
+            event_id: EventId([i as u8; 16]),
+            event_time: Timestamp(0x9000 - 0x10 * i),
+            schema_version: 1,
+            content_type: ContentType::Json,
+            stream: "trade-1",
+            aggregate_type: "Trade",
+            event_type: ty,
+            correlation_id: &corr,
+            causation_id: &cause,
+            actor: if i == 4 { "" } else { "alice" },
+            payload: b"{}",
+        };
+        b.push(
+            Position(0x1000 + i),
+            4096 + 200 * i,
+            4096 + 200 * (i + 1),
+            Timestamp(0x5000 + i / 2),
+            &[i as u8 + 0x80; 32],
+            &env,
+        );
+    }
+    b.sort();
+    b.encode(&ramp(0x10))
+}
+
+#[test]
+fn attribute_index_matches_the_code() {
+    use index::attrs::*;
+    check_layout(
+        "Attribute index header",
+        ATTR_HEADER_LEN,
+        &[
+            ("magic", 0),
+            ("format_version", AH_VERSION),
+            ("header_len", AH_HEADER_LEN),
+            ("flags", AH_FLAGS),
+            ("log_id", AH_LOG_ID),
+            ("seq", AH_SEQ),
+            ("base_position", AH_BASE_POSITION),
+            ("record_count", AH_RECORD_COUNT),
+            ("data_end", AH_DATA_END),
+            ("last_chain_hash", AH_LAST_CHAIN_HASH),
+            ("event_type_count", AH_COUNTS),
+            ("correlation_count", AH_COUNTS + 4),
+            ("causation_count", AH_COUNTS + 8),
+            ("actor_count", AH_COUNTS + 12),
+            ("reserved", AH_RESERVED),
+        ],
+    );
+    let entry = [("hash", 0), ("pos_delta", 8), ("offset", 12)];
+    check_layout("Key entry", ATTR_ENTRY_LEN, &entry);
+    check_layout(
+        "Event-time entry",
+        ATTR_ENTRY_LEN,
+        &[("event_time", 0), ("pos_delta", 8), ("offset", 12)],
+    );
+    check_layout(
+        "Typed event-time entry",
+        TYPE_TIME_ENTRY_LEN,
+        &[
+            ("hash", 0),
+            ("event_time", 8),
+            ("pos_delta", 16),
+            ("offset", 20),
+        ],
+    );
+    let bytes = sample_attrs();
+    assert_eq!(&bytes[..8], ATTR_MAGIC);
+    check_encoding(
+        "Attribute index header",
+        &bytes,
+        &[
+            ("format_version", le16(format::FORMAT_VERSION)),
+            ("header_len", le16(ATTR_HEADER_LEN as u16)),
+            ("flags", le32(0)),
+            ("log_id", ramp::<16>(0x10).to_vec()),
+            ("seq", le64(0x0107)),
+            ("base_position", le64(0x1000)),
+            ("record_count", le64(6)),
+            ("data_end", le64(4096 + 6 * 200)),
+            ("last_chain_hash", vec![0x85; 32]),
+            ("event_type_count", le32(6)),
+            ("correlation_count", le32(6)),
+            ("causation_count", le32(4)),
+            ("actor_count", le32(5)),
+        ],
+    );
+
+    // Walk the sections in the order of the layout table, rebuilding each from its rules.
+    let layout = table("Attribute index file layout");
+    let sections: Vec<&str> = layout.rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        sections,
+        [
+            "header",
+            "record times",
+            "event_type keys",
+            "correlation_id keys",
+            "causation_id keys",
+            "actor keys",
+            "event times",
+            "event type by event time",
+            "trailer"
+        ]
+    );
+    let h = |s: &str| index::stream_hash(s);
+    let types = ["New", "Amend", "New", "Cancel", "Amend", "New"];
+    let mut at = ATTR_HEADER_LEN;
+    for i in 0..6u64 {
+        assert_eq!(
+            &bytes[at..at + 8],
+            le64(0x5000 + i / 2).as_slice(),
+            "record time {i}"
+        );
+        at += 8;
+    }
+    let key_section = |at: &mut usize, values: Vec<(u64, u64)>| {
+        let mut rows: Vec<(u64, u64)> = values;
+        rows.sort_unstable();
+        for (hash, delta) in rows {
+            let e = &bytes[*at..*at + 16];
+            assert_eq!(&e[..8], le64(hash).as_slice());
+            assert_eq!(&e[8..12], le32(delta as u32).as_slice());
+            assert_eq!(&e[12..16], le32(4096 + 200 * delta as u32).as_slice());
+            *at += 16;
+        }
+    };
+    key_section(&mut at, (0..6).map(|i| (h(types[i as usize]), i)).collect());
+    key_section(
+        &mut at,
+        (0..6).map(|i| (h(&format!("corr-{}", i % 2)), i)).collect(),
+    );
+    key_section(
+        &mut at,
+        (0..6)
+            .filter(|i| i % 3 != 0)
+            .map(|i| (h(&format!("cause-{i}")), i))
+            .collect(),
+    );
+    key_section(
+        &mut at,
+        (0..6)
+            .filter(|&i| i != 4)
+            .map(|i| (h("alice"), i))
+            .collect(),
+    );
+    // Event times decrease with position, so the event-time section is in reverse.
+    for i in (0..6u64).rev() {
+        let e = &bytes[at..at + 16];
+        assert_eq!(&e[..8], le64(0x9000 - 0x10 * i).as_slice());
+        assert_eq!(&e[8..12], le32(i as u32).as_slice());
+        assert_eq!(&e[12..16], le32(4096 + 200 * i as u32).as_slice());
+        at += 16;
+    }
+    let mut typed: Vec<(u64, u64, u64)> = (0..6)
+        .map(|i| (h(types[i as usize]), 0x9000 - 0x10 * i, i))
+        .collect();
+    typed.sort_unstable();
+    for (hash, t, i) in typed {
+        let e = &bytes[at..at + 24];
+        assert_eq!(&e[..8], le64(hash).as_slice());
+        assert_eq!(&e[8..16], le64(t).as_slice());
+        assert_eq!(&e[16..20], le32(i as u32).as_slice());
+        assert_eq!(&e[20..24], le32(4096 + 200 * i as u32).as_slice());
+        at += 24;
+    }
+    assert_eq!(at + ATTR_TRAILER_LEN, bytes.len());
+    assert_eq!(&bytes[at..], le32(crc32(&bytes[..at])).as_slice());
+    assert!(SealedAttrs::open(Arc::new(bytes)).is_ok());
 }

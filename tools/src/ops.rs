@@ -685,6 +685,11 @@ pub struct VerifyArgs {
     /// Segments checked at once, each on its own thread (default: one per core).
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     threads: usize,
+    /// Also rebuild each sealed segment's attribute index (the `.adx` sidecar that
+    /// `tally audit` and lookups by type, correlation, causation, actor and time use) from
+    /// its records and compare them byte for byte. Reads the segments a second time.
+    #[arg(long)]
+    attribute_indexes: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -718,6 +723,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         trusted_keys: trusted.clone(),
         from_segment: a.from_segment.map(tally_engine::SegmentSeq),
         threads: a.threads,
+        attribute_indexes: a.attribute_indexes,
     };
     let result = log.verify_with(&options, &mut |done| {
         if let Some(b) = &bar {

@@ -15,6 +15,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attrs;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

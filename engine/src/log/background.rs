@@ -53,6 +53,10 @@ pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
     let s = Arc::clone(shared);
     threads.push(spawn("flush", Box::new(move || flusher(&s)))?);
     drop(threads);
+    if shared.opts.index_attributes {
+        let s = Arc::clone(shared);
+        *lock(&shared.indexer) = Some(spawn("index", Box::new(move || super::attrs::indexer(&s)))?);
+    }
     if !shared.opts.auto_checkpoints {
         return Ok(());
     }
@@ -394,11 +398,17 @@ pub(crate) fn write_sealed_index(
     load_index(&dir.join(&name))
 }
 
-/// Maps and checks an index sidecar.
-pub(crate) fn load_index(path: &Path) -> Result<Arc<SealedIndex>> {
+/// Maps a sidecar file read-only.
+pub(crate) fn load_map(path: &Path) -> Result<Arc<ReadOnlyMap>> {
     let file = File::open(path).map_err(Error::io("opening index", path))?;
     let map = ReadOnlyMap::map_immutable(&file).map_err(Error::io("mapping index", path))?;
-    let idx = SealedIndex::open(Arc::new(map)).map_err(|source| Error::Index {
+    Ok(Arc::new(map))
+}
+
+/// Maps and checks an index sidecar.
+pub(crate) fn load_index(path: &Path) -> Result<Arc<SealedIndex>> {
+    let map = load_map(path)?;
+    let idx = SealedIndex::open(map).map_err(|source| Error::Index {
         file: path.to_owned(),
         source,
     })?;

@@ -730,6 +730,10 @@ pub struct RecordView<'a> {
     pub body: &'a [u8],
     /// The record's 80 header bytes as stored.
     pub header: &'a [u8; crate::format::record::RECORD_HEADER_LEN],
+    /// File offset of the record in its segment.
+    pub offset: u64,
+    /// File offset just past the record (where the next one starts).
+    pub end: u64,
 }
 
 impl<'a> RecordView<'a> {
@@ -745,7 +749,7 @@ impl<'a> RecordView<'a> {
 }
 
 /// Visible records of one segment, `(first position, end position)`.
-fn segment_range(seg: &SegmentHandle, visible: Position) -> (Position, Position) {
+pub(crate) fn segment_range(seg: &SegmentHandle, visible: Position) -> (Position, Position) {
     let end = match &*seg
         .state
         .read()
@@ -762,7 +766,7 @@ fn segment_range(seg: &SegmentHandle, visible: Position) -> (Position, Position)
 /// chain value, the first record's link is checked against it; without one (a range that
 /// starts mid-segment) the first record only provides the chain value for the next, and is
 /// not passed to `visit`. Returns the number of records visited.
-fn scan_records(
+pub(crate) fn scan_records(
     seg: &SegmentHandle,
     start: (Position, u64, Option<crate::format::Hash32>),
     end: Position,
@@ -802,6 +806,8 @@ fn scan_records(
                 record_hash: &rec.header.chain_hash,
                 body: rec.body,
                 header: &rec.header_bytes,
+                offset,
+                end: rec.end(),
             });
             seen += 1;
         }

@@ -269,6 +269,11 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         checkpoint_cv: Condvar::new(),
         checkpointer: Mutex::new(None),
         shutdown_checkpoints: AtomicBool::new(false),
+        attrs: Mutex::new(super::attrs::Attrs::default()),
+        indexer_wake: Mutex::new(false),
+        indexer_cv: Condvar::new(),
+        indexer: Mutex::new(None),
+        shutdown_indexer: AtomicBool::new(false),
     });
 
     // Sealed segments: trusted from their footers.
@@ -716,6 +721,7 @@ fn is_our_temporary(name: &str) -> bool {
         || name
             .strip_suffix(".idx.tmp")
             .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
+        || super::attrs::is_attr_temporary(name)
         || name == "streams.snap.tmp"
         || name == "tally.meta.tmp"
 }

@@ -190,6 +190,15 @@ pub(crate) struct Shared {
     /// writer lock that close holds).
     pub(crate) checkpointer: Mutex<Option<JoinHandle<()>>>,
     pub(crate) shutdown_checkpoints: AtomicBool,
+    /// The attribute indexes. Lock order: `attrs`, then `writer`.
+    pub(crate) attrs: Mutex<super::attrs::Attrs>,
+    /// Set (and `indexer_cv` signalled) to wake the indexer thread.
+    pub(crate) indexer_wake: Mutex<bool>,
+    pub(crate) indexer_cv: Condvar,
+    /// The indexer thread, stopped before close takes the writer lock (a catch-up may read
+    /// the active segment's sparse index through it).
+    pub(crate) indexer: Mutex<Option<JoinHandle<()>>>,
+    pub(crate) shutdown_indexer: AtomicBool,
 }
 
 impl Shared {
@@ -427,6 +436,7 @@ impl Shared {
         }
         // A last checkpoint covers everything acknowledged, before appends stop (it reads
         // through the writer lock).
+        self.stop_indexer();
         self.stop_checkpointer();
         let checkpointed = if self.read_only
             || !self.opts.auto_checkpoints
@@ -457,6 +467,19 @@ impl Shared {
         checkpointed.and(synced).and(written)
     }
 
+    /// Stops the indexer thread and waits for it.
+    pub(crate) fn stop_indexer(&self) {
+        {
+            let mut wake = lock(&self.indexer_wake);
+            self.shutdown_indexer.store(true, Ordering::SeqCst);
+            *wake = true;
+            self.indexer_cv.notify_all();
+        }
+        if let Some(t) = lock(&self.indexer).take() {
+            let _ = t.join();
+        }
+    }
+
     /// Stops the checkpoint thread and waits for it.
     pub(crate) fn stop_checkpointer(&self) {
         {
@@ -476,6 +499,7 @@ impl Shared {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.stop_indexer();
         self.stop_checkpointer();
         let mut writer = self.writer.lock();
         self.stop_threads_without_sealing();

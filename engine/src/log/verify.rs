@@ -247,6 +247,11 @@ pub(crate) fn verify(
         joined
     })?;
     debug_assert_eq!(whole.len(), report.first_position.0 + report.records);
+    if options.attribute_indexes {
+        for seg in segs.iter().filter(|s| sealed_footer(s).is_some()) {
+            report.attribute_indexes += u64::from(check_attrs(shared, seg)?);
+        }
+    }
     if let Some(cp) = checkpoints.get(cps.next) {
         return Err(corrupt(
             &cp_path,
@@ -262,6 +267,35 @@ pub(crate) fn verify(
         ));
     }
     Ok(report)
+}
+
+/// Compares a sealed segment's attribute sidecar, if it has one, with the one its records
+/// give. Returns whether there was one.
+fn check_attrs(shared: &Shared, seg: &super::shared::SegmentHandle) -> Result<bool> {
+    let path = shared.dir.join(super::attrs::attr_file_name(seg.seq));
+    let found = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("reading attribute index", &path)(e)),
+    };
+    let expected = super::attrs::Attrs::expected_sidecar(shared, seg)?;
+    if let Some(at) =
+        (0..found.len().max(expected.len())).find(|&i| found.get(i) != expected.get(i))
+    {
+        return Err(corrupt(
+            &path,
+            at as u64,
+            None,
+            format!(
+                "attribute index does not match the records of segment {}: first difference at byte {at} ({} bytes found, {} expected)",
+                seg.seq.0,
+                found.len(),
+                expected.len()
+            ),
+            None,
+        ));
+    }
+    Ok(true)
 }
 
 /// Counts a verification worker out when it ends.

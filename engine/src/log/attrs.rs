@@ -1,0 +1,451 @@
+//! The log's attribute indexes kept up to date behind the appends (docs/FORMAT.md,
+//! "Attribute index sidecar"), and the forensic lookups that use them.
+//!
+//! Appends never wait for them: a background thread (and any lookup) catches up from the
+//! records, reading only records it has not seen. A sealed segment's attributes are written
+//! to its `.adx` sidecar; the unsealed segments' are in memory and rebuilt from the records on
+//! open. A sidecar that is missing, damaged or out of step with its segment is rebuilt from
+//! the segment's records. Every record a lookup returns is read and checked, and its value
+//! compared, so a damaged sidecar or a hash collision can cost time but never give a wrong
+//! answer.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::RecordedEvent;
+use super::background::load_map;
+use super::read::{Verify, read_event, scan_records, segment_range};
+use super::shared::{SegState, SegmentHandle, Shared, lock};
+use crate::error::{Error, Result};
+use crate::format::segment::SegmentFooter;
+use crate::format::{Position, SegmentSeq, Timestamp};
+use crate::index::attrs::{AttrBuilder, AttrSource, Field, Hit, SealedAttrs, value_hash};
+
+/// What a [`crate::Log::find`] looks for. Every condition given must hold; results come in
+/// position order.
+#[derive(Clone, Debug)]
+pub struct Query<'a> {
+    /// An indexed field and the exact value it must have (not empty: empty values are not
+    /// indexed).
+    pub field: Option<(Field, &'a str)>,
+    /// Record times in this range (start included, end excluded).
+    pub record_time: Option<Range<Timestamp>>,
+    /// Event times in this range (start included, end excluded).
+    pub event_time: Option<Range<Timestamp>>,
+    /// Positions in this range.
+    pub positions: Range<Position>,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+impl<'a> Query<'a> {
+    /// Events whose `field` is `value`.
+    #[must_use]
+    pub fn field(field: Field, value: &'a str) -> Query<'a> {
+        Query {
+            field: Some((field, value)),
+            ..Query::all()
+        }
+    }
+
+    /// Every event (narrow it with the other conditions).
+    #[must_use]
+    pub fn all() -> Query<'a> {
+        Query {
+            field: None,
+            record_time: None,
+            event_time: None,
+            positions: Position(0)..Position(u64::MAX),
+            limit: usize::MAX,
+        }
+    }
+
+    /// Only events recorded in `range`.
+    #[must_use]
+    pub fn recorded(mut self, range: Range<Timestamp>) -> Query<'a> {
+        self.record_time = Some(range);
+        self
+    }
+
+    /// Only events whose event time is in `range`.
+    #[must_use]
+    pub fn happened(mut self, range: Range<Timestamp>) -> Query<'a> {
+        self.event_time = Some(range);
+        self
+    }
+
+    /// Only events at positions in `range`.
+    #[must_use]
+    pub fn positions(mut self, range: Range<Position>) -> Query<'a> {
+        self.positions = range;
+        self
+    }
+
+    /// At most `limit` events.
+    #[must_use]
+    pub fn limit(mut self, limit: usize) -> Query<'a> {
+        self.limit = limit;
+        self
+    }
+
+    /// Whether `ev` meets every condition.
+    fn matches(&self, ev: &RecordedEvent) -> bool {
+        use super::EventView;
+        let within =
+            |r: &Option<Range<Timestamp>>, t: Timestamp| r.as_ref().is_none_or(|r| r.contains(&t));
+        self.positions.contains(&ev.position)
+            && within(&self.record_time, ev.record_time)
+            && within(&self.event_time, ev.event_time())
+            && self.field.is_none_or(|(f, v)| {
+                let value = match f {
+                    Field::EventType => ev.event_type(),
+                    Field::Correlation => ev.correlation_id(),
+                    Field::Causation => ev.causation_id(),
+                    Field::Actor => ev.actor(),
+                };
+                value == v
+            })
+    }
+}
+
+/// The attribute indexes of the log.
+#[derive(Debug, Default)]
+pub(crate) struct Attrs {
+    /// Sealed segments' sidecars, loaded or built so far.
+    sealed: BTreeMap<SegmentSeq, Arc<SealedAttrs>>,
+    /// Unsealed segments (and sealed ones whose sidecar is being built), in memory.
+    building: BTreeMap<SegmentSeq, AttrBuilder>,
+}
+
+/// The sidecar's file name for segment `seq`.
+#[must_use]
+pub(crate) fn attr_file_name(seq: SegmentSeq) -> String {
+    format!("{:020}.adx", seq.0)
+}
+
+/// A visitor of index hits.
+type Visit<'a> = &'a mut dyn FnMut(Hit);
+
+enum Source<'a> {
+    Sealed(&'a SealedAttrs),
+    Building(&'a AttrBuilder),
+}
+
+impl Source<'_> {
+    fn get(&self) -> &dyn AttrSource {
+        match self {
+            Source::Sealed(s) => *s,
+            Source::Building(b) => *b,
+        }
+    }
+}
+
+impl Attrs {
+    /// Indexes every visible record not indexed yet, and writes the sidecar of every sealed
+    /// segment that has none (a read-only log keeps them in memory).
+    pub(crate) fn catch_up(&mut self, shared: &Shared) -> Result<()> {
+        let visible = shared.visible_position();
+        for seg in shared.segments_snapshot() {
+            if self.sealed.contains_key(&seg.seq) {
+                continue;
+            }
+            let footer = match &*seg
+                .state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            {
+                SegState::Sealed { footer, .. } => Some(*footer),
+                _ => None,
+            };
+            if let Some(footer) = footer {
+                if !self.building.contains_key(&seg.seq)
+                    && let Some(found) = self.load(shared, &seg, &footer)
+                {
+                    self.sealed.insert(seg.seq, found);
+                    continue;
+                }
+                self.extend(&seg, footer.last_position.next())?;
+                let builder = self.building.remove(&seg.seq).expect("extended above");
+                let bytes = builder.encode(&shared.meta.log_id);
+                let attrs = self.store(shared, &seg, bytes)?;
+                self.sealed.insert(seg.seq, attrs);
+            } else {
+                let (_, end) = segment_range(&seg, visible);
+                self.extend(&seg, end)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A sidecar on disk that describes the sealed segment `seg` exactly.
+    fn load(
+        &self,
+        shared: &Shared,
+        seg: &SegmentHandle,
+        footer: &SegmentFooter,
+    ) -> Option<Arc<SealedAttrs>> {
+        let path = shared.dir.join(attr_file_name(seg.seq));
+        let map = load_map(&path).ok()?;
+        let attrs = SealedAttrs::open(map).ok()?;
+        let c = attrs.cover();
+        (c.log_id == shared.meta.log_id
+            && c.seq == seg.seq
+            && c.base_position == seg.header.base_position
+            && c.record_count == footer.record_count
+            && c.data_end == footer.data_end
+            && c.last_chain_hash == footer.last_chain_hash)
+            .then(|| Arc::new(attrs))
+    }
+
+    /// Writes a sealed segment's sidecar (atomically) and maps it; a read-only log keeps the
+    /// bytes in memory.
+    fn store(
+        &self,
+        shared: &Shared,
+        seg: &SegmentHandle,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<SealedAttrs>> {
+        let name = attr_file_name(seg.seq);
+        let path = shared.dir.join(&name);
+        let source: Arc<dyn AsRef<[u8]> + Send + Sync> = if shared.read_only {
+            Arc::new(bytes)
+        } else {
+            crate::sys::write_file_atomic(&shared.dir, &name, &bytes)
+                .map_err(Error::io("writing attribute index", &path))?;
+            load_map(&path)?
+        };
+        let attrs =
+            SealedAttrs::open(source).map_err(|source| Error::Index { file: path, source })?;
+        Ok(Arc::new(attrs))
+    }
+
+    /// Indexes `seg`'s records up to `end`.
+    fn extend(&mut self, seg: &SegmentHandle, end: Position) -> Result<()> {
+        let builder = self.building.entry(seg.seq).or_insert_with(|| {
+            AttrBuilder::new(
+                seg.seq,
+                seg.header.base_position,
+                seg.header.prev_chain_hash,
+            )
+        });
+        let from = builder.next_position();
+        if end <= from {
+            return Ok(());
+        }
+        let start = (from, builder.data_end(), Some(builder.last_chain_hash()));
+        let mut bad = None;
+        scan_records(seg, start, end, Verify::Checksums, &mut |r| {
+            if bad.is_some() {
+                return;
+            }
+            match r.envelope() {
+                Ok(env) => builder.push(
+                    r.position,
+                    r.offset,
+                    r.end,
+                    r.record_time,
+                    r.record_hash,
+                    &env,
+                ),
+                Err(e) => bad = Some((r.position, r.offset, e)),
+            }
+        })?;
+        if let Some((position, offset, e)) = bad {
+            return Err(super::background::corrupt(
+                &seg.path,
+                offset,
+                Some(position.0),
+                e.to_string(),
+                Some(e),
+            ));
+        }
+        builder.sort();
+        Ok(())
+    }
+
+    fn source(&self, seq: SegmentSeq) -> Option<Source<'_>> {
+        if let Some(s) = self.sealed.get(&seq) {
+            return Some(Source::Sealed(s));
+        }
+        self.building.get(&seq).map(Source::Building)
+    }
+
+    /// The events `query` selects.
+    pub(crate) fn find(
+        &mut self,
+        shared: &Shared,
+        query: &Query<'_>,
+    ) -> Result<Vec<RecordedEvent>> {
+        if let Some((field, "")) = query.field {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "find by an empty {}: empty values are not indexed",
+                    field.name()
+                ),
+            });
+        }
+        self.catch_up(shared)?;
+        let mut out = Vec::new();
+        if query.limit == 0 {
+            return Ok(out);
+        }
+        for seg in shared.segments_snapshot() {
+            let Some(src) = self.source(seg.seq) else {
+                continue;
+            };
+            let src = src.get();
+            let base = seg.header.base_position.0;
+            let n = src.record_count();
+            // The candidate records, as position deltas in the segment.
+            let lo = query.positions.start.0.saturating_sub(base).min(n);
+            let hi = query.positions.end.0.saturating_sub(base).min(n);
+            let (lo, hi) = match &query.record_time {
+                Some(r) => (
+                    lo.max(src.first_at_or_after(r.start)),
+                    hi.min(src.first_at_or_after(r.end)),
+                ),
+                None => (lo, hi),
+            };
+            if lo >= hi {
+                if base >= query.positions.end.0 {
+                    break;
+                }
+                continue;
+            }
+            let (lo, hi) = (lo as u32, hi as u32);
+            let mut failed = None;
+            let mut take = |hit: Hit| -> bool {
+                match read_event(&seg, u64::from(hit.1), Position(base + u64::from(hit.0))) {
+                    Ok(ev) => {
+                        if query.matches(&ev) {
+                            out.push(ev);
+                        }
+                        out.len() < query.limit
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            };
+            // The index that reads the fewest records: an event type in an event-time window
+            // has its own section; otherwise the field's, else the event times'.
+            let mut by_time = |each: &mut dyn FnMut(Visit<'_>)| {
+                let mut hits = Vec::new();
+                each(&mut |h| {
+                    if (lo..hi).contains(&h.0) {
+                        hits.push(h);
+                    }
+                });
+                hits.sort_unstable();
+                for h in hits {
+                    if !take(h) {
+                        break;
+                    }
+                }
+            };
+            if let (Some((Field::EventType, value)), Some(r)) = (query.field, &query.event_time) {
+                let hash = value_hash(value);
+                by_time(&mut |f| src.each_type_event_time(hash, r.start, r.end, f));
+            } else if let Some((field, value)) = query.field {
+                src.each_key(field, value_hash(value), lo, hi, &mut take);
+            } else if let Some(r) = &query.event_time {
+                by_time(&mut |f| src.each_event_time(r.start, r.end, f));
+            } else {
+                let (seg_first, _) = segment_range(&seg, shared.visible_position());
+                debug_assert_eq!(seg_first.0, base);
+                let from = Position(base + u64::from(lo));
+                let to = Position(base + u64::from(hi));
+                let mut stop = false;
+                super::read::scan_range(shared, from, to, Verify::Checksums, &mut |r| {
+                    if stop {
+                        return;
+                    }
+                    stop = !take((
+                        u32::try_from(r.position.0 - base).unwrap_or(u32::MAX),
+                        u32::try_from(r.offset).unwrap_or(u32::MAX),
+                    ));
+                })?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if out.len() >= query.limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first position whose record time is at or after `t` (the next position if none).
+    pub(crate) fn position_at(&mut self, shared: &Shared, t: Timestamp) -> Result<Position> {
+        self.catch_up(shared)?;
+        for seg in shared.segments_snapshot() {
+            let Some(src) = self.source(seg.seq) else {
+                continue;
+            };
+            let src = src.get();
+            let d = src.first_at_or_after(t);
+            if d < src.record_count() {
+                return Ok(Position(seg.header.base_position.0 + d));
+            }
+        }
+        Ok(shared.visible_position())
+    }
+
+    /// The sidecar bytes the records of sealed segment `seq` give, for verification.
+    pub(crate) fn expected_sidecar(shared: &Shared, seg: &SegmentHandle) -> Result<Vec<u8>> {
+        let mut fresh = Attrs::default();
+        let end = match &*seg
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            SegState::Sealed { footer, .. } => footer.last_position.next(),
+            _ => return Ok(Vec::new()),
+        };
+        fresh.extend(seg, end)?;
+        let builder = fresh.building.remove(&seg.seq).expect("extended above");
+        Ok(builder.encode(&shared.meta.log_id))
+    }
+}
+
+/// Keeps the attribute indexes caught up while the log grows, so that a lookup rarely has
+/// records to index first.
+pub(crate) fn indexer(shared: &Shared) {
+    const POLL: Duration = Duration::from_millis(100);
+    let mut seen = Position(0);
+    loop {
+        {
+            let wake = lock(&shared.indexer_wake);
+            if !*wake {
+                let _ = shared
+                    .indexer_cv
+                    .wait_timeout(wake, POLL)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        if shared.shutdown_indexer.load(Ordering::SeqCst) {
+            return;
+        }
+        let visible = shared.visible_position();
+        if visible == seen {
+            continue;
+        }
+        let mut attrs = lock(&shared.attrs);
+        // A failure (damage in a record) is not this thread's to report: the next lookup
+        // meets the same damage and returns it, and verify names it.
+        let _ = attrs.catch_up(shared);
+        seen = visible;
+    }
+}
+
+/// Is `file` an attribute sidecar's temporary?
+#[must_use]
+pub(crate) fn is_attr_temporary(name: &str) -> bool {
+    name.strip_suffix(".adx.tmp")
+        .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
+}
