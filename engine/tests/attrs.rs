@@ -76,12 +76,13 @@ fn everything(log: &Log) -> Vec<RecordedEvent> {
         .unwrap()
 }
 
-fn field_of(ev: &RecordedEvent, f: Field) -> &str {
+fn field_of(ev: &RecordedEvent, f: Field) -> String {
     match f {
-        Field::EventType => ev.event_type(),
-        Field::Correlation => ev.correlation_id(),
-        Field::Causation => ev.causation_id(),
-        Field::Actor => ev.actor(),
+        Field::EventType => ev.event_type().to_owned(),
+        Field::Correlation => ev.correlation_id().to_owned(),
+        Field::Causation => ev.causation_id().to_owned(),
+        Field::Actor => ev.actor().to_owned(),
+        Field::EventId => ev.event_id().to_string(),
     }
 }
 
@@ -124,6 +125,11 @@ fn check_queries(log: &Log, rng: &mut Rng, count: usize) {
         .chain((0..45).map(|i| (Field::Correlation, format!("corr-{i}"))))
         .chain((0..62).map(|i| (Field::Causation, format!("cause-{i}"))))
         .chain(ACTORS[1..].iter().map(|a| (Field::Actor, (*a).to_owned())))
+        .chain((0..30).map(|_| {
+            let e = &all[rng.below(n) as usize];
+            (Field::EventId, e.event_id().to_string())
+        }))
+        .chain([(Field::EventId, tally_engine::new_event_id().to_string())])
         .collect();
     let mut nonempty = 0;
     for _ in 0..count {
@@ -232,6 +238,10 @@ fn pages_through_a_large_result_by_position() {
     assert!(log.find(&Query::all().limit(0)).unwrap().is_empty());
     let err = log.find(&Query::field(Field::Actor, "")).unwrap_err();
     assert!(err.to_string().contains("empty actor"), "{err}");
+    let err = log
+        .find(&Query::field(Field::EventId, "not-a-uuid"))
+        .unwrap_err();
+    assert!(err.to_string().contains("not an event id"), "{err}");
 }
 
 #[test]

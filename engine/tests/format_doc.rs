@@ -1406,6 +1406,7 @@ fn attribute_index_matches_the_code() {
             ("correlation_count", AH_COUNTS + 4),
             ("causation_count", AH_COUNTS + 8),
             ("actor_count", AH_COUNTS + 12),
+            ("event_id_count", AH_COUNTS + 16),
             ("reserved", AH_RESERVED),
         ],
     );
@@ -1445,6 +1446,7 @@ fn attribute_index_matches_the_code() {
             ("correlation_count", le32(6)),
             ("causation_count", le32(4)),
             ("actor_count", le32(5)),
+            ("event_id_count", le32(6)),
         ],
     );
 
@@ -1460,6 +1462,7 @@ fn attribute_index_matches_the_code() {
             "correlation_id keys",
             "causation_id keys",
             "actor keys",
+            "event_id keys",
             "event times",
             "event type by event time",
             "trailer"
@@ -1506,6 +1509,12 @@ fn attribute_index_matches_the_code() {
             .map(|i| (h("alice"), i))
             .collect(),
     );
+    // Event ids are indexed by the hash of their 16 bytes.
+    let id = |i: u64| {
+        let hash = blake3::hash(&[i as u8; 16]);
+        u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap())
+    };
+    key_section(&mut at, (0..6).map(|i| (id(i), i)).collect());
     // Event times decrease with position, so the event-time section is in reverse.
     for i in (0..6u64).rev() {
         let e = &bytes[at..at + 16];

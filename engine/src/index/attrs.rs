@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::IndexError;
 use crate::format::envelope::EnvelopeRef;
-use crate::format::{DecodeError, Hash32, Position, SegmentSeq, Timestamp, le};
+use crate::format::{DecodeError, EventId, Hash32, Position, SegmentSeq, Timestamp, le};
 
 /// Magic of an attribute index sidecar.
 pub const ATTR_MAGIC: &[u8; 8] = b"TALLYADX";
@@ -51,11 +51,15 @@ pub const AH_RECORD_COUNT: usize = 48;
 pub const AH_DATA_END: usize = 56;
 /// `last_chain_hash`.
 pub const AH_LAST_CHAIN_HASH: usize = 64;
-/// `counts`: four `u32`, one per [`Field`] in [`Field::ALL`] order.
+/// `counts`: one `u32` per [`Field`] in [`Field::ALL`] order.
 pub const AH_COUNTS: usize = 96;
-/// 16 reserved bytes.
-pub const AH_RESERVED: usize = 112;
-const _: () = assert!(AH_RESERVED + 16 == ATTR_HEADER_LEN);
+/// 12 reserved bytes.
+pub const AH_RESERVED: usize = 116;
+const _: () = assert!(AH_COUNTS + 4 * FIELDS == AH_RESERVED);
+const _: () = assert!(AH_RESERVED + 12 == ATTR_HEADER_LEN);
+
+/// Number of indexed fields.
+pub const FIELDS: usize = 5;
 
 /// An indexed envelope field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,15 +72,19 @@ pub enum Field {
     Causation,
     /// `actor`.
     Actor,
+    /// `event_id`, written as a query value in the UUID text form ([`crate::EventId`]'s
+    /// `Display`).
+    EventId,
 }
 
 impl Field {
     /// Every indexed field, in the order of the sidecar's sections.
-    pub const ALL: [Field; 4] = [
+    pub const ALL: [Field; FIELDS] = [
         Field::EventType,
         Field::Correlation,
         Field::Causation,
         Field::Actor,
+        Field::EventId,
     ];
 
     /// The field's name in the envelope.
@@ -87,23 +95,54 @@ impl Field {
             Field::Correlation => "correlation_id",
             Field::Causation => "causation_id",
             Field::Actor => "actor",
+            Field::EventId => "event_id",
         }
     }
 
-    /// The field's value in `env`.
+    /// The field's text in `env` (`None` for the event id, which is bytes).
     #[must_use]
-    pub fn of<'a>(self, env: &EnvelopeRef<'a>) -> &'a str {
+    pub fn text<'a>(self, env: &EnvelopeRef<'a>) -> Option<&'a str> {
         match self {
-            Field::EventType => env.event_type,
-            Field::Correlation => env.correlation_id,
-            Field::Causation => env.causation_id,
-            Field::Actor => env.actor,
+            Field::EventType => Some(env.event_type),
+            Field::Correlation => Some(env.correlation_id),
+            Field::Causation => Some(env.causation_id),
+            Field::Actor => Some(env.actor),
+            Field::EventId => None,
+        }
+    }
+
+    /// The hash under which `env` is indexed for this field; `None` for an empty value,
+    /// which is not indexed.
+    #[must_use]
+    pub fn key_of(self, env: &EnvelopeRef<'_>) -> Option<u64> {
+        match self.text(env) {
+            Some("") => None,
+            Some(v) => Some(value_hash(v)),
+            None => Some(id_hash(&env.event_id)),
+        }
+    }
+
+    /// The hash a query for `value` looks up; `None` when nothing can match (an empty
+    /// value, or an event id that is not a UUID's text).
+    #[must_use]
+    pub fn key_for(self, value: &str) -> Option<u64> {
+        match self {
+            _ if value.is_empty() => None,
+            Field::EventId => value.parse::<EventId>().ok().map(|id| id_hash(&id)),
+            _ => Some(value_hash(value)),
         }
     }
 
     fn slot(self) -> usize {
         self as usize
     }
+}
+
+/// The 64-bit hash under which an event id is indexed: the first 8 bytes of `BLAKE3` of its
+/// 16 bytes, little-endian.
+#[must_use]
+pub fn id_hash(id: &EventId) -> u64 {
+    le::u64_at(blake3::hash(&id.0).as_bytes(), 0)
 }
 
 /// The 64-bit hash under which a value is indexed: the first 8 bytes of `BLAKE3(value)`,
@@ -137,8 +176,8 @@ pub trait AttrSource {
 pub struct AttrBuilder {
     seq: SegmentSeq,
     base_position: Position,
-    keys: [HashMap<u64, Vec<Hit>>; 4],
-    counts: [u32; 4],
+    keys: [HashMap<u64, Vec<Hit>>; FIELDS],
+    counts: [u32; FIELDS],
     record_times: Vec<u64>,
     /// `(event_time, pos_delta, offset)`, sorted when `sorted`.
     event_times: Vec<(u64, u32, u32)>,
@@ -158,7 +197,7 @@ impl AttrBuilder {
             seq,
             base_position,
             keys: Default::default(),
-            counts: [0; 4],
+            counts: [0; FIELDS],
             record_times: Vec::new(),
             event_times: Vec::new(),
             type_times: Vec::new(),
@@ -223,11 +262,9 @@ impl AttrBuilder {
         let offset = u32::try_from(offset).expect("segments are smaller than 4 GiB");
         let mut type_hash = 0;
         for field in Field::ALL {
-            let value = field.of(env);
-            if value.is_empty() {
+            let Some(hash) = field.key_of(env) else {
                 continue;
-            }
-            let hash = value_hash(value);
+            };
             if field == Field::EventType {
                 type_hash = hash;
             }
@@ -400,7 +437,7 @@ pub struct SealedAttrs {
     bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
     cover: AttrCover,
     /// `(start, count)` of each field's section, in entries.
-    sections: [(usize, usize); 4],
+    sections: [(usize, usize); FIELDS],
     times_at: usize,
     event_times_at: usize,
     type_times_at: usize,
@@ -446,8 +483,9 @@ impl SealedAttrs {
         }
         crate::format::check_zero(b, AH_RESERVED..ATTR_HEADER_LEN, "attribute index header")?;
         let record_count = le::u64_at(b, AH_RECORD_COUNT);
-        let counts: [u64; 4] = std::array::from_fn(|i| u64::from(le::u32_at(b, AH_COUNTS + 4 * i)));
-        if let Some(i) = (0..4).find(|&i| counts[i] > record_count) {
+        let counts: [u64; FIELDS] =
+            std::array::from_fn(|i| u64::from(le::u32_at(b, AH_COUNTS + 4 * i)));
+        if let Some(i) = (0..FIELDS).find(|&i| counts[i] > record_count) {
             return Err(invalid(
                 "attribute index count",
                 format!(
@@ -475,7 +513,7 @@ impl SealedAttrs {
         let n = record_count as usize;
         let times_at = ATTR_HEADER_LEN;
         let mut at = times_at + n * RECORD_TIME_LEN;
-        let mut sections = [(0, 0); 4];
+        let mut sections = [(0, 0); FIELDS];
         for (i, &c) in counts.iter().enumerate() {
             sections[i] = (at, c as usize);
             at += c as usize * ATTR_ENTRY_LEN;
@@ -540,6 +578,7 @@ impl SealedAttrs {
                     Field::Correlation => "attribute index correlation_id section",
                     Field::Causation => "attribute index causation_id section",
                     Field::Actor => "attribute index actor section",
+                    Field::EventId => "attribute index event_id section",
                 },
                 at,
                 count,

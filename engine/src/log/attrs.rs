@@ -22,7 +22,7 @@ use super::shared::{SegState, SegmentHandle, Shared, lock};
 use crate::error::{Error, Result};
 use crate::format::segment::SegmentFooter;
 use crate::format::{Position, SegmentSeq, Timestamp};
-use crate::index::attrs::{AttrBuilder, AttrSource, Field, Hit, SealedAttrs, value_hash};
+use crate::index::attrs::{AttrBuilder, AttrSource, Field, Hit, SealedAttrs};
 
 /// What a [`crate::Log::find`] looks for. Every condition given must hold; results come in
 /// position order.
@@ -99,15 +99,12 @@ impl<'a> Query<'a> {
         self.positions.contains(&ev.position)
             && within(&self.record_time, ev.record_time)
             && within(&self.event_time, ev.event_time())
-            && self.field.is_none_or(|(f, v)| {
-                let value = match f {
-                    Field::EventType => ev.event_type(),
-                    Field::Correlation => ev.correlation_id(),
-                    Field::Causation => ev.causation_id(),
-                    Field::Actor => ev.actor(),
-                };
-                value == v
-            })
+            && self
+                .field
+                .is_none_or(|(f, v)| match f.text(&ev.envelope()) {
+                    Some(value) => value == v,
+                    None => v.parse::<crate::format::EventId>().ok() == Some(ev.event_id()),
+                })
     }
 }
 
@@ -279,14 +276,22 @@ impl Attrs {
         shared: &Shared,
         query: &Query<'_>,
     ) -> Result<Vec<RecordedEvent>> {
-        if let Some((field, "")) = query.field {
-            return Err(Error::InvalidOptions {
-                reason: format!(
-                    "find by an empty {}: empty values are not indexed",
-                    field.name()
-                ),
-            });
-        }
+        let key = match query.field {
+            None => None,
+            Some((field, value)) => {
+                let hash = field.key_for(value).ok_or_else(|| Error::InvalidOptions {
+                    reason: if value.is_empty() {
+                        format!(
+                            "find by an empty {}: empty values are not indexed",
+                            field.name()
+                        )
+                    } else {
+                        format!("find by event_id: {value:?} is not an event id (UUID text)")
+                    },
+                })?;
+                Some((field, hash))
+            }
+        };
         self.catch_up(shared)?;
         let mut out = Vec::new();
         if query.limit == 0 {
@@ -347,11 +352,10 @@ impl Attrs {
                     }
                 }
             };
-            if let (Some((Field::EventType, value)), Some(r)) = (query.field, &query.event_time) {
-                let hash = value_hash(value);
+            if let (Some((Field::EventType, hash)), Some(r)) = (key, &query.event_time) {
                 by_time(&mut |f| src.each_type_event_time(hash, r.start, r.end, f));
-            } else if let Some((field, value)) = query.field {
-                src.each_key(field, value_hash(value), lo, hi, &mut take);
+            } else if let Some((field, hash)) = key {
+                src.each_key(field, hash, lo, hi, &mut take);
             } else if let Some(r) = &query.event_time {
                 by_time(&mut |f| src.each_event_time(r.start, r.end, f));
             } else {
