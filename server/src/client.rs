@@ -25,9 +25,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::protocol::{
-    self, AppendPart, ErrorCode, Event, FRAME_BYTES_MAX_DEFAULT, Filter, HelloOk, LENGTH_BYTES,
-    PROTOCOL_VERSION, ProofResponse, ProtocolError, Request, Response, ServerInfo, SubscribeFrom,
-    SubscribeTarget, WireError,
+    self, AppendPart, ErrorCode, Event, FRAME_BYTES_MAX_DEFAULT, Filter, FindQuery, HelloOk,
+    LENGTH_BYTES, PROTOCOL_VERSION, ProofResponse, ProtocolError, Request, Response, ServerInfo,
+    SubscribeFrom, SubscribeTarget, WireError,
 };
 
 /// What a client call can fail with.
@@ -496,6 +496,17 @@ impl Client {
             filter: filter.clone(),
         };
         events_of(self.call_retrying(&req).await?)
+    }
+
+    /// The events `query` selects through the server's attribute indexes (by event type,
+    /// correlation id, causation id, actor or event id, in record-time and event-time
+    /// windows), in position order from `query.from`. Returns the events, where to continue
+    /// (pass it as the next `from`), and whether nothing is left now.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`]; `MalformedRequest` for an event id that is not a UUID.
+    pub async fn find(&self, query: &FindQuery) -> Result<(Vec<Event>, u64, bool), ClientError> {
+        events_of(self.call_retrying(&Request::Find(query.clone())).await?)
     }
 
     /// A stream's facts (`None`: no such stream).

@@ -71,6 +71,8 @@ pub mod op {
     pub const READ_ALL: u8 = 0x21;
     /// One stream's facts.
     pub const STREAM_INFO: u8 = 0x22;
+    /// Events found through the attribute indexes.
+    pub const FIND: u8 = 0x23;
     /// Start a subscription.
     pub const SUBSCRIBE: u8 = 0x30;
     /// Grant a subscription more events (no response).
@@ -692,6 +694,126 @@ pub enum SubscribeFrom {
     Now,
 }
 
+/// What a FIND looks for (docs/PROTOCOL.md, FIND): every condition given must hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FindQuery {
+    /// An indexed field and its exact value (not empty; an event id in UUID text form).
+    pub field: Option<(tally_engine::Field, String)>,
+    /// Record times in `start..end`.
+    pub record_time: Option<(u64, u64)>,
+    /// Event times in `start..end`.
+    pub event_time: Option<(u64, u64)>,
+    /// The first position to examine.
+    pub from: u64,
+    /// Most events to return.
+    pub max: u32,
+}
+
+/// The wire code of an indexed field (0 is "no field").
+#[must_use]
+pub fn field_to_wire(f: tally_engine::Field) -> u8 {
+    use tally_engine::Field;
+    match f {
+        Field::EventType => 1,
+        Field::Correlation => 2,
+        Field::Causation => 3,
+        Field::Actor => 4,
+        Field::EventId => 5,
+    }
+}
+
+fn field_from_wire(v: u8) -> Result<Option<tally_engine::Field>, ProtocolError> {
+    use tally_engine::Field;
+    Ok(Some(match v {
+        0 => return Ok(None),
+        1 => Field::EventType,
+        2 => Field::Correlation,
+        3 => Field::Causation,
+        4 => Field::Actor,
+        5 => Field::EventId,
+        _ => {
+            return Err(ProtocolError::InvalidValue {
+                what: "find field",
+                value: u64::from(v),
+            });
+        }
+    }))
+}
+
+/// FIND window flag: a record-time window follows.
+pub const FIND_RECORD_TIME: u8 = 1;
+/// FIND window flag: an event-time window follows.
+pub const FIND_EVENT_TIME: u8 = 2;
+
+impl FindQuery {
+    fn put(&self, out: &mut Vec<u8>) {
+        match &self.field {
+            Some((f, v)) => {
+                out.push(field_to_wire(*f));
+                put_str(out, v);
+            }
+            None => {
+                out.push(0);
+                put_str(out, "");
+            }
+        }
+        let flags = if self.record_time.is_some() {
+            FIND_RECORD_TIME
+        } else {
+            0
+        } | if self.event_time.is_some() {
+            FIND_EVENT_TIME
+        } else {
+            0
+        };
+        out.push(flags);
+        for (a, b) in [self.record_time, self.event_time].into_iter().flatten() {
+            put_u64(out, a);
+            put_u64(out, b);
+        }
+        put_u64(out, self.from);
+        put_u32(out, self.max);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<FindQuery, ProtocolError> {
+        let field = field_from_wire(r.u8("find field")?)?;
+        let value = r.str("find value")?;
+        let field = match (field, value.len()) {
+            (None, 0) => None,
+            (Some(f), n) if n > 0 => Some((f, value.to_owned())),
+            (_, n) => {
+                return Err(ProtocolError::InvalidValue {
+                    what: "find value length (empty exactly when the field is 0)",
+                    value: n as u64,
+                });
+            }
+        };
+        let flags = r.u8("find windows")?;
+        if flags & !(FIND_RECORD_TIME | FIND_EVENT_TIME) != 0 {
+            return Err(ProtocolError::InvalidValue {
+                what: "find windows",
+                value: u64::from(flags),
+            });
+        }
+        let mut window =
+            |bit: u8, what: &'static str| -> Result<Option<(u64, u64)>, ProtocolError> {
+                if flags & bit == 0 {
+                    return Ok(None);
+                }
+                Ok(Some((r.u64(what)?, r.u64(what)?)))
+            };
+        let record_time = window(FIND_RECORD_TIME, "record-time window")?;
+        let event_time = window(FIND_EVENT_TIME, "event-time window")?;
+        Ok(FindQuery {
+            field,
+            record_time,
+            event_time,
+            from: r.u64("from position")?,
+            max: read_max(r)?,
+        })
+    }
+}
+
 /// A request, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -740,6 +862,8 @@ pub enum Request {
         /// The stream.
         stream: String,
     },
+    /// Events found through the attribute indexes.
+    Find(FindQuery),
     /// Start a subscription; its id is this request's id.
     Subscribe {
         /// What to follow.
@@ -808,6 +932,7 @@ impl Request {
             Request::AppendMulti(_) => op::APPEND_MULTI,
             Request::ReadStream { .. } => op::READ_STREAM,
             Request::ReadAll { .. } => op::READ_ALL,
+            Request::Find(_) => op::FIND,
             Request::StreamInfo { .. } => op::STREAM_INFO,
             Request::Subscribe { .. } => op::SUBSCRIBE,
             Request::Credit { .. } => op::CREDIT,
@@ -866,6 +991,7 @@ impl Request {
                 filter.put(out);
             }
             Request::StreamInfo { stream } => put_str(out, stream),
+            Request::Find(q) => q.put(out),
             Request::Subscribe {
                 target,
                 from,
@@ -999,6 +1125,7 @@ impl Request {
             op::STREAM_INFO => Request::StreamInfo {
                 stream: r.str("stream")?.to_owned(),
             },
+            op::FIND => Request::Find(FindQuery::read(&mut r)?),
             op::SUBSCRIBE => {
                 let target = match r.u8("target")? {
                     0 => SubscribeTarget::All(Filter::read(&mut r)?),
@@ -1707,7 +1834,8 @@ impl Response {
                 Response::AppendedMulti(rs)
             }
             c if c == op::READ_STREAM | op::RESPONSE_BIT
-                || c == op::READ_ALL | op::RESPONSE_BIT =>
+                || c == op::READ_ALL | op::RESPONSE_BIT
+                || c == op::FIND | op::RESPONSE_BIT =>
             {
                 let next = r.u64("next")?;
                 let end = r.u8("end")? != 0;
@@ -1903,6 +2031,20 @@ mod tests {
                 filter: filter.clone(),
             },
             Request::StreamInfo { stream: "s".into() },
+            Request::Find(FindQuery {
+                field: Some((tally_engine::Field::Correlation, "corr-7".into())),
+                record_time: None,
+                event_time: Some((10, 20)),
+                from: 3,
+                max: 50,
+            }),
+            Request::Find(FindQuery {
+                field: None,
+                record_time: Some((1, 2)),
+                event_time: Some((3, 4)),
+                from: 0,
+                max: 1,
+            }),
             Request::Subscribe {
                 target: SubscribeTarget::All(filter),
                 from: SubscribeFrom::At(9),
@@ -2129,7 +2271,7 @@ mod tests {
 
         #[test]
         fn mutated_valid_requests_never_panic(
-            which in 0usize..4,
+            which in 0usize..5,
             flips in proptest::collection::vec((0usize..400, proptest::num::u8::ANY), 0..6),
             cut in 0usize..400,
         ) {
@@ -2151,6 +2293,13 @@ mod tests {
                     credit: 5,
                 },
                 Request::Hello { min_version: 1, max_version: 1, client: "c".into() },
+                Request::Find(FindQuery {
+                    field: Some((tally_engine::Field::EventType, "Amend".into())),
+                    record_time: Some((5, 9)),
+                    event_time: None,
+                    from: 0,
+                    max: 7,
+                }),
             ];
             let mut out = Vec::new();
             reqs[which].encode(9, &mut out);

@@ -1362,6 +1362,56 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                 Err(e) => reply.error(engine_error(&e)),
             }
         }
+        Request::Find(q) => {
+            let max = q.max.min(READ_EVENTS_MAX);
+            // Only events visible now: `next` is then exact, and a later FIND from it
+            // returns what was appended since.
+            let visible = log.next_position();
+            let time = |w: Option<(u64, u64)>| {
+                w.map(|(a, b)| tally_engine::Timestamp(a)..tally_engine::Timestamp(b))
+            };
+            let query = tally_engine::Query {
+                field: q.field.as_ref().map(|(f, v)| (*f, v.as_str())),
+                record_time: time(q.record_time),
+                event_time: time(q.event_time),
+                positions: Position(q.from)..visible,
+                limit: max as usize,
+            };
+            match log.find(&query) {
+                Ok(events) => {
+                    let mut b = Batch::new(
+                        op::FIND | op::RESPONSE_BIT,
+                        reply.request_id,
+                        true,
+                        frame_capacity(u64::from(max), max_frame),
+                    );
+                    b.next = visible.0.max(q.from);
+                    b.end = true;
+                    if events.len() == max as usize
+                        && let Some(last) = events.last()
+                    {
+                        b.next = last.position.0 + 1;
+                        b.end = false;
+                    }
+                    for e in &events {
+                        let before = b.out.len();
+                        protocol::put_recorded(&mut b.out, e);
+                        if b.count > 0 && b.out.len() - b.start > max_frame {
+                            b.out.truncate(before);
+                            b.next = e.position.0;
+                            b.end = false;
+                            break;
+                        }
+                        b.count += 1;
+                    }
+                    reply.send_frame(b.into_response_frame());
+                }
+                Err(EngineError::InvalidOptions { reason }) => {
+                    reply.error(WireError::new(ErrorCode::MalformedRequest, reason));
+                }
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
         Request::StreamInfo { stream } => match log.stream_info(&stream) {
             Ok(info) => reply.send(&Response::StreamInfo(info)),
             Err(e) => reply.error(engine_error(&e)),

@@ -22,8 +22,8 @@ use tally_engine::{
     AppendResult, ContentType, Direction, EventData, EventId, ExpectedVersion, Position, Timestamp,
 };
 use tally_server::protocol::{
-    self, AppendPart, ErrorCode, Filter, HelloOk, Limits, Request, Response, SubscribeFrom,
-    SubscribeTarget, WireError, op,
+    self, AppendPart, ErrorCode, Filter, FindQuery, HelloOk, Limits, Request, Response,
+    SubscribeFrom, SubscribeTarget, WireError, op,
 };
 
 enum Msg {
@@ -167,6 +167,17 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
             max: 10,
             direction: Direction::Forward,
         }),
+    );
+    add(
+        "find-request",
+        9,
+        Msg::Req(Request::Find(FindQuery {
+            field: Some((tally_engine::Field::Correlation, "c-1".into())),
+            record_time: None,
+            event_time: Some((EVENT_TIME, EVENT_TIME + 1)),
+            from: 0,
+            max: 100,
+        })),
     );
     add(
         "subscribe-request",

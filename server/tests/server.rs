@@ -1214,3 +1214,90 @@ fn the_client_refuses_oversized_requests_and_frees_dropped_subscriptions() {
         s.unsubscribe().await.unwrap();
     });
 }
+
+#[test]
+fn find_uses_the_indexes_across_segments_and_pages_by_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_segments_config(dir.path());
+    let data = dir.path().join("data");
+    let d = Tallyd::start(&data, &["--config", cfg.to_str().unwrap()]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        // About 2 MB: the 1 MiB segments roll, so lookups cross sealed and active ones.
+        let n = 7_000u64;
+        for chunk in 0..n / 100 {
+            let events = (0..100)
+                .map(|i| {
+                    let k = chunk * 100 + i;
+                    EventData::json(if k % 4 == 0 { "Amend" } else { "Tick" }, payload(k))
+                        .with_id(EventId(u128::from(k + 1).to_le_bytes()))
+                        .correlation_id(format!("corr-{}", k % 500))
+                        .actor(format!("trader-{}", k % 3))
+                        .event_time(Timestamp(1_000_000 + k))
+                })
+                .collect();
+            c.append(&format!("s-{}", chunk % 7), ExpectedVersion::Any, events)
+                .await
+                .unwrap();
+        }
+        assert!(c.server_info().await.unwrap().segments > 1);
+        let q = |field: Option<(tally_engine::Field, &str)>, max: u32| protocol::FindQuery {
+            field: field.map(|(f, v)| (f, v.to_owned())),
+            record_time: None,
+            event_time: None,
+            from: 0,
+            max,
+        };
+        // One correlation id: 14 events spread over the log, in position order.
+        let (events, next, end) = c
+            .find(&q(Some((tally_engine::Field::Correlation, "corr-7")), 100))
+            .await
+            .unwrap();
+        let positions: Vec<u64> = events.iter().map(|e| e.position.0).collect();
+        assert_eq!(positions, (7..n).step_by(500).collect::<Vec<u64>>());
+        assert!(events.iter().all(|e| e.correlation_id() == "corr-7"));
+        assert_eq!((next, end), (n, true));
+
+        // By event id.
+        let id = EventId(u128::from(4242u64 + 1).to_le_bytes());
+        let (events, _, _) = c
+            .find(&q(
+                Some((tally_engine::Field::EventId, &id.to_string())),
+                10,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].event_id, events[0].position.0), (id, 4242));
+
+        // An event type in an event-time window, paged 50 at a time.
+        let mut window = q(Some((tally_engine::Field::EventType, "Amend")), 50);
+        window.event_time = Some((1_000_000 + 1000, 1_000_000 + 3000));
+        let mut got = Vec::new();
+        loop {
+            let (events, next, end) = c.find(&window).await.unwrap();
+            got.extend(events.iter().map(|e| e.position.0));
+            if end {
+                break;
+            }
+            assert_eq!(events.len(), 50);
+            window.from = next;
+        }
+        assert_eq!(got, (1000..3000).step_by(4).collect::<Vec<u64>>());
+
+        // Bad queries are refused with a clear error, and the connection goes on.
+        for bad in [
+            q(Some((tally_engine::Field::EventId, "not-a-uuid")), 10),
+            q(None, 0),
+        ] {
+            match c.find(&bad).await {
+                Err(ClientError::Server { code, message }) => {
+                    assert_eq!(code, ErrorCode::MalformedRequest.as_u16(), "{message}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        c.ping().await.unwrap();
+    });
+    d.terminate();
+}
