@@ -3,9 +3,9 @@
 //! chain back to the origin, and the events of other streams that share its correlation
 //! id).
 //!
-//! Until the log has correlation and causation indexes (issue 5), the command reads the
-//! whole log once to resolve causation ids and correlation ids: its cost is proportional
-//! to the log, not to the answer.
+//! It reads the stream, then looks up each correlation id and each cause (an event id)
+//! through the attribute indexes, locally or with the server's FIND: its cost is
+//! proportional to the answer, not to the log.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,9 +14,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
-use tally_engine::{Direction, EventId, EventView, Position};
+use tally_engine::{Direction, EventId, EventView, Field, Query};
 use tally_server::client::Client;
-use tally_server::protocol::Filter;
+use tally_server::protocol::FindQuery;
 
 use crate::ops::{envelope_json, open_read_only, rfc3339};
 
@@ -45,7 +45,6 @@ struct Ev {
     stream: String,
     event_type: String,
     actor: String,
-    event_id: EventId,
     correlation_id: String,
     causation_id: String,
     record_time: String,
@@ -61,7 +60,6 @@ fn owned(e: &dyn EventView) -> Ev {
         stream: e.stream().to_owned(),
         event_type: e.event_type().to_owned(),
         actor: e.actor().to_owned(),
-        event_id: e.event_id(),
         correlation_id: e.correlation_id().to_owned(),
         causation_id: e.causation_id().to_owned(),
         record_time: rfc3339(e.record_time()),
@@ -69,85 +67,160 @@ fn owned(e: &dyn EventView) -> Ev {
     }
 }
 
-/// Every event of the log, in order (`$` streams excepted).
-fn all_events(a: &AuditArgs) -> Result<Vec<Ev>> {
+/// Where the audit reads: a data directory (read-only) or a server, through the attribute
+/// indexes either way.
+enum Source {
+    Local(tally_engine::Log),
+    Remote {
+        rt: tokio::runtime::Runtime,
+        client: Client,
+    },
+}
+
+/// Pages a FIND through the server until its end.
+async fn find_all(c: &Client, mut q: FindQuery) -> Result<Vec<Ev>> {
     let mut out = Vec::new();
-    match (&a.dir, &a.server) {
-        (Some(dir), None) => {
-            let log = open_read_only(dir)?;
-            let mut next = 0u64;
-            loop {
-                let page = log.read_all(Position(next), 4096, Direction::Forward)?;
-                let Some(last) = page.last() else { break };
-                next = last.position.0 + 1;
-                out.extend(
-                    page.iter()
-                        .filter(|e| !e.stream().starts_with('$'))
-                        .map(|e| owned(e)),
-                );
-            }
+    loop {
+        let (page, next, end) = c.find(&q).await?;
+        out.extend(page.iter().map(|e| owned(e)));
+        if end {
+            return Ok(out);
         }
-        (None, Some(addr)) => {
-            let rt = crate::remote::runtime()?;
-            rt.block_on(async {
-                let c = Client::connect(addr)
-                    .await
-                    .with_context(|| format!("connecting to {addr}"))?;
+        q.from = next;
+    }
+}
+
+impl Source {
+    fn open(a: &AuditArgs) -> Result<Source> {
+        match (&a.dir, &a.server) {
+            (Some(dir), None) => Ok(Source::Local(open_read_only(dir)?)),
+            (None, Some(addr)) => {
+                let rt = crate::remote::runtime()?;
+                let client = rt.block_on(async {
+                    Client::connect(addr)
+                        .await
+                        .with_context(|| format!("connecting to {addr}"))
+                })?;
+                Ok(Source::Remote { rt, client })
+            }
+            _ => bail!("give a data directory or --server ADDR (one of them)"),
+        }
+    }
+
+    /// Every event of `stream`, in order.
+    fn stream(&self, stream: &str) -> Result<Vec<Ev>> {
+        let mut out = Vec::new();
+        match self {
+            Source::Local(log) => {
                 let mut next = 0u64;
                 loop {
-                    let (page, n, end) = c
-                        .read_all(next, 4096, Direction::Forward, &Filter::default())
+                    let page = log.read_stream(stream, next, 4096, Direction::Forward)?;
+                    let Some(last) = page.last() else { break };
+                    next = last.version + 1;
+                    out.extend(page.iter().map(|e| owned(e)));
+                }
+            }
+            Source::Remote { rt, client } => rt.block_on(async {
+                let mut next = 0u64;
+                loop {
+                    let (page, n, end) = client
+                        .read_stream(stream, next, 4096, Direction::Forward)
                         .await?;
-                    out.extend(
-                        page.iter()
-                            .filter(|e| !e.stream().starts_with('$'))
-                            .map(|e| owned(e)),
-                    );
+                    out.extend(page.iter().map(|e| owned(e)));
                     next = n;
                     if end {
                         break;
                     }
                 }
                 anyhow::Ok(())
-            })?;
+            })?,
         }
-        _ => bail!("give a data directory or --server ADDR (one of them)"),
+        Ok(out)
     }
-    Ok(out)
+
+    /// The events whose `field` is `value`, in order.
+    fn find(&self, field: Field, value: &str) -> Result<Vec<Ev>> {
+        match self {
+            Source::Local(log) => Ok(log
+                .find(&Query::field(field, value))?
+                .iter()
+                .map(|e| owned(e))
+                .collect()),
+            Source::Remote { rt, client } => rt.block_on(find_all(
+                client,
+                FindQuery {
+                    field: Some((field, value.to_owned())),
+                    record_time: None,
+                    event_time: None,
+                    from: 0,
+                    max: 4096,
+                },
+            )),
+        }
+    }
 }
 
 pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
-    let events = all_events(a)?;
-    let by_id: HashMap<EventId, usize> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.event_id, i))
-        .collect();
-    let mut by_correlation: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, e) in events.iter().enumerate() {
-        if !e.correlation_id.is_empty() {
-            by_correlation
-                .entry(e.correlation_id.as_str())
-                .or_default()
-                .push(i);
-        }
-    }
-    let mine: Vec<usize> = (0..events.len())
-        .filter(|&i| events[i].stream == a.stream)
+    let source = Source::open(a)?;
+    // Every event read is kept here once, by position; the report refers to them by index.
+    let mut events: Vec<Ev> = Vec::new();
+    let mut at: HashMap<u64, usize> = HashMap::new();
+    let mut keep = |events: &mut Vec<Ev>, e: Ev| -> usize {
+        *at.entry(e.position).or_insert_with(|| {
+            events.push(e);
+            events.len() - 1
+        })
+    };
+    let mine: Vec<usize> = source
+        .stream(&a.stream)?
+        .into_iter()
+        .map(|e| keep(&mut events, e))
         .collect();
     if mine.is_empty() {
         bail!("stream {} has no events", a.stream);
     }
+    let mut read = mine.len();
+    // Looked up once each: correlation ids shared by several events of the stream, and
+    // causes shared by several chains.
+    let mut correlated: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut causes: HashMap<String, Option<usize>> = HashMap::new();
+    for &i in &mine {
+        let c = events[i].correlation_id.clone();
+        if !c.is_empty() && !correlated.contains_key(&c) {
+            let found = source.find(Field::Correlation, &c)?;
+            read += found.len();
+            let ids = found
+                .into_iter()
+                .filter(|e| !e.stream.starts_with('$'))
+                .map(|e| keep(&mut events, e))
+                .collect();
+            correlated.insert(c, ids);
+        }
+    }
     let mut report = Vec::new();
     for &i in &mine {
-        let e = &events[i];
-        // Why: follow causation ids back to the origin (bounded, and cycle-safe).
+        // Why: follow causation ids back to the origin (bounded, and cycle-safe). A cause
+        // is the event id of the event that caused this one.
         let mut chain = Vec::new();
-        let mut cause = e.causation_id.clone();
+        let mut cause = events[i].causation_id.clone();
         let mut unresolved = None;
         while !cause.is_empty() && chain.len() < 64 {
-            match cause.parse::<EventId>().ok().and_then(|id| by_id.get(&id)) {
-                Some(&j) if !chain.contains(&j) && j != i => {
+            let found = match causes.get(&cause) {
+                Some(found) => *found,
+                None => {
+                    let found = if cause.parse::<EventId>().is_ok() {
+                        let hits = source.find(Field::EventId, &cause)?;
+                        read += hits.len();
+                        hits.into_iter().next().map(|e| keep(&mut events, e))
+                    } else {
+                        None
+                    };
+                    causes.insert(cause.clone(), found);
+                    found
+                }
+            };
+            match found {
+                Some(j) if !chain.contains(&j) && j != i => {
                     chain.push(j);
                     cause = events[j].causation_id.clone();
                 }
@@ -158,8 +231,8 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
                 }
             }
         }
-        let related: Vec<usize> = by_correlation
-            .get(e.correlation_id.as_str())
+        let related: Vec<usize> = correlated
+            .get(events[i].correlation_id.as_str())
             .map(|v| v.iter().copied().filter(|&j| j != i).collect())
             .unwrap_or_default();
         report.push((i, chain, unresolved, related));
@@ -188,7 +261,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
             .collect();
         println!(
             "{}",
-            json!({"stream": a.stream, "events": items, "log_events_read": events.len()})
+            json!({"stream": a.stream, "events": items, "events_read": read})
         );
         return Ok(ExitCode::SUCCESS);
     }

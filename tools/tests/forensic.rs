@@ -41,6 +41,14 @@ fn audit_explains_a_trade_with_its_causation_chain_and_correlated_events() {
         &[EventData::json("NEW", "{}").correlation_id("deal-2")],
     )
     .unwrap();
+    // Unrelated business the audit must not read: it looks up through the indexes.
+    for i in 0..3000u64 {
+        let e = EventData::json("TICK", format!(r#"{{"i":{i}}}"#))
+            .correlation_id(format!("deal-{}", 100 + i % 50))
+            .causation_id(placed.event_id.to_string());
+        log.append(&format!("other-{}", i % 40), ExpectedVersion::Any, &[e])
+            .unwrap();
+    }
     log.close().unwrap();
 
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -75,6 +83,8 @@ fn audit_explains_a_trade_with_its_causation_chain_and_correlated_events() {
         .collect();
     assert_eq!(chain, ["NEW", "OrderPlaced"]);
     assert_eq!(events[1]["event"]["payload"]["qty"], "150");
+    // The stream (2), the correlated events (3) and the causes (2): not the 3,004 events.
+    assert_eq!(v["events_read"], 7, "{v}");
 
     // The table names who, what, when and why.
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
