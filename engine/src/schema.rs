@@ -104,6 +104,24 @@ pub struct Schema {
     pub validate: bool,
 }
 
+impl Schema {
+    /// Reads a schema from its JSON form (docs/FORMAT.md, "Schema registrations").
+    ///
+    /// # Errors
+    /// The text is not a schema; the message says why.
+    pub fn from_json(text: &str) -> Result<Schema, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The schema's JSON form, as stored in `$schemas`.
+    ///
+    /// # Errors
+    /// The schema does not serialise (a default value JSON cannot hold).
+    pub fn to_json(&self) -> Result<String, String> {
+        serde_json::to_string(self).map_err(|e| e.to_string())
+    }
+}
+
 /// Why a registration, a check or an upcast failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -249,6 +267,13 @@ impl Registry {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether any registered schema version asks for validation ([`Registry::check`] can
+    /// refuse something).
+    #[must_use]
+    pub fn validates(&self) -> bool {
+        self.schemas.values().flatten().any(|s| s.validate)
     }
 
     /// The newest version of `event_type`, if it has a schema.

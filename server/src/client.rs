@@ -509,6 +509,24 @@ impl Client {
         events_of(self.call_retrying(&Request::Find(query.clone())).await?)
     }
 
+    /// Registers a schema version (its JSON form, docs/FORMAT.md "Schema registrations";
+    /// [`tally_engine::schema::Schema::to_json`] makes one). Once a version with
+    /// `"validate": true` is registered, the server refuses appends of that type and
+    /// version whose payload does not match it (`SchemaViolation`, naming the field).
+    ///
+    /// # Errors
+    /// `SchemaRefused` (not a schema, not the next version, a breaking change) as
+    /// [`ClientError::Server`]; as [`Client::read_stream`] otherwise.
+    pub async fn register_schema(&self, schema_json: &str) -> Result<(), ClientError> {
+        let req = Request::RegisterSchema {
+            schema: schema_json.to_owned(),
+        };
+        match self.call_retrying(&req).await? {
+            Response::CheckpointStored => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// A stream's facts (`None`: no such stream).
     ///
     /// # Errors

@@ -85,6 +85,8 @@ pub mod op {
     pub const CHECKPOINT_FETCH: u8 = 0x41;
     /// Store a projection's checkpoint (position and state).
     pub const PROJECTION_STORE: u8 = 0x42;
+    /// Register a schema version of an event type.
+    pub const REGISTER_SCHEMA: u8 = 0x43;
     /// The latest signed checkpoint.
     pub const LATEST_CHECKPOINT: u8 = 0x50;
     /// An inclusion proof for a position.
@@ -154,13 +156,18 @@ pub enum ErrorCode {
     Io = 33,
     /// The proof asked for is not available (position or size out of range, no checkpoint).
     ProofUnavailable = 34,
+    /// A schema registration was refused (not a schema, not the next version, or a
+    /// breaking change); nothing was written.
+    SchemaRefused = 26,
+    /// An event's payload does not match its registered schema; nothing was written.
+    SchemaViolation = 27,
     /// Anything else: a bug on the server.
     Internal = 99,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::HandshakeRequired,
@@ -185,6 +192,8 @@ impl ErrorCode {
         ErrorCode::Corrupt,
         ErrorCode::Io,
         ErrorCode::ProofUnavailable,
+        ErrorCode::SchemaRefused,
+        ErrorCode::SchemaViolation,
         ErrorCode::Internal,
     ];
 
@@ -897,6 +906,12 @@ pub enum Request {
         /// The consumer's name.
         name: String,
     },
+    /// Register a schema version (JSON, docs/FORMAT.md 18.3): appended to `$schemas` when
+    /// it is the next version of its type and compatible with the previous one.
+    RegisterSchema {
+        /// The schema, as JSON text.
+        schema: String,
+    },
     /// Store a projection's checkpoint: appended to `$projection-NAME` as the engine's
     /// projections store theirs, so either can resume from the other's.
     ProjectionStore {
@@ -940,6 +955,7 @@ impl Request {
             Request::CheckpointStore { .. } => op::CHECKPOINT_STORE,
             Request::CheckpointFetch { .. } => op::CHECKPOINT_FETCH,
             Request::ProjectionStore { .. } => op::PROJECTION_STORE,
+            Request::RegisterSchema { .. } => op::REGISTER_SCHEMA,
             Request::LatestCheckpoint => op::LATEST_CHECKPOINT,
             Request::InclusionProof { .. } => op::INCLUSION_PROOF,
         }
@@ -1043,6 +1059,7 @@ impl Request {
                 put_u32(out, *state_version);
                 put_bytes32(out, state);
             }
+            Request::RegisterSchema { schema } => put_bytes32(out, schema.as_bytes()),
             Request::InclusionProof {
                 position,
                 tree_size,
@@ -1181,6 +1198,11 @@ impl Request {
                 next: r.u64("next position")?,
                 state_version: r.u32("state version")?,
                 state: r.bytes32("state")?.to_vec(),
+            },
+            op::REGISTER_SCHEMA => Request::RegisterSchema {
+                schema: std::str::from_utf8(r.bytes32("schema")?)
+                    .map_err(|_| ProtocolError::InvalidUtf8 { what: "schema" })?
+                    .to_owned(),
             },
             op::LATEST_CHECKPOINT => Request::LatestCheckpoint,
             op::INCLUSION_PROOF => Request::InclusionProof {
@@ -1865,7 +1887,8 @@ impl Response {
             },
             c if c == op::UNSUBSCRIBE | op::RESPONSE_BIT => Response::Unsubscribed,
             c if c == op::CHECKPOINT_STORE | op::RESPONSE_BIT
-                || c == op::PROJECTION_STORE | op::RESPONSE_BIT =>
+                || c == op::PROJECTION_STORE | op::RESPONSE_BIT
+                || c == op::REGISTER_SCHEMA | op::RESPONSE_BIT =>
             {
                 Response::CheckpointStored
             }
@@ -2045,6 +2068,9 @@ mod tests {
                 from: 0,
                 max: 1,
             }),
+            Request::RegisterSchema {
+                schema: r#"{"event_type":"T","version":1,"fields":[]}"#.into(),
+            },
             Request::Subscribe {
                 target: SubscribeTarget::All(filter),
                 from: SubscribeFrom::At(9),

@@ -161,6 +161,14 @@ struct Ctx {
     waiting: std::sync::atomic::AtomicUsize,
     /// The runtime has at least two workers, so one may block in a sync.
     inline_leader_allowed: bool,
+    /// The schema registry (`$schemas`), kept current by REGISTER_SCHEMA: the server is
+    /// the log's only writer.
+    schemas: std::sync::RwLock<tally_engine::schema::Registry>,
+    /// Held by a registration from before it reads the registry until it has replaced it,
+    /// so that registrations run one at a time while appends keep reading the registry.
+    registering: std::sync::Mutex<()>,
+    /// Some registered schema asks for validation: appends are checked.
+    validating: AtomicBool,
 }
 
 /// A frame on its way to a connection's socket.
@@ -371,6 +379,12 @@ impl Server {
                 dir: cfg.data.clone(),
                 source,
             })?;
+        let registry = tally_engine::schema::Registry::load(&log).map_err(|e| {
+            ServerError::Config(format!(
+                "the schema registry ({}) does not load: {e}",
+                tally_engine::schema::SCHEMA_STREAM
+            ))
+        })?;
         let report = log.recovery_report();
         tracing::info!(
             data = %cfg.data.display(),
@@ -402,6 +416,9 @@ impl Server {
                 rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
                     && rt.metrics().num_workers() >= 2
             },
+            validating: AtomicBool::new(registry.validates()),
+            registering: std::sync::Mutex::new(()),
+            schemas: std::sync::RwLock::new(registry),
         });
         // The ack thread holds the log and the watch, not the context: the context holds
         // the channel's sender, and the thread ends when the last sender is dropped.
@@ -1245,6 +1262,23 @@ fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
         ));
         return None;
     }
+    if ctx.validating.load(Ordering::Acquire) {
+        let registry = ctx
+            .schemas
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for p in parts {
+            for (i, e) in p.events.iter().enumerate() {
+                if let Err(err) = registry.check(e) {
+                    reply.error(WireError::new(
+                        ErrorCode::SchemaViolation,
+                        format!("stream {:?}, event {i}: {err}", p.stream),
+                    ));
+                    return None;
+                }
+            }
+        }
+    }
     submit(ctx, parts, reply, kind)
 }
 
@@ -1410,6 +1444,50 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                     reply.error(WireError::new(ErrorCode::MalformedRequest, reason));
                 }
                 Err(e) => reply.error(engine_error(&e)),
+            }
+        }
+        Request::RegisterSchema { schema } => {
+            let parsed = match tally_engine::schema::Schema::from_json(&schema) {
+                Ok(s) => s,
+                Err(e) => {
+                    return reply.error(WireError::new(
+                        ErrorCode::SchemaRefused,
+                        format!("not a schema: {e}"),
+                    ));
+                }
+            };
+            // The registration's append waits for its sync: it works on a copy, so that
+            // appends checking the registry meanwhile are not held up.
+            let _one_at_a_time = ctx
+                .registering
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut registry = ctx
+                .schemas
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            match registry.register(log, parsed) {
+                Ok(()) => {
+                    let validates = registry.validates();
+                    *ctx.schemas
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
+                    ctx.validating.store(validates, Ordering::Release);
+                    reply.send(&Response::CheckpointStored);
+                }
+                Err(tally_engine::schema::SchemaError::Log(e)) => {
+                    // The append may or may not be in the log: read the registry again.
+                    if let Ok(fresh) = tally_engine::schema::Registry::load(log) {
+                        let validates = fresh.validates();
+                        *ctx.schemas
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                        ctx.validating.store(validates, Ordering::Release);
+                    }
+                    reply.error(engine_error(&e));
+                }
+                Err(e) => reply.error(WireError::new(ErrorCode::SchemaRefused, e.to_string())),
             }
         }
         Request::StreamInfo { stream } => match log.stream_info(&stream) {

@@ -1301,3 +1301,105 @@ fn find_uses_the_indexes_across_segments_and_pages_by_position() {
     });
     d.terminate();
 }
+
+/// The code and message of a server's refusal.
+fn server_code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Server { code, message }) => (code, message),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+#[test]
+fn schemas_registered_through_the_server_validate_appends_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = r#"{"event_type":"TradeNew","version":1,"validate":true,"fields":[
+        {"name":"qty","kind":"decimal","required":true},
+        {"name":"book","kind":"string","required":false}]}"#;
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        // Before registration anything goes.
+        c.append(
+            "trade-1",
+            ExpectedVersion::Any,
+            vec![EventData::json("TradeNew", r#"{"px":1}"#)],
+        )
+        .await
+        .unwrap();
+        c.register_schema(v1).await.unwrap();
+        // Not a schema, a skipped version, and a breaking change are refused.
+        let (code, msg) = server_code(c.register_schema("{").await);
+        assert_eq!(code, ErrorCode::SchemaRefused.as_u16(), "{msg}");
+        let (code, msg) = server_code(
+            c.register_schema(&v1.replace("\"version\":1", "\"version\":3"))
+                .await,
+        );
+        assert_eq!(code, ErrorCode::SchemaRefused.as_u16(), "{msg}");
+        let breaking = v1
+            .replace("\"version\":1", "\"version\":2")
+            .replace("\"kind\":\"string\"", "\"kind\":\"integer\"");
+        let (code, msg) = server_code(c.register_schema(&breaking).await);
+        assert_eq!(code, ErrorCode::SchemaRefused.as_u16(), "{msg}");
+        assert!(msg.contains("book"), "{msg}");
+
+        // A valid event passes; a bad one is refused naming its field, with nothing of the
+        // request written.
+        c.append(
+            "trade-1",
+            ExpectedVersion::Any,
+            vec![EventData::json("TradeNew", r#"{"qty":"100","book":"B1"}"#)],
+        )
+        .await
+        .unwrap();
+        let before = c.server_info().await.unwrap().next_position;
+        let (code, msg) = server_code(
+            c.append(
+                "trade-2",
+                ExpectedVersion::Any,
+                vec![
+                    EventData::json("TradeNew", r#"{"qty":"5"}"#),
+                    EventData::json("TradeNew", r#"{"qty":"5","book":7}"#),
+                ],
+            )
+            .await,
+        );
+        assert_eq!(code, ErrorCode::SchemaViolation.as_u16(), "{msg}");
+        assert!(msg.contains("\"book\"") && msg.contains("event 1"), "{msg}");
+        assert_eq!(c.server_info().await.unwrap().next_position, before);
+        // Other types and versions are not checked.
+        c.append(
+            "trade-2",
+            ExpectedVersion::Any,
+            vec![
+                EventData::json("TradeAmended", "[]"),
+                EventData::json("TradeNew", "{}").schema_version(2),
+            ],
+        )
+        .await
+        .unwrap();
+    });
+    d.terminate();
+
+    // After a restart the server reads the registry back from the log.
+    let d = Tallyd::start(dir.path(), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        let (code, msg) = server_code(
+            c.append(
+                "trade-3",
+                ExpectedVersion::Any,
+                vec![EventData::json("TradeNew", r#"{"book":"B1"}"#)],
+            )
+            .await,
+        );
+        assert_eq!(code, ErrorCode::SchemaViolation.as_u16(), "{msg}");
+        assert!(msg.contains("\"qty\" is required"), "{msg}");
+        let (events, _, _) = c
+            .read_stream("$schemas", 0, 10, Direction::Forward)
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1);
+    });
+    d.terminate();
+}
