@@ -15,6 +15,11 @@
 //!   flight (`Fsync`, 256 B), waiting for the oldest when the window is full.
 //! - `append/none_batch_1000`: one thread appending batches of 1000 events of 256 B with
 //!   `Durability::None` (one iteration is one batch, 1000 elements).
+//!   `append/none_batch_1000/no_attribute_indexer` is the same with
+//!   `Options::index_attributes` off: the ratio of the two is what the background thread
+//!   that keeps the attribute indexes caught up costs the appender (on 2 cores it competes
+//!   for the CPU). `append/fsync/256B/appenders_16/no_attribute_indexer` does the same for
+//!   durable appends from 16 threads.
 //!
 //! One log (default options, 64 MiB segments) is made per benchmark id, created on its
 //! first use and reused by every iteration of that id; it grows during the run (the
@@ -136,6 +141,23 @@ fn bench_engine(c: &mut Criterion) {
             }
         }
     }
+    // The durable case without the attribute indexer, to read `fsync/256B/appenders_16`
+    // against.
+    g.sampling_mode(SamplingMode::Flat);
+    let ev = event(256);
+    let mut log: Option<TempLog> = None;
+    g.bench_function("fsync/256B/appenders_16/no_attribute_indexer", |b| {
+        let log = log.get_or_insert_with(|| {
+            TempLog::open(Options {
+                index_attributes: false,
+                ..options(Durability::Fsync)
+            })
+        });
+        b.iter_custom(|iters| run_appenders(log.log(), 16, iters, &ev));
+    });
+    if let Some(log) = log {
+        log.close();
+    }
 
     g.sampling_mode(SamplingMode::Flat);
     let mut log: Option<TempLog> = None;
@@ -150,20 +172,30 @@ fn bench_engine(c: &mut Criterion) {
     }
 
     g.sampling_mode(SamplingMode::Auto);
-    let mut log: Option<TempLog> = None;
     let batch = vec![event(256); BATCH];
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("none_batch_1000", |b| {
-        let log = log.get_or_insert_with(|| TempLog::open(options(Durability::None)));
-        let name = stream_name(0);
-        b.iter(|| {
-            log.log()
-                .append(&name, ExpectedVersion::Any, &batch)
-                .expect("append")
+    for (id, index_attributes) in [
+        ("none_batch_1000", true),
+        ("none_batch_1000/no_attribute_indexer", false),
+    ] {
+        let mut log: Option<TempLog> = None;
+        g.bench_function(id, |b| {
+            let log = log.get_or_insert_with(|| {
+                TempLog::open(Options {
+                    index_attributes,
+                    ..options(Durability::None)
+                })
+            });
+            let name = stream_name(0);
+            b.iter(|| {
+                log.log()
+                    .append(&name, ExpectedVersion::Any, &batch)
+                    .expect("append")
+            });
         });
-    });
-    if let Some(log) = log {
-        log.close();
+        if let Some(log) = log {
+            log.close();
+        }
     }
     g.finish();
 }

@@ -152,6 +152,26 @@ pub fn value_hash(value: &str) -> u64 {
     super::stream_hash(value)
 }
 
+/// Hashes an already-hashed key with one multiplication: the keys are BLAKE3 outputs.
+#[derive(Default)]
+pub struct PrehashedHasher(u64);
+
+impl std::hash::Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type KeyMap = HashMap<u64, Vec<Hit>, std::hash::BuildHasherDefault<PrehashedHasher>>;
+
 /// Where a record is in its segment: `(pos_delta, offset)`.
 pub type Hit = (u32, u32);
 
@@ -164,6 +184,10 @@ pub trait AttrSource {
     /// Calls `f` with every record in `from..to` (position deltas) whose `field` hashes to
     /// `hash`, in position order, until `f` returns `false`.
     fn each_key(&self, field: Field, hash: u64, from: u32, to: u32, f: &mut dyn FnMut(Hit) -> bool);
+    /// How many records [`AttrSource::each_key`] would visit.
+    fn count_key(&self, field: Field, hash: u64, from: u32, to: u32) -> u64;
+    /// How many records have an event time in `lo..hi`.
+    fn count_event_time(&self, lo: Timestamp, hi: Timestamp) -> u64;
     /// Calls `f` with every record whose event time is in `lo..hi`, in event-time order.
     fn each_event_time(&self, lo: Timestamp, hi: Timestamp, f: &mut dyn FnMut(Hit));
     /// Calls `f` with every record whose event type hashes to `hash` and whose event time
@@ -176,7 +200,15 @@ pub trait AttrSource {
 pub struct AttrBuilder {
     seq: SegmentSeq,
     base_position: Position,
-    keys: [HashMap<u64, Vec<Hit>>; FIELDS],
+    /// The text fields' runs, by value hash (the event-id slot is unused).
+    keys: [KeyMap; FIELDS],
+    /// `(event id hash, pos_delta, offset)`: ids are unique, so a flat list sorted on
+    /// demand costs far less than a run per id. Sorted when `sorted`.
+    ids: Vec<(u64, u32, u32)>,
+    /// The last value hashed per text field and its hash: events of one batch or one
+    /// producer repeat their type, actor and correlation, and BLAKE3 is most of the cost
+    /// of indexing a record.
+    last: [(String, u64); FIELDS],
     counts: [u32; FIELDS],
     record_times: Vec<u64>,
     /// `(event_time, pos_delta, offset)`, sorted when `sorted`.
@@ -197,6 +229,8 @@ impl AttrBuilder {
             seq,
             base_position,
             keys: Default::default(),
+            ids: Vec::new(),
+            last: Default::default(),
             counts: [0; FIELDS],
             record_times: Vec::new(),
             event_times: Vec::new(),
@@ -231,14 +265,26 @@ impl AttrBuilder {
         self.last_chain_hash
     }
 
-    /// Sorts the records by event time for [`AttrSource::each_event_time`]; cheap when
-    /// they arrived in order, as they mostly do.
+    /// Sorts the event-time and event-id lists for lookups. A stable sort: the lists are a
+    /// sorted prefix (from the previous call) and a new tail, which it sorts and merges in
+    /// about linear time.
     pub fn sort(&mut self) {
         if !self.sorted {
-            self.event_times.sort_unstable();
-            self.type_times.sort_unstable();
+            self.event_times.sort();
+            self.type_times.sort();
+            self.ids.sort();
             self.sorted = true;
         }
+    }
+
+    /// The id list, sorted (a sorted copy if [`AttrBuilder::sort`] was not called since
+    /// the last push).
+    fn sorted_ids(&self) -> std::borrow::Cow<'_, [(u64, u32, u32)]> {
+        let mut ids = std::borrow::Cow::Borrowed(self.ids.as_slice());
+        if !self.sorted {
+            ids.to_mut().sort();
+        }
+        ids
     }
 
     /// Adds the next record: at `offset`, ending at `end`, with chain hash `chain_hash`.
@@ -262,8 +308,23 @@ impl AttrBuilder {
         let offset = u32::try_from(offset).expect("segments are smaller than 4 GiB");
         let mut type_hash = 0;
         for field in Field::ALL {
-            let Some(hash) = field.key_of(env) else {
-                continue;
+            let hash = match field.text(env) {
+                Some("") => continue,
+                Some(v) => {
+                    let last = &mut self.last[field.slot()];
+                    if last.0 != v {
+                        last.0.clear();
+                        last.0.push_str(v);
+                        last.1 = value_hash(v);
+                    }
+                    last.1
+                }
+                None => {
+                    self.ids.push((id_hash(&env.event_id), pos_delta, offset));
+                    self.sorted = false;
+                    self.counts[field.slot()] += 1;
+                    continue;
+                }
             };
             if field == Field::EventType {
                 type_hash = hash;
@@ -321,6 +382,12 @@ impl AttrBuilder {
             out.extend_from_slice(&offset.to_le_bytes());
         };
         for field in Field::ALL {
+            if field == Field::EventId {
+                for &(key, pos_delta, offset) in self.sorted_ids().iter() {
+                    entry(&mut out, key, (pos_delta, offset));
+                }
+                continue;
+            }
             let mut sorted: Vec<(&u64, &Vec<Hit>)> = self.keys[field.slot()].iter().collect();
             sorted.sort_unstable_by_key(|(k, _)| **k);
             for (key, hits) in sorted {
@@ -332,8 +399,8 @@ impl AttrBuilder {
         let mut event_times = std::borrow::Cow::Borrowed(&self.event_times);
         let mut type_times = std::borrow::Cow::Borrowed(&self.type_times);
         if !self.sorted {
-            event_times.to_mut().sort_unstable();
-            type_times.to_mut().sort_unstable();
+            event_times.to_mut().sort();
+            type_times.to_mut().sort();
         }
         for &(t, pos_delta, offset) in event_times.iter() {
             entry(&mut out, t, (pos_delta, offset));
@@ -360,7 +427,7 @@ impl AttrSource for AttrBuilder {
         // Sorted by `sort()` after each catch-up; a copy otherwise.
         let mut times = std::borrow::Cow::Borrowed(&self.type_times);
         if !self.sorted {
-            times.to_mut().sort_unstable();
+            times.to_mut().sort();
         }
         let start = times.partition_point(|e| (e.0, e.1) < (hash, lo.0));
         for &(h, t, pos_delta, offset) in &times[start..] {
@@ -387,6 +454,16 @@ impl AttrSource for AttrBuilder {
         to: u32,
         f: &mut dyn FnMut(Hit) -> bool,
     ) {
+        if field == Field::EventId {
+            let ids = self.sorted_ids();
+            let start = ids.partition_point(|e| (e.0, e.1) < (hash, from));
+            for &(h, pos_delta, offset) in &ids[start..] {
+                if h != hash || pos_delta >= to || !f((pos_delta, offset)) {
+                    return;
+                }
+            }
+            return;
+        }
         let Some(hits) = self.keys[field.slot()].get(&hash) else {
             return;
         };
@@ -398,11 +475,35 @@ impl AttrSource for AttrBuilder {
         }
     }
 
+    fn count_key(&self, field: Field, hash: u64, from: u32, to: u32) -> u64 {
+        if field == Field::EventId {
+            let ids = self.sorted_ids();
+            let a = ids.partition_point(|e| (e.0, e.1) < (hash, from));
+            let b = ids.partition_point(|e| (e.0, e.1) < (hash, to));
+            return b.saturating_sub(a) as u64;
+        }
+        self.keys[field.slot()].get(&hash).map_or(0, |hits| {
+            let a = hits.partition_point(|h| h.0 < from);
+            let b = hits.partition_point(|h| h.0 < to);
+            b.saturating_sub(a) as u64
+        })
+    }
+
+    fn count_event_time(&self, lo: Timestamp, hi: Timestamp) -> u64 {
+        let mut times = std::borrow::Cow::Borrowed(&self.event_times);
+        if !self.sorted {
+            times.to_mut().sort();
+        }
+        let a = times.partition_point(|e| e.0 < lo.0);
+        let b = times.partition_point(|e| e.0 < hi.0);
+        b.saturating_sub(a) as u64
+    }
+
     fn each_event_time(&self, lo: Timestamp, hi: Timestamp, f: &mut dyn FnMut(Hit)) {
         // Sorted by `sort()` after each catch-up; a copy otherwise.
         let mut times = std::borrow::Cow::Borrowed(&self.event_times);
         if !self.sorted {
-            times.to_mut().sort_unstable();
+            times.to_mut().sort();
         }
         let start = times.partition_point(|e| e.0 < lo.0);
         for &(t, pos_delta, offset) in &times[start..] {
@@ -494,6 +595,19 @@ impl SealedAttrs {
                     Field::ALL[i].name()
                 ),
             ));
+        }
+        // Every record has an event type and an event id.
+        for field in [Field::EventType, Field::EventId] {
+            if counts[field.slot()] != record_count {
+                return Err(invalid(
+                    "attribute index count",
+                    format!(
+                        "{} {} entries for {record_count} records",
+                        counts[field.slot()],
+                        field.name()
+                    ),
+                ));
+            }
         }
         // In u128: the counts come from disk and must not overflow the size check.
         let declared = ATTR_HEADER_LEN as u128
@@ -620,6 +734,20 @@ impl SealedAttrs {
         )
     }
 
+    /// What a sidecar's header says it covers, read without checking anything else, so
+    /// that a stale or foreign sidecar is passed over before its checksum is computed.
+    #[must_use]
+    pub fn peek_cover(b: &[u8]) -> Option<AttrCover> {
+        (b.len() >= ATTR_HEADER_LEN && &b[..8] == ATTR_MAGIC).then(|| AttrCover {
+            log_id: le::array_at(b, AH_LOG_ID),
+            seq: SegmentSeq(le::u64_at(b, AH_SEQ)),
+            base_position: Position(le::u64_at(b, AH_BASE_POSITION)),
+            record_count: le::u64_at(b, AH_RECORD_COUNT),
+            data_end: le::u64_at(b, AH_DATA_END),
+            last_chain_hash: le::array_at(b, AH_LAST_CHAIN_HASH),
+        })
+    }
+
     /// What the sidecar covers.
     #[must_use]
     pub fn cover(&self) -> &AttrCover {
@@ -724,6 +852,20 @@ impl AttrSource for SealedAttrs {
             }
             i += 1;
         }
+    }
+
+    fn count_key(&self, field: Field, hash: u64, from: u32, to: u32) -> u64 {
+        let (at, count) = self.sections[field.slot()];
+        let a = self.lower_bound(at, count, (hash, from));
+        let b = self.lower_bound(at, count, (hash, to));
+        b.saturating_sub(a) as u64
+    }
+
+    fn count_event_time(&self, lo: Timestamp, hi: Timestamp) -> u64 {
+        let n = self.cover.record_count as usize;
+        let a = self.lower_bound(self.event_times_at, n, (lo.0, 0));
+        let b = self.lower_bound(self.event_times_at, n, (hi.0, 0));
+        b.saturating_sub(a) as u64
     }
 
     fn each_event_time(&self, lo: Timestamp, hi: Timestamp, f: &mut dyn FnMut(Hit)) {
@@ -888,6 +1030,10 @@ mod tests {
             (
                 "count above records",
                 Box::new(|b| le::put_u32(b, AH_COUNTS, 6)),
+            ),
+            (
+                "event ids missing (the layout before event ids were indexed)",
+                Box::new(|b| le::put_u32(b, AH_COUNTS + 16, 0)),
             ),
             (
                 "huge record count",

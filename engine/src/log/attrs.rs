@@ -108,6 +108,21 @@ impl<'a> Query<'a> {
     }
 }
 
+/// Why a lookup failed: reading a record a sealed segment's sidecar pointed at, or
+/// anything else.
+enum FindError {
+    Sidecar(SegmentSeq, Error),
+    Other(Error),
+}
+
+impl FindError {
+    fn into_error(self) -> Error {
+        match self {
+            FindError::Sidecar(_, e) | FindError::Other(e) => e,
+        }
+    }
+}
+
 /// The attribute indexes of the log.
 #[derive(Debug, Default)]
 pub(crate) struct Attrs {
@@ -142,10 +157,22 @@ impl Source<'_> {
 
 impl Attrs {
     /// Indexes every visible record not indexed yet, and writes the sidecar of every sealed
-    /// segment that has none (a read-only log keeps them in memory).
-    pub(crate) fn catch_up(&mut self, shared: &Shared) -> Result<()> {
+    /// segment that has none (a read-only log keeps them in memory). Returns the visible
+    /// position it indexed up to.
+    pub(crate) fn catch_up(&mut self, shared: &Shared) -> Result<Position> {
         let visible = shared.visible_position();
-        for seg in shared.segments_snapshot() {
+        while self.catch_up_step(shared, visible)? {}
+        Ok(visible)
+    }
+
+    /// One step of [`Attrs::catch_up`]: the sidecar of the oldest sealed segment that has
+    /// none loaded (loaded, or built from the records), then, when there is none left,
+    /// the unsealed segments' records up to `visible`. Returns whether a sealed segment
+    /// was done (and so there may be more), so that a caller can let go of the lock
+    /// between segments.
+    pub(crate) fn catch_up_step(&mut self, shared: &Shared, visible: Position) -> Result<bool> {
+        let segs = shared.segments_snapshot();
+        for seg in &segs {
             if self.sealed.contains_key(&seg.seq) {
                 continue;
             }
@@ -154,30 +181,66 @@ impl Attrs {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
             {
-                SegState::Sealed { footer, .. } => Some(*footer),
-                _ => None,
+                SegState::Sealed { footer, .. } => *footer,
+                _ => continue,
             };
-            if let Some(footer) = footer {
-                if !self.building.contains_key(&seg.seq)
-                    && let Some(found) = self.load(shared, &seg, &footer)
-                {
-                    self.sealed.insert(seg.seq, found);
-                    continue;
-                }
-                self.extend(&seg, footer.last_position.next())?;
-                let builder = self.building.remove(&seg.seq).expect("extended above");
-                let bytes = builder.encode(&shared.meta.log_id);
-                let attrs = self.store(shared, &seg, bytes)?;
-                self.sealed.insert(seg.seq, attrs);
+            let found = if self.building.contains_key(&seg.seq) {
+                None
             } else {
-                let (_, end) = segment_range(&seg, visible);
-                self.extend(&seg, end)?;
+                self.load(shared, seg, &footer)
+            };
+            let attrs = match found {
+                Some(a) => a,
+                None => {
+                    self.extend(seg, footer.last_position.next())?;
+                    let bytes = self.building[&seg.seq].encode(&shared.meta.log_id);
+                    let attrs = self.store(shared, seg, bytes)?;
+                    self.building.remove(&seg.seq);
+                    attrs
+                }
+            };
+            self.sealed.insert(seg.seq, attrs);
+            return Ok(true);
+        }
+        for seg in &segs {
+            if !self.sealed.contains_key(&seg.seq) {
+                let (_, end) = segment_range(seg, visible);
+                self.extend(seg, end)?;
             }
         }
+        Ok(false)
+    }
+
+    /// Forgets segment `seq`'s sidecar and builds it again from the records (writing it
+    /// over the file): for a sidecar that led a lookup to a record that is not there.
+    fn rebuild(&mut self, shared: &Shared, seq: SegmentSeq) -> Result<()> {
+        self.sealed.remove(&seq);
+        self.building.remove(&seq);
+        let Some(seg) = shared
+            .segments_snapshot()
+            .into_iter()
+            .find(|s| s.seq == seq)
+        else {
+            return Ok(());
+        };
+        let end = match &*seg
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            SegState::Sealed { footer, .. } => footer.last_position.next(),
+            _ => return Ok(()),
+        };
+        self.extend(&seg, end)?;
+        let bytes = self.building[&seq].encode(&shared.meta.log_id);
+        let attrs = self.store(shared, &seg, bytes)?;
+        self.building.remove(&seq);
+        self.sealed.insert(seq, attrs);
         Ok(())
     }
 
-    /// A sidecar on disk that describes the sealed segment `seg` exactly.
+    /// A sidecar on disk that describes the sealed segment `seg` exactly. Its header is
+    /// compared with the segment before the rest of it is checked.
     fn load(
         &self,
         shared: &Shared,
@@ -186,19 +249,22 @@ impl Attrs {
     ) -> Option<Arc<SealedAttrs>> {
         let path = shared.dir.join(attr_file_name(seg.seq));
         let map = load_map(&path).ok()?;
-        let attrs = SealedAttrs::open(map).ok()?;
-        let c = attrs.cover();
-        (c.log_id == shared.meta.log_id
+        let c = SealedAttrs::peek_cover((*map).as_ref())?;
+        let describes = c.log_id == shared.meta.log_id
             && c.seq == seg.seq
             && c.base_position == seg.header.base_position
             && c.record_count == footer.record_count
             && c.data_end == footer.data_end
-            && c.last_chain_hash == footer.last_chain_hash)
-            .then(|| Arc::new(attrs))
+            && c.last_chain_hash == footer.last_chain_hash;
+        if !describes {
+            return None;
+        }
+        SealedAttrs::open(map).ok().map(Arc::new)
     }
 
-    /// Writes a sealed segment's sidecar (atomically) and maps it; a read-only log keeps the
-    /// bytes in memory.
+    /// Writes a sealed segment's sidecar (atomically) and maps it. A read-only log keeps the
+    /// bytes in memory, and so does a log that cannot write the file (a full disk, say):
+    /// lookups go on, and a later open writes it.
     fn store(
         &self,
         shared: &Shared,
@@ -207,12 +273,14 @@ impl Attrs {
     ) -> Result<Arc<SealedAttrs>> {
         let name = attr_file_name(seg.seq);
         let path = shared.dir.join(&name);
-        let source: Arc<dyn AsRef<[u8]> + Send + Sync> = if shared.read_only {
-            Arc::new(bytes)
-        } else {
-            crate::sys::write_file_atomic(&shared.dir, &name, &bytes)
-                .map_err(Error::io("writing attribute index", &path))?;
-            load_map(&path)?
+        let written =
+            !shared.read_only && crate::sys::write_file_atomic(&shared.dir, &name, &bytes).is_ok();
+        let source: Arc<dyn AsRef<[u8]> + Send + Sync> = match written {
+            true => match load_map(&path) {
+                Ok(map) => map,
+                Err(_) => Arc::new(bytes),
+            },
+            false => Arc::new(bytes),
         };
         let attrs =
             SealedAttrs::open(source).map_err(|source| Error::Index { file: path, source })?;
@@ -292,16 +360,37 @@ impl Attrs {
                 Some((field, hash))
             }
         };
-        self.catch_up(shared)?;
-        let mut out = Vec::new();
         if query.limit == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
+        self.catch_up(shared)?;
+        match self.find_in(shared, query, key) {
+            Ok(out) => Ok(out),
+            // A sidecar that passed its checks but led to a record that is not where it
+            // says (a bug that wrote it, or an edit with a recomputed checksum): build it
+            // again from the records and look again. A second failure is the records'.
+            Err(FindError::Sidecar(seq, _)) => {
+                self.rebuild(shared, seq)?;
+                self.find_in(shared, query, key)
+                    .map_err(FindError::into_error)
+            }
+            Err(FindError::Other(e)) => Err(e),
+        }
+    }
+
+    fn find_in(
+        &self,
+        shared: &Shared,
+        query: &Query<'_>,
+        key: Option<(Field, u64)>,
+    ) -> std::result::Result<Vec<RecordedEvent>, FindError> {
+        let mut out = Vec::new();
         for seg in shared.segments_snapshot() {
-            let Some(src) = self.source(seg.seq) else {
+            let Some(source) = self.source(seg.seq) else {
                 continue;
             };
-            let src = src.get();
+            let from_sidecar = matches!(source, Source::Sealed(_));
+            let src = source.get();
             let base = seg.header.base_position.0;
             let n = src.record_count();
             // The candidate records, as position deltas in the segment.
@@ -337,7 +426,9 @@ impl Attrs {
                 }
             };
             // The index that reads the fewest records: an event type in an event-time window
-            // has its own section; otherwise the field's, else the event times'.
+            // has its own section; a field with an event-time window reads whichever of the
+            // field's and the window's records are fewer; otherwise the field's, else the
+            // event times'.
             let mut by_time = |each: &mut dyn FnMut(Visit<'_>)| {
                 let mut hits = Vec::new();
                 each(&mut |h| {
@@ -352,30 +443,40 @@ impl Attrs {
                     }
                 }
             };
-            if let (Some((Field::EventType, hash)), Some(r)) = (key, &query.event_time) {
-                by_time(&mut |f| src.each_type_event_time(hash, r.start, r.end, f));
-            } else if let Some((field, hash)) = key {
-                src.each_key(field, hash, lo, hi, &mut take);
-            } else if let Some(r) = &query.event_time {
-                by_time(&mut |f| src.each_event_time(r.start, r.end, f));
-            } else {
-                let (seg_first, _) = segment_range(&seg, shared.visible_position());
-                debug_assert_eq!(seg_first.0, base);
-                let from = Position(base + u64::from(lo));
-                let to = Position(base + u64::from(hi));
-                let mut stop = false;
-                super::read::scan_range(shared, from, to, Verify::Checksums, &mut |r| {
-                    if stop {
-                        return;
-                    }
-                    stop = !take((
-                        u32::try_from(r.position.0 - base).unwrap_or(u32::MAX),
-                        u32::try_from(r.offset).unwrap_or(u32::MAX),
-                    ));
-                })?;
+            let window_is_smaller = |field: Field, hash: u64, r: &Range<Timestamp>| {
+                src.count_event_time(r.start, r.end) < src.count_key(field, hash, lo, hi)
+            };
+            match (key, &query.event_time) {
+                (Some((Field::EventType, hash)), Some(r)) => {
+                    by_time(&mut |f| src.each_type_event_time(hash, r.start, r.end, f));
+                }
+                (Some((field, hash)), Some(r)) if window_is_smaller(field, hash, r) => {
+                    by_time(&mut |f| src.each_event_time(r.start, r.end, f));
+                }
+                (Some((field, hash)), _) => src.each_key(field, hash, lo, hi, &mut take),
+                (None, Some(r)) => by_time(&mut |f| src.each_event_time(r.start, r.end, f)),
+                (None, None) => {
+                    let from = Position(base + u64::from(lo));
+                    let to = Position(base + u64::from(hi));
+                    let mut stop = false;
+                    super::read::scan_range(shared, from, to, Verify::Checksums, &mut |r| {
+                        if stop {
+                            return;
+                        }
+                        stop = !take((
+                            u32::try_from(r.position.0 - base).unwrap_or(u32::MAX),
+                            u32::try_from(r.offset).unwrap_or(u32::MAX),
+                        ));
+                    })
+                    .map_err(FindError::Other)?;
+                }
             }
             if let Some(e) = failed {
-                return Err(e);
+                return Err(if from_sidecar {
+                    FindError::Sidecar(seg.seq, e)
+                } else {
+                    FindError::Other(e)
+                });
             }
             if out.len() >= query.limit {
                 break;
@@ -386,7 +487,7 @@ impl Attrs {
 
     /// The first position whose record time is at or after `t` (the next position if none).
     pub(crate) fn position_at(&mut self, shared: &Shared, t: Timestamp) -> Result<Position> {
-        self.catch_up(shared)?;
+        let visible = self.catch_up(shared)?;
         for seg in shared.segments_snapshot() {
             let Some(src) = self.source(seg.seq) else {
                 continue;
@@ -397,7 +498,7 @@ impl Attrs {
                 return Ok(Position(seg.header.base_position.0 + d));
             }
         }
-        Ok(shared.visible_position())
+        Ok(visible)
     }
 
     /// The sidecar bytes the records of sealed segment `seq` give, for verification.
@@ -421,7 +522,6 @@ impl Attrs {
 /// records to index first.
 pub(crate) fn indexer(shared: &Shared) {
     const POLL: Duration = Duration::from_millis(100);
-    let mut seen = Position(0);
     loop {
         {
             let wake = lock(&shared.indexer_wake);
@@ -432,18 +532,21 @@ pub(crate) fn indexer(shared: &Shared) {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         }
-        if shared.shutdown_indexer.load(Ordering::SeqCst) {
-            return;
-        }
+        // One segment at a time, letting go of the lock in between (lookups wait for at
+        // most one segment) and stopping early at close. A pass with nothing to do (no
+        // new records, no newly sealed segment) looks at each segment's state once.
         let visible = shared.visible_position();
-        if visible == seen {
-            continue;
+        loop {
+            if shared.shutdown_indexer.load(Ordering::SeqCst) {
+                return;
+            }
+            // A failure (damage in a record) is not this thread's to report: the next
+            // lookup meets the same damage and returns it, and verify names it.
+            match lock(&shared.attrs).catch_up_step(shared, visible) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break,
+            }
         }
-        let mut attrs = lock(&shared.attrs);
-        // A failure (damage in a record) is not this thread's to report: the next lookup
-        // meets the same damage and returns it, and verify names it.
-        let _ = attrs.catch_up(shared);
-        seen = visible;
     }
 }
 

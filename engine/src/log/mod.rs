@@ -767,9 +767,10 @@ impl Log {
         shared::lock(&self.shared.attrs).find(&self.shared, query)
     }
 
-    /// The first position whose record time is at or after `t` ([`Log::next_position`]
-    /// if none): record times never decrease along the log, so this splits it into the
-    /// records before `t` and those from `t` on.
+    /// The first position whose record time is at or after `t` (the next position if
+    /// none). Record times never decrease along the log (unless the clock went back across
+    /// a restart, docs/FORMAT.md section 5), so this splits it into the records before `t`
+    /// and those from `t` on.
     ///
     /// # Errors
     /// As [`Log::find`].

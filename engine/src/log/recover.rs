@@ -1079,6 +1079,7 @@ fn remove_tail(
             std::fs::remove_file(path)
                 .map_err(io("removing segment after the end of the log", path))?;
             let _ = std::fs::remove_file(shared.dir.join(seq.index_file_name()));
+            let _ = std::fs::remove_file(shared.dir.join(super::attrs::attr_file_name(*seq)));
         }
     }
     if !removed.is_empty() && !shared.read_only {

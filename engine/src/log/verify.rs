@@ -273,23 +273,31 @@ pub(crate) fn verify(
 /// give. Returns whether there was one.
 fn check_attrs(shared: &Shared, seg: &super::shared::SegmentHandle) -> Result<bool> {
     let path = shared.dir.join(super::attrs::attr_file_name(seg.seq));
-    let found = match std::fs::read(&path) {
-        Ok(b) => b,
+    let size = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io("reading attribute index", &path)(e)),
     };
     let expected = super::attrs::Attrs::expected_sidecar(shared, seg)?;
-    if let Some(at) =
-        (0..found.len().max(expected.len())).find(|&i| found.get(i) != expected.get(i))
-    {
+    // Compared by size first, so that a huge file is never read into memory.
+    let found = if size == expected.len() as u64 {
+        std::fs::read(&path).map_err(Error::io("reading attribute index", &path))?
+    } else {
+        Vec::new()
+    };
+    let differs = if size == expected.len() as u64 {
+        found.iter().zip(&expected).position(|(a, b)| a != b)
+    } else {
+        Some(0)
+    };
+    if let Some(at) = differs {
         return Err(corrupt(
             &path,
             at as u64,
             None,
             format!(
-                "attribute index does not match the records of segment {}: first difference at byte {at} ({} bytes found, {} expected)",
+                "attribute index does not match the records of segment {}: first difference at byte {at} ({size} bytes found, {} expected)",
                 seg.seq.0,
-                found.len(),
                 expected.len()
             ),
             None,
