@@ -16,14 +16,14 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use clap::Args;
 use serde_json::{Value, json};
+use tally_engine::format::PAGE_BYTES;
 use tally_engine::format::chain::{body_hash, chain_step};
 use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
 use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::format::proof::{InclusionProof, hex, parse_hex};
 use tally_engine::format::record::{RECORD_HEADER_LEN, RecordHeader};
 use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, nodes_for_chunks};
-use tally_engine::format::{PAGE_BYTES, Timestamp};
-use tally_engine::{Direction, Log, Position};
+use tally_engine::{Direction, Field, Log, Position, Query};
 
 use crate::ops::{
     Finding, KeyArg, checkpoint_json, event_json, open_writable_if_free, parse_time, read_pubkeys,
@@ -159,31 +159,15 @@ fn select(log: &Log, a: &ExtractArgs, size: u64) -> Result<Vec<Position>> {
         }
         return Ok(out);
     }
-    let (from_t, to_t) = match (&a.from_time, &a.to_time) {
-        (Some(f), Some(t)) => (parse_time(f)?, parse_time(t)?),
-        _ => (Timestamp(0), Timestamp(u64::MAX)),
-    };
-    let mut out = Vec::new();
-    let mut bad = None;
-    let checks = tally_engine::Verify::Checksums;
-    log.scan_range(Position(0), Position(size), checks, |r| {
-        let keep = match &a.correlation {
-            Some(c) => match r.envelope() {
-                Ok(e) => e.correlation_id == c,
-                Err(e) => {
-                    bad.get_or_insert(format!("position {}: {e}", r.position));
-                    false
-                }
-            },
-            None => r.record_time >= from_t && r.record_time < to_t,
-        };
-        if keep {
-            out.push(r.position);
-        }
-    })?;
-    if let Some(b) = bad {
-        bail!(Finding(b));
+    // Through the attribute indexes: the correlation's events, or the records of the
+    // record-time window, and nothing else.
+    let mut query = Query::all().positions(Position(0)..Position(size));
+    match (&a.correlation, &a.from_time, &a.to_time) {
+        (Some(c), _, _) => query.field = Some((Field::Correlation, c.as_str())),
+        (None, Some(f), Some(t)) => query = query.recorded(parse_time(f)?..parse_time(t)?),
+        _ => bail!("select events with --stream, --correlation or --from-time/--to-time"),
     }
+    let out: Vec<Position> = log.find(&query)?.iter().map(|e| e.position).collect();
     if out.is_empty() {
         bail!("no events match the selection among the {size} records the checkpoint covers");
     }

@@ -16,6 +16,7 @@
 mod audit;
 mod bench;
 mod demo;
+mod find;
 mod forensic;
 mod ops;
 mod remote;
@@ -74,6 +75,9 @@ enum Command {
     Info(remote::InfoArgs),
     /// Explain one stream: who did what, when and why (causation chain, correlated events).
     Audit(forensic::AuditArgs),
+    /// Find events by type, correlation id, causation id, actor or event id, in record-time
+    /// and event-time windows, through the attribute indexes.
+    Find(find::FindArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Command::Tail(a) => remote::tail(&a),
         Command::Info(a) => remote::info(&a),
         Command::Audit(a) => forensic::audit(&a),
+        Command::Find(a) => find::find(&a),
     };
     match result {
         Ok(code) => code,

@@ -220,6 +220,18 @@ fn client_commands_round_trip_through_a_server() {
     assert_eq!(v["events"].as_array().map(Vec::len), Some(2));
     assert_eq!(v["events"][0]["event"]["actor"], "alice");
 
+    // Index lookups through the server: alice's events, one per line.
+    let o = tally(&[
+        "find", "--server", a, "--actor", "alice", "--format", "jsonl",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty());
+    assert!(lines.iter().all(|v| v["actor"] == "alice"), "{lines:?}");
+
     // No server there: exit 2 and a message naming the address.
     drop(s);
     let o = tally(&["info", "--server", a]);

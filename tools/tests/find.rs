@@ -1,0 +1,123 @@
+//! `tally find`: index lookups on a data directory, compared with what was appended.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options, Timestamp};
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn jsonl(o: &Output) -> Vec<Value> {
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn positions(v: &[Value]) -> Vec<u64> {
+    v.iter().map(|e| e["position"].as_u64().unwrap()).collect()
+}
+
+/// 2026-11-23T00:00:00Z.
+const DAY: u64 = 1_795_392_000_000_000_000;
+const HOUR: u64 = 3_600_000_000_000;
+const N: u64 = 1500;
+
+#[test]
+fn find_selects_by_field_and_time_through_the_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            segment_bytes: 64 << 10,
+            durability: Durability::None,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    // 1,500 events over several segments: a type per position modulo 3, a correlation id
+    // shared by every 50th, one event an hour apart in event time from midnight.
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let ty = ["NEW", "AMEND", "SETTLE"][(i % 3) as usize];
+        let e = EventData::json(ty, format!(r#"{{"i":{i}}}"#))
+            .correlation_id(format!("deal-{}", i % 50))
+            .actor(if i % 2 == 0 { "alice" } else { "bob" })
+            .event_time(Timestamp(DAY + (i % 24) * HOUR));
+        let r = log
+            .append(&format!("trade-{}", i % 7), ExpectedVersion::Any, &[e])
+            .unwrap();
+        assert_eq!(r.first_position.0, i);
+        ids.push(
+            log.read_all(r.first_position, 1, tally_engine::Direction::Forward)
+                .unwrap()[0]
+                .event_id,
+        );
+    }
+    assert!(log.segments().len() > 2);
+    log.close().unwrap();
+    let d = dir.path().to_str().unwrap();
+
+    let got = jsonl(&tally(&[
+        "find",
+        d,
+        "--correlation",
+        "deal-7",
+        "--format",
+        "jsonl",
+    ]));
+    assert_eq!(positions(&got), (7..N).step_by(50).collect::<Vec<u64>>());
+    assert!(got.iter().all(|v| v["correlation_id"] == "deal-7"));
+
+    // AMEND events that happened between 03:00 and 05:00 (hours 3 and 4).
+    let got = jsonl(&tally(&[
+        "find",
+        d,
+        "--type",
+        "AMEND",
+        "--happened-from",
+        "2026-11-23T03:00:00Z",
+        "--happened-to",
+        "2026-11-23T05:00:00Z",
+        "--format",
+        "jsonl",
+    ]));
+    let want: Vec<u64> = (0..N)
+        .filter(|i| i % 3 == 1 && (3..5).contains(&(i % 24)))
+        .collect();
+    assert_eq!(positions(&got), want);
+
+    // By event id, and a limit.
+    let id = ids[123].to_string();
+    let got = jsonl(&tally(&["find", d, "--id", &id, "--format", "jsonl"]));
+    assert_eq!(positions(&got), [123]);
+    let got = jsonl(&tally(&[
+        "find", d, "--actor", "bob", "--limit", "5", "--from", "100", "--format", "jsonl",
+    ]));
+    assert_eq!(positions(&got), [101, 103, 105, 107, 109]);
+
+    // The table names the columns; two fields at once and an empty value are usage errors.
+    let o = tally(&["find", d, "--correlation", "deal-1"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("  position") && text.contains("deal-1"),
+        "{text}"
+    );
+    assert_eq!(
+        tally(&["find", d, "--actor", "a", "--type", "NEW"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(tally(&["find", d, "--actor", ""]).status.code(), Some(2));
+    assert_eq!(tally(&["find", d, "--id", "nope"]).status.code(), Some(2));
+}
