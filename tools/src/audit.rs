@@ -470,17 +470,20 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
         let name = seg.path.file_name().context("segment file name")?;
         let len = file_len(&seg.path)?;
         if seg.sealed && base + seg.record_count <= size {
-            // Sealed segments are immutable: a plain copy, with the index.
+            // Sealed segments are immutable: a plain copy, with the index and the attribute
+            // index (both derived; a restore that lacks them rebuilds them).
             copy_prefix(&seg.path, &a.dest.join(name), len, len, None)?;
-            let idx = seg.path.with_extension("idx");
-            if let Ok(n) = file_len(&idx) {
-                copy_prefix(
-                    &idx,
-                    &a.dest.join(idx.file_name().context("index name")?),
-                    n,
-                    n,
-                    None,
-                )?;
+            for ext in ["idx", "adx"] {
+                let side = seg.path.with_extension(ext);
+                if let Ok(n) = file_len(&side) {
+                    copy_prefix(
+                        &side,
+                        &a.dest.join(side.file_name().context("sidecar name")?),
+                        n,
+                        n,
+                        None,
+                    )?;
+                }
             }
         } else {
             // The segment the checkpoint ends in: its records up to the checkpoint.
