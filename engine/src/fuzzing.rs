@@ -70,6 +70,54 @@ pub fn open_index(data: &[u8]) {
     }
 }
 
+/// An attribute index sidecar, as given and with its trailing CRC made right (so that the
+/// checks after the checksum are reached), then every lookup it offers.
+pub fn open_attrs(data: &[u8]) {
+    use crate::format::Timestamp;
+    use crate::index::attrs::{ATTR_TRAILER_LEN, AttrSource, Field, SealedAttrs};
+    let mut fixed = data.to_vec();
+    if fixed.len() >= ATTR_TRAILER_LEN {
+        let end = fixed.len() - ATTR_TRAILER_LEN;
+        let crc = crc32fast::hash(&fixed[..end]);
+        fixed[end..].copy_from_slice(&crc.to_le_bytes());
+    }
+    for bytes in [data.to_vec(), fixed] {
+        let Ok(a) = SealedAttrs::open(Arc::new(bytes.clone())) else {
+            continue;
+        };
+        let n = a.record_count();
+        let to = u32::try_from(n).unwrap_or(u32::MAX);
+        // Hashes to look up: whatever 8-byte values the file holds at a few places.
+        let probes: Vec<u64> = (0..8)
+            .filter_map(|k| {
+                let at = (bytes.len() / 8) * k;
+                bytes
+                    .get(at..at + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            })
+            .collect();
+        for field in Field::ALL {
+            for &h in &probes {
+                let mut seen = 0u64;
+                a.each_key(field, h, 0, to, &mut |hit| {
+                    assert!(u64::from(hit.0) < n, "a hit outside the records");
+                    seen += 1;
+                    true
+                });
+                assert_eq!(seen, a.count_key(field, h, 0, to), "count and visit differ");
+            }
+        }
+        let mut times = 0u64;
+        a.each_event_time(Timestamp(0), Timestamp(u64::MAX), &mut |_| times += 1);
+        assert_eq!(times, n, "every record has an event time");
+        assert_eq!(a.count_event_time(Timestamp(0), Timestamp(u64::MAX)), n);
+        for &h in &probes {
+            a.each_type_event_time(h, Timestamp(0), Timestamp(u64::MAX), &mut |_| {});
+            let _ = a.first_at_or_after(Timestamp(h));
+        }
+    }
+}
+
 /// Segment header and footer pages and the identity file.
 pub fn decode_pages(data: &[u8]) {
     if let Ok(h) = SegmentHeader::decode_page(data) {

@@ -7,12 +7,13 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use tally_engine::fuzzing::{decode_pages, decode_record, open_index, recover_segment};
-use tally_engine::{EventData, ExpectedVersion, Log, Options};
+use tally_engine::fuzzing::{decode_pages, decode_record, open_attrs, open_index, recover_segment};
+use tally_engine::{EventData, ExpectedVersion, Log, Options, Query};
 
 struct Real {
     segment: Vec<u8>,
     index: Vec<u8>,
+    attrs: Vec<u8>,
 }
 
 fn real_files() -> &'static Real {
@@ -35,10 +36,13 @@ fn real_files() -> &'static Real {
                 .unwrap();
         }
         log.wait_sealed().unwrap();
+        // A lookup writes the sealed segments' attribute indexes.
+        log.find(&Query::all().limit(1)).unwrap();
         log.close().unwrap();
         Real {
             segment: std::fs::read(dir.path().join("00000000000000000000.seg")).unwrap(),
             index: std::fs::read(dir.path().join("00000000000000000000.idx")).unwrap(),
+            attrs: std::fs::read(dir.path().join("00000000000000000000.adx")).unwrap(),
         }
     })
 }
@@ -63,6 +67,7 @@ fn real_inputs_decode_and_round_trip() {
     decode_pages(&r.segment[..4096]);
     decode_pages(&r.segment[r.segment.len() - 4096..]);
     open_index(&r.index);
+    open_attrs(&r.attrs);
     recover_segment(&r.segment[4096..r.segment.len() - 4096]);
 }
 
@@ -73,6 +78,7 @@ proptest! {
     fn random_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..5000)) {
         decode_record(&data);
         open_index(&data);
+        open_attrs(&data);
         decode_pages(&data);
         recover_segment(&data);
     }
@@ -87,6 +93,7 @@ proptest! {
         decode_record(&mutate(records.clone(), &flips, cut));
         recover_segment(&mutate(records, &flips, cut));
         open_index(&mutate(r.index.clone(), &flips, cut));
+        open_attrs(&mutate(r.attrs.clone(), &flips, cut));
         decode_pages(&mutate(r.segment[..4096].to_vec(), &flips, cut));
         decode_pages(&mutate(r.segment[r.segment.len() - 4096..].to_vec(), &flips, cut));
     }
