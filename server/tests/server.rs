@@ -585,7 +585,12 @@ fn named_checkpoints_survive_a_restart() {
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_append() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Tallyd::start(dir.path(), &[]);
+    // Small segments: the load rolls several, so the attribute indexes checked after the
+    // restart come both from sealed segments' sidecars and from records indexed again.
+    let cfg = small_segments_config(dir.path());
+    let data = dir.path().join("data");
+    let args = ["--config", cfg.to_str().unwrap()];
+    let d = Tallyd::start(&data, &args);
     let acked = runtime().block_on(async {
         let mut tasks = Vec::new();
         for w in 0..8u64 {
@@ -599,7 +604,9 @@ fn sigkill_under_load_loses_no_acknowledged_append() {
                 let mut acked = Vec::new();
                 for i in 0u64.. {
                     let id = tally_engine::new_event_id();
-                    let ev = EventData::json("Tick", payload(i)).with_id(id);
+                    let ev = EventData::json("Tick", payload(i))
+                        .with_id(id)
+                        .correlation_id(format!("writer-{w}"));
                     let expected = if i == 0 {
                         ExpectedVersion::NoStream
                     } else {
@@ -627,7 +634,7 @@ fn sigkill_under_load_loses_no_acknowledged_append() {
         "the load ran ({} acknowledged)",
         acked.len()
     );
-    let d = Tallyd::start(dir.path(), &[]);
+    let d = Tallyd::start(&data, &args);
     runtime().block_on(async {
         let c = Client::connect(&d.addr).await.unwrap();
         let mut found = std::collections::HashMap::new();
@@ -650,6 +657,49 @@ fn sigkill_under_load_loses_no_acknowledged_append() {
                 found.get(pos),
                 Some(id),
                 "acknowledged append at {pos} survived"
+            );
+        }
+        // The indexes find every acknowledged event too: by its writer's correlation id,
+        // and (a sample) by its event id.
+        assert!(c.server_info().await.unwrap().segments > 1, "segments rolled");
+        let mut by_correlation = HashSet::new();
+        for w in 0..8u64 {
+            let mut q = protocol::FindQuery {
+                field: Some((tally_engine::Field::Correlation, format!("writer-{w}"))),
+                record_time: None,
+                event_time: None,
+                from: 0,
+                max: 4096,
+            };
+            loop {
+                let (es, next, end) = c.find(&q).await.unwrap();
+                by_correlation.extend(es.iter().map(|e| (e.position.0, e.event_id)));
+                if end {
+                    break;
+                }
+                q.from = next;
+            }
+        }
+        for (pos, id) in &acked {
+            assert!(
+                by_correlation.contains(&(*pos, *id)),
+                "acknowledged append at {pos} found by its correlation id"
+            );
+        }
+        for (pos, id) in acked.iter().step_by(acked.len() / 50 + 1) {
+            let q = protocol::FindQuery {
+                field: Some((tally_engine::Field::EventId, id.to_string())),
+                record_time: None,
+                event_time: None,
+                from: 0,
+                max: 10,
+            };
+            let (es, _, _) = c.find(&q).await.unwrap();
+            let got: Vec<(u64, EventId)> = es.iter().map(|e| (e.position.0, e.event_id)).collect();
+            assert_eq!(
+                got,
+                [(*pos, *id)],
+                "acknowledged append at {pos} found by its id"
             );
         }
     });
