@@ -661,7 +661,10 @@ fn sigkill_under_load_loses_no_acknowledged_append() {
         }
         // The indexes find every acknowledged event too: by its writer's correlation id,
         // and (a sample) by its event id.
-        assert!(c.server_info().await.unwrap().segments > 1, "segments rolled");
+        assert!(
+            c.server_info().await.unwrap().segments > 1,
+            "segments rolled"
+        );
         let mut by_correlation = HashSet::new();
         for w in 0..8u64 {
             let mut q = protocol::FindQuery {

@@ -522,6 +522,9 @@ impl Attrs {
 /// records to index first.
 pub(crate) fn indexer(shared: &Shared) {
     const POLL: Duration = Duration::from_millis(100);
+    // Indexing can lag: a lookup catches up on what the indexer has not done. Appends
+    // cannot wait, so they go first when the cores are busy.
+    crate::sys::lower_thread_priority();
     loop {
         {
             let wake = lock(&shared.indexer_wake);

@@ -309,6 +309,18 @@ pub(crate) fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Res
     sync_dir(dir)
 }
 
+/// Lowers the calling thread's scheduling priority (nice 10), for background work that must
+/// not take the CPU from appenders and the flusher when both cores are busy. Best effort:
+/// a failure leaves the priority as it was.
+pub(crate) fn lower_thread_priority() {
+    // SAFETY: `gettid` has no preconditions. `setpriority` with `PRIO_PROCESS` and a thread
+    // id changes that thread's nice value on Linux and touches no memory of ours.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
