@@ -222,6 +222,46 @@ pub fn correction_of(original: &dyn EventView, event_type: &str, json: &str) -> 
         .correlation_id(original.correlation_id())
 }
 
+/// An event that reverses `original` as a whole (a booking made in error): like
+/// [`correction_of`] it names the original in its causation id and keeps its correlation
+/// id, and its JSON payload carries what is reversed, so that the reversal reads on its own:
+/// `{"reverses": EVENT_ID, "type": ORIGINAL_TYPE, "version": ORIGINAL_STREAM_VERSION,
+/// "payload": ORIGINAL_PAYLOAD}` (the original's payload inline when it is JSON, else as a
+/// base64 string under `"payload_base64"`). The aggregate's handler of `event_type` undoes
+/// the original's effect.
+#[must_use]
+pub fn reversal_of(original: &dyn EventView, event_type: &str) -> EventData {
+    let payload = match serde_json::from_slice::<serde_json::Value>(original.payload()) {
+        Ok(v) if original.content_type() == crate::ContentType::Json => ("payload", v),
+        _ => (
+            "payload_base64",
+            serde_json::Value::String(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                original.payload(),
+            )),
+        ),
+    };
+    let mut body = serde_json::Map::new();
+    body.insert(
+        "reverses".into(),
+        serde_json::Value::String(original.event_id().to_string()),
+    );
+    body.insert(
+        "type".into(),
+        serde_json::Value::String(original.event_type().to_owned()),
+    );
+    body.insert(
+        "version".into(),
+        serde_json::Value::from(original.version()),
+    );
+    body.insert(payload.0.into(), payload.1);
+    correction_of(
+        original,
+        event_type,
+        &serde_json::Value::Object(body).to_string(),
+    )
+}
+
 /// Loads and saves aggregates of type `A` in one log.
 #[derive(Debug)]
 pub struct Repository<'a, A> {

@@ -45,6 +45,16 @@ impl Aggregate for Position {
                 self.cash -= q * p;
                 self.fills += 1;
             }
+            "FillReversed" => {
+                // Undoes the quoted original.
+                let v: serde_json::Value = serde_json::from_slice(e.payload()).unwrap();
+                let (q, p) = (
+                    v["payload"]["qty"].as_i64().ok_or("no quantity")?,
+                    v["payload"]["px"].as_i64().ok_or("no price")?,
+                );
+                self.quantity -= q;
+                self.cash += q * p;
+            }
             "Poison" => return Err("poison event".into()),
             other => return Err(format!("unknown event type {other}")),
         }
@@ -250,6 +260,55 @@ fn corrections_reference_the_original_and_history_keeps_both() {
         assert_eq!(c.aggregate_type(), "Trade");
     }
     assert_eq!(repo.load("trade-7").unwrap().state.quantity, 10);
+
+    // A whole booking reversed: the reversal quotes what it undoes.
+    let mut b = repo.load("trade-8").unwrap();
+    repo.save("trade-8", &mut b, &[fill(30, 7).correlation_id("desk-9")])
+        .unwrap();
+    let wrong = log
+        .read_stream("trade-8", 0, 1, Direction::Forward)
+        .unwrap()
+        .remove(0);
+    repo.save(
+        "trade-8",
+        &mut b,
+        &[tally_engine::aggregate::reversal_of(&wrong, "FillReversed")],
+    )
+    .unwrap();
+    let history = log
+        .read_stream("trade-8", 0, 10, Direction::Forward)
+        .unwrap();
+    assert_eq!(
+        history.len(),
+        2,
+        "the original stays; the reversal follows it"
+    );
+    let r = &history[1];
+    assert_eq!(r.causation_id(), wrong.event_id.to_string());
+    assert_eq!(r.correlation_id(), "desk-9");
+    let quoted: serde_json::Value = serde_json::from_slice(r.payload()).unwrap();
+    assert_eq!(quoted["reverses"], wrong.event_id.to_string());
+    assert_eq!(quoted["type"], "Fill");
+    assert_eq!(quoted["version"], 0);
+    assert_eq!(quoted["payload"], serde_json::json!({"qty": 30, "px": 7}));
+    let state = repo.load("trade-8").unwrap().state;
+    assert_eq!((state.quantity, state.cash), (0, 0));
+    // A binary original is quoted as base64.
+    let bin = log
+        .append(
+            "bin-1",
+            tally_engine::ExpectedVersion::Any,
+            &[EventData::new("Blob", vec![0xff, 0, 1])],
+        )
+        .unwrap();
+    let blob = log
+        .read_stream("bin-1", 0, 1, Direction::Forward)
+        .unwrap()
+        .remove(0);
+    assert_eq!(bin.first_version, 0);
+    let rev = tally_engine::aggregate::reversal_of(&blob, "BlobReversed");
+    let quoted: serde_json::Value = serde_json::from_slice(&rev.payload).unwrap();
+    assert_eq!(quoted["payload_base64"], "/wAB");
 }
 
 #[test]
