@@ -384,8 +384,8 @@ impl<'a, P: Projection> Projector<'a, P> {
     pub fn rebuild(&mut self) -> std::result::Result<(), ProjectionError> {
         self.status.state = ProjectionState::Rebuilding;
         let upto = self.log.next_position().0;
-        let fresh =
-            fold_range(self.log, &self.name, 0, upto, self.registry.as_ref()).inspect_err(|e| {
+        let fresh = fold_window_with(self.log, &self.name, 0, upto, self.registry.as_ref())
+            .inspect_err(|e| {
                 self.status.state = ProjectionState::Failed;
                 self.status.errors += 1;
                 self.status.last_error = Some(e.to_string());
@@ -411,11 +411,15 @@ pub fn fold_window<P: Projection>(
     from: u64,
     to: u64,
 ) -> std::result::Result<P, ProjectionError> {
-    fold_range(log, name, from, to, None)
+    fold_window_with(log, name, from, to, None)
 }
 
-/// [`fold_window`], showing events through `registry` when there is one.
-fn fold_range<P: Projection>(
+/// [`fold_window`], showing every event to the projection as its newest schema version
+/// through `registry` when there is one (see [`crate::schema`]).
+///
+/// # Errors
+/// [`ProjectionError`]; an event that cannot be upcast is an [`ProjectionError::Apply`].
+pub fn fold_window_with<P: Projection>(
     log: &Log,
     name: &str,
     from: u64,
@@ -423,18 +427,30 @@ fn fold_range<P: Projection>(
     registry: Option<&crate::schema::Registry>,
 ) -> std::result::Result<P, ProjectionError> {
     let mut state = P::initial();
-    each_projected_event(log, from, to, |e| match registry {
-        None => apply_to(&mut state, &e, name),
+    each_projected_event(log, from, to, |e| {
+        apply_viewed(&mut state, &e, name, registry)
+    })?;
+    Ok(state)
+}
+
+/// Folds one event into `state`, upcast through `registry` when there is one.
+pub(crate) fn apply_viewed<P: Projection>(
+    state: &mut P,
+    e: &RecordedEvent,
+    name: &str,
+    registry: Option<&crate::schema::Registry>,
+) -> std::result::Result<(), ProjectionError> {
+    match registry {
+        None => apply_to(state, e, name),
         Some(r) => {
-            let view = r.view(&e).map_err(|err| ProjectionError::Apply {
+            let view = r.view(e).map_err(|err| ProjectionError::Apply {
                 name: name.to_owned(),
                 position: e.position.0,
                 reason: err.to_string(),
             })?;
-            apply_to(&mut state, &view, name)
+            apply_to(state, &view, name)
         }
-    })?;
-    Ok(state)
+    }
 }
 
 /// Calls `visit` with every event of positions `from..to` outside `$` streams, in log
@@ -492,6 +508,19 @@ pub fn fold_as_of<P: Projection>(
     name: &str,
     as_of: crate::aggregate::AsOf,
 ) -> std::result::Result<P, ProjectionError> {
+    fold_as_of_with(log, name, as_of, None)
+}
+
+/// [`fold_as_of`], showing events through `registry` when there is one.
+///
+/// # Errors
+/// As [`fold_window_with`].
+pub fn fold_as_of_with<P: Projection>(
+    log: &Log,
+    name: &str,
+    as_of: crate::aggregate::AsOf,
+    registry: Option<&crate::schema::Registry>,
+) -> std::result::Result<P, ProjectionError> {
     let mut events = Vec::new();
     each_projected_event(log, 0, u64::MAX, |e| {
         if as_of.includes(&e) {
@@ -502,7 +531,7 @@ pub fn fold_as_of<P: Projection>(
     as_of.order(&mut events);
     let mut state = P::initial();
     for e in &events {
-        apply_to(&mut state, e, name)?;
+        apply_viewed(&mut state, e, name, registry)?;
     }
     Ok(state)
 }

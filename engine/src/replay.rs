@@ -18,7 +18,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
 use crate::format::checkpoint::SignatureError;
 use crate::log::{EventView, Log};
-use crate::projection::{Projection, ProjectionError, apply_to, each_projected_event};
+use crate::projection::{Projection, ProjectionError, apply_viewed, each_projected_event};
 
 /// A projection whose state splits into per-aggregate parts, so that a replay can say
 /// which aggregate diverged.
@@ -81,6 +81,21 @@ pub fn trace<P: Traced>(
     name: &str,
     to: u64,
 ) -> std::result::Result<(P, Trace), ProjectionError> {
+    trace_with(log, name, to, None)
+}
+
+/// [`trace`], showing every event to the projection as its newest schema version through
+/// `registry` when there is one, as a [`crate::projection::Projector`] with that registry
+/// does.
+///
+/// # Errors
+/// [`ProjectionError`].
+pub fn trace_with<P: Traced>(
+    log: &Log,
+    name: &str,
+    to: u64,
+    registry: Option<&crate::schema::Registry>,
+) -> std::result::Result<(P, Trace), ProjectionError> {
     let end = log.next_position().0;
     if to > end {
         // A trace must not claim positions the log does not have (a log that lost its
@@ -90,7 +105,7 @@ pub fn trace<P: Traced>(
     let mut state = P::initial();
     let mut steps = Vec::new();
     each_projected_event(log, 0, to, |e| {
-        apply_to(&mut state, &e, name)?;
+        apply_viewed(&mut state, &e, name, registry)?;
         if let Some(key) = P::key_of(&e) {
             let part_hash = *blake3::hash(&state.encode_part(&key)).as_bytes();
             steps.push(Step {
@@ -299,11 +314,25 @@ pub fn validate<P: Traced>(
     archive: &Archive,
     trusted: &[[u8; 32]],
 ) -> std::result::Result<Validation, ValidationError> {
+    validate_with::<P>(log, archive, trusted, None)
+}
+
+/// [`validate`], replaying through `registry` when there is one (as the run that made the
+/// archive did, if it read upcast events).
+///
+/// # Errors
+/// [`ValidationError`].
+pub fn validate_with<P: Traced>(
+    log: &Log,
+    archive: &Archive,
+    trusted: &[[u8; 32]],
+    registry: Option<&crate::schema::Registry>,
+) -> std::result::Result<Validation, ValidationError> {
     archive.verify(trusted)?;
     if archive.log_id != log.log_id() {
         return Err(ValidationError::OtherLog);
     }
-    let (_, replayed) = trace::<P>(log, &archive.projection, archive.next)?;
+    let (_, replayed) = trace_with::<P>(log, &archive.projection, archive.next, registry)?;
     Ok(match compare(&archive.trace, &replayed) {
         None => Validation::Identical {
             state_hash: replayed.state_hash,

@@ -247,26 +247,42 @@ impl Registry {
         loop {
             let page = log.read_stream(SCHEMA_STREAM, self.loaded, 256, Direction::Forward)?;
             for e in &page {
-                let s: Schema =
-                    serde_json::from_slice(e.payload()).map_err(|err| SchemaError::Invalid {
-                        event_type: SCHEMA_STREAM.into(),
-                        version: 0,
-                        field: String::new(),
-                        reason: format!(
-                            "registration at version {} does not decode: {err}",
-                            e.version
-                        ),
-                    })?;
-                self.schemas
-                    .entry(s.event_type.clone())
-                    .or_default()
-                    .push(s);
-                self.loaded = e.version + 1;
+                self.add_registration(e.version, e.payload())?;
             }
             if page.len() < 256 {
                 return Ok(());
             }
         }
+    }
+
+    /// The next version of the `$schemas` stream to read: registrations read so far.
+    #[must_use]
+    pub fn loaded(&self) -> u64 {
+        self.loaded
+    }
+
+    /// Adds the registration stored as event `version` of `$schemas` (its payload), as
+    /// [`Registry::refresh`] does for each: for a registry read through a server. Events
+    /// must come in order, from [`Registry::loaded`]; others are ignored.
+    ///
+    /// # Errors
+    /// [`SchemaError::Invalid`] for a payload that is not a schema.
+    pub fn add_registration(&mut self, version: u64, payload: &[u8]) -> Result<(), SchemaError> {
+        if version != self.loaded {
+            return Ok(());
+        }
+        let s: Schema = serde_json::from_slice(payload).map_err(|err| SchemaError::Invalid {
+            event_type: SCHEMA_STREAM.into(),
+            version: 0,
+            field: String::new(),
+            reason: format!("registration at version {version} does not decode: {err}"),
+        })?;
+        self.schemas
+            .entry(s.event_type.clone())
+            .or_default()
+            .push(s);
+        self.loaded = version + 1;
+        Ok(())
     }
 
     /// Whether any registered schema version asks for validation ([`Registry::check`] can

@@ -44,6 +44,41 @@ pub struct RemoteProjector<P> {
     since_checkpoint: u64,
     status: ProjectionStatus,
     sub: Option<Subscription>,
+    registry: Option<tally_engine::schema::Registry>,
+}
+
+/// Reads the server's schema registry (`$schemas`), for [`RemoteProjector::set_registry`].
+/// Upcasters are code: set them on the registry returned.
+///
+/// # Errors
+/// [`RemoteProjectionError::Client`]; a registration that does not decode is a
+/// [`RemoteProjectionError::Apply`] naming it.
+pub async fn load_registry(
+    client: &Client,
+) -> Result<tally_engine::schema::Registry, RemoteProjectionError> {
+    let mut registry = tally_engine::schema::Registry::default();
+    loop {
+        let (page, _, end) = client
+            .read_stream(
+                tally_engine::schema::SCHEMA_STREAM,
+                registry.loaded(),
+                256,
+                Direction::Forward,
+            )
+            .await?;
+        for e in &page {
+            registry
+                .add_registration(e.version, e.payload())
+                .map_err(|err| RemoteProjectionError::Apply {
+                    name: tally_engine::schema::SCHEMA_STREAM.to_owned(),
+                    position: e.position.0,
+                    reason: err.to_string(),
+                })?;
+        }
+        if end || page.is_empty() {
+            return Ok(registry);
+        }
+    }
 }
 
 impl<P> std::fmt::Debug for RemoteProjector<P> {
@@ -95,7 +130,74 @@ impl<P: Projection> RemoteProjector<P> {
             since_checkpoint: 0,
             status: ProjectionStatus::opened(next, checkpoint),
             sub: None,
+            registry: None,
         })
+    }
+
+    /// Shows every event to the projection as its newest schema version, as the embedded
+    /// `Projector::set_registry` does ([`load_registry`] reads the server's).
+    pub fn set_registry(&mut self, registry: tally_engine::schema::Registry) {
+        self.registry = Some(registry);
+    }
+
+    /// Folds one event into `state`, through the registry when there is one.
+    fn apply_to(&self, state: &mut P, e: &dyn EventView) -> Result<(), String> {
+        match &self.registry {
+            None => state.apply(e),
+            Some(r) => {
+                let view = r.view(e).map_err(|err| err.to_string())?;
+                state.apply(&view)
+            }
+        }
+    }
+
+    fn refused(&mut self, position: u64, reason: String) -> RemoteProjectionError {
+        self.status.state = ProjectionState::Failed;
+        self.status.errors += 1;
+        self.status.last_error = Some(reason.clone());
+        RemoteProjectionError::Apply {
+            name: self.name.clone(),
+            position,
+            reason,
+        }
+    }
+
+    /// Rebuilds the state from the first event into a new state, read from the server
+    /// while the current one keeps serving readers, then replaces it and checkpoints; the
+    /// next [`RemoteProjector::run_until`] goes on from there. For a changed handler, or a
+    /// state in doubt.
+    ///
+    /// # Errors
+    /// [`RemoteProjectionError`]; on an error the old state keeps serving.
+    pub async fn rebuild(&mut self) -> Result<(), RemoteProjectionError> {
+        self.status.state = ProjectionState::Rebuilding;
+        let upto = self.client.server_info().await?.next_position;
+        let mut fresh = P::initial();
+        let mut from = 0;
+        while from < upto {
+            let (page, next, end) = self
+                .client
+                .read_all(from, 4096, Direction::Forward, &Filter::default())
+                .await?;
+            for e in page.iter().filter(|e| e.position.0 < upto) {
+                if e.stream().starts_with('$') {
+                    continue;
+                }
+                if let Err(reason) = self.apply_to(&mut fresh, e as &dyn EventView) {
+                    return Err(self.refused(e.position.0, reason));
+                }
+            }
+            if end || next <= from {
+                break;
+            }
+            from = next;
+        }
+        *self.state.write() = fresh;
+        self.next = upto;
+        self.sub = None;
+        self.checkpoint().await?;
+        self.status.state = ProjectionState::Stopped;
+        Ok(())
     }
 
     /// The state, for readers on any thread.
@@ -168,17 +270,11 @@ impl<P: Projection> RemoteProjector<P> {
             };
             let position = e.position.0;
             if !e.stream().starts_with('$') {
-                let applied = self.state.write().apply(&e as &dyn EventView);
+                let state = std::sync::Arc::clone(&self.state);
+                let applied = self.apply_to(&mut state.write(), &e as &dyn EventView);
                 if let Err(reason) = applied {
-                    self.status.state = ProjectionState::Failed;
-                    self.status.errors += 1;
-                    self.status.last_error = Some(reason.clone());
                     self.sub = None;
-                    return Err(RemoteProjectionError::Apply {
-                        name: self.name.clone(),
-                        position,
-                        reason,
-                    });
+                    return Err(self.refused(position, reason));
                 }
                 self.status.events_applied += 1;
                 self.since_checkpoint += 1;

@@ -134,3 +134,138 @@ fn a_projection_runs_remote_and_embedded_and_resumes_from_either() {
         assert_eq!(p.shared_state().read().0, want);
     });
 }
+
+/// `(quantity, unit)` of every `Qty` event, in order; refuses an event without a unit.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Units(Vec<(String, String)>);
+
+impl Projection for Units {
+    const STATE_VERSION: u32 = 1;
+
+    fn initial() -> Units {
+        Units::default()
+    }
+
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(e.payload()).map_err(|e| e.to_string())?;
+        let q = v["qty"].as_str().ok_or("no qty")?;
+        let u = v["unit"].as_str().ok_or("no unit")?;
+        self.0.push((q.to_owned(), u.to_owned()));
+        Ok(())
+    }
+
+    fn encode_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.0).unwrap()
+    }
+
+    fn decode_state(bytes: &[u8]) -> Option<Units> {
+        serde_json::from_slice(bytes).ok().map(Units)
+    }
+}
+
+#[test]
+fn a_remote_projection_upcasts_rebuilds_and_reports_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    let opts = ProjectorOptions {
+        checkpoint_every: 4,
+    };
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        c.register_schema(
+            r#"{"event_type":"Qty","version":1,"validate":true,
+                "fields":[{"name":"qty","kind":"decimal","required":true}]}"#,
+        )
+        .await
+        .unwrap();
+        let qty = |version: u32, body: String| {
+            let mut e = EventData::json("Qty", body);
+            e.schema_version = version;
+            e
+        };
+        for i in 0..5 {
+            c.append(
+                "lot-a",
+                ExpectedVersion::Any,
+                vec![qty(1, format!(r#"{{"qty":"{i}"}}"#))],
+            )
+            .await
+            .unwrap();
+        }
+        // Version 2 adds a unit, with a default for older events.
+        c.register_schema(
+            r#"{"event_type":"Qty","version":2,"validate":true,
+                "fields":[{"name":"qty","kind":"decimal","required":true},
+                          {"name":"unit","kind":"string","required":true,"default":"lots"}]}"#,
+        )
+        .await
+        .unwrap();
+        for i in 5..8 {
+            c.append(
+                "lot-b",
+                ExpectedVersion::Any,
+                vec![qty(2, format!(r#"{{"qty":"{i}","unit":"mwh"}}"#))],
+            )
+            .await
+            .unwrap();
+        }
+        let end = c.server_info().await.unwrap().next_position;
+
+        // Without the registry the handler meets version 1 payloads and refuses them: the
+        // status says so, and the projection stays at the event.
+        let mut p = RemoteProjector::<Units>::open(&c, "units", opts)
+            .await
+            .unwrap();
+        let err = p.run_until(end, Duration::from_secs(10)).await.unwrap_err();
+        assert!(err.to_string().contains("no unit"), "{err}");
+        let s = p.status();
+        assert_eq!(s.state, tally_engine::projection::ProjectionState::Failed);
+        assert_eq!((s.errors, s.events_applied), (1, 0));
+        assert_eq!(s.last_error.as_deref(), Some("no unit"));
+        let first_qty = c
+            .read_stream("lot-a", 0, 1, tally_engine::Direction::Forward)
+            .await
+            .unwrap()
+            .0[0]
+            .position
+            .0;
+        assert_eq!(s.position, first_qty);
+
+        // With the server's registry every event arrives as version 2.
+        let registry = tally_server::projection::load_registry(&c).await.unwrap();
+        let mut p = RemoteProjector::<Units>::open(&c, "units", opts)
+            .await
+            .unwrap();
+        p.set_registry(registry.clone());
+        p.run_until(end, Duration::from_secs(10)).await.unwrap();
+        let want: Vec<(String, String)> = (0..8)
+            .map(|i| (i.to_string(), if i < 5 { "lots" } else { "mwh" }.to_owned()))
+            .collect();
+        assert_eq!(p.shared_state().read().0, want);
+
+        // A rebuild reads everything again into a new state, swaps it in and checkpoints;
+        // following events go on from there.
+        p.rebuild().await.unwrap();
+        assert_eq!(p.shared_state().read().0, want);
+        let s = p.status();
+        let at = c.server_info().await.unwrap().next_position;
+        assert_eq!(s.checkpoint, Some(s.position));
+        assert!(s.position <= at);
+        c.append(
+            "lot-b",
+            ExpectedVersion::Any,
+            vec![qty(2, r#"{"qty":"8","unit":"t"}"#.into())],
+        )
+        .await
+        .unwrap();
+        let end = c.server_info().await.unwrap().next_position;
+        p.run_until(end, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            p.shared_state().read().0.last(),
+            Some(&("8".to_owned(), "t".to_owned()))
+        );
+        assert_eq!(p.shared_state().read().0.len(), 9);
+    });
+    assert!(d.terminate().success());
+}
