@@ -166,8 +166,31 @@ pub struct Projector<'a, P> {
     next: u64,
     opts: ProjectorOptions,
     since_checkpoint: u64,
-    status: ProjectionStatus,
+    status: StatusHandle,
     registry: Option<crate::schema::Registry>,
+}
+
+/// A projector's status, readable on any thread while the projector runs (a rebuild shows
+/// [`ProjectionState::Rebuilding`] to readers while the old state serves them).
+#[derive(Clone, Debug)]
+pub struct StatusHandle(Arc<parking_lot::Mutex<ProjectionStatus>>);
+
+impl StatusHandle {
+    /// A handle holding `status`.
+    #[must_use]
+    pub fn new(status: ProjectionStatus) -> StatusHandle {
+        StatusHandle(Arc::new(parking_lot::Mutex::new(status)))
+    }
+
+    /// The status now.
+    #[must_use]
+    pub fn get(&self) -> ProjectionStatus {
+        self.0.lock().clone()
+    }
+
+    fn lock(&self) -> parking_lot::MutexGuard<'_, ProjectionStatus> {
+        self.0.lock()
+    }
 }
 
 /// The checkpoint stream of projection `name`.
@@ -238,7 +261,7 @@ impl<'a, P: Projection> Projector<'a, P> {
             next,
             opts,
             since_checkpoint: 0,
-            status: ProjectionStatus::opened(next, checkpoint),
+            status: StatusHandle::new(ProjectionStatus::opened(next, checkpoint)),
             registry: None,
         })
     }
@@ -252,9 +275,18 @@ impl<'a, P: Projection> Projector<'a, P> {
     /// The status.
     #[must_use]
     pub fn status(&self) -> ProjectionStatus {
-        let mut s = self.status.clone();
-        s.position = self.next;
-        s
+        self.status.get()
+    }
+
+    /// The status, for readers on any thread.
+    #[must_use]
+    pub fn status_handle(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    fn set_next(&mut self, next: u64) {
+        self.next = next;
+        self.status.lock().position = next;
     }
 
     /// Shows every event to the projection as its newest schema version (see
@@ -278,22 +310,22 @@ impl<'a, P: Projection> Projector<'a, P> {
         if !is_system(e)
             && let Err(reason) = self.apply_event(e)
         {
-            self.status.state = ProjectionState::Failed;
-            self.status.errors += 1;
-            self.status.last_error = Some(reason.clone());
+            self.status.lock().state = ProjectionState::Failed;
+            self.status.lock().errors += 1;
+            self.status.lock().last_error = Some(reason.clone());
             return Err(ProjectionError::Apply {
                 name: self.name.clone(),
                 position: e.position.0,
                 reason,
             });
         }
-        self.next = e.position.0 + 1;
+        self.set_next(e.position.0 + 1);
         if is_system(e) {
             // Bookkeeping (this projection's own checkpoints among it) neither counts nor
             // calls for a checkpoint.
             return Ok(());
         }
-        self.status.events_applied += 1;
+        self.status.lock().events_applied += 1;
         self.since_checkpoint += 1;
         if self.since_checkpoint >= self.opts.checkpoint_every.max(1) {
             self.checkpoint()?;
@@ -307,8 +339,8 @@ impl<'a, P: Projection> Projector<'a, P> {
     /// # Errors
     /// [`ProjectionError`]; after a refusal the projection stays at the refused event.
     pub fn catch_up(&mut self) -> std::result::Result<u64, ProjectionError> {
-        self.status.state = ProjectionState::Running;
-        let before = self.status.events_applied;
+        self.status.lock().state = ProjectionState::Running;
+        let before = self.status.lock().events_applied;
         loop {
             let page = self
                 .log
@@ -323,7 +355,7 @@ impl<'a, P: Projection> Projector<'a, P> {
         if self.since_checkpoint > 0 {
             self.checkpoint()?;
         }
-        Ok(self.status.events_applied - before)
+        Ok(self.status.lock().events_applied - before)
     }
 
     /// Folds events as they become visible until `stop` is set (checked at least every
@@ -351,7 +383,7 @@ impl<'a, P: Projection> Projector<'a, P> {
         if self.since_checkpoint > 0 {
             self.checkpoint()?;
         }
-        self.status.state = ProjectionState::Stopped;
+        self.status.lock().state = ProjectionState::Stopped;
         Ok(())
     }
 
@@ -371,7 +403,7 @@ impl<'a, P: Projection> Projector<'a, P> {
             &[EventData::new(CHECKPOINT_EVENT_TYPE, payload)],
         )?;
         self.since_checkpoint = 0;
-        self.status.checkpoint = Some(self.next);
+        self.status.lock().checkpoint = Some(self.next);
         Ok(())
     }
 
@@ -382,16 +414,26 @@ impl<'a, P: Projection> Projector<'a, P> {
     /// # Errors
     /// As [`Projector::catch_up`]; on an error the old state keeps serving.
     pub fn rebuild(&mut self) -> std::result::Result<(), ProjectionError> {
-        self.status.state = ProjectionState::Rebuilding;
+        self.rebuild_from(0)
+    }
+
+    /// [`Projector::rebuild`] over the events from position `from` on only: a read model
+    /// of a window of history (the day's P&L from the day's first position), built while
+    /// the current state serves, then swapped in and checkpointed, and followed from there.
+    ///
+    /// # Errors
+    /// As [`Projector::rebuild`].
+    pub fn rebuild_from(&mut self, from: u64) -> std::result::Result<(), ProjectionError> {
+        self.status.lock().state = ProjectionState::Rebuilding;
         let upto = self.log.next_position().0;
-        let fresh = fold_window_with(self.log, &self.name, 0, upto, self.registry.as_ref())
+        let fresh = fold_window_with(self.log, &self.name, from, upto, self.registry.as_ref())
             .inspect_err(|e| {
-                self.status.state = ProjectionState::Failed;
-                self.status.errors += 1;
-                self.status.last_error = Some(e.to_string());
+                self.status.lock().state = ProjectionState::Failed;
+                self.status.lock().errors += 1;
+                self.status.lock().last_error = Some(e.to_string());
             })?;
         *self.state.write() = fresh;
-        self.next = upto;
+        self.set_next(upto);
         self.since_checkpoint = 0;
         self.checkpoint()?;
         // Events that arrived during the rebuild.

@@ -287,3 +287,87 @@ fn a_projection_as_of_a_record_time_and_an_event_time() {
         Some(5)
     );
 }
+
+/// Counts events, each worth `GATED_WEIGHT`; while `GATED_ARMED`, the event of type `Gate`
+/// meets the test at `GATED_BARRIER` twice (so the test can look while a rebuild is
+/// halfway).
+#[derive(Debug, Default)]
+struct Gated(i64);
+
+static GATED_WEIGHT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+static GATED_ARMED: AtomicBool = AtomicBool::new(false);
+static GATED_BARRIER: std::sync::LazyLock<std::sync::Barrier> =
+    std::sync::LazyLock::new(|| std::sync::Barrier::new(2));
+
+impl Projection for Gated {
+    const STATE_VERSION: u32 = 1;
+
+    fn initial() -> Gated {
+        Gated(0)
+    }
+
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+        if e.event_type() == "Gate" && GATED_ARMED.load(Ordering::SeqCst) {
+            GATED_BARRIER.wait();
+            GATED_BARRIER.wait();
+        }
+        self.0 += GATED_WEIGHT.load(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn encode_state(&self) -> Vec<u8> {
+        self.0.to_le_bytes().to_vec()
+    }
+
+    fn decode_state(b: &[u8]) -> Option<Gated> {
+        Some(Gated(i64::from_le_bytes(b.try_into().ok()?)))
+    }
+}
+
+#[test]
+fn readers_see_the_old_state_and_the_rebuilding_status_while_a_rebuild_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let ev = |t: &str| EventData::new(t, b"x".to_vec());
+    for i in 0..300 {
+        let t = if i == 150 { "Gate" } else { "Tick" };
+        log.append("g", ExpectedVersion::Any, &[ev(t)]).unwrap();
+    }
+    let mut p = Projector::<Gated>::open(&log, "gated", ProjectorOptions::default()).unwrap();
+    p.catch_up().unwrap();
+    let state = p.shared_state();
+    let status = p.status_handle();
+    assert_eq!(state.read().0, 300);
+    assert_eq!(status.get().state, ProjectionState::Running);
+
+    // A changed handler (each event worth 10), rebuilt on another thread.
+    GATED_WEIGHT.store(10, Ordering::SeqCst);
+    GATED_ARMED.store(true, Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let rebuild = s.spawn(|| p.rebuild());
+        // The rebuild has folded the first 150 events into its new state.
+        GATED_BARRIER.wait();
+        assert_eq!(status.get().state, ProjectionState::Rebuilding);
+        assert_eq!(
+            state.read().0,
+            300,
+            "the old state serves during the rebuild"
+        );
+        GATED_BARRIER.wait();
+        rebuild.join().unwrap().unwrap();
+    });
+    GATED_ARMED.store(false, Ordering::SeqCst);
+    assert_eq!(state.read().0, 3000, "the rebuilt state replaced it");
+    let s = p.status();
+    assert_eq!(s.state, ProjectionState::Running);
+    // 300 events and the first checkpoint's event: the rebuild's checkpoint covers them.
+    assert_eq!(s.checkpoint, Some(301));
+    assert_eq!(status.get(), s);
+
+    // A rebuild over a window: only the events from position 200 on.
+    p.rebuild_from(200).unwrap();
+    assert_eq!(state.read().0, 1000);
+    GATED_WEIGHT.store(1, Ordering::SeqCst);
+    let reopened = Projector::<Gated>::open(&log, "gated", ProjectorOptions::default()).unwrap();
+    assert_eq!(reopened.shared_state().read().0, 1000, "checkpointed");
+}
