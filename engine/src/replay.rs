@@ -290,6 +290,113 @@ impl Archive {
     }
 }
 
+/// The tag of an archive file's `format` field.
+pub const ARCHIVE_FORMAT: &str = "tally-projection-archive-v1";
+
+impl Archive {
+    /// The archive as a JSON document (docs/EXTRACT.md, "Projection archive"): every
+    /// field, the state in base64 and the whole trace, so that [`Archive::from_json`] gives
+    /// back an archive that [`validate`] can check later, on another machine.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        use crate::format::proof::hex;
+        use base64::Engine as _;
+        let steps: Vec<serde_json::Value> = self
+            .trace
+            .steps
+            .iter()
+            .map(|s| serde_json::json!([s.position, s.key, hex(&s.part_hash)]))
+            .collect();
+        serde_json::json!({
+            "format": ARCHIVE_FORMAT,
+            "projection": self.projection,
+            "log_id": hex(&self.log_id),
+            "next": self.next,
+            "state_version": self.state_version,
+            "code_version": self.code_version,
+            "schema_versions": self.schema_versions,
+            "state_hash": hex(&self.state_hash),
+            "trace_digest": hex(&self.trace_digest),
+            "state_base64": base64::engine::general_purpose::STANDARD.encode(&self.state),
+            "trace": {
+                "next": self.trace.next,
+                "state_hash": hex(&self.trace.state_hash),
+                "steps": steps,
+            },
+            "public_key": hex(&self.public_key),
+            "signature": hex(&self.signature),
+        })
+        .to_string()
+    }
+
+    /// Reads an archive written by [`Archive::to_json`]. It is not verified: call
+    /// [`Archive::verify`] (or [`validate`], which does) before trusting it.
+    ///
+    /// # Errors
+    /// A message naming the first field that is missing or malformed.
+    pub fn from_json(text: &str) -> std::result::Result<Archive, String> {
+        use crate::format::proof::parse_hex;
+        use base64::Engine as _;
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let s = |k: &str| {
+            v[k].as_str()
+                .ok_or_else(|| format!("missing or not a string: {k}"))
+        };
+        let n = |x: &serde_json::Value, k: &str| {
+            x[k].as_u64()
+                .ok_or_else(|| format!("missing or not a number: {k}"))
+        };
+        fn h<const N: usize>(
+            x: &serde_json::Value,
+            k: &str,
+        ) -> std::result::Result<[u8; N], String> {
+            x[k].as_str()
+                .and_then(parse_hex::<N>)
+                .ok_or_else(|| format!("missing or not {} hex digits: {k}", 2 * N))
+        }
+        if s("format")? != ARCHIVE_FORMAT {
+            return Err(format!("not a {ARCHIVE_FORMAT} document"));
+        }
+        let t = &v["trace"];
+        let steps = t["steps"]
+            .as_array()
+            .ok_or("missing or not an array: trace.steps")?
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let bad = || format!("trace.steps[{i}] is not [position, key, part hash]");
+                let a = step.as_array().filter(|a| a.len() == 3).ok_or_else(bad)?;
+                Ok(Step {
+                    position: a[0].as_u64().ok_or_else(bad)?,
+                    key: a[1].as_str().ok_or_else(bad)?.to_owned(),
+                    part_hash: a[2].as_str().and_then(parse_hex::<32>).ok_or_else(bad)?,
+                })
+            })
+            .collect::<std::result::Result<Vec<Step>, String>>()?;
+        Ok(Archive {
+            projection: s("projection")?.to_owned(),
+            log_id: h(&v, "log_id")?,
+            next: n(&v, "next")?,
+            state_version: u32::try_from(n(&v, "state_version")?)
+                .map_err(|_| "state_version is not a u32".to_owned())?,
+            code_version: s("code_version")?.to_owned(),
+            schema_versions: s("schema_versions")?.to_owned(),
+            state_hash: h(&v, "state_hash")?,
+            trace_digest: h(&v, "trace_digest")?,
+            state: base64::engine::general_purpose::STANDARD
+                .decode(s("state_base64")?)
+                .map_err(|e| format!("state_base64: {e}"))?,
+            trace: Trace {
+                steps,
+                next: n(t, "next")?,
+                state_hash: h(t, "state_hash")?,
+            },
+            public_key: h(&v, "public_key")?,
+            signature: h(&v, "signature")?,
+        })
+    }
+}
+
 /// The outcome of validating an archive against the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Validation {

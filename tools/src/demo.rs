@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -177,6 +177,17 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     b.set_message(what.to_owned());
+    b
+}
+
+/// A spinner for a step whose length is not known in advance (hidden off a terminal).
+fn spinner(what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new_spinner();
+    b.set_message(what.to_owned());
+    b.enable_steady_tick(std::time::Duration::from_millis(100));
     b
 }
 
@@ -416,13 +427,29 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             checkpoint_every: 1000,
         },
     )?;
-    projector.catch_up()?;
+    // Progress from the projector's status, read on another thread while it folds.
+    let bar = progress(log.next_position().0, "positions and P&L");
+    let status = projector.status_handle();
+    let folding = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while folding.load(std::sync::atomic::Ordering::Relaxed) {
+                bar.set_position(status.get().position);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let folded = projector.catch_up();
+        folding.store(false, std::sync::atomic::Ordering::Relaxed);
+        folded
+    })?;
+    bar.finish_and_clear();
     let positions = projector.shared_state();
     let table = positions.read().table();
     timings.insert("projection_ms", started.elapsed().as_millis());
 
     // 3. Replay from scratch, archive, validate.
     let started = Instant::now();
+    let bar = spinner("replaying from scratch and validating");
     let key_text = std::fs::read_to_string(dir.join(tally_engine::KEY_FILE))
         .context("reading the log's signing key")?;
     let key = tally_engine::format::checkpoint::decode_secret_key(&key_text)?;
@@ -439,13 +466,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         run,
         &key,
     );
-    write_archive(&dir.join("positions.archive.json"), &archive)?;
+    let archive_file = dir.join("positions.archive.json");
+    std::fs::write(&archive_file, archive.to_json())
+        .with_context(|| format!("writing {}", archive_file.display()))?;
     let snapshots = count_prefix(&log, "$snapshot-")?;
     let positions_read = log.next_position().0;
     let checkpoint = projector.status().checkpoint;
     log.close()?;
-    // The archive is checked against a second replay, from the log as reopened from disk,
-    // and signed by the key the operator trusts: what an auditor would run later.
+    // The archive, read back from its file, is checked against a second replay, from the
+    // log as reopened from disk, and signed by the key the operator trusts: what an
+    // auditor would run later.
+    let archive = Archive::from_json(
+        &std::fs::read_to_string(&archive_file)
+            .with_context(|| format!("reading {}", archive_file.display()))?,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", archive_file.display()))?;
     let reopened = Log::open(
         &dir,
         Options {
@@ -457,6 +492,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let validation = validate::<Positions>(&reopened, &archive, &[key.verifying_key().to_bytes()])?;
     let identical = matches!(validation, Validation::Identical { .. });
     drop(reopened);
+    bar.finish_and_clear();
     timings.insert("replay_validation_ms", started.elapsed().as_millis());
 
     // 4. Forensics and the audit extract, through the tool's own commands.
@@ -550,25 +586,6 @@ fn count_prefix(log: &Log, prefix: &str) -> anyhow::Result<u64> {
         }
     })?;
     Ok(n)
-}
-
-fn write_archive(path: &Path, a: &Archive) -> anyhow::Result<()> {
-    let v = json!({
-        "projection": a.projection,
-        "log_id": hex(&a.log_id),
-        "next": a.next,
-        "state_version": a.state_version,
-        "code_version": a.code_version,
-        "schema_versions": a.schema_versions,
-        "state_hash": hex(&a.state_hash),
-        "trace_digest": hex(&a.trace_digest),
-        "trace_steps": a.trace.steps.len(),
-        "public_key": hex(&a.public_key),
-        "signature": hex(&a.signature),
-        "state": String::from_utf8_lossy(&a.state),
-    });
-    std::fs::write(path, serde_json::to_vec_pretty(&v)?)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn print_report(r: &Value, forensic: &str) {

@@ -71,12 +71,12 @@ fn the_demo_report_matches_an_independent_computation() {
         let Some(last) = page.last() else { break };
         next = last.position.0 + 1;
         for e in &page {
+            *counted.entry(e.event_type().to_owned()).or_default() += 1;
             let p: serde_json::Value = match serde_json::from_slice(e.payload()) {
                 Ok(v) => v,
                 Err(_) => continue,
             };
             let id = e.stream().strip_prefix("trade-").map(str::to_owned);
-            *counted.entry(e.event_type().to_owned()).or_default() += 1;
             let mut close = |id: &str, x: Decimal, trades: &mut BTreeMap<String, Open>| {
                 let t = trades.get_mut(id).unwrap();
                 let m = marks.get(&t.instrument).copied().unwrap_or(t.price);
@@ -177,4 +177,23 @@ fn the_demo_report_matches_an_independent_computation() {
     );
     assert_eq!(r["prices"].as_u64().unwrap(), counted["PRICE"]);
     assert_eq!(counted["NEW"], 250, "duplicates were absorbed, not written");
+    assert!(r["duplicates_absorbed"].as_u64().unwrap() > 0);
+    let n = |k: &str| r[k].as_u64().unwrap();
+    let got = |t: &str| counted.get(t).copied().unwrap_or(0);
+    let business: u64 = counted
+        .iter()
+        .filter(|(t, _)| !t.starts_with('$'))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(n("events"), business, "every business event, once");
+    // The correction is an AMEND too.
+    assert_eq!(n("amendments") + n("corrections"), got("AMEND"));
+    assert_eq!(n("novations"), got("NOVATE"));
+    assert_eq!(n("exercises"), got("EXERCISE"));
+    assert_eq!(n("snapshots"), got("$Snapshot"));
+    assert_eq!(
+        n("log_records_including_snapshots_and_checkpoints"),
+        counted.values().sum::<u64>(),
+        "{counted:?}"
+    );
 }
