@@ -220,6 +220,54 @@ fn client_commands_round_trip_through_a_server() {
     assert_eq!(v["events"].as_array().map(Vec::len), Some(2));
     assert_eq!(v["events"][0]["event"]["actor"], "alice");
 
+    // The "why" through the server: an order causes a booking, which causes an amendment,
+    // all under one correlation id; the audit of the trade walks the causation chain back
+    // to the order and lists the correlated events of both streams.
+    let append = |stream: &str, ty: &str, actor: &str, cause: &str| {
+        let o = tally(&[
+            "append",
+            "--server",
+            a,
+            stream,
+            "--type",
+            ty,
+            "--data",
+            "{}",
+            "--actor",
+            actor,
+            "--correlation-id",
+            "deal-77",
+            "--causation-id",
+            cause,
+        ]);
+        assert!(o.status.success(), "{o:?}");
+        let o = tally(&["read", "--server", a, stream, "--json"]);
+        let last: serde_json::Value =
+            serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+        last["event_id"].as_str().unwrap().to_owned()
+    };
+    let order = append("order-77", "ORDER", "carol", "");
+    let booked = append("trade-77", "NEW", "dave", &order);
+    append("trade-77", "AMEND", "erin", &booked);
+    let o = tally(&["audit", "--server", a, "--stream", "trade-77", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let chain: Vec<&str> = v["events"][1]["why"]["causation_chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(chain, ["NEW", "ORDER"]);
+    let correlated: Vec<&str> = v["events"][1]["why"]["correlated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(correlated, ["order-77", "trade-77"]);
+    assert_eq!(v["events_read"], 2 + 3 + 2, "{v}");
+
     // Index lookups through the server: alice's events, one per line.
     let o = tally(&[
         "find", "--server", a, "--actor", "alice", "--format", "jsonl",
