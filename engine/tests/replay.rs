@@ -51,8 +51,17 @@ impl Projection for Net {
             .into_bytes()
     }
 
-    fn decode_state(_: &[u8]) -> Option<Net> {
-        None
+    fn decode_state(b: &[u8]) -> Option<Net> {
+        let mut m = BTreeMap::new();
+        for part in std::str::from_utf8(b)
+            .ok()?
+            .split(';')
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = part.split_once('=')?;
+            m.insert(k.to_owned(), v.parse().ok()?);
+        }
+        Some(Net(m))
     }
 }
 
@@ -199,4 +208,59 @@ fn an_archive_written_as_json_reads_back_and_validates_later() {
     wrong["format"] = serde_json::json!("something-else");
     let err = tally_engine::replay::Archive::from_json(&wrong.to_string()).unwrap_err();
     assert!(err.contains("tally-projection-archive-v1"), "{err}");
+}
+
+#[test]
+fn a_window_between_two_archives_replays_from_the_earlier_state_only() {
+    use tally_engine::replay::validate_window;
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_with_fills(dir.path());
+    let key = SigningKey::from_bytes(&[3; 32]);
+    let earlier = archive_now(&log, &key);
+    for i in 0..100i64 {
+        log.append(
+            &format!("u-{i}"),
+            ExpectedVersion::NoStream,
+            &[EventData::new(
+                "Fill",
+                format!("book-{}:{}", i % 4, (i % 9) - 4).into_bytes(),
+            )],
+        )
+        .unwrap();
+    }
+    let later = archive_now(&log, &key);
+    let trusted = [key.verifying_key().to_bytes()];
+    match validate_window::<Net>(&log, &earlier, &later, &trusted, None).unwrap() {
+        Validation::Identical { steps, .. } => assert_eq!(steps, 100, "the window only"),
+        other => panic!("{other:?}"),
+    }
+    // A changed handler is found at the window's first event it treats differently:
+    // u-2 (book-2, qty -2), at position 302.
+    CODE.with(|c| c.set(2));
+    let v = validate_window::<Net>(&log, &earlier, &later, &trusted, None).unwrap();
+    CODE.with(|c| c.set(1));
+    match &v {
+        Validation::Diverged(d) => assert_eq!(d.first(), Some(("book-2", 302))),
+        other => panic!("{other:?}"),
+    }
+    // Archives in the wrong order, or of another projection, are not a window.
+    assert!(matches!(
+        validate_window::<Net>(&log, &later, &earlier, &trusted, None),
+        Err(ValidationError::Window(_))
+    ));
+    let (state, t) = trace::<Net>(&log, "net", earlier.next).unwrap();
+    let other = Archive::sign(
+        "other",
+        log.log_id(),
+        Net::STATE_VERSION,
+        "code-1",
+        "Fill v1",
+        state.encode_state(),
+        t,
+        &key,
+    );
+    assert!(matches!(
+        validate_window::<Net>(&log, &other, &later, &trusted, None),
+        Err(ValidationError::Window(_))
+    ));
 }
