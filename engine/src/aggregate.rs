@@ -231,35 +231,31 @@ pub fn correction_of(original: &dyn EventView, event_type: &str, json: &str) -> 
 /// the original's effect.
 #[must_use]
 pub fn reversal_of(original: &dyn EventView, event_type: &str) -> EventData {
-    let payload = match serde_json::from_slice::<serde_json::Value>(original.payload()) {
-        Ok(v) if original.content_type() == crate::ContentType::Json => ("payload", v),
-        _ => (
-            "payload_base64",
-            serde_json::Value::String(base64::Engine::encode(
+    // The original's JSON payload is quoted verbatim (after checking that it is JSON), so
+    // that no number is rounded and no key reordered on the way.
+    let quoted = match std::str::from_utf8(original.payload()) {
+        Ok(text)
+            if original.content_type() == crate::ContentType::Json
+                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() =>
+        {
+            format!("\"payload\":{text}")
+        }
+        _ => format!(
+            "\"payload_base64\":\"{}\"",
+            base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD,
-                original.payload(),
-            )),
+                original.payload()
+            )
         ),
     };
-    let mut body = serde_json::Map::new();
-    body.insert(
-        "reverses".into(),
-        serde_json::Value::String(original.event_id().to_string()),
+    let text = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let body = format!(
+        "{{\"reverses\":{},\"type\":{},\"version\":{},{quoted}}}",
+        text(&original.event_id().to_string()),
+        text(original.event_type()),
+        original.version()
     );
-    body.insert(
-        "type".into(),
-        serde_json::Value::String(original.event_type().to_owned()),
-    );
-    body.insert(
-        "version".into(),
-        serde_json::Value::from(original.version()),
-    );
-    body.insert(payload.0.into(), payload.1);
-    correction_of(
-        original,
-        event_type,
-        &serde_json::Value::Object(body).to_string(),
-    )
+    correction_of(original, event_type, &body)
 }
 
 /// Loads and saves aggregates of type `A` in one log.

@@ -191,6 +191,15 @@ impl StatusHandle {
     fn lock(&self) -> parking_lot::MutexGuard<'_, ProjectionStatus> {
         self.0.lock()
     }
+
+    /// Records a failure: state, count and message together, so that a reader never sees
+    /// one without the others.
+    pub fn fail(&self, reason: &str) {
+        let mut s = self.0.lock();
+        s.state = ProjectionState::Failed;
+        s.errors += 1;
+        s.last_error = Some(reason.to_owned());
+    }
 }
 
 /// The checkpoint stream of projection `name`.
@@ -310,9 +319,7 @@ impl<'a, P: Projection> Projector<'a, P> {
         if !is_system(e)
             && let Err(reason) = self.apply_event(e)
         {
-            self.status.lock().state = ProjectionState::Failed;
-            self.status.lock().errors += 1;
-            self.status.lock().last_error = Some(reason.clone());
+            self.status.fail(&reason);
             return Err(ProjectionError::Apply {
                 name: self.name.clone(),
                 position: e.position.0,
@@ -427,16 +434,14 @@ impl<'a, P: Projection> Projector<'a, P> {
         self.status.lock().state = ProjectionState::Rebuilding;
         let upto = self.log.next_position().0;
         let fresh = fold_window_with(self.log, &self.name, from, upto, self.registry.as_ref())
-            .inspect_err(|e| {
-                self.status.lock().state = ProjectionState::Failed;
-                self.status.lock().errors += 1;
-                self.status.lock().last_error = Some(e.to_string());
-            })?;
+            .inspect_err(|e| self.status.fail(&e.to_string()))?;
         *self.state.write() = fresh;
         self.set_next(upto);
         self.since_checkpoint = 0;
-        self.checkpoint()?;
-        // Events that arrived during the rebuild.
+        self.checkpoint()
+            .inspect_err(|e| self.status.fail(&e.to_string()))?;
+        // Events that arrived during the rebuild (a refusal there is recorded by the
+        // catch-up itself).
         self.catch_up()?;
         Ok(())
     }

@@ -469,7 +469,8 @@ pub fn validate_with<P: Traced>(
 /// `earlier.next..later.next` with the current code of `P`, starting from the state
 /// `earlier` archived, and compares with `later`'s steps in that window and its final
 /// state. Both archives are verified first. A change made at a known date is checked over
-/// the events after it only, without replaying the whole history.
+/// the events after it only, without replaying the whole history. A divergence's step
+/// index counts from the window's first step.
 ///
 /// # Errors
 /// [`ValidationError`]; [`ValidationError::Window`] when the two archives are not of one
@@ -494,6 +495,11 @@ pub fn validate_window<P: Traced>(
     }
     if earlier.next > later.next {
         return Err(window("the earlier archive ends after the later one"));
+    }
+    if earlier.state_version != P::STATE_VERSION {
+        return Err(window(
+            "the archived state is of another state version than this code's",
+        ));
     }
     let start = P::decode_state(&earlier.state)
         .ok_or_else(|| window("the earlier archive's state does not decode"))?;

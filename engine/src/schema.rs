@@ -31,6 +31,9 @@ use crate::log::{Direction, EventData, EventView, ExpectedVersion, Log};
 
 /// The stream holding the registry.
 pub const SCHEMA_STREAM: &str = "$schemas";
+
+/// Most fields a schema version may declare (compatibility checks compare every pair).
+pub const FIELDS_MAX: usize = 1024;
 /// The event type of a registration.
 pub const SCHEMA_EVENT_TYPE: &str = "$SchemaRegistered";
 
@@ -78,6 +81,7 @@ impl FieldKind {
 
 /// One field of a schema.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Field {
     /// The field's name in the JSON object.
     pub name: String,
@@ -90,8 +94,10 @@ pub struct Field {
     pub default: Option<Value>,
 }
 
-/// A version of an event type's schema.
+/// A version of an event type's schema. Unknown keys in its JSON form are refused (a
+/// misspelt `"validate"` must not silently turn validation off).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Schema {
     /// The event type.
     pub event_type: String,
@@ -315,6 +321,31 @@ impl Registry {
     /// # Errors
     /// [`SchemaError::WrongVersion`], [`SchemaError::Breaking`], [`SchemaError::Log`].
     pub fn register(&mut self, log: &Log, schema: Schema) -> Result<(), SchemaError> {
+        let (expect, event) = self.prepare(&schema)?;
+        log.append(SCHEMA_STREAM, expect, &[event])?;
+        self.commit(schema);
+        Ok(())
+    }
+
+    /// The checks of [`Registry::register`] without the append: the expectation and the
+    /// event that register `schema` in `$schemas`. A caller that sequences the append
+    /// itself (a server that must order it before the appends it will check) appends it,
+    /// then calls [`Registry::commit`].
+    ///
+    /// # Errors
+    /// [`SchemaError::WrongVersion`], [`SchemaError::Breaking`].
+    pub fn prepare(&self, schema: &Schema) -> Result<(ExpectedVersion, EventData), SchemaError> {
+        let schema = schema.clone();
+        if schema.fields.len() > FIELDS_MAX {
+            return Err(SchemaError::Breaking {
+                event_type: schema.event_type.clone(),
+                version: schema.version,
+                reason: format!(
+                    "{} fields exceed the limit of {FIELDS_MAX}",
+                    schema.fields.len()
+                ),
+            });
+        }
         let expected = self.latest(&schema.event_type).map_or(1, |s| s.version + 1);
         if schema.version != expected {
             return Err(SchemaError::WrongVersion {
@@ -354,17 +385,16 @@ impl Registry {
             0 => ExpectedVersion::NoStream,
             n => ExpectedVersion::Exact(n - 1),
         };
-        log.append(
-            SCHEMA_STREAM,
-            expect,
-            &[EventData::json(SCHEMA_EVENT_TYPE, body)],
-        )?;
+        Ok((expect, EventData::json(SCHEMA_EVENT_TYPE, body)))
+    }
+
+    /// Adds `schema` as registered, after its [`Registry::prepare`]d event was appended.
+    pub fn commit(&mut self, schema: Schema) {
         self.loaded += 1;
         self.schemas
             .entry(schema.event_type.clone())
             .or_default()
             .push(schema);
-        Ok(())
     }
 
     /// Registers the function that lifts `event_type` payloads from `from` to `from + 1`

@@ -309,6 +309,22 @@ fn corrections_reference_the_original_and_history_keeps_both() {
     let rev = tally_engine::aggregate::reversal_of(&blob, "BlobReversed");
     let quoted: serde_json::Value = serde_json::from_slice(&rev.payload).unwrap();
     assert_eq!(quoted["payload_base64"], "/wAB");
+    // A JSON original is quoted byte for byte: no number rounded, no key reordered.
+    let exact = r#"{"z":1,"a":123456789012345678901234567890.125}"#;
+    log.append(
+        "exact-1",
+        tally_engine::ExpectedVersion::Any,
+        &[EventData::json("Big", exact)],
+    )
+    .unwrap();
+    let big = log
+        .read_stream("exact-1", 0, 1, Direction::Forward)
+        .unwrap()
+        .remove(0);
+    let rev = tally_engine::aggregate::reversal_of(&big, "BigReversed");
+    let text = String::from_utf8(rev.payload.clone()).unwrap();
+    assert!(text.ends_with(&format!(",\"payload\":{exact}}}")), "{text}");
+    serde_json::from_str::<serde_json::Value>(&text).unwrap();
 }
 
 #[test]

@@ -236,6 +236,17 @@ fn pages_through_a_large_result_by_position() {
     }
     assert_eq!(seen, (0..900).step_by(3).collect::<Vec<u64>>());
     assert!(log.find(&Query::all().limit(0)).unwrap().is_empty());
+    // A byte budget stops the lookup once the events found hold that many bytes (at least
+    // one event comes back).
+    let q = Query::field(Field::EventType, "Wanted");
+    let one = log.find(&q.clone().max_bytes(1)).unwrap();
+    assert_eq!(one.len(), 1);
+    let body = one[0].body().len();
+    let five = log.find(&q.clone().max_bytes(5 * body)).unwrap();
+    assert_eq!(
+        five.iter().map(|e| e.position.0).collect::<Vec<_>>(),
+        [0, 3, 6, 9, 12]
+    );
     let err = log.find(&Query::field(Field::Actor, "")).unwrap_err();
     assert!(err.to_string().contains("empty actor"), "{err}");
     let err = log

@@ -171,6 +171,19 @@ impl<P: Projection> RemoteProjector<P> {
     /// [`RemoteProjectionError`]; on an error the old state keeps serving.
     pub async fn rebuild(&mut self) -> Result<(), RemoteProjectionError> {
         self.status.state = ProjectionState::Rebuilding;
+        let rebuilt = self.rebuild_inner().await;
+        if let Err(e) = &rebuilt
+            && self.status.state == ProjectionState::Rebuilding
+        {
+            // A failure of the server or the connection (a refusal is recorded already).
+            self.status.state = ProjectionState::Failed;
+            self.status.errors += 1;
+            self.status.last_error = Some(e.to_string());
+        }
+        rebuilt
+    }
+
+    async fn rebuild_inner(&mut self) -> Result<(), RemoteProjectionError> {
         let upto = self.client.server_info().await?.next_position;
         let mut fresh = P::initial();
         let mut from = 0;
@@ -187,8 +200,14 @@ impl<P: Projection> RemoteProjector<P> {
                     return Err(self.refused(e.position.0, reason));
                 }
             }
-            if end || next <= from {
+            if end {
                 break;
+            }
+            if next <= from {
+                return Err(ClientError::Unexpected(format!(
+                    "the server's read did not advance from position {from}"
+                ))
+                .into());
             }
             from = next;
         }

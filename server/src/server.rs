@@ -163,7 +163,7 @@ struct Ctx {
     inline_leader_allowed: bool,
     /// The schema registry (`$schemas`), kept current by REGISTER_SCHEMA: the server is
     /// the log's only writer.
-    schemas: std::sync::RwLock<tally_engine::schema::Registry>,
+    schemas: std::sync::RwLock<Arc<tally_engine::schema::Registry>>,
     /// Held by a registration from before it reads the registry until it has replaced it,
     /// so that registrations run one at a time while appends keep reading the registry.
     registering: std::sync::Mutex<()>,
@@ -372,14 +372,20 @@ impl Server {
                 source,
             })?;
         let (dir, options) = (cfg.data.clone(), cfg.options.clone());
-        let log = tokio::task::spawn_blocking(move || Log::open(&dir, options))
-            .await
-            .map_err(|e| ServerError::Config(format!("open task failed: {e}")))?
-            .map_err(|source| ServerError::Open {
-                dir: cfg.data.clone(),
-                source,
-            })?;
-        let registry = tally_engine::schema::Registry::load(&log).map_err(|e| {
+        // Both read files: on the blocking pool.
+        let (log, registry) = tokio::task::spawn_blocking(move || {
+            Log::open(&dir, options).map(|log| {
+                let registry = tally_engine::schema::Registry::load(&log);
+                (log, registry)
+            })
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("open task failed: {e}")))?
+        .map_err(|source| ServerError::Open {
+            dir: cfg.data.clone(),
+            source,
+        })?;
+        let registry = registry.map_err(|e| {
             ServerError::Config(format!(
                 "the schema registry ({}) does not load: {e}",
                 tally_engine::schema::SCHEMA_STREAM
@@ -418,7 +424,7 @@ impl Server {
             },
             validating: AtomicBool::new(registry.validates()),
             registering: std::sync::Mutex::new(()),
-            schemas: std::sync::RwLock::new(registry),
+            schemas: std::sync::RwLock::new(Arc::new(registry)),
         });
         // The ack thread holds the log and the watch, not the context: the context holds
         // the channel's sender, and the thread ends when the last sender is dropped.
@@ -1262,24 +1268,30 @@ fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
         ));
         return None;
     }
-    if ctx.validating.load(Ordering::Acquire) {
-        let registry = ctx
-            .schemas
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for p in parts {
-            for (i, e) in p.events.iter().enumerate() {
-                if let Err(err) = registry.check(e) {
-                    reply.error(WireError::new(
-                        ErrorCode::SchemaViolation,
-                        format!("stream {:?}, event {i}: {err}", p.stream),
-                    ));
-                    return None;
-                }
+    if !ctx.validating.load(Ordering::Acquire) {
+        return submit(ctx, parts, reply, kind);
+    }
+    // Checked and submitted under the read lock, so that a registration (which takes the
+    // write lock to place its event in the log) is either before this append, and checks
+    // it, or after it.
+    let registry = ctx
+        .schemas
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for p in parts {
+        for (i, e) in p.events.iter().enumerate() {
+            if let Err(err) = registry.check(e) {
+                reply.error(WireError::new(
+                    ErrorCode::SchemaViolation,
+                    format!("stream {:?}, event {i}: {err}", p.stream),
+                ));
+                return None;
             }
         }
     }
-    submit(ctx, parts, reply, kind)
+    let ack = submit(ctx, parts, reply, kind);
+    drop(registry);
+    ack
 }
 
 /// Submits an append; returns it if it still waits for its sync.
@@ -1410,6 +1422,8 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                 event_time: time(q.event_time),
                 positions: Position(q.from)..visible,
                 limit: max as usize,
+                // The events go into one frame: no more than a frame's worth is read.
+                max_bytes: max_frame,
             };
             match log.find(&query) {
                 Ok(events) => {
@@ -1421,7 +1435,8 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                     );
                     b.next = visible.0.max(q.from);
                     b.end = true;
-                    if events.len() == max as usize
+                    let bytes: usize = events.iter().map(|e| e.body().len()).sum();
+                    if (events.len() == max as usize || bytes >= max_frame)
                         && let Some(last) = events.last()
                     {
                         b.next = last.position.0 + 1;
@@ -1456,38 +1471,56 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                     ));
                 }
             };
-            // The registration's append waits for its sync: it works on a copy, so that
-            // appends checking the registry meanwhile are not held up.
             let _one_at_a_time = ctx
                 .registering
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut registry = ctx
-                .schemas
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            match registry.register(log, parsed) {
-                Ok(()) => {
-                    let validates = registry.validates();
-                    *ctx.schemas
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
+            let current = Arc::clone(
+                &ctx.schemas
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            // A retry of a registration that succeeded (its answer lost with the
+            // connection) is answered as a success.
+            if current.get(&parsed.event_type, parsed.version) == Some(&parsed) {
+                return reply.send(&Response::CheckpointStored);
+            }
+            let (expect, event) = match current.prepare(&parsed) {
+                Ok(p) => p,
+                Err(e) => {
+                    return reply.error(WireError::new(ErrorCode::SchemaRefused, e.to_string()));
+                }
+            };
+            let mut next = (*current).clone();
+            next.commit(parsed);
+            let validates = next.validates();
+            // Under the write lock: no append is between its check and its place in the
+            // log, so every append ordered after the registration is checked against it.
+            // The sync is waited for after the lock is let go.
+            let handle = {
+                let mut registry = ctx
+                    .schemas
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let submitted = log.append_deferred_multi(&[AppendRequest {
+                    stream: tally_engine::schema::SCHEMA_STREAM,
+                    expected: expect,
+                    events: std::slice::from_ref(&event),
+                }]);
+                if submitted.is_ok() {
+                    *registry = Arc::new(next);
                     ctx.validating.store(validates, Ordering::Release);
+                }
+                submitted
+            };
+            match handle.and_then(AppendHandle::wait) {
+                Ok(_) => {
+                    publish_visible(&ctx.visible, log);
                     reply.send(&Response::CheckpointStored);
                 }
-                Err(tally_engine::schema::SchemaError::Log(e)) => {
-                    // The append may or may not be in the log: read the registry again.
-                    if let Ok(fresh) = tally_engine::schema::Registry::load(log) {
-                        let validates = fresh.validates();
-                        *ctx.schemas
-                            .write()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-                        ctx.validating.store(validates, Ordering::Release);
-                    }
-                    reply.error(engine_error(&e));
-                }
-                Err(e) => reply.error(WireError::new(ErrorCode::SchemaRefused, e.to_string())),
+                // Not written (refused before the log took it), or a failed sync, after
+                // which the log refuses writes: either way nothing more is acknowledged.
+                Err(e) => reply.error(engine_error(&e)),
             }
         }
         Request::StreamInfo { stream } => match log.stream_info(&stream) {

@@ -1381,6 +1381,19 @@ fn schemas_registered_through_the_server_validate_appends_and_survive_a_restart(
         .await
         .unwrap();
         c.register_schema(v1).await.unwrap();
+        // The same registration again (a retry whose first answer was lost) succeeds and
+        // writes nothing more.
+        c.register_schema(v1).await.unwrap();
+        // A misspelt key is refused rather than ignored.
+        let (code, msg) = server_code(
+            c.register_schema(
+                &v1.replace("\"version\":1", "\"version\":2")
+                    .replace("validate", "valdiate"),
+            )
+            .await,
+        );
+        assert_eq!(code, ErrorCode::SchemaRefused.as_u16(), "{msg}");
+        assert!(msg.contains("valdiate"), "{msg}");
         // Not a schema, a skipped version, and a breaking change are refused.
         let (code, msg) = server_code(c.register_schema("{").await);
         assert_eq!(code, ErrorCode::SchemaRefused.as_u16(), "{msg}");

@@ -431,6 +431,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let bar = progress(log.next_position().0, "positions and P&L");
     let status = projector.status_handle();
     let folding = std::sync::atomic::AtomicBool::new(true);
+    /// Stops the progress thread however the fold ends (a panic included).
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|s| {
         s.spawn(|| {
             while folding.load(std::sync::atomic::Ordering::Relaxed) {
@@ -438,9 +445,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         });
-        let folded = projector.catch_up();
-        folding.store(false, std::sync::atomic::Ordering::Relaxed);
-        folded
+        let _done = Done(&folding);
+        projector.catch_up()
     })?;
     bar.finish_and_clear();
     let positions = projector.shared_state();
@@ -467,7 +473,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         &key,
     );
     let archive_file = dir.join("positions.archive.json");
-    std::fs::write(&archive_file, archive.to_json())
+    let tmp = archive_file.with_extension("json.tmp");
+    std::fs::write(&tmp, archive.to_json())
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &archive_file))
         .with_context(|| format!("writing {}", archive_file.display()))?;
     let snapshots = count_prefix(&log, "$snapshot-")?;
     let positions_read = log.next_position().0;

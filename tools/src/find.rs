@@ -193,6 +193,9 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
                         if end {
                             break;
                         }
+                        if next <= q.from {
+                            bail!("the server's FIND did not advance from position {}", q.from);
+                        }
                         q.from = next;
                     }
                     anyhow::Ok(())

@@ -86,6 +86,9 @@ async fn find_all(c: &Client, mut q: FindQuery) -> Result<Vec<Ev>> {
         if end {
             return Ok(out);
         }
+        if next <= q.from {
+            bail!("the server's FIND did not advance from position {}", q.from);
+        }
         q.from = next;
     }
 }

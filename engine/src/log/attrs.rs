@@ -39,6 +39,10 @@ pub struct Query<'a> {
     pub positions: Range<Position>,
     /// At most this many events.
     pub limit: usize,
+    /// Stop once the events found hold this many bytes of envelope (at least one event is
+    /// returned): a caller that sends them in one frame bounds what it reads. Page on from
+    /// the last position returned, as with `limit`.
+    pub max_bytes: usize,
 }
 
 impl<'a> Query<'a> {
@@ -60,6 +64,7 @@ impl<'a> Query<'a> {
             event_time: None,
             positions: Position(0)..Position(u64::MAX),
             limit: usize::MAX,
+            max_bytes: usize::MAX,
         }
     }
 
@@ -81,6 +86,13 @@ impl<'a> Query<'a> {
     #[must_use]
     pub fn positions(mut self, range: Range<Position>) -> Query<'a> {
         self.positions = range;
+        self
+    }
+
+    /// Stop at `max_bytes` of envelopes (the field of the same name).
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: usize) -> Query<'a> {
+        self.max_bytes = max_bytes;
         self
     }
 
@@ -385,6 +397,7 @@ impl Attrs {
         key: Option<(Field, u64)>,
     ) -> std::result::Result<Vec<RecordedEvent>, FindError> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for seg in shared.segments_snapshot() {
             let Some(source) = self.source(seg.seq) else {
                 continue;
@@ -415,9 +428,10 @@ impl Attrs {
                 match read_event(&seg, u64::from(hit.1), Position(base + u64::from(hit.0))) {
                     Ok(ev) => {
                         if query.matches(&ev) {
+                            bytes = bytes.saturating_add(ev.body().len());
                             out.push(ev);
                         }
-                        out.len() < query.limit
+                        out.len() < query.limit && bytes < query.max_bytes
                     }
                     Err(e) => {
                         failed = Some(e);
@@ -478,7 +492,7 @@ impl Attrs {
                     FindError::Other(e)
                 });
             }
-            if out.len() >= query.limit {
+            if out.len() >= query.limit || bytes >= query.max_bytes {
                 break;
             }
         }
