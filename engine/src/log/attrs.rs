@@ -203,13 +203,7 @@ impl Attrs {
             };
             let attrs = match found {
                 Some(a) => a,
-                None => {
-                    self.extend(seg, footer.last_position.next())?;
-                    let bytes = self.building[&seg.seq].encode(&shared.meta.log_id);
-                    let attrs = self.store(shared, seg, bytes)?;
-                    self.building.remove(&seg.seq);
-                    attrs
-                }
+                None => self.build_sealed(shared, seg, footer.last_position.next())?,
             };
             self.sealed.insert(seg.seq, attrs);
             return Ok(true);
@@ -243,12 +237,24 @@ impl Attrs {
             SegState::Sealed { footer, .. } => footer.last_position.next(),
             _ => return Ok(()),
         };
-        self.extend(&seg, end)?;
-        let bytes = self.building[&seq].encode(&shared.meta.log_id);
-        let attrs = self.store(shared, &seg, bytes)?;
-        self.building.remove(&seq);
+        let attrs = self.build_sealed(shared, &seg, end)?;
         self.sealed.insert(seq, attrs);
         Ok(())
+    }
+
+    /// Indexes sealed segment `seg` up to its end (continuing an unsealed builder if there
+    /// is one), and stores its sidecar.
+    fn build_sealed(
+        &mut self,
+        shared: &Shared,
+        seg: &SegmentHandle,
+        end: Position,
+    ) -> Result<Arc<SealedAttrs>> {
+        self.extend(seg, end)?;
+        let bytes = self.building[&seg.seq].encode(&shared.meta.log_id);
+        let attrs = self.store(shared, seg, bytes)?;
+        self.building.remove(&seg.seq);
+        Ok(attrs)
     }
 
     /// A sidecar on disk that describes the sealed segment `seg` exactly. Its header is
