@@ -768,7 +768,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     };
     match outcome {
         Ok((report, cps)) => {
-            let v = json!({
+            let mut v = json!({
                 "ok": true,
                 "segments": report.segments,
                 "records": report.records,
@@ -780,9 +780,18 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                 "seconds": elapsed.as_secs_f64(),
                 "signatures": if trusted.is_empty() { "checked against the keys stored with them" } else { "checked against --pubkey" },
             });
+            if a.attribute_indexes {
+                v["attribute_indexes"] = json!(report.attribute_indexes);
+            }
             if a.json {
                 print_json(&v)?;
             } else {
+                if a.attribute_indexes {
+                    println!(
+                        "attribute indexes: {} sidecars match their segments' records",
+                        report.attribute_indexes
+                    );
+                }
                 println!(
                     "ok: {} segments, {} records, {} bytes from position {}, {} checkpoints verified ({}), in {:.2} s",
                     report.segments,
