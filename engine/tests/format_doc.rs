@@ -1381,7 +1381,7 @@ fn sample_attrs() -> Vec<u8> {
             &env,
         );
     }
-    b.sort();
+    b.prepare();
     b.encode(&ramp(0x10))
 }
 

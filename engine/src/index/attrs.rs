@@ -12,7 +12,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::IndexError;
@@ -152,26 +151,6 @@ pub fn value_hash(value: &str) -> u64 {
     super::stream_hash(value)
 }
 
-/// Hashes an already-hashed key with one multiplication: the keys are BLAKE3 outputs.
-#[derive(Default)]
-pub struct PrehashedHasher(u64);
-
-impl std::hash::Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type KeyMap = HashMap<u64, Vec<Hit>, std::hash::BuildHasherDefault<PrehashedHasher>>;
-
 /// Where a record is in its segment: `(pos_delta, offset)`.
 pub type Hit = (u32, u32);
 
@@ -195,27 +174,147 @@ pub trait AttrSource {
     fn each_type_event_time(&self, hash: u64, lo: Timestamp, hi: Timestamp, f: &mut dyn FnMut(Hit));
 }
 
+/// Entries a [`Runs`] list keeps unsorted at least; it merges them into its sorted run
+/// once they reach this many or a sixteenth of the run.
+const TAIL_MIN: usize = 1024;
+
+/// A list of entries kept as a sorted run and a short tail of the newest ones. A push is
+/// O(1); the tail is merged into the run when it reaches a sixteenth of it (so an entry is
+/// moved about 17 times over a segment, with no allocation per entry); a lookup
+/// binary-searches the run and, once [`Runs::prepare`] has sorted it, the tail, and visits
+/// the two ranges merged, in order.
+#[derive(Clone, Debug)]
+struct Runs<T> {
+    run: Vec<T>,
+    tail: Vec<T>,
+    tail_sorted: bool,
+}
+
+impl<T> Default for Runs<T> {
+    fn default() -> Runs<T> {
+        Runs {
+            run: Vec::new(),
+            tail: Vec::new(),
+            tail_sorted: true,
+        }
+    }
+}
+
+impl<T: Ord + Copy> Runs<T> {
+    fn len(&self) -> usize {
+        self.run.len() + self.tail.len()
+    }
+
+    fn push(&mut self, x: T) {
+        if self.tail.last().is_some_and(|last| *last > x) {
+            self.tail_sorted = false;
+        }
+        self.tail.push(x);
+        if self.tail.len() >= TAIL_MIN.max(self.run.len() / 16) {
+            self.merge();
+        }
+    }
+
+    /// Sorts the tail, for lookups: about linear when few entries came since the last call.
+    fn prepare(&mut self) {
+        if !self.tail_sorted {
+            self.tail.sort();
+            self.tail_sorted = true;
+        }
+    }
+
+    fn merge(&mut self) {
+        self.prepare();
+        let mut merged = Vec::with_capacity(self.len());
+        let (mut i, mut j) = (0, 0);
+        while i < self.run.len() && j < self.tail.len() {
+            if self.tail[j] < self.run[i] {
+                merged.push(self.tail[j]);
+                j += 1;
+            } else {
+                merged.push(self.run[i]);
+                i += 1;
+            }
+        }
+        merged.extend_from_slice(&self.run[i..]);
+        merged.extend_from_slice(&self.tail[j..]);
+        self.run = merged;
+        self.tail.clear();
+    }
+
+    /// Calls `f` with the entries `e` with `lo <= e < hi`, in order, until `f` returns
+    /// `false`: the run's range and the tail's (sorted here if [`Runs::prepare`] has not
+    /// sorted it, which costs a copy of the tail's matches) merged.
+    fn each_in(&self, lo: T, hi: T, f: &mut dyn FnMut(T) -> bool) {
+        let range = |v: &[T]| {
+            let a = v.partition_point(|e| *e < lo);
+            let b = v.partition_point(|e| *e < hi);
+            a..b.max(a)
+        };
+        let run = &self.run[range(&self.run)];
+        let unsorted;
+        let tail: &[T] = if self.tail_sorted {
+            &self.tail[range(&self.tail)]
+        } else {
+            let mut m: Vec<T> = self
+                .tail
+                .iter()
+                .copied()
+                .filter(|e| *e >= lo && *e < hi)
+                .collect();
+            m.sort_unstable();
+            unsorted = m;
+            &unsorted
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < run.len() || j < tail.len() {
+            let e = if j == tail.len() || (i < run.len() && run[i] <= tail[j]) {
+                i += 1;
+                run[i - 1]
+            } else {
+                j += 1;
+                tail[j - 1]
+            };
+            if !f(e) {
+                return;
+            }
+        }
+    }
+
+    fn count_in(&self, lo: T, hi: T) -> usize {
+        let run = self.run.partition_point(|e| *e < hi) - self.run.partition_point(|e| *e < lo);
+        let tail = if self.tail_sorted {
+            self.tail.partition_point(|e| *e < hi) - self.tail.partition_point(|e| *e < lo)
+        } else {
+            self.tail.iter().filter(|e| **e >= lo && **e < hi).count()
+        };
+        run + tail
+    }
+
+    /// Every entry, sorted.
+    fn sorted(&self) -> Vec<T> {
+        let mut all = self.clone();
+        all.merge();
+        all.run
+    }
+}
+
 /// The attributes of the segment being written, in memory.
 #[derive(Debug)]
 pub struct AttrBuilder {
     seq: SegmentSeq,
     base_position: Position,
-    /// The text fields' runs, by value hash (the event-id slot is unused).
-    keys: [KeyMap; FIELDS],
-    /// `(event id hash, pos_delta, offset)`: ids are unique, so a flat list sorted on
-    /// demand costs far less than a run per id. Sorted when `sorted`.
-    ids: Vec<(u64, u32, u32)>,
+    /// Per field, `(value hash, pos_delta, offset)`.
+    keys: [Runs<(u64, u32, u32)>; FIELDS],
     /// The last value hashed per text field and its hash: events of one batch or one
     /// producer repeat their type, actor and correlation, and BLAKE3 is most of the cost
     /// of indexing a record.
     last: [(String, u64); FIELDS],
-    counts: [u32; FIELDS],
     record_times: Vec<u64>,
-    /// `(event_time, pos_delta, offset)`, sorted when `sorted`.
-    event_times: Vec<(u64, u32, u32)>,
-    /// `(event type hash, event_time, pos_delta, offset)`, sorted when `sorted`.
-    type_times: Vec<(u64, u64, u32, u32)>,
-    sorted: bool,
+    /// `(event_time, pos_delta, offset)`.
+    event_times: Runs<(u64, u32, u32)>,
+    /// `(event type hash, event_time, pos_delta, offset)`.
+    type_times: Runs<(u64, u64, u32, u32)>,
     data_end: u64,
     last_chain_hash: Hash32,
 }
@@ -229,13 +328,10 @@ impl AttrBuilder {
             seq,
             base_position,
             keys: Default::default(),
-            ids: Vec::new(),
             last: Default::default(),
-            counts: [0; FIELDS],
             record_times: Vec::new(),
-            event_times: Vec::new(),
-            type_times: Vec::new(),
-            sorted: true,
+            event_times: Runs::default(),
+            type_times: Runs::default(),
             data_end: crate::format::SEGMENT_DATA_START,
             last_chain_hash: prev_chain_hash,
         }
@@ -265,26 +361,14 @@ impl AttrBuilder {
         self.last_chain_hash
     }
 
-    /// Sorts the event-time and event-id lists for lookups. A stable sort: the lists are a
-    /// sorted prefix (from the previous call) and a new tail, which it sorts and merges in
-    /// about linear time.
-    pub fn sort(&mut self) {
-        if !self.sorted {
-            self.event_times.sort();
-            self.type_times.sort();
-            self.ids.sort();
-            self.sorted = true;
+    /// Sorts the entries added since the last call, so that lookups binary-search them
+    /// rather than scan them. Lookups are correct without it.
+    pub fn prepare(&mut self) {
+        for k in &mut self.keys {
+            k.prepare();
         }
-    }
-
-    /// The id list, sorted (a sorted copy if [`AttrBuilder::sort`] was not called since
-    /// the last push).
-    fn sorted_ids(&self) -> std::borrow::Cow<'_, [(u64, u32, u32)]> {
-        let mut ids = std::borrow::Cow::Borrowed(self.ids.as_slice());
-        if !self.sorted {
-            ids.to_mut().sort();
-        }
-        ids
+        self.event_times.prepare();
+        self.type_times.prepare();
     }
 
     /// Adds the next record: at `offset`, ending at `end`, with chain hash `chain_hash`.
@@ -319,33 +403,17 @@ impl AttrBuilder {
                     }
                     last.1
                 }
-                None => {
-                    self.ids.push((id_hash(&env.event_id), pos_delta, offset));
-                    self.sorted = false;
-                    self.counts[field.slot()] += 1;
-                    continue;
-                }
+                None => id_hash(&env.event_id),
             };
             if field == Field::EventType {
                 type_hash = hash;
             }
-            self.keys[field.slot()]
-                .entry(hash)
-                .or_default()
-                .push((pos_delta, offset));
-            self.counts[field.slot()] += 1;
+            self.keys[field.slot()].push((hash, pos_delta, offset));
         }
-        let typed = (type_hash, env.event_time.0, pos_delta, offset);
-        if self.type_times.last().is_some_and(|last| *last > typed) {
-            self.sorted = false;
-        }
-        self.type_times.push(typed);
+        self.type_times
+            .push((type_hash, env.event_time.0, pos_delta, offset));
         self.record_times.push(record_time.0);
-        let entry = (env.event_time.0, pos_delta, offset);
-        if self.event_times.last().is_some_and(|last| *last > entry) {
-            self.sorted = false;
-        }
-        self.event_times.push(entry);
+        self.event_times.push((env.event_time.0, pos_delta, offset));
         self.data_end = end;
         self.last_chain_hash = *chain_hash;
     }
@@ -354,7 +422,7 @@ impl AttrBuilder {
     #[must_use]
     pub fn encode(&self, log_id: &[u8; 16]) -> Vec<u8> {
         let record_count = self.record_times.len();
-        let keys: usize = self.counts.iter().map(|&c| c as usize).sum();
+        let keys: usize = self.keys.iter().map(Runs::len).sum();
         let total = ATTR_HEADER_LEN
             + record_count * (RECORD_TIME_LEN + ATTR_ENTRY_LEN + TYPE_TIME_ENTRY_LEN)
             + keys * ATTR_ENTRY_LEN
@@ -370,8 +438,9 @@ impl AttrBuilder {
         le::put_u64(&mut out, AH_RECORD_COUNT, record_count as u64);
         le::put_u64(&mut out, AH_DATA_END, self.data_end);
         out[AH_LAST_CHAIN_HASH..AH_LAST_CHAIN_HASH + 32].copy_from_slice(&self.last_chain_hash);
-        for (i, c) in self.counts.iter().enumerate() {
-            le::put_u32(&mut out, AH_COUNTS + 4 * i, *c);
+        for (i, k) in self.keys.iter().enumerate() {
+            // At most one entry per record per field, and a segment holds fewer than 2^32.
+            le::put_u32(&mut out, AH_COUNTS + 4 * i, k.len() as u32);
         }
         for t in &self.record_times {
             out.extend_from_slice(&t.to_le_bytes());
@@ -381,31 +450,15 @@ impl AttrBuilder {
             out.extend_from_slice(&pos_delta.to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
         };
-        for field in Field::ALL {
-            if field == Field::EventId {
-                for &(key, pos_delta, offset) in self.sorted_ids().iter() {
-                    entry(&mut out, key, (pos_delta, offset));
-                }
-                continue;
-            }
-            let mut sorted: Vec<(&u64, &Vec<Hit>)> = self.keys[field.slot()].iter().collect();
-            sorted.sort_unstable_by_key(|(k, _)| **k);
-            for (key, hits) in sorted {
-                for hit in hits {
-                    entry(&mut out, *key, *hit);
-                }
+        for k in &self.keys {
+            for (key, pos_delta, offset) in k.sorted() {
+                entry(&mut out, key, (pos_delta, offset));
             }
         }
-        let mut event_times = std::borrow::Cow::Borrowed(&self.event_times);
-        let mut type_times = std::borrow::Cow::Borrowed(&self.type_times);
-        if !self.sorted {
-            event_times.to_mut().sort();
-            type_times.to_mut().sort();
-        }
-        for &(t, pos_delta, offset) in event_times.iter() {
+        for (t, pos_delta, offset) in self.event_times.sorted() {
             entry(&mut out, t, (pos_delta, offset));
         }
-        for &(hash, t, pos_delta, offset) in type_times.iter() {
+        for (hash, t, pos_delta, offset) in self.type_times.sorted() {
             out.extend_from_slice(&hash.to_le_bytes());
             entry(&mut out, t, (pos_delta, offset));
         }
@@ -417,27 +470,6 @@ impl AttrBuilder {
 }
 
 impl AttrSource for AttrBuilder {
-    fn each_type_event_time(
-        &self,
-        hash: u64,
-        lo: Timestamp,
-        hi: Timestamp,
-        f: &mut dyn FnMut(Hit),
-    ) {
-        // Sorted by `sort()` after each catch-up; a copy otherwise.
-        let mut times = std::borrow::Cow::Borrowed(&self.type_times);
-        if !self.sorted {
-            times.to_mut().sort();
-        }
-        let start = times.partition_point(|e| (e.0, e.1) < (hash, lo.0));
-        for &(h, t, pos_delta, offset) in &times[start..] {
-            if h != hash || t >= hi.0 {
-                return;
-            }
-            f((pos_delta, offset));
-        }
-    }
-
     fn record_count(&self) -> u64 {
         self.record_times.len() as u64
     }
@@ -454,64 +486,42 @@ impl AttrSource for AttrBuilder {
         to: u32,
         f: &mut dyn FnMut(Hit) -> bool,
     ) {
-        if field == Field::EventId {
-            let ids = self.sorted_ids();
-            let start = ids.partition_point(|e| (e.0, e.1) < (hash, from));
-            for &(h, pos_delta, offset) in &ids[start..] {
-                if h != hash || pos_delta >= to || !f((pos_delta, offset)) {
-                    return;
-                }
-            }
-            return;
-        }
-        let Some(hits) = self.keys[field.slot()].get(&hash) else {
-            return;
-        };
-        let start = hits.partition_point(|h| h.0 < from);
-        for &hit in &hits[start..] {
-            if hit.0 >= to || !f(hit) {
-                return;
-            }
-        }
+        self.keys[field.slot()].each_in((hash, from, 0), (hash, to, 0), &mut |(_, d, o)| f((d, o)));
     }
 
     fn count_key(&self, field: Field, hash: u64, from: u32, to: u32) -> u64 {
-        if field == Field::EventId {
-            let ids = self.sorted_ids();
-            let a = ids.partition_point(|e| (e.0, e.1) < (hash, from));
-            let b = ids.partition_point(|e| (e.0, e.1) < (hash, to));
-            return b.saturating_sub(a) as u64;
-        }
-        self.keys[field.slot()].get(&hash).map_or(0, |hits| {
-            let a = hits.partition_point(|h| h.0 < from);
-            let b = hits.partition_point(|h| h.0 < to);
-            b.saturating_sub(a) as u64
-        })
+        self.keys[field.slot()].count_in((hash, from, 0), (hash, to, 0)) as u64
     }
 
     fn count_event_time(&self, lo: Timestamp, hi: Timestamp) -> u64 {
-        let mut times = std::borrow::Cow::Borrowed(&self.event_times);
-        if !self.sorted {
-            times.to_mut().sort();
-        }
-        let a = times.partition_point(|e| e.0 < lo.0);
-        let b = times.partition_point(|e| e.0 < hi.0);
-        b.saturating_sub(a) as u64
+        self.event_times.count_in((lo.0, 0, 0), (hi.0, 0, 0)) as u64
     }
 
     fn each_event_time(&self, lo: Timestamp, hi: Timestamp, f: &mut dyn FnMut(Hit)) {
-        // Sorted by `sort()` after each catch-up; a copy otherwise.
-        let mut times = std::borrow::Cow::Borrowed(&self.event_times);
-        if !self.sorted {
-            times.to_mut().sort();
-        }
-        let start = times.partition_point(|e| e.0 < lo.0);
-        for &(t, pos_delta, offset) in &times[start..] {
-            if t >= hi.0 {
-                return;
-            }
-            f((pos_delta, offset));
-        }
+        self.event_times
+            .each_in((lo.0, 0, 0), (hi.0, 0, 0), &mut |(_, d, o)| {
+                f((d, o));
+                true
+            });
+    }
+
+    fn each_type_event_time(
+        &self,
+        hash: u64,
+        lo: Timestamp,
+        hi: Timestamp,
+        f: &mut dyn FnMut(Hit),
+    ) {
+        self.type_times
+            .each_in((hash, lo.0, 0, 0), (hash, hi.0, 0, 0), &mut |(
+                _,
+                _,
+                d,
+                o,
+            )| {
+                f((d, o));
+                true
+            });
     }
 }
 
@@ -905,7 +915,7 @@ mod tests {
 
     fn sample() -> AttrBuilder {
         let mut b = unsorted();
-        b.sort();
+        b.prepare();
         b
     }
 
@@ -995,6 +1005,79 @@ mod tests {
             false
         });
         assert_eq!(first, [(0, 4096)]);
+    }
+
+    /// Enough records that the lists merge their tails several times, with event times
+    /// out of order: every lookup agrees with a scan of what was pushed, before and after
+    /// `prepare`, and with the encoded sidecar.
+    #[test]
+    fn lists_that_merge_their_tails_answer_like_a_scan() {
+        let n = 5000u32;
+        let mut b = AttrBuilder::new(SegmentSeq(1), Position(0), [0; 32]);
+        let types = ["A", "B", "C"];
+        let rows: Vec<(&str, String, u64)> = (0..n)
+            .map(|i| {
+                let t = types[(i % 3) as usize];
+                let corr = format!("c{}", (i * 7919) % 300);
+                let et = u64::from((i * 104_729) % 10_000);
+                (t, corr, et)
+            })
+            .collect();
+        for (i, (t, corr, et)) in rows.iter().enumerate() {
+            let off = 4096 + 64 * i as u64;
+            b.push(
+                Position(i as u64),
+                off,
+                off + 64,
+                Timestamp(1),
+                &[0; 32],
+                &env(t, corr, "", *et),
+            );
+        }
+        let s = open(b.encode(&[1; 16])).unwrap();
+        let want_corr: Vec<u32> = (0..n).filter(|&i| rows[i as usize].1 == "c17").collect();
+        let want_time: Vec<u32> = {
+            let mut v: Vec<u32> = (0..n)
+                .filter(|&i| (2000..2500).contains(&rows[i as usize].2))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let want_typed: Vec<u32> = want_time
+            .iter()
+            .copied()
+            .filter(|&i| rows[i as usize].0 == "B")
+            .collect();
+        let check = |src: &dyn AttrSource| {
+            assert_eq!(keys(src, Field::Correlation, "c17", 0, n), want_corr);
+            assert_eq!(
+                src.count_key(Field::Correlation, value_hash("c17"), 0, n),
+                want_corr.len() as u64
+            );
+            let mut t = times(src, 2000, 2500);
+            t.sort_unstable();
+            assert_eq!(t, want_time);
+            assert_eq!(
+                src.count_event_time(Timestamp(2000), Timestamp(2500)),
+                want_time.len() as u64
+            );
+            let mut typed = Vec::new();
+            src.each_type_event_time(
+                value_hash("B"),
+                Timestamp(2000),
+                Timestamp(2500),
+                &mut |h| {
+                    typed.push(h.0);
+                },
+            );
+            typed.sort_unstable();
+            assert_eq!(typed, want_typed);
+        };
+        check(&b);
+        check(&s);
+        b.prepare();
+        check(&b);
+        assert_eq!(b.encode(&[1; 16]), s.bytes());
     }
 
     #[test]

@@ -345,7 +345,6 @@ impl Attrs {
                 Some(e),
             ));
         }
-        builder.sort();
         Ok(())
     }
 
@@ -382,6 +381,9 @@ impl Attrs {
             return Ok(Vec::new());
         }
         self.catch_up(shared)?;
+        for b in self.building.values_mut() {
+            b.prepare();
+        }
         match self.find_in(shared, query, key) {
             Ok(out) => Ok(out),
             // A sidecar that passed its checks but led to a record that is not where it
