@@ -463,7 +463,10 @@ impl<'a, A: Aggregate> Repository<'a, A> {
     /// Appends `events` to `stream` expecting the version `loaded` was loaded at, folds
     /// them into `loaded`, and writes a snapshot if the policy says so. On
     /// [`Error::WrongExpectedVersion`] nothing was written and `loaded` is unchanged: load
-    /// again, decide again, retry.
+    /// again, decide again, retry. An error after the append (reading the events back, or
+    /// the aggregate refusing its own events) leaves them written and `loaded` at their
+    /// version, its state in doubt: load again. A snapshot that cannot be written is
+    /// skipped.
     ///
     /// # Errors
     /// [`AggregateError`].
@@ -491,9 +494,32 @@ impl<'a, A: Aggregate> Repository<'a, A> {
             *loaded = self.load(stream)?;
             return Ok(r);
         }
-        let written =
-            self.log
-                .read_stream(stream, r.first_version, events.len(), Direction::Forward)?;
+        // From here the events are in the log: the loaded version moves past them whatever
+        // happens, so that a blind retry of this save meets WrongExpectedVersion instead of
+        // writing them twice.
+        let folded = self.fold_written(stream, loaded, r.first_version, events.len());
+        loaded.version = Some(r.last_version);
+        folded?;
+        if let SnapshotPolicy::EveryEvents(n) = self.policy
+            && loaded.events_applied >= n.max(1)
+        {
+            // Best effort: a snapshot only saves work, and the save has succeeded.
+            let _ = self.snapshot(stream, loaded);
+        }
+        Ok(r)
+    }
+
+    /// Folds the `count` events just written from `first_version` into `loaded`.
+    fn fold_written(
+        &self,
+        stream: &str,
+        loaded: &mut Loaded<A>,
+        first_version: u64,
+        count: usize,
+    ) -> std::result::Result<(), AggregateError> {
+        let written = self
+            .log
+            .read_stream(stream, first_version, count, Direction::Forward)?;
         for e in &written {
             self.apply(&mut loaded.state, e)
                 .map_err(|reason| AggregateError::Apply {
@@ -503,13 +529,7 @@ impl<'a, A: Aggregate> Repository<'a, A> {
                 })?;
             loaded.events_applied += 1;
         }
-        loaded.version = Some(r.last_version);
-        if let SnapshotPolicy::EveryEvents(n) = self.policy
-            && loaded.events_applied >= n.max(1)
-        {
-            self.snapshot(stream, loaded)?;
-        }
-        Ok(r)
+        Ok(())
     }
 
     /// Writes a snapshot of `loaded` now (nothing for a stream with no events).

@@ -487,15 +487,26 @@ pub(crate) fn apply_viewed<P: Projection>(
     name: &str,
     registry: Option<&crate::schema::Registry>,
 ) -> std::result::Result<(), ProjectionError> {
+    with_view(e, name, registry, |shown| apply_to(state, shown, name))
+}
+
+/// Calls `f` with `e` as a projection sees it: upcast through `registry` when there is one
+/// (an event that cannot be upcast is refused, naming the projection and position).
+pub(crate) fn with_view<T>(
+    e: &RecordedEvent,
+    name: &str,
+    registry: Option<&crate::schema::Registry>,
+    f: impl FnOnce(&dyn EventView) -> std::result::Result<T, ProjectionError>,
+) -> std::result::Result<T, ProjectionError> {
     match registry {
-        None => apply_to(state, e, name),
+        None => f(e),
         Some(r) => {
             let view = r.view(e).map_err(|err| ProjectionError::Apply {
                 name: name.to_owned(),
                 position: e.position.0,
                 reason: err.to_string(),
             })?;
-            apply_to(state, &view, name)
+            f(&view)
         }
     }
 }

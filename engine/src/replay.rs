@@ -18,7 +18,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
 use crate::format::checkpoint::SignatureError;
 use crate::log::{EventView, Log};
-use crate::projection::{Projection, ProjectionError, apply_viewed, each_projected_event};
+use crate::projection::{Projection, ProjectionError, apply_to, each_projected_event, with_view};
 
 /// A projection whose state splits into per-aggregate parts, so that a replay can say
 /// which aggregate diverged.
@@ -121,16 +121,19 @@ pub fn trace_window<P: Traced>(
     let mut state = start;
     let mut steps = Vec::new();
     each_projected_event(log, from, to, |e| {
-        apply_viewed(&mut state, &e, name, registry)?;
-        if let Some(key) = P::key_of(&e) {
-            let part_hash = *blake3::hash(&state.encode_part(&key)).as_bytes();
-            steps.push(Step {
-                position: e.position.0,
-                key,
-                part_hash,
-            });
-        }
-        Ok::<_, ProjectionError>(())
+        // The aggregate key is read from the same (upcast) event the projection folds.
+        with_view(&e, name, registry, |shown| {
+            apply_to(&mut state, shown, name)?;
+            if let Some(key) = P::key_of(shown) {
+                let part_hash = *blake3::hash(&state.encode_part(&key)).as_bytes();
+                steps.push(Step {
+                    position: e.position.0,
+                    key,
+                    part_hash,
+                });
+            }
+            Ok(())
+        })
     })?;
     let state_hash = *blake3::hash(&state.encode_state()).as_bytes();
     Ok((

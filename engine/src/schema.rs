@@ -277,12 +277,27 @@ impl Registry {
         if version != self.loaded {
             return Ok(());
         }
-        let s: Schema = serde_json::from_slice(payload).map_err(|err| SchemaError::Invalid {
+        let bad = |reason: String| SchemaError::Invalid {
             event_type: SCHEMA_STREAM.into(),
             version: 0,
             field: String::new(),
-            reason: format!("registration at version {version} does not decode: {err}"),
-        })?;
+            reason: format!("registration at version {version} {reason}"),
+        };
+        let s: Schema = serde_json::from_slice(payload)
+            .map_err(|err| bad(format!("does not decode: {err}")))?;
+        // What `register` would have refused cannot have been registered (an embedded
+        // writer may append to `$schemas` directly).
+        let next = self
+            .latest(&s.event_type)
+            .map_or(Some(1), |l| l.version.checked_add(1));
+        if Some(s.version) != next || s.fields.len() > FIELDS_MAX {
+            return Err(bad(format!(
+                "is {} version {} with {} fields: not the next version of its type, or too many fields",
+                s.event_type,
+                s.version,
+                s.fields.len()
+            )));
+        }
         self.schemas
             .entry(s.event_type.clone())
             .or_default()
@@ -346,7 +361,9 @@ impl Registry {
                 ),
             });
         }
-        let expected = self.latest(&schema.event_type).map_or(1, |s| s.version + 1);
+        let expected = self
+            .latest(&schema.event_type)
+            .map_or(1, |s| s.version.saturating_add(1));
         if schema.version != expected {
             return Err(SchemaError::WrongVersion {
                 event_type: schema.event_type,
