@@ -364,39 +364,55 @@ impl Tree {
         self.catch_up(shared, size)
     }
 
-    /// Forgets everything after the first `chunks` complete chunks of stored nodes.
+    /// Forgets everything after the first `chunks` complete chunks of stored nodes. On any
+    /// failure the tree is left empty (nothing kept from the file), so that a later
+    /// catch-up starts over from the records.
     fn restart(&mut self, shared: &Shared, chunks: u64) -> Result<()> {
+        self.reset(shared.seed, 0, 0);
         let on_disk = nodes_for_chunks(chunks);
-        // Cut the file first: if that fails, the tree is left as empty (nothing kept from
-        // the file, nothing written after a stale end), so a later catch-up starts over.
+        // Cut the file first: after a failure nothing is written after a stale end.
         if !shared.read_only
             && let Some(file) = &self.file
             && let Err(e) = file.set_len(TREE_HEADER_LEN as u64 + on_disk * TREE_NODE_LEN as u64)
         {
-            self.on_disk = 0;
-            self.upper.get_mut().clear();
-            self.pending.clear();
-            self.chunks = 0;
-            self.partial.clear();
-            self.peaks.clear();
-            self.head = shared.seed;
             self.writable = false;
             return Err(Error::io("truncating Merkle node file", &self.path)(e));
         }
+        self.reset(shared.seed, chunks, on_disk);
+        let restored = peaks(self, chunks).and_then(|peaks| {
+            let head = match chunks {
+                0 => shared.seed,
+                _ => *self
+                    .source(shared)
+                    .chunk_leaves(chunks - 1)?
+                    .last()
+                    .unwrap_or(&shared.seed),
+            };
+            Ok((peaks, head))
+        });
+        match restored {
+            Ok((peaks, head)) => {
+                self.peaks = peaks;
+                self.head = head;
+                Ok(())
+            }
+            Err(e) => {
+                self.reset(shared.seed, 0, 0);
+                Err(e)
+            }
+        }
+    }
+
+    /// The tree of the first `chunks` chunks, whose `on_disk` nodes are in the file, with
+    /// no peaks yet.
+    fn reset(&mut self, seed: Hash32, chunks: u64, on_disk: u64) {
         self.on_disk = on_disk;
         self.upper.get_mut().clear();
         self.pending.clear();
         self.chunks = chunks;
         self.partial.clear();
-        self.peaks = peaks(self, chunks)?;
-        self.head = shared.seed;
-        if chunks > 0 {
-            let mut src = self.source(shared);
-            let last = src.chunk_leaves(chunks - 1)?;
-            let head = last[last.len() - 1];
-            self.head = head;
-        }
-        Ok(())
+        self.peaks.clear();
+        self.head = seed;
     }
 }
 
