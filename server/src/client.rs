@@ -80,6 +80,10 @@ pub enum ClientError {
     /// The server sent bytes this client cannot decode.
     #[error("undecodable response")]
     Protocol(#[from] ProtocolError),
+    /// The request has a field its wire encoding cannot hold (a string of 64 KiB or more,
+    /// say). Nothing was sent.
+    #[error("the request cannot be sent: {0}")]
+    Invalid(ProtocolError),
     /// The server answered with a response of the wrong kind.
     #[error("unexpected response: {0}")]
     Unexpected(String),
@@ -357,6 +361,7 @@ impl Client {
     /// # Errors
     /// [`ClientError::Io`] if a connection cannot be made.
     pub async fn send(&self, req: &Request) -> Result<PendingResponse, ClientError> {
+        req.check_encodable().map_err(ClientError::Invalid)?;
         let conn = self.conn().await?;
         let (t, rx) = oneshot::channel();
         let id = conn.register(self.ids(), Waiter::Once(t))?;
@@ -850,14 +855,15 @@ impl Subscription {
         let conn = self.client.conn().await?;
         let window = self.client.inner.opts.subscription_window.max(2);
         let (t, mut rx) = mpsc::unbounded_channel();
-        let id = conn.register(self.client.ids(), Waiter::Stream(t))?;
-        let mut frame = Vec::new();
-        Request::Subscribe {
+        let req = Request::Subscribe {
             target: self.target.clone(),
             from: self.from,
             credit: window,
-        }
-        .encode(id, &mut frame);
+        };
+        req.check_encodable().map_err(ClientError::Invalid)?;
+        let id = conn.register(self.client.ids(), Waiter::Stream(t))?;
+        let mut frame = Vec::new();
+        req.encode(id, &mut frame);
         conn.send_frame(id, frame)?;
         match rx.recv().await {
             Some(Ok(Response::Subscribed { start })) => {

@@ -25,6 +25,11 @@ pub const DEFAULT_PORT: u16 = 7878;
 pub const FRAME_HEADER_BYTES: usize = 6;
 /// Bytes of the length field.
 pub const LENGTH_BYTES: usize = 4;
+/// The largest HELLO frame (the length field's value): header, magic, two versions and a
+/// client name of at most 65,535 bytes. A server reads the first frame of a connection
+/// with this limit, so that a client that has not said HELLO cannot make it reserve a
+/// frame of `frame_bytes_max`.
+pub const HELLO_FRAME_BYTES_MAX: u32 = (FRAME_HEADER_BYTES + MAGIC.len() + 4 + 2 + 65_535) as u32;
 /// The default largest frame (the length field's value), either way.
 pub const FRAME_BYTES_MAX_DEFAULT: u32 = 4 << 20;
 /// The smallest largest frame a server may announce: one event of the largest size fits.
@@ -962,6 +967,91 @@ impl Request {
     }
 
     /// Appends the request as one frame.
+    /// Checks that every field fits its wire encoding, which [`Request::encode`] assumes:
+    /// strings under 64 KiB, counts within their fields, expected versions in range. A
+    /// client calls it on what its caller built before encoding.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Limit`] naming the first field that does not fit.
+    pub fn check_encodable(&self) -> Result<(), ProtocolError> {
+        fn fits(what: &'static str, len: usize, max: u64) -> Result<(), ProtocolError> {
+            if len as u64 > max {
+                return Err(ProtocolError::Limit {
+                    what,
+                    value: len as u64,
+                    max,
+                });
+            }
+            Ok(())
+        }
+        let text = |what, s: &str| fits(what, s.len(), u64::from(u16::MAX));
+        let bytes = |what, b: &[u8]| fits(what, b.len(), u64::from(u32::MAX));
+        let check_filter = |f: &Filter| {
+            text("stream prefix", &f.stream_prefix)?;
+            fits("event types", f.event_types.len(), u64::from(u16::MAX))?;
+            f.event_types.iter().try_for_each(|t| text("event type", t))
+        };
+        let part = |p: &AppendPart| {
+            text("stream", &p.stream)?;
+            if let ExpectedVersion::Exact(v) = p.expected
+                && v >= EXPECT_STREAM_EXISTS
+            {
+                return Err(ProtocolError::InvalidValue {
+                    what: "expected version",
+                    value: v,
+                });
+            }
+            fits("events", p.events.len(), u64::from(u32::MAX))?;
+            p.events.iter().try_for_each(|e| {
+                text("event type", &e.event_type)?;
+                text("aggregate type", &e.aggregate_type)?;
+                text("correlation id", &e.correlation_id)?;
+                text("causation id", &e.causation_id)?;
+                text("actor", &e.actor)?;
+                bytes("payload", &e.payload)
+            })
+        };
+        match self {
+            Request::Hello { client, .. } => text("client name", client),
+            Request::Ping(_)
+            | Request::ServerInfo
+            | Request::LatestCheckpoint
+            | Request::Credit { .. }
+            | Request::Unsubscribe { .. }
+            | Request::InclusionProof { .. } => Ok(()),
+            Request::Append(p) => part(p),
+            Request::AppendMulti(parts) => {
+                fits("parts", parts.len(), u64::from(u16::MAX))?;
+                parts.iter().try_for_each(part)
+            }
+            Request::ReadStream { stream, .. } | Request::StreamInfo { stream } => {
+                text("stream", stream)
+            }
+            Request::ReadAll { filter, .. } => check_filter(filter),
+            Request::Find(q) => q
+                .field
+                .as_ref()
+                .map_or(Ok(()), |(_, v)| text("find value", v)),
+            Request::Subscribe { target, .. } => match target {
+                SubscribeTarget::All(f) => check_filter(f),
+                SubscribeTarget::Stream(s) => text("stream", s),
+            },
+            Request::CheckpointStore { name, .. } | Request::CheckpointFetch { name } => {
+                text("consumer name", name)
+            }
+            Request::ProjectionStore { name, state, .. } => {
+                text("projection name", name)?;
+                bytes("state", state)
+            }
+            Request::RegisterSchema { schema } => bytes("schema", schema.as_bytes()),
+        }
+    }
+
+    /// Encodes the request as a frame. Every field must fit its encoding
+    /// ([`Request::check_encodable`]).
+    ///
+    /// # Panics
+    /// If a field does not fit.
     pub fn encode(&self, request_id: u32, out: &mut Vec<u8>) {
         let start = start_frame(out, self.opcode(), request_id);
         match self {

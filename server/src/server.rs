@@ -632,7 +632,11 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     let mut out = Vec::new();
     let hello = tokio::time::timeout(
         cfg.handshake_timeout,
-        read_frame(&mut rd, &mut buf, cfg.frame_bytes_max),
+        read_frame(
+            &mut rd,
+            &mut buf,
+            cfg.frame_bytes_max.min(protocol::HELLO_FRAME_BYTES_MAX),
+        ),
     )
     .await;
     let version = match hello {

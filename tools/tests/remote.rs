@@ -127,6 +127,17 @@ fn client_commands_round_trip_through_a_server() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("actual Some(1)"), "{err}");
+    // A field too long for the wire is refused with one line, not a panic.
+    let long = "T".repeat(70_000);
+    let o = tally(&[
+        "append", "--server", a, "t", "--type", &long, "--data", "{}",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot be sent") && !err.contains("panicked"),
+        "{err}"
+    );
     // Invalid JSON is refused before anything is sent.
     let o = tally(&[
         "append", "--server", a, "t", "--type", "X", "--data", "{nope",
