@@ -1334,6 +1334,9 @@ fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
     }
 }
 
+/// Events read from the log at a time while a read response is built.
+const READ_CHUNK: usize = 64;
+
 /// Requests that read files: run on the blocking pool.
 fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
     let log = &ctx.log;
@@ -1346,44 +1349,56 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             direction,
         } => {
             let max = max.min(READ_EVENTS_MAX) as usize;
-            match log.read_stream(&stream, from_version, max, direction) {
-                Err(e) => reply.error(engine_error(&e)),
-                Ok(events) => {
-                    let mut out = Vec::with_capacity(256 + events.len() * 400);
-                    let start = protocol::start_frame(
-                        &mut out,
-                        op::READ_STREAM | op::RESPONSE_BIT,
-                        reply.request_id,
-                    );
-                    let header_at = out.len();
-                    out.extend_from_slice(&[0; 8 + 1 + 4]);
-                    let mut count = 0u32;
-                    let mut last: Option<u64> = None;
-                    for e in &events {
-                        let before = out.len();
-                        protocol::put_recorded(&mut out, e);
-                        if out.len() - start > max_frame && count > 0 {
-                            out.truncate(before);
-                            break;
-                        }
-                        count += 1;
-                        last = Some(e.version);
+            let mut out = Vec::with_capacity(256 + max.min(READ_CHUNK) * 400);
+            let start = protocol::start_frame(
+                &mut out,
+                op::READ_STREAM | op::RESPONSE_BIT,
+                reply.request_id,
+            );
+            let header_at = out.len();
+            out.extend_from_slice(&[0; 8 + 1 + 4]);
+            let mut count = 0u32;
+            let mut last: Option<u64> = None;
+            // Read a chunk at a time, so that no more than about a frame's worth of events
+            // is in memory: events may be 1 MiB each.
+            let (mut truncated, mut exhausted) = (false, false);
+            let mut at = from_version;
+            while (count as usize) < max && !truncated && !exhausted {
+                let want = (max - count as usize).min(READ_CHUNK);
+                let chunk = match log.read_stream(&stream, at, want, direction) {
+                    Ok(c) => c,
+                    Err(e) => return reply.error(engine_error(&e)),
+                };
+                exhausted = chunk.len() < want;
+                for e in &chunk {
+                    let before = out.len();
+                    protocol::put_recorded(&mut out, e);
+                    if out.len() - start > max_frame && count > 0 {
+                        out.truncate(before);
+                        truncated = true;
+                        break;
                     }
-                    let truncated = (count as usize) < events.len();
-                    let (next, end) = match (direction, last) {
-                        (Direction::Forward, Some(v)) => (v + 1, !truncated && events.len() < max),
-                        (Direction::Forward, None) => (from_version, true),
-                        (Direction::Backward, Some(0)) => (0, true),
-                        (Direction::Backward, Some(v)) => (v - 1, !truncated && events.len() < max),
-                        (Direction::Backward, None) => (0, true),
-                    };
-                    out[header_at..header_at + 8].copy_from_slice(&next.to_le_bytes());
-                    out[header_at + 8] = u8::from(end);
-                    out[header_at + 9..header_at + 13].copy_from_slice(&count.to_le_bytes());
-                    protocol::finish_frame(&mut out, start);
-                    reply.send_frame(out);
+                    count += 1;
+                    last = Some(e.version);
+                }
+                match (direction, last) {
+                    (Direction::Forward, Some(v)) => at = v + 1,
+                    (Direction::Backward, Some(0)) | (_, None) => exhausted = true,
+                    (Direction::Backward, Some(v)) => at = v - 1,
                 }
             }
+            let (next, end) = match (direction, last) {
+                (Direction::Forward, Some(v)) => (v + 1, !truncated && exhausted),
+                (Direction::Forward, None) => (from_version, true),
+                (Direction::Backward, Some(0)) => (0, true),
+                (Direction::Backward, Some(v)) => (v - 1, !truncated && exhausted),
+                (Direction::Backward, None) => (0, true),
+            };
+            out[header_at..header_at + 8].copy_from_slice(&next.to_le_bytes());
+            out[header_at + 8] = u8::from(end);
+            out[header_at + 9..header_at + 13].copy_from_slice(&count.to_le_bytes());
+            protocol::finish_frame(&mut out, start);
+            reply.send_frame(out);
         }
         Request::ReadAll {
             from,
