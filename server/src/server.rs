@@ -1979,18 +1979,25 @@ fn sub_read(
             Ok((b.into_response_frame(), count, to))
         }
         SubscribeTarget::Stream(stream) => {
-            let events = log.read_stream(stream, next, n as usize, Direction::Forward)?;
             let mut b = Batch::new(op::SUB_EVENTS, id, false, frame_capacity(n, max_frame));
             let mut to = next;
-            for e in &events {
-                let before = b.out.len();
-                protocol::put_recorded(&mut b.out, e);
-                if b.count > 0 && b.out.len() - b.start > max_frame {
-                    b.out.truncate(before);
+            // A chunk at a time, as READ_STREAM does.
+            'read: while u64::from(b.count) < n {
+                let want = (n - u64::from(b.count)).min(READ_CHUNK as u64) as usize;
+                let events = log.read_stream(stream, to, want, Direction::Forward)?;
+                for e in &events {
+                    let before = b.out.len();
+                    protocol::put_recorded(&mut b.out, e);
+                    if b.count > 0 && b.out.len() - b.start > max_frame {
+                        b.out.truncate(before);
+                        break 'read;
+                    }
+                    b.count += 1;
+                    to = e.version + 1;
+                }
+                if events.len() < want {
                     break;
                 }
-                b.count += 1;
-                to = e.version + 1;
             }
             let count = b.count;
             Ok((b.into_response_frame(), count, to))
