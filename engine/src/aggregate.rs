@@ -289,13 +289,7 @@ impl<'a, A: Aggregate> Repository<'a, A> {
     }
 
     fn apply(&self, state: &mut A, e: &RecordedEvent) -> std::result::Result<(), String> {
-        match &self.registry {
-            None => state.apply(e),
-            Some(r) => {
-                let view = r.view(e).map_err(|err| err.to_string())?;
-                state.apply(&view)
-            }
-        }
+        crate::schema::with_newest(self.registry.as_ref(), e, |shown| state.apply(shown))
     }
 
     /// The current state of `stream`.

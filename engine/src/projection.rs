@@ -211,19 +211,14 @@ pub fn checkpoint_stream(name: &str) -> String {
 /// Encodes a checkpoint payload.
 #[must_use]
 pub fn encode_checkpoint_payload(next: u64, state_version: u32, state: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(CHECKPOINT_HEADER_BYTES + state.len());
-    p.extend_from_slice(&next.to_le_bytes());
-    p.extend_from_slice(&state_version.to_le_bytes());
-    p.extend_from_slice(state);
-    p
+    // The snapshot payload's layout (FORMAT.md 18.1 and 18.2): a u64, a u32, the state.
+    crate::aggregate::encode_snapshot_payload(next, state_version, state)
 }
 
 /// Decodes a checkpoint payload: `(next position, state version, state)`.
 #[must_use]
 pub fn decode_checkpoint_payload(p: &[u8]) -> Option<(u64, u32, &[u8])> {
-    let next = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
-    let version = u32::from_le_bytes(p.get(8..12)?.try_into().ok()?);
-    Some((next, version, &p[CHECKPOINT_HEADER_BYTES..]))
+    crate::aggregate::decode_snapshot_payload(p)
 }
 
 fn is_system(e: &RecordedEvent) -> bool {
@@ -305,13 +300,9 @@ impl<'a, P: Projection> Projector<'a, P> {
     }
 
     fn apply_event(&self, e: &RecordedEvent) -> std::result::Result<(), String> {
-        match &self.registry {
-            None => self.state.write().apply(e),
-            Some(r) => {
-                let view = r.view(e).map_err(|err| err.to_string())?;
-                self.state.write().apply(&view)
-            }
-        }
+        crate::schema::with_newest(self.registry.as_ref(), e, |shown| {
+            self.state.write().apply(shown)
+        })
     }
 
     fn fold_one(&mut self, e: &RecordedEvent) -> std::result::Result<(), ProjectionError> {
@@ -498,16 +489,14 @@ pub(crate) fn with_view<T>(
     registry: Option<&crate::schema::Registry>,
     f: impl FnOnce(&dyn EventView) -> std::result::Result<T, ProjectionError>,
 ) -> std::result::Result<T, ProjectionError> {
+    let refused = |reason| ProjectionError::Apply {
+        name: name.to_owned(),
+        position: e.position.0,
+        reason,
+    };
     match registry {
         None => f(e),
-        Some(r) => {
-            let view = r.view(e).map_err(|err| ProjectionError::Apply {
-                name: name.to_owned(),
-                position: e.position.0,
-                reason: err.to_string(),
-            })?;
-            f(&view)
-        }
+        Some(r) => f(&r.view(e).map_err(|err| refused(err.to_string()))?),
     }
 }
 

@@ -128,6 +128,23 @@ impl Schema {
     }
 }
 
+/// Calls `f` with `e` as its newest schema version through `registry`, or as it is without
+/// one: how aggregates and projections are shown events. An event that cannot be upcast
+/// is refused with the reason.
+///
+/// # Errors
+/// The upcast's reason, or `f`'s.
+pub fn with_newest<T>(
+    registry: Option<&Registry>,
+    e: &dyn EventView,
+    f: impl FnOnce(&dyn EventView) -> Result<T, String>,
+) -> Result<T, String> {
+    match registry {
+        None => f(e),
+        Some(r) => f(&r.view(e).map_err(|err| err.to_string())?),
+    }
+}
+
 /// Why a registration, a check or an upcast failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

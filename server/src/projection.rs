@@ -8,8 +8,7 @@ use std::time::Duration;
 use tally_engine::Direction;
 use tally_engine::EventView;
 use tally_engine::projection::{
-    CHECKPOINT_STREAM_PREFIX, Projection, ProjectionState, ProjectionStatus, ProjectorOptions,
-    SharedState, usable_checkpoint,
+    Projection, ProjectionState, ProjectionStatus, ProjectorOptions, SharedState, usable_checkpoint,
 };
 
 use crate::client::{Client, ClientError, Subscription, SubscriptionItem};
@@ -101,7 +100,7 @@ impl<P: Projection> RemoteProjector<P> {
         name: &str,
         opts: ProjectorOptions,
     ) -> Result<RemoteProjector<P>, RemoteProjectionError> {
-        let stream = format!("{CHECKPOINT_STREAM_PREFIX}{name}");
+        let stream = tally_engine::projection::checkpoint_stream(name);
         let mut start = (0, P::initial(), None);
         let mut from = u64::MAX;
         'search: loop {
@@ -142,13 +141,7 @@ impl<P: Projection> RemoteProjector<P> {
 
     /// Folds one event into `state`, through the registry when there is one.
     fn apply_to(&self, state: &mut P, e: &dyn EventView) -> Result<(), String> {
-        match &self.registry {
-            None => state.apply(e),
-            Some(r) => {
-                let view = r.view(e).map_err(|err| err.to_string())?;
-                state.apply(&view)
-            }
-        }
+        tally_engine::schema::with_newest(self.registry.as_ref(), e, |shown| state.apply(shown))
     }
 
     fn refused(&mut self, position: u64, reason: String) -> RemoteProjectionError {

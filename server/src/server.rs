@@ -1049,7 +1049,7 @@ fn handle(
                 connections: ctx.connections.load(Ordering::Relaxed),
                 uptime_ms: ctx.started.elapsed().as_millis() as u64,
                 durability: durability_code(ctx.cfg.options.durability),
-                checkpoints: log.checkpoints().len() as u64,
+                checkpoints: log.checkpoint_count() as u64,
             };
             reply.send(&Response::ServerInfo(info));
         }
@@ -1568,7 +1568,7 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             }
         }
         Request::LatestCheckpoint => {
-            let latest = log.checkpoints().last().map(|c| Box::new(c.encode_entry()));
+            let latest = log.latest_checkpoint().map(|c| Box::new(c.encode_entry()));
             reply.send(&Response::LatestCheckpoint(latest));
         }
         Request::InclusionProof {
@@ -1576,7 +1576,7 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             tree_size,
         } => {
             let size = if tree_size == 0 {
-                match log.checkpoints().last() {
+                match log.latest_checkpoint() {
                     Some(c) => c.statement.tree_size,
                     None => {
                         return reply.error(WireError::new(

@@ -908,6 +908,18 @@ impl Log {
         shared::lock(&self.shared.checkpoints).list.clone()
     }
 
+    /// The newest signed checkpoint, without copying the list.
+    #[must_use]
+    pub fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
+        shared::lock(&self.shared.checkpoints).list.last().cloned()
+    }
+
+    /// How many signed checkpoints the log has.
+    #[must_use]
+    pub fn checkpoint_count(&self) -> usize {
+        shared::lock(&self.shared.checkpoints).list.len()
+    }
+
     /// A damaged entry of the checkpoints file found by a read-only open: its byte offset
     /// and cause. (A writable open refuses such a file.)
     #[must_use]

@@ -132,7 +132,11 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
         Some(DurabilityArg::None) => Durability::None,
     };
     if let Some(m) = file.segment_mib {
-        options.segment_bytes = m << 20;
+        // Out-of-range sizes are refused by the log's own option check; this only must
+        // not overflow on the way.
+        options.segment_bytes = m
+            .checked_mul(1 << 20)
+            .ok_or_else(|| anyhow::anyhow!("segment_mib {m} is far too large"))?;
     }
     if let Some(n) = file.checkpoint_every_records {
         options.checkpoint_every_records = Some(n);
