@@ -30,6 +30,7 @@ pub const TYPE_TIME_ENTRY_LEN: usize = 24;
 pub const RECORD_TIME_LEN: usize = 8;
 /// Bytes of the trailing CRC.
 pub const ATTR_TRAILER_LEN: usize = 4;
+const _: () = assert!(ATTR_TRAILER_LEN == super::INDEX_TRAILER_LEN);
 
 // Header field offsets.
 /// `format_version`.
@@ -575,17 +576,14 @@ impl SealedAttrs {
     /// [`IndexError`] for anything that does not match the format.
     pub fn open(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<SealedAttrs, IndexError> {
         let b: &[u8] = (*bytes).as_ref();
-        crate::format::need(b, ATTR_HEADER_LEN + ATTR_TRAILER_LEN)?;
-        crate::format::check_magic(b, ATTR_MAGIC, "TALLYADX")?;
-        let body_end = b.len() - ATTR_TRAILER_LEN;
-        crate::format::check_crc(le::u32_at(b, body_end), &b[..body_end], "attribute index")?;
-        crate::format::check_version(le::u16_at(b, AH_VERSION), "attribute index")?;
-        if le::u16_at(b, AH_HEADER_LEN) as usize != ATTR_HEADER_LEN {
-            return Err(invalid(
-                "attribute index header_len",
-                le::u16_at(b, AH_HEADER_LEN).to_string(),
-            ));
-        }
+        super::check_sidecar_frame(
+            b,
+            (ATTR_MAGIC, "TALLYADX"),
+            ("attribute index", "attribute index header_len"),
+            ATTR_HEADER_LEN,
+            AH_VERSION,
+            AH_HEADER_LEN,
+        )?;
         if le::u32_at(b, AH_FLAGS) != 0 {
             return Err(invalid(
                 "attribute index flags",

@@ -103,6 +103,30 @@ pub const SE_NAME_LEN: usize = 68;
 pub const SE_RESERVED: usize = 70;
 const _: () = assert!(SE_RESERVED + 2 == STREAM_ENTRY_LEN);
 
+/// The checks every sidecar starts with: its length, magic, the trailing CRC-32 over every
+/// byte before it, its `format_version` and its `header_len`.
+pub(crate) fn check_sidecar_frame(
+    b: &[u8],
+    (magic, magic_name): (&'static [u8; 8], &'static str),
+    (what, header_len_what): (&'static str, &'static str),
+    header_len: usize,
+    version_at: usize,
+    header_len_at: usize,
+) -> Result<(), DecodeError> {
+    crate::format::need(b, header_len + INDEX_TRAILER_LEN)?;
+    crate::format::check_magic(b, magic, magic_name)?;
+    let body_end = b.len() - INDEX_TRAILER_LEN;
+    crate::format::check_crc(le::u32_at(b, body_end), &b[..body_end], what)?;
+    crate::format::check_version(le::u16_at(b, version_at), what)?;
+    if le::u16_at(b, header_len_at) as usize != header_len {
+        return Err(DecodeError::Invalid {
+            what: header_len_what,
+            detail: le::u16_at(b, header_len_at).to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The 64-bit stream hash used to order and find streams in an index: the first 8 bytes of
 /// `BLAKE3(stream id)`, little-endian.
 #[must_use]
@@ -506,18 +530,14 @@ impl SealedIndex {
     /// [`IndexError`] for anything that does not match the format.
     pub fn open(bytes: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<SealedIndex, IndexError> {
         let b: &[u8] = (*bytes).as_ref();
-        crate::format::need(b, INDEX_HEADER_LEN + INDEX_TRAILER_LEN)?;
-        crate::format::check_magic(b, INDEX_MAGIC, "TALLYIDX")?;
-        let body_end = b.len() - INDEX_TRAILER_LEN;
-        crate::format::check_crc(le::u32_at(b, body_end), &b[..body_end], "index")?;
-        crate::format::check_version(le::u16_at(b, IH_VERSION), "index")?;
-        if le::u16_at(b, IH_HEADER_LEN) as usize != INDEX_HEADER_LEN {
-            return Err(DecodeError::Invalid {
-                what: "index header_len",
-                detail: le::u16_at(b, IH_HEADER_LEN).to_string(),
-            }
-            .into());
-        }
+        check_sidecar_frame(
+            b,
+            (INDEX_MAGIC, "TALLYIDX"),
+            ("index", "index header_len"),
+            INDEX_HEADER_LEN,
+            IH_VERSION,
+            IH_HEADER_LEN,
+        )?;
         let flags = le::u32_at(b, IH_FLAGS);
         if flags & !INDEX_FLAG_COMPLETE != 0 {
             return Err(DecodeError::Invalid {
