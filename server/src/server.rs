@@ -210,11 +210,6 @@ impl Reply {
         });
     }
 
-    /// Frees the slot without a response (CREDIT has none).
-    fn no_response(self) {
-        self.send_frame(Vec::new());
-    }
-
     fn error(self, e: WireError) {
         self.send(&Response::Error(e));
     }
@@ -239,6 +234,34 @@ impl Drop for Reply {
     }
 }
 
+/// The connection task's own output. Answers given on the task itself go straight into
+/// the bytes it writes next instead of through its channel: a send on the channel wakes the
+/// receiving task, and a task woken while it runs is put back on the runtime's queue when it
+/// next waits, which wakes a second worker (an eventfd write and a futex) to run it there.
+/// That cost a context switch and a CPU migration per request.
+struct Here<'a> {
+    out: &'a mut Vec<u8>,
+    inflight: &'a mut u32,
+}
+
+impl Here<'_> {
+    fn send(&mut self, mut reply: Reply, resp: &Response) {
+        resp.encode(reply.opcode, reply.request_id, self.out);
+        reply.done = true;
+        *self.inflight -= 1;
+    }
+
+    fn error(&mut self, reply: Reply, e: WireError) {
+        self.send(reply, &Response::Error(e));
+    }
+
+    /// Frees the slot without a response (CREDIT has none).
+    fn no_response(&mut self, mut reply: Reply) {
+        reply.done = true;
+        *self.inflight -= 1;
+    }
+}
+
 /// An append waiting for its acknowledgement on the ack thread.
 struct Ack {
     handle: AppendHandle,
@@ -253,19 +276,21 @@ enum AckKind {
     ConsumerCheckpoint,
 }
 
-fn respond_append(ctx_visible: &watch::Sender<u64>, log: &Log, ack: Ack) {
+/// Waits for an append's sync and returns its response.
+fn ack_response(ctx_visible: &watch::Sender<u64>, log: &Log, ack: Ack) -> (Reply, Response) {
     let Ack {
         handle,
         reply,
         kind,
     } = ack;
-    match handle.wait() {
+    let resp = match handle.wait() {
         Ok(results) => {
             publish_visible(ctx_visible, log);
-            reply.send(&append_response(kind, results));
+            append_response(kind, results)
         }
-        Err(e) => reply.error(engine_error(&e)),
-    }
+        Err(e) => Response::Error(engine_error(&e)),
+    };
+    (reply, resp)
 }
 
 fn append_response(kind: AckKind, mut results: Vec<AppendResult>) -> Response {
@@ -435,7 +460,8 @@ impl Server {
                 // Acknowledgements oldest first: when one returns, the sync that covered
                 // it usually covered the next ones too.
                 while let Ok(ack) = ack_rx.recv() {
-                    respond_append(&visible, &ack_log, ack);
+                    let (reply, resp) = ack_response(&visible, &ack_log, ack);
+                    reply.send(&resp);
                 }
             })
             .map_err(|e| ServerError::Config(format!("cannot start the ack thread: {e}")))?;
@@ -790,18 +816,33 @@ async fn serve(
                 done: false,
                 permit: None,
             };
+            let mut here = Here {
+                out: &mut out,
+                inflight: &mut inflight,
+            };
             if h.flags != 0 {
                 // Reserved: refused now so that they can be given a meaning later.
-                reply.error(WireError::new(
-                    ErrorCode::MalformedRequest,
-                    format!("frame flags must be 0, got 0x{:02x}", h.flags),
-                ));
+                here.error(
+                    reply,
+                    WireError::new(
+                        ErrorCode::MalformedRequest,
+                        format!("frame flags must be 0, got 0x{:02x}", h.flags),
+                    ),
+                );
                 continue;
             }
             match Request::decode(h.opcode, payload, cfg.append_events_max) {
                 // The frame was whole, so the stream is still in step: answer and go on.
-                Err(e) => reply.error(WireError::new(e.code(), e.to_string())),
-                Ok(req) => acks.extend(handle(ctx, req, reply, &mut subs, &read_slots, version)),
+                Err(e) => here.error(reply, WireError::new(e.code(), e.to_string())),
+                Ok(req) => acks.extend(handle(
+                    ctx,
+                    req,
+                    reply,
+                    &mut here,
+                    &mut subs,
+                    &read_slots,
+                    version,
+                )),
             }
         }
         // 2. Appends waiting for their sync.
@@ -810,7 +851,11 @@ async fn serve(
             durable.borrow_and_update();
             let was_waiting = !pending.is_empty();
             pending.extend(acks);
-            answer_synced(ctx, &mut pending);
+            let mut here = Here {
+                out: &mut out,
+                inflight: &mut inflight,
+            };
+            answer_synced(ctx, &mut pending, &mut here);
             if !pending.is_empty()
                 && ctx.inline_leader_allowed
                 && !ctx.inline_leader.load(Ordering::Acquire)
@@ -820,9 +865,13 @@ async fn serve(
                 // the last announcement: before blocking this worker for the next sync,
                 // let them answer (and write) what it covered.
                 tokio::task::yield_now().await;
-                answer_synced(ctx, &mut pending);
+                here = Here {
+                    out: &mut out,
+                    inflight: &mut inflight,
+                };
+                answer_synced(ctx, &mut pending, &mut here);
             }
-            settle_acks(ctx, &mut pending);
+            settle_acks(ctx, &mut pending, &mut here);
             match (was_waiting, pending.is_empty()) {
                 (false, false) => {
                     ctx.waiting.fetch_add(1, Ordering::Relaxed);
@@ -964,16 +1013,17 @@ impl Drop for StepDown<'_> {
 }
 
 /// Answers the appends at the front of `pending` whose sync is done.
-fn answer_synced(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
+fn answer_synced(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>, here: &mut Here<'_>) {
     while pending.front().is_some_and(|a| a.handle.is_done()) {
         if let Some(a) = pending.pop_front() {
-            respond_append(&ctx.visible, &ctx.log, a);
+            let (reply, resp) = ack_response(&ctx.visible, &ctx.log, a);
+            here.send(reply, &resp);
         }
     }
 }
 
-fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
-    answer_synced(ctx, pending);
+fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>, here: &mut Here<'_>) {
+    answer_synced(ctx, pending, here);
     if pending.is_empty() {
         return;
     }
@@ -981,7 +1031,8 @@ fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
         for ack in pending.drain(..) {
             if let Err(std::sync::mpsc::SendError(ack)) = ctx.acks.send(ack) {
                 // The ack thread is gone only after every connection ended; answer here.
-                respond_append(&ctx.visible, &ctx.log, ack);
+                let (reply, resp) = ack_response(&ctx.visible, &ctx.log, ack);
+                here.send(reply, &resp);
             }
         }
         return;
@@ -1013,8 +1064,8 @@ fn settle_acks(ctx: &Arc<Ctx>, pending: &mut VecDeque<Ack>) {
     publish_visible(&ctx.visible, &ctx.log);
     for (r, reply, kind) in done {
         match r {
-            Ok(results) => reply.send(&append_response(kind, results)),
-            Err(e) => reply.error(engine_error(&e)),
+            Ok(results) => here.send(reply, &append_response(kind, results)),
+            Err(e) => here.error(reply, engine_error(&e)),
         }
     }
 }
@@ -1028,16 +1079,20 @@ fn handle(
     ctx: &Arc<Ctx>,
     req: Request,
     reply: Reply,
+    here: &mut Here<'_>,
     subs: &mut HashMap<u32, SubControl>,
     read_slots: &Arc<Semaphore>,
     version: u16,
 ) -> Option<Ack> {
     match req {
-        Request::Hello { .. } => reply.error(WireError::new(
-            ErrorCode::MalformedRequest,
-            "HELLO was already received on this connection",
-        )),
-        Request::Ping(b) => reply.send(&Response::Pong(b)),
+        Request::Hello { .. } => here.error(
+            reply,
+            WireError::new(
+                ErrorCode::MalformedRequest,
+                "HELLO was already received on this connection",
+            ),
+        ),
+        Request::Ping(b) => here.send(reply, &Response::Pong(b)),
         Request::ServerInfo => {
             let log = &ctx.log;
             let info = ServerInfo {
@@ -1051,15 +1106,16 @@ fn handle(
                 durability: durability_code(ctx.cfg.options.durability),
                 checkpoints: log.checkpoint_count() as u64,
             };
-            reply.send(&Response::ServerInfo(info));
+            here.send(reply, &Response::ServerInfo(info));
         }
         Request::Append(part) => {
-            return append(ctx, std::slice::from_ref(&part), reply, AckKind::One);
+            return append(ctx, std::slice::from_ref(&part), reply, here, AckKind::One);
         }
-        Request::AppendMulti(parts) => return append(ctx, &parts, reply, AckKind::Multi),
+        Request::AppendMulti(parts) => return append(ctx, &parts, reply, here, AckKind::Multi),
         Request::CheckpointStore { name, position } => {
             let Some(stream) = consumer_stream(&name) else {
                 return early(
+                    here,
                     reply,
                     WireError::new(
                         ErrorCode::MalformedRequest,
@@ -1082,6 +1138,7 @@ fn handle(
                 ctx,
                 std::slice::from_ref(&part),
                 reply,
+                here,
                 AckKind::ConsumerCheckpoint,
             );
         }
@@ -1095,6 +1152,7 @@ fn handle(
             if name.is_empty() || tally_engine::format::envelope::check_stream_id(&stream).is_err()
             {
                 return early(
+                    here,
                     reply,
                     WireError::new(
                         ErrorCode::MalformedRequest,
@@ -1122,6 +1180,7 @@ fn handle(
                 ctx,
                 std::slice::from_ref(&part),
                 reply,
+                here,
                 AckKind::ConsumerCheckpoint,
             );
         }
@@ -1133,6 +1192,7 @@ fn handle(
             subs.retain(|_, s| !s.task.is_finished());
             if subs.len() >= ctx.cfg.subscriptions_max as usize {
                 return early(
+                    here,
                     reply,
                     WireError::new(
                         ErrorCode::TooManySubscriptions,
@@ -1145,6 +1205,7 @@ fn handle(
             }
             if subs.contains_key(&reply.request_id) {
                 return early(
+                    here,
                     reply,
                     WireError::new(
                         ErrorCode::MalformedRequest,
@@ -1156,6 +1217,7 @@ fn handle(
                 && let Err(e) = tally_engine::format::envelope::check_stream_id(s)
             {
                 return early(
+                    here,
                     reply,
                     WireError::new(ErrorCode::MalformedRequest, e.to_string()),
                 );
@@ -1167,7 +1229,7 @@ fn handle(
                 (SubscribeTarget::All(_), SubscribeFrom::Now) => ctx.log.next_position().0,
                 (SubscribeTarget::Stream(s), SubscribeFrom::Now) => match ctx.log.stream_info(s) {
                     Ok(i) => i.map_or(0, |i| i.last_version + 1),
-                    Err(e) => return early(reply, engine_error(&e)),
+                    Err(e) => return early(here, reply, engine_error(&e)),
                 },
             };
             let shared = Arc::new(SubShared {
@@ -1208,7 +1270,7 @@ fn handle(
                     });
                 s.credit.wake.notify_one();
             }
-            reply.no_response();
+            here.no_response(reply);
         }
         Request::Unsubscribe { subscription } => match subs.remove(&subscription) {
             Some(s) if !s.task.is_finished() => {
@@ -1222,10 +1284,13 @@ fn handle(
                     reply.send(&Response::Unsubscribed);
                 });
             }
-            _ => reply.error(WireError::new(
-                ErrorCode::UnknownSubscription,
-                format!("no active subscription {subscription} on this connection"),
-            )),
+            _ => here.error(
+                reply,
+                WireError::new(
+                    ErrorCode::UnknownSubscription,
+                    format!("no active subscription {subscription} on this connection"),
+                ),
+            ),
         },
         req => {
             // At most READS_QUEUED reads of a connection run or wait for its socket at
@@ -1248,8 +1313,8 @@ fn handle(
 }
 
 /// Answers with an error and returns no ack.
-fn early(reply: Reply, e: WireError) -> Option<Ack> {
-    reply.error(e);
+fn early(here: &mut Here<'_>, reply: Reply, e: WireError) -> Option<Ack> {
+    here.error(reply, e);
     None
 }
 
@@ -1261,9 +1326,15 @@ fn consumer_stream(name: &str) -> Option<String> {
 }
 
 #[must_use]
-fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> Option<Ack> {
+fn append(
+    ctx: &Arc<Ctx>,
+    parts: &[AppendPart],
+    reply: Reply,
+    here: &mut Here<'_>,
+    kind: AckKind,
+) -> Option<Ack> {
     if let Some(p) = parts.iter().find(|p| reserved(&p.stream)) {
-        reply.error(WireError::new(
+        here.error(reply, WireError::new(
             ErrorCode::ReservedStream,
             format!(
                 "stream {:?}: names starting with {SYSTEM_STREAM_PREFIX:?} are the server's own",
@@ -1273,7 +1344,7 @@ fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
         return None;
     }
     if !ctx.validating.load(Ordering::Acquire) {
-        return submit(ctx, parts, reply, kind);
+        return submit(ctx, parts, reply, here, kind);
     }
     // Checked and submitted under the read lock, so that a registration (which takes the
     // write lock to place its event in the log) is either before this append, and checks
@@ -1285,22 +1356,31 @@ fn append(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
     for p in parts {
         for (i, e) in p.events.iter().enumerate() {
             if let Err(err) = registry.check(e) {
-                reply.error(WireError::new(
-                    ErrorCode::SchemaViolation,
-                    format!("stream {:?}, event {i}: {err}", p.stream),
-                ));
+                here.error(
+                    reply,
+                    WireError::new(
+                        ErrorCode::SchemaViolation,
+                        format!("stream {:?}, event {i}: {err}", p.stream),
+                    ),
+                );
                 return None;
             }
         }
     }
-    let ack = submit(ctx, parts, reply, kind);
+    let ack = submit(ctx, parts, reply, here, kind);
     drop(registry);
     ack
 }
 
 /// Submits an append; returns it if it still waits for its sync.
 #[must_use]
-fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> Option<Ack> {
+fn submit(
+    ctx: &Arc<Ctx>,
+    parts: &[AppendPart],
+    reply: Reply,
+    here: &mut Here<'_>,
+    kind: AckKind,
+) -> Option<Ack> {
     let reqs: Vec<AppendRequest<'_>> = parts
         .iter()
         .map(|p| AppendRequest {
@@ -1311,11 +1391,11 @@ fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
         .collect();
     match ctx.log.append_deferred_multi(&reqs) {
         Err(e) => {
-            reply.error(engine_error(&e));
+            here.error(reply, engine_error(&e));
             None
         }
         Ok(handle) if handle.is_done() => {
-            respond_append(
+            let (reply, resp) = ack_response(
                 &ctx.visible,
                 &ctx.log,
                 Ack {
@@ -1324,6 +1404,7 @@ fn submit(ctx: &Arc<Ctx>, parts: &[AppendPart], reply: Reply, kind: AckKind) -> 
                     kind,
                 },
             );
+            here.send(reply, &resp);
             None
         }
         Ok(handle) => Some(Ack {
