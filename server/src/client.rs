@@ -22,7 +22,9 @@ use bytes::{Buf, BytesMut};
 use tally_engine::{AppendResult, Direction, EventData, ExpectedVersion, StreamInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::AbortHandle;
 
 use crate::protocol::{
     self, AppendPart, ErrorCode, Event, FRAME_BYTES_MAX_DEFAULT, Filter, FindQuery, HelloOk,
@@ -163,10 +165,26 @@ enum Waiter {
 }
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// The socket's write half. A sender writes to it directly when nothing is queued
+    /// before its frame; otherwise the frame is queued for the writer task.
+    wr: OwnedWriteHalf,
+    out: parking_lot::Mutex<Outgoing>,
+    /// Wakes the writer task when something is queued.
+    out_ready: Notify,
     pending: parking_lot::Mutex<Option<HashMap<u32, Waiter>>>,
     hello: HelloOk,
     closed: AtomicBool,
+    /// The connection's reader and writer tasks, ended when the client is dropped.
+    tasks: parking_lot::Mutex<Vec<AbortHandle>>,
+}
+
+/// Bytes on their way to the socket.
+#[derive(Default)]
+struct Outgoing {
+    /// Frames (or the rest of one) the socket did not take at once, in order.
+    queued: Vec<u8>,
+    /// The writer task is writing `queued`: a new frame must queue behind it.
+    flushing: bool,
 }
 
 impl Conn {
@@ -202,14 +220,90 @@ impl Conn {
             self.forget(id);
             return Err(ClientError::TooLarge { bytes, max });
         }
-        if self.tx.send(frame).is_err() {
-            self.fail_all(None);
-        }
+        self.write(&frame);
         Ok(())
+    }
+
+    /// Writes a frame: straight to the socket when nothing is queued before it (no hand-off
+    /// to the writer task on the way to the server), else after what is queued. A failed
+    /// write fails every request waiting on the connection.
+    fn write(&self, frame: &[u8]) {
+        let mut out = self.out.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut rest = frame;
+        if !out.flushing {
+            match self.wr.try_write(frame) {
+                Ok(n) => rest = &frame[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    drop(out);
+                    self.fail_all(None);
+                    return;
+                }
+            }
+            if rest.is_empty() {
+                return;
+            }
+            out.flushing = true;
+            self.out_ready.notify_one();
+        }
+        out.queued.extend_from_slice(rest);
+    }
+
+    /// The writer task: writes what `write` queued, until the connection fails or closes.
+    async fn write_queued(&self) {
+        let mut batch = Vec::new();
+        loop {
+            self.out_ready.notified().await;
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            loop {
+                {
+                    let mut out = self.out.lock();
+                    if out.queued.is_empty() || self.closed.load(Ordering::SeqCst) {
+                        out.flushing = false;
+                        break;
+                    }
+                    std::mem::swap(&mut batch, &mut out.queued);
+                }
+                let mut at = 0;
+                while at < batch.len() {
+                    let r = match self.wr.writable().await {
+                        Ok(()) => self.wr.try_write(&batch[at..]),
+                        Err(e) => Err(e),
+                    };
+                    match r {
+                        Ok(n) => at += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            self.fail_all(None);
+                            return;
+                        }
+                    }
+                }
+                batch.clear();
+                if batch.capacity() > (4 << 20) {
+                    batch = Vec::new();
+                }
+            }
+        }
+    }
+
+    /// Ends the reader and writer tasks; dropping their halves closes the socket.
+    fn close(&self) {
+        self.fail_all(None);
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
     }
 
     fn fail_all(&self, reason: Option<WireError>) {
         self.closed.store(true, Ordering::SeqCst);
+        // The writer task ends.
+        self.out_ready.notify_one();
         let map = self.pending.lock().take();
         for (_, w) in map.into_iter().flatten() {
             let e = ClientError::Disconnected {
@@ -281,6 +375,16 @@ struct Inner {
     opts: ClientOptions,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU32,
+}
+
+impl Drop for Inner {
+    /// The last clone of a client is gone (subscriptions hold one): close its connection
+    /// rather than leave it open until the server's idle timeout.
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.get_mut().take() {
+            c.close();
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -719,30 +823,17 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
         Response::Error(e) => return Err(ClientError::from_wire(e)),
         other => return Err(unexpected(&other)),
     };
-    let (tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let conn = Arc::new(Conn {
-        tx,
+        wr,
+        out: parking_lot::Mutex::new(Outgoing::default()),
+        out_ready: Notify::new(),
         pending: parking_lot::Mutex::new(Some(HashMap::new())),
         hello,
         closed: AtomicBool::new(false),
+        tasks: parking_lot::Mutex::new(Vec::new()),
     });
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(64 << 10);
-        while let Some(f) = out_rx.recv().await {
-            batch.extend_from_slice(&f);
-            while batch.len() < (256 << 10) {
-                match out_rx.try_recv() {
-                    Ok(f) => batch.extend_from_slice(&f),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&batch).await.is_err() {
-                break;
-            }
-            batch.clear();
-        }
-        let _ = wr.shutdown().await;
-    });
+    let writer_conn = Arc::clone(&conn);
+    let writer = tokio::spawn(async move { writer_conn.write_queued().await });
     let reader_conn = Arc::clone(&conn);
     // The server's frames are at most what it announced, and never more than this client
     // accepts.
@@ -750,7 +841,7 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
         FRAME_BYTES_MAX_DEFAULT,
         inner.opts.frame_bytes_max.max(FRAME_BYTES_MAX_DEFAULT),
     );
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let conn = reader_conn;
         let mut reason = None;
         while let Ok(Some(frame)) = read_frame(&mut rd, &mut buf, max).await {
@@ -771,6 +862,9 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
         }
         conn.fail_all(reason);
     });
+    conn.tasks
+        .lock()
+        .extend([writer.abort_handle(), reader.abort_handle()]);
     Ok(conn)
 }
 
@@ -954,7 +1048,7 @@ impl Subscription {
                 credit: self.unacked,
             }
             .encode(self.client.next_id(), &mut frame);
-            let _ = conn.tx.send(frame);
+            conn.write(&frame);
             self.unacked = 0;
         }
     }
@@ -997,7 +1091,7 @@ impl Drop for Subscription {
                     subscription: self.id,
                 }
                 .encode(self.client.next_id(), &mut frame);
-                let _ = conn.tx.send(frame);
+                conn.write(&frame);
             }
         }
     }

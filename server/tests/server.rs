@@ -1469,3 +1469,69 @@ fn schemas_registered_through_the_server_validate_appends_and_survive_a_restart(
     });
     d.terminate();
 }
+
+/// The client writes a frame straight to the socket when nothing is queued before it, and
+/// queues it for its writer task when the socket is full: pipelined appends far larger than
+/// the socket's buffers must still arrive whole and in order (each expects the version the
+/// one before it made). A client dropped without closing closes its connection.
+#[test]
+fn pipelined_writes_stay_in_order_past_a_full_socket_and_a_dropped_client_disconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(&dir.path().join("data"), &[]);
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        let n = 96u64;
+        let mut pending = Vec::new();
+        for i in 0..n {
+            let expected = if i == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(i - 1)
+            };
+            let req = Request::Append(protocol::AppendPart {
+                stream: "ordered".into(),
+                expected,
+                events: vec![EventData::new("Big", vec![i as u8; 256 << 10])],
+            });
+            pending.push(c.send(&req).await.unwrap());
+        }
+        for (i, p) in pending.into_iter().enumerate() {
+            match p.wait().await.unwrap() {
+                Response::Appended(r) => assert_eq!(r.last_version, i as u64),
+                other => panic!("append {i}: {other:?}"),
+            }
+        }
+        let mut events = Vec::new();
+        loop {
+            let (batch, next, end) = c
+                .read_stream("ordered", events.len() as u64, 1000, Direction::Forward)
+                .await
+                .unwrap();
+            events.extend(batch);
+            assert_eq!(next, events.len() as u64);
+            if end {
+                break;
+            }
+        }
+        assert_eq!(events.len(), n as usize);
+        for (i, e) in events.iter().enumerate() {
+            assert!(e.payload().iter().all(|b| *b == i as u8), "event {i}");
+        }
+
+        let other = Client::connect(&d.addr).await.unwrap();
+        assert_eq!(other.server_info().await.unwrap().connections, 2);
+        drop(c);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let open = other.server_info().await.unwrap().connections;
+            if open == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{open} connections 10 s after the client was dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
