@@ -189,8 +189,9 @@ struct Outgoing {
 
 impl Conn {
     /// Registers a waiter under a fresh request id (never 0, never one still waiting, even
-    /// after the counter wraps) and returns the id.
-    fn register(&self, ids: &AtomicU32, w: Waiter) -> Result<u32, ClientError> {
+    /// after the counter wraps) and returns the id, and whether it is the only request
+    /// waiting on the connection.
+    fn register(&self, ids: &AtomicU32, w: Waiter) -> Result<(u32, bool), ClientError> {
         match &mut *self.pending.lock() {
             Some(map) => loop {
                 let id = ids.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +199,7 @@ impl Conn {
                     && let std::collections::hash_map::Entry::Vacant(v) = map.entry(id)
                 {
                     v.insert(w);
-                    return Ok(id);
+                    return Ok((id, map.len() == 1));
                 }
             },
             None => Err(ClientError::Disconnected { reason: None }),
@@ -212,28 +213,31 @@ impl Conn {
     }
 
     /// Sends a frame, refusing one the server would not accept (it would close the
-    /// connection, failing every other request on it).
-    fn send_frame(&self, id: u32, frame: Vec<u8>) -> Result<(), ClientError> {
+    /// connection, failing every other request on it). `alone`: see [`Conn::write`].
+    fn send_frame(&self, id: u32, frame: Vec<u8>, alone: bool) -> Result<(), ClientError> {
         let bytes = frame.len() - LENGTH_BYTES;
         let max = self.hello.limits.frame_bytes_max as usize;
         if bytes > max {
             self.forget(id);
             return Err(ClientError::TooLarge { bytes, max });
         }
-        self.write(&frame);
+        self.write(&frame, alone);
         Ok(())
     }
 
-    /// Writes a frame: straight to the socket when nothing is queued before it (no hand-off
-    /// to the writer task on the way to the server), else after what is queued. A failed
-    /// write fails every request waiting on the connection.
-    fn write(&self, frame: &[u8]) {
+    /// Writes a frame. A request that is the only one waiting on the connection (`alone`)
+    /// goes straight to the socket when nothing is queued before it: no hand-off to the
+    /// writer task on its way to the server. Others are queued, and the writer task sends
+    /// what has gathered in one write: pipelined requests reach the server together, so
+    /// that one sync covers them. A failed write fails every request waiting on the
+    /// connection.
+    fn write(&self, frame: &[u8], alone: bool) {
         let mut out = self.out.lock();
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
         let mut rest = frame;
-        if !out.flushing {
+        if alone && !out.flushing {
             match self.wr.try_write(frame) {
                 Ok(n) => rest = &frame[n..],
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -246,10 +250,12 @@ impl Conn {
             if rest.is_empty() {
                 return;
             }
+        }
+        out.queued.extend_from_slice(rest);
+        if !out.flushing {
             out.flushing = true;
             self.out_ready.notify_one();
         }
-        out.queued.extend_from_slice(rest);
     }
 
     /// The writer task: writes what `write` queued, until the connection fails or closes.
@@ -468,10 +474,10 @@ impl Client {
         req.check_encodable().map_err(ClientError::Invalid)?;
         let conn = self.conn().await?;
         let (t, rx) = oneshot::channel();
-        let id = conn.register(self.ids(), Waiter::Once(t))?;
+        let (id, alone) = conn.register(self.ids(), Waiter::Once(t))?;
         let mut frame = Vec::with_capacity(128);
         req.encode(id, &mut frame);
-        conn.send_frame(id, frame)?;
+        conn.send_frame(id, frame, alone)?;
         Ok(PendingResponse { rx })
     }
 
@@ -955,10 +961,10 @@ impl Subscription {
             credit: window,
         };
         req.check_encodable().map_err(ClientError::Invalid)?;
-        let id = conn.register(self.client.ids(), Waiter::Stream(t))?;
+        let (id, _) = conn.register(self.client.ids(), Waiter::Stream(t))?;
         let mut frame = Vec::new();
         req.encode(id, &mut frame);
-        conn.send_frame(id, frame)?;
+        conn.send_frame(id, frame, false)?;
         match rx.recv().await {
             Some(Ok(Response::Subscribed { start })) => {
                 self.from = SubscribeFrom::At(start);
@@ -1048,7 +1054,7 @@ impl Subscription {
                 credit: self.unacked,
             }
             .encode(self.client.next_id(), &mut frame);
-            conn.write(&frame);
+            conn.write(&frame, false);
             self.unacked = 0;
         }
     }
@@ -1064,10 +1070,10 @@ impl Subscription {
         let id = self.id;
         let req = Request::Unsubscribe { subscription: id };
         let (t, rx) = oneshot::channel();
-        let rid = conn.register(self.client.ids(), Waiter::Once(t))?;
+        let (rid, _) = conn.register(self.client.ids(), Waiter::Once(t))?;
         let mut frame = Vec::new();
         req.encode(rid, &mut frame);
-        conn.send_frame(rid, frame)?;
+        conn.send_frame(rid, frame, false)?;
         let r = (PendingResponse { rx }).wait().await;
         // No push follows the answer: the subscription's waiter goes.
         conn.forget(id);
@@ -1091,7 +1097,7 @@ impl Drop for Subscription {
                     subscription: self.id,
                 }
                 .encode(self.client.next_id(), &mut frame);
-                conn.write(&frame);
+                conn.write(&frame, false);
             }
         }
     }
