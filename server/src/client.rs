@@ -174,6 +174,8 @@ struct Conn {
     pending: parking_lot::Mutex<Option<HashMap<u32, Waiter>>>,
     hello: HelloOk,
     closed: AtomicBool,
+    /// The client was dropped: close once no request waits for its answer.
+    close_when_idle: AtomicBool,
     /// The connection's reader and writer tasks, ended when the client is dropped.
     tasks: parking_lot::Mutex<Vec<AbortHandle>>,
 }
@@ -298,6 +300,21 @@ impl Conn {
         }
     }
 
+    /// No request waits for its answer.
+    fn idle(&self) -> bool {
+        self.pending.lock().as_ref().is_none_or(HashMap::is_empty)
+    }
+
+    /// Closes the connection once no request waits for its answer (now, if none does):
+    /// requests sent before the client was dropped still get theirs.
+    fn close_when_idle(&self) {
+        self.close_when_idle.store(true, Ordering::SeqCst);
+        // The reader checks after each answer; whichever of us sees the last one closes.
+        if self.idle() {
+            self.close();
+        }
+    }
+
     /// Ends the reader and writer tasks; dropping their halves closes the socket.
     fn close(&self) {
         self.fail_all(None);
@@ -385,10 +402,11 @@ struct Inner {
 
 impl Drop for Inner {
     /// The last clone of a client is gone (subscriptions hold one): close its connection
-    /// rather than leave it open until the server's idle timeout.
+    /// once the requests already sent are answered, rather than leave it open until the
+    /// server's idle timeout.
     fn drop(&mut self) {
         if let Some(c) = self.conn.get_mut().take() {
-            c.close();
+            c.close_when_idle();
         }
     }
 }
@@ -448,7 +466,11 @@ impl Client {
                 addr: self.inner.addr.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
             })??;
-        *g = Some(Arc::clone(&c));
+        if let Some(old) = g.replace(Arc::clone(&c)) {
+            // Its reader has ended; its writer may still wait for a socket that the server
+            // stopped reading.
+            old.close();
+        }
         Ok(c)
     }
 
@@ -836,6 +858,7 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
         pending: parking_lot::Mutex::new(Some(HashMap::new())),
         hello,
         closed: AtomicBool::new(false),
+        close_when_idle: AtomicBool::new(false),
         tasks: parking_lot::Mutex::new(Vec::new()),
     });
     let writer_conn = Arc::clone(&conn);
@@ -856,7 +879,13 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, ClientError> {
                     // A connection-level error: the server closes the connection.
                     reason = Some(e);
                 }
-                Ok((h, resp)) => conn.dispatch(h.request_id, resp),
+                Ok((h, resp)) => {
+                    conn.dispatch(h.request_id, resp);
+                    if conn.close_when_idle.load(Ordering::SeqCst) && conn.idle() {
+                        conn.close();
+                        break;
+                    }
+                }
                 Err(e) => {
                     reason = Some(WireError::new(
                         ErrorCode::MalformedRequest,

@@ -1473,7 +1473,8 @@ fn schemas_registered_through_the_server_validate_appends_and_survive_a_restart(
 /// The client writes a frame straight to the socket when nothing is queued before it, and
 /// queues it for its writer task when the socket is full: pipelined appends far larger than
 /// the socket's buffers must still arrive whole and in order (each expects the version the
-/// one before it made). A client dropped without closing closes its connection.
+/// one before it made). A dropped client closes its connection once the requests it sent
+/// are answered.
 #[test]
 fn pipelined_writes_stay_in_order_past_a_full_socket_and_a_dropped_client_disconnects() {
     let dir = tempfile::tempdir().unwrap();
@@ -1520,7 +1521,20 @@ fn pipelined_writes_stay_in_order_past_a_full_socket_and_a_dropped_client_discon
 
         let other = Client::connect(&d.addr).await.unwrap();
         assert_eq!(other.server_info().await.unwrap().connections, 2);
+        // A request sent before the client is dropped still gets its answer.
+        let last = c
+            .send(&Request::Append(protocol::AppendPart {
+                stream: "ordered".into(),
+                expected: ExpectedVersion::Exact(n - 1),
+                events: vec![EventData::new("Last", vec![])],
+            }))
+            .await
+            .unwrap();
         drop(c);
+        match last.wait().await.unwrap() {
+            Response::Appended(r) => assert_eq!(r.last_version, n),
+            other => panic!("{other:?}"),
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let open = other.server_info().await.unwrap().connections;
