@@ -12,6 +12,8 @@
 //!   version.
 //! - A [`Subscription`] grants the server credit as its events are consumed, and after a
 //!   lost connection resubscribes from the event after the last one it delivered.
+//! - Dropping the last clone of a [`Client`] (a [`Subscription`] holds one) closes its
+//!   connection once the requests already sent are answered.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
