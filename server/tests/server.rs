@@ -1549,3 +1549,57 @@ fn pipelined_writes_stay_in_order_past_a_full_socket_and_a_dropped_client_discon
         }
     });
 }
+
+/// Every setting can come from the environment, which takes precedence over the file named
+/// by `TALLYD_CONFIG`; the data directory is created on first start; SIGINT stops the server
+/// as SIGTERM does (exit 0, the log closed cleanly).
+#[test]
+fn environment_variables_configure_tallyd_and_sigint_stops_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("created").join("here");
+    let cfg = dir.path().join("tallyd.toml");
+    std::fs::write(&cfg, "durability = \"batched\"\nmax_connections = 50\n").unwrap();
+    let d = Tallyd::start_with_env(
+        &data,
+        &[
+            ("TALLYD_DATA", data.to_str().unwrap()),
+            ("TALLYD_LISTEN", "127.0.0.1:0"),
+            ("TALLYD_CONFIG", cfg.to_str().unwrap()),
+            ("TALLYD_DURABILITY", "none"),
+            ("TALLYD_MAX_CONNECTIONS", "2"),
+        ],
+    );
+    assert!(data.is_dir(), "TALLYD_DATA was created");
+    let pid = d.pid();
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        // The environment's durability, not the file's.
+        assert_eq!(
+            c.server_info().await.unwrap().durability,
+            tally_server::server::durability_code(tally_engine::Durability::None)
+        );
+        c.append(
+            "env",
+            ExpectedVersion::NoStream,
+            vec![EventData::new("E", vec![1])],
+        )
+        .await
+        .unwrap();
+    });
+    // The environment's connection limit, not the file's: a third is refused.
+    let _a = Raw::hello(&d.addr);
+    let _b = Raw::hello(&d.addr);
+    let mut c = Raw::connect(&d.addr);
+    match c.recv() {
+        Some((_, Response::Error(e))) => {
+            assert_eq!(e.code(), Some(ErrorCode::TooManyConnections));
+        }
+        other => panic!("{other:?}"),
+    }
+    common::signal(pid, "INT");
+    let status = d.wait();
+    assert!(status.success(), "exit status {status:?}");
+    let log = tally_engine::Log::open(&data, tally_engine::Options::default()).unwrap();
+    assert!(log.recovery_report().clean, "{:?}", log.recovery_report());
+    assert_eq!(log.stream_info("env").unwrap().unwrap().last_version, 0);
+}

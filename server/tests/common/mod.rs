@@ -24,8 +24,30 @@ impl Tallyd {
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        cmd.args(extra);
+        Tallyd::spawn(cmd, data)
+    }
+
+    /// Starts `tallyd` with no flags but `--log info`, configured by the environment
+    /// variables `env` alone (the data directory must be among them).
+    pub fn start_with_env(data: &Path, env: &[(&str, &str)]) -> Tallyd {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+        cmd.args(["--log", "info"]);
+        for var in [
+            "TALLYD_DATA",
+            "TALLYD_LISTEN",
+            "TALLYD_CONFIG",
+            "TALLYD_DURABILITY",
+            "TALLYD_MAX_CONNECTIONS",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        Tallyd::spawn(cmd, data)
+    }
+
+    fn spawn(mut cmd: Command, data: &Path) -> Tallyd {
         let mut child = cmd
-            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
