@@ -297,3 +297,86 @@ fn client_commands_round_trip_through_a_server() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains(a));
 }
+
+/// `tally tail --stream` catches up, then prints events appended after it started, and
+/// only that stream's; `tally bench --read stream` replays every bench stream.
+#[test]
+fn tail_follows_one_stream_live_and_bench_replays_streams() {
+    use std::io::{BufRead, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcess::start(dir.path());
+    let a = server.addr.as_str();
+    let append = |stream: &str, ty: &str| {
+        let o = tally(&[
+            "append", "--server", a, stream, "--type", ty, "--data", "{}",
+        ]);
+        assert!(o.status.success(), "{o:?}");
+    };
+    append("s1", "FIRST");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "tail", "--server", a, "--stream", "s1", "--from", "0", "--limit", "3", "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = |rx: &std::sync::mpsc::Receiver<String>| -> serde_json::Value {
+        serde_json::from_str(&rx.recv_timeout(Duration::from_secs(30)).unwrap()).unwrap()
+    };
+    // Caught up: the event from before it started.
+    let first = line(&rx);
+    assert_eq!(
+        (first["stream"].as_str(), first["version"].as_u64()),
+        (Some("s1"), Some(0))
+    );
+    // Live: appended after it printed the first, to its stream and to another.
+    append("s2", "OTHER");
+    append("s1", "SECOND");
+    append("s2", "OTHER");
+    append("s1", "THIRD");
+    let (second, third) = (line(&rx), line(&rx));
+    assert_eq!(second["type"], "SECOND");
+    assert_eq!(third["type"], "THIRD");
+    assert_eq!(third["version"], 2);
+    // It stops after --limit events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "tail did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+
+    // Replay by stream: 1,000 events over 7 bench streams, read stream by stream.
+    let o = tally(&[
+        "bench",
+        "--server",
+        a,
+        "--read",
+        "stream",
+        "--events",
+        "1000",
+        "--streams",
+        "7",
+        "--connections",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    // The log's first 5 events are the ones above; the bench fills it up to 1,000.
+    assert_eq!(v["events"], 995, "{v}");
+}
