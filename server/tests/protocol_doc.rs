@@ -99,6 +99,7 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
             client: "doc".into(),
         }),
     );
+    let defaults = tally_server::server::Config::new("unused");
     add(
         "hello-response",
         0,
@@ -109,11 +110,12 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
                 server: "tallyd/0.1.0".into(),
                 log_id: [0x11; 16],
                 next_position: 0,
+                // The example shows the server's default limits.
                 limits: Limits {
-                    frame_bytes_max: 4 << 20,
-                    append_events_max: 10_000,
-                    inflight_max: 1024,
-                    subscriptions_max: 64,
+                    frame_bytes_max: defaults.frame_bytes_max,
+                    append_events_max: defaults.append_events_max,
+                    inflight_max: defaults.inflight_max,
+                    subscriptions_max: defaults.subscriptions_max,
                 },
             }),
         ),
