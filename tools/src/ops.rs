@@ -775,7 +775,14 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                 "bytes": report.bytes,
                 "first_position": report.first_position.0,
                 "checkpoints": report.checkpoints,
+                "newest_checkpoint_checked": report.newest_checkpoint.map(|(id, size)| json!({"id": id, "tree_size": size})),
                 "latest_checkpoint": cps.last().map(checkpoint_json),
+                "derived": {
+                    "stream_links": report.stream_links,
+                    "stream_snapshot_checked": report.snapshot_checked,
+                    "merkle_nodes": report.tree_nodes,
+                    "sidecars_missing": report.sidecars_missing.iter().map(|s| s.0).collect::<Vec<_>>(),
+                },
                 "last_chain_hash": hex(&report.last_chain_hash),
                 "seconds": elapsed.as_secs_f64(),
                 "signatures": if trusted.is_empty() { "checked against the keys stored with them" } else { "checked against --pubkey" },
@@ -806,6 +813,34 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                     },
                     elapsed.as_secs_f64()
                 );
+                match report.newest_checkpoint {
+                    Some((id, size)) => {
+                        println!("newest checkpoint checked: {id} (tree size {size})")
+                    }
+                    None => println!("no checkpoint checked"),
+                }
+                println!(
+                    "derived data checked against the records: {} index links, {} Merkle nodes, stream snapshot {}",
+                    report.stream_links,
+                    report.tree_nodes,
+                    if report.snapshot_checked {
+                        "checked"
+                    } else {
+                        "not checked (none, or newer than this view of a live log)"
+                    }
+                );
+                if !report.sidecars_missing.is_empty() {
+                    println!(
+                        "note: {} sealed segment(s) have no index sidecar ({}); checked from their records, and the next writable open rebuilds them",
+                        report.sidecars_missing.len(),
+                        report
+                            .sidecars_missing
+                            .iter()
+                            .map(|s| s.0.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 println!("chain head {}", hex(&report.last_chain_hash));
             }
             Ok(ExitCode::SUCCESS)

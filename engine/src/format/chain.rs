@@ -108,9 +108,23 @@ impl MerkleBuilder {
     /// Returns `false` (and changes nothing) unless the tree's size is a multiple of
     /// `2^level`: only then are those leaves a subtree of the whole tree.
     pub fn push_perfect(&mut self, level: u32, root: Hash32) -> bool {
+        self.push_perfect_reporting(level, root, u32::MAX, &mut |_, _, _| {})
+    }
+
+    /// [`MerkleBuilder::push_perfect`], also calling `made(level, index, root)` for every
+    /// perfect subtree of `min_level` levels or more that the push completes by joining
+    /// peaks: the subtree over leaves `index * 2^level .. (index + 1) * 2^level`.
+    pub fn push_perfect_reporting(
+        &mut self,
+        level: u32,
+        root: Hash32,
+        min_level: u32,
+        made: &mut dyn FnMut(u32, u64, &Hash32),
+    ) -> bool {
         if level >= 64 || self.leaves & ((1u64 << level) - 1) != 0 {
             return false;
         }
+        let end = self.leaves + (1 << level);
         let mut node = (level, root);
         while let Some(&(height, left)) = self.frontier.last() {
             if height != node.0 {
@@ -118,9 +132,12 @@ impl MerkleBuilder {
             }
             self.frontier.pop();
             node = (height + 1, node_hash(&left, &node.1));
+            if node.0 >= min_level {
+                made(node.0, (end >> node.0) - 1, &node.1);
+            }
         }
         self.frontier.push(node);
-        self.leaves += 1 << level;
+        self.leaves = end;
         true
     }
 
@@ -175,9 +192,19 @@ impl AlignedRange {
 
     /// Adds the next leaf, given its [`leaf_hash`].
     pub fn push_leaf(&mut self, leaf: Hash32) {
+        self.push_leaf_reporting(leaf, u32::MAX, &mut |_, _, _| {});
+    }
+
+    /// [`AlignedRange::push_leaf`], also calling `made(level, index, root)` for every
+    /// perfect subtree of `min_level` levels or more that the leaf completes: the subtree
+    /// over leaves `index * 2^level .. (index + 1) * 2^level` of the whole tree.
+    pub fn push_leaf_reporting(
+        &mut self,
+        leaf: Hash32,
+        min_level: u32,
+        made: &mut dyn FnMut(u32, u64, &Hash32),
+    ) {
         let mut node = (0u32, leaf);
-        // The index one past the new leaf: a node of height `h + 1` ends here only if this
-        // is a multiple of its size.
         let end = self.start + self.leaves + 1;
         while let Some(&(height, left)) = self.subtrees.last() {
             if height != node.0 || height >= 63 || end & ((2u64 << height) - 1) != 0 {
@@ -185,6 +212,9 @@ impl AlignedRange {
             }
             self.subtrees.pop();
             node = (height + 1, node_hash(&left, &node.1));
+            if node.0 >= min_level {
+                made(node.0, (end >> node.0) - 1, &node.1);
+            }
         }
         self.subtrees.push(node);
         self.leaves += 1;
@@ -271,6 +301,44 @@ mod tests {
                     "cut {cut}, +{i}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn reported_subtrees_are_the_perfect_subtrees_of_the_whole_tree() {
+        let ls = leaves(200);
+        for cut in [0usize, 5, 16, 37, 64, 100] {
+            let mut made = Vec::new();
+            let mut whole = MerkleBuilder::new();
+            for l in &ls[..cut] {
+                whole.push_perfect_reporting(0, leaf_hash(l), 2, &mut |lv, j, h| {
+                    made.push((lv, j, *h));
+                });
+            }
+            let mut range = AlignedRange::new(cut as u64);
+            for l in &ls[cut..] {
+                range.push_leaf_reporting(leaf_hash(l), 2, &mut |lv, j, h| made.push((lv, j, *h)));
+            }
+            for &(level, root) in range.subtrees() {
+                assert!(
+                    whole.push_perfect_reporting(level, root, 2, &mut |lv, j, h| {
+                        made.push((lv, j, *h));
+                    })
+                );
+            }
+            made.sort_by_key(|&(lv, j, _)| (lv, j));
+            let mut expected = Vec::new();
+            for level in 2..8u32 {
+                let width = 1usize << level;
+                for j in 0..ls.len() / width {
+                    expected.push((
+                        level,
+                        j as u64,
+                        merkle_root(&ls[j * width..(j + 1) * width]),
+                    ));
+                }
+            }
+            assert_eq!(made, expected, "cut {cut}");
         }
     }
 

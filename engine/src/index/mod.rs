@@ -823,6 +823,14 @@ impl SealedIndex {
         })
     }
 
+    /// Every stream's summary with its `prev_segment` link, in table order.
+    pub fn stream_links(&self) -> impl Iterator<Item = (StreamSummary, Option<SegmentSeq>)> + '_ {
+        self.stream_summaries().enumerate().map(|(i, s)| {
+            let prev = le::u64_at(self.stream_entry(i), SE_PREV_SEGMENT);
+            (s, (prev != u64::MAX).then_some(SegmentSeq(prev)))
+        })
+    }
+
     /// Offset and position of the nearest sampled record at or before `position`.
     #[must_use]
     pub fn locate(&self, position: Position) -> Option<(Position, u64)> {

@@ -1110,6 +1110,20 @@ pub struct VerifyReport {
     /// Attribute index sidecars compared with their segments' records
     /// ([`VerifyOptions::attribute_indexes`]).
     pub attribute_indexes: u64,
+    /// The newest checkpoint checked, as `(checkpoint id, tree size)`.
+    pub newest_checkpoint: Option<(u64, u64)>,
+    /// Links between a stream's segments (`prev_segment` in the index sidecars) compared
+    /// with the records.
+    pub stream_links: u64,
+    /// Whether the stream snapshot (`streams.snap`) was compared with the stream table the
+    /// records give. It is not when there is none, or when it was written after this view
+    /// of a live log was taken (a later run checks it).
+    pub snapshot_checked: bool,
+    /// Stored nodes of the Merkle node file compared with the roots the records give.
+    pub tree_nodes: u64,
+    /// Sealed segments whose index sidecar is missing: they were checked from their records,
+    /// and the next writable open rebuilds the sidecar.
+    pub sidecars_missing: Vec<SegmentSeq>,
 }
 
 /// What [`Log::verify_with`] checks beyond the records.

@@ -11,6 +11,15 @@
 //! (base position and previous chain hash), the whole tree grows by the segment's subtrees,
 //! and each checkpoint's signature, root and chain head are checked. The first failure in
 //! log order is reported, whichever worker found it.
+//!
+//! Derived files are checked against the records as well, never trusted: each segment's
+//! streams (from its verified sidecar, or from its records) are joined into the stream
+//! table the records give, which every sidecar's `prev_segment` link and the stream
+//! snapshot must match ([`streams`]); and every stored node of the Merkle node file that
+//! the records reach must be the root its records give ([`nodes`]).
+
+mod nodes;
+mod streams;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -18,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::background::{corrupt, index_matches};
+use super::background::{corrupt, index_matches, sealed_index};
 use super::checkpoints::CHECKPOINTS_FILE;
 use super::shared::{SegState, SegmentHandle, Shared, lock};
 use super::{VerifyOptions, VerifyReport};
@@ -27,9 +36,12 @@ use crate::format::chain::{AlignedRange, MerkleBuilder, leaf_hash};
 use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
 use crate::format::proof::{NodeSource, hex};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
+use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
 use crate::index::{SealedIndex, SealedRun, stream_hash};
 use crate::segment::{FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
+use nodes::NodeFile;
+use streams::{SegStream, SegStreams, StreamJoin};
 
 /// What one worker learned about one segment.
 struct Checked {
@@ -42,6 +54,26 @@ struct Checked {
     subtrees: Vec<(u32, Hash32)>,
     /// Every checkpoint whose tree ends inside the segment.
     at_checkpoints: Vec<InsideCheckpoint>,
+    /// The segment's streams, in order of first appearance (from its verified sidecar, or
+    /// from its records).
+    streams: Vec<SegStream>,
+    /// The streams of the records before the stream snapshot's end, when it ends inside
+    /// this segment.
+    before_snapshot: Option<Vec<SegStream>>,
+    /// A sealed segment whose index sidecar is missing (checked from its records).
+    sidecar_missing: bool,
+    /// Stored Merkle nodes compared.
+    nodes: u64,
+}
+
+/// What the workers share.
+struct Context<'a> {
+    shared: &'a Shared,
+    checkpoint_sizes: &'a [u64],
+    bytes_read: &'a AtomicU64,
+    nodes: &'a NodeFile,
+    /// Where the stream snapshot ends, when it is checked.
+    snapshot_end: Option<u64>,
 }
 
 /// A checkpoint's tree ending inside a segment: its size, the segment's subtrees up to
@@ -70,12 +102,16 @@ pub(crate) fn verify(
         }
         cps.list.clone()
     };
+    let snapshot = streams::read_snapshot(&shared.dir, &shared.meta.log_id)?;
+    let node_file = NodeFile::open(&shared.dir, &shared.meta.log_id)?;
     let visible = shared.visible_position();
     let mut segs = shared.segments_snapshot();
     let mut report = VerifyReport {
         last_chain_hash: shared.seed,
         ..VerifyReport::default()
     };
+    let snapshot_path = shared.dir.join(super::streams::SNAPSHOT_FILE);
+    let mut streams = StreamJoin::default();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
     let mut whole = MerkleBuilder::new();
     let mut cps = CheckpointCheck {
@@ -122,6 +158,20 @@ pub(crate) fn verify(
             )?;
             report.checkpoints += 1;
         }
+        // The streams of the trusted segments come from their sidecars.
+        drop(src);
+        drop(tree);
+        for seg in &segs[..first] {
+            let Some((idx, _)) = sealed_index(shared, seg)? else {
+                continue;
+            };
+            let list: Vec<SegStream> = idx
+                .stream_links()
+                .map(|(s, link)| seg_stream(s, Some(link)))
+                .collect();
+            let idx_path = shared.dir.join(seg.seq.index_file_name());
+            streams.join(seg.seq, &seg.path, &idx_path, &list)?;
+        }
         segs.drain(..first);
     } else {
         while cps.pending(0).is_some() {
@@ -135,6 +185,12 @@ pub(crate) fn verify(
         .position(|s| s.header.base_position >= visible && sealed_footer(s).is_none())
         .unwrap_or(segs.len());
     segs.truncate(end);
+    // A snapshot written after this view of the log was taken (only beside a live writer)
+    // is left for a later run, and so is one that ends before the records checked.
+    let snapshot = snapshot.filter(|(cover, _)| {
+        cover.next_position <= visible && cover.next_position >= report.first_position
+    });
+    report.snapshot_checked = snapshot.is_some();
     let sizes: Vec<u64> = checkpoints.iter().map(|c| c.statement.tree_size).collect();
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -150,6 +206,13 @@ pub(crate) fn verify(
     let stop_after = AtomicUsize::new(usize::MAX);
     let bytes_read = AtomicU64::new(0);
     let workers = AtomicUsize::new(threads);
+    let ctx = Context {
+        shared,
+        checkpoint_sizes: &sizes,
+        bytes_read: &bytes_read,
+        nodes: &node_file,
+        snapshot_end: snapshot.as_ref().map(|(c, _)| c.next_position.0),
+    };
     std::thread::scope(|s| {
         let mut handles = Vec::with_capacity(threads);
         for _ in 0..threads {
@@ -172,7 +235,7 @@ pub(crate) fn verify(
                     let end = segs
                         .get(i + 1)
                         .map_or(visible, |n| n.header.base_position.min(visible));
-                    let r = check_segment(shared, &segs[i], end, &sizes, &bytes_read);
+                    let r = check_segment(&ctx, &segs[i], end);
                     if r.is_err() {
                         stop_after.fetch_min(i, Ordering::Relaxed);
                     }
@@ -183,6 +246,7 @@ pub(crate) fn verify(
         }
         let joined = (|| -> Result<()> {
             let mut position = report.first_position;
+            let mut snapshot_due = snapshot.as_ref();
             for i in 0..segs.len() {
                 let checked = {
                     let mut slots = lock(&results);
@@ -226,13 +290,49 @@ pub(crate) fn verify(
                         report.checkpoints += 1;
                     }
                 }
-                join(&mut whole, &checked.subtrees);
+                let seg = &segs[i];
+                let idx_path = shared.dir.join(seg.seq.index_file_name());
+                if let Some((cover, entries)) = snapshot_due
+                    && cover.next_position == position
+                {
+                    streams.check_snapshot(&snapshot_path, cover, entries, None)?;
+                    snapshot_due = None;
+                }
+                if let (Some((cover, entries)), Some(partial)) =
+                    (snapshot_due, &checked.before_snapshot)
+                {
+                    streams.check_snapshot(
+                        &snapshot_path,
+                        cover,
+                        entries,
+                        Some((seg.seq, partial)),
+                    )?;
+                    snapshot_due = None;
+                }
+                streams.join(seg.seq, &seg.path, &idx_path, &checked.streams)?;
+                let mut made = Vec::new();
+                for &(level, root) in &checked.subtrees {
+                    let aligned =
+                        whole.push_perfect_reporting(level, root, CHUNK_LEVEL, &mut |l, j, h| {
+                            made.push((l, j, *h));
+                        });
+                    debug_assert!(aligned, "segment subtrees follow the whole tree");
+                }
+                report.tree_nodes += checked.nodes + node_file.check(&made)?;
+                if checked.sidecar_missing {
+                    report.sidecars_missing.push(seg.seq);
+                }
                 position = Position(position.0 + checked.records);
                 report.records += checked.records;
                 report.bytes += checked.bytes;
                 report.last_chain_hash = checked.last_chain;
                 report.segments += 1;
                 progress(bytes_read.load(Ordering::Relaxed));
+            }
+            if let Some((cover, entries)) = snapshot_due {
+                // Only a snapshot that ends at the last record checked is left.
+                debug_assert_eq!(cover.next_position, position);
+                streams.check_snapshot(&snapshot_path, cover, entries, None)?;
             }
             Ok(())
         })();
@@ -247,6 +347,10 @@ pub(crate) fn verify(
         joined
     })?;
     debug_assert_eq!(whole.len(), report.first_position.0 + report.records);
+    report.stream_links = streams.links;
+    report.newest_checkpoint = checkpoints[..cps.next]
+        .last()
+        .map(|c| (c.statement.id, c.statement.tree_size));
     if options.attribute_indexes {
         for seg in segs.iter().filter(|s| sealed_footer(s).is_some()) {
             report.attribute_indexes += u64::from(check_attrs(shared, seg)?);
@@ -405,13 +509,9 @@ struct RunCache {
 }
 
 /// Checks one segment on its own (see the module comment).
-fn check_segment(
-    shared: &Shared,
-    seg: &SegmentHandle,
-    end: Position,
-    checkpoint_sizes: &[u64],
-    bytes_read: &AtomicU64,
-) -> Result<Checked> {
+fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Result<Checked> {
+    let shared = ctx.shared;
+    let bytes_read = ctx.bytes_read;
     let path = &seg.path;
     let file = File::open(path).map_err(Error::io("opening segment", path))?;
     let page = read_page(&file, 0).map_err(Error::io("reading segment header", path))?;
@@ -446,7 +546,22 @@ fn check_segment(
     // The index is read first so that each record is checked against it as it is scanned;
     // a failure to read it is reported after the records and the footer.
     let idx_path = shared.dir.join(seg.seq.index_file_name());
-    let index = footer.map(|f| load_sealed_index(shared, &idx_path, &header, &f));
+    let index = match footer.map(|f| load_sealed_index(shared, &idx_path, &header, &f)) {
+        Some(Ok(Some(idx))) => Some(Ok(idx)),
+        // A sealed segment without a sidecar (its seal was interrupted after the footer, or
+        // a live writer is writing it now) is checked from its records.
+        Some(Ok(None)) | None => None,
+        Some(Err(e)) => Some(Err(e)),
+    };
+    let sidecar_missing = footer.is_some() && index.is_none();
+    // Streams from the records, unless the sidecar (checked record by record) gives them.
+    let mut from_records = (!matches!(index, Some(Ok(_)))).then(SegStreams::default);
+    let split = ctx
+        .snapshot_end
+        .filter(|&e| e > header.base_position.0 && e < header.base_position.0 + wanted);
+    let mut before_split = split.map(|_| SegStreams::default());
+    let mut stream_failure: Option<Error> = None;
+    let mut made: Vec<(u32, u64, Hash32)> = Vec::new();
     let mut index_failure: Option<Error> = None;
     let mut cache = RunCache {
         stream: String::new(),
@@ -457,7 +572,8 @@ fn check_segment(
     let mut local = MerkleBuilder::new();
     let mut range = AlignedRange::new(base);
     let mut at_checkpoints = Vec::new();
-    let mut sizes = checkpoint_sizes
+    let mut sizes = ctx
+        .checkpoint_sizes
         .iter()
         .copied()
         .filter(|&s| s > base && s <= base + wanted)
@@ -477,7 +593,24 @@ fn check_segment(
         let h = &rec.header;
         let leaf = leaf_hash(&h.chain_hash);
         local.push_leaf(leaf);
-        range.push_leaf(leaf);
+        range.push_leaf_reporting(leaf, CHUNK_LEVEL, &mut |l, j, h| made.push((l, j, *h)));
+        if stream_failure.is_none() {
+            let rt = h.record_time;
+            let mut note = |list: &mut SegStreams| {
+                if let Err(detail) = list.push(env.stream, h.stream_version, h.position, rt) {
+                    stream_failure =
+                        Some(corrupt(path, rec.offset, Some(h.position.0), detail, None));
+                }
+            };
+            if let Some(list) = &mut from_records {
+                note(list);
+            }
+            if let (Some(list), Some(split)) = (&mut before_split, split)
+                && h.position.0 < split
+            {
+                note(list);
+            }
+        }
         let size = base + range.len();
         if sizes.peek() == Some(&size) {
             while sizes.next_if_eq(&size).is_some() {}
@@ -565,15 +698,25 @@ fn check_segment(
     }
     if let Some(footer) = footer {
         check_footer(path, &file, &header, &footer, &local, data_end, &last_chain)?;
-        match index {
-            Some(Err(e)) => return Err(e),
-            _ => {
-                if let Some(e) = index_failure {
-                    return Err(e);
-                }
-            }
+        if let Some(Err(e)) = index {
+            return Err(e);
+        }
+        if let Some(e) = index_failure {
+            return Err(e);
         }
     }
+    if let Some(e) = stream_failure {
+        return Err(e);
+    }
+    let streams = match (&index, from_records) {
+        (Some(Ok(idx)), _) => idx
+            .stream_links()
+            .map(|(s, link)| seg_stream(s, Some(link)))
+            .collect(),
+        (_, Some(list)) => list.into_list(),
+        (_, None) => Vec::new(),
+    };
+    let nodes = ctx.nodes.check(&made)?;
     Ok(Checked {
         header,
         records: wanted,
@@ -581,7 +724,27 @@ fn check_segment(
         last_chain,
         subtrees: range.subtrees().to_vec(),
         at_checkpoints,
+        streams,
+        before_snapshot: before_split.map(SegStreams::into_list),
+        sidecar_missing,
+        nodes,
     })
+}
+
+/// A stream's part of a segment as its (checked) sidecar gives it.
+fn seg_stream(
+    s: crate::index::StreamSummary,
+    link: Option<Option<crate::format::SegmentSeq>>,
+) -> SegStream {
+    SegStream {
+        name: s.name,
+        first_version: s.first_version,
+        last_version: s.last_version,
+        first_position: s.first_position,
+        last_position: s.last_position,
+        first_record_time: s.first_record_time,
+        link,
+    }
 }
 
 /// Reads a sealed segment's index sidecar and checks its header against the footer.
@@ -590,8 +753,12 @@ fn load_sealed_index(
     idx_path: &std::path::Path,
     header: &SegmentHeader,
     footer: &SegmentFooter,
-) -> Result<SealedIndex> {
-    let bytes = std::fs::read(idx_path).map_err(Error::io("reading index", idx_path))?;
+) -> Result<Option<SealedIndex>> {
+    let bytes = match std::fs::read(idx_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("reading index", idx_path)(e)),
+    };
     let idx = SealedIndex::open(Arc::new(bytes)).map_err(|source| Error::Index {
         file: idx_path.to_owned(),
         source,
@@ -605,7 +772,7 @@ fn load_sealed_index(
             None,
         ));
     }
-    Ok(idx)
+    Ok(Some(idx))
 }
 
 /// Checks a sealed segment's footer against its records, and that only zero bytes lie
