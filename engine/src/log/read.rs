@@ -39,6 +39,9 @@ impl RunRef {
             RunRef::Sealed(_, run) => run.last_version - run.first_version + 1,
         }
     }
+    fn last_version(&self) -> u64 {
+        self.first_version() + self.len().saturating_sub(1)
+    }
     fn prev(&self) -> Option<SegmentSeq> {
         match self {
             RunRef::Frozen(idx, key) => idx.stream_run(*key).and_then(|r| r.prev_segment),
@@ -143,6 +146,11 @@ struct StreamPlan {
     active: Option<(Arc<SegmentHandle>, u64, u64, Vec<IndexEntry>)>,
     /// The newest segment before the active one that may hold the stream.
     walk_from: Option<SegmentSeq>,
+    /// The version the newest run walked to must end at: the one before the active run's
+    /// first, or the stream's last.
+    walk_last_version: Option<u64>,
+    /// The segment the walk starts below (the active one).
+    walk_below: SegmentSeq,
 }
 
 fn plan(
@@ -158,6 +166,7 @@ fn plan(
     if st.first_position.0 == u64::MAX {
         return None;
     }
+    let walk_below = w.active.seq;
     let (active, walk_from) = match w.index.stream_run(key) {
         Some(run) => {
             let first = run.entries[0].version;
@@ -182,12 +191,18 @@ fn plan(
         }
         None => (None, Some(st.last_segment)),
     };
+    let walk_last_version = match &active {
+        Some((_, first, _, _)) => first.checked_sub(1),
+        None => Some(st.last_version),
+    };
     Some(StreamPlan {
         key,
         name: Arc::clone(&st.name),
         hash: st.hash,
         active,
         walk_from,
+        walk_last_version,
+        walk_below,
     })
 }
 
@@ -233,31 +248,88 @@ fn walk(
             return Ok(out);
         }
     }
-    // Walk back through older segments that hold the stream.
+    // Walk back through older segments that hold the stream. Each link must lead to an older
+    // segment whose part of the stream ends just before the version reached so far: a
+    // stream's versions are dense, so a link that skips a part shows as a gap, and one that
+    // points forward (a cycle) as an older segment that is not older. Either is a damaged
+    // index (the sidecar that holds the link), reported as an error: a read never returns
+    // a silently shortened stream, and never loops.
     let mut older: Vec<(Arc<SegmentHandle>, RunRef)> = Vec::new();
     let mut next = p.walk_from;
+    let mut below = p.walk_below;
+    let mut want_last = p.walk_last_version;
+    let mut linked_from = shared.dir.join(below.index_file_name());
+    let link_error = |file: &std::path::Path, detail: String| corrupt(file, 0, None, detail, None);
+    if next.is_some() != want_last.is_some() {
+        return Err(link_error(
+            &linked_from,
+            format!(
+                "stream {} starts at version {} in the active segment, but the index links it to {}",
+                p.name,
+                want_last.map_or(0, |v| v + 1),
+                next.map_or_else(
+                    || "no earlier segment".to_owned(),
+                    |s| format!("segment {s}")
+                )
+            ),
+        ));
+    }
     while let Some(seq) = next {
+        if seq >= below {
+            return Err(link_error(
+                &linked_from,
+                format!(
+                    "the index links stream {} from segment {below} to segment {seq}, which is not older: a cycle",
+                    p.name
+                ),
+            ));
+        }
         // A link to a segment that is missing or does not hold the stream is a damaged
         // index: an error, not a silently short read.
-        let broken = |file: std::path::PathBuf| {
-            corrupt(
-                &file,
-                0,
-                None,
+        let broken = || {
+            link_error(
+                &linked_from,
                 format!(
                     "the index links stream {} to segment {seq}, which does not hold it",
                     p.name
                 ),
-                None,
             )
         };
         let Some(seg) = segment_by_seq(shared, seq) else {
-            return Err(broken(shared.dir.join(seq.file_name())));
+            return Err(broken());
         };
         let Some(run) = run_in(shared, &seg, p.key, &p.name, p.hash)? else {
-            return Err(broken(seg.path.clone()));
+            return Err(broken());
         };
+        if Some(run.last_version()) != want_last {
+            return Err(link_error(
+                &linked_from,
+                format!(
+                    "the index links stream {} to segment {seq}, whose part of it ends at version {}, but the part after it starts at version {}: versions are missing or repeated between them",
+                    p.name,
+                    run.last_version(),
+                    want_last.map_or(0, |v| v + 1)
+                ),
+            ));
+        }
         next = run.prev();
+        want_last = run.first_version().checked_sub(1);
+        below = seq;
+        linked_from = shared.dir.join(seq.index_file_name());
+        if next.is_some() != want_last.is_some() {
+            return Err(link_error(
+                &linked_from,
+                format!(
+                    "stream {} starts at version {} in segment {seq}, but the index links it to {}",
+                    p.name,
+                    run.first_version(),
+                    next.map_or_else(
+                        || "no earlier segment".to_owned(),
+                        |s| format!("segment {s}")
+                    )
+                ),
+            ));
+        }
         match direction {
             Direction::Backward => {
                 // Newest first; entries not yet visible (a batch written before a roll and
