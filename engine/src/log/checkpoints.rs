@@ -34,6 +34,9 @@ pub(crate) struct Checkpoints {
     /// Where a damaged last entry (an interrupted write) was cut off on open.
     pub(crate) truncated_at: Option<u64>,
     key: Option<SigningKey>,
+    /// The signing key's file, whose ledger is updated after each checkpoint (a writable
+    /// log only).
+    pub(crate) key_path: Option<PathBuf>,
 }
 
 /// Reads the signing key from `path`, creating it (mode 0600) when it does not exist and
@@ -96,18 +99,47 @@ impl Checkpoints {
             damage: None,
             truncated_at: None,
             key: None,
+            key_path: None,
         }
     }
 
-    /// Loads the checkpoints file. A damaged last entry of a writable log is an interrupted
-    /// write (never acknowledged) and is cut off; damage anywhere else refuses the open of a
-    /// writable log and is kept for `verify` in a read-only one.
-    /// With `newer_than`, checkpoints of larger trees are left out (written by a live log
-    /// after this read-only view of it was taken).
+    /// Reads the checkpoints file as a read-only open must: before the segments, so that
+    /// every checkpoint it holds was signed over records that the scan after it will find
+    /// (a checkpoint is written only after its records are durable). Beside a live writer
+    /// a last entry that does not decode may be a write in progress: the file is read
+    /// again, for up to a second, until it decodes; if it never does, the damage stays
+    /// and `verify` reports it.
+    pub(crate) fn read_for_view(dir: &Path, log_id: &[u8; 16], live: bool) -> Result<Vec<u8>> {
+        let path = dir.join(CHECKPOINTS_FILE);
+        let mut tries = 0;
+        loop {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
+            };
+            let last_ok = bytes.len().is_multiple_of(ENTRY_LEN)
+                && bytes.chunks_exact(ENTRY_LEN).next_back().is_none_or(|e| {
+                    SignedCheckpoint::decode_entry(e).is_ok_and(|c| c.statement.log_id == *log_id)
+                });
+            tries += 1;
+            if !live || last_ok || tries >= 50 {
+                return Ok(bytes);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Loads the checkpoints file (or, for a read-only open, the bytes
+    /// [`Checkpoints::read_for_view`] read before the segments). A damaged last entry of a
+    /// writable log is an interrupted write (never acknowledged) and is cut off; damage
+    /// anywhere else refuses the open of a writable log and is kept for `verify` in a
+    /// read-only one. Nothing is ever left out: a checkpoint that covers more records than
+    /// the log holds is kept, and `verify` fails on it.
     pub(crate) fn open(
         shared: &Shared,
         key: Option<SigningKey>,
-        newer_than: Option<u64>,
+        read_before: Option<Vec<u8>>,
     ) -> Result<Checkpoints> {
         let path = shared.dir.join(CHECKPOINTS_FILE);
         let file = if shared.read_only {
@@ -123,10 +155,13 @@ impl Checkpoints {
                     .map_err(Error::io("opening checkpoints file", &path))?,
             )
         };
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
+        let bytes = match read_before {
+            Some(b) => b,
+            None => match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
+            },
         };
         let mut list = Vec::new();
         let mut damage = None;
@@ -177,14 +212,6 @@ impl Checkpoints {
                 });
             }
         }
-        if let Some(limit) = newer_than {
-            // A last entry being written as it was read is not damage either.
-            let in_progress = |at: u64| at as usize + ENTRY_LEN >= bytes.len();
-            if damage.as_ref().is_some_and(|(at, _)| in_progress(*at)) {
-                damage = None;
-            }
-            list.retain(|c| c.statement.tree_size <= limit);
-        }
         Ok(Checkpoints {
             path,
             file,
@@ -192,6 +219,7 @@ impl Checkpoints {
             damage,
             truncated_at,
             key,
+            key_path: None,
         })
     }
 
@@ -243,6 +271,9 @@ impl Checkpoints {
             sync_dir(&shared.dir).map_err(Error::io("syncing directory", &shared.dir))?;
         }
         self.list.push(cp);
+        if let Some(key_path) = &self.key_path {
+            ledger::record(key_path, &cp)?;
+        }
         Ok(cp)
     }
 }
@@ -265,4 +296,180 @@ pub(crate) fn checkpoint(shared: &Shared, force: bool) -> Result<SignedCheckpoin
         return Ok(*last);
     }
     cps.make(shared, &mut tree)
+}
+
+/// The key ledger: beside the signing key, the latest checkpoint that key signed for each
+/// log (docs/FORMAT.md, "Key ledger"). It lives where the key lives, not in the data
+/// directory, so that someone who can rewrite the directory but not the key's location
+/// cannot make the writer sign a history after removing checkpoints from
+/// `tally.checkpoints` (laundering): a writable open refuses a checkpoints file that ends
+/// before, or differs from, what the key signed.
+pub(crate) mod ledger {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use crate::error::{Error, Result};
+    use crate::format::Hash32;
+    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
+    use crate::format::proof::hex;
+
+    /// The first line of a ledger file.
+    pub const LEDGER_HEADER: &str = "tally-key-ledger v1";
+
+    /// What the ledger remembers of one log.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct Signed {
+        pub(crate) id: u64,
+        pub(crate) tree_size: u64,
+        pub(crate) root: Hash32,
+    }
+
+    /// The ledger of the key at `key_path`: `<key file>.ledger`.
+    pub(crate) fn path_for(key_path: &Path) -> PathBuf {
+        let mut name = key_path.file_name().unwrap_or_default().to_os_string();
+        name.push(".ledger");
+        key_path.with_file_name(name)
+    }
+
+    fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+        if s.len() != 2 * N {
+            return None;
+        }
+        let mut out = [0u8; N];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    }
+
+    /// Reads a ledger; a missing file is an empty one.
+    pub(crate) fn read(path: &Path) -> Result<BTreeMap<[u8; 16], Signed>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(Error::io("reading key ledger", path)(e)),
+        };
+        let bad = |line: usize| Error::Corrupt {
+            file: path.to_owned(),
+            offset: 0,
+            position: None,
+            detail: format!("key ledger line {line} does not decode"),
+            source: None,
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(LEDGER_HEADER) {
+            return Err(bad(1));
+        }
+        let mut out = BTreeMap::new();
+        for (i, line) in lines.enumerate() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let [log_id, id, size, root] = f[..] else {
+                return Err(bad(i + 2));
+            };
+            let entry = (|| {
+                Some((
+                    unhex::<16>(log_id)?,
+                    Signed {
+                        id: id.parse().ok()?,
+                        tree_size: size.parse().ok()?,
+                        root: unhex::<32>(root)?,
+                    },
+                ))
+            })()
+            .ok_or_else(|| bad(i + 2))?;
+            out.insert(entry.0, entry.1);
+        }
+        Ok(out)
+    }
+
+    /// Checks a log's checkpoints against what its key signed.
+    pub(crate) fn check(
+        path: &Path,
+        checkpoints_path: &Path,
+        log_id: &[u8; 16],
+        list: &[SignedCheckpoint],
+    ) -> Result<()> {
+        let Some(signed) = read(path)?.get(log_id).copied() else {
+            return Ok(());
+        };
+        let fail = |offset: u64, detail: String| Error::Corrupt {
+            file: checkpoints_path.to_owned(),
+            offset,
+            position: Some(signed.tree_size),
+            detail,
+            source: None,
+        };
+        let Some(cp) = usize::try_from(signed.id - 1)
+            .ok()
+            .and_then(|i| list.get(i))
+        else {
+            return Err(fail(
+                (list.len() * ENTRY_LEN) as u64,
+                format!(
+                    "checkpoints were removed: the signing key's ledger ({}) says it signed checkpoint {} (tree size {}) of this log, but the checkpoints file ends at checkpoint {}. Restore the file; if this directory was restored from a backup on purpose, history after it was lost and witnesses will see a fork: move the ledger aside to go on",
+                    path.display(),
+                    signed.id,
+                    signed.tree_size,
+                    list.len()
+                ),
+            ));
+        };
+        if cp.statement.tree_size != signed.tree_size || cp.statement.root != signed.root {
+            return Err(fail(
+                (signed.id - 1) * ENTRY_LEN as u64,
+                format!(
+                    "checkpoint {} differs from the one the signing key signed (ledger {}): tree size {} root {} on disk, tree size {} root {} signed",
+                    signed.id,
+                    path.display(),
+                    cp.statement.tree_size,
+                    hex(&cp.statement.root),
+                    signed.tree_size,
+                    hex(&signed.root)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records that the key at `key_path` signed `cp`, replacing its ledger atomically. The
+    /// update holds a lock on the key file (which is never replaced), since several logs may
+    /// share a key.
+    pub(crate) fn record(key_path: &Path, cp: &SignedCheckpoint) -> Result<()> {
+        let path = &path_for(key_path);
+        let lock = std::fs::File::open(key_path)
+            .map_err(Error::io("opening signing key file", key_path))?;
+        lock.lock()
+            .map_err(Error::io("locking signing key file", key_path))?;
+        let mut all = read(path)?;
+        all.insert(
+            cp.statement.log_id,
+            Signed {
+                id: cp.statement.id,
+                tree_size: cp.statement.tree_size,
+                root: cp.statement.root,
+            },
+        );
+        let mut text = String::from(LEDGER_HEADER);
+        text.push('\n');
+        for (log_id, s) in &all {
+            text.push_str(&format!(
+                "{} {} {} {}\n",
+                hex(log_id),
+                s.id,
+                s.tree_size,
+                hex(&s.root)
+            ));
+        }
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        crate::sys::write_file_atomic(dir, &name, text.as_bytes())
+            .map_err(Error::io("writing key ledger", path))
+    }
 }

@@ -215,6 +215,18 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     };
     let meta = read_or_create_meta(dir, read_only)?;
     let seed = chain_seed(&meta.log_id);
+    // A read-only view reads the checkpoints before the segments: each checkpoint then
+    // covers only records the scan will find, even beside a live writer, so that one
+    // covering more is evidence of removed records, never "newer than the view".
+    let checkpoints_read_before = if read_only {
+        Some(Checkpoints::read_for_view(
+            dir,
+            &meta.log_id,
+            held_by_another(dir),
+        )?)
+    } else {
+        None
+    };
     let mut report = RecoveryReport::default();
 
     let Listing {
@@ -601,10 +613,18 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
-    // Beside a live log, checkpoints written after the segments were read are newer than
-    // this view of the log, not evidence of missing records.
-    let live = read_only && held_by_another(dir);
-    let cps = Checkpoints::open(&shared, key, live.then_some(next_position.0))?;
+    let mut cps = Checkpoints::open(&shared, key, checkpoints_read_before)?;
+    if !read_only {
+        // Refuse to sign after checkpoints were removed or replaced (laundering).
+        let ledger = super::checkpoints::ledger::path_for(&key_path);
+        super::checkpoints::ledger::check(
+            &ledger,
+            &dir.join(super::checkpoints::CHECKPOINTS_FILE),
+            &shared.meta.log_id,
+            &cps.list,
+        )?;
+        cps.key_path = Some(key_path.clone());
+    }
     let trusted = cps
         .list
         .last()
@@ -871,14 +891,20 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
         .map(|t| t.0.0)
         .or(listing.found.last().map(|f| f.seq.0))
         .map_or(0, |s| s + 1);
+    // Kept spares must number on from the next segment without a gap: the preparer makes
+    // only numbers above every spare, so a gap (whole segments removed from the directory)
+    // would leave a number nobody prepares.
     let mut ready = Vec::new();
-    for (seq, path, len) in listing
-        .spares
-        .drain(..)
+    let mut spares = std::mem::take(&mut listing.spares);
+    spares.sort_by_key(|(s, _)| *s);
+    let mut want = next_seq;
+    for (seq, path, len) in spares
+        .into_iter()
         .map(|(s, p)| (s, p.clone(), std::fs::metadata(&p).map_or(0, |m| m.len())))
     {
-        if len == opts.segment_bytes && seq.0 >= next_seq {
+        if len == opts.segment_bytes && seq.0 == want {
             ready.push((seq, path));
+            want += 1;
         } else if !read_only {
             std::fs::remove_file(&path).map_err(io("removing spare segment", &path))?;
         }
