@@ -3,6 +3,8 @@
 //! small seeded random number generator (randomised tests print their seed and accept it
 //! back through an environment variable).
 
+pub mod forge;
+
 use tally_engine::{EventData, EventId};
 
 /// Identifies one event written by a crash-test child.

@@ -1,0 +1,178 @@
+//! An attacker's toolkit, for the attacker suite (`tests/tests/attacks.rs`): what someone
+//! with write access to a data directory, the public format documents and no signing key
+//! can do to it. Every forgery leaves a directory that is consistent as FORMAT.md describes
+//! (checksums, chain, footers, sidecars, snapshot, node file), because the records after the
+//! cut are written by the engine itself, under a key the attacker made: the only thing the
+//! attacker cannot produce is a signature by the log's key (or a witness's).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use tally_engine::format::checkpoint::ENTRY_LEN;
+use tally_engine::format::record::{RECORD_HEADER_LEN, RecordHeader};
+use tally_engine::format::segment::SegmentHeader;
+use tally_engine::format::{PAGE_BYTES, SEGMENT_DATA_START};
+use tally_engine::{AppendRequest, EventData, Log, Options};
+
+/// The segment files of a data directory, oldest first, with their headers.
+#[must_use]
+pub fn segments(dir: &Path) -> Vec<(PathBuf, SegmentHeader)> {
+    let mut out: Vec<(PathBuf, SegmentHeader)> = std::fs::read_dir(dir)
+        .expect("list the data directory")
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .filter_map(|p| {
+            let mut page = vec![0u8; PAGE_BYTES as usize];
+            File::open(&p).ok()?.read_exact_at(&mut page, 0).ok()?;
+            let h = SegmentHeader::decode_page(&page).ok()?;
+            Some((p, h))
+        })
+        .collect();
+    out.sort_by_key(|(_, h)| h.seq);
+    out
+}
+
+/// Where each record of a segment starts: `(position, file offset)`, in order.
+#[must_use]
+pub fn record_offsets(path: &Path, header: &SegmentHeader) -> Vec<(u64, u64)> {
+    let bytes = std::fs::read(path).expect("read segment");
+    let mut out = Vec::new();
+    let mut at = SEGMENT_DATA_START;
+    while at + RECORD_HEADER_LEN as u64 <= header.data_limit() {
+        let Ok(h) = RecordHeader::decode(&bytes[at as usize..at as usize + RECORD_HEADER_LEN])
+        else {
+            break;
+        };
+        out.push((h.position.0, at));
+        at += h.record_len();
+    }
+    out
+}
+
+/// Rolls the log back so that it ends just before `position`: zeroes that record and
+/// everything after it in its segment (and the segment's footer page, unsealing it),
+/// deletes every later segment, and every sidecar and snapshot that describes removed
+/// records. The checkpoints file is left as it is.
+pub fn truncate_at(dir: &Path, position: u64) {
+    let segs = segments(dir);
+    let mut cut = None;
+    for (i, (path, h)) in segs.iter().enumerate() {
+        if let Some(&(_, offset)) = record_offsets(path, h).iter().find(|(p, _)| *p == position) {
+            cut = Some((i, offset));
+            break;
+        }
+        if h.base_position.0 == position {
+            cut = Some((i, SEGMENT_DATA_START));
+            break;
+        }
+    }
+    let (i, offset) = cut.unwrap_or_else(|| panic!("no record at position {position}"));
+    let (path, h) = &segs[i];
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open segment");
+    let zeros = vec![0u8; (h.capacity - offset) as usize];
+    f.write_all_at(&zeros, offset).expect("zero the tail");
+    f.sync_all().expect("sync segment");
+    for (p, _) in &segs[i + 1..] {
+        std::fs::remove_file(p).expect("remove segment");
+    }
+    for (p, h) in &segs[i..] {
+        for ext in ["idx", "adx"] {
+            let _ = std::fs::remove_file(dir.join(format!("{:020}.{ext}", h.seq.0)));
+        }
+        let _ = p;
+    }
+    let _ = std::fs::remove_file(dir.join("streams.snap"));
+}
+
+/// Cuts `tally.checkpoints` down to its first `keep` entries.
+pub fn keep_checkpoints(dir: &Path, keep: usize) {
+    let path = dir.join(tally_engine::CHECKPOINTS_FILE);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open checkpoints");
+    f.set_len((keep * ENTRY_LEN) as u64)
+        .expect("truncate checkpoints");
+}
+
+/// How many entries `tally.checkpoints` holds, and the tree size of each.
+#[must_use]
+pub fn checkpoint_sizes(dir: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(dir.join(tally_engine::CHECKPOINTS_FILE)).unwrap_or_default();
+    bytes
+        .chunks_exact(ENTRY_LEN)
+        .map(|e| {
+            tally_engine::format::checkpoint::SignedCheckpoint::decode_entry(e)
+                .expect("checkpoint entry")
+                .statement
+                .tree_size
+        })
+        .collect()
+}
+
+/// Appends `events` (one batch each, with their streams) through the engine under a key
+/// the attacker made, as a forger would to make the directory consistent again: records,
+/// chain, footers, sidecars, snapshot and node file are all the engine's own. No
+/// checkpoint is written.
+pub fn regrow(dir: &Path, attacker_key: &Path, events: &[(&str, EventData)]) {
+    if !attacker_key.exists() {
+        tally_engine::create_signing_key(attacker_key).expect("attacker key");
+    }
+    let log = Log::open(
+        dir,
+        Options {
+            create: false,
+            signing_key: Some(attacker_key.to_owned()),
+            auto_checkpoints: false,
+            segment_bytes: segment_bytes(dir),
+            ..Options::default()
+        },
+    )
+    .expect("the forged directory opens");
+    for (stream, e) in events {
+        log.append_multi(&[AppendRequest {
+            stream,
+            expected: tally_engine::ExpectedVersion::Any,
+            events: std::slice::from_ref(e),
+        }])
+        .expect("forged append");
+    }
+    log.close().expect("close the forged log");
+}
+
+/// The segment size the directory was made with.
+#[must_use]
+pub fn segment_bytes(dir: &Path) -> u64 {
+    segments(dir)
+        .first()
+        .map_or(tally_engine::format::SEGMENT_BYTES_MIN, |(_, h)| h.capacity)
+}
+
+/// Holds `tally.lock` as a live writer (a running tallyd) does, until dropped.
+#[must_use]
+pub fn hold_lock(dir: &Path) -> File {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("tally.lock"))
+        .expect("open lock file");
+    f.try_lock().expect("take the lock");
+    f
+}
+
+/// Copies a data directory (files only).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create copy");
+    for e in std::fs::read_dir(from).expect("list") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).expect("copy file");
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The attacker suite: what someone with write access to a data directory, the public
+//! format documents and no signing key can do, and proof that verification catches each
+//! attack while the same check passes on the honest log.
+//!
+//! Method: build a real log (small segments, several streams, checkpoints signed by a key
+//! kept outside the directory), then forge it with `tally_tests::forge`: the records after
+//! a cut are written by the engine itself under a key the attacker made, so every
+//! checksum, chain link, footer, sidecar, snapshot and node file is consistent. Each attack
+//! is also run beside a process holding `tally.lock`, the normal state beside tallyd, where
+//! a read-only verify used to drop checkpoints it could not reach and pass.
+
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use tally_engine::{
+    Direction, Error, EventData, ExpectedVersion, Log, Options, RecoveryMode, VerifyOptions,
+    VerifyReport,
+};
+use tally_tests::forge;
+
+/// A log of `n` events over 7 streams in 64 KiB segments, with checkpoints signed by a key
+/// outside the directory every 300 events and at close. Returns the directory and the key.
+struct Honest {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    key: PathBuf,
+    public_key: [u8; 32],
+}
+
+fn event(i: u64) -> EventData {
+    EventData::json(
+        "AMEND",
+        format!(r#"{{"qty":"{i}","pad":"{}"}}"#, "x".repeat(100)),
+    )
+    .actor("alice")
+    .correlation_id(format!("corr-{}", i % 5))
+}
+
+fn stream_of(i: u64) -> String {
+    format!("trade-{}", i % 7)
+}
+
+fn honest(n: u64) -> Honest {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let key = tmp.path().join("keys").join("log.key");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    let public_key = tally_engine::create_signing_key(&key).unwrap();
+    let log = Log::open(&dir, options(&key)).unwrap();
+    for i in 0..n {
+        log.append(&stream_of(i), ExpectedVersion::Any, &[event(i)])
+            .unwrap();
+        if i % 300 == 299 {
+            log.checkpoint().unwrap();
+        }
+    }
+    log.close().unwrap();
+    Honest {
+        _tmp: tmp,
+        dir,
+        key,
+        public_key,
+    }
+}
+
+fn options(key: &Path) -> Options {
+    Options {
+        segment_bytes: 64 * 1024,
+        signing_key: Some(key.to_owned()),
+        checkpoint_interval: None,
+        checkpoint_every_records: None,
+        ..Options::default()
+    }
+}
+
+fn read_only(dir: &Path) -> Result<Log, Error> {
+    Log::open(
+        dir,
+        Options {
+            recovery: RecoveryMode::ReadOnly,
+            create: false,
+            ..Options::default()
+        },
+    )
+}
+
+/// `tally verify --pubkey`: the engine's verify with the log's key as the only trusted one.
+fn verify(dir: &Path, public_key: [u8; 32]) -> Result<VerifyReport, Error> {
+    read_only(dir)?.verify_with(
+        &VerifyOptions {
+            trusted_keys: vec![public_key],
+            ..VerifyOptions::default()
+        },
+        &mut |_| {},
+    )
+}
+
+fn failure(r: Result<VerifyReport, Error>) -> String {
+    match r {
+        Ok(report) => panic!("verification passed: {report:?}"),
+        Err(e) => format!("{e}"),
+    }
+}
+
+#[test]
+fn honest_log_verifies_with_every_derived_file_checked() {
+    let h = honest(2000);
+    let r = verify(&h.dir, h.public_key).unwrap();
+    assert_eq!(r.records, 2000);
+    assert!(r.segments > 3, "{r:?}");
+    assert!(r.stream_links > 0, "{r:?}");
+    assert!(r.snapshot_checked, "{r:?}");
+    assert!(r.tree_nodes > 2000 / 16, "{r:?}");
+    assert!(r.sidecars_missing.is_empty());
+    assert_eq!(r.newest_checkpoint.map(|c| c.1), Some(2000));
+    // And beside a process holding the lock.
+    let _lock = forge::hold_lock(&h.dir);
+    verify(&h.dir, h.public_key).unwrap();
+}
+
+#[test]
+fn rollback_with_every_checkpoint_left_fails_beside_a_live_writer() {
+    let h = honest(2000);
+    forge::truncate_at(&h.dir, 1000);
+    let _lock = forge::hold_lock(&h.dir);
+    let log = read_only(&h.dir).unwrap();
+    assert_eq!(log.next_position().0, 1000);
+    // Nothing is hidden from the list either.
+    let sizes: Vec<u64> = log
+        .checkpoints()
+        .iter()
+        .map(|c| c.statement.tree_size)
+        .collect();
+    assert_eq!(sizes, forge::checkpoint_sizes(&h.dir));
+    assert_eq!(sizes.last(), Some(&2000));
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(msg.contains("records were removed"), "{msg}");
+}
+
+#[test]
+fn a_torn_last_checkpoint_beside_a_live_writer_is_damage_once_it_stays_torn() {
+    let h = honest(700);
+    let path = h.dir.join(tally_engine::CHECKPOINTS_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let _lock = forge::hold_lock(&h.dir);
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(msg.contains("damaged checkpoint"), "{msg}");
+}
+
+/// Rewrites the trailing CRC-32 of a sidecar (`.idx`, `.adx`, `streams.snap`) after an edit.
+fn fix_trailing_crc(bytes: &mut [u8]) {
+    let n = bytes.len() - 4;
+    let crc = crc32(&bytes[..n]);
+    bytes[n..].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    // IEEE CRC-32, bitwise (the attacker needs no library for it).
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The newest sealed segment's sidecar, with one stream's `prev_segment` link set to
+/// `link` (`u64::MAX`: "no earlier segment"). Returns the stream's name.
+fn edit_index_link(dir: &Path, link: impl Fn(u64) -> u64) -> String {
+    let segs = forge::segments(dir);
+    let (_, h) = &segs[segs.len() - 2];
+    let path = dir.join(h.seq.index_file_name());
+    let mut b = std::fs::read(&path).unwrap();
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let record_count = u64_at(&b, 48) as usize;
+    let stream_count = u32_at(&b, 96) as usize;
+    let sparse_count = u32_at(&b, 100) as usize;
+    let names_at =
+        128 + stream_count * 72 + record_count * 16 + sparse_count * 8 + record_count * 16;
+    let entry = (0..stream_count)
+        .map(|i| 128 + i * 72)
+        .find(|&e| u64_at(&b, e + 48) != u64::MAX)
+        .expect("a stream with an earlier segment");
+    let old = u64_at(&b, entry + 48);
+    b[entry + 48..entry + 56].copy_from_slice(&link(old).to_le_bytes());
+    let (name_at, name_len) = (
+        u32_at(&b, entry + 64) as usize,
+        u16::from_le_bytes([b[entry + 68], b[entry + 69]]) as usize,
+    );
+    let name =
+        String::from_utf8(b[names_at + name_at..names_at + name_at + name_len].to_vec()).unwrap();
+    fix_trailing_crc(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    name
+}
+
+fn read_whole_stream(dir: &Path, stream: &str) -> Result<Vec<tally_engine::RecordedEvent>, Error> {
+    read_only(dir)?.read_stream(stream, 0, usize::MAX, Direction::Forward)
+}
+
+#[test]
+fn an_index_link_that_drops_a_streams_history_is_found_by_reads_and_verify() {
+    let h = honest(2000);
+    let name = edit_index_link(&h.dir, |_| u64::MAX);
+    // A read never returns a silently shortened stream...
+    let err = read_whole_stream(&h.dir, &name).unwrap_err();
+    assert!(format!("{err}").contains("starts at version"), "{err}");
+    let err = read_only(&h.dir)
+        .unwrap()
+        .read_stream(&name, u64::MAX, 5000, Direction::Backward)
+        .unwrap_err();
+    assert!(format!("{err}").contains(".idx"), "{err}");
+    // ...and verify, by default, names the sidecar.
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(msg.contains(".idx") && msg.contains(&name), "{msg}");
+    let _lock = forge::hold_lock(&h.dir);
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(msg.contains("links stream"), "{msg}");
+}
+
+#[test]
+fn index_links_that_skip_a_segment_or_loop_are_errors_not_short_or_endless_reads() {
+    let h = honest(3000);
+    // Point the link at a later segment: a cycle.
+    let segs = forge::segments(&h.dir);
+    let newest_sealed = segs[segs.len() - 2].1.seq.0;
+    let name = edit_index_link(&h.dir, |_| newest_sealed);
+    let err = read_whole_stream(&h.dir, &name).unwrap_err();
+    assert!(format!("{err}").contains("cycle"), "{err}");
+    assert!(failure(verify(&h.dir, h.public_key)).contains("links stream"));
+
+    let h = honest(3000);
+    // Point it one segment further back than the truth: the versions between go missing.
+    let name = edit_index_link(&h.dir, |old| old.saturating_sub(1));
+    let err = read_whole_stream(&h.dir, &name).unwrap_err();
+    assert!(format!("{err}").contains("versions are missing"), "{err}");
+    assert!(failure(verify(&h.dir, h.public_key)).contains("links stream"));
+}
+
+#[test]
+fn a_stream_snapshot_that_lies_is_found_by_verify() {
+    let h = honest(2000);
+    let path = h.dir.join("streams.snap");
+    let mut b = std::fs::read(&path).unwrap();
+    // The first entry's last_version (entry at 64, field at 16).
+    let v = u64::from_le_bytes(b[80..88].try_into().unwrap());
+    b[80..88].copy_from_slice(&(v - 10).to_le_bytes());
+    fix_trailing_crc(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(
+        msg.contains("streams.snap") && msg.contains("stream snapshot says"),
+        "{msg}"
+    );
+
+    // Leaving a stream out of it hides the stream from reads just the same.
+    let h = honest(2000);
+    let mut b = std::fs::read(path_of(&h.dir)).unwrap();
+    let count = u64::from_le_bytes(b[56..64].try_into().unwrap());
+    b[56..64].copy_from_slice(&(count - 1).to_le_bytes());
+    let first_len = 56 + u16::from_le_bytes([b[64 + 40], b[64 + 41]]) as usize;
+    b.drain(64..64 + first_len);
+    fix_trailing_crc(&mut b);
+    std::fs::write(path_of(&h.dir), &b).unwrap();
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(msg.contains("stream snapshot"), "{msg}");
+}
+
+fn path_of(dir: &Path) -> PathBuf {
+    dir.join("streams.snap")
+}
+
+#[test]
+fn a_damaged_merkle_node_is_found_by_verify() {
+    let h = honest(2000);
+    let path = h.dir.join(tally_engine::TREE_FILE);
+    let mut b = std::fs::read(&path).unwrap();
+    // Node 5 (of the first 64 records): not on the path to the latest checkpoint's root.
+    b[64 + 5 * 32] ^= 0x40;
+    std::fs::write(&path, &b).unwrap();
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(
+        msg.contains("merkle.tree") && msg.contains("node 5"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_missing_sidecar_is_checked_from_the_records_not_an_error() {
+    let h = honest(2000);
+    let segs = forge::segments(&h.dir);
+    let seq = segs[1].1.seq;
+    std::fs::remove_file(h.dir.join(seq.index_file_name())).unwrap();
+    let r = verify(&h.dir, h.public_key).unwrap();
+    assert_eq!(r.sidecars_missing, vec![seq]);
+    assert_eq!(r.records, 2000);
+}
+
+/// Removes checkpoints after `keep_size` records, cuts the log there and grows a forged
+/// history after it: every file consistent, no signature by the log's key.
+fn rewrite_after(h: &Honest, keep_size: u64, forged: u64) {
+    let keep = forge::checkpoint_sizes(&h.dir)
+        .iter()
+        .filter(|&&s| s <= keep_size)
+        .count();
+    forge::keep_checkpoints(&h.dir, keep);
+    forge::truncate_at(&h.dir, keep_size);
+    let events: Vec<(String, EventData)> = (0..forged)
+        .map(|i| (stream_of(i), event(1_000_000 + i).actor("mallory")))
+        .collect();
+    let refs: Vec<(&str, EventData)> = events
+        .iter()
+        .map(|(s, e)| (s.as_str(), e.clone()))
+        .collect();
+    let attacker_key = h.dir.parent().unwrap().join("attacker.key");
+    forge::regrow(&h.dir, &attacker_key, &refs);
+}
+
+#[test]
+fn laundering_through_the_next_honest_checkpoint_is_refused_by_the_writer() {
+    let h = honest(2000);
+    rewrite_after(&h, 900, 1500);
+    // The operator's routine open (tallyd starting, `tally checkpoint`, `extract`,
+    // `backup`) would sign the forged history with the real key: the key's ledger refuses.
+    let err = Log::open(&h.dir, options(&h.key)).unwrap_err();
+    let msg = format!("{err}");
+    assert!(
+        msg.contains("checkpoints were removed") && msg.contains("ledger"),
+        "{msg}"
+    );
+    // Nothing was signed.
+    assert_eq!(forge::checkpoint_sizes(&h.dir).last(), Some(&900));
+    // Replacing the newest checkpoint entry instead (same id, other content) is refused too.
+    let h = honest(2000);
+    let path = h.dir.join(tally_engine::CHECKPOINTS_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len() / tally_engine::format::checkpoint::ENTRY_LEN;
+    // Swap in the entry before it, renumbered: its signature no longer verifies, but the
+    // writer refuses before anything is signed.
+    let mut last = bytes[(n - 2) * 224..(n - 1) * 224].to_vec();
+    last[32..40].copy_from_slice(&(n as u64).to_le_bytes());
+    let crc = crc32(&last[..216]);
+    last[216..220].copy_from_slice(&crc.to_le_bytes());
+    let mut forged = bytes[..(n - 1) * 224].to_vec();
+    forged.extend_from_slice(&last);
+    std::fs::write(&path, &forged).unwrap();
+    let msg = format!("{}", Log::open(&h.dir, options(&h.key)).unwrap_err());
+    assert!(
+        msg.contains("differs from the one the signing key signed"),
+        "{msg}"
+    );
+}
