@@ -1275,6 +1275,7 @@ fn merkle_node_file_and_checkpoint_tables_match_the_code() {
         time: tally_engine::Timestamp(777),
         root: [2; 32],
         chain_head: [3; 32],
+        streams: None,
     };
     let bytes = statement.encode();
     check_encoding(

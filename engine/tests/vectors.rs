@@ -67,6 +67,7 @@ fn render() -> String {
         time: Timestamp(1_795_000_000_000_000_000),
         root: merkle_root(&leaves),
         chain_head: leaves[6],
+        streams: None,
     };
     let cp = SignedCheckpoint::sign(statement, &key);
     writeln!(out, "signing_key_seed {}", hex(&[0x11; 32])).unwrap();

@@ -14,10 +14,15 @@ use super::{DecodeError, Hash32, Timestamp, check_crc, check_magic, check_zero, 
 
 /// Magic of a checkpoint statement.
 pub const STATEMENT_MAGIC: &[u8; 8] = b"TALLYCKP";
-/// Statement layout version.
+/// Statement layout version 1 (format version 1 logs): signed as its 120 bytes.
 pub const STATEMENT_VERSION: u16 = 1;
-/// Bytes in a statement.
+/// Statement layout version 2 (format version 2 logs): adds the stream heads map, and is
+/// signed as its checkpoint note body ([`super::note::checkpoint_body`]).
+pub const STATEMENT_V2: u16 = 2;
+/// Bytes in a version 1 statement.
 pub const STATEMENT_LEN: usize = 120;
+/// Bytes in a version 2 statement.
+pub const STATEMENT_V2_LEN: usize = 160;
 /// `version` (u16).
 pub const ST_VERSION: usize = 8;
 /// 6 reserved bytes.
@@ -35,6 +40,11 @@ pub const ST_ROOT: usize = 56;
 /// `chain_head` (32 bytes).
 pub const ST_CHAIN_HEAD: usize = 88;
 const _: () = assert!(ST_CHAIN_HEAD + 32 == STATEMENT_LEN);
+/// Version 2: `stream_count` (u64), streams with at least one event in the tree.
+pub const ST_STREAM_COUNT: usize = 120;
+/// Version 2: `streams_root` (32 bytes), the root of the stream heads map.
+pub const ST_STREAMS_ROOT: usize = 128;
+const _: () = assert!(ST_STREAMS_ROOT + 32 == STATEMENT_V2_LEN);
 
 /// Bytes of an entry in the checkpoints file: statement, public key, signature, CRC, and 4
 /// reserved bytes.
@@ -48,6 +58,18 @@ pub const ENTRY_CRC: usize = ENTRY_SIGNATURE + 64;
 /// Offset of the 4 reserved bytes.
 pub const ENTRY_RESERVED: usize = ENTRY_CRC + 4;
 const _: () = assert!(ENTRY_RESERVED + 4 == ENTRY_LEN);
+/// Bytes of an entry with a version 2 statement: the same tail after 160 statement bytes.
+pub const ENTRY_V2_LEN: usize = STATEMENT_V2_LEN + (ENTRY_LEN - STATEMENT_LEN);
+
+/// Bytes of an entry whose statement has layout `version`.
+#[must_use]
+pub fn entry_len(version: u16) -> usize {
+    if version >= STATEMENT_V2 {
+        ENTRY_V2_LEN
+    } else {
+        ENTRY_LEN
+    }
+}
 
 /// A checkpoint statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,21 +86,53 @@ pub struct Statement {
     pub root: Hash32,
     /// The record hash of position `tree_size - 1` (the chain seed when `tree_size` is 0).
     pub chain_head: Hash32,
+    /// Version 2 only: how many streams the first `tree_size` records hold, and the root of
+    /// their stream heads map. `None` in a version 1 statement.
+    pub streams: Option<(u64, Hash32)>,
 }
 
 impl Statement {
-    /// Encodes the statement: the bytes that are signed.
+    /// The statement's layout version: 2 when it carries the stream heads map.
     #[must_use]
-    pub fn encode(&self) -> [u8; STATEMENT_LEN] {
-        let mut b = [0u8; STATEMENT_LEN];
+    pub fn version(&self) -> u16 {
+        if self.streams.is_some() {
+            STATEMENT_V2
+        } else {
+            STATEMENT_VERSION
+        }
+    }
+
+    /// The bytes the log's key signs: the 120 encoded bytes of a version 1 statement, the
+    /// checkpoint note body of a version 2 one.
+    #[must_use]
+    pub fn signed_message(&self) -> Vec<u8> {
+        match self.streams {
+            None => self.encode(),
+            Some(_) => super::note::checkpoint_body(self).into_bytes(),
+        }
+    }
+
+    /// Encodes the statement (120 bytes for version 1, 160 for version 2).
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let len = if self.streams.is_some() {
+            STATEMENT_V2_LEN
+        } else {
+            STATEMENT_LEN
+        };
+        let mut b = vec![0u8; len];
         b[..8].copy_from_slice(STATEMENT_MAGIC);
-        le::put_u16(&mut b, ST_VERSION, STATEMENT_VERSION);
+        le::put_u16(&mut b, ST_VERSION, self.version());
         b[ST_LOG_ID..ST_LOG_ID + 16].copy_from_slice(&self.log_id);
         le::put_u64(&mut b, ST_ID, self.id);
         le::put_u64(&mut b, ST_TREE_SIZE, self.tree_size);
         le::put_u64(&mut b, ST_TIME, self.time.0);
         b[ST_ROOT..ST_ROOT + 32].copy_from_slice(&self.root);
         b[ST_CHAIN_HEAD..ST_CHAIN_HEAD + 32].copy_from_slice(&self.chain_head);
+        if let Some((count, root)) = &self.streams {
+            le::put_u64(&mut b, ST_STREAM_COUNT, *count);
+            b[ST_STREAMS_ROOT..ST_STREAMS_ROOT + 32].copy_from_slice(root);
+        }
         b
     }
 
@@ -87,21 +141,26 @@ impl Statement {
     /// # Errors
     /// [`DecodeError`] on a wrong length, magic or version, or non-zero reserved bytes.
     pub fn decode(b: &[u8]) -> Result<Statement, DecodeError> {
-        need(b, STATEMENT_LEN)?;
-        if b.len() != STATEMENT_LEN {
-            return Err(DecodeError::LengthMismatch {
-                what: "checkpoint statement",
-                declared: STATEMENT_LEN as u64,
-                actual: b.len() as u64,
-            });
-        }
+        need(b, ST_LOG_ID)?;
         check_magic(b, STATEMENT_MAGIC, "checkpoint statement")?;
         let version = le::u16_at(b, ST_VERSION);
-        if version != STATEMENT_VERSION {
+        if version != STATEMENT_VERSION && version != STATEMENT_V2 {
             return Err(DecodeError::UnsupportedVersion {
                 what: "checkpoint statement",
                 found: version,
-                supported: STATEMENT_VERSION,
+                supported: STATEMENT_V2,
+            });
+        }
+        let len = if version == STATEMENT_V2 {
+            STATEMENT_V2_LEN
+        } else {
+            STATEMENT_LEN
+        };
+        if b.len() != len {
+            return Err(DecodeError::LengthMismatch {
+                what: "checkpoint statement",
+                declared: len as u64,
+                actual: b.len() as u64,
             });
         }
         check_zero(b, ST_RESERVED..ST_LOG_ID, "checkpoint statement")?;
@@ -112,6 +171,12 @@ impl Statement {
             time: Timestamp(le::u64_at(b, ST_TIME)),
             root: le::array_at(b, ST_ROOT),
             chain_head: le::array_at(b, ST_CHAIN_HEAD),
+            streams: (version == STATEMENT_V2).then(|| {
+                (
+                    le::u64_at(b, ST_STREAM_COUNT),
+                    le::array_at(b, ST_STREAMS_ROOT),
+                )
+            }),
         })
     }
 }
@@ -123,7 +188,7 @@ pub struct SignedCheckpoint {
     pub statement: Statement,
     /// The Ed25519 public key of the signer.
     pub public_key: [u8; 32],
-    /// The Ed25519 signature over the statement's 120 bytes.
+    /// The Ed25519 signature over [`Statement::signed_message`].
     pub signature: [u8; 64],
 }
 
@@ -152,7 +217,7 @@ impl SignedCheckpoint {
     /// Signs `statement` with `key`.
     #[must_use]
     pub fn sign(statement: Statement, key: &SigningKey) -> SignedCheckpoint {
-        let signature = key.sign(&statement.encode()).to_bytes();
+        let signature = key.sign(&statement.signed_message()).to_bytes();
         SignedCheckpoint {
             statement,
             public_key: key.verifying_key().to_bytes(),
@@ -173,7 +238,7 @@ impl SignedCheckpoint {
         }
         let key = VerifyingKey::from_bytes(&self.public_key).map_err(|_| SignatureError::BadKey)?;
         key.verify_strict(
-            &self.statement.encode(),
+            &self.statement.signed_message(),
             &Signature::from_bytes(&self.signature),
         )
         .map_err(|_| SignatureError::BadSignature {
@@ -181,15 +246,20 @@ impl SignedCheckpoint {
         })
     }
 
-    /// Encodes the checkpoints-file entry.
+    /// Encodes the checkpoints-file entry ([`ENTRY_LEN`] bytes for a version 1 statement,
+    /// [`ENTRY_V2_LEN`] for version 2): statement, public key, signature, CRC-32 of what
+    /// comes before it, 4 reserved bytes.
     #[must_use]
-    pub fn encode_entry(&self) -> [u8; ENTRY_LEN] {
-        let mut b = [0u8; ENTRY_LEN];
-        b[..STATEMENT_LEN].copy_from_slice(&self.statement.encode());
-        b[ENTRY_PUBKEY..ENTRY_PUBKEY + 32].copy_from_slice(&self.public_key);
-        b[ENTRY_SIGNATURE..ENTRY_SIGNATURE + 64].copy_from_slice(&self.signature);
-        let crc = crc32fast::hash(&b[..ENTRY_CRC]);
-        le::put_u32(&mut b, ENTRY_CRC, crc);
+    pub fn encode_entry(&self) -> Vec<u8> {
+        let mut b = self.statement.encode();
+        let crc_at = b.len() + 96;
+        b.extend_from_slice(&self.public_key);
+        b.extend_from_slice(&self.signature);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        debug_assert_eq!(crc_at + 8, b.len());
+        debug_assert_eq!(b.len(), entry_len(self.statement.version()));
         b
     }
 
@@ -198,18 +268,18 @@ impl SignedCheckpoint {
     /// # Errors
     /// [`DecodeError`] on a wrong length, CRC, statement or non-zero reserved bytes.
     pub fn decode_entry(b: &[u8]) -> Result<SignedCheckpoint, DecodeError> {
-        need(b, ENTRY_LEN)?;
-        let b = &b[..ENTRY_LEN];
-        check_crc(
-            le::u32_at(b, ENTRY_CRC),
-            &b[..ENTRY_CRC],
-            "checkpoint entry",
-        )?;
-        check_zero(b, ENTRY_RESERVED..ENTRY_LEN, "checkpoint entry")?;
+        need(b, ST_LOG_ID)?;
+        let len = entry_len(le::u16_at(b, ST_VERSION));
+        need(b, len)?;
+        let b = &b[..len];
+        let st_len = len - (ENTRY_LEN - STATEMENT_LEN);
+        let crc_at = st_len + 96;
+        check_crc(le::u32_at(b, crc_at), &b[..crc_at], "checkpoint entry")?;
+        check_zero(b, crc_at + 4..len, "checkpoint entry")?;
         Ok(SignedCheckpoint {
-            statement: Statement::decode(&b[..STATEMENT_LEN])?,
-            public_key: le::array_at(b, ENTRY_PUBKEY),
-            signature: le::array_at(b, ENTRY_SIGNATURE),
+            statement: Statement::decode(&b[..st_len])?,
+            public_key: le::array_at(b, st_len),
+            signature: le::array_at(b, st_len + 32),
         })
     }
 }
@@ -305,6 +375,7 @@ mod tests {
             time: Timestamp(1_700_000_000_000_000_000),
             root: [1; 32],
             chain_head: [2; 32],
+            streams: None,
         }
     }
 
@@ -313,6 +384,7 @@ mod tests {
         let key = SigningKey::from_bytes(&[9; 32]);
         let cp = SignedCheckpoint::sign(statement(), &key);
         let entry = cp.encode_entry();
+        assert_eq!(entry.len(), ENTRY_LEN);
         assert_eq!(&entry[..8], STATEMENT_MAGIC);
         assert_eq!(SignedCheckpoint::decode_entry(&entry), Ok(cp));
         assert_eq!(Statement::decode(&entry[..STATEMENT_LEN]), Ok(statement()));
@@ -326,7 +398,7 @@ mod tests {
         let cp = SignedCheckpoint::sign(statement(), &key);
         let entry = cp.encode_entry();
         for i in 0..ENTRY_CRC {
-            let mut b = entry;
+            let mut b = entry.clone();
             b[i] ^= 1;
             // The CRC catches it on disk; with the CRC recomputed, the signature must.
             assert!(SignedCheckpoint::decode_entry(&b).is_err(), "byte {i}");

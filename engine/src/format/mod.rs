@@ -16,6 +16,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod envelope;
 pub mod meta;
+pub mod note;
 pub mod proof;
 pub mod record;
 pub mod segment;
