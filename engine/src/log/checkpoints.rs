@@ -261,6 +261,7 @@ impl Checkpoints {
             time: super::now(),
             root,
             chain_head: tree.head,
+            streams: None,
         };
         let cp = SignedCheckpoint::sign(statement, key);
         let first = self.list.is_empty();

@@ -14,6 +14,7 @@ mod append;
 mod attrs;
 mod background;
 mod checkpoints;
+mod cosignatures;
 mod ids;
 mod read;
 mod recover;
@@ -28,7 +29,9 @@ use std::time::Duration;
 
 pub use append::AppendHandle;
 pub use attrs::Query;
+pub(crate) use checkpoints::create_key_file;
 pub use checkpoints::{CHECKPOINTS_FILE, KEY_FILE};
+pub use cosignatures::COSIGNATURES_FILE;
 pub use read::{RecordView, Tail, Verify};
 use shared::Shared;
 pub use tree::TREE_FILE;
@@ -886,7 +889,33 @@ impl Log {
         options: &VerifyOptions,
         progress: &mut dyn FnMut(u64),
     ) -> Result<VerifyReport> {
-        verify::verify(&self.shared, options, progress)
+        let report = verify::verify(&self.shared, options, progress)?;
+        // The roots of the kept checkpoints were recomputed from the records; each is also
+        // shown to be a prefix of the newest checkpoint by a consistency proof from the
+        // log's own tree, as a witness or an auditor holding only the two would check it.
+        let newest = report
+            .newest_checkpoint
+            .and_then(|(id, _)| self.checkpoints().get((id - 1) as usize).copied());
+        for (_, kept) in &options.kept {
+            let Some(newest) = newest.filter(|n| n.statement.tree_size >= kept.statement.tree_size)
+            else {
+                continue;
+            };
+            let (old, new) = (kept.statement.tree_size, newest.statement.tree_size);
+            self.prove_consistency(old, new)?
+                .verify(&kept.statement.root, &newest.statement.root)
+                .map_err(|e| Error::Corrupt {
+                    file: self.shared.dir.join(CHECKPOINTS_FILE),
+                    offset: 0,
+                    position: Some(old),
+                    detail: format!(
+                        "no consistency proof from kept checkpoint {} (size {old}) to checkpoint {} (size {new}): {e}",
+                        kept.statement.id, newest.statement.id
+                    ),
+                    source: None,
+                })?;
+        }
+        Ok(report)
     }
 
     /// Signs and durably stores a checkpoint of every acknowledged record now (syncing
@@ -925,6 +954,49 @@ impl Log {
     #[must_use]
     pub fn checkpoints_damage(&self) -> Option<(u64, DecodeError)> {
         shared::lock(&self.shared.checkpoints).damage.clone()
+    }
+
+    /// Checkpoint `id` (the latest when `None`) as a signed note: its body, the log's
+    /// signature, and the witnesses' cosignatures from `tally.cosignatures` that verify.
+    /// This is what an auditor keeps, and what a witness cosigns.
+    ///
+    /// # Errors
+    /// I/O errors reading the cosignatures file.
+    pub fn checkpoint_note(&self, id: Option<u64>) -> Result<Option<crate::format::note::Note>> {
+        let cp = {
+            let cps = shared::lock(&self.shared.checkpoints);
+            match id {
+                None => cps.list.last().copied(),
+                Some(id) => usize::try_from(id)
+                    .ok()
+                    .and_then(|i| i.checked_sub(1))
+                    .and_then(|i| cps.list.get(i).copied()),
+            }
+        };
+        let Some(cp) = cp else { return Ok(None) };
+        let cosigs = cosignatures::of(&self.shared.dir, &cp)?;
+        Ok(Some(crate::format::note::checkpoint_note(&cp, &cosigs)))
+    }
+
+    /// Adds a witness's cosignature of checkpoint `checkpoint_id` (see
+    /// [`add_cosignature`]). Returns `false` when that witness key had cosigned it already.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] when the log has no such checkpoint or the cosignature
+    /// does not verify over it; I/O errors.
+    pub fn add_cosignature(
+        &self,
+        checkpoint_id: u64,
+        cosignature: &crate::format::note::Cosignature,
+    ) -> Result<bool> {
+        let cp = usize::try_from(checkpoint_id)
+            .ok()
+            .and_then(|id| id.checked_sub(1))
+            .and_then(|i| shared::lock(&self.shared.checkpoints).list.get(i).copied())
+            .ok_or_else(|| Error::InvalidOptions {
+                reason: format!("the log has no checkpoint {checkpoint_id}"),
+            })?;
+        add_cosignature(&self.shared.dir, &cp, cosignature)
     }
 
     /// The public half of the key that signs this log's new checkpoints (`None` for a
@@ -1124,6 +1196,14 @@ pub struct VerifyReport {
     /// Sealed segments whose index sidecar is missing: they were checked from their records,
     /// and the next writable open rebuilds the sidecar.
     pub sidecars_missing: Vec<SegmentSeq>,
+    /// Kept checkpoints ([`VerifyOptions::kept`]) the log was found to extend, as
+    /// `(checkpoint id, tree size)`.
+    pub kept: Vec<(u64, u64)>,
+    /// Cosignatures by trusted witnesses that verified (one per witness per checkpoint).
+    pub cosignatures: u64,
+    /// The newest checkpoint cosigned by at least [`VerifyOptions::min_witnesses`] (at
+    /// least one) of the trusted witnesses, as `(checkpoint id, tree size)`.
+    pub newest_witnessed: Option<(u64, u64)>,
 }
 
 /// What [`Log::verify_with`] checks beyond the records.
@@ -1143,6 +1223,54 @@ pub struct VerifyOptions {
     /// lookup but never change one; this check finds that. It reads the checked segments a
     /// second time.
     pub attribute_indexes: bool,
+    /// Checkpoints an auditor kept outside the directory (`tally checkpoint --export`),
+    /// with the file each came from. The log must extend each: its id must still name it in
+    /// the checkpoints file, the log must hold at least its records, and their root and
+    /// chain head must be its own. Their signatures are checked like the log's.
+    pub kept: Vec<(PathBuf, SignedCheckpoint)>,
+    /// Witnesses whose cosignatures (in `tally.cosignatures`) count. A cosignature by one
+    /// of them of a checkpoint that is missing or changed is a failure.
+    pub witnesses: Vec<crate::format::note::WitnessKey>,
+    /// With a positive value, verify fails unless at least one checkpoint is cosigned by
+    /// this many of [`VerifyOptions::witnesses`]; the newest such is reported.
+    pub min_witnesses: usize,
+}
+
+/// Adds a witness's cosignature of checkpoint `cp` to the data directory `dir`
+/// (`tally.cosignatures`), for a witness that observed the log and hands its cosignature
+/// back (tallyd does this for a log it serves; `tally witness observe --data` for a
+/// directory). The checkpoint must be the one `tally.checkpoints` holds under its id, and
+/// the cosignature must verify over its note body. Safe beside a live writer: the file has
+/// its own lock, and records are not touched. Returns `false` when the same witness key
+/// had already cosigned that checkpoint.
+///
+/// # Errors
+/// [`Error::InvalidOptions`] when the checkpoint is not the log's or the cosignature does
+/// not verify; I/O errors.
+pub fn add_cosignature(
+    dir: &Path,
+    cp: &SignedCheckpoint,
+    cosignature: &crate::format::note::Cosignature,
+) -> Result<bool> {
+    let path = dir.join(CHECKPOINTS_FILE);
+    let bytes = std::fs::read(&path).map_err(Error::io("reading checkpoints file", &path))?;
+    let len = crate::format::checkpoint::entry_len(cp.statement.version());
+    let on_disk = usize::try_from(cp.statement.id)
+        .ok()
+        .and_then(|id| id.checked_sub(1))
+        .and_then(|i| bytes.get(i * len..(i + 1) * len))
+        .and_then(|e| SignedCheckpoint::decode_entry(e).ok());
+    if on_disk != Some(*cp) {
+        return Err(Error::InvalidOptions {
+            reason: format!(
+                "checkpoint {} (tree size {}) is not the one {} holds under that id",
+                cp.statement.id,
+                cp.statement.tree_size,
+                path.display()
+            ),
+        });
+    }
+    cosignatures::add(dir, cp, cosignature)
 }
 
 /// Creates a new Ed25519 signing key file at `path` (mode 0600; an existing file is never

@@ -33,7 +33,7 @@ use super::shared::{SegState, SegmentHandle, Shared, lock};
 use super::{VerifyOptions, VerifyReport};
 use crate::error::{Error, Result};
 use crate::format::chain::{AlignedRange, MerkleBuilder, leaf_hash};
-use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
+use crate::format::checkpoint::{SignedCheckpoint, entry_len};
 use crate::format::proof::{NodeSource, hex};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::tree::CHUNK_LEVEL;
@@ -114,12 +114,12 @@ pub(crate) fn verify(
     let mut streams = StreamJoin::default();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
     let mut whole = MerkleBuilder::new();
+    check_kept_ids(&cp_path, &checkpoints, &options.kept)?;
     let mut cps = CheckpointCheck {
         shared,
         options,
-        list: &checkpoints,
+        targets: targets(&cp_path, &checkpoints, &options.kept),
         next: 0,
-        path: &cp_path,
     };
     if let Some(from) = options.from_segment {
         let Some(first) = segs.iter().position(|s| s.seq >= from) else {
@@ -152,11 +152,11 @@ pub(crate) fn verify(
             } else {
                 crate::format::proof::root(&mut src, cp.statement.tree_size)?
             };
-            cps.check(
+            let kept = cps.check(
                 root,
                 (cp.statement.tree_size == base).then_some(&report.last_chain_hash),
             )?;
-            report.checkpoints += 1;
+            count(&mut report, &cps, kept);
         }
         // The streams of the trusted segments come from their sidecars.
         drop(src);
@@ -175,8 +175,8 @@ pub(crate) fn verify(
         segs.drain(..first);
     } else {
         while cps.pending(0).is_some() {
-            cps.check(whole.root(), Some(&report.last_chain_hash))?;
-            report.checkpoints += 1;
+            let kept = cps.check(whole.root(), Some(&report.last_chain_hash))?;
+            count(&mut report, &cps, kept);
         }
     }
     // The segments to check: every sealed one, and the active one up to the visible records.
@@ -191,7 +191,11 @@ pub(crate) fn verify(
         cover.next_position <= visible && cover.next_position >= report.first_position
     });
     report.snapshot_checked = snapshot.is_some();
-    let sizes: Vec<u64> = checkpoints.iter().map(|c| c.statement.tree_size).collect();
+    let sizes: Vec<u64> = cps
+        .targets
+        .iter()
+        .map(|t| t.cp.statement.tree_size)
+        .collect();
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
@@ -286,8 +290,8 @@ pub(crate) fn verify(
                         let mut at = whole.clone();
                         join(&mut at, subtrees);
                         debug_assert_eq!(at.len(), *size);
-                        cps.check(at.root(), Some(head))?;
-                        report.checkpoints += 1;
+                        let kept = cps.check(at.root(), Some(head))?;
+                        count(&mut report, &cps, kept);
                     }
                 }
                 let seg = &segs[i];
@@ -348,29 +352,216 @@ pub(crate) fn verify(
     })?;
     debug_assert_eq!(whole.len(), report.first_position.0 + report.records);
     report.stream_links = streams.links;
-    report.newest_checkpoint = checkpoints[..cps.next]
-        .last()
-        .map(|c| (c.statement.id, c.statement.tree_size));
     if options.attribute_indexes {
         for seg in segs.iter().filter(|s| sealed_footer(s).is_some()) {
             report.attribute_indexes += u64::from(check_attrs(shared, seg)?);
         }
     }
-    if let Some(cp) = checkpoints.get(cps.next) {
-        return Err(corrupt(
-            &cp_path,
-            (cps.next * ENTRY_LEN) as u64,
-            Some(cp.statement.tree_size),
+    if let Some(t) = cps.targets.get(cps.next) {
+        let s = &t.cp.statement;
+        let detail = if t.kept {
+            format!(
+                "the log holds {} records, fewer than the {} of kept checkpoint {}: records were removed (rolled back)",
+                whole.len(),
+                s.tree_size,
+                s.id
+            )
+        } else {
             format!(
                 "checkpoint {} covers {} records, but the log has only {}: records were removed",
-                cp.statement.id,
-                cp.statement.tree_size,
+                s.id,
+                s.tree_size,
                 whole.len()
+            )
+        };
+        return Err(corrupt(&t.file, t.offset, Some(s.tree_size), detail, None));
+    }
+    if !options.witnesses.is_empty() || options.min_witnesses > 0 {
+        check_witnesses(shared, &checkpoints, options, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Counts a checked checkpoint in the report.
+fn count(report: &mut VerifyReport, cps: &CheckpointCheck<'_>, kept: bool) {
+    let Some(t) = cps.next.checked_sub(1).and_then(|i| cps.targets.get(i)) else {
+        return;
+    };
+    let s = &t.cp.statement;
+    if kept {
+        report.kept.push((s.id, s.tree_size));
+    } else {
+        report.checkpoints += 1;
+        report.newest_checkpoint = Some((s.id, s.tree_size));
+    }
+}
+
+/// The log's checkpoints and the kept ones, in order of tree size (kept ones first among
+/// equal sizes, so that a rollback below a kept checkpoint is reported as such).
+fn targets(
+    cp_path: &std::path::Path,
+    list: &[SignedCheckpoint],
+    kept: &[(std::path::PathBuf, SignedCheckpoint)],
+) -> Vec<Target> {
+    let mut offset = 0u64;
+    let mut out: Vec<Target> = list
+        .iter()
+        .map(|cp| {
+            let t = Target {
+                cp: *cp,
+                file: cp_path.to_owned(),
+                offset,
+                kept: false,
+            };
+            offset += entry_len(cp.statement.version()) as u64;
+            t
+        })
+        .collect();
+    out.extend(kept.iter().map(|(file, cp)| Target {
+        cp: *cp,
+        file: file.clone(),
+        offset: 0,
+        kept: true,
+    }));
+    out.sort_by_key(|t| (t.cp.statement.tree_size, !t.kept));
+    out
+}
+
+/// A kept checkpoint's id must still name it in the checkpoints file: one that is missing
+/// (the file was cut) or names other content (the file was rewritten) is reported before
+/// anything is read.
+fn check_kept_ids(
+    cp_path: &std::path::Path,
+    list: &[SignedCheckpoint],
+    kept: &[(std::path::PathBuf, SignedCheckpoint)],
+) -> Result<()> {
+    for (file, k) in kept {
+        let s = &k.statement;
+        let on_disk = usize::try_from(s.id)
+            .ok()
+            .and_then(|id| id.checked_sub(1))
+            .and_then(|i| list.get(i));
+        match on_disk {
+            None => {
+                return Err(corrupt(
+                    cp_path,
+                    0,
+                    Some(s.tree_size),
+                    format!(
+                        "kept checkpoint {} (tree size {}, from {}) is missing: the checkpoints file ends at checkpoint {}, so checkpoints were removed",
+                        s.id,
+                        s.tree_size,
+                        file.display(),
+                        list.len()
+                    ),
+                    None,
+                ));
+            }
+            Some(cp) if cp.statement != *s => {
+                return Err(corrupt(
+                    cp_path,
+                    0,
+                    Some(s.tree_size),
+                    format!(
+                        "checkpoint {} now names different content: kept (from {}) tree size {} root {}, the checkpoints file tree size {} root {}",
+                        s.id,
+                        file.display(),
+                        s.tree_size,
+                        hex(&s.root),
+                        cp.statement.tree_size,
+                        hex(&cp.statement.root)
+                    ),
+                    None,
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks the witnesses' cosignatures in `tally.cosignatures` against the checkpoints (all
+/// of which the records have confirmed by now). A cosignature by a trusted witness of a
+/// checkpoint that is missing, or whose content changed, is a failure: the witness saw
+/// another history. With `min_witnesses`, at least one checkpoint must be cosigned by that
+/// many trusted witnesses, and the newest such is reported.
+fn check_witnesses(
+    shared: &Shared,
+    list: &[SignedCheckpoint],
+    options: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let path = shared.dir.join(super::cosignatures::COSIGNATURES_FILE);
+    let mut by_checkpoint: Vec<Vec<[u8; 32]>> = vec![Vec::new(); list.len()];
+    for (offset, entry) in super::cosignatures::read(&shared.dir)? {
+        let Ok(e) = entry else { continue };
+        let c = &e.cosignature;
+        let Some(w) = options
+            .witnesses
+            .iter()
+            .find(|w| w.public_key == c.public_key && w.name == c.name)
+        else {
+            continue;
+        };
+        let fail = |detail: String| corrupt(&path, offset, Some(e.tree_size), detail, None);
+        let Some(cp) = usize::try_from(e.checkpoint_id)
+            .ok()
+            .and_then(|id| id.checked_sub(1))
+            .and_then(|i| list.get(i))
+        else {
+            return Err(fail(format!(
+                "witness {} cosigned checkpoint {} (tree size {}), which is missing from the checkpoints file (it ends at checkpoint {}): checkpoints were removed",
+                w.name,
+                e.checkpoint_id,
+                e.tree_size,
+                list.len()
+            )));
+        };
+        if cp.statement.tree_size != e.tree_size || cp.statement.root != e.root {
+            return Err(fail(format!(
+                "witness {} cosigned checkpoint {} with tree size {} root {}, but the checkpoints file now says tree size {} root {}: the checkpoint was replaced",
+                w.name,
+                e.checkpoint_id,
+                e.tree_size,
+                hex(&e.root),
+                cp.statement.tree_size,
+                hex(&cp.statement.root)
+            )));
+        }
+        c.verify(&crate::format::note::checkpoint_body(&cp.statement))
+            .map_err(|err| {
+                fail(format!(
+                    "the cosignature by witness {} of checkpoint {} does not verify: {err}",
+                    w.name, e.checkpoint_id
+                ))
+            })?;
+        let seen = &mut by_checkpoint[(e.checkpoint_id - 1) as usize];
+        if !seen.contains(&c.public_key) {
+            seen.push(c.public_key);
+            report.cosignatures += 1;
+        }
+    }
+    let needed = options.min_witnesses.max(1);
+    report.newest_witnessed = list
+        .iter()
+        .zip(&by_checkpoint)
+        .rev()
+        .find(|(_, w)| w.len() >= needed)
+        .map(|(cp, _)| (cp.statement.id, cp.statement.tree_size));
+    if options.min_witnesses > 0 && report.newest_witnessed.is_none() {
+        return Err(corrupt(
+            &path,
+            0,
+            None,
+            format!(
+                "no checkpoint is cosigned by {} of the {} trusted witnesses",
+                options.min_witnesses,
+                options.witnesses.len()
             ),
             None,
         ));
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Compares a sealed segment's attribute sidecar, if it has one, with the one its records
@@ -436,42 +627,61 @@ fn join(whole: &mut MerkleBuilder, subtrees: &[(u32, Hash32)]) {
     }
 }
 
-/// The checkpoints, checked in order as the whole tree reaches their sizes.
+/// A checkpoint to check against the records: one of the log's, or one an auditor kept.
+struct Target {
+    cp: SignedCheckpoint,
+    /// Where it came from, for messages: the checkpoints file, or the kept note's file.
+    file: std::path::PathBuf,
+    /// Its byte offset in the checkpoints file (0 for a kept one).
+    offset: u64,
+    kept: bool,
+}
+
+/// The checkpoints, the log's and the kept ones, checked in order of tree size as the whole
+/// tree reaches their sizes.
 struct CheckpointCheck<'a> {
     shared: &'a Shared,
     options: &'a VerifyOptions,
-    list: &'a [SignedCheckpoint],
+    targets: Vec<Target>,
     next: usize,
-    path: &'a std::path::Path,
 }
 
 impl CheckpointCheck<'_> {
     /// The next checkpoint, if its tree has exactly `size` records or fewer.
     fn pending(&self, size: u64) -> Option<&SignedCheckpoint> {
-        self.list
+        self.targets
             .get(self.next)
+            .map(|t| &t.cp)
             .filter(|cp| cp.statement.tree_size <= size)
     }
 
     /// Checks the next checkpoint against the root of its tree and, where known, the chain
-    /// hash of its last record.
-    fn check(&mut self, root: Hash32, head: Option<&Hash32>) -> Result<()> {
-        let Some(cp) = self.list.get(self.next) else {
-            return Ok(());
+    /// hash of its last record. Returns whether it was a kept one.
+    fn check(&mut self, root: Hash32, head: Option<&Hash32>) -> Result<bool> {
+        let Some(t) = self.targets.get(self.next) else {
+            return Ok(false);
         };
-        let s = &cp.statement;
-        let at = (self.next * ENTRY_LEN) as u64;
         self.next += 1;
-        let fail = |detail: String| corrupt(self.path, at, Some(s.tree_size), detail, None);
-        cp.verify(&self.options.trusted_keys)
-            .map_err(|e| fail(format!("checkpoint {}: {e}", s.id)))?;
+        let s = &t.cp.statement;
+        let what = if t.kept {
+            format!("kept checkpoint {}", s.id)
+        } else {
+            format!("checkpoint {}", s.id)
+        };
+        let fail = |detail: String| corrupt(&t.file, t.offset, Some(s.tree_size), detail, None);
+        t.cp.verify(&self.options.trusted_keys)
+            .map_err(|e| fail(format!("{what}: {e}")))?;
         if s.log_id != self.shared.meta.log_id {
-            return Err(fail(format!("checkpoint {} names another log", s.id)));
+            return Err(fail(format!("{what} names another log")));
         }
+        let not_extended = if t.kept {
+            ": the log does not extend the kept checkpoint (history up to it was changed)"
+        } else {
+            ""
+        };
         if root != s.root {
             return Err(fail(format!(
-                "checkpoint {}: Merkle root {} of the first {} records differs from the signed root {}",
-                s.id,
+                "{what}: Merkle root {} of the first {} records differs from the signed root {}{not_extended}",
                 hex(&root),
                 s.tree_size,
                 hex(&s.root)
@@ -481,13 +691,12 @@ impl CheckpointCheck<'_> {
             && *head != s.chain_head
         {
             return Err(fail(format!(
-                "checkpoint {}: chain head {} differs from the signed chain head {}",
-                s.id,
+                "{what}: chain head {} differs from the signed chain head {}{not_extended}",
                 hex(head),
                 hex(&s.chain_head)
             )));
         }
-        Ok(())
+        Ok(t.kept)
     }
 }
 

@@ -1,0 +1,119 @@
+//! `tally.cosignatures`: witnesses' cosignatures of the log's checkpoints, kept beside them
+//! (docs/FORMAT.md, "Cosignatures"). The file only grows, by whole entries appended under
+//! an exclusive lock on the file itself, so that tallyd, a witness observing the
+//! directory, and `tally` can add to it at once. A cosignature is accepted only if it
+//! verifies over the note body of the checkpoint it names; the file is evidence for
+//! verifiers, who decide which witnesses they trust, and is never trusted by the writer.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::DecodeError;
+use crate::format::checkpoint::SignedCheckpoint;
+use crate::format::note::{COSIGNATURE_ENTRY_LEN, Cosignature, CosignatureEntry, checkpoint_body};
+use crate::sys::sync_dir;
+
+/// The cosignatures file's name in the data directory.
+pub const COSIGNATURES_FILE: &str = "tally.cosignatures";
+
+/// Every entry of the file, in order: decoded, or why not, with its byte offset. A torn
+/// last entry (an interrupted append) is left out.
+pub(crate) fn read(
+    dir: &Path,
+) -> Result<Vec<(u64, std::result::Result<CosignatureEntry, DecodeError>)>> {
+    let path = dir.join(COSIGNATURES_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("reading cosignatures file", &path)(e)),
+    };
+    Ok(bytes
+        .chunks_exact(COSIGNATURE_ENTRY_LEN)
+        .enumerate()
+        .map(|(i, e)| {
+            (
+                (i * COSIGNATURE_ENTRY_LEN) as u64,
+                CosignatureEntry::decode(e),
+            )
+        })
+        .collect())
+}
+
+/// Adds a witness's cosignature of `cp`, after checking it over the checkpoint's note body.
+/// Returns `false` when the file already holds a cosignature of that checkpoint by the same
+/// key (nothing is written).
+///
+/// # Errors
+/// [`Error::InvalidOptions`] when the cosignature does not verify or the witness name is
+/// not a valid key name; I/O errors.
+pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Result<bool> {
+    if !crate::format::note::valid_key_name(&cosig.name) {
+        return Err(Error::InvalidOptions {
+            reason: format!("witness name {:?} is not a valid key name", cosig.name),
+        });
+    }
+    cosig
+        .verify(&checkpoint_body(&cp.statement))
+        .map_err(|e| Error::InvalidOptions {
+            reason: format!(
+                "the cosignature by {} of checkpoint {} does not verify: {e}",
+                cosig.name, cp.statement.id
+            ),
+        })?;
+    let path = dir.join(COSIGNATURES_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(Error::io("opening cosignatures file", &path))?;
+    file.lock()
+        .map_err(Error::io("locking cosignatures file", &path))?;
+    let len = file
+        .metadata()
+        .map_err(Error::io("reading cosignatures file", &path))?
+        .len();
+    // A torn last entry (an append interrupted by a crash) is cut off, so that entries stay
+    // aligned.
+    let whole = len - len % COSIGNATURE_ENTRY_LEN as u64;
+    if whole != len {
+        file.set_len(whole)
+            .map_err(Error::io("truncating cosignatures file", &path))?;
+    }
+    let already = read(dir)?.into_iter().any(|(_, e)| {
+        e.is_ok_and(|e| {
+            e.checkpoint_id == cp.statement.id && e.cosignature.public_key == cosig.public_key
+        })
+    });
+    if already {
+        return Ok(false);
+    }
+    let entry = CosignatureEntry {
+        checkpoint_id: cp.statement.id,
+        tree_size: cp.statement.tree_size,
+        root: cp.statement.root,
+        cosignature: cosig.clone(),
+    };
+    file.write_all(&entry.encode())
+        .and_then(|()| file.sync_data())
+        .map_err(Error::io("writing cosignatures file", &path))?;
+    if whole == 0 {
+        sync_dir(dir).map_err(Error::io("syncing directory", dir))?;
+    }
+    drop::<File>(file);
+    Ok(true)
+}
+
+/// The cosignatures of checkpoint `cp` in the file that verify over its note body.
+pub(crate) fn of(dir: &Path, cp: &SignedCheckpoint) -> Result<Vec<Cosignature>> {
+    let body = checkpoint_body(&cp.statement);
+    Ok(read(dir)?
+        .into_iter()
+        .filter_map(|(_, e)| e.ok())
+        .filter(|e| e.checkpoint_id == cp.statement.id)
+        .map(|e| e.cosignature)
+        .filter(|c| c.verify(&body).is_ok())
+        .collect())
+}
