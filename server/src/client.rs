@@ -757,6 +757,76 @@ impl Client {
         }
     }
 
+    /// Checkpoint `id` (0: the latest) as a signed note with its cosignatures; `None` when
+    /// the log has no such checkpoint. Parse it with
+    /// [`tally_engine::format::note::Note::parse`] and trust it only through its signatures.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn checkpoint_note_of(&self, id: u64) -> Result<Option<String>, ClientError> {
+        match self.call_retrying(&Request::CheckpointNote { id }).await? {
+            Response::CheckpointNote(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The latest checkpoint as a signed note ([`Client::checkpoint_note_of`]).
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`].
+    pub async fn checkpoint_note(&self) -> Result<Option<String>, ClientError> {
+        self.checkpoint_note_of(0).await
+    }
+
+    /// A consistency proof from the tree of `old_size` records to that of `new_size`. The
+    /// roots that come with it are the server's; a verifier checks the proof against roots
+    /// of checkpoints it verified itself.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`]; `ProofUnavailable` for sizes out of order or range.
+    pub async fn consistency_proof(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> Result<tally_engine::format::proof::ConsistencyProof, ClientError> {
+        match self
+            .call_retrying(&Request::ConsistencyProof { old_size, new_size })
+            .await?
+        {
+            Response::ConsistencyProof(p) if p.old_size == old_size && p.new_size == new_size => {
+                Ok(tally_engine::format::proof::ConsistencyProof {
+                    old_size,
+                    new_size,
+                    path: p.path,
+                })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Hands a witness's cosignature of checkpoint `checkpoint_id` to the log, which keeps
+    /// it with the checkpoint. Returns `false` when that witness had cosigned it already.
+    ///
+    /// # Errors
+    /// As [`Client::read_stream`]; `CosignatureRefused` when it names no checkpoint of the
+    /// log or does not verify over it.
+    pub async fn add_cosignature(
+        &self,
+        checkpoint_id: u64,
+        cosignature: &tally_engine::format::note::Cosignature,
+    ) -> Result<bool, ClientError> {
+        match self
+            .call_retrying(&Request::AddCosignature {
+                checkpoint_id,
+                cosignature: cosignature.clone(),
+            })
+            .await?
+        {
+            Response::CosignatureAdded(added) => Ok(added),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// An inclusion proof of the record at `position` in the tree of `tree_size` records
     /// (0: the latest checkpoint's size).
     ///

@@ -96,6 +96,12 @@ pub mod op {
     pub const LATEST_CHECKPOINT: u8 = 0x50;
     /// An inclusion proof for a position.
     pub const INCLUSION_PROOF: u8 = 0x51;
+    /// A checkpoint as a signed note, with its cosignatures (for witnesses and auditors).
+    pub const CHECKPOINT_NOTE: u8 = 0x52;
+    /// A consistency proof between two tree sizes.
+    pub const CONSISTENCY_PROOF: u8 = 0x53;
+    /// Hand a witness's cosignature of a checkpoint to the log.
+    pub const ADD_COSIGNATURE: u8 = 0x54;
     /// Marks a response.
     pub const RESPONSE_BIT: u8 = 0x80;
     /// Push: events of a subscription.
@@ -166,13 +172,16 @@ pub enum ErrorCode {
     SchemaRefused = 26,
     /// An event's payload does not match its registered schema; nothing was written.
     SchemaViolation = 27,
+    /// A cosignature was refused: it names no checkpoint of the log, or does not verify
+    /// over that checkpoint's note; nothing was stored.
+    CosignatureRefused = 28,
     /// Anything else: a bug on the server.
     Internal = 99,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::HandshakeRequired,
@@ -199,6 +208,7 @@ impl ErrorCode {
         ErrorCode::ProofUnavailable,
         ErrorCode::SchemaRefused,
         ErrorCode::SchemaViolation,
+        ErrorCode::CosignatureRefused,
         ErrorCode::Internal,
     ];
 
@@ -938,6 +948,25 @@ pub enum Request {
         /// The tree size (0: the latest checkpoint's).
         tree_size: u64,
     },
+    /// A checkpoint as a signed note with its cosignatures.
+    CheckpointNote {
+        /// The checkpoint's id (0: the latest).
+        id: u64,
+    },
+    /// A consistency proof from the tree of `old_size` records to that of `new_size`.
+    ConsistencyProof {
+        /// The smaller tree.
+        old_size: u64,
+        /// The larger tree.
+        new_size: u64,
+    },
+    /// A witness's cosignature of checkpoint `checkpoint_id`.
+    AddCosignature {
+        /// The checkpoint cosigned.
+        checkpoint_id: u64,
+        /// The cosignature.
+        cosignature: tally_engine::format::note::Cosignature,
+    },
 }
 
 impl Request {
@@ -963,6 +992,9 @@ impl Request {
             Request::RegisterSchema { .. } => op::REGISTER_SCHEMA,
             Request::LatestCheckpoint => op::LATEST_CHECKPOINT,
             Request::InclusionProof { .. } => op::INCLUSION_PROOF,
+            Request::CheckpointNote { .. } => op::CHECKPOINT_NOTE,
+            Request::ConsistencyProof { .. } => op::CONSISTENCY_PROOF,
+            Request::AddCosignature { .. } => op::ADD_COSIGNATURE,
         }
     }
 
@@ -1018,7 +1050,10 @@ impl Request {
             | Request::LatestCheckpoint
             | Request::Credit { .. }
             | Request::Unsubscribe { .. }
-            | Request::InclusionProof { .. } => Ok(()),
+            | Request::InclusionProof { .. }
+            | Request::CheckpointNote { .. }
+            | Request::ConsistencyProof { .. } => Ok(()),
+            Request::AddCosignature { cosignature, .. } => text("witness name", &cosignature.name),
             Request::Append(p) => part(p),
             Request::AppendMulti(parts) => {
                 fits("parts", parts.len(), u64::from(u16::MAX))?;
@@ -1156,6 +1191,21 @@ impl Request {
             } => {
                 put_u64(out, *position);
                 put_u64(out, *tree_size);
+            }
+            Request::CheckpointNote { id } => put_u64(out, *id),
+            Request::ConsistencyProof { old_size, new_size } => {
+                put_u64(out, *old_size);
+                put_u64(out, *new_size);
+            }
+            Request::AddCosignature {
+                checkpoint_id,
+                cosignature,
+            } => {
+                put_u64(out, *checkpoint_id);
+                put_str(out, &cosignature.name);
+                out.extend_from_slice(&cosignature.public_key);
+                put_u64(out, cosignature.timestamp);
+                out.extend_from_slice(&cosignature.signature);
             }
         }
         finish_frame(out, start);
@@ -1298,6 +1348,22 @@ impl Request {
             op::INCLUSION_PROOF => Request::InclusionProof {
                 position: r.u64("position")?,
                 tree_size: r.u64("tree size")?,
+            },
+            op::CHECKPOINT_NOTE => Request::CheckpointNote {
+                id: r.u64("checkpoint id")?,
+            },
+            op::CONSISTENCY_PROOF => Request::ConsistencyProof {
+                old_size: r.u64("old size")?,
+                new_size: r.u64("new size")?,
+            },
+            op::ADD_COSIGNATURE => Request::AddCosignature {
+                checkpoint_id: r.u64("checkpoint id")?,
+                cosignature: tally_engine::format::note::Cosignature {
+                    name: r.str("witness name")?.to_owned(),
+                    public_key: r.array("witness key")?,
+                    timestamp: r.u64("timestamp")?,
+                    signature: r.array("signature")?,
+                },
             },
             other => return Err(ProtocolError::UnknownOpcode(other)),
         };
@@ -1733,6 +1799,21 @@ pub struct ProofResponse {
     pub path: Vec<[u8; 32]>,
 }
 
+/// The answer to CONSISTENCY_PROOF.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsistencyResponse {
+    /// The smaller tree.
+    pub old_size: u64,
+    /// The larger tree.
+    pub new_size: u64,
+    /// The root of the smaller tree, as the server computed it.
+    pub old_root: [u8; 32],
+    /// The root of the larger tree, as the server computed it.
+    pub new_root: [u8; 32],
+    /// The proof's hashes, in RFC 9162 order.
+    pub path: Vec<[u8; 32]>,
+}
+
 /// A frame from the server, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -1775,6 +1856,13 @@ pub enum Response {
     LatestCheckpoint(Option<Box<[u8; CHECKPOINT_ENTRY_BYTES]>>),
     /// An inclusion proof.
     InclusionProof(ProofResponse),
+    /// A checkpoint as a signed note (`None`: no such checkpoint).
+    CheckpointNote(Option<String>),
+    /// A consistency proof with the two roots it was checked against on the server.
+    ConsistencyProof(ConsistencyResponse),
+    /// A cosignature was stored (`true`), or the same witness had cosigned that checkpoint
+    /// already (`false`).
+    CosignatureAdded(bool),
     /// Push: subscription events.
     SubEvents(Vec<Event>),
     /// Push: the subscription is live from this position (all) or version (stream).
@@ -1877,6 +1965,24 @@ impl Response {
                     out.extend_from_slice(h);
                 }
             }
+            Response::CheckpointNote(note) => match note {
+                Some(text) => {
+                    out.push(1);
+                    put_bytes32(out, text.as_bytes());
+                }
+                None => out.push(0),
+            },
+            Response::ConsistencyProof(p) => {
+                put_u64(out, p.old_size);
+                put_u64(out, p.new_size);
+                out.extend_from_slice(&p.old_root);
+                out.extend_from_slice(&p.new_root);
+                put_u16(out, p.path.len() as u16);
+                for h in &p.path {
+                    out.extend_from_slice(h);
+                }
+            }
+            Response::CosignatureAdded(added) => out.push(u8::from(*added)),
             Response::SubEvents(events) => {
                 put_u32(out, events.len() as u32);
                 for e in events {
@@ -2012,6 +2118,44 @@ impl Response {
                     root,
                     path,
                 })
+            }
+            c if c == op::CHECKPOINT_NOTE | op::RESPONSE_BIT => match r.u8("found")? {
+                0 => Response::CheckpointNote(None),
+                _ => {
+                    let b = r.bytes32("note")?;
+                    if b.len() > tally_engine::format::note::NOTE_BYTES_MAX {
+                        return Err(ProtocolError::Limit {
+                            what: "checkpoint note",
+                            value: b.len() as u64,
+                            max: tally_engine::format::note::NOTE_BYTES_MAX as u64,
+                        });
+                    }
+                    let text = std::str::from_utf8(b)
+                        .map_err(|_| ProtocolError::InvalidUtf8 { what: "note" })?;
+                    Response::CheckpointNote(Some(text.to_owned()))
+                }
+            },
+            c if c == op::CONSISTENCY_PROOF | op::RESPONSE_BIT => {
+                let old_size = r.u64("old size")?;
+                let new_size = r.u64("new size")?;
+                let old_root = r.array("old root")?;
+                let new_root = r.array("new root")?;
+                let n = r.u16("path length")?;
+                let n = r.count(u64::from(n), 32, 128, "proof path")?;
+                let mut path = Vec::with_capacity(n);
+                for _ in 0..n {
+                    path.push(r.array("path hash")?);
+                }
+                Response::ConsistencyProof(ConsistencyResponse {
+                    old_size,
+                    new_size,
+                    old_root,
+                    new_root,
+                    path,
+                })
+            }
+            c if c == op::ADD_COSIGNATURE | op::RESPONSE_BIT => {
+                Response::CosignatureAdded(r.u8("added")? != 0)
             }
             other => return Err(ProtocolError::UnknownOpcode(other)),
         };
@@ -2188,6 +2332,20 @@ mod tests {
                 position: 1,
                 tree_size: 0,
             },
+            Request::CheckpointNote { id: 4 },
+            Request::ConsistencyProof {
+                old_size: 3,
+                new_size: 9,
+            },
+            Request::AddCosignature {
+                checkpoint_id: 4,
+                cosignature: tally_engine::format::note::Cosignature {
+                    name: "w.example/1".into(),
+                    public_key: [7; 32],
+                    timestamp: 1_700_000_000,
+                    signature: [8; 64],
+                },
+            },
             Request::ProjectionStore {
                 name: "pnl".into(),
                 next: 9,
@@ -2308,6 +2466,22 @@ mod tests {
                     path: vec![[3; 32], [4; 32]],
                 }),
             ),
+            (op::CHECKPOINT_NOTE, Response::CheckpointNote(None)),
+            (
+                op::CHECKPOINT_NOTE,
+                Response::CheckpointNote(Some("tally/00\n0\n\n— x AAAA\n".into())),
+            ),
+            (
+                op::CONSISTENCY_PROOF,
+                Response::ConsistencyProof(ConsistencyResponse {
+                    old_size: 3,
+                    new_size: 10,
+                    old_root: [1; 32],
+                    new_root: [2; 32],
+                    path: vec![[3; 32]],
+                }),
+            ),
+            (op::ADD_COSIGNATURE, Response::CosignatureAdded(true)),
             (
                 op::HELLO,
                 Response::Hello(HelloOk {

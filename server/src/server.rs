@@ -38,9 +38,9 @@ use tokio::task::JoinSet;
 
 use crate::protocol::{
     self, APPEND_EVENTS_MAX_DEFAULT, AppendPart, CONSUMER_EVENT_TYPE, CONSUMER_STREAM_PREFIX,
-    ErrorCode, FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_FLOOR, Filter, HelloOk, LENGTH_BYTES,
-    Limits, PROTOCOL_VERSION, ProofResponse, ProtocolError, Request, Response,
-    SYSTEM_STREAM_PREFIX, ServerInfo, SubscribeFrom, SubscribeTarget, WireError, op,
+    ConsistencyResponse, ErrorCode, FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_FLOOR, Filter,
+    HelloOk, LENGTH_BYTES, Limits, PROTOCOL_VERSION, ProofResponse, ProtocolError, Request,
+    Response, SYSTEM_STREAM_PREFIX, ServerInfo, SubscribeFrom, SubscribeTarget, WireError, op,
 };
 
 /// The server's name and version, sent in HELLO and SERVER_INFO responses.
@@ -1649,7 +1649,16 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             }
         }
         Request::LatestCheckpoint => {
-            let latest = log.latest_checkpoint().map(|c| Box::new(c.encode_entry()));
+            // The response carries a 224-byte entry: a version 1 statement. A log of format
+            // version 2 serves its checkpoints as notes instead (CHECKPOINT_NOTE).
+            // TODO(#13): answer LATEST_CHECKPOINT of a version 2 log with an error naming
+            // CHECKPOINT_NOTE once version 2 logs can be created.
+            let latest = log
+                .latest_checkpoint()
+                .and_then(|c| {
+                    <[u8; crate::protocol::CHECKPOINT_ENTRY_BYTES]>::try_from(c.encode_entry()).ok()
+                })
+                .map(Box::new);
             reply.send(&Response::LatestCheckpoint(latest));
         }
         Request::InclusionProof {
@@ -1696,6 +1705,36 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                 Err(e) => reply.error(engine_error(&e)),
             }
         }
+        Request::CheckpointNote { id } => match log.checkpoint_note((id != 0).then_some(id)) {
+            Ok(note) => reply.send(&Response::CheckpointNote(note.map(|n| n.encode()))),
+            Err(e) => reply.error(engine_error(&e)),
+        },
+        Request::ConsistencyProof { old_size, new_size } => {
+            let r = (|| {
+                let proof = log.prove_consistency(old_size, new_size)?;
+                Ok::<_, EngineError>(ConsistencyResponse {
+                    old_size,
+                    new_size,
+                    old_root: log.merkle_root(old_size)?,
+                    new_root: log.merkle_root(new_size)?,
+                    path: proof.path,
+                })
+            })();
+            match r {
+                Ok(p) => reply.send(&Response::ConsistencyProof(p)),
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
+        Request::AddCosignature {
+            checkpoint_id,
+            cosignature,
+        } => match log.add_cosignature(checkpoint_id, &cosignature) {
+            Ok(added) => reply.send(&Response::CosignatureAdded(added)),
+            Err(EngineError::InvalidOptions { reason }) => {
+                reply.error(WireError::new(ErrorCode::CosignatureRefused, reason));
+            }
+            Err(e) => reply.error(engine_error(&e)),
+        },
         other => reply.error(WireError::new(
             ErrorCode::Internal,
             format!("request 0x{:02x} reached the blocking pool", other.opcode()),

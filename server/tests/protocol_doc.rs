@@ -226,6 +226,28 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
         }),
     );
     add(
+        "consistency-proof-request",
+        11,
+        Msg::Req(Request::ConsistencyProof {
+            old_size: 4,
+            new_size: 7,
+        }),
+    );
+    add(
+        "consistency-proof-response",
+        11,
+        Msg::Resp(
+            op::CONSISTENCY_PROOF,
+            Response::ConsistencyProof(tally_server::protocol::ConsistencyResponse {
+                old_size: 4,
+                new_size: 7,
+                old_root: [0xaa; 32],
+                new_root: [0xbb; 32],
+                path: vec![[0xcc; 32]],
+            }),
+        ),
+    );
+    add(
         "unknown-operation",
         8,
         Msg::Resp(
