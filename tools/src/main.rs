@@ -22,6 +22,7 @@ mod ops;
 mod remote;
 mod remote_bench;
 mod trading;
+mod witness;
 
 use std::process::ExitCode;
 
@@ -75,6 +76,8 @@ enum Command {
     Info(remote::InfoArgs),
     /// Explain one stream: who did what, when and why (causation chain, correlated events).
     Audit(forensic::AuditArgs),
+    /// Run a witness: cosign a log's checkpoints only as long as each extends the last.
+    Witness(witness::WitnessArgs),
     /// Find events by type, correlation id, causation id, actor or event id, in record-time
     /// and event-time windows, through the attribute indexes.
     Find(find::FindArgs),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Command::Info(a) => remote::info(&a),
         Command::Audit(a) => forensic::audit(&a),
         Command::Find(a) => find::find(&a),
+        Command::Witness(a) => witness::run(&a),
     };
     match result {
         Ok(code) => code,

@@ -82,6 +82,52 @@ pub fn open_writable_if_free(dir: &Path, key: &KeyArg) -> Result<(Log, bool)> {
     }
 }
 
+/// Reads kept checkpoint notes (`--trusted`), each signed by one of `log_keys`.
+pub fn read_kept(
+    files: &[PathBuf],
+    log_keys: &[[u8; 32]],
+) -> Result<Vec<(PathBuf, tally_engine::format::checkpoint::SignedCheckpoint)>> {
+    files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading kept checkpoint {}", f.display()))?;
+            let note = tally_engine::format::note::Note::parse(&text)
+                .with_context(|| format!("kept checkpoint {}", f.display()))?;
+            let cp = tally_engine::format::note::checkpoint_from_note(&note, log_keys)
+                .with_context(|| {
+                    format!("kept checkpoint {} (checked with --pubkey)", f.display())
+                })?;
+            Ok((f.clone(), cp))
+        })
+        .collect()
+}
+
+/// Reads witness key files (`--witness`): vkey lines; blank lines and `#` comments are
+/// ignored.
+pub fn read_witness_keys(files: &[PathBuf]) -> Result<Vec<tally_engine::format::note::WitnessKey>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading witness key {}", f.display()))?;
+        let before = out.len();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            out.push(
+                tally_engine::format::note::WitnessKey::parse(line)
+                    .with_context(|| format!("witness key {}", f.display()))?,
+            );
+        }
+        if out.len() == before {
+            bail!("witness key file {} holds no key", f.display());
+        }
+    }
+    Ok(out)
+}
+
 /// Reads a public key file (`--pubkey`).
 pub fn read_pubkeys(path: &Path) -> Result<Vec<[u8; 32]>> {
     let text = std::fs::read_to_string(path)
@@ -203,6 +249,10 @@ pub struct InitArgs {
     /// must be given the same file (Options::signing_key, `--key`).
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
+    /// Register the new log with this witness (its directory, `tally witness init`) and
+    /// have it cosign the first checkpoint at once.
+    #[arg(long, value_name = "WDIR")]
+    witness: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -228,6 +278,22 @@ pub fn init(a: &InitArgs) -> Result<ExitCode> {
     let key = log.public_key().context("the new log has no signing key")?;
     let id = log.log_id();
     log.close()?;
+    let witnessed = match &a.witness {
+        Some(wdir) => {
+            let w = tally_engine::witness::Witness::open(wdir)
+                .with_context(|| format!("opening witness {}", wdir.display()))?;
+            w.register(&id, &[key])?;
+            match crate::witness::observe_dir(&w, &a.dir)? {
+                Ok(_) => Some(w.key().name),
+                Err(e) => bail!("the witness refused the new log's checkpoint: {e}"),
+            }
+        }
+        None => None,
+    };
+    let export = open_read_only(&a.dir)?
+        .checkpoint_note(None)?
+        .context("the new log has no checkpoint")?
+        .encode();
     if a.json {
         print_json(&json!({
             "dir": a.dir,
@@ -235,6 +301,8 @@ pub fn init(a: &InitArgs) -> Result<ExitCode> {
             "public_key": hex(&key),
             "key_fingerprint": fingerprint(&key),
             "key_file": key_file,
+            "witness": witnessed,
+            "checkpoint_note": export,
         }))?;
     } else {
         println!("created {}", a.dir.display());
@@ -242,6 +310,19 @@ pub fn init(a: &InitArgs) -> Result<ExitCode> {
         println!("signing key      {}", key_file.display());
         println!("public key       {}", hex(&key));
         println!("fingerprint      {}", fingerprint(&key));
+        if let Some(name) = &witnessed {
+            println!("witness          {name} cosigned the first checkpoint");
+        }
+        println!();
+        println!("Keep this checkpoint outside the directory. It is of an empty log, so it proves");
+        println!(
+            "nothing about records yet: keep a later one too (`tally checkpoint DIR --export`),"
+        );
+        println!(
+            "and check the log against them with `tally verify DIR --pubkey FILE --trusted NOTE`."
+        );
+        println!();
+        print!("{export}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -682,6 +763,18 @@ pub struct VerifyArgs {
     /// Check from this segment on only (for incremental daily runs).
     #[arg(long)]
     from_segment: Option<u64>,
+    /// A checkpoint you kept (`tally checkpoint DIR --export`, or a witness's
+    /// `latest.note`): the log must extend it. Repeatable; needs --pubkey.
+    #[arg(long, value_name = "FILE", requires = "pubkey")]
+    trusted: Vec<PathBuf>,
+    /// A witness's public key file (its vkey line, from `tally witness init`): its
+    /// cosignatures count, and one of a checkpoint that is now missing or changed fails.
+    /// Repeatable.
+    #[arg(long, value_name = "FILE")]
+    witness: Vec<PathBuf>,
+    /// Fail unless a checkpoint is cosigned by at least this many of the --witness keys.
+    #[arg(long, default_value_t = 0, requires = "witness")]
+    min_witnesses: usize,
     /// Segments checked at once, each on its own thread (default: one per core).
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     threads: usize,
@@ -701,6 +794,8 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         Some(p) => read_pubkeys(p)?,
         None => Vec::new(),
     };
+    let kept = read_kept(&a.trusted, &trusted)?;
+    let witnesses = read_witness_keys(&a.witness)?;
     let log = open_read_only(&a.dir)?;
     let total: u64 = log
         .segments()
@@ -724,6 +819,9 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         from_segment: a.from_segment.map(tally_engine::SegmentSeq),
         threads: a.threads,
         attribute_indexes: a.attribute_indexes,
+        kept,
+        witnesses,
+        min_witnesses: a.min_witnesses,
     };
     let result = log.verify_with(&options, &mut |done| {
         if let Some(b) = &bar {
@@ -777,6 +875,12 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                 "checkpoints": report.checkpoints,
                 "newest_checkpoint_checked": report.newest_checkpoint.map(|(id, size)| json!({"id": id, "tree_size": size})),
                 "latest_checkpoint": cps.last().map(checkpoint_json),
+                "kept": report.kept.iter().map(|(id, size)| json!({"id": id, "tree_size": size})).collect::<Vec<_>>(),
+                "witnesses": {
+                    "cosignatures": report.cosignatures,
+                    "min_witnesses": a.min_witnesses,
+                    "newest_witnessed": report.newest_witnessed.map(|(id, size)| json!({"id": id, "tree_size": size})),
+                },
                 "derived": {
                     "stream_links": report.stream_links,
                     "stream_snapshot_checked": report.snapshot_checked,
@@ -818,6 +922,19 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                         println!("newest checkpoint checked: {id} (tree size {size})")
                     }
                     None => println!("no checkpoint checked"),
+                }
+                for (id, size) in &report.kept {
+                    println!("the log extends kept checkpoint {id} (tree size {size})");
+                }
+                if !a.witness.is_empty() {
+                    match report.newest_witnessed {
+                        Some((id, size)) => println!(
+                            "newest checkpoint cosigned by {} of the witnesses: {id} (tree size {size}); {} cosignatures checked",
+                            a.min_witnesses.max(1),
+                            report.cosignatures
+                        ),
+                        None => println!("no checkpoint is cosigned by the given witnesses"),
+                    }
                 }
                 println!(
                     "derived data checked against the records: {} index links, {} Merkle nodes, stream snapshot {}",
@@ -883,6 +1000,14 @@ pub struct CheckpointArgs {
     /// List the checkpoints instead of writing one.
     #[arg(long)]
     list: bool,
+    /// Print the latest checkpoint (or --id N) as a signed note to keep outside the
+    /// directory (with the witnesses' cosignatures), instead of writing one. `tally verify
+    /// --trusted FILE` later checks that the log still extends it.
+    #[arg(long, conflicts_with = "list")]
+    export: bool,
+    /// With --export: the checkpoint to print.
+    #[arg(long, requires = "export")]
+    id: Option<u64>,
     #[command(flatten)]
     key: KeyArg,
     /// Print JSON.
@@ -892,6 +1017,18 @@ pub struct CheckpointArgs {
 
 /// Forces and prints a signed checkpoint, or lists them.
 pub fn checkpoint(a: &CheckpointArgs) -> Result<ExitCode> {
+    if a.export {
+        let log = open_read_only(&a.dir)?;
+        let Some(note) = log.checkpoint_note(a.id)? else {
+            bail!(
+                "{} has no checkpoint {}",
+                a.dir.display(),
+                a.id.map_or_else(|| "yet".to_owned(), |i| i.to_string())
+            );
+        };
+        print!("{}", note.encode());
+        return Ok(ExitCode::SUCCESS);
+    }
     if a.list {
         let log = open_read_only(&a.dir)?;
         let cps: Vec<Value> = log.checkpoints().iter().map(checkpoint_json).collect();

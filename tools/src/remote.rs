@@ -120,10 +120,20 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn connect(s: &ServerArg) -> Result<Client> {
-    Client::connect(&s.server)
+async fn connect_arg(s: &ServerArg) -> Result<Client> {
+    connect(&s.server).await
+}
+
+/// Connects to a running tallyd.
+pub async fn connect(addr: &str) -> Result<Client> {
+    Client::connect(addr)
         .await
-        .with_context(|| format!("connecting to {}", s.server))
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+/// Runs `f` to completion on a current-thread runtime.
+pub fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    runtime()?.block_on(f)
 }
 
 fn expected(v: Option<i64>) -> Result<ExpectedVersion> {
@@ -145,7 +155,7 @@ pub fn append(a: &AppendArgs) -> Result<ExitCode> {
         .schema_version(a.schema_version);
     let expected = expected(a.expected_version)?;
     runtime()?.block_on(async {
-        let c = connect(&a.server).await?;
+        let c = connect_arg(&a.server).await?;
         let r = c.append(&a.stream, expected, vec![ev]).await?;
         println!(
             "{}",
@@ -188,7 +198,7 @@ fn print_event(e: &Event, as_json: bool) {
 
 pub fn read(a: &ReadArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let c = connect(&a.server).await?;
+        let c = connect_arg(&a.server).await?;
         let direction = if a.backward {
             Direction::Backward
         } else {
@@ -219,7 +229,7 @@ pub fn read(a: &ReadArgs) -> Result<ExitCode> {
 
 pub fn tail(a: &TailArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let c = connect(&a.server).await?;
+        let c = connect_arg(&a.server).await?;
         let target = match &a.stream {
             Some(s) => {
                 if a.prefix.is_some() || !a.types.is_empty() {
@@ -254,7 +264,7 @@ pub fn tail(a: &TailArgs) -> Result<ExitCode> {
 
 pub fn info(a: &InfoArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let c = connect(&a.server).await?;
+        let c = connect_arg(&a.server).await?;
         let i = c.server_info().await?;
         let durability = match i.durability {
             0 => "fsync",
