@@ -380,7 +380,17 @@ impl Witness {
             );
         }
         if let Some(seen) = latest {
-            if offered.tree_size < seen.tree_size || offered.id < seen.id {
+            if offered.tree_size >= seen.tree_size && offered.id < seen.id {
+                return conflict(
+                    seen,
+                    format!(
+                        "whose id is below {}, although its tree is not smaller: checkpoints after {} were removed and signed again",
+                        seen.id,
+                        offered.id - 1
+                    ),
+                );
+            }
+            if offered.tree_size < seen.tree_size {
                 return Err(WitnessError::Rollback(Box::new(Conflict {
                     log,
                     seen,

@@ -21,7 +21,7 @@ use tally_engine::{
 use tally_tests::forge;
 
 /// A log of `n` events over 7 streams in 64 KiB segments, with checkpoints signed by a key
-/// outside the directory every 300 events and at close. Returns the directory and the key.
+/// outside the directory every 300 events and after the last.
 struct Honest {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -52,7 +52,7 @@ fn honest(n: u64) -> Honest {
     for i in 0..n {
         log.append(&stream_of(i), ExpectedVersion::Any, &[event(i)])
             .unwrap();
-        if i % 300 == 299 {
+        if i % 300 == 299 || i + 1 == n {
             log.checkpoint().unwrap();
         }
     }
@@ -69,8 +69,9 @@ fn options(key: &Path) -> Options {
     Options {
         segment_bytes: 64 * 1024,
         signing_key: Some(key.to_owned()),
-        checkpoint_interval: None,
-        checkpoint_every_records: None,
+        // Checkpoints only where the test writes them, so that their ids are known: every
+        // 300 records and at the end (ids 1, 2, ... at 300, 600, ...).
+        auto_checkpoints: false,
         ..Options::default()
     }
 }
@@ -360,5 +361,361 @@ fn laundering_through_the_next_honest_checkpoint_is_refused_by_the_writer() {
     assert!(
         msg.contains("differs from the one the signing key signed"),
         "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Kept checkpoints: an auditor's copy of a checkpoint, outside the directory.
+
+use tally_engine::format::checkpoint::SignedCheckpoint;
+use tally_engine::format::note::{Note, checkpoint_from_note};
+use tally_engine::witness::{Observation, Witness, WitnessError};
+
+/// What `tally checkpoint DIR --export` prints for checkpoint `id`, read back as
+/// `tally verify --trusted` reads it.
+fn kept(h: &Honest, id: u64) -> (PathBuf, SignedCheckpoint) {
+    let note = read_only(&h.dir)
+        .unwrap()
+        .checkpoint_note(Some(id))
+        .unwrap()
+        .unwrap()
+        .encode();
+    let path = h.dir.parent().unwrap().join(format!("kept-{id}.note"));
+    std::fs::write(&path, &note).unwrap();
+    let cp = checkpoint_from_note(&Note::parse(&note).unwrap(), &[h.public_key]).unwrap();
+    (path, cp)
+}
+
+fn verify_kept(h: &Honest, kept: &[(PathBuf, SignedCheckpoint)]) -> Result<VerifyReport, Error> {
+    read_only(&h.dir)?.verify_with(
+        &VerifyOptions {
+            trusted_keys: vec![h.public_key],
+            kept: kept.to_vec(),
+            ..VerifyOptions::default()
+        },
+        &mut |_| {},
+    )
+}
+
+#[test]
+fn the_honest_log_extends_every_kept_checkpoint() {
+    let h = honest(2000);
+    let ks = [kept(&h, 1), kept(&h, 4), kept(&h, 7)];
+    let r = verify_kept(&h, &ks).unwrap();
+    assert_eq!(r.kept, vec![(1, 300), (4, 1200), (7, 2000)]);
+    let _lock = forge::hold_lock(&h.dir);
+    verify_kept(&h, &ks).unwrap();
+}
+
+#[test]
+fn checkpoint_truncation_with_rewrite_fails_against_a_kept_checkpoint() {
+    for beside_live_writer in [false, true] {
+        let h = honest(2000);
+        let k = kept(&h, 4); // tree size 1200
+        rewrite_after(&h, 900, 1500);
+        // Without the kept checkpoint the forgery is consistent: it verifies.
+        let lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        let r = verify(&h.dir, h.public_key).unwrap();
+        assert_eq!(r.newest_checkpoint.map(|c| c.1), Some(900));
+        let msg = failure(verify_kept(&h, std::slice::from_ref(&k)));
+        assert!(
+            msg.contains("kept checkpoint 4") && msg.contains("is missing"),
+            "{msg}"
+        );
+        drop(lock);
+    }
+}
+
+#[test]
+fn a_kept_checkpoint_fails_a_rollback_a_fork_and_a_rekeyed_log() {
+    // Rollback: records removed, the checkpoints file cut to match, ids kept.
+    let h = honest(2000);
+    let k = kept(&h, 3); // 900
+    let k7 = kept(&h, 7); // 2000
+    forge::keep_checkpoints(&h.dir, 3);
+    forge::truncate_at(&h.dir, 1500);
+    verify_kept(&h, std::slice::from_ref(&k)).unwrap();
+    let msg = failure(verify_kept(&h, std::slice::from_ref(&k7)));
+    assert!(msg.contains("is missing"), "{msg}");
+    // The same rollback with the checkpoints file left whole: the kept checkpoint names
+    // the rollback itself.
+    let h = honest(2000);
+    let k7 = kept(&h, 7);
+    forge::truncate_at(&h.dir, 1500);
+    let msg = failure(verify_kept(&h, std::slice::from_ref(&k7)));
+    assert!(
+        msg.contains("fewer than the 2000 of kept checkpoint 7"),
+        "{msg}"
+    );
+
+    // Fork: history rewritten after 900, then re-signed under the attacker's own key with
+    // the ids of the deleted checkpoints (re-keying).
+    let h = honest(2000);
+    let k = kept(&h, 5); // 1500
+    rewrite_after(&h, 900, 1500);
+    let attacker_key = h.dir.parent().unwrap().join("attacker.key");
+    let forged = Log::open(&h.dir, options(&attacker_key));
+    // The attacker's key has no ledger for this log, so the writer signs.
+    let forged = forged.unwrap();
+    forged.checkpoint().unwrap();
+    forged.checkpoint().unwrap();
+    forged.close().unwrap();
+    let msg = failure(verify_kept(&h, std::slice::from_ref(&k)));
+    assert!(msg.contains("now names different content"), "{msg}");
+    // And the log's own key does not sign the forged checkpoints.
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(msg.contains("not among the trusted keys"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Witnesses.
+
+fn witness(h: &Honest) -> Witness {
+    let wdir = h.dir.parent().unwrap().join("witness");
+    let w = if wdir.exists() {
+        Witness::open(&wdir).unwrap()
+    } else {
+        Witness::init(&wdir, "witness.example/risk").unwrap()
+    };
+    let log_id = read_only(&h.dir).unwrap().log_id();
+    w.register(&log_id, &[h.public_key]).unwrap();
+    w
+}
+
+/// `tally witness observe WDIR --data DIR`.
+fn observe(w: &Witness, dir: &Path) -> Result<Observation, WitnessError> {
+    let log = read_only(dir).unwrap();
+    let note = log.checkpoint_note(None).unwrap().unwrap();
+    let obs = w.observe(&note, &mut |old, new| log.prove_consistency(old, new))?;
+    let (Observation::Cosigned {
+        checkpoint,
+        cosignature,
+        ..
+    }
+    | Observation::Unchanged {
+        checkpoint,
+        cosignature,
+    }) = &obs;
+    tally_engine::add_cosignature(dir, checkpoint, cosignature).unwrap();
+    Ok(obs)
+}
+
+fn verify_witnessed(h: &Honest, w: &Witness, min: usize) -> Result<VerifyReport, Error> {
+    read_only(&h.dir)?.verify_with(
+        &VerifyOptions {
+            trusted_keys: vec![h.public_key],
+            witnesses: vec![w.key()],
+            min_witnesses: min,
+            ..VerifyOptions::default()
+        },
+        &mut |_| {},
+    )
+}
+
+fn grow(h: &Honest, from: u64, n: u64) {
+    let log = Log::open(&h.dir, options(&h.key)).unwrap();
+    for i in from..from + n {
+        log.append(&stream_of(i), ExpectedVersion::Any, &[event(i)])
+            .unwrap();
+    }
+    log.checkpoint().unwrap();
+    log.close().unwrap();
+}
+
+#[test]
+fn a_witness_cosigns_honest_growth_and_verify_counts_it() {
+    let h = honest(600);
+    let w = witness(&h);
+    assert!(matches!(
+        observe(&w, &h.dir),
+        Ok(Observation::Cosigned { previous: None, .. })
+    ));
+    assert!(matches!(
+        observe(&w, &h.dir),
+        Ok(Observation::Unchanged { .. })
+    ));
+    grow(&h, 600, 700);
+    match observe(&w, &h.dir).unwrap() {
+        Observation::Cosigned {
+            previous,
+            checkpoint,
+            ..
+        } => {
+            assert_eq!(previous.map(|p| p.tree_size), Some(600));
+            assert_eq!(checkpoint.statement.tree_size, 1300);
+        }
+        o => panic!("{o:?}"),
+    }
+    let r = verify_witnessed(&h, &w, 1).unwrap();
+    assert_eq!(r.newest_witnessed.map(|c| c.1), Some(1300));
+    assert_eq!(r.cosignatures, 2);
+    // The witness's own latest note is a kept checkpoint the log extends.
+    let latest = w
+        .latest(&read_only(&h.dir).unwrap().log_id())
+        .unwrap()
+        .unwrap();
+    let cp = checkpoint_from_note(&latest, &[h.public_key]).unwrap();
+    verify_kept(&h, &[(PathBuf::from("witness latest.note"), cp)]).unwrap();
+    // Two witnesses are asked for, one signed.
+    let msg = failure(verify_witnessed(&h, &w, 2));
+    assert!(msg.contains("no checkpoint is cosigned by 2"), "{msg}");
+}
+
+#[test]
+fn a_witness_refuses_a_rollback_and_names_both_checkpoints() {
+    for beside_live_writer in [false, true] {
+        let h = honest(1200);
+        let w = witness(&h);
+        observe(&w, &h.dir).unwrap();
+        // Roll back to the checkpoint at 600: records, checkpoints and cosignatures.
+        forge::keep_checkpoints(&h.dir, 2);
+        forge::truncate_at(&h.dir, 600);
+        let _ = std::fs::remove_file(h.dir.join(tally_engine::COSIGNATURES_FILE));
+        let _lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        // verify alone is satisfied by the rolled-back log, and so is the witness policy
+        // once its cosignatures are gone...
+        verify(&h.dir, h.public_key).unwrap();
+        // ...but the witness is not.
+        let err = observe(&w, &h.dir).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, WitnessError::Rollback(_)), "{msg}");
+        assert!(
+            msg.contains("cosigned checkpoint 4 (tree size 1200")
+                && msg.contains("offers checkpoint 2 (tree size 600"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn a_witness_catches_laundering_through_the_next_honest_checkpoint() {
+    for beside_live_writer in [false, true] {
+        let h = honest(1200);
+        let w = witness(&h);
+        observe(&w, &h.dir).unwrap();
+        // The attacker rewrites history after 600, removes checkpoints and cosignatures
+        // after it, and the key's ledger too (as with a key kept in the directory).
+        rewrite_after(&h, 600, 900);
+        std::fs::remove_file(ledger_of(&h.key)).unwrap();
+        let cos = h.dir.join(tally_engine::COSIGNATURES_FILE);
+        let keep_cos = std::fs::read(&cos).unwrap();
+        // The operator's routine checkpoint now signs the forged history with the real key.
+        let log = Log::open(&h.dir, options(&h.key)).unwrap();
+        let laundered = log.checkpoint().unwrap();
+        log.close().unwrap();
+        assert_eq!(laundered.statement.id, 3);
+        assert_eq!(laundered.statement.tree_size, 1500);
+        // With the old cosignatures still beside the log, verify sees that a witness
+        // cosigned other content under ids that now name the forgery.
+        std::fs::write(&cos, &keep_cos).unwrap();
+        let lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        let msg = failure(verify_witnessed(&h, &w, 1));
+        assert!(
+            msg.contains("the checkpoint was replaced") || msg.contains("missing"),
+            "{msg}"
+        );
+        drop(lock);
+        // With them deleted too, the witness itself refuses the laundered checkpoint.
+        std::fs::remove_file(&cos).unwrap();
+        let _lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        let err = observe(&w, &h.dir).unwrap_err();
+        assert!(matches!(err, WitnessError::Equivocation(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cosigned checkpoint 4 (tree size 1200")
+                && err
+                    .to_string()
+                    .contains("offers checkpoint 3 (tree size 1500")
+                && err.to_string().contains("whose id is below 4"),
+            "{err}"
+        );
+    }
+}
+
+/// The key ledger beside a key file.
+fn ledger_of(key: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.ledger", key.display()))
+}
+
+#[test]
+fn a_witness_refuses_a_different_checkpoint_under_an_id_it_cosigned() {
+    let h = honest(600);
+    let w = witness(&h);
+    observe(&w, &h.dir).unwrap(); // checkpoint 2, tree size 600
+    grow(&h, 600, 600);
+    observe(&w, &h.dir).unwrap(); // checkpoint 3, tree size 1200
+    // History rewritten after 300 and grown back to the same size, signed by the real key
+    // with the ids the witness saw (the ledger went with the key's directory).
+    rewrite_after(&h, 300, 900);
+    std::fs::remove_file(ledger_of(&h.key)).unwrap();
+    let _ = std::fs::remove_file(h.dir.join(tally_engine::COSIGNATURES_FILE));
+    let log = Log::open(&h.dir, options(&h.key)).unwrap();
+    let forged = log.checkpoint().unwrap();
+    log.close().unwrap();
+    assert_eq!((forged.statement.id, forged.statement.tree_size), (2, 1200));
+    let err = observe(&w, &h.dir).unwrap_err();
+    assert!(matches!(err, WitnessError::Equivocation(_)), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("a different checkpoint under id 2"), "{msg}");
+    // The evidence is the log's own signature over the forgery.
+    let WitnessError::Equivocation(c) = err else {
+        unreachable!()
+    };
+    let kept = Note::parse(&std::fs::read_to_string(&c.evidence).unwrap()).unwrap();
+    assert_eq!(
+        checkpoint_from_note(&kept, &[h.public_key]).unwrap(),
+        forged
+    );
+}
+
+#[test]
+fn a_fresh_log_is_not_a_blank_cheque_until_a_non_empty_checkpoint_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let key = tmp.path().join("log.key");
+    let public_key = tally_engine::create_signing_key(&key).unwrap();
+    let log = Log::open(&dir, options(&key)).unwrap();
+    log.checkpoint().unwrap();
+    log.close().unwrap();
+    let h = Honest {
+        _tmp: tmp,
+        dir,
+        key,
+        public_key,
+    };
+    let w = witness(&h);
+    observe(&w, &h.dir).unwrap(); // checkpoint 1, tree size 0
+    let empty = kept(&h, 1);
+    // Replacing the whole history of a log whose only checkpoint is empty goes unnoticed:
+    // a tree of size 0 proves nothing (docs/OPERATIONS.md, "A fresh log").
+    let attacker_key = h.dir.parent().unwrap().join("attacker.key");
+    let forged: Vec<(String, EventData)> = (0..50).map(|i| (stream_of(i), event(i))).collect();
+    let refs: Vec<(&str, EventData)> = forged
+        .iter()
+        .map(|(s, e)| (s.as_str(), e.clone()))
+        .collect();
+    forge::regrow(&h.dir, &attacker_key, &refs);
+    verify_kept(&h, std::slice::from_ref(&empty)).unwrap();
+    // Once the honest log grows and a witness cosigns it, a later rewrite is caught.
+    let h2 = honest(500);
+    let w2 = witness(&h2);
+    observe(&w2, &h2.dir).unwrap();
+    forge::keep_checkpoints(&h2.dir, 0);
+    forge::truncate_at(&h2.dir, 0);
+    let refs: Vec<(&str, EventData)> = forged
+        .iter()
+        .map(|(s, e)| (s.as_str(), e.clone()))
+        .collect();
+    forge::regrow(&h2.dir, &attacker_key, &refs);
+    std::fs::remove_file(ledger_of(&h2.key)).unwrap();
+    let log = Log::open(&h2.dir, options(&h2.key)).unwrap();
+    log.checkpoint().unwrap();
+    log.close().unwrap();
+    let err = observe(&w2, &h2.dir).unwrap_err();
+    assert!(matches!(err, WitnessError::Rollback(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("cosigned checkpoint 2 (tree size 500"),
+        "{err}"
     );
 }

@@ -357,7 +357,10 @@ pub(crate) fn verify(
             report.attribute_indexes += u64::from(check_attrs(shared, seg)?);
         }
     }
-    if let Some(t) = cps.targets.get(cps.next) {
+    // A kept checkpoint the records do not reach is named first: it is the auditor's own
+    // anchor, and the log's checkpoints may have been cut to match the rollback.
+    let unreached = &cps.targets[cps.next.min(cps.targets.len())..];
+    if let Some(t) = unreached.iter().find(|t| t.kept).or(unreached.first()) {
         let s = &t.cp.statement;
         let detail = if t.kept {
             format!(
