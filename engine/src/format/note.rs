@@ -46,8 +46,9 @@ pub const NOTE_BYTES_MAX: usize = 16 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NoteError {
-    /// The text is not a signed note, or its body is not a Tally checkpoint.
-    #[error("not a Tally checkpoint note: {0}")]
+    /// The text is not a signed note, its body is not a Tally checkpoint, or a witness key
+    /// does not decode.
+    #[error("malformed: {0}")]
     Malformed(String),
     /// No signature line is by a trusted key of the log.
     #[error("the note carries no signature by a trusted key of log {origin}")]
@@ -386,7 +387,8 @@ impl WitnessKey {
     /// # Errors
     /// [`NoteError::Malformed`] saying what is wrong.
     pub fn parse(text: &str) -> Result<WitnessKey, NoteError> {
-        let mut parts = text.trim().split('+');
+        // The base64 key may itself contain '+': only the first two separate fields.
+        let mut parts = text.trim().splitn(3, '+');
         let (Some(name), Some(id), Some(b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -685,6 +687,16 @@ mod tests {
         ));
         let wk = cosig.witness();
         assert_eq!(WitnessKey::parse(&wk.encode()), Ok(wk.clone()));
+        // Keys whose base64 holds '+' parse too.
+        for seed in 0..64u8 {
+            let k = WitnessKey {
+                name: "w.example/x".into(),
+                public_key: SigningKey::from_bytes(&[seed; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            };
+            assert_eq!(WitnessKey::parse(&k.encode()), Ok(k.clone()), "seed {seed}");
+        }
         let found = Cosignature::in_note(&note, &[wk]);
         assert_eq!(found, vec![cosig.clone()]);
         found[0].verify(&note.body).unwrap();
