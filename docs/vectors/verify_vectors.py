@@ -2,7 +2,8 @@
 """An independent check of merkle-checkpoint-v1.txt, written from RFC 9162 and RFC 8032
 rather than from Tally's code: `pip install blake3 pynacl && python3 verify_vectors.py`.
 It recomputes every root and proof from the record hashes and verifies the signed
-checkpoint; engine/tests/vectors.rs checks the Rust code against the same file."""
+checkpoint, then the same checkpoint as a signed note with a witness cosignature
+(checkpoint-note-v1.txt); engine/tests/vectors.rs checks the Rust code against both files."""
 import sys, os
 import blake3, nacl.signing
 
@@ -55,5 +56,32 @@ st = bytes.fromhex(d["statement"])
 nacl.signing.VerifyKey(bytes.fromhex(d["public_key"])).verify(st, bytes.fromhex(d["signature"]))
 ok &= st[:8] == b"TALLYCKP" and st[56:88] == mth(rh[: int.from_bytes(st[40:48], "little")])
 ok &= bytes.fromhex(d["checkpoint_entry"])[:120] == st
+# checkpoint-note-v1.txt: the same checkpoint as a C2SP signed note with a witness's
+# cosignature (FORMAT.md 17.9), checked from c2sp.org/signed-note and tlog-cosignature.
+import base64, hashlib, struct
+text = open(os.path.join(here, "checkpoint-note-v1.txt"), encoding="utf-8").read()
+note, _, tail = text.partition("\n#")
+body, _, sigs = note.rpartition("\n\n")
+body += "\n"
+lines = body.splitlines()
+origin, size, root = lines[0], int(lines[1]), base64.b64decode(lines[2])
+ok &= lines[3] == "hash blake3" and root == mth(rh[:size])
+cp_id, t, head = int(lines[4].split()[1]), int(lines[5].split()[1]), base64.b64decode(lines[6].split()[1])
+log_id = bytes.fromhex(origin.split("/")[1])
+stmt = b"TALLYCKP" + struct.pack("<H", 1) + bytes(6) + log_id + struct.pack("<QQQ", cp_id, size, t) + root + head
+ok &= stmt == st
+kid = lambda name, typ, key: hashlib.sha256(name.encode() + b"\n" + typ + key).digest()[:4]
+vkey = tail.splitlines()[-1].split("+", 2)
+wkey = base64.b64decode(vkey[2])[1:]
+for line in sigs.splitlines():
+    name, sig = line.split(" ")[1], base64.b64decode(line.split(" ")[2])
+    if name == origin:
+        ok &= sig[:4] == kid(name, b"\xfftally-statement-v1", bytes.fromhex(d["public_key"]))
+        nacl.signing.VerifyKey(bytes.fromhex(d["public_key"])).verify(stmt, sig[4:])
+    elif name == vkey[0]:
+        ok &= sig[:4] == kid(name, b"\x04", wkey) and sig[:4].hex() == vkey[1]
+        ts = int.from_bytes(sig[4:12], "big")
+        msg = b"cosignature/v1\ntime %d\n" % ts + body.encode()
+        nacl.signing.VerifyKey(wkey).verify(msg, sig[12:])
 print("vectors ok" if ok else "VECTORS DIFFER")
 sys.exit(0 if ok else 1)

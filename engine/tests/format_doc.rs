@@ -360,7 +360,9 @@ fn every_field_table_is_checked() {
         "Snapshot entry",
         "Node file header",
         "Checkpoint statement",
+        "Checkpoint statement version 2",
         "Checkpoint entry",
+        "Cosignature entry",
         "Snapshot payload header",
         "Projection checkpoint header",
         "Attribute index header",
@@ -1314,6 +1316,104 @@ fn merkle_node_file_and_checkpoint_tables_match_the_code() {
             ("statement", bytes.to_vec()),
             ("public_key", vec![4; 32]),
             ("signature", vec![5; 64]),
+        ],
+    );
+    check_layout(
+        "Checkpoint statement version 2",
+        cp::STATEMENT_V2_LEN,
+        &[
+            ("magic", 0),
+            ("version", cp::ST_VERSION),
+            ("reserved", cp::ST_RESERVED),
+            ("log_id", cp::ST_LOG_ID),
+            ("checkpoint_id", cp::ST_ID),
+            ("tree_size", cp::ST_TREE_SIZE),
+            ("time", cp::ST_TIME),
+            ("root", cp::ST_ROOT),
+            ("chain_head", cp::ST_CHAIN_HEAD),
+            ("stream_count", cp::ST_STREAM_COUNT),
+            ("streams_root", cp::ST_STREAMS_ROOT),
+        ],
+    );
+    let v2 = Statement {
+        streams: Some((42, [6; 32])),
+        ..statement
+    };
+    let v2_bytes = v2.encode();
+    check_encoding(
+        "Checkpoint statement version 2",
+        &v2_bytes,
+        &[
+            ("version", 2u16.to_le_bytes().to_vec()),
+            ("log_id", vec![1; 16]),
+            ("checkpoint_id", 9u64.to_le_bytes().to_vec()),
+            ("tree_size", 1234u64.to_le_bytes().to_vec()),
+            ("time", 777u64.to_le_bytes().to_vec()),
+            ("root", vec![2; 32]),
+            ("chain_head", vec![3; 32]),
+            ("stream_count", 42u64.to_le_bytes().to_vec()),
+            ("streams_root", vec![6; 32]),
+        ],
+    );
+    let signed_v2 = SignedCheckpoint {
+        statement: v2,
+        public_key: [4; 32],
+        signature: [5; 64],
+    };
+    let entry_v2 = signed_v2.encode_entry();
+    assert_eq!(entry_v2.len(), cp::ENTRY_V2_LEN);
+    assert_eq!(&entry_v2[..cp::STATEMENT_V2_LEN], &v2_bytes[..]);
+    assert_eq!(SignedCheckpoint::decode_entry(&entry_v2), Ok(signed_v2));
+}
+
+#[test]
+fn cosignature_entry_matches_the_code() {
+    use tally_engine::format::note::{self as n, Cosignature, CosignatureEntry};
+    check_layout(
+        "Cosignature entry",
+        n::COSIGNATURE_ENTRY_LEN,
+        &[
+            ("magic", 0),
+            ("version", n::CE_VERSION),
+            ("name_len", n::CE_NAME_LEN),
+            ("reserved", n::CE_RESERVED_A),
+            ("checkpoint_id", n::CE_CHECKPOINT_ID),
+            ("tree_size", n::CE_TREE_SIZE),
+            ("root", n::CE_ROOT),
+            ("public_key", n::CE_PUBLIC_KEY),
+            ("timestamp", n::CE_TIMESTAMP),
+            ("signature", n::CE_SIGNATURE),
+            ("name", n::CE_NAME),
+            ("reserved", n::CE_RESERVED_B),
+            ("entry_crc", n::CE_CRC),
+        ],
+    );
+    let e = CosignatureEntry {
+        checkpoint_id: 9,
+        tree_size: 1234,
+        root: [2; 32],
+        cosignature: Cosignature {
+            name: "w.example/1".into(),
+            public_key: [3; 32],
+            timestamp: 1_700_000_000,
+            signature: [4; 64],
+        },
+    };
+    let mut name = b"w.example/1".to_vec();
+    name.resize(64, 0);
+    check_encoding(
+        "Cosignature entry",
+        &e.encode(),
+        &[
+            ("version", 1u16.to_le_bytes().to_vec()),
+            ("name_len", 11u16.to_le_bytes().to_vec()),
+            ("checkpoint_id", 9u64.to_le_bytes().to_vec()),
+            ("tree_size", 1234u64.to_le_bytes().to_vec()),
+            ("root", vec![2; 32]),
+            ("public_key", vec![3; 32]),
+            ("timestamp", 1_700_000_000u64.to_le_bytes().to_vec()),
+            ("signature", vec![4; 64]),
+            ("name", name),
         ],
     );
 }

@@ -102,3 +102,59 @@ fn the_code_reproduces_the_published_vectors() {
     let cp = SignedCheckpoint::decode_entry(&bytes).unwrap();
     cp.verify(&[cp.public_key]).unwrap();
 }
+
+const NOTE_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../docs/vectors/checkpoint-note-v1.txt"
+);
+
+/// The checkpoint of the vectors above as a signed note (FORMAT.md 17.9), cosigned by a
+/// witness with a fixed key and time, followed by the witness's vkey line.
+fn render_note() -> String {
+    use tally_engine::format::note::{Cosignature, checkpoint_body, checkpoint_note};
+    let leaves: Vec<[u8; 32]> = (0..7)
+        .map(|i| *blake3::hash(format!("tally test vector record {i}").as_bytes()).as_bytes())
+        .collect();
+    let statement = Statement {
+        log_id: *b"tally-vector-log",
+        id: 1,
+        tree_size: 7,
+        time: Timestamp(1_795_000_000_000_000_000),
+        root: merkle_root(&leaves),
+        chain_head: leaves[6],
+        streams: None,
+    };
+    let cp = SignedCheckpoint::sign(statement, &SigningKey::from_bytes(&[0x11; 32]));
+    let witness = SigningKey::from_bytes(&[0x22; 32]);
+    let cosig = Cosignature::sign(
+        &witness,
+        "witness.example/vector",
+        1_795_000_100,
+        &checkpoint_body(&statement),
+    );
+    let mut out = checkpoint_note(&cp, std::slice::from_ref(&cosig)).encode();
+    out.push_str("\n# witness vkey (seed 22...22):\n");
+    out.push_str(&cosig.witness().encode());
+    out.push('\n');
+    out
+}
+
+#[test]
+fn the_code_reproduces_the_published_checkpoint_note() {
+    use tally_engine::format::note::{Cosignature, Note, WitnessKey, checkpoint_from_note};
+    let now = render_note();
+    if std::env::var_os("TALLY_WRITE_VECTORS").is_some() {
+        std::fs::write(NOTE_PATH, &now).unwrap();
+    }
+    let published = std::fs::read_to_string(NOTE_PATH).unwrap();
+    assert_eq!(published, now, "the published note changed");
+    let (note_text, rest) = published.split_once("\n#").unwrap();
+    let note = Note::parse(note_text).unwrap();
+    let log_key = SigningKey::from_bytes(&[0x11; 32]).verifying_key().to_bytes();
+    let cp = checkpoint_from_note(&note, &[log_key]).unwrap();
+    assert_eq!(cp.statement.tree_size, 7);
+    let vkey = WitnessKey::parse(rest.lines().nth(1).unwrap()).unwrap();
+    let cosigs = Cosignature::in_note(&note, &[vkey]);
+    assert_eq!(cosigs.len(), 1);
+    cosigs[0].verify(&note.body).unwrap();
+}
