@@ -151,11 +151,10 @@ fn bench_proofs(c: &mut Criterion, log: &tally_engine::Log, n: u64) {
     });
     let p = n / 3;
     let proof = log.prove_inclusion(Position(p), n).expect("prove");
-    let leaf = tally_engine::format::record::RecordHeader::decode(
-        &log.read_raw(Position(p)).expect("raw").header,
-    )
-    .expect("header")
-    .chain_hash;
+    let raw = log.read_raw(Position(p)).expect("raw");
+    let leaf = tally_engine::format::record::RecordHeader::decode_in(&raw.header, raw.layout)
+        .expect("header")
+        .chain_hash;
     g.bench_function("inclusion_verify", |b| {
         b.iter(|| proof.verify(black_box(&leaf), &root).expect("verifies"));
     });

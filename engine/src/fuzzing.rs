@@ -8,25 +8,31 @@ use std::sync::Arc;
 
 use crate::format::envelope::EnvelopeRef;
 use crate::format::meta::LogMeta;
-use crate::format::record::{RECORD_HEADER_LEN, RecordHeader};
+use crate::format::record::{Layout, RECORD_HEADER_MAX, RecordHeader};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{Position, chain};
 use crate::index::{SealedIndex, stream_hash};
 use crate::segment::{ScanFrom, SliceSource, find_durable_evidence, scan};
 
-/// A record header, then its body and envelope.
+/// A record header of either layout (the first byte chooses), then its body and
+/// envelope.
 pub fn decode_record(data: &[u8]) {
-    let Ok(h) = RecordHeader::decode(data) else {
+    let Some((&pick, data)) = data.split_first() else {
         return;
     };
-    let mut again = [0u8; RECORD_HEADER_LEN];
-    h.encode_into(&mut again);
-    assert_eq!(
-        &again[..],
-        &data[..RECORD_HEADER_LEN],
-        "header re-encodes differently"
-    );
-    let Some(body) = data.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.body_len as usize) else {
+    let layout = if pick & 1 == 0 {
+        Layout::V1
+    } else {
+        Layout::V2
+    };
+    let Ok(h) = RecordHeader::decode_in(data, layout) else {
+        return;
+    };
+    let len = layout.header_len();
+    let mut again = [0u8; RECORD_HEADER_MAX];
+    assert_eq!(h.encode_into(&mut again), len);
+    assert_eq!(&again[..len], &data[..len], "header re-encodes differently");
+    let Some(body) = data.get(len..len + h.body_len as usize) else {
         return;
     };
     if h.check_body(body).is_err() {
@@ -143,11 +149,21 @@ pub fn decode_pages(data: &[u8]) {
     }
 }
 
-/// Bytes as a segment's record area: the scan yields a chain of valid records, in order,
-/// within the bytes, and the evidence search stays in bounds.
+/// Bytes as a segment's record area, of either layout (the first byte chooses): the scan
+/// yields a chain of valid records, in order, within the bytes, and the evidence search
+/// stays in bounds.
 pub fn recover_segment(data: &[u8]) {
+    let Some((&pick, data)) = data.split_first() else {
+        return;
+    };
+    let layout = if pick & 1 == 0 {
+        Layout::V1
+    } else {
+        Layout::V2
+    };
     let seed = chain::chain_seed(&[0; 16]);
     let from = ScanFrom {
+        layout,
         offset: 0,
         position: Position(0),
         chain: seed,
@@ -164,6 +180,7 @@ pub fn recover_segment(data: &[u8]) {
     assert!(s.complete_end <= limit);
     let _ = find_durable_evidence(
         &mut SliceSource { bytes: data },
+        layout,
         s.complete_end,
         limit,
         Position(s.complete as u64),

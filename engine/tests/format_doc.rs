@@ -351,6 +351,7 @@ fn every_field_table_is_checked() {
         "Segment header",
         "Segment footer",
         "Record header",
+        "Record header version 2",
         "Envelope fixed part",
         "Index header",
         "Stream-table entry",
@@ -393,6 +394,7 @@ fn every_field_table_is_checked() {
 fn constants_table_matches_the_code() {
     let code: Vec<(&str, u64)> = vec![
         ("FORMAT_VERSION", u64::from(format::FORMAT_VERSION)),
+        ("STRUCTURE_VERSION", u64::from(format::STRUCTURE_VERSION)),
         ("PAGE_BYTES", format::PAGE_BYTES),
         ("SEGMENT_DATA_START", format::SEGMENT_DATA_START),
         ("SEGMENT_FOOTER_BYTES", format::SEGMENT_FOOTER_BYTES),
@@ -403,6 +405,7 @@ fn constants_table_matches_the_code() {
         ("SEGMENT_FOOTER_LEN", segment::SEGMENT_FOOTER_LEN as u64),
         ("META_LEN", meta::META_LEN as u64),
         ("RECORD_HEADER_LEN", record::RECORD_HEADER_LEN as u64),
+        ("RECORD_HEADER_V2_LEN", record::RECORD_HEADER_V2_LEN as u64),
         ("RECORD_ALIGN", record::RECORD_ALIGN as u64),
         ("ENVELOPE_FIXED_LEN", envelope::ENVELOPE_FIXED_LEN as u64),
         ("BODY_BYTES_MAX", u64::from(record::BODY_BYTES_MAX)),
@@ -511,6 +514,7 @@ fn log_identity_file_matches_the_code() {
         ],
     );
     let m = LogMeta {
+        layout: tally_engine::format::record::Layout::V2,
         log_id: ramp(0x10),
         created_time: Timestamp(0x0102_0304_0506_0708),
     };
@@ -548,6 +552,7 @@ fn segment_header_matches_the_code() {
         ],
     );
     let h = SegmentHeader {
+        layout: tally_engine::format::record::Layout::V2,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         base_position: Position(0x2222_3333),
@@ -603,6 +608,7 @@ fn segment_footer_matches_the_code() {
         ],
     );
     let f = SegmentFooter {
+        layout: tally_engine::format::record::Layout::V2,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         record_count: 0x30,
@@ -640,6 +646,61 @@ fn segment_footer_matches_the_code() {
 }
 
 #[test]
+fn record_header_version_2_matches_the_code() {
+    use record::*;
+    check_layout(
+        "Record header version 2",
+        RECORD_HEADER_V2_LEN,
+        &[
+            ("header_crc", HEADER_CRC_OFFSET),
+            ("body_len", BODY_LEN_OFFSET),
+            ("body_crc", BODY_CRC_OFFSET),
+            ("durable_lag", DURABLE_LAG_OFFSET),
+            ("stream_prev", V2_STREAM_PREV_OFFSET),
+            ("stream_version", STREAM_VERSION_OFFSET),
+            ("record_time", RECORD_TIME_OFFSET),
+            ("flags", FLAGS_OFFSET),
+            ("kind", KIND_OFFSET),
+            ("reserved", V2_RESERVED_OFFSET),
+            ("position", V2_POSITION_OFFSET),
+            ("chain_hash", V2_CHAIN_HASH_OFFSET),
+        ],
+    );
+    let h = RecordHeader {
+        layout: Layout::V2,
+        stream_prev: 0x0a0b_0000,
+        body_len: 0x0301,
+        body_crc: 0xdead_beef,
+        durable_lag: 0x0102,
+        position: Position(0x0a0b_0c0d),
+        stream_version: 0x0e0f,
+        record_time: Timestamp(0x1700_0000_1234_5678),
+        flags: flags::BATCH_START | flags::BATCH_END,
+        kind: RecordKind::Event,
+        chain_hash: ramp(0x60),
+    };
+    let mut b = [0u8; RECORD_HEADER_MAX];
+    assert_eq!(h.encode_into(&mut b), RECORD_HEADER_V2_LEN);
+    check_encoding(
+        "Record header version 2",
+        &b[..RECORD_HEADER_V2_LEN],
+        &[
+            ("body_len", le32(h.body_len)),
+            ("body_crc", le32(h.body_crc)),
+            ("durable_lag", le32(h.durable_lag)),
+            ("stream_prev", le64(h.stream_prev)),
+            ("stream_version", le64(h.stream_version)),
+            ("record_time", le64(h.record_time.0)),
+            ("flags", le16(h.flags)),
+            ("kind", le16(RecordKind::Event as u16)),
+            ("position", le64(h.position.0)),
+            ("chain_hash", h.chain_hash.to_vec()),
+        ],
+    );
+    assert_eq!(RecordHeader::decode_in(&b, Layout::V2), Ok(h));
+}
+
+#[test]
 fn record_header_matches_the_code() {
     use record::*;
     check_layout(
@@ -660,6 +721,8 @@ fn record_header_matches_the_code() {
         ],
     );
     let h = RecordHeader {
+        layout: tally_engine::format::record::Layout::V1,
+        stream_prev: tally_engine::format::record::NO_STREAM_PREV,
         body_len: 0x0301,
         body_crc: 0xdead_beef,
         durable_lag: 0x0102,
@@ -1022,7 +1085,7 @@ fn index_header_matches_the_code() {
         "Index header",
         &bytes,
         &[
-            ("format_version", le16(format::FORMAT_VERSION)),
+            ("format_version", le16(format::STRUCTURE_VERSION)),
             ("header_len", le16(INDEX_HEADER_LEN as u16)),
             ("flags", le32(INDEX_FLAG_COMPLETE)),
             ("log_id", info.log_id.to_vec()),
@@ -1534,7 +1597,7 @@ fn attribute_index_matches_the_code() {
         "Attribute index header",
         &bytes,
         &[
-            ("format_version", le16(format::FORMAT_VERSION)),
+            ("format_version", le16(format::STRUCTURE_VERSION)),
             ("header_len", le16(ATTR_HEADER_LEN as u16)),
             ("flags", le32(0)),
             ("log_id", ramp::<16>(0x10).to_vec()),

@@ -437,7 +437,7 @@ fn parallel_verification_reports_the_first_damage_in_log_order() {
             .read(true)
             .open(&s.path)
             .unwrap();
-        let at = 4096 + 80 + 60;
+        let at = 4096 + 88 + 60;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
@@ -522,10 +522,11 @@ fn records_a_checkpoint_covers_count_as_acknowledged_in_recovery() {
         .open(&seg)
         .unwrap();
     let mut offset = 4096u64;
+    let layout = tally_engine::format::record::Layout::V2;
     for _ in 0..99 {
-        let mut h = [0u8; 80];
+        let mut h = [0u8; 88];
         f.read_exact_at(&mut h, offset).unwrap();
-        offset += RecordHeader::decode(&h).unwrap().record_len();
+        offset += RecordHeader::decode_in(&h, layout).unwrap().record_len();
     }
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset + 90).unwrap();

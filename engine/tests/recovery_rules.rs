@@ -66,7 +66,7 @@ fn record_offset(dir: &Path, seg: &Path, position: u64) -> u64 {
     let mut at = base;
     log.scan(Position(base), tally_engine::Verify::Checksums, |r| {
         if at < position {
-            offset += (80 + r.body.len() as u64).next_multiple_of(8);
+            offset = r.end;
             at += 1;
         }
     })
@@ -386,7 +386,11 @@ fn stale_bytes_after_the_end_are_removed_and_hidden_records_are_refused() {
     log.crash();
     // A zeroed header in the middle hides acknowledged records behind it: refuse.
     let at = record_offset(dir.path(), &active.path, 10);
-    write_at(&active.path, at, &[0u8; 80]);
+    write_at(
+        &active.path,
+        at,
+        &[0u8; tally_engine::format::record::RECORD_HEADER_V2_LEN],
+    );
     let err = Log::open(dir.path(), o).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
 }

@@ -150,7 +150,9 @@ fn the_code_reproduces_the_published_checkpoint_note() {
     assert_eq!(published, now, "the published note changed");
     let (note_text, rest) = published.split_once("\n#").unwrap();
     let note = Note::parse(note_text).unwrap();
-    let log_key = SigningKey::from_bytes(&[0x11; 32]).verifying_key().to_bytes();
+    let log_key = SigningKey::from_bytes(&[0x11; 32])
+        .verifying_key()
+        .to_bytes();
     let cp = checkpoint_from_note(&note, &[log_key]).unwrap();
     assert_eq!(cp.statement.tree_size, 7);
     let vkey = WitnessKey::parse(rest.lines().nth(1).unwrap()).unwrap();

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use tally_engine::format::checkpoint::ENTRY_LEN;
-use tally_engine::format::record::{RECORD_HEADER_LEN, RecordHeader};
+use tally_engine::format::record::RecordHeader;
 use tally_engine::format::segment::SegmentHeader;
 use tally_engine::format::{PAGE_BYTES, SEGMENT_DATA_START};
 use tally_engine::{AppendRequest, EventData, Log, Options};
@@ -39,8 +39,9 @@ pub fn record_offsets(path: &Path, header: &SegmentHeader) -> Vec<(u64, u64)> {
     let bytes = std::fs::read(path).expect("read segment");
     let mut out = Vec::new();
     let mut at = SEGMENT_DATA_START;
-    while at + RECORD_HEADER_LEN as u64 <= header.data_limit() {
-        let Ok(h) = RecordHeader::decode(&bytes[at as usize..at as usize + RECORD_HEADER_LEN])
+    let len = header.layout.header_len();
+    while at + len as u64 <= header.data_limit() {
+        let Ok(h) = RecordHeader::decode_in(&bytes[at as usize..at as usize + len], header.layout)
         else {
             break;
         };

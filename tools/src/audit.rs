@@ -21,7 +21,7 @@ use tally_engine::format::chain::{body_hash, chain_step};
 use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
 use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::format::proof::{InclusionProof, hex, parse_hex};
-use tally_engine::format::record::{RECORD_HEADER_LEN, RecordHeader};
+use tally_engine::format::record::{Layout, RECORD_HEADER_LEN, RECORD_HEADER_V2_LEN, RecordHeader};
 use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, nodes_for_chunks};
 use tally_engine::{Direction, Field, Log, Position, Query};
 
@@ -87,7 +87,7 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     let mut events = Vec::with_capacity(positions.len());
     for p in &positions {
         let raw = log.read_raw(*p)?;
-        let header = RecordHeader::decode(&raw.header)?;
+        let header = RecordHeader::decode_in(&raw.header, raw.layout)?;
         let env = EnvelopeRef::decode(&raw.body)?;
         let proof = log.prove_inclusion(*p, size)?;
         let mut v = event_json(
@@ -242,9 +242,22 @@ pub fn check_extract(
     for (i, ev) in events.iter().enumerate() {
         let path = format!("events[{i}]");
         let rec = field(ev, &path, "record")?;
-        let header_bytes = parse_hex::<RECORD_HEADER_LEN>(str_field(rec, &path, "header")?)
-            .ok_or_else(|| Finding(format!("{path}.record.header: not 80 bytes in hex")))?;
-        let header = RecordHeader::decode(&header_bytes)
+        // The header's length says its layout: 80 bytes (format version 1) or 88 (2).
+        let header_hex = str_field(rec, &path, "header")?;
+        let (header_bytes, layout) = match header_hex.len() {
+            n if n == 2 * Layout::V1.header_len() => (
+                parse_hex::<RECORD_HEADER_LEN>(header_hex).map(|b| b.to_vec()),
+                Layout::V1,
+            ),
+            n if n == 2 * Layout::V2.header_len() => (
+                parse_hex::<RECORD_HEADER_V2_LEN>(header_hex).map(|b| b.to_vec()),
+                Layout::V2,
+            ),
+            _ => (None, Layout::V1),
+        };
+        let header_bytes = header_bytes
+            .ok_or_else(|| Finding(format!("{path}.record.header: not 80 or 88 bytes in hex")))?;
+        let header = RecordHeader::decode_in(&header_bytes, layout)
             .map_err(|e| Finding(format!("{path}.record.header: {e}")))?;
         let position = header.position.0;
         let at = format!("{path} (position {position})");
@@ -492,7 +505,7 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
                 seg.base_position,
                 Position(size),
                 tally_engine::Verify::Checksums,
-                |r| end += (RECORD_HEADER_LEN as u64 + r.body.len() as u64).next_multiple_of(8),
+                |r| end = r.end,
             )?;
             copy_prefix(&seg.path, &a.dest.join(name), end, len, None)?;
         }

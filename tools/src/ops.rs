@@ -1129,7 +1129,8 @@ pub fn prove(a: &ProveArgs) -> Result<ExitCode> {
         }
         let p = log.prove_inclusion(Position(position), size)?;
         let raw = log.read_raw(Position(position))?;
-        let hash = tally_engine::format::record::RecordHeader::decode(&raw.header)?.chain_hash;
+        let hash = tally_engine::format::record::RecordHeader::decode_in(&raw.header, raw.layout)?
+            .chain_hash;
         p.verify(&hash, &cp.statement.root)
             .map_err(|e| Finding(format!("the proof does not verify: {e}")))?;
         json!({

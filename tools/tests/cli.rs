@@ -217,8 +217,8 @@ fn a_flipped_byte_in_a_sealed_segment_fails_verify_naming_the_place() {
         .write(true)
         .open(&seg)
         .unwrap();
-    // Inside the first record's payload (header 80 bytes, then the envelope).
-    let at = 4096 + 80 + 60;
+    // Inside the first record's payload (header 88 bytes, then the envelope).
+    let at = 4096 + 88 + 60;
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x01], at).unwrap();

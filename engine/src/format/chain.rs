@@ -12,7 +12,7 @@
 //! and a tree of `n > 1` leaves splits at the largest power of two below `n`.
 
 use super::Hash32;
-use super::record::{LINK_FROM, LINK_TO, RECORD_HEADER_LEN};
+use super::record::{LINK_FROM, LINK_TO};
 
 /// The BLAKE3 key-derivation context for a log's chain seed.
 pub const CHAIN_SEED_CONTEXT: &str = "tally 2026-11 record chain seed v1";
@@ -34,9 +34,13 @@ pub fn body_hash(body: &[u8]) -> Hash32 {
 }
 
 /// One chain step: the record hash of a record whose header encodes to `header` (its
-/// `chain_hash` field is ignored) and whose body hashes to `body_hash`.
+/// `chain_hash` field is ignored) and whose body hashes to `body_hash`. Both layouts link
+/// header bytes 12..44.
+///
+/// # Panics
+/// If `header` is shorter than 44 bytes.
 #[must_use]
-pub fn chain_step(prev: &Hash32, header: &[u8; RECORD_HEADER_LEN], body_hash: &Hash32) -> Hash32 {
+pub fn chain_step(prev: &Hash32, header: &[u8], body_hash: &Hash32) -> Hash32 {
     let mut link = [0u8; LINK_LEN];
     link[..32].copy_from_slice(&header[LINK_FROM..LINK_TO]);
     link[32..].copy_from_slice(body_hash);
@@ -259,6 +263,7 @@ pub fn merkle_root(record_hashes: &[Hash32]) -> Hash32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::record::RECORD_HEADER_LEN;
 
     fn leaves(n: usize) -> Vec<Hash32> {
         (0..n)

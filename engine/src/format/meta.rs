@@ -3,9 +3,9 @@
 //! Written once when a data directory is initialised; it names the log, and the log id
 //! seeds the hash chain.
 
+use super::record::Layout;
 use super::{
-    DecodeError, FORMAT_VERSION, Timestamp, check_crc, check_magic, check_version, check_zero, le,
-    need,
+    DecodeError, Timestamp, check_crc, check_format_version, check_magic, check_zero, le, need,
 };
 
 /// Magic of the identity file.
@@ -35,6 +35,8 @@ pub struct LogMeta {
     pub log_id: [u8; 16],
     /// When the log was created.
     pub created_time: Timestamp,
+    /// The log's format version, as its record layout: every segment of the log has it.
+    pub layout: Layout,
 }
 
 impl LogMeta {
@@ -43,7 +45,7 @@ impl LogMeta {
     pub fn encode(&self) -> [u8; META_LEN] {
         let mut b = [0u8; META_LEN];
         b[..8].copy_from_slice(META_MAGIC);
-        le::put_u16(&mut b, META_VERSION, FORMAT_VERSION);
+        le::put_u16(&mut b, META_VERSION, self.layout.version());
         le::put_u16(&mut b, META_LEN_FIELD, META_LEN as u16);
         b[META_LOG_ID..META_LOG_ID + 16].copy_from_slice(&self.log_id);
         le::put_u64(&mut b, META_CREATED_TIME, self.created_time.0);
@@ -67,7 +69,7 @@ impl LogMeta {
         }
         check_magic(b, META_MAGIC, "TALLYLOG")?;
         check_crc(le::u32_at(b, META_CRC), &b[..META_CRC], "tally.meta")?;
-        check_version(le::u16_at(b, META_VERSION), "tally.meta")?;
+        let layout = check_format_version(le::u16_at(b, META_VERSION), "tally.meta")?;
         if le::u16_at(b, META_LEN_FIELD) as usize != META_LEN {
             return Err(DecodeError::LengthMismatch {
                 what: "tally.meta",
@@ -80,6 +82,7 @@ impl LogMeta {
         Ok(LogMeta {
             log_id: le::array_at(b, META_LOG_ID),
             created_time: Timestamp(le::u64_at(b, META_CREATED_TIME)),
+            layout,
         })
     }
 }
@@ -93,6 +96,7 @@ mod tests {
         let m = LogMeta {
             log_id: [9; 16],
             created_time: Timestamp(77),
+            layout: Layout::V1,
         };
         let b = m.encode();
         assert_eq!(LogMeta::decode(&b), Ok(m));

@@ -24,9 +24,16 @@ pub mod tree;
 
 use std::fmt;
 
-/// The format version this code writes. Readers accept exactly the versions listed in
-/// `docs/FORMAT.md` ("Version history").
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version of the logs this code creates, written into `tally.meta` and every
+/// segment header and footer. Readers accept exactly the versions listed in
+/// `docs/FORMAT.md` ("Version history"): 1 and 2. A log keeps the version it was created
+/// with.
+pub const FORMAT_VERSION: u16 = 2;
+
+/// The version of the structures that format version 2 left as version 1 defined them (index
+/// and attribute index sidecars, stream snapshot, Merkle node file header, cosignature
+/// entries): written as, and required to be, 1 in logs of either version.
+pub const STRUCTURE_VERSION: u16 = 1;
 
 /// The unit of preallocation and of the segment header and footer areas.
 pub const PAGE_BYTES: u64 = 4096;
@@ -371,16 +378,30 @@ pub(crate) fn check_magic(
     Ok(())
 }
 
-/// Checks a format version field.
+/// Checks the version field of a structure that both format versions share
+/// ([`STRUCTURE_VERSION`]).
 pub(crate) fn check_version(found: u16, what: &'static str) -> Result<(), DecodeError> {
-    if found != FORMAT_VERSION {
+    if found != STRUCTURE_VERSION {
         return Err(DecodeError::UnsupportedVersion {
             what,
             found,
-            supported: FORMAT_VERSION,
+            supported: STRUCTURE_VERSION,
         });
     }
     Ok(())
+}
+
+/// Checks the format version of `tally.meta` or a segment header or footer (1 or 2), and
+/// gives the record layout it implies.
+pub(crate) fn check_format_version(
+    found: u16,
+    what: &'static str,
+) -> Result<record::Layout, DecodeError> {
+    record::Layout::of_version(found).ok_or(DecodeError::UnsupportedVersion {
+        what,
+        found,
+        supported: FORMAT_VERSION,
+    })
 }
 
 /// Checks a stored CRC-32 against the bytes it covers.

@@ -1,4 +1,6 @@
-//! The fixed 80-byte record header (docs/FORMAT.md, "Record header").
+//! The fixed-size record header (docs/FORMAT.md, "Record header"): 80 bytes in format
+//! version 1, 88 in version 2, which adds `stream_prev` (the position of the previous event
+//! of the record's stream) to the bytes the chain links and moves `position` out of them.
 //!
 //! A record is the header, the body (an encoded [`super::envelope`]), and zero padding up to
 //! the next multiple of [`RECORD_ALIGN`]. The header carries its own CRC so that a reader can
@@ -7,8 +9,12 @@
 
 use super::{DecodeError, Hash32, Position, Timestamp, check_crc, check_zero, le, need};
 
-/// Bytes in a record header.
+/// Bytes in a version 1 record header.
 pub const RECORD_HEADER_LEN: usize = 80;
+/// Bytes in a version 2 record header.
+pub const RECORD_HEADER_V2_LEN: usize = 88;
+/// The largest record header of any version.
+pub const RECORD_HEADER_MAX: usize = RECORD_HEADER_V2_LEN;
 /// Records start at offsets that are multiples of this.
 pub const RECORD_ALIGN: usize = 8;
 
@@ -46,6 +52,82 @@ const _: () = assert!(CHAIN_HASH_OFFSET + 32 == RECORD_HEADER_LEN);
 const _: () = assert!(LINK_TO - LINK_FROM == 32);
 const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(RECORD_ALIGN));
 
+/// Version 2: `stream_prev`, where version 1 has `position` (inside the link).
+pub const V2_STREAM_PREV_OFFSET: usize = POSITION_OFFSET;
+/// Version 2: `reserved` (4 bytes), as in version 1.
+pub const V2_RESERVED_OFFSET: usize = RESERVED_OFFSET;
+/// Version 2: `position`, after the linked bytes.
+pub const V2_POSITION_OFFSET: usize = V2_RESERVED_OFFSET + 4;
+/// Version 2: `chain_hash`.
+pub const V2_CHAIN_HASH_OFFSET: usize = V2_POSITION_OFFSET + 8;
+const _: () = assert!(V2_CHAIN_HASH_OFFSET + 32 == RECORD_HEADER_V2_LEN);
+const _: () = assert!(RECORD_HEADER_V2_LEN.is_multiple_of(RECORD_ALIGN));
+// The linked bytes are 12..44 in both versions, so a chain step hashes one 64-byte block.
+const _: () = assert!(V2_STREAM_PREV_OFFSET >= LINK_FROM && V2_STREAM_PREV_OFFSET + 8 <= LINK_TO);
+
+/// `stream_prev` of a stream's first event (version 0): no previous event.
+pub const NO_STREAM_PREV: u64 = u64::MAX;
+
+/// How a segment's records are laid out: by the format version of its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Format version 1: an 80-byte header, `position` linked.
+    V1,
+    /// Format version 2: an 88-byte header, `stream_prev` linked, `position` after the link.
+    V2,
+}
+
+impl Layout {
+    /// The layout of format version `version` (1 or 2).
+    #[must_use]
+    pub fn of_version(version: u16) -> Option<Layout> {
+        match version {
+            1 => Some(Layout::V1),
+            2 => Some(Layout::V2),
+            _ => None,
+        }
+    }
+
+    /// The format version of this layout.
+    #[must_use]
+    pub fn version(self) -> u16 {
+        match self {
+            Layout::V1 => 1,
+            Layout::V2 => 2,
+        }
+    }
+
+    /// Bytes of a record header.
+    #[must_use]
+    pub fn header_len(self) -> usize {
+        match self {
+            Layout::V1 => RECORD_HEADER_LEN,
+            Layout::V2 => RECORD_HEADER_V2_LEN,
+        }
+    }
+
+    fn position_offset(self) -> usize {
+        match self {
+            Layout::V1 => POSITION_OFFSET,
+            Layout::V2 => V2_POSITION_OFFSET,
+        }
+    }
+
+    fn chain_hash_offset(self) -> usize {
+        match self {
+            Layout::V1 => CHAIN_HASH_OFFSET,
+            Layout::V2 => V2_CHAIN_HASH_OFFSET,
+        }
+    }
+
+    /// Bytes a record with a body of `body_len` occupies, padding included.
+    #[must_use]
+    pub fn record_len(self, body_len: u32) -> u64 {
+        let raw = self.header_len() as u64 + u64::from(body_len);
+        raw.next_multiple_of(RECORD_ALIGN as u64)
+    }
+}
+
 /// The largest body a record may carry: the envelope's fixed part and string limits plus
 /// the largest payload.
 pub const BODY_BYTES_MAX: u32 = super::envelope::BODY_BYTES_MAX;
@@ -78,6 +160,8 @@ pub enum RecordKind {
 /// A decoded record header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
+    /// Which layout it has (its segment's format version).
+    pub layout: Layout,
     /// Bytes of body that follow the header.
     pub body_len: u32,
     /// CRC-32 of the body.
@@ -90,6 +174,9 @@ pub struct RecordHeader {
     pub position: Position,
     /// The event's version in its stream.
     pub stream_version: u64,
+    /// Version 2: the position of the previous event of the same stream ([`NO_STREAM_PREV`]
+    /// for version 0). Version 1 records have none: [`NO_STREAM_PREV`].
+    pub stream_prev: u64,
     /// When the engine wrote it.
     pub record_time: Timestamp,
     /// [`flags`] bits.
@@ -104,13 +191,19 @@ impl RecordHeader {
     /// Bytes the whole record occupies in a segment, padding included.
     #[must_use]
     pub fn record_len(&self) -> u64 {
-        record_len(self.body_len)
+        self.layout.record_len(self.body_len)
+    }
+
+    /// Bytes of the header itself.
+    #[must_use]
+    pub fn header_len(&self) -> usize {
+        self.layout.header_len()
     }
 
     /// The 32 header bytes that enter the chain link, as they are laid out on disk.
     #[must_use]
     pub fn link_prefix(&self) -> [u8; 32] {
-        let mut buf = [0u8; RECORD_HEADER_LEN];
+        let mut buf = [0u8; RECORD_HEADER_MAX];
         self.encode_into(&mut buf);
         le::array_at(&buf, LINK_FROM)
     }
@@ -122,30 +215,52 @@ impl RecordHeader {
         Position(self.position.0.saturating_sub(u64::from(self.durable_lag)))
     }
 
-    /// Writes the header, computing `header_crc` last.
-    pub fn encode_into(&self, out: &mut [u8; RECORD_HEADER_LEN]) {
+    /// Writes the header into the first [`RecordHeader::header_len`] bytes of `out`,
+    /// computing `header_crc` last. Returns the bytes written.
+    ///
+    /// # Panics
+    /// If `out` is shorter than the header.
+    pub fn encode_into(&self, out: &mut [u8]) -> usize {
+        let len = self.layout.header_len();
+        let out = &mut out[..len];
         le::put_u32(out, BODY_LEN_OFFSET, self.body_len);
         le::put_u32(out, BODY_CRC_OFFSET, self.body_crc);
         le::put_u32(out, DURABLE_LAG_OFFSET, self.durable_lag);
-        le::put_u64(out, POSITION_OFFSET, self.position.0);
+        le::put_u64(out, self.layout.position_offset(), self.position.0);
+        if self.layout == Layout::V2 {
+            le::put_u64(out, V2_STREAM_PREV_OFFSET, self.stream_prev);
+        }
         le::put_u64(out, STREAM_VERSION_OFFSET, self.stream_version);
         le::put_u64(out, RECORD_TIME_OFFSET, self.record_time.0);
         le::put_u16(out, FLAGS_OFFSET, self.flags);
         le::put_u16(out, KIND_OFFSET, self.kind as u16);
         le::put_u32(out, RESERVED_OFFSET, 0);
-        out[CHAIN_HASH_OFFSET..].copy_from_slice(&self.chain_hash);
+        let at = self.layout.chain_hash_offset();
+        out[at..at + 32].copy_from_slice(&self.chain_hash);
         let crc = crc32fast::hash(&out[HEADER_CRC_COVERS_FROM..]);
         le::put_u32(out, HEADER_CRC_OFFSET, crc);
+        len
     }
 
-    /// Decodes and checks a header: its CRC first, then every field against the format.
+    /// Decodes and checks a version 1 header ([`RecordHeader::decode_in`]).
+    ///
+    /// # Errors
+    /// As [`RecordHeader::decode_in`].
+    pub fn decode(buf: &[u8]) -> Result<RecordHeader, DecodeError> {
+        RecordHeader::decode_in(buf, Layout::V1)
+    }
+
+    /// Decodes and checks a header of `layout`: its CRC first, then every field against
+    /// the format.
     ///
     /// # Errors
     /// [`DecodeError`] when the header is short, its CRC does not match, the reserved bytes
-    /// are not zero, or a flag, kind or length is outside version 1.
-    pub fn decode(buf: &[u8]) -> Result<RecordHeader, DecodeError> {
-        need(buf, RECORD_HEADER_LEN)?;
-        let buf = &buf[..RECORD_HEADER_LEN];
+    /// are not zero, a flag, kind or length is outside the format, or (version 2) a
+    /// `stream_prev` that is not before the record (or is set on a stream's first event).
+    pub fn decode_in(buf: &[u8], layout: Layout) -> Result<RecordHeader, DecodeError> {
+        let len = layout.header_len();
+        need(buf, len)?;
+        let buf = &buf[..len];
         check_crc(
             le::u32_at(buf, HEADER_CRC_OFFSET),
             &buf[HEADER_CRC_COVERS_FROM..],
@@ -168,7 +283,7 @@ impl RecordHeader {
             1 => RecordKind::Event,
             other => return Err(DecodeError::UnknownKind { kind: other }),
         };
-        let position = le::u64_at(buf, POSITION_OFFSET);
+        let position = le::u64_at(buf, layout.position_offset());
         let durable_lag = le::u32_at(buf, DURABLE_LAG_OFFSET);
         if u64::from(durable_lag) > position {
             return Err(DecodeError::Invalid {
@@ -176,16 +291,39 @@ impl RecordHeader {
                 detail: format!("{durable_lag} exceeds position {position}"),
             });
         }
+        let stream_version = le::u64_at(buf, STREAM_VERSION_OFFSET);
+        let stream_prev = match layout {
+            Layout::V1 => NO_STREAM_PREV,
+            Layout::V2 => {
+                let prev = le::u64_at(buf, V2_STREAM_PREV_OFFSET);
+                let ok = if stream_version == 0 {
+                    prev == NO_STREAM_PREV
+                } else {
+                    prev < position
+                };
+                if !ok {
+                    return Err(DecodeError::Invalid {
+                        what: "stream_prev",
+                        detail: format!(
+                            "{prev} for version {stream_version} at position {position}"
+                        ),
+                    });
+                }
+                prev
+            }
+        };
         Ok(RecordHeader {
+            layout,
             body_len,
             body_crc: le::u32_at(buf, BODY_CRC_OFFSET),
             durable_lag,
             position: Position(position),
-            stream_version: le::u64_at(buf, STREAM_VERSION_OFFSET),
+            stream_version,
+            stream_prev,
             record_time: Timestamp(le::u64_at(buf, RECORD_TIME_OFFSET)),
             flags,
             kind,
-            chain_hash: le::array_at(buf, CHAIN_HASH_OFFSET),
+            chain_hash: le::array_at(buf, layout.chain_hash_offset()),
         })
     }
 
@@ -205,18 +343,20 @@ impl RecordHeader {
     }
 }
 
-/// Stores `chain_hash` into an encoded header and recomputes its CRC.
-pub fn set_chain_hash(header: &mut [u8; RECORD_HEADER_LEN], chain_hash: &Hash32) {
-    header[CHAIN_HASH_OFFSET..].copy_from_slice(chain_hash);
+/// Stores `chain_hash` into an encoded header of `layout` (its first
+/// [`Layout::header_len`] bytes) and recomputes its CRC.
+pub fn set_chain_hash(header: &mut [u8], layout: Layout, chain_hash: &Hash32) {
+    let header = &mut header[..layout.header_len()];
+    let at = layout.chain_hash_offset();
+    header[at..at + 32].copy_from_slice(chain_hash);
     let crc = crc32fast::hash(&header[HEADER_CRC_COVERS_FROM..]);
     le::put_u32(header, HEADER_CRC_OFFSET, crc);
 }
 
-/// Bytes a record with a body of `body_len` occupies, padding included.
+/// Bytes a version 1 record with a body of `body_len` occupies, padding included.
 #[must_use]
 pub fn record_len(body_len: u32) -> u64 {
-    let raw = RECORD_HEADER_LEN as u64 + u64::from(body_len);
-    raw.next_multiple_of(RECORD_ALIGN as u64)
+    Layout::V1.record_len(body_len)
 }
 
 /// Checks that the padding after a body (`record_len - header - body_len` bytes) is zero.
@@ -233,6 +373,8 @@ mod tests {
 
     fn sample() -> RecordHeader {
         RecordHeader {
+            layout: Layout::V1,
+            stream_prev: NO_STREAM_PREV,
             body_len: 301,
             body_crc: 0xdead_beef,
             durable_lag: 3,
@@ -392,6 +534,45 @@ mod tests {
             h.check_body(&bad),
             Err(DecodeError::Checksum { .. })
         ));
+    }
+
+    #[test]
+    fn version_2_round_trips_links_stream_prev_and_checks_it() {
+        let h = RecordHeader {
+            layout: Layout::V2,
+            stream_prev: 1000,
+            ..sample()
+        };
+        let mut b = [0u8; RECORD_HEADER_MAX];
+        assert_eq!(h.encode_into(&mut b), 88);
+        assert_eq!(RecordHeader::decode_in(&b, Layout::V2), Ok(h));
+        assert_eq!(le::u64_at(&b, 16), 1000, "stream_prev in the linked bytes");
+        assert_eq!(le::u64_at(&b, 48), 1234, "position after them");
+        assert_eq!(&b[56..88], &[0xab; 32]);
+        assert_eq!(h.link_prefix()[4..12], 1000u64.to_le_bytes());
+        assert_eq!(h.record_len(), 392, "88 + 301 rounded up to 8");
+        for bit in 0..RECORD_HEADER_V2_LEN * 8 {
+            let mut d = b;
+            d[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                RecordHeader::decode_in(&d, Layout::V2).is_err(),
+                "bit {bit}"
+            );
+        }
+        // A stream_prev at or after the record, or one on version 0, is refused.
+        for (version, prev) in [(7, 1234), (7, 5000), (0, 1000), (7, NO_STREAM_PREV)] {
+            let bad = RecordHeader {
+                stream_version: version,
+                stream_prev: prev,
+                ..h
+            };
+            let mut d = [0u8; RECORD_HEADER_MAX];
+            bad.encode_into(&mut d);
+            assert!(
+                RecordHeader::decode_in(&d, Layout::V2).is_err(),
+                "version {version} prev {prev}"
+            );
+        }
     }
 
     #[test]

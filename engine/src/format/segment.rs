@@ -5,10 +5,10 @@
 //! which is all zero until the segment is sealed. The structures below occupy the start of
 //! their page; the rest of the page is zero and checked.
 
+use super::record::Layout;
 use super::{
-    DecodeError, FORMAT_VERSION, Hash32, PAGE_BYTES, Position, SEGMENT_BYTES_MAX,
-    SEGMENT_BYTES_MIN, SegmentSeq, Timestamp, check_crc, check_magic, check_version, check_zero,
-    le, need,
+    DecodeError, Hash32, PAGE_BYTES, Position, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SegmentSeq,
+    Timestamp, check_crc, check_format_version, check_magic, check_zero, le, need,
 };
 
 /// Magic of a segment header.
@@ -84,6 +84,8 @@ const _: () = assert!(SF_MERKLE_ROOT + 32 == SF_RESERVED_B);
 /// The header at the start of every segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// The format version, as the layout of the segment's records.
+    pub layout: Layout,
     /// The log this segment belongs to.
     pub log_id: [u8; 16],
     /// The segment's sequence number (also its file name).
@@ -119,7 +121,7 @@ impl SegmentHeader {
     pub fn encode_page(&self) -> Vec<u8> {
         let mut page = vec![0u8; PAGE_BYTES as usize];
         page[..8].copy_from_slice(SEGMENT_MAGIC);
-        le::put_u16(&mut page, SH_VERSION, FORMAT_VERSION);
+        le::put_u16(&mut page, SH_VERSION, self.layout.version());
         le::put_u16(&mut page, SH_HEADER_LEN, SEGMENT_HEADER_LEN as u16);
         page[SH_LOG_ID..SH_LOG_ID + 16].copy_from_slice(&self.log_id);
         le::put_u64(&mut page, SH_SEQ, self.seq.0);
@@ -141,7 +143,7 @@ impl SegmentHeader {
         need(page, PAGE_BYTES as usize)?;
         check_magic(page, SEGMENT_MAGIC, "TALLYSEG")?;
         check_crc(le::u32_at(page, SH_CRC), &page[..SH_CRC], "segment header")?;
-        check_version(le::u16_at(page, SH_VERSION), "segment")?;
+        let layout = check_format_version(le::u16_at(page, SH_VERSION), "segment")?;
         let header_len = le::u16_at(page, SH_HEADER_LEN);
         if header_len as usize != SEGMENT_HEADER_LEN {
             return Err(DecodeError::LengthMismatch {
@@ -160,6 +162,7 @@ impl SegmentHeader {
         let capacity = le::u64_at(page, SH_CAPACITY);
         check_capacity(capacity)?;
         Ok(SegmentHeader {
+            layout,
             log_id: le::array_at(page, SH_LOG_ID),
             seq: SegmentSeq(le::u64_at(page, SH_SEQ)),
             base_position: Position(le::u64_at(page, SH_BASE_POSITION)),
@@ -186,6 +189,8 @@ impl SegmentHeader {
 /// let a verifier check it without the rest of the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentFooter {
+    /// The format version, as a layout: the same as the segment header's.
+    pub layout: Layout,
     /// The log this segment belongs to.
     pub log_id: [u8; 16],
     /// The segment's sequence number.
@@ -214,7 +219,7 @@ impl SegmentFooter {
     pub fn encode_page(&self) -> Vec<u8> {
         let mut page = vec![0u8; PAGE_BYTES as usize];
         page[..8].copy_from_slice(FOOTER_MAGIC);
-        le::put_u16(&mut page, SF_VERSION, FORMAT_VERSION);
+        le::put_u16(&mut page, SF_VERSION, self.layout.version());
         le::put_u16(&mut page, SF_FOOTER_LEN, SEGMENT_FOOTER_LEN as u16);
         page[SF_LOG_ID..SF_LOG_ID + 16].copy_from_slice(&self.log_id);
         le::put_u64(&mut page, SF_SEQ, self.seq.0);
@@ -240,7 +245,7 @@ impl SegmentFooter {
         need(page, PAGE_BYTES as usize)?;
         check_magic(page, FOOTER_MAGIC, "TALLYFTR")?;
         check_crc(le::u32_at(page, SF_CRC), &page[..SF_CRC], "segment footer")?;
-        check_version(le::u16_at(page, SF_VERSION), "segment footer")?;
+        let layout = check_format_version(le::u16_at(page, SF_VERSION), "segment footer")?;
         let footer_len = le::u16_at(page, SF_FOOTER_LEN);
         if footer_len as usize != SEGMENT_FOOTER_LEN {
             return Err(DecodeError::LengthMismatch {
@@ -257,6 +262,7 @@ impl SegmentFooter {
             "segment footer page",
         )?;
         let footer = SegmentFooter {
+            layout,
             log_id: le::array_at(page, SF_LOG_ID),
             seq: SegmentSeq(le::u64_at(page, SF_SEQ)),
             record_count: le::u64_at(page, SF_RECORD_COUNT),
@@ -297,6 +303,7 @@ mod tests {
 
     fn header() -> SegmentHeader {
         SegmentHeader {
+            layout: Layout::V2,
             log_id: [3; 16],
             seq: SegmentSeq(5),
             base_position: Position(1000),
@@ -308,6 +315,7 @@ mod tests {
 
     fn footer() -> SegmentFooter {
         SegmentFooter {
+            layout: Layout::V2,
             log_id: [3; 16],
             seq: SegmentSeq(5),
             record_count: 10,
@@ -331,7 +339,7 @@ mod tests {
         let page = header().encode_page();
         assert_eq!(SegmentHeader::decode_page(&page), Ok(header()));
         assert_eq!(&page[0..8], b"TALLYSEG");
-        assert_eq!(le::u16_at(&page, 8), 1);
+        assert_eq!(le::u16_at(&page, 8), 2);
         assert_eq!(le::u16_at(&page, 10), 128);
         assert_eq!(le::u64_at(&page, 32), 5);
         assert_eq!(le::u64_at(&page, 40), 1000);
@@ -356,12 +364,20 @@ mod tests {
             Err(DecodeError::Checksum { .. })
         ));
         let mut p = good.clone();
-        le::put_u16(&mut p, SH_VERSION, 2);
+        le::put_u16(&mut p, SH_VERSION, 3);
         reseal(&mut p, SH_CRC);
         assert!(matches!(
             SegmentHeader::decode_page(&p),
-            Err(DecodeError::UnsupportedVersion { found: 2, .. })
+            Err(DecodeError::UnsupportedVersion { found: 3, .. })
         ));
+        // Version 1 decodes, as the version 1 layout.
+        let mut p = good.clone();
+        le::put_u16(&mut p, SH_VERSION, 1);
+        reseal(&mut p, SH_CRC);
+        assert_eq!(
+            SegmentHeader::decode_page(&p).map(|h| h.layout),
+            Ok(Layout::V1)
+        );
         let mut p = good.clone();
         p[SH_RESERVED_B + 3] = 1;
         reseal(&mut p, SH_CRC);

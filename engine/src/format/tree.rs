@@ -41,7 +41,7 @@ const _: () = assert!(TH_CRC + 4 == TREE_HEADER_LEN);
 pub fn encode_header(log_id: &[u8; 16]) -> [u8; TREE_HEADER_LEN] {
     let mut b = [0u8; TREE_HEADER_LEN];
     b[..8].copy_from_slice(TREE_MAGIC);
-    le::put_u16(&mut b, TH_VERSION, super::FORMAT_VERSION);
+    le::put_u16(&mut b, TH_VERSION, super::STRUCTURE_VERSION);
     le::put_u16(&mut b, TH_CHUNK_LEVEL, CHUNK_LEVEL as u16);
     b[TH_LOG_ID..TH_LOG_ID + 16].copy_from_slice(log_id);
     let crc = crc32fast::hash(&b[..TH_CRC]);

@@ -431,7 +431,7 @@ impl AttrBuilder {
         let mut out = Vec::with_capacity(total);
         out.resize(ATTR_HEADER_LEN, 0);
         out[..8].copy_from_slice(ATTR_MAGIC);
-        le::put_u16(&mut out, AH_VERSION, crate::format::FORMAT_VERSION);
+        le::put_u16(&mut out, AH_VERSION, crate::format::STRUCTURE_VERSION);
         le::put_u16(&mut out, AH_HEADER_LEN, ATTR_HEADER_LEN as u16);
         out[AH_LOG_ID..AH_LOG_ID + 16].copy_from_slice(log_id);
         le::put_u64(&mut out, AH_SEQ, self.seq.0);

@@ -341,7 +341,7 @@ impl ActiveIndex {
             + INDEX_TRAILER_LEN;
         let mut out = vec![0u8; INDEX_HEADER_LEN];
         out[..8].copy_from_slice(INDEX_MAGIC);
-        le::put_u16(&mut out, IH_VERSION, crate::format::FORMAT_VERSION);
+        le::put_u16(&mut out, IH_VERSION, crate::format::STRUCTURE_VERSION);
         le::put_u16(&mut out, IH_HEADER_LEN, INDEX_HEADER_LEN as u16);
         le::put_u32(
             &mut out,

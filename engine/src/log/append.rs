@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::chain::{body_hash, chain_step};
 use crate::format::envelope::EnvelopeRef;
 use crate::format::record::{
-    RECORD_HEADER_LEN, RecordHeader, RecordKind, flags, record_len, set_chain_hash,
+    Layout, NO_STREAM_PREV, RECORD_HEADER_MAX, RecordHeader, RecordKind, flags, set_chain_hash,
 };
 use crate::format::segment::SegmentHeader;
 use crate::format::{
@@ -75,6 +75,7 @@ fn invalid_append(reason: impl Into<String>) -> Error {
 fn prepare<'a>(
     requests: &[AppendRequest<'a>],
     segment_bytes: u64,
+    layout: Layout,
     mut bodies: Vec<u8>,
 ) -> Result<Prepared<'a>> {
     if requests.is_empty() {
@@ -115,7 +116,7 @@ fn prepare<'a>(
             env.encode_into(&mut bodies)
                 .map_err(|source| Error::InvalidEvent { index, source })?;
             let body_len = (bodies.len() - body_start) as u32;
-            record_bytes += record_len(body_len);
+            record_bytes += layout.record_len(body_len);
             events.push(PreparedEvent {
                 body_start,
                 body_len,
@@ -429,10 +430,16 @@ impl Writer {
                 (st.first_position.0 != u64::MAX && st.last_segment != seq)
                     .then_some(st.last_segment)
             };
-            let (name, hash) = {
+            let (name, hash, mut stream_prev) = {
                 let st = self.streams.get(key);
-                (Arc::clone(&st.name), st.hash)
+                let prev = if st.first_position.0 == u64::MAX {
+                    NO_STREAM_PREV
+                } else {
+                    st.last_position.0
+                };
+                (Arc::clone(&st.name), st.hash, prev)
             };
+            let layout = self.active.header.layout;
             let first_position = self.next_position;
             for (i, ev) in part.events.iter().enumerate() {
                 let position = self.next_position;
@@ -445,6 +452,11 @@ impl Writer {
                     fl |= flags::BATCH_END;
                 }
                 let header = RecordHeader {
+                    layout,
+                    stream_prev: match layout {
+                        Layout::V1 => NO_STREAM_PREV,
+                        Layout::V2 => stream_prev,
+                    },
                     body_len: ev.body_len,
                     body_crc: ev.body_crc,
                     durable_lag: u32::try_from(position.0 - durable.min(position.0))
@@ -456,16 +468,16 @@ impl Writer {
                     kind: RecordKind::Event,
                     chain_hash: [0; 32],
                 };
-                let mut hb = [0u8; RECORD_HEADER_LEN];
-                header.encode_into(&mut hb);
+                let mut hb = [0u8; RECORD_HEADER_MAX];
+                let header_len = header.encode_into(&mut hb);
                 self.chain = chain_step(&self.chain, &hb, &ev.body_hash);
-                set_chain_hash(&mut hb, &self.chain);
+                set_chain_hash(&mut hb, layout, &self.chain);
                 let offset = self.write_offset;
                 let body = &prepared.bodies[ev.body_start..ev.body_start + ev.body_len as usize];
-                mw.write(offset, &hb);
-                mw.write(offset + RECORD_HEADER_LEN as u64, body);
-                let len = record_len(ev.body_len);
-                let pad = len as usize - RECORD_HEADER_LEN - body.len();
+                mw.write(offset, &hb[..header_len]);
+                mw.write(offset + header_len as u64, body);
+                let len = layout.record_len(ev.body_len);
+                let pad = len as usize - header_len - body.len();
                 if pad > 0 {
                     mw.write(offset + (len - pad as u64), &[0u8; 8][..pad]);
                 }
@@ -490,6 +502,7 @@ impl Writer {
                 );
                 self.write_offset += len;
                 self.next_position = position.next();
+                stream_prev = position.0;
                 n += 1;
             }
             self.streams.apply_events(
@@ -609,6 +622,7 @@ pub(crate) fn segment_header(
     capacity: u64,
 ) -> SegmentHeader {
     SegmentHeader {
+        layout: shared.meta.layout,
         log_id: shared.meta.log_id,
         seq,
         base_position,
@@ -632,7 +646,12 @@ pub(crate) fn submit(
         return Err(Error::ReadOnly);
     }
     let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    let prepared = prepare(requests, shared.opts.segment_bytes, bodies)?;
+    let prepared = prepare(
+        requests,
+        shared.opts.segment_bytes,
+        shared.meta.layout,
+        bodies,
+    )?;
     let committed = {
         let mut guard = shared.writer.lock();
         let writer = guard.as_mut().ok_or(Error::Closed)?;

@@ -337,7 +337,8 @@ pub(crate) fn footer_from_records<S: ByteSource>(
     let (mut first_time, mut last_time) = (Timestamp(0), Timestamp(0));
     let mut last_chain = header.prev_chain_hash;
     while offset < data_end {
-        let rec = read_record(src, offset, data_end).map_err(|e| corrupt_record(path, e))?;
+        let rec = read_record(src, header.layout, offset, data_end)
+            .map_err(|e| corrupt_record(path, e))?;
         if merkle.is_empty() {
             first_time = rec.header.record_time;
         }
@@ -356,6 +357,7 @@ pub(crate) fn footer_from_records<S: ByteSource>(
         ));
     }
     Ok(SegmentFooter {
+        layout: header.layout,
         log_id: header.log_id,
         seq: header.seq,
         record_count: merkle.len(),
@@ -606,6 +608,7 @@ pub(crate) fn rebuild_index(
     let file = File::open(&seg.path).map_err(Error::io("opening segment", &seg.path))?;
     let mut src = FileSource::new(&file).map_err(Error::io("reading segment", &seg.path))?;
     let from = crate::segment::ScanFrom {
+        layout: seg.header.layout,
         offset: SEGMENT_DATA_START,
         position: seg.header.base_position,
         chain: seg.header.prev_chain_hash,

@@ -107,6 +107,9 @@ pub struct Options {
     /// Keep the attribute indexes ([`Log::find`]) caught up in a background thread. Off,
     /// a lookup indexes the records it has not seen first.
     pub index_attributes: bool,
+    /// The on-disk format version of a log this open creates (docs/FORMAT.md, "Version
+    /// history"): 2, the default, or 1. An existing log keeps its own version.
+    pub format_version: u16,
 }
 
 impl Default for Options {
@@ -122,6 +125,7 @@ impl Default for Options {
             checkpoint_interval: Some(Duration::from_secs(60)),
             auto_checkpoints: true,
             index_attributes: true,
+            format_version: crate::format::FORMAT_VERSION,
         }
     }
 }
@@ -1104,7 +1108,8 @@ impl Log {
                 if r.position == position {
                     out = Some(RawRecord {
                         position,
-                        header: *r.header,
+                        layout: self.shared.meta.layout,
+                        header: r.header.to_vec(),
                         body: r.body.to_vec(),
                         prev_hash: prev,
                     });
@@ -1156,8 +1161,10 @@ impl Drop for Log {
 pub struct RawRecord {
     /// Its position.
     pub position: Position,
-    /// The 80 header bytes.
-    pub header: [u8; crate::format::record::RECORD_HEADER_LEN],
+    /// The header's layout (the log's format version).
+    pub layout: crate::format::record::Layout,
+    /// The header bytes as stored (80 in format version 1, 88 in version 2).
+    pub header: Vec<u8>,
     /// The body (the encoded envelope), without padding.
     pub body: Vec<u8>,
     /// The record hash of the previous position (the chain seed for position 0).

@@ -492,8 +492,8 @@ pub(crate) fn read_event(
     let published = map.published();
     let bytes = map.read(0, published).unwrap_or_default();
     let mut src = SliceSource { bytes };
-    let rec =
-        read_record(&mut src, offset, published).map_err(|e| with_position(seg, e, position))?;
+    let rec = read_record(&mut src, seg.header.layout, offset, published)
+        .map_err(|e| with_position(seg, e, position))?;
     to_event(seg, &rec, position)
 }
 
@@ -583,8 +583,8 @@ fn read_forward_in(
     let bytes = map.read(0, published).unwrap_or_default();
     let mut src = SliceSource { bytes };
     while at < end && out.len() < max {
-        let rec =
-            read_record(&mut src, offset, published).map_err(|e| with_position(seg, e, at))?;
+        let rec = read_record(&mut src, seg.header.layout, offset, published)
+            .map_err(|e| with_position(seg, e, at))?;
         if at >= position {
             out.push(to_event(seg, &rec, at)?);
         } else if rec.header.position != at {
@@ -800,8 +800,11 @@ pub struct RecordView<'a> {
     pub record_hash: &'a crate::format::Hash32,
     /// The encoded envelope.
     pub body: &'a [u8],
-    /// The record's 80 header bytes as stored.
-    pub header: &'a [u8; crate::format::record::RECORD_HEADER_LEN],
+    /// The record's header bytes as stored (80 in format version 1, 88 in version 2).
+    pub header: &'a [u8],
+    /// Format version 2: the position of the previous event of the record's stream
+    /// ([`crate::format::record::NO_STREAM_PREV`] for version 0, and in version 1 logs).
+    pub stream_prev: u64,
     /// File offset of the record in its segment.
     pub offset: u64,
     /// File offset just past the record (where the next one starts).
@@ -854,8 +857,14 @@ pub(crate) fn scan_records(
     let mut check_link = first_chain.is_some();
     let mut seen = 0;
     while position < end {
-        let rec = read_record_checked(&mut src, offset, published, verify == Verify::Checksums)
-            .map_err(|e| with_position(seg, e, position))?;
+        let rec = read_record_checked(
+            &mut src,
+            seg.header.layout,
+            offset,
+            published,
+            verify == Verify::Checksums,
+        )
+        .map_err(|e| with_position(seg, e, position))?;
         if rec.header.position != position {
             return Err(corrupt(
                 &seg.path,
@@ -877,7 +886,8 @@ pub(crate) fn scan_records(
                 record_time: rec.header.record_time,
                 record_hash: &rec.header.chain_hash,
                 body: rec.body,
-                header: &rec.header_bytes,
+                header: &rec.header_bytes[..rec.header.header_len()],
+                stream_prev: rec.header.stream_prev,
                 offset,
                 end: rec.end(),
             });

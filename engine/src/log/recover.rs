@@ -213,7 +213,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     } else {
         Some(lock_dir(dir)?)
     };
-    let meta = read_or_create_meta(dir, read_only)?;
+    let meta = read_or_create_meta(dir, read_only, &opts)?;
     let seed = chain_seed(&meta.log_id);
     // A read-only view reads the checkpoints before the segments: each checkpoint then
     // covers only records the scan will find, even beside a live writer, so that one
@@ -401,6 +401,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             let mut src = FileSource::new(&file).map_err(io("reading segment", &f.path))?;
             let (_, last_nonzero) = find_durable_evidence(
                 &mut src,
+                f.header.layout,
                 last.scan.complete_end,
                 f.header.data_limit(),
                 end.position,
@@ -706,7 +707,7 @@ fn seg_handle(f: &Found) -> SegmentHandle {
     }
 }
 
-fn read_or_create_meta(dir: &Path, read_only: bool) -> Result<LogMeta> {
+fn read_or_create_meta(dir: &Path, read_only: bool, opts: &Options) -> Result<LogMeta> {
     let path = dir.join(META_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => LogMeta::decode(&bytes)
@@ -718,6 +719,11 @@ fn read_or_create_meta(dir: &Path, read_only: bool) -> Result<LogMeta> {
             let meta = LogMeta {
                 log_id,
                 created_time: now(),
+                layout: crate::format::record::Layout::of_version(opts.format_version).ok_or_else(
+                    || Error::InvalidOptions {
+                        reason: format!("format_version {} (1 or 2)", opts.format_version),
+                    },
+                )?,
             };
             crate::sys::write_file_atomic(dir, META_FILE, &meta.encode())
                 .map_err(io("writing log identity", &path))?;
@@ -830,6 +836,19 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
                 None,
             ));
         }
+        if header.layout != meta.layout {
+            return Err(corrupt(
+                &path,
+                0,
+                None,
+                format!(
+                    "segment of format version {} in a log of format version {}",
+                    header.layout.version(),
+                    meta.layout.version()
+                ),
+                None,
+            ));
+        }
         if header.seq != seq || header.capacity != len {
             return Err(corrupt(
                 &path,
@@ -862,6 +881,7 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
                 Ok(f)
                     if f.seq == seq
                         && f.log_id == meta.log_id
+                        && f.layout == header.layout
                         && f.first_position == header.base_position
                         && f.data_end <= header.data_limit() =>
                 {
@@ -966,6 +986,7 @@ fn check_sealed_prefix(found: &[Found], seed: Hash32) -> Result<()> {
 /// valid one, else at its first record.
 fn start_of_scan(shared: &Shared, f: &Found) -> (Option<Arc<SealedIndex>>, ScanFrom) {
     let fresh = ScanFrom {
+        layout: f.header.layout,
         offset: SEGMENT_DATA_START,
         position: f.header.base_position,
         chain: f.header.prev_chain_hash,
@@ -984,6 +1005,7 @@ fn start_of_scan(shared: &Shared, f: &Found) -> (Option<Arc<SealedIndex>>, ScanF
         return (None, fresh);
     }
     let from = ScanFrom {
+        layout: f.header.layout,
         offset: idx.data_end(),
         position: Position(f.header.base_position.0 + idx.record_count()),
         chain: if idx.record_count() == 0 {
@@ -1025,8 +1047,9 @@ fn remove_tail(
     for (i, (path, from, limit)) in regions.iter().enumerate() {
         let file = File::open(path).map_err(io("opening segment", path))?;
         let mut src = FileSource::new(&file).map_err(io("reading segment", path))?;
-        let (e, last_nonzero) = find_durable_evidence(&mut src, *from, *limit, end)
-            .map_err(io("reading segment", path))?;
+        let (e, last_nonzero) =
+            find_durable_evidence(&mut src, shared.meta.layout, *from, *limit, end)
+                .map_err(io("reading segment", path))?;
         if i == 0 && cut.is_some() {
             cut_end = last_nonzero;
         }

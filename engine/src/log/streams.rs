@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::format::{
-    DecodeError, FORMAT_VERSION, Position, SegmentSeq, Timestamp, check_crc, check_magic,
+    DecodeError, Position, STRUCTURE_VERSION, SegmentSeq, Timestamp, check_crc, check_magic,
     check_version, check_zero, le, need,
 };
 use crate::index::{StreamKey, StreamSummary, stream_hash};
@@ -259,7 +259,7 @@ pub(crate) fn encode_snapshot(
 ) -> Vec<u8> {
     let mut out = vec![0u8; SNAPSHOT_HEADER_LEN];
     out[..8].copy_from_slice(SNAPSHOT_MAGIC);
-    le::put_u16(&mut out, SN_VERSION, FORMAT_VERSION);
+    le::put_u16(&mut out, SN_VERSION, STRUCTURE_VERSION);
     le::put_u16(&mut out, SN_HEADER_LEN, SNAPSHOT_HEADER_LEN as u16);
     out[SN_LOG_ID..SN_LOG_ID + 16].copy_from_slice(&log_id);
     le::put_u64(&mut out, SN_COVERED_SEQ, cover.seq.0);

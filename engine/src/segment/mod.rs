@@ -12,8 +12,8 @@ use std::os::unix::fs::FileExt;
 
 use crate::format::chain::{body_hash, chain_step};
 use crate::format::envelope::EnvelopeRef;
-use crate::format::record::{RECORD_HEADER_LEN, RecordHeader, check_padding, flags};
-use crate::format::{DecodeError, EventId, Hash32, PAGE_BYTES, Position, le};
+use crate::format::record::{Layout, RECORD_HEADER_MAX, RecordHeader, check_padding, flags};
+use crate::format::{DecodeError, EventId, Hash32, PAGE_BYTES, Position};
 
 /// Bytes that a reader can borrow at a file offset.
 pub(crate) trait ByteSource {
@@ -112,7 +112,8 @@ pub(crate) enum RecordError {
 pub(crate) struct RecordRef<'a> {
     pub(crate) offset: u64,
     pub(crate) header: RecordHeader,
-    pub(crate) header_bytes: [u8; RECORD_HEADER_LEN],
+    /// The header as stored: its first `header.header_len()` bytes.
+    pub(crate) header_bytes: [u8; RECORD_HEADER_MAX],
     pub(crate) body: &'a [u8],
 }
 
@@ -148,10 +149,11 @@ impl<'a> RecordRef<'a> {
 /// Reads and checks the record at `offset`, which must end at or before `limit`.
 pub(crate) fn read_record<'s, S: ByteSource>(
     src: &'s mut S,
+    layout: Layout,
     offset: u64,
     limit: u64,
 ) -> Result<RecordRef<'s>, RecordError> {
-    read_record_checked(src, offset, limit, true)
+    read_record_checked(src, layout, offset, limit, true)
 }
 
 /// [`read_record`], optionally without checking the body's CRC: for callers that check the
@@ -159,21 +161,23 @@ pub(crate) fn read_record<'s, S: ByteSource>(
 /// the header CRC still covers the stored `body_crc`).
 pub(crate) fn read_record_checked<'s, S: ByteSource>(
     src: &'s mut S,
+    layout: Layout,
     offset: u64,
     limit: u64,
     check_body_crc: bool,
 ) -> Result<RecordRef<'s>, RecordError> {
     let invalid = |source| RecordError::Invalid { offset, source };
-    if offset + RECORD_HEADER_LEN as u64 > limit {
+    let header_len = layout.header_len();
+    if offset + header_len as u64 > limit {
         return Err(invalid(DecodeError::Truncated {
-            needed: RECORD_HEADER_LEN as u64,
+            needed: header_len as u64,
             have: limit.saturating_sub(offset),
         }));
     }
     let io = |source| RecordError::Io { offset, source };
-    let header_bytes: [u8; RECORD_HEADER_LEN] =
-        le::array_at(src.bytes(offset, RECORD_HEADER_LEN).map_err(io)?, 0);
-    let header = RecordHeader::decode(&header_bytes).map_err(invalid)?;
+    let mut header_bytes = [0u8; RECORD_HEADER_MAX];
+    header_bytes[..header_len].copy_from_slice(src.bytes(offset, header_len).map_err(io)?);
+    let header = RecordHeader::decode_in(&header_bytes, layout).map_err(invalid)?;
     let record_len = header.record_len();
     if offset + record_len > limit {
         return Err(invalid(DecodeError::Truncated {
@@ -181,10 +185,8 @@ pub(crate) fn read_record_checked<'s, S: ByteSource>(
             have: limit - offset,
         }));
     }
-    let padded = (record_len - RECORD_HEADER_LEN as u64) as usize;
-    let all = src
-        .bytes(offset + RECORD_HEADER_LEN as u64, padded)
-        .map_err(io)?;
+    let padded = (record_len - header_len as u64) as usize;
+    let all = src.bytes(offset + header_len as u64, padded).map_err(io)?;
     let (body, padding) = all.split_at(header.body_len as usize);
     if check_body_crc {
         header.check_body(body).map_err(invalid)?;
@@ -202,6 +204,8 @@ pub(crate) fn read_record_checked<'s, S: ByteSource>(
 /// `chain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ScanFrom {
+    /// The segment's record layout.
+    pub(crate) layout: Layout,
     pub(crate) offset: u64,
     pub(crate) position: Position,
     pub(crate) chain: Hash32,
@@ -301,11 +305,13 @@ pub(crate) fn scan_visit<S: ByteSource>(
     let mut complete_chain = chain;
     let mut complete_end = offset;
     let mut in_batch = false;
+    let layout = from.layout;
+    let header_len = layout.header_len();
     let end = loop {
-        if visited == max_records || offset + RECORD_HEADER_LEN as u64 > limit {
+        if visited == max_records || offset + header_len as u64 > limit {
             break ScanEnd::Clean { offset };
         }
-        match src.bytes(offset, RECORD_HEADER_LEN) {
+        match src.bytes(offset, header_len) {
             Ok(b) if b.iter().all(|&x| x == 0) => break ScanEnd::Clean { offset },
             Ok(_) => {}
             Err(source) => {
@@ -316,7 +322,7 @@ pub(crate) fn scan_visit<S: ByteSource>(
                 };
             }
         }
-        let step = read_record(src, offset, limit).and_then(|rec| {
+        let step = read_record(src, layout, offset, limit).and_then(|rec| {
             if rec.header.position != position {
                 return Err(RecordError::Invalid {
                     offset,
@@ -383,6 +389,7 @@ pub(crate) fn scan_visit<S: ByteSource>(
 /// in the range (so that a torn tail can be zeroed entirely).
 pub(crate) fn find_durable_evidence<S: ByteSource>(
     src: &mut S,
+    layout: Layout,
     offset: u64,
     limit: u64,
     break_position: Position,
@@ -400,10 +407,10 @@ pub(crate) fn find_durable_evidence<S: ByteSource>(
             }
             let word_at = at + (i * 8) as u64;
             last_nonzero_end = word_at + word.len() as u64;
-            if word_at + RECORD_HEADER_LEN as u64 <= limit {
-                let hb = src.bytes(word_at, RECORD_HEADER_LEN)?;
+            if word_at + layout.header_len() as u64 <= limit {
+                let hb = src.bytes(word_at, layout.header_len())?;
                 if evidence.is_none()
-                    && let Ok(h) = RecordHeader::decode(hb)
+                    && let Ok(h) = RecordHeader::decode_in(hb, layout)
                     && h.durable_through() > break_position
                 {
                     evidence = Some((word_at, h));
@@ -445,7 +452,7 @@ mod tests {
     use crate::format::Timestamp;
     use crate::format::chain::chain_seed;
     use crate::format::envelope::ContentType;
-    use crate::format::record::{RecordKind, record_len};
+    use crate::format::record::{RECORD_HEADER_LEN, RecordKind, record_len};
 
     /// Builds `n` records in batches of `batch`, as the log would write them.
     fn build(n: u64, batch: u64) -> (Vec<u8>, Hash32) {
@@ -477,6 +484,8 @@ mod tests {
                 fl |= flags::BATCH_END;
             }
             let mut h = RecordHeader {
+                layout: Layout::V1,
+                stream_prev: crate::format::record::NO_STREAM_PREV,
                 body_len: body.len() as u32,
                 body_crc: crc32fast::hash(&body),
                 durable_lag: 0,
@@ -504,6 +513,7 @@ mod tests {
 
     fn from(seed: Hash32) -> ScanFrom {
         ScanFrom {
+            layout: Layout::V1,
             offset: 0,
             position: Position(0),
             chain: seed,
@@ -613,18 +623,36 @@ mod tests {
         h.encode_into(&mut hb);
         let mut area = vec![0u8; 4096];
         area[1024..1104].copy_from_slice(&hb);
-        let (found, _) =
-            find_durable_evidence(&mut SliceSource { bytes: &area }, 0, 4096, Position(5)).unwrap();
+        let (found, _) = find_durable_evidence(
+            &mut SliceSource { bytes: &area },
+            Layout::V1,
+            0,
+            4096,
+            Position(5),
+        )
+        .unwrap();
         assert_eq!(found.map(|f| f.0), Some(1024), "durable through 8 > 5");
-        let (_, end) =
-            find_durable_evidence(&mut SliceSource { bytes: &area }, 0, 4096, Position(5)).unwrap();
+        let (_, end) = find_durable_evidence(
+            &mut SliceSource { bytes: &area },
+            Layout::V1,
+            0,
+            4096,
+            Position(5),
+        )
+        .unwrap();
         assert_eq!(
             end,
             1024 + 80,
             "the search goes on past the evidence to the last non-zero byte"
         );
-        let (found, end) =
-            find_durable_evidence(&mut SliceSource { bytes: &area }, 0, 4096, Position(8)).unwrap();
+        let (found, end) = find_durable_evidence(
+            &mut SliceSource { bytes: &area },
+            Layout::V1,
+            0,
+            4096,
+            Position(8),
+        )
+        .unwrap();
         assert_eq!(found, None, "durable through 8 is not past a break at 8");
         assert_eq!(
             end,

@@ -797,6 +797,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
 
     let mut src = FileSource::new(&file).map_err(Error::io("reading segment", path))?;
     let from = ScanFrom {
+        layout: header.layout,
         offset: SEGMENT_DATA_START,
         position: header.base_position,
         chain: header.prev_chain_hash,
