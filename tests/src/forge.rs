@@ -177,3 +177,47 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Edits the header of the record at `position`, which must be in the newest segment (the
+/// unsealed tail), and re-chains it and every record after it in that segment, as a forger
+/// who rewrites the tail does: checksums and chain stay consistent.
+pub fn edit_tail_record(dir: &Path, position: u64, edit: impl FnOnce(&mut RecordHeader)) {
+    use tally_engine::format::chain::{body_hash, chain_step};
+    use tally_engine::format::record::{RECORD_HEADER_MAX, set_chain_hash};
+    let segs = segments(dir);
+    let (path, h) = segs.last().expect("a segment");
+    let offsets = record_offsets(path, h);
+    let first = offsets
+        .iter()
+        .position(|(p, _)| *p == position)
+        .expect("the record is in the newest segment");
+    let mut bytes = std::fs::read(path).expect("read segment");
+    let len = h.layout.header_len();
+    let mut prev = if first == 0 {
+        h.prev_chain_hash
+    } else {
+        let at = offsets[first - 1].1 as usize;
+        RecordHeader::decode_in(&bytes[at..at + len], h.layout)
+            .expect("header")
+            .chain_hash
+    };
+    let mut edit = Some(edit);
+    for &(_, at) in &offsets[first..] {
+        let at = at as usize;
+        let mut header = RecordHeader::decode_in(&bytes[at..at + len], h.layout).expect("header");
+        if let Some(f) = edit.take() {
+            f(&mut header);
+        }
+        let body = bytes[at + len..at + len + header.body_len as usize].to_vec();
+        let mut hb = [0u8; RECORD_HEADER_MAX];
+        header.encode_into(&mut hb);
+        header.chain_hash = chain_step(&prev, &hb, &body_hash(&body));
+        set_chain_hash(&mut hb, h.layout, &header.chain_hash);
+        bytes[at..at + len].copy_from_slice(&hb[..len]);
+        prev = header.chain_hash;
+    }
+    std::fs::write(path, &bytes).expect("write segment");
+    // The clean-close sidecar of the active segment describes the old bytes.
+    let _ = std::fs::remove_file(dir.join(h.seq.index_file_name()));
+    let _ = std::fs::remove_file(dir.join("streams.snap"));
+}

@@ -719,3 +719,27 @@ fn a_fresh_log_is_not_a_blank_cheque_until_a_non_empty_checkpoint_is_kept() {
         "{err}"
     );
 }
+
+#[test]
+fn a_forged_stream_link_in_the_tail_is_found_by_verify() {
+    // Version 2 records name their stream's previous event. A forger who rewrites the tail
+    // so that an event skips its predecessor (hiding it from a stream's chain) keeps every
+    // checksum and chain link right, and verify still names the record.
+    let h = honest(2000);
+    let log = Log::open(&h.dir, options(&h.key)).unwrap();
+    for i in 2000..2010 {
+        log.append(&stream_of(i), ExpectedVersion::Any, &[event(i)])
+            .unwrap();
+    }
+    log.close().unwrap();
+    // Position 2009 is trade-0's; its previous event is 2002: point it at 1995 instead.
+    forge::edit_tail_record(&h.dir, 2009, |r| {
+        assert_eq!(r.stream_prev, 2002);
+        r.stream_prev = 1995;
+    });
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(
+        msg.contains("names position 1995 as its previous event, but that is at position 2002"),
+        "{msg}"
+    );
+}

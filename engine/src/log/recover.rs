@@ -546,8 +546,12 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         kept.push((seg_handle(s.f), index, data_end, s.scan.complete_chain));
     }
 
-    // Seal complete unsealed segments; the last kept one becomes active.
+    // Seal complete unsealed segments; the last kept one becomes active. Record time never
+    // decreases: the writer starts from the newest record time of any segment before it.
     let last = kept.pop();
+    for (_, index, _, _) in &kept {
+        last_sealed_time = last_sealed_time.max(index.last_record_time());
+    }
     for (handle, index, data_end, chain) in kept {
         let handle = Arc::new(handle);
         if read_only {

@@ -32,9 +32,11 @@ use super::checkpoints::CHECKPOINTS_FILE;
 use super::shared::{SegState, SegmentHandle, Shared, lock};
 use super::{VerifyOptions, VerifyReport};
 use crate::error::{Error, Result};
+use crate::format::Timestamp;
 use crate::format::chain::{AlignedRange, MerkleBuilder, leaf_hash};
 use crate::format::checkpoint::{SignedCheckpoint, entry_len};
 use crate::format::proof::{NodeSource, hex};
+use crate::format::record::{Layout, NO_STREAM_PREV};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
@@ -64,6 +66,10 @@ struct Checked {
     sidecar_missing: bool,
     /// Stored Merkle nodes compared.
     nodes: u64,
+    /// Record times of the first and last record (version 2 logs check that they never
+    /// decrease across segments).
+    first_time: Option<Timestamp>,
+    last_time: Option<Timestamp>,
 }
 
 /// What the workers share.
@@ -251,6 +257,7 @@ pub(crate) fn verify(
         let joined = (|| -> Result<()> {
             let mut position = report.first_position;
             let mut snapshot_due = snapshot.as_ref();
+            let mut prev_last_time: Option<Timestamp> = None;
             for i in 0..segs.len() {
                 let checked = {
                     let mut slots = lock(&results);
@@ -296,6 +303,22 @@ pub(crate) fn verify(
                 }
                 let seg = &segs[i];
                 let idx_path = shared.dir.join(seg.seq.index_file_name());
+                if h.layout == Layout::V2
+                    && let (Some(first), Some(prev)) = (checked.first_time, prev_last_time)
+                    && first < prev
+                {
+                    return Err(corrupt(
+                        &seg.path,
+                        SEGMENT_DATA_START,
+                        Some(position.0),
+                        format!(
+                            "record time {} of the segment's first record is before the previous segment's last, {}: record time never decreases in a version 2 log",
+                            first.0, prev.0
+                        ),
+                        None,
+                    ));
+                }
+                prev_last_time = checked.last_time.or(prev_last_time);
                 if let Some((cover, entries)) = snapshot_due
                     && cover.next_position == position
                 {
@@ -774,6 +797,14 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let mut before_split = split.map(|_| SegStreams::default());
     let mut stream_failure: Option<Error> = None;
     let mut made: Vec<(u32, u64, Hash32)> = Vec::new();
+    let v2 = header.layout == Layout::V2;
+    // Version 2: the `stream_prev` of each stream's first record in the segment, by its
+    // entry in the sidecar's stream table.
+    let mut first_prev: Vec<u64> = match &index {
+        Some(Ok(idx)) if v2 => vec![NO_STREAM_PREV; idx.stream_count()],
+        _ => Vec::new(),
+    };
+    let (mut first_time, mut last_time) = (None, None);
     let mut index_failure: Option<Error> = None;
     let mut cache = RunCache {
         stream: String::new(),
@@ -807,10 +838,26 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         let leaf = leaf_hash(&h.chain_hash);
         local.push_leaf(leaf);
         range.push_leaf_reporting(leaf, CHUNK_LEVEL, &mut |l, j, h| made.push((l, j, *h)));
+        if v2 && last_time.is_some_and(|t| h.record_time < t) && stream_failure.is_none() {
+            stream_failure = Some(corrupt(
+                path,
+                rec.offset,
+                Some(h.position.0),
+                format!(
+                    "record time {} is before the previous record's {}: record time never decreases in a version 2 log",
+                    h.record_time.0,
+                    last_time.map_or(0, |t: Timestamp| t.0)
+                ),
+                None,
+            ));
+        }
+        first_time.get_or_insert(h.record_time);
+        last_time = Some(h.record_time);
         if stream_failure.is_none() {
             let rt = h.record_time;
+            let prev = v2.then_some(h.stream_prev);
             let mut note = |list: &mut SegStreams| {
-                if let Err(detail) = list.push(env.stream, h.stream_version, h.position, rt) {
+                if let Err(detail) = list.push(env.stream, h.stream_version, h.position, rt, prev) {
                     stream_failure =
                         Some(corrupt(path, rec.offset, Some(h.position.0), detail, None));
                 }
@@ -857,6 +904,32 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
                     && e.version == h.stream_version
                     && base + u64::from(e.pos_delta) == h.position.0
             });
+            if v2
+                && matches
+                && stream_failure.is_none()
+                && let Some(run) = &cache.run
+            {
+                let k = h.stream_version - run.first_version;
+                if k == 0 {
+                    if let Some(slot) = first_prev.get_mut(run.entry as usize) {
+                        *slot = h.stream_prev;
+                    }
+                } else {
+                    let before = base + u64::from(idx.run_entry(run, (k - 1) as u32).pos_delta);
+                    if h.stream_prev != before {
+                        stream_failure = Some(corrupt(
+                            path,
+                            rec.offset,
+                            Some(h.position.0),
+                            format!(
+                                "stream {} version {} names position {} as its previous event, but that is at position {before}",
+                                env.stream, h.stream_version, h.stream_prev
+                            ),
+                            None,
+                        ));
+                    }
+                }
+            }
             if idx.event_id(i) != env.event_id || !matches {
                 index_failure = Some(corrupt(
                     &idx_path,
@@ -924,7 +997,12 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let streams = match (&index, from_records) {
         (Some(Ok(idx)), _) => idx
             .stream_links()
-            .map(|(s, link)| seg_stream(s, Some(link)))
+            .enumerate()
+            .map(|(i, (s, link))| {
+                let mut seg = seg_stream(s, Some(link));
+                seg.first_stream_prev = first_prev.get(i).copied();
+                seg
+            })
             .collect(),
         (_, Some(list)) => list.into_list(),
         (_, None) => Vec::new(),
@@ -941,6 +1019,8 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         before_snapshot: before_split.map(SegStreams::into_list),
         sidecar_missing,
         nodes,
+        first_time,
+        last_time,
     })
 }
 
@@ -957,6 +1037,7 @@ fn seg_stream(
         last_position: s.last_position,
         first_record_time: s.first_record_time,
         link,
+        first_stream_prev: None,
     }
 }
 

@@ -23,6 +23,9 @@ pub(super) struct SegStream {
     /// What the segment's index sidecar says of the stream's previous segment; `None` when
     /// the segment's streams were read from its records (no sidecar).
     pub(super) link: Option<Option<SegmentSeq>>,
+    /// Format version 2: the `stream_prev` of the stream's first record in the segment (the
+    /// others were checked against the record before them in the segment).
+    pub(super) first_stream_prev: Option<u64>,
 }
 
 /// The streams of a run of records, built record by record (for a segment without a
@@ -43,6 +46,7 @@ impl SegStreams {
         version: u64,
         position: Position,
         record_time: Timestamp,
+        stream_prev: Option<u64>,
     ) -> std::result::Result<(), String> {
         let i = match self.last.filter(|&i| self.list[i].name == stream) {
             Some(i) => i,
@@ -57,6 +61,7 @@ impl SegStreams {
                         last_position: position,
                         first_record_time: record_time,
                         link: None,
+                        first_stream_prev: stream_prev,
                     });
                     let i = self.list.len() - 1;
                     self.by_name.insert(stream.to_owned(), i);
@@ -71,6 +76,14 @@ impl SegStreams {
             return Err(format!(
                 "stream {stream} has version {version} after version {} (versions are dense)",
                 s.last_version
+            ));
+        }
+        if let Some(prev) = stream_prev
+            && prev != s.last_position.0
+        {
+            return Err(format!(
+                "stream {stream} version {version} names position {prev} as its previous event, but that is at position {}",
+                s.last_position
             ));
         }
         s.last_version = version;
@@ -128,6 +141,27 @@ impl StreamJoin {
                     ),
                     None,
                 ));
+            }
+            if let Some(first_prev) = s.first_stream_prev {
+                let wanted =
+                    prev.map_or(crate::format::record::NO_STREAM_PREV, |p| p.last_position.0);
+                if first_prev != wanted {
+                    return Err(corrupt(
+                        seg_path,
+                        0,
+                        Some(s.first_position.0),
+                        format!(
+                            "stream {} version {} names position {first_prev} as its previous event, but the records put it at {}",
+                            s.name,
+                            s.first_version,
+                            prev.map_or_else(
+                                || "none (version 0)".to_owned(),
+                                |p| p.last_position.to_string()
+                            )
+                        ),
+                        None,
+                    ));
+                }
             }
             if let Some(link) = s.link {
                 self.links += 1;
