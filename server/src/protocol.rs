@@ -54,8 +54,12 @@ pub const SYSTEM_STREAM_PREFIX: &str = "$";
 pub const CONSUMER_STREAM_PREFIX: &str = "$consumer-";
 /// The event type of a stored consumer checkpoint.
 pub const CONSUMER_EVENT_TYPE: &str = "$ConsumerCheckpoint";
-/// Bytes of a signed checkpoint entry in a LATEST_CHECKPOINT response (FORMAT.md §17).
+/// Bytes of a signed checkpoint entry with a version 1 statement in a LATEST_CHECKPOINT
+/// response (FORMAT.md §17); a version 2 statement's entry is
+/// [`CHECKPOINT_ENTRY_V2_BYTES`].
 pub const CHECKPOINT_ENTRY_BYTES: usize = tally_engine::format::checkpoint::ENTRY_LEN;
+/// Bytes of a signed checkpoint entry with a version 2 statement.
+pub const CHECKPOINT_ENTRY_V2_BYTES: usize = tally_engine::format::checkpoint::ENTRY_V2_LEN;
 
 /// Operation codes. A response's opcode is its request's with the high bit set; pushes
 /// and errors have their own.
@@ -1853,7 +1857,7 @@ pub enum Response {
     /// A consumer's stored position (`None`: never stored).
     Checkpoint(Option<u64>),
     /// The latest signed checkpoint, as the 224-byte entry of FORMAT.md §17.
-    LatestCheckpoint(Option<Box<[u8; CHECKPOINT_ENTRY_BYTES]>>),
+    LatestCheckpoint(Option<Vec<u8>>),
     /// An inclusion proof.
     InclusionProof(ProofResponse),
     /// A checkpoint as a signed note (`None`: no such checkpoint).
@@ -2096,8 +2100,25 @@ impl Response {
             c if c == op::LATEST_CHECKPOINT | op::RESPONSE_BIT => match r.u8("found")? {
                 0 => Response::LatestCheckpoint(None),
                 _ => {
-                    let entry: [u8; CHECKPOINT_ENTRY_BYTES] = r.array("checkpoint")?;
-                    Response::LatestCheckpoint(Some(Box::new(entry)))
+                    // The statement's version (entry bytes 8..10) says the entry's length.
+                    let rest = r.rest();
+                    let version = rest
+                        .get(8..10)
+                        .map(|v| u16::from_le_bytes([v[0], v[1]]))
+                        .ok_or(ProtocolError::Truncated {
+                            what: "checkpoint",
+                            need: 10,
+                            left: rest.len(),
+                        })?;
+                    let len = tally_engine::format::checkpoint::entry_len(version);
+                    if rest.len() != len {
+                        return Err(ProtocolError::Truncated {
+                            what: "checkpoint",
+                            need: len,
+                            left: rest.len(),
+                        });
+                    }
+                    Response::LatestCheckpoint(Some(rest.to_vec()))
                 }
             },
             c if c == op::INCLUSION_PROOF | op::RESPONSE_BIT => {
@@ -2454,7 +2475,19 @@ mod tests {
             (op::LATEST_CHECKPOINT, Response::LatestCheckpoint(None)),
             (
                 op::LATEST_CHECKPOINT,
-                Response::LatestCheckpoint(Some(Box::new([9; CHECKPOINT_ENTRY_BYTES]))),
+                Response::LatestCheckpoint(Some({
+                    let mut e = vec![9; CHECKPOINT_ENTRY_BYTES];
+                    e[8..10].copy_from_slice(&1u16.to_le_bytes());
+                    e
+                })),
+            ),
+            (
+                op::LATEST_CHECKPOINT,
+                Response::LatestCheckpoint(Some({
+                    let mut e = vec![9; CHECKPOINT_ENTRY_V2_BYTES];
+                    e[8..10].copy_from_slice(&2u16.to_le_bytes());
+                    e
+                })),
             ),
             (
                 op::INCLUSION_PROOF,

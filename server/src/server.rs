@@ -1649,16 +1649,7 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             }
         }
         Request::LatestCheckpoint => {
-            // The response carries a 224-byte entry: a version 1 statement. A log of format
-            // version 2 serves its checkpoints as notes instead (CHECKPOINT_NOTE).
-            // TODO(#13): answer LATEST_CHECKPOINT of a version 2 log with an error naming
-            // CHECKPOINT_NOTE once version 2 logs can be created.
-            let latest = log
-                .latest_checkpoint()
-                .and_then(|c| {
-                    <[u8; crate::protocol::CHECKPOINT_ENTRY_BYTES]>::try_from(c.encode_entry()).ok()
-                })
-                .map(Box::new);
+            let latest = log.latest_checkpoint().map(|c| c.encode_entry());
             reply.send(&Response::LatestCheckpoint(latest));
         }
         Request::InclusionProof {

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use tally_engine::format::checkpoint::ENTRY_LEN;
+use tally_engine::format::checkpoint::entry_len;
 use tally_engine::format::record::RecordHeader;
 use tally_engine::format::segment::SegmentHeader;
 use tally_engine::format::{PAGE_BYTES, SEGMENT_DATA_START};
@@ -89,14 +89,23 @@ pub fn truncate_at(dir: &Path, position: u64) {
     let _ = std::fs::remove_file(dir.join("streams.snap"));
 }
 
+/// Bytes of an entry of the directory's `tally.checkpoints` (by its format version).
+#[must_use]
+pub fn checkpoint_entry_len(dir: &Path) -> usize {
+    let meta = std::fs::read(dir.join("tally.meta")).expect("read tally.meta");
+    let meta = tally_engine::format::meta::LogMeta::decode(&meta).expect("tally.meta");
+    entry_len(meta.layout.version())
+}
+
 /// Cuts `tally.checkpoints` down to its first `keep` entries.
 pub fn keep_checkpoints(dir: &Path, keep: usize) {
+    let entry = checkpoint_entry_len(dir);
     let path = dir.join(tally_engine::CHECKPOINTS_FILE);
     let f = OpenOptions::new()
         .write(true)
         .open(&path)
         .expect("open checkpoints");
-    f.set_len((keep * ENTRY_LEN) as u64)
+    f.set_len((keep * entry) as u64)
         .expect("truncate checkpoints");
 }
 
@@ -105,7 +114,7 @@ pub fn keep_checkpoints(dir: &Path, keep: usize) {
 pub fn checkpoint_sizes(dir: &Path) -> Vec<u64> {
     let bytes = std::fs::read(dir.join(tally_engine::CHECKPOINTS_FILE)).unwrap_or_default();
     bytes
-        .chunks_exact(ENTRY_LEN)
+        .chunks_exact(checkpoint_entry_len(dir))
         .map(|e| {
             tally_engine::format::checkpoint::SignedCheckpoint::decode_entry(e)
                 .expect("checkpoint entry")

@@ -347,14 +347,15 @@ fn laundering_through_the_next_honest_checkpoint_is_refused_by_the_writer() {
     let h = honest(2000);
     let path = h.dir.join(tally_engine::CHECKPOINTS_FILE);
     let bytes = std::fs::read(&path).unwrap();
-    let n = bytes.len() / tally_engine::format::checkpoint::ENTRY_LEN;
+    let e = forge::checkpoint_entry_len(&h.dir);
+    let n = bytes.len() / e;
     // Swap in the entry before it, renumbered: its signature no longer verifies, but the
     // writer refuses before anything is signed.
-    let mut last = bytes[(n - 2) * 224..(n - 1) * 224].to_vec();
+    let mut last = bytes[(n - 2) * e..(n - 1) * e].to_vec();
     last[32..40].copy_from_slice(&(n as u64).to_le_bytes());
-    let crc = crc32(&last[..216]);
-    last[216..220].copy_from_slice(&crc.to_le_bytes());
-    let mut forged = bytes[..(n - 1) * 224].to_vec();
+    let crc = crc32(&last[..e - 8]);
+    last[e - 8..e - 4].copy_from_slice(&crc.to_le_bytes());
+    let mut forged = bytes[..(n - 1) * e].to_vec();
     forged.extend_from_slice(&last);
     std::fs::write(&path, &forged).unwrap();
     let msg = format!("{}", Log::open(&h.dir, options(&h.key)).unwrap_err());

@@ -213,10 +213,17 @@ pub fn check_extract(
     }
     let cpv = field(doc, "extract", "checkpoint")?;
     let entry = str_field(cpv, "checkpoint", "entry")?;
-    let bytes = parse_hex::<{ tally_engine::format::checkpoint::ENTRY_LEN }>(entry)
-        .ok_or_else(|| Finding("checkpoint.entry: not a 224-byte entry in hex".into()))?;
+    let bytes = tally_engine::format::proof::parse_hex_vec(entry)
+        .ok_or_else(|| Finding("checkpoint.entry: not hex".into()))?;
     let cp = SignedCheckpoint::decode_entry(&bytes)
         .map_err(|e| Finding(format!("checkpoint.entry: {e}")))?;
+    if bytes.len() != tally_engine::format::checkpoint::entry_len(cp.statement.version()) {
+        return Err(Finding(format!(
+            "checkpoint.entry: {} bytes, not a version {} entry",
+            bytes.len(),
+            cp.statement.version()
+        )));
+    }
     cp.verify(trusted)
         .map_err(|e| Finding(format!("checkpoint {}: {e}", cp.statement.id)))?;
     // The readable copies must say what the signed bytes say.
@@ -453,7 +460,8 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
             Some(0o600),
         )?;
     }
-    let cp_len = ((index + 1) * tally_engine::format::checkpoint::ENTRY_LEN) as u64;
+    let cp_len =
+        ((index + 1) * tally_engine::format::checkpoint::entry_len(cp.statement.version())) as u64;
     copy_prefix(
         &a.dir.join(tally_engine::CHECKPOINTS_FILE),
         &a.dest.join(tally_engine::CHECKPOINTS_FILE),

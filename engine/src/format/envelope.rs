@@ -234,6 +234,18 @@ impl<'a> EnvelopeRef<'a> {
         Ok(())
     }
 
+    /// The stream id's bytes, read from the fixed part without decoding the rest: for
+    /// callers that have checked the body (its CRC) and need only the stream. `None` when the
+    /// body is too short to hold it.
+    #[must_use]
+    pub fn stream_bytes(body: &'a [u8]) -> Option<&'a [u8]> {
+        let len = usize::from(u16::from_le_bytes([
+            *body.get(STREAM_LEN_OFFSET)?,
+            *body.get(STREAM_LEN_OFFSET + 1)?,
+        ]));
+        body.get(ENVELOPE_FIXED_LEN..ENVELOPE_FIXED_LEN + len)
+    }
+
     /// Decodes an envelope that fills `body` exactly.
     ///
     /// # Errors

@@ -15,6 +15,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod envelope;
+pub mod heads;
 pub mod meta;
 pub mod note;
 pub mod proof;

@@ -247,7 +247,22 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses lower- or upper-case hex of exactly `N` bytes.
+/// Parses lower- or upper-case hex of any even length.
+#[must_use]
+pub fn parse_hex_vec(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()
+        })
+        .collect()
+}
+
+/// Parses exactly `N` bytes of hex (either case).
 #[must_use]
 pub fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.as_bytes();

@@ -12,7 +12,7 @@ use super::shared::{Shared, lock};
 use super::tree::Tree;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::{
-    ENTRY_LEN, SignedCheckpoint, Statement, decode_secret_key, encode_secret_key,
+    SignedCheckpoint, Statement, decode_secret_key, encode_secret_key, entry_len,
 };
 use crate::format::{DecodeError, Position};
 use crate::sys::sync_dir;
@@ -109,7 +109,13 @@ impl Checkpoints {
     /// a last entry that does not decode may be a write in progress: the file is read
     /// again, for up to a second, until it decodes; if it never does, the damage stays
     /// and `verify` reports it.
-    pub(crate) fn read_for_view(dir: &Path, log_id: &[u8; 16], live: bool) -> Result<Vec<u8>> {
+    pub(crate) fn read_for_view(
+        dir: &Path,
+        meta: &crate::format::meta::LogMeta,
+        live: bool,
+    ) -> Result<Vec<u8>> {
+        let entry_len = crate::format::checkpoint::entry_len(meta.layout.version());
+        let log_id = &meta.log_id;
         let path = dir.join(CHECKPOINTS_FILE);
         let mut tries = 0;
         loop {
@@ -118,8 +124,8 @@ impl Checkpoints {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
                 Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
             };
-            let last_ok = bytes.len().is_multiple_of(ENTRY_LEN)
-                && bytes.chunks_exact(ENTRY_LEN).next_back().is_none_or(|e| {
+            let last_ok = bytes.len().is_multiple_of(entry_len)
+                && bytes.chunks_exact(entry_len).next_back().is_none_or(|e| {
                     SignedCheckpoint::decode_entry(e).is_ok_and(|c| c.statement.log_id == *log_id)
                 });
             tries += 1;
@@ -163,17 +169,22 @@ impl Checkpoints {
                 Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
             },
         };
+        let entry_len = crate::format::checkpoint::entry_len(shared.meta.layout.version());
         let mut list = Vec::new();
         let mut damage = None;
         let mut truncated_at = None;
         let mut offset = 0usize;
         while offset < bytes.len() {
-            let entry = &bytes[offset..bytes.len().min(offset + ENTRY_LEN)];
+            let entry = &bytes[offset..bytes.len().min(offset + entry_len)];
             let decoded = SignedCheckpoint::decode_entry(entry).and_then(|cp| {
                 let s = &cp.statement;
                 let expected_id = list.len() as u64 + 1;
                 let prev_size = list.last().map_or(0, |p: &SignedCheckpoint| p.statement.tree_size);
-                if s.log_id != shared.meta.log_id || s.id != expected_id || s.tree_size < prev_size {
+                if s.log_id != shared.meta.log_id
+                    || s.version() != shared.meta.layout.version()
+                    || s.id != expected_id
+                    || s.tree_size < prev_size
+                {
                     return Err(DecodeError::Invalid {
                         what: "checkpoint",
                         detail: format!(
@@ -191,12 +202,12 @@ impl Checkpoints {
                     break;
                 }
             }
-            offset += ENTRY_LEN;
+            offset += entry_len;
         }
         if let Some((at, cause)) = &damage
             && let Some(f) = &file
         {
-            if (*at as usize) + ENTRY_LEN >= bytes.len() {
+            if (*at as usize) + entry_len >= bytes.len() {
                 f.set_len(*at)
                     .and_then(|()| f.sync_all())
                     .map_err(Error::io("truncating checkpoints file", &path))?;
@@ -242,7 +253,7 @@ impl Checkpoints {
         {
             return Err(Error::Corrupt {
                 file: self.path.clone(),
-                offset: ((self.list.len() - 1) * ENTRY_LEN) as u64,
+                offset: ((self.list.len() - 1) * entry_len(shared.meta.layout.version())) as u64,
                 position: Some(size),
                 detail: format!(
                     "checkpoint {} covers {} records but the log has {size}: records were removed",
@@ -261,11 +272,12 @@ impl Checkpoints {
             time: super::now(),
             root,
             chain_head: tree.head,
-            streams: None,
+            streams: tree.heads.as_mut().map(|h| (h.len(), h.root())),
         };
         let cp = SignedCheckpoint::sign(statement, key);
         let first = self.list.is_empty();
-        file.write_all_at(&cp.encode_entry(), (self.list.len() * ENTRY_LEN) as u64)
+        let entry = cp.encode_entry();
+        file.write_all_at(&entry, (self.list.len() * entry.len()) as u64)
             .and_then(|()| file.sync_data())
             .map_err(Error::io("writing checkpoints file", &self.path))?;
         if first {
@@ -311,7 +323,7 @@ pub(crate) mod ledger {
 
     use crate::error::{Error, Result};
     use crate::format::Hash32;
-    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
+    use crate::format::checkpoint::{SignedCheckpoint, entry_len};
     use crate::format::proof::hex;
 
     /// The first line of a ledger file.
@@ -405,7 +417,9 @@ pub(crate) mod ledger {
             .and_then(|i| list.get(i))
         else {
             return Err(fail(
-                (list.len() * ENTRY_LEN) as u64,
+                list.iter()
+                    .map(|c| entry_len(c.statement.version()) as u64)
+                    .sum(),
                 format!(
                     "checkpoints were removed: the signing key's ledger ({}) says it signed checkpoint {} (tree size {}) of this log, but the checkpoints file ends at checkpoint {}. Restore the file; if this directory was restored from a backup on purpose, history after it was lost and witnesses will see a fork: move the ledger aside to go on",
                     path.display(),
@@ -417,7 +431,7 @@ pub(crate) mod ledger {
         };
         if cp.statement.tree_size != signed.tree_size || cp.statement.root != signed.root {
             return Err(fail(
-                (signed.id - 1) * ENTRY_LEN as u64,
+                (signed.id - 1) * entry_len(cp.statement.version()) as u64,
                 format!(
                     "checkpoint {} differs from the one the signing key signed (ledger {}): tree size {} root {} on disk, tree size {} root {} signed",
                     signed.id,

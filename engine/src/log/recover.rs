@@ -61,10 +61,10 @@ fn read_checkpoints_file(dir: &Path) -> Result<Vec<u8>> {
 
 /// The fingerprint of the key that signed the last whole entry of the checkpoints file, or
 /// `"unknown"` if that entry does not decode; `None` when the file holds no entry.
-fn last_checkpoint_signer(dir: &Path) -> Result<Option<String>> {
-    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint, fingerprint};
+fn last_checkpoint_signer(dir: &Path, entry_len: usize) -> Result<Option<String>> {
+    use crate::format::checkpoint::{SignedCheckpoint, fingerprint};
     let bytes = read_checkpoints_file(dir)?;
-    Ok(bytes.chunks_exact(ENTRY_LEN).last().map(|last| {
+    Ok(bytes.chunks_exact(entry_len).last().map(|last| {
         SignedCheckpoint::decode_entry(last)
             .map_or_else(|_| "unknown".to_owned(), |cp| fingerprint(&cp.public_key))
     }))
@@ -74,11 +74,12 @@ fn last_checkpoint_signer(dir: &Path) -> Result<Option<String>> {
 /// checkpoints file that decode (a damaged entry does not hide later ones). Every record a
 /// checkpoint covers was synced before it was signed: it is evidence that those records
 /// were acknowledged, whatever the records themselves say.
-fn checkpointed_size(dir: &Path, log_id: &[u8; 16]) -> Result<Option<(u64, u64)>> {
-    use crate::format::checkpoint::{ENTRY_LEN, SignedCheckpoint};
+fn checkpointed_size(meta: &LogMeta, dir: &Path) -> Result<Option<(u64, u64)>> {
+    use crate::format::checkpoint::{SignedCheckpoint, entry_len};
+    let log_id = &meta.log_id;
     let bytes = read_checkpoints_file(dir)?;
     Ok(bytes
-        .chunks_exact(ENTRY_LEN)
+        .chunks_exact(entry_len(meta.layout.version()))
         .filter_map(|e| SignedCheckpoint::decode_entry(e).ok())
         .filter(|cp| cp.statement.log_id == *log_id)
         .map(|cp| (cp.statement.id, cp.statement.tree_size))
@@ -221,7 +222,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     let checkpoints_read_before = if read_only {
         Some(Checkpoints::read_for_view(
             dir,
-            &meta.log_id,
+            &meta,
             held_by_another(dir),
         )?)
     } else {
@@ -448,7 +449,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     // before them lost acknowledged records (whole segments gone, say), and a writable open
     // would write new history over them.
     if opts.recovery == RecoveryMode::Strict
-        && let Some((id, size)) = checkpointed_size(dir, &shared.meta.log_id)?
+        && let Some((id, size)) = checkpointed_size(&shared.meta, dir)?
         && size > end.position.0
     {
         return Err(corrupt(
@@ -593,7 +594,10 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .unwrap_or_else(|| dir.join(super::checkpoints::KEY_FILE));
     // A new key is made only for a log that has never signed a checkpoint: minting one for a
     // log whose key was moved away would sign its future under a key nobody trusts.
-    let signed_by = last_checkpoint_signer(dir)?;
+    let signed_by = last_checkpoint_signer(
+        dir,
+        crate::format::checkpoint::entry_len(shared.meta.layout.version()),
+    )?;
     let key = if read_only {
         None
     } else {
@@ -636,8 +640,24 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .map(|c| (c.statement.tree_size, c.statement.root));
     report.checkpoint_tail_truncated = cps.truncated_at;
     *lock(&shared.checkpoints) = cps;
-    let tree = open_tree(&shared, trusted)?;
+    let mut tree = open_tree(&shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;
+    if shared.meta.layout == crate::format::record::Layout::V2 {
+        // The tree now covers the whole log, as the stream table does: its heads map is the
+        // table's streams, from here on kept in step as the tree catches up.
+        let mut heads = crate::format::heads::StreamHeads::new();
+        if let Some(w) = shared.writer.lock().as_ref() {
+            for st in w.streams.iter() {
+                heads.set(
+                    crate::format::heads::stream_key(st.name.as_bytes()),
+                    st.last_version,
+                    st.last_position.0,
+                );
+            }
+        }
+        debug_assert_eq!(tree.size(), shared.visible_position().0);
+        tree.heads = Some(heads);
+    }
     *lock(&shared.tree) = tree;
     if !read_only {
         rebuild_id_window(&shared)?;
@@ -1062,7 +1082,7 @@ fn remove_tail(
         }
     }
     let checkpointed =
-        checkpointed_size(&shared.dir, &shared.meta.log_id)?.filter(|&(_, size)| size > end.0);
+        checkpointed_size(&shared.meta, &shared.dir)?.filter(|&(_, size)| size > end.0);
     let acknowledged = evidence.is_some() || checkpointed.is_some();
     if let Some((id, size)) = checkpointed
         && shared.opts.recovery == RecoveryMode::Strict

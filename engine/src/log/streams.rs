@@ -52,6 +52,13 @@ impl StreamTable {
         self.states.len()
     }
 
+    /// Every stream that has an event.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &StreamState> {
+        self.states
+            .iter()
+            .filter(|s| s.first_position.0 != u64::MAX)
+    }
+
     /// Adds a stream that has no events yet; its fields are set by the first event.
     pub(crate) fn insert_new(&mut self, name: &str, hash: u64) -> StreamKey {
         assert!(self.key(name).is_none(), "stream {name} inserted twice");

@@ -51,6 +51,9 @@ pub(crate) struct Tree {
     pub(crate) rebuilt: bool,
     /// Stored nodes of height [`CACHED_HEIGHT`] or more read so far, by node index.
     upper: RefCell<HashMap<u64, Hash32>>,
+    /// Format version 2: the stream heads map of the first `size()` records, kept in step
+    /// as the tree catches up (set after open, from the stream table).
+    pub(crate) heads: Option<crate::format::heads::StreamHeads>,
 }
 
 /// Stored nodes this many levels above the chunk level or higher are kept in memory once
@@ -170,6 +173,15 @@ impl Tree {
         if to > from {
             scan_range(shared, from, to, Verify::Checksums, &mut |r| {
                 self.push_leaf(r.record_hash);
+                if let Some(heads) = &mut self.heads
+                    && let Some(stream) = crate::format::envelope::EnvelopeRef::stream_bytes(r.body)
+                {
+                    heads.set(
+                        crate::format::heads::stream_key(stream),
+                        r.stream_version,
+                        r.position.0,
+                    );
+                }
             })?;
             if self.size() < to.0 {
                 return Err(Error::Corrupt {
@@ -284,6 +296,7 @@ impl Tree {
             head: shared_seed,
             rebuilt: false,
             upper: RefCell::new(HashMap::new()),
+            heads: None,
         }
     }
 }

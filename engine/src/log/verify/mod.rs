@@ -66,6 +66,10 @@ struct Checked {
     sidecar_missing: bool,
     /// Stored Merkle nodes compared.
     nodes: u64,
+    /// Version 2: the segment's streams in pieces that end at each checkpoint inside it and
+    /// at its end, as `(tree size at the piece's end, streams of the piece)`, for the stream
+    /// heads map a version 2 checkpoint commits to.
+    pieces: Vec<(u64, Vec<SegStream>)>,
     /// Record times of the first and last record (version 2 logs check that they never
     /// decrease across segments).
     first_time: Option<Timestamp>,
@@ -158,9 +162,11 @@ pub(crate) fn verify(
             } else {
                 crate::format::proof::root(&mut src, cp.statement.tree_size)?
             };
+            // The heads map of trusted records is not recomputed.
             let kept = cps.check(
                 root,
                 (cp.statement.tree_size == base).then_some(&report.last_chain_hash),
+                None,
             )?;
             count(&mut report, &cps, kept);
         }
@@ -181,7 +187,9 @@ pub(crate) fn verify(
         segs.drain(..first);
     } else {
         while cps.pending(0).is_some() {
-            let kept = cps.check(whole.root(), Some(&report.last_chain_hash))?;
+            let empty =
+                (shared.meta.layout == Layout::V2).then_some((0, crate::format::heads::EMPTY_ROOT));
+            let kept = cps.check(whole.root(), Some(&report.last_chain_hash), empty)?;
             count(&mut report, &cps, kept);
         }
     }
@@ -258,6 +266,7 @@ pub(crate) fn verify(
             let mut position = report.first_position;
             let mut snapshot_due = snapshot.as_ref();
             let mut prev_last_time: Option<Timestamp> = None;
+            let mut heads = crate::format::heads::StreamHeads::new();
             for i in 0..segs.len() {
                 let checked = {
                     let mut slots = lock(&results);
@@ -292,13 +301,35 @@ pub(crate) fn verify(
                         None,
                     ));
                 }
+                let mut pieces = checked.pieces.iter().peekable();
                 for (size, subtrees, head) in &checked.at_checkpoints {
+                    // Version 2: the heads map up to this checkpoint.
+                    while let Some((end, list)) = pieces.next_if(|(end, _)| end <= size) {
+                        debug_assert!(end <= size);
+                        for s in list {
+                            heads.set(
+                                crate::format::heads::stream_key(s.name.as_bytes()),
+                                s.last_version,
+                                s.last_position.0,
+                            );
+                        }
+                    }
+                    let heads_at = (h.layout == Layout::V2).then(|| (heads.len(), heads.root()));
                     while cps.pending(*size).is_some() {
                         let mut at = whole.clone();
                         join(&mut at, subtrees);
                         debug_assert_eq!(at.len(), *size);
-                        let kept = cps.check(at.root(), Some(head))?;
+                        let kept = cps.check(at.root(), Some(head), heads_at)?;
                         count(&mut report, &cps, kept);
+                    }
+                }
+                for (_, list) in pieces {
+                    for s in list {
+                        heads.set(
+                            crate::format::heads::stream_key(s.name.as_bytes()),
+                            s.last_version,
+                            s.last_position.0,
+                        );
                     }
                 }
                 let seg = &segs[i];
@@ -683,7 +714,12 @@ impl CheckpointCheck<'_> {
 
     /// Checks the next checkpoint against the root of its tree and, where known, the chain
     /// hash of its last record. Returns whether it was a kept one.
-    fn check(&mut self, root: Hash32, head: Option<&Hash32>) -> Result<bool> {
+    fn check(
+        &mut self,
+        root: Hash32,
+        head: Option<&Hash32>,
+        heads: Option<(u64, Hash32)>,
+    ) -> Result<bool> {
         let Some(t) = self.targets.get(self.next) else {
             return Ok(false);
         };
@@ -720,6 +756,16 @@ impl CheckpointCheck<'_> {
                 "{what}: chain head {} differs from the signed chain head {}{not_extended}",
                 hex(head),
                 hex(&s.chain_head)
+            )));
+        }
+        if let (Some((count, heads_root)), Some((signed_count, signed_root))) = (heads, s.streams)
+            && (count, heads_root) != (signed_count, signed_root)
+        {
+            return Err(fail(format!(
+                "{what}: the stream heads map of the first {} records has {count} streams and root {}, the signed one {signed_count} streams and root {}",
+                s.tree_size,
+                hex(&heads_root),
+                hex(&signed_root)
             )));
         }
         Ok(t.kept)
@@ -805,6 +851,24 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         _ => Vec::new(),
     };
     let (mut first_time, mut last_time) = (None, None);
+    // Version 2: checkpoints strictly inside the segment split its streams into pieces,
+    // built record by record; without any, the segment's streams are one piece.
+    let inner: Vec<u64> = if v2 {
+        let b = header.base_position.0;
+        let mut v: Vec<u64> = ctx
+            .checkpoint_sizes
+            .iter()
+            .copied()
+            .filter(|&s| s > b && s < b + wanted)
+            .collect();
+        v.dedup();
+        v
+    } else {
+        Vec::new()
+    };
+    let mut pieces: Vec<(u64, Vec<SegStream>)> = Vec::new();
+    let mut piece = (!inner.is_empty()).then(SegStreams::default);
+    let mut next_cut = inner.iter().copied().peekable();
     let mut index_failure: Option<Error> = None;
     let mut cache = RunCache {
         stream: String::new(),
@@ -853,6 +917,20 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         }
         first_time.get_or_insert(h.record_time);
         last_time = Some(h.record_time);
+        if let Some(p) = &mut piece {
+            // Streams of a piece are only summarised; versions and links are checked above.
+            let _ = p.push(
+                env.stream,
+                h.stream_version,
+                h.position,
+                h.record_time,
+                None,
+            );
+            if next_cut.peek() == Some(&(h.position.0 + 1)) {
+                next_cut.next();
+                pieces.push((h.position.0 + 1, std::mem::take(p).into_list()));
+            }
+        }
         if stream_failure.is_none() {
             let rt = h.record_time;
             let prev = v2.then_some(h.stream_prev);
@@ -1008,6 +1086,13 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         (_, None) => Vec::new(),
     };
     let nodes = ctx.nodes.check(&made)?;
+    if v2 {
+        let end = header.base_position.0 + wanted;
+        match piece {
+            Some(p) => pieces.push((end, p.into_list())),
+            None => pieces.push((end, streams.clone())),
+        }
+    }
     Ok(Checked {
         header,
         records: wanted,
@@ -1021,6 +1106,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         nodes,
         first_time,
         last_time,
+        pieces,
     })
 }
 
