@@ -572,3 +572,41 @@ fn records_a_checkpoint_covers_count_as_acknowledged_in_recovery() {
             .contains("records were removed")
     );
 }
+
+#[test]
+fn stream_head_proofs_match_every_signed_checkpoint_and_the_records() {
+    use tally_engine::format::heads::stream_key;
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let mut cps = Vec::new();
+    for round in 0..6 {
+        fill(&log, 37 + round * 11);
+        // A stream that starts late, so that older trees do not hold it.
+        if round == 3 {
+            log.append("late", ExpectedVersion::NoStream, &[EventData::new("E", vec![1])])
+                .unwrap();
+        }
+        cps.push(log.checkpoint().unwrap());
+    }
+    fill(&log, 50);
+    let events = log
+        .read_all(Position(0), usize::MAX, tally_engine::Direction::Forward)
+        .unwrap();
+    for cp in &cps {
+        let (count, root) = cp.statement.streams.expect("a version 2 statement");
+        let size = cp.statement.tree_size;
+        for stream in ["s-0", "s-3", "late", "never"] {
+            let want = events
+                .iter()
+                .filter(|e| e.position.0 < size && e.stream() == stream)
+                .last()
+                .map(|e| (e.version, e.position));
+            let got = log.prove_stream_head(stream, size).unwrap();
+            assert_eq!(got.as_ref().map(|h| (h.version, h.position)), want, "{stream} at {size}");
+            if let Some(h) = got {
+                assert_eq!((h.stream_count, h.streams_root), (count, root), "at {size}");
+                assert!(h.proof.verify(&root, &stream_key(stream.as_bytes()), h.version, h.position.0));
+            }
+        }
+    }
+}

@@ -1054,6 +1054,84 @@ impl Log {
         })
     }
 
+    /// Format version 2: the head of `stream` in the tree of `tree_size` records (its last
+    /// version there and that event's position), with a proof that it is the stream's leaf
+    /// in the stream heads map that a version 2 checkpoint of that size signs, and the map's
+    /// stream count and root. `None` when the stream has no event among those records.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a version 1 log; [`Error::Proof`] when `tree_size` is
+    /// beyond the visible records; read errors.
+    pub fn prove_stream_head(
+        &self,
+        stream: &str,
+        tree_size: u64,
+    ) -> Result<Option<StreamHead>> {
+        use crate::format::heads::stream_key;
+        use crate::format::record::NO_STREAM_PREV;
+        let visible = self.shared.visible_position();
+        if tree_size > visible.0 {
+            return Err(Error::Proof(ProofError::OutOfRange {
+                index: tree_size,
+                size: visible.0,
+            }));
+        }
+        let mut tree = shared::lock(&self.shared.tree);
+        if tree.heads.is_none() {
+            return Err(invalid_options(
+                "a stream head proof needs a log of format version 2",
+            ));
+        }
+        tree.catch_up(&self.shared, Position(tree_size))?;
+        let now = tree.size();
+        let heads = tree.heads.as_mut().expect("checked above");
+        let key = stream_key(stream.as_bytes());
+        let mut rewound;
+        let map = if now == tree_size {
+            heads
+        } else {
+            // Rewind to `tree_size`: a stream's head there is the one its first record after
+            // it names as its previous event.
+            rewound = heads.clone();
+            let mut seen = std::collections::HashSet::new();
+            drop(tree);
+            read::scan_range(
+                &self.shared,
+                Position(tree_size),
+                Position(now),
+                Verify::Checksums,
+                &mut |r| {
+                    let Some(name) = crate::format::envelope::EnvelopeRef::stream_bytes(r.body)
+                    else {
+                        return;
+                    };
+                    let k = stream_key(name);
+                    if seen.insert(k) {
+                        if r.stream_version == 0 || r.stream_prev == NO_STREAM_PREV {
+                            rewound.remove(&k);
+                        } else {
+                            rewound.set(k, r.stream_version - 1, r.stream_prev);
+                        }
+                    }
+                },
+            )?;
+            &mut rewound
+        };
+        let streams = (map.len(), map.root());
+        let Some((version, position)) = map.get(&key) else {
+            return Ok(None);
+        };
+        let proof = map.prove(&key).expect("the stream is in the map");
+        debug_assert!(proof.verify(&streams.1, &key, version, position));
+        Ok(Some(StreamHead {
+            version,
+            position: Position(position),
+            proof,
+            stream_count: streams.0,
+            streams_root: streams.1,
+        }))
+    }
+
     /// Runs `f` over the tree of `tree_size` records; when it returns `None` (a proof that
     /// does not verify: a damaged node), recomputes the node file and runs it again.
     fn with_tree<T>(
@@ -1154,6 +1232,22 @@ impl Drop for Log {
         // the next open in the worst case.
         let _ignored = self.shared.close();
     }
+}
+
+/// A stream's head in a tree, proven against that tree's stream heads map
+/// ([`Log::prove_stream_head`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamHead {
+    /// The stream's last version among the tree's records.
+    pub version: u64,
+    /// The position of that event.
+    pub position: Position,
+    /// The proof of the stream's leaf.
+    pub proof: crate::format::heads::HeadProof,
+    /// Streams in the map.
+    pub stream_count: u64,
+    /// The map's root (a version 2 checkpoint of that tree size signs it).
+    pub streams_root: Hash32,
 }
 
 /// A record as stored, with the record hash it chains from (see [`Log::read_raw`]).
