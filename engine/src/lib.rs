@@ -51,7 +51,6 @@ pub use log::{
     AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, COSIGNATURES_FILE, Direction,
     Durability, EventData, EventView, ExpectedVersion, KEY_FILE, Log, Options, Query, RawRecord,
     RecordView, RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamHead, StreamInfo,
-    TREE_FILE,
-    Tail, Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key,
-    new_event_id, now,
+    TREE_FILE, Tail, Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature,
+    create_signing_key, new_event_id, now,
 };

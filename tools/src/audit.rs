@@ -21,7 +21,7 @@ use tally_engine::format::chain::{body_hash, chain_step};
 use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
 use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::format::proof::{InclusionProof, hex, parse_hex};
-use tally_engine::format::record::{Layout, RECORD_HEADER_LEN, RECORD_HEADER_V2_LEN, RecordHeader};
+use tally_engine::format::record::{Layout, RecordHeader};
 use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, nodes_for_chunks};
 use tally_engine::{Direction, Field, Log, Position, Query};
 
@@ -30,8 +30,10 @@ use crate::ops::{
     rfc3339,
 };
 
-/// The extract format's name and version.
-pub const EXTRACT_FORMAT: &str = "tally-audit-extract/1";
+/// The extract format's name and version written now (docs/EXTRACT.md).
+pub const EXTRACT_FORMAT: &str = "tally-audit-extract/2";
+/// The first version of the format, still verified (it proves inclusion only).
+pub const EXTRACT_FORMAT_V1: &str = "tally-audit-extract/1";
 
 /// `tally extract DIR`.
 #[derive(Args, Debug)]
@@ -83,13 +85,12 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
         )?
     };
     let size = cp.statement.tree_size;
-    let positions = select(&log, a, size)?;
+    let v2 = cp.statement.streams.is_some();
+    let (positions, completeness) = select(&log, a, size, v2)?;
     let mut events = Vec::with_capacity(positions.len());
     for p in &positions {
-        let raw = log.read_raw(*p)?;
-        let header = RecordHeader::decode_in(&raw.header, raw.layout)?;
-        let env = EnvelopeRef::decode(&raw.body)?;
-        let proof = log.prove_inclusion(*p, size)?;
+        let (obj, header, body) = record_object(&log, *p, size)?;
+        let env = EnvelopeRef::decode(&body)?;
         let mut v = event_json(
             p.0,
             header.stream_version,
@@ -97,17 +98,13 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
             &header.chain_hash,
             &env,
         );
-        v["record"] = json!({
-            "header": hex(&raw.header),
-            "body": b64().encode(&raw.body),
-            "prev_record_hash": hex(&raw.prev_hash),
-        });
-        v["proof"] = json!({
-            "tree_size": proof.tree_size,
-            "path": proof.path.iter().map(|h| hex(h)).collect::<Vec<_>>(),
-        });
+        v["record"] = obj["record"].clone();
+        v["proof"] = obj["proof"].clone();
         events.push(v);
     }
+    let note = log
+        .checkpoint_note(Some(cp.statement.id))?
+        .map(|n| n.encode());
     let doc = json!({
         "format": EXTRACT_FORMAT,
         "provenance": {
@@ -121,6 +118,8 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
         "public_key": hex(&cp.public_key),
         "key_fingerprint": fingerprint(&cp.public_key),
         "checkpoint": checkpoint_json(&cp),
+        "checkpoint_note": note,
+        "completeness": completeness,
         "events": events,
     });
     if writable {
@@ -143,8 +142,39 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Positions of the selected events below `size`, in log order.
-fn select(log: &Log, a: &ExtractArgs, size: u64) -> Result<Vec<Position>> {
+/// A record with what an extract carries to prove it (`position`, `record`: header, body and
+/// previous record hash; `proof`: its inclusion proof in the tree of `size`), with its
+/// decoded header and body.
+fn record_object(log: &Log, p: Position, size: u64) -> Result<(Value, RecordHeader, Vec<u8>)> {
+    let raw = log.read_raw(p)?;
+    let header = RecordHeader::decode_in(&raw.header, raw.layout)?;
+    let proof = log.prove_inclusion(p, size)?;
+    let v = json!({
+        "position": p.0,
+        "record": {
+            "header": hex(&raw.header),
+            "body": b64().encode(&raw.body),
+            "prev_record_hash": hex(&raw.prev_hash),
+        },
+        "proof": {
+            "tree_size": proof.tree_size,
+            "path": proof.path.iter().map(|h| hex(h)).collect::<Vec<_>>(),
+        },
+    });
+    Ok((v, header, raw.body))
+}
+
+/// The record time of position `p`.
+fn record_time_at(log: &Log, p: u64) -> Result<tally_engine::Timestamp> {
+    log.read_all(Position(p), 1, Direction::Forward)?
+        .first()
+        .map(|e| e.record_time)
+        .with_context(|| format!("no record at position {p}"))
+}
+
+/// Positions of the selected events below `size`, in log order, and the extract's
+/// `completeness`: what the checkpoint lets a verifier check about the selection.
+fn select(log: &Log, a: &ExtractArgs, size: u64, v2: bool) -> Result<(Vec<Position>, Value)> {
     if let Some(stream) = &a.stream {
         let mut out = Vec::new();
         let mut from = 0;
@@ -157,21 +187,103 @@ fn select(log: &Log, a: &ExtractArgs, size: u64) -> Result<Vec<Position>> {
         if out.is_empty() {
             bail!("stream {stream:?} has no events covered by the checkpoint");
         }
-        return Ok(out);
+        if !v2 {
+            return Ok((out, inclusion_only(V1_WHY)));
+        }
+        // The stream's head in the checkpoint's tree, proven against its signed map: the
+        // extract must end there.
+        let head = log
+            .prove_stream_head(stream, size)?
+            .context("the stream is not in the checkpoint's stream heads map")?;
+        if out.last() != Some(&head.position) || out.len() as u64 != head.version + 1 {
+            bail!(
+                "the stream's index gives {} events ending at position {:?}, but its head in the checkpoint is version {} at position {}: run tally verify",
+                out.len(),
+                out.last().map(|p| p.0),
+                head.version,
+                head.position
+            );
+        }
+        let completeness = json!({
+            "kind": "stream",
+            "stream": stream,
+            "head": {
+                "version": head.version,
+                "position": head.position.0,
+                "proof": head.proof.siblings.iter().map(|h| hex(h)).collect::<Vec<_>>(),
+            },
+            "stream_count": head.stream_count,
+            "streams_root": hex(&head.streams_root),
+        });
+        return Ok((out, completeness));
     }
-    // Through the attribute indexes: the correlation's events, or the records of the
-    // record-time window, and nothing else.
+    if let (true, Some(f), Some(t)) = (v2, &a.from_time, &a.to_time) {
+        // Record time never decreases in a version 2 log: the window is the positions from
+        // the first record at or after `from` to the first at or after `to`, found by binary
+        // search over the records themselves (no index).
+        let (from, to) = (parse_time(f)?, parse_time(t)?);
+        let first_at_or_after = |t: tally_engine::Timestamp| -> Result<u64> {
+            let (mut lo, mut hi) = (0u64, size);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if record_time_at(log, mid)? < t {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            Ok(lo)
+        };
+        let a_pos = first_at_or_after(from)?;
+        let b_pos = first_at_or_after(to)?.max(a_pos);
+        if a_pos == b_pos {
+            bail!(
+                "no events were recorded in the window among the {size} records the checkpoint covers"
+            );
+        }
+        let edge = |p: Option<u64>| -> Result<Value> {
+            match p {
+                Some(p) => Ok(record_object(log, Position(p), size)?.0),
+                None => Ok(Value::Null),
+            }
+        };
+        let completeness = json!({
+            "kind": "window",
+            "from_time": rfc3339(from),
+            "to_time": rfc3339(to),
+            "first_position": a_pos,
+            "end_position": b_pos,
+            "before": edge(a_pos.checked_sub(1))?,
+            "after": edge((b_pos < size).then_some(b_pos))?,
+        });
+        return Ok(((a_pos..b_pos).map(Position).collect(), completeness));
+    }
+    // Through the attribute indexes: the correlation's events, or (version 1) the records
+    // of the record-time window.
     let mut query = Query::all().positions(Position(0)..Position(size));
-    match (&a.correlation, &a.from_time, &a.to_time) {
-        (Some(c), _, _) => query.field = Some((Field::Correlation, c.as_str())),
-        (None, Some(f), Some(t)) => query = query.recorded(parse_time(f)?..parse_time(t)?),
+    let why = match (&a.correlation, &a.from_time, &a.to_time) {
+        (Some(c), _, _) => {
+            query.field = Some((Field::Correlation, c.as_str()));
+            "a correlation id is not committed to by the checkpoint: the events were selected through the attribute index (derived data; tally verify --attribute-indexes checks it), and the extract proves only that each of them is in the signed log"
+        }
+        (None, Some(f), Some(t)) => {
+            query = query.recorded(parse_time(f)?..parse_time(t)?);
+            V1_WHY
+        }
         _ => bail!("select events with --stream, --correlation or --from-time/--to-time"),
-    }
+    };
     let out: Vec<Position> = log.find(&query)?.iter().map(|e| e.position).collect();
     if out.is_empty() {
         bail!("no events match the selection among the {size} records the checkpoint covers");
     }
-    Ok(out)
+    Ok((out, inclusion_only(why)))
+}
+
+/// Why a version 1 log's extract proves inclusion only.
+const V1_WHY: &str = "format version 1 log: its checkpoints commit to no stream heads and its record times may decrease, so the extract proves only that each event is in the signed log";
+
+fn inclusion_only(why: &str) -> Value {
+    json!({"kind": "inclusion", "why": why})
 }
 
 /// `tally verify-extract FILE`.
@@ -182,6 +294,13 @@ pub struct VerifyExtractArgs {
     /// Public key file of the log's signing key (one or more keys).
     #[arg(long)]
     pubkey: PathBuf,
+    /// A witness's public key file (vkey): its cosignature of the extract's checkpoint
+    /// counts. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    witness: Vec<PathBuf>,
+    /// Fail unless the checkpoint is cosigned by at least this many --witness keys.
+    #[arg(long, default_value_t = 0, requires = "witness")]
+    min_witnesses: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -204,12 +323,12 @@ fn hex32(v: &Value, path: &str, key: &str) -> Result<[u8; 32], Finding> {
 }
 
 /// Checks an extract; `Err(Finding)` names the first problem.
-pub fn check_extract(
-    doc: &Value,
-    trusted: &[[u8; 32]],
-) -> Result<(SignedCheckpoint, usize), Finding> {
-    if doc.get("format").and_then(Value::as_str) != Some(EXTRACT_FORMAT) {
-        return Err(Finding(format!("not a {EXTRACT_FORMAT} document")));
+pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Finding> {
+    let format = doc.get("format").and_then(Value::as_str);
+    if format != Some(EXTRACT_FORMAT) && format != Some(EXTRACT_FORMAT_V1) {
+        return Err(Finding(format!(
+            "not a {EXTRACT_FORMAT} (or {EXTRACT_FORMAT_V1}) document"
+        )));
     }
     let cpv = field(doc, "extract", "checkpoint")?;
     let entry = str_field(cpv, "checkpoint", "entry")?;
@@ -243,91 +362,26 @@ pub fn check_extract(
     if str_field(doc, "extract", "log_id")? != hex(&s.log_id) {
         return Err(Finding("log_id: differs from the signed checkpoint".into()));
     }
+    let layout = Layout::of_version(s.version())
+        .ok_or_else(|| Finding(format!("checkpoint of statement version {}", s.version())))?;
     let events = field(doc, "extract", "events")?
         .as_array()
         .ok_or_else(|| Finding("events: not an array".into()))?;
+    let mut checked = Vec::with_capacity(events.len());
     for (i, ev) in events.iter().enumerate() {
         let path = format!("events[{i}]");
-        let rec = field(ev, &path, "record")?;
-        // The header's length says its layout: 80 bytes (format version 1) or 88 (2).
-        let header_hex = str_field(rec, &path, "header")?;
-        let (header_bytes, layout) = match header_hex.len() {
-            n if n == 2 * Layout::V1.header_len() => (
-                parse_hex::<RECORD_HEADER_LEN>(header_hex).map(|b| b.to_vec()),
-                Layout::V1,
-            ),
-            n if n == 2 * Layout::V2.header_len() => (
-                parse_hex::<RECORD_HEADER_V2_LEN>(header_hex).map(|b| b.to_vec()),
-                Layout::V2,
-            ),
-            _ => (None, Layout::V1),
-        };
-        let header_bytes = header_bytes
-            .ok_or_else(|| Finding(format!("{path}.record.header: not 80 or 88 bytes in hex")))?;
-        let header = RecordHeader::decode_in(&header_bytes, layout)
-            .map_err(|e| Finding(format!("{path}.record.header: {e}")))?;
-        let position = header.position.0;
-        let at = format!("{path} (position {position})");
-        let body = b64()
-            .decode(str_field(rec, &path, "body")?)
-            .map_err(|e| Finding(format!("{at}.record.body: {e}")))?;
-        if body.len() != header.body_len as usize || crc32fast::hash(&body) != header.body_crc {
-            return Err(Finding(format!(
-                "{at}: the body does not match its header (length or checksum)"
-            )));
-        }
-        let prev = hex32(rec, &at, "prev_record_hash")?;
-        let hash = chain_step(&prev, &header_bytes, &body_hash(&body));
-        if hash != header.chain_hash {
-            return Err(Finding(format!(
-                "{at}: the record hash computed from its bytes is {}, the header says {}",
-                hex(&hash),
-                hex(&header.chain_hash)
-            )));
-        }
-        let pv = field(ev, &at, "proof")?;
-        let tree_size = field(pv, &at, "tree_size")?.as_u64();
-        if tree_size != Some(s.tree_size) {
-            return Err(Finding(format!(
-                "{at}: the proof is for a tree of {tree_size:?} records, the checkpoint has {}",
-                s.tree_size
-            )));
-        }
-        let mut proof_path = Vec::new();
-        for (j, h) in field(pv, &at, "path")?
-            .as_array()
-            .ok_or_else(|| Finding(format!("{at}.proof.path: not an array")))?
-            .iter()
-            .enumerate()
-        {
-            proof_path.push(
-                h.as_str()
-                    .and_then(parse_hex::<32>)
-                    .ok_or_else(|| Finding(format!("{at}.proof.path[{j}]: not 64 hex digits")))?,
-            );
-        }
-        InclusionProof {
-            index: position,
-            tree_size: s.tree_size,
-            path: proof_path,
-        }
-        .verify(&hash, &s.root)
-        .map_err(|e| {
-            Finding(format!(
-                "{at}: inclusion proof against checkpoint {}: {e}",
-                s.id
-            ))
-        })?;
-        let env = EnvelopeRef::decode(&body).map_err(|e| Finding(format!("{at}: {e}")))?;
+        let r = check_record(ev, &path, &s, layout)?;
+        let at = format!("{path} (position {})", r.header.position);
+        let env = EnvelopeRef::decode(&r.body).map_err(|e| Finding(format!("{at}: {e}")))?;
         let mut expected = event_json(
-            position,
-            header.stream_version,
-            header.record_time,
-            &hash,
+            r.header.position.0,
+            r.header.stream_version,
+            r.header.record_time,
+            &r.header.chain_hash,
             &env,
         );
-        expected["record"] = rec.clone();
-        expected["proof"] = pv.clone();
+        expected["record"] = field(ev, &path, "record")?.clone();
+        expected["proof"] = field(ev, &path, "proof")?.clone();
         if *ev != expected {
             let differing = expected
                 .as_object()
@@ -341,8 +395,303 @@ pub fn check_extract(
                 ev.get(&k).map_or("missing".into(), Value::to_string)
             )));
         }
+        let stream = env.stream.to_owned();
+        checked.push((r, stream));
     }
-    Ok((cp, events.len()))
+    let kind = if doc.get("format").and_then(Value::as_str) == Some(EXTRACT_FORMAT_V1) {
+        Completeness::Inclusion("an extract of format tally-audit-extract/1".into())
+    } else {
+        check_completeness(doc, &s, layout, &checked)?
+    };
+    Ok(Checked {
+        checkpoint: cp,
+        events: events.len(),
+        kind,
+        note: doc
+            .get("checkpoint_note")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// What an extract was found to prove.
+#[derive(Debug)]
+pub enum Completeness {
+    /// Every event of the stream up to the checkpoint.
+    Stream(String),
+    /// Every event recorded in the window (RFC 3339 times), at positions `a..b`.
+    Window(String, String, u64, u64),
+    /// Only that each event is in the signed log; why no more.
+    Inclusion(String),
+}
+
+/// A verified extract.
+#[derive(Debug)]
+pub struct Checked {
+    /// The checkpoint every proof is against.
+    pub checkpoint: SignedCheckpoint,
+    /// Events in it.
+    pub events: usize,
+    /// What it proves.
+    pub kind: Completeness,
+    /// The checkpoint as a signed note, with the witnesses' cosignatures (format 2).
+    pub note: Option<String>,
+}
+
+/// A record of an extract whose bytes, record hash and inclusion proof were checked.
+#[derive(Debug)]
+pub struct CheckedRecord {
+    header: RecordHeader,
+    body: Vec<u8>,
+}
+
+/// Checks one record object (`record` and `proof` fields of `v`): its header (in the
+/// checkpoint's layout), body, record hash and inclusion proof against the statement.
+fn check_record(
+    v: &Value,
+    path: &str,
+    s: &tally_engine::format::checkpoint::Statement,
+    layout: Layout,
+) -> Result<CheckedRecord, Finding> {
+    let rec = field(v, path, "record")?;
+    let header_bytes = tally_engine::format::proof::parse_hex_vec(str_field(rec, path, "header")?)
+        .filter(|b| b.len() == layout.header_len())
+        .ok_or_else(|| {
+            Finding(format!(
+                "{path}.record.header: not {} bytes in hex (format version {})",
+                layout.header_len(),
+                layout.version()
+            ))
+        })?;
+    let header = RecordHeader::decode_in(&header_bytes, layout)
+        .map_err(|e| Finding(format!("{path}.record.header: {e}")))?;
+    let position = header.position.0;
+    let at = format!("{path} (position {position})");
+    let body = b64()
+        .decode(str_field(rec, path, "body")?)
+        .map_err(|e| Finding(format!("{at}.record.body: {e}")))?;
+    if body.len() != header.body_len as usize || crc32fast::hash(&body) != header.body_crc {
+        return Err(Finding(format!(
+            "{at}: the body does not match its header (length or checksum)"
+        )));
+    }
+    let prev = hex32(rec, &at, "prev_record_hash")?;
+    let hash = chain_step(&prev, &header_bytes, &body_hash(&body));
+    if hash != header.chain_hash {
+        return Err(Finding(format!(
+            "{at}: the record hash computed from its bytes is {}, the header says {}",
+            hex(&hash),
+            hex(&header.chain_hash)
+        )));
+    }
+    let pv = field(v, &at, "proof")?;
+    let tree_size = field(pv, &at, "tree_size")?.as_u64();
+    if tree_size != Some(s.tree_size) {
+        return Err(Finding(format!(
+            "{at}: the proof is for a tree of {tree_size:?} records, the checkpoint has {}",
+            s.tree_size
+        )));
+    }
+    let proof_path = hash_list(field(pv, &at, "path")?, &format!("{at}.proof.path"))?;
+    InclusionProof {
+        index: position,
+        tree_size: s.tree_size,
+        path: proof_path,
+    }
+    .verify(&hash, &s.root)
+    .map_err(|e| {
+        Finding(format!(
+            "{at}: inclusion proof against checkpoint {}: {e}",
+            s.id
+        ))
+    })?;
+    Ok(CheckedRecord { header, body })
+}
+
+/// A JSON array of 64-hex-digit hashes.
+fn hash_list(v: &Value, path: &str) -> Result<Vec<[u8; 32]>, Finding> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| Finding(format!("{path}: not an array")))?;
+    if items.len() > 256 {
+        return Err(Finding(format!(
+            "{path}: {} hashes, more than any proof has",
+            items.len()
+        )));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, h)| {
+            h.as_str()
+                .and_then(parse_hex::<32>)
+                .ok_or_else(|| Finding(format!("{path}[{j}]: not 64 hex digits")))
+        })
+        .collect()
+}
+
+/// Checks the `completeness` of a format 2 extract against its (already checked) events.
+fn check_completeness(
+    doc: &Value,
+    s: &tally_engine::format::checkpoint::Statement,
+    layout: Layout,
+    events: &[(CheckedRecord, String)],
+) -> Result<Completeness, Finding> {
+    let c = field(doc, "extract", "completeness")?;
+    match str_field(c, "completeness", "kind")? {
+        "inclusion" => Ok(Completeness::Inclusion(
+            str_field(c, "completeness", "why")?.to_owned(),
+        )),
+        "stream" => {
+            let stream = str_field(c, "completeness", "stream")?;
+            let Some((_, streams_root)) = s.streams else {
+                return Err(Finding(
+                    "completeness: a stream proof needs a version 2 checkpoint".into(),
+                ));
+            };
+            let mut prev_position = tally_engine::format::record::NO_STREAM_PREV;
+            for (i, (r, ev_stream)) in events.iter().enumerate() {
+                let h = &r.header;
+                let at = format!("events[{i}] (position {})", h.position);
+                if ev_stream != stream {
+                    return Err(Finding(format!(
+                        "{at}: an event of stream {ev_stream}, not of {stream}"
+                    )));
+                }
+                if h.stream_version != i as u64 {
+                    return Err(Finding(format!(
+                        "{at}: version {} where version {i} must be: events are missing, added or out of order",
+                        h.stream_version
+                    )));
+                }
+                if h.stream_prev != prev_position {
+                    return Err(Finding(format!(
+                        "{at}: its previous event is at position {}, but the extract's is {}",
+                        h.stream_prev,
+                        if prev_position == tally_engine::format::record::NO_STREAM_PREV {
+                            "none".to_owned()
+                        } else {
+                            prev_position.to_string()
+                        }
+                    )));
+                }
+                prev_position = h.position.0;
+            }
+            let head = field(c, "completeness", "head")?;
+            let version = field(head, "completeness.head", "version")?.as_u64();
+            let position = field(head, "completeness.head", "position")?.as_u64();
+            let siblings = hash_list(
+                field(head, "completeness.head", "proof")?,
+                "completeness.head.proof",
+            )?;
+            let (Some(version), Some(position)) = (version, position) else {
+                return Err(Finding(
+                    "completeness.head: version and position must be integers".into(),
+                ));
+            };
+            let last = events
+                .last()
+                .map(|(r, _)| (r.header.stream_version, r.header.position.0));
+            if last != Some((version, position)) {
+                return Err(Finding(format!(
+                    "the stream's head at checkpoint {} is version {version} at position {position}, but the extract ends at {}: its newest events are missing",
+                    s.id,
+                    last.map_or_else(
+                        || "no event".to_owned(),
+                        |(v, p)| format!("version {v} at position {p}")
+                    )
+                )));
+            }
+            let key = tally_engine::format::heads::stream_key(stream.as_bytes());
+            let proof = tally_engine::format::heads::HeadProof { siblings };
+            if !proof.verify(&streams_root, &key, version, position) {
+                return Err(Finding(format!(
+                    "completeness.head: the proof that stream {stream} ends at version {version} does not verify against the signed stream heads root"
+                )));
+            }
+            Ok(Completeness::Stream(stream.to_owned()))
+        }
+        "window" => {
+            if layout != Layout::V2 {
+                return Err(Finding(
+                    "completeness: a window proof needs a version 2 log".into(),
+                ));
+            }
+            let time = |key: &str| -> Result<tally_engine::Timestamp, Finding> {
+                let text = str_field(c, "completeness", key)?;
+                parse_time(text).map_err(|e| Finding(format!("completeness.{key}: {e}")))
+            };
+            let (from, to) = (time("from_time")?, time("to_time")?);
+            let pos = |key: &str| {
+                field(c, "completeness", key)?
+                    .as_u64()
+                    .ok_or_else(|| Finding(format!("completeness.{key}: not an integer")))
+            };
+            let (a, b) = (pos("first_position")?, pos("end_position")?);
+            if a > b || b > s.tree_size || events.len() as u64 != b - a {
+                return Err(Finding(format!(
+                    "the window is positions {a}..{b} of a tree of {}, but the extract holds {} events",
+                    s.tree_size,
+                    events.len()
+                )));
+            }
+            for (i, (r, _)) in events.iter().enumerate() {
+                let h = &r.header;
+                if h.position.0 != a + i as u64 {
+                    return Err(Finding(format!(
+                        "events[{i}]: position {} where {} must be: events are missing, added or out of order",
+                        h.position,
+                        a + i as u64
+                    )));
+                }
+                if h.record_time < from || h.record_time >= to {
+                    return Err(Finding(format!(
+                        "events[{i}] (position {}): recorded at {}, outside the window",
+                        h.position,
+                        rfc3339(h.record_time)
+                    )));
+                }
+            }
+            // The records just outside: proven, and outside the window.
+            let edge = |key: &str, want: u64| -> Result<Option<CheckedRecord>, Finding> {
+                match field(c, "completeness", key)? {
+                    Value::Null => Ok(None),
+                    v => {
+                        let r = check_record(v, &format!("completeness.{key}"), s, layout)?;
+                        if r.header.position.0 != want {
+                            return Err(Finding(format!(
+                                "completeness.{key}: position {} where {want} must be",
+                                r.header.position
+                            )));
+                        }
+                        Ok(Some(r))
+                    }
+                }
+            };
+            match (a, edge("before", a.wrapping_sub(1))?) {
+                (0, None) => {}
+                (_, Some(r)) if r.header.record_time < from => {}
+                _ => {
+                    return Err(Finding(format!(
+                        "completeness.before: the record before position {a} must be proven and recorded before the window: the window may start earlier"
+                    )));
+                }
+            }
+            match (b == s.tree_size, edge("after", b)?) {
+                (true, None) => {}
+                (false, Some(r)) if r.header.record_time >= to => {}
+                _ => {
+                    return Err(Finding(format!(
+                        "completeness.after: the record at position {b} must be proven and recorded at or after the window's end: the window may end later"
+                    )));
+                }
+            }
+            Ok(Completeness::Window(rfc3339(from), rfc3339(to), a, b))
+        }
+        other => Err(Finding(format!(
+            "completeness.kind: unknown kind {other:?}"
+        ))),
+    }
 }
 
 /// Verifies an extract offline.
@@ -352,22 +701,56 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
         .with_context(|| format!("reading {}", a.file.display()))?;
     let doc: Value = serde_json::from_str(&text)
         .map_err(|e| Finding(format!("{}: not JSON: {e}", a.file.display())))?;
-    match check_extract(&doc, &trusted) {
-        Ok((cp, n)) => {
+    let witnesses = crate::ops::read_witness_keys(&a.witness)?;
+    let result = check_extract(&doc, &trusted).and_then(|c| {
+        let cosigned = check_witnesses(&c, &witnesses, a.min_witnesses)?;
+        Ok((c, cosigned))
+    });
+    match result {
+        Ok((c, cosigned)) => {
+            let cp = &c.checkpoint;
+            let (kind, what) = match &c.kind {
+                Completeness::Stream(stream) => (
+                    "stream",
+                    format!("complete: every event of stream {stream} up to the checkpoint"),
+                ),
+                Completeness::Window(from, to, first, end) => (
+                    "window",
+                    format!(
+                        "complete: every event recorded from {from} to {to} (positions {first}..{end})"
+                    ),
+                ),
+                Completeness::Inclusion(why) => ("inclusion", format!("inclusion only: {why}")),
+            };
             if a.json {
                 println!(
                     "{}",
-                    json!({"ok": true, "events": n, "checkpoint": checkpoint_json(&cp)})
+                    json!({
+                        "ok": true,
+                        "events": c.events,
+                        "proof": kind,
+                        "what": what,
+                        "witnesses": cosigned,
+                        "checkpoint": checkpoint_json(cp),
+                    })
                 );
             } else {
                 println!(
-                    "ok: {n} events, each proven against checkpoint {} (tree size {}, root {}) signed by key {} at {}",
+                    "ok: {} events, each proven against checkpoint {} (tree size {}, root {}) signed by key {} at {}",
+                    c.events,
                     cp.statement.id,
                     cp.statement.tree_size,
                     hex(&cp.statement.root),
                     fingerprint(&cp.public_key),
                     rfc3339(cp.statement.time)
                 );
+                println!("{what}");
+                if !witnesses.is_empty() {
+                    println!(
+                        "cosigned by {cosigned} of the {} given witnesses",
+                        witnesses.len()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -380,6 +763,50 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// Counts the witnesses that cosigned the extract's checkpoint (in its note), failing when
+/// fewer than `min` did.
+fn check_witnesses(
+    c: &Checked,
+    witnesses: &[tally_engine::format::note::WitnessKey],
+    min: usize,
+) -> Result<usize, Finding> {
+    use tally_engine::format::note::{Cosignature, Note, checkpoint_body};
+    if witnesses.is_empty() {
+        return Ok(0);
+    }
+    let Some(text) = &c.note else {
+        return Err(Finding(
+            "the extract carries no checkpoint note, so no cosignature can be checked".into(),
+        ));
+    };
+    let note = Note::parse(text).map_err(|e| Finding(format!("checkpoint_note: {e}")))?;
+    let body = checkpoint_body(&c.checkpoint.statement);
+    if note.body != body {
+        return Err(Finding(
+            "checkpoint_note: its body is not the extract's checkpoint".into(),
+        ));
+    }
+    let mut good: Vec<[u8; 32]> = Vec::new();
+    for cosig in Cosignature::in_note(&note, witnesses) {
+        cosig.verify(&body).map_err(|e| {
+            Finding(format!(
+                "checkpoint_note: the cosignature by witness {} does not verify: {e}",
+                cosig.name
+            ))
+        })?;
+        if !good.contains(&cosig.public_key) {
+            good.push(cosig.public_key);
+        }
+    }
+    if good.len() < min {
+        return Err(Finding(format!(
+            "the checkpoint is cosigned by {} of the given witnesses, fewer than {min}",
+            good.len()
+        )));
+    }
+    Ok(good.len())
 }
 
 /// `tally backup DIR DEST`.

@@ -1062,11 +1062,7 @@ impl Log {
     /// # Errors
     /// [`Error::InvalidOptions`] for a version 1 log; [`Error::Proof`] when `tree_size` is
     /// beyond the visible records; read errors.
-    pub fn prove_stream_head(
-        &self,
-        stream: &str,
-        tree_size: u64,
-    ) -> Result<Option<StreamHead>> {
+    pub fn prove_stream_head(&self, stream: &str, tree_size: u64) -> Result<Option<StreamHead>> {
         use crate::format::heads::stream_key;
         use crate::format::record::NO_STREAM_PREV;
         let visible = self.shared.visible_position();
