@@ -123,6 +123,9 @@ impl<W: Write> Printer<W> {
     }
 }
 
+/// What a lookup through the attribute indexes does and does not prove.
+pub const INDEX_NOTE: &str = "note: selected through the attribute indexes (derived data, not covered by the signed checkpoints): every event shown is checked against its record, but one a damaged index leaves out is missing; tally verify --attribute-indexes checks them";
+
 /// Runs `tally find`.
 pub fn find(a: &FindArgs) -> Result<ExitCode> {
     let field = [
@@ -206,7 +209,13 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
         Ok(())
     })();
     match printed.and_then(|()| p.out.flush().map_err(anyhow::Error::from)) {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+        Ok(()) => {
+            // Every event printed was read from its record and matched against the query,
+            // but one the index leaves out is not printed: say so where it cannot be missed
+            // and does not spoil the data on stdout.
+            eprintln!("{INDEX_NOTE}");
+            Ok(ExitCode::SUCCESS)
+        }
         Err(e)
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>

@@ -264,11 +264,12 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
             .collect();
         println!(
             "{}",
-            json!({"stream": a.stream, "events": items, "events_read": read})
+            json!({"stream": a.stream, "events": items, "events_read": read, "lookups": crate::find::INDEX_NOTE})
         );
         return Ok(ExitCode::SUCCESS);
     }
     println!("stream {}: {} events", a.stream, mine.len());
+    println!("{}", crate::find::INDEX_NOTE);
     for (i, chain, unresolved, related) in &report {
         let e = &events[*i];
         println!(

@@ -881,6 +881,8 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                     "min_witnesses": a.min_witnesses,
                     "newest_witnessed": report.newest_witnessed.map(|(id, size)| json!({"id": id, "tree_size": size})),
                 },
+                "format_version": report.format_version,
+                "proves": if report.format_version >= 2 { "inclusion, stream completeness, window completeness" } else { "inclusion only" },
                 "derived": {
                     "stream_links": report.stream_links,
                     "stream_snapshot_checked": report.snapshot_checked,
@@ -956,6 +958,11 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                             .map(|s| s.0.to_string())
                             .collect::<Vec<_>>()
                             .join(", ")
+                    );
+                }
+                if report.format_version < 2 {
+                    println!(
+                        "format version 1: its checkpoints commit to no stream heads, so this log's checkpoints and extracts prove inclusion only (not that a stream or a time window is complete)"
                     );
                 }
                 println!("chain head {}", hex(&report.last_chain_hash));

@@ -1301,6 +1301,9 @@ pub struct VerifyReport {
     /// The newest checkpoint cosigned by at least [`VerifyOptions::min_witnesses`] (at
     /// least one) of the trusted witnesses, as `(checkpoint id, tree size)`.
     pub newest_witnessed: Option<(u64, u64)>,
+    /// The log's format version. A version 1 log's checkpoints commit to no stream heads,
+    /// so its extracts prove inclusion only.
+    pub format_version: u16,
 }
 
 /// What [`Log::verify_with`] checks beyond the records.

@@ -118,6 +118,7 @@ pub(crate) fn verify(
     let mut segs = shared.segments_snapshot();
     let mut report = VerifyReport {
         last_chain_hash: shared.seed,
+        format_version: shared.meta.layout.version(),
         ..VerifyReport::default()
     };
     let snapshot_path = shared.dir.join(super::streams::SNAPSHOT_FILE);
