@@ -132,6 +132,14 @@ pub enum Error {
     /// A proof was asked for, or checked against, positions or sizes the log does not have.
     #[error(transparent)]
     Proof(#[from] crate::format::proof::ProofError),
+    /// A producer signature is missing where the policy requires one, is by a key that is
+    /// not registered (or was revoked, or may not sign for the stream), or does not verify.
+    /// Nothing was written.
+    #[error("producer signature refused: {reason}")]
+    SignatureRefused {
+        /// Why.
+        reason: String,
+    },
     /// Options out of range.
     #[error("invalid options: {reason}")]
     InvalidOptions {

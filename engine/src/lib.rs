@@ -47,10 +47,11 @@ pub use error::{Error, Result};
 pub use format::envelope::ContentType;
 pub use format::{EventId, Hash32, Position, SegmentSeq, Timestamp};
 pub use index::attrs::Field;
+pub use log::producers;
 pub use log::{
     AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, COSIGNATURES_FILE, Direction,
     Durability, EventData, EventView, ExpectedVersion, KEY_FILE, Log, Options, Query, RawRecord,
     RecordView, RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamHead, StreamInfo,
     TREE_FILE, Tail, Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature,
-    create_signing_key, new_event_id, now,
+    create_signing_key, new_event_id, now, producer_signature,
 };

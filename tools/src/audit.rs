@@ -90,7 +90,7 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     let mut events = Vec::with_capacity(positions.len());
     for p in &positions {
         let (obj, header, body) = record_object(&log, *p, size)?;
-        let env = EnvelopeRef::decode(&body)?;
+        let env = EnvelopeRef::decode(header.envelope_of(&body))?;
         let mut v = event_json(
             p.0,
             header.stream_version,
@@ -372,7 +372,8 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
         let path = format!("events[{i}]");
         let r = check_record(ev, &path, &s, layout)?;
         let at = format!("{path} (position {})", r.header.position);
-        let env = EnvelopeRef::decode(&r.body).map_err(|e| Finding(format!("{at}: {e}")))?;
+        let env = EnvelopeRef::decode(r.header.envelope_of(&r.body))
+            .map_err(|e| Finding(format!("{at}: {e}")))?;
         let mut expected = event_json(
             r.header.position.0,
             r.header.stream_version,

@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod heads;
 pub mod meta;
 pub mod note;
+pub mod producer;
 pub mod proof;
 pub mod record;
 pub mod segment;

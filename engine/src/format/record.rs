@@ -145,8 +145,13 @@ pub mod flags {
     pub const REDACTED: u16 = 1 << 3;
     /// Reserved: the body is encrypted.
     pub const ENCRYPTED: u16 = 1 << 4;
+    /// Format version 2: the first record of a producer-signed batch; its body starts with
+    /// the producer block (`format::producer`) before the envelope.
+    pub const PRODUCER_SIGNED: u16 = 1 << 5;
     /// The bits version 1 accepts.
     pub const KNOWN_V1: u16 = BATCH_START | BATCH_END;
+    /// The bits version 2 accepts.
+    pub const KNOWN_V2: u16 = BATCH_START | BATCH_END | PRODUCER_SIGNED;
 }
 
 /// What a record holds. Version 1 has events only.
@@ -276,8 +281,22 @@ impl RecordHeader {
             });
         }
         let flags = le::u16_at(buf, FLAGS_OFFSET);
-        if flags & !flags::KNOWN_V1 != 0 {
+        let known = match layout {
+            Layout::V1 => flags::KNOWN_V1,
+            Layout::V2 => flags::KNOWN_V2,
+        };
+        if flags & !known != 0 {
             return Err(DecodeError::UnknownFlags { flags });
+        }
+        if flags & flags::PRODUCER_SIGNED != 0
+            && (flags & flags::BATCH_START == 0
+                || (body_len as usize) < super::producer::PRODUCER_BLOCK_LEN)
+        {
+            return Err(DecodeError::Invalid {
+                what: "record flags",
+                detail: "a producer signature outside a batch's first record, or without its block"
+                    .into(),
+            });
         }
         let kind = match le::u16_at(buf, KIND_OFFSET) {
             1 => RecordKind::Event,
@@ -325,6 +344,18 @@ impl RecordHeader {
             kind,
             chain_hash: le::array_at(buf, layout.chain_hash_offset()),
         })
+    }
+
+    /// The envelope within a record's body: after the producer block in the first record
+    /// of a signed batch, the whole body otherwise. `body` is the checked body.
+    #[must_use]
+    pub fn envelope_of<'b>(&self, body: &'b [u8]) -> &'b [u8] {
+        if self.flags & flags::PRODUCER_SIGNED != 0 {
+            body.get(super::producer::PRODUCER_BLOCK_LEN..)
+                .unwrap_or_default()
+        } else {
+            body
+        }
     }
 
     /// Checks `body` (exactly `body_len` bytes) against `body_crc`.

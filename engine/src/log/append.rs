@@ -24,6 +24,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::format::chain::{body_hash, chain_step};
 use crate::format::envelope::EnvelopeRef;
+use crate::format::producer::{PRODUCER_BLOCK_LEN, ProducerBlock, ProducerSignature};
 use crate::format::record::{
     Layout, NO_STREAM_PREV, RECORD_HEADER_MAX, RecordHeader, RecordKind, flags, set_chain_hash,
 };
@@ -63,6 +64,17 @@ pub(crate) struct Prepared<'a> {
     parts: Vec<PreparedPart<'a>>,
     bodies: Vec<u8>,
     record_bytes: u64,
+    /// The batch's first body starts with a producer block (a signed batch).
+    signed: bool,
+}
+
+/// How an append is signed, and whether it may write the engine's own system streams.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Signing<'s> {
+    /// The producer's signature of the batch.
+    pub(crate) signature: Option<&'s ProducerSignature>,
+    /// An append by the engine itself to `$producers` (a registration).
+    pub(crate) system: bool,
 }
 
 fn invalid_append(reason: impl Into<String>) -> Error {
@@ -76,8 +88,14 @@ fn prepare<'a>(
     requests: &[AppendRequest<'a>],
     segment_bytes: u64,
     layout: Layout,
+    signature: Option<(&ProducerSignature, &[u8; 16])>,
     mut bodies: Vec<u8>,
 ) -> Result<Prepared<'a>> {
+    if signature.is_some() && layout == Layout::V1 {
+        return Err(Error::SignatureRefused {
+            reason: "a log of format version 1 cannot store producer signatures".into(),
+        });
+    }
     if requests.is_empty() {
         return Err(invalid_append("no streams"));
     }
@@ -111,8 +129,27 @@ fn prepare<'a>(
             if events_total > 1 && !ids_seen.insert(event_id.as_u128()) {
                 return Err(invalid_append(format!("event id {event_id} appears twice")));
             }
+            if signature.is_some() && (ev.event_id.is_none() || ev.event_time.is_none()) {
+                return Err(invalid_append(format!(
+                    "event {index} of a signed batch has no {}: the producer signs every event's id and event time",
+                    if ev.event_id.is_none() {
+                        "id"
+                    } else {
+                        "event time"
+                    }
+                )));
+            }
             let env = envelope_of(ev, req.stream, event_id, default_time);
             let body_start = bodies.len();
+            if let Some((sig, _)) = signature
+                && index == 0
+            {
+                let block = ProducerBlock {
+                    signature: *sig,
+                    event_count: u32::try_from(events_total).unwrap_or(u32::MAX),
+                };
+                bodies.extend_from_slice(&block.encode());
+            }
             env.encode_into(&mut bodies)
                 .map_err(|source| Error::InvalidEvent { index, source })?;
             let body_len = (bodies.len() - body_start) as u32;
@@ -140,11 +177,53 @@ fn prepare<'a>(
         });
     }
     hash_bodies(&mut parts, &bodies);
+    if let Some((sig, log_id)) = signature {
+        // The signature covers each envelope's hash: the first body's hash covers the
+        // producer block too, so its envelope is hashed on its own.
+        let mut hashes: Vec<Hash32> = parts
+            .iter()
+            .flat_map(|p| p.events.iter().map(|e| e.body_hash))
+            .collect();
+        let first = &parts[0].events[0];
+        hashes[0] = body_hash(
+            &bodies
+                [first.body_start + PRODUCER_BLOCK_LEN..first.body_start + first.body_len as usize],
+        );
+        sig.verify(log_id, &hashes)
+            .map_err(|e| Error::SignatureRefused {
+                reason: format!("the batch's producer signature does not verify: {e}"),
+            })?;
+    }
     Ok(Prepared {
         parts,
         bodies,
         record_bytes,
+        signed: signature.is_some(),
     })
+}
+
+/// The BLAKE3 hash of each event's envelope as the log will store it, in batch order: what a
+/// producer signs. Every event must give its id and event time.
+pub(crate) fn envelope_hashes(requests: &[AppendRequest<'_>]) -> Result<Vec<Hash32>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for (index, (req, ev)) in requests
+        .iter()
+        .flat_map(|r| r.events.iter().map(move |e| (r, e)))
+        .enumerate()
+    {
+        let (Some(id), Some(_)) = (ev.event_id, ev.event_time) else {
+            return Err(invalid_append(format!(
+                "event {index} has no id or event time: a producer signs both"
+            )));
+        };
+        buf.clear();
+        envelope_of(ev, req.stream, id, Timestamp(0))
+            .encode_into(&mut buf)
+            .map_err(|source| Error::InvalidEvent { index, source })?;
+        out.push(body_hash(&buf));
+    }
+    Ok(out)
 }
 
 fn envelope_of<'e>(
@@ -451,6 +530,9 @@ impl Writer {
                 if n + 1 == total {
                     fl |= flags::BATCH_END;
                 }
+                if n == 0 && prepared.signed {
+                    fl |= flags::PRODUCER_SIGNED;
+                }
                 let header = RecordHeader {
                     layout,
                     stream_prev: match layout {
@@ -642,14 +724,38 @@ pub(crate) fn submit(
     requests: &[AppendRequest<'_>],
     wake_flusher: bool,
 ) -> Result<AppendHandle> {
+    submit_signed(shared, requests, wake_flusher, Signing::default())
+}
+
+/// [`submit`] of a batch signed by a producer, or of the engine's own registration events.
+pub(crate) fn submit_signed(
+    shared: &Arc<Shared>,
+    requests: &[AppendRequest<'_>],
+    wake_flusher: bool,
+    signing: Signing<'_>,
+) -> Result<AppendHandle> {
     if shared.read_only {
         return Err(Error::ReadOnly);
+    }
+    // The policy is read for the whole append, so that it is ordered after or before any
+    // registration (which holds it for writing around its own append).
+    let policy = (!signing.system).then(|| shared.producers.read());
+    if let Some(policy) = &policy {
+        let streams: Vec<&str> = requests.iter().map(|r| r.stream).collect();
+        if streams.contains(&super::producers::PRODUCERS_STREAM) {
+            return Err(invalid_append(format!(
+                "{} is written only by the producer registration operations",
+                super::producers::PRODUCERS_STREAM
+            )));
+        }
+        policy.check(&streams, signing.signature)?;
     }
     let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));
     let prepared = prepare(
         requests,
         shared.opts.segment_bytes,
         shared.meta.layout,
+        signing.signature.map(|s| (s, &shared.meta.log_id)),
         bodies,
     )?;
     let committed = {
@@ -660,6 +766,7 @@ pub(crate) fn submit(
         std::mem::forget(unwinding);
         committed
     };
+    drop(policy);
     if prepared.bodies.capacity() <= BODIES_KEPT_BYTES {
         BODIES.with(|b| *b.borrow_mut() = prepared.bodies);
     }

@@ -16,6 +16,7 @@ mod background;
 mod checkpoints;
 mod cosignatures;
 mod ids;
+pub mod producers;
 mod read;
 mod recover;
 mod shared;
@@ -707,6 +708,161 @@ impl Log {
         }])
     }
 
+    /// Appends a batch signed by a producer ([`producer_signature`] makes the signature):
+    /// the signature is checked over the events' envelopes before anything is written, and
+    /// stored in the batch's first record, where the chain covers it. The batch must give
+    /// every event's id and event time (they are part of what is signed), and the log must
+    /// be of format version 2.
+    ///
+    /// # Errors
+    /// As [`Log::append_multi`]; [`Error::SignatureRefused`] when the signature does not
+    /// verify or its key is not registered, revoked, or not allowed for a stream.
+    pub fn append_multi_signed(
+        &self,
+        requests: &[AppendRequest<'_>],
+        signature: &crate::format::producer::ProducerSignature,
+    ) -> Result<Vec<AppendResult>> {
+        append::submit_signed(
+            &self.shared,
+            requests,
+            false,
+            append::Signing {
+                signature: Some(signature),
+                system: false,
+            },
+        )?
+        .wait()
+    }
+
+    /// Signs and appends a batch to one stream with a producer's key: events without an id
+    /// or event time get one first ([`Log::append_multi_signed`]).
+    ///
+    /// # Errors
+    /// As [`Log::append_multi_signed`].
+    pub fn append_signed(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[EventData],
+        key: &ed25519_dalek::SigningKey,
+    ) -> Result<AppendResult> {
+        let time = now();
+        let events: Vec<EventData> = events
+            .iter()
+            .map(|e| EventData {
+                event_id: Some(e.event_id.unwrap_or_else(new_event_id)),
+                event_time: Some(e.event_time.unwrap_or(time)),
+                ..e.clone()
+            })
+            .collect();
+        let requests = [AppendRequest {
+            stream,
+            expected,
+            events: &events,
+        }];
+        let signature = producer_signature(&self.log_id(), &requests, key)?;
+        let mut results = self.append_multi_signed(&requests, &signature)?;
+        Ok(results.remove(0))
+    }
+
+    /// Registers a producer key in `$producers` (an event with `actor` and `reason`): from
+    /// then on it may sign batches for streams with one of `prefixes` (any stream when
+    /// empty). Returns where the registration was written.
+    ///
+    /// # Errors
+    /// As [`Log::append`].
+    pub fn register_producer_key(
+        &self,
+        public_key: [u8; 32],
+        name: &str,
+        prefixes: &[String],
+        actor: &str,
+        reason: &str,
+    ) -> Result<AppendResult> {
+        self.write_producers(
+            producers::KEY_REGISTERED,
+            producers::registered_payload(&public_key, name, prefixes, reason),
+            actor,
+        )
+    }
+
+    /// Revokes a producer key: it signs nothing new. Its earlier batches stay as they are.
+    ///
+    /// # Errors
+    /// As [`Log::append`].
+    pub fn revoke_producer_key(
+        &self,
+        public_key: [u8; 32],
+        actor: &str,
+        reason: &str,
+    ) -> Result<AppendResult> {
+        self.write_producers(
+            producers::KEY_REVOKED,
+            producers::revoked_payload(&public_key, reason),
+            actor,
+        )
+    }
+
+    /// Requires every later append to a stream starting with `prefix` to be signed by a
+    /// registered producer key; unsigned ones are refused with nothing written.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a log of format version 1 (it cannot store
+    /// signatures); as [`Log::append`].
+    pub fn require_signatures(
+        &self,
+        prefix: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<AppendResult> {
+        if self.shared.meta.layout == crate::format::record::Layout::V1 {
+            return Err(invalid_options(
+                "signed appends need a log of format version 2",
+            ));
+        }
+        self.write_producers(
+            producers::SIGNATURES_REQUIRED,
+            producers::required_payload(prefix, reason),
+            actor,
+        )
+    }
+
+    /// The producer keys and the signing policy now in force.
+    #[must_use]
+    pub fn producer_policy(&self) -> producers::ProducerPolicy {
+        self.shared.producers.read().clone()
+    }
+
+    /// Appends one event to `$producers` and applies it, holding the policy for writing so
+    /// that every other append is ordered before or after it.
+    fn write_producers(
+        &self,
+        event_type: &str,
+        payload: String,
+        actor: &str,
+    ) -> Result<AppendResult> {
+        let mut policy = self.shared.producers.write();
+        let event = EventData::json(event_type, payload.clone()).actor(actor);
+        let events = [event];
+        let result = append::submit_signed(
+            &self.shared,
+            &[AppendRequest {
+                stream: producers::PRODUCERS_STREAM,
+                expected: ExpectedVersion::Any,
+                events: &events,
+            }],
+            false,
+            append::Signing {
+                signature: None,
+                system: true,
+            },
+        )?
+        .wait()?
+        .remove(0);
+        policy.apply(event_type, payload.as_bytes())?;
+        Ok(result)
+    }
+
     /// [`Log::append_multi`] without waiting.
     ///
     /// # Errors
@@ -1184,7 +1340,7 @@ impl Log {
                         position,
                         layout: self.shared.meta.layout,
                         header: r.header.to_vec(),
-                        body: r.body.to_vec(),
+                        body: r.record_body.to_vec(),
                         prev_hash: prev,
                     });
                 } else {
@@ -1255,7 +1411,8 @@ pub struct RawRecord {
     pub layout: crate::format::record::Layout,
     /// The header bytes as stored (80 in format version 1, 88 in version 2).
     pub header: Vec<u8>,
-    /// The body (the encoded envelope), without padding.
+    /// The body as stored, without padding: the encoded envelope, after the producer block
+    /// in the first record of a signed batch (docs/FORMAT.md, "Producer-signed batches").
     pub body: Vec<u8>,
     /// The record hash of the previous position (the chain seed for position 0).
     pub prev_hash: Hash32,
@@ -1371,6 +1528,25 @@ pub fn add_cosignature(
         });
     }
     cosignatures::add(dir, cp, cosignature)
+}
+
+/// A producer's signature of a batch for the log `log_id`: over the BLAKE3 hash of each
+/// event's envelope as the log will store it (docs/FORMAT.md, "Producer-signed batches").
+/// Every event must give its id and event time.
+///
+/// # Errors
+/// [`Error::InvalidAppend`] for an event without an id or event time;
+/// [`Error::InvalidEvent`] for one that breaks an envelope limit.
+pub fn producer_signature(
+    log_id: &[u8; 16],
+    requests: &[AppendRequest<'_>],
+    key: &ed25519_dalek::SigningKey,
+) -> Result<crate::format::producer::ProducerSignature> {
+    Ok(crate::format::producer::ProducerSignature::sign(
+        key,
+        log_id,
+        &append::envelope_hashes(requests)?,
+    ))
 }
 
 /// Creates a new Ed25519 signing key file at `path` (mode 0600; an existing file is never

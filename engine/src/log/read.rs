@@ -525,7 +525,7 @@ fn to_event(seg: &SegmentHandle, rec: &RecordRef<'_>, position: Position) -> Res
         rec.header.record_time,
         rec.header.chain_hash,
         &env,
-        rec.body,
+        rec.envelope_bytes(),
     ))
 }
 
@@ -800,6 +800,11 @@ pub struct RecordView<'a> {
     pub record_hash: &'a crate::format::Hash32,
     /// The encoded envelope.
     pub body: &'a [u8],
+    /// The record's whole body as stored (what `body_crc` and the chain's body hash cover):
+    /// the envelope, after the producer block in the first record of a signed batch.
+    pub record_body: &'a [u8],
+    /// The record's flags (`format::record::flags`).
+    pub flags: u16,
     /// The record's header bytes as stored (80 in format version 1, 88 in version 2).
     pub header: &'a [u8],
     /// Format version 2: the position of the previous event of the record's stream
@@ -885,7 +890,9 @@ pub(crate) fn scan_records(
                 stream_version: rec.header.stream_version,
                 record_time: rec.header.record_time,
                 record_hash: &rec.header.chain_hash,
-                body: rec.body,
+                body: rec.envelope_bytes(),
+                record_body: rec.body,
+                flags: rec.header.flags,
                 header: &rec.header_bytes[..rec.header.header_len()],
                 stream_prev: rec.header.stream_prev,
                 offset,

@@ -278,6 +278,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         rebuilt: Mutex::new(Vec::new()),
         tree: Mutex::new(Tree::empty(seed)),
         checkpoints: Mutex::new(Checkpoints::empty()),
+        producers: parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
         checkpoint_due: Mutex::new(false),
         checkpoint_cv: Condvar::new(),
         checkpointer: Mutex::new(None),
@@ -659,6 +660,20 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         tree.heads = Some(heads);
     }
     *lock(&shared.tree) = tree;
+    // The producer keys and signing policy, from their system stream.
+    {
+        let mut policy = super::producers::ProducerPolicy::default();
+        for e in super::read::read_stream(
+            &shared,
+            super::producers::PRODUCERS_STREAM,
+            0,
+            usize::MAX,
+            super::Direction::Forward,
+        )? {
+            policy.apply(e.event_type(), e.payload())?;
+        }
+        *shared.producers.write() = policy;
+    }
     if !read_only {
         rebuild_id_window(&shared)?;
         start_threads(&shared)?;

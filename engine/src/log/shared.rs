@@ -183,6 +183,10 @@ pub(crate) struct Shared {
     pub(crate) tree: Mutex<Tree>,
     /// Signed checkpoints and the signing key.
     pub(crate) checkpoints: Mutex<Checkpoints>,
+    /// Producer keys and the signing policy (`$producers`), read by every append and
+    /// written only by the producer registration operations, which hold it for writing
+    /// around their own append so that every append is ordered after or before them.
+    pub(crate) producers: parking_lot::RwLock<super::producers::ProducerPolicy>,
     /// Set (and `checkpoint_cv` signalled) when a seal asks for a checkpoint.
     pub(crate) checkpoint_due: Mutex<bool>,
     pub(crate) checkpoint_cv: Condvar,

@@ -123,9 +123,15 @@ impl<'a> RecordRef<'a> {
         self.offset + self.header.record_len()
     }
 
-    /// Decodes the body as an event envelope.
+    /// The envelope's bytes: the body after the producer block of a signed batch's first
+    /// record, the whole body otherwise.
+    pub(crate) fn envelope_bytes(&self) -> &'a [u8] {
+        self.header.envelope_of(self.body)
+    }
+
+    /// Decodes the body's envelope.
     pub(crate) fn envelope(&self) -> Result<EnvelopeRef<'a>, RecordError> {
-        EnvelopeRef::decode(self.body).map_err(|source| RecordError::Invalid {
+        EnvelopeRef::decode(self.envelope_bytes()).map_err(|source| RecordError::Invalid {
             offset: self.offset,
             source,
         })

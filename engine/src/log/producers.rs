@@ -1,0 +1,178 @@
+//! Producer keys and the signing policy (docs/FORMAT.md, "Producer-signed batches"): events
+//! of the system stream `$producers`, each with its actor and reason, loaded at open and
+//! enforced on every append. The stream is written only through [`super::Log`]'s
+//! `register_producer_key`, `revoke_producer_key` and `require_signatures`; a direct append
+//! to it is refused.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::format::producer::ProducerSignature;
+use crate::format::proof::{hex, parse_hex};
+
+/// The system stream holding producer keys and the signing policy.
+pub const PRODUCERS_STREAM: &str = "$producers";
+/// Event type: a producer key may sign batches (payload: `key`, `name`, `prefixes`,
+/// `reason`).
+pub const KEY_REGISTERED: &str = "$ProducerKeyRegistered";
+/// Event type: a producer key may no longer sign (payload: `key`, `reason`).
+pub const KEY_REVOKED: &str = "$ProducerKeyRevoked";
+/// Event type: appends to streams with a prefix must be signed (payload: `prefix`,
+/// `reason`).
+pub const SIGNATURES_REQUIRED: &str = "$SignaturesRequired";
+
+/// A registered producer key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerKey {
+    /// Who it belongs to (an OMS, a booking service).
+    pub name: String,
+    /// The stream prefixes it may sign for; empty: any stream.
+    pub prefixes: Vec<String>,
+    /// Revoked keys sign nothing new.
+    pub revoked: bool,
+}
+
+/// The producer keys and the prefixes that require signed appends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProducerPolicy {
+    /// Registered keys.
+    pub keys: BTreeMap<[u8; 32], ProducerKey>,
+    /// Stream prefixes whose appends must be signed.
+    pub required: Vec<String>,
+}
+
+fn bad(detail: String) -> Error {
+    Error::InvalidAppend { reason: detail }
+}
+
+impl ProducerPolicy {
+    /// Applies one event of `$producers` (in log order).
+    pub(crate) fn apply(&mut self, event_type: &str, payload: &[u8]) -> Result<()> {
+        let v: Value = serde_json::from_slice(payload)
+            .map_err(|e| bad(format!("{PRODUCERS_STREAM}: not JSON: {e}")))?;
+        let key = || {
+            v.get("key")
+                .and_then(Value::as_str)
+                .and_then(parse_hex::<32>)
+                .ok_or_else(|| bad(format!("{PRODUCERS_STREAM}: {event_type} without a key")))
+        };
+        match event_type {
+            KEY_REGISTERED => {
+                let prefixes = v
+                    .get("prefixes")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let name = v.get("name").and_then(Value::as_str).unwrap_or_default();
+                self.keys.insert(
+                    key()?,
+                    ProducerKey {
+                        name: name.to_owned(),
+                        prefixes,
+                        revoked: false,
+                    },
+                );
+            }
+            KEY_REVOKED => {
+                if let Some(k) = self.keys.get_mut(&key()?) {
+                    k.revoked = true;
+                }
+            }
+            SIGNATURES_REQUIRED => {
+                let prefix = v.get("prefix").and_then(Value::as_str).ok_or_else(|| {
+                    bad(format!("{PRODUCERS_STREAM}: {event_type} without a prefix"))
+                })?;
+                if !self.required.iter().any(|p| p == prefix) {
+                    self.required.push(prefix.to_owned());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The required prefix that `stream` falls under, if any.
+    #[must_use]
+    pub fn required_for(&self, stream: &str) -> Option<&str> {
+        self.required
+            .iter()
+            .find(|p| stream.starts_with(p.as_str()))
+            .map(String::as_str)
+    }
+
+    /// Whether a batch to `streams`, signed as given, may be appended.
+    ///
+    /// # Errors
+    /// [`Error::SignatureRefused`] naming the stream and what is missing.
+    pub(crate) fn check(
+        &self,
+        streams: &[&str],
+        signature: Option<&ProducerSignature>,
+    ) -> Result<()> {
+        let refused = |reason: String| Error::SignatureRefused { reason };
+        match signature {
+            None => {
+                for s in streams {
+                    if let Some(p) = self.required_for(s) {
+                        return Err(refused(format!(
+                            "appends to stream {s} must be signed by a producer (policy for prefix {p:?})"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            Some(sig) => {
+                let fp = crate::format::checkpoint::fingerprint(&sig.public_key);
+                let Some(k) = self.keys.get(&sig.public_key) else {
+                    return Err(refused(format!(
+                        "the batch is signed by key {fp}, which is not a registered producer key"
+                    )));
+                };
+                if k.revoked {
+                    return Err(refused(format!(
+                        "the batch is signed by key {fp} ({}), which was revoked",
+                        k.name
+                    )));
+                }
+                if !k.prefixes.is_empty() {
+                    for s in streams {
+                        if !k.prefixes.iter().any(|p| s.starts_with(p.as_str())) {
+                            return Err(refused(format!(
+                                "producer {} (key {fp}) may not sign for stream {s}",
+                                k.name
+                            )));
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The payload of a registration event.
+pub(crate) fn registered_payload(
+    key: &[u8; 32],
+    name: &str,
+    prefixes: &[String],
+    reason: &str,
+) -> String {
+    json!({"key": hex(key), "name": name, "prefixes": prefixes, "reason": reason}).to_string()
+}
+
+/// The payload of a revocation event.
+pub(crate) fn revoked_payload(key: &[u8; 32], reason: &str) -> String {
+    json!({"key": hex(key), "reason": reason}).to_string()
+}
+
+/// The payload of a policy event.
+pub(crate) fn required_payload(prefix: &str, reason: &str) -> String {
+    json!({"prefix": prefix, "reason": reason}).to_string()
+}
