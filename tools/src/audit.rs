@@ -264,7 +264,7 @@ fn select(log: &Log, a: &ExtractArgs, size: u64, v2: bool) -> Result<(Vec<Positi
     let why = match (&a.correlation, &a.from_time, &a.to_time) {
         (Some(c), _, _) => {
             query.field = Some((Field::Correlation, c.as_str()));
-            "a correlation id is not committed to by the checkpoint: the events were selected through the attribute index (derived data; tally verify --attribute-indexes checks it), and the extract proves only that each of them is in the signed log"
+            "which events share a correlation id is not committed to by the checkpoint (each event's own correlation id is): the events were selected through the attribute index (derived data; tally verify --attribute-indexes checks it), and the extract proves only that each of them is in the signed log"
         }
         (None, Some(f), Some(t)) => {
             query = query.recorded(parse_time(f)?..parse_time(t)?);
@@ -301,6 +301,11 @@ pub struct VerifyExtractArgs {
     /// Fail unless the checkpoint is cosigned by at least this many --witness keys.
     #[arg(long, default_value_t = 0, requires = "witness")]
     min_witnesses: usize,
+    /// Fail (exit 1) unless the extract proves completeness (of a stream or a time window),
+    /// not only inclusion: the `format` and `completeness` fields are not signed, so an
+    /// extract can be presented as inclusion-only without failing otherwise.
+    #[arg(long)]
+    require_complete: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -603,6 +608,15 @@ fn check_completeness(
                     )
                 )));
             }
+            // The readable copies of the signed map's facts must be the signed ones.
+            let count = field(c, "completeness", "stream_count")?.as_u64();
+            let root = str_field(c, "completeness", "streams_root")?;
+            if count != s.streams.map(|(n, _)| n) || root != hex(&streams_root) {
+                return Err(Finding(
+                    "completeness: stream_count or streams_root differs from the signed checkpoint"
+                        .into(),
+                ));
+            }
             let key = tally_engine::format::heads::stream_key(stream.as_bytes());
             let proof = tally_engine::format::heads::HeadProof { siblings };
             if !proof.verify(&streams_root, &key, version, position) {
@@ -623,6 +637,11 @@ fn check_completeness(
                 parse_time(text).map_err(|e| Finding(format!("completeness.{key}: {e}")))
             };
             let (from, to) = (time("from_time")?, time("to_time")?);
+            if from >= to {
+                return Err(Finding(
+                    "completeness: the window's from_time is not before its to_time".into(),
+                ));
+            }
             let pos = |key: &str| {
                 field(c, "completeness", key)?
                     .as_u64()
@@ -659,7 +678,9 @@ fn check_completeness(
                     Value::Null => Ok(None),
                     v => {
                         let r = check_record(v, &format!("completeness.{key}"), s, layout)?;
-                        if r.header.position.0 != want {
+                        if r.header.position.0 != want
+                            || v.get("position").and_then(Value::as_u64) != Some(want)
+                        {
                             return Err(Finding(format!(
                                 "completeness.{key}: position {} where {want} must be",
                                 r.header.position
@@ -705,6 +726,13 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
     let witnesses = crate::ops::read_witness_keys(&a.witness)?;
     let result = check_extract(&doc, &trusted).and_then(|c| {
         let cosigned = check_witnesses(&c, &witnesses, a.min_witnesses)?;
+        if a.require_complete
+            && let Completeness::Inclusion(why) = &c.kind
+        {
+            return Err(Finding(format!(
+                "the extract proves inclusion only ({why}), and --require-complete was given"
+            )));
+        }
         Ok((c, cosigned))
     });
     match result {

@@ -215,7 +215,7 @@ pub fn parse_time(s: &str) -> Result<Timestamp> {
 #[must_use]
 pub fn checkpoint_json(cp: &SignedCheckpoint) -> Value {
     let s = &cp.statement;
-    json!({
+    let mut v = json!({
         "id": s.id,
         "log_id": hex(&s.log_id),
         "tree_size": s.tree_size,
@@ -227,7 +227,13 @@ pub fn checkpoint_json(cp: &SignedCheckpoint) -> Value {
         "key_fingerprint": fingerprint(&cp.public_key),
         "signature": hex(&cp.signature),
         "entry": hex(&cp.encode_entry()),
-    })
+    });
+    if let Some((count, root)) = s.streams {
+        v["statement_version"] = json!(s.version());
+        v["stream_count"] = json!(count);
+        v["streams_root"] = json!(hex(&root));
+    }
+    v
 }
 
 fn print_json(v: &Value) -> Result<()> {

@@ -259,3 +259,34 @@ fn the_same_edits_pass_as_inclusion_only_so_completeness_is_what_catches_them() 
         assert!(out.contains("inclusion only"), "{out}");
     }
 }
+
+#[test]
+fn require_complete_refuses_an_extract_presented_as_inclusion_only() {
+    // `format` and `completeness` are not signed: a complete extract relabelled as format 1
+    // still verifies as inclusion only, unless the auditor asks for completeness.
+    let f = fixture();
+    let mut d = f.stream.clone();
+    d["format"] = Value::from("tally-audit-extract/1");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&d).unwrap()).unwrap();
+    let args = |extra: &[&str]| {
+        let mut a = vec!["verify-extract", s(file.path()), "--pubkey", s(&f.pubkey)];
+        a.extend_from_slice(extra);
+        tally(&a)
+    };
+    assert_eq!(args(&[]).status.code(), Some(0));
+    let o = args(&["--require-complete"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("inclusion only"));
+    // The whole one passes with it.
+    let file2 = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file2.path(), serde_json::to_vec(&f.stream).unwrap()).unwrap();
+    let o = tally(&[
+        "verify-extract",
+        s(file2.path()),
+        "--pubkey",
+        s(&f.pubkey),
+        "--require-complete",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+}
