@@ -364,6 +364,8 @@ fn every_field_table_is_checked() {
         "Checkpoint statement version 2",
         "Checkpoint entry",
         "Cosignature entry",
+        "Producer block",
+        "Batch statement",
         "Snapshot payload header",
         "Projection checkpoint header",
         "Attribute index header",
@@ -768,6 +770,7 @@ fn record_flags_match_the_code() {
         ("TOMBSTONE", flags::TOMBSTONE),
         ("REDACTED", flags::REDACTED),
         ("ENCRYPTED", flags::ENCRYPTED),
+        ("PRODUCER_SIGNED", flags::PRODUCER_SIGNED),
     ];
     let t = table("Record flags");
     let (bit, value, name) = (column(&t, "Bit"), column(&t, "Value"), column(&t, "Name"));
@@ -787,6 +790,9 @@ fn record_flags_match_the_code() {
     let text = section("Record flags");
     if !text.contains(&format!("(`flags::KNOWN_V1` = {})", flags::KNOWN_V1)) {
         errors.push(format!("KNOWN_V1 is {}", flags::KNOWN_V1));
+    }
+    if !text.contains(&format!("(`flags::KNOWN_V2` = {})", flags::KNOWN_V2)) {
+        errors.push(format!("KNOWN_V2 is {}", flags::KNOWN_V2));
     }
     fail_on(errors);
 }
@@ -1478,6 +1484,69 @@ fn cosignature_entry_matches_the_code() {
             ("signature", vec![4; 64]),
             ("name", name),
         ],
+    );
+}
+
+#[test]
+fn producer_block_and_batch_statement_match_the_code() {
+    use tally_engine::format::producer::{self as p, ProducerBlock, ProducerSignature};
+    check_layout(
+        "Producer block",
+        p::PRODUCER_BLOCK_LEN,
+        &[
+            ("public_key", p::PB_PUBLIC_KEY),
+            ("signature", p::PB_SIGNATURE),
+            ("event_count", p::PB_EVENT_COUNT),
+            ("reserved", p::PB_RESERVED),
+        ],
+    );
+    let block = ProducerBlock {
+        signature: ProducerSignature {
+            public_key: ramp(0x10),
+            signature: ramp(0x40),
+        },
+        event_count: 0x0102_0304,
+    };
+    check_encoding(
+        "Producer block",
+        &block.encode(),
+        &[
+            ("public_key", ramp::<32>(0x10).to_vec()),
+            ("signature", ramp::<64>(0x40).to_vec()),
+            ("event_count", le32(0x0102_0304)),
+            ("reserved", vec![0; 4]),
+        ],
+    );
+    assert_eq!(ProducerBlock::decode(&block.encode()), Ok(block));
+    check_layout(
+        "Batch statement",
+        p::BATCH_STATEMENT_LEN,
+        &[
+            ("magic", 0),
+            ("version", p::BS_VERSION),
+            ("reserved", p::BS_RESERVED_A),
+            ("log_id", p::BS_LOG_ID),
+            ("event_count", p::BS_EVENT_COUNT),
+            ("reserved", p::BS_RESERVED_B),
+            ("batch_digest", p::BS_DIGEST),
+        ],
+    );
+    let digest: [u8; 32] = ramp(0x80);
+    check_encoding(
+        "Batch statement",
+        &p::batch_statement(&ramp(0x20), 7, &digest),
+        &[
+            ("magic", b"TALLYPSB".to_vec()),
+            ("version", 1u16.to_le_bytes().to_vec()),
+            ("log_id", ramp::<16>(0x20).to_vec()),
+            ("event_count", le32(7)),
+            ("batch_digest", digest.to_vec()),
+        ],
+    );
+    assert!(
+        section("Batch statement").contains("72 bytes"),
+        "the statement's length is {}",
+        p::BATCH_STATEMENT_LEN
     );
 }
 

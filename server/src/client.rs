@@ -91,6 +91,9 @@ pub enum ClientError {
     /// The server answered with a response of the wrong kind.
     #[error("unexpected response: {0}")]
     Unexpected(String),
+    /// A batch could not be signed (an event breaks an envelope limit). Nothing was sent.
+    #[error("the batch cannot be signed: {0}")]
+    Unsignable(String),
 }
 
 impl ClientError {
@@ -589,6 +592,55 @@ impl Client {
                 .collect(),
         );
         match self.call_retrying(&req).await? {
+            Response::AppendedMulti(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Signs a batch with a producer's key and appends it atomically (APPEND_SIGNED): events
+    /// without an id or event time get one first, since both are signed. The signature is
+    /// over the envelopes the log will store (docs/FORMAT.md, "Producer-signed batches"),
+    /// for the server's log.
+    ///
+    /// # Errors
+    /// As [`Client::append_multi`]; the server refuses a signature its policy does not
+    /// accept with `SignatureRefused`.
+    pub async fn append_signed(
+        &self,
+        parts: Vec<(String, ExpectedVersion, Vec<EventData>)>,
+        key: &tally_engine::format::checkpoint::SigningKey,
+    ) -> Result<Vec<AppendResult>, ClientError> {
+        let log_id = self.server_info().await?.log_id;
+        let time = tally_engine::now();
+        let parts: Vec<AppendPart> = parts
+            .into_iter()
+            .map(|(stream, expected, events)| AppendPart {
+                stream,
+                expected,
+                events: with_ids(events)
+                    .into_iter()
+                    .map(|e| EventData {
+                        event_time: Some(e.event_time.unwrap_or(time)),
+                        ..e
+                    })
+                    .collect(),
+            })
+            .collect();
+        let requests: Vec<tally_engine::AppendRequest<'_>> = parts
+            .iter()
+            .map(|p| tally_engine::AppendRequest {
+                stream: &p.stream,
+                expected: p.expected,
+                events: &p.events,
+            })
+            .collect();
+        let signature = tally_engine::producer_signature(&log_id, &requests, key)
+            .map_err(|e| ClientError::Unsignable(e.to_string()))?;
+        drop(requests);
+        match self
+            .call_retrying(&Request::AppendSigned { parts, signature })
+            .await?
+        {
             Response::AppendedMulti(r) => Ok(r),
             other => Err(unexpected(&other)),
         }

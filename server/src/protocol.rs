@@ -74,6 +74,8 @@ pub mod op {
     pub const APPEND: u8 = 0x10;
     /// Atomic append to several streams.
     pub const APPEND_MULTI: u8 = 0x11;
+    /// [`APPEND_MULTI`] of a batch signed by a producer.
+    pub const APPEND_SIGNED: u8 = 0x12;
     /// Read one stream.
     pub const READ_STREAM: u8 = 0x20;
     /// Read the whole log, optionally filtered.
@@ -179,13 +181,16 @@ pub enum ErrorCode {
     /// A cosignature was refused: it names no checkpoint of the log, or does not verify
     /// over that checkpoint's note; nothing was stored.
     CosignatureRefused = 28,
+    /// A producer signature is missing where the log's policy requires one, is by a key the
+    /// log does not accept for the stream, or does not verify; nothing was written.
+    SignatureRefused = 29,
     /// Anything else: a bug on the server.
     Internal = 99,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::HandshakeRequired,
@@ -213,6 +218,7 @@ impl ErrorCode {
         ErrorCode::SchemaRefused,
         ErrorCode::SchemaViolation,
         ErrorCode::CosignatureRefused,
+        ErrorCode::SignatureRefused,
         ErrorCode::Internal,
     ];
 
@@ -931,6 +937,13 @@ pub enum Request {
         /// The schema, as JSON text.
         schema: String,
     },
+    /// An atomic append of a batch signed by a producer (PROTOCOL.md 4.6a).
+    AppendSigned {
+        /// The batch's parts, as in [`Request::AppendMulti`].
+        parts: Vec<AppendPart>,
+        /// The producer's signature of the batch.
+        signature: tally_engine::format::producer::ProducerSignature,
+    },
     /// Store a projection's checkpoint: appended to `$projection-NAME` as the engine's
     /// projections store theirs, so either can resume from the other's.
     ProjectionStore {
@@ -983,6 +996,7 @@ impl Request {
             Request::ServerInfo => op::SERVER_INFO,
             Request::Append(_) => op::APPEND,
             Request::AppendMulti(_) => op::APPEND_MULTI,
+            Request::AppendSigned { .. } => op::APPEND_SIGNED,
             Request::ReadStream { .. } => op::READ_STREAM,
             Request::ReadAll { .. } => op::READ_ALL,
             Request::Find(_) => op::FIND,
@@ -1059,7 +1073,7 @@ impl Request {
             | Request::ConsistencyProof { .. } => Ok(()),
             Request::AddCosignature { cosignature, .. } => text("witness name", &cosignature.name),
             Request::Append(p) => part(p),
-            Request::AppendMulti(parts) => {
+            Request::AppendMulti(parts) | Request::AppendSigned { parts, .. } => {
                 fits("parts", parts.len(), u64::from(u16::MAX))?;
                 parts.iter().try_for_each(part)
             }
@@ -1112,6 +1126,14 @@ impl Request {
                 for p in parts {
                     put_part(out, &p.stream, p.expected, &p.events);
                 }
+            }
+            Request::AppendSigned { parts, signature } => {
+                put_u16(out, parts.len() as u16);
+                for p in parts {
+                    put_part(out, &p.stream, p.expected, &p.events);
+                }
+                out.extend_from_slice(&signature.public_key);
+                out.extend_from_slice(&signature.signature);
             }
             Request::ReadStream {
                 stream,
@@ -1270,6 +1292,27 @@ impl Request {
                     parts.push(read_part(&mut r, &mut budget)?);
                 }
                 Request::AppendMulti(parts)
+            }
+            op::APPEND_SIGNED => {
+                let n = r.u16("part count")?;
+                let n = r.count(
+                    u64::from(n),
+                    2 + 8 + 4,
+                    u64::from(APPEND_PARTS_MAX),
+                    "parts",
+                )?;
+                let mut budget = append_events_max;
+                let mut parts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    parts.push(read_part(&mut r, &mut budget)?);
+                }
+                Request::AppendSigned {
+                    parts,
+                    signature: tally_engine::format::producer::ProducerSignature {
+                        public_key: r.array("producer key")?,
+                        signature: r.array("producer signature")?,
+                    },
+                }
             }
             op::READ_STREAM => Request::ReadStream {
                 stream: r.str("stream")?.to_owned(),
@@ -2046,7 +2089,9 @@ impl Response {
             c if c == op::APPEND | op::RESPONSE_BIT => {
                 Response::Appended(read_append_result(&mut r)?)
             }
-            c if c == op::APPEND_MULTI | op::RESPONSE_BIT => {
+            c if c == op::APPEND_MULTI | op::RESPONSE_BIT
+                || c == op::APPEND_SIGNED | op::RESPONSE_BIT =>
+            {
                 let n = r.u16("result count")?;
                 let n = r.count(u64::from(n), 32, u64::from(APPEND_PARTS_MAX), "results")?;
                 let mut rs = Vec::with_capacity(n);

@@ -340,6 +340,7 @@ pub fn engine_error(e: &EngineError) -> WireError {
         EngineError::Corrupt { .. } | EngineError::Index { .. } => (ErrorCode::Corrupt, None),
         EngineError::Io { .. } => (ErrorCode::Io, None),
         EngineError::Proof(_) => (ErrorCode::ProofUnavailable, None),
+        EngineError::SignatureRefused { .. } => (ErrorCode::SignatureRefused, None),
         _ => (ErrorCode::Internal, None),
     };
     // The message names the cause chain, as the engine's errors keep their sources.
@@ -1109,9 +1110,21 @@ fn handle(
             here.send(reply, &Response::ServerInfo(info));
         }
         Request::Append(part) => {
-            return append(ctx, std::slice::from_ref(&part), reply, here, AckKind::One);
+            return append(
+                ctx,
+                std::slice::from_ref(&part),
+                None,
+                reply,
+                here,
+                AckKind::One,
+            );
         }
-        Request::AppendMulti(parts) => return append(ctx, &parts, reply, here, AckKind::Multi),
+        Request::AppendMulti(parts) => {
+            return append(ctx, &parts, None, reply, here, AckKind::Multi);
+        }
+        Request::AppendSigned { parts, signature } => {
+            return append(ctx, &parts, Some(&signature), reply, here, AckKind::Multi);
+        }
         Request::CheckpointStore { name, position } => {
             let Some(stream) = consumer_stream(&name) else {
                 return early(
@@ -1137,6 +1150,7 @@ fn handle(
             return submit(
                 ctx,
                 std::slice::from_ref(&part),
+                None,
                 reply,
                 here,
                 AckKind::ConsumerCheckpoint,
@@ -1179,6 +1193,7 @@ fn handle(
             return submit(
                 ctx,
                 std::slice::from_ref(&part),
+                None,
                 reply,
                 here,
                 AckKind::ConsumerCheckpoint,
@@ -1329,6 +1344,7 @@ fn consumer_stream(name: &str) -> Option<String> {
 fn append(
     ctx: &Arc<Ctx>,
     parts: &[AppendPart],
+    signature: Option<&tally_engine::format::producer::ProducerSignature>,
     reply: Reply,
     here: &mut Here<'_>,
     kind: AckKind,
@@ -1344,7 +1360,7 @@ fn append(
         return None;
     }
     if !ctx.validating.load(Ordering::Acquire) {
-        return submit(ctx, parts, reply, here, kind);
+        return submit(ctx, parts, signature, reply, here, kind);
     }
     // Checked and submitted under the read lock, so that a registration (which takes the
     // write lock to place its event in the log) is either before this append, and checks
@@ -1367,7 +1383,7 @@ fn append(
             }
         }
     }
-    let ack = submit(ctx, parts, reply, here, kind);
+    let ack = submit(ctx, parts, signature, reply, here, kind);
     drop(registry);
     ack
 }
@@ -1377,6 +1393,7 @@ fn append(
 fn submit(
     ctx: &Arc<Ctx>,
     parts: &[AppendPart],
+    signature: Option<&tally_engine::format::producer::ProducerSignature>,
     reply: Reply,
     here: &mut Here<'_>,
     kind: AckKind,
@@ -1389,7 +1406,11 @@ fn submit(
             events: &p.events,
         })
         .collect();
-    match ctx.log.append_deferred_multi(&reqs) {
+    let submitted = match signature {
+        Some(sig) => ctx.log.append_deferred_multi_signed(&reqs, sig),
+        None => ctx.log.append_deferred_multi(&reqs),
+    };
+    match submitted {
         Err(e) => {
             here.error(reply, engine_error(&e));
             None

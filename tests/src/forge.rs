@@ -230,3 +230,109 @@ pub fn edit_tail_record(dir: &Path, position: u64, edit: impl FnOnce(&mut Record
     let _ = std::fs::remove_file(dir.join(h.seq.index_file_name()));
     let _ = std::fs::remove_file(dir.join("streams.snap"));
 }
+
+/// Appends records to the tail by hand, as a forger with write access but no producer key
+/// would: each `(stream, body)` becomes one single-record batch (or, with `signed_block`,
+/// the bodies form one batch whose first record carries that producer block, as copied
+/// from a real signed batch), with positions, versions, `stream_prev`, record time and chain
+/// continuing the log. The log must be of format version 2 and closed.
+pub fn append_raw(dir: &Path, records: &[(String, Vec<u8>)], signed_block: Option<&[u8]>) {
+    use tally_engine::format::chain::{body_hash, chain_step};
+    use tally_engine::format::producer::PRODUCER_BLOCK_LEN;
+    use tally_engine::format::record::{
+        Layout, NO_STREAM_PREV, RECORD_HEADER_MAX, RecordKind, flags, set_chain_hash,
+    };
+    use tally_engine::{Position, Timestamp};
+    let log = Log::open(
+        dir,
+        Options {
+            recovery: tally_engine::RecoveryMode::ReadOnly,
+            create: false,
+            ..Options::default()
+        },
+    )
+    .expect("open read-only");
+    let mut heads: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    let mut next = log.next_position().0;
+    let last = log
+        .read_all(Position(u64::MAX), 1, tally_engine::Direction::Backward)
+        .expect("read last");
+    let mut time = last.first().map_or(Timestamp(0), |e| e.record_time).0 + 1;
+    let mut chain = last.first().expect("a record").record_hash;
+    for (stream, _) in records {
+        if let Some(i) = log.stream_info(stream).expect("stream info") {
+            heads
+                .entry(stream.clone())
+                .or_insert((i.last_version, i.last_position.0));
+        }
+    }
+    drop(log);
+    let segs = segments(dir);
+    let (path, h) = segs.last().expect("a segment");
+    assert_eq!(h.layout, Layout::V2);
+    let end = record_offsets(path, h)
+        .last()
+        .map_or(SEGMENT_DATA_START, |&(_, at)| {
+            let bytes = std::fs::read(path).expect("read");
+            let hd = RecordHeader::decode_in(&bytes[at as usize..], h.layout).expect("header");
+            at + hd.record_len()
+        });
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open segment");
+    let mut at = end;
+    let n = records.len();
+    for (i, (stream, envelope)) in records.iter().enumerate() {
+        let mut body = Vec::new();
+        let mut fl = 0;
+        let batch = signed_block.is_some();
+        if !batch || i == 0 {
+            fl |= flags::BATCH_START;
+        }
+        if !batch || i + 1 == n {
+            fl |= flags::BATCH_END;
+        }
+        if let (Some(block), 0) = (signed_block, i) {
+            assert_eq!(block.len(), PRODUCER_BLOCK_LEN);
+            body.extend_from_slice(block);
+            fl |= flags::PRODUCER_SIGNED;
+        }
+        body.extend_from_slice(envelope);
+        let (version, prev) = match heads.get(stream) {
+            Some(&(v, p)) => (v + 1, p),
+            None => (0, NO_STREAM_PREV),
+        };
+        heads.insert(stream.clone(), (version, next));
+        let mut header = RecordHeader {
+            layout: Layout::V2,
+            body_len: body.len() as u32,
+            body_crc: crc32fast::hash(&body),
+            durable_lag: 0,
+            position: Position(next),
+            stream_version: version,
+            stream_prev: prev,
+            record_time: Timestamp(time),
+            flags: fl,
+            kind: RecordKind::Event,
+            chain_hash: [0; 32],
+        };
+        let mut hb = [0u8; RECORD_HEADER_MAX];
+        header.encode_into(&mut hb);
+        header.chain_hash = chain_step(&chain, &hb, &body_hash(&body));
+        set_chain_hash(&mut hb, Layout::V2, &header.chain_hash);
+        chain = header.chain_hash;
+        let mut rec = hb[..Layout::V2.header_len()].to_vec();
+        rec.extend_from_slice(&body);
+        rec.resize(header.record_len() as usize, 0);
+        f.write_all_at(&rec, at).expect("write record");
+        at += rec.len() as u64;
+        next += 1;
+        if !batch {
+            time += 1;
+        }
+    }
+    f.sync_all().expect("sync");
+    let _ = std::fs::remove_file(dir.join(h.seq.index_file_name()));
+    let _ = std::fs::remove_file(dir.join("streams.snap"));
+}

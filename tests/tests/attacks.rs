@@ -744,3 +744,174 @@ fn a_forged_stream_link_in_the_tail_is_found_by_verify() {
         "{msg}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Injection at the tail, and producer signatures.
+
+use tally_engine::format::checkpoint::SigningKey;
+use tally_engine::format::proof::hex;
+use tally_engine::producers::ProducerTrust;
+
+/// A log whose `trade-` streams take only batches signed by the OMS's key.
+fn signed_log() -> (Honest, SigningKey) {
+    let h = honest(600);
+    let oms = SigningKey::from_bytes(&[7; 32]);
+    let log = Log::open(&h.dir, options(&h.key)).unwrap();
+    log.register_producer_key(
+        oms.verifying_key().to_bytes(),
+        "oms",
+        &["trade-".into()],
+        "alice",
+        "go-live",
+    )
+    .unwrap();
+    log.require_signatures("trade-", "alice", "signed at source")
+        .unwrap();
+    for i in 0..20u64 {
+        let e = event(600 + i)
+            .with_id(tally_engine::new_event_id())
+            .event_time(tally_engine::now());
+        log.append_signed(
+            &stream_of(i),
+            ExpectedVersion::Any,
+            &[e.clone(), e.with_id(tally_engine::new_event_id())],
+            &oms,
+        )
+        .unwrap();
+    }
+    log.checkpoint().unwrap();
+    log.close().unwrap();
+    (h, oms)
+}
+
+fn trust(oms: &SigningKey, required: bool) -> ProducerTrust {
+    ProducerTrust::parse(&format!(
+        "# the auditor's own list\nkey oms {} trade-\n{}",
+        hex(&oms.verifying_key().to_bytes()),
+        if required { "require trade-\n" } else { "" }
+    ))
+    .unwrap()
+}
+
+fn verify_producers(h: &Honest, trust: ProducerTrust) -> Result<VerifyReport, Error> {
+    read_only(&h.dir)?.verify_with(
+        &VerifyOptions {
+            trusted_keys: vec![h.public_key],
+            producers: Some(trust),
+            ..VerifyOptions::default()
+        },
+        &mut |_| {},
+    )
+}
+
+fn envelope(stream: &str, event_type: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    tally_engine::format::envelope::EnvelopeRef {
+        event_id: tally_engine::new_event_id(),
+        event_time: tally_engine::now(),
+        schema_version: 1,
+        content_type: tally_engine::ContentType::Json,
+        stream,
+        aggregate_type: "Trade",
+        event_type,
+        correlation_id: "",
+        causation_id: "",
+        actor: "oms",
+        payload: br#"{"qty":"1000000"}"#,
+    }
+    .encode_into(&mut out)
+    .unwrap();
+    out
+}
+
+#[test]
+fn an_injected_tail_event_is_caught_only_where_signatures_are_required() {
+    let (h, oms) = signed_log();
+    let r = verify_producers(&h, trust(&oms, true)).unwrap();
+    assert_eq!(r.signed_batches, 20);
+    // An event written into the tail by hand, after the latest checkpoint: every checksum
+    // and chain link right, the stream's links right.
+    forge::append_raw(
+        &h.dir,
+        &[("trade-3".into(), envelope("trade-3", "AMEND"))],
+        None,
+    );
+    let lock = forge::hold_lock(&h.dir);
+    // Without producer signatures nothing tells it from a real append (it is after every
+    // checkpoint, and the next honest one would sign it).
+    verify(&h.dir, h.public_key).unwrap();
+    verify_producers(&h, trust(&oms, false)).unwrap();
+    // Where the auditor's policy requires signatures, verify names it.
+    let msg = failure(verify_producers(&h, trust(&oms, true)));
+    assert!(
+        msg.contains("is not signed, but batches for prefix \"trade-\" must be"),
+        "{msg}"
+    );
+    drop(lock);
+    // And the writer itself would have refused it.
+    let log = Log::open(&h.dir, options(&h.key)).unwrap();
+    assert!(matches!(
+        log.append("trade-3", ExpectedVersion::Any, &[event(1)]),
+        Err(Error::SignatureRefused { .. })
+    ));
+}
+
+#[test]
+fn a_replayed_or_altered_signed_batch_is_caught() {
+    // A copy of a real signed batch appended again at the tail: valid signature, but the
+    // same one as an earlier batch's.
+    let (h, oms) = signed_log();
+    let log = read_only(&h.dir).unwrap();
+    let first_signed = log
+        .read_stream("trade-5", 0, usize::MAX, Direction::Forward)
+        .unwrap()
+        .into_iter()
+        .rev()
+        .find(|e| e.event_type() == "AMEND")
+        .unwrap()
+        .position
+        .0
+        - 1;
+    let a = log.read_raw(tally_engine::Position(first_signed)).unwrap();
+    let b = log
+        .read_raw(tally_engine::Position(first_signed + 1))
+        .unwrap();
+    drop(log);
+    let block = a.body[..104].to_vec();
+    let records = vec![
+        ("trade-5".to_owned(), a.body[104..].to_vec()),
+        ("trade-5".to_owned(), b.body.clone()),
+    ];
+    forge::append_raw(&h.dir, &records, Some(&block));
+    let msg = failure(verify_producers(&h, trust(&oms, true)));
+    assert!(msg.contains("repeats the producer signature"), "{msg}");
+
+    // A signed batch with one event's payload changed (re-chained by the forger).
+    let (h, oms) = signed_log();
+    let log = read_only(&h.dir).unwrap();
+    let last = log.next_position().0 - 2;
+    let a = log.read_raw(tally_engine::Position(last)).unwrap();
+    let b = log.read_raw(tally_engine::Position(last + 1)).unwrap();
+    drop(log);
+    let stream = {
+        let env = tally_engine::format::envelope::EnvelopeRef::decode(&a.body[104..]).unwrap();
+        env.stream.to_owned()
+    };
+    let mut changed = b.body.clone();
+    let n = changed.len();
+    changed[n - 3] = b'9';
+    // Without the key, the forger's block can only be a copy with its signature bent (a
+    // copy as it is would be a replay, above).
+    let mut block = a.body[..104].to_vec();
+    block[40] ^= 1;
+    forge::append_raw(
+        &h.dir,
+        &[(stream.clone(), a.body[104..].to_vec()), (stream, changed)],
+        Some(&block),
+    );
+    let msg = failure(verify_producers(&h, trust(&oms, true)));
+    assert!(
+        msg.contains("signature of producer oms does not verify"),
+        "{msg}"
+    );
+}

@@ -19,6 +19,7 @@ mod demo;
 mod find;
 mod forensic;
 mod ops;
+mod producer;
 mod remote;
 mod remote_bench;
 mod trading;
@@ -76,6 +77,8 @@ enum Command {
     Info(remote::InfoArgs),
     /// Explain one stream: who did what, when and why (causation chain, correlated events).
     Audit(forensic::AuditArgs),
+    /// Producer keys and the signing policy: register, revoke, require, list.
+    Producer(producer::ProducerArgs),
     /// Run a witness: cosign a log's checkpoints only as long as each extends the last.
     Witness(witness::WitnessArgs),
     /// Find events by type, correlation id, causation id, actor or event id, in record-time
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Audit(a) => forensic::audit(&a),
         Command::Find(a) => find::find(&a),
         Command::Witness(a) => witness::run(&a),
+        Command::Producer(a) => producer::run(&a),
     };
     match result {
         Ok(code) => code,

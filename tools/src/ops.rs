@@ -781,6 +781,11 @@ pub struct VerifyArgs {
     /// Fail unless a checkpoint is cosigned by at least this many of the --witness keys.
     #[arg(long, default_value_t = 0, requires = "witness")]
     min_witnesses: usize,
+    /// A producer trust file (lines `key NAME HEX [PREFIX...]` and `require PREFIX [from
+    /// POSITION]`): check every batch's producer signature against these keys, and that the
+    /// batches of the required prefixes are signed.
+    #[arg(long, value_name = "FILE")]
+    producers: Option<PathBuf>,
     /// Segments checked at once, each on its own thread (default: one per core).
     #[arg(long, default_value_t = 0, hide_default_value = true)]
     threads: usize,
@@ -802,6 +807,16 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     };
     let kept = read_kept(&a.trusted, &trusted)?;
     let witnesses = read_witness_keys(&a.witness)?;
+    let producers = a
+        .producers
+        .as_ref()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading producer trust file {}", p.display()))?;
+            tally_engine::producers::ProducerTrust::parse(&text)
+                .with_context(|| format!("producer trust file {}", p.display()))
+        })
+        .transpose()?;
     let log = open_read_only(&a.dir)?;
     let total: u64 = log
         .segments()
@@ -828,6 +843,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         kept,
         witnesses,
         min_witnesses: a.min_witnesses,
+        producers,
     };
     let result = log.verify_with(&options, &mut |done| {
         if let Some(b) = &bar {
@@ -888,6 +904,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                     "newest_witnessed": report.newest_witnessed.map(|(id, size)| json!({"id": id, "tree_size": size})),
                 },
                 "format_version": report.format_version,
+                "producers": a.producers.as_ref().map(|_| json!({"signed_batches": report.signed_batches, "unsigned_batches": report.unsigned_batches})),
                 "proves": if report.format_version >= 2 { "inclusion, stream completeness, window completeness" } else { "inclusion only" },
                 "derived": {
                     "stream_links": report.stream_links,
@@ -930,6 +947,12 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                         println!("newest checkpoint checked: {id} (tree size {size})")
                     }
                     None => println!("no checkpoint checked"),
+                }
+                if a.producers.is_some() {
+                    println!(
+                        "producer signatures: {} signed batches verified, {} unsigned batches where the policy allows them",
+                        report.signed_batches, report.unsigned_batches
+                    );
                 }
                 for (id, size) in &report.kept {
                     println!("the log extends kept checkpoint {id} (tree size {size})");

@@ -51,6 +51,10 @@ pub struct AppendArgs {
     /// Schema version of the payload.
     #[arg(long, default_value_t = 1)]
     schema_version: u32,
+    /// Sign the batch with this producer key file (a key file as `tally keygen` makes);
+    /// the log must have the key registered (`tally producer register`).
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<std::path::PathBuf>,
 }
 
 /// Options of `tally read`.
@@ -156,7 +160,15 @@ pub fn append(a: &AppendArgs) -> Result<ExitCode> {
     let expected = expected(a.expected_version)?;
     runtime()?.block_on(async {
         let c = connect_arg(&a.server).await?;
-        let r = c.append(&a.stream, expected, vec![ev]).await?;
+        let r = match &a.sign_key {
+            Some(path) => {
+                let key = crate::ops::read_secret_key(path)?;
+                c.append_signed(vec![(a.stream.clone(), expected, vec![ev])], &key)
+                    .await?
+                    .remove(0)
+            }
+            None => c.append(&a.stream, expected, vec![ev]).await?,
+        };
         println!(
             "{}",
             json!({

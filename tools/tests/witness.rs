@@ -273,3 +273,78 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn producer_signed_appends_through_tallyd_and_verify_producers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    assert!(tally(&["init", s(&dir)]).status.success());
+    let key = tmp.path().join("oms.key");
+    let o = tally(&["keygen", s(&key)]);
+    assert!(o.status.success(), "{o:?}");
+    let pubkey = tmp.path().join("oms.pub");
+    let o = tally(&["pubkey", "--key", s(&key)]);
+    assert!(o.status.success(), "{o:?}");
+    std::fs::write(&pubkey, &o.stdout).unwrap();
+    let why = ["--actor", "alice", "--reason", "OMS go-live"];
+    let mut args = vec![
+        "producer",
+        "register",
+        s(&dir),
+        "--pubkey",
+        s(&pubkey),
+        "--name",
+        "oms",
+        "--prefix",
+        "trade-",
+    ];
+    args.extend_from_slice(&why);
+    let o = tally(&args);
+    assert!(o.status.success(), "{o:?}");
+    let mut args = vec!["producer", "require", s(&dir), "--prefix", "trade-"];
+    args.extend_from_slice(&why);
+    assert!(tally(&args).status.success());
+    let o = tally(&["producer", "list", s(&dir)]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("key oms") && out.contains("require trade-"),
+        "{out}"
+    );
+    {
+        let server = InProcess::start(&dir);
+        let a = server.addr.as_str();
+        let append = |extra: &[&str]| {
+            let mut args = vec![
+                "append", "--server", a, "trade-1", "--type", "NEW", "--data", "{}",
+            ];
+            args.extend_from_slice(extra);
+            tally(&args)
+        };
+        let o = append(&["--sign-key", s(&key)]);
+        assert!(o.status.success(), "{o:?}");
+        let o = append(&[]);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("must be signed"),
+            "{o:?}"
+        );
+        // Another key, not registered.
+        let other = tmp.path().join("other.key");
+        assert!(tally(&["keygen", s(&other)]).status.success());
+        let o = append(&["--sign-key", s(&other)]);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("not a registered producer key"),
+            "{o:?}"
+        );
+    }
+    let trust = tmp.path().join("producers.trust");
+    let pk = String::from_utf8_lossy(&std::fs::read(&pubkey).unwrap())
+        .trim()
+        .to_owned();
+    std::fs::write(&trust, format!("key oms {pk} trade-\nrequire trade-\n")).unwrap();
+    let o = tally(&["verify", s(&dir), "--producers", s(&trust), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["producers"]["signed_batches"], 1);
+}

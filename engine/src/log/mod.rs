@@ -884,6 +884,27 @@ impl Log {
         append::submit(&self.shared, requests, false)
     }
 
+    /// [`Log::append_deferred_multi`] of a batch signed by a producer
+    /// ([`Log::append_multi_signed`]).
+    ///
+    /// # Errors
+    /// As [`Log::append_multi_signed`].
+    pub fn append_deferred_multi_signed(
+        &self,
+        requests: &[AppendRequest<'_>],
+        signature: &crate::format::producer::ProducerSignature,
+    ) -> Result<AppendHandle> {
+        append::submit_signed(
+            &self.shared,
+            requests,
+            false,
+            append::Signing {
+                signature: Some(signature),
+                system: false,
+            },
+        )
+    }
+
     /// Reads up to `max` events of `stream`, starting at `from_version` and going in
     /// `direction` (`u64::MAX` with `Backward` reads from the newest).
     ///
@@ -1461,6 +1482,11 @@ pub struct VerifyReport {
     /// The log's format version. A version 1 log's checkpoints commit to no stream heads,
     /// so its extracts prove inclusion only.
     pub format_version: u16,
+    /// With [`VerifyOptions::producers`]: batches whose producer signature was checked.
+    pub signed_batches: u64,
+    /// With [`VerifyOptions::producers`]: batches without a producer signature (allowed by
+    /// the trust file's policy).
+    pub unsigned_batches: u64,
 }
 
 /// What [`Log::verify_with`] checks beyond the records.
@@ -1491,6 +1517,11 @@ pub struct VerifyOptions {
     /// With a positive value, verify fails unless at least one checkpoint is cosigned by
     /// this many of [`VerifyOptions::witnesses`]; the newest such is reported.
     pub min_witnesses: usize,
+    /// Check every batch's producer signature against these trusted producers: a signature
+    /// that does not verify, is by a key not trusted (or not for the stream), or is the
+    /// same as an earlier batch's (a replay) fails, and so does an unsigned batch for a
+    /// stream whose prefix requires signatures. Hashes every record's envelope once more.
+    pub producers: Option<producers::ProducerTrust>,
 }
 
 /// Adds a witness's cosignature of checkpoint `cp` to the data directory `dir`

@@ -176,3 +176,107 @@ pub(crate) fn revoked_payload(key: &[u8; 32], reason: &str) -> String {
 pub(crate) fn required_payload(prefix: &str, reason: &str) -> String {
     json!({"prefix": prefix, "reason": reason}).to_string()
 }
+
+/// What a verifier trusts about producers (`tally verify --producers FILE`): the keys it
+/// accepts, each for some stream prefixes or any stream, and the prefixes whose batches must
+/// be signed. It is the verifier's own, not the log's `$producers`, which an attacker who
+/// writes the directory could extend at the tail.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProducerTrust {
+    /// Trusted keys: `(name, public key, prefixes)`; empty prefixes: any stream.
+    pub keys: Vec<(String, [u8; 32], Vec<String>)>,
+    /// Prefixes whose batches must be signed by a trusted key, each from a position on:
+    /// the one given (`require PREFIX from N`), or else the position of the log's first
+    /// `$SignaturesRequired` event for the prefix, or else 0.
+    pub required: Vec<(String, Option<u64>)>,
+}
+
+impl ProducerTrust {
+    /// Parses a producer trust file: lines `key <name> <64 hex digits> [prefix ...]` and
+    /// `require <prefix> [from <position>]`; blank lines and lines starting with `#` are
+    /// ignored.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] naming the first line that does not parse.
+    pub fn parse(text: &str) -> Result<ProducerTrust> {
+        let mut t = ProducerTrust::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let bad = || Error::InvalidOptions {
+                reason: format!(
+                    "producer trust file line {}: expected `key NAME HEX [PREFIX...]` or `require PREFIX`",
+                    n + 1
+                ),
+            };
+            match f.as_slice() {
+                ["key", name, key, prefixes @ ..] => t.keys.push((
+                    (*name).to_owned(),
+                    parse_hex::<32>(key).ok_or_else(bad)?,
+                    prefixes.iter().map(|p| (*p).to_owned()).collect(),
+                )),
+                ["require", prefix] => t.required.push(((*prefix).to_owned(), None)),
+                ["require", prefix, "from", at] => t
+                    .required
+                    .push(((*prefix).to_owned(), Some(at.parse().map_err(|_| bad())?))),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(t)
+    }
+
+    /// Checks one batch of a log: its streams, its producer block if any, and the hashes of
+    /// its envelopes. Returns why it fails.
+    pub(crate) fn check_batch(
+        &self,
+        log_id: &[u8; 16],
+        first: u64,
+        streams: &[&str],
+        block: Option<&crate::format::producer::ProducerBlock>,
+        envelope_hashes: &[crate::format::Hash32],
+    ) -> std::result::Result<(), String> {
+        let Some(block) = block else {
+            for s in streams {
+                if let Some((p, from)) = self
+                    .required
+                    .iter()
+                    .find(|(p, from)| s.starts_with(p.as_str()) && from.is_none_or(|f| first >= f))
+                {
+                    return Err(format!(
+                        "the batch writing stream {s} is not signed, but batches for prefix {p:?} must be from position {} on",
+                        from.unwrap_or(0)
+                    ));
+                }
+            }
+            return Ok(());
+        };
+        let sig = &block.signature;
+        let fp = crate::format::checkpoint::fingerprint(&sig.public_key);
+        let Some((name, _, prefixes)) = self.keys.iter().find(|(_, k, _)| *k == sig.public_key)
+        else {
+            return Err(format!(
+                "the batch is signed by key {fp}, which is not among the trusted producers"
+            ));
+        };
+        if block.event_count as usize != envelope_hashes.len() {
+            return Err(format!(
+                "the producer signed {} events, the batch holds {}",
+                block.event_count,
+                envelope_hashes.len()
+            ));
+        }
+        sig.verify(log_id, envelope_hashes)
+            .map_err(|e| format!("the signature of producer {name} does not verify: {e}"))?;
+        if !prefixes.is_empty() {
+            for s in streams {
+                if !prefixes.iter().any(|p| s.starts_with(p.as_str())) {
+                    return Err(format!("producer {name} may not sign for stream {s}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}

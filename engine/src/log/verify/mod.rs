@@ -70,6 +70,11 @@ struct Checked {
     /// at its end, as `(tree size at the piece's end, streams of the piece)`, for the stream
     /// heads map a version 2 checkpoint commits to.
     pieces: Vec<(u64, Vec<SegStream>)>,
+    /// With producer checks: the signatures of the segment's signed batches, by the
+    /// position of their first record (the joiner finds replays across segments), and the
+    /// number of unsigned batches.
+    signatures: Vec<(u64, [u8; 64])>,
+    unsigned_batches: u64,
     /// Record times of the first and last record (version 2 logs check that they never
     /// decrease across segments).
     first_time: Option<Timestamp>,
@@ -84,6 +89,8 @@ struct Context<'a> {
     nodes: &'a NodeFile,
     /// Where the stream snapshot ends, when it is checked.
     snapshot_end: Option<u64>,
+    /// The producers trusted, when batches' signatures are checked.
+    producers: Option<&'a super::producers::ProducerTrust>,
 }
 
 /// A checkpoint's tree ending inside a segment: its size, the segment's subtrees up to
@@ -122,6 +129,11 @@ pub(crate) fn verify(
         ..VerifyReport::default()
     };
     let snapshot_path = shared.dir.join(super::streams::SNAPSHOT_FILE);
+    let producer_trust = options
+        .producers
+        .as_ref()
+        .map(|t| resolve_required(shared, t))
+        .transpose()?;
     let mut streams = StreamJoin::default();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
     let mut whole = MerkleBuilder::new();
@@ -231,6 +243,7 @@ pub(crate) fn verify(
         bytes_read: &bytes_read,
         nodes: &node_file,
         snapshot_end: snapshot.as_ref().map(|(c, _)| c.next_position.0),
+        producers: producer_trust.as_ref(),
     };
     std::thread::scope(|s| {
         let mut handles = Vec::with_capacity(threads);
@@ -268,6 +281,8 @@ pub(crate) fn verify(
             let mut snapshot_due = snapshot.as_ref();
             let mut prev_last_time: Option<Timestamp> = None;
             let mut heads = crate::format::heads::StreamHeads::new();
+            let mut seen_signatures: std::collections::HashMap<[u8; 64], u64> =
+                std::collections::HashMap::new();
             for i in 0..segs.len() {
                 let checked = {
                     let mut slots = lock(&results);
@@ -381,6 +396,23 @@ pub(crate) fn verify(
                 if checked.sidecar_missing {
                     report.sidecars_missing.push(seg.seq);
                 }
+                // A signed batch stored twice (a copy injected at the tail) carries the same
+                // signature: only its first appearance is the producer's.
+                for (first, sig) in &checked.signatures {
+                    if let Some(earlier) = seen_signatures.insert(*sig, *first) {
+                        return Err(corrupt(
+                            &seg.path,
+                            0,
+                            Some(*first),
+                            format!(
+                                "batch at position {first} repeats the producer signature of the batch at position {earlier}: a replayed batch"
+                            ),
+                            None,
+                        ));
+                    }
+                }
+                report.signed_batches += checked.signatures.len() as u64;
+                report.unsigned_batches += checked.unsigned_batches;
                 position = Position(position.0 + checked.records);
                 report.records += checked.records;
                 report.bytes += checked.bytes;
@@ -438,6 +470,36 @@ pub(crate) fn verify(
         check_witnesses(shared, &checkpoints, options, &mut report)?;
     }
     Ok(report)
+}
+
+/// Fixes where each required prefix of a producer trust file starts: where the file says,
+/// or at the log's first `$SignaturesRequired` event for the prefix, or at 0.
+fn resolve_required(
+    shared: &Shared,
+    trust: &super::producers::ProducerTrust,
+) -> Result<super::producers::ProducerTrust> {
+    let events = super::read::read_stream(
+        shared,
+        super::producers::PRODUCERS_STREAM,
+        0,
+        usize::MAX,
+        super::Direction::Forward,
+    )?;
+    let mut out = trust.clone();
+    for (prefix, from) in &mut out.required {
+        if from.is_none() {
+            let first = events.iter().find(|e| {
+                e.event_type() == super::producers::SIGNATURES_REQUIRED
+                    && serde_json::from_slice::<serde_json::Value>(e.payload())
+                        .ok()
+                        .and_then(|v| v.get("prefix").and_then(|p| p.as_str().map(str::to_owned)))
+                        .as_deref()
+                        == Some(prefix.as_str())
+            });
+            *from = Some(first.map_or(0, |e| e.position.0));
+        }
+    }
+    Ok(out)
 }
 
 /// Counts a checked checkpoint in the report.
@@ -868,6 +930,11 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         Vec::new()
     };
     let mut pieces: Vec<(u64, Vec<SegStream>)> = Vec::new();
+    // Producer checks: the batch being read.
+    let mut batch: Option<Batch> = None;
+    let mut signatures: Vec<(u64, [u8; 64])> = Vec::new();
+    let mut unsigned_batches = 0u64;
+    let mut producer_failure: Option<Error> = None;
     let mut piece = (!inner.is_empty()).then(SegStreams::default);
     let mut next_cut = inner.iter().copied().peekable();
     let mut index_failure: Option<Error> = None;
@@ -918,6 +985,69 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         }
         first_time.get_or_insert(h.record_time);
         last_time = Some(h.record_time);
+        if let Some(trust) = ctx.producers
+            && producer_failure.is_none()
+        {
+            use crate::format::record::flags;
+            if h.flags & flags::BATCH_START != 0 {
+                let block = if h.flags & flags::PRODUCER_SIGNED != 0 {
+                    match crate::format::producer::ProducerBlock::decode(rec.body) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            producer_failure = Some(corrupt(
+                                path,
+                                rec.offset,
+                                Some(h.position.0),
+                                "the batch's producer block does not decode".into(),
+                                Some(e),
+                            ));
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                batch = Some(Batch {
+                    first: h.position.0,
+                    block,
+                    hashes: Vec::new(),
+                    streams: Vec::new(),
+                });
+            }
+            if let Some(b) = &mut batch {
+                b.hashes
+                    .push(crate::format::chain::body_hash(rec.envelope_bytes()));
+                if !b.streams.iter().any(|s| s == env.stream) {
+                    b.streams.push(env.stream.to_owned());
+                }
+            }
+            if h.flags & flags::BATCH_END != 0
+                && let Some(b) = batch.take()
+            {
+                let streams: Vec<&str> = b.streams.iter().map(String::as_str).collect();
+                match trust.check_batch(
+                    &shared.meta.log_id,
+                    b.first,
+                    &streams,
+                    b.block.as_ref(),
+                    &b.hashes,
+                ) {
+                    Ok(()) => match b.block {
+                        Some(block) => signatures.push((b.first, block.signature.signature)),
+                        None => unsigned_batches += 1,
+                    },
+                    Err(detail) => {
+                        producer_failure = Some(corrupt(
+                            path,
+                            0,
+                            Some(b.first),
+                            format!("batch at position {}: {detail}", b.first),
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(p) = &mut piece {
             // Streams of a piece are only summarised; versions and links are checked above.
             let _ = p.push(
@@ -1073,6 +1203,9 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     if let Some(e) = stream_failure {
         return Err(e);
     }
+    if let Some(e) = producer_failure {
+        return Err(e);
+    }
     let streams = match (&index, from_records) {
         (Some(Ok(idx)), _) => idx
             .stream_links()
@@ -1108,7 +1241,17 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         first_time,
         last_time,
         pieces,
+        signatures,
+        unsigned_batches,
     })
+}
+
+/// A batch being read, for its producer signature.
+struct Batch {
+    first: u64,
+    block: Option<crate::format::producer::ProducerBlock>,
+    hashes: Vec<Hash32>,
+    streams: Vec<String>,
 }
 
 /// A stream's part of a segment as its (checked) sidecar gives it.
