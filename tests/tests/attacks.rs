@@ -461,11 +461,76 @@ fn a_kept_checkpoint_fails_a_rollback_a_fork_and_a_rekeyed_log() {
     forged.checkpoint().unwrap();
     forged.checkpoint().unwrap();
     forged.close().unwrap();
-    let msg = failure(verify_kept(&h, std::slice::from_ref(&k)));
-    assert!(msg.contains("now names different content"), "{msg}");
-    // And the log's own key does not sign the forged checkpoints.
-    let msg = failure(verify(&h.dir, h.public_key));
-    assert!(msg.contains("not among the trusted keys"), "{msg}");
+    for beside_live_writer in [false, true] {
+        let _lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        let msg = failure(verify_kept(&h, std::slice::from_ref(&k)));
+        assert!(msg.contains("now names different content"), "{msg}");
+        // And the log's own key does not sign the forged checkpoints.
+        let msg = failure(verify(&h.dir, h.public_key));
+        assert!(msg.contains("not among the trusted keys"), "{msg}");
+    }
+}
+
+#[test]
+fn deleting_whole_segments_is_found_by_verify_or_by_what_was_kept() {
+    for beside_live_writer in [false, true] {
+        // A segment deleted from the middle leaves a hole that verify names, with nothing
+        // kept outside the directory.
+        let h = honest(2000);
+        let segs = forge::segments(&h.dir);
+        assert!(segs.len() > 4, "{} segments", segs.len());
+        let middle = segs[2].1.seq;
+        std::fs::remove_file(&segs[2].0).unwrap();
+        for ext in ["idx", "adx"] {
+            let _ = std::fs::remove_file(h.dir.join(format!("{:020}.{ext}", middle.0)));
+        }
+        let lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        let msg = match read_only(&h.dir) {
+            Err(e) => e.to_string(),
+            Ok(log) => failure(log.verify_with(
+                &VerifyOptions {
+                    trusted_keys: vec![h.public_key],
+                    ..VerifyOptions::default()
+                },
+                &mut |_| {},
+            )),
+        };
+        assert!(
+            msg.contains(&format!("segment {} is missing", middle.0)),
+            "{msg}"
+        );
+        drop(lock);
+
+        // The newest segments deleted whole, with the checkpoints that covered them: the
+        // log is consistent again, and only a kept checkpoint or a witness knows.
+        let h = honest(2000);
+        let w = witness(&h);
+        observe(&w, &h.dir).unwrap();
+        let k = kept(&h, 7); // 2000
+        let segs = forge::segments(&h.dir);
+        let cut = segs[segs.len() - 3].1.base_position.0;
+        let keep = forge::checkpoint_sizes(&h.dir)
+            .iter()
+            .filter(|&&s| s <= cut)
+            .count();
+        forge::keep_checkpoints(&h.dir, keep);
+        forge::truncate_at(&h.dir, cut);
+        let _ = std::fs::remove_file(h.dir.join(tally_engine::COSIGNATURES_FILE));
+        let _lock = beside_live_writer.then(|| forge::hold_lock(&h.dir));
+        verify(&h.dir, h.public_key).unwrap();
+        let msg = failure(verify_kept(&h, std::slice::from_ref(&k)));
+        assert!(
+            msg.contains("kept checkpoint 7") && msg.contains("is missing"),
+            "{msg}"
+        );
+        let err = observe(&w, &h.dir).unwrap_err();
+        assert!(matches!(err, WitnessError::Rollback(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cosigned checkpoint 7 (tree size 2000"),
+            "{err}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

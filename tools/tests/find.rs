@@ -146,3 +146,129 @@ fn find_selects_by_field_and_time_through_the_indexes() {
     // Without the option the records alone are verified.
     assert!(tally(&["verify", d]).status.success());
 }
+
+/// Reads a little-endian `u64` / `u32` at `at`.
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn a_crc_valid_attribute_index_edit_that_hides_an_event_is_never_silent() {
+    use tally_engine::index::attrs::{ATTR_ENTRY_LEN, ATTR_HEADER_LEN, value_hash};
+    // Scenario: an attacker with write access edits one correlation entry of a sealed
+    // segment's .adx so that it points at a neighbouring record of another correlation,
+    // keeps the section sorted and rewrites the trailer CRC. `find` and a correlation
+    // extract then return one event fewer: each must say that it relies on an index the
+    // checkpoint does not cover, the extract must prove inclusion only, and
+    // `verify --attribute-indexes` must name the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let log = Log::open(
+        &dir,
+        Options {
+            segment_bytes: 64 << 10,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..1200u64 {
+        let e = EventData::json(
+            "AMEND",
+            format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(64)),
+        )
+        .correlation_id(format!("deal-{}", i % 50));
+        log.append(&format!("trade-{}", i % 7), ExpectedVersion::Any, &[e])
+            .unwrap();
+    }
+    log.close().unwrap();
+    let d = dir.to_str().unwrap();
+    let found = |corr: &str| -> (Vec<u64>, String) {
+        let o = tally(&["find", d, "--correlation", corr, "--format", "jsonl"]);
+        (
+            positions(&jsonl(&o)),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (honest, note) = found("deal-1");
+    assert_eq!(
+        honest,
+        (0..1200).filter(|i| i % 50 == 1).collect::<Vec<_>>()
+    );
+    assert!(
+        note.contains("not covered by the signed checkpoints"),
+        "{note}"
+    );
+
+    // The edit: the last entry of deal-1's run in segment 1 now names the record after it.
+    let adx = dir.join("00000000000000000001.adx");
+    let mut b = std::fs::read(&adx).unwrap();
+    let records = u64_at(&b, 48) as usize;
+    let types = u32_at(&b, 96) as usize;
+    let corrs = u32_at(&b, 100) as usize;
+    let (causes, actors) = (u32_at(&b, 104) as usize, u32_at(&b, 108) as usize);
+    let corr_at = ATTR_HEADER_LEN + records * 8 + types * ATTR_ENTRY_LEN;
+    let ids_at = corr_at + (corrs + causes + actors) * ATTR_ENTRY_LEN;
+    let h = value_hash("deal-1");
+    let last = (0..corrs)
+        .map(|k| corr_at + k * ATTR_ENTRY_LEN)
+        .rfind(|&at| u64_at(&b, at) == h)
+        .expect("deal-1 in segment 1");
+    let target = u32_at(&b, last + 8) + 1;
+    assert!((target as usize) < records);
+    let offset = (0..records)
+        .map(|k| ids_at + k * ATTR_ENTRY_LEN)
+        .find(|&at| u32_at(&b, at + 8) == target)
+        .map(|at| u32_at(&b, at + 12))
+        .unwrap();
+    b[last + 8..last + 12].copy_from_slice(&target.to_le_bytes());
+    b[last + 12..last + 16].copy_from_slice(&offset.to_le_bytes());
+    let n = b.len() - 4;
+    let crc = crc32fast::hash(&b[..n]);
+    b[n..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&adx, &b).unwrap();
+
+    // find: one event fewer, and the note says why that is possible.
+    let (edited, note) = found("deal-1");
+    assert_eq!(edited.len(), honest.len() - 1, "{edited:?}");
+    assert!(
+        note.contains("one a damaged index leaves out is missing"),
+        "{note}"
+    );
+    // A correlation extract says it proves inclusion only, and --require-complete refuses it.
+    let pk = tmp.path().join("log.pub");
+    std::fs::write(&pk, tally(&["pubkey", d]).stdout).unwrap();
+    let x = tmp.path().join("corr.json");
+    let o = tally(&[
+        "extract",
+        d,
+        "--correlation",
+        "deal-1",
+        "--out",
+        x.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&x).unwrap()).unwrap();
+    assert_eq!(doc["events"].as_array().unwrap().len(), honest.len() - 1);
+    assert_eq!(doc["completeness"]["kind"], "inclusion");
+    let xs = x.to_str().unwrap();
+    let pks = pk.to_str().unwrap();
+    let o = tally(&["verify-extract", xs, "--pubkey", pks, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["proof"], "inclusion", "{v}");
+    let o = tally(&["verify-extract", xs, "--pubkey", pks, "--require-complete"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    // verify --attribute-indexes compares the sidecar with the records and names it.
+    let o = tally(&["verify", d, "--attribute-indexes", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["failure"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("00000000000000000001.adx"),
+        "{v}"
+    );
+}
