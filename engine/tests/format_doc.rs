@@ -1772,3 +1772,72 @@ fn attribute_index_matches_the_code() {
     assert_eq!(&bytes[at..], le32(crc32(&bytes[..at])).as_slice());
     assert!(SealedAttrs::open(Arc::new(bytes)).is_ok());
 }
+
+#[test]
+fn stream_heads_map_definition_matches_the_code() {
+    use tally_engine::format::heads::{StreamHeads, head_leaf, head_node, stream_key};
+    let text = section("Stream heads map");
+    for line in [
+        "leaf(k,v,p) = BLAKE3(0x02 || k || v (u64 LE) || p (u64 LE))",
+        "node(l, r)  = BLAKE3(0x03 || l || r)",
+    ] {
+        assert!(text.contains(line), "the definition has the line {line:?}");
+    }
+    // The definition, written out here from the document.
+    fn leaf(k: &[u8; 32], v: u64, p: u64) -> [u8; 32] {
+        let mut b = vec![0x02];
+        b.extend_from_slice(k);
+        b.extend_from_slice(&v.to_le_bytes());
+        b.extend_from_slice(&p.to_le_bytes());
+        *blake3::hash(&b).as_bytes()
+    }
+    fn node(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
+        let mut b = vec![0x03];
+        b.extend_from_slice(l);
+        b.extend_from_slice(r);
+        *blake3::hash(&b).as_bytes()
+    }
+    fn bit(k: &[u8; 32], d: usize) -> bool {
+        k[d / 8] & (0x80 >> (d % 8)) != 0
+    }
+    fn root(s: &[([u8; 32], u64, u64)], depth: usize) -> [u8; 32] {
+        match s {
+            [] => [0; 32],
+            [(k, v, p)] => leaf(k, *v, *p),
+            _ => {
+                let (s1, s0): (Vec<_>, Vec<_>) = s.iter().partition(|e| bit(&e.0, depth));
+                node(&root(&s0, depth + 1), &root(&s1, depth + 1))
+            }
+        }
+    }
+    let k = stream_key(b"trade-1");
+    assert_eq!(k, *blake3::hash(b"trade-1").as_bytes());
+    assert_eq!(head_leaf(&k, 7, 99), leaf(&k, 7, 99));
+    assert_eq!(head_node(&[1; 32], &[2; 32]), node(&[1; 32], &[2; 32]));
+    let mut heads = StreamHeads::new();
+    assert_eq!(heads.root(), [0; 32], "the empty map");
+    let mut entries = Vec::new();
+    for i in 0..200u64 {
+        let key = stream_key(format!("trade-{i}").as_bytes());
+        heads.set(key, i % 5, 1000 + i);
+        entries.push((key, i % 5, 1000 + i));
+        if [1, 2, 3, 50, 200].contains(&entries.len()) {
+            assert_eq!(heads.root(), root(&entries, 0), "{} streams", entries.len());
+        }
+    }
+    // A head proof, checked as the document says: siblings nearest the leaf first.
+    let (key, v, p) = entries[17];
+    let proof = heads.prove(&key).unwrap();
+    let mut h = leaf(&key, v, p);
+    let depth = proof.siblings.len();
+    for (i, sibling) in proof.siblings.iter().enumerate() {
+        let d = depth - 1 - i;
+        h = if bit(&key, d) {
+            node(sibling, &h)
+        } else {
+            node(&h, sibling)
+        };
+    }
+    assert_eq!(h, heads.root());
+    assert!(text.contains("nearest the leaf first; at most 256"));
+}
