@@ -186,3 +186,57 @@ pub fn recover_segment(data: &[u8]) {
         Position(s.complete as u64),
     );
 }
+
+/// The evidence formats that come from outside the log's own writer (docs/FORMAT.md 17):
+/// signed notes and checkpoint bodies (kept files, a witness's state, a server's answer),
+/// witness keys, cosignature and checkpoint entries, and producer blocks (the first byte
+/// chooses). Each must decode without panicking, and whatever decodes must re-encode to
+/// the same bytes.
+pub fn decode_evidence(data: &[u8]) {
+    use crate::format::checkpoint::SignedCheckpoint;
+    use crate::format::note::{self, CosignatureEntry, Note, WitnessKey};
+    use crate::format::producer::{PRODUCER_BLOCK_LEN, ProducerBlock};
+    let Some((&pick, data)) = data.split_first() else {
+        return;
+    };
+    match pick % 5 {
+        0 => {
+            let Ok(text) = std::str::from_utf8(data) else {
+                return;
+            };
+            let Ok(n) = Note::parse(text) else {
+                return;
+            };
+            assert_eq!(n.encode(), text, "a note re-encodes differently");
+            if let Ok(s) = note::parse_checkpoint_body(&n.body) {
+                assert_eq!(note::checkpoint_body(&s), n.body);
+            }
+            // Whatever the keys, a hostile note is refused, never a panic.
+            let _ = note::checkpoint_from_note(&n, &[]);
+        }
+        1 => {
+            let Ok(text) = std::str::from_utf8(data) else {
+                return;
+            };
+            if let Ok(k) = WitnessKey::parse(text) {
+                assert_eq!(WitnessKey::parse(&k.encode()), Ok(k));
+            }
+        }
+        2 => {
+            if let Ok(e) = CosignatureEntry::decode(data) {
+                assert_eq!(&e.encode()[..], &data[..note::COSIGNATURE_ENTRY_LEN]);
+            }
+        }
+        3 => {
+            if let Ok(cp) = SignedCheckpoint::decode_entry(data) {
+                let again = cp.encode_entry();
+                assert_eq!(&again[..], &data[..again.len()]);
+            }
+        }
+        _ => {
+            if let Ok(b) = ProducerBlock::decode(data) {
+                assert_eq!(&b.encode()[..], &data[..PRODUCER_BLOCK_LEN]);
+            }
+        }
+    }
+}

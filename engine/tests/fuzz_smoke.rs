@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use tally_engine::fuzzing::{decode_pages, decode_record, open_attrs, open_index, recover_segment};
+use tally_engine::fuzzing::{
+    decode_evidence, decode_pages, decode_record, open_attrs, open_index, recover_segment,
+};
 use tally_engine::{EventData, ExpectedVersion, Log, Options, Query};
 
 struct Real {
@@ -60,6 +62,68 @@ fn mutate(mut bytes: Vec<u8>, flips: &[(usize, u8)], cut: Option<usize>) -> Vec<
     bytes
 }
 
+/// Real evidence, each prefixed with the byte that makes `decode_evidence` pick its decoder:
+/// a checkpoint note with a cosignature, a witness key, a cosignature entry, a checkpoint
+/// entry and a producer block.
+fn real_evidence() -> &'static [Vec<u8>] {
+    use tally_engine::format::checkpoint::SigningKey;
+    use tally_engine::format::note::{Cosignature, CosignatureEntry, checkpoint_note};
+    use tally_engine::format::producer::{ProducerBlock, ProducerSignature};
+    static EVIDENCE: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    EVIDENCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), Options::default()).unwrap();
+        log.append("s-1", ExpectedVersion::Any, &[EventData::json("E", "{}")])
+            .unwrap();
+        let cp = log.checkpoint().unwrap();
+        let witness = SigningKey::from_bytes(&[9; 32]);
+        let body = log.checkpoint_note(None).unwrap().unwrap().body;
+        let cosig = Cosignature::sign(&witness, "witness.example/1", 1_700_000_000, &body);
+        let note = checkpoint_note(&cp, std::slice::from_ref(&cosig));
+        let entry = CosignatureEntry {
+            checkpoint_id: cp.statement.id,
+            tree_size: cp.statement.tree_size,
+            root: cp.statement.root,
+            cosignature: cosig.clone(),
+        };
+        let producer = ProducerBlock {
+            signature: ProducerSignature::sign(
+                &SigningKey::from_bytes(&[7; 32]),
+                &log.log_id(),
+                &[[1; 32], [2; 32]],
+            ),
+            event_count: 2,
+        };
+        log.close().unwrap();
+        let with = |pick: u8, bytes: &[u8]| [&[pick][..], bytes].concat();
+        vec![
+            with(0, note.encode().as_bytes()),
+            with(1, cosig.witness().encode().as_bytes()),
+            with(2, &entry.encode()),
+            with(3, &cp.encode_entry()),
+            with(4, &producer.encode()),
+        ]
+    })
+}
+
+#[test]
+fn real_evidence_decodes_and_round_trips() {
+    use tally_engine::format::checkpoint::SignedCheckpoint;
+    use tally_engine::format::note::{CosignatureEntry, Note, WitnessKey};
+    use tally_engine::format::producer::ProducerBlock;
+    let e = real_evidence();
+    // Each input is one its decoder accepts, so the round trips below are reached.
+    let text = |b: &[u8]| std::str::from_utf8(&b[1..]).unwrap().to_owned();
+    assert_eq!(Note::parse(&text(&e[0])).unwrap().signatures.len(), 2);
+    WitnessKey::parse(&text(&e[1])).unwrap();
+    CosignatureEntry::decode(&e[2][1..]).unwrap();
+    SignedCheckpoint::decode_entry(&e[3][1..]).unwrap();
+    ProducerBlock::decode(&e[4][1..]).unwrap();
+    for e in e {
+        decode_evidence(e);
+    }
+}
+
 #[test]
 fn real_inputs_decode_and_round_trip() {
     let r = real_files();
@@ -81,6 +145,7 @@ proptest! {
         open_attrs(&data);
         decode_pages(&data);
         recover_segment(&data);
+        decode_evidence(&data);
     }
 
     #[test]
@@ -96,5 +161,11 @@ proptest! {
         open_attrs(&mutate(r.attrs.clone(), &flips, cut));
         decode_pages(&mutate(r.segment[..4096].to_vec(), &flips, cut));
         decode_pages(&mutate(r.segment[r.segment.len() - 4096..].to_vec(), &flips, cut));
+        for e in real_evidence() {
+            // Keep the byte that picks the decoder.
+            let mut m = vec![e[0]];
+            m.extend(mutate(e[1..].to_vec(), &flips, cut));
+            decode_evidence(&m);
+        }
     }
 }
