@@ -185,7 +185,10 @@ fn a_version_1_log_cannot_require_signatures() {
         Err(Error::InvalidOptions { .. })
     ));
     let key = SigningKey::from_bytes(&[7; 32]);
-    log.register_producer_key(key.verifying_key().to_bytes(), "oms", &[], "a", "b")
-        .unwrap();
+    assert!(matches!(
+        log.register_producer_key(key.verifying_key().to_bytes(), "oms", &[], "a", "b"),
+        Err(Error::InvalidOptions { .. })
+    ));
     refused(log.append_signed("t", ExpectedVersion::Any, &[event(1)], &key));
+    assert_eq!(log.next_position().0, 0, "nothing was written");
 }

@@ -9,6 +9,11 @@
 //! appends outstanding, measured the same way; `--embedded-baseline` then runs the same
 //! load through the embedded engine in a temporary directory, in the same process, and
 //! prints both with their ratio. `--read all|stream` measures replay instead.
+//!
+//! Embedded, `--compare format-v1|unsigned` runs the same load again in the same process
+//! as a baseline (a log of format version 1; the same batches without producer
+//! signatures), `--rounds` pairs of runs alternating which goes first, and prints the
+//! medians and their ratio.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -82,6 +87,30 @@ pub struct BenchArgs {
     /// process instead.
     #[arg(long)]
     pub(crate) embedded_baseline: bool,
+    /// Embedded: the on-disk format version of the log (1 or 2; default: the engine's).
+    #[arg(long)]
+    pub(crate) format_version: Option<u16>,
+    /// Embedded: each append is a batch signed by a producer key registered at the start
+    /// (ids and event times given, the batch statement signed on the writer thread, the
+    /// signature checked by the engine); needs format version 2.
+    #[arg(long)]
+    pub(crate) sign: bool,
+    /// Embedded: also run the same load as a baseline in the same process (a log of format
+    /// version 1, or the same batches unsigned) and print both and their ratio.
+    #[arg(long, value_enum)]
+    pub(crate) compare: Option<CompareArg>,
+    /// With --compare: pairs of runs, alternating which goes first; medians are printed.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) rounds: usize,
+}
+
+/// The baseline of `--compare`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CompareArg {
+    /// The same load on a log of format version 1.
+    FormatV1,
+    /// The same load without producer signatures.
+    Unsigned,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -144,10 +173,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         if args.read.is_some() || args.embedded_baseline {
             bail!("--read and --embedded-baseline need --server ADDR");
         }
+        if let Some(c) = args.compare {
+            return compare(args, c);
+        }
         let m = embedded(args, args.writers)?;
         print(args, &[m], args.writers);
         return Ok(ExitCode::SUCCESS);
     };
+    if args.compare.is_some() || args.sign || args.format_version.is_some() {
+        bail!("--compare, --sign and --format-version are for the embedded engine");
+    }
     let (server, durability) = crate::remote_bench::run(addr, args)?;
     // What the table says and what the baseline runs with is the server's durability.
     let args = &BenchArgs {
@@ -229,12 +264,107 @@ fn print(args: &BenchArgs, runs: &[Measured], writers: usize) {
     }
     if runs.len() == 2 {
         println!(
-            "server/embedded throughput {:.2}x; p50 added {} us",
+            "{}/{} throughput {:.3}x; p50 added {} us",
+            runs[0].label,
+            runs[1].label,
             runs[0].events_per_sec() / runs[1].events_per_sec(),
             runs[0].histogram.value_at_quantile(0.5) as i64
                 - runs[1].histogram.value_at_quantile(0.5) as i64
         );
     }
+}
+
+/// `--compare`: `--rounds` pairs of the load and its baseline, alternating which runs
+/// first, then the medians and their ratio.
+fn compare(args: &BenchArgs, c: CompareArg) -> anyhow::Result<ExitCode> {
+    if args.data.is_some() {
+        bail!("--compare runs each load in a fresh temporary directory: leave out --data");
+    }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let (main, base) = match c {
+        CompareArg::FormatV1 => (
+            BenchArgs {
+                compare: None,
+                ..args.clone()
+            },
+            BenchArgs {
+                compare: None,
+                format_version: Some(1),
+                ..args.clone()
+            },
+        ),
+        CompareArg::Unsigned => (
+            BenchArgs {
+                compare: None,
+                sign: true,
+                ..args.clone()
+            },
+            BenchArgs {
+                compare: None,
+                sign: false,
+                ..args.clone()
+            },
+        ),
+    };
+    let labels = match c {
+        CompareArg::FormatV1 => ("main", "format-v1"),
+        CompareArg::Unsigned => ("signed", "unsigned"),
+    };
+    let (mut mains, mut bases) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let order: [(&BenchArgs, bool); 2] = if round % 2 == 0 {
+            [(&main, true), (&base, false)]
+        } else {
+            [(&base, false), (&main, true)]
+        };
+        for (a, is_main) in order {
+            let mut m = embedded(a, a.writers)?;
+            if is_main {
+                m.label = labels.0;
+                mains.push(m);
+            } else {
+                m.label = labels.1;
+                bases.push(m);
+            }
+        }
+    }
+    let ratios: Vec<f64> = mains
+        .iter()
+        .zip(&bases)
+        .map(|(m, b)| m.events_per_sec() / b.events_per_sec())
+        .collect();
+    let median_run = |runs: &mut Vec<Measured>| -> Measured {
+        runs.sort_by(|a, b| a.events_per_sec().total_cmp(&b.events_per_sec()));
+        runs.remove(runs.len() / 2)
+    };
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_ratio = sorted[sorted.len() / 2];
+    let (m, b) = (median_run(&mut mains), median_run(&mut bases));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                labels.0: m.json(),
+                labels.1: b.json(),
+                "rounds": args.rounds,
+                "round_ratios": ratios,
+                "median_round_ratio": median_ratio,
+                "throughput_ratio": m.events_per_sec() / b.events_per_sec(),
+            })
+        );
+    } else {
+        print(args, &[m, b], args.writers);
+        let list: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+        println!(
+            "{} rounds (median runs shown); per-round ratio {}, median {median_ratio:.3}",
+            args.rounds,
+            list.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The embedded load with `writers` threads.
@@ -258,12 +388,29 @@ fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
         },
         DurabilityArg::None => Durability::None,
     };
-    let opts = Options {
+    let mut opts = Options {
         segment_bytes: args.segment_mib << 20,
         durability,
         ..Options::default()
     };
+    if let Some(v) = args.format_version {
+        opts.format_version = v;
+    }
     let log = Log::open(&dir, opts).with_context(|| format!("opening {}", dir.display()))?;
+    let producer = if args.sign {
+        let keys = tempfile_dir()?;
+        let path = keys.0.join("producer.key");
+        let public = tally_engine::create_signing_key(&path)?;
+        let key = crate::ops::read_secret_key(&path)?;
+        log.register_producer_key(public, "bench", &[], "tally bench", "signed-batch load")
+            .context(
+                "registering the bench's producer key (signed appends need format version 2)",
+            )?;
+        Some(key)
+    } else {
+        None
+    };
+    let producer = producer.as_ref();
     let budget = AtomicU64::new(0);
     let total_appends = args.events.div_ceil(args.batch as u64);
     let deadline = args.duration.map(Duration::from_secs_f64);
@@ -272,7 +419,18 @@ fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
         let handles: Vec<_> = (0..args.writers)
             .map(|w| {
                 let (log, budget) = (&log, &budget);
-                s.spawn(move || writer(log, w, args, budget, total_appends, deadline, started))
+                s.spawn(move || {
+                    writer(
+                        log,
+                        producer,
+                        w,
+                        args,
+                        budget,
+                        total_appends,
+                        deadline,
+                        started,
+                    )
+                })
             })
             .collect();
         handles
@@ -321,8 +479,10 @@ pub(crate) fn tempfile_dir() -> anyhow::Result<TempDir> {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn writer(
     log: &Log,
+    producer: Option<&tally_engine::format::checkpoint::SigningKey>,
     w: usize,
     args: &BenchArgs,
     budget: &AtomicU64,
@@ -362,7 +522,40 @@ fn writer(
         let stream = &streams[(k % streams.len() as u64) as usize];
         k += args.writers as u64;
         let t = Instant::now();
-        if args.inflight == 1 {
+        if let Some(key) = producer {
+            // A producer gives each event its id and time, signs, and appends.
+            let signed = (args.inflight == 1)
+                .then(|| log.append_signed(stream, ExpectedVersion::Any, &batch, key));
+            match signed {
+                Some(r) => {
+                    r?;
+                    record(&mut histogram, t);
+                }
+                None => {
+                    if pending.len() == args.inflight {
+                        let (h, t0) = pending.pop_front().expect("window is full");
+                        h.wait()?;
+                        record(&mut histogram, t0);
+                    }
+                    let time = tally_engine::now();
+                    let events: Vec<EventData> = batch
+                        .iter()
+                        .map(|e| {
+                            e.clone()
+                                .with_id(tally_engine::new_event_id())
+                                .event_time(time)
+                        })
+                        .collect();
+                    let requests = [tally_engine::AppendRequest {
+                        stream,
+                        expected: ExpectedVersion::Any,
+                        events: &events,
+                    }];
+                    let sig = tally_engine::producer_signature(&log.log_id(), &requests, key)?;
+                    pending.push_back((log.append_deferred_multi_signed(&requests, &sig)?, t));
+                }
+            }
+        } else if args.inflight == 1 {
             log.append(stream, ExpectedVersion::Any, &batch)?;
             record(&mut histogram, t);
             if args.think_us > 0 {

@@ -770,7 +770,8 @@ impl Log {
     /// empty). Returns where the registration was written.
     ///
     /// # Errors
-    /// As [`Log::append`].
+    /// [`Error::InvalidOptions`] for a log of format version 1 (it cannot store
+    /// signatures); as [`Log::append`].
     pub fn register_producer_key(
         &self,
         public_key: [u8; 32],
@@ -779,6 +780,11 @@ impl Log {
         actor: &str,
         reason: &str,
     ) -> Result<AppendResult> {
+        if self.shared.meta.layout == crate::format::record::Layout::V1 {
+            return Err(invalid_options(
+                "signed appends need a log of format version 2",
+            ));
+        }
         self.write_producers(
             producers::KEY_REGISTERED,
             producers::registered_payload(&public_key, name, prefixes, reason),
