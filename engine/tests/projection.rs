@@ -157,17 +157,18 @@ fn following_live_events_and_a_refused_event_fails_the_projection() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let log = &log;
+        let mut p = Projector::<Books>::open(log, "live", ProjectorOptions::default()).unwrap();
+        // The follower's own state, watched from here.
+        let state = p.shared_state();
         let follower = s.spawn(|| {
-            let mut p = Projector::<Books>::open(log, "live", ProjectorOptions::default()).unwrap();
             p.follow(&stop, Duration::from_millis(20)).unwrap();
             p
         });
         merge(&mut want, append_fills(log, 10, 50));
         // Wait until the follower has seen everything, then stop it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let p = Projector::<Books>::open(log, "live", ProjectorOptions::default()).unwrap();
-            if p.shared_state().read().net == want {
+            if state.read().net == want {
                 break;
             }
             assert!(

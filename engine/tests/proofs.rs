@@ -622,3 +622,48 @@ fn stream_head_proofs_match_every_signed_checkpoint_and_the_records() {
         }
     }
 }
+
+#[test]
+fn verify_from_a_segment_checks_a_stream_heads_map_that_continues_the_trusted_records() {
+    // A checkpoint one record into a segment: the heads map it signs holds every stream of
+    // the earlier, trusted segments; verify from that segment must start from them.
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    fill(&log, 50);
+    let segments = log.segments().len();
+    let mut i = 0u64;
+    while log.segments().len() == segments {
+        let e = EventData::new("E", vec![7; 200]);
+        log.append(&format!("t-{}", i % 9), ExpectedVersion::Any, &[e])
+            .unwrap();
+        i += 1;
+    }
+    log.append(
+        "late",
+        ExpectedVersion::Any,
+        &[EventData::new("E", vec![1])],
+    )
+    .unwrap();
+    let cp = log.checkpoint().unwrap();
+    log.wait_sealed().unwrap();
+    let newest = log.segments().last().unwrap().clone();
+    assert_eq!(newest.base_position.0 + 2, cp.statement.tree_size);
+    assert!(cp.statement.streams.unwrap().0 > 10);
+    for threads in [1, 2] {
+        let report = log
+            .verify_with(
+                &VerifyOptions {
+                    from_segment: Some(newest.seq),
+                    threads,
+                    ..VerifyOptions::default()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(
+            report.newest_checkpoint.map(|c| c.1),
+            Some(cp.statement.tree_size)
+        );
+    }
+    log.close().unwrap();
+}

@@ -207,6 +207,47 @@ fn edit_index_link(dir: &Path, link: impl Fn(u64) -> u64) -> String {
     name
 }
 
+#[test]
+fn index_entries_swapped_between_two_streams_are_found_by_verify() {
+    // Two streams' entries for the same version trade their record: offsets, positions and
+    // versions all still name real records, the CRC is right, and every record is named
+    // once; only the stream each record belongs to differs.
+    let h = honest(2000);
+    let segs = forge::segments(&h.dir);
+    let (_, seg) = &segs[segs.len() - 2];
+    let path = h.dir.join(seg.seq.index_file_name());
+    let mut b = std::fs::read(&path).unwrap();
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let stream_count = u32_at(&b, 96) as usize;
+    let entries_at = 128 + stream_count * 72;
+    // (first version, entry offsets) of the first two streams.
+    let run = |i: usize| {
+        let e = 128 + i * 72;
+        let (first, start, count) = (u64_at(&b, e + 8), u32_at(&b, e + 56), u32_at(&b, e + 60));
+        (first, entries_at + start as usize * 16, count as u64)
+    };
+    let ((fa, a_at, na), (fb, b_at, nb)) = (run(0), run(1));
+    let v = fa.max(fb);
+    assert!(v < fa + na && v < fb + nb, "the two runs share version {v}");
+    let (ea, eb) = (
+        a_at + ((v - fa) * 16) as usize,
+        b_at + ((v - fb) * 16) as usize,
+    );
+    assert_eq!((u64_at(&b, ea), u64_at(&b, eb)), (v, v));
+    let (pa, pb) = (b[ea + 8..ea + 16].to_vec(), b[eb + 8..eb + 16].to_vec());
+    b[ea + 8..ea + 16].copy_from_slice(&pb);
+    b[eb + 8..eb + 16].copy_from_slice(&pa);
+    fix_trailing_crc(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let msg = failure(verify(&h.dir, h.public_key));
+    assert!(
+        msg.contains(&format!("version {v} does not match its record"))
+            && msg.contains(&seg.seq.index_file_name()),
+        "{msg}"
+    );
+}
+
 fn read_whole_stream(dir: &Path, stream: &str) -> Result<Vec<tally_engine::RecordedEvent>, Error> {
     read_only(dir)?.read_stream(stream, 0, usize::MAX, Direction::Forward)
 }
@@ -808,6 +849,18 @@ fn a_forged_stream_link_in_the_tail_is_found_by_verify() {
         msg.contains("names position 1995 as its previous event, but that is at position 2002"),
         "{msg}"
     );
+    // A stream read that passes both events refuses them, in either direction.
+    for (from, direction) in [(0, Direction::Forward), (u64::MAX, Direction::Backward)] {
+        let err = read_only(&h.dir)
+            .unwrap()
+            .read_stream("trade-0", from, usize::MAX, direction)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("version 287 names position 1995 as its previous event, but that is at position 2002"),
+            "{direction:?}: {err}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

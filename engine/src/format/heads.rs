@@ -23,8 +23,6 @@
 //! number of streams (about 16 streams per bucket) and everything above are cached, so that
 //! a new root costs about `changed streams * (16 + depth)` hashes.
 
-use std::collections::BTreeMap;
-
 use super::Hash32;
 
 /// A key of the map: `BLAKE3(stream id)`.
@@ -69,13 +67,6 @@ fn prefix32(key: &HeadKey) -> u32 {
     key[..4]
         .iter()
         .fold(0u32, |acc, &b| (acc << 8) | u32::from(b))
-}
-
-/// Stores `v` as a key's first 32 bits, most significant first.
-fn put_prefix32(key: &mut HeadKey, v: u32) {
-    for (i, b) in key[..4].iter_mut().enumerate() {
-        *b = (v >> (24 - 8 * i)) as u8;
-    }
 }
 
 /// Bit `depth` of a key, most significant first.
@@ -162,43 +153,85 @@ impl HeadProof {
 }
 
 /// The stream heads map of a log, kept in step with its Merkle tree.
-#[derive(Clone, Debug, Default)]
+///
+/// The leaves are kept in buckets by the first `bucket_depth` bits of their keys (about 16
+/// per bucket), each bucket sorted by key; the roots of the buckets and of every subtree
+/// above them are cached, and only buckets that changed, and their ancestors, are hashed
+/// again.
+#[derive(Clone, Debug)]
 pub struct StreamHeads {
-    leaves: BTreeMap<HeadKey, (u64, u64)>,
+    /// Leaves by bucket, each sorted by key.
+    buckets: Vec<Vec<(HeadKey, u64, u64)>>,
+    len: usize,
     /// Depth of the cached buckets; `nodes[(1 << d) - 1 + i]` is subtree `i` at depth
     /// `d <= bucket_depth`.
     bucket_depth: u32,
     nodes: Vec<Sub>,
-    /// Buckets whose root must be computed again.
+    /// Buckets whose root must be computed again, each listed once (`dirty[b]` marks them).
     dirty: Vec<bool>,
-    any_dirty: bool,
+    dirty_list: Vec<usize>,
+}
+
+impl Default for StreamHeads {
+    fn default() -> StreamHeads {
+        StreamHeads::new()
+    }
 }
 
 impl StreamHeads {
     /// An empty map.
     #[must_use]
     pub fn new() -> StreamHeads {
-        let mut m = StreamHeads::default();
-        m.reshape(0);
+        let mut m = StreamHeads {
+            buckets: Vec::new(),
+            len: 0,
+            bucket_depth: 0,
+            nodes: Vec::new(),
+            dirty: Vec::new(),
+            dirty_list: Vec::new(),
+        };
+        m.reshape();
+        m
+    }
+
+    /// A map of `entries` (`(key, last version, last position)`, in any order; of equal
+    /// keys the last counts), built at once.
+    #[must_use]
+    pub fn from_entries(mut entries: Vec<(HeadKey, u64, u64)>) -> StreamHeads {
+        // A stable sort keeps equal keys in their order: the last of each run counts.
+        entries.sort_by_key(|e| e.0);
+        let mut unique: Vec<(HeadKey, u64, u64)> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match unique.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => unique.push(e),
+            }
+        }
+        let mut m = StreamHeads::new();
+        m.len = unique.len();
+        m.buckets = vec![unique];
+        m.reshape();
         m
     }
 
     /// Streams in the map.
     #[must_use]
     pub fn len(&self) -> u64 {
-        self.leaves.len() as u64
+        self.len as u64
     }
 
     /// Whether the map is empty.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.leaves.is_empty()
+        self.len == 0
     }
 
     /// A stream's head, if it is in the map.
     #[must_use]
     pub fn get(&self, key: &HeadKey) -> Option<(u64, u64)> {
-        self.leaves.get(key).copied()
+        let bucket = &self.buckets[self.bucket_of(key)];
+        let i = bucket.binary_search_by(|e| e.0.cmp(key)).ok()?;
+        Some((bucket[i].1, bucket[i].2))
     }
 
     fn depth_for(streams: usize) -> u32 {
@@ -215,85 +248,88 @@ impl StreamHeads {
         (prefix32(key) >> (32 - self.bucket_depth)) as usize
     }
 
-    /// Chooses the bucket depth for the current number of streams and marks everything
-    /// dirty.
-    fn reshape(&mut self, streams: usize) {
-        self.bucket_depth = Self::depth_for(streams);
-        let buckets = 1usize << self.bucket_depth;
-        self.nodes = vec![EMPTY_SUB; 2 * buckets - 1];
-        self.dirty = vec![true; buckets];
-        self.any_dirty = true;
+    /// Chooses the bucket depth for the current number of streams, spreads the leaves over
+    /// the new buckets (the buckets in order hold the keys in order) and marks every
+    /// bucket dirty.
+    fn reshape(&mut self) {
+        let depth = Self::depth_for(self.len);
+        let leaves: Vec<(HeadKey, u64, u64)> = self.buckets.drain(..).flatten().collect();
+        self.bucket_depth = depth;
+        let count = 1usize << depth;
+        self.buckets = vec![Vec::new(); count];
+        for leaf in leaves {
+            let b = self.bucket_of(&leaf.0);
+            self.buckets[b].push(leaf);
+        }
+        self.nodes = vec![EMPTY_SUB; 2 * count - 1];
+        self.dirty = vec![true; count];
+        self.dirty_list = (0..count).collect();
     }
 
-    fn touch(&mut self, key: &HeadKey) {
-        if Self::depth_for(self.leaves.len()) != self.bucket_depth {
-            self.reshape(self.leaves.len());
-        } else {
-            let b = self.bucket_of(key);
+    fn touch(&mut self, b: usize) {
+        if Self::depth_for(self.len) != self.bucket_depth {
+            self.reshape();
+        } else if !self.dirty[b] {
             self.dirty[b] = true;
-            self.any_dirty = true;
+            self.dirty_list.push(b);
         }
     }
 
     /// Sets a stream's head.
     pub fn set(&mut self, key: HeadKey, last_version: u64, last_position: u64) {
-        if self.leaves.insert(key, (last_version, last_position))
-            != Some((last_version, last_position))
-        {
-            self.touch(&key);
+        let b = self.bucket_of(&key);
+        let bucket = &mut self.buckets[b];
+        match bucket.binary_search_by(|e| e.0.cmp(&key)) {
+            Ok(i) => {
+                if (bucket[i].1, bucket[i].2) == (last_version, last_position) {
+                    return;
+                }
+                bucket[i] = (key, last_version, last_position);
+            }
+            Err(i) => {
+                bucket.insert(i, (key, last_version, last_position));
+                self.len += 1;
+            }
         }
+        self.touch(b);
     }
 
     /// Removes a stream (when rewinding to a tree in which it had no event yet).
     pub fn remove(&mut self, key: &HeadKey) {
-        if self.leaves.remove(key).is_some() {
-            self.touch(key);
+        let b = self.bucket_of(key);
+        let bucket = &mut self.buckets[b];
+        if let Ok(i) = bucket.binary_search_by(|e| e.0.cmp(key)) {
+            bucket.remove(i);
+            self.len -= 1;
+            self.touch(b);
         }
     }
 
-    /// The leaves of bucket `b`, sorted by key.
-    fn bucket_items(&self, b: usize) -> Vec<(HeadKey, u64, u64)> {
-        let d = self.bucket_depth;
-        let (lo, hi) = if d == 0 {
-            ([0u8; 32], [0xffu8; 32])
-        } else {
-            let first = (b as u32) << (32 - d);
-            let last = first | (u32::MAX >> d);
-            let mut lo = [0u8; 32];
-            put_prefix32(&mut lo, first);
-            let mut hi = [0xffu8; 32];
-            put_prefix32(&mut hi, last);
-            (lo, hi)
-        };
-        self.leaves
-            .range(lo..=hi)
-            .map(|(k, &(v, p))| (*k, v, p))
-            .collect()
-    }
-
+    /// Hashes the dirty buckets again, then each of their ancestors once, level by level.
     fn refresh(&mut self) {
-        if !self.any_dirty {
+        if self.dirty_list.is_empty() {
             return;
         }
         let d = self.bucket_depth;
         let first_bucket = (1usize << d) - 1;
-        for b in 0..self.dirty.len() {
-            if !self.dirty[b] {
-                continue;
-            }
+        let mut level: Vec<usize> = std::mem::take(&mut self.dirty_list);
+        level.sort_unstable();
+        for &b in &level {
             self.dirty[b] = false;
-            let sub = subroot(&self.bucket_items(b), d);
-            self.nodes[first_bucket + b] = sub;
-            // Its ancestors, up to the root.
-            let mut i = first_bucket + b;
-            while i > 0 {
-                let parent = (i - 1) / 2;
+            self.nodes[first_bucket + b] = subroot(&self.buckets[b], d);
+        }
+        for i in &mut level {
+            *i += first_bucket;
+        }
+        while level.first().is_some_and(|&i| i > 0) {
+            // Sorted nodes of one level give sorted parents, equal ones side by side.
+            level = level.iter().map(|&i| (i - 1) / 2).collect();
+            level.dedup();
+            for &parent in &level {
                 self.nodes[parent] =
                     combine(self.nodes[2 * parent + 1], self.nodes[2 * parent + 2]);
-                i = parent;
             }
         }
-        self.any_dirty = false;
     }
 
     /// The map's root.
@@ -304,7 +340,7 @@ impl StreamHeads {
 
     /// A proof of a stream's head, or `None` if the stream is not in the map.
     pub fn prove(&mut self, key: &HeadKey) -> Option<HeadProof> {
-        self.leaves.get(key)?;
+        self.get(key)?;
         self.refresh();
         let mut siblings = Vec::new();
         // Down the cached levels to the bucket, or to where the key's subtree holds it alone.
@@ -326,8 +362,7 @@ impl StreamHeads {
             depth += 1;
         }
         // Inside the bucket.
-        let items = self.bucket_items(self.bucket_of(key));
-        let mut slice = &items[..];
+        let mut slice = &self.buckets[self.bucket_of(key)][..];
         while slice.len() > 1 {
             let split = slice.partition_point(|(k, _, _)| !bit(k, depth));
             let (left, right) = slice.split_at(split);
@@ -383,6 +418,17 @@ mod tests {
         entries.retain(|e| !(0..600u64).step_by(3).any(|i| key(i) == e.0));
         assert_eq!(m.len(), entries.len() as u64);
         assert_eq!(m.root(), reference_root(&entries));
+        // Built at once from the same entries (shuffled, one stream given twice), the map
+        // is the same.
+        let mut shuffled = entries.clone();
+        shuffled.reverse();
+        shuffled.insert(0, (entries[0].0, 999, 999));
+        let mut bulk = StreamHeads::from_entries(shuffled);
+        assert_eq!(bulk.len(), entries.len() as u64);
+        assert_eq!(bulk.root(), reference_root(&entries));
+        bulk.set(key(1), 5, 5);
+        m.set(key(1), 5, 5);
+        assert_eq!(bulk.root(), m.root());
         // A single stream's root is its leaf.
         let mut one = StreamHeads::new();
         one.set(key(1), 2, 3);

@@ -522,6 +522,20 @@ pub struct SealedRun {
     entries_count: u32,
 }
 
+impl SealedRun {
+    /// Events of the stream in the segment.
+    #[must_use]
+    pub fn len(&self) -> u32 {
+        self.entries_count
+    }
+
+    /// Whether the run has no event (a sidecar that opened has none such).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries_count == 0
+    }
+}
+
 impl SealedIndex {
     /// Checks and wraps a sidecar's bytes: magic, version, section sizes, and the CRC over
     /// the whole file.
@@ -806,6 +820,18 @@ impl SealedIndex {
             pos_delta: le::u32_at(b, at + 8),
             offset: le::u32_at(b, at + 12),
         }
+    }
+
+    /// Entry `i` of the stream table (`i < stream_count()`): its name (`None` when it is
+    /// not UTF-8, which a sidecar that opened cannot hold), the hash stored with it, and
+    /// its run.
+    #[must_use]
+    pub fn stream_at(&self, i: usize) -> (Option<&str>, u64, SealedRun) {
+        (
+            self.name_of(i),
+            le::u64_at(self.stream_entry(i), SE_HASH),
+            self.run(i),
+        )
     }
 
     /// Every stream's summary, in table order.

@@ -382,11 +382,33 @@ fn walk(
 }
 
 fn read_picks(stream: &str, picks: &Picks) -> Result<Vec<RecordedEvent>> {
+    // Version 2: each event names its stream's previous one. Of two events read one
+    // version apart (in either direction), the later must name the earlier.
+    let mut before: Option<(u64, Position, u64)> = None;
     picks
         .iter()
         .map(|(seg, e)| {
             let position = Position(seg.header.base_position.0 + u64::from(e.pos_delta));
-            let ev = read_event(seg, u64::from(e.offset), position)?;
+            let (ev, stream_prev) = read_event_linked(seg, u64::from(e.offset), position)?;
+            if seg.header.layout == crate::format::record::Layout::V2 {
+                let this = (ev.version, position, stream_prev);
+                if let Some(last) = before {
+                    let (earlier, later) = if last.0 < this.0 { (last, this) } else { (this, last) };
+                    if later.0 == earlier.0 + 1 && later.2 != earlier.1.0 {
+                        return Err(corrupt(
+                            &seg.path,
+                            u64::from(e.offset),
+                            Some(position.0),
+                            format!(
+                                "stream {stream} version {} names position {} as its previous event, but that is at position {}",
+                                later.0, later.2, earlier.1
+                            ),
+                            None,
+                        ));
+                    }
+                }
+                before = Some(this);
+            }
             if ev.stream() != stream || ev.version != e.version {
                 return Err(corrupt(
                     &seg.path,
@@ -488,13 +510,23 @@ pub(crate) fn read_event(
     offset: u64,
     position: Position,
 ) -> Result<RecordedEvent> {
+    Ok(read_event_linked(seg, offset, position)?.0)
+}
+
+/// [`read_event`], with the record's `stream_prev` (version 2; `NO_STREAM_PREV` in a
+/// version 1 log).
+fn read_event_linked(
+    seg: &SegmentHandle,
+    offset: u64,
+    position: Position,
+) -> Result<(RecordedEvent, u64)> {
     let map = seg.map()?;
     let published = map.published();
     let bytes = map.read(0, published).unwrap_or_default();
     let mut src = SliceSource { bytes };
     let rec = read_record(&mut src, seg.header.layout, offset, published)
         .map_err(|e| with_position(seg, e, position))?;
-    to_event(seg, &rec, position)
+    Ok((to_event(seg, &rec, position)?, rec.header.stream_prev))
 }
 
 fn with_position(seg: &SegmentHandle, e: crate::segment::RecordError, position: Position) -> Error {

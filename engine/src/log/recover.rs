@@ -646,16 +646,19 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     if shared.meta.layout == crate::format::record::Layout::V2 {
         // The tree now covers the whole log, as the stream table does: its heads map is the
         // table's streams, from here on kept in step as the tree catches up.
-        let mut heads = crate::format::heads::StreamHeads::new();
-        if let Some(w) = shared.writer.lock().as_ref() {
-            for st in w.streams.iter() {
-                heads.set(
-                    crate::format::heads::stream_key(st.name.as_bytes()),
-                    st.last_version,
-                    st.last_position.0,
-                );
-            }
-        }
+        let entries = shared.writer.lock().as_ref().map_or_else(Vec::new, |w| {
+            w.streams
+                .iter()
+                .map(|st| {
+                    (
+                        crate::format::heads::stream_key(st.name.as_bytes()),
+                        st.last_version,
+                        st.last_position.0,
+                    )
+                })
+                .collect()
+        });
+        let heads = crate::format::heads::StreamHeads::from_entries(entries);
         debug_assert_eq!(tree.size(), shared.visible_position().0);
         tree.heads = Some(heads);
     }

@@ -35,12 +35,13 @@ use crate::error::{Error, Result};
 use crate::format::Timestamp;
 use crate::format::chain::{AlignedRange, MerkleBuilder, leaf_hash};
 use crate::format::checkpoint::{SignedCheckpoint, entry_len};
+use crate::format::heads::{HeadKey, stream_key};
 use crate::format::proof::{NodeSource, hex};
 use crate::format::record::{Layout, NO_STREAM_PREV};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
-use crate::index::{SealedIndex, SealedRun, stream_hash};
+use crate::index::SealedIndex;
 use crate::segment::{FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
 use nodes::NodeFile;
 use streams::{SegStream, SegStreams, StreamJoin};
@@ -69,7 +70,7 @@ struct Checked {
     /// Version 2: the segment's streams in pieces that end at each checkpoint inside it and
     /// at its end, as `(tree size at the piece's end, streams of the piece)`, for the stream
     /// heads map a version 2 checkpoint commits to.
-    pieces: Vec<(u64, Vec<SegStream>)>,
+    pieces: Vec<(u64, Vec<Head>)>,
     /// With producer checks: the signatures of the segment's signed batches, by the
     /// position of their first record (the joiner finds replays across segments), and the
     /// number of unsigned batches.
@@ -79,6 +80,67 @@ struct Checked {
     /// decrease across segments).
     first_time: Option<Timestamp>,
     last_time: Option<Timestamp>,
+}
+
+/// The streams of a segment before `from_segment` (trusted), from its sidecar, or from the
+/// writer's in-memory index while the writer is still sealing it.
+fn trusted_streams(shared: &Shared, seg: &SegmentHandle) -> Result<Vec<SegStream>> {
+    if let Some((idx, _)) = sealed_index(shared, seg)? {
+        return Ok(idx
+            .stream_links()
+            .map(|(s, link)| {
+                let key = stream_key(s.name.as_bytes());
+                seg_stream(s, key, Some(link))
+            })
+            .collect());
+    }
+    let frozen = match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Frozen { index, .. } => Arc::clone(index),
+        _ => {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "verify from a later segment: segment {} before it is still being written",
+                    seg.seq
+                ),
+            });
+        }
+    };
+    let base = seg.header.base_position.0;
+    Ok(frozen
+        .runs()
+        .filter_map(|(_, run)| {
+            let (first, last) = (run.entries.first()?, run.entries.last()?);
+            Some(SegStream {
+                name: run.name.to_string(),
+                key: stream_key(run.name.as_bytes()),
+                first_version: first.version,
+                last_version: last.version,
+                first_position: Position(base + u64::from(first.pos_delta)),
+                last_position: Position(base + u64::from(last.pos_delta)),
+                first_record_time: run.first_record_time,
+                link: Some(run.prev_segment),
+                first_stream_prev: None,
+            })
+        })
+        .collect())
+}
+
+/// A stream's head at the end of a piece: its key, last version and last position.
+type Head = (HeadKey, u64, u64);
+
+/// The heads of a piece's streams, sorted by key: the joiner then walks the heads map's
+/// buckets in order instead of at random.
+fn heads_of(list: &[SegStream]) -> Vec<Head> {
+    let mut heads: Vec<Head> = list
+        .iter()
+        .map(|s| (s.key, s.last_version, s.last_position.0))
+        .collect();
+    heads.sort_unstable_by_key(|h| h.0);
+    heads
 }
 
 /// What the workers share.
@@ -135,6 +197,8 @@ pub(crate) fn verify(
         .map(|t| resolve_required(shared, t))
         .transpose()?;
     let mut streams = StreamJoin::default();
+    // With `from_segment`: the heads of the trusted segments' streams, in log order.
+    let mut trusted_heads: Vec<Head> = Vec::new();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
     let mut whole = MerkleBuilder::new();
     check_kept_ids(&cp_path, &checkpoints, &options.kept)?;
@@ -183,19 +247,17 @@ pub(crate) fn verify(
             )?;
             count(&mut report, &cps, kept);
         }
-        // The streams of the trusted segments come from their sidecars.
+        // The streams of the trusted segments come from their indexes, and so does the
+        // heads map the checked segments continue.
         drop(src);
         drop(tree);
         for seg in &segs[..first] {
-            let Some((idx, _)) = sealed_index(shared, seg)? else {
-                continue;
-            };
-            let list: Vec<SegStream> = idx
-                .stream_links()
-                .map(|(s, link)| seg_stream(s, Some(link)))
-                .collect();
+            let list = trusted_streams(shared, seg)?;
             let idx_path = shared.dir.join(seg.seq.index_file_name());
             streams.join(seg.seq, &seg.path, &idx_path, &list)?;
+            if shared.meta.layout == Layout::V2 {
+                trusted_heads.extend(heads_of(&list));
+            }
         }
         segs.drain(..first);
     } else {
@@ -280,7 +342,8 @@ pub(crate) fn verify(
             let mut position = report.first_position;
             let mut snapshot_due = snapshot.as_ref();
             let mut prev_last_time: Option<Timestamp> = None;
-            let mut heads = crate::format::heads::StreamHeads::new();
+            let mut heads =
+                crate::format::heads::StreamHeads::from_entries(std::mem::take(&mut trusted_heads));
             let mut seen_signatures: std::collections::HashMap<[u8; 64], u64> =
                 std::collections::HashMap::new();
             for i in 0..segs.len() {
@@ -322,12 +385,8 @@ pub(crate) fn verify(
                     // Version 2: the heads map up to this checkpoint.
                     while let Some((end, list)) = pieces.next_if(|(end, _)| end <= size) {
                         debug_assert!(end <= size);
-                        for s in list {
-                            heads.set(
-                                crate::format::heads::stream_key(s.name.as_bytes()),
-                                s.last_version,
-                                s.last_position.0,
-                            );
+                        for (key, version, position) in list {
+                            heads.set(*key, *version, *position);
                         }
                     }
                     let heads_at = (h.layout == Layout::V2).then(|| (heads.len(), heads.root()));
@@ -340,12 +399,8 @@ pub(crate) fn verify(
                     }
                 }
                 for (_, list) in pieces {
-                    for s in list {
-                        heads.set(
-                            crate::format::heads::stream_key(s.name.as_bytes()),
-                            s.last_version,
-                            s.last_position.0,
-                        );
+                    for (key, version, position) in list {
+                        heads.set(*key, *version, *position);
                     }
                 }
                 let seg = &segs[i];
@@ -846,10 +901,125 @@ fn sealed_footer(seg: &SegmentHandle) -> Option<SegmentFooter> {
     }
 }
 
-/// The last stream looked up in a sealed index: records of one stream tend to come in runs.
-struct RunCache {
-    stream: String,
-    run: Option<SealedRun>,
+/// What a record of a sealed segment says, kept for checking the sidecar's runs.
+struct RecordFacts {
+    offset: u64,
+    version: u64,
+    stream_prev: u64,
+    key: HeadKey,
+}
+
+/// How a sidecar's runs disagree with the records.
+enum RunsFailure {
+    /// An entry does not describe its record: the sidecar is wrong.
+    Index { position: u64, detail: String },
+    /// A version 2 record does not name its stream's previous event: the records are wrong.
+    Stream {
+        position: u64,
+        offset: u64,
+        detail: String,
+    },
+}
+
+/// Checks every run of a sealed segment's sidecar against the records, stream by stream:
+/// each entry must name a record of its stream (the same stream key, version and offset).
+/// Opening the sidecar checked that stream names are distinct, that each run's versions
+/// are dense and that the runs add up to the segment's records; so entries name distinct
+/// (stream, version) pairs, hence distinct records, and every record is named once. In a version 2 log, each
+/// record after a stream's first in the segment must name the one before it; the first's
+/// `stream_prev` is stored in `first_prev` by stream-table entry. Returns each entry's
+/// stream key.
+fn check_runs(
+    idx: &SealedIndex,
+    recs: &[RecordFacts],
+    base: u64,
+    v2: bool,
+    first_prev: &mut [u64],
+    cuts: &[u64],
+) -> std::result::Result<(Vec<HeadKey>, Vec<Vec<Head>>), RunsFailure> {
+    if recs.len() as u64 != idx.record_count() {
+        return Err(RunsFailure::Index {
+            position: base,
+            detail: format!(
+                "the index covers {} records, the segment holds {}",
+                idx.record_count(),
+                recs.len()
+            ),
+        });
+    }
+    let mut keys = Vec::with_capacity(idx.stream_count());
+    // Version 2: each stream's head in each piece (the records before each cut, after the
+    // previous one).
+    let mut pieces: Vec<Vec<Head>> = if v2 {
+        vec![Vec::new(); cuts.len() + 1]
+    } else {
+        Vec::new()
+    };
+    let mut last_in: Vec<Option<(u64, u64)>> = vec![None; pieces.len()];
+    for i in 0..idx.stream_count() {
+        let (name, stored_hash, run) = idx.stream_at(i);
+        let name = name.unwrap_or_default();
+        let key = stream_key(name.as_bytes());
+        if stored_hash != u64::from_le_bytes(key[..8].try_into().unwrap_or_default()) {
+            return Err(RunsFailure::Index {
+                position: base,
+                detail: format!("the index's hash of stream {name} is not its name's"),
+            });
+        }
+        let mut before: Option<u64> = None;
+        for k in 0..run.len() {
+            let e = idx.run_entry(&run, k);
+            let d = e.pos_delta as usize;
+            let position = base + u64::from(e.pos_delta);
+            let ok = recs.get(d).is_some_and(|r| {
+                r.key == key && r.offset == u64::from(e.offset) && r.version == e.version
+            });
+            if !ok {
+                return Err(RunsFailure::Index {
+                    position,
+                    detail: format!(
+                        "index entry for {name} version {} does not match its record",
+                        e.version
+                    ),
+                });
+            }
+            let r = &recs[d];
+            if v2 {
+                match before {
+                    None => {
+                        if let Some(slot) = first_prev.get_mut(i) {
+                            *slot = r.stream_prev;
+                        }
+                    }
+                    Some(b) if r.stream_prev != b => {
+                        return Err(RunsFailure::Stream {
+                            position,
+                            offset: r.offset,
+                            detail: format!(
+                                "stream {name} version {} names position {} as its previous event, but that is at position {b}",
+                                e.version, r.stream_prev
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+            before = Some(position);
+            if let Some(slot) = last_in.get_mut(cuts.partition_point(|&c| c <= position)) {
+                *slot = Some((e.version, position));
+            }
+        }
+        for (piece, last) in pieces.iter_mut().zip(&mut last_in) {
+            if let Some((version, position)) = last.take() {
+                piece.push((key, version, position));
+            }
+        }
+        keys.push(key);
+    }
+    for piece in &mut pieces {
+        piece.sort_unstable_by_key(|h| h.0);
+    }
+    Ok((keys, pieces))
 }
 
 /// Checks one segment on its own (see the module comment).
@@ -929,19 +1099,18 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     } else {
         Vec::new()
     };
-    let mut pieces: Vec<(u64, Vec<SegStream>)> = Vec::new();
+    let mut pieces: Vec<(u64, Vec<Head>)> = Vec::new();
     // Producer checks: the batch being read.
     let mut batch: Option<Batch> = None;
     let mut signatures: Vec<(u64, [u8; 64])> = Vec::new();
     let mut unsigned_batches = 0u64;
     let mut producer_failure: Option<Error> = None;
-    let mut piece = (!inner.is_empty()).then(SegStreams::default);
+    // Pieces come from the records only without a sidecar; with one, from its runs.
+    let mut piece = (!inner.is_empty() && !matches!(index, Some(Ok(_)))).then(SegStreams::default);
     let mut next_cut = inner.iter().copied().peekable();
     let mut index_failure: Option<Error> = None;
-    let mut cache = RunCache {
-        stream: String::new(),
-        run: None,
-    };
+    // Sealed segments with a sidecar: what each record says, for checking the sidecar.
+    let mut facts: Vec<RecordFacts> = Vec::new();
 
     let base = header.base_position.0;
     let mut local = MerkleBuilder::new();
@@ -967,6 +1136,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     };
     let scan = scan_visit(&mut src, from, limit, wanted, &mut |rec, env| {
         let h = &rec.header;
+        let key = stream_key(env.stream.as_bytes());
         let leaf = leaf_hash(&h.chain_hash);
         local.push_leaf(leaf);
         range.push_leaf_reporting(leaf, CHUNK_LEVEL, &mut |l, j, h| made.push((l, j, *h)));
@@ -1052,6 +1222,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
             // Streams of a piece are only summarised; versions and links are checked above.
             let _ = p.push(
                 env.stream,
+                key,
                 h.stream_version,
                 h.position,
                 h.record_time,
@@ -1059,14 +1230,16 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
             );
             if next_cut.peek() == Some(&(h.position.0 + 1)) {
                 next_cut.next();
-                pieces.push((h.position.0 + 1, std::mem::take(p).into_list()));
+                pieces.push((h.position.0 + 1, heads_of(&std::mem::take(p).into_list())));
             }
         }
         if stream_failure.is_none() {
             let rt = h.record_time;
             let prev = v2.then_some(h.stream_prev);
             let mut note = |list: &mut SegStreams| {
-                if let Err(detail) = list.push(env.stream, h.stream_version, h.position, rt, prev) {
+                if let Err(detail) =
+                    list.push(env.stream, key, h.stream_version, h.position, rt, prev)
+                {
                     stream_failure =
                         Some(corrupt(path, rec.offset, Some(h.position.0), detail, None));
                 }
@@ -1099,47 +1272,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         }
         if let Some(Ok(idx)) = &index {
             let i = h.position.0 - base;
-            if cache.stream != env.stream {
-                cache.stream.clear();
-                cache.stream.push_str(env.stream);
-                cache.run = idx.find_stream(stream_hash(env.stream), env.stream);
-            }
-            let entry = cache.run.as_ref().and_then(|run| {
-                let k = h.stream_version.checked_sub(run.first_version)?;
-                (h.stream_version <= run.last_version).then(|| idx.run_entry(run, k as u32))
-            });
-            let matches = entry.is_some_and(|e| {
-                u64::from(e.offset) == rec.offset
-                    && e.version == h.stream_version
-                    && base + u64::from(e.pos_delta) == h.position.0
-            });
-            if v2
-                && matches
-                && stream_failure.is_none()
-                && let Some(run) = &cache.run
-            {
-                let k = h.stream_version - run.first_version;
-                if k == 0 {
-                    if let Some(slot) = first_prev.get_mut(run.entry as usize) {
-                        *slot = h.stream_prev;
-                    }
-                } else {
-                    let before = base + u64::from(idx.run_entry(run, (k - 1) as u32).pos_delta);
-                    if h.stream_prev != before {
-                        stream_failure = Some(corrupt(
-                            path,
-                            rec.offset,
-                            Some(h.position.0),
-                            format!(
-                                "stream {} version {} names position {} as its previous event, but that is at position {before}",
-                                env.stream, h.stream_version, h.stream_prev
-                            ),
-                            None,
-                        ));
-                    }
-                }
-            }
-            if idx.event_id(i) != env.event_id || !matches {
+            if i >= idx.record_count() || idx.event_id(i) != env.event_id {
                 index_failure = Some(corrupt(
                     &idx_path,
                     0,
@@ -1150,7 +1283,14 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
                     ),
                     None,
                 ));
+                return;
             }
+            facts.push(RecordFacts {
+                offset: rec.offset,
+                version: h.stream_version,
+                stream_prev: h.stream_prev,
+                key,
+            });
         }
     });
     bytes_read.fetch_add(unreported, Ordering::Relaxed);
@@ -1191,6 +1331,8 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         };
         return Err(corrupt(path, offset, Some(at.0), detail, source));
     }
+    let mut keys: Vec<HeadKey> = Vec::new();
+    let mut run_pieces: Option<Vec<Vec<Head>>> = None;
     if let Some(footer) = footer {
         check_footer(path, &file, &header, &footer, &local, data_end, &last_chain)?;
         if let Some(Err(e)) = index {
@@ -1199,7 +1341,28 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         if let Some(e) = index_failure {
             return Err(e);
         }
+        if let Some(Ok(idx)) = &index {
+            match check_runs(idx, &facts, base, v2, &mut first_prev, &inner) {
+                Ok((k, p)) => {
+                    keys = k;
+                    run_pieces = Some(p);
+                }
+                Err(RunsFailure::Index { position, detail }) => {
+                    return Err(corrupt(&idx_path, 0, Some(position), detail, None));
+                }
+                Err(RunsFailure::Stream {
+                    position,
+                    offset,
+                    detail,
+                }) => {
+                    if stream_failure.is_none() {
+                        stream_failure = Some(corrupt(path, offset, Some(position), detail, None));
+                    }
+                }
+            }
+        }
     }
+    drop(facts);
     if let Some(e) = stream_failure {
         return Err(e);
     }
@@ -1210,8 +1373,9 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         (Some(Ok(idx)), _) => idx
             .stream_links()
             .enumerate()
-            .map(|(i, (s, link))| {
-                let mut seg = seg_stream(s, Some(link));
+            .zip(keys)
+            .map(|((i, (s, link)), key)| {
+                let mut seg = seg_stream(s, key, Some(link));
                 seg.first_stream_prev = first_prev.get(i).copied();
                 seg
             })
@@ -1222,9 +1386,14 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let nodes = ctx.nodes.check(&made)?;
     if v2 {
         let end = header.base_position.0 + wanted;
-        match piece {
-            Some(p) => pieces.push((end, p.into_list())),
-            None => pieces.push((end, streams.clone())),
+        match (run_pieces, piece) {
+            // From the sidecar's runs: one piece before each inner cut, and the last.
+            (Some(from_runs), _) => {
+                let ends = inner.iter().copied().chain(std::iter::once(end));
+                pieces = ends.zip(from_runs).collect();
+            }
+            (None, Some(p)) => pieces.push((end, heads_of(&p.into_list()))),
+            (None, None) => pieces.push((end, heads_of(&streams))),
         }
     }
     Ok(Checked {
@@ -1257,10 +1426,12 @@ struct Batch {
 /// A stream's part of a segment as its (checked) sidecar gives it.
 fn seg_stream(
     s: crate::index::StreamSummary,
+    key: HeadKey,
     link: Option<Option<crate::format::SegmentSeq>>,
 ) -> SegStream {
     SegStream {
         name: s.name,
+        key,
         first_version: s.first_version,
         last_version: s.last_version,
         first_position: s.first_position,

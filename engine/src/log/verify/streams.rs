@@ -9,12 +9,66 @@ use std::path::Path;
 use super::super::background::corrupt;
 use super::super::streams::{SnapshotCover, SnapshotEntry};
 use crate::error::{Error, Result};
+use crate::format::heads::{HeadKey, stream_key};
 use crate::format::{Position, SegmentSeq, Timestamp};
+
+/// Hashes a stream key (itself a BLAKE3 hash) for the tables here: its first 16 bytes,
+/// with a seed drawn once per process, through the SplitMix64 finaliser. A key's bits are
+/// uniform, and the seed keeps a client who grinds stream names from choosing collisions
+/// in a table; SipHash over 32 bytes costs several times as much per lookup.
+#[derive(Clone, Copy)]
+pub(super) struct KeyHashing(u64);
+
+impl Default for KeyHashing {
+    fn default() -> KeyHashing {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        KeyHashing(*SEED.get_or_init(|| {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(0x0074_616c_6c79_u64)
+        }))
+    }
+}
+
+impl std::hash::BuildHasher for KeyHashing {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
+/// See [`KeyHashing`].
+pub(super) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(2) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0 ^ u64::from_le_bytes(b)).rotate_left(29);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {
+        // The length prefix of a key: always 32.
+    }
+}
+
+/// A table keyed by stream key.
+pub(super) type KeyMap<V> = HashMap<HeadKey, V, KeyHashing>;
 
 /// One stream's part of one segment, as its records give it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SegStream {
     pub(super) name: String,
+    /// `BLAKE3(name)`: the stream's key in the heads map, and in the tables here.
+    pub(super) key: HeadKey,
     pub(super) first_version: u64,
     pub(super) last_version: u64,
     pub(super) first_position: Position,
@@ -33,7 +87,7 @@ pub(super) struct SegStream {
 #[derive(Default)]
 pub(super) struct SegStreams {
     list: Vec<SegStream>,
-    by_name: HashMap<String, usize>,
+    by_key: KeyMap<usize>,
     last: Option<usize>,
 }
 
@@ -43,18 +97,20 @@ impl SegStreams {
     pub(super) fn push(
         &mut self,
         stream: &str,
+        key: HeadKey,
         version: u64,
         position: Position,
         record_time: Timestamp,
         stream_prev: Option<u64>,
     ) -> std::result::Result<(), String> {
-        let i = match self.last.filter(|&i| self.list[i].name == stream) {
+        let i = match self.last.filter(|&i| self.list[i].key == key) {
             Some(i) => i,
-            None => match self.by_name.get(stream) {
+            None => match self.by_key.get(&key) {
                 Some(&i) => i,
                 None => {
                     self.list.push(SegStream {
                         name: stream.to_owned(),
+                        key,
                         first_version: version,
                         last_version: version,
                         first_position: position,
@@ -64,7 +120,7 @@ impl SegStreams {
                         first_stream_prev: stream_prev,
                     });
                     let i = self.list.len() - 1;
-                    self.by_name.insert(stream.to_owned(), i);
+                    self.by_key.insert(key, i);
                     self.last = Some(i);
                     return Ok(());
                 }
@@ -109,7 +165,7 @@ struct Joined {
 /// The stream table the records give, joined segment by segment in log order.
 #[derive(Default)]
 pub(super) struct StreamJoin {
-    table: HashMap<String, Joined>,
+    table: KeyMap<Joined>,
     /// Stream links checked (one per stream per segment).
     pub(super) links: u64,
 }
@@ -126,7 +182,7 @@ impl StreamJoin {
         streams: &[SegStream],
     ) -> Result<()> {
         for s in streams {
-            let prev = self.table.get(&s.name);
+            let prev = self.table.get(&s.key);
             let expected_version = prev.map_or(0, |p| p.last_version + 1);
             if s.first_version != expected_version {
                 return Err(corrupt(
@@ -184,7 +240,7 @@ impl StreamJoin {
                     ));
                 }
             }
-            let entry = self.table.entry(s.name.clone()).or_insert(Joined {
+            let entry = self.table.entry(s.key).or_insert(Joined {
                 first_position: s.first_position,
                 created: s.first_record_time,
                 last_version: 0,
@@ -209,13 +265,13 @@ impl StreamJoin {
         partial: Option<(SegmentSeq, &[SegStream])>,
     ) -> Result<()> {
         let fail = |detail: String| corrupt(path, 0, Some(cover.next_position.0), detail, None);
-        let overlay: HashMap<&str, Joined> = partial
+        let overlay: KeyMap<Joined> = partial
             .map(|(seq, list)| {
                 list.iter()
                     .map(|s| {
-                        let before = self.table.get(&s.name);
+                        let before = self.table.get(&s.key);
                         (
-                            s.name.as_str(),
+                            s.key,
                             Joined {
                                 first_position: before
                                     .map_or(s.first_position, |b| b.first_position),
@@ -232,13 +288,11 @@ impl StreamJoin {
         let total = self.table.len()
             + overlay
                 .keys()
-                .filter(|n| !self.table.contains_key(**n))
+                .filter(|k| !self.table.contains_key(*k))
                 .count();
         for e in entries {
-            let Some(j) = overlay
-                .get(e.name.as_str())
-                .or_else(|| self.table.get(&e.name))
-            else {
+            let key = stream_key(e.name.as_bytes());
+            let Some(j) = overlay.get(&key).or_else(|| self.table.get(&key)) else {
                 return Err(fail(format!(
                     "the stream snapshot names stream {}, which has no event before position {}",
                     e.name, cover.next_position
