@@ -272,7 +272,7 @@ impl Checkpoints {
             time: super::now(),
             root,
             chain_head: tree.head,
-            streams: tree.heads.as_mut().map(|h| (h.len(), h.root())),
+            streams: tree.heads_mut().map(|h| (h.len(), h.root())),
         };
         let cp = SignedCheckpoint::sign(statement, key);
         let first = self.list.is_empty();

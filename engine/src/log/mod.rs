@@ -1263,7 +1263,7 @@ impl Log {
         }
         tree.catch_up(&self.shared, Position(tree_size))?;
         let now = tree.size();
-        let heads = tree.heads.as_mut().expect("checked above");
+        let heads = tree.heads_mut().expect("checked above");
         let key = stream_key(stream.as_bytes());
         let mut rewound;
         let map = if now == tree_size {

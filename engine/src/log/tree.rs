@@ -51,9 +51,14 @@ pub(crate) struct Tree {
     pub(crate) rebuilt: bool,
     /// Stored nodes of height [`CACHED_HEIGHT`] or more read so far, by node index.
     upper: RefCell<HashMap<u64, Hash32>>,
-    /// Format version 2: the stream heads map of the first `size()` records, kept in step
-    /// as the tree catches up (set after open, from the stream table).
+    /// Format version 2: the stream heads map (set after open, from the stream table).
+    /// With `pending_heads` folded in, it is the map of the first `size()` records: read it
+    /// through [`Tree::heads_mut`].
     pub(crate) heads: Option<crate::format::heads::StreamHeads>,
+    /// Heads of the streams written since the map was last brought up to date, by stream
+    /// id: catching up costs a table update per record, and only a root or a proof pays for
+    /// hashing each changed stream once.
+    pending_heads: HashMap<Box<[u8]>, (u64, u64)>,
 }
 
 /// Stored nodes this many levels above the chunk level or higher are kept in memory once
@@ -173,14 +178,16 @@ impl Tree {
         if to > from {
             scan_range(shared, from, to, Verify::Checksums, &mut |r| {
                 self.push_leaf(r.record_hash);
-                if let Some(heads) = &mut self.heads
+                if self.heads.is_some()
                     && let Some(stream) = crate::format::envelope::EnvelopeRef::stream_bytes(r.body)
                 {
-                    heads.set(
-                        crate::format::heads::stream_key(stream),
-                        r.stream_version,
-                        r.position.0,
-                    );
+                    let head = (r.stream_version, r.position.0);
+                    match self.pending_heads.get_mut(stream) {
+                        Some(h) => *h = head,
+                        None => {
+                            self.pending_heads.insert(stream.into(), head);
+                        }
+                    }
                 }
             })?;
             if self.size() < to.0 {
@@ -194,6 +201,15 @@ impl Tree {
             }
         }
         self.write_pending()
+    }
+
+    /// Format version 2: the stream heads map of the first `size()` records.
+    pub(crate) fn heads_mut(&mut self) -> Option<&mut crate::format::heads::StreamHeads> {
+        let heads = self.heads.as_mut()?;
+        for (stream, (version, position)) in self.pending_heads.drain() {
+            heads.set(crate::format::heads::stream_key(&stream), version, position);
+        }
+        Some(heads)
     }
 
     /// A node source for tree sizes up to `size()`.
@@ -297,6 +313,7 @@ impl Tree {
             rebuilt: false,
             upper: RefCell::new(HashMap::new()),
             heads: None,
+            pending_heads: HashMap::new(),
         }
     }
 }
