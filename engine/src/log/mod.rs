@@ -780,11 +780,7 @@ impl Log {
         actor: &str,
         reason: &str,
     ) -> Result<AppendResult> {
-        if self.shared.meta.layout == crate::format::record::Layout::V1 {
-            return Err(invalid_options(
-                "signed appends need a log of format version 2",
-            ));
-        }
+        self.needs_signing_layout()?;
         self.write_producers(
             producers::KEY_REGISTERED,
             producers::registered_payload(&public_key, name, prefixes, reason),
@@ -821,16 +817,23 @@ impl Log {
         actor: &str,
         reason: &str,
     ) -> Result<AppendResult> {
-        if self.shared.meta.layout == crate::format::record::Layout::V1 {
-            return Err(invalid_options(
-                "signed appends need a log of format version 2",
-            ));
-        }
+        self.needs_signing_layout()?;
         self.write_producers(
             producers::SIGNATURES_REQUIRED,
             producers::required_payload(prefix, reason),
             actor,
         )
+    }
+
+    /// Refuses producer registrations and policies on a log of format version 1, which
+    /// cannot store signatures.
+    fn needs_signing_layout(&self) -> Result<()> {
+        if self.shared.meta.layout == crate::format::record::Layout::V1 {
+            return Err(invalid_options(
+                "signed appends need a log of format version 2",
+            ));
+        }
+        Ok(())
     }
 
     /// The producer keys and the signing policy now in force.
