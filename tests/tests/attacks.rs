@@ -406,6 +406,31 @@ fn laundering_through_the_next_honest_checkpoint_is_refused_by_the_writer() {
     );
 }
 
+#[test]
+fn a_writer_refuses_to_sign_over_records_that_differ_from_its_last_checkpoint() {
+    let h = honest(2000);
+    let cps = h.dir.join(tally_engine::CHECKPOINTS_FILE);
+    let kept_list = std::fs::read(&cps).unwrap();
+    let signed = forge::checkpoint_sizes(&h.dir);
+    // History after 900 rewritten and grown past the last checkpoint, then every
+    // checkpoint put back, so that the key's ledger sees nothing removed, and the node file
+    // deleted, so that open rebuilds it from the forged records.
+    rewrite_after(&h, 900, 1500);
+    std::fs::write(&cps, &kept_list).unwrap();
+    std::fs::remove_file(h.dir.join(tally_engine::TREE_FILE)).unwrap();
+    // The operator's next checkpoint (`tally checkpoint`, a seal, a close) would sign the
+    // forged records with the real key: the writer refuses, and nothing is signed.
+    let msg = match Log::open(&h.dir, options(&h.key)) {
+        Err(e) => format!("{e}"),
+        Ok(log) => format!("{}", log.checkpoint().unwrap_err()),
+    };
+    assert!(
+        msg.contains("no longer match checkpoint") && msg.contains("nothing more is signed"),
+        "{msg}"
+    );
+    assert_eq!(forge::checkpoint_sizes(&h.dir), signed);
+}
+
 // ---------------------------------------------------------------------------------------
 // Kept checkpoints: an auditor's copy of a checkpoint, outside the directory.
 

@@ -262,6 +262,26 @@ impl Checkpoints {
                 source: None,
             });
         }
+        // The records a checkpoint signed must still be the records it signed: a history
+        // rewritten below the last checkpoint (every checksum, link and derived file
+        // recomputed, the checkpoints file put back) must not be signed over by the next
+        // routine checkpoint with the real key.
+        if let Some(last) = self.list.last()
+            && last.statement.tree_size > 0
+            && crate::format::proof::root(&mut tree.source(shared), last.statement.tree_size)?
+                != last.statement.root
+        {
+            return Err(Error::Corrupt {
+                file: self.path.clone(),
+                offset: ((self.list.len() - 1) * entry_len(shared.meta.layout.version())) as u64,
+                position: Some(last.statement.tree_size),
+                detail: format!(
+                    "the first {} records no longer match checkpoint {}, which signed them: history was changed, so nothing more is signed",
+                    last.statement.tree_size, last.statement.id
+                ),
+                source: None,
+            });
+        }
         let root = crate::format::proof::root(&mut tree.source(shared), size)?;
         // Every node the checkpoint's root depends on is on disk before the checkpoint is.
         tree.sync()?;
