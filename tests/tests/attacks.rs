@@ -632,6 +632,49 @@ fn observe(w: &Witness, dir: &Path) -> Result<Observation, WitnessError> {
     Ok(obs)
 }
 
+#[test]
+fn a_flood_of_cosignatures_cannot_break_the_note_and_named_witnesses_keep_strangers_out() {
+    use tally_engine::format::note::{Cosignature, checkpoint_body};
+    let h = honest(300);
+    let cp = {
+        let log = read_only(&h.dir).unwrap();
+        *log.checkpoints().last().unwrap()
+    };
+    let body = checkpoint_body(&cp.statement);
+    let stranger = |i: u8| {
+        let key = SigningKey::from_bytes(&[i; 32]);
+        Cosignature::sign(&key, &format!("stranger-{i}"), 1_800_000_000, &body)
+    };
+    // Anyone who can reach the server can hand in cosignatures under keys of their own:
+    // the log keeps 16 per checkpoint and refuses the rest, so its note still parses.
+    let log = Log::open(&h.dir, options(&h.key)).unwrap();
+    for i in 1..=16 {
+        assert!(log.add_cosignature(cp.statement.id, &stranger(i)).unwrap());
+    }
+    let msg = format!(
+        "{}",
+        log.add_cosignature(cp.statement.id, &stranger(17))
+            .unwrap_err()
+    );
+    assert!(msg.contains("16 cosignatures already"), "{msg}");
+    let note = log.checkpoint_note(None).unwrap().unwrap();
+    let reparsed = Note::parse(&note.encode()).unwrap();
+    assert_eq!(reparsed.signatures.len(), note.signatures.len());
+    log.close().unwrap();
+    // A log that names its witnesses takes no one else's.
+    let w = witness(&h);
+    let mut opts = options(&h.key);
+    opts.witness_keys = Some(vec![w.key().public_key]);
+    let log = Log::open(&h.dir, opts).unwrap();
+    let msg = format!(
+        "{}",
+        log.add_cosignature(cp.statement.id, &stranger(40))
+            .unwrap_err()
+    );
+    assert!(msg.contains("not one of the witnesses"), "{msg}");
+    log.close().unwrap();
+}
+
 fn verify_witnessed(h: &Honest, w: &Witness, min: usize) -> Result<VerifyReport, Error> {
     read_only(&h.dir)?.verify_with(
         &VerifyOptions {

@@ -18,6 +18,11 @@ use crate::sys::sync_dir;
 /// The cosignatures file's name in the data directory.
 pub const COSIGNATURES_FILE: &str = "tally.cosignatures";
 
+/// The most cosignatures of one checkpoint the file takes (and a note carries): far more
+/// witnesses than any log has, and few enough that a note with the log's own signatures
+/// stays within a note's signature limit whatever a client sends.
+pub const COSIGNATURES_PER_CHECKPOINT_MAX: usize = 16;
+
 /// Every entry of the file, in order: decoded, or why not, with its byte offset. A torn
 /// last entry (an interrupted append) is left out.
 pub(crate) fn read(
@@ -46,8 +51,9 @@ pub(crate) fn read(
 /// key (nothing is written).
 ///
 /// # Errors
-/// [`Error::InvalidOptions`] when the cosignature does not verify or the witness name is
-/// not a valid key name; I/O errors.
+/// [`Error::InvalidOptions`] when the cosignature does not verify, the witness name is
+/// not a valid key name, or the checkpoint has [`COSIGNATURES_PER_CHECKPOINT_MAX`]
+/// cosignatures already; I/O errors.
 pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Result<bool> {
     if !crate::format::note::valid_key_name(&cosig.name) {
         return Err(Error::InvalidOptions {
@@ -82,13 +88,25 @@ pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Res
         file.set_len(whole)
             .map_err(Error::io("truncating cosignatures file", &path))?;
     }
-    let already = read(dir)?.into_iter().any(|(_, e)| {
-        e.is_ok_and(|e| {
-            e.checkpoint_id == cp.statement.id && e.cosignature.public_key == cosig.public_key
-        })
-    });
-    if already {
+    let mut keys = Vec::new();
+    for (_, e) in read(dir)? {
+        if let Ok(e) = e
+            && e.checkpoint_id == cp.statement.id
+            && !keys.contains(&e.cosignature.public_key)
+        {
+            keys.push(e.cosignature.public_key);
+        }
+    }
+    if keys.contains(&cosig.public_key) {
         return Ok(false);
+    }
+    if keys.len() >= COSIGNATURES_PER_CHECKPOINT_MAX {
+        return Err(Error::InvalidOptions {
+            reason: format!(
+                "checkpoint {} has {COSIGNATURES_PER_CHECKPOINT_MAX} cosignatures already, the most it keeps",
+                cp.statement.id
+            ),
+        });
     }
     let entry = CosignatureEntry {
         checkpoint_id: cp.statement.id,
@@ -106,14 +124,24 @@ pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Res
     Ok(true)
 }
 
-/// The cosignatures of checkpoint `cp` in the file that verify over its note body.
+/// The cosignatures of checkpoint `cp` in the file that verify over its note body, one
+/// per key, at most [`COSIGNATURES_PER_CHECKPOINT_MAX`] (the first in the file), so that a
+/// note of them always parses.
 pub(crate) fn of(dir: &Path, cp: &SignedCheckpoint) -> Result<Vec<Cosignature>> {
     let body = checkpoint_body(&cp.statement);
-    Ok(read(dir)?
+    let mut out: Vec<Cosignature> = Vec::new();
+    for c in read(dir)?
         .into_iter()
         .filter_map(|(_, e)| e.ok())
         .filter(|e| e.checkpoint_id == cp.statement.id)
         .map(|e| e.cosignature)
-        .filter(|c| c.verify(&body).is_ok())
-        .collect())
+    {
+        if out.len() == COSIGNATURES_PER_CHECKPOINT_MAX {
+            break;
+        }
+        if !out.iter().any(|o| o.public_key == c.public_key) && c.verify(&body).is_ok() {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }

@@ -111,6 +111,10 @@ pub struct Options {
     /// The on-disk format version of a log this open creates (docs/FORMAT.md, "Version
     /// history"): 2, the default, or 1. An existing log keeps its own version.
     pub format_version: u16,
+    /// The witnesses whose cosignatures [`Log::add_cosignature`] takes (their Ed25519
+    /// public keys); `None` takes any cosignature that verifies. A server reachable by
+    /// clients it does not know names its witnesses here.
+    pub witness_keys: Option<Vec<[u8; 32]>>,
 }
 
 impl Default for Options {
@@ -127,6 +131,7 @@ impl Default for Options {
             auto_checkpoints: true,
             index_attributes: true,
             format_version: crate::format::FORMAT_VERSION,
+            witness_keys: None,
         }
     }
 }
@@ -1172,13 +1177,24 @@ impl Log {
     /// [`add_cosignature`]). Returns `false` when that witness key had cosigned it already.
     ///
     /// # Errors
-    /// [`Error::InvalidOptions`] when the log has no such checkpoint or the cosignature
-    /// does not verify over it; I/O errors.
+    /// [`Error::InvalidOptions`] when the log has no such checkpoint, the cosignature does
+    /// not verify over it, its key is not one of [`Options::witness_keys`], or the
+    /// checkpoint has the most cosignatures it keeps; I/O errors.
     pub fn add_cosignature(
         &self,
         checkpoint_id: u64,
         cosignature: &crate::format::note::Cosignature,
     ) -> Result<bool> {
+        if let Some(keys) = &self.shared.opts.witness_keys
+            && !keys.contains(&cosignature.public_key)
+        {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "{} is not one of the witnesses this log takes cosignatures from",
+                    cosignature.name
+                ),
+            });
+        }
         let cp = usize::try_from(checkpoint_id)
             .ok()
             .and_then(|id| id.checked_sub(1))

@@ -46,6 +46,11 @@ struct Cli {
     /// Log level filter for stderr (for example `info`, `tallyd=debug`).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+    /// A witness's key file (vkey lines, as `tally verify --witness` reads): only the
+    /// witnesses named take part in ADD_COSIGNATURE. Repeatable; with none, any
+    /// cosignature that verifies is taken.
+    #[arg(long = "witness-key")]
+    witness_key: Vec<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -66,6 +71,7 @@ struct FileConfig {
     batched_delay_ms: Option<u64>,
     segment_mib: Option<u64>,
     max_connections: Option<usize>,
+    witness_keys: Option<Vec<PathBuf>>,
     max_inflight: Option<u32>,
     max_subscriptions: Option<u32>,
     max_frame_bytes: Option<u32>,
@@ -145,8 +151,41 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
         options.checkpoint_interval = Some(Duration::from_secs(s));
     }
     options.signing_key = file.signing_key;
+    let witness_files: Vec<PathBuf> = cli
+        .witness_key
+        .iter()
+        .cloned()
+        .chain(file.witness_keys.unwrap_or_default())
+        .collect();
+    if !witness_files.is_empty() {
+        options.witness_keys = Some(read_witness_keys(&witness_files)?);
+    }
     cfg.options = options;
     Ok(cfg)
+}
+
+/// The public keys in witness key files: vkey lines; blank lines and `#` comments are
+/// passed over.
+fn read_witness_keys(files: &[PathBuf]) -> anyhow::Result<Vec<[u8; 32]>> {
+    let mut keys = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("reading witness key {}: {e}", f.display()))?;
+        let before = keys.len();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let key = tally_engine::format::note::WitnessKey::parse(line)
+                .map_err(|e| anyhow::anyhow!("witness key {}: {e}", f.display()))?;
+            keys.push(key.public_key);
+        }
+        if keys.len() == before {
+            anyhow::bail!("witness key file {} holds no key", f.display());
+        }
+    }
+    Ok(keys)
 }
 
 fn main() -> ExitCode {
