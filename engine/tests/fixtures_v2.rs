@@ -79,6 +79,9 @@ const PUBKEY_FILE: &str = "log.pub";
 const KEPT_NOTE_FILE: &str = "kept.note";
 const WITNESS_FILE: &str = "witness.vkey";
 const TRUST_FILE: &str = "producers.trust";
+/// Where the signing policy starts: the position after its `$SignaturesRequired` event,
+/// as `tally producer require` prints it and the auditor's trust file says.
+const POLICY_FROM: u64 = 18;
 const MANIFEST_FILE: &str = "expected.tsv";
 
 /// Record flags (docs/FORMAT.md 5.1), as numbers.
@@ -759,14 +762,17 @@ fn write_fixture_when_asked() {
             ),
             // Before the policy, the OMS's streams take unsigned batches.
             5 => w.append(&[("oms-7", 2)], false),
-            8 => w.system(
-                log.require_signatures(
-                    PRODUCER_PREFIX,
-                    "alice@desk",
-                    "MiFID II: OMS events signed at source",
-                )
-                .unwrap(),
-            ),
+            8 => {
+                let r = log
+                    .require_signatures(
+                        PRODUCER_PREFIX,
+                        "alice@desk",
+                        "MiFID II: OMS events signed at source",
+                    )
+                    .unwrap();
+                assert_eq!(r.first_position.0 + 1, POLICY_FROM);
+                w.system(r);
+            }
             b if b > 8 && b % 4 == 2 => match b % 12 {
                 2 => w.append(&[("oms-7", 2), ("oms-8", 1)], true),
                 6 => w.append(&[("oms-8", 1)], true),
@@ -814,7 +820,7 @@ fn write_fixture_when_asked() {
     std::fs::write(
         dir.join(TRUST_FILE),
         format!(
-            "# The auditor's producer trust file for the v2 fixture log.\nkey {PRODUCER_NAME} {} {PRODUCER_PREFIX}\nrequire {PRODUCER_PREFIX}\n",
+            "# The auditor's producer trust file for the v2 fixture log.\nkey {PRODUCER_NAME} {} {PRODUCER_PREFIX}\nrequire {PRODUCER_PREFIX} from {POLICY_FROM}\n",
             hex(&producer.verifying_key().to_bytes())
         ),
     )
@@ -1643,7 +1649,7 @@ fn key_files_and_kept_note_are_what_the_log_signed() {
                 "key {PRODUCER_NAME} {} {PRODUCER_PREFIX}",
                 hex(&public_of(&PRODUCER_SEED))
             ),
-            format!("require {PRODUCER_PREFIX}"),
+            format!("require {PRODUCER_PREFIX} from {POLICY_FROM}"),
         ],
         "producers.trust"
     );

@@ -974,7 +974,13 @@ fn trust(oms: &SigningKey, required: bool) -> ProducerTrust {
     ProducerTrust::parse(&format!(
         "# the auditor's own list\nkey oms {} trade-\n{}",
         hex(&oms.verifying_key().to_bytes()),
-        if required { "require trade-\n" } else { "" }
+        // The honest history before the policy (600 unsigned events, then the key's
+        // registration and the policy) is admitted by the auditor's own `from`.
+        if required {
+            "require trade- from 602\n"
+        } else {
+            ""
+        }
     ))
     .unwrap()
 }
@@ -991,6 +997,10 @@ fn verify_producers(h: &Honest, trust: ProducerTrust) -> Result<VerifyReport, Er
 }
 
 fn envelope(stream: &str, event_type: &str) -> Vec<u8> {
+    envelope_with(stream, event_type, br#"{"qty":"1000000"}"#)
+}
+
+fn envelope_with(stream: &str, event_type: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     tally_engine::format::envelope::EnvelopeRef {
         event_id: tally_engine::new_event_id(),
@@ -1003,7 +1013,7 @@ fn envelope(stream: &str, event_type: &str) -> Vec<u8> {
         correlation_id: "",
         causation_id: "",
         actor: "oms",
-        payload: br#"{"qty":"1000000"}"#,
+        payload,
     }
     .encode_into(&mut out)
     .unwrap();
@@ -1040,6 +1050,43 @@ fn an_injected_tail_event_is_caught_only_where_signatures_are_required() {
         log.append("trade-3", ExpectedVersion::Any, &[event(1)]),
         Err(Error::SignatureRefused { .. })
     ));
+}
+
+#[test]
+fn a_policy_event_forged_behind_an_injected_batch_does_not_move_where_signatures_are_required() {
+    let h = honest(300);
+    let oms = SigningKey::from_bytes(&[7; 32]);
+    let trust = ProducerTrust::parse(&format!(
+        "key oms {} risk-\nrequire risk-\n",
+        hex(&oms.verifying_key().to_bytes())
+    ))
+    .unwrap();
+    verify_producers(&h, trust.clone()).unwrap();
+    // An unsigned `risk-` event at the tail, then a `$SignaturesRequired` for `risk-` after
+    // it: were the policy's start taken from the log, the injected event would come before
+    // it and pass.
+    forge::append_raw(
+        &h.dir,
+        &[("risk-1".into(), envelope("risk-1", "LIMIT"))],
+        None,
+    );
+    forge::append_raw(
+        &h.dir,
+        &[(
+            tally_engine::producers::PRODUCERS_STREAM.into(),
+            envelope_with(
+                tally_engine::producers::PRODUCERS_STREAM,
+                tally_engine::producers::SIGNATURES_REQUIRED,
+                br#"{"prefix":"risk-","reason":"forged"}"#,
+            ),
+        )],
+        None,
+    );
+    let msg = failure(verify_producers(&h, trust));
+    assert!(
+        msg.contains("stream risk-1 is not signed") && msg.contains("from position 0 on"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -137,6 +137,11 @@ pub fn run(a: &ProducerArgs) -> Result<ExitCode> {
                 a.prefix,
                 r.first_position.0 + 1
             );
+            println!(
+                "for the auditors' trust file: require {} from {}",
+                a.prefix,
+                r.first_position.0 + 1
+            );
             log.close()?;
         }
         ProducerCommand::List(a) => {

@@ -186,8 +186,8 @@ pub struct ProducerTrust {
     /// Trusted keys: `(name, public key, prefixes)`; empty prefixes: any stream.
     pub keys: Vec<(String, [u8; 32], Vec<String>)>,
     /// Prefixes whose batches must be signed by a trusted key, each from a position on:
-    /// the one given (`require PREFIX from N`), or else the position of the log's first
-    /// `$SignaturesRequired` event for the prefix, or else 0.
+    /// the one given (`require PREFIX from N`), or else 0. Never the log's own
+    /// `$SignaturesRequired` events: a forger could append one after an injected batch.
     pub required: Vec<(String, Option<u64>)>,
 }
 
@@ -246,7 +246,7 @@ impl ProducerTrust {
                     .find(|(p, from)| s.starts_with(p.as_str()) && from.is_none_or(|f| first >= f))
                 {
                     return Err(format!(
-                        "the batch writing stream {s} is not signed, but batches for prefix {p:?} must be from position {} on",
+                        "the batch writing stream {s} is not signed, but batches for prefix {p:?} must be from position {} on (the trust file's `require {p} from POSITION` says where)",
                         from.unwrap_or(0)
                     ));
                 }

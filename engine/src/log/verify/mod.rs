@@ -191,11 +191,7 @@ pub(crate) fn verify(
         ..VerifyReport::default()
     };
     let snapshot_path = shared.dir.join(super::streams::SNAPSHOT_FILE);
-    let producer_trust = options
-        .producers
-        .as_ref()
-        .map(|t| resolve_required(shared, t))
-        .transpose()?;
+    let producer_trust = options.producers.clone();
     let mut streams = StreamJoin::default();
     // With `from_segment`: the heads of the trusted segments' streams, in log order.
     let mut trusted_heads: Vec<Head> = Vec::new();
@@ -525,36 +521,6 @@ pub(crate) fn verify(
         check_witnesses(shared, &checkpoints, options, &mut report)?;
     }
     Ok(report)
-}
-
-/// Fixes where each required prefix of a producer trust file starts: where the file says,
-/// or at the log's first `$SignaturesRequired` event for the prefix, or at 0.
-fn resolve_required(
-    shared: &Shared,
-    trust: &super::producers::ProducerTrust,
-) -> Result<super::producers::ProducerTrust> {
-    let events = super::read::read_stream(
-        shared,
-        super::producers::PRODUCERS_STREAM,
-        0,
-        usize::MAX,
-        super::Direction::Forward,
-    )?;
-    let mut out = trust.clone();
-    for (prefix, from) in &mut out.required {
-        if from.is_none() {
-            let first = events.iter().find(|e| {
-                e.event_type() == super::producers::SIGNATURES_REQUIRED
-                    && serde_json::from_slice::<serde_json::Value>(e.payload())
-                        .ok()
-                        .and_then(|v| v.get("prefix").and_then(|p| p.as_str().map(str::to_owned)))
-                        .as_deref()
-                        == Some(prefix.as_str())
-            });
-            *from = Some(first.map_or(0, |e| e.position.0));
-        }
-    }
-    Ok(out)
 }
 
 /// Counts a checked checkpoint in the report.
