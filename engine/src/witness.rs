@@ -386,7 +386,7 @@ impl Witness {
                     format!(
                         "whose id is below {}, although its tree is not smaller: checkpoints after {} were removed and signed again",
                         seen.id,
-                        offered.id - 1
+                        offered.id.saturating_sub(1)
                     ),
                 );
             }
@@ -401,12 +401,24 @@ impl Witness {
             }
             if offered == seen
                 && let Some(prev) = self.latest(&statement.log_id)?
-                && let Some(c) = Cosignature::in_note(&prev, &[self.key()]).pop()
             {
-                return Ok(Observation::Unchanged {
-                    checkpoint: cp,
-                    cosignature: c,
-                });
+                // Same id, size and root, but another time, chain head or streams root:
+                // two signed statements for one checkpoint.
+                if prev.body != note.body {
+                    return conflict(
+                        seen,
+                        format!(
+                            "a different statement under id {} for the same tree size and root",
+                            offered.id
+                        ),
+                    );
+                }
+                if let Some(c) = Cosignature::in_note(&prev, &[self.key()]).pop() {
+                    return Ok(Observation::Unchanged {
+                        checkpoint: cp,
+                        cosignature: c,
+                    });
+                }
             }
             if offered.tree_size > seen.tree_size {
                 let proof = prove(seen.tree_size, offered.tree_size)?;
@@ -434,21 +446,16 @@ impl Witness {
         // The history first (synced), then the latest note: a crash between them leaves a
         // history that already refuses anything conflicting with the new checkpoint.
         let hist = dir.join(HISTORY_FILE);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&hist)
-            .map_err(io("opening witness history", &hist))?;
-        writeln!(
-            f,
-            "{} {} {} {}",
-            offered.id,
-            offered.tree_size,
-            hex(&offered.root),
-            cp.statement.time.0
-        )
-        .and_then(|()| f.sync_data())
-        .map_err(io("writing witness history", &hist))?;
+        append_history_line(
+            &hist,
+            &format!(
+                "{} {} {} {}\n",
+                offered.id,
+                offered.tree_size,
+                hex(&offered.root),
+                cp.statement.time.0
+            ),
+        )?;
         let latest_note = checkpoint_note(&cp, std::slice::from_ref(&cosignature)).encode();
         crate::sys::write_file_atomic(&dir, LATEST_FILE, latest_note.as_bytes())
             .map_err(io("writing latest note", &dir.join(LATEST_FILE)))?;
@@ -481,4 +488,27 @@ impl Witness {
             .map_err(io("writing evidence", &path))?;
         Ok(path)
     }
+}
+
+/// Appends one whole line to a witness history and syncs it. A torn last line (an append
+/// a crash interrupted, which [`Witness::history`] leaves out) is cut off first, so the new
+/// line never joins it; the line is written in one call.
+fn append_history_line(path: &Path, line: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io("opening witness history", path))?;
+    let bytes = std::fs::read(path).map_err(io("reading witness history", path))?;
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if whole != bytes.len() {
+        f.set_len(whole as u64)
+            .map_err(io("cutting a torn witness history line", path))?;
+    }
+    f.write_all_at(line.as_bytes(), whole as u64)
+        .and_then(|()| f.sync_data())
+        .map_err(io("writing witness history", path))
 }

@@ -737,6 +737,68 @@ fn a_witness_cosigns_honest_growth_and_verify_counts_it() {
 }
 
 #[test]
+fn a_witness_history_line_torn_by_a_crash_does_not_stop_the_witness() {
+    let h = honest(300);
+    let w = witness(&h);
+    observe(&w, &h.dir).unwrap();
+    let log_id = read_only(&h.dir).unwrap().log_id();
+    let history = h
+        .dir
+        .parent()
+        .unwrap()
+        .join("witness")
+        .join(tally_engine::witness::LOGS_DIR)
+        .join(hex(&log_id))
+        .join(tally_engine::witness::HISTORY_FILE);
+    // A crash in the middle of the next line's write.
+    let mut bytes = std::fs::read(&history).unwrap();
+    bytes.extend_from_slice(b"2 4");
+    std::fs::write(&history, &bytes).unwrap();
+    assert_eq!(w.history(&log_id).unwrap().len(), 1);
+    grow(&h, 300, 100);
+    assert!(matches!(
+        observe(&w, &h.dir),
+        Ok(Observation::Cosigned { .. })
+    ));
+    grow(&h, 400, 100);
+    observe(&w, &h.dir).unwrap();
+    let seen = w.history(&log_id).unwrap();
+    assert_eq!(
+        seen.iter().map(|s| s.tree_size).collect::<Vec<_>>(),
+        vec![300, 400, 500]
+    );
+}
+
+#[test]
+fn a_witness_refuses_a_second_statement_for_a_checkpoint_it_cosigned() {
+    let h = honest(300);
+    let w = witness(&h);
+    observe(&w, &h.dir).unwrap();
+    // Whoever holds the log's key signs another statement for the same id, size and root
+    // (another time): two signed checkpoints for one id.
+    let key = tally_engine::format::checkpoint::decode_secret_key(
+        &std::fs::read_to_string(&h.key).unwrap(),
+    )
+    .unwrap();
+    let cp = *read_only(&h.dir).unwrap().checkpoints().last().unwrap();
+    let mut other = cp.statement;
+    other.time = tally_engine::Timestamp(other.time.0 + 1);
+    let forged = SignedCheckpoint::sign(other, &key);
+    let note = tally_engine::format::note::checkpoint_note(&forged, &[]);
+    let err = w
+        .observe(&note, &mut |_, _| {
+            unreachable!("no proof for the same size")
+        })
+        .unwrap_err();
+    let msg = format!("{err}");
+    assert!(
+        matches!(err, WitnessError::Equivocation(_))
+            && msg.contains("a different statement under id 1"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_witness_refuses_a_rollback_and_names_both_checkpoints() {
     for beside_live_writer in [false, true] {
         let h = honest(1200);
