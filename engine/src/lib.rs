@@ -40,6 +40,7 @@ pub mod projection;
 pub mod replay;
 pub mod schema;
 mod segment;
+pub mod state_store;
 mod sys;
 pub mod witness;
 

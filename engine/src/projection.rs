@@ -3,17 +3,26 @@
 //! serving readers.
 //!
 //! A checkpoint is the projection's state together with the position it has folded up to,
-//! stored by the log itself as an event of the stream `$projection-NAME` (event type
-//! `$ProjectionCheckpoint`, binary payload: `u64` next position, `u32` state version, then
-//! the encoded state; little-endian; docs/FORMAT.md 18.2). Storing both in one append makes
-//! them agree after any crash: a restarted projection resumes exactly where its last
-//! checkpoint was taken, and folds every later event once.
+//! stored by the log itself in the stream `$projection-NAME`: the state's encoding cut into
+//! parts of at most one payload, then a manifest naming the parts with the position
+//! ([`crate::state_store`], docs/FORMAT.md 18.4), so a state has no size limit and is
+//! never held twice while it is written. The manifest is appended last and is the commit
+//! point: after any crash a restarted projection loads its last complete checkpoint,
+//! resumes exactly where it was taken, and folds every later event once. Loading checks
+//! every part against the manifest and falls back to the previous checkpoint on any
+//! difference. A projection whose state is partitioned by key ([`Partitions`]) writes only
+//! the partitions changed since its last checkpoint (a *delta*), and a *full* checkpoint
+//! at least every [`ProjectorOptions::deltas_max`] deltas and whenever the deltas since the
+//! full one add up to its size, so a load reads at most one full checkpoint and a bounded
+//! chain of deltas. Checkpoints of the first layout (one `$ProjectionCheckpoint` event,
+//! docs/FORMAT.md 18.2) still load.
 //!
 //! Streams whose names start with `$` (snapshots, checkpoints, consumer positions) are the
 //! log's own bookkeeping and are not projected.
 //!
 //! This module uses only the log's public API.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,7 +31,11 @@ use parking_lot::RwLock;
 
 use crate::error::Error;
 use crate::format::Position;
-use crate::log::{Direction, EventData, EventView, ExpectedVersion, Log, RecordedEvent};
+use crate::log::{Direction, EventView, Log, RecordedEvent};
+use crate::state_store::{
+    self, Base, EntryReader, EntryWriter, Found, Kind, ManifestHead, PartOptions, PartReader,
+    StateError, StateSource, Stored,
+};
 
 /// The prefix of the stream that holds a projection's checkpoints.
 pub const CHECKPOINT_STREAM_PREFIX: &str = "$projection-";
@@ -53,6 +66,68 @@ pub trait Projection: Sized {
 
     /// The state from a checkpoint; `None` if the bytes do not decode.
     fn decode_state(bytes: &[u8]) -> Option<Self>;
+
+    /// Writes the state's encoding ([`Projection::encode_state`]'s bytes) to `out`; a
+    /// large state can write it piece by piece, so that a checkpoint never holds it whole.
+    ///
+    /// # Errors
+    /// What `out` fails with.
+    fn encode_state_to(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        out.write_all(&self.encode_state())
+    }
+
+    /// The state decoded from `input` (the bytes [`Projection::encode_state_to`] wrote);
+    /// `Ok(None)` if they do not decode. The default reads them whole, then calls
+    /// [`Projection::decode_state`]; a large state can decode as it reads.
+    ///
+    /// # Errors
+    /// What `input` fails with (a damaged part of the checkpoint).
+    fn decode_state_from(input: &mut dyn Read) -> std::io::Result<Option<Self>> {
+        let mut bytes = Vec::new();
+        input.read_to_end(&mut bytes)?;
+        Ok(Self::decode_state(&bytes))
+    }
+
+    /// The state's partitions, when it is partitioned by key: checkpoints then store it
+    /// by partition and write only the partitions changed since the last one. `None`, the
+    /// default, stores it whole.
+    fn partitions(&self) -> Option<&dyn Partitions> {
+        None
+    }
+
+    /// [`Projection::partitions`], to load and to take the changed keys.
+    fn partitions_mut(&mut self) -> Option<&mut dyn Partitions> {
+        None
+    }
+}
+
+/// What [`Partitions::each_partition`] calls with each partition's key and value.
+pub type PartitionVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> std::io::Result<()> + 'a;
+
+/// A read model's state split into partitions by key (a trade, a book, an instrument), so
+/// that a checkpoint costs what changed since the last one, not the size of the state.
+/// Each partition is encoded on its own; the state is the set of its partitions.
+pub trait Partitions {
+    /// Calls `f` with every partition's key and encoded value, in ascending order of key
+    /// bytes, and stops at its first error.
+    ///
+    /// # Errors
+    /// What `f` fails with.
+    fn each_partition(&self, f: &mut PartitionVisitor<'_>) -> std::io::Result<()>;
+
+    /// Partition `key` encoded now; `None` when it has no partition (it was removed).
+    fn encode_partition(&self, key: &[u8]) -> Option<Vec<u8>>;
+
+    /// Sets partition `key` from a checkpoint; `None` removes it.
+    ///
+    /// # Errors
+    /// A reason, when the bytes do not decode (the checkpoint is then refused).
+    fn load_partition(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String>;
+
+    /// The keys of the partitions changed (or removed) since the last call, each at least
+    /// once, in any order. Every change folded since must be named: a delta checkpoint
+    /// writes these partitions and no others.
+    fn take_changed(&mut self) -> Vec<Vec<u8>>;
 }
 
 /// Why a projection stopped.
@@ -79,6 +154,14 @@ pub enum ProjectionError {
         position: u64,
         /// The projection's reason.
         reason: String,
+    },
+    /// A checkpoint could not be written.
+    #[error("projection {name}: checkpoint: {source}")]
+    Checkpoint {
+        /// The projection.
+        name: String,
+        /// Why.
+        source: Box<StateError>,
     },
 }
 
@@ -143,14 +226,84 @@ pub struct ProjectorOptions {
     /// Write a checkpoint after this many events folded since the last one (and at the
     /// end of every catch-up that folded any).
     pub checkpoint_every: u64,
+    /// How a checkpoint's content is cut into parts and batched.
+    pub parts: PartOptions,
+    /// For a partitioned state: the most delta checkpoints after a full one; the next is
+    /// full. A full one is also written as soon as the deltas since the last full one add
+    /// up to its size. A load so reads one full checkpoint and at most this many deltas,
+    /// together at most about twice the full one.
+    pub deltas_max: u32,
 }
 
 impl Default for ProjectorOptions {
     fn default() -> ProjectorOptions {
         ProjectorOptions {
             checkpoint_every: 10_000,
+            parts: PartOptions::default(),
+            deltas_max: 16,
         }
     }
+}
+
+/// Where a projection's checkpoints stand: what a delta would build on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainHead {
+    /// The newest manifest's version in the checkpoint stream and its payload's hash.
+    pub newest: Base,
+    /// Its kind.
+    pub kind: Kind,
+    /// Deltas since the full checkpoint.
+    pub depth: u32,
+    /// Content bytes of the full (or whole) checkpoint.
+    pub full_bytes: u64,
+    /// Content bytes of the deltas since it.
+    pub delta_bytes: u64,
+}
+
+impl ChainHead {
+    fn after(previous: Option<ChainHead>, kind: Kind, stored: &Stored) -> ChainHead {
+        let newest = Base {
+            version: stored.version,
+            hash: stored.hash,
+        };
+        match (kind, previous) {
+            (Kind::Delta, Some(p)) => ChainHead {
+                newest,
+                kind,
+                depth: p.depth + 1,
+                full_bytes: p.full_bytes,
+                delta_bytes: p.delta_bytes + stored.content_bytes,
+            },
+            _ => ChainHead {
+                newest,
+                kind,
+                depth: 0,
+                full_bytes: stored.content_bytes,
+                delta_bytes: 0,
+            },
+        }
+    }
+}
+
+/// A checkpoint found by [`load_checkpoint`].
+#[derive(Debug)]
+pub struct LoadedCheckpoint<P> {
+    /// The first position its state has not folded.
+    pub next: u64,
+    /// The state.
+    pub state: P,
+    /// Where its manifests stand (`None` for a checkpoint of the first layout).
+    pub head: Option<ChainHead>,
+}
+
+/// What [`load_checkpoint`] found: the newest usable checkpoint, if any, and every newer
+/// one it refused, newest first, with the reason.
+#[derive(Debug)]
+pub struct CheckpointSearch<P> {
+    /// The checkpoint to start from.
+    pub found: Option<LoadedCheckpoint<P>>,
+    /// Checkpoints passed over: the stream version of each manifest and why.
+    pub refused: Vec<(u64, StateError)>,
 }
 
 /// The state readers see: shared, replaced whole by a rebuild.
@@ -168,6 +321,9 @@ pub struct Projector<'a, P> {
     since_checkpoint: u64,
     status: StatusHandle,
     registry: Option<crate::schema::Registry>,
+    head: Option<ChainHead>,
+    force_full: bool,
+    refused: Vec<(u64, StateError)>,
 }
 
 /// A projector's status, readable on any thread while the projector runs (a rebuild shows
@@ -240,23 +396,11 @@ impl<'a, P: Projection> Projector<'a, P> {
             index: 0,
             source: e,
         })?;
-        let mut start = (0, P::initial(), None);
-        let mut from = u64::MAX;
-        'search: loop {
-            let page = log.read_stream(&stream, from, 64, Direction::Backward)?;
-            if let Some((next, state)) = page
-                .iter()
-                .find_map(|e| usable_checkpoint::<P>(e.payload()))
-            {
-                start = (next, state, Some(next));
-                break 'search;
-            }
-            match page.last() {
-                Some(last) if last.version > 0 && page.len() == 64 => from = last.version - 1,
-                _ => break,
-            }
-        }
-        let (next, state, checkpoint) = start;
+        let search = load_checkpoint::<P>(log, name)?;
+        let (next, state, checkpoint, head) = match search.found {
+            Some(c) => (c.next, c.state, Some(c.next), c.head),
+            None => (0, P::initial(), None, None),
+        };
         Ok(Projector {
             log,
             name: name.to_owned(),
@@ -267,7 +411,24 @@ impl<'a, P: Projection> Projector<'a, P> {
             since_checkpoint: 0,
             status: StatusHandle::new(ProjectionStatus::opened(next, checkpoint)),
             registry: None,
+            head,
+            force_full: false,
+            refused: search.refused,
         })
+    }
+
+    /// The checkpoints [`Projector::open`] passed over because they did not load (a
+    /// damaged, missing or misnamed part), newest first: the stream version of each
+    /// manifest and why.
+    #[must_use]
+    pub fn refused_checkpoints(&self) -> &[(u64, StateError)] {
+        &self.refused
+    }
+
+    /// Where the checkpoints stand: what the next delta builds on.
+    #[must_use]
+    pub fn chain_head(&self) -> Option<ChainHead> {
+        self.head
     }
 
     /// The state, for readers on any thread (a rebuild replaces what it holds).
@@ -390,16 +551,29 @@ impl<'a, P: Projection> Projector<'a, P> {
     /// # Errors
     /// [`ProjectionError::Log`].
     pub fn checkpoint(&mut self) -> std::result::Result<(), ProjectionError> {
-        let payload = encode_checkpoint_payload(
-            self.next,
-            P::STATE_VERSION,
-            &self.state.read().encode_state(),
-        );
-        self.log.append(
+        let written = write_checkpoint(
+            self.log,
             &self.stream,
-            ExpectedVersion::Any,
-            &[EventData::new(CHECKPOINT_EVENT_TYPE, payload)],
-        )?;
+            &self.state,
+            self.next,
+            self.head,
+            self.force_full,
+            &self.opts,
+        );
+        match written {
+            Ok(head) => {
+                self.head = Some(head);
+                self.force_full = false;
+            }
+            Err(source) => {
+                // The changed keys were taken: only a full checkpoint is whole now.
+                self.force_full = true;
+                return Err(ProjectionError::Checkpoint {
+                    name: self.name.clone(),
+                    source: Box::new(source),
+                });
+            }
+        }
         self.since_checkpoint = 0;
         self.status.lock().checkpoint = Some(self.next);
         Ok(())
@@ -429,6 +603,7 @@ impl<'a, P: Projection> Projector<'a, P> {
         *self.state.write() = fresh;
         self.set_next(upto);
         self.since_checkpoint = 0;
+        self.force_full = true;
         self.checkpoint()
             .inspect_err(|e| self.status.fail(&e.to_string()))?;
         // Events that arrived during the rebuild (a refusal there is recorded by the
@@ -436,6 +611,224 @@ impl<'a, P: Projection> Projector<'a, P> {
         self.catch_up()?;
         Ok(())
     }
+}
+
+/// Writes a checkpoint of `state` at `next` to `stream`: whole, or for a partitioned
+/// state a delta of the partitions changed since `head`, or a full one when `force_full`,
+/// when there is no chain to build on, or when the options' bounds call for one.
+///
+/// # Errors
+/// [`StateError`]; a partitioned state's changed keys are taken even then.
+pub fn write_checkpoint<P: Projection>(
+    log: &Log,
+    stream: &str,
+    state: &RwLock<P>,
+    next: u64,
+    head: Option<ChainHead>,
+    force_full: bool,
+    opts: &ProjectorOptions,
+) -> std::result::Result<ChainHead, StateError> {
+    let changed = state.write().partitions_mut().map(Partitions::take_changed);
+    let guard = state.read();
+    let previous = head.map(|h| h.newest.version);
+    let whole = |kind| ManifestHead {
+        at: next,
+        state_version: P::STATE_VERSION,
+        kind,
+        depth: 0,
+        base: None,
+        previous,
+    };
+    let (kind, stored) = match (guard.partitions(), changed) {
+        (Some(parts), Some(mut changed)) => {
+            let delta_on = head.filter(|h| {
+                !force_full
+                    && h.kind != Kind::Whole
+                    && h.depth < opts.deltas_max
+                    && h.delta_bytes < h.full_bytes
+            });
+            match delta_on {
+                None => {
+                    let stored = state_store::write_parts(
+                        log,
+                        stream,
+                        whole(Kind::Full),
+                        opts.parts,
+                        |w| {
+                            let mut entries = EntryWriter::new(w);
+                            parts.each_partition(&mut |k, v| entries.entry(k, Some(v)))
+                        },
+                    )?;
+                    (Kind::Full, stored)
+                }
+                Some(h) => {
+                    changed.sort_unstable();
+                    changed.dedup();
+                    let head = ManifestHead {
+                        kind: Kind::Delta,
+                        depth: h.depth + 1,
+                        base: Some(h.newest),
+                        ..whole(Kind::Delta)
+                    };
+                    let stored = state_store::write_parts(log, stream, head, opts.parts, |w| {
+                        let mut entries = EntryWriter::new(w);
+                        for k in &changed {
+                            entries.entry(k, parts.encode_partition(k).as_deref())?;
+                        }
+                        Ok(())
+                    })?;
+                    (Kind::Delta, stored)
+                }
+            }
+        }
+        _ => {
+            let stored =
+                state_store::write_parts(log, stream, whole(Kind::Whole), opts.parts, |w| {
+                    guard.encode_state_to(w)
+                })?;
+            (Kind::Whole, stored)
+        }
+    };
+    Ok(ChainHead::after(head, kind, &stored))
+}
+
+/// Finds projection `name`'s newest checkpoint that loads, reading its checkpoint stream
+/// from the newest event back (one event at a time, so that parts are never held beyond
+/// one): a manifest whose state version is `P`'s loads if every part and base it names
+/// checks out and the projection takes the state, and is otherwise passed over with the
+/// reason, for the one before it; a checkpoint of the first layout loads if it decodes.
+///
+/// # Errors
+/// [`ProjectionError::Log`] when the log fails (a refused checkpoint is not an error).
+pub fn load_checkpoint<P: Projection>(
+    log: &Log,
+    name: &str,
+) -> std::result::Result<CheckpointSearch<P>, ProjectionError> {
+    let stream = checkpoint_stream(name);
+    search_checkpoints(&mut state_store::LogSource {
+        log,
+        stream: &stream,
+    })
+    .map_err(|e| match e {
+        StateError::Log(e) => ProjectionError::Log(e),
+        other => ProjectionError::Checkpoint {
+            name: name.to_owned(),
+            source: Box::new(other),
+        },
+    })
+}
+
+/// [`load_checkpoint`] from any source of the checkpoint stream (the server's client reads
+/// it through a server).
+///
+/// # Errors
+/// What the source fails with (a refused checkpoint is not an error).
+pub fn search_checkpoints<P: Projection>(
+    source: &mut dyn StateSource,
+) -> std::result::Result<CheckpointSearch<P>, StateError> {
+    let mut refused = Vec::new();
+    let mut from = u64::MAX;
+    while let Some((version, event_type, payload)) = source.at_or_before(from)? {
+        let mut older = version.checked_sub(1);
+        if event_type == CHECKPOINT_EVENT_TYPE {
+            if let Some((next, state)) = usable_checkpoint::<P>(&payload) {
+                return Ok(CheckpointSearch {
+                    found: Some(LoadedCheckpoint {
+                        next,
+                        state,
+                        head: None,
+                    }),
+                    refused,
+                });
+            }
+        } else {
+            match Found::from_event(version, &event_type, &payload) {
+                Ok(None) => {}
+                Err(why) => refused.push((version, why)),
+                Ok(Some(found)) => {
+                    older = found.manifest.previous.or(older);
+                    if found.manifest.state_version == P::STATE_VERSION {
+                        match load_manifest::<P>(source, found) {
+                            Ok(c) => {
+                                return Ok(CheckpointSearch {
+                                    found: Some(c),
+                                    refused,
+                                });
+                            }
+                            // A part the log cannot read (damaged on disk) refuses this
+                            // checkpoint like a part that differs: the one before may load.
+                            Err(why) => refused.push((version, why)),
+                        }
+                    }
+                }
+            }
+        }
+        match older {
+            Some(v) => from = v,
+            None => break,
+        }
+    }
+    Ok(CheckpointSearch {
+        found: None,
+        refused,
+    })
+}
+
+/// Loads the state a manifest names: its chain of manifests, then every part of each,
+/// checked as it is read.
+fn load_manifest<P: Projection>(
+    source: &mut dyn StateSource,
+    newest: Found,
+) -> std::result::Result<LoadedCheckpoint<P>, StateError> {
+    let chain = state_store::chain(newest, |v| source.at(v))?;
+    let (first, last) = match (chain.first(), chain.last()) {
+        (Some(f), Some(l)) => (f, l),
+        _ => return Err(StateError::Manifest("an empty chain")),
+    };
+    let head = ChainHead {
+        newest: Base {
+            version: last.version,
+            hash: last.hash,
+        },
+        kind: last.manifest.kind,
+        depth: last.manifest.depth,
+        full_bytes: first.manifest.content_bytes,
+        delta_bytes: chain[1..].iter().map(|f| f.manifest.content_bytes).sum(),
+    };
+    let state = if first.manifest.kind == Kind::Whole {
+        let mut reader = PartReader::new(&first.manifest, |v| source.at(v));
+        let state = P::decode_state_from(&mut reader)
+            .map_err(StateError::from_io)?
+            .ok_or_else(|| StateError::State("its bytes do not decode".to_owned()))?;
+        state_store::drain(&mut reader)?;
+        state
+    } else {
+        let mut state = P::initial();
+        let parts = state.partitions_mut().ok_or_else(|| {
+            StateError::State("it is partitioned and the projection is not".to_owned())
+        })?;
+        for f in &chain {
+            let mut entries = EntryReader::new(PartReader::new(&f.manifest, |v| source.at(v)));
+            while let Some((key, value)) = entries.next_entry()? {
+                if value.is_none() && f.manifest.kind == Kind::Full {
+                    return Err(StateError::State(format!(
+                        "the full checkpoint at stream version {} removes a partition",
+                        f.version
+                    )));
+                }
+                parts
+                    .load_partition(key, value)
+                    .map_err(StateError::State)?;
+            }
+        }
+        parts.take_changed();
+        state
+    };
+    Ok(LoadedCheckpoint {
+        next: last.manifest.at,
+        state,
+        head: Some(head),
+    })
 }
 
 /// Folds the events of positions `from..to` into a fresh state, without touching any

@@ -368,6 +368,8 @@ fn every_field_table_is_checked() {
         "Batch statement",
         "Snapshot payload header",
         "Projection checkpoint header",
+        "State manifest",
+        "Part reference",
         "Attribute index header",
         "Key entry",
         "Event-time entry",
@@ -1576,6 +1578,117 @@ fn snapshot_and_projection_checkpoint_headers_match_the_code() {
         "Projection checkpoint header",
         &encode_checkpoint_payload(77, 3, b"state"),
         &[("next", le64(77)), ("state_version", le32(3))],
+    );
+}
+
+#[test]
+fn state_manifests_parts_and_entries_match_the_code() {
+    use tally_engine::state_store::{
+        Base, EntryWriter, Kind, MANIFEST_FIXED_BYTES, Manifest, PART_REF_BYTES, PARTS_MAX, PartRef,
+    };
+    check_layout(
+        "State manifest",
+        MANIFEST_FIXED_BYTES,
+        &[
+            ("magic", 0),
+            ("at", 4),
+            ("state_version", 12),
+            ("kind", 16),
+            ("reserved", 17),
+            ("depth", 20),
+            ("content_bytes", 24),
+            ("content_hash", 32),
+            ("base_version", 64),
+            ("base_hash", 72),
+            ("previous", 104),
+            ("part_count", 112),
+        ],
+    );
+    check_layout(
+        "Part reference",
+        PART_REF_BYTES,
+        &[("version", 0), ("len", 8), ("hash", 12)],
+    );
+    let part = PartRef {
+        version: 0x0B0A,
+        len: 0x0C0D,
+        hash: ramp(0x60),
+    };
+    let m = Manifest {
+        at: 0x0102_0304_0506_0708,
+        state_version: 0x1112_1314,
+        kind: Kind::Delta,
+        depth: 7,
+        content_bytes: 0x0C0D,
+        content_hash: ramp(0x20),
+        base: Some(Base {
+            version: 0x0909,
+            hash: ramp(0x40),
+        }),
+        previous: Some(0x0A0A),
+        parts: vec![part],
+    };
+    let bytes = m.encode();
+    check_encoding(
+        "State manifest",
+        &bytes,
+        &[
+            ("at", le64(m.at)),
+            ("state_version", le32(m.state_version)),
+            ("kind", vec![2]),
+            ("depth", le32(7)),
+            ("content_bytes", le64(0x0C0D)),
+            ("content_hash", ramp::<32>(0x20).to_vec()),
+            ("base_version", le64(0x0909)),
+            ("base_hash", ramp::<32>(0x40).to_vec()),
+            ("previous", le64(0x0A0A)),
+            ("part_count", le32(1)),
+        ],
+    );
+    check_encoding(
+        "Part reference",
+        &bytes[MANIFEST_FIXED_BYTES..],
+        &[
+            ("version", le64(0x0B0A)),
+            ("len", le32(0x0C0D)),
+            ("hash", ramp::<32>(0x60).to_vec()),
+        ],
+    );
+    let text = section("State manifest");
+    assert_eq!(PARTS_MAX, 23_828);
+    assert!(text.contains("at most 23,828"), "{text}");
+    // Entries: key length, key, operation, and for a put the value's length and value.
+    let mut out = Vec::new();
+    let mut w = EntryWriter::new(&mut out);
+    w.entry(b"k1", Some(b"vvv")).unwrap();
+    w.entry(b"k2", None).unwrap();
+    let mut want = le32(2);
+    want.extend_from_slice(b"k1");
+    want.push(1);
+    want.extend(le32(3));
+    want.extend_from_slice(b"vvv");
+    want.extend(le32(2));
+    want.extend_from_slice(b"k2");
+    want.push(0);
+    assert_eq!(out, want);
+    let rows = all_tables()
+        .into_iter()
+        .find(|t| t.rows.first().is_some_and(|r| r[0] == "key_len"))
+        .unwrap()
+        .rows
+        .iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect::<Vec<_>>();
+    let rows: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("key_len", "4"),
+            ("key", "key_len"),
+            ("op", "1"),
+            ("value_len", "4"),
+            ("value", "value_len"),
+        ]
     );
 }
 

@@ -108,6 +108,7 @@ fn a_projection_resumes_from_its_checkpoint_and_folds_every_event_once() {
     let mut want = append_fills(&log, 0, 250);
     let opts = ProjectorOptions {
         checkpoint_every: 100,
+        ..ProjectorOptions::default()
     };
     let mut p = Projector::<Books>::open(&log, "books", opts).unwrap();
     assert_eq!(p.catch_up().unwrap(), 250);
@@ -361,8 +362,9 @@ fn readers_see_the_old_state_and_the_rebuilding_status_while_a_rebuild_runs() {
     assert_eq!(state.read().0, 3000, "the rebuilt state replaced it");
     let s = p.status();
     assert_eq!(s.state, ProjectionState::Running);
-    // 300 events and the first checkpoint's event: the rebuild's checkpoint covers them.
-    assert_eq!(s.checkpoint, Some(301));
+    // 300 events and the first checkpoint's part and manifest: the rebuild's checkpoint
+    // covers them.
+    assert_eq!(s.checkpoint, Some(302));
     assert_eq!(status.get(), s);
 
     // A rebuild over a window: only the events from position 200 on.

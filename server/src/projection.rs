@@ -8,8 +8,10 @@ use std::time::Duration;
 use tally_engine::Direction;
 use tally_engine::EventView;
 use tally_engine::projection::{
-    Projection, ProjectionState, ProjectionStatus, ProjectorOptions, SharedState, usable_checkpoint,
+    Projection, ProjectionState, ProjectionStatus, ProjectorOptions, SharedState,
+    search_checkpoints,
 };
+use tally_engine::state_store::{StateError, StateSource, StreamEvent};
 
 use crate::client::{Client, ClientError, Subscription, SubscriptionItem};
 use crate::protocol::{Filter, Request, Response, SubscribeFrom, SubscribeTarget};
@@ -21,6 +23,14 @@ pub enum RemoteProjectionError {
     /// The server or the connection failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// A checkpoint could not be read or written.
+    #[error("projection {name}: checkpoint: {source}")]
+    Checkpoint {
+        /// The projection.
+        name: String,
+        /// Why.
+        source: StateError,
+    },
     /// The projection refused an event; it stays at that event.
     #[error("projection {name}: the event at position {position} was refused: {reason}")]
     Apply {
@@ -80,6 +90,44 @@ pub async fn load_registry(
     }
 }
 
+/// A checkpoint stream read through a server, from a blocking thread.
+struct ServerSource {
+    client: Client,
+    stream: String,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ServerSource {
+    fn read(
+        &self,
+        version: u64,
+        direction: Direction,
+    ) -> Result<Vec<crate::protocol::Event>, StateError> {
+        self.runtime
+            .block_on(self.client.read_stream(&self.stream, version, 1, direction))
+            .map(|(page, _, _)| page)
+            .map_err(|e| StateError::Io(std::io::Error::other(e)))
+    }
+}
+
+impl StateSource for ServerSource {
+    fn at_or_before(&mut self, version: u64) -> Result<Option<StreamEvent>, StateError> {
+        Ok(self
+            .read(version, Direction::Backward)?
+            .into_iter()
+            .next()
+            .map(|e| (e.version, e.event_type().to_owned(), e.payload().to_vec())))
+    }
+
+    fn at(&mut self, version: u64) -> Result<Option<(String, Vec<u8>)>, StateError> {
+        Ok(self
+            .read(version, Direction::Forward)?
+            .into_iter()
+            .find(|e| e.version == version)
+            .map(|e| (e.event_type().to_owned(), e.payload().to_vec())))
+    }
+}
+
 impl<P> std::fmt::Debug for RemoteProjector<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteProjector")
@@ -89,37 +137,36 @@ impl<P> std::fmt::Debug for RemoteProjector<P> {
     }
 }
 
-impl<P: Projection> RemoteProjector<P> {
+impl<P: Projection + Send + 'static> RemoteProjector<P> {
     /// Opens projection `name` from its latest usable checkpoint on the server, or from
-    /// the start.
+    /// the start. Checkpoints are found and checked as the embedded projector does
+    /// (`tally_engine::projection::search_checkpoints`), one event at a time, on a
+    /// blocking thread.
     ///
     /// # Errors
-    /// [`RemoteProjectionError::Client`].
+    /// [`RemoteProjectionError::Client`], or [`RemoteProjectionError::Checkpoint`] when
+    /// the server fails while checkpoints are read (a refused checkpoint is passed over).
     pub async fn open(
         client: &Client,
         name: &str,
         opts: ProjectorOptions,
     ) -> Result<RemoteProjector<P>, RemoteProjectionError> {
-        let stream = tally_engine::projection::checkpoint_stream(name);
-        let mut start = (0, P::initial(), None);
-        let mut from = u64::MAX;
-        'search: loop {
-            let (page, next, end) = client
-                .read_stream(&stream, from, 64, Direction::Backward)
-                .await?;
-            if let Some((pos, state)) = page
-                .iter()
-                .find_map(|e| usable_checkpoint::<P>(e.payload()))
-            {
-                start = (pos, state, Some(pos));
-                break 'search;
-            }
-            if end || page.is_empty() {
-                break;
-            }
-            from = next;
-        }
-        let (next, state, checkpoint) = start;
+        let mut source = ServerSource {
+            client: client.clone(),
+            stream: tally_engine::projection::checkpoint_stream(name),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let search = tokio::task::spawn_blocking(move || search_checkpoints::<P>(&mut source))
+            .await
+            .map_err(|e| ClientError::Unexpected(format!("the checkpoint search stopped: {e}")))?
+            .map_err(|source| RemoteProjectionError::Checkpoint {
+                name: name.to_owned(),
+                source,
+            })?;
+        let (next, state, checkpoint) = match search.found {
+            Some(c) => (c.next, c.state, Some(c.next)),
+            None => (0, P::initial(), None),
+        };
         Ok(RemoteProjector {
             client: client.clone(),
             name: name.to_owned(),

@@ -931,7 +931,7 @@ pub enum Request {
         /// The consumer's name.
         name: String,
     },
-    /// Register a schema version (JSON, docs/FORMAT.md 18.3): appended to `$schemas` when
+    /// Register a schema version (JSON, docs/FORMAT.md 18.5): appended to `$schemas` when
     /// it is the next version of its type and compatible with the previous one.
     RegisterSchema {
         /// The schema, as JSON text.

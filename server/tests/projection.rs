@@ -57,6 +57,7 @@ fn a_projection_runs_remote_and_embedded_and_resumes_from_either() {
     let d = Tallyd::start(dir.path(), &[]);
     let opts = ProjectorOptions {
         checkpoint_every: 25,
+        ..ProjectorOptions::default()
     };
     let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     fn add(want: &mut BTreeMap<String, (u64, u64)>, kind: &str, n: usize) {
@@ -170,6 +171,7 @@ fn a_remote_projection_upcasts_rebuilds_and_reports_a_refusal() {
     let d = Tallyd::start(dir.path(), &[]);
     let opts = ProjectorOptions {
         checkpoint_every: 4,
+        ..ProjectorOptions::default()
     };
     runtime().block_on(async {
         let c = Client::connect(&d.addr).await.unwrap();

@@ -425,6 +425,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "positions",
         ProjectorOptions {
             checkpoint_every: 1000,
+            ..ProjectorOptions::default()
         },
     )?;
     // Progress from the projector's status, read on another thread while it folds.
