@@ -6,10 +6,11 @@
 //!
 //! This module uses only the log's public API.
 //!
-//! Snapshots are stored by the log itself, as events of the stream `$snapshot-STREAM`
-//! (event type `$Snapshot`, binary payload: `u64` aggregate version, `u32` snapshot
-//! version, then the aggregate's encoded state; little-endian; docs/FORMAT.md 18.1). A
-//! snapshot is only a shortcut: one whose snapshot version is not the
+//! Snapshots are stored by the log itself, in the stream `$snapshot-STREAM`, as a state
+//! manifest ([`crate::state_store`], docs/FORMAT.md 18.4: the aggregate's version, its
+//! snapshot version, and the encoded state inline or in parts, so a snapshot has no size
+//! limit, and every part is checked on load). Snapshots of the first layout (event type
+//! `$Snapshot`, docs/FORMAT.md 18.1) still load. A snapshot is only a shortcut: one whose snapshot version is not the
 //! aggregate's current [`Aggregate::SNAPSHOT_VERSION`], or that does not decode, is passed
 //! over, and the state is folded from older snapshots or from the first event, so a
 //! snapshot never changes what a load computes.
@@ -29,8 +30,6 @@ pub const SNAPSHOT_EVENT_TYPE: &str = "$Snapshot";
 pub const SNAPSHOT_HEADER_BYTES: usize = 12;
 /// Events read per page while folding.
 const FOLD_PAGE: usize = 1024;
-/// Snapshots examined per page while looking for a usable one.
-const SNAPSHOT_PAGE: usize = 64;
 
 /// A type whose state is the fold of a stream's events.
 pub trait Aggregate: Sized {
@@ -62,6 +61,9 @@ pub enum AggregateError {
     /// The log failed (including [`Error::WrongExpectedVersion`] on a save).
     #[error(transparent)]
     Log(#[from] Error),
+    /// A snapshot could not be written.
+    #[error("snapshot: {0}")]
+    Snapshot(Box<crate::state_store::StateError>),
     /// The aggregate refused an event.
     #[error("stream {stream}, version {version}: the aggregate refused the event: {reason}")]
     Apply {
@@ -376,38 +378,57 @@ impl<'a, A: Aggregate> Repository<'a, A> {
     }
 
     /// The latest snapshot at or below `version` that has this aggregate's snapshot
-    /// version and decodes.
+    /// version, whose parts all check out against its manifest, and that decodes. The
+    /// snapshot stream is read from its newest event back, one event at a time (parts
+    /// are never held beyond one).
     fn usable_snapshot(
         &self,
         stream: &str,
         version: u64,
     ) -> std::result::Result<Option<(u64, A)>, AggregateError> {
+        use crate::state_store::{Found, Kind, PartReader, fetch_from};
         let snaps = snapshot_stream(stream)?;
         let mut from = u64::MAX;
-        // The newest snapshot is usually the one: read it alone first.
-        let mut want = 1;
         loop {
-            let page = self
-                .log
-                .read_stream(&snaps, from, want, Direction::Backward)?;
-            for e in &page {
-                let Some((v, sv, state)) = decode_snapshot_payload(e.payload()) else {
-                    continue;
-                };
-                if v <= version
+            let page = self.log.read_stream(&snaps, from, 1, Direction::Backward)?;
+            let Some(e) = page.first() else {
+                return Ok(None);
+            };
+            let mut older = e.version.checked_sub(1);
+            if e.event_type() == SNAPSHOT_EVENT_TYPE {
+                if let Some((v, sv, state)) = decode_snapshot_payload(e.payload())
+                    && v <= version
                     && v < u64::MAX
                     && sv == A::SNAPSHOT_VERSION
                     && let Some(a) = A::decode_snapshot(state)
                 {
                     return Ok(Some((v, a)));
                 }
-            }
-            match page.last() {
-                Some(last) if last.version > 0 && page.len() == want => {
-                    from = last.version - 1;
-                    want = SNAPSHOT_PAGE;
+            } else if let Ok(Some(found)) =
+                Found::from_event(e.version, e.event_type(), e.payload())
+            {
+                let m = &found.manifest;
+                older = m.previous.or(older);
+                if m.kind == Kind::Whole
+                    && m.at <= version
+                    && m.at < u64::MAX
+                    && m.state_version == A::SNAPSHOT_VERSION
+                {
+                    let mut bytes = Vec::new();
+                    let read = std::io::Read::read_to_end(
+                        &mut PartReader::new(m, |v| fetch_from(self.log, &snaps, v)),
+                        &mut bytes,
+                    );
+                    if read.is_ok()
+                        && let Some(a) = A::decode_snapshot(&bytes)
+                    {
+                        return Ok(Some((m.at, a)));
+                    }
                 }
-                _ => return Ok(None),
+            }
+            match older {
+                Some(v) => from = v,
+                None => return Ok(None),
             }
         }
     }
@@ -543,16 +564,26 @@ impl<'a, A: Aggregate> Repository<'a, A> {
         let Some(version) = loaded.version else {
             return Ok(());
         };
-        let payload = encode_snapshot_payload(
-            version,
-            A::SNAPSHOT_VERSION,
-            &loaded.state.encode_snapshot(),
-        );
-        self.log.append(
+        let state = loaded.state.encode_snapshot();
+        let head = crate::state_store::ManifestHead {
+            at: version,
+            state_version: A::SNAPSHOT_VERSION,
+            kind: crate::state_store::Kind::Whole,
+            depth: 0,
+            base: None,
+            previous: None,
+        };
+        crate::state_store::write_parts(
+            self.log,
             &snapshot_stream(stream)?,
-            ExpectedVersion::Any,
-            &[EventData::new(SNAPSHOT_EVENT_TYPE, payload)],
-        )?;
+            head,
+            crate::state_store::PartOptions::default(),
+            |w| w.write_all(&state),
+        )
+        .map_err(|e| match e {
+            crate::state_store::StateError::Log(e) => AggregateError::Log(e),
+            other => AggregateError::Snapshot(Box::new(other)),
+        })?;
         loaded.from_snapshot = Some(version);
         loaded.events_applied = 0;
         Ok(())

@@ -101,6 +101,44 @@ pub trait Projection: Sized {
     }
 }
 
+/// The keys of the partitions changed since the last checkpoint, for a [`Partitions`]
+/// implementation to keep beside its state: bookkeeping, not state, so it never takes part
+/// in equality.
+#[derive(Clone, Debug, Default)]
+pub struct ChangedKeys(std::collections::BTreeSet<Vec<u8>>);
+
+impl ChangedKeys {
+    /// Records that partition `key` changed (or was removed).
+    pub fn mark(&mut self, key: impl Into<Vec<u8>>) {
+        self.0.insert(key.into());
+    }
+
+    /// The keys recorded since the last call, in ascending order.
+    pub fn take(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.0).into_iter().collect()
+    }
+
+    /// How many keys are recorded.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PartialEq for ChangedKeys {
+    fn eq(&self, _: &ChangedKeys) -> bool {
+        true
+    }
+}
+
+impl Eq for ChangedKeys {}
+
 /// What [`Partitions::each_partition`] calls with each partition's key and value.
 pub type PartitionVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> std::io::Result<()> + 'a;
 
@@ -230,8 +268,9 @@ pub struct ProjectorOptions {
     pub parts: PartOptions,
     /// For a partitioned state: the most delta checkpoints after a full one; the next is
     /// full. A full one is also written as soon as the deltas since the last full one add
-    /// up to its size. A load so reads one full checkpoint and at most this many deltas,
-    /// together at most about twice the full one.
+    /// up to its size, so that what checkpoints write stays within about twice what
+    /// changed. A load so reads one full checkpoint and at most this many deltas, together
+    /// at most about twice the full one.
     pub deltas_max: u32,
 }
 
@@ -240,7 +279,7 @@ impl Default for ProjectorOptions {
         ProjectorOptions {
             checkpoint_every: 10_000,
             parts: PartOptions::default(),
-            deltas_max: 16,
+            deltas_max: 256,
         }
     }
 }

@@ -39,6 +39,9 @@ pub const PART_REF_BYTES: usize = 44;
 pub const PARTS_MAX: usize = (PAYLOAD_BYTES_MAX - MANIFEST_FIXED_BYTES) / PART_REF_BYTES;
 /// The default and largest content bytes per part: one payload.
 pub const PART_BYTES_MAX: usize = PAYLOAD_BYTES_MAX;
+/// The longest content a manifest carries inline, with no parts (a small state is then one
+/// event).
+pub const INLINE_BYTES_MAX: usize = 64 * 1024;
 /// The longest partition key.
 pub const KEY_BYTES_MAX: usize = 1 << 16;
 /// The longest chain of deltas a load follows (a writer's own bound is smaller).
@@ -118,6 +121,8 @@ pub struct Manifest {
     pub previous: Option<u64>,
     /// The parts, in content order.
     pub parts: Vec<PartRef>,
+    /// The content itself, when there are no parts (at most [`INLINE_BYTES_MAX`] bytes).
+    pub inline: Vec<u8>,
 }
 
 /// Why a stored state cannot be written or loaded.
@@ -249,6 +254,7 @@ impl Manifest {
             p.extend_from_slice(&part.len.to_le_bytes());
             p.extend_from_slice(&part.hash);
         }
+        p.extend_from_slice(&self.inline);
         p
     }
 
@@ -309,10 +315,23 @@ impl Manifest {
             _ => {}
         }
         let count = usize::try_from(u32_at(112)).map_err(|_| bad("part count"))?;
-        if count > PARTS_MAX || p.len() != MANIFEST_FIXED_BYTES + count * PART_REF_BYTES {
-            return Err(bad("its length does not match its part count"));
+        let content_bytes = u64_at(24);
+        let inline_len = if count == 0 {
+            usize::try_from(content_bytes)
+                .ok()
+                .filter(|&n| n <= INLINE_BYTES_MAX)
+                .ok_or(bad("inline content longer than 65,536 bytes"))?
+        } else {
+            0
+        };
+        if count > PARTS_MAX
+            || p.len() != MANIFEST_FIXED_BYTES + count * PART_REF_BYTES + inline_len
+        {
+            return Err(bad("its length does not match its part count and content"));
         }
-        let parts: Vec<PartRef> = p[MANIFEST_FIXED_BYTES..]
+        let refs_end = MANIFEST_FIXED_BYTES + count * PART_REF_BYTES;
+        let inline = p[refs_end..].to_vec();
+        let parts: Vec<PartRef> = p[MANIFEST_FIXED_BYTES..refs_end]
             .chunks_exact(PART_REF_BYTES)
             .map(|c| {
                 let mut v = [0; 8];
@@ -328,8 +347,7 @@ impl Manifest {
                 }
             })
             .collect();
-        let content_bytes = u64_at(24);
-        let sum = parts.iter().map(|r| u64::from(r.len)).sum::<u64>();
+        let sum = parts.iter().map(|r| u64::from(r.len)).sum::<u64>() + inline.len() as u64;
         if sum != content_bytes {
             return Err(bad(
                 "its parts' lengths do not add up to its content length",
@@ -357,6 +375,7 @@ impl Manifest {
             base,
             previous,
             parts,
+            inline,
         })
     }
 
@@ -698,6 +717,15 @@ where
     }
 
     fn load_next(&mut self) -> Result<bool, StateError> {
+        if self.manifest.parts.is_empty() && self.next_part == 0 && !self.manifest.inline.is_empty()
+        {
+            // Inline content: part of the manifest, which is checked already.
+            self.current = self.manifest.inline.clone();
+            self.content.update(&self.current);
+            self.at = 0;
+            self.next_part = 1;
+            return Ok(true);
+        }
         let Some(r) = self.manifest.parts.get(self.next_part) else {
             if !self.done {
                 self.done = true;
@@ -883,7 +911,13 @@ pub fn write_parts(
     };
     content(&mut sink).map_err(StateError::from_io)?;
     let (content_bytes, content_hash, refs) = sink.cutter.finish();
-    sink.flush_ready(true)?;
+    let fits = content_bytes as usize <= INLINE_BYTES_MAX.min(opts.part_bytes);
+    let inline = if sink.versions.is_empty() && fits {
+        sink.cutter.take_ready().concat()
+    } else {
+        sink.flush_ready(true)?;
+        Vec::new()
+    };
     if refs.len() > PARTS_MAX {
         return Err(StateError::Io(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -893,12 +927,15 @@ pub fn write_parts(
             ),
         )));
     }
-    let parts: Vec<PartRef> = sink
-        .versions
-        .iter()
-        .zip(&refs)
-        .map(|(&version, &(len, hash))| PartRef { version, len, hash })
-        .collect();
+    let parts: Vec<PartRef> = if inline.is_empty() {
+        sink.versions
+            .iter()
+            .zip(&refs)
+            .map(|(&version, &(len, hash))| PartRef { version, len, hash })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let manifest = Manifest {
         at: head.at,
         state_version: head.state_version,
@@ -909,6 +946,7 @@ pub fn write_parts(
         base: head.base,
         previous: head.previous,
         parts,
+        inline,
     };
     let payload = manifest.encode();
     let h = manifest_hash(&payload);

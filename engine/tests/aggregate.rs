@@ -431,3 +431,99 @@ fn a_retried_save_is_not_folded_twice_and_time_travel_states_are_not_saved() {
         Err(AggregateError::TimeTravel { .. })
     ));
 }
+
+/// An aggregate whose state is every payload it saw, back to back: large on purpose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Blob(Vec<u8>);
+
+impl Aggregate for Blob {
+    const SNAPSHOT_VERSION: u32 = 1;
+
+    fn initial() -> Blob {
+        Blob::default()
+    }
+
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+        self.0.extend_from_slice(e.payload());
+        Ok(())
+    }
+
+    fn encode_snapshot(&self) -> Vec<u8> {
+        self.0.clone()
+    }
+
+    fn decode_snapshot(bytes: &[u8]) -> Option<Blob> {
+        Some(Blob(bytes.to_vec()))
+    }
+}
+
+#[test]
+fn a_snapshot_past_the_payload_limit_is_stored_in_parts_and_a_forged_one_is_passed_over() {
+    use tally_engine::state_store::{MANIFEST_EVENT_TYPE, Manifest};
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            segment_bytes: 16 << 20,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let repo = Repository::<Blob>::new(&log, SnapshotPolicy::OnDemand);
+    let mut a = repo.load("blob").unwrap();
+    let events: Vec<EventData> = (0..6u8)
+        .map(|i| EventData::new("Grow", vec![i; 512 * 1024]))
+        .collect();
+    repo.save("blob", &mut a, &events).unwrap();
+    // A state of 3 MiB: three times what one event can hold.
+    repo.snapshot("blob", &mut a).unwrap();
+    let loaded = repo.load("blob").unwrap();
+    assert_eq!(loaded.from_snapshot, Some(5));
+    assert_eq!(loaded.events_applied, 0);
+    assert_eq!(loaded.state.0.len(), 3 << 20);
+    assert_eq!(loaded.state, a.state);
+    let snaps = snapshot_stream("blob").unwrap();
+    let newest = log
+        .read_stream(&snaps, u64::MAX, 1, Direction::Backward)
+        .unwrap()
+        .remove(0);
+    assert_eq!(newest.event_type(), MANIFEST_EVENT_TYPE);
+    let m = Manifest::decode(newest.payload()).unwrap();
+    assert_eq!((m.at, m.parts.len()), (5, 3));
+    // A newer snapshot whose manifest names a part with another hash: passed over.
+    let mut forged = m.clone();
+    forged.parts[2].hash[0] ^= 1;
+    log.append(
+        &snaps,
+        ExpectedVersion::Any,
+        &[EventData::new(MANIFEST_EVENT_TYPE, forged.encode())],
+    )
+    .unwrap();
+    let again = repo.load("blob").unwrap();
+    assert_eq!(
+        (again.from_snapshot, again.state),
+        (Some(5), a.state.clone())
+    );
+    // A snapshot of the first layout (one event, so a small state) still loads.
+    let mut small = repo.load("small").unwrap();
+    repo.save(
+        "small",
+        &mut small,
+        &[EventData::new("Grow", b"xy".to_vec())],
+    )
+    .unwrap();
+    log.append(
+        &snapshot_stream("small").unwrap(),
+        ExpectedVersion::Any,
+        &[EventData::new(
+            SNAPSHOT_EVENT_TYPE,
+            encode_snapshot_payload(0, 1, b"first layout"),
+        )],
+    )
+    .unwrap();
+    let v1 = repo.load("small").unwrap();
+    assert_eq!(
+        (v1.from_snapshot, v1.state),
+        (Some(0), Blob(b"first layout".to_vec()))
+    );
+}

@@ -1627,6 +1627,7 @@ fn state_manifests_parts_and_entries_match_the_code() {
         }),
         previous: Some(0x0A0A),
         parts: vec![part],
+        inline: Vec::new(),
     };
     let bytes = m.encode();
     check_encoding(

@@ -507,6 +507,7 @@ fn manifests_that_do_not_decode_are_refused_with_a_reason() {
             len: 5,
             hash: [3; 32],
         }],
+        inline: Vec::new(),
     };
     let bytes = m.encode();
     assert_eq!(Manifest::decode(&bytes).unwrap(), m);
@@ -564,6 +565,7 @@ fn roundtrip(content: &[u8], part_bytes: usize) -> (Manifest, Vec<Vec<u8>>) {
                 hash,
             })
             .collect(),
+        inline: Vec::new(),
     };
     (m, parts)
 }

@@ -479,7 +479,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
         .and_then(|()| std::fs::rename(&tmp, &archive_file))
         .with_context(|| format!("writing {}", archive_file.display()))?;
-    let snapshots = count_prefix(&log, "$snapshot-")?;
+    let snapshots = count_manifests(&log, "$snapshot-")?;
     let positions_read = log.next_position().0;
     let checkpoint = projector.status().checkpoint;
     log.close()?;
@@ -575,6 +575,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "forensic_stream": s1,
         "extract_verified": extract_verified,
         "timings_ms": timings,
+        "peak_memory_mib": peak_memory_mib(),
         "positions": rows,
     });
     if args.json {
@@ -588,10 +589,29 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn count_prefix(log: &Log, prefix: &str) -> anyhow::Result<u64> {
+/// The process's peak resident memory in MiB (Linux: `VmHWM` of /proc/self/status), or
+/// `None` where that is not known.
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The stored states (manifests) in streams starting with `prefix`: snapshots written.
+fn count_manifests(log: &Log, prefix: &str) -> anyhow::Result<u64> {
     let mut n = 0;
     log.scan(Position(0), tally_engine::Verify::Checksums, |v| {
-        if v.envelope().is_ok_and(|e| e.stream.starts_with(prefix)) {
+        if v.envelope().is_ok_and(|e| {
+            e.stream.starts_with(prefix)
+                && e.event_type == tally_engine::state_store::MANIFEST_EVENT_TYPE
+        }) {
             n += 1;
         }
     })?;
@@ -654,5 +674,9 @@ fn print_report(r: &Value, forensic: &str) {
         r["extract_verified"]
     );
     println!("5. Timings (ms): {}", r["timings_ms"]);
+    match r["peak_memory_mib"].as_f64() {
+        Some(m) => println!("   Peak memory (resident): {m:.1} MiB"),
+        None => println!("   Peak memory: not known on this system"),
+    }
     println!("Data directory (kept): {}", r["data"]);
 }

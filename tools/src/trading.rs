@@ -25,7 +25,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tally_engine::EventView;
 use tally_engine::aggregate::Aggregate;
-use tally_engine::projection::Projection;
+use tally_engine::projection::{ChangedKeys, PartitionVisitor, Partitions, Projection};
 use tally_engine::{EventData, EventId};
 
 /// Buy or sell.
@@ -434,6 +434,8 @@ pub struct Positions {
     realised: BTreeMap<(String, String), Decimal>,
     /// Events seen that could not be attributed (an event for an unknown trade).
     pub orphans: u64,
+    /// Partitions changed since the last checkpoint (see the `Partitions` impl).
+    changed: ChangedKeys,
 }
 
 impl Positions {
@@ -463,7 +465,7 @@ impl Positions {
 
     fn close(&mut self, trade_id: &str, quantity: Decimal) {
         let Some(t) = self.trades.get_mut(trade_id) else {
-            self.orphans += 1;
+            self.orphan();
             return;
         };
         let x = quantity.min(t.open);
@@ -474,6 +476,161 @@ impl Positions {
             .or_default() += t.sign * x * (mark - t.price);
         t.open -= x;
         t.closed += x;
+        self.changed
+            .mark(realised_key(&t.book, &t.instrument).into_bytes());
+        self.changed.mark(trade_key(trade_id).into_bytes());
+    }
+
+    fn cancel(&mut self, trade_id: &str) {
+        if self.trades.remove(trade_id).is_none() {
+            self.orphan();
+        }
+    }
+
+    fn orphan(&mut self) {
+        self.orphans += 1;
+        self.changed.mark(ORPHANS_KEY.as_bytes().to_vec());
+    }
+}
+
+// Partition keys of `Positions`, in this order of their bytes: marks, the orphan count,
+// realised P&L per book and instrument, trades.
+const ORPHANS_KEY: &str = "o";
+
+fn mark_key(instrument: &str) -> String {
+    format!("m/{instrument}")
+}
+
+fn realised_key(book: &str, instrument: &str) -> String {
+    // NUL sorts below every other byte, so these keys sort as the (book, instrument) pairs.
+    format!("r/{book}\0{instrument}")
+}
+
+fn trade_key(id: &str) -> String {
+    format!("t/{id}")
+}
+
+fn encode_trade(t: &OpenTrade) -> Vec<u8> {
+    serde_json::to_vec(&(
+        &t.book,
+        &t.instrument,
+        t.sign.normalize().to_string(),
+        t.open.normalize().to_string(),
+        t.price.normalize().to_string(),
+        t.quantity.normalize().to_string(),
+        t.closed.normalize().to_string(),
+    ))
+    .unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+fn decode_trade(bytes: &[u8]) -> Option<OpenTrade> {
+    type Row = (String, String, String, String, String, String, String);
+    let (book, instrument, sign, open, price, quantity, closed): Row =
+        serde_json::from_slice(bytes).ok()?;
+    let d = |s: &str| s.parse::<Decimal>().ok();
+    Some(OpenTrade {
+        book,
+        instrument,
+        sign: d(&sign)?,
+        open: d(&open)?,
+        price: d(&price)?,
+        quantity: d(&quantity)?,
+        closed: d(&closed)?,
+    })
+}
+
+fn decimal_text(d: Decimal) -> Vec<u8> {
+    d.normalize().to_string().into_bytes()
+}
+
+fn parse_decimal(bytes: &[u8]) -> Result<Decimal, String> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "a partition's decimal does not parse".to_owned())
+}
+
+/// Checkpoints of the positions write only the trades, marks and P&L that changed since
+/// the last one: a desk's book of a million open trades costs what a thousand events
+/// changed, not the whole book.
+impl Partitions for Positions {
+    fn each_partition(&self, f: &mut PartitionVisitor<'_>) -> std::io::Result<()> {
+        for (i, m) in &self.marks {
+            f(mark_key(i).as_bytes(), &decimal_text(*m))?;
+        }
+        f(ORPHANS_KEY.as_bytes(), self.orphans.to_string().as_bytes())?;
+        for ((b, i), r) in &self.realised {
+            f(realised_key(b, i).as_bytes(), &decimal_text(*r))?;
+        }
+        for (id, t) in &self.trades {
+            f(trade_key(id).as_bytes(), &encode_trade(t))?;
+        }
+        Ok(())
+    }
+
+    fn encode_partition(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let key = std::str::from_utf8(key).ok()?;
+        if key == ORPHANS_KEY {
+            return Some(self.orphans.to_string().into_bytes());
+        }
+        if let Some(i) = key.strip_prefix("m/") {
+            return self.marks.get(i).map(|m| decimal_text(*m));
+        }
+        if let Some((b, i)) = key.strip_prefix("r/").and_then(|r| r.split_once('\0')) {
+            return self
+                .realised
+                .get(&(b.to_owned(), i.to_owned()))
+                .map(|r| decimal_text(*r));
+        }
+        let id = key.strip_prefix("t/")?;
+        self.trades.get(id).map(encode_trade)
+    }
+
+    fn load_partition(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+        let key = std::str::from_utf8(key).map_err(|_| "a partition key is not UTF-8")?;
+        if key == ORPHANS_KEY {
+            let v = value.ok_or("the orphan count was removed")?;
+            self.orphans = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or("the orphan count does not parse")?;
+        } else if let Some(i) = key.strip_prefix("m/") {
+            match value {
+                Some(v) => {
+                    self.marks.insert(i.to_owned(), parse_decimal(v)?);
+                }
+                None => {
+                    self.marks.remove(i);
+                }
+            }
+        } else if let Some((b, i)) = key.strip_prefix("r/").and_then(|r| r.split_once('\0')) {
+            let k = (b.to_owned(), i.to_owned());
+            match value {
+                Some(v) => {
+                    self.realised.insert(k, parse_decimal(v)?);
+                }
+                None => {
+                    self.realised.remove(&k);
+                }
+            }
+        } else if let Some(id) = key.strip_prefix("t/") {
+            match value {
+                Some(v) => {
+                    let t = decode_trade(v).ok_or("a trade partition does not decode")?;
+                    self.trades.insert(id.to_owned(), t);
+                }
+                None => {
+                    self.trades.remove(id);
+                }
+            }
+        } else {
+            return Err(format!("unknown partition {key:?}"));
+        }
+        Ok(())
+    }
+
+    fn take_changed(&mut self) -> Vec<Vec<u8>> {
+        self.changed.take()
     }
 }
 
@@ -492,12 +649,14 @@ impl Projection for Positions {
         if e.event_type() == "PRICE" {
             let p: MarketPrice = parse(e)?;
             check_range(Decimal::ONE, p.price)?;
+            self.changed.mark(mark_key(&p.instrument).into_bytes());
             self.marks.insert(p.instrument, p.price);
             return Ok(());
         }
         let Some(id) = trade_id_of(e.stream()) else {
             return Ok(());
         };
+        self.changed.mark(trade_key(id).into_bytes());
         match e.event_type() {
             "NEW" => {
                 let t: NewTrade = parse(e)?;
@@ -528,13 +687,10 @@ impl Projection for Positions {
                             t.price = p;
                         }
                     }
-                    None => self.orphans += 1,
+                    None => self.orphan(),
                 }
             }
-            "CANCEL" => {
-                let existed = self.trades.remove(id).is_some();
-                self.orphans += u64::from(!existed);
-            }
+            "CANCEL" => self.cancel(id),
             "EXERCISE" => {
                 let x: Exercise = parse(e)?;
                 self.close(id, x.quantity);
@@ -580,6 +736,14 @@ impl Projection for Positions {
             .collect();
         serde_json::to_vec(&(trades, marks, realised, self.orphans))
             .unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    fn partitions(&self) -> Option<&dyn Partitions> {
+        Some(self)
+    }
+
+    fn partitions_mut(&mut self) -> Option<&mut dyn Partitions> {
+        Some(self)
     }
 
     fn decode_state(bytes: &[u8]) -> Option<Positions> {
