@@ -10,12 +10,11 @@
 //! 3. Wait for durability (`Shared::wait_durable`) if the log's durability asks for it.
 
 use std::collections::HashSet;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::background::SealJob;
-use super::ids::{IdHasher, IdSlot, IdWindow};
+use super::ids::{IdHashBuilder, IdSlot, IdWindow};
 use super::shared::{SegState, SegmentHandle, Shared};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable};
 use super::{
@@ -102,7 +101,7 @@ fn prepare<'a>(
     bodies.clear();
     let mut streams_seen = HashSet::new();
     let events_total: usize = requests.iter().map(|r| r.events.len()).sum();
-    let mut ids_seen: HashSet<u128, BuildHasherDefault<IdHasher>> = HashSet::default();
+    let mut ids_seen: HashSet<u128, IdHashBuilder> = HashSet::default();
     if events_total > 1 {
         ids_seen.reserve(events_total);
     }
