@@ -300,7 +300,9 @@ pub struct ChainHead {
 }
 
 impl ChainHead {
-    fn after(previous: Option<ChainHead>, kind: Kind, stored: &Stored) -> ChainHead {
+    /// Where the checkpoints stand once `stored` (of `kind`) was written after `previous`.
+    #[must_use]
+    pub fn after(previous: Option<ChainHead>, kind: Kind, stored: &Stored) -> ChainHead {
         let newest = Base {
             version: stored.version,
             hash: stored.hash,
@@ -652,9 +654,104 @@ impl<'a, P: Projection> Projector<'a, P> {
     }
 }
 
-/// Writes a checkpoint of `state` at `next` to `stream`: whole, or for a partitioned
-/// state a delta of the partitions changed since `head`, or a full one when `force_full`,
-/// when there is no chain to build on, or when the options' bounds call for one.
+/// What a checkpoint about to be written holds: its manifest's fields besides the parts,
+/// and for a delta the partitions it writes. Made by [`plan_checkpoint`]; the content is
+/// written by [`write_checkpoint_content`], to the log ([`write_checkpoint`]) or through a
+/// server.
+#[derive(Clone, Debug)]
+pub struct CheckpointPlan {
+    /// The manifest's fields besides the parts.
+    pub head: ManifestHead,
+    /// For a delta: the keys of the partitions it writes, ascending.
+    pub changed: Vec<Vec<u8>>,
+}
+
+/// Plans a checkpoint of `state` at `next`: whole, or for a partitioned state a delta of
+/// the partitions changed since `head`, or a full one when `force_full`, when there is no
+/// chain to build on, or when the options' bounds call for one. Takes the changed keys.
+pub fn plan_checkpoint<P: Projection>(
+    state: &RwLock<P>,
+    next: u64,
+    head: Option<ChainHead>,
+    force_full: bool,
+    opts: &ProjectorOptions,
+) -> CheckpointPlan {
+    let changed = state.write().partitions_mut().map(Partitions::take_changed);
+    let whole = ManifestHead {
+        at: next,
+        state_version: P::STATE_VERSION,
+        kind: Kind::Whole,
+        depth: 0,
+        base: None,
+        previous: head.map(|h| h.newest.version),
+    };
+    let Some(mut changed) = changed else {
+        return CheckpointPlan {
+            head: whole,
+            changed: Vec::new(),
+        };
+    };
+    let delta_on = head.filter(|h| {
+        !force_full
+            && h.kind != Kind::Whole
+            && h.depth < opts.deltas_max
+            && h.delta_bytes < h.full_bytes
+    });
+    match delta_on {
+        None => CheckpointPlan {
+            head: ManifestHead {
+                kind: Kind::Full,
+                ..whole
+            },
+            changed: Vec::new(),
+        },
+        Some(h) => {
+            changed.sort_unstable();
+            changed.dedup();
+            CheckpointPlan {
+                head: ManifestHead {
+                    kind: Kind::Delta,
+                    depth: h.depth + 1,
+                    base: Some(h.newest),
+                    ..whole
+                },
+                changed,
+            }
+        }
+    }
+}
+
+/// Writes the content `plan` calls for: the state's own encoding, every partition, or the
+/// changed ones.
+///
+/// # Errors
+/// What `out` fails with; `InvalidInput` when the plan is partitioned and the state is not.
+pub fn write_checkpoint_content<P: Projection>(
+    state: &P,
+    plan: &CheckpointPlan,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    if plan.head.kind == Kind::Whole {
+        return state.encode_state_to(out);
+    }
+    let parts = state.partitions().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a partitioned checkpoint of a state without partitions",
+        )
+    })?;
+    let mut entries = EntryWriter::new(out);
+    if plan.head.kind == Kind::Full {
+        return parts.each_partition(&mut |k, v| entries.entry(k, Some(v)));
+    }
+    for k in &plan.changed {
+        entries.entry(k, parts.encode_partition(k).as_deref())?;
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint of `state` at `next` to `stream` as [`plan_checkpoint`] plans it,
+/// and returns where the checkpoints then stand.
 ///
 /// # Errors
 /// [`StateError`]; a partitioned state's changed keys are taken even then.
@@ -667,68 +764,12 @@ pub fn write_checkpoint<P: Projection>(
     force_full: bool,
     opts: &ProjectorOptions,
 ) -> std::result::Result<ChainHead, StateError> {
-    let changed = state.write().partitions_mut().map(Partitions::take_changed);
+    let plan = plan_checkpoint(state, next, head, force_full, opts);
     let guard = state.read();
-    let previous = head.map(|h| h.newest.version);
-    let whole = |kind| ManifestHead {
-        at: next,
-        state_version: P::STATE_VERSION,
-        kind,
-        depth: 0,
-        base: None,
-        previous,
-    };
-    let (kind, stored) = match (guard.partitions(), changed) {
-        (Some(parts), Some(mut changed)) => {
-            let delta_on = head.filter(|h| {
-                !force_full
-                    && h.kind != Kind::Whole
-                    && h.depth < opts.deltas_max
-                    && h.delta_bytes < h.full_bytes
-            });
-            match delta_on {
-                None => {
-                    let stored = state_store::write_parts(
-                        log,
-                        stream,
-                        whole(Kind::Full),
-                        opts.parts,
-                        |w| {
-                            let mut entries = EntryWriter::new(w);
-                            parts.each_partition(&mut |k, v| entries.entry(k, Some(v)))
-                        },
-                    )?;
-                    (Kind::Full, stored)
-                }
-                Some(h) => {
-                    changed.sort_unstable();
-                    changed.dedup();
-                    let head = ManifestHead {
-                        kind: Kind::Delta,
-                        depth: h.depth + 1,
-                        base: Some(h.newest),
-                        ..whole(Kind::Delta)
-                    };
-                    let stored = state_store::write_parts(log, stream, head, opts.parts, |w| {
-                        let mut entries = EntryWriter::new(w);
-                        for k in &changed {
-                            entries.entry(k, parts.encode_partition(k).as_deref())?;
-                        }
-                        Ok(())
-                    })?;
-                    (Kind::Delta, stored)
-                }
-            }
-        }
-        _ => {
-            let stored =
-                state_store::write_parts(log, stream, whole(Kind::Whole), opts.parts, |w| {
-                    guard.encode_state_to(w)
-                })?;
-            (Kind::Whole, stored)
-        }
-    };
-    Ok(ChainHead::after(head, kind, &stored))
+    let stored = state_store::write_parts(log, stream, plan.head, opts.parts, |w| {
+        write_checkpoint_content(&*guard, &plan, w)
+    })?;
+    Ok(ChainHead::after(head, plan.head.kind, &stored))
 }
 
 /// Finds projection `name`'s newest checkpoint that loads, reading its checkpoint stream

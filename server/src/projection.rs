@@ -1,17 +1,23 @@
 //! Projections through a server: the same [`Projection`] code as embedded
 //! (`tally_engine::projection`), fed by a subscription instead of the engine's tail, with
-//! checkpoints stored through PROJECTION_STORE in the same stream and format
-//! (`$projection-NAME`), so a projection can move between the two and resume.
+//! checkpoints stored through PROJECTION_APPEND in the same stream and format
+//! (`$projection-NAME`, parts under a manifest, FORMAT.md 18.4), so a projection can move
+//! between the two and resume. A state of any size is sent a part (at most 1 MiB) per
+//! request, encoded on a blocking thread a few parts ahead of the sends, so neither side
+//! holds it whole and no frame needs to hold it.
 
 use std::time::Duration;
 
 use tally_engine::Direction;
 use tally_engine::EventView;
 use tally_engine::projection::{
-    Projection, ProjectionState, ProjectionStatus, ProjectorOptions, SharedState,
-    search_checkpoints,
+    ChainHead, Projection, ProjectionState, ProjectionStatus, ProjectorOptions, SharedState,
+    plan_checkpoint, search_checkpoints, write_checkpoint_content,
 };
-use tally_engine::state_store::{StateError, StateSource, StreamEvent};
+use tally_engine::state_store::{
+    self, INLINE_BYTES_MAX, Manifest, PartCutter, PartRef, StateError, StateSource, Stored,
+    StreamEvent,
+};
 
 use crate::client::{Client, ClientError, Subscription, SubscriptionItem};
 use crate::protocol::{Filter, Request, Response, SubscribeFrom, SubscribeTarget};
@@ -54,7 +60,50 @@ pub struct RemoteProjector<P> {
     status: ProjectionStatus,
     sub: Option<Subscription>,
     registry: Option<tally_engine::schema::Registry>,
+    head: Option<ChainHead>,
+    force_full: bool,
 }
+
+/// Parts cut from a checkpoint's content on a blocking thread, handed to the sender a few
+/// at a time.
+struct ChannelParts {
+    cutter: PartCutter,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    sent: usize,
+}
+
+impl ChannelParts {
+    fn send_ready(&mut self) -> std::io::Result<()> {
+        for part in self.cutter.take_ready() {
+            self.tx
+                .blocking_send(part)
+                .map_err(|_| std::io::Error::other("the checkpoint's sender stopped"))?;
+            self.sent += 1;
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Write for ChannelParts {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.cutter.write(buf)?;
+        self.send_ready()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A checkpoint's content as the encoder thread ends it: length, hash, each part's length
+/// and hash, and the content itself when it is carried inline.
+type Encoded = (
+    u64,
+    tally_engine::Hash32,
+    Vec<(u32, tally_engine::Hash32)>,
+    Vec<u8>,
+);
 
 /// Reads the server's schema registry (`$schemas`), for [`RemoteProjector::set_registry`].
 /// Upcasters are code: set them on the registry returned.
@@ -137,7 +186,7 @@ impl<P> std::fmt::Debug for RemoteProjector<P> {
     }
 }
 
-impl<P: Projection + Send + 'static> RemoteProjector<P> {
+impl<P: Projection + Send + Sync + 'static> RemoteProjector<P> {
     /// Opens projection `name` from its latest usable checkpoint on the server, or from
     /// the start. Checkpoints are found and checked as the embedded projector does
     /// (`tally_engine::projection::search_checkpoints`), one event at a time, on a
@@ -163,9 +212,9 @@ impl<P: Projection + Send + 'static> RemoteProjector<P> {
                 name: name.to_owned(),
                 source,
             })?;
-        let (next, state, checkpoint) = match search.found {
-            Some(c) => (c.next, c.state, Some(c.next)),
-            None => (0, P::initial(), None),
+        let (next, state, checkpoint, head) = match search.found {
+            Some(c) => (c.next, c.state, Some(c.next), c.head),
+            None => (0, P::initial(), None, None),
         };
         Ok(RemoteProjector {
             client: client.clone(),
@@ -177,6 +226,8 @@ impl<P: Projection + Send + 'static> RemoteProjector<P> {
             status: ProjectionStatus::opened(next, checkpoint),
             sub: None,
             registry: None,
+            head,
+            force_full: false,
         })
     }
 
@@ -254,6 +305,7 @@ impl<P: Projection + Send + 'static> RemoteProjector<P> {
         *self.state.write() = fresh;
         self.next = upto;
         self.sub = None;
+        self.force_full = true;
         self.checkpoint().await?;
         self.status.state = ProjectionState::Stopped;
         Ok(())
@@ -278,22 +330,114 @@ impl<P: Projection + Send + 'static> RemoteProjector<P> {
     /// # Errors
     /// [`RemoteProjectionError::Client`].
     pub async fn checkpoint(&mut self) -> Result<(), RemoteProjectionError> {
-        let state = self.state.read().encode_state();
-        let req = Request::ProjectionStore {
-            name: self.name.clone(),
-            next: self.next,
-            state_version: P::STATE_VERSION,
-            state,
-        };
-        match self.client.call(&req).await? {
-            Response::CheckpointStored => {}
-            other => {
-                return Err(ClientError::Unexpected(format!("{other:?}")).into());
+        match self.store_checkpoint().await {
+            Ok(head) => {
+                self.head = Some(head);
+                self.force_full = false;
+            }
+            Err(e) => {
+                // The changed keys were taken: only a full checkpoint is whole now.
+                self.force_full = true;
+                return Err(e);
             }
         }
         self.since_checkpoint = 0;
         self.status.checkpoint = Some(self.next);
         Ok(())
+    }
+
+    /// Sends a checkpoint's parts, then its manifest (the commit point).
+    async fn store_checkpoint(&mut self) -> Result<ChainHead, RemoteProjectionError> {
+        let plan = plan_checkpoint(
+            &self.state,
+            self.next,
+            self.head,
+            self.force_full,
+            &self.opts,
+        );
+        let part_bytes = self
+            .opts
+            .parts
+            .part_bytes
+            .clamp(1, state_store::PART_BYTES_MAX);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let state = std::sync::Arc::clone(&self.state);
+        let encoding = plan.clone();
+        let encoder = tokio::task::spawn_blocking(move || -> std::io::Result<Encoded> {
+            let mut w = ChannelParts {
+                cutter: PartCutter::new(part_bytes),
+                tx,
+                sent: 0,
+            };
+            write_checkpoint_content(&*state.read(), &encoding, &mut w)?;
+            let (len, hash, refs) = w.cutter.finish();
+            if w.sent == 0 && len <= INLINE_BYTES_MAX.min(part_bytes) as u64 {
+                return Ok((len, hash, refs, w.cutter.take_ready().concat()));
+            }
+            w.send_ready()?;
+            Ok((len, hash, refs, Vec::new()))
+        });
+        let refused = |source: StateError| RemoteProjectionError::Checkpoint {
+            name: self.name.clone(),
+            source,
+        };
+        let mut versions = Vec::new();
+        while let Some(payload) = rx.recv().await {
+            versions.push(self.projection_append(false, payload).await?);
+        }
+        let (content_bytes, content_hash, refs, inline) = encoder
+            .await
+            .map_err(|e| ClientError::Unexpected(format!("the checkpoint's encoder stopped: {e}")))?
+            .map_err(|e| refused(StateError::from_io(e)))?;
+        let parts: Vec<PartRef> = versions
+            .iter()
+            .zip(&refs)
+            .map(|(&version, &(len, hash))| PartRef { version, len, hash })
+            .collect();
+        if inline.is_empty() && parts.len() != refs.len() {
+            return Err(refused(StateError::ContentMismatch(
+                "fewer parts were stored than the content was cut into",
+            )));
+        }
+        let manifest = Manifest {
+            at: plan.head.at,
+            state_version: plan.head.state_version,
+            kind: plan.head.kind,
+            depth: plan.head.depth,
+            content_bytes,
+            content_hash,
+            base: plan.head.base,
+            previous: plan.head.previous,
+            parts,
+            inline,
+        };
+        let payload = manifest.encode();
+        let hash = state_store::manifest_hash(&payload);
+        let version = self.projection_append(true, payload).await?;
+        let stored = Stored {
+            version,
+            hash,
+            content_bytes,
+            parts: manifest.parts.len(),
+        };
+        Ok(ChainHead::after(self.head, plan.head.kind, &stored))
+    }
+
+    /// Appends one part or the manifest; returns its version in the checkpoint stream.
+    async fn projection_append(
+        &self,
+        manifest: bool,
+        payload: Vec<u8>,
+    ) -> Result<u64, RemoteProjectionError> {
+        let req = Request::ProjectionAppend {
+            name: self.name.clone(),
+            manifest,
+            payload,
+        };
+        match self.client.call(&req).await? {
+            Response::Appended(r) => Ok(r.last_version),
+            other => Err(ClientError::Unexpected(format!("{other:?}")).into()),
+        }
     }
 
     /// Folds events, catching up and then live, until the next position to fold is at

@@ -98,6 +98,8 @@ pub mod op {
     pub const PROJECTION_STORE: u8 = 0x42;
     /// Register a schema version of an event type.
     pub const REGISTER_SCHEMA: u8 = 0x43;
+    /// Append one part or the manifest of a projection's checkpoint of any size.
+    pub const PROJECTION_APPEND: u8 = 0x44;
     /// The latest signed checkpoint.
     pub const LATEST_CHECKPOINT: u8 = 0x50;
     /// An inclusion proof for a position.
@@ -956,6 +958,16 @@ pub enum Request {
         /// The encoded state.
         state: Vec<u8>,
     },
+    /// Append one event of a projection's checkpoint of any size (FORMAT.md 18.4) to
+    /// `$projection-NAME`: a part of its content, or, last, its manifest.
+    ProjectionAppend {
+        /// The projection's name.
+        name: String,
+        /// The manifest (`true`) or a part.
+        manifest: bool,
+        /// The part's bytes or the manifest's payload.
+        payload: Vec<u8>,
+    },
     /// The latest signed checkpoint.
     LatestCheckpoint,
     /// An inclusion proof.
@@ -1007,6 +1019,7 @@ impl Request {
             Request::CheckpointStore { .. } => op::CHECKPOINT_STORE,
             Request::CheckpointFetch { .. } => op::CHECKPOINT_FETCH,
             Request::ProjectionStore { .. } => op::PROJECTION_STORE,
+            Request::ProjectionAppend { .. } => op::PROJECTION_APPEND,
             Request::RegisterSchema { .. } => op::REGISTER_SCHEMA,
             Request::LatestCheckpoint => op::LATEST_CHECKPOINT,
             Request::InclusionProof { .. } => op::INCLUSION_PROOF,
@@ -1095,6 +1108,10 @@ impl Request {
             Request::ProjectionStore { name, state, .. } => {
                 text("projection name", name)?;
                 bytes("state", state)
+            }
+            Request::ProjectionAppend { name, payload, .. } => {
+                text("projection name", name)?;
+                bytes("payload", payload)
             }
             Request::RegisterSchema { schema } => bytes("schema", schema.as_bytes()),
         }
@@ -1209,6 +1226,15 @@ impl Request {
                 put_u64(out, *next);
                 put_u32(out, *state_version);
                 put_bytes32(out, state);
+            }
+            Request::ProjectionAppend {
+                name,
+                manifest,
+                payload,
+            } => {
+                put_str(out, name);
+                out.push(if *manifest { 2 } else { 1 });
+                put_bytes32(out, payload);
             }
             Request::RegisterSchema { schema } => put_bytes32(out, schema.as_bytes()),
             Request::InclusionProof {
@@ -1385,6 +1411,20 @@ impl Request {
                 next: r.u64("next position")?,
                 state_version: r.u32("state version")?,
                 state: r.bytes32("state")?.to_vec(),
+            },
+            op::PROJECTION_APPEND => Request::ProjectionAppend {
+                name: r.str("projection name")?.to_owned(),
+                manifest: match r.u8("kind")? {
+                    1 => false,
+                    2 => true,
+                    k => {
+                        return Err(ProtocolError::InvalidValue {
+                            what: "projection append kind (1: part, 2: manifest)",
+                            value: u64::from(k),
+                        });
+                    }
+                },
+                payload: r.bytes32("payload")?.to_vec(),
             },
             op::REGISTER_SCHEMA => Request::RegisterSchema {
                 schema: std::str::from_utf8(r.bytes32("schema")?)
@@ -2086,7 +2126,9 @@ impl Response {
                 durability: r.u8("durability")?,
                 checkpoints: r.u64("checkpoints")?,
             }),
-            c if c == op::APPEND | op::RESPONSE_BIT => {
+            c if c == op::APPEND | op::RESPONSE_BIT
+                || c == op::PROJECTION_APPEND | op::RESPONSE_BIT =>
+            {
                 Response::Appended(read_append_result(&mut r)?)
             }
             c if c == op::APPEND_MULTI | op::RESPONSE_BIT
@@ -2417,6 +2459,16 @@ mod tests {
                 next: 9,
                 state_version: 2,
                 state: b"state".to_vec(),
+            },
+            Request::ProjectionAppend {
+                name: "pnl".into(),
+                manifest: true,
+                payload: b"manifest".to_vec(),
+            },
+            Request::ProjectionAppend {
+                name: "pnl".into(),
+                manifest: false,
+                payload: b"part".to_vec(),
             },
         ];
         for (i, req) in reqs.iter().enumerate() {

@@ -1199,6 +1199,55 @@ fn handle(
                 AckKind::ConsumerCheckpoint,
             );
         }
+        Request::ProjectionAppend {
+            name,
+            manifest,
+            payload,
+        } => {
+            let stream = tally_engine::projection::checkpoint_stream(&name);
+            if name.is_empty() || tally_engine::format::envelope::check_stream_id(&stream).is_err()
+            {
+                return early(
+                    here,
+                    reply,
+                    WireError::new(
+                        ErrorCode::MalformedRequest,
+                        format!(
+                            "projection name must be 1 to {} bytes without control characters",
+                            tally_engine::format::envelope::STREAM_BYTES_MAX
+                                - tally_engine::projection::CHECKPOINT_STREAM_PREFIX.len()
+                        ),
+                    ),
+                );
+            }
+            let event_type = if manifest {
+                // A manifest that does not decode would only be passed over by every load:
+                // refuse it here, with the reason.
+                if let Err(e) = tally_engine::state_store::Manifest::decode(&payload) {
+                    return early(
+                        here,
+                        reply,
+                        WireError::new(ErrorCode::MalformedRequest, e.to_string()),
+                    );
+                }
+                tally_engine::state_store::MANIFEST_EVENT_TYPE
+            } else {
+                tally_engine::state_store::PART_EVENT_TYPE
+            };
+            let part = AppendPart {
+                stream,
+                expected: ExpectedVersion::Any,
+                events: vec![EventData::new(event_type, payload)],
+            };
+            return submit(
+                ctx,
+                std::slice::from_ref(&part),
+                None,
+                reply,
+                here,
+                AckKind::One,
+            );
+        }
         Request::Subscribe {
             target,
             from,

@@ -271,3 +271,175 @@ fn a_remote_projection_upcasts_rebuilds_and_reports_a_refusal() {
     });
     assert!(d.terminate().success());
 }
+
+/// The last payload of each stream: a state partitioned by stream, large on purpose.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Latest {
+    values: BTreeMap<String, Vec<u8>>,
+    changed: tally_engine::projection::ChangedKeys,
+}
+
+impl Projection for Latest {
+    const STATE_VERSION: u32 = 1;
+
+    fn initial() -> Latest {
+        Latest::default()
+    }
+
+    fn apply(&mut self, e: &dyn EventView) -> Result<(), String> {
+        self.values
+            .insert(e.stream().to_owned(), e.payload().to_vec());
+        self.changed.mark(e.stream().as_bytes());
+        Ok(())
+    }
+
+    fn encode_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.values).unwrap()
+    }
+
+    fn decode_state(bytes: &[u8]) -> Option<Latest> {
+        Some(Latest {
+            values: serde_json::from_slice(bytes).ok()?,
+            ..Latest::default()
+        })
+    }
+
+    fn partitions(&self) -> Option<&dyn tally_engine::projection::Partitions> {
+        Some(self)
+    }
+
+    fn partitions_mut(&mut self) -> Option<&mut dyn tally_engine::projection::Partitions> {
+        Some(self)
+    }
+}
+
+impl tally_engine::projection::Partitions for Latest {
+    fn each_partition(
+        &self,
+        f: &mut tally_engine::projection::PartitionVisitor<'_>,
+    ) -> std::io::Result<()> {
+        for (k, v) in &self.values {
+            f(k.as_bytes(), v)?;
+        }
+        Ok(())
+    }
+
+    fn encode_partition(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.values.get(std::str::from_utf8(key).ok()?).cloned()
+    }
+
+    fn load_partition(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), String> {
+        let k = String::from_utf8(key.to_vec()).map_err(|e| e.to_string())?;
+        match value {
+            Some(v) => self.values.insert(k, v.to_vec()),
+            None => self.values.remove(&k),
+        };
+        Ok(())
+    }
+
+    fn take_changed(&mut self) -> Vec<Vec<u8>> {
+        self.changed.take()
+    }
+}
+
+#[test]
+fn a_remote_projection_of_fifty_mib_checkpoints_through_tallyd_and_resumes() {
+    use tally_engine::state_store::{Kind, MANIFEST_EVENT_TYPE, Manifest};
+    let dir = tempfile::tempdir().unwrap();
+    let d = Tallyd::start(dir.path(), &[]);
+    let opts = ProjectorOptions {
+        checkpoint_every: u64::MAX,
+        ..ProjectorOptions::default()
+    };
+    let value = |i: u64| vec![(i % 251) as u8; 512 * 1024];
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        // 100 streams of 512 KiB each: a read model of 50 MiB, fifty times a frame's
+        // payload limit.
+        for i in 0..100 {
+            c.append(
+                &format!("doc-{i:03}"),
+                ExpectedVersion::Any,
+                vec![EventData::new("Put", value(i))],
+            )
+            .await
+            .unwrap();
+        }
+        let mut p = RemoteProjector::<Latest>::open(&c, "latest", opts)
+            .await
+            .unwrap();
+        let end = c.server_info().await.unwrap().next_position;
+        p.run_until(end, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(p.status().checkpoint, Some(end));
+        // Three documents change: the next checkpoint is a delta of those three.
+        for i in [3, 50, 99] {
+            c.append(
+                &format!("doc-{i:03}"),
+                ExpectedVersion::Any,
+                vec![EventData::new("Put", value(i + 1))],
+            )
+            .await
+            .unwrap();
+        }
+        let end = c.server_info().await.unwrap().next_position;
+        p.run_until(end, Duration::from_secs(10)).await.unwrap();
+        // The checkpoint stream, a page at a time (pages are bounded by the frame size).
+        let mut manifests: Vec<Manifest> = Vec::new();
+        let mut from = 0;
+        loop {
+            let (page, next, end) = c
+                .read_stream(
+                    "$projection-latest",
+                    from,
+                    1000,
+                    tally_engine::Direction::Forward,
+                )
+                .await
+                .unwrap();
+            manifests.extend(
+                page.iter()
+                    .filter(|e| e.event_type() == MANIFEST_EVENT_TYPE)
+                    .map(|e| Manifest::decode(e.payload()).unwrap()),
+            );
+            if end || page.is_empty() {
+                break;
+            }
+            from = next;
+        }
+        assert_eq!(manifests.len(), 2);
+        assert_eq!(manifests[0].kind, Kind::Full);
+        assert!(manifests[0].content_bytes > 50 << 20);
+        assert_eq!(manifests[0].parts.len(), 51);
+        assert_eq!(manifests[1].kind, Kind::Delta);
+        assert!(manifests[1].content_bytes < 2 << 20);
+        // A new remote projector loads the full checkpoint and the delta through the
+        // server, and holds the state the first one folded.
+        let reopened = RemoteProjector::<Latest>::open(&c, "latest", opts)
+            .await
+            .unwrap();
+        assert_eq!(reopened.status().checkpoint, Some(end));
+        assert_eq!(
+            reopened.shared_state().read().values,
+            p.shared_state().read().values
+        );
+        assert_eq!(reopened.shared_state().read().values["doc-050"], value(51));
+        // A manifest that does not decode is refused with the reason, and nothing is
+        // written.
+        let before = c.server_info().await.unwrap().next_position;
+        let refused = c
+            .call(&tally_server::protocol::Request::ProjectionAppend {
+                name: "latest".into(),
+                manifest: true,
+                payload: b"not a manifest".to_vec(),
+            })
+            .await;
+        let msg = match refused {
+            Ok(tally_server::protocol::Response::Error(e)) => format!("{e:?}"),
+            Err(e) => e.to_string(),
+            Ok(other) => panic!("{other:?}"),
+        };
+        assert!(msg.contains("manifest does not decode"), "{msg}");
+        assert_eq!(c.server_info().await.unwrap().next_position, before);
+    });
+    assert!(d.terminate().success());
+}

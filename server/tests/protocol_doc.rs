@@ -149,6 +149,28 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
         ),
     );
     add(
+        "projection-append-request",
+        9,
+        Msg::Req(Request::ProjectionAppend {
+            name: "pnl".into(),
+            manifest: false,
+            payload: b"part".to_vec(),
+        }),
+    );
+    add(
+        "projection-append-response",
+        9,
+        Msg::Resp(
+            op::PROJECTION_APPEND,
+            Response::Appended(AppendResult {
+                first_position: Position(40),
+                last_position: Position(40),
+                first_version: 3,
+                last_version: 3,
+            }),
+        ),
+    );
+    add(
         "append-wrong-version",
         2,
         Msg::Resp(

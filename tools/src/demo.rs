@@ -55,6 +55,21 @@ pub struct DemoArgs {
     /// Print the report as one JSON document.
     #[arg(long)]
     json: bool,
+    /// When the demo's appends are acknowledged: `fsync` (each append durable before the
+    /// next, as a trading system would run) or `none` (the page cache; everything is
+    /// synced when the log closes), for runs of a million trades whose one-at-a-time
+    /// durable appends would measure the disk rather than the rest.
+    #[arg(long, value_enum, default_value_t = DemoDurability::Fsync)]
+    durability: DemoDurability,
+}
+
+/// `tally demo --durability`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoDurability {
+    /// Every append is synced before it returns.
+    Fsync,
+    /// Appends return once written; the log syncs when it closes.
+    None,
 }
 
 /// A small deterministic generator (xorshift64*).
@@ -222,7 +237,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let log = Log::open(
         &dir,
         Options {
-            segment_bytes: 4 << 20,
+            // Small segments show sealing and several sidecars at a demo's default size;
+            // a million trades would make thousands of them.
+            segment_bytes: if args.trades >= 100_000 {
+                64 << 20
+            } else {
+                4 << 20
+            },
+            durability: match args.durability {
+                DemoDurability::Fsync => tally_engine::Durability::Fsync,
+                DemoDurability::None => tally_engine::Durability::None,
+            },
             ..Options::default()
         },
     )
@@ -575,6 +600,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "forensic_stream": s1,
         "extract_verified": extract_verified,
         "timings_ms": timings,
+        "durability": format!("{:?}", args.durability).to_lowercase(),
         "peak_memory_mib": peak_memory_mib(),
         "positions": rows,
     });
