@@ -4,6 +4,7 @@
 //! back through an environment variable).
 
 pub mod forge;
+pub mod ledger;
 
 use tally_engine::{EventData, EventId};
 
