@@ -591,6 +591,11 @@ proptest! {
         let (m, mut parts) = roundtrip(&content, part_bytes);
         prop_assert_eq!(Manifest::decode(&m.encode()).unwrap(), m.clone());
         prop_assert_eq!(read_back(&m, &parts).unwrap(), content.clone());
+        if let Some(last) = parts.len().checked_sub(1) {
+            // A part the stream does not hold.
+            let err = read_back(&m, &parts[..last]).unwrap_err().to_string();
+            prop_assert!(err.contains(&format!("part {last} ")) && err.contains("missing"), "{}", err);
+        }
         if !content.is_empty() {
             let i = flip.index(content.len());
             let (p, o) = (i / part_bytes, i % part_bytes);
