@@ -144,7 +144,9 @@ pub type PartitionVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> std::io::Result<()> +
 
 /// A read model's state split into partitions by key (a trade, a book, an instrument), so
 /// that a checkpoint costs what changed since the last one, not the size of the state.
-/// Each partition is encoded on its own; the state is the set of its partitions.
+/// Each partition is encoded on its own; the state is the set of its partitions, so
+/// [`Projection::initial`] holds none (a load refuses a state that starts with some). Keys
+/// are 1 to 65,536 bytes: a state whose key is longer cannot be checkpointed by partition.
 pub trait Partitions {
     /// Calls `f` with every partition's key and encoded value, in ascending order of key
     /// bytes, and stops at its first error.
@@ -694,7 +696,7 @@ pub fn plan_checkpoint<P: Projection>(
     let delta_on = head.filter(|h| {
         !force_full
             && h.kind != Kind::Whole
-            && h.depth < opts.deltas_max
+            && h.depth < opts.deltas_max.min(state_store::DELTA_DEPTH_MAX)
             && h.delta_bytes < h.full_bytes
     });
     match delta_on {
@@ -835,6 +837,9 @@ pub fn search_checkpoints<P: Projection>(
                                     refused,
                                 });
                             }
+                            // A source that cannot be reached: stop, rather than fold
+                            // from an older checkpoint because of a network failure.
+                            Err(e @ StateError::Unavailable(_)) => return Err(e),
                             // A part the log cannot read (damaged on disk) refuses this
                             // checkpoint like a part that differs: the one before may load.
                             Err(why) => refused.push((version, why)),
@@ -884,6 +889,21 @@ fn load_manifest<P: Projection>(
         state
     } else {
         let mut state = P::initial();
+        let mut initial_partitions = 0u64;
+        if let Some(p) = state.partitions() {
+            p.each_partition(&mut |_, _| {
+                initial_partitions += 1;
+                Ok(())
+            })
+            .map_err(StateError::from_io)?;
+        }
+        if initial_partitions > 0 {
+            // A full checkpoint lists every partition and has no removals: loaded on top of
+            // partitions it does not name, it would bring back ones the fold removed.
+            return Err(StateError::State(format!(
+                "the projection's initial state has {initial_partitions} partitions; a partitioned state must start with none"
+            )));
+        }
         let parts = state.partitions_mut().ok_or_else(|| {
             StateError::State("it is partitioned and the projection is not".to_owned())
         })?;

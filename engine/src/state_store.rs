@@ -188,7 +188,20 @@ pub enum StateError {
     /// Writing the content failed (the state's own encoder, or the log under it).
     #[error("writing the state: {0}")]
     Io(#[source] io::Error),
+    /// Where the state is stored could not be read (a server that did not answer): a
+    /// search stops rather than pass over a checkpoint that may be sound.
+    #[error("the stored state could not be read: {0}")]
+    Unavailable(#[source] io::Error),
+    /// A delta chain whose manifests hold more than a load keeps.
+    #[error("a chain of manifests of more than {max} bytes")]
+    ChainTooLarge {
+        /// The most bytes of manifests a load keeps.
+        max: usize,
+    },
 }
+
+/// The most bytes of manifests one load keeps for a delta chain.
+pub const CHAIN_BYTES_MAX: usize = 64 << 20;
 
 impl StateError {
     /// A [`StateError`] carried through an [`io::Error`] (by [`PartReader`] or the part
@@ -1052,9 +1065,16 @@ pub fn chain(
     mut fetch: impl FnMut(u64) -> Result<Option<(String, Vec<u8>)>, StateError>,
 ) -> Result<Vec<Found>, StateError> {
     let mut chain = vec![newest];
+    let mut held = 0usize;
     loop {
         let top = &chain[chain.len() - 1].manifest;
         let Some(base) = top.base else { break };
+        held += MANIFEST_FIXED_BYTES + top.parts.len() * PART_REF_BYTES + top.inline.len();
+        if held > CHAIN_BYTES_MAX {
+            return Err(StateError::ChainTooLarge {
+                max: CHAIN_BYTES_MAX,
+            });
+        }
         let bad = |reason: String| StateError::Base {
             version: base.version,
             reason,

@@ -670,3 +670,38 @@ proptest! {
         prop_assert_eq!(loaded.shared_state().read().encode_state(), truth.encode_state());
     }
 }
+
+#[test]
+fn no_delta_is_planned_deeper_than_a_load_follows() {
+    use tally_engine::projection::{ChainHead, plan_checkpoint};
+    let state = parking_lot::RwLock::new(Parted::initial());
+    let head = ChainHead {
+        newest: state_store::Base {
+            version: 9,
+            hash: [1; 32],
+        },
+        kind: Kind::Delta,
+        depth: state_store::DELTA_DEPTH_MAX,
+        full_bytes: 1 << 30,
+        delta_bytes: 10,
+    };
+    let opts = ProjectorOptions {
+        deltas_max: u32::MAX,
+        ..ProjectorOptions::default()
+    };
+    assert_eq!(
+        plan_checkpoint(&state, 5, Some(head), false, &opts)
+            .head
+            .kind,
+        Kind::Full
+    );
+    let shallower = ChainHead {
+        depth: state_store::DELTA_DEPTH_MAX - 1,
+        ..head
+    };
+    let plan = plan_checkpoint(&state, 5, Some(shallower), false, &opts);
+    assert_eq!(
+        (plan.head.kind, plan.head.depth),
+        (Kind::Delta, state_store::DELTA_DEPTH_MAX)
+    );
+}

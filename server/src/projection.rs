@@ -62,6 +62,7 @@ pub struct RemoteProjector<P> {
     registry: Option<tally_engine::schema::Registry>,
     head: Option<ChainHead>,
     force_full: bool,
+    refused: Vec<(u64, StateError)>,
 }
 
 /// Parts cut from a checkpoint's content on a blocking thread, handed to the sender a few
@@ -155,7 +156,7 @@ impl ServerSource {
         self.runtime
             .block_on(self.client.read_stream(&self.stream, version, 1, direction))
             .map(|(page, _, _)| page)
-            .map_err(|e| StateError::Io(std::io::Error::other(e)))
+            .map_err(|e| StateError::Unavailable(std::io::Error::other(e)))
     }
 }
 
@@ -228,7 +229,16 @@ impl<P: Projection + Send + Sync + 'static> RemoteProjector<P> {
             registry: None,
             head,
             force_full: false,
+            refused: search.refused,
         })
+    }
+
+    /// The checkpoints [`RemoteProjector::open`] passed over because they did not load (a
+    /// damaged, missing or misnamed part), newest first: the stream version of each
+    /// manifest and why.
+    #[must_use]
+    pub fn refused_checkpoints(&self) -> &[(u64, StateError)] {
+        &self.refused
     }
 
     /// Shows every event to the projection as its newest schema version, as the embedded
@@ -348,13 +358,12 @@ impl<P: Projection + Send + Sync + 'static> RemoteProjector<P> {
 
     /// Sends a checkpoint's parts, then its manifest (the commit point).
     async fn store_checkpoint(&mut self) -> Result<ChainHead, RemoteProjectionError> {
-        let plan = plan_checkpoint(
-            &self.state,
-            self.next,
-            self.head,
-            self.force_full,
-            &self.opts,
-        );
+        let force_full = self.force_full;
+        // From here the changed keys are taken: until this checkpoint is stored and the head
+        // moved to it, only a full checkpoint is whole, even if this future is dropped
+        // (a timeout or a shutdown around `run_until`).
+        self.force_full = true;
+        let plan = plan_checkpoint(&self.state, self.next, self.head, force_full, &self.opts);
         let part_bytes = self
             .opts
             .parts

@@ -502,8 +502,29 @@ fn mark_key(instrument: &str) -> String {
 }
 
 fn realised_key(book: &str, instrument: &str) -> String {
-    // NUL sorts below every other byte, so these keys sort as the (book, instrument) pairs.
-    format!("r/{book}\0{instrument}")
+    // The book's length first, so that any two names (a NUL or a digit in them included)
+    // give one key each and the key gives them back.
+    format!("r/{}:{book}{instrument}", book.len())
+}
+
+/// The book and instrument of a realised P&L key.
+fn realised_names(key: &str) -> Option<(&str, &str)> {
+    let (len, rest) = key.strip_prefix("r/")?.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
+/// The longest book or instrument name the positions take: a partition key holds one.
+const NAME_BYTES_MAX: usize = 256;
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.len() > NAME_BYTES_MAX {
+        return Err(format!(
+            "a {what} name of {} bytes, more than {NAME_BYTES_MAX}",
+            name.len()
+        ));
+    }
+    Ok(())
 }
 
 fn trade_key(id: &str) -> String {
@@ -559,8 +580,15 @@ impl Partitions for Positions {
             f(mark_key(i).as_bytes(), &decimal_text(*m))?;
         }
         f(ORPHANS_KEY.as_bytes(), self.orphans.to_string().as_bytes())?;
-        for ((b, i), r) in &self.realised {
-            f(realised_key(b, i).as_bytes(), &decimal_text(*r))?;
+        // In the order of the keys' bytes, which is not the pairs' order.
+        let mut realised: Vec<(String, Decimal)> = self
+            .realised
+            .iter()
+            .map(|((b, i), r)| (realised_key(b, i), *r))
+            .collect();
+        realised.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, r) in realised {
+            f(k.as_bytes(), &decimal_text(r))?;
         }
         for (id, t) in &self.trades {
             f(trade_key(id).as_bytes(), &encode_trade(t))?;
@@ -576,7 +604,7 @@ impl Partitions for Positions {
         if let Some(i) = key.strip_prefix("m/") {
             return self.marks.get(i).map(|m| decimal_text(*m));
         }
-        if let Some((b, i)) = key.strip_prefix("r/").and_then(|r| r.split_once('\0')) {
+        if let Some((b, i)) = realised_names(key) {
             return self
                 .realised
                 .get(&(b.to_owned(), i.to_owned()))
@@ -603,7 +631,7 @@ impl Partitions for Positions {
                     self.marks.remove(i);
                 }
             }
-        } else if let Some((b, i)) = key.strip_prefix("r/").and_then(|r| r.split_once('\0')) {
+        } else if let Some((b, i)) = realised_names(key) {
             let k = (b.to_owned(), i.to_owned());
             match value {
                 Some(v) => {
@@ -649,6 +677,7 @@ impl Projection for Positions {
         if e.event_type() == "PRICE" {
             let p: MarketPrice = parse(e)?;
             check_range(Decimal::ONE, p.price)?;
+            check_name("instrument", &p.instrument)?;
             self.changed.mark(mark_key(&p.instrument).into_bytes());
             self.marks.insert(p.instrument, p.price);
             return Ok(());
@@ -661,6 +690,8 @@ impl Projection for Positions {
             "NEW" => {
                 let t: NewTrade = parse(e)?;
                 check_range(t.quantity, t.price)?;
+                check_name("book", &t.book)?;
+                check_name("instrument", &t.instrument)?;
                 self.trades.insert(
                     id.to_owned(),
                     OpenTrade {
@@ -876,6 +907,69 @@ mod tests {
             trade_date: "2026-11-23".into(),
             settlement_date: "2026-11-25".into(),
         }
+    }
+
+    /// Positions by partition: keys strictly ascend whatever the names hold (a NUL, a
+    /// colon, digits, one name a prefix of another), and loading the partitions gives the
+    /// same state back.
+    #[test]
+    fn positions_partitions_round_trip_with_awkward_names() {
+        let mut p = Positions::initial();
+        let names = [
+            ("a", "z"),
+            ("a\0b", "z"),
+            ("a", "\0x"),
+            ("a\0", "x"),
+            ("1:x", "y"),
+            ("10", ""),
+        ];
+        for (i, (book, instrument)) in names.iter().enumerate() {
+            p.realised.insert(
+                ((*book).to_owned(), (*instrument).to_owned()),
+                Decimal::from(i as i64 + 1),
+            );
+            p.marks.insert((*instrument).to_owned(), Decimal::from(7));
+            p.trades.insert(
+                format!("T{i}"),
+                OpenTrade {
+                    book: (*book).to_owned(),
+                    instrument: (*instrument).to_owned(),
+                    sign: Decimal::ONE,
+                    open: dec("5"),
+                    price: dec("80.5"),
+                    quantity: dec("5"),
+                    closed: Decimal::ZERO,
+                },
+            );
+        }
+        p.orphans = 3;
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        p.each_partition(&mut |k, v| {
+            entries.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            entries.windows(2).all(|w| w[0].0 < w[1].0),
+            "keys ascend, each once"
+        );
+        let mut back = Positions::initial();
+        for (k, v) in &entries {
+            assert_eq!(p.encode_partition(k).as_deref(), Some(v.as_slice()));
+            back.load_partition(k, Some(v))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(back.encode_state(), p.encode_state());
+        // A removed partition loads as a removal.
+        let gone = realised_key("a\0b", "z");
+        back.load_partition(gone.as_bytes(), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !back
+                .realised
+                .contains_key(&("a\0b".to_owned(), "z".to_owned()))
+        );
+        assert_eq!(back.realised.len(), names.len() - 1);
     }
 
     #[test]
