@@ -317,18 +317,25 @@ fn refusal(log: &Log, name: &str) -> String {
     search.refused[0].1.to_string()
 }
 
-#[test]
-fn a_damaged_missing_or_misnamed_part_is_refused_and_the_checkpoint_before_loads() {
+/// A log of 300 bookings and one whole checkpoint of projection `w` over them, in parts.
+fn whole_checkpointed() -> (tempfile::TempDir, Log) {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
     for a in 0..300 {
         book(&log, a, 3);
     }
-    let mut p = Projector::<Whole>::open(&log, "w", opts(10_000)).unwrap();
-    p.catch_up().unwrap();
-    let good = p.shared_state().read().encode_state();
-    let good_at = p.status().checkpoint.unwrap();
-    drop(p);
+    Projector::<Whole>::open(&log, "w", opts(10_000))
+        .unwrap()
+        .catch_up()
+        .unwrap();
+    (dir, log)
+}
+
+#[test]
+fn a_damaged_missing_or_misnamed_part_is_refused_and_the_checkpoint_before_loads() {
+    let (_dir, log) = whole_checkpointed();
+    let found = load_checkpoint::<Whole>(&log, "w").unwrap().found.unwrap();
+    let (good, good_at) = (found.state.encode_state(), found.next);
     let stream = checkpoint_stream("w");
 
     // A part of the right length whose bytes differ from what the manifest says.
@@ -366,15 +373,7 @@ fn a_damaged_missing_or_misnamed_part_is_refused_and_the_checkpoint_before_loads
     );
 
     // A part that is not a part (the manifest names another manifest).
-    let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path());
-    for a in 0..300 {
-        book(&log, a, 3);
-    }
-    Projector::<Whole>::open(&log, "w", opts(10_000))
-        .unwrap()
-        .catch_up()
-        .unwrap();
+    let (_dir, log) = whole_checkpointed();
     let (manifest_version, _) = manifests(&log, "w").pop().unwrap();
     let mut last = 0;
     forge_manifest(&log, "w", |m| {
@@ -389,15 +388,7 @@ fn a_damaged_missing_or_misnamed_part_is_refused_and_the_checkpoint_before_loads
 
     // Parts of the right kind but in the wrong order: each part checks out on its own
     // only if the manifest's hashes move with them, and then the content hash differs.
-    let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path());
-    for a in 0..300 {
-        book(&log, a, 3);
-    }
-    Projector::<Whole>::open(&log, "w", opts(10_000))
-        .unwrap()
-        .catch_up()
-        .unwrap();
+    let (_dir, log) = whole_checkpointed();
     forge_manifest(&log, "w", |m| m.parts.swap(0, 1));
     let msg = refusal(&log, "w");
     assert!(msg.contains("stream order"), "{msg}");

@@ -269,6 +269,22 @@ struct Ack {
     kind: AckKind,
 }
 
+/// The checkpoint stream of projection `name`, or why the name is refused.
+fn projection_stream(name: &str) -> Result<String, WireError> {
+    let stream = tally_engine::projection::checkpoint_stream(name);
+    if name.is_empty() || tally_engine::format::envelope::check_stream_id(&stream).is_err() {
+        return Err(WireError::new(
+            ErrorCode::MalformedRequest,
+            format!(
+                "projection name must be 1 to {} bytes without control characters",
+                tally_engine::format::envelope::STREAM_BYTES_MAX
+                    - tally_engine::projection::CHECKPOINT_STREAM_PREFIX.len()
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
 #[derive(Clone, Copy)]
 enum AckKind {
     One,
@@ -1162,22 +1178,10 @@ fn handle(
             state_version,
             state,
         } => {
-            let stream = tally_engine::projection::checkpoint_stream(&name);
-            if name.is_empty() || tally_engine::format::envelope::check_stream_id(&stream).is_err()
-            {
-                return early(
-                    here,
-                    reply,
-                    WireError::new(
-                        ErrorCode::MalformedRequest,
-                        format!(
-                            "projection name must be 1 to {} bytes without control characters",
-                            tally_engine::format::envelope::STREAM_BYTES_MAX
-                                - tally_engine::projection::CHECKPOINT_STREAM_PREFIX.len()
-                        ),
-                    ),
-                );
-            }
+            let stream = match projection_stream(&name) {
+                Ok(s) => s,
+                Err(e) => return early(here, reply, e),
+            };
             let part = AppendPart {
                 stream,
                 expected: ExpectedVersion::Any,
@@ -1204,22 +1208,10 @@ fn handle(
             manifest,
             payload,
         } => {
-            let stream = tally_engine::projection::checkpoint_stream(&name);
-            if name.is_empty() || tally_engine::format::envelope::check_stream_id(&stream).is_err()
-            {
-                return early(
-                    here,
-                    reply,
-                    WireError::new(
-                        ErrorCode::MalformedRequest,
-                        format!(
-                            "projection name must be 1 to {} bytes without control characters",
-                            tally_engine::format::envelope::STREAM_BYTES_MAX
-                                - tally_engine::projection::CHECKPOINT_STREAM_PREFIX.len()
-                        ),
-                    ),
-                );
-            }
+            let stream = match projection_stream(&name) {
+                Ok(s) => s,
+                Err(e) => return early(here, reply, e),
+            };
             let event_type = if manifest {
                 // A manifest that does not decode would only be passed over by every load:
                 // refuse it here, with the reason.

@@ -141,6 +141,45 @@ pub fn seed_from_env(var: &str) -> u64 {
     seed
 }
 
+/// Runs `cmd` (its stdout and stderr piped) for `run_for`, then kills it with SIGKILL and
+/// returns what it printed: (stdout, stderr).
+///
+/// # Panics
+/// If the child cannot be spawned, or exits by itself before it is killed (a crash test's
+/// child runs until it is killed; its stderr is in the message).
+#[must_use]
+pub fn run_then_kill(
+    mut cmd: std::process::Command,
+    run_for: std::time::Duration,
+) -> (String, String) {
+    use std::io::Read;
+    let mut proc = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the crash-test child");
+    let read = |r: Option<&mut dyn Read>| {
+        let mut s = String::new();
+        if let Some(r) = r {
+            r.read_to_string(&mut s).expect("read the child's output");
+        }
+        s
+    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < run_for {
+        if let Some(status) = proc.try_wait().expect("poll the child") {
+            let err = read(proc.stderr.as_mut().map(|e| e as &mut dyn Read));
+            panic!("the child exited by itself with {status}: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    proc.kill().expect("SIGKILL the child");
+    proc.wait().expect("reap the child");
+    let out = read(proc.stdout.as_mut().map(|o| o as &mut dyn Read));
+    let err = read(proc.stderr.as_mut().map(|e| e as &mut dyn Read));
+    (out, err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

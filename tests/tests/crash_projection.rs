@@ -14,14 +14,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tally_engine::projection::{Projection, fold_window, load_checkpoint};
 use tally_engine::{Log, Options};
 use tally_tests::ledger::Ledger;
-use tally_tests::{Rng, seed_from_env};
+use tally_tests::{Rng, run_then_kill, seed_from_env};
 
 #[test]
 fn a_killed_checkpoint_never_loads_and_the_last_complete_one_always_does() {
@@ -36,41 +35,9 @@ fn a_killed_checkpoint_never_loads_and_the_last_complete_one_always_does() {
     let mut checkpoints = 0usize;
     let mut orphans = 0u64;
     for cycle in 0..cycles {
-        let mut proc = Command::new(child)
-            .arg(dir.path())
-            .arg(rng.next_u64().to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn projection_child");
-        let run_for = Duration::from_millis(100 + rng.below(400));
-        let started = Instant::now();
-        while started.elapsed() < run_for {
-            if let Some(status) = proc.try_wait().unwrap() {
-                let mut err = String::new();
-                proc.stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("cycle {cycle}: child exited by itself with {status}: {err}");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        proc.kill().expect("SIGKILL the child");
-        proc.wait().unwrap();
-        let mut out = String::new();
-        proc.stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let mut err = String::new();
-        proc.stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let mut cmd = Command::new(child);
+        cmd.arg(dir.path()).arg(rng.next_u64().to_string());
+        let (out, err) = run_then_kill(cmd, Duration::from_millis(100 + rng.below(400)));
         assert!(err.is_empty(), "cycle {cycle}: child reported: {err}");
         let reported: Vec<u64> = out
             .lines()

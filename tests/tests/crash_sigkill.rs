@@ -18,12 +18,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tally_engine::{Direction, Log, Options, Position};
-use tally_tests::{EventKey, Rng, batch_events_of, event_for, seed_from_env};
+use tally_tests::{EventKey, Rng, batch_events_of, event_for, run_then_kill, seed_from_env};
 
 #[derive(Debug)]
 struct Ack {
@@ -73,48 +72,18 @@ fn every_acknowledged_append_survives_sigkill() {
     let mut total_acked = 0usize;
     let mut acked_so_far: Vec<(u32, Ack)> = Vec::new();
     for cycle in 0..cycles {
-        let mut proc = Command::new(child)
-            .arg(dir.path())
+        let mut cmd = Command::new(child);
+        cmd.arg(dir.path())
             .arg(cycle.to_string())
             .arg("4")
-            .arg(rng.next_u64().to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn crash_child");
+            .arg(rng.next_u64().to_string());
         // Kill at a random moment: sometimes during open, mostly while appending.
         let run_for = Duration::from_millis(if rng.below(8) == 0 {
             rng.below(15)
         } else {
             20 + rng.below(250)
         });
-        let started = Instant::now();
-        while started.elapsed() < run_for {
-            if let Some(status) = proc.try_wait().unwrap() {
-                let mut err = String::new();
-                proc.stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("cycle {cycle}: child exited by itself with {status}: {err}");
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        proc.kill().expect("SIGKILL the child");
-        proc.wait().unwrap();
-        let mut out = String::new();
-        proc.stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let mut err = String::new();
-        proc.stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let (out, err) = run_then_kill(cmd, run_for);
         assert!(err.is_empty(), "cycle {cycle}: child reported: {err}");
         let acks: Vec<Ack> = out.lines().filter_map(parse_ack).collect();
         total_acked += acks.len();
