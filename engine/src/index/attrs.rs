@@ -283,9 +283,15 @@ impl<T: Ord + Copy> Runs<T> {
     }
 
     fn count_in(&self, lo: T, hi: T) -> usize {
-        let run = self.run.partition_point(|e| *e < hi) - self.run.partition_point(|e| *e < lo);
+        // An empty or reversed range counts nothing.
+        let run = self
+            .run
+            .partition_point(|e| *e < hi)
+            .saturating_sub(self.run.partition_point(|e| *e < lo));
         let tail = if self.tail_sorted {
-            self.tail.partition_point(|e| *e < hi) - self.tail.partition_point(|e| *e < lo)
+            self.tail
+                .partition_point(|e| *e < hi)
+                .saturating_sub(self.tail.partition_point(|e| *e < lo))
         } else {
             self.tail.iter().filter(|e| **e >= lo && **e < hi).count()
         };

@@ -377,7 +377,13 @@ impl Attrs {
                 Some((field, hash))
             }
         };
-        if query.limit == 0 {
+        // A window whose end is not after its start holds nothing.
+        let empty = |r: &Option<Range<Timestamp>>| r.as_ref().is_some_and(|r| r.start >= r.end);
+        if query.limit == 0
+            || empty(&query.record_time)
+            || empty(&query.event_time)
+            || query.positions.start >= query.positions.end
+        {
             return Ok(Vec::new());
         }
         self.catch_up(shared)?;
