@@ -742,6 +742,16 @@ fn handshake(ctx: &Ctx, frame: &[u8], out: &mut Vec<u8>) -> Option<u16> {
         );
         return None;
     }
+    if h.flags != 0 {
+        // Reserved, as on every frame (PROTOCOL.md section 2).
+        error_frame(
+            out,
+            ErrorCode::MalformedRequest,
+            format!("frame flags must be 0, got 0x{:02x}", h.flags),
+            h.request_id,
+        );
+        return None;
+    }
     let (min, max) = match Request::decode(h.opcode, payload, 0) {
         Ok(Request::Hello {
             min_version,

@@ -867,6 +867,19 @@ fn malformed_input_gets_errors_and_never_hurts_other_clients() {
         },
     );
     expect_error(&mut r, ErrorCode::UnsupportedVersion);
+    // A HELLO with non-zero (reserved) flags: refused, and the connection closed.
+    let mut r = Raw::connect(&d.addr);
+    let mut hello = Vec::new();
+    Request::Hello {
+        min_version: 1,
+        max_version: 1,
+        client: "flags".into(),
+    }
+    .encode(1, &mut hello);
+    hello[5] = 0x01;
+    r.s.write_all(&hello).unwrap();
+    expect_error(&mut r, ErrorCode::MalformedRequest);
+    assert!(r.recv().is_none(), "closed after a failed handshake");
     // A bad magic.
     let mut r = Raw::connect(&d.addr);
     r.s.write_all(&frame(op::HELLO, 1, b"HTTP/1.1 \x01\x00"))
