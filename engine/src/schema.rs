@@ -184,6 +184,17 @@ pub enum SchemaError {
         /// What is wrong.
         reason: String,
     },
+    /// A schema that no payload could meet or no event could carry: an event type that is
+    /// empty or breaks the envelope's limits, or a field named twice.
+    #[error("the schema of {event_type:?} version {version} is malformed: {reason}")]
+    Malformed {
+        /// The event type.
+        event_type: String,
+        /// The schema version.
+        version: u32,
+        /// What is wrong.
+        reason: String,
+    },
     /// An upcaster refused a payload.
     #[error("upcasting {event_type} from version {from}: {reason}")]
     Upcast {
@@ -368,6 +379,25 @@ impl Registry {
     /// [`SchemaError::WrongVersion`], [`SchemaError::Breaking`].
     pub fn prepare(&self, schema: &Schema) -> Result<(ExpectedVersion, EventData), SchemaError> {
         let schema = schema.clone();
+        let malformed = |reason: String| SchemaError::Malformed {
+            event_type: schema.event_type.clone(),
+            version: schema.version,
+            reason,
+        };
+        if let Err(e) = crate::format::envelope::check_event_type(&schema.event_type) {
+            return Err(malformed(format!("its event type: {e}")));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(twice) = schema
+            .fields
+            .iter()
+            .find(|f| !names.insert(f.name.as_str()))
+        {
+            return Err(malformed(format!(
+                "field {:?} is named twice (a payload could never meet both)",
+                twice.name
+            )));
+        }
         if schema.fields.len() > FIELDS_MAX {
             return Err(SchemaError::Breaking {
                 event_type: schema.event_type.clone(),

@@ -443,3 +443,34 @@ fn an_upcaster_chain_lifts_every_old_version_to_the_newest() {
     assert_eq!(stored[0].payload(), old1);
     assert_eq!(stored[0].schema_version(), 1);
 }
+
+#[test]
+fn a_schema_no_payload_or_event_could_meet_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    let mut r = Registry::load(&log).unwrap();
+    // Two required fields of one name and different kinds: every payload would fail one.
+    let mut twice = v1();
+    twice
+        .fields
+        .push(field("qty", FieldKind::Integer, true, None));
+    // An event type no event can carry.
+    let mut untyped = v1();
+    untyped.event_type = String::new();
+    let mut long = v1();
+    long.event_type = "T".repeat(129);
+    for (schema, why) in [
+        (twice, "field \"qty\" is named twice"),
+        (untyped, "event_type"),
+        (long, "event_type"),
+    ] {
+        match r.register(&log, schema) {
+            Err(e @ SchemaError::Malformed { .. }) => {
+                assert!(e.to_string().contains(why), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(log.next_position().0, 0, "nothing was registered");
+    r.register(&log, v1()).unwrap();
+}

@@ -146,6 +146,18 @@ pub fn check_stream_id(stream: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// Checks an event type: non-empty and at most [`EVENT_TYPE_BYTES_MAX`] bytes, as an
+/// envelope requires.
+///
+/// # Errors
+/// [`DecodeError`] naming what is wrong.
+pub fn check_event_type(event_type: &str) -> Result<(), DecodeError> {
+    if event_type.is_empty() {
+        return Err(DecodeError::Empty { what: "event_type" });
+    }
+    check_len("event_type", event_type.len(), EVENT_TYPE_BYTES_MAX)
+}
+
 impl<'a> EnvelopeRef<'a> {
     /// Checks every field against its limit.
     ///
@@ -153,15 +165,12 @@ impl<'a> EnvelopeRef<'a> {
     /// [`DecodeError::TooLong`] or [`DecodeError::Empty`] naming the field.
     pub fn check_limits(&self) -> Result<(), DecodeError> {
         check_stream_id(self.stream)?;
-        if self.event_type.is_empty() {
-            return Err(DecodeError::Empty { what: "event_type" });
-        }
+        check_event_type(self.event_type)?;
         check_len(
             "aggregate_type",
             self.aggregate_type.len(),
             AGGREGATE_TYPE_BYTES_MAX,
         )?;
-        check_len("event_type", self.event_type.len(), EVENT_TYPE_BYTES_MAX)?;
         check_len(
             "correlation_id",
             self.correlation_id.len(),
