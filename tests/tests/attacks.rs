@@ -1210,3 +1210,22 @@ fn a_replayed_or_altered_signed_batch_is_caught() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_stream_version_gap_in_the_tail_is_refused_at_open_not_a_panic() {
+    // Bytes from disk never reach an assertion: a record whose stream version skips ahead
+    // (every checksum and chain link recomputed) is found by the open that indexes it.
+    let h = honest(40);
+    let last = read_only(&h.dir).unwrap().next_position().0 - 1;
+    forge::edit_tail_record(&h.dir, last, |r| r.stream_version += 5);
+    for opened in [Log::open(&h.dir, options(&h.key)), read_only(&h.dir)] {
+        let msg = match opened {
+            Err(e) => format!("{e}"),
+            Ok(log) => format!(
+                "{:?}",
+                log.read_stream(&stream_of(last), 0, usize::MAX, Direction::Forward)
+            ),
+        };
+        assert!(msg.contains("stream version"), "{msg}");
+    }
+}

@@ -646,17 +646,18 @@ pub(crate) fn rebuild_index(
     // looking back through the earlier segments' indexes (this is a repair path).
     let mut keys: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     let index = super::recover::index_from_scan(
+        &seg.path,
         seg.header.seq,
         seg.header.base_position,
         &scan.records,
-        |name| {
+        |name: &str| {
             let n = keys.len() as u32;
             let key = crate::index::StreamKey(*keys.entry(name.to_owned()).or_insert(n));
             let hash = crate::index::stream_hash(name);
             let prev = previous_segment_with(shared, seg.seq, name, hash);
             (key, Arc::from(name), hash, prev)
         },
-    );
+    )?;
     lock(&shared.rebuilt).push(seg.seq);
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,

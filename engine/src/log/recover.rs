@@ -130,28 +130,59 @@ type StreamKeying = (StreamKey, Arc<str>, u64, Option<SegmentSeq>);
 
 /// Builds an index from scanned records. `key_of` gives each stream's key, shared name,
 /// hash, and the previous segment that holds it.
+///
+/// # Errors
+/// [`Error::Corrupt`] when the records' positions or a stream's versions are not dense
+/// (bytes from disk are checked here, never by the index's assertions).
 pub(crate) fn index_from_scan(
+    path: &Path,
     seq: SegmentSeq,
     base: Position,
     records: &[ScannedRecord],
     mut key_of: impl FnMut(&str) -> StreamKeying,
-) -> ActiveIndex {
+) -> Result<ActiveIndex> {
     let mut index = ActiveIndex::new(seq, base);
-    extend_index(&mut index, records, &mut key_of);
-    index
+    extend_index(path, &mut index, records, &mut key_of)?;
+    Ok(index)
 }
 
 fn extend_index(
+    path: &Path,
     index: &mut ActiveIndex,
     records: &[ScannedRecord],
     key_of: &mut impl FnMut(&str) -> StreamKeying,
-) {
+) -> Result<()> {
     let mut cache: HashMap<&str, StreamKeying> = HashMap::new();
     for r in records {
         let (key, name, hash, prev) = cache
             .entry(r.stream.as_str())
             .or_insert_with(|| key_of(&r.stream))
             .clone();
+        let position = r.header.position;
+        let version = r.header.stream_version;
+        let last = index
+            .stream_run(key)
+            .and_then(|run| run.entries.last())
+            .map(|e| e.version);
+        let wrong = if position != index.next_position() {
+            Some(format!(
+                "record at position {} where {} comes next: positions must be dense",
+                position.0,
+                index.next_position().0
+            ))
+        } else if let Some(last) = last
+            && last.checked_add(1) != Some(version)
+        {
+            Some(format!(
+                "stream {:?}: stream version {version} follows version {last}: versions must be dense",
+                r.stream
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = wrong {
+            return Err(corrupt(path, r.offset, Some(position.0), detail, None));
+        }
         index.push(
             key,
             &name,
@@ -164,6 +195,7 @@ fn extend_index(
             r.event_id,
         );
     }
+    Ok(())
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -520,7 +552,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             None => ActiveIndex::new(seq, s.f.header.base_position),
         };
         let records = &s.scan.records[..s.scan.complete];
-        extend_index(&mut index, records, &mut |name: &str| {
+        extend_index(&s.f.path, &mut index, records, &mut |name: &str| {
             let key = table.key_or_insert(name);
             let st = table.get(key);
             let prev = if st.first_position.0 == u64::MAX {
@@ -533,7 +565,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 super::background::previous_segment_with(&shared, seq, name, st.hash)
             };
             (key, Arc::clone(&st.name), st.hash, prev)
-        });
+        })?;
         for r in records {
             let key = table.key(&r.stream).expect("inserted by extend_index");
             table.apply_event(
