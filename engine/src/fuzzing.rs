@@ -15,10 +15,11 @@ use crate::index::{SealedIndex, stream_hash};
 use crate::segment::{ScanFrom, SliceSource, find_durable_evidence, scan};
 
 /// A record header of either layout (the first byte chooses), then its body and
-/// envelope.
-pub fn decode_record(data: &[u8]) {
+/// envelope. Returns whether the whole record decoded (so that a test on real bytes can
+/// show the round trips were reached).
+pub fn decode_record(data: &[u8]) -> bool {
     let Some((&pick, data)) = data.split_first() else {
-        return;
+        return false;
     };
     let layout = if pick & 1 == 0 {
         Layout::V1
@@ -26,31 +27,32 @@ pub fn decode_record(data: &[u8]) {
         Layout::V2
     };
     let Ok(h) = RecordHeader::decode_in(data, layout) else {
-        return;
+        return false;
     };
     let len = layout.header_len();
     let mut again = [0u8; RECORD_HEADER_MAX];
     assert_eq!(h.encode_into(&mut again), len);
     assert_eq!(&again[..len], &data[..len], "header re-encodes differently");
     let Some(body) = data.get(len..len + h.body_len as usize) else {
-        return;
+        return false;
     };
     if h.check_body(body).is_err() {
-        return;
+        return false;
     }
     let Ok(env) = EnvelopeRef::decode(body) else {
-        return;
+        return false;
     };
     let mut out = Vec::new();
     env.encode_into(&mut out)
         .expect("a decoded envelope is within limits");
     assert_eq!(out, body, "envelope re-encodes differently");
+    true
 }
 
 /// An index sidecar, then every lookup it offers.
-pub fn open_index(data: &[u8]) {
+pub fn open_index(data: &[u8]) -> bool {
     let Ok(idx) = SealedIndex::open(Arc::new(data.to_vec())) else {
-        return;
+        return false;
     };
     for s in idx.stream_summaries() {
         let run = idx.find_stream(stream_hash(&s.name), &s.name);
@@ -74,11 +76,12 @@ pub fn open_index(data: &[u8]) {
     for i in 0..idx.record_count().min(64) {
         let _ = idx.event_id(i);
     }
+    true
 }
 
 /// An attribute index sidecar, as given and with its trailing CRC made right (so that the
 /// checks after the checksum are reached), then every lookup it offers.
-pub fn open_attrs(data: &[u8]) {
+pub fn open_attrs(data: &[u8]) -> bool {
     use crate::format::Timestamp;
     use crate::index::attrs::{ATTR_TRAILER_LEN, AttrSource, Field, SealedAttrs};
     let mut fixed = data.to_vec();
@@ -87,10 +90,12 @@ pub fn open_attrs(data: &[u8]) {
         let crc = crc32fast::hash(&fixed[..end]);
         fixed[end..].copy_from_slice(&crc.to_le_bytes());
     }
+    let mut opened = false;
     for bytes in [data.to_vec(), fixed] {
         let Ok(a) = SealedAttrs::open(Arc::new(bytes.clone())) else {
             continue;
         };
+        opened = true;
         let n = a.record_count();
         let to = u32::try_from(n).unwrap_or(u32::MAX);
         // Hashes to look up: whatever 8-byte values the file holds at a few places.
@@ -122,11 +127,15 @@ pub fn open_attrs(data: &[u8]) {
             let _ = a.first_at_or_after(Timestamp(h));
         }
     }
+    opened
 }
 
-/// Segment header and footer pages and the identity file.
-pub fn decode_pages(data: &[u8]) {
+/// Segment header and footer pages and the identity file. Returns how many of the three
+/// decoded.
+pub fn decode_pages(data: &[u8]) -> usize {
+    let mut decoded = 0;
     if let Ok(h) = SegmentHeader::decode_page(data) {
+        decoded += 1;
         assert_eq!(
             h.encode_page(),
             data[..4096],
@@ -134,6 +143,7 @@ pub fn decode_pages(data: &[u8]) {
         );
     }
     if let Ok(f) = SegmentFooter::decode_page(data) {
+        decoded += 1;
         assert_eq!(
             f.encode_page(),
             data[..4096],
@@ -141,27 +151,33 @@ pub fn decode_pages(data: &[u8]) {
         );
     }
     if let Ok(m) = LogMeta::decode(data) {
+        decoded += 1;
         assert_eq!(
             &m.encode()[..],
             data,
             "identity file re-encodes differently"
         );
     }
+    decoded
 }
 
-/// Bytes as a segment's record area, of either layout (the first byte chooses): the scan
-/// yields a chain of valid records, in order, within the bytes, and the evidence search
-/// stays in bounds.
-pub fn recover_segment(data: &[u8]) {
+/// Bytes as a segment's record area, of either layout (the first byte chooses), chained
+/// from the log id in the next 16 bytes: the scan yields a chain of valid records, in
+/// order, within the bytes, and the evidence search stays in bounds. Returns the records
+/// the scan accepted.
+pub fn recover_segment(data: &[u8]) -> usize {
     let Some((&pick, data)) = data.split_first() else {
-        return;
+        return 0;
+    };
+    let Some((log_id, data)) = data.split_first_chunk::<16>() else {
+        return 0;
     };
     let layout = if pick & 1 == 0 {
         Layout::V1
     } else {
         Layout::V2
     };
-    let seed = chain::chain_seed(&[0; 16]);
+    let seed = chain::chain_seed(log_id);
     let from = ScanFrom {
         layout,
         offset: 0,
@@ -185,6 +201,7 @@ pub fn recover_segment(data: &[u8]) {
         limit,
         Position(s.complete as u64),
     );
+    s.records.len()
 }
 
 /// The evidence formats that come from outside the log's own writer (docs/FORMAT.md 17):
