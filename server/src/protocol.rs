@@ -1304,34 +1304,9 @@ impl Request {
                 let mut budget = append_events_max;
                 Request::Append(read_part(&mut r, &mut budget)?)
             }
-            op::APPEND_MULTI => {
-                let n = r.u16("part count")?;
-                let n = r.count(
-                    u64::from(n),
-                    2 + 8 + 4,
-                    u64::from(APPEND_PARTS_MAX),
-                    "parts",
-                )?;
-                let mut budget = append_events_max;
-                let mut parts = Vec::with_capacity(n);
-                for _ in 0..n {
-                    parts.push(read_part(&mut r, &mut budget)?);
-                }
-                Request::AppendMulti(parts)
-            }
+            op::APPEND_MULTI => Request::AppendMulti(read_parts(&mut r, append_events_max)?),
             op::APPEND_SIGNED => {
-                let n = r.u16("part count")?;
-                let n = r.count(
-                    u64::from(n),
-                    2 + 8 + 4,
-                    u64::from(APPEND_PARTS_MAX),
-                    "parts",
-                )?;
-                let mut budget = append_events_max;
-                let mut parts = Vec::with_capacity(n);
-                for _ in 0..n {
-                    parts.push(read_part(&mut r, &mut budget)?);
-                }
+                let parts = read_parts(&mut r, append_events_max)?;
                 Request::AppendSigned {
                     parts,
                     signature: tally_engine::format::producer::ProducerSignature {
@@ -1477,6 +1452,27 @@ fn put_part(out: &mut Vec<u8>, stream: &str, expected: ExpectedVersion, events: 
     for e in events {
         put_event_data(out, e);
     }
+}
+
+/// The parts of an APPEND_MULTI or APPEND_SIGNED: a `u16` count, then each part, with one
+/// event budget for the whole request.
+fn read_parts(
+    r: &mut Reader<'_>,
+    append_events_max: u32,
+) -> Result<Vec<AppendPart>, ProtocolError> {
+    let n = r.u16("part count")?;
+    let n = r.count(
+        u64::from(n),
+        2 + 8 + 4,
+        u64::from(APPEND_PARTS_MAX),
+        "parts",
+    )?;
+    let mut budget = append_events_max;
+    let mut parts = Vec::with_capacity(n);
+    for _ in 0..n {
+        parts.push(read_part(r, &mut budget)?);
+    }
+    Ok(parts)
 }
 
 fn read_part(r: &mut Reader<'_>, budget: &mut u32) -> Result<AppendPart, ProtocolError> {

@@ -531,23 +531,25 @@ fn trade_key(id: &str) -> String {
     format!("t/{id}")
 }
 
-fn encode_trade(t: &OpenTrade) -> Vec<u8> {
-    serde_json::to_vec(&(
-        &t.book,
-        &t.instrument,
-        t.sign.normalize().to_string(),
-        t.open.normalize().to_string(),
-        t.price.normalize().to_string(),
-        t.quantity.normalize().to_string(),
-        t.closed.normalize().to_string(),
-    ))
-    .unwrap_or_else(|e| unreachable!("{e}"))
+/// An open trade as stored: book, instrument, then sign, open, price, quantity and closed
+/// as normalised decimal text (the canonical form both encodings of the positions use).
+type TradeRow = (String, String, String, String, String, String, String);
+
+fn trade_row(t: &OpenTrade) -> TradeRow {
+    let text = |d: Decimal| d.normalize().to_string();
+    (
+        t.book.clone(),
+        t.instrument.clone(),
+        text(t.sign),
+        text(t.open),
+        text(t.price),
+        text(t.quantity),
+        text(t.closed),
+    )
 }
 
-fn decode_trade(bytes: &[u8]) -> Option<OpenTrade> {
-    type Row = (String, String, String, String, String, String, String);
-    let (book, instrument, sign, open, price, quantity, closed): Row =
-        serde_json::from_slice(bytes).ok()?;
+fn trade_from_row(row: TradeRow) -> Option<OpenTrade> {
+    let (book, instrument, sign, open, price, quantity, closed) = row;
     let d = |s: &str| s.parse::<Decimal>().ok();
     Some(OpenTrade {
         book,
@@ -558,6 +560,14 @@ fn decode_trade(bytes: &[u8]) -> Option<OpenTrade> {
         quantity: d(&quantity)?,
         closed: d(&closed)?,
     })
+}
+
+fn encode_trade(t: &OpenTrade) -> Vec<u8> {
+    serde_json::to_vec(&trade_row(t)).unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+fn decode_trade(bytes: &[u8]) -> Option<OpenTrade> {
+    trade_from_row(serde_json::from_slice(bytes).ok()?)
 }
 
 fn decimal_text(d: Decimal) -> Vec<u8> {
@@ -743,16 +753,8 @@ impl Projection for Positions {
             .trades
             .iter()
             .map(|(id, t)| {
-                (
-                    id,
-                    &t.book,
-                    &t.instrument,
-                    t.sign.normalize().to_string(),
-                    t.open.normalize().to_string(),
-                    t.price.normalize().to_string(),
-                    t.quantity.normalize().to_string(),
-                    t.closed.normalize().to_string(),
-                )
+                let (book, instrument, sign, open, price, quantity, closed) = trade_row(t);
+                (id, book, instrument, sign, open, price, quantity, closed)
             })
             .collect();
         let marks: Vec<_> = self
@@ -801,18 +803,8 @@ impl Projection for Positions {
             ..Positions::default()
         };
         for (id, book, instrument, sign, open, price, quantity, closed) in trades {
-            p.trades.insert(
-                id,
-                OpenTrade {
-                    book,
-                    instrument,
-                    sign: d(&sign)?,
-                    open: d(&open)?,
-                    price: d(&price)?,
-                    quantity: d(&quantity)?,
-                    closed: d(&closed)?,
-                },
-            );
+            let row = (book, instrument, sign, open, price, quantity, closed);
+            p.trades.insert(id, trade_from_row(row)?);
         }
         for (k, v) in marks {
             p.marks.insert(k, d(&v)?);

@@ -727,16 +727,8 @@ impl Log {
         requests: &[AppendRequest<'_>],
         signature: &crate::format::producer::ProducerSignature,
     ) -> Result<Vec<AppendResult>> {
-        append::submit_signed(
-            &self.shared,
-            requests,
-            false,
-            append::Signing {
-                signature: Some(signature),
-                system: false,
-            },
-        )?
-        .wait()
+        self.append_deferred_multi_signed(requests, signature)?
+            .wait()
     }
 
     /// Signs and appends a batch to one stream with a producer's key: events without an id
