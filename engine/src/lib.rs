@@ -56,3 +56,6 @@ pub use log::{
     TREE_FILE, Tail, Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature,
     create_signing_key, new_event_id, now, producer_signature,
 };
+pub use sys::Storage;
+#[cfg(feature = "internals")]
+pub use sys::sim;

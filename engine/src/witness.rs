@@ -183,14 +183,15 @@ impl Witness {
         std::fs::create_dir_all(dir.join(LOGS_DIR))
             .map_err(io("creating witness directory", dir))?;
         let key_path = dir.join(WITNESS_KEY_FILE);
-        let key = crate::log::create_key_file(&key_path)?;
+        let key = crate::log::create_key_file(&crate::Storage::os(), &key_path)?;
         let w = Witness {
             dir: dir.to_owned(),
             key,
             name: name.to_owned(),
         };
         let vkey = format!("{}\n", w.key().encode());
-        crate::sys::write_file_atomic(dir, WITNESS_VKEY_FILE, vkey.as_bytes())
+        crate::Storage::os()
+            .write_file_atomic(dir, WITNESS_VKEY_FILE, vkey.as_bytes(), false)
             .map_err(io("writing witness key", &dir.join(WITNESS_VKEY_FILE)))?;
         Ok(w)
     }
@@ -251,7 +252,8 @@ impl Witness {
             }
         }
         let text: String = keys.iter().map(encode_public_key).collect();
-        crate::sys::write_file_atomic(&dir, LOG_KEYS_FILE, text.as_bytes())
+        crate::Storage::os()
+            .write_file_atomic(&dir, LOG_KEYS_FILE, text.as_bytes(), false)
             .map_err(io("writing log keys", &dir.join(LOG_KEYS_FILE)))
     }
 
@@ -457,7 +459,8 @@ impl Witness {
             ),
         )?;
         let latest_note = checkpoint_note(&cp, std::slice::from_ref(&cosignature)).encode();
-        crate::sys::write_file_atomic(&dir, LATEST_FILE, latest_note.as_bytes())
+        crate::Storage::os()
+            .write_file_atomic(&dir, LATEST_FILE, latest_note.as_bytes(), false)
             .map_err(io("writing latest note", &dir.join(LATEST_FILE)))?;
         Ok(Observation::Cosigned {
             previous: latest,

@@ -678,19 +678,26 @@ impl Writer {
             last_chain_hash: self.chain,
         };
         let idx = self.index.encode(&info, false);
-        crate::sys::write_file_atomic(&shared.dir, &seq.index_file_name(), &idx).map_err(
-            Error::io("writing index", shared.dir.join(seq.index_file_name())),
-        )?;
+        shared
+            .fs()
+            .write_file_atomic(&shared.dir, &seq.index_file_name(), &idx, false)
+            .map_err(Error::io(
+                "writing index",
+                shared.dir.join(seq.index_file_name()),
+            ))?;
         let cover = SnapshotCover {
             seq,
             data_end: self.write_offset,
             next_position: self.next_position,
         };
         let snap = self.streams.encode_snapshot(shared.meta.log_id, &cover);
-        crate::sys::write_file_atomic(&shared.dir, SNAPSHOT_FILE, &snap).map_err(Error::io(
-            "writing stream snapshot",
-            shared.dir.join(SNAPSHOT_FILE),
-        ))
+        shared
+            .fs()
+            .write_file_atomic(&shared.dir, SNAPSHOT_FILE, &snap, false)
+            .map_err(Error::io(
+                "writing stream snapshot",
+                shared.dir.join(SNAPSHOT_FILE),
+            ))
     }
 }
 

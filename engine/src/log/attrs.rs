@@ -266,7 +266,7 @@ impl Attrs {
         footer: &SegmentFooter,
     ) -> Option<Arc<SealedAttrs>> {
         let path = shared.dir.join(attr_file_name(seg.seq));
-        let map = load_map(&path).ok()?;
+        let map = load_map(shared.fs(), &path).ok()?;
         let c = SealedAttrs::peek_cover((*map).as_ref())?;
         let describes = c.log_id == shared.meta.log_id
             && c.seq == seg.seq
@@ -291,10 +291,13 @@ impl Attrs {
     ) -> Result<Arc<SealedAttrs>> {
         let name = attr_file_name(seg.seq);
         let path = shared.dir.join(&name);
-        let written =
-            !shared.read_only && crate::sys::write_file_atomic(&shared.dir, &name, &bytes).is_ok();
+        let written = !shared.read_only
+            && shared
+                .fs()
+                .write_file_atomic(&shared.dir, &name, &bytes, false)
+                .is_ok();
         let source: Arc<dyn AsRef<[u8]> + Send + Sync> = match written {
-            true => match load_map(&path) {
+            true => match load_map(shared.fs(), &path) {
                 Ok(map) => map,
                 Err(_) => Arc::new(bytes),
             },

@@ -6,8 +6,6 @@
 //! (temporary name, sync, rename, sync directory). A crash at any step leaves a segment
 //! that `open` seals again.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -18,6 +16,7 @@ use super::Durability;
 use super::append::segment_header;
 use super::shared::{SegState, SegmentHandle, Shared, lock};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
+use crate::Storage;
 use crate::error::{Error, Result};
 use crate::format::chain::MerkleBuilder;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
@@ -26,7 +25,7 @@ use crate::index::{ActiveIndex, IndexFileInfo, SealedIndex};
 use crate::segment::{
     ByteSource, FileSource, RecordError, SliceSource, is_zero, read_page, read_record,
 };
-use crate::sys::{MapWriter, ReadOnlyMap, SegmentMap, create_allocated, create_zeroed, sync_dir};
+use crate::sys::{MapWriter, OpenMode, ReadOnlyMap, SegmentMap};
 
 /// A rolled segment for the sealer.
 pub(crate) struct SealJob {
@@ -144,6 +143,7 @@ fn preparer(shared: &Shared) {
         };
         drop(spares);
         let result = prepare_spare(
+            shared.fs(),
             &shared.dir,
             seq,
             shared.opts.segment_bytes,
@@ -168,40 +168,41 @@ fn preparer(shared: &Shared) {
 /// fallocated space); otherwise space is only reserved (`fallocate`), which costs no write
 /// bandwidth. See docs/adr/0002-write-path-and-preallocation.md.
 pub(crate) fn prepare_spare(
+    fs: &Storage,
     dir: &Path,
     seq: SegmentSeq,
     bytes: u64,
     durability: Durability,
 ) -> std::io::Result<std::path::PathBuf> {
     let tmp = dir.join(format!("{}.prep", seq.file_name()));
-    let _ = std::fs::remove_file(&tmp);
+    let _ = fs.remove_file(&tmp);
     let file = match durability {
-        Durability::Fsync => create_zeroed(&tmp, bytes)?,
-        Durability::Batched { .. } | Durability::None => create_allocated(&tmp, bytes)?,
+        Durability::Fsync => fs.create_zeroed(&tmp, bytes)?,
+        Durability::Batched { .. } | Durability::None => fs.create_allocated(&tmp, bytes)?,
     };
     drop(file);
     let path = dir.join(seq.file_name());
     // A hard link fails if the name exists, so an existing segment is never replaced; the
     // temporary name is removed after.
-    match std::fs::hard_link(&tmp, &path) {
+    match fs.hard_link(&tmp, &path) {
         Ok(()) => {}
         // An earlier attempt linked it and then failed: accept it if it is still an
         // untouched spare of the right size.
         Err(e)
             if e.kind() == std::io::ErrorKind::AlreadyExists
-                && is_untouched_spare(&path, bytes) => {}
+                && is_untouched_spare(fs, &path, bytes) => {}
         Err(e) => return Err(e),
     }
-    std::fs::remove_file(&tmp)?;
-    sync_dir(dir)?;
+    fs.remove_file(&tmp)?;
+    fs.sync_dir(dir)?;
     Ok(path)
 }
 
-fn is_untouched_spare(path: &Path, bytes: u64) -> bool {
-    File::open(path).is_ok_and(|f| {
-        f.metadata().is_ok_and(|m| m.len() == bytes)
-            && read_page(&f, 0).is_ok_and(|p| is_zero(&p))
-            && read_page(&f, SEGMENT_DATA_START).is_ok_and(|p| is_zero(&p))
+fn is_untouched_spare(fs: &Storage, path: &Path, bytes: u64) -> bool {
+    fs.open(path, OpenMode::Read).is_ok_and(|f| {
+        f.len().is_ok_and(|len| len == bytes)
+            && read_page(&*f, 0).is_ok_and(|p| is_zero(&p))
+            && read_page(&*f, SEGMENT_DATA_START).is_ok_and(|p| is_zero(&p))
     })
 }
 
@@ -249,13 +250,12 @@ pub(crate) fn activate_spare(
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     };
-    let opened = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
+    let opened = shared
+        .fs()
+        .open(&path, OpenMode::ReadWrite)
         .and_then(|file| {
-            let capacity = file.metadata()?.len();
-            let (map, writer) = SegmentMap::map(&file, capacity, 0)?;
+            let capacity = file.len()?;
+            let (map, writer) = SegmentMap::map(&*file, capacity, 0)?;
             Ok((capacity, map, writer))
         });
     let (capacity, map, mut writer) = match opened {
@@ -276,6 +276,7 @@ pub(crate) fn activate_spare(
     let handle = Arc::new(SegmentHandle {
         seq,
         path,
+        fs: shared.fs().clone(),
         header,
         map: OnceLock::from(map),
         state: RwLock::new(SegState::Active),
@@ -373,13 +374,13 @@ pub(crate) fn footer_from_records<S: ByteSource>(
 
 /// Writes a footer and syncs the file.
 pub(crate) fn write_footer(
+    fs: &Storage,
     path: &Path,
     header: &SegmentHeader,
     footer: &SegmentFooter,
 ) -> Result<()> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
+    let file = fs
+        .open(path, OpenMode::ReadWrite)
         .map_err(Error::io("opening segment", path))?;
     file.write_all_at(&footer.encode_page(), header.footer_offset())
         .map_err(Error::io("writing footer", path))?;
@@ -388,6 +389,7 @@ pub(crate) fn write_footer(
 
 /// Writes an index sidecar for a sealed segment and maps it back.
 pub(crate) fn write_sealed_index(
+    fs: &Storage,
     dir: &Path,
     seq: SegmentSeq,
     index: &ActiveIndex,
@@ -395,21 +397,25 @@ pub(crate) fn write_sealed_index(
 ) -> Result<Arc<SealedIndex>> {
     let bytes = index.encode(info, true);
     let name = seq.index_file_name();
-    crate::sys::write_file_atomic(dir, &name, &bytes)
+    fs.write_file_atomic(dir, &name, &bytes, false)
         .map_err(Error::io("writing index", dir.join(&name)))?;
-    load_index(&dir.join(&name))
+    load_index(fs, &dir.join(&name))
 }
 
 /// Maps a sidecar file read-only.
-pub(crate) fn load_map(path: &Path) -> Result<Arc<ReadOnlyMap>> {
-    let file = File::open(path).map_err(Error::io("opening index", path))?;
-    let map = ReadOnlyMap::map_immutable(&file).map_err(Error::io("mapping index", path))?;
+pub(crate) fn load_map(fs: &Storage, path: &Path) -> Result<Arc<ReadOnlyMap>> {
+    let file = fs
+        .open(path, OpenMode::Read)
+        .map_err(Error::io("opening index", path))?;
+    let map = file
+        .map_immutable()
+        .map_err(Error::io("mapping index", path))?;
     Ok(Arc::new(map))
 }
 
 /// Maps and checks an index sidecar.
-pub(crate) fn load_index(path: &Path) -> Result<Arc<SealedIndex>> {
-    let map = load_map(path)?;
+pub(crate) fn load_index(fs: &Storage, path: &Path) -> Result<Arc<SealedIndex>> {
+    let map = load_map(fs, path)?;
     let idx = SealedIndex::open(map).map_err(|source| Error::Index {
         file: path.to_owned(),
         source,
@@ -475,13 +481,13 @@ fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
             None,
         ));
     }
-    write_footer(&seg.path, &seg.header, &footer)?;
+    write_footer(shared.fs(), &seg.path, &seg.header, &footer)?;
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,
         data_end: job.data_end,
         last_chain_hash: job.last_chain_hash,
     };
-    let index = write_sealed_index(&shared.dir, seg.seq, &job.index, &info)?;
+    let index = write_sealed_index(shared.fs(), &shared.dir, seg.seq, &job.index, &info)?;
     let streams = index.stream_count() as u64;
     *seg.state
         .write()
@@ -504,10 +510,10 @@ struct SnapshotPolicy {
     streams: Option<u64>,
 }
 
-fn snapshot_streams_on_disk(path: &Path) -> u64 {
+fn snapshot_streams_on_disk(fs: &Storage, path: &Path) -> u64 {
     use super::streams::{SN_STREAM_COUNT, SNAPSHOT_HEADER_LEN};
     let mut header = [0u8; SNAPSHOT_HEADER_LEN];
-    File::open(path)
+    fs.open(path, OpenMode::Read)
         .and_then(|f| f.read_exact_at(&mut header, 0))
         .map_or(0, |()| crate::format::le::u64_at(&header, SN_STREAM_COUNT))
 }
@@ -516,11 +522,13 @@ fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, policy: &mut SnapshotPolicy)
     let path = shared.dir.join(SNAPSHOT_FILE);
     let streams = *policy
         .streams
-        .get_or_insert_with(|| snapshot_streams_on_disk(&path));
+        .get_or_insert_with(|| snapshot_streams_on_disk(shared.fs(), &path));
     if policy.since < streams.max(1024) {
         return Ok(());
     }
-    let old = std::fs::read(&path)
+    let old = shared
+        .fs()
+        .read(&path)
         .ok()
         .and_then(|b| decode_snapshot(&b).ok());
     // Folding is idempotent, so the snapshot's own segment (covered partially by a
@@ -548,7 +556,9 @@ fn maybe_snapshot(shared: &Shared, seq: SegmentSeq, policy: &mut SnapshotPolicy)
     }
     let Some(cover) = cover else { return Ok(()) };
     let bytes = table.encode_snapshot(shared.meta.log_id, &cover);
-    crate::sys::write_file_atomic(&shared.dir, SNAPSHOT_FILE, &bytes)
+    shared
+        .fs()
+        .write_file_atomic(&shared.dir, SNAPSHOT_FILE, &bytes, false)
         .map_err(Error::io("writing stream snapshot", &path))?;
     *policy = SnapshotPolicy {
         since: 0,
@@ -576,7 +586,7 @@ pub(crate) fn sealed_index(
         return Ok(Some((Arc::clone(idx), footer)));
     }
     let path = shared.dir.join(seg.seq.index_file_name());
-    let idx = match load_index(&path) {
+    let idx = match load_index(shared.fs(), &path) {
         Ok(idx) if index_matches(&idx, shared, &seg.header, &footer) => idx,
         _ => rebuild_index(shared, seg, &footer)?,
     };
@@ -605,8 +615,11 @@ pub(crate) fn rebuild_index(
     seg: &SegmentHandle,
     footer: &SegmentFooter,
 ) -> Result<Arc<SealedIndex>> {
-    let file = File::open(&seg.path).map_err(Error::io("opening segment", &seg.path))?;
-    let mut src = FileSource::new(&file).map_err(Error::io("reading segment", &seg.path))?;
+    let file = shared
+        .fs()
+        .open(&seg.path, OpenMode::Read)
+        .map_err(Error::io("opening segment", &seg.path))?;
+    let mut src = FileSource::new(&*file).map_err(Error::io("reading segment", &seg.path))?;
     let from = crate::segment::ScanFrom {
         layout: seg.header.layout,
         offset: SEGMENT_DATA_START,
@@ -672,7 +685,7 @@ pub(crate) fn rebuild_index(
         })?;
         return Ok(Arc::new(idx));
     }
-    write_sealed_index(&shared.dir, seg.seq, &index, &info)
+    write_sealed_index(shared.fs(), &shared.dir, seg.seq, &index, &info)
 }
 
 /// The newest segment before `seq` whose index holds `name`.

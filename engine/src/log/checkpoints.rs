@@ -1,21 +1,19 @@
 //! Signed checkpoints: the signing key, the checkpoints file, and making a checkpoint
 //! (docs/FORMAT.md, "Checkpoints").
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 
 use super::shared::{Shared, lock};
 use super::tree::Tree;
+use crate::Storage;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::{
     SignedCheckpoint, Statement, decode_secret_key, encode_secret_key, entry_len,
 };
 use crate::format::{DecodeError, Position};
-use crate::sys::sync_dir;
+use crate::sys::{FsFile, OpenMode};
 
 /// The checkpoints file's name in the data directory.
 pub const CHECKPOINTS_FILE: &str = "tally.checkpoints";
@@ -27,7 +25,7 @@ pub const KEY_FILE: &str = "tally.key";
 pub(crate) struct Checkpoints {
     path: PathBuf,
     /// `None` for a read-only log.
-    file: Option<File>,
+    file: Option<Box<dyn FsFile>>,
     pub(crate) list: Vec<SignedCheckpoint>,
     /// A damaged entry found on open in a read-only log: `(byte offset, cause)`.
     pub(crate) damage: Option<(u64, DecodeError)>,
@@ -41,8 +39,12 @@ pub(crate) struct Checkpoints {
 
 /// Reads the signing key from `path`, creating it (mode 0600) when it does not exist and
 /// `create` is set.
-pub(crate) fn load_or_create_key(path: &Path, create: bool) -> Result<Option<SigningKey>> {
-    match std::fs::read_to_string(path) {
+pub(crate) fn load_or_create_key(
+    fs: &Storage,
+    path: &Path,
+    create: bool,
+) -> Result<Option<SigningKey>> {
+    match fs.read_to_string(path) {
         Ok(text) => decode_secret_key(&text)
             .map(Some)
             .map_err(|e| Error::Corrupt {
@@ -53,7 +55,7 @@ pub(crate) fn load_or_create_key(path: &Path, create: bool) -> Result<Option<Sig
                 source: Some(e),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-            create_key_file(path).map(Some)
+            create_key_file(fs, path).map(Some)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::Io {
@@ -64,9 +66,11 @@ pub(crate) fn load_or_create_key(path: &Path, create: bool) -> Result<Option<Sig
     }
 }
 
-/// Creates a new signing key file at `path` (mode 0600, synced, never overwriting a file)
-/// and returns the key.
-pub(crate) fn create_key_file(path: &Path) -> Result<SigningKey> {
+/// Creates a new signing key file at `path` (mode 0600, never overwriting a file) and
+/// returns the key. The key is written and synced under a temporary name and linked into
+/// place, and the directory is synced, so that a power cut leaves either no key file or a
+/// whole one (never an empty or half-written key that the next open would refuse).
+pub(crate) fn create_key_file(fs: &Storage, path: &Path) -> Result<SigningKey> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| Error::Io {
         op: "generating a signing key",
@@ -74,18 +78,30 @@ pub(crate) fn create_key_file(path: &Path) -> Result<SigningKey> {
         source: std::io::Error::other(e.to_string()),
     })?;
     let key = SigningKey::from_bytes(&seed);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io("creating signing key file", path))?;
-    f.write_all(encode_secret_key(&key).as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(Error::io("writing signing key file", path))?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        sync_dir(parent).map_err(Error::io("syncing directory", parent))?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if fs.exists(path) {
+        return Err(Error::io("creating signing key file", path)(
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        ));
     }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs.remove_file(&tmp);
+    let written = fs
+        .open(&tmp, OpenMode::CreateNew { private: true })
+        .and_then(|f| {
+            f.write_all_at(encode_secret_key(&key).as_bytes(), 0)?;
+            f.sync_all()
+        })
+        .and_then(|()| fs.hard_link(&tmp, path));
+    let _ = fs.remove_file(&tmp);
+    written.map_err(Error::io("creating signing key file", path))?;
+    fs.sync_dir(parent)
+        .map_err(Error::io("syncing directory", parent))?;
     Ok(key)
 }
 
@@ -110,6 +126,7 @@ impl Checkpoints {
     /// again, for up to a second, until it decodes; if it never does, the damage stays
     /// and `verify` reports it.
     pub(crate) fn read_for_view(
+        fs: &Storage,
         dir: &Path,
         meta: &crate::format::meta::LogMeta,
         live: bool,
@@ -119,7 +136,7 @@ impl Checkpoints {
         let path = dir.join(CHECKPOINTS_FILE);
         let mut tries = 0;
         loop {
-            let bytes = match std::fs::read(&path) {
+            let bytes = match fs.read(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
                 Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
@@ -151,19 +168,24 @@ impl Checkpoints {
         let file = if shared.read_only {
             None
         } else {
-            Some(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(Error::io("opening checkpoints file", &path))?,
-            )
+            let created = !shared.fs().exists(&path);
+            let file = shared
+                .fs()
+                .open(&path, OpenMode::Create)
+                .map_err(Error::io("opening checkpoints file", &path))?;
+            // A file created here is durable before the log accepts appends: a checkpoint
+            // written into it later syncs its data, not its name.
+            if created {
+                shared
+                    .fs()
+                    .sync_dir(&shared.dir)
+                    .map_err(Error::io("syncing directory", &shared.dir))?;
+            }
+            Some(file)
         };
         let bytes = match read_before {
             Some(b) => b,
-            None => match std::fs::read(&path) {
+            None => match shared.fs().read(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
                 Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
@@ -301,11 +323,14 @@ impl Checkpoints {
             .and_then(|()| file.sync_data())
             .map_err(Error::io("writing checkpoints file", &self.path))?;
         if first {
-            sync_dir(&shared.dir).map_err(Error::io("syncing directory", &shared.dir))?;
+            shared
+                .fs()
+                .sync_dir(&shared.dir)
+                .map_err(Error::io("syncing directory", &shared.dir))?;
         }
         self.list.push(cp);
         if let Some(key_path) = &self.key_path {
-            ledger::record(key_path, &cp)?;
+            ledger::record(shared.fs(), key_path, &cp)?;
         }
         Ok(cp)
     }
@@ -341,10 +366,12 @@ pub(crate) mod ledger {
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
 
+    use crate::Storage;
     use crate::error::{Error, Result};
     use crate::format::Hash32;
     use crate::format::checkpoint::{SignedCheckpoint, entry_len};
     use crate::format::proof::hex;
+    use crate::sys::OpenMode;
 
     /// The first line of a ledger file.
     pub const LEDGER_HEADER: &str = "tally-key-ledger v1";
@@ -376,8 +403,8 @@ pub(crate) mod ledger {
     }
 
     /// Reads a ledger; a missing file is an empty one.
-    pub(crate) fn read(path: &Path) -> Result<BTreeMap<[u8; 16], Signed>> {
-        let text = match std::fs::read_to_string(path) {
+    pub(crate) fn read(fs: &Storage, path: &Path) -> Result<BTreeMap<[u8; 16], Signed>> {
+        let text = match fs.read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
             Err(e) => return Err(Error::io("reading key ledger", path)(e)),
@@ -417,12 +444,13 @@ pub(crate) mod ledger {
 
     /// Checks a log's checkpoints against what its key signed.
     pub(crate) fn check(
+        fs: &Storage,
         path: &Path,
         checkpoints_path: &Path,
         log_id: &[u8; 16],
         list: &[SignedCheckpoint],
     ) -> Result<()> {
-        let Some(signed) = read(path)?.get(log_id).copied() else {
+        let Some(signed) = read(fs, path)?.get(log_id).copied() else {
             return Ok(());
         };
         let fail = |offset: u64, detail: String| Error::Corrupt {
@@ -469,13 +497,14 @@ pub(crate) mod ledger {
     /// Records that the key at `key_path` signed `cp`, replacing its ledger atomically. The
     /// update holds a lock on the key file (which is never replaced), since several logs may
     /// share a key.
-    pub(crate) fn record(key_path: &Path, cp: &SignedCheckpoint) -> Result<()> {
+    pub(crate) fn record(fs: &Storage, key_path: &Path, cp: &SignedCheckpoint) -> Result<()> {
         let path = &path_for(key_path);
-        let lock = std::fs::File::open(key_path)
+        let lock = fs
+            .open(key_path, OpenMode::Read)
             .map_err(Error::io("opening signing key file", key_path))?;
         lock.lock()
             .map_err(Error::io("locking signing key file", key_path))?;
-        let mut all = read(path)?;
+        let mut all = read(fs, path)?;
         all.insert(
             cp.statement.log_id,
             Signed {
@@ -504,7 +533,7 @@ pub(crate) mod ledger {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        crate::sys::write_file_atomic(dir, &name, text.as_bytes())
+        fs.write_file_atomic(dir, &name, text.as_bytes(), false)
             .map_err(Error::io("writing key ledger", path))
     }
 }

@@ -5,15 +5,14 @@
 //! verifies over the note body of the checkpoint it names; the file is evidence for
 //! verifiers, who decide which witnesses they trust, and is never trusted by the writer.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 
+use crate::Storage;
 use crate::error::{Error, Result};
 use crate::format::DecodeError;
 use crate::format::checkpoint::SignedCheckpoint;
 use crate::format::note::{COSIGNATURE_ENTRY_LEN, Cosignature, CosignatureEntry, checkpoint_body};
-use crate::sys::sync_dir;
+use crate::sys::OpenMode;
 
 /// The cosignatures file's name in the data directory.
 pub const COSIGNATURES_FILE: &str = "tally.cosignatures";
@@ -26,10 +25,11 @@ pub const COSIGNATURES_PER_CHECKPOINT_MAX: usize = 16;
 /// Every entry of the file, in order: decoded, or why not, with its byte offset. A torn
 /// last entry (an interrupted append) is left out.
 pub(crate) fn read(
+    fs: &Storage,
     dir: &Path,
 ) -> Result<Vec<(u64, std::result::Result<CosignatureEntry, DecodeError>)>> {
     let path = dir.join(COSIGNATURES_FILE);
-    let bytes = match std::fs::read(&path) {
+    let bytes = match fs.read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io("reading cosignatures file", &path)(e)),
@@ -54,7 +54,12 @@ pub(crate) fn read(
 /// [`Error::InvalidOptions`] when the cosignature does not verify, the witness name is
 /// not a valid key name, or the checkpoint has [`COSIGNATURES_PER_CHECKPOINT_MAX`]
 /// cosignatures already; I/O errors.
-pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Result<bool> {
+pub(crate) fn add(
+    fs: &Storage,
+    dir: &Path,
+    cp: &SignedCheckpoint,
+    cosig: &Cosignature,
+) -> Result<bool> {
     if !crate::format::note::valid_key_name(&cosig.name) {
         return Err(Error::InvalidOptions {
             reason: format!("witness name {:?} is not a valid key name", cosig.name),
@@ -69,18 +74,14 @@ pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Res
             ),
         })?;
     let path = dir.join(COSIGNATURES_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(&path)
+    let file = fs
+        .open(&path, OpenMode::Create)
         .map_err(Error::io("opening cosignatures file", &path))?;
     file.lock()
         .map_err(Error::io("locking cosignatures file", &path))?;
     let len = file
-        .metadata()
-        .map_err(Error::io("reading cosignatures file", &path))?
-        .len();
+        .len()
+        .map_err(Error::io("reading cosignatures file", &path))?;
     // A torn last entry (an append interrupted by a crash) is cut off, so that entries stay
     // aligned.
     let whole = len - len % COSIGNATURE_ENTRY_LEN as u64;
@@ -89,7 +90,7 @@ pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Res
             .map_err(Error::io("truncating cosignatures file", &path))?;
     }
     let mut keys = Vec::new();
-    for (_, e) in read(dir)? {
+    for (_, e) in read(fs, dir)? {
         if let Ok(e) = e
             && e.checkpoint_id == cp.statement.id
             && !keys.contains(&e.cosignature.public_key)
@@ -114,23 +115,24 @@ pub(crate) fn add(dir: &Path, cp: &SignedCheckpoint, cosig: &Cosignature) -> Res
         root: cp.statement.root,
         cosignature: cosig.clone(),
     };
-    file.write_all(&entry.encode())
+    file.write_all_at(&entry.encode(), whole)
         .and_then(|()| file.sync_data())
         .map_err(Error::io("writing cosignatures file", &path))?;
     if whole == 0 {
-        sync_dir(dir).map_err(Error::io("syncing directory", dir))?;
+        fs.sync_dir(dir)
+            .map_err(Error::io("syncing directory", dir))?;
     }
-    drop::<File>(file);
+    drop(file);
     Ok(true)
 }
 
 /// The cosignatures of checkpoint `cp` in the file that verify over its note body, one
 /// per key, at most [`COSIGNATURES_PER_CHECKPOINT_MAX`] (the first in the file), so that a
 /// note of them always parses.
-pub(crate) fn of(dir: &Path, cp: &SignedCheckpoint) -> Result<Vec<Cosignature>> {
+pub(crate) fn of(fs: &Storage, dir: &Path, cp: &SignedCheckpoint) -> Result<Vec<Cosignature>> {
     let body = checkpoint_body(&cp.statement);
     let mut out: Vec<Cosignature> = Vec::new();
-    for c in read(dir)?
+    for c in read(fs, dir)?
         .into_iter()
         .filter_map(|(_, e)| e.ok())
         .filter(|e| e.checkpoint_id == cp.statement.id)

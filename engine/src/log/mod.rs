@@ -115,6 +115,9 @@ pub struct Options {
     /// public keys); `None` takes any cosignature that verifies. A server reachable by
     /// clients it does not know names its witnesses here.
     pub witness_keys: Option<Vec<[u8; 32]>>,
+    /// Where the log's files are: the operating system's file system, or (for tests, with
+    /// the `internals` feature) a simulated disk that can lose power.
+    pub storage: crate::Storage,
 }
 
 impl Default for Options {
@@ -132,6 +135,7 @@ impl Default for Options {
             index_attributes: true,
             format_version: crate::format::FORMAT_VERSION,
             witness_keys: None,
+            storage: crate::Storage::os(),
         }
     }
 }
@@ -1161,7 +1165,7 @@ impl Log {
             }
         };
         let Some(cp) = cp else { return Ok(None) };
-        let cosigs = cosignatures::of(&self.shared.dir, &cp)?;
+        let cosigs = cosignatures::of(self.shared.fs(), &self.shared.dir, &cp)?;
         Ok(Some(crate::format::note::checkpoint_note(&cp, &cosigs)))
     }
 
@@ -1194,7 +1198,7 @@ impl Log {
             .ok_or_else(|| Error::InvalidOptions {
                 reason: format!("the log has no checkpoint {checkpoint_id}"),
             })?;
-        add_cosignature(&self.shared.dir, &cp, cosignature)
+        add_cosignature_in(self.shared.fs(), &self.shared.dir, &cp, cosignature)
     }
 
     /// The public half of the key that signs this log's new checkpoints (`None` for a
@@ -1557,8 +1561,19 @@ pub fn add_cosignature(
     cp: &SignedCheckpoint,
     cosignature: &crate::format::note::Cosignature,
 ) -> Result<bool> {
+    add_cosignature_in(&crate::Storage::os(), dir, cp, cosignature)
+}
+
+fn add_cosignature_in(
+    fs: &crate::Storage,
+    dir: &Path,
+    cp: &SignedCheckpoint,
+    cosignature: &crate::format::note::Cosignature,
+) -> Result<bool> {
     let path = dir.join(CHECKPOINTS_FILE);
-    let bytes = std::fs::read(&path).map_err(Error::io("reading checkpoints file", &path))?;
+    let bytes = fs
+        .read(&path)
+        .map_err(Error::io("reading checkpoints file", &path))?;
     let len = crate::format::checkpoint::entry_len(cp.statement.version());
     let on_disk = usize::try_from(cp.statement.id)
         .ok()
@@ -1575,7 +1590,7 @@ pub fn add_cosignature(
             ),
         });
     }
-    cosignatures::add(dir, cp, cosignature)
+    cosignatures::add(fs, dir, cp, cosignature)
 }
 
 /// A producer's signature of a batch for the log `log_id`: over the BLAKE3 hash of each
@@ -1604,7 +1619,7 @@ pub fn producer_signature(
 /// # Errors
 /// [`Error::Io`] when the file exists or cannot be written.
 pub fn create_signing_key(path: &Path) -> Result<[u8; 32]> {
-    Ok(checkpoints::create_key_file(path)?
+    Ok(checkpoints::create_key_file(&crate::Storage::os(), path)?
         .verifying_key()
         .to_bytes())
 }

@@ -17,7 +17,6 @@
 //!    idempotency window, sync, and start the background threads.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
@@ -33,6 +32,7 @@ use super::shared::{CommitState, SegState, SegmentHandle, Shared, Spares, lock};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
 use super::tree::{Tree, open_tree};
 use super::{Options, RecoveryMode, RecoveryReport, Truncation, now};
+use crate::Storage;
 use crate::error::{Error, Result};
 use crate::format::chain::chain_seed;
 use crate::format::meta::LogMeta;
@@ -45,14 +45,14 @@ use crate::segment::{
     FileSource, Scan, ScanEnd, ScanFrom, ScannedRecord, find_durable_evidence, is_zero, read_page,
     scan, zero_range,
 };
-use crate::sys::{SegmentMap, sync_dir};
+use crate::sys::{FsFile, OpenMode, SegmentMap, TryLock};
 
 /// The bytes of `tally.checkpoints`; an empty list when the file does not exist. Any other
 /// read error stops the open: without them recovery could not tell acknowledged records
 /// from a torn tail, nor whether the log already has a signing key.
-fn read_checkpoints_file(dir: &Path) -> Result<Vec<u8>> {
+fn read_checkpoints_file(fs: &Storage, dir: &Path) -> Result<Vec<u8>> {
     let path = dir.join(super::checkpoints::CHECKPOINTS_FILE);
-    match std::fs::read(&path) {
+    match fs.read(&path) {
         Ok(b) => Ok(b),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(io("reading checkpoints file", &path)(e)),
@@ -61,9 +61,9 @@ fn read_checkpoints_file(dir: &Path) -> Result<Vec<u8>> {
 
 /// The fingerprint of the key that signed the last whole entry of the checkpoints file, or
 /// `"unknown"` if that entry does not decode; `None` when the file holds no entry.
-fn last_checkpoint_signer(dir: &Path, entry_len: usize) -> Result<Option<String>> {
+fn last_checkpoint_signer(fs: &Storage, dir: &Path, entry_len: usize) -> Result<Option<String>> {
     use crate::format::checkpoint::{SignedCheckpoint, fingerprint};
-    let bytes = read_checkpoints_file(dir)?;
+    let bytes = read_checkpoints_file(fs, dir)?;
     Ok(bytes.chunks_exact(entry_len).last().map(|last| {
         SignedCheckpoint::decode_entry(last)
             .map_or_else(|_| "unknown".to_owned(), |cp| fingerprint(&cp.public_key))
@@ -74,10 +74,10 @@ fn last_checkpoint_signer(dir: &Path, entry_len: usize) -> Result<Option<String>
 /// checkpoints file that decode (a damaged entry does not hide later ones). Every record a
 /// checkpoint covers was synced before it was signed: it is evidence that those records
 /// were acknowledged, whatever the records themselves say.
-fn checkpointed_size(meta: &LogMeta, dir: &Path) -> Result<Option<(u64, u64)>> {
+fn checkpointed_size(fs: &Storage, meta: &LogMeta, dir: &Path) -> Result<Option<(u64, u64)>> {
     use crate::format::checkpoint::{SignedCheckpoint, entry_len};
     let log_id = &meta.log_id;
-    let bytes = read_checkpoints_file(dir)?;
+    let bytes = read_checkpoints_file(fs, dir)?;
     Ok(bytes
         .chunks_exact(entry_len(meta.layout.version()))
         .filter_map(|e| SignedCheckpoint::decode_entry(e).ok())
@@ -203,26 +203,22 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Whether another opener holds the directory's lock (a read-only open beside a live log).
-fn held_by_another(dir: &Path) -> bool {
-    File::open(dir.join(LOCK_FILE))
-        .is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
+fn held_by_another(fs: &Storage, dir: &Path) -> bool {
+    fs.open(&dir.join(LOCK_FILE), OpenMode::Read)
+        .is_ok_and(|f| matches!(f.try_lock(false), Ok(TryLock::WouldBlock)))
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
+fn lock_dir(fs: &Storage, dir: &Path) -> Result<Box<dyn FsFile>> {
     let path = dir.join(LOCK_FILE);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    let f = fs
+        .open(&path, OpenMode::Create)
         .map_err(io("opening lock file", &path))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+    match f.try_lock(true) {
+        Ok(TryLock::Acquired) => Ok(f),
+        Ok(TryLock::WouldBlock) => Err(Error::Locked {
             dir: dir.to_owned(),
         }),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::Io {
+        Err(e) => Err(Error::Io {
             op: "locking",
             path,
             source: e,
@@ -232,30 +228,33 @@ fn lock_dir(dir: &Path) -> Result<File> {
 
 pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryReport)> {
     opts.check()?;
+    let fs = &opts.storage.clone();
     let read_only = opts.recovery == RecoveryMode::ReadOnly;
-    if !dir.join(META_FILE).exists() && (!opts.create || read_only) {
+    if !fs.exists(&dir.join(META_FILE)) && (!opts.create || read_only) {
         return Err(Error::NotFound {
             dir: dir.to_owned(),
         });
     }
     if !read_only {
-        std::fs::create_dir_all(dir).map_err(io("creating directory", dir))?;
+        fs.create_dir_all(dir)
+            .map_err(io("creating directory", dir))?;
     }
     let lock_file = if read_only {
         None
     } else {
-        Some(lock_dir(dir)?)
+        Some(lock_dir(fs, dir)?)
     };
-    let meta = read_or_create_meta(dir, read_only, &opts)?;
+    let meta = read_or_create_meta(fs, dir, read_only, &opts)?;
     let seed = chain_seed(&meta.log_id);
     // A read-only view reads the checkpoints before the segments: each checkpoint then
     // covers only records the scan will find, even beside a live writer, so that one
     // covering more is evidence of removed records, never "newer than the view".
     let checkpoints_read_before = if read_only {
         Some(Checkpoints::read_for_view(
+            fs,
             dir,
             &meta,
-            held_by_another(dir),
+            held_by_another(fs, dir),
         )?)
     } else {
         None
@@ -266,7 +265,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         mut found,
         spares,
         torn_newest,
-    } = list_segments(dir, &meta, &opts, read_only)?;
+    } = list_segments(fs, dir, &meta, &opts, read_only)?;
     accept_interrupted_seal(&mut found, &mut report)?;
     check_sealed_prefix(&found, seed)?;
 
@@ -342,6 +341,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             segs.push(Arc::new(SegmentHandle {
                 seq: f.seq,
                 path: f.path.clone(),
+                fs: fs.clone(),
                 header: f.header,
                 map: OnceLock::new(),
                 state: RwLock::new(SegState::Sealed {
@@ -387,8 +387,10 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             break;
         }
         let (partial, from) = start_of_scan(&shared, f);
-        let file = File::open(&f.path).map_err(io("opening segment", &f.path))?;
-        let mut src = FileSource::new(&file).map_err(io("reading segment", &f.path))?;
+        let file = fs
+            .open(&f.path, OpenMode::Read)
+            .map_err(io("opening segment", &f.path))?;
+        let mut src = FileSource::new(&*file).map_err(io("reading segment", &f.path))?;
         let s = scan(&mut src, from, f.header.data_limit());
         report.records_scanned += s.records.len() as u64;
         let base_count = partial.as_ref().map_or(0, |p| p.record_count());
@@ -432,7 +434,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             // that reached the disk out of order, or a zeroed header hiding acknowledged
             // records. Evidence decides, as for any torn tail.
             let last = scanned.last().expect("pushed above");
-            let mut src = FileSource::new(&file).map_err(io("reading segment", &f.path))?;
+            let mut src = FileSource::new(&*file).map_err(io("reading segment", &f.path))?;
             let (_, last_nonzero) = find_durable_evidence(
                 &mut src,
                 f.header.layout,
@@ -468,8 +470,15 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         // Segment files after the new end are gone; spares prepared after them would leave
         // a gap in the numbering, so they go too and are prepared again.
         let mut spares = lock(&shared.spares);
+        let removed_spares = !spares.ready.is_empty();
         for (_, path) in spares.ready.drain(..) {
-            std::fs::remove_file(&path).map_err(io("removing spare segment", &path))?;
+            fs.remove_file(&path)
+                .map_err(io("removing spare segment", &path))?;
+        }
+        // Durable before the log accepts appends: a spare that a second power cut brought
+        // back after the segments before it were cut would number past a gap.
+        if removed_spares {
+            fs.sync_dir(dir).map_err(io("syncing directory", dir))?;
         }
         let last_kept = scanned
             .last()
@@ -482,7 +491,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     // before them lost acknowledged records (whole segments gone, say), and a writable open
     // would write new history over them.
     if opts.recovery == RecoveryMode::Strict
-        && let Some((id, size)) = checkpointed_size(&shared.meta, dir)?
+        && let Some((id, size)) = checkpointed_size(fs, &shared.meta, dir)?
         && size > end.position.0
     {
         return Err(corrupt(
@@ -500,7 +509,8 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     // The stream table, now that the end is known. A snapshot written at a clean close or
     // by the sealer covers only durable data: if it claims more than recovery found,
     // acknowledged records are missing.
-    let snapshot = std::fs::read(dir.join(SNAPSHOT_FILE))
+    let snapshot = fs
+        .read(&dir.join(SNAPSHOT_FILE))
         .ok()
         .and_then(|b| decode_snapshot(&b).ok())
         .filter(|(id, _, _)| *id == shared.meta.log_id);
@@ -522,7 +532,9 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             // folds new sidecars into the snapshot on disk).
             if !read_only {
                 let path = dir.join(SNAPSHOT_FILE);
-                std::fs::remove_file(&path).map_err(io("removing stale stream snapshot", &path))?;
+                fs.remove_file(&path)
+                    .map_err(io("removing stale stream snapshot", &path))?;
+                fs.sync_dir(dir).map_err(io("syncing directory", dir))?;
             }
             None
         }
@@ -577,7 +589,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             );
         }
         let data_end = s.scan.complete_end;
-        kept.push((seg_handle(s.f), index, data_end, s.scan.complete_chain));
+        kept.push((seg_handle(fs, s.f), index, data_end, s.scan.complete_chain));
     }
 
     // Seal complete unsealed segments; the last kept one becomes active. Record time never
@@ -628,13 +640,18 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     // A new key is made only for a log that has never signed a checkpoint: minting one for a
     // log whose key was moved away would sign its future under a key nobody trusts.
     let signed_by = last_checkpoint_signer(
+        fs,
         dir,
         crate::format::checkpoint::entry_len(shared.meta.layout.version()),
     )?;
     let key = if read_only {
         None
     } else {
-        load_or_create_key(&key_path, opts.signing_key.is_none() && signed_by.is_none())?
+        load_or_create_key(
+            fs,
+            &key_path,
+            opts.signing_key.is_none() && signed_by.is_none(),
+        )?
     };
     if key.is_none()
         && !read_only
@@ -660,6 +677,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         // Refuse to sign after checkpoints were removed or replaced (laundering).
         let ledger = super::checkpoints::ledger::path_for(&key_path);
         super::checkpoints::ledger::check(
+            fs,
             &ledger,
             &dir.join(super::checkpoints::CHECKPOINTS_FILE),
             &shared.meta.log_id,
@@ -771,19 +789,25 @@ fn accept_interrupted_seal(found: &mut [Found], report: &mut RecoveryReport) -> 
     Ok(())
 }
 
-fn seg_handle(f: &Found) -> SegmentHandle {
+fn seg_handle(fs: &Storage, f: &Found) -> SegmentHandle {
     SegmentHandle {
         seq: f.seq,
         path: f.path.clone(),
+        fs: fs.clone(),
         header: f.header,
         map: OnceLock::new(),
         state: RwLock::new(SegState::Active),
     }
 }
 
-fn read_or_create_meta(dir: &Path, read_only: bool, opts: &Options) -> Result<LogMeta> {
+fn read_or_create_meta(
+    fs: &Storage,
+    dir: &Path,
+    read_only: bool,
+    opts: &Options,
+) -> Result<LogMeta> {
     let path = dir.join(META_FILE);
-    match std::fs::read(&path) {
+    match fs.read(&path) {
         Ok(bytes) => LogMeta::decode(&bytes)
             .map_err(|e| corrupt(&path, 0, None, "log identity file".into(), Some(e))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !read_only => {
@@ -799,10 +823,10 @@ fn read_or_create_meta(dir: &Path, read_only: bool, opts: &Options) -> Result<Lo
                     },
                 )?,
             };
-            crate::sys::write_file_atomic(dir, META_FILE, &meta.encode())
+            fs.write_file_atomic(dir, META_FILE, &meta.encode(), false)
                 .map_err(io("writing log identity", &path))?;
             if let Some(parent) = dir.parent() {
-                let _ = sync_dir(parent);
+                let _ = fs.sync_dir(parent);
             }
             Ok(meta)
         }
@@ -828,15 +852,19 @@ fn is_our_temporary(name: &str) -> bool {
 
 /// Lists segment files: those with headers, in order, spare (all-zero) ones, and a newest
 /// one whose header is missing but which holds data.
-fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) -> Result<Listing> {
+fn list_segments(
+    fs: &Storage,
+    dir: &Path,
+    meta: &LogMeta,
+    opts: &Options,
+    read_only: bool,
+) -> Result<Listing> {
     let mut seqs = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io("listing directory", dir))? {
-        let entry = entry.map_err(io("listing directory", dir))?;
-        let name = entry.file_name();
+    for name in fs.read_dir(dir).map_err(io("listing directory", dir))? {
         let name = name.to_string_lossy();
         if is_our_temporary(&name) {
             if !read_only {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = fs.remove_file(&dir.join(&*name));
             }
             continue;
         }
@@ -849,11 +877,10 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
     let mut files = Vec::with_capacity(seqs.len());
     for seq in seqs {
         let path = dir.join(seq.file_name());
-        let file = File::open(&path).map_err(io("opening segment", &path))?;
-        let len = file
-            .metadata()
-            .map_err(io("reading segment size", &path))?
-            .len();
+        let file = fs
+            .open(&path, OpenMode::Read)
+            .map_err(io("opening segment", &path))?;
+        let len = file.len().map_err(io("reading segment size", &path))?;
         if len < crate::format::SEGMENT_BYTES_MIN {
             return Err(corrupt(
                 &path,
@@ -863,9 +890,9 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
                 None,
             ));
         }
-        let page = read_page(&file, 0).map_err(io("reading segment header", &path))?;
+        let page = read_page(&*file, 0).map_err(io("reading segment header", &path))?;
         let first_data =
-            read_page(&file, SEGMENT_DATA_START).map_err(io("reading segment", &path))?;
+            read_page(&*file, SEGMENT_DATA_START).map_err(io("reading segment", &path))?;
         let empty = is_zero(&page) && is_zero(&first_data);
         files.push((seq, path, file, len, page, empty));
     }
@@ -947,7 +974,7 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
             ));
         }
         let fpage =
-            read_page(&file, header.footer_offset()).map_err(io("reading footer", &path))?;
+            read_page(&*file, header.footer_offset()).map_err(io("reading footer", &path))?;
         let (footer, footer_damaged) = if is_zero(&fpage) {
             (None, false)
         } else {
@@ -989,19 +1016,27 @@ fn list_segments(dir: &Path, meta: &LogMeta, opts: &Options, read_only: bool) ->
     // only numbers above every spare, so a gap (whole segments removed from the directory)
     // would leave a number nobody prepares.
     let mut ready = Vec::new();
+    let mut removed_spares = false;
     let mut spares = std::mem::take(&mut listing.spares);
     spares.sort_by_key(|(s, _)| *s);
     let mut want = next_seq;
     for (seq, path, len) in spares
         .into_iter()
-        .map(|(s, p)| (s, p.clone(), std::fs::metadata(&p).map_or(0, |m| m.len())))
+        .map(|(s, p)| (s, p.clone(), fs.file_len(&p).unwrap_or(0)))
     {
         if len == opts.segment_bytes && seq.0 == want {
             ready.push((seq, path));
             want += 1;
         } else if !read_only {
-            std::fs::remove_file(&path).map_err(io("removing spare segment", &path))?;
+            fs.remove_file(&path)
+                .map_err(io("removing spare segment", &path))?;
+            removed_spares = true;
         }
+    }
+    // Removals are durable before the log accepts appends (a spare brought back by a
+    // power cut would be a spare past a gap again).
+    if removed_spares {
+        fs.sync_dir(dir).map_err(io("syncing directory", dir))?;
     }
     listing.spares = ready;
     Ok(listing)
@@ -1066,7 +1101,7 @@ fn start_of_scan(shared: &Shared, f: &Found) -> (Option<Arc<SealedIndex>>, ScanF
         chain: f.header.prev_chain_hash,
     };
     let path = shared.dir.join(f.seq.index_file_name());
-    let Ok(idx) = load_index(&path) else {
+    let Ok(idx) = load_index(shared.fs(), &path) else {
         return (None, fresh);
     };
     let plausible = !idx.is_complete()
@@ -1111,16 +1146,20 @@ fn remove_tail(
         regions.push((l.path.clone(), SEGMENT_DATA_START, l.header.data_limit()));
     }
     if let Some((_, path)) = torn_newest {
-        let len = std::fs::metadata(path)
-            .map_err(io("reading segment size", path))?
-            .len();
+        let len = shared
+            .fs()
+            .file_len(path)
+            .map_err(io("reading segment size", path))?;
         regions.push((path.clone(), SEGMENT_DATA_START, len - PAGE_BYTES));
     }
     let mut evidence = None;
     let mut cut_end = 0;
     for (i, (path, from, limit)) in regions.iter().enumerate() {
-        let file = File::open(path).map_err(io("opening segment", path))?;
-        let mut src = FileSource::new(&file).map_err(io("reading segment", path))?;
+        let file = shared
+            .fs()
+            .open(path, OpenMode::Read)
+            .map_err(io("opening segment", path))?;
+        let mut src = FileSource::new(&*file).map_err(io("reading segment", path))?;
         let (e, last_nonzero) =
             find_durable_evidence(&mut src, shared.meta.layout, *from, *limit, end)
                 .map_err(io("reading segment", path))?;
@@ -1131,8 +1170,8 @@ fn remove_tail(
             evidence = e.map(|(at, h)| (path.clone(), at, h));
         }
     }
-    let checkpointed =
-        checkpointed_size(&shared.meta, &shared.dir)?.filter(|&(_, size)| size > end.0);
+    let checkpointed = checkpointed_size(shared.fs(), &shared.meta, &shared.dir)?
+        .filter(|&(_, size)| size > end.0);
     let acknowledged = evidence.is_some() || checkpointed.is_some();
     if let Some((id, size)) = checkpointed
         && shared.opts.recovery == RecoveryMode::Strict
@@ -1184,11 +1223,11 @@ fn remove_tail(
     if let Some((f, o, _)) = cut {
         bytes += cut_end.saturating_sub(o);
         if !shared.read_only && cut_end > o {
-            let wf = OpenOptions::new()
-                .write(true)
-                .open(&f.path)
+            let wf = shared
+                .fs()
+                .open(&f.path, OpenMode::ReadWrite)
                 .map_err(io("opening segment", &f.path))?;
-            zero_range(&wf, o, cut_end).map_err(io("zeroing torn tail", &f.path))?;
+            zero_range(&*wf, o, cut_end).map_err(io("zeroing torn tail", &f.path))?;
         }
     }
     let removed: Vec<(SegmentSeq, PathBuf)> = later
@@ -1197,16 +1236,20 @@ fn remove_tail(
         .chain(torn_newest.cloned())
         .collect();
     for (seq, path) in &removed {
-        bytes += std::fs::metadata(path).map_or(0, |m| m.len());
+        let fs = shared.fs();
+        bytes += fs.file_len(path).unwrap_or(0);
         if !shared.read_only {
-            std::fs::remove_file(path)
+            fs.remove_file(path)
                 .map_err(io("removing segment after the end of the log", path))?;
-            let _ = std::fs::remove_file(shared.dir.join(seq.index_file_name()));
-            let _ = std::fs::remove_file(shared.dir.join(super::attrs::attr_file_name(*seq)));
+            let _ = fs.remove_file(&shared.dir.join(seq.index_file_name()));
+            let _ = fs.remove_file(&shared.dir.join(super::attrs::attr_file_name(*seq)));
         }
     }
     if !removed.is_empty() && !shared.read_only {
-        sync_dir(&shared.dir).map_err(io("syncing directory", &shared.dir))?;
+        shared
+            .fs()
+            .sync_dir(&shared.dir)
+            .map_err(io("syncing directory", &shared.dir))?;
     }
     Ok(Truncation {
         file,
@@ -1227,17 +1270,20 @@ fn seal_on_open(
     chain: Hash32,
 ) -> Result<()> {
     let path = &handle.path;
-    let file = File::open(path).map_err(io("opening segment", path))?;
+    let file = shared
+        .fs()
+        .open(path, OpenMode::Read)
+        .map_err(io("opening segment", path))?;
     file.sync_data().map_err(io("syncing segment", path))?;
-    let mut src = FileSource::new(&file).map_err(io("reading segment", path))?;
+    let mut src = FileSource::new(&*file).map_err(io("reading segment", path))?;
     let footer = footer_from_records(&mut src, &handle.header, data_end, path)?;
-    write_footer(path, &handle.header, &footer)?;
+    write_footer(shared.fs(), path, &handle.header, &footer)?;
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,
         data_end,
         last_chain_hash: chain,
     };
-    let sealed = write_sealed_index(&shared.dir, handle.seq, index, &info)?;
+    let sealed = write_sealed_index(shared.fs(), &shared.dir, handle.seq, index, &info)?;
     *handle
         .state
         .write()
@@ -1262,20 +1308,22 @@ fn make_writer(
     if let Some((handle, index, data_end, chain)) = last {
         let path = handle.path.clone();
         let (map, map_writer) = if shared.read_only {
-            let file = File::open(&path).map_err(io("opening segment", &path))?;
-            let map = SegmentMap::map_read_only(&file, handle.header.capacity, data_end)
+            let file = shared
+                .fs()
+                .open(&path, OpenMode::Read)
+                .map_err(io("opening segment", &path))?;
+            let map = SegmentMap::map_read_only(&*file, handle.header.capacity, data_end)
                 .map_err(io("mapping segment", &path))?;
             (map, None)
         } else {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
+            let file = shared
+                .fs()
+                .open(&path, OpenMode::ReadWrite)
                 .map_err(io("opening segment", &path))?;
             // Whatever recovery read came from the page cache; make it durable before
             // anything new is acknowledged on top of it.
             file.sync_data().map_err(io("syncing segment", &path))?;
-            let (map, writer) = SegmentMap::map(&file, handle.header.capacity, data_end)
+            let (map, writer) = SegmentMap::map(&*file, handle.header.capacity, data_end)
                 .map_err(io("mapping segment", &path))?;
             (map, Some(writer))
         };
@@ -1312,6 +1360,7 @@ fn make_writer(
         let handle = Arc::new(SegmentHandle {
             seq: next_seq,
             path: shared.dir.join(next_seq.file_name()),
+            fs: shared.fs().clone(),
             header: super::append::segment_header(
                 shared,
                 next_seq,
@@ -1340,6 +1389,7 @@ fn make_writer(
         .any(|(s, _)| *s == next_seq);
     if !have_spare {
         let path = prepare_spare(
+            shared.fs(),
             &shared.dir,
             next_seq,
             shared.opts.segment_bytes,

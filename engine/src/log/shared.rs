@@ -5,7 +5,6 @@
 //! records are copied into the map, never across a sync (except while rolling to a spare
 //! that is not ready yet).
 
-use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,7 +23,7 @@ use crate::format::meta::LogMeta;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{Hash32, Position, SegmentSeq};
 use crate::index::{ActiveIndex, SealedIndex};
-use crate::sys::SegmentMap;
+use crate::sys::{FsFile, OpenMode, SegmentMap};
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent
 /// before anything that can panic, and a panicking appender must not take reads down.
@@ -37,6 +36,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct SegmentHandle {
     pub(crate) seq: SegmentSeq,
     pub(crate) path: PathBuf,
+    /// The storage the segment's file is opened through.
+    pub(crate) fs: crate::Storage,
     pub(crate) header: SegmentHeader,
     /// Mapped on first use for sealed segments, at activation for the active one.
     pub(crate) map: OnceLock<Arc<SegmentMap>>,
@@ -75,8 +76,11 @@ impl SegmentHandle {
             SegState::Frozen { data_end, .. } => *data_end,
             SegState::Active => unreachable!("the active segment is mapped at activation"),
         };
-        let file = File::open(&self.path).map_err(Error::io("opening segment", &self.path))?;
-        let map = SegmentMap::map_read_only(&file, self.header.capacity, data_end)
+        let file = self
+            .fs
+            .open(&self.path, OpenMode::Read)
+            .map_err(Error::io("opening segment", &self.path))?;
+        let map = SegmentMap::map_read_only(&*file, self.header.capacity, data_end)
             .map_err(Error::io("mapping segment", &self.path))?;
         let _ = self.map.set(map);
         Ok(self.map.get().expect("set above or by a racing reader"))
@@ -175,7 +179,7 @@ pub(crate) struct Shared {
     /// Set by a simulated crash: the sealer drops its queue.
     pub(crate) abandon_seals: AtomicBool,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
-    pub(crate) lock_file: Mutex<Option<File>>,
+    pub(crate) lock_file: Mutex<Option<Box<dyn FsFile>>>,
     pub(crate) closed: AtomicBool,
     /// Segments whose sidecar was rebuilt since open (for the recovery report).
     pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
@@ -206,6 +210,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The storage every file of this log goes through.
+    pub(crate) fn fs(&self) -> &crate::Storage {
+        &self.opts.storage
+    }
+
     /// The segments, oldest first, as they are now.
     pub(crate) fn segments_snapshot(&self) -> Vec<Arc<SegmentHandle>> {
         self.segments

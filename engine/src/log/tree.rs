@@ -9,8 +9,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use super::read::{Verify, scan_range};
@@ -23,6 +21,7 @@ use crate::format::tree::{
     encode_header, node_index, nodes_for_chunks,
 };
 use crate::format::{Hash32, Position};
+use crate::sys::OpenMode;
 
 /// The node file's name in the data directory.
 pub const TREE_FILE: &str = "merkle.tree";
@@ -32,7 +31,7 @@ pub const TREE_FILE: &str = "merkle.tree";
 pub(crate) struct Tree {
     path: PathBuf,
     /// The node file, when there is one.
-    file: Option<File>,
+    file: Option<Box<dyn crate::sys::FsFile>>,
     /// Whether new nodes are written to the file (a read-only log keeps them in memory).
     writable: bool,
     /// Nodes in the file that belong to the tree.
@@ -329,25 +328,27 @@ pub(crate) fn open_tree(shared: &Shared, trusted: Option<(u64, Hash32)>) -> Resu
         writable: !shared.read_only,
         ..Tree::empty(shared.seed)
     };
+    let fs = shared.fs();
     let existing = if shared.read_only {
-        File::open(&path).ok()
+        fs.open(&path, OpenMode::Read).ok()
     } else {
-        Some(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(Error::io("opening Merkle node file", &path))?,
-        )
+        let created = !fs.exists(&path);
+        let file = fs
+            .open(&path, OpenMode::Create)
+            .map_err(Error::io("opening Merkle node file", &path))?;
+        // The node file's name is durable before anything relies on it (its nodes are
+        // synced by checkpoints, which sync data, not names).
+        if created {
+            fs.sync_dir(&shared.dir)
+                .map_err(Error::io("syncing directory", &shared.dir))?;
+        }
+        Some(file)
     };
     let mut stored_nodes = 0;
     if let Some(file) = existing {
         let len = file
-            .metadata()
-            .map_err(Error::io("reading Merkle node file", &path))?
-            .len();
+            .len()
+            .map_err(Error::io("reading Merkle node file", &path))?;
         let mut header = [0u8; TREE_HEADER_LEN];
         let header_ok = len >= TREE_HEADER_LEN as u64
             && file.read_exact_at(&mut header, 0).is_ok()

@@ -6,14 +6,13 @@
 //! and forensic reads of files that may be damaged or short, so that a short file is an
 //! error and never a SIGBUS.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use crate::format::chain::{body_hash, chain_step};
 use crate::format::envelope::EnvelopeRef;
 use crate::format::record::{Layout, RECORD_HEADER_MAX, RecordHeader, check_padding, flags};
 use crate::format::{DecodeError, EventId, Hash32, PAGE_BYTES, Position};
+use crate::sys::FsFile;
 
 /// Bytes that a reader can borrow at a file offset.
 pub(crate) trait ByteSource {
@@ -23,7 +22,7 @@ pub(crate) trait ByteSource {
 
 /// Plain reads of a file through a window buffer.
 pub(crate) struct FileSource<'f> {
-    file: &'f File,
+    file: &'f dyn FsFile,
     file_len: u64,
     window_start: u64,
     window: Vec<u8>,
@@ -33,10 +32,10 @@ pub(crate) struct FileSource<'f> {
 const WINDOW_BYTES: usize = 1 << 20;
 
 impl<'f> FileSource<'f> {
-    pub(crate) fn new(file: &'f File) -> io::Result<FileSource<'f>> {
+    pub(crate) fn new(file: &'f dyn FsFile) -> io::Result<FileSource<'f>> {
         Ok(FileSource {
             file,
-            file_len: file.metadata()?.len(),
+            file_len: file.len()?,
             window_start: 0,
             window: Vec::new(),
         })
@@ -429,7 +428,7 @@ pub(crate) fn find_durable_evidence<S: ByteSource>(
 }
 
 /// Reads one page at `offset` with a plain read.
-pub(crate) fn read_page(file: &File, offset: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_page(file: &dyn FsFile, offset: u64) -> io::Result<Vec<u8>> {
     let mut page = vec![0u8; PAGE_BYTES as usize];
     file.read_exact_at(&mut page, offset)?;
     Ok(page)
@@ -441,7 +440,7 @@ pub(crate) fn is_zero(bytes: &[u8]) -> bool {
 }
 
 /// Writes zeros over `start..end` with plain writes and syncs the file.
-pub(crate) fn zero_range(file: &File, start: u64, end: u64) -> io::Result<()> {
+pub(crate) fn zero_range(file: &dyn FsFile, start: u64, end: u64) -> io::Result<()> {
     let zeros = [0u8; 4096];
     let mut at = start;
     while at < end {

@@ -21,8 +21,6 @@
 mod nodes;
 mod streams;
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -43,6 +41,7 @@ use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
 use crate::index::SealedIndex;
 use crate::segment::{FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
+use crate::sys::{FsFile, OpenMode};
 use nodes::NodeFile;
 use streams::{SegStream, SegStreams, StreamJoin};
 
@@ -181,8 +180,8 @@ pub(crate) fn verify(
         }
         cps.list.clone()
     };
-    let snapshot = streams::read_snapshot(&shared.dir, &shared.meta.log_id)?;
-    let node_file = NodeFile::open(&shared.dir, &shared.meta.log_id)?;
+    let snapshot = streams::read_snapshot(shared.fs(), &shared.dir, &shared.meta.log_id)?;
+    let node_file = NodeFile::open(shared.fs(), &shared.dir, &shared.meta.log_id)?;
     let visible = shared.visible_position();
     let mut segs = shared.segments_snapshot();
     let mut report = VerifyReport {
@@ -634,7 +633,7 @@ fn check_witnesses(
 ) -> Result<()> {
     let path = shared.dir.join(super::cosignatures::COSIGNATURES_FILE);
     let mut by_checkpoint: Vec<Vec<[u8; 32]>> = vec![Vec::new(); list.len()];
-    for (offset, entry) in super::cosignatures::read(&shared.dir)? {
+    for (offset, entry) in super::cosignatures::read(shared.fs(), &shared.dir)? {
         let Ok(e) = entry else { continue };
         let c = &e.cosignature;
         let Some(w) = options
@@ -709,8 +708,8 @@ fn check_witnesses(
 /// give. Returns whether there was one.
 fn check_attrs(shared: &Shared, seg: &super::shared::SegmentHandle) -> Result<bool> {
     let path = shared.dir.join(super::attrs::attr_file_name(seg.seq));
-    let size = match std::fs::metadata(&path) {
-        Ok(m) => m.len(),
+    let size = match shared.fs().file_len(&path) {
+        Ok(len) => len,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io("reading attribute index", &path)(e)),
     };
@@ -718,7 +717,10 @@ fn check_attrs(shared: &Shared, seg: &super::shared::SegmentHandle) -> Result<bo
     // Compared by size first, so that a file of any other size is never read (with plain
     // reads, like the rest of verify: a truncated file is an error, not a SIGBUS).
     let differs = if size == expected.len() as u64 {
-        let found = std::fs::read(&path).map_err(Error::io("reading attribute index", &path))?;
+        let found = shared
+            .fs()
+            .read(&path)
+            .map_err(Error::io("reading attribute index", &path))?;
         found.iter().zip(&expected).position(|(a, b)| a != b)
     } else {
         Some(0)
@@ -993,8 +995,11 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let shared = ctx.shared;
     let bytes_read = ctx.bytes_read;
     let path = &seg.path;
-    let file = File::open(path).map_err(Error::io("opening segment", path))?;
-    let page = read_page(&file, 0).map_err(Error::io("reading segment header", path))?;
+    let file = shared
+        .fs()
+        .open(path, OpenMode::Read)
+        .map_err(Error::io("opening segment", path))?;
+    let page = read_page(&*file, 0).map_err(Error::io("reading segment header", path))?;
     let header = SegmentHeader::decode_page(&page)
         .map_err(|e| corrupt(path, 0, None, "segment header".into(), Some(e)))?;
     if header.log_id != shared.meta.log_id || header.seq != seg.seq {
@@ -1093,7 +1098,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let mut bytes = 0u64;
     let mut unreported = 0u64;
 
-    let mut src = FileSource::new(&file).map_err(Error::io("reading segment", path))?;
+    let mut src = FileSource::new(&*file).map_err(Error::io("reading segment", path))?;
     let from = ScanFrom {
         layout: header.layout,
         offset: SEGMENT_DATA_START,
@@ -1300,7 +1305,15 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let mut keys: Vec<HeadKey> = Vec::new();
     let mut run_pieces: Option<Vec<Vec<Head>>> = None;
     if let Some(footer) = footer {
-        check_footer(path, &file, &header, &footer, &local, data_end, &last_chain)?;
+        check_footer(
+            path,
+            &*file,
+            &header,
+            &footer,
+            &local,
+            data_end,
+            &last_chain,
+        )?;
         if let Some(Err(e)) = index {
             return Err(e);
         }
@@ -1415,7 +1428,7 @@ fn load_sealed_index(
     header: &SegmentHeader,
     footer: &SegmentFooter,
 ) -> Result<Option<SealedIndex>> {
-    let bytes = match std::fs::read(idx_path) {
+    let bytes = match shared.fs().read(idx_path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("reading index", idx_path)(e)),
@@ -1440,7 +1453,7 @@ fn load_sealed_index(
 /// between the records and the footer.
 fn check_footer(
     path: &std::path::Path,
-    file: &File,
+    file: &dyn FsFile,
     header: &SegmentHeader,
     footer: &SegmentFooter,
     merkle: &MerkleBuilder,

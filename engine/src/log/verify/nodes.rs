@@ -3,8 +3,6 @@
 //! records give it. The node file is derived data, and open trusts the nodes that reproduce
 //! the latest checkpoint's root, so a node that differs is a finding, not a detail.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::super::background::corrupt;
@@ -16,7 +14,7 @@ use crate::format::tree::{CHUNK_LEVEL, TREE_HEADER_LEN, TREE_NODE_LEN, decode_he
 /// The node file as verify found it when it started.
 pub(super) struct NodeFile {
     path: PathBuf,
-    file: Option<File>,
+    file: Option<Box<dyn crate::sys::FsFile>>,
     /// Nodes in the file when verify started (more may be written beside a live writer;
     /// those are checked by a later run).
     count: u64,
@@ -26,22 +24,21 @@ impl NodeFile {
     /// Opens `merkle.tree` for reading. A file that is missing, or whose header does not
     /// decode or names another log, holds no node any reader uses (open recomputes it), so
     /// there is nothing to check.
-    pub(super) fn open(dir: &Path, log_id: &[u8; 16]) -> Result<NodeFile> {
+    pub(super) fn open(fs: &crate::Storage, dir: &Path, log_id: &[u8; 16]) -> Result<NodeFile> {
         let path = dir.join(super::super::tree::TREE_FILE);
         let none = |path: PathBuf| NodeFile {
             path,
             file: None,
             count: 0,
         };
-        let file = match File::open(&path) {
+        let file = match fs.open(&path, crate::sys::OpenMode::Read) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(none(path)),
             Err(e) => return Err(Error::io("opening Merkle node file", &path)(e)),
         };
         let len = file
-            .metadata()
-            .map_err(Error::io("reading Merkle node file", &path))?
-            .len();
+            .len()
+            .map_err(Error::io("reading Merkle node file", &path))?;
         let mut header = [0u8; TREE_HEADER_LEN];
         if len < TREE_HEADER_LEN as u64
             || file.read_exact_at(&mut header, 0).is_err()

@@ -343,11 +343,12 @@ impl StreamJoin {
 /// Reads `streams.snap` for verify: `Ok(None)` when there is none, an error (a finding)
 /// when it does not decode or names another log.
 pub(super) fn read_snapshot(
+    fs: &crate::Storage,
     dir: &Path,
     log_id: &[u8; 16],
 ) -> Result<Option<(SnapshotCover, Vec<SnapshotEntry>)>> {
     let path = dir.join(super::super::streams::SNAPSHOT_FILE);
-    let bytes = match std::fs::read(&path) {
+    let bytes = match fs.read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("reading stream snapshot", &path)(e)),
