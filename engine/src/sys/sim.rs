@@ -478,6 +478,13 @@ struct State {
     next_id: u64,
     /// Advisory locks by inode id. Holders are never empty.
     locks: HashMap<u64, Holders>,
+    /// Operations that could fail (every one `World::fault` sees), counted for
+    /// [`SimFs::cut_power_after`].
+    faultable: u64,
+    /// A power cut armed to happen at the operation with this count.
+    cut_at: Option<(u64, Cut)>,
+    /// The faultable operations and power cuts so far, when tracing ([`SimFs::trace`]).
+    trace: Option<Vec<String>>,
 }
 
 impl State {
@@ -610,6 +617,54 @@ enum Go {
 }
 
 impl World {
+    /// Ends the generation: see [`SimFs::power_cut`].
+    fn cut(&self, cut: &Cut) {
+        let mut state = self.state.lock();
+        let n = state.faultable;
+        if let Some(t) = &mut state.trace {
+            t.push(format!("{n} power cut {cut:?}"));
+        }
+        state.generation += 1;
+        self.generation.store(state.generation, Ordering::SeqCst);
+        state.locks.clear();
+        let old_dirs = std::mem::take(&mut state.dirs);
+        // Old inode id -> its survivor, so hard links stay one file.
+        let mut revived: HashMap<u64, Arc<Inode>> = HashMap::new();
+        for (path, dir) in &old_dirs {
+            let names: BTreeSet<&OsString> = dir.written.keys().chain(dir.durable.keys()).collect();
+            let mut entries = BTreeMap::new();
+            for name in names {
+                let written = dir.written.get(name);
+                let durable = dir.durable.get(name);
+                let synced = match (written, durable) {
+                    (Some(w), Some(d)) => Arc::ptr_eq(w, d),
+                    _ => false,
+                };
+                let kept = if synced || !state.rng.chance(cut.keep_unsynced_entries) {
+                    durable
+                } else {
+                    written
+                };
+                let Some(old) = kept else { continue };
+                let new = match revived.entry(old.id) {
+                    HashEntry::Occupied(e) => Arc::clone(e.get()),
+                    HashEntry::Vacant(e) => Arc::clone(e.insert(state.survivor(old, cut))),
+                };
+                entries.insert(name.clone(), new);
+            }
+            state.dirs.insert(
+                path.clone(),
+                Dir {
+                    written: entries.clone(),
+                    durable: entries,
+                },
+            );
+        }
+        drop(state);
+        // Waiters in `lock()` of the old generation wake up and fail.
+        self.unlocked.notify_all();
+    }
+
     fn op(&self) {
         self.ops.fetch_add(1, Ordering::Relaxed);
     }
@@ -623,6 +678,20 @@ impl World {
     fn fault(&self, op: FaultOp, paths: &[&Path], write_len: usize) -> io::Result<Go> {
         let (kind, prefix) = {
             let mut state = self.state.lock();
+            state.faultable += 1;
+            let n = state.faultable;
+            if let Some(t) = &mut state.trace {
+                t.push(format!("{n} {op:?} {paths:?} {write_len}"));
+            }
+            if let Some((at, _)) = state.cut_at
+                && state.faultable >= at
+            {
+                let (_, cut) = state.cut_at.take().expect("checked above");
+                state.faults_fired += 1;
+                drop(state);
+                self.cut(&cut);
+                return Err(power_cut_error());
+            }
             let Some(kind) = state.pick_fault(op, paths) else {
                 return Ok(Go::All);
             };
@@ -675,6 +744,9 @@ impl SimFs {
                     faults_fired: 0,
                     next_id: 0,
                     locks: HashMap::new(),
+                    faultable: 0,
+                    cut_at: None,
+                    trace: None,
                 }),
                 unlocked: Condvar::new(),
                 generation: AtomicU64::new(0),
@@ -731,6 +803,7 @@ impl SimFs {
         let mut state = self.world.state.lock();
         state.faults.clear();
         state.random.clear();
+        state.cut_at = None;
     }
 
     /// Cuts the power: a new generation starts from the durable state plus what `cut`
@@ -743,48 +816,42 @@ impl SimFs {
     /// cover kept pages. All advisory locks are released, and every handle and map of the
     /// old generation fails from now on.
     pub fn power_cut(&self, cut: &Cut) {
+        self.world.cut(cut);
+    }
+
+    /// Arms a power cut in the middle of the workload: at the `n`th operation from now
+    /// that could fail (a write, sync, map sync, directory sync, create, rename or
+    /// removal), which then fails like every later operation of the old generation.
+    /// Counts as a fired fault. Replaces a cut armed before.
+    pub fn cut_power_after(&self, n: u64, cut: Cut) {
         let mut state = self.world.state.lock();
-        state.generation += 1;
-        self.world
-            .generation
-            .store(state.generation, Ordering::SeqCst);
-        state.locks.clear();
-        let old_dirs = std::mem::take(&mut state.dirs);
-        // Old inode id -> its survivor, so hard links stay one file.
-        let mut revived: HashMap<u64, Arc<Inode>> = HashMap::new();
-        for (path, dir) in &old_dirs {
-            let names: BTreeSet<&OsString> = dir.written.keys().chain(dir.durable.keys()).collect();
-            let mut entries = BTreeMap::new();
-            for name in names {
-                let written = dir.written.get(name);
-                let durable = dir.durable.get(name);
-                let synced = match (written, durable) {
-                    (Some(w), Some(d)) => Arc::ptr_eq(w, d),
-                    _ => false,
-                };
-                let kept = if synced || !state.rng.chance(cut.keep_unsynced_entries) {
-                    durable
-                } else {
-                    written
-                };
-                let Some(old) = kept else { continue };
-                let new = match revived.entry(old.id) {
-                    HashEntry::Occupied(e) => Arc::clone(e.get()),
-                    HashEntry::Vacant(e) => Arc::clone(e.insert(state.survivor(old, cut))),
-                };
-                entries.insert(name.clone(), new);
-            }
-            state.dirs.insert(
-                path.clone(),
-                Dir {
-                    written: entries.clone(),
-                    durable: entries,
-                },
-            );
+        let at = state.faultable + n.max(1);
+        state.cut_at = Some((at, cut));
+    }
+
+    /// Starts recording every operation that could fail, and every power cut, for
+    /// [`SimFs::trace`] (a failing simulation prints it).
+    pub fn enable_trace(&self) {
+        self.world.state.lock().trace.get_or_insert_with(Vec::new);
+    }
+
+    /// Adds a line to the trace (a test's own steps, between the disk's operations).
+    pub fn note(&self, text: &str) {
+        let mut state = self.world.state.lock();
+        let n = state.faultable;
+        if let Some(t) = &mut state.trace {
+            t.push(format!("{n} note: {text}"));
         }
-        drop(state);
-        // Waiters in `lock()` of the old generation wake up and fail.
-        self.world.unlocked.notify_all();
+    }
+
+    /// What was recorded since [`SimFs::enable_trace`].
+    pub fn trace(&self) -> Vec<String> {
+        self.world.state.lock().trace.clone().unwrap_or_default()
+    }
+
+    /// Disarms a power cut armed by [`SimFs::cut_power_after`] that has not happened.
+    pub fn disarm_power_cut(&self) {
+        self.world.state.lock().cut_at = None;
     }
 
     /// The file names in `dir`'s durable entries (empty when `dir` does not exist).
