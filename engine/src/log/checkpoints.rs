@@ -105,6 +105,32 @@ pub(crate) fn create_key_file(fs: &Storage, path: &Path) -> Result<SigningKey> {
     Ok(key)
 }
 
+/// Whether a last checkpoint entry that does not decode can be an append that a crash or
+/// power cut interrupted (which was never acknowledged, so cutting it and reusing its id
+/// hides nothing): shorter than an entry (the file's length moved, some data did not), or
+/// whole but with a zeroed part that starts or ends at a 512-byte sector boundary of the
+/// file (a torn write keeps whole sectors). Anything else (a changed byte in written data)
+/// was a complete, synced checkpoint that was damaged afterwards.
+fn looks_interrupted(entry: &[u8], entry_len: usize, offset: u64) -> bool {
+    const SECTOR: u64 = 512;
+    let end = offset + entry.len() as u64;
+    let nonzero = |b: &[u8]| b.iter().any(|&x| x != 0);
+    if entry.len() < entry_len || !nonzero(entry) {
+        return true;
+    }
+    // Sector boundaries strictly inside the entry.
+    let first = (offset / SECTOR + 1) * SECTOR;
+    let mut split = first;
+    while split < end {
+        let at = (split - offset) as usize;
+        if !nonzero(&entry[at..]) || !nonzero(&entry[..at]) {
+            return true;
+        }
+        split += SECTOR;
+    }
+    false
+}
+
 impl Checkpoints {
     /// No checkpoints and no key (replaced by [`Checkpoints::open`] on open).
     pub(crate) fn empty() -> Checkpoints {
@@ -229,7 +255,17 @@ impl Checkpoints {
         if let Some((at, cause)) = &damage
             && let Some(f) = &file
         {
-            if (*at as usize) + entry_len >= bytes.len() {
+            let last = (*at as usize) + entry_len >= bytes.len();
+            if last && !looks_interrupted(&bytes[*at as usize..], entry_len, *at) {
+                return Err(Error::Corrupt {
+                    file: path,
+                    offset: *at,
+                    position: None,
+                    detail: "the last checkpoint is damaged, and not the way an interrupted write leaves it (a zeroed part at a sector boundary): it was complete once, so it is not cut off and its id is not given to another checkpoint".into(),
+                    source: Some(cause.clone()),
+                });
+            }
+            if last {
                 f.set_len(*at)
                     .and_then(|()| f.sync_all())
                     .map_err(Error::io("truncating checkpoints file", &path))?;
