@@ -115,8 +115,10 @@ pub enum Error {
         /// The stream it was written to.
         existing_stream: String,
     },
-    /// A sync to disk failed earlier; the log accepts no more writes (reads still work),
-    /// because a retried sync cannot prove that earlier writes reached the disk.
+    /// A sync to disk failed (now, or earlier); the log accepts no more writes (reads still
+    /// work), because a retried sync cannot prove that earlier writes reached the disk. For
+    /// the append that met the failed sync the outcome is unknown: its records may have
+    /// reached the disk, and a restart finds the batch whole or not at all.
     #[error("the log stopped accepting writes after a failed sync")]
     Poisoned {
         /// The failure that poisoned the log.
@@ -149,6 +151,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a failed append may still have written its batch: true for
+    /// [`Error::Poisoned`] (the sync that was to make it durable failed, after the records
+    /// were written), false for every refusal, which writes nothing. Find out after a
+    /// restart by retrying with the same event ids (idempotent), as with any store whose
+    /// acknowledgement was lost.
+    #[must_use]
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Error::Poisoned { .. })
+    }
+
     pub(crate) fn io(
         op: &'static str,
         path: impl Into<PathBuf>,

@@ -33,7 +33,12 @@ fn files_an_open_creates_are_durable_names_before_it_returns() {
     let sim = SimFs::new(1);
     let log = Log::open(dir(), options(&sim)).unwrap();
     let names = durable(&sim, &dir());
-    for f in ["tally.meta", "tally.key", "tally.checkpoints", "merkle.tree"] {
+    for f in [
+        "tally.meta",
+        "tally.key",
+        "tally.checkpoints",
+        "merkle.tree",
+    ] {
         assert!(
             names.iter().any(|n| n == f),
             "{f} is not a durable name after open: {names:?}"
@@ -78,4 +83,57 @@ fn a_key_write_cut_short_leaves_no_key_file_that_refuses_the_next_open() {
     let log = Log::open(dir(), options(&sim)).expect("a half-written key must not stop the log");
     assert!(log.public_key().is_some());
     log.close().unwrap();
+}
+
+/// `Log::append` documents: on `Poisoned` the outcome is unknown, and a retry with the same
+/// ids after a restart tells. Both outcomes happen: the records are in the page cache, so a
+/// crash keeps them and a power cut loses them.
+#[test]
+fn an_append_whose_sync_failed_has_an_unknown_outcome_that_a_retry_settles() {
+    for power_cut in [false, true] {
+        let sim = SimFs::new(4);
+        let log = Log::open(dir(), options(&sim)).unwrap();
+        let first = log
+            .append(
+                "trade-1",
+                ExpectedVersion::NoStream,
+                &[EventData::json("TradeNew", "{}")],
+            )
+            .unwrap();
+        let batch = [
+            EventData::json("TradeAmended", r#"{"qty":"5"}"#).with_id(tally_engine::new_event_id()),
+            EventData::json("TradeAmended", r#"{"qty":"6"}"#).with_id(tally_engine::new_event_id()),
+        ];
+        log.inject_sync_failure();
+        let err = log
+            .append("trade-1", ExpectedVersion::Exact(0), &batch)
+            .unwrap_err();
+        assert!(err.is_outcome_unknown(), "{err}");
+        assert!(
+            !tally_engine::Error::Closed.is_outcome_unknown(),
+            "a refusal writes nothing"
+        );
+        log.crash();
+        if power_cut {
+            sim.power_cut(&Cut::clean());
+        }
+        let log = Log::open(dir(), options(&sim)).unwrap();
+        let found = log
+            .read_stream("trade-1", 0, 10, tally_engine::Direction::Forward)
+            .unwrap()
+            .len();
+        assert_eq!(found, if power_cut { 1 } else { 3 }, "whole or not at all");
+        let retried = log.append("trade-1", ExpectedVersion::Exact(0), &batch);
+        let r = retried.unwrap_or_else(|e| panic!("power cut {power_cut}: {e}"));
+        assert_eq!((r.first_version, r.last_version), (1, 2));
+        assert_eq!(
+            log.read_stream("trade-1", 0, 10, tally_engine::Direction::Forward)
+                .unwrap()
+                .len(),
+            3,
+            "the retry wrote the batch once"
+        );
+        assert_eq!(first.first_version, 0);
+        log.close().unwrap();
+    }
 }

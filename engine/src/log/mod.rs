@@ -673,8 +673,11 @@ impl Log {
     /// # Errors
     /// [`Error::WrongExpectedVersion`], [`Error::InvalidEvent`], [`Error::InvalidAppend`],
     /// [`Error::BatchTooLarge`], [`Error::PartialDuplicate`], [`Error::DuplicateEventId`],
-    /// [`Error::Poisoned`], [`Error::Closed`], [`Error::ReadOnly`]. On any error nothing of
-    /// the batch was written.
+    /// [`Error::Poisoned`], [`Error::Closed`], [`Error::ReadOnly`]. On
+    /// [`Error::Poisoned`] the outcome is unknown ([`Error::is_outcome_unknown`]): the
+    /// batch may have reached the disk before the sync failed, so after a restart it is
+    /// found whole or not at all; retry it there with the same event ids, which returns the
+    /// first result if it was written. On any other error nothing of the batch was written.
     pub fn append(
         &self,
         stream: &str,
