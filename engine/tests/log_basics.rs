@@ -387,6 +387,24 @@ fn reads_span_segment_rolls_in_both_directions_and_survive_reopen() {
     log.verify().unwrap();
 }
 
+/// A lock being released (by a child process that inherited the lock's open file
+/// description between its fork and exec, as a test harness or tallyd spawning a process
+/// does) is waited for briefly: close-then-open in one process is reliable.
+#[test]
+fn an_open_waits_briefly_for_a_lock_being_released() {
+    let dir = tempfile::tempdir().unwrap();
+    Log::open(dir.path(), opts()).unwrap().close().unwrap();
+    let held = std::fs::File::open(dir.path().join("tally.lock")).unwrap();
+    held.try_lock().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(held);
+    });
+    let log = Log::open(dir.path(), opts()).expect("the lock was released within the wait");
+    release.join().unwrap();
+    log.close().unwrap();
+}
+
 #[test]
 fn a_second_opener_is_refused() {
     let dir = tempfile::tempdir().unwrap();

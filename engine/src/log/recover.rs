@@ -213,7 +213,30 @@ fn lock_dir(fs: &Storage, dir: &Path) -> Result<Box<dyn FsFile>> {
     let f = fs
         .open(&path, OpenMode::Create)
         .map_err(io("opening lock file", &path))?;
-    match f.try_lock(true) {
+    // A lock held a moment longer than its holder (a child process forked by another
+    // thread keeps the open file description until it execs) is waited for briefly, so
+    // that close-then-open is reliable; a live log holding it is refused after the wait.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match f.try_lock(true) {
+            Ok(TryLock::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break lock_outcome(other, f, dir, path),
+        }
+    }
+}
+
+/// How long an open waits for a lock that another holder is releasing.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn lock_outcome(
+    tried: std::io::Result<TryLock>,
+    f: Box<dyn FsFile>,
+    dir: &Path,
+    path: PathBuf,
+) -> Result<Box<dyn FsFile>> {
+    match tried {
         Ok(TryLock::Acquired) => Ok(f),
         Ok(TryLock::WouldBlock) => Err(Error::Locked {
             dir: dir.to_owned(),
