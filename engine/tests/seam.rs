@@ -137,3 +137,95 @@ fn an_append_whose_sync_failed_has_an_unknown_outcome_that_a_retry_settles() {
         log.close().unwrap();
     }
 }
+
+#[test]
+fn verify_runs_after_a_seal_interrupted_before_its_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || Options {
+        segment_bytes: 64 * 1024,
+        durability: Durability::None,
+        ..Options::default()
+    };
+    let log = Log::open(dir.path(), opts()).unwrap();
+    for i in 0..400 {
+        log.append(
+            &format!("trade-{}", i % 7),
+            ExpectedVersion::Any,
+            &[EventData::json(
+                "TradeNew",
+                format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(300)),
+            )],
+        )
+        .unwrap();
+    }
+    log.wait_sealed().unwrap();
+    let seq = log
+        .segments()
+        .iter()
+        .filter(|s| s.sealed)
+        .last()
+        .unwrap()
+        .seq;
+    log.crash();
+    std::fs::remove_file(dir.path().join(seq.index_file_name())).unwrap();
+    let ro = Log::open(
+        dir.path(),
+        Options {
+            recovery: tally_engine::RecoveryMode::ReadOnly,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let report = ro
+        .verify()
+        .unwrap_or_else(|e| panic!("verify could not run: {e}"));
+    assert!(report.sidecars_missing.contains(&seq), "{report:?}");
+}
+
+/// SERVER_INFO, checkpoint lists and notes read the published checkpoints: they never wait
+/// for a checkpoint in progress (which syncs the records and the Merkle tree first).
+#[test]
+fn checkpoint_readers_do_not_wait_for_a_checkpoint_in_progress() {
+    use std::sync::Arc;
+    use tally_engine::sim::{Fault, FaultKind, FaultOp};
+    let sim = SimFs::new(5);
+    let log = Arc::new(Log::open(dir(), options(&sim)).unwrap());
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[EventData::json("TradeNew", "{}")],
+    )
+    .unwrap();
+    let first = log.checkpoint().unwrap();
+    log.append(
+        "trade-1",
+        ExpectedVersion::Exact(0),
+        &[EventData::json("TradeAmended", "{}")],
+    )
+    .unwrap();
+    // The next checkpoint's tree sync takes three seconds.
+    sim.inject(Fault {
+        op: FaultOp::Sync,
+        path_contains: Some("merkle.tree".into()),
+        skip: 0,
+        kind: FaultKind::SlowSync(std::time::Duration::from_secs(3)),
+        times: 1,
+    });
+    let l = Arc::clone(&log);
+    let slow = std::thread::spawn(move || l.checkpoint().unwrap());
+    while sim.faults_fired() == 0 {
+        std::thread::yield_now();
+    }
+    assert_eq!(log.checkpoint_count(), 1);
+    assert_eq!(log.latest_checkpoint(), Some(first));
+    assert_eq!(log.checkpoints(), vec![first]);
+    assert!(log.checkpoint_note(None).unwrap().is_some());
+    assert!(log.public_key().is_some());
+    assert!(
+        !slow.is_finished(),
+        "the readers above returned while the checkpoint was still syncing"
+    );
+    let second = slow.join().unwrap();
+    assert_eq!(log.latest_checkpoint(), Some(second));
+    Arc::into_inner(log).unwrap().close().unwrap();
+}

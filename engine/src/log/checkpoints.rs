@@ -365,6 +365,7 @@ impl Checkpoints {
                 .map_err(Error::io("syncing directory", &shared.dir))?;
         }
         self.list.push(cp);
+        shared.signed.write().push(cp);
         if let Some(key_path) = &self.key_path {
             ledger::record(shared.fs(), key_path, &cp)?;
         }

@@ -1128,19 +1128,19 @@ impl Log {
     /// Every signed checkpoint of the log, oldest first.
     #[must_use]
     pub fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        shared::lock(&self.shared.checkpoints).list.clone()
+        self.shared.signed.read().clone()
     }
 
     /// The newest signed checkpoint, without copying the list.
     #[must_use]
     pub fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
-        shared::lock(&self.shared.checkpoints).list.last().cloned()
+        self.shared.signed.read().last().copied()
     }
 
     /// How many signed checkpoints the log has.
     #[must_use]
     pub fn checkpoint_count(&self) -> usize {
-        shared::lock(&self.shared.checkpoints).list.len()
+        self.shared.signed.read().len()
     }
 
     /// A damaged entry of the checkpoints file found by a read-only open: its byte offset
@@ -1158,13 +1158,13 @@ impl Log {
     /// I/O errors reading the cosignatures file.
     pub fn checkpoint_note(&self, id: Option<u64>) -> Result<Option<crate::format::note::Note>> {
         let cp = {
-            let cps = shared::lock(&self.shared.checkpoints);
+            let cps = self.shared.signed.read();
             match id {
-                None => cps.list.last().copied(),
+                None => cps.last().copied(),
                 Some(id) => usize::try_from(id)
                     .ok()
                     .and_then(|i| i.checked_sub(1))
-                    .and_then(|i| cps.list.get(i).copied()),
+                    .and_then(|i| cps.get(i).copied()),
             }
         };
         let Some(cp) = cp else { return Ok(None) };
@@ -1197,7 +1197,7 @@ impl Log {
         let cp = usize::try_from(checkpoint_id)
             .ok()
             .and_then(|id| id.checked_sub(1))
-            .and_then(|i| shared::lock(&self.shared.checkpoints).list.get(i).copied())
+            .and_then(|i| self.shared.signed.read().get(i).copied())
             .ok_or_else(|| Error::InvalidOptions {
                 reason: format!("the log has no checkpoint {checkpoint_id}"),
             })?;
@@ -1208,7 +1208,7 @@ impl Log {
     /// read-only log).
     #[must_use]
     pub fn public_key(&self) -> Option<[u8; 32]> {
-        shared::lock(&self.shared.checkpoints).public_key()
+        self.shared.public_key.get().copied().flatten()
     }
 
     /// The Merkle root over the record hashes of positions `0..tree_size`.

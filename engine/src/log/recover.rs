@@ -335,6 +335,8 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         rebuilt: Mutex::new(Vec::new()),
         tree: Mutex::new(Tree::empty(seed)),
         checkpoints: Mutex::new(Checkpoints::empty()),
+        signed: parking_lot::RwLock::new(Vec::new()),
+        public_key: OnceLock::new(),
         producers: parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
         checkpoint_due: Mutex::new(false),
         checkpoint_cv: Condvar::new(),
@@ -716,6 +718,8 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         .last()
         .map(|c| (c.statement.tree_size, c.statement.root));
     report.checkpoint_tail_truncated = cps.truncated_at;
+    shared.signed.write().clone_from(&cps.list);
+    let _ = shared.public_key.set(cps.public_key());
     *lock(&shared.checkpoints) = cps;
     let mut tree = open_tree(&shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;

@@ -185,8 +185,15 @@ pub(crate) struct Shared {
     pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
     /// The log's Merkle tree. Lock order: `checkpoints`, then `tree`, then `writer`.
     pub(crate) tree: Mutex<Tree>,
-    /// Signed checkpoints and the signing key.
+    /// Signed checkpoints and the signing key. Held for a whole checkpoint (sync, tree,
+    /// signature): readers use `signed` and `public_key` instead.
     pub(crate) checkpoints: Mutex<Checkpoints>,
+    /// The signed checkpoints, published after each is durable: what readers (checkpoint
+    /// lists, notes, SERVER_INFO) see without waiting for a checkpoint in progress. A leaf
+    /// lock: taken last, held only to copy.
+    pub(crate) signed: parking_lot::RwLock<Vec<crate::format::checkpoint::SignedCheckpoint>>,
+    /// The public half of the signing key (`None` for a read-only log), set at open.
+    pub(crate) public_key: OnceLock<Option<[u8; 32]>>,
     /// Producer keys and the signing policy (`$producers`), read by every append and
     /// written only by the producer registration operations, which hold it for writing
     /// around their own append so that every append is ordered after or before them.
