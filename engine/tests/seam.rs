@@ -229,3 +229,47 @@ fn checkpoint_readers_do_not_wait_for_a_checkpoint_in_progress() {
     assert_eq!(log.latest_checkpoint(), Some(second));
     Arc::into_inner(log).unwrap().close().unwrap();
 }
+
+/// A spare numbered past a gap (brought back by a power cut after a truncating recovery
+/// removed it and the segments before it) is discarded at open, durably, and rolls go on.
+#[test]
+fn a_spare_past_a_gap_is_discarded_at_open_and_rolls_go_on() {
+    let sim = SimFs::new(6);
+    let log = Log::open(dir(), options(&sim)).unwrap();
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[EventData::json("TradeNew", "{}")],
+    )
+    .unwrap();
+    log.close().unwrap();
+    let names = durable(&sim, &dir());
+    let segs: Vec<&String> = names.iter().filter(|n| n.ends_with(".seg")).collect();
+    // Segment 0 and its spare 1 exist; 5 is past a gap.
+    assert_eq!(segs.len(), 2, "{names:?}");
+    let past_gap = dir().join(tally_engine::SegmentSeq(5).file_name());
+    sim.write_file(&past_gap, &vec![0u8; 64 * 1024]).unwrap();
+    let log = Log::open(dir(), options(&sim)).unwrap();
+    assert!(
+        !durable(&sim, &dir())
+            .iter()
+            .any(|n| n.ends_with("00005.seg")),
+        "the spare past the gap is removed, durably"
+    );
+    let mut v = 0;
+    for _ in 0..200 {
+        log.append(
+            "trade-1",
+            ExpectedVersion::Exact(v),
+            &[EventData::json(
+                "TradeAmended",
+                format!(r#"{{"pad":"{}"}}"#, "x".repeat(1500)),
+            )],
+        )
+        .unwrap();
+        v += 1;
+    }
+    assert!(log.segments().len() >= 5, "rolled past the old gap");
+    log.verify().unwrap();
+    log.close().unwrap();
+}
