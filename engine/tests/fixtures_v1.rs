@@ -204,7 +204,12 @@ fn manifest_line(e: &ExpectedEvent) -> String {
 }
 
 fn read_manifest() -> Expected {
-    let text = std::fs::read_to_string(fixture_dir().join("expected.tsv"))
+    read_manifest_from(&fixture_dir())
+}
+
+/// The manifest `expected.tsv` in `dir` (the golden fixture's, or a freshly written one's).
+fn read_manifest_from(dir: &Path) -> Expected {
+    let text = std::fs::read_to_string(dir.join("expected.tsv"))
         .expect("engine/tests/fixtures/v1/expected.tsv");
     let mut log_id = None;
     let (mut files, mut segments, mut events) = (Vec::new(), Vec::new(), Vec::new());
@@ -319,12 +324,26 @@ fn make_event(position: u64) -> EventData {
     e
 }
 
+/// With `TALLY_WRITE_FIXTURES=1`, writes the golden fixture (once). Always, writes the same
+/// kind of log into a temporary directory and holds it to the checks the golden fixture
+/// passes (documented offsets, chain, contents), so that the generator and those checks
+/// cannot drift apart unnoticed.
 #[test]
 fn write_fixture_when_asked() {
-    if std::env::var("TALLY_WRITE_FIXTURES").as_deref() != Ok("1") {
-        return;
+    if std::env::var("TALLY_WRITE_FIXTURES").as_deref() == Ok("1") {
+        write_fixture(&fixture_dir());
     }
-    let dir = fixture_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    write_fixture(tmp.path());
+    let m = read_manifest_from(tmp.path());
+    check_shape(&m);
+    check_documented_offsets(&tmp.path().join("log"), &m);
+    let log = Log::open(tmp.path().join("log"), opts(RecoveryMode::ReadOnly)).unwrap();
+    check_contents(&log, &m);
+}
+
+/// Writes a version 1 log with the fixture's events and its manifest into `dir`.
+fn write_fixture(dir: &Path) {
     let log_dir = dir.join("log");
     assert!(
         !log_dir.exists(),
@@ -332,7 +351,14 @@ fn write_fixture_when_asked() {
          GOLDEN_FIRST_HEADER_HEX)",
         log_dir.display()
     );
-    let log = Log::open(&log_dir, opts(RecoveryMode::Strict)).unwrap();
+    let log = Log::open(
+        &log_dir,
+        Options {
+            format_version: 1,
+            ..opts(RecoveryMode::Strict)
+        },
+    )
+    .unwrap();
     let streams = ["trade-1", "trade-2", "konto-ø1", "audit"];
     let mut versions: HashMap<&str, u64> = HashMap::new();
     let mut flags: Vec<u16> = Vec::new();
@@ -453,6 +479,20 @@ fn write_fixture_when_asked() {
     println!("GOLDEN_FIRST_HEADER_HEX = {}", hex(&seg0[4096..4176]));
 }
 
+/// The fixture has sealed segments and an active one with records.
+fn check_shape(m: &Expected) {
+    assert!(
+        m.segments.iter().filter(|s| s.sealed).count() >= 2,
+        "the fixture has sealed segments"
+    );
+    assert!(
+        m.segments
+            .last()
+            .is_some_and(|s| !s.sealed && s.record_count > 0),
+        "the fixture has an active segment with records"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Checking the fixture.
 
@@ -490,16 +530,7 @@ fn fixture_directory_is_as_the_engine_left_it() {
         .map(|(n, b)| (n, b.len() as u64))
         .collect();
     assert_eq!(on_disk, m.files);
-    assert!(
-        m.segments.iter().filter(|s| s.sealed).count() >= 2,
-        "the fixture has sealed segments"
-    );
-    assert!(
-        m.segments
-            .last()
-            .is_some_and(|s| !s.sealed && s.record_count > 0),
-        "the fixture has an active segment with records"
-    );
+    check_shape(&m);
 }
 
 #[test]
@@ -612,9 +643,12 @@ fn check_record(seg: &[u8], at: usize, prev: &[u8; 32], e: &ExpectedEvent) -> us
 
 #[test]
 fn fixture_bytes_decode_with_the_documented_offsets() {
-    let m = read_manifest();
-    let dir = fixture_dir().join("log");
+    check_documented_offsets(&fixture_dir().join("log"), &read_manifest());
+}
 
+/// Decodes every byte of the log in `dir` with the offsets docs/FORMAT.md gives and checks
+/// it against the manifest `m`.
+fn check_documented_offsets(dir: &Path, m: &Expected) {
     // tally.meta
     let meta = std::fs::read(dir.join("tally.meta")).unwrap();
     assert_eq!(meta.len(), 64);
