@@ -381,7 +381,12 @@ fn manifest_line(e: &ExpectedEvent) -> String {
 }
 
 fn read_manifest() -> Expected {
-    let text = std::fs::read_to_string(fixture_dir().join(MANIFEST_FILE))
+    read_manifest_from(&fixture_dir())
+}
+
+/// The manifest in `root` (the golden fixture's, or a freshly written one's).
+fn read_manifest_from(root: &Path) -> Expected {
+    let text = std::fs::read_to_string(root.join(MANIFEST_FILE))
         .expect("engine/tests/fixtures/v2/expected.tsv");
     let mut log_id = None;
     let mut m = Expected {
@@ -693,12 +698,25 @@ fn files_under(root: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// With `TALLY_WRITE_FIXTURES=1`, writes the golden fixture (once). Always, writes the same
+/// kind of log into a temporary directory and holds it to the byte-level checks the golden
+/// fixture passes, so that the generator and those checks cannot drift apart unnoticed.
 #[test]
 fn write_fixture_when_asked() {
-    if std::env::var("TALLY_WRITE_FIXTURES").as_deref() != Ok("1") {
-        return;
+    if std::env::var("TALLY_WRITE_FIXTURES").as_deref() == Ok("1") {
+        write_fixture(&fixture_dir());
     }
-    let dir = fixture_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("v2");
+    write_fixture(&root);
+    let m = read_manifest_from(&root);
+    check_documented_offsets(&root, &m);
+}
+
+/// Writes a version 2 log with the fixture's events, keys, checkpoints and cosignatures, and
+/// its manifest, into `dir`.
+fn write_fixture(dir: &Path) {
+    let dir = dir.to_owned();
     assert!(
         !dir.exists(),
         "{} exists: a golden fixture is written once (delete it to start over, and update \
@@ -1156,8 +1174,13 @@ struct OpenBatch {
 
 #[test]
 fn fixture_bytes_decode_with_the_documented_offsets() {
-    let m = read_manifest();
-    let dir = fixture_dir().join("log");
+    check_documented_offsets(&fixture_dir(), &read_manifest());
+}
+
+/// Decodes the log under `root` (a fixture directory) with the offsets docs/FORMAT.md gives
+/// and checks it against the manifest `m`.
+fn check_documented_offsets(root: &Path, m: &Expected) {
+    let dir = root.join("log");
     let producer_key = public_of(&PRODUCER_SEED);
 
     // tally.meta
@@ -1368,7 +1391,7 @@ fn fixture_bytes_decode_with_the_documented_offsets() {
             .and_then(|n| n.strip_suffix(".seg"))
             .and_then(|d| d.parse().ok());
         if seq.is_some_and(|q| m.segments.iter().all(|s| s.seq != q)) {
-            let bytes = std::fs::read(fixture_dir().join(name)).unwrap();
+            let bytes = std::fs::read(root.join(name)).unwrap();
             assert!(is_zero(&bytes), "spare {name} is all zero");
         }
     }
