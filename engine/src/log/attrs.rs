@@ -576,7 +576,7 @@ pub(crate) fn indexer(shared: &Shared) {
             }
             // A failure (damage in a record) is not this thread's to report: the next
             // lookup meets the same damage and returns it, and verify names it.
-            match lock(&shared.attrs).catch_up_step(shared, visible) {
+            match shared.attrs.lock().catch_up_step(shared, visible) {
                 Ok(true) => {}
                 Ok(false) | Err(_) => break,
             }

@@ -89,7 +89,9 @@ fn checkpointer(shared: &Shared) {
         {
             return;
         }
-        let last = lock(&shared.checkpoints)
+        let last = shared
+            .checkpoints
+            .lock()
             .list
             .last()
             .map_or(0, |c| c.statement.tree_size);
@@ -105,7 +107,7 @@ fn checkpointer(shared: &Shared) {
             let _ = super::checkpoints::checkpoint(shared, false);
             last_time = Instant::now();
         } else if grown > 0 {
-            let mut tree = lock(&shared.tree);
+            let mut tree = shared.tree.lock();
             let _ = tree.catch_up(shared, Position(visible));
         }
     }
@@ -124,7 +126,7 @@ pub(crate) fn abandon_seal_queue(shared: &Shared) {
 }
 
 fn preparer(shared: &Shared) {
-    let mut spares = lock(&shared.spares);
+    let mut spares = shared.spares.lock();
     loop {
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
@@ -135,10 +137,7 @@ fn preparer(shared: &Shared) {
             .wanted
             .filter(|w| spares.error.is_none() && spares.prepared.is_none_or(|p| *w > p));
         let Some(seq) = next else {
-            spares = shared
-                .spares_cv
-                .wait(spares)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            spares = spares.wait(&shared.spares_cv);
             continue;
         };
         drop(spares);
@@ -149,7 +148,7 @@ fn preparer(shared: &Shared) {
             shared.opts.segment_bytes,
             shared.opts.durability,
         );
-        spares = lock(&shared.spares);
+        spares = shared.spares.lock();
         match result {
             Ok(path) => {
                 spares.ready.push((seq, path));
@@ -207,7 +206,7 @@ fn is_untouched_spare(fs: &Storage, path: &Path, bytes: u64) -> bool {
 }
 
 pub(crate) fn request_spare(shared: &Shared, seq: SegmentSeq) {
-    let mut s = lock(&shared.spares);
+    let mut s = shared.spares.lock();
     if s.wanted.is_none_or(|w| w < seq) {
         s.wanted = Some(seq);
     }
@@ -223,7 +222,7 @@ pub(crate) fn activate_spare(
 ) -> Result<(Arc<SegmentHandle>, MapWriter)> {
     request_spare(shared, seq);
     let path = {
-        let mut s = lock(&shared.spares);
+        let mut s = shared.spares.lock();
         loop {
             if let Some(i) = s.ready.iter().position(|(q, _)| *q == seq) {
                 break s.ready.swap_remove(i).1;
@@ -244,10 +243,7 @@ pub(crate) fn activate_spare(
                 s.prepared.is_none_or(|p| p < seq),
                 "spare {seq} was prepared and taken before, or removed without resetting the mark"
             );
-            s = shared
-                .spares_cv
-                .wait(s)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s = s.wait(&shared.spares_cv);
         }
     };
     let opened = shared
@@ -262,7 +258,7 @@ pub(crate) fn activate_spare(
         Ok(o) => o,
         Err(e) => {
             // Keep the spare for the next attempt (a transient EMFILE or ENOMEM).
-            lock(&shared.spares).ready.push((seq, path.clone()));
+            shared.spares.lock().ready.push((seq, path.clone()));
             return Err(Error::Io {
                 op: "opening segment",
                 path,
@@ -285,11 +281,11 @@ pub(crate) fn activate_spare(
 }
 
 pub(crate) fn send_seal(shared: &Shared, job: SealJob) {
-    *lock(&shared.sealing) += 1;
+    *shared.sealing.lock() += 1;
     let sent = lock(&shared.seal_tx).as_ref().map(|tx| tx.send(job));
     if !matches!(sent, Some(Ok(()))) {
         // No sealer (closing): the next open seals the segment.
-        *lock(&shared.sealing) -= 1;
+        *shared.sealing.lock() -= 1;
     }
 }
 
@@ -321,7 +317,7 @@ fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
                 }
             }
         }
-        *lock(&shared.sealing) -= 1;
+        *shared.sealing.lock() -= 1;
         shared.sealing_cv.notify_all();
     }
 }
@@ -731,13 +727,13 @@ fn flusher(shared: &Shared) {
         match shared.opts.durability {
             Durability::Fsync if pending && !c.syncing => c = shared.lead_sync(c),
             Durability::Fsync if pending => {
-                shared.commit_cv.wait(&mut c);
+                shared.commit_cv.wait(c.inner());
             }
             Durability::Batched { max_delay } if pending => {
                 // Let the batch gather for max_delay, then sync everything written.
-                shared.flush_cv.wait_for(&mut c, max_delay);
+                shared.flush_cv.wait_for(c.inner(), max_delay);
                 while c.syncing {
-                    shared.commit_cv.wait(&mut c);
+                    shared.commit_cv.wait(c.inner());
                 }
                 if c.written > c.durable && !shared.shutdown.load(Ordering::SeqCst) {
                     c = shared.lead_sync(c);
@@ -745,7 +741,9 @@ fn flusher(shared: &Shared) {
             }
             _ => {
                 c.flusher_idle = true;
-                shared.flush_cv.wait_for(&mut c, Duration::from_millis(200));
+                shared
+                    .flush_cv
+                    .wait_for(c.inner(), Duration::from_millis(200));
                 c.flusher_idle = false;
             }
         }

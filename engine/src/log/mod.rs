@@ -16,6 +16,7 @@ mod background;
 mod checkpoints;
 mod cosignatures;
 mod ids;
+mod order;
 pub mod producers;
 mod read;
 mod recover;
@@ -961,7 +962,7 @@ impl Log {
     /// [`Error::InvalidOptions`] for a field with an empty value; [`Error::Corrupt`] when a
     /// record read is damaged; I/O errors writing a sidecar.
     pub fn find(&self, query: &Query<'_>) -> Result<Vec<RecordedEvent>> {
-        shared::lock(&self.shared.attrs).find(&self.shared, query)
+        self.shared.attrs.lock().find(&self.shared, query)
     }
 
     /// The first position whose record time is at or after `t` (the next position if
@@ -972,7 +973,7 @@ impl Log {
     /// # Errors
     /// As [`Log::find`].
     pub fn position_at(&self, t: Timestamp) -> Result<Position> {
-        shared::lock(&self.shared.attrs).position_at(&self.shared, t)
+        self.shared.attrs.lock().position_at(&self.shared, t)
     }
 
     /// What the log knows about `stream`, or `None` if it has no visible events.
@@ -1147,7 +1148,7 @@ impl Log {
     /// and cause. (A writable open refuses such a file.)
     #[must_use]
     pub fn checkpoints_damage(&self) -> Option<(u64, DecodeError)> {
-        shared::lock(&self.shared.checkpoints).damage.clone()
+        self.shared.checkpoints.lock().damage.clone()
     }
 
     /// Checkpoint `id` (the latest when `None`) as a signed note: its body, the log's
@@ -1273,7 +1274,7 @@ impl Log {
                 size: visible.0,
             }));
         }
-        let mut tree = shared::lock(&self.shared.tree);
+        let mut tree = self.shared.tree.lock();
         if tree.heads.is_none() {
             return Err(invalid_options(
                 "a stream head proof needs a log of format version 2",
@@ -1343,7 +1344,7 @@ impl Log {
                 size: visible.0,
             }));
         }
-        let mut tree = shared::lock(&self.shared.tree);
+        let mut tree = self.shared.tree.lock();
         tree.catch_up(&self.shared, Position(tree_size))?;
         if let Some(out) = f(&mut tree.source(&self.shared))? {
             return Ok(out);

@@ -28,6 +28,7 @@ use super::background::{
 };
 use super::checkpoints::{Checkpoints, load_or_create_key};
 use super::ids::{IdSlot, IdWindow};
+use super::order::{Ordered, Rank};
 use super::shared::{CommitState, SegState, SegmentHandle, Shared, Spares, lock};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
 use super::tree::{Tree, open_tree};
@@ -301,8 +302,11 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         meta,
         seed,
         read_only,
-        writer: parking_lot::Mutex::new(None),
-        commit: parking_lot::Mutex::new(CommitState::default()),
+        writer: Ordered::new(Rank::Writer, parking_lot::Mutex::new(None)),
+        commit: Ordered::new(
+            Rank::Commit,
+            parking_lot::Mutex::new(CommitState::default()),
+        ),
         commit_cv: parking_lot::Condvar::new(),
         flush_cv: parking_lot::Condvar::new(),
         visible: AtomicU64::new(0),
@@ -312,20 +316,23 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         tail_cv: Condvar::new(),
         tail_waiters: AtomicUsize::new(0),
         segments: RwLock::new(Vec::new()),
-        spares: Mutex::new(Spares {
-            prepared: spares
-                .iter()
-                .map(|(s, _)| *s)
-                .chain(found.iter().map(|f| f.seq))
-                .chain(torn_newest.iter().map(|t| t.0))
-                .max(),
-            ready: spares,
-            wanted: None,
-            error: None,
-        }),
+        spares: Ordered::new(
+            Rank::Spares,
+            Mutex::new(Spares {
+                prepared: spares
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .chain(found.iter().map(|f| f.seq))
+                    .chain(torn_newest.iter().map(|t| t.0))
+                    .max(),
+                ready: spares,
+                wanted: None,
+                error: None,
+            }),
+        ),
         spares_cv: Condvar::new(),
         seal_tx: Mutex::new(None),
-        sealing: Mutex::new(0),
+        sealing: Ordered::new(Rank::Sealing, Mutex::new(0)),
         sealing_cv: Condvar::new(),
         shutdown: AtomicBool::new(false),
         abandon_seals: AtomicBool::new(false),
@@ -333,16 +340,19 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         lock_file: Mutex::new(lock_file),
         closed: AtomicBool::new(false),
         rebuilt: Mutex::new(Vec::new()),
-        tree: Mutex::new(Tree::empty(seed)),
-        checkpoints: Mutex::new(Checkpoints::empty()),
-        signed: parking_lot::RwLock::new(Vec::new()),
+        tree: Ordered::new(Rank::Tree, Mutex::new(Tree::empty(seed))),
+        checkpoints: Ordered::new(Rank::Checkpoints, Mutex::new(Checkpoints::empty())),
+        signed: Ordered::new(Rank::Signed, parking_lot::RwLock::new(Vec::new())),
         public_key: OnceLock::new(),
-        producers: parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
+        producers: Ordered::new(
+            Rank::Producers,
+            parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
+        ),
         checkpoint_due: Mutex::new(false),
         checkpoint_cv: Condvar::new(),
         checkpointer: Mutex::new(None),
         shutdown_checkpoints: AtomicBool::new(false),
-        attrs: Mutex::new(super::attrs::Attrs::default()),
+        attrs: Ordered::new(Rank::Attrs, Mutex::new(super::attrs::Attrs::default())),
         indexer_wake: Mutex::new(false),
         indexer_cv: Condvar::new(),
         indexer: Mutex::new(None),
@@ -497,7 +507,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     if truncated && !read_only {
         // Segment files after the new end are gone; spares prepared after them would leave
         // a gap in the numbering, so they go too and are prepared again.
-        let mut spares = lock(&shared.spares);
+        let mut spares = shared.spares.lock();
         let removed_spares = !spares.ready.is_empty();
         for (_, path) in spares.ready.drain(..) {
             fs.remove_file(&path)
@@ -700,7 +710,17 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
-    let mut cps = Checkpoints::open(&shared, key, checkpoints_read_before)?;
+    // The last checkpoint the key's ledger says it signed for this log: entries up to it
+    // were acknowledged, so damage there is never cut off as an interrupted write.
+    let recorded = if read_only {
+        None
+    } else {
+        let ledger = super::checkpoints::ledger::path_for(&key_path);
+        super::checkpoints::ledger::read(fs, &ledger)?
+            .get(&shared.meta.log_id)
+            .map(|s| s.id)
+    };
+    let mut cps = Checkpoints::open(&shared, key, checkpoints_read_before, recorded)?;
     if !read_only {
         // Refuse to sign after checkpoints were removed or replaced (laundering).
         let ledger = super::checkpoints::ledger::path_for(&key_path);
@@ -720,7 +740,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     report.checkpoint_tail_truncated = cps.truncated_at;
     shared.signed.write().clone_from(&cps.list);
     let _ = shared.public_key.set(cps.public_key());
-    *lock(&shared.checkpoints) = cps;
+    *shared.checkpoints.lock() = cps;
     let mut tree = open_tree(&shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;
     if shared.meta.layout == crate::format::record::Layout::V2 {
@@ -742,7 +762,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         debug_assert_eq!(tree.size(), shared.visible_position().0);
         tree.heads = Some(heads);
     }
-    *lock(&shared.tree) = tree;
+    *shared.tree.lock() = tree;
     // The producer keys and signing policy, from their system stream.
     {
         let mut policy = super::producers::ProducerPolicy::default();
@@ -1428,7 +1448,9 @@ fn make_writer(
             ids,
         });
     }
-    let have_spare = lock(&shared.spares)
+    let have_spare = shared
+        .spares
+        .lock()
         .ready
         .iter()
         .any(|(s, _)| *s == next_seq);
@@ -1444,7 +1466,7 @@ fn make_writer(
             "preparing segment",
             &shared.dir.join(next_seq.file_name()),
         ))?;
-        let mut spares = lock(&shared.spares);
+        let mut spares = shared.spares.lock();
         spares.ready.push((next_seq, path));
         spares.prepared = spares.prepared.max(Some(next_seq));
     }

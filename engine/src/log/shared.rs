@@ -16,6 +16,7 @@ use std::time::Duration;
 use super::append::Writer;
 use super::background::SealJob;
 use super::checkpoints::Checkpoints;
+use super::order::{Ordered, OrderedGuard};
 use super::tree::Tree;
 use super::{Durability, Options, SegmentInfo};
 use crate::error::{Error, Result};
@@ -131,6 +132,9 @@ impl CommitState {
     }
 }
 
+/// The commit lock's guard.
+pub(crate) type CommitGuard<'a> = OrderedGuard<parking_lot::MutexGuard<'a, CommitState>>;
+
 /// Spare segment files prepared ahead of time.
 #[derive(Debug, Default)]
 pub(crate) struct Spares {
@@ -151,9 +155,9 @@ pub(crate) struct Shared {
     pub(crate) read_only: bool,
     /// The serial part of appends. `parking_lot`'s mutex, because with many appenders on
     /// few cores std's convoys (measured: see docs/adr/0004).
-    pub(crate) writer: parking_lot::Mutex<Option<Writer>>,
+    pub(crate) writer: Ordered<parking_lot::Mutex<Option<Writer>>>,
     /// Group-commit state (`parking_lot`, like the writer lock).
-    pub(crate) commit: parking_lot::Mutex<CommitState>,
+    pub(crate) commit: Ordered<parking_lot::Mutex<CommitState>>,
     /// Signalled when `durable` advances, or on poison or close.
     pub(crate) commit_cv: parking_lot::Condvar,
     /// Wakes the flusher thread.
@@ -169,11 +173,11 @@ pub(crate) struct Shared {
     pub(crate) tail_cv: Condvar,
     pub(crate) tail_waiters: AtomicUsize,
     pub(crate) segments: RwLock<Vec<Arc<SegmentHandle>>>,
-    pub(crate) spares: Mutex<Spares>,
+    pub(crate) spares: Ordered<Mutex<Spares>>,
     pub(crate) spares_cv: Condvar,
     pub(crate) seal_tx: Mutex<Option<mpsc::Sender<SealJob>>>,
     /// Segments handed to the sealer and not yet sealed.
-    pub(crate) sealing: Mutex<u64>,
+    pub(crate) sealing: Ordered<Mutex<u64>>,
     pub(crate) sealing_cv: Condvar,
     pub(crate) shutdown: AtomicBool,
     /// Set by a simulated crash: the sealer drops its queue.
@@ -184,20 +188,21 @@ pub(crate) struct Shared {
     /// Segments whose sidecar was rebuilt since open (for the recovery report).
     pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
     /// The log's Merkle tree. Lock order: `checkpoints`, then `tree`, then `writer`.
-    pub(crate) tree: Mutex<Tree>,
+    pub(crate) tree: Ordered<Mutex<Tree>>,
     /// Signed checkpoints and the signing key. Held for a whole checkpoint (sync, tree,
     /// signature): readers use `signed` and `public_key` instead.
-    pub(crate) checkpoints: Mutex<Checkpoints>,
+    pub(crate) checkpoints: Ordered<Mutex<Checkpoints>>,
     /// The signed checkpoints, published after each is durable: what readers (checkpoint
     /// lists, notes, SERVER_INFO) see without waiting for a checkpoint in progress. A leaf
     /// lock: taken last, held only to copy.
-    pub(crate) signed: parking_lot::RwLock<Vec<crate::format::checkpoint::SignedCheckpoint>>,
+    pub(crate) signed:
+        Ordered<parking_lot::RwLock<Vec<crate::format::checkpoint::SignedCheckpoint>>>,
     /// The public half of the signing key (`None` for a read-only log), set at open.
     pub(crate) public_key: OnceLock<Option<[u8; 32]>>,
     /// Producer keys and the signing policy (`$producers`), read by every append and
     /// written only by the producer registration operations, which hold it for writing
     /// around their own append so that every append is ordered after or before them.
-    pub(crate) producers: parking_lot::RwLock<super::producers::ProducerPolicy>,
+    pub(crate) producers: Ordered<parking_lot::RwLock<super::producers::ProducerPolicy>>,
     /// Set (and `checkpoint_cv` signalled) when a seal asks for a checkpoint.
     pub(crate) checkpoint_due: Mutex<bool>,
     pub(crate) checkpoint_cv: Condvar,
@@ -206,7 +211,7 @@ pub(crate) struct Shared {
     pub(crate) checkpointer: Mutex<Option<JoinHandle<()>>>,
     pub(crate) shutdown_checkpoints: AtomicBool,
     /// The attribute indexes. Lock order: `attrs`, then `writer`.
-    pub(crate) attrs: Mutex<super::attrs::Attrs>,
+    pub(crate) attrs: Ordered<Mutex<super::attrs::Attrs>>,
     /// Set (and `indexer_cv` signalled) to wake the indexer thread.
     pub(crate) indexer_wake: Mutex<bool>,
     pub(crate) indexer_cv: Condvar,
@@ -295,10 +300,7 @@ impl Shared {
 
     /// Syncs every dirty range as the leader. Called with the commit lock held and
     /// `syncing` false; returns with the lock held again.
-    pub(crate) fn lead_sync<'a>(
-        &'a self,
-        mut c: parking_lot::MutexGuard<'a, CommitState>,
-    ) -> parking_lot::MutexGuard<'a, CommitState> {
+    pub(crate) fn lead_sync<'a>(&'a self, mut c: CommitGuard<'a>) -> CommitGuard<'a> {
         debug_assert!(!c.syncing);
         let target = c.written;
         let ranges = std::mem::take(&mut c.dirty);
@@ -350,7 +352,7 @@ impl Shared {
         let target = {
             let mut c = self.commit.lock();
             while c.syncing {
-                self.commit_cv.wait(&mut c);
+                self.commit_cv.wait(c.inner());
             }
             if !c.dirty.is_empty() && c.poisoned.is_none() {
                 c = self.lead_sync(c);
@@ -367,13 +369,9 @@ impl Shared {
 
     /// Waits until no rolled segment is waiting to be sealed.
     pub(crate) fn wait_sealed(&self) -> Result<()> {
-        let mut pending = lock(&self.sealing);
+        let mut pending = self.sealing.lock();
         while *pending > 0 {
-            let (g, _timeout) = self
-                .sealing_cv
-                .wait_timeout(pending, Duration::from_millis(50))
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            pending = g;
+            pending = pending.wait_timeout(&self.sealing_cv, Duration::from_millis(50));
             if let Some(cause) = &self.commit.lock().poisoned {
                 return Err(Error::Poisoned {
                     cause: Arc::clone(cause),
@@ -433,7 +431,7 @@ impl Shared {
             self.flush_cv.notify_all();
         }
         {
-            let _s = lock(&self.spares);
+            let _s = self.spares.lock();
             self.spares_cv.notify_all();
         }
         let threads = std::mem::take(&mut *lock(&self.threads));
