@@ -327,9 +327,10 @@ fn an_interrupted_checkpoint_write_is_cut_off_and_reported() {
     log.verify().unwrap();
 }
 
-/// Two checkpoints, the key's ledger set back to the first (as if the crash came between
-/// the second entry's sync and the ledger's update), and the log crashed.
-fn two_checkpoints_ledger_at_first(dir: &Path) -> (std::path::PathBuf, u64) {
+/// Two checkpoints, and the log crashed; with `ledger_at_first`, the key's ledger is set
+/// back to the first (as if the crash came between the second entry's sync and the ledger's
+/// update: the second was never acknowledged).
+fn two_checkpoints(dir: &Path, ledger_at_first: bool) -> (std::path::PathBuf, u64) {
     let log = Log::open(dir, opts()).unwrap();
     fill(&log, 50);
     log.checkpoint().unwrap();
@@ -338,43 +339,48 @@ fn two_checkpoints_ledger_at_first(dir: &Path) -> (std::path::PathBuf, u64) {
     fill(&log, 10);
     log.checkpoint().unwrap();
     log.crash();
-    std::fs::write(&ledger, after_first).unwrap();
+    if ledger_at_first {
+        std::fs::write(&ledger, after_first).unwrap();
+    }
     let path = dir.join("tally.checkpoints");
     let len = std::fs::metadata(&path).unwrap().len();
     (path, len)
 }
 
+/// A changed byte in the middle of the second entry, which keeps its length.
+fn damage_second_entry(path: &Path, len: u64) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[(len / 2 + len / 4) as usize] ^= 0x40;
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// A whole-length entry that does not decode is what a failed write leaves too (an EIO on
+/// its sync, then a short write of the retry over it): if the ledger never recorded it, it
+/// was never acknowledged, and is cut off.
 #[test]
-fn a_whole_last_checkpoint_torn_at_a_sector_boundary_is_cut_off() {
+fn a_damaged_last_checkpoint_the_ledger_never_recorded_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, len) = two_checkpoints_ledger_at_first(dir.path());
-    let entry = len / 2;
-    // The entry crosses the sector boundary at 512: the sector after it never reached the
-    // disk, so the entry keeps its length and reads as zeros from there.
-    assert!(entry < 512 && len > 512, "entries of {entry} bytes");
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[512..].fill(0);
-    std::fs::write(&path, &bytes).unwrap();
+    let (path, len) = two_checkpoints(dir.path(), true);
+    damage_second_entry(&path, len);
     let log = Log::open(dir.path(), opts()).unwrap();
-    assert_eq!(log.recovery_report().checkpoint_tail_truncated, Some(entry));
+    assert_eq!(
+        log.recovery_report().checkpoint_tail_truncated,
+        Some(len / 2)
+    );
     assert_eq!(log.checkpoints().len(), 1);
     log.verify().unwrap();
 }
 
 #[test]
-fn a_damaged_whole_last_checkpoint_is_refused_not_cut_off_and_its_id_reused() {
+fn a_damaged_last_checkpoint_the_ledger_recorded_is_refused_not_cut_off_and_its_id_reused() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, len) = two_checkpoints_ledger_at_first(dir.path());
-    let mut bytes = std::fs::read(&path).unwrap();
-    // One changed byte in the middle of the second (complete, synced) entry: damage, not
-    // an interrupted write.
-    let at = (len / 2 + len / 4) as usize;
-    bytes[at] ^= 0x40;
-    std::fs::write(&path, &bytes).unwrap();
+    let (path, len) = two_checkpoints(dir.path(), false);
+    let bytes = damage_second_entry(&path, len);
     let err = Log::open(dir.path(), opts()).unwrap_err();
     assert!(
         matches!(err, tally_engine::Error::Corrupt { .. })
-            && err.to_string().contains("last checkpoint is damaged"),
+            && err.to_string().contains("ledger says it was signed"),
         "{err}"
     );
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut off");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 
-use super::shared::{Shared, lock};
+use super::shared::Shared;
 use super::tree::Tree;
 use crate::Storage;
 use crate::error::{Error, Result};
@@ -105,32 +105,6 @@ pub(crate) fn create_key_file(fs: &Storage, path: &Path) -> Result<SigningKey> {
     Ok(key)
 }
 
-/// Whether a last checkpoint entry that does not decode can be an append that a crash or
-/// power cut interrupted (which was never acknowledged, so cutting it and reusing its id
-/// hides nothing): shorter than an entry (the file's length moved, some data did not), or
-/// whole but with a zeroed part that starts or ends at a 512-byte sector boundary of the
-/// file (a torn write keeps whole sectors). Anything else (a changed byte in written data)
-/// was a complete, synced checkpoint that was damaged afterwards.
-fn looks_interrupted(entry: &[u8], entry_len: usize, offset: u64) -> bool {
-    const SECTOR: u64 = 512;
-    let end = offset + entry.len() as u64;
-    let nonzero = |b: &[u8]| b.iter().any(|&x| x != 0);
-    if entry.len() < entry_len || !nonzero(entry) {
-        return true;
-    }
-    // Sector boundaries strictly inside the entry.
-    let first = (offset / SECTOR + 1) * SECTOR;
-    let mut split = first;
-    while split < end {
-        let at = (split - offset) as usize;
-        if !nonzero(&entry[at..]) || !nonzero(&entry[..at]) {
-            return true;
-        }
-        split += SECTOR;
-    }
-    false
-}
-
 impl Checkpoints {
     /// No checkpoints and no key (replaced by [`Checkpoints::open`] on open).
     pub(crate) fn empty() -> Checkpoints {
@@ -181,7 +155,9 @@ impl Checkpoints {
 
     /// Loads the checkpoints file (or, for a read-only open, the bytes
     /// [`Checkpoints::read_for_view`] read before the segments). A damaged last entry of a
-    /// writable log is an interrupted write (never acknowledged) and is cut off; damage
+    /// writable log that the key's ledger does not record (`recorded`: the last id it
+    /// records for this log) is an interrupted or failed write, never acknowledged, and is
+    /// cut off; one the ledger records was acknowledged, and refuses the open; damage
     /// anywhere else refuses the open of a writable log and is kept for `verify` in a
     /// read-only one. Nothing is ever left out: a checkpoint that covers more records than
     /// the log holds is kept, and `verify` fails on it.
@@ -189,6 +165,7 @@ impl Checkpoints {
         shared: &Shared,
         key: Option<SigningKey>,
         read_before: Option<Vec<u8>>,
+        recorded: Option<u64>,
     ) -> Result<Checkpoints> {
         let path = shared.dir.join(CHECKPOINTS_FILE);
         let file = if shared.read_only {
@@ -256,12 +233,15 @@ impl Checkpoints {
             && let Some(f) = &file
         {
             let last = (*at as usize) + entry_len >= bytes.len();
-            if last && !looks_interrupted(&bytes[*at as usize..], entry_len, *at) {
+            let id = *at / entry_len as u64 + 1;
+            if last && recorded.is_some_and(|r| r >= id) {
                 return Err(Error::Corrupt {
                     file: path,
                     offset: *at,
                     position: None,
-                    detail: "the last checkpoint is damaged, and not the way an interrupted write leaves it (a zeroed part at a sector boundary): it was complete once, so it is not cut off and its id is not given to another checkpoint".into(),
+                    detail: format!(
+                        "checkpoint {id}, the last, is damaged, but the signing key's ledger says it was signed and stored: it is not an interrupted write, so it is not cut off and its id is not given to another checkpoint"
+                    ),
                     source: Some(cause.clone()),
                 });
             }
@@ -364,11 +344,17 @@ impl Checkpoints {
                 .sync_dir(&shared.dir)
                 .map_err(Error::io("syncing directory", &shared.dir))?;
         }
+        // Durable: the next checkpoint takes the next id (a durable entry is never written
+        // over, so a ledger that recorded it always finds it). Published once the ledger
+        // has it (with any before it whose ledger update failed), so that no reader or
+        // witness sees a checkpoint that an open could still cut off as unrecorded.
         self.list.push(cp);
-        shared.signed.write().push(cp);
         if let Some(key_path) = &self.key_path {
             ledger::record(shared.fs(), key_path, &cp)?;
         }
+        let mut signed = shared.signed.write();
+        let from = signed.len();
+        signed.extend_from_slice(&self.list[from..]);
         Ok(cp)
     }
 }
@@ -376,8 +362,8 @@ impl Checkpoints {
 /// Makes a checkpoint of every acknowledged record: syncs them, brings the tree up to
 /// them, and signs. Lock order: checkpoints, then tree, then the write path's locks.
 pub(crate) fn checkpoint(shared: &Shared, force: bool) -> Result<SignedCheckpoint> {
-    let mut cps = lock(&shared.checkpoints);
-    let mut tree = lock(&shared.tree);
+    let mut cps = shared.checkpoints.lock();
+    let mut tree = shared.tree.lock();
     let upto = shared.visible_position();
     // A checkpoint covers only durable records: one that a crash could take back would
     // make the log look tampered with.
