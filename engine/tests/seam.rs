@@ -159,13 +159,7 @@ fn verify_runs_after_a_seal_interrupted_before_its_sidecar() {
         .unwrap();
     }
     log.wait_sealed().unwrap();
-    let seq = log
-        .segments()
-        .iter()
-        .filter(|s| s.sealed)
-        .last()
-        .unwrap()
-        .seq;
+    let seq = log.segments().iter().rfind(|s| s.sealed).unwrap().seq;
     log.crash();
     std::fs::remove_file(dir.path().join(seq.index_file_name())).unwrap();
     let ro = Log::open(
@@ -256,8 +250,7 @@ fn a_spare_past_a_gap_is_discarded_at_open_and_rolls_go_on() {
             .any(|n| n.ends_with("00005.seg")),
         "the spare past the gap is removed, durably"
     );
-    let mut v = 0;
-    for _ in 0..200 {
+    for v in 0..200 {
         log.append(
             "trade-1",
             ExpectedVersion::Exact(v),
@@ -267,7 +260,6 @@ fn a_spare_past_a_gap_is_discarded_at_open_and_rolls_go_on() {
             )],
         )
         .unwrap();
-        v += 1;
     }
     assert!(log.segments().len() >= 5, "rolled past the old gap");
     log.verify().unwrap();

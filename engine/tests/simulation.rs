@@ -156,7 +156,9 @@ fn open(dir: &Path, sim: &SimFs, rng: &mut Rng, seed: u64, stats: &mut Stats) ->
         let fired = sim.faults_fired();
         match Log::open(dir, options(sim, rng)) {
             Ok(log) => {
-                stats.fired_at_open = sim.faults_fired();
+                // A fault that fires while the log opens (its threads start before open
+                // returns) explains later failures too.
+                stats.fired_at_open = fired;
                 stats.generation_at_open = sim.generation();
                 return log;
             }
@@ -181,12 +183,14 @@ fn open(dir: &Path, sim: &SimFs, rng: &mut Rng, seed: u64, stats: &mut Stats) ->
                         )
                     })
                     .collect();
-                if let Some(part) = std::env::var_os("TALLY_SIM_TRACE") {
-                    let part = part.to_string_lossy();
-                    for line in sim.trace().iter().filter(|l| {
-                        l.contains(&*part) || l.contains("power cut") || l.contains("note")
-                    }) {
-                        eprintln!("{line}");
+                dump_trace(sim);
+                if let Some(out) = std::env::var_os("TALLY_SIM_DUMP") {
+                    let out = PathBuf::from(out);
+                    std::fs::create_dir_all(&out).expect("dump directory");
+                    for name in sim.written_names(dir) {
+                        if let Some(bytes) = sim.read_written(&dir.join(&name)) {
+                            std::fs::write(out.join(&name), bytes).expect("dump");
+                        }
                     }
                 }
                 panic!(
@@ -194,6 +198,21 @@ fn open(dir: &Path, sim: &SimFs, rng: &mut Rng, seed: u64, stats: &mut Stats) ->
                     sim.written_names(dir)
                 )
             }
+        }
+    }
+}
+
+/// Prints the disk's trace (with `TALLY_SIM_TRACE=TEXT`: the lines naming TEXT, power cuts
+/// and the test's own steps).
+fn dump_trace(sim: &SimFs) {
+    if let Some(part) = std::env::var_os("TALLY_SIM_TRACE") {
+        let part = part.to_string_lossy();
+        for line in sim
+            .trace()
+            .iter()
+            .filter(|l| l.contains(&*part) || l.contains("power cut") || l.contains("note"))
+        {
+            eprintln!("{line}");
         }
     }
 }
@@ -208,11 +227,25 @@ fn expect_fault(sim: &SimFs, fired: u64, seed: u64, what: &str, e: &tally_engine
 }
 
 /// Checks the log against the model, and settles batches of unknown outcome: found whole,
-/// they are acknowledged now (recovery synced them); not found, they never happened.
-fn check(log: &Log, model: &mut Model, seed: u64, stats: &mut Stats) {
-    let all = log
-        .read_all(Position(0), usize::MAX, Direction::Forward)
-        .unwrap_or_else(|e| panic!("seed {seed}: read_all: {e}"));
+/// they are acknowledged now (recovery synced them); not found, they never happened. Every
+/// read comes first: an error (a power cut armed earlier that struck during recovery or
+/// the reads) returns before the model changes, and the caller starts over.
+fn check(log: &Log, model: &mut Model, seed: u64, stats: &mut Stats) -> tally_engine::Result<()> {
+    let all = log.read_all(Position(0), usize::MAX, Direction::Forward)?;
+    let mut by_stream = BTreeMap::new();
+    for stream in STREAMS {
+        by_stream.insert(
+            stream.to_owned(),
+            log.read_stream(stream, 0, usize::MAX, Direction::Forward)?,
+        );
+    }
+    let verified = log.verify();
+    if let Err(e) = &verified
+        && !matches!(e, tally_engine::Error::Corrupt { .. })
+    {
+        // An I/O error, not a finding about the bytes.
+        return verified.map(|_| ());
+    }
     let mut present: HashMap<EventId, Expected> = HashMap::new();
     for ev in &all {
         let exp = Expected {
@@ -275,16 +308,14 @@ fn check(log: &Log, model: &mut Model, seed: u64, stats: &mut Stats) {
         *heads.entry(e.stream.clone()).or_default() += 1;
     }
     for (stream, n) in &heads {
-        let evs = log
-            .read_stream(stream, 0, usize::MAX, Direction::Forward)
-            .unwrap_or_else(|e| panic!("seed {seed}: read_stream {stream}: {e}"));
+        let evs = &by_stream[stream];
         let versions: Vec<u64> = evs.iter().map(|e| e.version).collect();
         assert_eq!(
             versions,
             (0..*n).collect::<Vec<_>>(),
             "seed {seed}: stream {stream} versions are not dense"
         );
-        for ev in &evs {
+        for ev in evs {
             assert_eq!(
                 model.acked[&ev.event_id].version, ev.version,
                 "seed {seed}: {stream} read through its index disagrees with the log"
@@ -292,8 +323,36 @@ fn check(log: &Log, model: &mut Model, seed: u64, stats: &mut Stats) {
         }
     }
     model.heads = heads;
-    if let Err(e) = log.verify() {
-        panic!("seed {seed}: verify failed after {stats:?}: {e}");
+    if let Err(e) = verified {
+        panic!("seed {seed}: verify failed after {stats:?}: {e} ({e:?})");
+    }
+    Ok(())
+}
+
+/// Opens the log and checks it; a check that a disk fault fired during (recovery or the
+/// reads) starts over as after a crash.
+fn reopen(
+    dir: &Path,
+    sim: &SimFs,
+    rng: &mut Rng,
+    model: &mut Model,
+    seed: u64,
+    stats: &mut Stats,
+) -> Log {
+    loop {
+        let before = sim.faults_fired();
+        let log = open(dir, sim, rng, seed, stats);
+        match check(&log, model, seed, stats) {
+            Ok(()) => return log,
+            Err(e) => {
+                if sim.faults_fired() == before {
+                    dump_trace(sim);
+                    panic!("seed {seed}: reading back after open failed with no disk fault: {e}");
+                }
+                log.crash();
+                sim.clear_faults();
+            }
+        }
     }
 }
 
@@ -486,15 +545,13 @@ fn run(seed: u64, ops: u64) -> (Stats, u64) {
                     expect_fault(&sim, fired, seed, "close", &e);
                     stats.faults += 1;
                 }
-                log = open(&dir, &sim, &mut rng, seed, &mut stats);
-                check(&log, &mut model, seed, &mut stats);
+                log = reopen(&dir, &sim, &mut rng, &mut model, seed, &mut stats);
             }
             // A process crash: the page cache survives.
             82..=85 => {
                 log.crash();
                 stats.crashes += 1;
-                log = open(&dir, &sim, &mut rng, seed, &mut stats);
-                check(&log, &mut model, seed, &mut stats);
+                log = reopen(&dir, &sim, &mut rng, &mut model, seed, &mut stats);
             }
             // A power cut in the middle of whatever the log does next (an append, a roll,
             // a seal, a checkpoint, a background sidecar).
@@ -534,8 +591,7 @@ fn run(seed: u64, ops: u64) -> (Stats, u64) {
         expect_fault(&sim, fired, seed, "close", &e);
     }
     sim.clear_faults();
-    let log = open(&dir, &sim, &mut rng, seed, &mut stats);
-    check(&log, &mut model, seed, &mut stats);
+    let log = reopen(&dir, &sim, &mut rng, &mut model, seed, &mut stats);
     log.close()
         .unwrap_or_else(|e| panic!("seed {seed}: close: {e}"));
     (stats, sim.ops())
@@ -561,8 +617,7 @@ fn power_cut(
         sim.power_cut(&cut);
     }
     stats.power_cuts += 1;
-    let log = open(dir, sim, rng, seed, &mut stats);
-    check(&log, model, seed, &mut stats);
+    let log = reopen(dir, sim, rng, model, seed, &mut stats);
     (log, stats)
 }
 

@@ -121,10 +121,11 @@ impl Storage {
         Storage(Arc::new(os::OsFs))
     }
 
-    /// A simulated disk, shared with `sim` (which controls faults and power cuts).
+    /// A simulated disk, shared with `sim` (which controls faults and power cuts), for one
+    /// process: after the next power cut every operation through it fails.
     #[cfg(feature = "internals")]
     pub fn simulated(sim: &sim::SimFs) -> Storage {
-        Storage(Arc::new(sim.clone()))
+        Storage(Arc::new(sim.process_view()))
     }
 
     /// Reads the whole file at `path`.

@@ -717,6 +717,11 @@ impl World {
 #[derive(Clone)]
 pub struct SimFs {
     world: Arc<World>,
+    /// For the view a log runs on ([`SimFs::process_view`]): the generation it was made
+    /// in. Once the power was cut, the process that used it is gone, so every operation
+    /// fails, also the opening of new files by name (which would otherwise let a log that
+    /// outlived the cut in the test write into the next generation).
+    bound: Option<u64>,
 }
 
 impl fmt::Debug for SimFs {
@@ -733,6 +738,7 @@ impl SimFs {
     /// An empty disk (no directories) whose random choices all derive from `seed`.
     pub fn new(seed: u64) -> SimFs {
         SimFs {
+            bound: None,
             world: Arc::new(World {
                 seed,
                 state: Mutex::new(State {
@@ -752,6 +758,23 @@ impl SimFs {
                 generation: AtomicU64::new(0),
                 ops: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// A view for one process (a log) that lives until the next power cut: what
+    /// `Storage::simulated` gives the engine.
+    pub fn process_view(&self) -> SimFs {
+        SimFs {
+            world: Arc::clone(&self.world),
+            bound: Some(self.world.generation.load(Ordering::SeqCst)),
+        }
+    }
+
+    /// The power-cut error when this view's process did not survive the last cut.
+    fn alive(&self) -> io::Result<()> {
+        match self.bound {
+            Some(g) if g != self.world.generation.load(Ordering::SeqCst) => Err(power_cut_error()),
+            _ => Ok(()),
         }
     }
 
@@ -994,6 +1017,7 @@ fn create_dirs(state: &mut State, path: &Path) -> io::Result<()> {
 
 impl Fs for SimFs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
+        self.alive()?;
         self.world.op();
         let (read, write, creates) = match mode {
             OpenMode::Read => (true, false, false),
@@ -1046,6 +1070,7 @@ impl Fs for SimFs {
     }
 
     fn file_len(&self, path: &Path) -> io::Result<u64> {
+        self.alive()?;
         self.world.op();
         let state = self.world.state.lock();
         if state.dirs.contains_key(path) {
@@ -1060,12 +1085,16 @@ impl Fs for SimFs {
     }
 
     fn exists(&self, path: &Path) -> bool {
+        if self.alive().is_err() {
+            return false;
+        }
         self.world.op();
         let state = self.world.state.lock();
         state.dirs.contains_key(path) || state.entry(path).is_some()
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.alive()?;
         self.world.op();
         self.world.fault(FaultOp::Remove, &[path], 0)?;
         let (dir, name) = split(path)?;
@@ -1078,6 +1107,7 @@ impl Fs for SimFs {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.alive()?;
         self.world.op();
         self.world.fault(FaultOp::Rename, &[from, to], 0)?;
         let (from_dir, from_name) = split(from)?;
@@ -1109,6 +1139,7 @@ impl Fs for SimFs {
     }
 
     fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.alive()?;
         self.world.op();
         self.world.fault(FaultOp::Create, &[from, to], 0)?;
         let (to_dir, to_name) = split(to)?;
@@ -1129,11 +1160,13 @@ impl Fs for SimFs {
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.alive()?;
         self.world.op();
         create_dirs(&mut self.world.state.lock(), path)
     }
 
     fn read_dir(&self, path: &Path) -> io::Result<Vec<OsString>> {
+        self.alive()?;
         self.world.op();
         let state = self.world.state.lock();
         let dir = state.dirs.get(path).ok_or_else(|| not_found(path))?;
@@ -1149,6 +1182,7 @@ impl Fs for SimFs {
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.alive()?;
         self.world.op();
         self.world.fault(FaultOp::SyncDir, &[path], 0)?;
         let mut state = self.world.state.lock();
@@ -1158,12 +1192,14 @@ impl Fs for SimFs {
     }
 
     fn create_zeroed(&self, path: &Path, len: u64) -> io::Result<Box<dyn FsFile>> {
+        self.alive()?;
         self.create_synced(path, len)
     }
 
     /// The same as `create_zeroed`: reserving without writing is a performance matter the
     /// simulation has no use for.
     fn create_allocated(&self, path: &Path, len: u64) -> io::Result<Box<dyn FsFile>> {
+        self.alive()?;
         self.create_synced(path, len)
     }
 }
