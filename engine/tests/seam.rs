@@ -265,3 +265,78 @@ fn a_spare_past_a_gap_is_discarded_at_open_and_rolls_go_on() {
     log.verify().unwrap();
     log.close().unwrap();
 }
+
+/// A log whose sealer failed (a footer write failed) is poisoned, and its close must
+/// not write the clean-close state (the active segment's index and a stream snapshot that
+/// counts it) over a segment that is still unsealed: the next open would link the active
+/// segment's streams past the unsealed one.
+#[test]
+fn a_poisoned_log_closes_without_writing_clean_close_state() {
+    use tally_engine::sim::{Fault, FaultKind, FaultOp};
+    let sim = SimFs::new(8);
+    let log = Log::open(dir(), options(&sim)).unwrap();
+    let append = |s: usize| {
+        log.append(
+            ["trade-1", "trade-2"][s],
+            ExpectedVersion::Any,
+            &[EventData::json(
+                "TradeAmended",
+                format!(r#"{{"pad":"{}"}}"#, "x".repeat(900)),
+            )],
+        )
+    };
+    let mut versions = [0u64; 2];
+    let mut i = 0usize;
+    while log.segments().len() < 2 {
+        append(i % 2).unwrap();
+        versions[i % 2] += 1;
+        i += 1;
+    }
+    // Segment 1 is active (its spare was made before): the next write to it is its footer.
+    sim.inject(Fault {
+        op: FaultOp::Write,
+        path_contains: Some("00000000000000000001.seg".into()),
+        skip: 0,
+        kind: FaultKind::Eio,
+        times: 1,
+    });
+    // Until segment 1 is rolled: its seal (in the background) fails at the footer.
+    let mut i = 0usize;
+    while log.segments().len() < 3 {
+        let s = i % 2;
+        i += 1;
+        match log.append(
+            ["trade-1", "trade-2"][s],
+            ExpectedVersion::Any,
+            &[EventData::json(
+                "TradeAmended",
+                format!(r#"{{"pad":"{}"}}"#, "x".repeat(900)),
+            )],
+        ) {
+            Ok(_) => versions[s] += 1,
+            // The seal of segment 0 or 1 failed already.
+            Err(e) => {
+                assert!(e.is_outcome_unknown(), "{e}");
+                break;
+            }
+        }
+    }
+    // Everything appended is durable; only the poison tells the close that a seal failed.
+    assert!(log.wait_sealed().is_err(), "the seal of segment 1 failed");
+    assert_eq!(sim.faults_fired(), 1);
+    let closed = log.close();
+    assert!(
+        matches!(closed, Err(tally_engine::Error::Poisoned { .. })),
+        "a close after a failed seal is not clean: {closed:?}"
+    );
+    let log = Log::open(dir(), options(&sim)).unwrap();
+    assert!(!log.recovery_report().clean);
+    for (s, n) in ["trade-1", "trade-2"].iter().zip(versions) {
+        let got = log
+            .read_stream(s, 0, usize::MAX, tally_engine::Direction::Forward)
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert!(got.len() as u64 >= n, "{s}: {} of {n}", got.len());
+    }
+    log.verify().unwrap();
+    log.close().unwrap();
+}

@@ -370,15 +370,28 @@ impl Shared {
     /// Waits until no rolled segment is waiting to be sealed.
     pub(crate) fn wait_sealed(&self) -> Result<()> {
         let mut pending = self.sealing.lock();
-        while *pending > 0 {
-            pending = pending.wait_timeout(&self.sealing_cv, Duration::from_millis(50));
+        loop {
+            // Checked after the last seal too: a seal that failed counts as done.
             if let Some(cause) = &self.commit.lock().poisoned {
                 return Err(Error::Poisoned {
                     cause: Arc::clone(cause),
                 });
             }
+            if *pending == 0 {
+                return Ok(());
+            }
+            pending = pending.wait_timeout(&self.sealing_cv, Duration::from_millis(50));
         }
-        Ok(())
+    }
+
+    /// The poison, as the error every write gets, if the log is poisoned.
+    pub(crate) fn poison_error(&self) -> Result<()> {
+        match &self.commit.lock().poisoned {
+            Some(cause) => Err(Error::Poisoned {
+                cause: Arc::clone(cause),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn segment_infos(&self) -> Vec<SegmentInfo> {
@@ -475,6 +488,10 @@ impl Shared {
             self.sync_all()
         };
         self.stop_threads();
+        // A seal that failed (the sealer drained its queue above) poisoned the log: then
+        // the state is not clean, and no index or snapshot may claim it is (they would
+        // count the active segment while one before it is unsealed).
+        let synced = synced.and_then(|()| self.poison_error());
         let written = match (&synced, writer.take()) {
             (Ok(()), Some(w)) if !self.read_only => w.write_clean_close_state(self),
             _ => Ok(()),
