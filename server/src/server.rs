@@ -836,6 +836,19 @@ async fn serve(
                     break;
                 }
             };
+            if h.request_id == 0 {
+                // Id 0 names the connection in an ERROR (PROTOCOL.md 2): an error about this
+                // request would read as a connection-level error, so it is one.
+                inflight -= 1;
+                error_frame(
+                    &mut out,
+                    ErrorCode::MalformedRequest,
+                    "request id 0 is reserved for the HELLO and for connection-level errors",
+                    0,
+                );
+                closing = true;
+                break;
+            }
             let reply = Reply {
                 request_id: h.request_id,
                 opcode: h.opcode,

@@ -955,6 +955,17 @@ fn malformed_input_gets_errors_and_never_hurts_other_clients() {
     expect_error(&mut r, ErrorCode::MalformedRequest);
     r.send(11, &Request::Ping(b"still here".to_vec()));
     assert_eq!(r.recv().unwrap().1, Response::Pong(b"still here".to_vec()));
+    // Request id 0 after the HELLO: a connection-level error, and the connection closes.
+    let mut z = Raw::hello(&d.addr);
+    z.s.write_all(&frame(op::PING, 0, b"")).unwrap();
+    let (h, resp) = z.recv().unwrap();
+    assert_eq!(h.request_id, 0);
+    assert!(
+        matches!(&resp, Response::Error(e) if e.code() == Some(ErrorCode::MalformedRequest)),
+        "{resp:?}"
+    );
+    z.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(z.recv().is_none(), "the connection is closed after it");
     // A frame cut short by the client leaving.
     let mut r = Raw::hello(&d.addr);
     r.s.write_all(&[100, 0, 0, 0, op::PING, 0]).unwrap();
