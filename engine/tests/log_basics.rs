@@ -662,3 +662,43 @@ fn a_retry_straddling_the_window_is_still_recognised() {
     );
     assert_eq!(log.stream_info("s").unwrap().unwrap().last_version, 2);
 }
+
+/// A data directory restored from a backup as sparse files (`cp --sparse=always`, most
+/// backup tools) gets its active segment's blocks allocated at open, so that a store
+/// through the map never meets a hole on a full disk (SIGBUS).
+#[test]
+fn an_open_allocates_a_sparse_restored_active_segment() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original");
+    let log = Log::open(&original, opts()).unwrap();
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[EventData::json("TradeNew", "{}")],
+    )
+    .unwrap();
+    log.close().unwrap();
+    let restored = dir.path().join("restored");
+    let status = std::process::Command::new("cp")
+        .args(["-r", "--sparse=always"])
+        .arg(&original)
+        .arg(&restored)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let seg = restored.join("00000000000000000000.seg");
+    let allocated = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.blocks() * 512, m.len())
+    };
+    let (before, len) = allocated(&seg);
+    assert!(
+        before < len,
+        "the copy is sparse: {before} of {len} bytes allocated"
+    );
+    let log = Log::open(&restored, opts()).unwrap();
+    let (after, len) = allocated(&seg);
+    assert!(after >= len, "{after} of {len} bytes allocated after open");
+    log.close().unwrap();
+}

@@ -251,6 +251,8 @@ pub(crate) fn activate_spare(
         .open(&path, OpenMode::ReadWrite)
         .and_then(|file| {
             let capacity = file.len()?;
+            // A spare kept from before a restore may be sparse (see make_writer).
+            file.allocate(capacity)?;
             let (map, writer) = SegmentMap::map(&*file, capacity, 0)?;
             Ok((capacity, map, writer))
         });

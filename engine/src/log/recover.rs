@@ -1388,6 +1388,11 @@ fn make_writer(
             // Whatever recovery read came from the page cache; make it durable before
             // anything new is acknowledged on top of it.
             file.sync_data().map_err(io("syncing segment", &path))?;
+            // A segment restored from a backup may be a sparse file: a store into a hole on
+            // a full disk would be SIGBUS, so the blocks are allocated now (or the open
+            // fails with the disk's error).
+            file.allocate(handle.header.capacity)
+                .map_err(io("allocating segment", &path))?;
             let (map, writer) = SegmentMap::map(&*file, handle.header.capacity, data_end)
                 .map_err(io("mapping segment", &path))?;
             (map, Some(writer))

@@ -71,6 +71,11 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     fn sync_data(&self) -> io::Result<()>;
     /// Makes the data and all metadata durable (`fsync`).
     fn sync_all(&self) -> io::Result<()>;
+    /// Makes sure every block of the first `len` bytes is allocated (`fallocate` without
+    /// changing data), so that a store through a map never meets a hole on a full disk
+    /// (SIGBUS): a file restored from a backup as a sparse file. A no-op on blocks already
+    /// allocated and where the file system has no `fallocate`.
+    fn allocate(&self, len: u64) -> io::Result<()>;
     /// Maps the first `len` bytes, shared: stores reach the file, and `sync_range` makes
     /// them durable. `writable` false maps for reading only.
     fn map(&self, len: u64, writable: bool) -> io::Result<Box<dyn MapRegion>>;

@@ -1331,6 +1331,19 @@ impl FsFile for SimFile {
         self.sync()
     }
 
+    /// Simulated files have no holes: only an injected `Write` fault (a full disk) can
+    /// make it fail.
+    fn allocate(&self, _len: u64) -> io::Result<()> {
+        self.world.op();
+        if !self.write {
+            return Err(refuse("writing"));
+        }
+        match self.world.fault(FaultOp::Write, &[&self.path], 0)? {
+            Go::All => self.data().map(drop),
+            Go::Prefix(_) => Err(os_error(libc::ENOSPC)),
+        }
+    }
+
     fn map(&self, len: u64, writable: bool) -> io::Result<Box<dyn MapRegion>> {
         self.world.op();
         if writable && !self.write {
