@@ -253,6 +253,51 @@ fn lock_outcome(
 pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryReport)> {
     opts.check()?;
     let fs = &opts.storage.clone();
+    let mut report = RecoveryReport::default();
+    // 1. The directory's lock and the log's identity.
+    let Identity {
+        read_only,
+        lock_file,
+        meta,
+        checkpoints_read_before,
+    } = identify(fs, dir, &opts)?;
+    let seed = chain_seed(&meta.log_id);
+    // 2. What the directory holds: segments, spares, a torn newest one; the sealed prefix.
+    let listing = list(fs, dir, &meta, &opts, read_only, seed, &mut report)?;
+    // 3. The shared state, with no segment yet.
+    let shared = new_shared(dir, &opts, meta, seed, read_only, lock_file, &listing);
+    // 4. Sealed segments, trusted from their footers.
+    let (first_unsealed, end, last_sealed_time) = trust_sealed(&shared, &listing.found);
+    // 5. Unsealed segments, scanned to find where the log ends; a torn tail cut off.
+    let (scanned, end) = scan_unsealed(&shared, &listing, first_unsealed, end, &mut report)?;
+    // 6. The end is not before what a signed checkpoint covers.
+    check_checkpointed_end(&shared, end)?;
+    // 7. The stream table, and the indexes of the kept unsealed segments.
+    let (table, kept) = stream_table(&shared, &scanned, end)?;
+    // 8. Complete unsealed segments sealed; the writer on the last one.
+    seal_and_activate(&shared, kept, end, table, last_sealed_time, &mut report)?;
+    // 9. The evidence: signing key, checkpoints and key ledger, Merkle tree.
+    open_evidence(&shared, checkpoints_read_before, &mut report)?;
+    // 10. The producer keys and signing policy.
+    load_producers(&shared)?;
+    // 11. The idempotency window and the background threads.
+    start(&shared)?;
+    Ok((shared, report))
+}
+
+/// What stage 1 found.
+struct Identity {
+    read_only: bool,
+    /// The directory's lock, held for the log's life (a writable open).
+    lock_file: Option<Box<dyn FsFile>>,
+    meta: LogMeta,
+    /// A read-only view's checkpoints file, read before the segments.
+    checkpoints_read_before: Option<Vec<u8>>,
+}
+
+/// Stage 1: creates the directory if asked, takes its lock (a writable open), reads or
+/// creates `tally.meta`, and for a read-only view reads the checkpoints before the segments.
+fn identify(fs: &Storage, dir: &Path, opts: &Options) -> Result<Identity> {
     let read_only = opts.recovery == RecoveryMode::ReadOnly;
     if !fs.exists(&dir.join(META_FILE)) && (!opts.create || read_only) {
         return Err(Error::NotFound {
@@ -268,8 +313,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     } else {
         Some(lock_dir(fs, dir)?)
     };
-    let meta = read_or_create_meta(fs, dir, read_only, &opts)?;
-    let seed = chain_seed(&meta.log_id);
+    let meta = read_or_create_meta(fs, dir, read_only, opts)?;
     // A read-only view reads the checkpoints before the segments: each checkpoint then
     // covers only records the scan will find, even beside a live writer, so that one
     // covering more is evidence of removed records, never "newer than the view".
@@ -283,20 +327,47 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     } else {
         None
     };
-    let mut report = RecoveryReport::default();
+    Ok(Identity {
+        read_only,
+        lock_file,
+        meta,
+        checkpoints_read_before,
+    })
+}
 
-    let Listing {
-        mut found,
-        spares,
-        torn_newest,
-    } = list_segments(fs, dir, &meta, &opts, read_only)?;
-    accept_interrupted_seal(&mut found, &mut report)?;
-    check_sealed_prefix(&found, seed)?;
+/// Stage 2: lists the directory, accepts an interrupted seal, checks that the sealed
+/// segments form a prefix that continues itself, and makes the newest footer durable.
+fn list(
+    fs: &Storage,
+    dir: &Path,
+    meta: &LogMeta,
+    opts: &Options,
+    read_only: bool,
+    seed: Hash32,
+    report: &mut RecoveryReport,
+) -> Result<Listing> {
+    let mut listing = list_segments(fs, dir, meta, opts, read_only)?;
+    accept_interrupted_seal(&mut listing.found, report)?;
+    check_sealed_prefix(&listing.found, seed)?;
     if !read_only {
-        sync_newest_footer(fs, &found)?;
+        sync_newest_footer(fs, &listing.found)?;
     }
 
-    let shared = Arc::new(Shared {
+    Ok(listing)
+}
+
+/// Stage 3: the shared state of a log with no segment, writer, checkpoint or tree yet.
+fn new_shared(
+    dir: &Path,
+    opts: &Options,
+    meta: LogMeta,
+    seed: Hash32,
+    read_only: bool,
+    lock_file: Option<Box<dyn FsFile>>,
+    listing: &Listing,
+) -> Arc<Shared> {
+    let (found, spares, torn_newest) = (&listing.found, &listing.spares, &listing.torn_newest);
+    Arc::new(Shared {
         dir: dir.to_owned(),
         opts: opts.clone(),
         meta,
@@ -325,7 +396,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                     .chain(found.iter().map(|f| f.seq))
                     .chain(torn_newest.iter().map(|t| t.0))
                     .max(),
-                ready: spares,
+                ready: spares.clone(),
                 wanted: None,
                 error: None,
             }),
@@ -357,9 +428,14 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         indexer_cv: Condvar::new(),
         indexer: Mutex::new(None),
         shutdown_indexer: AtomicBool::new(false),
-    });
+    })
+}
 
-    // Sealed segments: trusted from their footers.
+/// Stage 4: registers the sealed prefix, trusted from its footers. Returns the index of the
+/// first unsealed segment, where the prefix ends, and its last record time.
+fn trust_sealed(shared: &Shared, found: &[Found]) -> (usize, End, Timestamp) {
+    let fs = shared.fs();
+    let seed = shared.seed;
     let first_unsealed = found
         .iter()
         .position(|f| f.footer.is_none())
@@ -395,7 +471,21 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         }
     }
 
-    // Unsealed segments: scanned, to find where the log ends. Nothing is derived yet.
+    (first_unsealed, end, last_sealed_time)
+}
+
+/// Stage 5: scans the unsealed segments to find where the log ends; a torn tail is cut off
+/// (or refused, when the durable bytes prove acknowledged records lost) and spares past the
+/// new end are removed. Returns the scanned segments kept, and the end.
+fn scan_unsealed<'a>(
+    shared: &Arc<Shared>,
+    listing: &'a Listing,
+    first_unsealed: usize,
+    mut end: End,
+    report: &mut RecoveryReport,
+) -> Result<(Vec<Scanned<'a>>, End)> {
+    let (fs, dir, read_only) = (shared.fs(), shared.dir.as_path(), shared.read_only);
+    let (found, torn_newest) = (&listing.found, &listing.torn_newest);
     let unsealed = &found[first_unsealed..];
     let mut scanned: Vec<Scanned<'_>> = Vec::new();
     let mut truncated = false;
@@ -414,7 +504,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 f.seq, f.header.base_position, end.position
             );
             report.truncations.push(remove_tail(
-                &shared,
+                shared,
                 None,
                 &unsealed[j..],
                 torn_newest.as_ref(),
@@ -424,7 +514,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             truncated = true;
             break;
         }
-        let (partial, from) = start_of_scan(&shared, f);
+        let (partial, from) = start_of_scan(shared, f);
         let file = fs
             .open(&f.path, OpenMode::Read)
             .map_err(io("opening segment", &f.path))?;
@@ -452,7 +542,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 ScanEnd::Clean { .. } => "unfinished batch".to_owned(),
             };
             report.truncations.push(remove_tail(
-                &shared,
+                shared,
                 Some((
                     f,
                     last.scan.complete_end,
@@ -483,7 +573,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             .map_err(io("reading segment", &f.path))?;
             if last_nonzero > last.scan.complete_end {
                 report.truncations.push(remove_tail(
-                    &shared,
+                    shared,
                     Some((f, last.scan.complete_end, 0)),
                     &[],
                     None,
@@ -495,7 +585,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     }
     if let Some(torn) = torn_newest.as_ref().filter(|_| !truncated) {
         report.truncations.push(remove_tail(
-            &shared,
+            shared,
             None,
             &[],
             Some(torn),
@@ -525,9 +615,14 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         spares.prepared = last_kept;
     }
 
-    // Records a signed checkpoint covers were synced before it was signed: a log that ends
-    // before them lost acknowledged records (whole segments gone, say), and a writable open
-    // would write new history over them.
+    Ok((scanned, end))
+}
+
+/// Stage 6: records a signed checkpoint covers were synced before it was signed: a log that
+/// ends before them lost acknowledged records (whole segments gone, say), and a writable
+/// open would write new history over them.
+fn check_checkpointed_end(shared: &Shared, end: End) -> Result<()> {
+    let (fs, dir, opts) = (shared.fs(), shared.dir.as_path(), &shared.opts);
     if opts.recovery == RecoveryMode::Strict
         && let Some((id, size)) = checkpointed_size(fs, &shared.meta, dir)?
         && size > end.position.0
@@ -544,6 +639,26 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         ));
     }
 
+    Ok(())
+}
+
+/// A kept unsealed segment: its handle, index, data end and last chain hash.
+type Kept = (SegmentHandle, ActiveIndex, u64, Hash32);
+
+/// Stage 7: the stream table, now that the end is known (from the snapshot and the sealed
+/// segments' summaries), and the indexes of the kept unsealed segments, each folded into
+/// the table in log order.
+fn stream_table(
+    shared: &Arc<Shared>,
+    scanned: &[Scanned<'_>],
+    end: End,
+) -> Result<(StreamTable, Vec<Kept>)> {
+    let (fs, dir, opts, read_only) = (
+        shared.fs(),
+        shared.dir.as_path(),
+        &shared.opts,
+        shared.read_only,
+    );
     // The stream table, now that the end is known. A snapshot written at a clean close or
     // by the sealer covers only durable data: if it claims more than recovery found,
     // acknowledged records are missing.
@@ -582,11 +697,11 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         Some((_, cover, entries)) => (StreamTable::from_entries(entries), Some(cover)),
         None => (StreamTable::default(), None),
     };
-    apply_sealed_summaries(&shared, &mut table, cover.as_ref())?;
+    apply_sealed_summaries(shared, &mut table, cover.as_ref())?;
 
     // Indexes of the kept unsealed segments, each folded into the table in log order.
-    let mut kept: Vec<(SegmentHandle, ActiveIndex, u64, Hash32)> = Vec::new();
-    for s in &scanned {
+    let mut kept: Vec<Kept> = Vec::new();
+    for s in scanned {
         let seq = s.f.seq;
         let mut index = match &s.partial {
             Some(p) => {
@@ -612,7 +727,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             } else {
                 // The snapshot already counts this segment (a clean close while it was
                 // active): find the previous holder in the sealed indexes.
-                super::background::previous_segment_with(&shared, seq, name, st.hash)
+                super::background::previous_segment_with(shared, seq, name, st.hash)
             };
             (key, Arc::clone(&st.name), st.hash, prev)
         })?;
@@ -630,6 +745,20 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         kept.push((seg_handle(fs, s.f), index, data_end, s.scan.complete_chain));
     }
 
+    Ok((table, kept))
+}
+
+/// Stage 8: seals the complete unsealed segments (a read-only view freezes them) and makes
+/// the writer on the last kept one, or on a spare; the log's end becomes visible.
+fn seal_and_activate(
+    shared: &Arc<Shared>,
+    mut kept: Vec<Kept>,
+    end: End,
+    table: StreamTable,
+    mut last_sealed_time: Timestamp,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    let read_only = shared.read_only;
     // Seal complete unsealed segments; the last kept one becomes active. Record time never
     // decreases: the writer starts from the newest record time of any segment before it.
     let last = kept.pop();
@@ -647,7 +776,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
                 data_end,
             };
         } else {
-            seal_on_open(&shared, &handle, &index, data_end, chain)?;
+            seal_on_open(shared, &handle, &index, data_end, chain)?;
             report.sealed_on_open.push(handle.seq);
         }
         shared
@@ -656,7 +785,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(handle);
     }
-    let writer = make_writer(&shared, last, end, table, last_sealed_time)?;
+    let writer = make_writer(shared, last, end, table, last_sealed_time)?;
     let next_position = writer.next_position;
     *shared.writer.lock() = Some(writer);
     {
@@ -670,7 +799,22 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     shared.publish_visible(next_position);
     report.next_position = next_position;
     report.rebuilt_indexes = std::mem::take(&mut *lock(&shared.rebuilt));
-    // The signing key, the checkpoints, and the Merkle tree checked against the latest.
+    Ok(())
+}
+
+/// Stage 9: the signing key (created only for a log that never signed), the checkpoints
+/// (checked against the key's ledger), and the Merkle tree checked against the latest.
+fn open_evidence(
+    shared: &Arc<Shared>,
+    checkpoints_read_before: Option<Vec<u8>>,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    let (fs, dir, opts, read_only) = (
+        shared.fs(),
+        shared.dir.as_path(),
+        &shared.opts,
+        shared.read_only,
+    );
     let key_path = opts
         .signing_key
         .clone()
@@ -720,7 +864,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
             .get(&shared.meta.log_id)
             .map(|s| s.id)
     };
-    let mut cps = Checkpoints::open(&shared, key, checkpoints_read_before, recorded)?;
+    let mut cps = Checkpoints::open(shared, key, checkpoints_read_before, recorded)?;
     if !read_only {
         // Refuse to sign after checkpoints were removed or replaced (laundering).
         let ledger = super::checkpoints::ledger::path_for(&key_path);
@@ -741,7 +885,7 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     shared.signed.write().clone_from(&cps.list);
     let _ = shared.public_key.set(cps.public_key());
     *shared.checkpoints.lock() = cps;
-    let mut tree = open_tree(&shared, trusted)?;
+    let mut tree = open_tree(shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;
     if shared.meta.layout == crate::format::record::Layout::V2 {
         // The tree now covers the whole log, as the stream table does: its heads map is the
@@ -763,11 +907,15 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         tree.heads = Some(heads);
     }
     *shared.tree.lock() = tree;
-    // The producer keys and signing policy, from their system stream.
+    Ok(())
+}
+
+/// Stage 10: the producer keys and signing policy, from their system stream.
+fn load_producers(shared: &Arc<Shared>) -> Result<()> {
     {
         let mut policy = super::producers::ProducerPolicy::default();
         for e in super::read::read_stream(
-            &shared,
+            shared,
             super::producers::PRODUCERS_STREAM,
             0,
             usize::MAX,
@@ -777,19 +925,26 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         }
         *shared.producers.write() = policy;
     }
+    Ok(())
+}
+
+/// Stage 11: a writable log rebuilds its idempotency window, starts its threads and asks
+/// for the next spare.
+fn start(shared: &Arc<Shared>) -> Result<()> {
+    let read_only = shared.read_only;
     if !read_only {
-        rebuild_id_window(&shared)?;
-        start_threads(&shared)?;
+        rebuild_id_window(shared)?;
+        start_threads(shared)?;
         let next = shared
             .writer
             .lock()
             .as_ref()
             .map(|w| SegmentSeq(w.active.seq.0 + 1));
         if let Some(next) = next {
-            request_spare(&shared, next);
+            request_spare(shared, next);
         }
     }
-    Ok((shared, report))
+    Ok(())
 }
 
 /// Folds the stream tables of sealed segments into `table`: all of them, or those from the
