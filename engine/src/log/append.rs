@@ -493,6 +493,7 @@ impl Writer {
         self.last_record_time = record_time;
         let durable = shared.durable.load(Ordering::Acquire);
         let start_offset = self.write_offset;
+        let first_of_batch = self.next_position;
         let total: usize = prepared.parts.iter().map(|p| p.events.len()).sum();
         let mut n = 0usize;
         let mut results = Vec::with_capacity(prepared.parts.len());
@@ -603,10 +604,30 @@ impl Writer {
                 last_version: first_version + part.events.len() as u64 - 1,
             });
         }
+        // Invariants a violation of which would corrupt the log (none depends on bytes read
+        // from disk or network): the batch stayed inside the segment's data area, positions
+        // advanced by exactly its events, and the index knows every record of the segment.
+        assert!(
+            self.write_offset <= self.active.header.data_limit(),
+            "wrote to {} past the data limit {}",
+            self.write_offset,
+            self.active.header.data_limit()
+        );
+        debug_assert_eq!(
+            self.next_position.0 - first_of_batch.0,
+            total as u64,
+            "positions advance by the batch's events"
+        );
+        debug_assert_eq!(
+            self.index.record_count(),
+            self.next_position.0 - self.active.header.base_position.0,
+            "the active index holds every record of its segment"
+        );
         mw.publish(self.write_offset);
         let written = self.next_position;
         {
             let mut c = shared.commit.lock();
+            debug_assert!(c.written <= written, "written moves forward only");
             c.written = written;
             c.add_dirty(mw.map(), start_offset, self.write_offset);
             if matches!(shared.opts.durability, Durability::Batched { .. }) && c.flusher_idle {

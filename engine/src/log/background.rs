@@ -479,6 +479,17 @@ fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
             None,
         ));
     }
+    // The footer describes exactly the records the writer wrote (checked just above, as an
+    // error: those bytes were read back), and ends where the segment does.
+    debug_assert_eq!(footer.data_end, job.data_end);
+    debug_assert_eq!(
+        footer.first_position, seg.header.base_position,
+        "a sealed segment starts where its header says"
+    );
+    assert!(
+        job.data_end <= seg.header.data_limit(),
+        "sealing past the data limit"
+    );
     write_footer(shared.fs(), &seg.path, &seg.header, &footer)?;
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,

@@ -318,6 +318,7 @@ impl Shared {
         c.syncing = false;
         match result {
             Ok(()) => {
+                debug_assert!(target <= c.written, "a sync covers only what was written");
                 if target > c.durable {
                     c.durable = target;
                     self.durable.store(target.0, Ordering::Release);
