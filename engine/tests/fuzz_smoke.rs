@@ -1,14 +1,21 @@
 //! A smoke run of the fuzz targets (`fuzz/`) inside the normal test suite: each decoder
 //! gets random bytes and mutations of real files (a record, a segment, an index sidecar,
 //! header and footer pages) and must neither panic nor accept bytes that re-encode
-//! differently. Crashes found by `cargo fuzz` become named cases here.
+//! differently; every checked-in seed corpus (`fuzz/corpus/<target>/`) runs through its
+//! entry point; and `log_ops` (operation sequences on a log over the simulated disk,
+//! checked against a model) runs its corpus and a few hundred seeded random inputs.
+//! Crashes found by `cargo fuzz` become named cases here.
 
 // Tests unwrap: a failure is a test failure with its message.
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
+
 use proptest::prelude::*;
+use tally_engine::fuzzing::log_ops_input::{Cut, Event, Expect, LogOpsInput, Retry};
 use tally_engine::fuzzing::{
-    decode_evidence, decode_pages, decode_record, open_attrs, open_index, recover_segment,
+    LogOpsOutcome, decode_evidence, decode_pages, decode_record, log_ops, open_attrs, open_index,
+    recover_segment,
 };
 use tally_engine::{EventData, ExpectedVersion, Log, Options, Query};
 
@@ -189,4 +196,217 @@ proptest! {
             decode_evidence(&m);
         }
     }
+}
+
+/// The fuzz crate's directory.
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+/// The fuzz targets, as `fuzz/Cargo.toml` names its `[[bin]]`s.
+fn fuzz_targets() -> Vec<String> {
+    let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
+    let mut targets = Vec::new();
+    let mut in_bin = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if in_bin && let Some(name) = line.strip_prefix("name = ") {
+            targets.push(name.trim_matches('"').to_owned());
+        }
+    }
+    assert!(
+        targets.len() >= 8,
+        "fuzz/Cargo.toml lists its targets: {targets:?}"
+    );
+    targets
+}
+
+/// A target's checked-in seeds, by file name.
+fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = fuzz_dir().join("corpus").join(target);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Seeds named so were added by hand (a crash's reproducer, minimised): they must not
+/// panic, but need not get through their decoder. Every other seed is a real encoding
+/// written by `fuzz/corpus-gen`, and must.
+const HAND_ADDED_PREFIX: &str = "regression-";
+
+#[test]
+fn every_fuzz_target_has_a_seed_corpus_and_every_corpus_a_target() {
+    let targets = fuzz_targets();
+    for t in &targets {
+        assert!(
+            !corpus(t).is_empty(),
+            "fuzz/corpus/{t} is empty: regenerate the corpora (fuzz/README.md)"
+        );
+    }
+    for e in std::fs::read_dir(fuzz_dir().join("corpus")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            targets.contains(&name),
+            "fuzz/corpus/{name} belongs to no target"
+        );
+    }
+}
+
+#[test]
+fn seed_corpora_get_through_their_decoders() {
+    for target in fuzz_targets() {
+        let run: fn(&[u8]) -> bool = match target.as_str() {
+            "decode_record" => decode_record,
+            "open_index" => open_index,
+            "open_attrs" => open_attrs,
+            "decode_pages" => |b| decode_pages(b) > 0,
+            "recover_segment" => |b| recover_segment(b) > 0,
+            "decode_evidence" => |b| {
+                decode_evidence(b);
+                true
+            },
+            // The next test runs these, with its own checks.
+            "log_ops" => continue,
+            // `tally_server::protocol::check_decoders` is the server's, out of this crate's
+            // reach: `.ci/run` runs this corpus through the fuzz binary, and the server's
+            // own tests run the function under proptest.
+            "decode_frame" => continue,
+            other => panic!("fuzz target {other} has no entry point here: add it"),
+        };
+        for (name, bytes) in corpus(&target) {
+            let through = run(&bytes);
+            assert!(
+                through || name.starts_with(HAND_ADDED_PREFIX),
+                "fuzz/corpus/{target}/{name} does not get through its decoder: a seed that \
+                 stops early tests only the first check (regenerate the corpora)"
+            );
+        }
+    }
+}
+
+#[test]
+fn log_ops_seed_corpus_reaches_every_kind_of_operation_and_outcome() {
+    let mut total = LogOpsOutcome::default();
+    for (name, bytes) in corpus("log_ops") {
+        let o = log_ops(&bytes);
+        eprintln!("{name}: {o:?}");
+        total += o;
+    }
+    let reached = [
+        ("acknowledged appends", total.appends),
+        ("recognised retries", total.replays),
+        ("refused appends", total.refusals),
+        ("reads", total.reads),
+        ("checkpoints", total.checkpoints),
+        ("crashes", total.crashes),
+        ("power cuts", total.power_cuts),
+        ("operations failed by a fault", total.fault_errors),
+        (
+            "failed appends settled",
+            total.unknown_found + total.unknown_lost,
+        ),
+    ];
+    for (what, n) in reached {
+        assert!(n > 0, "the log_ops corpus reaches no {what}: {total:?}");
+    }
+}
+
+/// The input writer and the run agree: each operation written runs, with the outcome the
+/// model predicts.
+#[test]
+fn log_ops_runs_what_its_input_writer_wrote() {
+    let input = LogOpsInput::new(1, 0)
+        .append(
+            0,
+            Expect::NoStream,
+            &[Event::small(b"a"), Event::small(b"b")],
+        )
+        .retry(0, Retry::AsSent)
+        .append(0, Expect::Exact(9), &[Event::small(b"wrong version")])
+        .append_multi(&[
+            (1, Expect::NoStream, vec![Event::small(b"c")]),
+            (2, Expect::Right, vec![Event::large(4096, 1)]),
+        ])
+        .read_stream(0, 0, 0, false)
+        .read_all(255, 0, true)
+        .find(false, 0, 31)
+        .checkpoint()
+        .crash()
+        .power_cut(Cut::Clean)
+        .close()
+        .into_bytes();
+    assert_eq!(
+        log_ops(&input),
+        LogOpsOutcome {
+            ops: 11,
+            appends: 2,
+            events: 4,
+            replays: 1,
+            refusals: 1,
+            reads: 3,
+            checkpoints: 1,
+            // The first, after the crash, the cut and the close, and the final one.
+            opens: 5,
+            crashes: 1,
+            power_cuts: 1,
+            ..LogOpsOutcome::default()
+        }
+    );
+}
+
+/// SplitMix64.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// `log_ops` on pseudo-random inputs of up to 700 bytes. `TALLY_FUZZ_SEED=S` picks the
+/// inputs (a failure prints its seed, case and input), `TALLY_FUZZ_CASES=N` their number.
+#[test]
+fn log_ops_on_seeded_random_inputs() {
+    let seed = env_u64("TALLY_FUZZ_SEED").unwrap_or(0x7a11_f022);
+    let cases = env_u64("TALLY_FUZZ_CASES").unwrap_or(300);
+    let mut state = seed;
+    let mut total = LogOpsOutcome::default();
+    let started = std::time::Instant::now();
+    for case in 0..cases {
+        let len = 16 + (splitmix(&mut state) % 700) as usize;
+        let input: Vec<u8> = (0..len).map(|_| splitmix(&mut state) as u8).collect();
+        match std::panic::catch_unwind(|| log_ops(&input)) {
+            Ok(o) => total += o,
+            Err(_) => {
+                let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
+                panic!(
+                    "TALLY_FUZZ_SEED={seed}, case {case}: log_ops failed (above); to replay it \
+                     under the fuzz target, write this input to a file and pass it to \
+                     `fuzz/target/.../log_ops FILE`:\n{hex}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "log_ops: {cases} inputs from seed {seed} in {:.2} s: {total:?}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        total.appends > 0 && total.power_cuts > 0 && total.fault_errors > 0,
+        "random inputs exercised nothing: {total:?}"
+    );
 }
