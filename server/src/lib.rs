@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod budget;
 pub mod client;
 pub mod projection;
 pub mod protocol;

@@ -83,6 +83,14 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long a shutdown waits for in-flight requests and connections to finish.
     pub shutdown_timeout: Duration,
+    /// Bytes of responses built and not yet written, over all connections (reads and
+    /// subscription batches reserve their frame's room first and wait while it is used up).
+    pub response_bytes_max: usize,
+    /// Each connection's share of `response_bytes_max`.
+    pub connection_response_bytes_max: usize,
+    /// A connection that waits this long for response room while it holds at least half
+    /// its share (it does not read its socket) gets `LimitExceeded` and is closed.
+    pub response_wait: Duration,
     /// How the log is opened (durability, segment size, recovery, checkpoints).
     pub options: Options,
 }
@@ -102,6 +110,9 @@ impl Config {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(10),
+            response_bytes_max: 256 << 20,
+            connection_response_bytes_max: 64 << 20,
+            response_wait: Duration::from_secs(30),
             options: Options::default(),
         }
     }
@@ -169,6 +180,8 @@ struct Ctx {
     registering: std::sync::Mutex<()>,
     /// Some registered schema asks for validation: appends are checked.
     validating: AtomicBool,
+    /// The memory budget for responses not yet written.
+    budget: Arc<crate::budget::Budget>,
 }
 
 /// A frame on its way to a connection's socket.
@@ -178,6 +191,8 @@ struct Outbound {
     answers_request: bool,
     /// Released once written (a subscription's share of the queue).
     permit: Option<OwnedSemaphorePermit>,
+    /// The frame's room in the memory budget, released once written.
+    reserved: Option<crate::budget::Reserved>,
 }
 
 /// Where a response goes. Every request gets exactly one `Reply`, which sends exactly one
@@ -191,6 +206,10 @@ struct Reply {
     /// Released when the response is written (a read's share of the connection's
     /// response bytes).
     permit: Option<OwnedSemaphorePermit>,
+    /// The connection's part of the memory budget.
+    budget: Arc<crate::budget::ConnBudget>,
+    /// Room reserved for this response, kept until it is written.
+    reserved: Option<crate::budget::Reserved>,
 }
 
 impl Reply {
@@ -202,11 +221,16 @@ impl Reply {
 
     fn send_frame(mut self, frame: Vec<u8>) {
         self.done = true;
+        let mut reserved = self.reserved.take();
+        if let Some(r) = &mut reserved {
+            r.shrink_to(frame.len());
+        }
         // The connection may be gone; then there is nobody to tell.
         let _ = self.tx.send(Outbound {
             frame,
             answers_request: true,
             permit: self.permit.take(),
+            reserved,
         });
     }
 
@@ -229,6 +253,7 @@ impl Drop for Reply {
                 frame: out,
                 answers_request: true,
                 permit: None,
+                reserved: None,
             });
         }
     }
@@ -449,6 +474,11 @@ impl Server {
         let (acks, ack_rx) = std::sync::mpsc::channel::<Ack>();
         let visible = Arc::new(watch::channel(log.next_position().0).0);
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let budget = crate::budget::Budget::new(
+            cfg.response_bytes_max,
+            cfg.connection_response_bytes_max,
+            cfg.response_wait,
+        );
         let ctx = Arc::new(Ctx {
             log: Arc::clone(&log),
             cfg,
@@ -465,6 +495,7 @@ impl Server {
                     && rt.metrics().num_workers() >= 2
             },
             validating: AtomicBool::new(registry.validates()),
+            budget,
             registering: std::sync::Mutex::new(()),
             schemas: std::sync::RwLock::new(Arc::new(registry)),
         });
@@ -813,7 +844,19 @@ async fn serve(
     let mut pending: VecDeque<Ack> = VecDeque::new();
     let mut durable = ctx.visible.subscribe();
     let read_slots = Arc::new(Semaphore::new(READS_QUEUED));
+    let budget = ctx.budget.connection();
+    // What was written, with the budget room it held (released with `held`).
+    let mut held_room: Vec<crate::budget::Reserved> = Vec::new();
     loop {
+        if budget.is_exceeded() && !closing {
+            error_frame(
+                &mut out,
+                ErrorCode::LimitExceeded,
+                "this connection held more than its share of the server's response memory for too long: read your socket (see response_bytes_max)",
+                0,
+            );
+            closing = true;
+        }
         // 1. Every whole frame that has a slot.
         let mut acks = Vec::new();
         while !closing && stopping_since.is_none() && inflight < cfg.inflight_max {
@@ -855,6 +898,8 @@ async fn serve(
                 tx: tx.clone(),
                 done: false,
                 permit: None,
+                budget: Arc::clone(&budget),
+                reserved: None,
             };
             let mut here = Here {
                 out: &mut out,
@@ -925,12 +970,27 @@ async fn serve(
         // 3. What is queued for the socket, up to a batch, then one write.
         while out.len() < WRITE_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(o) => take(&mut out, &mut inflight, &mut held, o),
+                Ok(o) => take(&mut out, &mut inflight, &mut held, &mut held_room, o),
                 Err(_) => break,
             }
         }
         if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
+            // A client that does not read its socket blocks this write; the budget wakes it
+            // when that client has held too much for too long, and the connection ends.
+            let written = {
+                let mut write = std::pin::pin!(wr.write_all(&out));
+                loop {
+                    tokio::select! {
+                        r = &mut write => break r.is_ok(),
+                        () = budget.notify.notified() => {
+                            if budget.is_exceeded() {
+                                break false;
+                            }
+                        }
+                    }
+                }
+            };
+            if !written {
                 break;
             }
             out.clear();
@@ -938,6 +998,7 @@ async fn serve(
                 out = Vec::with_capacity(WRITE_BATCH_BYTES);
             }
             held.clear();
+            held_room.clear();
             last_activity = tokio::time::Instant::now();
         }
         if closing {
@@ -963,7 +1024,7 @@ async fn serve(
                     // Last, after every answer and push already queued.
                     said_goodbye = true;
                     while let Ok(o) = rx.try_recv() {
-                        take(&mut out, &mut inflight, &mut held, o);
+                        take(&mut out, &mut inflight, &mut held, &mut held_room, o);
                     }
                     let why = if timed_out && inflight > 0 {
                         "the server is shutting down and stopped waiting for requests in flight: those without an answer may or may not have been executed"
@@ -996,7 +1057,8 @@ async fn serve(
                     eof = true;
                 }
             },
-            Some(o) = rx.recv() => take(&mut out, &mut inflight, &mut held, o),
+            Some(o) = rx.recv() => take(&mut out, &mut inflight, &mut held, &mut held_room, o),
+            () = budget.notify.notified() => {}
             // Another connection's sync was announced: ours may be covered, or it is our
             // turn to lead. The timer guards against an announcement that never comes.
             _ = durable.changed(), if !pending.is_empty() => {}
@@ -1024,7 +1086,13 @@ async fn serve(
     let _ = wr.shutdown().await;
 }
 
-fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePermit>, o: Outbound) {
+fn take(
+    out: &mut Vec<u8>,
+    inflight: &mut u32,
+    held: &mut Vec<OwnedSemaphorePermit>,
+    held_room: &mut Vec<crate::budget::Reserved>,
+    o: Outbound,
+) {
     if out.is_empty() {
         // A large read response is written as it is, not copied.
         *out = o.frame;
@@ -1035,6 +1103,7 @@ fn take(out: &mut Vec<u8>, inflight: &mut u32, held: &mut Vec<OwnedSemaphorePerm
         *inflight -= 1;
     }
     held.extend(o.permit);
+    held_room.extend(o.reserved);
 }
 
 /// Answers the appends of `pending` whose sync is done; when some are not and no other
@@ -1382,6 +1451,21 @@ fn handle(
                 match slots.acquire_owned().await {
                     Ok(p) => reply.permit = Some(p),
                     Err(_) => return,
+                }
+                // Room for the largest frame the answer can be, shrunk to its size once
+                // built; a connection over its share waits (or, not reading, is closed).
+                let budget = Arc::clone(&reply.budget);
+                match budget
+                    .reserve(ctx.cfg.frame_bytes_max as usize + 1024)
+                    .await
+                {
+                    Ok(r) => reply.reserved = Some(r),
+                    Err(_exceeded) => {
+                        return reply.error(WireError::new(
+                            ErrorCode::LimitExceeded,
+                            "this connection holds more than its share of the server's response memory",
+                        ));
+                    }
                 }
                 let _ =
                     tokio::task::spawn_blocking(move || blocking_request(&ctx, req, reply)).await;
@@ -2028,6 +2112,7 @@ async fn subscription(
     let mut next = start;
     let id = reply.request_id;
     let tx = reply.tx.clone();
+    let budget = Arc::clone(&reply.budget);
     reply.send(&Response::Subscribed { start: next });
     let queue = Arc::new(Semaphore::new(SUB_FRAMES_QUEUED));
     let mut visible = ctx.visible.subscribe();
@@ -2041,6 +2126,7 @@ async fn subscription(
             frame: out,
             answers_request: false,
             permit: None,
+            reserved: None,
         });
     };
     loop {
@@ -2066,6 +2152,7 @@ async fn subscription(
                 frame: out,
                 answers_request: false,
                 permit: None,
+                reserved: None,
             });
         }
         if credit == 0 {
@@ -2081,6 +2168,17 @@ async fn subscription(
             p = Arc::clone(&queue).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             () = shared.wake.notified() => continue,
             _ = shutdown.changed() => continue,
+        };
+        // Room in the server's memory budget for the largest batch frame.
+        let mut room = match budget.reserve(max_frame + 1024).await {
+            Ok(r) => r,
+            Err(_exceeded) => {
+                return push_end(
+                    ErrorCode::LimitExceeded,
+                    "this connection holds more than its share of the server's response memory"
+                        .into(),
+                );
+            }
         };
         let n = credit.min(SUB_BATCH_MAX);
         // Seen before the read: an append announced after the read wakes the wait below.
@@ -2106,10 +2204,12 @@ async fn subscription(
         if count > 0 {
             shared.credit.fetch_sub(u64::from(count), Ordering::SeqCst);
             next = new_next;
+            room.shrink_to(frame.len());
             let _ = tx.send(Outbound {
                 frame,
                 answers_request: false,
                 permit: Some(permit),
+                reserved: Some(room),
             });
             continue;
         }
@@ -2127,6 +2227,7 @@ async fn subscription(
                 frame: out,
                 answers_request: false,
                 permit: None,
+                reserved: None,
             });
         }
         // Wait for the log to grow. The watch is published after every acknowledged

@@ -402,6 +402,84 @@ impl Raw {
     }
 }
 
+/// One connection with many subscriptions that never reads its socket cannot take the
+/// server's memory: its pushes wait for room in its share of the response budget, it is
+/// closed once it has held that share for `response_wait_ms`, and other clients are served
+/// all along. (Before the budget, such a connection took tallyd from 29 MB to 1 GB.)
+#[test]
+fn a_client_that_never_reads_is_held_to_its_share_of_response_memory_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tallyd.toml");
+    std::fs::write(
+        &cfg,
+        "max_frame_bytes = 2097152\nmax_connection_response_bytes = 8388608\n\
+         max_response_bytes = 16777216\nresponse_wait_ms = 1000\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let d = Tallyd::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let big = |i: u64| format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(2000));
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        for i in 0..60 {
+            c.append(
+                "s",
+                ExpectedVersion::Any,
+                (0..100)
+                    .map(|j| EventData::json("T", big(i * 100 + j)))
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let before = d.rss_bytes();
+    let mut hog = Raw::hello(&d.addr);
+    for id in 1..=64 {
+        hog.send(
+            id,
+            &Request::Subscribe {
+                target: SubscribeTarget::All(Filter::default()),
+                from: SubscribeFrom::At(0),
+                credit: u32::MAX,
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Others are served while the hog holds its share.
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        let (es, _, _) = c
+            .read_all(0, 100, Direction::Forward, &Filter::default())
+            .await
+            .unwrap();
+        assert_eq!(es.len(), 100);
+    });
+    let during = d.rss_bytes();
+    // The hog is closed: what was buffered for it arrives, then the end of the stream.
+    hog.s
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match hog.s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection that never read was not closed: {e}"),
+        }
+    }
+    assert!(
+        during < before + (128 << 20),
+        "tallyd grew from {before} to {during} bytes while one client did not read"
+    );
+    // And the server goes on.
+    runtime().block_on(async {
+        let c = Client::connect(&d.addr).await.unwrap();
+        c.ping().await.unwrap();
+    });
+}
+
 #[test]
 fn a_slow_subscriber_is_held_by_flow_control() {
     let dir = tempfile::tempdir().unwrap();

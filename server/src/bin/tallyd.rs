@@ -79,6 +79,9 @@ struct FileConfig {
     handshake_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     shutdown_timeout_ms: Option<u64>,
+    max_response_bytes: Option<usize>,
+    max_connection_response_bytes: Option<usize>,
+    response_wait_ms: Option<u64>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
     signing_key: Option<PathBuf>,
@@ -125,6 +128,15 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = file.shutdown_timeout_ms {
         cfg.shutdown_timeout = ms(v);
+    }
+    if let Some(v) = file.max_response_bytes {
+        cfg.response_bytes_max = v;
+    }
+    if let Some(v) = file.max_connection_response_bytes {
+        cfg.connection_response_bytes_max = v;
+    }
+    if let Some(v) = file.response_wait_ms {
+        cfg.response_wait = ms(v);
     }
     let mut options = Options {
         recovery: RecoveryMode::Strict,

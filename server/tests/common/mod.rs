@@ -16,6 +16,18 @@ pub struct Tallyd {
 }
 
 impl Tallyd {
+    /// The server process's resident memory in bytes (`VmRSS`).
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
     /// Starts `tallyd --data DATA --listen 127.0.0.1:0` with `extra` arguments and waits
     /// until it listens.
     pub fn start(data: &Path, extra: &[&str]) -> Tallyd {
