@@ -28,6 +28,9 @@ pub trait MapRegion: Send + Sync + fmt::Debug {
 #[derive(Debug)]
 pub(crate) struct SegmentMap {
     region: Box<dyn MapRegion>,
+    /// `region.len()`, kept here: the bounds checks on every write need it, and the
+    /// region's is a dynamic call.
+    len: u64,
     /// Bytes `0..published` are complete and will never be written through this map again.
     published: AtomicU64,
 }
@@ -94,13 +97,14 @@ impl SegmentMap {
         );
         Ok(SegmentMap {
             region,
+            len,
             published: AtomicU64::new(published),
         })
     }
 
     /// Bytes mapped.
     pub(crate) fn len(&self) -> u64 {
-        self.region.len() as u64
+        self.len
     }
 
     /// Bytes that are complete and readable.
