@@ -183,6 +183,10 @@ fn a_crc_valid_attribute_index_edit_that_hides_an_event_is_never_silent() {
         log.append(&format!("trade-{}", i % 7), ExpectedVersion::Any, &[e])
             .unwrap();
     }
+    // A lookup writes the sealed segments' attribute sidecars (the background indexer may
+    // not have reached segment 1 before the close: the edit below needs its file).
+    log.wait_sealed().unwrap();
+    log.find(&tally_engine::Query::all().limit(1)).unwrap();
     log.close().unwrap();
     let d = dir.to_str().unwrap();
     let found = |corr: &str| -> (Vec<u64>, String) {
