@@ -10,9 +10,6 @@
 //! or from tallyd (`--server`). It trusts only its own state directory and the log keys
 //! registered in it.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
@@ -146,6 +143,8 @@ pub enum Observation {
 /// A witness and its state directory.
 #[derive(Debug)]
 pub struct Witness {
+    /// Where its files are (the operating system's, or a simulated disk in tests).
+    fs: crate::Storage,
     dir: PathBuf,
     key: SigningKey,
     name: String,
@@ -173,6 +172,14 @@ impl Witness {
     /// [`Error::InvalidOptions`] for a name that is not a valid key name; I/O errors, or a
     /// key that exists already.
     pub fn init(dir: &Path, name: &str) -> Result<Witness> {
+        Witness::init_in(crate::Storage::os(), dir, name)
+    }
+
+    /// [`Witness::init`] on `fs`.
+    ///
+    /// # Errors
+    /// As [`Witness::init`].
+    pub fn init_in(fs: crate::Storage, dir: &Path, name: &str) -> Result<Witness> {
         if !valid_key_name(name) {
             return Err(Error::InvalidOptions {
                 reason: format!(
@@ -180,18 +187,18 @@ impl Witness {
                 ),
             });
         }
-        std::fs::create_dir_all(dir.join(LOGS_DIR))
+        fs.create_dir_all(&dir.join(LOGS_DIR))
             .map_err(io("creating witness directory", dir))?;
         let key_path = dir.join(WITNESS_KEY_FILE);
-        let key = crate::log::create_key_file(&crate::Storage::os(), &key_path)?;
+        let key = crate::log::create_key_file(&fs, &key_path)?;
         let w = Witness {
+            fs,
             dir: dir.to_owned(),
             key,
             name: name.to_owned(),
         };
         let vkey = format!("{}\n", w.key().encode());
-        crate::Storage::os()
-            .write_file_atomic(dir, WITNESS_VKEY_FILE, vkey.as_bytes(), false)
+        w.fs.write_file_atomic(dir, WITNESS_VKEY_FILE, vkey.as_bytes(), false)
             .map_err(io("writing witness key", &dir.join(WITNESS_VKEY_FILE)))?;
         Ok(w)
     }
@@ -201,14 +208,24 @@ impl Witness {
     /// # Errors
     /// I/O errors; [`Error::Corrupt`] for key files that do not decode or do not match.
     pub fn open(dir: &Path) -> Result<Witness> {
+        Witness::open_in(crate::Storage::os(), dir)
+    }
+
+    /// [`Witness::open`] on `fs`.
+    ///
+    /// # Errors
+    /// As [`Witness::open`].
+    pub fn open_in(fs: crate::Storage, dir: &Path) -> Result<Witness> {
         let key_path = dir.join(WITNESS_KEY_FILE);
-        let text =
-            std::fs::read_to_string(&key_path).map_err(io("reading witness key", &key_path))?;
+        let text = fs
+            .read_to_string(&key_path)
+            .map_err(io("reading witness key", &key_path))?;
         let key = decode_secret_key(&text)
             .map_err(|e| corrupt(&key_path, format!("witness key file: {e}")))?;
         let vkey_path = dir.join(WITNESS_VKEY_FILE);
-        let vtext =
-            std::fs::read_to_string(&vkey_path).map_err(io("reading witness key", &vkey_path))?;
+        let vtext = fs
+            .read_to_string(&vkey_path)
+            .map_err(io("reading witness key", &vkey_path))?;
         let public = WitnessKey::parse(vtext.trim())
             .map_err(|e| corrupt(&vkey_path, format!("witness vkey: {e}")))?;
         if public.public_key != key.verifying_key().to_bytes() {
@@ -218,6 +235,7 @@ impl Witness {
             ));
         }
         Ok(Witness {
+            fs,
             dir: dir.to_owned(),
             key,
             name: public.name,
@@ -244,7 +262,9 @@ impl Witness {
     /// I/O errors.
     pub fn register(&self, log_id: &[u8; 16], log_keys: &[[u8; 32]]) -> Result<()> {
         let dir = self.log_dir(log_id);
-        std::fs::create_dir_all(&dir).map_err(io("creating witness log directory", &dir))?;
+        self.fs
+            .create_dir_all(&dir)
+            .map_err(io("creating witness log directory", &dir))?;
         let mut keys = self.log_keys(log_id)?.unwrap_or_default();
         for k in log_keys {
             if !keys.contains(k) {
@@ -252,7 +272,7 @@ impl Witness {
             }
         }
         let text: String = keys.iter().map(encode_public_key).collect();
-        crate::Storage::os()
+        self.fs
             .write_file_atomic(&dir, LOG_KEYS_FILE, text.as_bytes(), false)
             .map_err(io("writing log keys", &dir.join(LOG_KEYS_FILE)))
     }
@@ -263,7 +283,7 @@ impl Witness {
     /// I/O errors; [`Error::Corrupt`] for a key file that does not decode.
     pub fn log_keys(&self, log_id: &[u8; 16]) -> Result<Option<Vec<[u8; 32]>>> {
         let path = self.log_dir(log_id).join(LOG_KEYS_FILE);
-        match std::fs::read_to_string(&path) {
+        match self.fs.read_to_string(&path) {
             Ok(t) => parse_public_keys(&t)
                 .map(Some)
                 .map_err(|e| corrupt(&path, format!("log keys: {e}"))),
@@ -279,7 +299,7 @@ impl Witness {
     /// I/O errors; [`Error::Corrupt`] when the file does not parse.
     pub fn latest(&self, log_id: &[u8; 16]) -> Result<Option<Note>> {
         let path = self.log_dir(log_id).join(LATEST_FILE);
-        match std::fs::read_to_string(&path) {
+        match self.fs.read_to_string(&path) {
             Ok(t) => Note::parse(&t)
                 .map(Some)
                 .map_err(|e| corrupt(&path, format!("latest note: {e}"))),
@@ -294,7 +314,7 @@ impl Witness {
     /// I/O errors; [`Error::Corrupt`] for a line that does not decode.
     pub fn history(&self, log_id: &[u8; 16]) -> Result<Vec<Seen>> {
         let path = self.log_dir(log_id).join(HISTORY_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match self.fs.read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io("reading witness history", &path)(e)),
@@ -346,7 +366,9 @@ impl Witness {
         };
         let dir = self.log_dir(&statement.log_id);
         // One observer at a time per log: the key file is never replaced.
-        let lock = File::open(dir.join(LOG_KEYS_FILE))
+        let lock = self
+            .fs
+            .open(&dir.join(LOG_KEYS_FILE), crate::sys::OpenMode::Read)
             .map_err(io("opening log keys", &dir.join(LOG_KEYS_FILE)))?;
         lock.lock()
             .map_err(io("locking witness log directory", &dir))?;
@@ -449,6 +471,7 @@ impl Witness {
         // history that already refuses anything conflicting with the new checkpoint.
         let hist = dir.join(HISTORY_FILE);
         append_history_line(
+            &self.fs,
             &hist,
             &format!(
                 "{} {} {} {}\n",
@@ -459,7 +482,7 @@ impl Witness {
             ),
         )?;
         let latest_note = checkpoint_note(&cp, std::slice::from_ref(&cosignature)).encode();
-        crate::Storage::os()
+        self.fs
             .write_file_atomic(&dir, LATEST_FILE, latest_note.as_bytes(), false)
             .map_err(io("writing latest note", &dir.join(LATEST_FILE)))?;
         Ok(Observation::Cosigned {
@@ -472,22 +495,19 @@ impl Witness {
     /// Keeps a conflicting note as evidence; returns its path.
     fn keep_evidence(&self, dir: &Path, note: &Note) -> Result<PathBuf> {
         let ev = dir.join(EVIDENCE_DIR);
-        std::fs::create_dir_all(&ev).map_err(io("creating evidence directory", &ev))?;
+        self.fs
+            .create_dir_all(&ev)
+            .map_err(io("creating evidence directory", &ev))?;
         let text = note.encode();
         let name = format!(
             "{}.note",
             hex(&blake3::hash(text.as_bytes()).as_bytes()[..8])
         );
-        let path = ev.join(name);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&path)
-            .map_err(io("writing evidence", &path))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
+        let path = ev.join(&name);
+        // Written atomically and durably (its name too): evidence of a fork or a rollback
+        // must survive the power cut that may follow it.
+        self.fs
+            .write_file_atomic(&ev, &name, text.as_bytes(), false)
             .map_err(io("writing evidence", &path))?;
         Ok(path)
     }
@@ -496,16 +516,17 @@ impl Witness {
 /// Appends one whole line to a witness history and syncs it. A torn last line (an append
 /// a crash interrupted, which [`Witness::history`] leaves out) is cut off first, so the new
 /// line never joins it; the line is written in one call.
-fn append_history_line(path: &Path, line: &str) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .write(true)
-        .truncate(false)
-        .open(path)
+fn append_history_line(fs: &crate::Storage, path: &Path, line: &str) -> Result<()> {
+    let created = !fs.exists(path);
+    let f = fs
+        .open(path, crate::sys::OpenMode::Create)
         .map_err(io("opening witness history", path))?;
-    let bytes = std::fs::read(path).map_err(io("reading witness history", path))?;
+    // A history created here is a durable name before its first line is relied on.
+    if created && let Some(dir) = path.parent() {
+        fs.sync_dir(dir)
+            .map_err(io("syncing witness log directory", dir))?;
+    }
+    let bytes = fs.read(path).map_err(io("reading witness history", path))?;
     let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     if whole != bytes.len() {
         f.set_len(whole as u64)

@@ -340,3 +340,17 @@ fn a_poisoned_log_closes_without_writing_clean_close_state() {
     log.verify().unwrap();
     log.close().unwrap();
 }
+
+/// A witness keeps its state through the storage seam too: what `init` wrote survives a
+/// power cut right after it.
+#[test]
+fn a_witness_created_on_the_simulated_disk_survives_a_power_cut() {
+    use tally_engine::witness::Witness;
+    let sim = SimFs::new(9);
+    let dir = PathBuf::from("/seam/witness");
+    let w = Witness::init_in(Storage::simulated(&sim), &dir, "witness.example/w1").unwrap();
+    let key = w.key();
+    sim.power_cut(&Cut::clean());
+    let back = Witness::open_in(Storage::simulated(&sim), &dir).unwrap();
+    assert_eq!(back.key(), key);
+}
