@@ -367,7 +367,9 @@ fn expected_for(model: &Model, rng: &mut Rng, stream: &str) -> ExpectedVersion {
 
 fn run(seed: u64, ops: u64) -> (Stats, u64) {
     let sim = SimFs::new(seed);
-    if std::env::var_os("TALLY_SIM_TRACE").is_some() {
+    // Notes are formatted only when traced: a step is a few microseconds of simulated I/O.
+    let tracing = std::env::var_os("TALLY_SIM_TRACE").is_some();
+    if tracing {
         sim.enable_trace();
     }
     let mut rng = Rng(seed ^ 0x5eed);
@@ -377,7 +379,9 @@ fn run(seed: u64, ops: u64) -> (Stats, u64) {
     let mut log = open(&dir, &sim, &mut rng, seed, &mut stats);
     for _ in 0..ops {
         let step = rng.below(100);
-        sim.note(&format!("step {step}"));
+        if tracing {
+            sim.note(&format!("step {step}"));
+        }
         match step {
             // Appends to one stream, of one to four events.
             0..=44 => {
