@@ -236,10 +236,22 @@ fn a_spare_past_a_gap_is_discarded_at_open_and_rolls_go_on() {
         &[EventData::json("TradeNew", "{}")],
     )
     .unwrap();
+    // Segment 0 and its spare 1 exist (the spare is prepared by a background thread, which
+    // a close stops: wait for it); 5 is past a gap.
+    let spare_ready = || {
+        durable(&sim, &dir())
+            .iter()
+            .filter(|n| n.ends_with(".seg"))
+            .count()
+            == 2
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !spare_ready() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     log.close().unwrap();
     let names = durable(&sim, &dir());
     let segs: Vec<&String> = names.iter().filter(|n| n.ends_with(".seg")).collect();
-    // Segment 0 and its spare 1 exist; 5 is past a gap.
     assert_eq!(segs.len(), 2, "{names:?}");
     let past_gap = dir().join(tally_engine::SegmentSeq(5).file_name());
     sim.write_file(&past_gap, &vec![0u8; 64 * 1024]).unwrap();
