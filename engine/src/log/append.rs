@@ -11,7 +11,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use super::background::SealJob;
 use super::ids::{IdHashBuilder, IdSlot, IdWindow};
@@ -457,7 +456,7 @@ impl Writer {
     fn commit(&mut self, shared: &Shared, prepared: &Prepared<'_>) -> Result<Committed> {
         // Poisoning is rare: look at the flag, and take the lock only for the cause. (A closed
         // log has no writer, so this point is never reached after `close`.)
-        if shared.poisoned.load(Ordering::Acquire)
+        if shared.commit.is_poisoned()
             && let Some(cause) = &shared.commit.lock().poisoned
         {
             return Err(Error::Poisoned {
@@ -491,7 +490,7 @@ impl Writer {
             .expect("a read-only log never commits");
         let record_time = Timestamp(now().0.max(self.last_record_time.0));
         self.last_record_time = record_time;
-        let durable = shared.durable.load(Ordering::Acquire);
+        let durable = shared.commit.durable_position().0;
         let start_offset = self.write_offset;
         let first_of_batch = self.next_position;
         let total: usize = prepared.parts.iter().map(|p| p.events.len()).sum();
@@ -631,7 +630,7 @@ impl Writer {
             c.written = written;
             c.add_dirty(mw.map(), start_offset, self.write_offset);
             if matches!(shared.opts.durability, Durability::Batched { .. }) && c.flusher_idle {
-                shared.flush_cv.notify_one();
+                shared.commit.flush_cv.notify_one();
             }
         }
         if shared.opts.durability != Durability::Fsync {
@@ -671,11 +670,7 @@ impl Writer {
             .add_dirty(map_writer.map(), 0, PAGE_BYTES);
         self.map_writer = Some(map_writer);
         self.write_offset = SEGMENT_DATA_START;
-        shared
-            .segments
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Arc::clone(&handle));
+        shared.segments.push(Arc::clone(&handle));
         super::background::request_spare(shared, SegmentSeq(next_seq.0 + 1));
         super::background::send_seal(
             shared,
@@ -786,7 +781,7 @@ pub(crate) fn submit_signed(
         bodies,
     )?;
     let committed = {
-        let mut guard = shared.writer.lock();
+        let mut guard = shared.commit.writer.lock();
         let writer = guard.as_mut().ok_or(Error::Closed)?;
         let unwinding = PoisonOnUnwind(shared);
         let committed = writer.commit(shared, &prepared);
@@ -803,7 +798,7 @@ pub(crate) fn submit_signed(
         // Only an idle flusher needs waking: a busy one looks for new work after each sync.
         let c = shared.commit.lock();
         if c.flusher_idle {
-            shared.flush_cv.notify_one();
+            shared.commit.flush_cv.notify_one();
         }
     }
     Ok(AppendHandle {
@@ -820,7 +815,7 @@ struct PoisonOnUnwind<'a>(&'a Shared);
 impl Drop for PoisonOnUnwind<'_> {
     fn drop(&mut self) {
         let mut c = self.0.commit.lock();
-        self.0.poison(
+        self.0.commit.poison(
             &mut c,
             std::io::Error::other("an append panicked; the log takes no more writes"),
         );

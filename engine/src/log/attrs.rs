@@ -12,13 +12,12 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::RecordedEvent;
 use super::background::load_map;
 use super::read::{Verify, read_event, scan_records, segment_range};
-use super::shared::{SegState, SegmentHandle, Shared, lock};
+use super::shared::{SegState, SegmentHandle, Shared};
 use crate::error::{Error, Result};
 use crate::format::segment::SegmentFooter;
 use crate::format::{Position, SegmentSeq, Timestamp};
@@ -557,26 +556,18 @@ pub(crate) fn indexer(shared: &Shared) {
     // cannot wait, so they go first when the cores are busy.
     crate::sys::lower_thread_priority();
     loop {
-        {
-            let wake = lock(&shared.indexer_wake);
-            if !*wake {
-                let _ = shared
-                    .indexer_cv
-                    .wait_timeout(wake, POLL)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
-        }
+        shared.indexing.indexer.wait(POLL);
         // One segment at a time, letting go of the lock in between (lookups wait for at
         // most one segment) and stopping early at close. A pass with nothing to do (no
         // new records, no newly sealed segment) looks at each segment's state once.
         let visible = shared.visible_position();
         loop {
-            if shared.shutdown_indexer.load(Ordering::SeqCst) {
+            if shared.indexing.indexer.stopping() {
                 return;
             }
             // A failure (damage in a record) is not this thread's to report: the next
             // lookup meets the same damage and returns it, and verify names it.
-            match shared.attrs.lock().catch_up_step(shared, visible) {
+            match shared.indexing.attrs.lock().catch_up_step(shared, visible) {
                 Ok(true) => {}
                 Ok(false) | Err(_) => break,
             }

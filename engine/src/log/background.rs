@@ -37,7 +37,7 @@ pub(crate) struct SealJob {
 
 pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
     let (tx, rx) = mpsc::channel::<SealJob>();
-    *lock(&shared.seal_tx) = Some(tx);
+    *lock(&shared.segments.seal_tx) = Some(tx);
     let mut threads = lock(&shared.threads);
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -54,13 +54,15 @@ pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
     drop(threads);
     if shared.opts.index_attributes {
         let s = Arc::clone(shared);
-        *lock(&shared.indexer) = Some(spawn("index", Box::new(move || super::attrs::indexer(&s)))?);
+        let t = spawn("index", Box::new(move || super::attrs::indexer(&s)))?;
+        shared.indexing.indexer.set_thread(t);
     }
     if !shared.opts.auto_checkpoints {
         return Ok(());
     }
     let s = Arc::clone(shared);
-    *lock(&shared.checkpointer) = Some(spawn("checkpoint", Box::new(move || checkpointer(&s)))?);
+    let t = spawn("checkpoint", Box::new(move || checkpointer(&s)))?;
+    shared.evidence.checkpointer.set_thread(t);
     Ok(())
 }
 
@@ -73,23 +75,12 @@ fn checkpointer(shared: &Shared) {
     let interval = shared.opts.checkpoint_interval;
     let mut last_time = Instant::now();
     loop {
-        let due = {
-            let mut due = lock(&shared.checkpoint_due);
-            if !*due {
-                due = shared
-                    .checkpoint_cv
-                    .wait_timeout(due, POLL)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
-            }
-            std::mem::take(&mut *due)
-        };
-        if shared.shutdown_checkpoints.load(Ordering::SeqCst)
-            || shared.poisoned.load(Ordering::SeqCst)
-        {
+        let due = shared.evidence.checkpointer.wait(POLL);
+        if shared.evidence.checkpointer.stopping() || shared.commit.is_poisoned() {
             return;
         }
         let last = shared
+            .evidence
             .checkpoints
             .lock()
             .list
@@ -107,7 +98,7 @@ fn checkpointer(shared: &Shared) {
             let _ = super::checkpoints::checkpoint(shared, false);
             last_time = Instant::now();
         } else if grown > 0 {
-            let mut tree = shared.tree.lock();
+            let mut tree = shared.evidence.tree.lock();
             let _ = tree.catch_up(shared, Position(visible));
         }
     }
@@ -115,18 +106,17 @@ fn checkpointer(shared: &Shared) {
 
 /// Asks the checkpoint thread for a checkpoint (after a seal).
 pub(crate) fn request_checkpoint(shared: &Shared) {
-    *lock(&shared.checkpoint_due) = true;
-    shared.checkpoint_cv.notify_all();
+    shared.evidence.checkpointer.signal();
 }
 
 /// Makes the sealer drop its queue instead of sealing (a simulated crash).
 #[cfg(any(test, feature = "internals"))]
 pub(crate) fn abandon_seal_queue(shared: &Shared) {
-    shared.abandon_seals.store(true, Ordering::SeqCst);
+    shared.segments.abandon_seals.store(true, Ordering::SeqCst);
 }
 
 fn preparer(shared: &Shared) {
-    let mut spares = shared.spares.lock();
+    let mut spares = shared.segments.spares.lock();
     loop {
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
@@ -137,7 +127,7 @@ fn preparer(shared: &Shared) {
             .wanted
             .filter(|w| spares.error.is_none() && spares.prepared.is_none_or(|p| *w > p));
         let Some(seq) = next else {
-            spares = spares.wait(&shared.spares_cv);
+            spares = spares.wait(&shared.segments.spares_cv);
             continue;
         };
         drop(spares);
@@ -148,7 +138,7 @@ fn preparer(shared: &Shared) {
             shared.opts.segment_bytes,
             shared.opts.durability,
         );
-        spares = shared.spares.lock();
+        spares = shared.segments.spares.lock();
         match result {
             Ok(path) => {
                 spares.ready.push((seq, path));
@@ -156,7 +146,7 @@ fn preparer(shared: &Shared) {
             }
             Err(e) => spares.error = Some(Arc::new(e)),
         }
-        shared.spares_cv.notify_all();
+        shared.segments.spares_cv.notify_all();
     }
 }
 
@@ -206,11 +196,11 @@ fn is_untouched_spare(fs: &Storage, path: &Path, bytes: u64) -> bool {
 }
 
 pub(crate) fn request_spare(shared: &Shared, seq: SegmentSeq) {
-    let mut s = shared.spares.lock();
+    let mut s = shared.segments.spares.lock();
     if s.wanted.is_none_or(|w| w < seq) {
         s.wanted = Some(seq);
     }
-    shared.spares_cv.notify_all();
+    shared.segments.spares_cv.notify_all();
 }
 
 /// Turns spare `seq` into the active segment: maps it and writes its header.
@@ -222,7 +212,7 @@ pub(crate) fn activate_spare(
 ) -> Result<(Arc<SegmentHandle>, MapWriter)> {
     request_spare(shared, seq);
     let path = {
-        let mut s = shared.spares.lock();
+        let mut s = shared.segments.spares.lock();
         loop {
             if let Some(i) = s.ready.iter().position(|(q, _)| *q == seq) {
                 break s.ready.swap_remove(i).1;
@@ -243,7 +233,7 @@ pub(crate) fn activate_spare(
                 s.prepared.is_none_or(|p| p < seq),
                 "spare {seq} was prepared and taken before, or removed without resetting the mark"
             );
-            s = s.wait(&shared.spares_cv);
+            s = s.wait(&shared.segments.spares_cv);
         }
     };
     let opened = shared
@@ -260,7 +250,12 @@ pub(crate) fn activate_spare(
         Ok(o) => o,
         Err(e) => {
             // Keep the spare for the next attempt (a transient EMFILE or ENOMEM).
-            shared.spares.lock().ready.push((seq, path.clone()));
+            shared
+                .segments
+                .spares
+                .lock()
+                .ready
+                .push((seq, path.clone()));
             return Err(Error::Io {
                 op: "opening segment",
                 path,
@@ -283,11 +278,13 @@ pub(crate) fn activate_spare(
 }
 
 pub(crate) fn send_seal(shared: &Shared, job: SealJob) {
-    *shared.sealing.lock() += 1;
-    let sent = lock(&shared.seal_tx).as_ref().map(|tx| tx.send(job));
+    *shared.segments.sealing.lock() += 1;
+    let sent = lock(&shared.segments.seal_tx)
+        .as_ref()
+        .map(|tx| tx.send(job));
     if !matches!(sent, Some(Ok(()))) {
         // No sealer (closing): the next open seals the segment.
-        *shared.sealing.lock() -= 1;
+        *shared.segments.sealing.lock() -= 1;
     }
 }
 
@@ -300,7 +297,7 @@ fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
     // not a shape recovery accepts, and the log is poisoned anyway.
     let mut failed = false;
     while let Ok(job) = rx.recv() {
-        if !failed && !shared.abandon_seals.load(Ordering::SeqCst) {
+        if !failed && !shared.segments.abandon_seals.load(Ordering::SeqCst) {
             match seal(shared, &job) {
                 Ok(streams) => {
                     request_checkpoint(shared);
@@ -315,12 +312,12 @@ fn sealer(shared: &Shared, rx: &mpsc::Receiver<SealJob>) {
                         Error::Io { source, .. } => source,
                         other => std::io::Error::other(other.to_string()),
                     };
-                    shared.poison(&mut c, cause);
+                    shared.commit.poison(&mut c, cause);
                 }
             }
         }
-        *shared.sealing.lock() -= 1;
-        shared.sealing_cv.notify_all();
+        *shared.segments.sealing.lock() -= 1;
+        shared.segments.sealing_cv.notify_all();
     }
 }
 
@@ -680,7 +677,7 @@ pub(crate) fn rebuild_index(
             (key, Arc::from(name), hash, prev)
         },
     )?;
-    lock(&shared.rebuilt).push(seg.seq);
+    lock(&shared.segments.rebuilt).push(seg.seq);
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,
         data_end: footer.data_end,
@@ -740,13 +737,13 @@ fn flusher(shared: &Shared) {
         match shared.opts.durability {
             Durability::Fsync if pending && !c.syncing => c = shared.lead_sync(c),
             Durability::Fsync if pending => {
-                shared.commit_cv.wait(c.inner());
+                shared.commit.cv.wait(c.inner());
             }
             Durability::Batched { max_delay } if pending => {
                 // Let the batch gather for max_delay, then sync everything written.
-                shared.flush_cv.wait_for(c.inner(), max_delay);
+                shared.commit.flush_cv.wait_for(c.inner(), max_delay);
                 while c.syncing {
-                    shared.commit_cv.wait(c.inner());
+                    shared.commit.cv.wait(c.inner());
                 }
                 if c.written > c.durable && !shared.shutdown.load(Ordering::SeqCst) {
                     c = shared.lead_sync(c);
@@ -755,6 +752,7 @@ fn flusher(shared: &Shared) {
             _ => {
                 c.flusher_idle = true;
                 shared
+                    .commit
                     .flush_cv
                     .wait_for(c.inner(), Duration::from_millis(200));
                 c.flusher_idle = false;

@@ -352,7 +352,7 @@ impl Checkpoints {
         if let Some(key_path) = &self.key_path {
             ledger::record(shared.fs(), key_path, &cp)?;
         }
-        let mut signed = shared.signed.write();
+        let mut signed = shared.evidence.signed.write();
         let from = signed.len();
         signed.extend_from_slice(&self.list[from..]);
         Ok(cp)
@@ -362,8 +362,8 @@ impl Checkpoints {
 /// Makes a checkpoint of every acknowledged record: syncs them, brings the tree up to
 /// them, and signs. Lock order: checkpoints, then tree, then the write path's locks.
 pub(crate) fn checkpoint(shared: &Shared, force: bool) -> Result<SignedCheckpoint> {
-    let mut cps = shared.checkpoints.lock();
-    let mut tree = shared.tree.lock();
+    let mut cps = shared.evidence.checkpoints.lock();
+    let mut tree = shared.evidence.tree.lock();
     let upto = shared.visible_position();
     // A checkpoint covers only durable records: one that a crash could take back would
     // make the log look tampered with.

@@ -14,6 +14,7 @@ mod append;
 mod attrs;
 mod background;
 mod checkpoints;
+mod commit;
 mod cosignatures;
 mod ids;
 mod order;
@@ -24,6 +25,7 @@ mod shared;
 pub(crate) mod streams;
 mod tree;
 mod verify;
+mod visible;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -962,7 +964,7 @@ impl Log {
     /// [`Error::InvalidOptions`] for a field with an empty value; [`Error::Corrupt`] when a
     /// record read is damaged; I/O errors writing a sidecar.
     pub fn find(&self, query: &Query<'_>) -> Result<Vec<RecordedEvent>> {
-        self.shared.attrs.lock().find(&self.shared, query)
+        self.shared.indexing.attrs.lock().find(&self.shared, query)
     }
 
     /// The first position whose record time is at or after `t` (the next position if
@@ -973,7 +975,11 @@ impl Log {
     /// # Errors
     /// As [`Log::find`].
     pub fn position_at(&self, t: Timestamp) -> Result<Position> {
-        self.shared.attrs.lock().position_at(&self.shared, t)
+        self.shared
+            .indexing
+            .attrs
+            .lock()
+            .position_at(&self.shared, t)
     }
 
     /// What the log knows about `stream`, or `None` if it has no visible events.
@@ -1129,26 +1135,26 @@ impl Log {
     /// Every signed checkpoint of the log, oldest first.
     #[must_use]
     pub fn checkpoints(&self) -> Vec<SignedCheckpoint> {
-        self.shared.signed.read().clone()
+        self.shared.evidence.signed.read().clone()
     }
 
     /// The newest signed checkpoint, without copying the list.
     #[must_use]
     pub fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
-        self.shared.signed.read().last().copied()
+        self.shared.evidence.signed.read().last().copied()
     }
 
     /// How many signed checkpoints the log has.
     #[must_use]
     pub fn checkpoint_count(&self) -> usize {
-        self.shared.signed.read().len()
+        self.shared.evidence.signed.read().len()
     }
 
     /// A damaged entry of the checkpoints file found by a read-only open: its byte offset
     /// and cause. (A writable open refuses such a file.)
     #[must_use]
     pub fn checkpoints_damage(&self) -> Option<(u64, DecodeError)> {
-        self.shared.checkpoints.lock().damage.clone()
+        self.shared.evidence.checkpoints.lock().damage.clone()
     }
 
     /// Checkpoint `id` (the latest when `None`) as a signed note: its body, the log's
@@ -1159,7 +1165,7 @@ impl Log {
     /// I/O errors reading the cosignatures file.
     pub fn checkpoint_note(&self, id: Option<u64>) -> Result<Option<crate::format::note::Note>> {
         let cp = {
-            let cps = self.shared.signed.read();
+            let cps = self.shared.evidence.signed.read();
             match id {
                 None => cps.last().copied(),
                 Some(id) => usize::try_from(id)
@@ -1198,7 +1204,7 @@ impl Log {
         let cp = usize::try_from(checkpoint_id)
             .ok()
             .and_then(|id| id.checked_sub(1))
-            .and_then(|i| self.shared.signed.read().get(i).copied())
+            .and_then(|i| self.shared.evidence.signed.read().get(i).copied())
             .ok_or_else(|| Error::InvalidOptions {
                 reason: format!("the log has no checkpoint {checkpoint_id}"),
             })?;
@@ -1209,7 +1215,7 @@ impl Log {
     /// read-only log).
     #[must_use]
     pub fn public_key(&self) -> Option<[u8; 32]> {
-        self.shared.public_key.get().copied().flatten()
+        self.shared.evidence.public_key.get().copied().flatten()
     }
 
     /// The Merkle root over the record hashes of positions `0..tree_size`.
@@ -1274,7 +1280,7 @@ impl Log {
                 size: visible.0,
             }));
         }
-        let mut tree = self.shared.tree.lock();
+        let mut tree = self.shared.evidence.tree.lock();
         if tree.heads.is_none() {
             return Err(invalid_options(
                 "a stream head proof needs a log of format version 2",
@@ -1344,7 +1350,7 @@ impl Log {
                 size: visible.0,
             }));
         }
-        let mut tree = self.shared.tree.lock();
+        let mut tree = self.shared.evidence.tree.lock();
         tree.catch_up(&self.shared, Position(tree_size))?;
         if let Some(out) = f(&mut tree.source(&self.shared))? {
             return Ok(out);

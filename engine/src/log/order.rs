@@ -8,8 +8,8 @@
 //! deadlocks). Release builds keep only the wrapper, which compiles away.
 //!
 //! Unranked locks are leaves: held only to read or update a field, never while taking
-//! another lock (`tail_lock`, `segments`, a segment's `state`, a sealed segment's sidecar
-//! slot, `rebuilt`, the thread and shutdown bookkeeping). docs/ARCHITECTURE.md, "Lock order",
+//! another lock (`Visible`'s lock, the segment list, a segment's `state`, a sealed segment's
+//! sidecar slot, `rebuilt`, a `Worker`'s wake flag, the thread and shutdown bookkeeping). docs/ARCHITECTURE.md, "Lock order",
 //! explains the order and the paths that need it.
 
 use std::ops::{Deref, DerefMut};

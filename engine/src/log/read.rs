@@ -95,10 +95,7 @@ impl Iterator for PickIter {
 }
 
 fn segment_by_seq(shared: &Shared, seq: SegmentSeq) -> Option<Arc<SegmentHandle>> {
-    let segs = shared
-        .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let segs = shared.segments.list();
     let first = segs.first()?.seq.0;
     segs.get(usize::try_from(seq.0.checked_sub(first)?).ok()?)
         .cloned()
@@ -440,7 +437,7 @@ pub(crate) fn read_stream(
     }
     let visible = shared.visible_position();
     let plan = {
-        let guard = shared.writer.lock();
+        let guard = shared.commit.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
         plan(w, stream, from, max, direction, visible)
     };
@@ -477,7 +474,7 @@ pub(crate) fn read_stream_locked(
 pub(crate) fn stream_info(shared: &Shared, stream: &str) -> Result<Option<StreamInfo>> {
     let visible = shared.visible_position();
     let state = {
-        let guard = shared.writer.lock();
+        let guard = shared.commit.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
         w.streams.key(stream).map(|k| w.streams.get(k).clone())
     };
@@ -579,7 +576,7 @@ fn locate(
         SegState::Active => None,
     };
     let Some(frozen) = state else {
-        let guard = shared.writer.lock();
+        let guard = shared.commit.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
         if w.active.seq == seg.seq {
             return Ok(w.index.locate(position));
@@ -755,22 +752,8 @@ impl Tail {
 
     fn wait_for_more(&self, timeout: Duration) {
         let s = &self.shared;
-        s.tail_waiters.fetch_add(1, Ordering::SeqCst);
-        let mut g = lock(&s.tail_lock);
-        let deadline = Instant::now() + timeout;
-        while s.visible_position() <= self.next && !s.closed.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            g = s
-                .tail_cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
-        drop(g);
-        s.tail_waiters.fetch_sub(1, Ordering::SeqCst);
+        s.visible
+            .wait_past(self.next, &s.closed, Instant::now() + timeout);
     }
 }
 

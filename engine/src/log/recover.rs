@@ -18,9 +18,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use super::Durability;
 use super::append::Writer;
 use super::background::{
     corrupt, footer_from_records, load_index, prepare_spare, request_spare, sealed_index,
@@ -29,9 +30,12 @@ use super::background::{
 use super::checkpoints::{Checkpoints, load_or_create_key};
 use super::ids::{IdSlot, IdWindow};
 use super::order::{Ordered, Rank};
-use super::shared::{CommitState, SegState, SegmentHandle, Shared, Spares, lock};
+use super::shared::{
+    CommitPath, Evidence, Indexing, SegState, SegmentHandle, SegmentSet, Shared, Spares, lock,
+};
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable, decode_snapshot};
-use super::tree::{Tree, open_tree};
+use super::tree::open_tree;
+use super::visible::Visible;
 use super::{Options, RecoveryMode, RecoveryReport, Truncation, now};
 use crate::Storage;
 use crate::error::{Error, Result};
@@ -373,61 +377,29 @@ fn new_shared(
         meta,
         seed,
         read_only,
-        writer: Ordered::new(Rank::Writer, parking_lot::Mutex::new(None)),
-        commit: Ordered::new(
-            Rank::Commit,
-            parking_lot::Mutex::new(CommitState::default()),
-        ),
-        commit_cv: parking_lot::Condvar::new(),
-        flush_cv: parking_lot::Condvar::new(),
-        visible: AtomicU64::new(0),
-        durable: AtomicU64::new(0),
-        poisoned: AtomicBool::new(false),
-        tail_lock: Mutex::new(()),
-        tail_cv: Condvar::new(),
-        tail_waiters: AtomicUsize::new(0),
-        segments: RwLock::new(Vec::new()),
-        spares: Ordered::new(
-            Rank::Spares,
-            Mutex::new(Spares {
-                prepared: spares
-                    .iter()
-                    .map(|(s, _)| *s)
-                    .chain(found.iter().map(|f| f.seq))
-                    .chain(torn_newest.iter().map(|t| t.0))
-                    .max(),
-                ready: spares.clone(),
-                wanted: None,
-                error: None,
-            }),
-        ),
-        spares_cv: Condvar::new(),
-        seal_tx: Mutex::new(None),
-        sealing: Ordered::new(Rank::Sealing, Mutex::new(0)),
-        sealing_cv: Condvar::new(),
-        shutdown: AtomicBool::new(false),
-        abandon_seals: AtomicBool::new(false),
-        threads: Mutex::new(Vec::new()),
-        lock_file: Mutex::new(lock_file),
-        closed: AtomicBool::new(false),
-        rebuilt: Mutex::new(Vec::new()),
-        tree: Ordered::new(Rank::Tree, Mutex::new(Tree::empty(seed))),
-        checkpoints: Ordered::new(Rank::Checkpoints, Mutex::new(Checkpoints::empty())),
-        signed: Ordered::new(Rank::Signed, parking_lot::RwLock::new(Vec::new())),
-        public_key: OnceLock::new(),
+        commit: CommitPath::new(opts.durability == Durability::Fsync),
+        visible: Visible::default(),
+        segments: SegmentSet::new(Spares {
+            prepared: spares
+                .iter()
+                .map(|(s, _)| *s)
+                .chain(found.iter().map(|f| f.seq))
+                .chain(torn_newest.iter().map(|t| t.0))
+                .max(),
+            ready: spares.clone(),
+            wanted: None,
+            error: None,
+        }),
+        evidence: Evidence::new(seed),
+        indexing: Indexing::new(),
         producers: Ordered::new(
             Rank::Producers,
             parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
         ),
-        checkpoint_due: Mutex::new(false),
-        checkpoint_cv: Condvar::new(),
-        checkpointer: Mutex::new(None),
-        shutdown_checkpoints: AtomicBool::new(false),
-        attrs: Ordered::new(Rank::Attrs, Mutex::new(super::attrs::Attrs::default())),
-        indexer_wake: Mutex::new(false),
-        indexer_cv: Condvar::new(),
-        indexer: Mutex::new(None),
-        shutdown_indexer: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        threads: Mutex::new(Vec::new()),
+        lock_file: Mutex::new(lock_file),
+        closed: AtomicBool::new(false),
     })
 }
 
@@ -446,13 +418,9 @@ fn trust_sealed(shared: &Shared, found: &[Found]) -> (usize, End, Timestamp) {
     };
     let mut last_sealed_time = Timestamp(0);
     {
-        let mut segs = shared
-            .segments
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for f in &found[..first_unsealed] {
             let footer = f.footer.expect("sealed prefix");
-            segs.push(Arc::new(SegmentHandle {
+            shared.segments.push(Arc::new(SegmentHandle {
                 seq: f.seq,
                 path: f.path.clone(),
                 fs: fs.clone(),
@@ -597,7 +565,7 @@ fn scan_unsealed<'a>(
     if truncated && !read_only {
         // Segment files after the new end are gone; spares prepared after them would leave
         // a gap in the numbering, so they go too and are prepared again.
-        let mut spares = shared.spares.lock();
+        let mut spares = shared.segments.spares.lock();
         let removed_spares = !spares.ready.is_empty();
         for (_, path) in spares.ready.drain(..) {
             fs.remove_file(&path)
@@ -779,26 +747,18 @@ fn seal_and_activate(
             seal_on_open(shared, &handle, &index, data_end, chain)?;
             report.sealed_on_open.push(handle.seq);
         }
-        shared
-            .segments
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(handle);
+        shared.segments.push(handle);
     }
     let writer = make_writer(shared, last, end, table, last_sealed_time)?;
     let next_position = writer.next_position;
-    *shared.writer.lock() = Some(writer);
+    *shared.commit.writer.lock() = Some(writer);
     {
         let mut c = shared.commit.lock();
-        c.written = next_position;
-        c.durable = next_position;
+        shared.commit.start_at(&mut c, next_position);
     }
-    shared
-        .durable
-        .store(next_position.0, std::sync::atomic::Ordering::Release);
     shared.publish_visible(next_position);
     report.next_position = next_position;
-    report.rebuilt_indexes = std::mem::take(&mut *lock(&shared.rebuilt));
+    report.rebuilt_indexes = std::mem::take(&mut *lock(&shared.segments.rebuilt));
     Ok(())
 }
 
@@ -882,31 +842,36 @@ fn open_evidence(
         .last()
         .map(|c| (c.statement.tree_size, c.statement.root));
     report.checkpoint_tail_truncated = cps.truncated_at;
-    shared.signed.write().clone_from(&cps.list);
-    let _ = shared.public_key.set(cps.public_key());
-    *shared.checkpoints.lock() = cps;
+    shared.evidence.signed.write().clone_from(&cps.list);
+    let _ = shared.evidence.public_key.set(cps.public_key());
+    *shared.evidence.checkpoints.lock() = cps;
     let mut tree = open_tree(shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;
     if shared.meta.layout == crate::format::record::Layout::V2 {
         // The tree now covers the whole log, as the stream table does: its heads map is the
         // table's streams, from here on kept in step as the tree catches up.
-        let entries = shared.writer.lock().as_ref().map_or_else(Vec::new, |w| {
-            w.streams
-                .iter()
-                .map(|st| {
-                    (
-                        crate::format::heads::stream_key(st.name.as_bytes()),
-                        st.last_version,
-                        st.last_position.0,
-                    )
-                })
-                .collect()
-        });
+        let entries = shared
+            .commit
+            .writer
+            .lock()
+            .as_ref()
+            .map_or_else(Vec::new, |w| {
+                w.streams
+                    .iter()
+                    .map(|st| {
+                        (
+                            crate::format::heads::stream_key(st.name.as_bytes()),
+                            st.last_version,
+                            st.last_position.0,
+                        )
+                    })
+                    .collect()
+            });
         let heads = crate::format::heads::StreamHeads::from_entries(entries);
         debug_assert_eq!(tree.size(), shared.visible_position().0);
         tree.heads = Some(heads);
     }
-    *shared.tree.lock() = tree;
+    *shared.evidence.tree.lock() = tree;
     Ok(())
 }
 
@@ -936,6 +901,7 @@ fn start(shared: &Arc<Shared>) -> Result<()> {
         rebuild_id_window(shared)?;
         start_threads(shared)?;
         let next = shared
+            .commit
             .writer
             .lock()
             .as_ref()
@@ -1554,11 +1520,7 @@ fn make_writer(
         };
         let _ = handle.map.set(map);
         let handle = Arc::new(handle);
-        shared
-            .segments
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Arc::clone(&handle));
+        shared.segments.push(Arc::clone(&handle));
         // Record time never decreases, even across a reopen onto an empty segment.
         let last_time = index.last_record_time().max(last_sealed_time);
         return Ok(Writer {
@@ -1575,8 +1537,7 @@ fn make_writer(
     }
     let next_seq = shared
         .segments
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .list()
         .last()
         .map_or(SegmentSeq(0), |s| SegmentSeq(s.seq.0 + 1));
     if shared.read_only {
@@ -1609,6 +1570,7 @@ fn make_writer(
         });
     }
     let have_spare = shared
+        .segments
         .spares
         .lock()
         .ready
@@ -1626,7 +1588,7 @@ fn make_writer(
             "preparing segment",
             &shared.dir.join(next_seq.file_name()),
         ))?;
-        let mut spares = shared.spares.lock();
+        let mut spares = shared.segments.spares.lock();
         spares.ready.push((next_seq, path));
         spares.prepared = spares.prepared.max(Some(next_seq));
     }
@@ -1637,11 +1599,7 @@ fn make_writer(
         .commit
         .lock()
         .add_dirty(map_writer.map(), 0, PAGE_BYTES);
-    shared
-        .segments
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(Arc::clone(&handle));
+    shared.segments.push(Arc::clone(&handle));
     let last_time = last_sealed_time;
     Ok(Writer {
         active: handle,
@@ -1658,7 +1616,7 @@ fn make_writer(
 
 /// Fills the idempotency window with the ids of the newest records, newest segment first.
 fn rebuild_id_window(shared: &Shared) -> Result<()> {
-    let mut guard = shared.writer.lock();
+    let mut guard = shared.commit.writer.lock();
     let w = guard.as_mut().expect("writer made above");
     let active_ids = slots_of_active(&w.index, w.active.header.base_position);
     for (id, slot) in active_ids {

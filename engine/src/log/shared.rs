@@ -1,139 +1,34 @@
-//! State shared by the API, the appenders and the background threads, and group commit.
-//!
-//! Locks, always taken in this order: `writer` -> `commit` -> (`segments`, a segment's
-//! `state`). Nothing blocks on I/O while holding `commit`; the writer lock is held while
-//! records are copied into the map, never across a sync (except while rolling to a spare
-//! that is not ready yet).
+//! State shared by the API, the appenders and the background threads: the log's identity
+//! and its parts ([`CommitPath`], [`Visible`], [`SegmentSet`], [`Evidence`], [`Indexing`]),
+//! each owning its state and locks. The lock order across them is in [`super::order`];
+//! docs/ARCHITECTURE.md draws the parts and who uses them.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::append::Writer;
 use super::background::SealJob;
 use super::checkpoints::Checkpoints;
-use super::order::{Ordered, OrderedGuard};
+pub(crate) use super::commit::{CommitGuard, CommitPath};
+use super::order::{Ordered, Rank};
 use super::tree::Tree;
-use super::{Durability, Options, SegmentInfo};
-use crate::error::{Error, Result};
+use super::visible::Visible;
+use super::{Options, SegmentInfo};
+use crate::error::Result;
 use crate::format::meta::LogMeta;
-use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{Hash32, Position, SegmentSeq};
-use crate::index::{ActiveIndex, SealedIndex};
-use crate::sys::{FsFile, OpenMode, SegmentMap};
+pub(crate) use crate::segment::{SegState, SegmentHandle};
+use crate::sys::FsFile;
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent
 /// before anything that can panic, and a panicking appender must not take reads down.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-/// One segment, as readers and the sealer see it.
-#[derive(Debug)]
-pub(crate) struct SegmentHandle {
-    pub(crate) seq: SegmentSeq,
-    pub(crate) path: PathBuf,
-    /// The storage the segment's file is opened through.
-    pub(crate) fs: crate::Storage,
-    pub(crate) header: SegmentHeader,
-    /// Mapped on first use for sealed segments, at activation for the active one.
-    pub(crate) map: OnceLock<Arc<SegmentMap>>,
-    pub(crate) state: RwLock<SegState>,
-}
-
-/// Where a segment's index is.
-#[derive(Debug)]
-pub(crate) enum SegState {
-    /// Being written: the index is the writer's.
-    Active,
-    /// Rolled, not yet sealed: the index is frozen in memory.
-    Frozen {
-        index: Arc<ActiveIndex>,
-        data_end: u64,
-    },
-    /// Sealed: the footer is written; the sidecar is loaded on first use.
-    Sealed {
-        footer: SegmentFooter,
-        index: Arc<Mutex<Option<Arc<SealedIndex>>>>,
-    },
-}
-
-impl SegmentHandle {
-    /// The segment's map, mapping a sealed segment on first use.
-    pub(crate) fn map(&self) -> Result<&Arc<SegmentMap>> {
-        if let Some(m) = self.map.get() {
-            return Ok(m);
-        }
-        let data_end = match &*self
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        {
-            SegState::Sealed { footer, .. } => footer.data_end,
-            SegState::Frozen { data_end, .. } => *data_end,
-            SegState::Active => unreachable!("the active segment is mapped at activation"),
-        };
-        let file = self
-            .fs
-            .open(&self.path, OpenMode::Read)
-            .map_err(Error::io("opening segment", &self.path))?;
-        let map = SegmentMap::map_read_only(&*file, self.header.capacity, data_end)
-            .map_err(Error::io("mapping segment", &self.path))?;
-        let _ = self.map.set(map);
-        Ok(self.map.get().expect("set above or by a racing reader"))
-    }
-}
-
-/// A range of a segment written but not yet synced.
-#[derive(Debug)]
-pub(crate) struct DirtyRange {
-    pub(crate) map: Arc<SegmentMap>,
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-}
-
-/// Group-commit state.
-#[derive(Debug, Default)]
-pub(crate) struct CommitState {
-    /// Position after the last batch fully copied into a map.
-    pub(crate) written: Position,
-    /// Position after the last batch known durable.
-    pub(crate) durable: Position,
-    pub(crate) dirty: Vec<DirtyRange>,
-    pub(crate) syncing: bool,
-    /// Threads parked in `wait_durable`, with the position each waits for.
-    pub(crate) parked: Vec<(Position, std::thread::Thread)>,
-    /// The flusher thread is waiting for work (so appends must wake it).
-    pub(crate) flusher_idle: bool,
-    pub(crate) poisoned: Option<Arc<io::Error>>,
-    /// Test hook: fail the next sync.
-    pub(crate) fail_next_sync: bool,
-}
-
-impl CommitState {
-    /// Adds a written range, merging with the previous one when contiguous.
-    pub(crate) fn add_dirty(&mut self, map: &Arc<SegmentMap>, start: u64, end: u64) {
-        if let Some(last) = self.dirty.last_mut()
-            && Arc::ptr_eq(&last.map, map)
-            && last.end == start
-        {
-            last.end = end;
-            return;
-        }
-        self.dirty.push(DirtyRange {
-            map: Arc::clone(map),
-            start,
-            end,
-        });
-    }
-}
-
-/// The commit lock's guard.
-pub(crate) type CommitGuard<'a> = OrderedGuard<parking_lot::MutexGuard<'a, CommitState>>;
 
 /// Spare segment files prepared ahead of time.
 #[derive(Debug, Default)]
@@ -147,46 +42,100 @@ pub(crate) struct Spares {
     pub(crate) error: Option<Arc<io::Error>>,
 }
 
+/// What recovery opened, shared by the API, the appenders and the background threads:
+/// the log's identity and one part per concern, each owning its state and locks.
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
     pub(crate) opts: Options,
     pub(crate) meta: LogMeta,
     pub(crate) seed: Hash32,
     pub(crate) read_only: bool,
-    /// The serial part of appends. `parking_lot`'s mutex, because with many appenders on
-    /// few cores std's convoys (measured: see docs/adr/0004).
-    pub(crate) writer: Ordered<parking_lot::Mutex<Option<Writer>>>,
-    /// Group-commit state (`parking_lot`, like the writer lock).
-    pub(crate) commit: Ordered<parking_lot::Mutex<CommitState>>,
-    /// Signalled when `durable` advances, or on poison or close.
-    pub(crate) commit_cv: parking_lot::Condvar,
-    /// Wakes the flusher thread.
-    pub(crate) flush_cv: parking_lot::Condvar,
-    /// Records below this position are visible to readers.
-    pub(crate) visible: AtomicU64,
-    /// Mirror of `CommitState::durable`, read on the append path for `durable_lag` and by
-    /// parked waiters.
-    pub(crate) durable: AtomicU64,
-    /// Mirror of `CommitState::poisoned.is_some()`, for parked waiters.
-    pub(crate) poisoned: AtomicBool,
-    pub(crate) tail_lock: Mutex<()>,
-    pub(crate) tail_cv: Condvar,
-    pub(crate) tail_waiters: AtomicUsize,
-    pub(crate) segments: RwLock<Vec<Arc<SegmentHandle>>>,
+    /// The writer lock, group commit and the poison.
+    pub(crate) commit: CommitPath,
+    /// The visible end and the tailers waiting past it.
+    pub(crate) visible: Visible,
+    /// The segments, the spares prepared ahead and the seals in flight.
+    pub(crate) segments: SegmentSet,
+    /// The Merkle tree, the signed checkpoints and the checkpoint thread.
+    pub(crate) evidence: Evidence,
+    /// The attribute indexes and the thread that keeps them caught up.
+    pub(crate) indexing: Indexing,
+    /// Producer keys and the signing policy (`$producers`), read by every append and
+    /// written only by the producer registration operations, which hold it for writing
+    /// around their own append so that every append is ordered after or before them.
+    pub(crate) producers: Ordered<parking_lot::RwLock<super::producers::ProducerPolicy>>,
+    /// Set when the background threads (preparer, sealer, flusher) are told to stop.
+    pub(crate) shutdown: AtomicBool,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The directory's lock, released at close.
+    pub(crate) lock_file: Mutex<Option<Box<dyn FsFile>>>,
+    pub(crate) closed: AtomicBool,
+}
+
+/// The segments of the log and their life from spare to sealed.
+#[derive(Debug)]
+pub(crate) struct SegmentSet {
+    /// Oldest first; the last is the active segment (of a writable log).
+    list: RwLock<Vec<Arc<SegmentHandle>>>,
     pub(crate) spares: Ordered<Mutex<Spares>>,
     pub(crate) spares_cv: Condvar,
     pub(crate) seal_tx: Mutex<Option<mpsc::Sender<SealJob>>>,
     /// Segments handed to the sealer and not yet sealed.
     pub(crate) sealing: Ordered<Mutex<u64>>,
     pub(crate) sealing_cv: Condvar,
-    pub(crate) shutdown: AtomicBool,
     /// Set by a simulated crash: the sealer drops its queue.
     pub(crate) abandon_seals: AtomicBool,
-    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
-    pub(crate) lock_file: Mutex<Option<Box<dyn FsFile>>>,
-    pub(crate) closed: AtomicBool,
     /// Segments whose sidecar was rebuilt since open (for the recovery report).
     pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
+}
+
+impl SegmentSet {
+    pub(crate) fn new(spares: Spares) -> SegmentSet {
+        SegmentSet {
+            list: RwLock::new(Vec::new()),
+            spares: Ordered::new(Rank::Spares, Mutex::new(spares)),
+            spares_cv: Condvar::new(),
+            seal_tx: Mutex::new(None),
+            sealing: Ordered::new(Rank::Sealing, Mutex::new(0)),
+            sealing_cv: Condvar::new(),
+            abandon_seals: AtomicBool::new(false),
+            rebuilt: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The segments, oldest first, as they are now.
+    pub(crate) fn snapshot(&self) -> Vec<Arc<SegmentHandle>> {
+        self.list
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The segments, oldest first, while the guard is held (a leaf lock).
+    pub(crate) fn list(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<SegmentHandle>>> {
+        self.list
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds the newest segment.
+    pub(crate) fn push(&self, segment: Arc<SegmentHandle>) {
+        let mut list = self
+            .list
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert!(
+            list.last().is_none_or(|l| l.seq < segment.seq),
+            "segments are added in order"
+        );
+        list.push(segment);
+    }
+}
+
+/// The log's evidence: its Merkle tree and signed checkpoints, and the thread that writes
+/// checkpoints as the log grows.
+#[derive(Debug)]
+pub(crate) struct Evidence {
     /// The log's Merkle tree. Lock order: `checkpoints`, then `tree`, then `writer`.
     pub(crate) tree: Ordered<Mutex<Tree>>,
     /// Signed checkpoints and the signing key. Held for a whole checkpoint (sync, tree,
@@ -199,26 +148,93 @@ pub(crate) struct Shared {
         Ordered<parking_lot::RwLock<Vec<crate::format::checkpoint::SignedCheckpoint>>>,
     /// The public half of the signing key (`None` for a read-only log), set at open.
     pub(crate) public_key: OnceLock<Option<[u8; 32]>>,
-    /// Producer keys and the signing policy (`$producers`), read by every append and
-    /// written only by the producer registration operations, which hold it for writing
-    /// around their own append so that every append is ordered after or before them.
-    pub(crate) producers: Ordered<parking_lot::RwLock<super::producers::ProducerPolicy>>,
-    /// Set (and `checkpoint_cv` signalled) when a seal asks for a checkpoint.
-    pub(crate) checkpoint_due: Mutex<bool>,
-    pub(crate) checkpoint_cv: Condvar,
     /// The checkpoint thread, stopped before anything else on close (it reads through the
-    /// writer lock that close holds).
-    pub(crate) checkpointer: Mutex<Option<JoinHandle<()>>>,
-    pub(crate) shutdown_checkpoints: AtomicBool,
+    /// writer lock that close holds); woken when a seal asks for a checkpoint.
+    pub(crate) checkpointer: Worker,
+}
+
+impl Evidence {
+    pub(crate) fn new(seed: Hash32) -> Evidence {
+        Evidence {
+            tree: Ordered::new(Rank::Tree, Mutex::new(Tree::empty(seed))),
+            checkpoints: Ordered::new(Rank::Checkpoints, Mutex::new(Checkpoints::empty())),
+            signed: Ordered::new(Rank::Signed, parking_lot::RwLock::new(Vec::new())),
+            public_key: OnceLock::new(),
+            checkpointer: Worker::default(),
+        }
+    }
+}
+
+/// The attribute indexes and their indexer thread.
+#[derive(Debug)]
+pub(crate) struct Indexing {
     /// The attribute indexes. Lock order: `attrs`, then `writer`.
     pub(crate) attrs: Ordered<Mutex<super::attrs::Attrs>>,
-    /// Set (and `indexer_cv` signalled) to wake the indexer thread.
-    pub(crate) indexer_wake: Mutex<bool>,
-    pub(crate) indexer_cv: Condvar,
     /// The indexer thread, stopped before close takes the writer lock (a catch-up may read
     /// the active segment's sparse index through it).
-    pub(crate) indexer: Mutex<Option<JoinHandle<()>>>,
-    pub(crate) shutdown_indexer: AtomicBool,
+    pub(crate) indexer: Worker,
+}
+
+impl Indexing {
+    pub(crate) fn new() -> Indexing {
+        Indexing {
+            attrs: Ordered::new(Rank::Attrs, Mutex::new(super::attrs::Attrs::default())),
+            indexer: Worker::default(),
+        }
+    }
+}
+
+/// A background thread that sleeps until signalled or a poll interval passes, and stops
+/// when asked.
+#[derive(Debug, Default)]
+pub(crate) struct Worker {
+    due: Mutex<bool>,
+    cv: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stopping: AtomicBool,
+}
+
+impl Worker {
+    pub(crate) fn set_thread(&self, thread: JoinHandle<()>) {
+        *lock(&self.thread) = Some(thread);
+    }
+
+    /// Wakes the thread with work due.
+    pub(crate) fn signal(&self) {
+        *lock(&self.due) = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps until signalled or `poll` passes; whether work was signalled (and takes it).
+    pub(crate) fn wait(&self, poll: Duration) -> bool {
+        let mut due = lock(&self.due);
+        if !*due {
+            due = self
+                .cv
+                .wait_timeout(due, poll)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        std::mem::take(&mut *due)
+    }
+
+    /// Whether the thread is asked to stop.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Asks the thread to stop and waits for it.
+    pub(crate) fn stop(&self) {
+        {
+            let mut due = lock(&self.due);
+            self.stopping.store(true, Ordering::SeqCst);
+            *due = true;
+            self.cv.notify_all();
+        }
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Shared {
@@ -229,170 +245,56 @@ impl Shared {
 
     /// The segments, oldest first, as they are now.
     pub(crate) fn segments_snapshot(&self) -> Vec<Arc<SegmentHandle>> {
-        self.segments
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.segments.snapshot()
     }
 
     pub(crate) fn visible_position(&self) -> Position {
-        Position(self.visible.load(Ordering::Acquire))
+        self.visible.position()
     }
 
     /// Makes records below `upto` visible and wakes tailers.
     pub(crate) fn publish_visible(&self, upto: Position) {
-        let before = self.visible.fetch_max(upto.0, Ordering::SeqCst);
-        if before < upto.0 && self.tail_waiters.load(Ordering::SeqCst) > 0 {
-            let _g = lock(&self.tail_lock);
-            self.tail_cv.notify_all();
-        }
+        self.visible.publish(upto);
     }
 
-    pub(crate) fn poison(&self, c: &mut CommitState, cause: io::Error) {
-        if c.poisoned.is_none() {
-            c.poisoned = Some(Arc::new(cause));
-        }
-        self.poisoned.store(true, Ordering::SeqCst);
-        for (_, t) in c.parked.drain(..) {
-            t.unpark();
-        }
-        self.commit_cv.notify_all();
-    }
-
-    /// Waits until every position below `target` is durable, leading a sync when none is
-    /// running (group commit: the leader syncs everything written before it started, and
-    /// every waiter covered by that returns together).
+    /// Waits until every position below `target` is durable (group commit, see
+    /// [`CommitPath::wait_durable`]).
     pub(crate) fn wait_durable(&self, target: Position) -> Result<()> {
-        let mut c = self.commit.lock();
-        loop {
-            if c.durable >= target {
-                return Ok(());
-            }
-            if let Some(cause) = &c.poisoned {
-                return Err(Error::Poisoned {
-                    cause: Arc::clone(cause),
-                });
-            }
-            // Alone, or the flusher is gone (closing): lead.
-            let flusher_gone = self.shutdown.load(Ordering::SeqCst);
-            if !c.syncing && (c.parked.is_empty() || flusher_gone) {
-                // Alone: sync now, on this thread, rather than hand off to the flusher and
-                // back (two wake-ups on the acknowledgement path).
-                c = self.lead_sync(c);
-                continue;
-            }
-            // Others are waiting too: the flusher thread leads the group's syncs back to
-            // back, and each sync wakes exactly the waiters it covered (no herd).
-            if !c.syncing && c.flusher_idle {
-                self.flush_cv.notify_one();
-            }
-            c.parked.push((target, std::thread::current()));
-            drop(c);
-            while self.durable.load(Ordering::Acquire) < target.0
-                && !self.poisoned.load(Ordering::SeqCst)
-                && !self.shutdown.load(Ordering::SeqCst)
-            {
-                std::thread::park();
-            }
-            c = self.commit.lock();
-        }
+        self.commit
+            .wait_durable(target, &self.visible, &self.shutdown)
     }
 
-    /// Syncs every dirty range as the leader. Called with the commit lock held and
-    /// `syncing` false; returns with the lock held again.
-    pub(crate) fn lead_sync<'a>(&'a self, mut c: CommitGuard<'a>) -> CommitGuard<'a> {
-        debug_assert!(!c.syncing);
-        let target = c.written;
-        let ranges = std::mem::take(&mut c.dirty);
-        let fail = std::mem::take(&mut c.fail_next_sync);
-        c.syncing = true;
-        drop(c);
-        let result = if fail {
-            Err(io::Error::other("injected sync failure"))
-        } else {
-            ranges
-                .iter()
-                .try_for_each(|r| r.map.sync_range(r.start, r.end))
-        };
-        let mut c = self.commit.lock();
-        c.syncing = false;
-        match result {
-            Ok(()) => {
-                debug_assert!(target <= c.written, "a sync covers only what was written");
-                if target > c.durable {
-                    c.durable = target;
-                    self.durable.store(target.0, Ordering::Release);
-                    if self.opts.durability == Durability::Fsync {
-                        self.publish_visible(target);
-                    }
-                    // Wake exactly the waiters this sync covered.
-                    let mut i = 0;
-                    while i < c.parked.len() {
-                        if c.parked[i].0 <= target {
-                            c.parked.swap_remove(i).1.unpark();
-                        } else {
-                            i += 1;
-                        }
-                    }
-                }
-                self.commit_cv.notify_all();
-                // Waiters this sync did not cover need a leader: the flusher (this thread
-                // may be an appender about to return).
-                if !c.parked.is_empty() && c.flusher_idle {
-                    self.flush_cv.notify_one();
-                }
-            }
-            Err(e) => self.poison(&mut c, e),
-        }
-        c
+    /// Syncs every dirty range as the leader (see [`CommitPath::lead_sync`]).
+    pub(crate) fn lead_sync<'a>(&'a self, c: CommitGuard<'a>) -> CommitGuard<'a> {
+        self.commit.lead_sync(c, &self.visible)
     }
 
-    /// Makes everything written so far durable, including ranges that hold no record yet
-    /// (the header of a segment that just became active).
+    /// Makes everything written so far durable (see [`CommitPath::sync_all`]).
     pub(crate) fn sync_all(&self) -> Result<()> {
-        let target = {
-            let mut c = self.commit.lock();
-            while c.syncing {
-                self.commit_cv.wait(c.inner());
-            }
-            if !c.dirty.is_empty() && c.poisoned.is_none() {
-                c = self.lead_sync(c);
-            }
-            c.written
-        };
-        self.wait_durable(target)
+        self.commit.sync_all(&self.visible, &self.shutdown)
     }
 
     #[cfg(any(test, feature = "internals"))]
     pub(crate) fn inject_sync_failure(&self) {
-        self.commit.lock().fail_next_sync = true;
+        self.commit.inject_sync_failure();
     }
 
     /// Waits until no rolled segment is waiting to be sealed.
     pub(crate) fn wait_sealed(&self) -> Result<()> {
-        let mut pending = self.sealing.lock();
+        let mut pending = self.segments.sealing.lock();
         loop {
             // Checked after the last seal too: a seal that failed counts as done.
-            if let Some(cause) = &self.commit.lock().poisoned {
-                return Err(Error::Poisoned {
-                    cause: Arc::clone(cause),
-                });
-            }
+            self.poison_error()?;
             if *pending == 0 {
                 return Ok(());
             }
-            pending = pending.wait_timeout(&self.sealing_cv, Duration::from_millis(50));
+            pending = pending.wait_timeout(&self.segments.sealing_cv, Duration::from_millis(50));
         }
     }
 
     /// The poison, as the error every write gets, if the log is poisoned.
     pub(crate) fn poison_error(&self) -> Result<()> {
-        match &self.commit.lock().poisoned {
-            Some(cause) => Err(Error::Poisoned {
-                cause: Arc::clone(cause),
-            }),
-            None => Ok(()),
-        }
+        self.commit.poison_error()
     }
 
     pub(crate) fn segment_infos(&self) -> Vec<SegmentInfo> {
@@ -439,14 +341,14 @@ impl Shared {
     /// Stops the background threads and waits for them.
     fn stop_threads(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
-        *lock(&self.seal_tx) = None;
+        *lock(&self.segments.seal_tx) = None;
         {
             let _c = self.commit.lock();
-            self.flush_cv.notify_all();
+            self.commit.flush_cv.notify_all();
         }
         {
-            let _s = self.spares.lock();
-            self.spares_cv.notify_all();
+            let _s = self.segments.spares.lock();
+            self.segments.spares_cv.notify_all();
         }
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
@@ -455,9 +357,8 @@ impl Shared {
     }
 
     fn wake_everyone(&self) {
-        let _t = lock(&self.tail_lock);
-        self.tail_cv.notify_all();
-        self.commit_cv.notify_all();
+        self.visible.wake_all();
+        self.commit.cv.notify_all();
     }
 
     /// Closes cleanly: refuses new appends, syncs, finishes sealing, writes the active
@@ -468,21 +369,19 @@ impl Shared {
         }
         // A last checkpoint covers everything acknowledged, before appends stop (it reads
         // through the writer lock).
-        self.stop_indexer();
-        self.stop_checkpointer();
-        let checkpointed = if self.read_only
-            || !self.opts.auto_checkpoints
-            || self.poisoned.load(Ordering::SeqCst)
-        {
-            Ok(())
-        } else {
-            super::checkpoints::checkpoint(self, false).map(|_| ())
-        };
+        self.indexing.indexer.stop();
+        self.evidence.checkpointer.stop();
+        let checkpointed =
+            if self.read_only || !self.opts.auto_checkpoints || self.commit.is_poisoned() {
+                Ok(())
+            } else {
+                super::checkpoints::checkpoint(self, false).map(|_| ())
+            };
         if self.closed.swap(true, Ordering::SeqCst) {
             return checkpointed;
         }
         // Holding the writer lock: no append is between its write and its registration.
-        let mut writer = self.writer.lock();
+        let mut writer = self.commit.writer.lock();
         let synced = if self.read_only {
             Ok(())
         } else {
@@ -503,52 +402,21 @@ impl Shared {
         checkpointed.and(synced).and(written)
     }
 
-    /// Stops the indexer thread and waits for it.
-    pub(crate) fn stop_indexer(&self) {
-        {
-            let mut wake = lock(&self.indexer_wake);
-            self.shutdown_indexer.store(true, Ordering::SeqCst);
-            *wake = true;
-            self.indexer_cv.notify_all();
-        }
-        if let Some(t) = lock(&self.indexer).take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Stops the checkpoint thread and waits for it.
-    pub(crate) fn stop_checkpointer(&self) {
-        {
-            let mut due = lock(&self.checkpoint_due);
-            self.shutdown_checkpoints.store(true, Ordering::SeqCst);
-            *due = true;
-            self.checkpoint_cv.notify_all();
-        }
-        if let Some(t) = lock(&self.checkpointer).take() {
-            let _ = t.join();
-        }
-    }
-
     /// Stops like a crash: nothing more is synced or written.
     #[cfg(any(test, feature = "internals"))]
     pub(crate) fn crash(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.stop_indexer();
-        self.stop_checkpointer();
-        let mut writer = self.writer.lock();
-        self.stop_threads_without_sealing();
+        self.indexing.indexer.stop();
+        self.evidence.checkpointer.stop();
+        let mut writer = self.commit.writer.lock();
+        self.shutdown.store(true, Ordering::SeqCst);
+        super::background::abandon_seal_queue(self);
+        self.stop_threads();
         *writer = None;
         drop(writer);
         self.wake_everyone();
         *lock(&self.lock_file) = None;
-    }
-
-    #[cfg(any(test, feature = "internals"))]
-    fn stop_threads_without_sealing(&self) {
-        self.shutdown.store(true, Ordering::SeqCst);
-        super::background::abandon_seal_queue(self);
-        self.stop_threads();
     }
 }

@@ -14,6 +14,9 @@ use crate::format::record::{Layout, RECORD_HEADER_MAX, RecordHeader, check_paddi
 use crate::format::{DecodeError, EventId, Hash32, PAGE_BYTES, Position};
 use crate::sys::FsFile;
 
+mod live;
+pub(crate) use live::{SegState, SegmentHandle};
+
 /// Bytes that a reader can borrow at a file offset.
 pub(crate) trait ByteSource {
     /// `len` bytes at `offset`, or an error if they are not all available.

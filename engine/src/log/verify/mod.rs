@@ -168,7 +168,7 @@ pub(crate) fn verify(
     // after it, so none is newer than the view of the log taken next.
     let cp_path = shared.dir.join(CHECKPOINTS_FILE);
     let checkpoints = {
-        let cps = shared.checkpoints.lock();
+        let cps = shared.evidence.checkpoints.lock();
         if let Some((offset, cause)) = cps.damage.clone() {
             return Err(corrupt(
                 &cp_path,
@@ -218,7 +218,7 @@ pub(crate) fn verify(
         // Earlier records are trusted: start from the frontier the node file gives, and
         // check earlier checkpoints against the node file.
         let base = seg.header.base_position.0;
-        let mut tree = shared.tree.lock();
+        let mut tree = shared.evidence.tree.lock();
         tree.catch_up(shared, Position(base))?;
         let mut src = tree.source(shared);
         let mut done = 0u64;
