@@ -24,20 +24,11 @@ use crate::format::note::{
 };
 use crate::format::proof::{ConsistencyProof, hex, parse_hex};
 
-/// The witness's secret key file in its directory.
-pub const WITNESS_KEY_FILE: &str = "witness.key";
-/// The witness's public key (vkey) file in its directory.
-pub const WITNESS_VKEY_FILE: &str = "witness.vkey";
-/// The directory of the logs a witness watches, one subdirectory per log id.
-pub const LOGS_DIR: &str = "logs";
-/// In a log's subdirectory: the log's public keys (a public key file).
-pub const LOG_KEYS_FILE: &str = "log.pub";
-/// In a log's subdirectory: the newest checkpoint cosigned, as a signed note.
-pub const LATEST_FILE: &str = "latest.note";
-/// In a log's subdirectory: every checkpoint cosigned, one line each.
-pub const HISTORY_FILE: &str = "history";
-/// In a log's subdirectory: signed notes that conflict with what was cosigned.
-pub const EVIDENCE_DIR: &str = "evidence";
+pub use crate::format::files::{
+    WITNESS_EVIDENCE_DIR as EVIDENCE_DIR, WITNESS_HISTORY_FILE as HISTORY_FILE, WITNESS_KEY_FILE,
+    WITNESS_LATEST_FILE as LATEST_FILE, WITNESS_LOG_KEYS_FILE as LOG_KEYS_FILE,
+    WITNESS_LOGS_DIR as LOGS_DIR, WITNESS_VKEY_FILE,
+};
 
 /// A checkpoint as the witness remembers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1955,3 +1955,78 @@ fn stream_heads_map_definition_matches_the_code() {
     assert_eq!(h, heads.root());
     assert!(text.contains("nearest the leaf first; at most 256"));
 }
+
+/// Every file name the code uses (`format::files`) is in FORMAT.md's directory table or the
+/// witness's, and the temporaries the document says open deletes are the ones the code
+/// deletes.
+#[test]
+fn every_file_name_in_the_code_is_documented() {
+    use tally_engine::format::files::*;
+    let layout = section("Directory layout and file naming");
+    let witness = section("Witness state");
+    let mut errors = Vec::new();
+    let seq = SegmentSeq(0);
+    let data_files = [
+        META_FILE.to_owned(),
+        LOCK_FILE.to_owned(),
+        CHECKPOINTS_FILE.to_owned(),
+        KEY_FILE.to_owned(),
+        key_ledger_name(KEY_FILE),
+        COSIGNATURES_FILE.to_owned(),
+        TREE_FILE.to_owned(),
+        SNAPSHOT_FILE.to_owned(),
+        segment_file_name(seq).replace('0', "N"),
+        index_file_name(seq).replace('0', "N"),
+        attrs_file_name(seq).replace('0', "N"),
+        spare_temp_name(seq).replace('0', "N"),
+        temp_name("<name>"),
+    ];
+    for name in data_files {
+        if !layout.contains(&format!("| `{name}` |")) {
+            errors.push(format!("{name} is not a row of section 2's table"));
+        }
+    }
+    for name in [
+        WITNESS_KEY_FILE.to_owned(),
+        WITNESS_VKEY_FILE.to_owned(),
+        format!("{WITNESS_LOGS_DIR}/<log_id hex>/{WITNESS_LOG_KEYS_FILE}"),
+        format!("{WITNESS_LOGS_DIR}/<log_id hex>/{WITNESS_HISTORY_FILE}"),
+        format!("{WITNESS_LOGS_DIR}/<log_id hex>/{WITNESS_LATEST_FILE}"),
+        format!("{WITNESS_LOGS_DIR}/<log_id hex>/{WITNESS_EVIDENCE_DIR}/<hash>.note"),
+    ] {
+        if !witness.contains(&format!("| `{name}` |")) {
+            errors.push(format!("{name} is not a row of 17.11's table"));
+        }
+    }
+    // "A writable open deletes the temporary files Tally makes (...; nothing else)".
+    let para = layout
+        .split("**Temporary files.**")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .expect("section 2's paragraph on temporary files")
+        .to_owned();
+    let listed: Vec<String> = para
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|n| n.replace("NNNNNNNNNNNNNNNNNNNN", &"0".repeat(20)))
+        .collect();
+    let in_code = [
+        spare_temp_name(seq),
+        temp_name(&index_file_name(seq)),
+        temp_name(&attrs_file_name(seq)),
+        temp_name(SNAPSHOT_FILE),
+        temp_name(META_FILE),
+    ];
+    if listed != in_code {
+        errors.push(format!(
+            "temporaries listed {listed:?}, the code's are {in_code:?}"
+        ));
+    }
+    for name in &listed {
+        if !is_temporary(name) {
+            errors.push(format!("{name} is listed as deleted by open but is not"));
+        }
+    }
+    fail_on(errors);
+}

@@ -20,6 +20,7 @@ use tally_engine::format::PAGE_BYTES;
 use tally_engine::format::chain::{body_hash, chain_step};
 use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
 use tally_engine::format::envelope::EnvelopeRef;
+use tally_engine::format::files::META_FILE;
 use tally_engine::format::proof::{InclusionProof, hex, parse_hex};
 use tally_engine::format::record::{Layout, RecordHeader};
 use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, nodes_for_chunks};
@@ -897,10 +898,10 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
         .context("checkpoint vanished")?;
     std::fs::create_dir_all(&a.dest).with_context(|| format!("creating {}", a.dest.display()))?;
     let file_len = |p: &Path| std::fs::metadata(p).map(|m| m.len());
-    let meta = a.dir.join("tally.meta");
+    let meta = a.dir.join(META_FILE);
     copy_prefix(
         &meta,
-        &a.dest.join("tally.meta"),
+        &a.dest.join(META_FILE),
         file_len(&meta)?,
         file_len(&meta)?,
         None,

@@ -16,6 +16,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use tally_engine::format::checkpoint::{SignedCheckpoint, encode_public_key, fingerprint};
 use tally_engine::format::envelope::{ContentType, EnvelopeRef};
+use tally_engine::format::files::META_FILE;
 use tally_engine::format::proof::hex;
 use tally_engine::format::segment::{SegmentFooter, SegmentHeader};
 use tally_engine::format::{PAGE_BYTES, Timestamp};
@@ -35,7 +36,7 @@ impl std::fmt::Display for Finding {
 impl std::error::Error for Finding {}
 
 fn require_data_dir(dir: &Path) -> Result<()> {
-    if !dir.join("tally.meta").exists() {
+    if !dir.join(META_FILE).exists() {
         bail!(
             "{} is not a Tally data directory (no tally.meta)",
             dir.display()
@@ -266,7 +267,7 @@ pub struct InitArgs {
 
 /// Creates a data directory and its signing key.
 pub fn init(a: &InitArgs) -> Result<ExitCode> {
-    if a.dir.join("tally.meta").exists() {
+    if a.dir.join(META_FILE).exists() {
         bail!("{} already holds a Tally log", a.dir.display());
     }
     let log = Log::open(

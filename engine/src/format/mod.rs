@@ -15,6 +15,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod envelope;
+pub mod files;
 pub mod heads;
 pub mod meta;
 pub mod note;
@@ -87,23 +88,19 @@ impl SegmentSeq {
     /// order equals log order.
     #[must_use]
     pub fn file_name(self) -> String {
-        format!("{:020}.seg", self.0)
+        files::segment_file_name(self)
     }
 
     /// The file name of this segment's index sidecar.
     #[must_use]
     pub fn index_file_name(self) -> String {
-        format!("{:020}.idx", self.0)
+        files::index_file_name(self)
     }
 
     /// Parses a segment file name produced by [`SegmentSeq::file_name`].
     #[must_use]
     pub fn parse_file_name(name: &str) -> Option<SegmentSeq> {
-        let digits = name.strip_suffix(".seg")?;
-        if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        digits.parse().ok().map(SegmentSeq)
+        files::parse_segment_file_name(name)
     }
 }
 

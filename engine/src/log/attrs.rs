@@ -146,7 +146,7 @@ pub(crate) struct Attrs {
 /// The sidecar's file name for segment `seq`.
 #[must_use]
 pub(crate) fn attr_file_name(seq: SegmentSeq) -> String {
-    format!("{:020}.adx", seq.0)
+    crate::format::files::attrs_file_name(seq)
 }
 
 /// A visitor of index hits.
@@ -573,11 +573,4 @@ pub(crate) fn indexer(shared: &Shared) {
             }
         }
     }
-}
-
-/// Is `file` an attribute sidecar's temporary?
-#[must_use]
-pub(crate) fn is_attr_temporary(name: &str) -> bool {
-    name.strip_suffix(".adx.tmp")
-        .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
 }

@@ -163,7 +163,7 @@ pub(crate) fn prepare_spare(
     bytes: u64,
     durability: Durability,
 ) -> std::io::Result<std::path::PathBuf> {
-    let tmp = dir.join(format!("{}.prep", seq.file_name()));
+    let tmp = dir.join(crate::format::files::spare_temp_name(seq));
     let _ = fs.remove_file(&tmp);
     let file = match durability {
         Durability::Fsync => fs.create_zeroed(&tmp, bytes)?,

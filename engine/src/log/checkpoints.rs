@@ -16,9 +16,9 @@ use crate::format::{DecodeError, Position};
 use crate::sys::{FsFile, OpenMode};
 
 /// The checkpoints file's name in the data directory.
-pub const CHECKPOINTS_FILE: &str = "tally.checkpoints";
+pub use crate::format::files::CHECKPOINTS_FILE;
 /// The signing key's default file name in the data directory.
-pub const KEY_FILE: &str = "tally.key";
+pub use crate::format::files::KEY_FILE;
 
 /// The checkpoints of a log and the key that signs new ones.
 #[derive(Debug)]
@@ -88,7 +88,7 @@ pub(crate) fn create_key_file(fs: &Storage, path: &Path) -> Result<SigningKey> {
         ));
     }
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(crate::format::files::TEMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
     let _ = fs.remove_file(&tmp);
     let written = fs
@@ -410,7 +410,7 @@ pub(crate) mod ledger {
     /// The ledger of the key at `key_path`: `<key file>.ledger`.
     pub(crate) fn path_for(key_path: &Path) -> PathBuf {
         let mut name = key_path.file_name().unwrap_or_default().to_os_string();
-        name.push(".ledger");
+        name.push(crate::format::files::KEY_LEDGER_SUFFIX);
         key_path.with_file_name(name)
     }
 

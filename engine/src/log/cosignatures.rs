@@ -15,7 +15,7 @@ use crate::format::note::{COSIGNATURE_ENTRY_LEN, Cosignature, CosignatureEntry, 
 use crate::sys::OpenMode;
 
 /// The cosignatures file's name in the data directory.
-pub const COSIGNATURES_FILE: &str = "tally.cosignatures";
+pub use crate::format::files::COSIGNATURES_FILE;
 
 /// The most cosignatures of one checkpoint the file takes (and a note carries): far more
 /// witnesses than any log has, and few enough that a note with the log's own signatures

@@ -91,10 +91,7 @@ fn checkpointed_size(fs: &Storage, meta: &LogMeta, dir: &Path) -> Result<Option<
         .max_by_key(|&(_, size)| size))
 }
 
-/// The log identity file.
-pub const META_FILE: &str = "tally.meta";
-/// The advisory lock file.
-pub const LOCK_FILE: &str = "tally.lock";
+pub use crate::format::files::{LOCK_FILE, META_FILE};
 
 /// A segment file found on disk.
 struct Found {
@@ -1011,14 +1008,7 @@ fn read_or_create_meta(
 
 /// Temporary files Tally itself leaves behind when interrupted.
 fn is_our_temporary(name: &str) -> bool {
-    name.strip_suffix(".seg.prep")
-        .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
-        || name
-            .strip_suffix(".idx.tmp")
-            .is_some_and(|s| SegmentSeq::parse_file_name(&format!("{s}.seg")).is_some())
-        || super::attrs::is_attr_temporary(name)
-        || name == "streams.snap.tmp"
-        || name == "tally.meta.tmp"
+    crate::format::files::is_temporary(name)
 }
 
 /// Lists segment files: those with headers, in order, spare (all-zero) ones, and a newest

@@ -215,7 +215,7 @@ pub(crate) struct SnapshotEntry {
 }
 
 /// File name of the snapshot.
-pub(crate) const SNAPSHOT_FILE: &str = "streams.snap";
+pub(crate) use crate::format::files::SNAPSHOT_FILE;
 /// Magic of the snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
 /// Bytes of the snapshot header.

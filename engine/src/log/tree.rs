@@ -24,7 +24,7 @@ use crate::format::{Hash32, Position};
 use crate::sys::OpenMode;
 
 /// The node file's name in the data directory.
-pub const TREE_FILE: &str = "merkle.tree";
+pub use crate::format::files::TREE_FILE;
 
 /// The tree over the first `size()` records.
 #[derive(Debug)]
