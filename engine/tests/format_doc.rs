@@ -1293,8 +1293,9 @@ fn stream_snapshot_tables_match_the_code() {
         "snapshot magic"
     );
     let when = section("When the snapshot is written");
-    assert!(
-        STREAMS_RS.contains("pub(crate) const SNAPSHOT_FILE: &str = \"streams.snap\";"),
+    assert_eq!(
+        tally_engine::format::files::SNAPSHOT_FILE,
+        "streams.snap",
         "the snapshot file name"
     );
     assert!(when.contains("at least 1024"));
