@@ -128,6 +128,14 @@ pub enum Error {
     /// The log was closed.
     #[error("the log is closed")]
     Closed,
+    /// An append that may not block ([`crate::Log::try_append_deferred_multi`]) would have
+    /// waited: for a spare segment still being prepared, for the writer lock held across
+    /// slow work, or for a producer registration. Nothing was written; the same append made
+    /// through a blocking call (on a thread that may block) goes through.
+    #[error(
+        "the append would wait (for a segment being prepared or a lock held across slow work); nothing was written"
+    )]
+    WouldBlock,
     /// The log was opened read-only (`RecoveryMode::ReadOnly`).
     #[error("the log was opened read-only")]
     ReadOnly,

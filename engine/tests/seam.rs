@@ -28,6 +28,22 @@ fn durable(sim: &SimFs, dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 30 s) until `n` segment files are durable: spares are prepared by a
+/// background thread.
+fn wait_for_segment_files(sim: &SimFs, n: usize) {
+    let ready = || {
+        durable(sim, &dir())
+            .iter()
+            .filter(|f| f.ends_with(".seg"))
+            .count()
+            >= n
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn files_an_open_creates_are_durable_names_before_it_returns() {
     let sim = SimFs::new(1);
@@ -238,17 +254,7 @@ fn a_spare_past_a_gap_is_discarded_at_open_and_rolls_go_on() {
     .unwrap();
     // Segment 0 and its spare 1 exist (the spare is prepared by a background thread, which
     // a close stops: wait for it); 5 is past a gap.
-    let spare_ready = || {
-        durable(&sim, &dir())
-            .iter()
-            .filter(|n| n.ends_with(".seg"))
-            .count()
-            == 2
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !spare_ready() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    wait_for_segment_files(&sim, 2);
     log.close().unwrap();
     let names = durable(&sim, &dir());
     let segs: Vec<&String> = names.iter().filter(|n| n.ends_with(".seg")).collect();
@@ -365,4 +371,93 @@ fn a_witness_created_on_the_simulated_disk_survives_a_power_cut() {
     sim.power_cut(&Cut::clean());
     let back = Witness::open_in(Storage::simulated(&sim), &dir).unwrap();
     assert_eq!(back.key(), key);
+}
+
+/// A roll never waits for its spare under the writer lock: an append that may not block
+/// (tallyd's runtime threads) fails with `WouldBlock` having written nothing, and a blocking
+/// append waits for the spare holding no lock, so that readers go on meanwhile.
+#[test]
+fn a_roll_never_waits_for_its_spare_under_the_writer_lock() {
+    use tally_engine::sim::{Fault, FaultKind, FaultOp};
+    use tally_engine::{AppendRequest, Direction, Error};
+    let sim = SimFs::new(9);
+    // The second spare (segment 2) takes three seconds to prepare.
+    sim.inject(Fault {
+        op: FaultOp::Create,
+        path_contains: Some("00002.seg.prep".into()),
+        skip: 0,
+        kind: FaultKind::SlowSync(std::time::Duration::from_secs(3)),
+        times: 1,
+    });
+    let log = std::sync::Arc::new(Log::open(dir(), options(&sim)).unwrap());
+    // The first spare (segment 1) is prepared in the background after open: let it be.
+    wait_for_segment_files(&sim, 2);
+    let event = [EventData::json(
+        "TradeAmended",
+        format!(r#"{{"pad":"{}"}}"#, "x".repeat(1500)),
+    )];
+    let request = [AppendRequest {
+        stream: "trade-1",
+        expected: ExpectedVersion::Any,
+        events: &event,
+    }];
+    let mut written = 0u64;
+    let refused = loop {
+        match log.try_append_deferred_multi(&request, None) {
+            Ok(h) => {
+                h.wait().unwrap();
+                written += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(written < 200, "no roll reached the slow spare");
+    };
+    assert!(matches!(refused, Error::WouldBlock), "{refused}");
+    assert_eq!(
+        log.segments().len(),
+        2,
+        "refused at the roll to segment 2 (after {written} appends)"
+    );
+    let count = |log: &Log| {
+        log.read_stream("trade-1", 0, 10_000, Direction::Forward)
+            .unwrap()
+            .len() as u64
+    };
+    assert_eq!(count(&log), written, "the refused append wrote nothing");
+    // A blocking append waits for the spare ...
+    let l = std::sync::Arc::clone(&log);
+    let again = event.clone();
+    let blocker = std::thread::spawn(move || {
+        l.append("trade-1", ExpectedVersion::Exact(written - 1), &again)
+            .unwrap()
+    });
+    while sim.faults_fired() == 0 {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // ... and meanwhile an append that may not block is refused instead of waiting, and
+    // reads (which take the writer lock to read the active segment) are answered.
+    let meanwhile = log.try_append_deferred_multi(&request, None);
+    assert_eq!(count(&log), written);
+    assert_eq!(
+        log.stream_info("trade-1").unwrap().unwrap().last_version,
+        written - 1
+    );
+    assert!(
+        !blocker.is_finished(),
+        "the refusal and the reads came while the blocking append still waited"
+    );
+    assert!(matches!(meanwhile, Err(Error::WouldBlock)), "{meanwhile:?}");
+    let r = blocker.join().unwrap();
+    assert_eq!(r.first_version, written);
+    log.try_append_deferred_multi(&request, None)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(
+        count(&log),
+        written + 2,
+        "versions dense: nothing else was written"
+    );
+    std::sync::Arc::into_inner(log).unwrap().close().unwrap();
 }

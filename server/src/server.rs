@@ -267,6 +267,10 @@ impl Drop for Reply {
 struct Here<'a> {
     out: &'a mut Vec<u8>,
     inflight: &'a mut u32,
+    /// An append handed to the blocking pool because it would have blocked this worker
+    /// (`defer_append`): the connection waits for it before its next request, so that its
+    /// requests still take effect in order.
+    deferred: &'a mut Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Here<'_> {
@@ -859,6 +863,7 @@ async fn serve(
         }
         // 1. Every whole frame that has a slot.
         let mut acks = Vec::new();
+        let mut deferred = None;
         while !closing && stopping_since.is_none() && inflight < cfg.inflight_max {
             let frame = match next_frame(&mut buf, cfg.frame_bytes_max) {
                 Ok(Some(f)) => f,
@@ -904,6 +909,7 @@ async fn serve(
             let mut here = Here {
                 out: &mut out,
                 inflight: &mut inflight,
+                deferred: &mut deferred,
             };
             if h.flags != 0 {
                 // Reserved: refused now so that they can be given a meaning later.
@@ -929,6 +935,14 @@ async fn serve(
                     version,
                 )),
             }
+            if deferred.is_some() {
+                break;
+            }
+        }
+        // An append that would have blocked this worker runs on the blocking pool; the
+        // connection's next request waits for it (its answer goes out through `tx`).
+        if let Some(task) = deferred.take() {
+            let _ = task.await;
         }
         // 2. Appends waiting for their sync.
         if !acks.is_empty() || !pending.is_empty() {
@@ -939,6 +953,7 @@ async fn serve(
             let mut here = Here {
                 out: &mut out,
                 inflight: &mut inflight,
+                deferred: &mut deferred,
             };
             answer_synced(ctx, &mut pending, &mut here);
             if !pending.is_empty()
@@ -953,6 +968,7 @@ async fn serve(
                 here = Here {
                     out: &mut out,
                     inflight: &mut inflight,
+                    deferred: &mut deferred,
                 };
                 answer_synced(ctx, &mut pending, &mut here);
             }
@@ -1262,6 +1278,7 @@ fn handle(
                 reply,
                 here,
                 AckKind::ConsumerCheckpoint,
+                Validate::No,
             );
         }
         Request::ProjectionStore {
@@ -1293,6 +1310,7 @@ fn handle(
                 reply,
                 here,
                 AckKind::ConsumerCheckpoint,
+                Validate::No,
             );
         }
         Request::ProjectionAppend {
@@ -1330,6 +1348,7 @@ fn handle(
                 reply,
                 here,
                 AckKind::One,
+                Validate::No,
             );
         }
         Request::Subscribe {
@@ -1508,35 +1527,58 @@ fn append(
         return None;
     }
     if !ctx.validating.load(Ordering::Acquire) {
-        return submit(ctx, parts, signature, reply, here, kind);
+        return submit(ctx, parts, signature, reply, here, kind, Validate::Yes);
     }
     // Checked and submitted under the read lock, so that a registration (which takes the
     // write lock to place its event in the log) is either before this append, and checks
-    // it, or after it.
-    let registry = ctx
-        .schemas
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for p in parts {
-        for (i, e) in p.events.iter().enumerate() {
-            if let Err(err) = registry.check(e) {
-                here.error(
-                    reply,
-                    WireError::new(
-                        ErrorCode::SchemaViolation,
-                        format!("stream {:?}, event {i}: {err}", p.stream),
-                    ),
-                );
-                return None;
-            }
+    // it, or after it. A registration placing its event now would block this worker.
+    let registry = match ctx.schemas.try_read() {
+        Ok(r) => r,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            defer_append(ctx, parts, signature, reply, here, kind, Validate::Yes);
+            return None;
         }
+    };
+    if let Err(e) = check_schemas(&registry, parts) {
+        here.error(reply, e);
+        return None;
     }
-    let ack = submit(ctx, parts, signature, reply, here, kind);
+    let ack = submit(ctx, parts, signature, reply, here, kind, Validate::Yes);
     drop(registry);
     ack
 }
 
-/// Submits an append; returns it if it still waits for its sync.
+/// Whether an append's events are checked against the schema registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Validate {
+    /// A client's events: checked when the registry validates.
+    Yes,
+    /// The server's own (consumer and projection checkpoints): never.
+    No,
+}
+
+/// Checks every event against the registry.
+fn check_schemas(
+    registry: &tally_engine::schema::Registry,
+    parts: &[AppendPart],
+) -> Result<(), WireError> {
+    for p in parts {
+        for (i, e) in p.events.iter().enumerate() {
+            if let Err(err) = registry.check(e) {
+                return Err(WireError::new(
+                    ErrorCode::SchemaViolation,
+                    format!("stream {:?}, event {i}: {err}", p.stream),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Submits an append without blocking this worker; returns it if it still waits for its
+/// sync. An append that would block (a roll waiting for its spare segment, a lock held
+/// across slow work) goes to the blocking pool instead ([`defer_append`]).
 #[must_use]
 fn submit(
     ctx: &Arc<Ctx>,
@@ -1545,6 +1587,7 @@ fn submit(
     reply: Reply,
     here: &mut Here<'_>,
     kind: AckKind,
+    validate: Validate,
 ) -> Option<Ack> {
     let reqs: Vec<AppendRequest<'_>> = parts
         .iter()
@@ -1554,11 +1597,11 @@ fn submit(
             events: &p.events,
         })
         .collect();
-    let submitted = match signature {
-        Some(sig) => ctx.log.append_deferred_multi_signed(&reqs, sig),
-        None => ctx.log.append_deferred_multi(&reqs),
-    };
-    match submitted {
+    match ctx.log.try_append_deferred_multi(&reqs, signature) {
+        Err(EngineError::WouldBlock) => {
+            defer_append(ctx, parts, signature, reply, here, kind, validate);
+            None
+        }
         Err(e) => {
             here.error(reply, engine_error(&e));
             None
@@ -1582,6 +1625,56 @@ fn submit(
             kind,
         }),
     }
+}
+
+/// Makes an append that would have blocked a runtime worker on the blocking pool, where it
+/// may wait, and has the connection wait for it before its next request.
+fn defer_append(
+    ctx: &Arc<Ctx>,
+    parts: &[AppendPart],
+    signature: Option<&tally_engine::format::producer::ProducerSignature>,
+    reply: Reply,
+    here: &mut Here<'_>,
+    kind: AckKind,
+    validate: Validate,
+) {
+    let ctx = Arc::clone(ctx);
+    let parts = parts.to_vec();
+    let signature = signature.copied();
+    let task = tokio::task::spawn_blocking(move || {
+        let registry =
+            (validate == Validate::Yes && ctx.validating.load(Ordering::Acquire)).then(|| {
+                ctx.schemas
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            });
+        if let Some(registry) = &registry
+            && let Err(e) = check_schemas(registry, &parts)
+        {
+            return reply.error(e);
+        }
+        let reqs: Vec<AppendRequest<'_>> = parts
+            .iter()
+            .map(|p| AppendRequest {
+                stream: &p.stream,
+                expected: p.expected,
+                events: &p.events,
+            })
+            .collect();
+        let submitted = match &signature {
+            Some(sig) => ctx.log.append_deferred_multi_signed(&reqs, sig),
+            None => ctx.log.append_deferred_multi(&reqs),
+        };
+        drop(registry);
+        match submitted.and_then(AppendHandle::wait) {
+            Ok(results) => {
+                publish_visible(&ctx.visible, &ctx.log);
+                reply.send(&append_response(kind, results));
+            }
+            Err(e) => reply.error(engine_error(&e)),
+        }
+    });
+    *here.deferred = Some(task);
 }
 
 /// Events read from the log at a time while a read response is built.

@@ -66,6 +66,19 @@ pub(crate) struct Prepared<'a> {
     signed: bool,
 }
 
+/// Whether an append may block its thread for longer than copying records takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Blocking {
+    /// It may wait for anything (a plain thread).
+    Allowed,
+    /// It fails with [`Error::WouldBlock`] instead (an async runtime's worker thread).
+    Refused,
+}
+
+/// How long a non-blocking append waits for a lock before giving up: longer than any
+/// append holds the writer lock to copy its records, shorter than a sync.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How an append is signed, and whether it may write the engine's own system streams.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Signing<'s> {
@@ -644,14 +657,23 @@ impl Writer {
 
     /// Moves to a fresh segment: takes a prepared spare, writes its header, freezes the
     /// current index and hands the old segment to the sealer.
+    ///
+    /// Never waits for the spare: if it is not prepared yet, fails with
+    /// [`Error::WouldBlock`] having changed nothing, and the caller waits for it without
+    /// holding the writer lock ([`super::background::wait_for_spare`]) and tries again.
     fn roll(&mut self, shared: &Shared) -> Result<()> {
         assert!(
             self.index.record_count() > 0,
             "an empty segment is never rolled"
         );
         let next_seq = SegmentSeq(self.active.seq.0 + 1);
-        let (handle, map_writer) =
-            super::background::activate_spare(shared, next_seq, self.next_position, self.chain)?;
+        let (handle, map_writer) = super::background::activate_spare(
+            shared,
+            next_seq,
+            self.next_position,
+            self.chain,
+            Blocking::Refused,
+        )?;
         let old = std::mem::replace(&mut self.active, Arc::clone(&handle));
         let old_index = Arc::new(std::mem::replace(
             &mut self.index,
@@ -746,7 +768,13 @@ pub(crate) fn submit(
     requests: &[AppendRequest<'_>],
     wake_flusher: bool,
 ) -> Result<AppendHandle> {
-    submit_signed(shared, requests, wake_flusher, Signing::default())
+    submit_signed(
+        shared,
+        requests,
+        wake_flusher,
+        Signing::default(),
+        Blocking::Allowed,
+    )
 }
 
 /// [`submit`] of a batch signed by a producer, or of the engine's own registration events.
@@ -755,13 +783,23 @@ pub(crate) fn submit_signed(
     requests: &[AppendRequest<'_>],
     wake_flusher: bool,
     signing: Signing<'_>,
+    may_block: Blocking,
 ) -> Result<AppendHandle> {
     if shared.read_only {
         return Err(Error::ReadOnly);
     }
     // The policy is read for the whole append, so that it is ordered after or before any
-    // registration (which holds it for writing around its own append).
-    let policy = (!signing.system).then(|| shared.producers.read());
+    // registration (which holds it for writing around its own append and its sync).
+    let policy = match (signing.system, may_block) {
+        (true, _) => None,
+        (false, Blocking::Allowed) => Some(shared.producers.read()),
+        (false, Blocking::Refused) => Some(
+            shared
+                .producers
+                .try_read_for(LOCK_PATIENCE)
+                .ok_or(Error::WouldBlock)?,
+        ),
+    };
     if let Some(policy) = &policy {
         let streams: Vec<&str> = requests.iter().map(|r| r.stream).collect();
         if streams.contains(&super::producers::PRODUCERS_STREAM) {
@@ -780,13 +818,25 @@ pub(crate) fn submit_signed(
         signing.signature.map(|s| (s, &shared.meta.log_id)),
         bodies,
     )?;
-    let committed = {
-        let mut guard = shared.commit.writer.lock();
+    let committed = loop {
+        let mut guard = match may_block {
+            Blocking::Allowed => shared.commit.writer.lock(),
+            Blocking::Refused => writer_lock_unless_stalled(shared)?,
+        };
         let writer = guard.as_mut().ok_or(Error::Closed)?;
         let unwinding = PoisonOnUnwind(shared);
         let committed = writer.commit(shared, &prepared);
         std::mem::forget(unwinding);
-        committed
+        drop(guard);
+        match committed {
+            // The roll's spare is not prepared yet, and nothing was written: wait for it
+            // holding no lock of the write path (readers and other appends go on), then
+            // try again from the start (the stream versions may have moved meanwhile).
+            Err(Error::WouldBlock) if may_block == Blocking::Allowed => {
+                super::background::wait_for_spare(shared);
+            }
+            other => break other,
+        }
     };
     drop(policy);
     if prepared.bodies.capacity() <= BODIES_KEPT_BYTES {
@@ -806,6 +856,19 @@ pub(crate) fn submit_signed(
         results: committed.results,
         durable_target: wait.then_some(committed.durable_target),
     })
+}
+
+/// The writer lock for an append that may not block: refused after [`LOCK_PATIENCE`] (it
+/// is then held across something slow: a sidecar rebuilt by an idempotency check, a
+/// close).
+fn writer_lock_unless_stalled(
+    shared: &Shared,
+) -> Result<super::order::OrderedGuard<parking_lot::MutexGuard<'_, Option<Writer>>>> {
+    shared
+        .commit
+        .writer
+        .try_lock_for(LOCK_PATIENCE)
+        .ok_or(Error::WouldBlock)
 }
 
 /// Poisons the log if an append panics half-way (a broken invariant): the writer's state

@@ -203,12 +203,31 @@ pub(crate) fn request_spare(shared: &Shared, seq: SegmentSeq) {
     shared.segments.spares_cv.notify_all();
 }
 
-/// Turns spare `seq` into the active segment: maps it and writes its header.
+/// Waits, holding no lock of the write path, until the spare last asked for is prepared,
+/// its preparation failed, or the log is closing (a roll found it not ready and let go of
+/// the writer lock to wait).
+pub(crate) fn wait_for_spare(shared: &Shared) {
+    let mut s = shared.segments.spares.lock();
+    loop {
+        let ready = s
+            .wanted
+            .is_some_and(|w| s.ready.iter().any(|(q, _)| *q == w));
+        if ready || s.error.is_some() || shared.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        s = s.wait(&shared.segments.spares_cv);
+    }
+}
+
+/// Turns spare `seq` into the active segment: maps it and writes its header. With
+/// [`super::append::Blocking::Refused`], fails with [`Error::WouldBlock`] (changing
+/// nothing) if the spare is not prepared yet, instead of waiting for it.
 pub(crate) fn activate_spare(
     shared: &Shared,
     seq: SegmentSeq,
     base_position: Position,
     prev_chain_hash: Hash32,
+    may_block: super::append::Blocking,
 ) -> Result<(Arc<SegmentHandle>, MapWriter)> {
     request_spare(shared, seq);
     let path = {
@@ -233,6 +252,9 @@ pub(crate) fn activate_spare(
                 s.prepared.is_none_or(|p| p < seq),
                 "spare {seq} was prepared and taken before, or removed without resetting the mark"
             );
+            if may_block == super::append::Blocking::Refused {
+                return Err(Error::WouldBlock);
+            }
             s = s.wait(&shared.segments.spares_cv);
         }
     };

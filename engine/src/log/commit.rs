@@ -8,8 +8,8 @@
 //! write or acknowledgement, ever, in this process.
 //!
 //! Locks: `writer` -> `state`. Nothing blocks on I/O while holding `state`; the writer lock
-//! is held while records are copied into the map, never across a sync (except while
-//! rolling to a spare that is not ready yet).
+//! is held while records are copied into the map, never across a sync, and never while a
+//! roll waits for its spare (the roll lets go, waits, and the append starts over).
 
 use std::io;
 use std::sync::Arc;

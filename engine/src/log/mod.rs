@@ -872,6 +872,7 @@ impl Log {
                 signature: None,
                 system: true,
             },
+            append::Blocking::Allowed,
         )?
         .wait()?
         .remove(0);
@@ -918,6 +919,35 @@ impl Log {
                 signature: Some(signature),
                 system: false,
             },
+            append::Blocking::Allowed,
+        )
+    }
+
+    /// [`Log::append_deferred_multi`] (or, with a `signature`,
+    /// [`Log::append_deferred_multi_signed`]) for a thread that must not block, such as an
+    /// async runtime's worker: where the blocking call would wait for a spare segment
+    /// still being prepared, for the writer lock held across slow work (more than a few
+    /// milliseconds), or for a producer registration's sync, this returns
+    /// [`Error::WouldBlock`] having written nothing; the caller then makes the same append
+    /// through the blocking call on a thread that may block. Copying the records under a
+    /// briefly contended writer lock is not waiting.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`]; otherwise as the blocking call.
+    pub fn try_append_deferred_multi(
+        &self,
+        requests: &[AppendRequest<'_>],
+        signature: Option<&crate::format::producer::ProducerSignature>,
+    ) -> Result<AppendHandle> {
+        append::submit_signed(
+            &self.shared,
+            requests,
+            false,
+            append::Signing {
+                signature,
+                system: false,
+            },
+            append::Blocking::Refused,
         )
     }
 

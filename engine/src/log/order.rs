@@ -143,7 +143,33 @@ impl<T> Ordered<parking_lot::Mutex<T>> {
     }
 }
 
+impl<T> Ordered<parking_lot::Mutex<T>> {
+    /// Locks, waiting at most `timeout`.
+    pub(crate) fn try_lock_for(
+        &self,
+        timeout: Duration,
+    ) -> Option<OrderedGuard<parking_lot::MutexGuard<'_, T>>> {
+        let held = self.held();
+        Some(OrderedGuard {
+            guard: self.inner.try_lock_for(timeout)?,
+            _held: held,
+        })
+    }
+}
+
 impl<T> Ordered<parking_lot::RwLock<T>> {
+    /// Locks for reading, waiting at most `timeout`.
+    pub(crate) fn try_read_for(
+        &self,
+        timeout: Duration,
+    ) -> Option<OrderedGuard<parking_lot::RwLockReadGuard<'_, T>>> {
+        let held = self.held();
+        Some(OrderedGuard {
+            guard: self.inner.try_read_for(timeout)?,
+            _held: held,
+        })
+    }
+
     pub(crate) fn read(&self) -> OrderedGuard<parking_lot::RwLockReadGuard<'_, T>> {
         let held = self.held();
         OrderedGuard {

@@ -1582,8 +1582,13 @@ fn make_writer(
         spares.ready.push((next_seq, path));
         spares.prepared = spares.prepared.max(Some(next_seq));
     }
-    let (handle, map_writer) =
-        super::background::activate_spare(shared, next_seq, end.position, end.chain)?;
+    let (handle, map_writer) = super::background::activate_spare(
+        shared,
+        next_seq,
+        end.position,
+        end.chain,
+        super::append::Blocking::Allowed,
+    )?;
     // The header must be durable with the first records; register it.
     shared
         .commit
