@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::background::SealJob;
 use super::ids::{IdHashBuilder, IdSlot, IdWindow};
-use super::shared::{SegState, SegmentHandle, Shared};
+use super::shared::Shared;
 use super::streams::{SNAPSHOT_FILE, SnapshotCover, StreamTable};
 use super::{
     AppendRequest, AppendResult, Durability, EventData, ExpectedVersion, new_event_id, now,
@@ -32,7 +32,7 @@ use crate::format::{
     Timestamp,
 };
 use crate::index::{ActiveIndex, IndexFileInfo, StreamKey};
-use crate::sys::MapWriter;
+use crate::segment::ActiveSegment;
 
 /// A thread keeps its encoding buffer between appends up to this size, so that large
 /// batches do not allocate (and, above the allocator's mmap threshold, map and unmap, which
@@ -274,11 +274,8 @@ fn hash_bodies(parts: &mut [PreparedPart<'_>], bodies: &[u8]) {
 
 /// The writer: everything the serial part of an append touches.
 pub(crate) struct Writer {
-    pub(crate) active: Arc<SegmentHandle>,
-    /// `None` only in a log opened read-only, which never commits.
-    pub(crate) map_writer: Option<MapWriter>,
-    pub(crate) index: ActiveIndex,
-    pub(crate) write_offset: u64,
+    /// The segment being written.
+    pub(crate) seg: ActiveSegment,
     pub(crate) next_position: Position,
     pub(crate) chain: Hash32,
     pub(crate) last_record_time: Timestamp,
@@ -486,30 +483,31 @@ impl Writer {
             }
             Resolution::Write(v) => v,
         };
-        if self.write_offset + prepared.record_bytes > self.active.header.data_limit() {
-            if self.index.record_count() == 0 {
+        if !self.seg.fits(prepared.record_bytes) {
+            if self.seg.index.record_count() == 0 {
                 // Even an empty segment of this size (made before `segment_bytes` was
                 // raised) cannot hold the batch.
                 return Err(Error::BatchTooLarge {
                     bytes: prepared.record_bytes,
-                    max: self.active.header.data_limit() - SEGMENT_DATA_START,
+                    max: self.seg.handle.header.data_limit() - SEGMENT_DATA_START,
                 });
             }
             self.roll(shared)?;
         }
         let mw = self
+            .seg
             .map_writer
             .as_mut()
             .expect("a read-only log never commits");
         let record_time = Timestamp(now().0.max(self.last_record_time.0));
         self.last_record_time = record_time;
         let durable = shared.commit.durable_position().0;
-        let start_offset = self.write_offset;
+        let start_offset = self.seg.write_offset;
         let first_of_batch = self.next_position;
         let total: usize = prepared.parts.iter().map(|p| p.events.len()).sum();
         let mut n = 0usize;
         let mut results = Vec::with_capacity(prepared.parts.len());
-        let seq = self.active.seq;
+        let seq = self.seg.handle.seq;
         for (part, &(first_version, known)) in prepared.parts.iter().zip(&first_versions) {
             // The key was looked up by `resolve`; only a new stream needs hashing.
             let key = match known {
@@ -530,7 +528,7 @@ impl Writer {
                 };
                 (Arc::clone(&st.name), st.hash, prev)
             };
-            let layout = self.active.header.layout;
+            let layout = self.seg.handle.header.layout;
             let first_position = self.next_position;
             for (i, ev) in part.events.iter().enumerate() {
                 let position = self.next_position;
@@ -566,7 +564,7 @@ impl Writer {
                 let header_len = header.encode_into(&mut hb);
                 self.chain = chain_step(&self.chain, &hb, &ev.body_hash);
                 set_chain_hash(&mut hb, layout, &self.chain);
-                let offset = self.write_offset;
+                let offset = self.seg.write_offset;
                 let body = &prepared.bodies[ev.body_start..ev.body_start + ev.body_len as usize];
                 mw.write(offset, &hb[..header_len]);
                 mw.write(offset + header_len as u64, body);
@@ -575,7 +573,7 @@ impl Writer {
                 if pad > 0 {
                     mw.write(offset + (len - pad as u64), &[0u8; 8][..pad]);
                 }
-                self.index.push(
+                self.seg.index.push(
                     key,
                     &name,
                     hash,
@@ -594,7 +592,7 @@ impl Writer {
                         version,
                     },
                 );
-                self.write_offset += len;
+                self.seg.write_offset += len;
                 self.next_position = position.next();
                 stream_prev = position.0;
                 n += 1;
@@ -620,10 +618,10 @@ impl Writer {
         // from disk or network): the batch stayed inside the segment's data area, positions
         // advanced by exactly its events, and the index knows every record of the segment.
         assert!(
-            self.write_offset <= self.active.header.data_limit(),
+            self.seg.write_offset <= self.seg.handle.header.data_limit(),
             "wrote to {} past the data limit {}",
-            self.write_offset,
-            self.active.header.data_limit()
+            self.seg.write_offset,
+            self.seg.handle.header.data_limit()
         );
         debug_assert_eq!(
             self.next_position.0 - first_of_batch.0,
@@ -631,17 +629,17 @@ impl Writer {
             "positions advance by the batch's events"
         );
         debug_assert_eq!(
-            self.index.record_count(),
-            self.next_position.0 - self.active.header.base_position.0,
+            self.seg.index.record_count(),
+            self.next_position.0 - self.seg.handle.header.base_position.0,
             "the active index holds every record of its segment"
         );
-        mw.publish(self.write_offset);
+        mw.publish(self.seg.write_offset);
         let written = self.next_position;
         {
             let mut c = shared.commit.lock();
             debug_assert!(c.written <= written, "written moves forward only");
             c.written = written;
-            c.add_dirty(mw.map(), start_offset, self.write_offset);
+            c.add_dirty(mw.map(), start_offset, self.seg.write_offset);
             if matches!(shared.opts.durability, Durability::Batched { .. }) && c.flusher_idle {
                 shared.commit.flush_cv.notify_one();
             }
@@ -663,10 +661,10 @@ impl Writer {
     /// holding the writer lock ([`super::background::wait_for_spare`]) and tries again.
     fn roll(&mut self, shared: &Shared) -> Result<()> {
         assert!(
-            self.index.record_count() > 0,
+            self.seg.index.record_count() > 0,
             "an empty segment is never rolled"
         );
-        let next_seq = SegmentSeq(self.active.seq.0 + 1);
+        let next_seq = SegmentSeq(self.seg.handle.seq.0 + 1);
         let (handle, map_writer) = super::background::activate_spare(
             shared,
             next_seq,
@@ -674,32 +672,24 @@ impl Writer {
             self.chain,
             Blocking::Refused,
         )?;
-        let old = std::mem::replace(&mut self.active, Arc::clone(&handle));
-        let old_index = Arc::new(std::mem::replace(
-            &mut self.index,
-            ActiveIndex::new(next_seq, self.next_position),
-        ));
-        let old_end = self.write_offset;
-        *old.state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = SegState::Frozen {
-            index: Arc::clone(&old_index),
-            data_end: old_end,
-        };
         shared
             .commit
             .lock()
             .add_dirty(map_writer.map(), 0, PAGE_BYTES);
-        self.map_writer = Some(map_writer);
-        self.write_offset = SEGMENT_DATA_START;
-        shared.segments.push(Arc::clone(&handle));
+        let rolled = self.seg.roll_into(ActiveSegment {
+            handle: Arc::clone(&handle),
+            map_writer: Some(map_writer),
+            index: ActiveIndex::new(next_seq, self.next_position),
+            write_offset: SEGMENT_DATA_START,
+        });
+        shared.segments.push(handle);
         super::background::request_spare(shared, SegmentSeq(next_seq.0 + 1));
         super::background::send_seal(
             shared,
             SealJob {
-                segment: old,
-                index: old_index,
-                data_end: old_end,
+                segment: rolled.handle,
+                index: rolled.index,
+                data_end: rolled.data_end,
                 last_chain_hash: self.chain,
             },
         );
@@ -709,13 +699,13 @@ impl Writer {
     /// At a clean close: writes the active segment's index (as an incomplete sidecar) and
     /// the stream-table snapshot, both covering everything written.
     pub(crate) fn write_clean_close_state(self, shared: &Shared) -> Result<()> {
-        let seq = self.active.seq;
+        let seq = self.seg.handle.seq;
         let info = IndexFileInfo {
             log_id: shared.meta.log_id,
-            data_end: self.write_offset,
+            data_end: self.seg.write_offset,
             last_chain_hash: self.chain,
         };
-        let idx = self.index.encode(&info, false);
+        let idx = self.seg.index.encode(&info, false);
         shared
             .fs()
             .write_file_atomic(&shared.dir, &seq.index_file_name(), &idx, false)
@@ -725,7 +715,7 @@ impl Writer {
             ))?;
         let cover = SnapshotCover {
             seq,
-            data_end: self.write_offset,
+            data_end: self.seg.write_offset,
             next_position: self.next_position,
         };
         let snap = self.streams.encode_snapshot(shared.meta.log_id, &cover);

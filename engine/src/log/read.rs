@@ -163,14 +163,14 @@ fn plan(
     if st.first_position.0 == u64::MAX {
         return None;
     }
-    let walk_below = w.active.seq;
-    let (active, walk_from) = match w.index.stream_run(key) {
+    let walk_below = w.seg.handle.seq;
+    let (active, walk_from) = match w.seg.index.stream_run(key) {
         Some(run) => {
             let first = run.entries[0].version;
             let len = run.entries.len() as u64;
             // Written but not yet visible entries are the newest ones; pick past them so
             // that `max` visible ones remain after filtering.
-            let base = w.active.header.base_position.0;
+            let base = w.seg.handle.header.base_position.0;
             let invisible = run
                 .entries
                 .iter()
@@ -182,7 +182,7 @@ fn plan(
                     .map(|i| run.entries[i as usize])
                     .collect();
             (
-                Some((Arc::clone(&w.active), first, len, picked)),
+                Some((Arc::clone(&w.seg.handle), first, len, picked)),
                 run.prev_segment,
             )
         }
@@ -578,8 +578,8 @@ fn locate(
     let Some(frozen) = state else {
         let guard = shared.commit.writer.lock();
         let w = guard.as_ref().ok_or(Error::Closed)?;
-        if w.active.seq == seg.seq {
-            return Ok(w.index.locate(position));
+        if w.seg.handle.seq == seg.seq {
+            return Ok(w.seg.index.locate(position));
         }
         // Rolled since: look again.
         drop(guard);

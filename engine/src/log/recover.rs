@@ -47,8 +47,8 @@ use crate::format::{
 };
 use crate::index::{ActiveIndex, IndexFileInfo, SealedIndex, StreamKey, stream_hash};
 use crate::segment::{
-    FileSource, Scan, ScanEnd, ScanFrom, ScannedRecord, find_durable_evidence, is_zero, read_page,
-    scan, zero_range,
+    ActiveSegment, FileSource, Scan, ScanEnd, ScanFrom, ScannedRecord, find_durable_evidence,
+    is_zero, read_page, scan, zero_range,
 };
 use crate::sys::{FsFile, OpenMode, SegmentMap, TryLock};
 
@@ -902,7 +902,7 @@ fn start(shared: &Arc<Shared>) -> Result<()> {
             .writer
             .lock()
             .as_ref()
-            .map(|w| SegmentSeq(w.active.seq.0 + 1));
+            .map(|w| SegmentSeq(w.seg.handle.seq.0 + 1));
         if let Some(next) = next {
             request_spare(shared, next);
         }
@@ -1514,10 +1514,12 @@ fn make_writer(
         // Record time never decreases, even across a reopen onto an empty segment.
         let last_time = index.last_record_time().max(last_sealed_time);
         return Ok(Writer {
-            active: handle,
-            map_writer,
-            index,
-            write_offset: data_end,
+            seg: ActiveSegment {
+                handle,
+                map_writer,
+                index,
+                write_offset: data_end,
+            },
             next_position: end.position,
             chain,
             last_record_time: last_time,
@@ -1548,10 +1550,12 @@ fn make_writer(
             state: RwLock::new(SegState::Active),
         });
         return Ok(Writer {
-            active: handle,
-            map_writer: None,
-            index: ActiveIndex::new(next_seq, end.position),
-            write_offset: SEGMENT_DATA_START,
+            seg: ActiveSegment {
+                handle,
+                map_writer: None,
+                index: ActiveIndex::new(next_seq, end.position),
+                write_offset: SEGMENT_DATA_START,
+            },
             next_position: end.position,
             chain: end.chain,
             last_record_time,
@@ -1597,10 +1601,12 @@ fn make_writer(
     shared.segments.push(Arc::clone(&handle));
     let last_time = last_sealed_time;
     Ok(Writer {
-        active: handle,
-        map_writer: Some(map_writer),
-        index: ActiveIndex::new(next_seq, end.position),
-        write_offset: SEGMENT_DATA_START,
+        seg: ActiveSegment {
+            handle,
+            map_writer: Some(map_writer),
+            index: ActiveIndex::new(next_seq, end.position),
+            write_offset: SEGMENT_DATA_START,
+        },
         next_position: end.position,
         chain: end.chain,
         last_record_time: last_time,
@@ -1613,7 +1619,7 @@ fn make_writer(
 fn rebuild_id_window(shared: &Shared) -> Result<()> {
     let mut guard = shared.commit.writer.lock();
     let w = guard.as_mut().expect("writer made above");
-    let active_ids = slots_of_active(&w.index, w.active.header.base_position);
+    let active_ids = slots_of_active(&w.seg.index, w.seg.handle.header.base_position);
     for (id, slot) in active_ids {
         w.ids.insert(id, slot);
     }
@@ -1622,7 +1628,7 @@ fn rebuild_id_window(shared: &Shared) -> Result<()> {
         if w.ids.room() == 0 {
             break;
         }
-        if seg.seq == w.active.seq {
+        if seg.seq == w.seg.handle.seq {
             continue;
         }
         let older = match &*seg
