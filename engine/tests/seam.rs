@@ -461,3 +461,90 @@ fn a_roll_never_waits_for_its_spare_under_the_writer_lock() {
     );
     std::sync::Arc::into_inner(log).unwrap().close().unwrap();
 }
+
+/// Overwrites `bytes` at `offset` of a file's durable content: a page that reached the disk
+/// on its own.
+fn write_durably_at(sim: &SimFs, path: &Path, offset: usize, bytes: &[u8]) {
+    let mut content = sim.read_durable(path).expect("the file is durable");
+    content[offset..offset + bytes.len()].copy_from_slice(bytes);
+    sim.write_file(path, &content).expect("a simulated write");
+}
+
+/// A clean-close sidecar vouches for a clean end only once: after a session that reopened
+/// the log crashed with a later page of its writes on disk and an earlier one lost, the
+/// bytes after the end are found and cut, not kept behind a future footer.
+#[test]
+fn bytes_after_a_clean_close_end_written_by_a_later_session_are_cut() {
+    let sim = SimFs::new(21);
+    let opts = || Options {
+        durability: Durability::None,
+        ..options(&sim)
+    };
+    let log = Log::open(dir(), opts()).unwrap();
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[EventData::json("TradeNew", "{}")],
+    )
+    .unwrap();
+    log.close().unwrap();
+    // The next session writes (nothing synced) and crashes: of its pages only a late one
+    // reached the disk.
+    let log = Log::open(dir(), opts()).unwrap();
+    log.crash();
+    let seg0 = dir().join(tally_engine::SegmentSeq(0).file_name());
+    let late = 40 * 1024;
+    write_durably_at(&sim, &seg0, late, &[0xAB; 64]);
+    sim.power_cut(&Cut::clean());
+    let log = Log::open(dir(), opts()).unwrap();
+    let report = log.recovery_report();
+    assert_eq!(report.truncations.len(), 1, "{report:?}");
+    log.close().unwrap();
+    let content = sim.read_durable(&seg0).unwrap();
+    assert!(
+        content[late..late + 64].iter().all(|&b| b == 0),
+        "the bytes after the end are zeroed, durably"
+    );
+}
+
+/// When nothing was synced (`Durability::None`), a segment's first pages can be lost while a
+/// later segment's reached the disk: the empty segment and everything after it is a torn
+/// tail, cut like any other (no record proves it acknowledged), not a reason to refuse to
+/// open.
+#[test]
+fn an_empty_segment_before_used_ones_is_a_torn_tail_when_nothing_proves_it_acknowledged() {
+    let sim = SimFs::new(22);
+    let opts = || Options {
+        durability: Durability::None,
+        auto_checkpoints: false,
+        ..options(&sim)
+    };
+    let log = Log::open(dir(), opts()).unwrap();
+    wait_for_segment_files(&sim, 2);
+    let event = [EventData::json(
+        "TradeAmended",
+        format!(r#"{{"pad":"{}"}}"#, "x".repeat(1500)),
+    )];
+    let mut v = 0;
+    while log.segments().len() < 3 {
+        log.append("trade-1", ExpectedVersion::Any, &event).unwrap();
+        v += 1;
+        assert!(v < 500, "three segments");
+    }
+    log.sync().unwrap();
+    log.crash();
+    // Segment 1's header and first records never reached the disk; segment 2's did.
+    let seg1 = dir().join(tally_engine::SegmentSeq(1).file_name());
+    write_durably_at(&sim, &seg1, 0, &[0; 8192]);
+    sim.power_cut(&Cut::clean());
+    let log = Log::open(dir(), opts()).unwrap();
+    let report = log.recovery_report();
+    assert_eq!(report.truncations.len(), 1, "{report:?}");
+    assert_eq!(
+        log.segments().len(),
+        1 + 1,
+        "segment 0 and a fresh segment 1"
+    );
+    log.verify().unwrap();
+    log.close().unwrap();
+}

@@ -107,9 +107,14 @@ struct Found {
 struct Listing {
     found: Vec<Found>,
     spares: Vec<(SegmentSeq, PathBuf)>,
-    /// The newest segment file, if its header page does not decode (or is zero) while its
-    /// first data page is not zero: a header write that did not reach the disk, or damage.
-    torn_newest: Option<(SegmentSeq, PathBuf)>,
+    /// Segment files after the last usable one that hold data but cannot continue the log:
+    /// the newest one if its header page does not decode (or is zero) while its first data
+    /// page is not zero (a header write that did not reach the disk, or damage), and every
+    /// file from an empty segment that used ones follow (the empty one's header and first
+    /// records never reached the disk, while a later segment's pages did: writeback order is
+    /// arbitrary when nothing was synced). Recovery removes them unless a record proves that
+    /// acknowledged data is among them.
+    torn: Vec<(SegmentSeq, PathBuf)>,
 }
 
 /// The log's end as recovery has established it so far.
@@ -367,7 +372,7 @@ fn new_shared(
     lock_file: Option<Box<dyn FsFile>>,
     listing: &Listing,
 ) -> Arc<Shared> {
-    let (found, spares, torn_newest) = (&listing.found, &listing.spares, &listing.torn_newest);
+    let (found, spares, torn) = (&listing.found, &listing.spares, &listing.torn);
     Arc::new(Shared {
         dir: dir.to_owned(),
         opts: opts.clone(),
@@ -381,7 +386,7 @@ fn new_shared(
                 .iter()
                 .map(|(s, _)| *s)
                 .chain(found.iter().map(|f| f.seq))
-                .chain(torn_newest.iter().map(|t| t.0))
+                .chain(torn.iter().map(|t| t.0))
                 .max(),
             ready: spares.clone(),
             wanted: None,
@@ -450,7 +455,7 @@ fn scan_unsealed<'a>(
     report: &mut RecoveryReport,
 ) -> Result<(Vec<Scanned<'a>>, End)> {
     let (fs, dir, read_only) = (shared.fs(), shared.dir.as_path(), shared.read_only);
-    let (found, torn_newest) = (&listing.found, &listing.torn_newest);
+    let (found, torn) = (&listing.found, listing.torn.as_slice());
     let unsealed = &found[first_unsealed..];
     let mut scanned: Vec<Scanned<'_>> = Vec::new();
     let mut truncated = false;
@@ -468,11 +473,17 @@ fn scan_unsealed<'a>(
                 "segment {} starts at position {} but the log ends at {}",
                 f.seq, f.header.base_position, end.position
             );
+            // The previous segment's records end cleanly, but pages written after them may
+            // have reached the disk while earlier ones did not: they are cut too (zeroed),
+            // or a seal on open would leave them after the footer's end of data.
+            let prev = scanned
+                .last()
+                .expect("j > 0: the previous segment was scanned");
             report.truncations.push(remove_tail(
                 shared,
-                None,
+                Some((prev.f, prev.scan.complete_end, 0)),
                 &unsealed[j..],
-                torn_newest.as_ref(),
+                torn,
                 end.position,
                 reason,
             )?);
@@ -515,7 +526,7 @@ fn scan_unsealed<'a>(
                         + u64::from(matches!(last.scan.end, ScanEnd::Break { .. })),
                 )),
                 &unsealed[j + 1..],
-                torn_newest.as_ref(),
+                torn,
                 end.position,
                 reason,
             )?);
@@ -541,21 +552,21 @@ fn scan_unsealed<'a>(
                     shared,
                     Some((f, last.scan.complete_end, 0)),
                     &[],
-                    None,
+                    &[],
                     end.position,
                     "bytes after the last complete record".to_owned(),
                 )?);
             }
         }
     }
-    if let Some(torn) = torn_newest.as_ref().filter(|_| !truncated) {
+    if let Some(first) = torn.first().filter(|_| !truncated) {
         report.truncations.push(remove_tail(
             shared,
             None,
             &[],
-            Some(torn),
+            torn,
             end.position,
-            format!("segment {} has no valid header", torn.0),
+            format!("segment {} has no valid header", first.0),
         )?);
         truncated = true;
     }
@@ -578,6 +589,21 @@ fn scan_unsealed<'a>(
             .map(|s| s.f.seq)
             .or_else(|| found[..first_unsealed].last().map(|f| f.seq));
         spares.prepared = last_kept;
+    }
+    // A clean-close sidecar vouches for a clean end once: records this session writes after
+    // it may reach the disk out of order, and a power cut that kept a later page of them and
+    // lost an earlier one would otherwise pass for a clean close (the scan after the sidecar
+    // meets zeros at once), leaving bytes after the end that a seal would keep behind its
+    // footer. Removed (durably, before any append) once its content is in memory; the next
+    // clean close writes it again.
+    if !read_only
+        && let Some(last) = scanned.last()
+        && last.partial.is_some()
+    {
+        let path = dir.join(last.f.seq.index_file_name());
+        fs.remove_file(&path)
+            .map_err(io("removing the clean-close index", &path))?;
+        fs.sync_dir(dir).map_err(io("syncing directory", dir))?;
     }
 
     Ok((scanned, end))
@@ -1061,18 +1087,17 @@ fn list_segments(
     let mut listing = Listing {
         found: Vec::new(),
         spares: Vec::new(),
-        torn_newest: None,
+        torn: Vec::new(),
     };
     for (i, (seq, path, file, len, page, empty)) in files.into_iter().enumerate() {
+        if !listing.torn.is_empty() {
+            listing.torn.push((seq, path));
+            continue;
+        }
         if empty {
             if newest_used.is_some_and(|n| i < n) {
-                return Err(corrupt(
-                    &path,
-                    0,
-                    None,
-                    format!("segment {seq} is empty but later ones are not"),
-                    None,
-                ));
+                listing.torn.push((seq, path));
+                continue;
             }
             let _ = len;
             listing.spares.push((seq, path));
@@ -1084,7 +1109,7 @@ fn list_segments(
                 // The newest segment's header may not have reached the disk if the crash
                 // came before its first sync; recovery decides once the log's end is known.
                 let _ = e;
-                listing.torn_newest = Some((seq, path));
+                listing.torn.push((seq, path));
                 continue;
             }
             Err(e) => return Err(corrupt(&path, 0, None, "segment header".into(), Some(e))),
@@ -1160,7 +1185,7 @@ fn list_segments(
             footer_damaged,
         });
     }
-    if let (Some((seq, path)), Some(last)) = (&listing.torn_newest, listing.found.last())
+    if let (Some((seq, path)), Some(last)) = (listing.torn.first(), listing.found.last())
         && seq.0 != last.seq.0 + 1
     {
         return Err(corrupt(path, 0, None, "segment header".into(), None));
@@ -1168,8 +1193,8 @@ fn list_segments(
     // Spare files of another size (from an earlier segment_bytes) are removed: they hold
     // nothing.
     let next_seq = listing
-        .torn_newest
-        .as_ref()
+        .torn
+        .last()
         .map(|t| t.0.0)
         .or(listing.found.last().map(|f| f.seq.0))
         .map_or(0, |s| s + 1);
@@ -1310,7 +1335,7 @@ fn remove_tail(
     shared: &Shared,
     cut: Option<(&Found, u64, u64)>,
     later: &[Found],
-    torn_newest: Option<&(SegmentSeq, PathBuf)>,
+    torn: &[(SegmentSeq, PathBuf)],
     end: Position,
     reason: String,
 ) -> Result<Truncation> {
@@ -1321,7 +1346,7 @@ fn remove_tail(
     for l in later {
         regions.push((l.path.clone(), SEGMENT_DATA_START, l.header.data_limit()));
     }
-    if let Some((_, path)) = torn_newest {
+    for (_, path) in torn {
         let len = shared
             .fs()
             .file_len(path)
@@ -1357,7 +1382,7 @@ fn remove_tail(
                 later
                     .first()
                     .map(|l| l.path.clone())
-                    .or_else(|| torn_newest.map(|(_, p)| p.clone()))
+                    .or_else(|| torn.first().map(|(_, p)| p.clone()))
                     .map_or_else(|| (shared.dir.clone(), 0), |p| (p, 0))
             },
             |(f, o, _)| (f.path.clone(), o),
@@ -1389,7 +1414,7 @@ fn remove_tail(
             None,
         ));
     }
-    let (file, offset) = match (cut, later.first(), torn_newest) {
+    let (file, offset) = match (cut, later.first(), torn.first()) {
         (Some((f, o, _)), _, _) => (f.path.clone(), o),
         (None, Some(l), _) => (l.path.clone(), 0),
         (None, None, Some((_, p))) => (p.clone(), 0),
@@ -1409,7 +1434,7 @@ fn remove_tail(
     let removed: Vec<(SegmentSeq, PathBuf)> = later
         .iter()
         .map(|l| (l.seq, l.path.clone()))
-        .chain(torn_newest.cloned())
+        .chain(torn.iter().cloned())
         .collect();
     for (seq, path) in &removed {
         let fs = shared.fs();
