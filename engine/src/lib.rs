@@ -56,6 +56,6 @@ pub use log::{
     TREE_FILE, Tail, Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature,
     create_signing_key, new_event_id, now, producer_signature,
 };
-pub use sys::Storage;
 #[cfg(feature = "internals")]
 pub use sys::sim;
+pub use sys::{Storage, limit_allocator_arenas, release_free_memory};

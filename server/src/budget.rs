@@ -32,7 +32,16 @@ pub(crate) struct Budget {
     server_units: u32,
     share_units: u32,
     wait: Duration,
+    /// Set when reservations reached [`TRIM_AFTER_BYTES`]: once they are released, the
+    /// allocator is asked to return the freed memory ([`Budget::take_trim_due`]).
+    trim_due: AtomicBool,
 }
+
+/// Reserved bytes from which the memory is worth returning to the system once released.
+const TRIM_AFTER_BYTES: usize = 4 << 20;
+
+/// Reserved bytes below which a burst counts as over.
+const TRIM_WHEN_BELOW_BYTES: usize = 1 << 20;
 
 impl Budget {
     pub(crate) fn new(server_bytes: usize, share_bytes: usize, wait: Duration) -> Arc<Budget> {
@@ -42,11 +51,18 @@ impl Budget {
             server_units,
             share_units: units(share_bytes).min(server_units),
             wait,
+            trim_due: AtomicBool::new(false),
         })
     }
 
-    /// Bytes reserved now, over every connection (for SERVER_INFO-style reporting and tests).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Whether reservations reached [`TRIM_AFTER_BYTES`] since the last call and are now
+    /// below [`TRIM_WHEN_BELOW_BYTES`]: the caller then returns freed memory to the system
+    /// (`tally_engine::release_free_memory`).
+    pub(crate) fn take_trim_due(&self) -> bool {
+        self.used_bytes() < TRIM_WHEN_BELOW_BYTES && self.trim_due.swap(false, Ordering::SeqCst)
+    }
+
+    /// Bytes reserved now, over every connection.
     pub(crate) fn used_bytes(&self) -> usize {
         (self.server_units as usize - self.server.available_permits()) * UNIT
     }
@@ -97,6 +113,9 @@ impl ConnBudget {
         let share = self.acquire(&self.share, n).await?;
         let server = self.acquire(&self.budget.server, n).await?;
         self.held.fetch_add(u64::from(n), Ordering::SeqCst);
+        if self.budget.used_bytes() >= TRIM_AFTER_BYTES {
+            self.budget.trim_due.store(true, Ordering::SeqCst);
+        }
         Ok(Reserved {
             share,
             server,

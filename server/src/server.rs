@@ -551,6 +551,22 @@ impl Server {
         } = self;
         let conn_slots = Arc::new(Semaphore::new(ctx.cfg.connections_max));
         let mut conns = JoinSet::new();
+        // After a burst of large responses (a client that did not read, many large reads),
+        // the freed memory goes back to the system instead of staying resident.
+        let trimmer = {
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(TRIM_POLL).await;
+                    if ctx.budget.take_trim_due() {
+                        let _ =
+                            tokio::task::spawn_blocking(tally_engine::release_free_memory).await;
+                        tracing::debug!("returned freed response memory to the system");
+                    }
+                }
+            })
+        };
+        let _stop_trimmer = AbortOnDrop(trimmer);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -1675,6 +1691,18 @@ fn defer_append(
         }
     });
     *here.deferred = Some(task);
+}
+
+/// How often the server looks whether a burst of response memory ended.
+const TRIM_POLL: Duration = Duration::from_secs(1);
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Events read from the log at a time while a read response is built.

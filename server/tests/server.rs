@@ -434,6 +434,7 @@ fn a_client_that_never_reads_is_held_to_its_share_of_response_memory_and_closed(
         }
     });
     let before = d.rss_bytes();
+    let anon_before = d.rss_anon_bytes();
     let mut hog = Raw::hello(&d.addr);
     for id in 1..=64 {
         hog.send(
@@ -478,6 +479,27 @@ fn a_client_that_never_reads_is_held_to_its_share_of_response_memory_and_closed(
         let c = Client::connect(&d.addr).await.unwrap();
         c.ping().await.unwrap();
     });
+    // Once it has left, the memory that was buffered for it goes back to the system (the
+    // server trims the allocator after a burst): the heap returns near where it was. (The
+    // pages of segment files read for it stay mapped; the kernel drops those as it needs.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut anon_after = d.rss_anon_bytes();
+    while anon_after > anon_before + (10 << 20) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        anon_after = d.rss_anon_bytes();
+    }
+    eprintln!(
+        "tallyd resident memory: {} MiB before the hog ({} MiB anonymous), {} MiB with it, {} MiB after it left ({} MiB anonymous)",
+        before >> 20,
+        anon_before >> 20,
+        during >> 20,
+        d.rss_bytes() >> 20,
+        anon_after >> 20
+    );
+    assert!(
+        anon_after <= anon_before + (10 << 20),
+        "the heap stayed at {anon_after} bytes after the hog left (from {anon_before})"
+    );
 }
 
 #[test]

@@ -193,6 +193,39 @@ impl fmt::Debug for Storage {
 /// Lowers the calling thread's scheduling priority (nice 10), for background work that must
 /// not take the CPU from appenders and the flusher when both cores are busy. Best effort:
 /// a failure leaves the priority as it was.
+/// Returns the heap memory the allocator holds free to the operating system (glibc's
+/// `malloc_trim`; elsewhere nothing). A server calls it after a burst of large buffers has
+/// been freed: glibc keeps freed memory in its arenas otherwise, and resident memory stays
+/// at the burst's peak. It walks the heap, so it is for occasional use.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` has no preconditions: it only returns free pages of the
+    // allocator's own arenas to the kernel, and touches no memory in use.
+    unsafe {
+        let _ = libc::malloc_trim(0);
+    }
+}
+
+/// Limits the allocator to `arenas` arenas (glibc's `M_ARENA_MAX`; elsewhere nothing). By
+/// default glibc gives up to eight per core, one per thread that allocates while another
+/// holds an arena, and each keeps the memory freed into it: after a burst across many
+/// threads (a blocking pool), megabytes stay resident per arena even after
+/// [`release_free_memory`]. A server calls this once, before it starts threads, with
+/// about as many arenas as threads can run at once.
+pub fn limit_allocator_arenas(arenas: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let n = libc::c_int::try_from(arenas.max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `mallopt` only sets an allocator parameter; `M_ARENA_MAX` with a positive
+        // value is valid at any time (it limits arenas created from then on).
+        unsafe {
+            let _ = libc::mallopt(libc::M_ARENA_MAX, n);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = arenas;
+}
+
 pub(crate) fn lower_thread_priority() {
     // SAFETY: `gettid` has no preconditions. `setpriority` with `PRIO_PROCESS` and a thread
     // id changes that thread's nice value on Linux and touches no memory of ours.

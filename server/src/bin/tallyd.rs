@@ -223,6 +223,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let cfg = config(cli)?;
     // At least two workers: one may block in a sync it leads (see the server module).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    // One allocator arena per worker: the default (eight per core) lets each of the many
+    // blocking-pool threads keep megabytes freed into its own arena after a burst of large
+    // responses (measured: the heap stayed 12 MiB above its size before a client that did
+    // not read, against 2 to 4 MiB with this).
+    tally_engine::limit_allocator_arenas(workers);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

@@ -18,11 +18,21 @@ pub struct Tallyd {
 impl Tallyd {
     /// The server process's resident memory in bytes (`VmRSS`).
     pub fn rss_bytes(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// The server process's resident anonymous memory in bytes (`RssAnon`: the heap and
+    /// stacks, without the pages of mapped segment files, which the kernel can drop).
+    pub fn rss_anon_bytes(&self) -> u64 {
+        self.status_bytes("RssAnon:")
+    }
+
+    fn status_bytes(&self, field: &str) -> u64 {
         let pid = self.child.as_ref().expect("running").id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .expect("VmRSS")
             * 1024
