@@ -5,6 +5,7 @@
 
 pub mod forge;
 pub mod ledger;
+pub mod soak;
 
 use tally_engine::{EventData, EventId};
 
