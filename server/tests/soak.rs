@@ -660,8 +660,9 @@ struct Writer {
     heads: Vec<u64>,
     /// Recently acknowledged batches and the requests that carried them.
     recent: std::collections::VecDeque<(Batch, Request)>,
-    /// The batch whose answer the last kill took, and its request.
-    unknown: Option<(Batch, Request)>,
+    /// The batch whose answer the last kill took, its request, and whether it was sent
+    /// with a stale expected version (refused if sent again).
+    unknown: Option<(Batch, Request, bool)>,
 }
 
 fn owned(w: u16, k: u64) -> String {
@@ -895,7 +896,7 @@ impl Writer {
                     ));
                 }
                 run.check(run.history().lost_answer(batch.key));
-                self.unknown = Some((batch.clone(), req.clone()));
+                self.unknown = Some((batch.clone(), req.clone(), stale));
                 false
             }
             Answer::NotSent => {
@@ -943,11 +944,11 @@ async fn writer(run: Arc<Run>, addr: String, w: u16, seed: u64) {
             me.reload_heads();
             // Half the time, the batch whose answer was lost is sent again, as a client
             // library would: the same ids, so that it is written at most once.
-            if let Some((b, r)) = me.unknown.take()
+            if let Some((b, r, stale)) = me.unknown.take()
                 && me.rng.below(2) == 0
             {
                 bump(&run.n.retried_by_hand);
-                me.send(&b, &r, false).await;
+                me.send(&b, &r, stale).await;
             }
             continue;
         }

@@ -703,7 +703,9 @@ struct Writer<'a> {
     rng: Rng,
     heads: Vec<u64>,
     recent: VecDeque<(Batch, Req)>,
-    unknown: Option<(Batch, Req)>,
+    /// The batch whose answer the last cut took, its request, and whether its expected
+    /// version was stale (refused if sent again).
+    unknown: Option<(Batch, Req, bool)>,
     epoch: u64,
 }
 
@@ -886,7 +888,7 @@ impl Writer<'_> {
             Err(e) => {
                 run.after_error(&format!("append of {}", batch.key), &e, disk_generation);
                 run.check(run.history().lost_answer(batch.key));
-                self.unknown = Some((batch.clone(), req.clone()));
+                self.unknown = Some((batch.clone(), req.clone(), stale));
                 false
             }
         }
@@ -920,9 +922,9 @@ fn writer(run: &Run, w: u16, seed: u64) {
         let ok = match me.unknown.take() {
             // After a cut, half the time the batch whose answer was lost is sent again
             // with the same ids, as a client would.
-            Some((b, r)) if me.rng.below(2) == 0 => {
+            Some((b, r, stale)) if me.rng.below(2) == 0 => {
                 bump(&run.n.retried_by_hand);
-                me.send(&cur.log, cur.disk_generation, &b, &r, false)
+                me.send(&cur.log, cur.disk_generation, &b, &r, stale)
             }
             _ => match me.make(&log_id) {
                 Some((b, r, stale)) => me.send(&cur.log, cur.disk_generation, &b, &r, stale),
