@@ -267,6 +267,8 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
         "seed {}: tallyd exited with {status}",
         cfg.seed
     );
+    // Before the read-only open maps the whole log into this process.
+    let own_rss = own_peak_rss_bytes();
     // The directory, read-only, through the engine: verified, and checked once more.
     let verify_started = Instant::now();
     let (verified, engine_report) = verify_read_only(&run, &data, &witness);
@@ -283,7 +285,7 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
   log                      {events} events in {streams} streams, {segments} segments, {size} on disk
   idempotent retries       {retries} retries of acknowledged batches answered with the original places
   refusals                 {stale} stale expected versions refused (and never seen in the log)
-  unknown outcomes         {unknown} answers lost in kills: {found} found whole, {absent} found absent; {by_hand} sent again by hand
+  unknown outcomes         {unknown} answers lost in kills ({lost_retries} of retries of acknowledged batches): {found} found whole, {absent} found absent; {by_hand} sent again by hand
   kills                    {kills} SIGKILLs, {restart_n} restarts, down {down_mean:.1} s on average (max {down_max:.1} s) before the check
   checks                   {restart_n} after restarts, 1 at the end, 1 read-only through the engine
   subscriptions            {sub_events} events delivered, {sessions} sessions ({resubs} resubscriptions), all held against the log
@@ -291,7 +293,7 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
   consumer checkpoints     {stores} stored, {fetches} fetched and checked after restarts
   signed checkpoints       {cp_reads} read and verified, {cons} consistency and {incl} inclusion proofs verified, {cosigned} witness cosignatures
   verify (read-only)       {records} records, {vcp} checkpoints, {vcos} cosignatures, {signed} signed batches, {adx} attribute indexes, in {verify_secs:.1} s
-  peak RSS                 tallyd {rss}, the test (history and checker) {own}",
+  peak RSS                 tallyd {rss}; the test (history, checker, client) {own}",
         seed = cfg.seed,
         dur = started.elapsed().as_secs_f64() / 60.0,
         asked = cfg.duration.as_secs_f64() / 60.0,
@@ -305,6 +307,7 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
         retries = s.retries_matched,
         stale = get(&n.stale_refused),
         unknown = s.unknown,
+        lost_retries = s.unknown_retries,
         found = s.unknown_found,
         absent = s.unknown_absent,
         by_hand = get(&n.retried_by_hand),
@@ -334,7 +337,7 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
         adx = verified.attribute_indexes,
         verify_secs = verify_time.as_secs_f64(),
         rss = mib(rss_peak),
-        own = mib(own_peak_rss_bytes()),
+        own = mib(own_rss),
     );
     assert_eq!(
         engine_report.events, report.events,

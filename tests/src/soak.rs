@@ -423,8 +423,10 @@ pub struct HistoryStats {
     pub retries_matched: u64,
     /// Batches refused (wrong expected version), checked absent ever after.
     pub refused: u64,
-    /// Answers lost (unknown outcome).
+    /// Answers lost (unknown outcome), retries of acknowledged batches included.
     pub unknown: u64,
+    /// Of those, retries of batches acknowledged before (their outcome is known).
+    pub unknown_retries: u64,
     /// Unknown outcomes a check found whole in the log.
     pub unknown_found: u64,
     /// Unknown outcomes a check found absent.
@@ -445,6 +447,7 @@ impl HistoryStats {
         self.retries_matched += o.retries_matched;
         self.refused += o.refused;
         self.unknown += o.unknown;
+        self.unknown_retries += o.unknown_retries;
         self.unknown_found += o.unknown_found;
         self.unknown_absent += o.unknown_absent;
         self.sub_events += o.sub_events;
@@ -618,8 +621,10 @@ impl History {
     pub fn lost_answer(&mut self, key: BatchKey) -> Result<(), Discrepancy> {
         let e = self.entry(key)?;
         e.in_flight = false;
-        if e.state == State::Absent {
-            e.state = State::Unknown;
+        match e.state {
+            State::Absent => e.state = State::Unknown,
+            State::Acked => self.stats.unknown_retries += 1,
+            State::Unknown => {}
         }
         self.stats.unknown += 1;
         Ok(())

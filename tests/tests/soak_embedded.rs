@@ -321,7 +321,7 @@ fn soak_embedded_engine_under_power_cuts() {
   appends                  {sent} batches sent, {acks} acknowledged answers; {acked} acknowledged events checked at their places after the last cut of each disk
   idempotent retries       {retries} retries of acknowledged batches answered with the original places
   refusals                 {stale} stale expected versions refused (and never seen in the log)
-  unknown outcomes         {unknown} answers lost in cuts: {found} found whole, {absent} found absent; {by_hand} sent again by hand
+  unknown outcomes         {unknown} answers lost in cuts ({lost_retries} of retries of acknowledged batches): {found} found whole, {absent} found absent; {by_hand} sent again by hand
   power cuts               {cuts} ({armed} armed mid-operation, {now} with the threads running, {crashes} process crashes), {recovery_cuts} more during recovery
   checks                   {checks} (one per recovery and per clean close), {events_checked} events read back; {verifies} verifies
   tail                     {sub_events} events delivered, {sessions} sessions ({tail_restarts} re-created), all held against the log
@@ -339,6 +339,7 @@ fn soak_embedded_engine_under_power_cuts() {
         retries = s.retries_matched,
         stale = get(&n.stale_refused),
         unknown = s.unknown,
+        lost_retries = s.unknown_retries,
         found = s.unknown_found,
         absent = s.unknown_absent,
         by_hand = get(&n.retried_by_hand),
