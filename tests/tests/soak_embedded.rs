@@ -322,7 +322,7 @@ fn soak_embedded_engine_under_power_cuts() {
   idempotent retries       {retries} retries of acknowledged batches answered with the original places
   refusals                 {stale} stale expected versions refused (and never seen in the log)
   unknown outcomes         {unknown} answers lost in cuts ({lost_retries} of retries of acknowledged batches): {found} found whole, {absent} found absent; {by_hand} sent again by hand
-  power cuts               {cuts} ({armed} armed mid-operation, {now} with the threads running, {crashes} process crashes), {recovery_cuts} more during recovery
+  power cuts               {cuts} ({armed} armed mid-operation, {now} with the threads running, {crashes} process crashes); {recovery_armed} more armed during recovery, {recovery_cuts} struck
   checks                   {checks} (one per recovery and per clean close), {events_checked} events read back; {verifies} verifies
   tail                     {sub_events} events delivered, {sessions} sessions ({tail_restarts} re-created), all held against the log
   reads                    {stream_reads} stream reads, {all_reads} log reads, {finds} finds; {read_events} events checked
@@ -347,6 +347,7 @@ fn soak_embedded_engine_under_power_cuts() {
         armed = f.armed,
         now = f.now,
         crashes = f.crashes,
+        recovery_armed = f.recovery_cuts_armed,
         recovery_cuts = f.recovery_cuts,
         checks = f.checks,
         events_checked = f.events_checked,
@@ -383,6 +384,7 @@ struct Figures {
     armed: u64,
     now: u64,
     crashes: u64,
+    recovery_cuts_armed: u64,
     recovery_cuts: u64,
     checks: u64,
     verifies: u64,
@@ -531,8 +533,10 @@ impl Coordinator {
         loop {
             let before = sim.generation();
             // Now and then the power goes again during the recovery or the check.
-            if self.rng.below(5) == 0 {
-                sim.cut_power_after(1 + self.rng.below(200), random_cut(&mut self.rng));
+            // (A recovery does few operations that can fail: reads cannot.)
+            if self.rng.below(4) == 0 {
+                self.figures.recovery_cuts_armed += 1;
+                sim.cut_power_after(1 + self.rng.below(8), random_cut(&mut self.rng));
             }
             let log = match Log::open(&self.dir, options(sim)) {
                 Ok(log) => log,
@@ -549,6 +553,11 @@ impl Coordinator {
             let checked = self.check(&log);
             sim.disarm_power_cut();
             match checked {
+                // The cut struck a background thread of the new log: start over.
+                Ok(_) if sim.generation() > before => {
+                    self.figures.recovery_cuts += 1;
+                    log.crash();
+                }
                 Ok(_) => {
                     // The witness reopens from the disk as it is now.
                     let w = Witness::open_in(Storage::simulated(sim), &self.wdir)
