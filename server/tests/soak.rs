@@ -219,7 +219,13 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
     }
     let producer = SigningKey::from_bytes(&key_seed);
     let (log_id, log_key) = {
-        let log = Log::open(&data, Options::default()).unwrap();
+        // The first segment is made here: as small as the rest (segment_mib applies to
+        // new segments), or recovery would scan one large unsealed segment for a while.
+        let options = Options {
+            segment_bytes: 1 << 20,
+            ..Options::default()
+        };
+        let log = Log::open(&data, options).unwrap();
         log.register_producer_key(
             producer.verifying_key().to_bytes(),
             "soak-producer",
