@@ -299,7 +299,7 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
   consumer checkpoints     {stores} stored, {fetches} fetched and checked after restarts
   signed checkpoints       {cp_reads} read and verified, {cons} consistency and {incl} inclusion proofs verified, {cosigned} witness cosignatures
   verify (read-only)       {records} records, {vcp} checkpoints, {vcos} cosignatures, {signed} signed batches, {adx} attribute indexes, in {verify_secs:.1} s
-  peak RSS                 tallyd {rss}; the test (history, checker, client) {own}",
+  peak RSS                 tallyd {rss} ({anon} anonymous, the rest mapped files); the test (history, checker, client) {own}",
         seed = cfg.seed,
         dur = started.elapsed().as_secs_f64() / 60.0,
         asked = cfg.duration.as_secs_f64() / 60.0,
@@ -343,6 +343,7 @@ fn soak_tallyd_under_mixed_load_sigkill_and_restart() {
         adx = verified.attribute_indexes,
         verify_secs = verify_time.as_secs_f64(),
         rss = mib(rss_peak),
+        anon = mib(end.anon_peak),
         own = mib(own_rss),
     );
     assert_eq!(
@@ -364,6 +365,8 @@ struct End {
     report: CheckReport,
     segments: u64,
     rss_peak: u64,
+    /// Of that, anonymous memory (the rest is mostly mapped segment files).
+    anon_peak: u64,
     /// From each kill to the restarted tallyd listening.
     downs: Vec<Duration>,
 }
@@ -418,6 +421,7 @@ async fn coordinate(
     let checker = Client::connect(&addr).await.unwrap();
     let kill_mean = cfg.kill_secs.unwrap_or(150);
     let mut rss_peak = 0;
+    let mut anon_peak = 0;
     let mut downs = Vec::new();
     let mut next_kill = started + kill_interval(&mut rng, kill_mean);
     let listen = with_listen(args, &addr);
@@ -425,6 +429,7 @@ async fn coordinate(
         tokio::time::sleep(Duration::from_millis(500)).await;
         run.stop_on_failure();
         rss_peak = rss_peak.max(tallyd.rss_bytes());
+        anon_peak = anon_peak.max(rss_anon_bytes(tallyd.pid()));
         let now = Instant::now();
         if now >= started + cfg.duration {
             break;
@@ -495,8 +500,22 @@ async fn coordinate(
         report,
         segments,
         rss_peak,
+        anon_peak,
         downs,
     }
+}
+
+/// A process's anonymous resident memory (`RssAnon`), 0 if it cannot be read.
+fn rss_anon_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
 }
 
 fn with_listen<'a>(args: &[&'a str], addr: &'a str) -> Vec<&'a str> {
