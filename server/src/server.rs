@@ -553,12 +553,14 @@ impl Server {
         let mut conns = JoinSet::new();
         // After a burst of large responses (a client that did not read, many large reads),
         // the freed memory goes back to the system instead of staying resident.
+        // (It holds the budget alone: anything holding `ctx` would keep the ack thread's
+        // channel open and the shutdown below waiting for it.)
         let trimmer = {
-            let ctx = Arc::clone(&ctx);
+            let budget = Arc::clone(&ctx.budget);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(TRIM_POLL).await;
-                    if ctx.budget.take_trim_due() {
+                    if budget.take_trim_due() {
                         let _ =
                             tokio::task::spawn_blocking(tally_engine::release_free_memory).await;
                         tracing::debug!("returned freed response memory to the system");
