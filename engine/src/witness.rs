@@ -304,6 +304,15 @@ impl Witness {
     /// # Errors
     /// I/O errors; [`Error::Corrupt`] for a line that does not decode.
     pub fn history(&self, log_id: &[u8; 16]) -> Result<Vec<Seen>> {
+        Ok(self
+            .history_lines(log_id)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
+    }
+
+    /// The history with each checkpoint's time (nanoseconds), oldest first.
+    fn history_lines(&self, log_id: &[u8; 16]) -> Result<Vec<(Seen, u64)>> {
         let path = self.log_dir(log_id).join(HISTORY_FILE);
         let text = match self.fs.read_to_string(&path) {
             Ok(t) => t,
@@ -314,12 +323,15 @@ impl Witness {
         for (n, line) in text.lines().enumerate() {
             let f: Vec<&str> = line.split(' ').collect();
             let seen = match f[..] {
-                [id, size, root, _time] => (|| {
-                    Some(Seen {
-                        id: id.parse().ok()?,
-                        tree_size: size.parse().ok()?,
-                        root: parse_hex::<32>(root)?,
-                    })
+                [id, size, root, time] => (|| {
+                    Some((
+                        Seen {
+                            id: id.parse().ok()?,
+                            tree_size: size.parse().ok()?,
+                            root: parse_hex::<32>(root)?,
+                        },
+                        time.parse().ok()?,
+                    ))
                 })(),
                 _ => None,
             };
@@ -365,8 +377,12 @@ impl Witness {
             .map_err(io("locking witness log directory", &dir))?;
         let cp = checkpoint_from_note(note, &keys)?;
         let offered = Seen::of(&cp);
-        let history = self.history(&statement.log_id)?;
+        let lines = self.history_lines(&statement.log_id)?;
+        let history: Vec<Seen> = lines.iter().map(|(s, _)| *s).collect();
         let latest = history.last().copied();
+        // The observation of the newest history line was cut short after its line and
+        // before its note (power cut): finishing it writes the note, not another line.
+        let mut finishing = false;
         let conflict =
             |seen: Seen, why: String| -> std::result::Result<Observation, WitnessError> {
                 Err(WitnessError::Equivocation(Box::new(Conflict {
@@ -414,9 +430,30 @@ impl Witness {
                     evidence: self.keep_evidence(&dir, note)?,
                 })));
             }
-            if offered == seen
-                && let Some(prev) = self.latest(&statement.log_id)?
-            {
+            let prev = if offered == seen {
+                self.latest(&statement.log_id)?
+            } else {
+                None
+            };
+            let prev_id = prev
+                .as_ref()
+                .and_then(|p| crate::format::note::parse_checkpoint_body(&p.body).ok())
+                .map(|st| st.id);
+            if offered == seen && prev_id != Some(offered.id) {
+                // The latest note lags the history: this checkpoint's observation stopped
+                // between the two. The same statement (its time is on the line) is finished;
+                // another one under the same id, size and root is a second statement.
+                if lines.last().map(|(_, t)| *t) != Some(cp.statement.time.0) {
+                    return conflict(
+                        seen,
+                        format!(
+                            "a different statement under id {} for the same tree size and root",
+                            offered.id
+                        ),
+                    );
+                }
+                finishing = true;
+            } else if let Some(prev) = prev {
                 // Same id, size and root, but another time, chain head or streams root:
                 // two signed statements for one checkpoint.
                 if prev.body != note.body {
@@ -461,23 +498,29 @@ impl Witness {
         // The history first (synced), then the latest note: a crash between them leaves a
         // history that already refuses anything conflicting with the new checkpoint.
         let hist = dir.join(HISTORY_FILE);
-        append_history_line(
-            &self.fs,
-            &hist,
-            &format!(
-                "{} {} {} {}\n",
-                offered.id,
-                offered.tree_size,
-                hex(&offered.root),
-                cp.statement.time.0
-            ),
-        )?;
+        if !finishing {
+            append_history_line(
+                &self.fs,
+                &hist,
+                &format!(
+                    "{} {} {} {}\n",
+                    offered.id,
+                    offered.tree_size,
+                    hex(&offered.root),
+                    cp.statement.time.0
+                ),
+            )?;
+        }
         let latest_note = checkpoint_note(&cp, std::slice::from_ref(&cosignature)).encode();
         self.fs
             .write_file_atomic(&dir, LATEST_FILE, latest_note.as_bytes(), false)
             .map_err(io("writing latest note", &dir.join(LATEST_FILE)))?;
         Ok(Observation::Cosigned {
-            previous: latest,
+            previous: if finishing {
+                history.iter().rev().nth(1).copied()
+            } else {
+                latest
+            },
             checkpoint: cp,
             cosignature,
         })

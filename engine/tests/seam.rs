@@ -548,3 +548,75 @@ fn an_empty_segment_before_used_ones_is_a_torn_tail_when_nothing_proves_it_ackno
     log.verify().unwrap();
     log.close().unwrap();
 }
+
+/// A power cut in the middle of a witness's observation (after its history line, before its
+/// latest note) is not mistaken for a log that signed two statements: observing the same
+/// checkpoint again finishes the observation. Swept over every disk operation of the
+/// observation.
+#[test]
+fn a_witness_cut_short_mid_observation_finishes_it_instead_of_crying_fork() {
+    use tally_engine::witness::{Observation, Witness};
+    let log_dir = Path::new("/seam/w/log");
+    let witness_dir = Path::new("/seam/w/witness");
+    let opts = |sim: &SimFs| Options {
+        auto_checkpoints: false,
+        ..options(sim)
+    };
+    let mut struck_mid_observation = 0;
+    for k in 1..=30u64 {
+        let sim = SimFs::new(100 + k);
+        let log = Log::open(log_dir, opts(&sim)).unwrap();
+        let append = |log: &Log, body: &[u8]| {
+            log.append(
+                "s",
+                ExpectedVersion::Any,
+                &[EventData::new("T", body.to_vec())],
+            )
+            .unwrap();
+        };
+        append(&log, b"a");
+        log.checkpoint().unwrap();
+        let w = Witness::init_in(Storage::simulated(&sim), witness_dir, "w.example/w").unwrap();
+        w.register(&log.log_id(), &[log.public_key().unwrap()])
+            .unwrap();
+        let first = log.checkpoint_note(None).unwrap().unwrap();
+        w.observe(&first, &mut |o, n| log.prove_consistency(o, n))
+            .unwrap();
+        append(&log, b"b");
+        log.checkpoint().unwrap();
+        let second = log.checkpoint_note(None).unwrap().unwrap();
+        let before = sim.generation();
+        sim.cut_power_after(k, Cut::clean());
+        let _ = w.observe(&second, &mut |o, n| log.prove_consistency(o, n));
+        if sim.generation() > before {
+            struck_mid_observation += 1;
+        } else {
+            sim.disarm_power_cut();
+            sim.power_cut(&Cut::clean());
+        }
+        log.crash();
+        drop(w);
+        let log = Log::open(log_dir, opts(&sim)).unwrap();
+        let w = Witness::open_in(Storage::simulated(&sim), witness_dir).unwrap();
+        let note = log.checkpoint_note(None).unwrap().unwrap();
+        match w.observe(&note, &mut |o, n| log.prove_consistency(o, n)) {
+            Ok(Observation::Cosigned { .. } | Observation::Unchanged { .. }) => {}
+            other => panic!("cut at operation {k}: observing again gave {other:?}"),
+        }
+        assert_eq!(
+            w.latest(&log.log_id()).unwrap().map(|n| n.body),
+            Some(note.body.clone()),
+            "cut at operation {k}: the latest note is the checkpoint observed"
+        );
+        assert_eq!(
+            w.history(&log.log_id()).unwrap().len(),
+            2,
+            "cut at operation {k}: one history line per checkpoint"
+        );
+        log.close().unwrap();
+    }
+    assert!(
+        struck_mid_observation > 0,
+        "no cut landed inside an observation"
+    );
+}
