@@ -28,12 +28,24 @@ pub trait MapRegion: Send + Sync + fmt::Debug {
 #[derive(Debug)]
 pub(crate) struct SegmentMap {
     region: Box<dyn MapRegion>,
+    /// `region.as_ptr()`, kept here: every read and write goes through it, and the region's
+    /// is a dynamic call (two reads per record: a checksum scan measured 0.94x of the code
+    /// before the storage seam with it, 1.00x without).
+    base: std::ptr::NonNull<u8>,
     /// `region.len()`, kept here: the bounds checks on every write need it, and the
     /// region's is a dynamic call.
     len: u64,
     /// Bytes `0..published` are complete and will never be written through this map again.
     published: AtomicU64,
 }
+
+// SAFETY: `base` is `region.as_ptr()`, valid for the region's lifetime (MapRegion's
+// contract), and the region is `Send + Sync`; the pointer is only read through (`read`,
+// below the published watermark) or written through by the one `MapWriter` (`&mut`, above
+// it), exactly as through `region.as_ptr()`.
+unsafe impl Send for SegmentMap {}
+// SAFETY: as for `Send`: shared readers only borrow published bytes, which nobody writes.
+unsafe impl Sync for SegmentMap {}
 
 /// The one handle allowed to write through a [`SegmentMap`].
 #[derive(Debug)]
@@ -95,8 +107,11 @@ impl SegmentMap {
             len,
             "the backend mapped what was asked"
         );
+        let base = std::ptr::NonNull::new(region.as_ptr())
+            .ok_or_else(|| io::Error::other("the backend mapped a null pointer"))?;
         Ok(SegmentMap {
             region,
+            base,
             len,
             published: AtomicU64::new(published),
         })
@@ -126,7 +141,7 @@ impl SegmentMap {
         // MapWriter::write). The file is never truncated while mapped and no other process
         // writes it (advisory lock), so the bytes stay valid and unchanged for the lifetime
         // of `&self`.
-        Some(unsafe { std::slice::from_raw_parts(self.region.as_ptr().add(start), len) })
+        Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(start), len) })
     }
 
     /// Writes the pages covering `start..end` back to the file and waits for the device.
@@ -172,7 +187,7 @@ impl MapWriter {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
-                self.map.region.as_ptr().add(offset as usize),
+                self.map.base.as_ptr().add(offset as usize),
                 bytes.len(),
             );
         }
