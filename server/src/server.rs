@@ -1607,15 +1607,10 @@ fn submit(
     kind: AckKind,
     validate: Validate,
 ) -> Option<Ack> {
-    let reqs: Vec<AppendRequest<'_>> = parts
-        .iter()
-        .map(|p| AppendRequest {
-            stream: &p.stream,
-            expected: p.expected,
-            events: &p.events,
-        })
-        .collect();
-    match ctx.log.try_append_deferred_multi(&reqs, signature) {
+    match ctx
+        .log
+        .try_append_deferred_multi(&requests(parts), signature)
+    {
         Err(EngineError::WouldBlock) => {
             defer_append(ctx, parts, signature, reply, here, kind, validate);
             None
@@ -1645,6 +1640,18 @@ fn submit(
     }
 }
 
+/// The engine's view of an append's parts.
+fn requests(parts: &[AppendPart]) -> Vec<AppendRequest<'_>> {
+    parts
+        .iter()
+        .map(|p| AppendRequest {
+            stream: &p.stream,
+            expected: p.expected,
+            events: &p.events,
+        })
+        .collect()
+}
+
 /// Makes an append that would have blocked a runtime worker on the blocking pool, where it
 /// may wait, and has the connection wait for it before its next request.
 fn defer_append(
@@ -1671,14 +1678,7 @@ fn defer_append(
         {
             return reply.error(e);
         }
-        let reqs: Vec<AppendRequest<'_>> = parts
-            .iter()
-            .map(|p| AppendRequest {
-                stream: &p.stream,
-                expected: p.expected,
-                events: &p.events,
-            })
-            .collect();
+        let reqs = requests(&parts);
         let submitted = match &signature {
             Some(sig) => ctx.log.append_deferred_multi_signed(&reqs, sig),
             None => ctx.log.append_deferred_multi(&reqs),
