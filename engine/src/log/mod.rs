@@ -911,15 +911,25 @@ impl Log {
         requests: &[AppendRequest<'_>],
         signature: &crate::format::producer::ProducerSignature,
     ) -> Result<AppendHandle> {
+        self.submit_deferred(requests, Some(signature), append::Blocking::Allowed)
+    }
+
+    /// A deferred append of a client's batch, signed or not, that may or may not block.
+    fn submit_deferred(
+        &self,
+        requests: &[AppendRequest<'_>],
+        signature: Option<&crate::format::producer::ProducerSignature>,
+        blocking: append::Blocking,
+    ) -> Result<AppendHandle> {
         append::submit_signed(
             &self.shared,
             requests,
             false,
             append::Signing {
-                signature: Some(signature),
+                signature,
                 system: false,
             },
-            append::Blocking::Allowed,
+            blocking,
         )
     }
 
@@ -939,16 +949,7 @@ impl Log {
         requests: &[AppendRequest<'_>],
         signature: Option<&crate::format::producer::ProducerSignature>,
     ) -> Result<AppendHandle> {
-        append::submit_signed(
-            &self.shared,
-            requests,
-            false,
-            append::Signing {
-                signature,
-                system: false,
-            },
-            append::Blocking::Refused,
-        )
+        self.submit_deferred(requests, signature, append::Blocking::Refused)
     }
 
     /// Reads up to `max` events of `stream`, starting at `from_version` and going in
