@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod files;
 pub mod heads;
 pub mod meta;
+pub mod multiproof;
 pub mod note;
 pub mod producer;
 pub mod proof;

@@ -1273,6 +1273,21 @@ impl Log {
         })
     }
 
+    /// The hashes of the gap nodes of positions `from..to` in the tree of size `tree_size`
+    /// (`format::multiproof`): what a range multiproof gives for a run of records it does
+    /// not hold. Whoever relies on them folds them into the signed root.
+    ///
+    /// # Errors
+    /// [`Error::Proof`] when `tree_size` is beyond the visible records; read errors.
+    pub fn prove_gap(&self, from: u64, to: u64, tree_size: u64) -> Result<Vec<Hash32>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        self.with_tree(tree_size, |src| {
+            crate::format::multiproof::gap_hashes(src, from, to, tree_size).map(Some)
+        })
+    }
+
     /// A consistency proof that the tree of `old_size` records is a prefix of the tree of
     /// `new_size` records.
     ///
