@@ -40,32 +40,43 @@ pub const EXTRACT_FORMAT_V1: &str = "tally-audit-extract/1";
 #[derive(Args, Debug)]
 pub struct ExtractArgs {
     /// The data directory.
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Every event of this stream.
     #[arg(long, group = "select")]
-    stream: Option<String>,
+    pub(crate) stream: Option<String>,
     /// Every event with this correlation id, across streams.
     #[arg(long, group = "select")]
-    correlation: Option<String>,
+    pub(crate) correlation: Option<String>,
     /// Events recorded at or after this time (RFC 3339 UTC or nanoseconds).
     #[arg(long, requires = "to_time", group = "select")]
-    from_time: Option<String>,
+    pub(crate) from_time: Option<String>,
     /// Events recorded before this time.
     #[arg(long, requires = "from_time")]
-    to_time: Option<String>,
+    pub(crate) to_time: Option<String>,
     /// The extract file to write.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
+    /// Extract format: 3 (compact, streamed; docs/EXTRACT.md section 6) or 2 (one JSON
+    /// document with a proof per event, for verifiers that read only format 2).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=3))]
+    pub(crate) format: u8,
+    /// Format 3: write the JSON-lines form instead of the binary one.
+    #[arg(long)]
+    pub(crate) lines: bool,
     #[command(flatten)]
-    key: KeyArg,
+    pub(crate) key: KeyArg,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
-/// Writes an audit extract.
+/// Writes an audit extract of format 3 (`crate::extract`), or with `--format 2` one of the
+/// format before it.
 pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
+    if a.format == 3 {
+        return crate::extract::write(a);
+    }
     let query = if let Some(s) = &a.stream {
         json!({"stream": s})
     } else if let Some(c) = &a.correlation {
@@ -281,7 +292,7 @@ fn select(log: &Log, a: &ExtractArgs, size: u64, v2: bool) -> Result<(Vec<Positi
 }
 
 /// Why a version 1 log's extract proves inclusion only.
-const V1_WHY: &str = "format version 1 log: its checkpoints commit to no stream heads and its record times may decrease, so the extract proves only that each event is in the signed log";
+pub const V1_WHY: &str = "format version 1 log: its checkpoints commit to no stream heads and its record times may decrease, so the extract proves only that each event is in the signed log";
 
 fn inclusion_only(why: &str) -> Value {
     json!({"kind": "inclusion", "why": why})
@@ -310,6 +321,16 @@ pub struct VerifyExtractArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Format 3: write each verified event, readable, as a JSON line to this file (`-` for
+    /// standard output, which then carries no summary).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// Format 3: mebibytes of records read ahead at most while verifying.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    buffer_mb: u64,
+    /// Format 3: worker threads (default: one per core, at most 8).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn field<'a>(v: &'a Value, path: &str, key: &str) -> Result<&'a Value, Finding> {
@@ -328,14 +349,13 @@ fn hex32(v: &Value, path: &str, key: &str) -> Result<[u8; 32], Finding> {
         .ok_or_else(|| Finding(format!("{path}.{key}: not 64 hex digits")))
 }
 
-/// Checks an extract; `Err(Finding)` names the first problem.
-pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Finding> {
-    let format = doc.get("format").and_then(Value::as_str);
-    if format != Some(EXTRACT_FORMAT) && format != Some(EXTRACT_FORMAT_V1) {
-        return Err(Finding(format!(
-            "not a {EXTRACT_FORMAT} (or {EXTRACT_FORMAT_V1}) document"
-        )));
-    }
+/// Checks what every format's top level holds: the signed checkpoint (entry, signature
+/// under a trusted key, readable copies), the signer's key and fingerprint and the log id.
+/// Returns the checkpoint and the record layout its statement version implies.
+pub fn check_head(
+    doc: &Value,
+    trusted: &[[u8; 32]],
+) -> Result<(SignedCheckpoint, Layout), Finding> {
     let cpv = field(doc, "extract", "checkpoint")?;
     let entry = str_field(cpv, "checkpoint", "entry")?;
     let bytes = tally_engine::format::proof::parse_hex_vec(entry)
@@ -370,6 +390,20 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
     }
     let layout = Layout::of_version(s.version())
         .ok_or_else(|| Finding(format!("checkpoint of statement version {}", s.version())))?;
+    Ok((cp, layout))
+}
+
+/// Checks an extract of format 1 or 2; `Err(Finding)` names the first problem.
+pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Finding> {
+    let format = doc.get("format").and_then(Value::as_str);
+    if format != Some(EXTRACT_FORMAT) && format != Some(EXTRACT_FORMAT_V1) {
+        return Err(Finding(format!(
+            "not a {} (or {EXTRACT_FORMAT}, {EXTRACT_FORMAT_V1}) document",
+            crate::extract::EXTRACT_FORMAT_V3
+        )));
+    }
+    let (cp, layout) = check_head(doc, trusted)?;
+    let s = cp.statement;
     let events = field(doc, "extract", "events")?
         .as_array()
         .ok_or_else(|| Finding("events: not an array".into()))?;
@@ -720,12 +754,52 @@ fn check_completeness(
 /// Verifies an extract offline.
 pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
     let trusted = read_pubkeys(&a.pubkey)?;
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
-    let doc: Value = serde_json::from_str(&text)
-        .map_err(|e| Finding(format!("{}: not JSON: {e}", a.file.display())))?;
     let witnesses = crate::ops::read_witness_keys(&a.witness)?;
-    let result = check_extract(&doc, &trusted).and_then(|c| {
+    let file =
+        std::fs::File::open(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let mut input = std::io::BufReader::with_capacity(1 << 20, file);
+    let checked = match crate::extract::codec::Reader::sniff(&mut input)
+        .with_context(|| format!("reading {}", a.file.display()))?
+    {
+        Some(form) => {
+            let tuning = crate::extract::check::Tuning {
+                workers: a
+                    .threads
+                    .unwrap_or(crate::extract::check::Tuning::default().workers),
+                buffer_bytes: usize::try_from(a.buffer_mb << 20).unwrap_or(usize::MAX),
+            };
+            let mut sink: Option<Box<dyn Write>> = match &a.events {
+                None => None,
+                Some(p) if p.as_os_str() == "-" => {
+                    Some(Box::new(std::io::BufWriter::new(std::io::stdout().lock())))
+                }
+                Some(p) => Some(Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                ))),
+            };
+            let r = crate::extract::check::verify(
+                input,
+                form,
+                &trusted,
+                tuning,
+                sink.as_mut().map(|w| w as &mut dyn Write),
+            );
+            if let Some(mut w) = sink {
+                w.flush()?;
+            }
+            r
+        }
+        None => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut input, &mut text)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            let doc: Value = serde_json::from_str(&text)
+                .map_err(|e| Finding(format!("{}: not JSON: {e}", a.file.display())))?;
+            check_extract(&doc, &trusted)
+        }
+    };
+    let result = checked.and_then(|c| {
         let cosigned = check_witnesses(&c, &witnesses, a.min_witnesses)?;
         if a.require_complete
             && let Completeness::Inclusion(why) = &c.kind
@@ -736,6 +810,17 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
         }
         Ok((c, cosigned))
     });
+    if a.events.as_ref().is_some_and(|p| p.as_os_str() == "-") {
+        // Standard output carried the events: the verdict is the exit status, and a
+        // failure goes to standard error.
+        return Ok(match result {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("FAILED: {f}");
+                ExitCode::from(1)
+            }
+        });
+    }
     match result {
         Ok((c, cosigned)) => {
             let cp = &c.checkpoint;

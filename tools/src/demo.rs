@@ -538,7 +538,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         .arg(&dir)
         .args(["--stream", &s1])
         .output()?;
-    let extract_file = dir.join(format!("{s1}.extract.json"));
+    let extract_file = dir.join(format!("{s1}.extract"));
     let pub_file = dir.join("tally.pub");
     let extracted = Command::new(&exe)
         .arg("extract")

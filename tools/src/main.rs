@@ -16,6 +16,7 @@
 mod audit;
 mod bench;
 mod demo;
+mod extract;
 mod find;
 mod forensic;
 mod ops;

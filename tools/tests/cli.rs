@@ -351,7 +351,16 @@ fn extracts_verify_offline_and_any_change_fails_precisely() {
     make_log(&dir, 300);
     let pk = pubkey_file(&dir, tmp.path());
     let x = tmp.path().join("x.json");
-    let o = tally(&["extract", s(&dir), "--stream", "trade-4", "--out", s(&x)]);
+    let o = tally(&[
+        "extract",
+        s(&dir),
+        "--format",
+        "2",
+        "--stream",
+        "trade-4",
+        "--out",
+        s(&x),
+    ]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     // Offline: the data directory is gone.
     let moved = tmp.path().join("elsewhere");
@@ -644,7 +653,16 @@ fn json_numbers_keep_every_digit_in_dump_and_extract() {
         assert!(out.contains(digits), "{digits} in {out}");
     }
     let x = tmp.path().join("x.json");
-    let o = tally(&["extract", s(&dir), "--stream", "trade-9", "--out", s(&x)]);
+    let o = tally(&[
+        "extract",
+        s(&dir),
+        "--format",
+        "2",
+        "--stream",
+        "trade-9",
+        "--out",
+        s(&x),
+    ]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     let text = std::fs::read_to_string(&x).unwrap();
     assert!(text.contains("123456789012345678901234.50"), "{text}");

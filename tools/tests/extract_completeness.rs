@@ -70,7 +70,7 @@ fn fixture() -> &'static Fixture {
         std::fs::write(&pubkey, tally(&["pubkey", s(&dir)]).stdout).unwrap();
         let extract = |args: &[&str], name: &str| -> Value {
             let out = tmp.path().join(name);
-            let mut a = vec!["extract", s(&dir)];
+            let mut a = vec!["extract", s(&dir), "--format", "2"];
             a.extend_from_slice(args);
             a.extend_from_slice(&["--out", s(&out)]);
             let o = tally(&a);

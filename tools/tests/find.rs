@@ -248,6 +248,8 @@ fn a_crc_valid_attribute_index_edit_that_hides_an_event_is_never_silent() {
     let o = tally(&[
         "extract",
         d,
+        "--format",
+        "2",
         "--correlation",
         "deal-1",
         "--out",

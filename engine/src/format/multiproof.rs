@@ -188,7 +188,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn hashes(n: u64) -> Vec<Hash32> {
-        (0..n).map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes()).collect()
+        (0..n)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect()
     }
 
     /// Folds the multiproof of `chosen` (sorted, distinct) and returns the root and the
@@ -226,7 +228,11 @@ mod tests {
             walk(0, size, &mut nodes);
             for s in 0..size {
                 for e in s + 1..=size {
-                    assert_eq!(is_node(s, e, size), nodes.contains(&(s, e)), "{s}..{e} of {size}");
+                    assert_eq!(
+                        is_node(s, e, size),
+                        nodes.contains(&(s, e)),
+                        "{s}..{e} of {size}"
+                    );
                 }
             }
         }
@@ -254,7 +260,14 @@ mod tests {
     fn a_run_needs_at_most_two_nodes_per_level() {
         let size = 1000u64;
         let leaves = hashes(size);
-        for (a, b) in [(0, 1000), (1, 999), (333, 777), (512, 513), (0, 1), (999, 1000)] {
+        for (a, b) in [
+            (0, 1000),
+            (1, 999),
+            (333, 777),
+            (512, 513),
+            (0, 1),
+            (999, 1000),
+        ] {
             let chosen: Vec<u64> = (a..b).collect();
             let (root, n) = fold(&leaves, &chosen);
             assert_eq!(root, merkle_root(&leaves));

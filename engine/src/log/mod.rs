@@ -667,6 +667,12 @@ impl Log {
         self.shared.meta.log_id
     }
 
+    /// The layout of the log's record headers (its format version).
+    #[must_use]
+    pub fn layout(&self) -> crate::format::record::Layout {
+        self.shared.meta.layout
+    }
+
     /// Appends `events` to `stream` if its version matches `expected`, and waits for the
     /// acknowledgement the log's [`Durability`] asks for.
     ///

@@ -1,0 +1,380 @@
+//! Audit extracts of format 3 (docs/EXTRACT.md, section 6): written and verified as a
+//! stream, in memory bounded whatever the number of events.
+//!
+//! Each selected record is stored once, as its bytes (header, body, and the record hash
+//! before it), and the proof is one range multiproof against the extract's checkpoint
+//! (`tally_engine::format::multiproof`): before each record, the gap nodes covering the
+//! positions since the previous one, and in the trailer those after the last. Completeness
+//! evidence (a stream's signed head, a window's edge records) travels in the same stream.
+//! The verifier reads, checks and folds the records in batches spread over the machine's
+//! cores ([`check`]).
+
+pub mod check;
+pub mod codec;
+#[cfg(test)]
+mod tests;
+
+use std::io::BufWriter;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tally_engine::format::Hash32;
+use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
+use tally_engine::format::multiproof::RangeFolder;
+use tally_engine::format::proof::hex;
+use tally_engine::format::record::RecordHeader;
+use tally_engine::{Direction, Field, Log, Position, Query, Verify};
+
+use crate::audit::{ExtractArgs, V1_WHY};
+use crate::ops::{checkpoint_json, open_writable_if_free, parse_time, rfc3339};
+use codec::{Form, Role, Writer};
+
+/// The format 3 name, in the head of both forms.
+pub const EXTRACT_FORMAT_V3: &str = "tally-audit-extract/3";
+
+/// Why a correlation extract proves inclusion only.
+pub const CORRELATION_WHY: &str = "which events share a correlation id is not committed to by the checkpoint (each event's own correlation id is): the events were selected through the attribute index (derived data; tally verify --attribute-indexes checks it), and the extract proves only that each of them is in the signed log";
+
+/// Records read from the log per call when the selection is a run of positions.
+const RUN_BATCH: u64 = 4096;
+/// Events asked of an index per call.
+const PAGE: usize = 1024;
+
+/// A progress bar on standard error, drawn only when it is a terminal.
+pub fn progress(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let style = match len {
+        Some(_) => "{msg} {wide_bar} {pos}/{len} ({per_sec}, {eta} left)",
+        None => "{msg} {spinner} {pos} ({per_sec})",
+    };
+    if let Ok(s) = indicatif::ProgressStyle::with_template(style) {
+        bar.set_style(s);
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// The extract being written: records go out in position order, each with the gap nodes
+/// since the previous one, and are folded as they go so that the writer checks its own
+/// proof against the checkpoint before it keeps the file.
+struct Out<'a> {
+    log: &'a Log,
+    size: u64,
+    w: Writer<BufWriter<std::fs::File>>,
+    folder: RangeFolder,
+    events: u64,
+    /// The last event's stream version and position (stream extracts check the head).
+    last: Option<(u64, u64)>,
+    bar: indicatif::ProgressBar,
+}
+
+impl Out<'_> {
+    fn record(
+        &mut self,
+        role: Role,
+        position: u64,
+        prev: &Hash32,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<()> {
+        let h = RecordHeader::decode_in(header, self.log.layout())?;
+        let gaps = if position > self.folder.next() {
+            self.log
+                .prove_gap(self.folder.next(), position, self.size)?
+        } else {
+            Vec::new()
+        };
+        self.folder
+            .push_gap(position, &gaps)
+            .and_then(|()| self.folder.push_record(&h.chain_hash))
+            .with_context(|| format!("folding the proof at position {position}"))?;
+        self.w.record(role, &gaps, prev, header, body)?;
+        if role == Role::Event {
+            self.events += 1;
+            self.last = Some((h.stream_version, position));
+            self.bar.inc(1);
+        }
+        Ok(())
+    }
+
+    /// The record at `position`, read on its own.
+    fn at(&mut self, role: Role, position: u64) -> Result<()> {
+        let raw = self.log.read_raw(Position(position))?;
+        self.record(role, position, &raw.prev_hash, &raw.header, &raw.body)
+    }
+
+    /// The records of positions `from..to`, read in runs.
+    fn run(&mut self, from: u64, to: u64) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        let raw = self.log.read_raw(Position(from))?;
+        self.record(Role::Event, from, &raw.prev_hash, &raw.header, &raw.body)?;
+        let mut prev = RecordHeader::decode_in(&raw.header, raw.layout)?.chain_hash;
+        let mut at = from + 1;
+        while at < to {
+            let end = (at + RUN_BATCH).min(to);
+            let mut failed = None;
+            let log = self.log;
+            log.scan_range(Position(at), Position(end), Verify::Checksums, |r| {
+                if failed.is_some() {
+                    return;
+                }
+                if let Err(e) =
+                    self.record(Role::Event, r.position.0, &prev, r.header, r.record_body)
+                {
+                    failed = Some(e);
+                }
+                prev = *r.record_hash;
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a format 3 extract (docs/EXTRACT.md, section 6).
+pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
+    let query = if let Some(s) = &a.stream {
+        json!({"stream": s})
+    } else if let Some(c) = &a.correlation {
+        json!({"correlation_id": c})
+    } else if let (Some(f), Some(t)) = (&a.from_time, &a.to_time) {
+        json!({"from_time": rfc3339(parse_time(f)?), "to_time": rfc3339(parse_time(t)?)})
+    } else {
+        bail!("select events with --stream, --correlation or --from-time/--to-time");
+    };
+    let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
+    let cp = if writable {
+        log.checkpoint()?
+    } else {
+        *log.checkpoints().last().context(
+            "the log is open by another process and has no checkpoint yet; try again after its next checkpoint",
+        )?
+    };
+    let tmp = a.out.with_extension("tmp");
+    let result = write_to(a, &log, writable, &cp, query, &tmp);
+    if writable {
+        log.close()?;
+    }
+    let events = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ignored = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "wrote {events} events to {} against checkpoint {} (tree size {}, key {})",
+        a.out.display(),
+        cp.statement.id,
+        cp.statement.tree_size,
+        fingerprint(&cp.public_key)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_to(
+    a: &ExtractArgs,
+    log: &Log,
+    writable: bool,
+    cp: &SignedCheckpoint,
+    query: Value,
+    tmp: &Path,
+) -> Result<u64> {
+    let size = cp.statement.tree_size;
+    let v2 = cp.statement.streams.is_some();
+    // What the checkpoint lets the extract prove, decided before any record is written.
+    let stream_head = match (&a.stream, v2) {
+        (Some(s), true) => Some(
+            log.prove_stream_head(s, size)?
+                .with_context(|| format!("stream {s:?} has no events covered by the checkpoint"))?,
+        ),
+        _ => None,
+    };
+    let window = match (&a.from_time, &a.to_time, v2) {
+        (Some(f), Some(t), true) => {
+            let (from, to) = (parse_time(f)?, parse_time(t)?);
+            let first_at_or_after = |t: tally_engine::Timestamp| -> Result<u64> {
+                let (mut lo, mut hi) = (0u64, size);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    let time = log
+                        .read_all(Position(mid), 1, Direction::Forward)?
+                        .first()
+                        .map(|e| e.record_time)
+                        .with_context(|| format!("no record at position {mid}"))?;
+                    if time < t {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                Ok(lo)
+            };
+            let first = first_at_or_after(from)?;
+            let end = first_at_or_after(to)?.max(first);
+            if first == end {
+                bail!(
+                    "no events were recorded in the window among the {size} records the checkpoint covers"
+                );
+            }
+            Some((from, to, first, end))
+        }
+        _ => None,
+    };
+    let selection = if stream_head.is_some() {
+        json!({"kind": "stream", "stream": a.stream})
+    } else if let Some((from, to, _, _)) = window {
+        json!({"kind": "window", "from_time": rfc3339(from), "to_time": rfc3339(to)})
+    } else if a.correlation.is_some() {
+        json!({"kind": "inclusion", "why": CORRELATION_WHY})
+    } else {
+        json!({"kind": "inclusion", "why": V1_WHY})
+    };
+    let note = log
+        .checkpoint_note(Some(cp.statement.id))?
+        .map(|n| n.encode());
+    let head = json!({
+        "format": EXTRACT_FORMAT_V3,
+        "provenance": {
+            "query": query,
+            "created": rfc3339(tally_engine::now()),
+            "tool": format!("tally {}", env!("CARGO_PKG_VERSION")),
+            "data_dir": a.dir,
+            "events_after_checkpoint_left_out": !writable,
+        },
+        "log_id": hex(&log.log_id()),
+        "public_key": hex(&cp.public_key),
+        "key_fingerprint": fingerprint(&cp.public_key),
+        "checkpoint": checkpoint_json(cp),
+        "checkpoint_note": note,
+        "selection": selection,
+    });
+    let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let form = if a.lines { Form::Lines } else { Form::Binary };
+    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), form);
+    w.head(&head)?;
+    let expected = match (&stream_head, window) {
+        (Some(h), _) => Some(h.version + 1),
+        (None, Some((_, _, first, end))) => Some(end - first),
+        _ => None,
+    };
+    let mut out = Out {
+        log,
+        size,
+        w,
+        folder: RangeFolder::new(size),
+        events: 0,
+        last: None,
+        bar: progress(expected, "extract"),
+    };
+    let mut trailer = serde_json::Map::new();
+    if let Some(stream) = &a.stream {
+        let mut from = 0;
+        'read: loop {
+            let batch = log.read_stream(stream, from, PAGE, Direction::Forward)?;
+            let Some(last) = batch.last() else { break };
+            from = last.version + 1;
+            for e in &batch {
+                if e.position.0 >= size {
+                    break 'read;
+                }
+                out.at(Role::Event, e.position.0)?;
+            }
+        }
+        if out.events == 0 {
+            bail!("stream {stream:?} has no events covered by the checkpoint");
+        }
+        if let Some(h) = &stream_head {
+            if out.last != Some((h.version, h.position.0)) || out.events != h.version + 1 {
+                bail!(
+                    "the stream's index gives {} events ending at {:?}, but its head in the checkpoint is version {} at position {}: run tally verify",
+                    out.events,
+                    out.last,
+                    h.version,
+                    h.position
+                );
+            }
+            trailer.insert(
+                "head".into(),
+                json!({
+                    "version": h.version,
+                    "position": h.position.0,
+                    "proof": h.proof.siblings.iter().map(|s| hex(s)).collect::<Vec<_>>(),
+                }),
+            );
+        }
+    } else if let Some((_, _, first, end)) = window {
+        if first > 0 {
+            out.at(Role::Before, first - 1)?;
+        }
+        out.run(first, end)?;
+        if end < size {
+            out.at(Role::After, end)?;
+        }
+        trailer.insert("first_position".into(), json!(first));
+        trailer.insert("end_position".into(), json!(end));
+    } else {
+        // Through the attribute indexes, a page at a time: the correlation's events, or
+        // (version 1 log) the records of the record-time window.
+        let mut q = Query::all().positions(Position(0)..Position(size));
+        if let Some(c) = &a.correlation {
+            q.field = Some((Field::Correlation, c.as_str()));
+        } else if let (Some(f), Some(t)) = (&a.from_time, &a.to_time) {
+            q = q.recorded(parse_time(f)?..parse_time(t)?);
+        }
+        q.limit = PAGE;
+        loop {
+            let page = log.find(&q)?;
+            let Some(last) = page.last() else { break };
+            let next = last.position.next();
+            for e in &page {
+                out.at(Role::Event, e.position.0)?;
+            }
+            q.positions = next..Position(size);
+        }
+        if out.events == 0 {
+            bail!("no events match the selection among the {size} records the checkpoint covers");
+        }
+    }
+    let gaps = if out.folder.next() < size {
+        log.prove_gap(out.folder.next(), size, size)?
+    } else {
+        Vec::new()
+    };
+    out.folder.push_gap(size, &gaps)?;
+    let root = out.folder.root()?;
+    if root != cp.statement.root {
+        bail!(
+            "the extract's proof folds to root {}, but checkpoint {} signs {}: the Merkle node file may be damaged; run tally verify",
+            hex(&root),
+            cp.statement.id,
+            hex(&cp.statement.root)
+        );
+    }
+    trailer.insert("events".into(), json!(out.events));
+    trailer.insert(
+        "gap".into(),
+        json!(gaps.iter().map(|g| hex(g)).collect::<Vec<_>>()),
+    );
+    out.bar.finish_and_clear();
+    let events = out.events;
+    let file = out
+        .w
+        .trailer(&Value::Object(trailer))?
+        .into_inner()
+        .map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(events)
+}

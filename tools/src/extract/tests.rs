@@ -1,0 +1,315 @@
+//! Format 3 extracts written from real logs and verified: round trips at every boundary
+//! of the proof's shape, and every change refused with a message that says what changed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Cursor;
+use std::path::Path;
+
+use clap::Parser;
+use tally_engine::{Direction, Durability, EventData, ExpectedVersion, Log, Options, Position};
+
+use super::check::{Tuning, verify};
+use super::codec::Reader;
+use crate::audit::{Checked, Completeness, ExtractArgs};
+use crate::ops::Finding;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    a: ExtractArgs,
+}
+
+/// A log of `n` events: stream `a` holds positions `i % 3 != 1`, stream `b` the others;
+/// even positions share correlation id `even`. One append per event (so record times
+/// rise) up to 2,000 events, then batches of 1,000. Returns the log's public key.
+fn log(dir: &Path, n: u64) -> [u8; 32] {
+    let log = Log::open(
+        dir,
+        Options {
+            durability: Durability::None,
+            segment_bytes: 1 << 20,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let event = |i: u64| {
+        let e = EventData::json("AMEND", format!(r#"{{"i":{i}}}"#));
+        if i.is_multiple_of(2) {
+            e.correlation_id("even")
+        } else {
+            e
+        }
+    };
+    let stream = |i: u64| if i % 3 == 1 { "b" } else { "a" };
+    let mut i = 0;
+    while i < n {
+        if n <= 2000 {
+            log.append(stream(i), ExpectedVersion::Any, &[event(i)])
+                .unwrap();
+            i += 1;
+        } else {
+            let batch: Vec<EventData> = (i..(i + 1000).min(n)).map(event).collect();
+            log.append("a", ExpectedVersion::Any, &batch).unwrap();
+            i += batch.len() as u64;
+        }
+    }
+    let key = log.public_key().unwrap();
+    log.close().unwrap();
+    key
+}
+
+fn extract(dir: &Path, out: &Path, args: &[&str]) -> Vec<u8> {
+    let mut argv = vec!["x", dir.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).unwrap();
+    super::write(&cli.a).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+fn check(bytes: &[u8], key: &[u8; 32]) -> Result<Checked, Finding> {
+    let mut input = Cursor::new(bytes);
+    let Some(form) = Reader::sniff(&mut input).unwrap() else {
+        return Err(Finding("not a format 3 extract".into()));
+    };
+    // Small batches over two workers, so that batches are folded out of the order they
+    // finish in.
+    let tuning = Tuning {
+        workers: 2,
+        buffer_bytes: 64 << 10,
+    };
+    verify(input, form, &[*key], tuning, None)
+}
+
+fn record_time(dir: &Path, p: u64) -> u64 {
+    let log = crate::ops::open_read_only(dir).unwrap();
+    log.read_all(Position(p), 1, Direction::Forward).unwrap()[0]
+        .record_time
+        .0
+}
+
+#[test]
+fn round_trips_at_every_boundary_of_the_proof() {
+    let tmp = tempfile::tempdir().unwrap();
+    for n in [
+        1u64, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65, 127, 128, 129, 1024, 1025,
+    ] {
+        let dir = tmp.path().join(format!("log-{n}"));
+        let key = log(&dir, n);
+        let out = dir.with_extension("x");
+        let lines = ["--lines"];
+        for form in [&[][..], &lines[..]] {
+            let mut args = vec!["--stream", "a"];
+            args.extend_from_slice(form);
+            let c = check(&extract(&dir, &out, &args), &key).unwrap();
+            let want = (0..n).filter(|i| i % 3 != 1).count();
+            assert_eq!(c.events, want, "stream a of {n}");
+            assert!(matches!(c.kind, Completeness::Stream(ref s) if s == "a"));
+            if n >= 2 {
+                let mut args = vec!["--stream", "b"];
+                args.extend_from_slice(form);
+                let c = check(&extract(&dir, &out, &args), &key).unwrap();
+                assert_eq!(c.events, (0..n).filter(|i| i % 3 == 1).count(), "b of {n}");
+            }
+            let mut args = vec!["--correlation", "even"];
+            args.extend_from_slice(form);
+            let c = check(&extract(&dir, &out, &args), &key).unwrap();
+            assert_eq!(c.events as u64, n.div_ceil(2), "correlation of {n}");
+            assert!(matches!(c.kind, Completeness::Inclusion(_)));
+            // Windows: the whole log, and its middle third (edges on both sides).
+            for (a, b) in [(0, n), (n / 3, 2 * n / 3)] {
+                if a >= b {
+                    continue;
+                }
+                let from = record_time(&dir, a).to_string();
+                let to = if b == n {
+                    u64::MAX - 1
+                } else {
+                    record_time(&dir, b)
+                }
+                .to_string();
+                let mut args = vec!["--from-time", &from, "--to-time", &to];
+                args.extend_from_slice(form);
+                let c = check(&extract(&dir, &out, &args), &key).unwrap();
+                assert_eq!(c.events as u64, b - a, "window {a}..{b} of {n}");
+                assert!(
+                    matches!(c.kind, Completeness::Window(_, _, x, y) if (x, y) == (a, b)),
+                    "{:?}",
+                    c.kind
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_hundred_thousand_events_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = log(&dir, 100_000);
+    let out = tmp.path().join("x");
+    let bytes = extract(&dir, &out, &["--stream", "a"]);
+    let c = check(&bytes, &key).unwrap();
+    assert_eq!(c.events, 100_000);
+    let bytes = extract(&dir, &out, &["--correlation", "even", "--lines"]);
+    let c = check(&bytes, &key).unwrap();
+    assert_eq!(c.events, 50_000);
+}
+
+/// Positions and lengths of the frames after the head of a binary extract.
+fn frames(bytes: &[u8]) -> (usize, Vec<(usize, usize)>) {
+    let head_len = u32::from_le_bytes(bytes[13..17].try_into().unwrap()) as usize;
+    let start = 17 + head_len;
+    let mut at = start;
+    let mut out = Vec::new();
+    while bytes[at] != super::codec::FRAME_TRAILER {
+        let gaps = bytes[at + 1] as usize;
+        let header = at + 2 + 32 * gaps + 32;
+        let body_len = u32::from_le_bytes(bytes[header + 4..header + 8].try_into().unwrap());
+        let len = 2 + 32 * gaps + 32 + 88 + body_len as usize;
+        out.push((at, len));
+        at += len;
+    }
+    (start, out)
+}
+
+#[test]
+fn every_byte_after_the_head_is_covered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = log(&dir, 33);
+    let out = tmp.path().join("x");
+    let from = record_time(&dir, 10).to_string();
+    let to = record_time(&dir, 20).to_string();
+    for args in [
+        &["--stream", "b"][..],
+        &["--from-time", &from, "--to-time", &to][..],
+        &["--correlation", "even"][..],
+    ] {
+        let bytes = extract(&dir, &out, args);
+        check(&bytes, &key).unwrap();
+        let (start, _) = frames(&bytes);
+        for i in (0..start - 1).filter(|&i| i < 17).chain(start..bytes.len()) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(
+                check(&b, &key).is_err(),
+                "{args:?}: flipping byte {i} of {} still verifies",
+                bytes.len()
+            );
+        }
+    }
+}
+
+fn failure(bytes: &[u8], key: &[u8; 32]) -> String {
+    check(bytes, key).expect_err("must fail").0
+}
+
+#[test]
+fn each_change_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = log(&dir, 40);
+    let out = tmp.path().join("x");
+    let bytes = extract(&dir, &out, &["--stream", "b"]);
+    let (start, recs) = frames(&bytes);
+    let (at, len) = recs[3];
+    let gaps = bytes[at + 1] as usize;
+    let body = at + 2 + 32 * gaps + 32 + 88;
+    // A payload byte: the header's checksum of the body catches it.
+    let mut b = bytes.clone();
+    b[body + len - (body - at) - 2] ^= 0x20;
+    assert!(failure(&b, &key).contains("events[3] (position 10): the body does not match"));
+    // The record hash before it.
+    let mut b = bytes.clone();
+    b[at + 2 + 32 * gaps] ^= 1;
+    assert!(failure(&b, &key).contains("events[3] (position 10): the record hash computed"));
+    // A proof node.
+    let (at1, _) = recs[1];
+    assert!(bytes[at1 + 1] > 0);
+    let mut b = bytes.clone();
+    b[at1 + 2] ^= 1;
+    assert!(failure(&b, &key).contains("the Merkle root computed from the extract's 13 records"));
+    // A proof node left out: the count byte.
+    let mut b = bytes.clone();
+    b[at1 + 1] -= 1;
+    let f = failure(&b, &key);
+    assert!(f.starts_with("events[1]") || f.contains("record 1"), "{f}");
+    // An event left out, with its proof nodes: the stream's versions show it.
+    let mut b = bytes[..recs[3].0].to_vec();
+    b.extend_from_slice(&bytes[recs[4].0..]);
+    assert!(failure(&b, &key).contains("version 4 where version 3 must be"));
+    // The newest event cut (and the trailer's count with it).
+    let trailer = recs.last().map(|(a, l)| a + l).unwrap();
+    let mut b = bytes[..recs.last().unwrap().0].to_vec();
+    b.extend_from_slice(&bytes[trailer..]);
+    let f = failure(&b, &key);
+    assert!(
+        f.contains("the trailer counts 13 events, the extract holds 12"),
+        "{f}"
+    );
+    // The count alone.
+    let text =
+        String::from_utf8_lossy(&bytes[trailer + 5..]).replace("\"events\":13", "\"events\":14");
+    let mut b = bytes[..trailer + 1].to_vec();
+    b.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    b.extend_from_slice(text.as_bytes());
+    assert!(failure(&b, &key).contains("the trailer counts 14 events"));
+    // Truncated anywhere.
+    for cut in [start + 10, recs[5].0 + 40, trailer + 3, bytes.len() - 1] {
+        let f = failure(&bytes[..cut], &key);
+        assert!(f.contains("truncated"), "cut at {cut}: {f}");
+    }
+    // The checkpoint: its readable copy, and its signed bytes.
+    let head_len = u32::from_le_bytes(bytes[13..17].try_into().unwrap()) as usize;
+    let head = std::str::from_utf8(&bytes[17..17 + head_len]).unwrap();
+    let edit = |from: &str, to: &str| {
+        let h = head.replacen(from, to, 1);
+        assert_ne!(h, head);
+        let mut b = bytes[..13].to_vec();
+        b.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        b.extend_from_slice(h.as_bytes());
+        b.extend_from_slice(&bytes[17 + head_len..]);
+        failure(&b, &key)
+    };
+    assert!(
+        edit("\"tree_size\":40", "\"tree_size\":39")
+            .contains("checkpoint: the readable fields differ")
+    );
+    let entry = head.find("\"entry\":\"").unwrap() + 9;
+    let digit = &head[entry + 100..entry + 101];
+    let other = if digit == "0" { "1" } else { "0" };
+    let mut h = head.to_owned();
+    h.replace_range(entry + 100..entry + 101, other);
+    assert!(edit(head, &h).starts_with("checkpoint"));
+    // A wrong key.
+    assert!(failure(&bytes, &[7; 32]).contains("checkpoint"));
+}
+
+#[test]
+fn the_lines_form_names_changes_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = log(&dir, 40);
+    let out = tmp.path().join("x");
+    let bytes = extract(&dir, &out, &["--stream", "a", "--lines"]);
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("{\"format\":\"tally-audit-extract/3\""));
+    assert!(lines[1].starts_with("{\"event\":{\"gap\":["));
+    assert!(lines.last().unwrap().starts_with("{\"trailer\":{"));
+    // Two events swapped.
+    let mut l = lines.clone();
+    l.swap(3, 4);
+    let f = failure((l.join("\n") + "\n").as_bytes(), &key);
+    assert!(f.contains("events[2]"), "{f}");
+    // A line dropped.
+    let mut l = lines.clone();
+    l.remove(5);
+    let f = failure((l.join("\n") + "\n").as_bytes(), &key);
+    assert!(f.contains("events[4]"), "{f}");
+    // The trailer dropped.
+    let l = &lines[..lines.len() - 1];
+    let f = failure((l.join("\n") + "\n").as_bytes(), &key);
+    assert!(f.contains("not a trailer"), "{f}");
+}
