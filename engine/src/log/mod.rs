@@ -667,6 +667,31 @@ impl Log {
         self.shared.meta.log_id
     }
 
+    /// Lets go of the pages of sealed segments that reads have mapped into this process
+    /// (they stay in the page cache, and the next read maps them again): a tool that reads
+    /// a large part of the log calls it now and then, so that its resident memory stays
+    /// bounded whatever the log's size. The active segment is left as it is.
+    ///
+    /// # Errors
+    /// What the operating system refuses.
+    pub fn release_mapped_memory(&self) -> Result<()> {
+        for seg in self.shared.segments.snapshot() {
+            if matches!(
+                *seg.state
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                crate::segment::SegState::Active
+            ) {
+                continue;
+            }
+            if let Some(map) = seg.map.get() {
+                map.release()
+                    .map_err(Error::io("releasing a segment map", &seg.path))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The layout of the log's record headers (its format version).
     #[must_use]
     pub fn layout(&self) -> crate::format::record::Layout {

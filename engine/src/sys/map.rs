@@ -22,6 +22,12 @@ pub trait MapRegion: Send + Sync + fmt::Debug {
     }
     /// Makes `start..start+len` durable, waiting for the device (`msync(MS_SYNC)`).
     fn sync_range(&self, start: usize, len: usize) -> io::Result<()>;
+    /// Lets go of the pages this process has touched (`madvise(MADV_DONTNEED)` on the
+    /// shared file map): they stay in the page cache and the next access maps them again.
+    /// A long read of many segments otherwise keeps every page it touched resident.
+    fn release(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A shared map of a whole segment file.
@@ -54,6 +60,11 @@ pub(crate) struct MapWriter {
 }
 
 impl SegmentMap {
+    /// See [`MapRegion::release`].
+    pub(crate) fn release(&self) -> io::Result<()> {
+        self.region.release()
+    }
+
     /// Maps `len` bytes of `file` for reading and writing, with `published` bytes already
     /// complete (for a recovered segment, the valid prefix).
     ///

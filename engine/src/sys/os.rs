@@ -35,6 +35,15 @@ impl MapRegion for OsMap {
     fn sync_range(&self, start: usize, len: usize) -> io::Result<()> {
         self.0.flush_range(start, len)
     }
+
+    fn release(&self) -> io::Result<()> {
+        // SAFETY: the map is a shared map of a file (`map_raw`, `map_raw_read_only`), so
+        // MADV_DONTNEED discards no data: it drops this process's page table entries, and
+        // the next access maps the file's page from the page cache again, with the same
+        // bytes (writes through a shared map are in that page already). Only private maps
+        // would lose writes, and none is made here.
+        unsafe { self.0.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) }
+    }
 }
 
 impl FsFile for OsFile {
