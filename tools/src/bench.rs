@@ -48,6 +48,14 @@ pub struct BenchArgs {
     /// Payload bytes per event.
     #[arg(long, default_value_t = 256)]
     pub(crate) payload: usize,
+    /// Embedded: payloads are JSON objects of --payload bytes (content type json), not
+    /// binary: what a trading system writes, and what extracts and dumps render readable.
+    #[arg(long)]
+    pub(crate) json_payload: bool,
+    /// Embedded: every event carries this correlation id (indexed, as extracts and audits
+    /// by correlation read it).
+    #[arg(long)]
+    pub(crate) correlation: Option<String>,
     /// Streams to spread the events over.
     #[arg(long, default_value_t = 1000)]
     pub(crate) streams: u64,
@@ -496,8 +504,23 @@ fn writer(
         .collect();
     // The same events are appended every time: ids are left to the engine (a fresh v7 id
     // per event), so nothing is allocated per append on this side.
+    let json = args.json_payload.then(|| {
+        // {"trade":"T-...","qty":...,"note":"xxx..."} padded to the payload size.
+        let head = r#"{"trade":"T-000001","book":"EU-GAS","qty":"1000.00","note":""#;
+        let pad = args.payload.saturating_sub(head.len() + 2).max(1);
+        format!("{head}{}\"}}", "x".repeat(pad))
+    });
     let batch: Vec<EventData> = (0..args.batch)
-        .map(|_| EventData::new("BenchEvent", payload.clone()))
+        .map(|_| {
+            let e = match &json {
+                Some(j) => EventData::json("BenchEvent", j.clone()),
+                None => EventData::new("BenchEvent", payload.clone()),
+            };
+            match &args.correlation {
+                Some(c) => e.correlation_id(c.clone()),
+                None => e,
+            }
+        })
         .collect();
     let streams: Vec<String> = (0..args.streams.min(1 << 20))
         .map(|i| format!("bench-{i}"))

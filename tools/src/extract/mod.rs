@@ -41,6 +41,9 @@ pub const CORRELATION_WHY: &str = "which events share a correlation id is not co
 const RUN_BATCH: u64 = 4096;
 /// Events asked of an index per call.
 const PAGE: usize = 1024;
+/// Records written between two releases of the segment pages read
+/// ([`Log::release_mapped_memory`]): what keeps resident memory bounded on a large log.
+const RELEASE_EVERY: u64 = 1024;
 
 /// A progress bar on standard error, drawn only when it is a terminal.
 pub fn progress(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
@@ -69,6 +72,7 @@ struct Out<'a> {
     w: Writer<BufWriter<std::fs::File>>,
     folder: RangeFolder,
     events: u64,
+    records: u64,
     /// The last event's stream version and position (stream extracts check the head).
     last: Option<(u64, u64)>,
     bar: indicatif::ProgressBar,
@@ -95,6 +99,10 @@ impl Out<'_> {
             .and_then(|()| self.folder.push_record(&h.chain_hash))
             .with_context(|| format!("folding the proof at position {position}"))?;
         self.w.record(role, &gaps, prev, header, body)?;
+        self.records += 1;
+        if self.records.is_multiple_of(RELEASE_EVERY) {
+            self.log.release_mapped_memory()?;
+        }
         if role == Role::Event {
             self.events += 1;
             self.last = Some((h.stream_version, position));
@@ -107,6 +115,25 @@ impl Out<'_> {
     fn at(&mut self, role: Role, position: u64) -> Result<()> {
         let raw = self.log.read_raw(Position(position))?;
         self.record(role, position, &raw.prev_hash, &raw.header, &raw.body)
+    }
+
+    /// The events at `positions` (increasing): each run of adjacent positions read in one
+    /// pass over the segments.
+    fn events(&mut self, positions: &[u64]) -> Result<()> {
+        let mut i = 0;
+        while i < positions.len() {
+            let mut j = i + 1;
+            while j < positions.len() && positions[j] == positions[j - 1] + 1 {
+                j += 1;
+            }
+            if j - i == 1 {
+                self.at(Role::Event, positions[i])?;
+            } else {
+                self.run(positions[i], positions[j - 1] + 1)?;
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// The records of positions `from..to`, read in runs.
@@ -276,21 +303,25 @@ fn write_to(
         w,
         folder: RangeFolder::new(size),
         events: 0,
+        records: 0,
         last: None,
         bar: progress(expected, "extract"),
     };
     let mut trailer = serde_json::Map::new();
     if let Some(stream) = &a.stream {
         let mut from = 0;
-        'read: loop {
+        loop {
             let batch = log.read_stream(stream, from, PAGE, Direction::Forward)?;
             let Some(last) = batch.last() else { break };
             from = last.version + 1;
-            for e in &batch {
-                if e.position.0 >= size {
-                    break 'read;
-                }
-                out.at(Role::Event, e.position.0)?;
+            let positions: Vec<u64> = batch
+                .iter()
+                .map(|e| e.position.0)
+                .take_while(|&p| p < size)
+                .collect();
+            out.events(&positions)?;
+            if positions.len() < batch.len() {
+                break;
             }
         }
         if out.events == 0 {
@@ -339,9 +370,8 @@ fn write_to(
             let page = log.find(&q)?;
             let Some(last) = page.last() else { break };
             let next = last.position.next();
-            for e in &page {
-                out.at(Role::Event, e.position.0)?;
-            }
+            let positions: Vec<u64> = page.iter().map(|e| e.position.0).collect();
+            out.events(&positions)?;
             q.positions = next..Position(size);
         }
         if out.events == 0 {
