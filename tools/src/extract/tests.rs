@@ -313,3 +313,80 @@ fn the_lines_form_names_changes_too() {
     let f = failure((l.join("\n") + "\n").as_bytes(), &key);
     assert!(f.contains("not a trailer"), "{f}");
 }
+
+/// The published test vectors (docs/EXTRACT.md 6.7): each file verifies to what
+/// `expected.txt` says. `TALLY_WRITE_VECTORS=1` writes them anew from a fresh log first.
+#[test]
+fn the_published_vectors_verify_as_expected() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors/extract-v3");
+    if std::env::var_os("TALLY_WRITE_VECTORS").is_some() {
+        write_vectors(&dir);
+    }
+    let key = tally_engine::format::checkpoint::parse_public_keys(
+        &std::fs::read_to_string(dir.join("log.pub")).unwrap(),
+    )
+    .unwrap()[0];
+    let expected = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
+    let mut checked = 0;
+    for line in expected.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (file, want) = line.split_once(' ').unwrap();
+        let c = check(&std::fs::read(dir.join(file)).unwrap(), &key).unwrap();
+        assert_eq!(describe(&c), want, "{file}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}
+
+/// `ok EVENTS KIND [DETAIL]`, as expected.txt has it.
+fn describe(c: &Checked) -> String {
+    match &c.kind {
+        Completeness::Stream(s) => format!("ok {} stream {s}", c.events),
+        Completeness::Window(_, _, a, b) => format!("ok {} window {a} {b}", c.events),
+        Completeness::Inclusion(_) => format!("ok {} inclusion", c.events),
+    }
+}
+
+fn write_vectors(dir: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let log = Log::open(&data, Options::default()).unwrap();
+    for i in 0..37u64 {
+        let mut e = EventData::json(
+            ["NEW", "AMEND", "SETTLE"][(i % 3) as usize],
+            format!(r#"{{"trade":"T-{}","qty":"{}.00"}}"#, i % 3 + 1, 100 + i),
+        )
+        .actor("alice");
+        if i % 4 == 0 {
+            e = e.correlation_id("order-7");
+        }
+        log.append(&format!("trade-{}", i % 3 + 1), ExpectedVersion::Any, &[e])
+            .unwrap();
+        if i == 11 || i == 24 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let key = log.public_key().unwrap();
+    log.close().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("log.pub"),
+        tally_engine::format::checkpoint::encode_public_key(&key),
+    )
+    .unwrap();
+    let from = record_time(&data, 12).to_string();
+    let to = record_time(&data, 25).to_string();
+    let mut expected = String::from(
+        "# file, then what it verifies to: ok EVENTS stream S | window A B | inclusion\n",
+    );
+    for (file, args) in [
+        ("stream.tex", vec!["--stream", "trade-2"]),
+        ("stream.jsonl", vec!["--stream", "trade-2", "--lines"]),
+        ("window.tex", vec!["--from-time", &from, "--to-time", &to]),
+        ("correlation.tex", vec!["--correlation", "order-7"]),
+    ] {
+        let bytes = extract(&data, &dir.join(file), &args);
+        let c = check(&bytes, &key).unwrap();
+        expected.push_str(&format!("{file} {}\n", describe(&c)));
+    }
+    std::fs::write(dir.join("expected.txt"), expected).unwrap();
+}
