@@ -429,3 +429,45 @@ fn a_format_2_extract_still_verifies() {
     changed["events"][3]["record"]["prev_record_hash"] = serde_json::json!("00".repeat(32));
     assert!(crate::audit::check_extract(&changed, &[key]).is_err());
 }
+
+/// A version 1 log (no stream heads, record times that may decrease): every selection
+/// proves inclusion only, and says why.
+#[test]
+fn a_version_1_log_gives_inclusion_only_extracts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v1");
+    let log = Log::open(
+        &dir,
+        Options {
+            format_version: 1,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..20u64 {
+        log.append(
+            if i % 2 == 0 { "a" } else { "b" },
+            ExpectedVersion::Any,
+            &[EventData::json("NEW", "{}")],
+        )
+        .unwrap();
+    }
+    let key = log.public_key().unwrap();
+    log.close().unwrap();
+    let out = tmp.path().join("x");
+    for (args, n) in [
+        (vec!["--stream", "b"], 10),
+        (
+            vec!["--from-time", "0", "--to-time", "18446744073709551614"],
+            20,
+        ),
+    ] {
+        let c = check(&extract(&dir, &out, &args), &key).unwrap();
+        assert_eq!(c.events, n);
+        assert!(
+            matches!(&c.kind, Completeness::Inclusion(why) if why.starts_with("format version 1 log")),
+            "{:?}",
+            c.kind
+        );
+    }
+}
