@@ -471,3 +471,43 @@ fn a_version_1_log_gives_inclusion_only_extracts() {
         );
     }
 }
+
+/// Hostile bytes give a finding, never a panic: a panic in the reader or a worker would
+/// show as "the reader failed" or "a worker failed".
+#[test]
+fn hostile_bytes_give_findings_not_panics() {
+    use proptest::prelude::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = log(&dir, 50);
+    let out = tmp.path().join("x");
+    let binary = extract(&dir, &out, &["--stream", "a"]);
+    let lines = extract(&dir, &out, &["--stream", "a", "--lines"]);
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 300,
+        ..Default::default()
+    });
+    let edits = proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..6);
+    runner
+        .run(&(any::<bool>(), edits), |(text, edits)| {
+            let mut b = if text { lines.clone() } else { binary.clone() };
+            for (at, byte, how) in edits {
+                let at = 17 + at % (b.len() - 17);
+                match how {
+                    0 => b[at] = byte,
+                    1 => b.insert(at, byte),
+                    _ => b.truncate(at),
+                }
+            }
+            if let Err(f) = check(&b, &key) {
+                prop_assert!(
+                    !f.0.contains("failed: a worker") && !f.0.contains("reader failed"),
+                    "{}",
+                    f.0
+                );
+                prop_assert!(!f.0.contains("a worker failed"), "{}", f.0);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
