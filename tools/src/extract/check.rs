@@ -188,8 +188,9 @@ struct Fold {
     last_position: Option<u64>,
     stream_prev: u64,
     first_event: Option<u64>,
-    before: bool,
-    after: bool,
+    /// The positions of a window's edge records.
+    before: Option<u64>,
+    after: Option<u64>,
 }
 
 fn name(role: Option<Role>, events: u64) -> String {
@@ -212,7 +213,7 @@ impl Fold {
         let g = r.map_err(|b| Finding(format!("{}: {}", self.at(b.role, b.position), b.why)))?;
         let at = self.at(Some(g.role), Some(g.position));
         let fail = |why: String| Err(Finding(format!("{at}: {why}")));
-        if self.after {
+        if self.after.is_some() {
             return fail("a record after the window's after record".into());
         }
         match (&self.selection, g.role) {
@@ -269,8 +270,8 @@ impl Fold {
         self.records += 1;
         self.last_position = Some(g.position);
         match g.role {
-            Role::Before => self.before = true,
-            Role::After => self.after = true,
+            Role::Before => self.before = Some(g.position),
+            Role::After => self.after = Some(g.position),
             Role::Event => {
                 if let Selection::Stream(_) = self.selection {
                     if g.stream_version != self.events {
@@ -396,18 +397,15 @@ impl Fold {
                         self.first_event.unwrap_or_default()
                     )));
                 }
-                if self.before != (a > 0) {
+                if self.before != a.checked_sub(1) {
                     return Err(Finding(format!(
                         "the record before position {a} must be proven and recorded before the window when the window does not start the log: the window may start earlier"
                     )));
                 }
-                if self.after != (b < size) {
+                if self.after != (b < size).then_some(b) {
                     return Err(Finding(format!(
                         "the record at position {b} must be proven and recorded at or after the window's end when the window does not end the checkpoint: the window may end later"
                     )));
-                }
-                if self.events == 0 && !(self.before && self.after) && !(a == 0 || b == size) {
-                    return Err(Finding("an empty window needs both edge records".into()));
                 }
                 Completeness::Window(rfc3339(*from), rfc3339(*to), a, b)
             }
@@ -510,8 +508,8 @@ pub fn verify<R: BufRead + Send>(
         last_position: None,
         stream_prev: NO_STREAM_PREV,
         first_event: None,
-        before: false,
-        after: false,
+        before: None,
+        after: None,
     };
     let batch_bytes = (tuning.buffer_bytes / IN_FLIGHT).max(64 << 10);
     let workers = tuning.workers.max(1);

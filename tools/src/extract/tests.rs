@@ -511,3 +511,69 @@ fn hostile_bytes_give_findings_not_panics() {
         })
         .unwrap();
 }
+
+/// A window that holds no event (which `extract` never writes, but a verifier must judge):
+/// its edge records prove it empty only at the positions the trailer names.
+#[test]
+fn an_empty_window_is_tied_to_its_edges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = log(&dir, 30);
+    let out = tmp.path().join("x");
+    let (t9, t10) = (record_time(&dir, 9), record_time(&dir, 10));
+    assert!(t9 < t10);
+    let bytes = extract(
+        &dir,
+        &out,
+        &[
+            "--from-time",
+            &t10.to_string(),
+            "--to-time",
+            &record_time(&dir, 12).to_string(),
+        ],
+    );
+    check(&bytes, &key).unwrap();
+    let (start, recs) = frames(&bytes);
+    // Keep the record before (position 9) and turn the first event (position 10) into the
+    // record after: the window [t9 + 1, t10) holds no record, and its end is position 10.
+    let (b_at, b_len) = recs[0];
+    let (e_at, e_len) = recs[1];
+    let head_len = u32::from_le_bytes(bytes[13..17].try_into().unwrap()) as usize;
+    let head: serde_json::Value = serde_json::from_slice(&bytes[17..17 + head_len]).unwrap();
+    let size = head["checkpoint"]["tree_size"].as_u64().unwrap();
+    let rebuild = |first: u64, end: u64| {
+        let mut h = head.clone();
+        h["selection"]["from_time"] = serde_json::json!((t9 + 1).to_string());
+        h["selection"]["to_time"] = serde_json::json!(t10.to_string());
+        let h = serde_json::to_vec(&h).unwrap();
+        let mut b = bytes[..13].to_vec();
+        b.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        b.extend_from_slice(&h);
+        assert_eq!(start, 17 + head_len);
+        b.extend_from_slice(&bytes[b_at..b_at + b_len]);
+        let mut after = bytes[e_at..e_at + e_len].to_vec();
+        after[0] = super::codec::FRAME_AFTER;
+        b.extend_from_slice(&after);
+        let log = crate::ops::open_read_only(&dir).unwrap();
+        let gap: Vec<String> = log
+            .prove_gap(11, size, size)
+            .unwrap()
+            .iter()
+            .map(|g| tally_engine::format::proof::hex(g))
+            .collect();
+        let t = serde_json::to_vec(&serde_json::json!({
+            "events": 0, "gap": gap, "first_position": first, "end_position": end,
+        }))
+        .unwrap();
+        b.push(super::codec::FRAME_TRAILER);
+        b.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        b.extend_from_slice(&t);
+        b
+    };
+    let c = check(&rebuild(10, 10), &key).unwrap();
+    assert_eq!(describe(&c), "ok 0 window 10 10");
+    for (a, b) in [(4, 4), (20, 20), (10, 11)] {
+        let f = failure(&rebuild(a, b), &key);
+        assert!(f.contains("window"), "{a}..{b}: {f}");
+    }
+}
