@@ -778,13 +778,17 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                         .with_context(|| format!("creating {}", p.display()))?,
                 ))),
             };
+            let len = std::fs::metadata(&a.file).map_or(0, |m| m.len());
+            let bar = crate::extract::progress_bytes(len, "verify-extract");
             let r = crate::extract::check::verify(
                 input,
                 form,
                 &trusted,
                 tuning,
                 sink.as_mut().map(|w| w as &mut dyn Write),
+                &bar,
             );
+            bar.finish_and_clear();
             if let Some(mut w) = sink {
                 w.flush()?;
             }

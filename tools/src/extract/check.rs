@@ -475,6 +475,7 @@ pub fn verify<R: BufRead + Send>(
     trusted: &[[u8; 32]],
     tuning: Tuning,
     mut events: Option<&mut dyn Write>,
+    bar: &indicatif::ProgressBar,
 ) -> Result<Checked, Finding> {
     let mut reader = Reader::new(input, form);
     let head = reader.head().map_err(Finding)?;
@@ -522,7 +523,7 @@ pub fn verify<R: BufRead + Send>(
             scope.spawn(move || work(&rx, &tx, cx));
         }
         drop(done_tx);
-        let read = scope.spawn(move || read_batches(&mut reader, &work_tx, batch_bytes));
+        let read = scope.spawn(move || read_batches(&mut reader, &work_tx, batch_bytes, bar));
         let folded = fold_batches(&mut fold, &done_rx, &mut events);
         drop(done_rx);
         drop(work_rx);
@@ -568,6 +569,7 @@ fn read_batches<R: BufRead>(
     reader: &mut Reader<R>,
     tx: &SyncSender<Batch>,
     batch_bytes: usize,
+    bar: &indicatif::ProgressBar,
 ) -> Result<(Value, u64), Finding> {
     let mut seq = 0;
     let mut items = Vec::new();
@@ -583,6 +585,7 @@ fn read_batches<R: BufRead>(
     loop {
         match reader.next() {
             Ok(Next::Item(item)) => {
+                bar.inc(item.bytes.len() as u64 + 1);
                 bytes += item.bytes.len() + 64;
                 items.push(item);
                 if bytes >= batch_bytes {

@@ -63,6 +63,19 @@ pub fn progress(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// A progress bar over `len` bytes on standard error, drawn only when it is a terminal.
+pub fn progress_bytes(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(s) = indicatif::ProgressStyle::with_template(
+        "{msg} {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+    ) {
+        bar.set_style(s);
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
 /// The extract being written: records go out in position order, each with the gap nodes
 /// since the previous one, and are folded as they go so that the writer checks its own
 /// proof against the checkpoint before it keeps the file.

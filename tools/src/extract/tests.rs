@@ -78,7 +78,14 @@ fn check(bytes: &[u8], key: &[u8; 32]) -> Result<Checked, Finding> {
         workers: 2,
         buffer_bytes: 64 << 10,
     };
-    verify(input, form, &[*key], tuning, None)
+    verify(
+        input,
+        form,
+        &[*key],
+        tuning,
+        None,
+        &indicatif::ProgressBar::hidden(),
+    )
 }
 
 fn record_time(dir: &Path, p: u64) -> u64 {
