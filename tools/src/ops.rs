@@ -580,6 +580,30 @@ fn print_tree(v: &Value, indent: usize) {
 // ---------------------------------------------------------------------------------------
 // dump
 
+/// A progress bar for a command that prints its results on standard output: drawn on
+/// standard error when that is a terminal ([`crate::extract::progress`]) and standard output
+/// is not (the bar would be drawn over the lines printed).
+pub fn output_progress(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = crate::extract::progress(len, what);
+    if std::io::stdout().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// Whether `e` is a write to a closed pipe (`tally find ... | head`): not an error for a
+/// command that prints a listing.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    let kind = e
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+        .or_else(|| {
+            e.downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind)
+        });
+    kind == Some(std::io::ErrorKind::BrokenPipe)
+}
+
 /// Output formats of event listings.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum EventFormat {
@@ -671,6 +695,10 @@ fn payload_json(e: &EnvelopeRef<'_>) -> (Value, &'static str) {
     )
 }
 
+/// Positions `tally dump` reads between two releases of the segments' mapped pages
+/// ([`Log::release_mapped_memory`]).
+const DUMP_CHUNK_POSITIONS: u64 = 4096;
+
 /// Prints records in order.
 pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
     let log = open_read_only(&a.dir)?;
@@ -686,62 +714,77 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
     }
     let mut error = None;
     let mut write_err = None;
-    log.scan_range(
-        Position(a.from),
-        Position(to),
-        tally_engine::Verify::Checksums,
-        |r| {
-            if error.is_some() || write_err.is_some() {
-                return;
-            }
-            let e = match r.envelope() {
-                Ok(e) => e,
-                Err(err) => {
-                    error = Some(format!("position {}: {err}", r.position));
-                    return;
-                }
-            };
-            if a.stream.as_deref().is_some_and(|s| s != e.stream)
-                || a.event_type.as_deref().is_some_and(|t| t != e.event_type)
-            {
-                return;
-            }
-            let res = match a.format {
-                EventFormat::Jsonl => {
-                    let v = event_json(
-                        r.position.0,
-                        r.stream_version,
-                        r.record_time,
-                        r.record_hash,
-                        &e,
-                    );
-                    serde_json::to_writer(&mut out, &v)
-                        .map_err(std::io::Error::from)
-                        .and_then(|()| writeln!(out))
-                }
-                EventFormat::Table => {
-                    let payload = match payload_json(&e) {
-                        (Value::String(s), _) => s,
-                        (v, _) => v.to_string(),
+    let bar = output_progress(Some(to.saturating_sub(a.from)), "dump");
+    let mut at = a.from;
+    // A range of positions at a time, letting go of the segment pages it mapped after each:
+    // the resident memory of a dump of the whole log stays bounded.
+    let scanned = (|| -> Result<()> {
+        while at < to && error.is_none() && write_err.is_none() {
+            let chunk_end = at.saturating_add(DUMP_CHUNK_POSITIONS).min(to);
+            log.scan_range(
+                Position(at),
+                Position(chunk_end),
+                tally_engine::Verify::Checksums,
+                |r| {
+                    if error.is_some() || write_err.is_some() {
+                        return;
+                    }
+                    let e = match r.envelope() {
+                        Ok(e) => e,
+                        Err(err) => {
+                            error = Some(format!("position {}: {err}", r.position));
+                            return;
+                        }
                     };
-                    let payload: String = payload.chars().take(60).collect();
-                    writeln!(
-                        out,
-                        "{:>10}  {:<24}  {:>7}  {:<24}  {:<30}  {:<12}  {payload}",
-                        r.position.0,
-                        e.stream,
-                        r.stream_version,
-                        e.event_type,
-                        rfc3339(r.record_time),
-                        e.actor
-                    )
-                }
-            };
-            if let Err(err) = res {
-                write_err = Some(err);
-            }
-        },
-    )?;
+                    if a.stream.as_deref().is_some_and(|s| s != e.stream)
+                        || a.event_type.as_deref().is_some_and(|t| t != e.event_type)
+                    {
+                        return;
+                    }
+                    let res = match a.format {
+                        EventFormat::Jsonl => {
+                            let v = event_json(
+                                r.position.0,
+                                r.stream_version,
+                                r.record_time,
+                                r.record_hash,
+                                &e,
+                            );
+                            serde_json::to_writer(&mut out, &v)
+                                .map_err(std::io::Error::from)
+                                .and_then(|()| writeln!(out))
+                        }
+                        EventFormat::Table => {
+                            let payload = match payload_json(&e) {
+                                (Value::String(s), _) => s,
+                                (v, _) => v.to_string(),
+                            };
+                            let payload: String = payload.chars().take(60).collect();
+                            writeln!(
+                                out,
+                                "{:>10}  {:<24}  {:>7}  {:<24}  {:<30}  {:<12}  {payload}",
+                                r.position.0,
+                                e.stream,
+                                r.stream_version,
+                                e.event_type,
+                                rfc3339(r.record_time),
+                                e.actor
+                            )
+                        }
+                    };
+                    if let Err(err) = res {
+                        write_err = Some(err);
+                    }
+                },
+            )?;
+            bar.inc(chunk_end - at);
+            log.release_mapped_memory()?;
+            at = chunk_end;
+        }
+        Ok(())
+    })();
+    bar.finish_and_clear();
+    scanned?;
     if let Some(e) = write_err {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(ExitCode::SUCCESS);
