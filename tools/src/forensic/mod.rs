@@ -3,22 +3,41 @@
 //! chain back to the origin, and the events of other streams that share its correlation
 //! id).
 //!
-//! It reads the stream, then looks up each correlation id and each cause (an event id)
-//! through the attribute indexes, locally or with the server's FIND: its cost is
-//! proportional to the answer, not to the log.
+//! It reads the stream a page at a time and prints each event's entry as soon as it is
+//! complete (the JSON document is written element by element), so that its memory does not
+//! grow with the stream. Correlation ids and causes (event ids) are looked up through the
+//! attribute indexes, locally or with the server's FIND, and the answers are kept in
+//! caches bounded in bytes ([`cache::Lru`]) for the events that share them: the cost is
+//! proportional to the answer, not to the log. A correlation id shared by many events is
+//! counted in full once, but only its first `--correlated-max` events are kept and listed
+//! (each entry states the count).
+//!
+//! Memory: `--buffer-mb` (64 by default) is split into a quarter for a page of events being
+//! read, a quarter each for the two caches, and a quarter for the entry being written
+//! (its causation chain holds at most [`CHAIN_MAX`] events).
 
-use std::collections::HashMap;
+mod cache;
+mod source;
+
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
-use serde_json::{Value, json};
-use tally_engine::{Direction, EventId, EventView, Field, Query};
-use tally_server::client::Client;
-use tally_server::protocol::FindQuery;
+use serde::Serialize;
+use serde_json::Value;
+use tally_engine::{EventId, EventView, Field};
 
-use crate::ops::{envelope_json, open_read_only, rfc3339};
+use crate::ops::{envelope_json, rfc3339};
+use cache::Lru;
+use source::Source;
+
+/// Causes followed back from one event, at most.
+const CHAIN_MAX: usize = 64;
+/// Bytes counted for a kept event summary besides its text.
+const KEPT_OVERHEAD_BYTES: usize = 64;
 
 /// Options of `tally audit`.
 #[derive(Args, Debug)]
@@ -31,285 +50,367 @@ pub struct AuditArgs {
     /// Ask a running server instead of reading a data directory.
     #[arg(long)]
     server: Option<String>,
-    /// Print one JSON document instead of a table.
+    /// Print one JSON document instead of a table (written as the stream is read).
     #[arg(long)]
     json: bool,
+    /// Memory for the events being read and the lookups remembered, in MiB: the audit stays
+    /// within about this much whatever the length of the stream.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    buffer_mb: u64,
+    /// Correlated events listed per event, at most (their count is always given).
+    #[arg(long, default_value_t = 20)]
+    correlated_max: usize,
 }
 
-/// An event, owned, with what the audit needs.
-#[derive(Clone, Debug)]
-struct Ev {
-    json: Value,
+/// An event of another stream that shares a correlation id, as an entry lists it.
+struct Related {
     position: u64,
+    /// Its summary as JSON.
+    json: String,
+    /// `stream type`, for the table.
+    label: String,
+}
+
+/// The summary's JSON form.
+#[derive(Serialize)]
+struct RelatedJson<'a> {
+    position: u64,
+    stream: &'a str,
     version: u64,
-    stream: String,
-    event_type: String,
-    actor: String,
-    correlation_id: String,
-    causation_id: String,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    actor: &'a str,
     record_time: String,
-    event_time: String,
 }
 
-fn owned(e: &dyn EventView) -> Ev {
-    let env = e.envelope();
-    Ev {
-        json: envelope_json(e.position().0, e.version(), e.record_time(), &env),
-        position: e.position().0,
-        version: e.version(),
-        stream: e.stream().to_owned(),
-        event_type: e.event_type().to_owned(),
-        actor: e.actor().to_owned(),
-        correlation_id: e.correlation_id().to_owned(),
-        causation_id: e.causation_id().to_owned(),
-        record_time: rfc3339(e.record_time()),
-        event_time: rfc3339(e.event_time()),
-    }
-}
-
-/// Where the audit reads: a data directory (read-only) or a server, through the attribute
-/// indexes either way.
-enum Source {
-    Local(tally_engine::Log),
-    Remote {
-        rt: tokio::runtime::Runtime,
-        client: Client,
-    },
-}
-
-/// Pages a FIND through the server until its end.
-async fn find_all(c: &Client, mut q: FindQuery) -> Result<Vec<Ev>> {
-    let mut out = Vec::new();
-    loop {
-        let (page, next, end) = c.find(&q).await?;
-        out.extend(page.iter().map(|e| owned(e)));
-        if end {
-            return Ok(out);
-        }
-        if next <= q.from {
-            bail!("the server's FIND did not advance from position {}", q.from);
-        }
-        q.from = next;
-    }
-}
-
-impl Source {
-    fn open(a: &AuditArgs) -> Result<Source> {
-        match (&a.dir, &a.server) {
-            (Some(dir), None) => Ok(Source::Local(open_read_only(dir)?)),
-            (None, Some(addr)) => {
-                let rt = crate::remote::runtime()?;
-                let client = rt.block_on(async {
-                    Client::connect(addr)
-                        .await
-                        .with_context(|| format!("connecting to {addr}"))
-                })?;
-                Ok(Source::Remote { rt, client })
-            }
-            _ => bail!("give a data directory or --server ADDR (one of them)"),
-        }
-    }
-
-    /// Every event of `stream`, in order.
-    fn stream(&self, stream: &str) -> Result<Vec<Ev>> {
-        let mut out = Vec::new();
-        match self {
-            Source::Local(log) => {
-                let mut next = 0u64;
-                loop {
-                    let page = log.read_stream(stream, next, 4096, Direction::Forward)?;
-                    let Some(last) = page.last() else { break };
-                    next = last.version + 1;
-                    out.extend(page.iter().map(|e| owned(e)));
-                }
-            }
-            Source::Remote { rt, client } => rt.block_on(async {
-                let mut next = 0u64;
-                loop {
-                    let (page, n, end) = client
-                        .read_stream(stream, next, 4096, Direction::Forward)
-                        .await?;
-                    out.extend(page.iter().map(|e| owned(e)));
-                    next = n;
-                    if end {
-                        break;
-                    }
-                }
-                anyhow::Ok(())
-            })?,
-        }
-        Ok(out)
-    }
-
-    /// The events whose `field` is `value`, in order.
-    fn find(&self, field: Field, value: &str) -> Result<Vec<Ev>> {
-        match self {
-            Source::Local(log) => Ok(log
-                .find(&Query::field(field, value))?
-                .iter()
-                .map(|e| owned(e))
-                .collect()),
-            Source::Remote { rt, client } => rt.block_on(find_all(
-                client,
-                FindQuery {
-                    field: Some((field, value.to_owned())),
-                    record_time: None,
-                    event_time: None,
-                    from: 0,
-                    max: 4096,
-                },
-            )),
-        }
-    }
-}
-
-pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
-    let source = Source::open(a)?;
-    // Every event read is kept here once, by position; the report refers to them by index.
-    let mut events: Vec<Ev> = Vec::new();
-    let mut at: HashMap<u64, usize> = HashMap::new();
-    let mut keep = |events: &mut Vec<Ev>, e: Ev| -> usize {
-        *at.entry(e.position).or_insert_with(|| {
-            events.push(e);
-            events.len() - 1
+impl Related {
+    fn of(e: &dyn EventView) -> Related {
+        let json = serde_json::to_string(&RelatedJson {
+            position: e.position().0,
+            stream: e.stream(),
+            version: e.version(),
+            event_type: e.event_type(),
+            actor: e.actor(),
+            record_time: rfc3339(e.record_time()),
         })
-    };
-    let mine: Vec<usize> = source
-        .stream(&a.stream)?
-        .into_iter()
-        .map(|e| keep(&mut events, e))
-        .collect();
-    if mine.is_empty() {
-        bail!("stream {} has no events", a.stream);
-    }
-    let mut read = mine.len();
-    // Looked up once each: correlation ids shared by several events of the stream, and
-    // causes shared by several chains.
-    let mut correlated: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut causes: HashMap<String, Option<usize>> = HashMap::new();
-    for &i in &mine {
-        let c = events[i].correlation_id.clone();
-        if !c.is_empty() && !correlated.contains_key(&c) {
-            let found = source.find(Field::Correlation, &c)?;
-            read += found.len();
-            let ids = found
-                .into_iter()
-                .filter(|e| !e.stream.starts_with('$'))
-                .map(|e| keep(&mut events, e))
-                .collect();
-            correlated.insert(c, ids);
+        .expect("a struct of strings and numbers serializes");
+        Related {
+            position: e.position().0,
+            json,
+            label: format!("{} {}", e.stream(), e.event_type()),
         }
     }
-    let mut report = Vec::new();
-    for &i in &mine {
-        // Why: follow causation ids back to the origin (bounded, and cycle-safe). A cause
-        // is the event id of the event that caused this one.
-        let mut chain = Vec::new();
-        let mut cause = events[i].causation_id.clone();
-        let mut unresolved = None;
-        while !cause.is_empty() && chain.len() < 64 {
-            let found = match causes.get(&cause) {
-                Some(found) => *found,
-                None => {
-                    let found = if cause.parse::<EventId>().is_ok() {
-                        let hits = source.find(Field::EventId, &cause)?;
-                        read += hits.len();
-                        hits.into_iter().next().map(|e| keep(&mut events, e))
-                    } else {
-                        None
-                    };
-                    causes.insert(cause.clone(), found);
-                    found
+
+    fn bytes(&self) -> usize {
+        KEPT_OVERHEAD_BYTES + self.json.len() + self.label.len()
+    }
+}
+
+/// The events that share one correlation id (outside `$` streams).
+struct Correlated {
+    /// How many there are.
+    count: u64,
+    /// The first `correlated_max + 1` of them, in position order (one more than listed, in
+    /// case the event explained is among them).
+    first: Vec<Related>,
+}
+
+impl Correlated {
+    fn bytes(&self) -> usize {
+        KEPT_OVERHEAD_BYTES + self.first.iter().map(Related::bytes).sum::<usize>()
+    }
+}
+
+/// An event that caused another, as a causation chain shows it.
+struct Cause {
+    position: u64,
+    /// What caused it in turn.
+    causation_id: String,
+    /// The whole event as JSON.
+    json: String,
+    /// `type stream vN by actor at time`, for the table.
+    line: String,
+}
+
+impl Cause {
+    fn of(e: &dyn EventView) -> Cause {
+        let json = envelope_json(e.position().0, e.version(), e.record_time(), &e.envelope());
+        Cause {
+            position: e.position().0,
+            causation_id: e.causation_id().to_owned(),
+            json: json.to_string(),
+            line: format!(
+                "{} {} v{} by {} at {}",
+                e.event_type(),
+                e.stream(),
+                e.version(),
+                or_dash(e.actor()),
+                rfc3339(e.record_time())
+            ),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        KEPT_OVERHEAD_BYTES + self.causation_id.len() + self.json.len() + self.line.len()
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
+/// What the audit reads and remembers.
+struct Audit {
+    source: Source,
+    /// Correlation id → its events.
+    correlations: Lru<Rc<Correlated>>,
+    /// Cause (an event id, or any text) → the event, or `None` when not in the log.
+    causes: Lru<Option<Rc<Cause>>>,
+    correlated_max: usize,
+    bar: indicatif::ProgressBar,
+}
+
+impl Audit {
+    /// The events with correlation id `id`: counted in full, the first few kept.
+    fn correlated(&mut self, id: &str) -> Result<Rc<Correlated>> {
+        if let Some(c) = self.correlations.get(id) {
+            return Ok(c);
+        }
+        let mut c = Correlated {
+            count: 0,
+            first: Vec::new(),
+        };
+        let mut from = 0;
+        loop {
+            let page = self.source.find_page(Field::Correlation, id, from)?;
+            for e in &page.events {
+                if e.stream().starts_with('$') {
+                    continue;
                 }
-            };
-            match found {
-                Some(j) if !chain.contains(&j) && j != i => {
-                    chain.push(j);
-                    cause = events[j].causation_id.clone();
+                c.count += 1;
+                if c.first.len() <= self.correlated_max {
+                    c.first.push(Related::of(&**e));
+                }
+            }
+            if page.end {
+                break;
+            }
+            self.bar
+                .set_message(format!("audit: {} events of correlation {id}", c.count));
+            from = page.next;
+        }
+        self.bar.set_message("audit");
+        let bytes = c.bytes();
+        let c = Rc::new(c);
+        self.correlations
+            .insert(id.to_owned(), Rc::clone(&c), bytes);
+        Ok(c)
+    }
+
+    /// The event whose id is `id`, if the log has it.
+    fn cause(&mut self, id: &str) -> Result<Option<Rc<Cause>>> {
+        if let Some(c) = self.causes.get(id) {
+            return Ok(c);
+        }
+        let found = match id.parse::<EventId>() {
+            Ok(_) => {
+                let page = self.source.find_page(Field::EventId, id, 0)?;
+                page.events.first().map(|e| Rc::new(Cause::of(&**e)))
+            }
+            Err(_) => None,
+        };
+        let bytes = found.as_ref().map_or(0, |c| c.bytes());
+        self.causes.insert(id.to_owned(), found.clone(), bytes);
+        Ok(found)
+    }
+
+    /// Why `e` happened: its causes back to the origin (bounded, and cycle-safe; a cause is
+    /// the event id of the event that caused this one) and its correlated events.
+    fn explain<'e>(&mut self, e: &'e dyn EventView) -> Result<Entry<'e>> {
+        let mut chain: Vec<Rc<Cause>> = Vec::new();
+        let mut cause = e.causation_id().to_owned();
+        let mut unresolved = None;
+        while !cause.is_empty() && chain.len() < CHAIN_MAX {
+            match self.cause(&cause)? {
+                Some(c)
+                    if c.position != e.position().0
+                        && !chain.iter().any(|x| x.position == c.position) =>
+                {
+                    cause.clone_from(&c.causation_id);
+                    chain.push(c);
                 }
                 Some(_) => break,
                 None => {
-                    unresolved = Some(cause.clone());
+                    unresolved = Some(cause);
                     break;
                 }
             }
         }
-        let related: Vec<usize> = correlated
-            .get(events[i].correlation_id.as_str())
-            .map(|v| v.iter().copied().filter(|&j| j != i).collect())
-            .unwrap_or_default();
-        report.push((i, chain, unresolved, related));
+        let correlated = match e.correlation_id() {
+            "" => None,
+            id => Some(self.correlated(id)?),
+        };
+        Ok(Entry {
+            e,
+            json: envelope_json(e.position().0, e.version(), e.record_time(), &e.envelope()),
+            chain,
+            unresolved,
+            correlated,
+        })
     }
-    if a.json {
-        let items: Vec<Value> = report
-            .iter()
-            .map(|(i, chain, unresolved, related)| {
-                let e = &events[*i];
-                json!({
-                    "event": e.json,
-                    "why": {
-                        "causation_chain": chain.iter().map(|&j| events[j].json.clone()).collect::<Vec<_>>(),
-                        "unresolved_cause": unresolved,
-                        "correlated": related.iter().map(|&j| json!({
-                            "position": events[j].position,
-                            "stream": events[j].stream,
-                            "version": events[j].version,
-                            "type": events[j].event_type,
-                            "actor": events[j].actor,
-                            "record_time": events[j].record_time,
-                        })).collect::<Vec<_>>(),
-                    },
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"stream": a.stream, "events": items, "events_read": read, "lookups": crate::find::INDEX_NOTE})
-        );
-        return Ok(ExitCode::SUCCESS);
+}
+
+/// One event of the stream and why it happened: the report's unit, written as soon as it
+/// is complete.
+struct Entry<'e> {
+    e: &'e dyn EventView,
+    /// The whole event as JSON.
+    json: Value,
+    chain: Vec<Rc<Cause>>,
+    unresolved: Option<String>,
+    correlated: Option<Rc<Correlated>>,
+}
+
+impl Entry<'_> {
+    /// The correlated events listed (not the event itself), and how many there are in all.
+    fn related(&self, max: usize) -> (Vec<&Related>, u64) {
+        let Some(c) = &self.correlated else {
+            return (Vec::new(), 0);
+        };
+        let me = self.e.position().0;
+        let listed = c.first.iter().filter(|r| r.position != me).take(max);
+        // The event itself is among the events counted unless its stream is a `$` one.
+        let itself = u64::from(!self.e.stream().starts_with('$'));
+        (listed.collect(), c.count.saturating_sub(itself))
     }
-    println!("stream {}: {} events", a.stream, mine.len());
-    println!("{}", crate::find::INDEX_NOTE);
-    for (i, chain, unresolved, related) in &report {
-        let e = &events[*i];
-        println!(
+
+    fn write_json(&self, out: &mut impl Write, max: usize) -> std::io::Result<()> {
+        out.write_all(b"{\"event\":")?;
+        serde_json::to_writer(&mut *out, &self.json)?;
+        out.write_all(b",\"why\":{\"causation_chain\":[")?;
+        for (k, c) in self.chain.iter().enumerate() {
+            if k > 0 {
+                out.write_all(b",")?;
+            }
+            out.write_all(c.json.as_bytes())?;
+        }
+        out.write_all(b"],\"unresolved_cause\":")?;
+        serde_json::to_writer(&mut *out, &self.unresolved)?;
+        out.write_all(b",\"correlated\":[")?;
+        let (listed, count) = self.related(max);
+        for (k, r) in listed.iter().enumerate() {
+            if k > 0 {
+                out.write_all(b",")?;
+            }
+            out.write_all(r.json.as_bytes())?;
+        }
+        write!(out, "],\"correlated_count\":{count}}}}}")
+    }
+
+    fn write_table(&self, out: &mut impl Write, max: usize) -> std::io::Result<()> {
+        let e = self.e;
+        writeln!(
+            out,
             "v{:<4} {:<14} by {:<12} recorded {} (happened {})  position {}",
-            e.version,
-            e.event_type,
-            if e.actor.is_empty() { "-" } else { &e.actor },
-            e.record_time,
-            e.event_time,
-            e.position
-        );
-        println!("      what: {}", e.json["payload"]);
-        for &j in chain {
-            let c = &events[j];
-            println!(
-                "      because: {} {} v{} by {} at {}",
-                c.event_type,
-                c.stream,
-                c.version,
-                if c.actor.is_empty() { "-" } else { &c.actor },
-                c.record_time
-            );
+            e.version(),
+            e.event_type(),
+            or_dash(e.actor()),
+            rfc3339(e.record_time()),
+            rfc3339(e.event_time()),
+            e.position().0
+        )?;
+        writeln!(out, "      what: {}", self.json["payload"])?;
+        for c in &self.chain {
+            writeln!(out, "      because: {}", c.line)?;
         }
-        if let Some(u) = unresolved {
-            println!("      because: event {u} (not in this log)");
+        if let Some(u) = &self.unresolved {
+            writeln!(out, "      because: event {u} (not in this log)")?;
         }
-        if !related.is_empty() {
-            let list: Vec<String> = related
-                .iter()
-                .take(8)
-                .map(|&j| format!("{} {}", events[j].stream, events[j].event_type))
-                .collect();
-            println!(
-                "      correlated ({} {}): {}{}",
-                related.len(),
-                e.correlation_id,
+        let (listed, count) = self.related(max);
+        if count > 0 {
+            let list: Vec<&str> = listed.iter().map(|r| r.label.as_str()).collect();
+            let more = match count > listed.len() as u64 {
+                true => format!(", ... (first {} of {count} listed)", listed.len()),
+                false => String::new(),
+            };
+            writeln!(
+                out,
+                "      correlated ({count} {}): {}{more}",
+                e.correlation_id(),
                 list.join(", "),
-                if related.len() > 8 { ", ..." } else { "" }
-            );
+            )?;
         }
+        Ok(())
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `tally audit`.
+pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
+    let buffer_bytes = usize::try_from(a.buffer_mb << 20).unwrap_or(usize::MAX);
+    let quarter = buffer_bytes / 4;
+    let source = Source::open(a.dir.as_deref(), a.server.as_deref(), quarter)?;
+    // The versions up to the head now: a stream that grows on a server while it is read
+    // is explained as it was when the audit started.
+    let Some(head) = source.stream_head(&a.stream)? else {
+        bail!("stream {} has no events", a.stream);
+    };
+    let mut audit = Audit {
+        source,
+        correlations: Lru::new(quarter),
+        causes: Lru::new(quarter),
+        correlated_max: a.correlated_max,
+        bar: crate::ops::output_progress(head.checked_add(1), "audit"),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = (|| -> Result<()> {
+        if a.json {
+            out.write_all(b"{\"stream\":")?;
+            serde_json::to_writer(&mut out, &a.stream)?;
+            out.write_all(b",\"events\":[")?;
+        } else {
+            writeln!(out, "stream {}: last version {head}", a.stream)?;
+            writeln!(out, "{}", crate::find::INDEX_NOTE)?;
+        }
+        let mut explained = 0u64;
+        let mut from = 0;
+        'pages: loop {
+            let page = audit.source.stream_page(&a.stream, from)?;
+            for e in &page.events {
+                if e.version() > head {
+                    break 'pages;
+                }
+                let entry = audit.explain(&**e)?;
+                if a.json {
+                    if explained > 0 {
+                        out.write_all(b",")?;
+                    }
+                    entry.write_json(&mut out, a.correlated_max)?;
+                } else {
+                    entry.write_table(&mut out, a.correlated_max)?;
+                }
+                explained += 1;
+                audit.bar.inc(1);
+            }
+            if page.end || page.next > head {
+                break;
+            }
+            from = page.next;
+        }
+        let read = audit.source.events_read;
+        if a.json {
+            write!(out, "],\"events_read\":{read},\"lookups\":")?;
+            serde_json::to_writer(&mut out, crate::find::INDEX_NOTE)?;
+            writeln!(out, ",\"correlated_max\":{}}}", a.correlated_max)?;
+        } else {
+            writeln!(out, "{explained} events explained, {read} events read")?;
+        }
+        out.flush()?;
+        Ok(())
+    })();
+    audit.bar.finish_and_clear();
+    match written {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if crate::ops::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e),
+    }
 }
