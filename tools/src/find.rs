@@ -2,6 +2,11 @@
 //! record-time and event-time windows, through the attribute indexes (a data directory,
 //! opened read-only, or a running server's FIND): the forensic query that reads the events
 //! it prints, not the log.
+//!
+//! It asks for a page at a time (at most 4,096 events and `--buffer-mb` of them; a server
+//! bounds its pages by its frame size) and prints each page before asking for the next, so
+//! that its memory does not grow with the number of events found. Locally, it lets go of
+//! the segment pages mapped after each page.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -62,6 +67,11 @@ pub struct FindArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = EventFormat::Table)]
     format: EventFormat,
+    /// Memory for the page of events being read, in MiB (a data directory; a server's pages
+    /// are bounded by its frame size): the events are printed a page at a time, so that
+    /// this bounds the memory whatever their number.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    buffer_mb: u64,
 }
 
 fn window(from: Option<&String>, to: Option<&String>) -> Result<Option<(u64, u64)>> {
@@ -79,11 +89,15 @@ fn window(from: Option<&String>, to: Option<&String>) -> Result<Option<(u64, u64
     Ok(Some((a.0, b.0)))
 }
 
+/// Events asked for in one page.
+const PAGE_EVENTS_MAX: u64 = 4096;
+
 /// Prints the events one page at a time.
 struct Printer<W: Write> {
     out: W,
     format: EventFormat,
     printed: u64,
+    bar: indicatif::ProgressBar,
 }
 
 impl<W: Write> Printer<W> {
@@ -100,6 +114,7 @@ impl<W: Write> Printer<W> {
 
     fn event(&mut self, e: &dyn EventView) -> std::io::Result<()> {
         self.printed += 1;
+        self.bar.inc(1);
         match self.format {
             EventFormat::Jsonl => {
                 let v: Value =
@@ -145,14 +160,15 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
     let recorded = window(a.recorded_from.as_ref(), a.recorded_to.as_ref())?;
     let happened = window(a.happened_from.as_ref(), a.happened_to.as_ref())?;
     let limit = a.limit.unwrap_or(u64::MAX);
+    let page_bytes = usize::try_from(a.buffer_mb << 20).unwrap_or(usize::MAX);
     let mut p = Printer {
         out: std::io::BufWriter::new(std::io::stdout().lock()),
         format: a.format,
         printed: 0,
+        bar: crate::ops::output_progress(a.limit, "find"),
     };
     let printed = (|| -> Result<()> {
         p.header()?;
-        const PAGE: u64 = 4096;
         match (&a.dir, &a.server) {
             (Some(dir), None) => {
                 let log = open_read_only(dir)?;
@@ -160,7 +176,8 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
                 while p.printed < limit {
                     let mut q = Query::all()
                         .positions(Position(from)..Position(u64::MAX))
-                        .limit((limit - p.printed).min(PAGE) as usize);
+                        .limit((limit - p.printed).min(PAGE_EVENTS_MAX) as usize)
+                        .max_bytes(page_bytes);
                     q.field = field.as_ref().map(|(f, v)| (*f, v.as_str()));
                     q.record_time = recorded.map(|(x, y)| Timestamp(x)..Timestamp(y));
                     q.event_time = happened.map(|(x, y)| Timestamp(x)..Timestamp(y));
@@ -168,8 +185,16 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
                     for e in &page {
                         p.event(e)?;
                     }
+                    // Each page's segment pages are let go of (a page is a few thousand
+                    // events at most), so that resident memory stays bounded too.
+                    log.release_mapped_memory()?;
+                    // A page stops at its limit or its bytes; short of both, the lookup
+                    // found everything there is.
+                    let bytes: usize = page.iter().map(|e| e.body().len()).sum();
                     match page.last() {
-                        Some(last) if page.len() == q.limit => from = last.position.0 + 1,
+                        Some(last) if page.len() == q.limit || bytes >= q.max_bytes => {
+                            from = last.position.0 + 1;
+                        }
                         _ => break,
                     }
                 }
@@ -188,7 +213,7 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
                         max: 0,
                     };
                     while p.printed < limit {
-                        q.max = (limit - p.printed).min(PAGE) as u32;
+                        q.max = (limit - p.printed).min(PAGE_EVENTS_MAX) as u32;
                         let (page, next, end) = c.find(&q).await?;
                         for e in &page {
                             p.event(e)?;
@@ -208,7 +233,9 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
         }
         Ok(())
     })();
-    match printed.and_then(|()| p.out.flush().map_err(anyhow::Error::from)) {
+    let printed = printed.and_then(|()| p.out.flush().map_err(anyhow::Error::from));
+    p.bar.finish_and_clear();
+    match printed {
         Ok(()) => {
             // Every event printed was read from its record and matched against the query,
             // but one the index leaves out is not printed: say so where it cannot be missed
@@ -216,12 +243,7 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
             eprintln!("{INDEX_NOTE}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            Ok(ExitCode::SUCCESS)
-        }
+        Err(e) if crate::ops::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e),
     }
 }
