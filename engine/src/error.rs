@@ -150,6 +150,20 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A cold segment's object could not be written, read back, or trusted: it names the
+    /// segment and the object (store URL and key).
+    #[error("cold segment {seq} ({object}): {detail}")]
+    Cold {
+        /// The segment.
+        seq: u64,
+        /// The store's URL and the object's key.
+        object: String,
+        /// What went wrong.
+        detail: String,
+        /// The store's error, when it reported one.
+        #[source]
+        source: Option<io::Error>,
+    },
     /// Options out of range.
     #[error("invalid options: {reason}")]
     InvalidOptions {

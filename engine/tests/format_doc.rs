@@ -374,6 +374,11 @@ fn every_field_table_is_checked() {
         "Key entry",
         "Event-time entry",
         "Typed event-time entry",
+        "Cold header",
+        "Block index entry",
+        "Cold trailer",
+        "Cold manifest header",
+        "Cold manifest entry",
     ];
     let field_tables: Vec<String> = all_tables()
         .into_iter()
@@ -465,6 +470,14 @@ fn magic_numbers_match_the_code() {
             index::attrs::ATTR_MAGIC.to_vec(),
         ),
         ("log::streams::SNAPSHOT_MAGIC", streams_magic()),
+        (
+            "format::cold::COLD_MAGIC",
+            format::cold::COLD_MAGIC.to_vec(),
+        ),
+        (
+            "format::cold::MANIFEST_MAGIC",
+            format::cold::MANIFEST_MAGIC.to_vec(),
+        ),
     ];
     let t = table("Magic numbers");
     let (magic_col, const_col) = (column(&t, "Magic"), column(&t, "Constant"));
@@ -1976,6 +1989,9 @@ fn every_file_name_in_the_code_is_documented() {
         COSIGNATURES_FILE.to_owned(),
         TREE_FILE.to_owned(),
         SNAPSHOT_FILE.to_owned(),
+        COLD_MANIFEST_FILE.to_owned(),
+        COLD_STORE_FILE.to_owned(),
+        format!("{COLD_CACHE_DIR}/"),
         segment_file_name(seq).replace('0', "N"),
         index_file_name(seq).replace('0', "N"),
         attrs_file_name(seq).replace('0', "N"),
@@ -2030,4 +2046,222 @@ fn every_file_name_in_the_code_is_documented() {
         }
     }
     fail_on(errors);
+}
+
+fn sample_segment() -> (segment::SegmentHeader, segment::SegmentFooter) {
+    let h = segment::SegmentHeader {
+        layout: tally_engine::format::record::Layout::V2,
+        log_id: ramp(0x10),
+        seq: SegmentSeq(0x1111),
+        base_position: Position(0x2222_3333),
+        created_time: Timestamp(0x4444_5555),
+        capacity: 1 << 20,
+        prev_chain_hash: ramp(0x60),
+    };
+    let f = segment::SegmentFooter {
+        layout: h.layout,
+        log_id: h.log_id,
+        seq: h.seq,
+        record_count: 3,
+        first_position: h.base_position,
+        last_position: Position(h.base_position.0 + 2),
+        data_end: 4096 + 3 * 96,
+        first_record_time: Timestamp(0x7777_8888),
+        last_record_time: Timestamp(0x9999_aaaa),
+        last_chain_hash: ramp(0x40),
+        merkle_root: ramp(0xc0),
+    };
+    (h, f)
+}
+
+#[test]
+fn cold_segment_tables_match_the_code() {
+    use format::cold::*;
+    check_layout(
+        "Cold header",
+        COLD_HEADER_LEN,
+        &[
+            ("magic", 0),
+            ("version", CH_VERSION),
+            ("header_len", CH_HEADER_LEN),
+            ("block_target", CH_BLOCK_TARGET),
+            ("segment_header", CH_SEGMENT_HEADER),
+            ("segment_footer", CH_SEGMENT_FOOTER),
+            ("reserved", CH_RESERVED),
+            ("header_crc", CH_CRC),
+        ],
+    );
+    check_layout(
+        "Block index entry",
+        COLD_BLOCK_ENTRY_LEN,
+        &[
+            ("segment_offset", CB_SEGMENT_OFFSET),
+            ("first_position", CB_FIRST_POSITION),
+            ("object_offset", CB_OBJECT_OFFSET),
+            ("compressed_len", CB_COMPRESSED_LEN),
+            ("uncompressed_len", CB_UNCOMPRESSED_LEN),
+            ("record_count", CB_RECORD_COUNT),
+            ("frame_crc", CB_FRAME_CRC),
+        ],
+    );
+    check_layout(
+        "Cold trailer",
+        COLD_TRAILER_LEN,
+        &[
+            ("index_offset", CT_INDEX_OFFSET),
+            ("block_count", CT_BLOCK_COUNT),
+            ("reserved", CT_RESERVED_A),
+            ("content_hash", CT_CONTENT_HASH),
+            ("magic", CT_MAGIC),
+            ("reserved", CT_RESERVED_B),
+            ("trailer_crc", CT_CRC),
+        ],
+    );
+    // A real object: three records of 96 bytes in blocks of at most two.
+    let (h, f) = sample_segment();
+    let data: Vec<u8> = (0..3 * 96).map(|i| (i % 251) as u8).collect();
+    let object = encode_cold(
+        &h,
+        &f,
+        &data,
+        &[96, 96, 96],
+        ColdEncodeOptions {
+            block_target: 200,
+            level: 3,
+        },
+    )
+    .unwrap();
+    let header_page = h.encode_page();
+    let footer_page = f.encode_page();
+    check_encoding(
+        "Cold header",
+        &object[..COLD_HEADER_LEN],
+        &[
+            ("version", le16(COLD_VERSION)),
+            ("header_len", le16(COLD_HEADER_LEN as u16)),
+            ("block_target", le32(200)),
+            ("segment_header", header_page[..128].to_vec()),
+            ("segment_footer", footer_page[..192].to_vec()),
+        ],
+    );
+    let layout = decode_cold(&object).unwrap();
+    assert_eq!(
+        layout.blocks.len(),
+        2,
+        "blocks of whole records up to the target"
+    );
+    let b = layout.blocks[1];
+    let at = layout.trailer.index_offset as usize + COLD_BLOCK_ENTRY_LEN;
+    check_encoding(
+        "Block index entry",
+        &object[at..at + COLD_BLOCK_ENTRY_LEN],
+        &[
+            ("segment_offset", le64(4096 + 2 * 96)),
+            ("first_position", le64(h.base_position.0 + 2)),
+            ("object_offset", le64(b.object_offset)),
+            ("compressed_len", le32(b.compressed_len)),
+            ("uncompressed_len", le32(96)),
+            ("record_count", le32(1)),
+            (
+                "frame_crc",
+                le32(crc32(
+                    &object[b.object_offset as usize..b.object_range().end as usize],
+                )),
+            ),
+        ],
+    );
+    // The first frame follows the header; any zstd decoder reads a frame on its own.
+    assert_eq!(layout.blocks[0].object_offset, COLD_HEADER_LEN as u64);
+    let trailer_at = object.len() - COLD_TRAILER_LEN;
+    check_encoding(
+        "Cold trailer",
+        &object[trailer_at..],
+        &[
+            ("index_offset", le64(layout.trailer.index_offset)),
+            ("block_count", le32(2)),
+            (
+                "content_hash",
+                blake3::hash(&object[..trailer_at]).as_bytes().to_vec(),
+            ),
+        ],
+    );
+    assert_eq!(
+        layout.trailer.index_offset as usize + 2 * COLD_BLOCK_ENTRY_LEN,
+        trailer_at,
+        "the index ends where the trailer starts"
+    );
+}
+
+#[test]
+fn cold_manifest_tables_match_the_code() {
+    use format::cold::*;
+    check_layout(
+        "Cold manifest header",
+        MANIFEST_HEADER_LEN,
+        &[
+            ("magic", 0),
+            ("version", MH_VERSION),
+            ("header_len", MH_HEADER_LEN),
+            ("entry_len", MH_ENTRY_LEN),
+            ("log_id", MH_LOG_ID),
+            ("reserved", MH_RESERVED),
+            ("header_crc", MH_CRC),
+        ],
+    );
+    check_layout(
+        "Cold manifest entry",
+        MANIFEST_ENTRY_LEN,
+        &[
+            ("kind", ME_KIND),
+            ("reserved", ME_RESERVED_A),
+            ("seq", ME_SEQ),
+            ("recorded_time", ME_RECORDED_TIME),
+            ("object_len", ME_OBJECT_LEN),
+            ("object_hash", ME_OBJECT_HASH),
+            ("segment_header", ME_SEGMENT_HEADER),
+            ("segment_footer", ME_SEGMENT_FOOTER),
+            ("reserved", ME_RESERVED_B),
+            ("entry_crc", ME_CRC),
+        ],
+    );
+    let log_id: [u8; 16] = ramp(0x10);
+    check_encoding(
+        "Cold manifest header",
+        &encode_manifest_header(&log_id),
+        &[
+            ("version", le16(MANIFEST_VERSION)),
+            ("header_len", le16(MANIFEST_HEADER_LEN as u16)),
+            ("entry_len", le32(MANIFEST_ENTRY_LEN as u32)),
+            ("log_id", log_id.to_vec()),
+        ],
+    );
+    let (h, f) = sample_segment();
+    let e = ManifestEntry {
+        seq: h.seq,
+        recorded_time: Timestamp(0x0102_0304_0506),
+        object_len: 0x1_0000,
+        object_hash: ramp(0xa0),
+        segment_header: h,
+        segment_footer: f,
+    };
+    check_encoding(
+        "Cold manifest entry",
+        &encode_manifest_entry(&e),
+        &[
+            ("kind", le16(MANIFEST_KIND_COLD)),
+            ("seq", le64(h.seq.0)),
+            ("recorded_time", le64(e.recorded_time.0)),
+            ("object_len", le64(e.object_len)),
+            ("object_hash", e.object_hash.to_vec()),
+            ("segment_header", h.encode_page()[..128].to_vec()),
+            ("segment_footer", f.encode_page()[..192].to_vec()),
+        ],
+    );
+    // The object key as 21.7 spells it.
+    let key = tally_engine::format::files::cold_object_key(&log_id, SegmentSeq(42));
+    let hex: String = log_id.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(key, format!("{hex}/00000000000000000042.cold"));
+    assert!(
+        section("Object keys, the store file and the cache").contains("00000000000000000042.cold")
+    );
 }

@@ -42,6 +42,20 @@ pub const WITNESS_HISTORY_FILE: &str = "history";
 /// In a log's subdirectory: signed notes that conflict with what was cosigned.
 pub const WITNESS_EVIDENCE_DIR: &str = "evidence";
 
+/// The cold manifest: which segments are in the cold tier (docs/FORMAT.md, 21.6).
+pub const COLD_MANIFEST_FILE: &str = "cold.manifest";
+/// The URL of the log's cold store, one line (docs/FORMAT.md, 21.7).
+pub const COLD_STORE_FILE: &str = "cold.store";
+/// The directory of rehydrated cold segments (derived data, emptied by a writable open).
+pub const COLD_CACHE_DIR: &str = "cold-cache";
+
+/// The key of segment `seq`'s cold object in the store: `<log id hex>/<seq>.cold`.
+#[must_use]
+pub fn cold_object_key(log_id: &[u8; 16], seq: SegmentSeq) -> String {
+    let hex: String = log_id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}/{:020}.cold", seq.0)
+}
+
 /// The file of segment `seq`.
 #[must_use]
 pub fn segment_file_name(seq: SegmentSeq) -> String {

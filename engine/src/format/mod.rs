@@ -14,6 +14,7 @@
 
 pub mod chain;
 pub mod checkpoint;
+pub mod cold;
 pub mod envelope;
 pub mod files;
 pub mod heads;

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Durability;
@@ -56,6 +56,14 @@ pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
         let s = Arc::clone(shared);
         let t = spawn("index", Box::new(move || super::attrs::indexer(&s)))?;
         shared.indexing.indexer.set_thread(t);
+    }
+    if let Some(every) = shared.opts.cold.background {
+        let s = Arc::clone(shared);
+        let t = spawn(
+            "compact",
+            Box::new(move || super::cold::compactor(&s, every)),
+        )?;
+        shared.cold.compactor.set_thread(t);
     }
     if !shared.opts.auto_checkpoints {
         return Ok(());
@@ -288,14 +296,14 @@ pub(crate) fn activate_spare(
     let header = segment_header(shared, seq, base_position, prev_chain_hash, capacity);
     writer.write(0, &header.encode_page());
     writer.publish(PAGE_BYTES);
-    let handle = Arc::new(SegmentHandle {
+    let handle = Arc::new(SegmentHandle::new(
         seq,
         path,
-        fs: shared.fs().clone(),
+        shared.fs().clone(),
         header,
-        map: OnceLock::from(map),
-        state: RwLock::new(SegState::Active),
-    });
+        Some(map),
+        SegState::Active,
+    ));
     Ok((handle, writer))
 }
 
@@ -643,11 +651,8 @@ pub(crate) fn rebuild_index(
     seg: &SegmentHandle,
     footer: &SegmentFooter,
 ) -> Result<Arc<SealedIndex>> {
-    let file = shared
-        .fs()
-        .open(&seg.path, OpenMode::Read)
-        .map_err(Error::io("opening segment", &seg.path))?;
-    let mut src = FileSource::new(&*file).map_err(Error::io("reading segment", &seg.path))?;
+    let (file, path) = seg.open_file()?;
+    let mut src = FileSource::new(&*file).map_err(Error::io("reading segment", &path))?;
     let from = crate::segment::ScanFrom {
         layout: seg.header.layout,
         offset: SEGMENT_DATA_START,

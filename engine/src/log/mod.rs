@@ -14,6 +14,7 @@ mod append;
 mod attrs;
 mod background;
 mod checkpoints;
+mod cold;
 mod commit;
 mod cosignatures;
 mod ids;
@@ -35,6 +36,8 @@ pub use append::AppendHandle;
 pub use attrs::Query;
 pub(crate) use checkpoints::create_key_file;
 pub use checkpoints::{CHECKPOINTS_FILE, KEY_FILE};
+pub(crate) use cold::ColdPlace;
+pub use cold::{ColdOptions, ColdStatus, CompactPolicy, CompactReport, MovedSegment};
 pub use cosignatures::COSIGNATURES_FILE;
 pub use read::{RecordView, Tail, Verify};
 use shared::Shared;
@@ -121,6 +124,8 @@ pub struct Options {
     /// Where the log's files are: the operating system's file system, or (for tests, with
     /// the `internals` feature) a simulated disk that can lose power.
     pub storage: crate::Storage,
+    /// The cold tier: its store, its policy, its cache (docs/FORMAT.md, section 21).
+    pub cold: ColdOptions,
 }
 
 impl Default for Options {
@@ -139,6 +144,7 @@ impl Default for Options {
             format_version: crate::format::FORMAT_VERSION,
             witness_keys: None,
             storage: crate::Storage::os(),
+            cold: ColdOptions::default(),
         }
     }
 }
@@ -620,6 +626,10 @@ pub struct SegmentInfo {
     pub sealed: bool,
     /// Merkle root from the footer, for sealed segments.
     pub merkle_root: Option<Hash32>,
+    /// For a segment in the cold tier: its object, as `<store URL>/<key>`.
+    pub cold: Option<String>,
+    /// Record times of the first and last record, from the footer of a sealed segment.
+    pub record_times: Option<(Timestamp, Timestamp)>,
 }
 
 /// An open log. Share it between threads by reference or in an `Arc`; every method takes
@@ -684,7 +694,7 @@ impl Log {
             ) {
                 continue;
             }
-            if let Some(map) = seg.map.get() {
+            if let Some(map) = seg.mapped() {
                 map.release()
                     .map_err(Error::io("releasing a segment map", &seg.path))?;
             }
@@ -1104,6 +1114,30 @@ impl Log {
     #[must_use]
     pub fn next_position(&self) -> Position {
         self.shared.visible_position()
+    }
+
+    /// Moves sealed segments to the cold tier: those `policy` names (the configured
+    /// `Options::cold.policy` when `None`), oldest first, each only after its cold object
+    /// was written, read back and checked, and its manifest entry synced (docs/FORMAT.md,
+    /// 21.6). `dry_run` moves nothing and reports what would move. A segment that a crash
+    /// left half moved is finished first.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`]; [`Error::InvalidOptions`] when no store is configured;
+    /// [`Error::Cold`] naming the segment and object when the store fails (after retries)
+    /// or returns something other than what was written; [`Error::Corrupt`] when a local
+    /// segment does not match its footer (it is not moved). Segments moved before the error
+    /// stay moved.
+    pub fn compact(&self, policy: Option<&CompactPolicy>, dry_run: bool) -> Result<CompactReport> {
+        let policy = policy.unwrap_or(&self.shared.opts.cold.policy);
+        cold::compact(&self.shared, policy, dry_run)
+    }
+
+    /// The cold tier's state: its store, how many segments are cold, fetches since open,
+    /// the cache, and the last background compaction's error.
+    #[must_use]
+    pub fn cold_status(&self) -> ColdStatus {
+        self.shared.cold.status()
     }
 
     /// The segments, oldest first.

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::Durability;
 use super::append::Writer;
@@ -28,6 +28,7 @@ use super::background::{
     start_threads, write_footer, write_sealed_index,
 };
 use super::checkpoints::{Checkpoints, load_or_create_key};
+use super::cold::{ColdPlace, ColdTier};
 use super::ids::{IdSlot, IdWindow};
 use super::order::{Ordered, Rank};
 use super::shared::{
@@ -40,6 +41,7 @@ use super::{Options, RecoveryMode, RecoveryReport, Truncation, now};
 use crate::Storage;
 use crate::error::{Error, Result};
 use crate::format::chain::chain_seed;
+use crate::format::files::cold_object_key;
 use crate::format::meta::LogMeta;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::{
@@ -101,6 +103,8 @@ struct Found {
     footer: Option<SegmentFooter>,
     /// The footer page is neither zero nor a valid footer.
     footer_damaged: bool,
+    /// A cold segment: no local file, the manifest's entry.
+    cold: Option<crate::format::cold::ManifestEntry>,
 }
 
 /// What the directory holds.
@@ -267,11 +271,12 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
         meta,
         checkpoints_read_before,
     } = identify(fs, dir, &opts)?;
-    let seed = chain_seed(&meta.log_id);
-    // 2. What the directory holds: segments, spares, a torn newest one; the sealed prefix.
-    let listing = list(fs, dir, &meta, &opts, read_only, seed, &mut report)?;
+    // 2. What the directory holds: segments, spares, a torn newest one, cold segments from
+    // the cold manifest; the sealed prefix.
+    let cold = Arc::new(ColdTier::open(fs, dir, &meta.log_id, &opts, read_only)?);
+    let listing = list(fs, dir, &meta, &opts, read_only, &cold, &mut report)?;
     // 3. The shared state, with no segment yet.
-    let shared = new_shared(dir, &opts, meta, seed, read_only, lock_file, &listing);
+    let shared = new_shared(dir, &opts, meta, read_only, lock_file, &listing, cold);
     // 4. Sealed segments, trusted from their footers.
     let (first_unsealed, end, last_sealed_time) = trust_sealed(&shared, &listing.found);
     // 5. Unsealed segments, scanned to find where the log ends; a torn tail cut off.
@@ -349,10 +354,12 @@ fn list(
     meta: &LogMeta,
     opts: &Options,
     read_only: bool,
-    seed: Hash32,
+    cold: &ColdTier,
     report: &mut RecoveryReport,
 ) -> Result<Listing> {
-    let mut listing = list_segments(fs, dir, meta, opts, read_only)?;
+    let seed = chain_seed(&meta.log_id);
+    let mut listing = list_segments(fs, dir, meta, opts, read_only, cold)?;
+    add_cold_segments(dir, cold, &mut listing)?;
     accept_interrupted_seal(&mut listing.found, report)?;
     check_sealed_prefix(&listing.found, seed)?;
     if !read_only {
@@ -367,11 +374,12 @@ fn new_shared(
     dir: &Path,
     opts: &Options,
     meta: LogMeta,
-    seed: Hash32,
     read_only: bool,
     lock_file: Option<Box<dyn FsFile>>,
     listing: &Listing,
+    cold: Arc<ColdTier>,
 ) -> Arc<Shared> {
+    let seed = chain_seed(&meta.log_id);
     let (found, spares, torn) = (&listing.found, &listing.spares, &listing.torn);
     Arc::new(Shared {
         dir: dir.to_owned(),
@@ -394,6 +402,7 @@ fn new_shared(
         }),
         evidence: Evidence::new(seed),
         indexing: Indexing::new(),
+        cold,
         producers: Ordered::new(
             Rank::Producers,
             parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
@@ -422,17 +431,28 @@ fn trust_sealed(shared: &Shared, found: &[Found]) -> (usize, End, Timestamp) {
     {
         for f in &found[..first_unsealed] {
             let footer = f.footer.expect("sealed prefix");
-            shared.segments.push(Arc::new(SegmentHandle {
-                seq: f.seq,
-                path: f.path.clone(),
-                fs: fs.clone(),
-                header: f.header,
-                map: OnceLock::new(),
-                state: RwLock::new(SegState::Sealed {
+            let handle = SegmentHandle::new(
+                f.seq,
+                f.path.clone(),
+                fs.clone(),
+                f.header,
+                None,
+                SegState::Sealed {
                     footer,
                     index: Arc::new(Mutex::new(None)),
-                }),
-            }));
+                },
+            );
+            if let Some(entry) = f.cold {
+                *handle
+                    .cold
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ColdPlace {
+                    entry,
+                    key: cold_object_key(&shared.meta.log_id, f.seq),
+                    tier: Arc::clone(&shared.cold),
+                });
+            }
+            shared.segments.push(Arc::new(handle));
             end = End {
                 position: footer.last_position.next(),
                 chain: footer.last_chain_hash,
@@ -984,14 +1004,14 @@ fn accept_interrupted_seal(found: &mut [Found], report: &mut RecoveryReport) -> 
 }
 
 fn seg_handle(fs: &Storage, f: &Found) -> SegmentHandle {
-    SegmentHandle {
-        seq: f.seq,
-        path: f.path.clone(),
-        fs: fs.clone(),
-        header: f.header,
-        map: OnceLock::new(),
-        state: RwLock::new(SegState::Active),
-    }
+    SegmentHandle::new(
+        f.seq,
+        f.path.clone(),
+        fs.clone(),
+        f.header,
+        None,
+        SegState::Active,
+    )
 }
 
 fn read_or_create_meta(
@@ -1045,7 +1065,10 @@ fn list_segments(
     meta: &LogMeta,
     opts: &Options,
     read_only: bool,
+    cold: &ColdTier,
 ) -> Result<Listing> {
+    let cold_seqs: std::collections::HashSet<SegmentSeq> =
+        cold.entries().iter().map(|e| e.seq).collect();
     let mut seqs = Vec::new();
     for name in fs.read_dir(dir).map_err(io("listing directory", dir))? {
         let name = name.to_string_lossy();
@@ -1148,8 +1171,12 @@ fn list_segments(
                 None,
             ));
         }
+        // A gap is allowed only where the cold manifest has the missing segments (local
+        // files the manifest also has: an interrupted compaction). The whole sequence is
+        // checked once the cold segments join the listing.
         if let Some(prev) = listing.found.last()
             && prev.seq.0 + 1 != seq.0
+            && !(prev.seq.0 + 1..seq.0).all(|s| cold_seqs.contains(&SegmentSeq(s)))
         {
             return Err(corrupt(
                 &path,
@@ -1183,6 +1210,7 @@ fn list_segments(
             header,
             footer,
             footer_damaged,
+            cold: None,
         });
     }
     if let (Some((seq, path)), Some(last)) = (listing.torn.first(), listing.found.last())
@@ -1242,6 +1270,54 @@ fn discontinuity(f: &Found, end: End) -> Error {
     )
 }
 
+/// Stage 2, continued: the cold segments of the manifest whose local file is gone join the
+/// listing in sequence order (a segment both local and in the manifest is read locally: a
+/// compaction was interrupted before it removed the file). Together they must be
+/// consecutive.
+fn add_cold_segments(dir: &Path, cold: &ColdTier, listing: &mut Listing) -> Result<()> {
+    let local: std::collections::HashSet<SegmentSeq> = listing
+        .found
+        .iter()
+        .map(|f| f.seq)
+        .chain(listing.torn.iter().map(|t| t.0))
+        .chain(listing.spares.iter().map(|s| s.0))
+        .collect();
+    let mut found: Vec<Found> = cold
+        .entries()
+        .into_iter()
+        .filter(|e| !local.contains(&e.seq))
+        .map(|e| Found {
+            seq: e.seq,
+            path: dir.join(e.seq.file_name()),
+            header: e.segment_header,
+            footer: Some(e.segment_footer),
+            footer_damaged: false,
+            cold: Some(e),
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.append(&mut listing.found);
+    found.sort_by_key(|f| f.seq);
+    for w in found.windows(2) {
+        if w[0].seq.0 + 1 != w[1].seq.0 {
+            return Err(corrupt(
+                &w[1].path,
+                0,
+                None,
+                format!(
+                    "segment {} is missing: it is neither in the directory nor in the cold manifest",
+                    w[0].seq.0 + 1
+                ),
+                None,
+            ));
+        }
+    }
+    listing.found = found;
+    Ok(())
+}
+
 /// Makes the newest sealed segment's footer durable before recovery builds on it. The
 /// sealer syncs each footer before it seals the next segment, so only the newest can be
 /// one that a crashed writer wrote and never synced (its sync failed, or it was killed
@@ -1249,7 +1325,11 @@ fn discontinuity(f: &Found, end: End) -> Error {
 /// segment sealed after it by this open would be "sealed after an unsealed one" once a
 /// power cut took the unsynced footer away (found by the simulation test).
 fn sync_newest_footer(fs: &Storage, found: &[Found]) -> Result<()> {
-    let Some(f) = found.iter().rev().find(|f| f.footer.is_some()) else {
+    let Some(f) = found
+        .iter()
+        .rev()
+        .find(|f| f.footer.is_some() && f.cold.is_none())
+    else {
         return Ok(());
     };
     fs.open(&f.path, OpenMode::ReadWrite)
@@ -1533,7 +1613,10 @@ fn make_writer(
                 .map_err(io("mapping segment", &path))?;
             (map, Some(writer))
         };
-        let _ = handle.map.set(map);
+        *handle
+            .map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map);
         let handle = Arc::new(handle);
         shared.segments.push(Arc::clone(&handle));
         // Record time never decreases, even across a reopen onto an empty segment.
@@ -1571,8 +1654,9 @@ fn make_writer(
                 end.chain,
                 shared.opts.segment_bytes,
             ),
-            map: OnceLock::new(),
+            map: Arc::new(RwLock::new(None)),
             state: RwLock::new(SegState::Active),
+            cold: RwLock::new(None),
         });
         return Ok(Writer {
             seg: ActiveSegment {

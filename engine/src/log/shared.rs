@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) evidence: Evidence,
     /// The attribute indexes and the thread that keeps them caught up.
     pub(crate) indexing: Indexing,
+    /// The cold tier: its store, manifest and cache.
+    pub(crate) cold: Arc<super::cold::ColdTier>,
     /// Producer keys and the signing policy (`$producers`), read by every append and
     /// written only by the producer registration operations, which hold it for writing
     /// around their own append so that every append is ordered after or before them.
@@ -306,6 +308,12 @@ impl Shared {
                     .state
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let record_times = match &*st {
+                    SegState::Sealed { footer, .. } => {
+                        Some((footer.first_record_time, footer.last_record_time))
+                    }
+                    _ => None,
+                };
                 let (record_count, sealed, merkle_root, data_end) = match &*st {
                     SegState::Sealed { footer, .. } => (
                         footer.record_count,
@@ -320,8 +328,7 @@ impl Shared {
                         visible.0.saturating_sub(s.header.base_position.0),
                         false,
                         None,
-                        s.map
-                            .get()
+                        s.mapped()
                             .map_or(crate::format::SEGMENT_DATA_START, |m| m.published()),
                     ),
                 };
@@ -333,6 +340,10 @@ impl Shared {
                     data_end,
                     sealed,
                     merkle_root,
+                    cold: s
+                        .cold_place()
+                        .map(|c| format!("{}/{}", c.tier.store_url(), c.key)),
+                    record_times,
                 }
             })
             .collect()
@@ -369,6 +380,7 @@ impl Shared {
         }
         // A last checkpoint covers everything acknowledged, before appends stop (it reads
         // through the writer lock).
+        self.cold.compactor.stop();
         self.indexing.indexer.stop();
         self.evidence.checkpointer.stop();
         let checkpointed =
@@ -399,6 +411,7 @@ impl Shared {
         drop(writer);
         self.wake_everyone();
         *lock(&self.lock_file) = None;
+        self.cold.close(self.fs());
         checkpointed.and(synced).and(written)
     }
 
@@ -408,6 +421,7 @@ impl Shared {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.cold.compactor.stop();
         self.indexing.indexer.stop();
         self.evidence.checkpointer.stop();
         let mut writer = self.commit.writer.lock();

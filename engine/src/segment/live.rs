@@ -2,13 +2,14 @@
 //! seal, or a sealed one, as readers, the writer and the sealer share it.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::error::{Error, Result};
 use crate::format::SegmentSeq;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::index::{ActiveIndex, SealedIndex};
-use crate::sys::{MapWriter, OpenMode, SegmentMap};
+use crate::log::ColdPlace;
+use crate::sys::{FsFile, MapWriter, OpenMode, SegmentMap};
 
 /// One segment, as readers and the sealer see it.
 #[derive(Debug)]
@@ -18,10 +19,18 @@ pub(crate) struct SegmentHandle {
     /// The storage the segment's file is opened through.
     pub(crate) fs: crate::Storage,
     pub(crate) header: SegmentHeader,
-    /// Mapped on first use for sealed segments, at activation for the active one.
-    pub(crate) map: OnceLock<Arc<SegmentMap>>,
+    /// Mapped on first use for sealed segments, at activation for the active one; for a
+    /// cold segment, the map of its copy in the cache (emptied when the cache evicts it).
+    pub(crate) map: Arc<MapSlot>,
     pub(crate) state: RwLock<SegState>,
+    /// Set when the segment is in the cold tier: its local file is gone, and reads go
+    /// through the cache. Held for reading while the local file is opened, for writing
+    /// while compaction moves it.
+    pub(crate) cold: RwLock<Option<ColdPlace>>,
 }
+
+/// A segment's map, when it is mapped.
+pub(crate) type MapSlot = RwLock<Option<Arc<SegmentMap>>>;
 
 /// Where a segment's index is.
 #[derive(Debug)]
@@ -41,10 +50,47 @@ pub(crate) enum SegState {
 }
 
 impl SegmentHandle {
+    /// A local segment's handle, mapped already or on first use.
+    pub(crate) fn new(
+        seq: SegmentSeq,
+        path: PathBuf,
+        fs: crate::Storage,
+        header: SegmentHeader,
+        map: Option<Arc<SegmentMap>>,
+        state: SegState,
+    ) -> SegmentHandle {
+        SegmentHandle {
+            seq,
+            path,
+            fs,
+            header,
+            map: Arc::new(RwLock::new(map)),
+            state: RwLock::new(state),
+            cold: RwLock::new(None),
+        }
+    }
+
     /// The segment's map, mapping a sealed segment on first use.
-    pub(crate) fn map(&self) -> Result<&Arc<SegmentMap>> {
-        if let Some(m) = self.map.get() {
+    pub(crate) fn map(&self) -> Result<Arc<SegmentMap>> {
+        if let Some(m) = self.mapped() {
             return Ok(m);
+        }
+        let cold = self.cold.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(place) = &*cold {
+            let fetched = {
+                let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
+                if let Some(m) = &*slot {
+                    return Ok(Arc::clone(m));
+                }
+                let m = place.tier.materialize(&self.fs, self, place)?;
+                *slot = Some(Arc::clone(&m));
+                m
+            };
+            let tier = Arc::clone(&place.tier);
+            let bytes = place.entry.segment_footer.data_end + crate::format::PAGE_BYTES;
+            drop(cold);
+            tier.admit(&self.fs, self.seq, &self.map, bytes);
+            return Ok(fetched);
         }
         let data_end = match &*self
             .state
@@ -61,8 +107,53 @@ impl SegmentHandle {
             .map_err(Error::io("opening segment", &self.path))?;
         let map = SegmentMap::map_read_only(&*file, self.header.capacity, data_end)
             .map_err(Error::io("mapping segment", &self.path))?;
-        let _ = self.map.set(map);
-        Ok(self.map.get().expect("set above or by a racing reader"))
+        let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        Ok(Arc::clone(slot.get_or_insert(map)))
+    }
+
+    /// The segment's map if it is mapped now.
+    pub(crate) fn mapped(&self) -> Option<Arc<SegmentMap>> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Where the segment is in the cold tier, if it is there.
+    pub(crate) fn cold_place(&self) -> Option<ColdPlace> {
+        self.cold
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Opens the segment's file for plain reads: the local file, or for a cold segment its
+    /// copy in the cache (fetched first when the cache has none). Returns the path opened.
+    pub(crate) fn open_file(&self) -> Result<(Box<dyn FsFile>, PathBuf)> {
+        for _ in 0..3 {
+            let cold = self.cold.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(place) = &*cold else {
+                let file = self
+                    .fs
+                    .open(&self.path, OpenMode::Read)
+                    .map_err(Error::io("opening segment", &self.path))?;
+                return Ok((file, self.path.clone()));
+            };
+            let path = place.tier.cache_path(self.seq);
+            drop(cold);
+            let _map = self.map()?;
+            match self.fs.open(&path, OpenMode::Read) {
+                Ok(file) => return Ok((file, path)),
+                // Evicted between the fetch and the open: fetch again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("opening the cold cache", &path)(e)),
+            }
+        }
+        Err(Error::io("opening the cold cache", self.path.clone())(
+            std::io::Error::other(
+                "evicted again after each of three fetches: the cache is too small",
+            ),
+        ))
     }
 }
 

@@ -15,7 +15,7 @@ use crate::format::{DecodeError, EventId, Hash32, PAGE_BYTES, Position};
 use crate::sys::FsFile;
 
 mod live;
-pub(crate) use live::{ActiveSegment, SegState, SegmentHandle};
+pub(crate) use live::{ActiveSegment, MapSlot, SegState, SegmentHandle};
 
 /// Bytes that a reader can borrow at a file offset.
 pub(crate) trait ByteSource {

@@ -41,7 +41,7 @@ use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
 use crate::index::SealedIndex;
 use crate::segment::{FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
-use crate::sys::{FsFile, OpenMode};
+use crate::sys::FsFile;
 use nodes::NodeFile;
 use streams::{SegStream, SegStreams, StreamJoin};
 
@@ -994,11 +994,10 @@ fn check_runs(
 fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Result<Checked> {
     let shared = ctx.shared;
     let bytes_read = ctx.bytes_read;
-    let path = &seg.path;
-    let file = shared
-        .fs()
-        .open(path, OpenMode::Read)
-        .map_err(Error::io("opening segment", path))?;
+    // A cold segment is fetched, checked against its manifest entry and rehydrated into
+    // the cache; its findings name the cached copy, so the tier is in every one of them.
+    let (file, path) = seg.open_file()?;
+    let path = &path;
     let page = read_page(&*file, 0).map_err(Error::io("reading segment header", path))?;
     let header = SegmentHeader::decode_page(&page)
         .map_err(|e| corrupt(path, 0, None, "segment header".into(), Some(e)))?;

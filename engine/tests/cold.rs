@@ -1,0 +1,577 @@
+//! The cold tier end to end on real directories: compaction moves sealed segments to a
+//! store and every read still works across tiers; a store that fails at any step of a
+//! compaction, truncates, corrupts or is down never loses a record and never gets a damaged
+//! object trusted; a crash between the manifest entry and the removal is finished by the
+//! next compaction; the manifest's rules at open; and an attacker who rewrites both a cold
+//! object and the manifest consistently is still caught by the records' own checks.
+
+// Tests unwrap: a failure is a test failure with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_engine::cold::{ColdStore, DirStore, FaultyStore, StoreOp};
+use tally_engine::format::cold::{
+    ColdEncodeOptions, MANIFEST_ENTRY_LEN, MANIFEST_HEADER_LEN, decode_cold, decode_manifest_entry,
+    decompress_block, encode_cold, encode_manifest_entry,
+};
+use tally_engine::format::files::{COLD_MANIFEST_FILE, cold_object_key};
+use tally_engine::format::record::RecordHeader;
+use tally_engine::{
+    ColdOptions, CompactPolicy, Direction, Error, EventData, ExpectedVersion, Log, Options,
+    Position, RecordedEvent, SegmentSeq,
+};
+
+const STREAMS: u64 = 5;
+
+fn opts(store: Arc<dyn ColdStore>) -> Options {
+    Options {
+        segment_bytes: 64 * 1024,
+        cold: ColdOptions {
+            store: Some(store),
+            policy: CompactPolicy {
+                keep_local_segments: 2,
+                ..CompactPolicy::default()
+            },
+            attempts: 1,
+            first_retry_wait: Duration::ZERO,
+            ..ColdOptions::default()
+        },
+        ..Options::default()
+    }
+}
+
+/// Appends `n` events round robin over `STREAMS` streams, in batches of 10.
+fn fill(log: &Log, n: u64) {
+    for b in 0..n / 10 {
+        let stream = format!("trade-{}", b % STREAMS);
+        let events: Vec<EventData> = (0..10)
+            .map(|i| {
+                let k = b * 10 + i;
+                EventData::json(
+                    "TradeAmended",
+                    format!(
+                        "{{\"trade\":{k},\"book\":\"rates-{}\",\"qty\":\"{}.25\"}}",
+                        k % 3,
+                        k * 7
+                    ),
+                )
+                .aggregate_type("Trade")
+                .actor("desk-a")
+                .correlation_id(format!("corr-{}", k % 11))
+            })
+            .collect();
+        log.append(&stream, ExpectedVersion::Any, &events).unwrap();
+    }
+}
+
+/// Everything a reader can see: the whole log both ways and every stream.
+fn snapshot(
+    log: &Log,
+) -> (
+    Vec<RecordedEvent>,
+    Vec<RecordedEvent>,
+    Vec<Vec<RecordedEvent>>,
+) {
+    let fwd = log
+        .read_all(Position(0), usize::MAX, Direction::Forward)
+        .unwrap();
+    let back = log
+        .read_all(Position(u64::MAX), usize::MAX, Direction::Backward)
+        .unwrap();
+    let streams = (0..STREAMS)
+        .map(|s| {
+            log.read_stream(&format!("trade-{s}"), 0, usize::MAX, Direction::Forward)
+                .unwrap()
+        })
+        .collect();
+    (fwd, back, streams)
+}
+
+fn local_segments(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn cold_count(log: &Log) -> usize {
+    log.segments().iter().filter(|s| s.cold.is_some()).count()
+}
+
+/// A log of several sealed segments, closed; returns its directory's store root too.
+fn sealed_log(dir: &Path, store: &Arc<dyn ColdStore>, n: u64) {
+    let log = Log::open(dir, opts(Arc::clone(store))).unwrap();
+    fill(&log, n);
+    log.wait_sealed().unwrap();
+    assert!(
+        log.segments().len() >= 6,
+        "{} segments",
+        log.segments().len()
+    );
+    log.close().unwrap();
+}
+
+#[test]
+fn compaction_moves_sealed_segments_and_every_read_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 3_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    log.wait_sealed().unwrap();
+    let before = snapshot(&log);
+    let segments = log.segments();
+    let sealed = segments.iter().filter(|s| s.sealed).count();
+
+    let files = local_segments(dir.path());
+    let dry = log.compact(None, true).unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(dry.moved.len(), sealed - 2, "all sealed but the newest two");
+    assert_eq!(cold_count(&log), 0, "a dry run moves nothing");
+    assert_eq!(local_segments(dir.path()), files);
+
+    let report = log.compact(None, false).unwrap();
+    assert_eq!(report.moved.len(), sealed - 2);
+    assert!(
+        report
+            .moved
+            .iter()
+            .all(|m| m.object_bytes > 0 && m.object_bytes < m.record_bytes)
+    );
+    assert_eq!(cold_count(&log), sealed - 2);
+    assert_eq!(
+        local_segments(dir.path()).len(),
+        files.len() - (sealed - 2),
+        "the moved segments' files left the directory"
+    );
+    assert_eq!(log.segments().len(), segments.len());
+    for m in &report.moved {
+        assert_eq!(m.key, cold_object_key(&log.log_id(), m.seq));
+        assert!(store.head(&m.key).unwrap().is_some());
+    }
+    // Reads in this open (served by the cache the local files moved into).
+    assert_eq!(snapshot(&log), before);
+    assert!(log.verify().is_ok());
+    // A second run has nothing left to move.
+    assert!(log.compact(None, false).unwrap().moved.is_empty());
+    log.close().unwrap();
+
+    // A new open learns the cold segments from the manifest and fetches them on reads.
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    assert_eq!(cold_count(&log), sealed - 2);
+    assert_eq!(log.cold_status().fetches, 0, "open fetches nothing");
+    assert_eq!(snapshot(&log), before);
+    assert!(log.cold_status().fetches >= (sealed - 2) as u64);
+    let report = log.verify().unwrap();
+    assert_eq!(report.records, before.0.len() as u64);
+    // Appends go on, on top of a log whose oldest segments are cold.
+    fill(&log, 200);
+    assert_eq!(
+        log.read_all(Position(0), usize::MAX, Direction::Forward)
+            .unwrap()
+            .len(),
+        before.0.len() + 200
+    );
+    log.close().unwrap();
+
+    // Without a store given, the open uses the `cold.store` the first compaction wrote.
+    let plain = Options {
+        segment_bytes: 64 * 1024,
+        ..Options::default()
+    };
+    let log = Log::open(dir.path(), plain).unwrap();
+    assert_eq!(
+        log.read_all(Position(0), 10, Direction::Forward).unwrap(),
+        before.0[..10]
+    );
+    log.close().unwrap();
+}
+
+#[test]
+fn a_cache_smaller_than_the_log_evicts_and_fetches_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 3_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let before = snapshot(&log);
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    let mut o = opts(Arc::clone(&store));
+    o.cold.cache_bytes = 1; // one segment at a time
+    let log = Log::open(dir.path(), o).unwrap();
+    assert_eq!(snapshot(&log), before);
+    let status = log.cold_status();
+    assert_eq!(status.cached.0, 1, "the budget keeps only the newest fetch");
+    let cache: Vec<_> = std::fs::read_dir(dir.path().join("cold-cache"))
+        .unwrap()
+        .collect();
+    assert_eq!(cache.len(), 1, "evicted copies are removed from the disk");
+    assert!(
+        status.fetches > log.segments().iter().filter(|s| s.cold.is_some()).count() as u64,
+        "reading forwards, backwards and by stream fetched segments again"
+    );
+    log.close().unwrap();
+}
+
+#[test]
+fn a_read_only_view_reads_cold_segments_through_a_private_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let before = snapshot(&log);
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    let listing = |p: &Path| {
+        let mut v: Vec<(String, u64)> = walk(p);
+        v.sort();
+        v
+    };
+    let files = listing(dir.path());
+    let mut o = opts(Arc::clone(&store));
+    o.recovery = tally_engine::RecoveryMode::ReadOnly;
+    o.cold.cache_bytes = 1;
+    let view = Log::open(dir.path(), o).unwrap();
+    assert_eq!(snapshot(&view), before);
+    assert!(
+        view.cold_status().fetches > 0,
+        "the view fetched what it read"
+    );
+    assert_eq!(
+        listing(dir.path()),
+        files,
+        "a read-only view writes nothing into the data directory"
+    );
+    view.close().unwrap();
+}
+
+/// Opens with a store that fails at operation `k` of a compaction, runs it, crashes, and
+/// checks that the reopened log holds every event and compacts completely afterwards.
+#[test]
+fn a_store_failing_at_any_step_of_a_compaction_loses_nothing() {
+    let template = tempfile::tempdir().unwrap();
+    let root0 = tempfile::tempdir().unwrap();
+    let store0: Arc<dyn ColdStore> = Arc::new(DirStore::new(root0.path()).unwrap());
+    sealed_log(template.path(), &store0, 1_500);
+    let expected = {
+        let log = Log::open(template.path(), opts(Arc::clone(&store0))).unwrap();
+        let s = snapshot(&log);
+        log.close().unwrap();
+        s
+    };
+    // Count the store operations of an undisturbed compaction.
+    let ops = {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(template.path(), dir.path());
+        let root = tempfile::tempdir().unwrap();
+        let faulty = FaultyStore::new(Arc::new(DirStore::new(root.path()).unwrap()));
+        let log = Log::open(dir.path(), opts(Arc::new(faulty.clone()))).unwrap();
+        log.compact(None, false).unwrap();
+        log.close().unwrap();
+        faulty.ops()
+    };
+    assert!(ops.iter().any(|(op, _)| *op == StoreOp::Put));
+    assert!(
+        ops.iter().any(|(op, _)| *op == StoreOp::Get),
+        "every put is read back"
+    );
+    for k in 1..=ops.len() as u64 {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(template.path(), dir.path());
+        let root = tempfile::tempdir().unwrap();
+        let faulty = FaultyStore::new(Arc::new(DirStore::new(root.path()).unwrap()));
+        let log = Log::open(dir.path(), opts(Arc::new(faulty.clone()))).unwrap();
+        faulty.fail_in(Some(k));
+        let r = log.compact(None, false);
+        assert!(
+            matches!(r, Err(Error::Cold { .. })),
+            "operation {k} failed and the compaction said so: {r:?}"
+        );
+        log.crash();
+        faulty.fail_in(None);
+        let log = Log::open(dir.path(), opts(Arc::new(faulty.clone()))).unwrap();
+        assert_eq!(
+            snapshot(&log),
+            expected,
+            "after a failure at store operation {k}"
+        );
+        log.compact(None, false).unwrap();
+        assert_eq!(snapshot(&log), expected);
+        log.close().unwrap();
+        let log = Log::open(dir.path(), opts(Arc::new(faulty))).unwrap();
+        assert_eq!(
+            snapshot(&log),
+            expected,
+            "reopened after the compaction finished"
+        );
+        log.verify().unwrap();
+        log.close().unwrap();
+    }
+}
+
+#[test]
+fn a_store_that_truncates_or_corrupts_never_gets_a_segment_removed() {
+    for fault in ["truncate", "corrupt"] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let faulty = FaultyStore::new(Arc::new(DirStore::new(root.path()).unwrap()));
+        let store: Arc<dyn ColdStore> = Arc::new(faulty.clone());
+        sealed_log(dir.path(), &store, 1_500);
+        let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+        let before = snapshot(&log);
+        let files = local_segments(dir.path());
+        match fault {
+            "truncate" => faulty.truncate_puts(Some(1000)),
+            _ => faulty.corrupt_gets(Some(500)),
+        }
+        let err = log.compact(None, false).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::Cold { seq: 0, .. }) && text.contains("00000000000000000000.cold"),
+            "{fault}: the error names the segment and the object: {text}"
+        );
+        assert_eq!(
+            local_segments(dir.path()),
+            files,
+            "{fault}: nothing removed"
+        );
+        assert_eq!(cold_count(&log), 0);
+        assert!(!dir.path().join(COLD_MANIFEST_FILE).exists() || manifest_entries(dir.path()) == 0);
+        assert_eq!(snapshot(&log), before);
+        log.close().unwrap();
+    }
+}
+
+#[test]
+fn a_store_outage_leaves_local_reads_working_and_names_the_cold_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(DirStore::new(root.path()).unwrap()));
+    let store: Arc<dyn ColdStore> = Arc::new(faulty.clone());
+    sealed_log(dir.path(), &store, 2_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let before = snapshot(&log);
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    faulty.set_down(true);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    // The newest events are local: readable.
+    let newest = log
+        .read_all(Position(u64::MAX), 20, Direction::Backward)
+        .unwrap();
+    assert_eq!(newest, before.1[..20]);
+    // The oldest are cold: a precise error, no panic, no partial result.
+    let err = log
+        .read_all(Position(0), 10, Direction::Forward)
+        .unwrap_err();
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(matches!(err, Error::Cold { seq: 0, .. }), "{text}");
+    assert!(
+        text.contains("down"),
+        "the store's own error is kept: {text}"
+    );
+    // Appends are unaffected.
+    fill(&log, 50);
+    faulty.set_down(false);
+    assert_eq!(
+        log.read_all(Position(0), 10, Direction::Forward).unwrap(),
+        before.0[..10]
+    );
+    log.close().unwrap();
+}
+
+#[test]
+fn a_crash_after_the_manifest_entry_is_finished_by_the_next_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let seg0 = dir.path().join(SegmentSeq(0).file_name());
+    let saved = std::fs::read(&seg0).unwrap();
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let before = snapshot(&log);
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    // As if the rename of step 5 had not happened: the entry is there, so is the file.
+    std::fs::write(&seg0, &saved).unwrap();
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    assert!(
+        log.segments()[0].cold.is_none(),
+        "a segment both local and cold is read locally"
+    );
+    assert_eq!(snapshot(&log), before);
+    let report = log.compact(None, false).unwrap();
+    assert_eq!(report.finished, vec![SegmentSeq(0)]);
+    assert!(report.moved.is_empty());
+    assert!(!seg0.exists());
+    assert_eq!(
+        manifest_entries(dir.path()),
+        cold_count(&log),
+        "no entry written twice"
+    );
+    assert_eq!(snapshot(&log), before);
+    log.close().unwrap();
+}
+
+fn manifest_entries(dir: &Path) -> usize {
+    let len = std::fs::metadata(dir.join(COLD_MANIFEST_FILE))
+        .unwrap()
+        .len() as usize;
+    (len - MANIFEST_HEADER_LEN) / MANIFEST_ENTRY_LEN
+}
+
+#[test]
+fn the_manifest_is_trusted_only_as_far_as_its_rules_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let before = snapshot(&log);
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    let path = dir.path().join(COLD_MANIFEST_FILE);
+    let good = std::fs::read(&path).unwrap();
+    let open = || Log::open(dir.path(), opts(Arc::clone(&store)));
+
+    // A partial entry at the end (an append cut short) is ignored.
+    let mut torn = good.clone();
+    torn.extend_from_slice(&[7u8; 100]);
+    std::fs::write(&path, &torn).unwrap();
+    let log = open().unwrap();
+    assert_eq!(snapshot(&log), before);
+    log.close().unwrap();
+
+    // A damaged last entry whose segment is gone from the directory refuses the open.
+    let mut bad = good.clone();
+    let last = bad.len() - 10;
+    bad[last] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    let err = open().unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    // So does a damaged entry before the last.
+    let mut bad = good.clone();
+    bad[MANIFEST_HEADER_LEN + 20] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    assert!(matches!(open().unwrap_err(), Error::Corrupt { .. }));
+    // A manifest that lost its last entry leaves a segment unaccounted for.
+    std::fs::write(&path, &good[..good.len() - MANIFEST_ENTRY_LEN]).unwrap();
+    let err = open().unwrap_err();
+    assert!(err.to_string().contains("is missing"), "{err}");
+    std::fs::write(&path, &good).unwrap();
+    let log = open().unwrap();
+    assert_eq!(snapshot(&log), before);
+    log.close().unwrap();
+}
+
+#[test]
+fn a_cold_object_altered_in_the_store_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    log.compact(None, false).unwrap();
+    let key = cold_object_key(&log.log_id(), SegmentSeq(1));
+    log.close().unwrap();
+    let mut object = store.get(&key).unwrap();
+    let mid = object.len() / 2;
+    object[mid] ^= 0x10;
+    store.put(&key, &object).unwrap();
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let err = log.verify().unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::Cold { seq: 1, .. }) && text.contains(&key) && text.contains("hash"),
+        "{text}"
+    );
+    log.close().unwrap();
+}
+
+/// Someone with write access to both the store and the data directory rewrites a cold
+/// segment with an altered payload and fixes up the manifest to match: the object and
+/// manifest checks pass, and the records' own checksums and chain still catch it.
+#[test]
+fn a_consistent_rewrite_of_object_and_manifest_is_still_caught_by_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    log.compact(None, false).unwrap();
+    let key = cold_object_key(&log.log_id(), SegmentSeq(1));
+    log.close().unwrap();
+
+    let object = store.get(&key).unwrap();
+    let layout = decode_cold(&object).unwrap();
+    let mut data = Vec::new();
+    for b in &layout.blocks {
+        let r = b.object_range();
+        data.extend(decompress_block(b, &object[r.start as usize..r.end as usize]).unwrap());
+    }
+    // Change one digit of a quantity inside a payload.
+    let at = data.windows(4).position(|w| w == b".25\"").unwrap() - 1;
+    data[at] = if data[at] == b'1' { b'2' } else { b'1' };
+    // Record lengths from the headers.
+    let h = layout.header.segment_header;
+    let f = layout.header.segment_footer;
+    let mut lens = Vec::new();
+    let mut off = 0usize;
+    while off < data.len() {
+        let header = RecordHeader::decode_in(&data[off..], h.layout).unwrap();
+        lens.push(header.record_len());
+        off += header.record_len() as usize;
+    }
+    let forged = encode_cold(&h, &f, &data, &lens, ColdEncodeOptions::default()).unwrap();
+    store.put(&key, &forged).unwrap();
+    // Fix up the manifest entry of segment 1 to the forged object.
+    let path = dir.path().join(COLD_MANIFEST_FILE);
+    let mut manifest = std::fs::read(&path).unwrap();
+    let at = MANIFEST_HEADER_LEN + MANIFEST_ENTRY_LEN;
+    let mut entry = decode_manifest_entry(&manifest[at..at + MANIFEST_ENTRY_LEN]).unwrap();
+    assert_eq!(entry.seq, SegmentSeq(1));
+    entry.object_len = forged.len() as u64;
+    entry.object_hash = *blake3::hash(&forged).as_bytes();
+    manifest[at..at + MANIFEST_ENTRY_LEN].copy_from_slice(&encode_manifest_entry(&entry));
+    std::fs::write(&path, &manifest).unwrap();
+
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let err = log.verify().unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(
+        err.to_string().contains("cold-cache"),
+        "the finding names the cold copy it is in: {err}"
+    );
+    log.close().unwrap();
+}
+
+/// Every file under `dir` with its length.
+fn walk(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push((e.path().display().to_string(), e.metadata().unwrap().len()));
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() && e.file_name() != "tally.lock" {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
