@@ -15,6 +15,7 @@
 
 mod audit;
 mod bench;
+mod compact;
 mod demo;
 mod extract;
 mod find;
@@ -85,6 +86,9 @@ enum Command {
     /// Find events by type, correlation id, causation id, actor or event id, in record-time
     /// and event-time windows, through the attribute indexes.
     Find(find::FindArgs),
+    /// Move sealed segments of a stopped log to its cold store (an object store), each
+    /// only after its copy was read back and checked.
+    Compact(compact::CompactArgs),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
         Command::Info(a) => remote::info(&a),
         Command::Audit(a) => forensic::audit(&a),
         Command::Find(a) => find::find(&a),
+        Command::Compact(a) => compact::compact(&a),
         Command::Witness(a) => witness::run(&a),
         Command::Producer(a) => producer::run(&a),
     };

@@ -35,7 +35,7 @@ impl std::fmt::Display for Finding {
 
 impl std::error::Error for Finding {}
 
-fn require_data_dir(dir: &Path) -> Result<()> {
+pub fn require_data_dir(dir: &Path) -> Result<()> {
     if !dir.join(META_FILE).exists() {
         bail!(
             "{} is not a Tally data directory (no tally.meta)",
@@ -237,7 +237,7 @@ pub fn checkpoint_json(cp: &SignedCheckpoint) -> Value {
     v
 }
 
-fn print_json(v: &Value) -> Result<()> {
+pub fn print_json(v: &Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
@@ -425,6 +425,35 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
             .iter()
             .find(|s| s.seq.0 == n)
             .with_context(|| format!("no segment {n} in {}", a.dir.display()))?;
+        if let Some(object) = &seg.cold {
+            // No local file: what the manifest and the local sidecar say.
+            let idx_path = seg.path.with_extension("idx");
+            let idx = std::fs::read(&idx_path)
+                .ok()
+                .and_then(|b| SealedIndex::open(Arc::new(b)).ok());
+            let v = json!({
+                "state": "cold",
+                "object": object,
+                "records": seg.record_count,
+                "first_position": seg.base_position.0,
+                "data_end": seg.data_end,
+                "first_record_time": seg.record_times.map(|t| rfc3339(t.0)),
+                "last_record_time": seg.record_times.map(|t| rfc3339(t.1)),
+                "merkle_root": seg.merkle_root.map(|r| hex(&r)),
+                "index": idx.as_ref().map(|i| json!({
+                    "file": idx_path,
+                    "records": i.record_count(),
+                    "streams": i.stream_count(),
+                    "complete": i.is_complete(),
+                })),
+            });
+            if a.json {
+                print_json(&v)?;
+            } else {
+                print_tree(&v, 0);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let header = SegmentHeader::decode_page(&read_page(&seg.path, 0)?)
             .with_context(|| format!("segment header of {}", seg.path.display()))?;
         let footer = if seg.sealed {
@@ -479,7 +508,9 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
     let mut rows = Vec::new();
     let (mut records, mut bytes) = (0u64, 0u64);
     for s in &segs {
-        let times = if s.sealed {
+        let times = if s.cold.is_some() {
+            s.record_times
+        } else if s.sealed {
             let header = SegmentHeader::decode_page(&read_page(&s.path, 0)?)?;
             SegmentFooter::decode_page(&read_page(&s.path, header.footer_offset())?)
                 .ok()
@@ -500,7 +531,8 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
         rows.push(json!({
             "seq": s.seq.0,
             "file": s.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "state": if s.sealed { "sealed" } else { "active" },
+            "state": if s.cold.is_some() { "cold" } else if s.sealed { "sealed" } else { "active" },
+            "object": s.cold,
             "first_position": s.base_position.0,
             "last_position": (s.record_count > 0).then(|| s.base_position.0 + s.record_count - 1),
             "records": s.record_count,

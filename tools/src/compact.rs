@@ -1,0 +1,185 @@
+//! `tally compact`: moves sealed segments of a stopped log to its cold store
+//! (docs/FORMAT.md section 21, OPERATIONS.md "The cold tier").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use tally_engine::cold::ColdStore;
+use tally_engine::{ColdOptions, CompactPolicy, Error, Log, Options};
+
+use crate::ops::{KeyArg, print_json, require_data_dir};
+
+/// `tally compact DIR`.
+#[derive(Args, Debug)]
+pub struct CompactArgs {
+    /// The data directory (of a stopped log: tallyd compacts its own in the background).
+    dir: PathBuf,
+    /// The object store: `file:///path`. Without it, the store the log's first compaction
+    /// recorded in DIR/cold.store.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Keep at least this many of the newest sealed segments local.
+    #[arg(long, value_name = "N", default_value_t = CompactPolicy::default().keep_local_segments)]
+    keep_local_segments: usize,
+    /// Move only segments whose last record is older than this (`90s`, `45m`, `12h`, `30d`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// Move the oldest segments until the local ones take at most this many MiB.
+    #[arg(long, value_name = "MIB")]
+    local_budget_mb: Option<u64>,
+    /// Report what would move; move nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    key: KeyArg,
+}
+
+/// Parses `90s`, `45m`, `12h`, `30d` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 90s, 45m, 12h or 30d"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{s:?} is not a duration such as 90s, 45m, 12h or 30d"))?;
+    Ok(Duration::from_secs(secs))
+}
+
+/// Runs `tally compact`.
+pub fn compact(a: &CompactArgs) -> Result<ExitCode> {
+    require_data_dir(&a.dir)?;
+    let store: Option<Arc<dyn ColdStore>> = match &a.store {
+        Some(url) => Some(Arc::new(
+            tally_engine::cold::open_url(url, &tally_engine::Storage::os())
+                .with_context(|| format!("opening the store {url}"))?,
+        )),
+        None => None,
+    };
+    let policy = CompactPolicy {
+        keep_local_segments: a.keep_local_segments,
+        older_than: a.older_than,
+        local_budget_bytes: a.local_budget_mb.map(|m| m << 20),
+    };
+    let log = match Log::open(
+        &a.dir,
+        Options {
+            create: false,
+            signing_key: a.key.key.clone(),
+            cold: ColdOptions {
+                store,
+                policy: policy.clone(),
+                ..ColdOptions::default()
+            },
+            ..Options::default()
+        },
+    ) {
+        Ok(log) => log,
+        Err(Error::Locked { .. }) => bail!(
+            "{} is open in another process (tallyd compacts its own log with [cold] in its \
+             configuration); stop it to compact from here",
+            a.dir.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", a.dir.display())),
+    };
+    let report = log.compact(Some(&policy), a.dry_run)?;
+    let status = log.cold_status();
+    log.close()?;
+    let moved: Vec<_> = report
+        .moved
+        .iter()
+        .map(|m| {
+            json!({
+                "seq": m.seq.0,
+                "first_position": m.positions.0.0,
+                "last_position": m.positions.1.0,
+                "record_bytes": m.record_bytes,
+                "object_bytes": m.object_bytes,
+                "key": m.key,
+            })
+        })
+        .collect();
+    let (records, objects): (u64, u64) = report
+        .moved
+        .iter()
+        .fold((0, 0), |(r, o), m| (r + m.record_bytes, o + m.object_bytes));
+    if a.json {
+        print_json(&json!({
+            "store": report.store,
+            "dry_run": report.dry_run,
+            "moved": moved,
+            "finished": report.finished.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "cold_segments": status.cold_segments,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if a.dry_run { "would move" } else { "moved" };
+    println!("store {}", report.store);
+    for m in &report.moved {
+        println!(
+            "  segment {:>6}  positions {}..={}  {} bytes of records{}",
+            m.seq.0,
+            m.positions.0,
+            m.positions.1,
+            m.record_bytes,
+            if a.dry_run {
+                String::new()
+            } else {
+                format!(" -> {} bytes ({})", m.object_bytes, m.key)
+            }
+        );
+    }
+    for s in &report.finished {
+        println!(
+            "  segment {:>6}  finished (an earlier compaction was interrupted)",
+            s.0
+        );
+    }
+    println!(
+        "{verb} {} segments ({records} bytes of records{}); {} segments are cold",
+        report.moved.len(),
+        if a.dry_run || records == 0 {
+            String::new()
+        } else {
+            format!(
+                " in {objects} bytes, {:.2}x",
+                records as f64 / objects.max(1) as f64
+            )
+        },
+        status.cold_segments,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_their_units_and_refuse_the_rest() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("45m"), Ok(Duration::from_secs(2700)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(2_592_000)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "d", "3w", "1.5h", "-1d", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
