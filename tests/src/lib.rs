@@ -200,3 +200,24 @@ mod tests {
         assert_eq!(batch_events_of(&e.payload), Some(5));
     }
 }
+
+/// The cold tier options of the crash tests: a `DirStore` at `store`, every sealed segment
+/// but the newest moved, no retries; `background` compacts every millisecond.
+///
+/// # Panics
+/// When the store's directory cannot be created.
+#[must_use]
+pub fn cold_options(store: &std::path::Path, background: bool) -> tally_engine::ColdOptions {
+    let store = tally_engine::cold::DirStore::new(store).expect("the cold store's directory");
+    tally_engine::ColdOptions {
+        store: Some(std::sync::Arc::new(store)),
+        policy: tally_engine::CompactPolicy {
+            keep_local_segments: 1,
+            ..tally_engine::CompactPolicy::default()
+        },
+        background: background.then(|| std::time::Duration::from_millis(1)),
+        attempts: 1,
+        first_retry_wait: std::time::Duration::ZERO,
+        ..tally_engine::ColdOptions::default()
+    }
+}

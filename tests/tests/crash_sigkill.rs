@@ -61,27 +61,59 @@ fn every_acknowledged_append_survives_sigkill() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
+    kill_cycles(cycles, None);
+}
+
+/// The same, with a background compaction moving every sealed segment but the newest to a
+/// cold store while the children append: a kill lands before, during and after the steps of
+/// a move, and every acknowledged event must still be readable (through the store) and
+/// the whole log verify.
+#[test]
+fn every_acknowledged_append_survives_sigkill_during_compaction() {
+    let cycles: u32 = std::env::var("TALLY_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(25, |n: u32| n.div_ceil(2));
+    let store = tempfile::tempdir().unwrap();
+    let cold = kill_cycles(cycles, Some(store.path()));
+    assert!(
+        cold > 0,
+        "no segment ever went cold: the test exercised nothing"
+    );
+}
+
+/// Runs `cycles` kill cycles; returns how many segments are cold at the end.
+fn kill_cycles(cycles: u32, store: Option<&std::path::Path>) -> usize {
     let seed = seed_from_env("TALLY_CRASH_SEED");
     let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let child = env!("CARGO_BIN_EXE_crash_child");
     let opts = Options {
         segment_bytes: 128 * 1024,
+        cold: store.map_or_else(tally_engine::ColdOptions::default, |s| {
+            tally_tests::cold_options(s, false)
+        }),
         ..Options::default()
     };
     let mut total_acked = 0usize;
     let mut acked_so_far: Vec<(u32, Ack)> = Vec::new();
+    let mut cold = 0;
     for cycle in 0..cycles {
         let mut cmd = Command::new(child);
         cmd.arg(dir.path())
             .arg(cycle.to_string())
             .arg("4")
             .arg(rng.next_u64().to_string());
-        // Kill at a random moment: sometimes during open, mostly while appending.
+        if let Some(s) = store {
+            cmd.arg(s);
+        }
+        // Kill at a random moment: sometimes during open, mostly while appending (and,
+        // with a store, compacting: longer runs so that segments fill and move).
+        let longer = if store.is_some() { 150 } else { 0 };
         let run_for = Duration::from_millis(if rng.below(8) == 0 {
             rng.below(15)
         } else {
-            20 + rng.below(250)
+            20 + longer + rng.below(250)
         });
         let (out, err) = run_then_kill(cmd, run_for);
         assert!(err.is_empty(), "cycle {cycle}: child reported: {err}");
@@ -99,10 +131,14 @@ fn every_acknowledged_append_survives_sigkill() {
         log.verify()
             .unwrap_or_else(|e| panic!("cycle {cycle}: verify failed: {e:?}"));
         assert_eq!(log.check_chain(2).unwrap(), log.next_position().0);
+        cold = log.segments().iter().filter(|s| s.cold.is_some()).count();
         log.close().unwrap();
     }
-    eprintln!("{cycles} kill cycles, {total_acked} acknowledged appends checked");
+    eprintln!(
+        "{cycles} kill cycles, {total_acked} acknowledged appends checked, {cold} segments cold"
+    );
     assert!(total_acked > 0, "the children never acknowledged anything");
+    cold
 }
 
 /// Checks every acknowledged event in one pass over the log.

@@ -1,8 +1,9 @@
 //! The child process of `tests/tests/crash_sigkill.rs`.
 //!
-//! Usage: `crash_child DIR CYCLE THREADS SEED`. Opens the log in DIR with
+//! Usage: `crash_child DIR CYCLE THREADS SEED [COLD_STORE_DIR]`. Opens the log in DIR with
 //! `Durability::Fsync` and small segments, and appends from THREADS threads until it is
-//! killed. After each acknowledged append it prints one line to stdout and flushes it:
+//! killed. With COLD_STORE_DIR, a background compaction moves every sealed segment but the
+//! newest to that store as fast as it can, so the kill often lands inside a compaction. After each acknowledged append it prints one line to stdout and flushes it:
 //!
 //! `ACK <thread> <counter> <parts>` followed, per part, by ` <stream> <first_version>
 //! <first_position> <events>`.
@@ -19,17 +20,22 @@ use tally_tests::{EventKey, Rng, event_for};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 5 {
-        eprintln!("usage: crash_child DIR CYCLE THREADS SEED");
+    if !(5..=6).contains(&args.len()) {
+        eprintln!("usage: crash_child DIR CYCLE THREADS SEED [COLD_STORE_DIR]");
         std::process::exit(2);
     }
     let dir = &args[1];
     let cycle: u32 = args[2].parse().expect("cycle");
     let threads: u16 = args[3].parse().expect("threads");
     let seed: u64 = args[4].parse().expect("seed");
+    let cold = match args.get(5) {
+        Some(store) => tally_tests::cold_options(std::path::Path::new(store), true),
+        None => tally_engine::ColdOptions::default(),
+    };
     let opts = Options {
         segment_bytes: 128 * 1024,
         durability: Durability::Fsync,
+        cold,
         ..Options::default()
     };
     let log = match Log::open(dir, opts) {
