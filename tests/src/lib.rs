@@ -181,26 +181,6 @@ pub fn run_then_kill(
     (out, err)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_round_trip_through_event_ids() {
-        let k = EventKey {
-            cycle: 7,
-            thread: 3,
-            counter: 123_456,
-            part: 1,
-            index: 2,
-        };
-        assert_eq!(EventKey::from_event_id(k.event_id()), Some(k));
-        assert_eq!(EventKey::from_event_id(EventId([0; 16])), None);
-        let e = event_for(k, 5);
-        assert_eq!(batch_events_of(&e.payload), Some(5));
-    }
-}
-
 /// The cold tier options of the crash tests: a `DirStore` at `store`, every sealed segment
 /// but the newest moved, no retries; `background` compacts every millisecond.
 ///
@@ -219,5 +199,25 @@ pub fn cold_options(store: &std::path::Path, background: bool) -> tally_engine::
         attempts: 1,
         first_retry_wait: std::time::Duration::ZERO,
         ..tally_engine::ColdOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_event_ids() {
+        let k = EventKey {
+            cycle: 7,
+            thread: 3,
+            counter: 123_456,
+            part: 1,
+            index: 2,
+        };
+        assert_eq!(EventKey::from_event_id(k.event_id()), Some(k));
+        assert_eq!(EventKey::from_event_id(EventId([0; 16])), None);
+        let e = event_for(k, 5);
+        assert_eq!(batch_events_of(&e.payload), Some(5));
     }
 }
