@@ -938,8 +938,22 @@ pub struct BackupArgs {
     /// Leave the secret signing key out of the copy.
     #[arg(long)]
     without_key: bool,
+    /// Segments in the cold tier: `reference` copies the cold manifest and store URL, so
+    /// the copy reads the same objects; `copy` fetches each one into the copy as an ordinary
+    /// segment file, so the copy needs no store.
+    #[arg(long, value_enum, default_value_t = ColdBackup::Reference)]
+    cold: ColdBackup,
     #[command(flatten)]
     key: KeyArg,
+}
+
+/// How `tally backup` handles segments in the cold tier.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColdBackup {
+    /// Copy the manifest and the store's URL: the objects stay where they are.
+    Reference,
+    /// Fetch every cold segment into the copy.
+    Copy,
 }
 
 fn copy_prefix(from: &Path, to: &Path, len: u64, file_len: u64, mode: Option<u32>) -> Result<()> {
@@ -963,6 +977,49 @@ fn copy_prefix(from: &Path, to: &Path, len: u64, file_len: u64, mode: Option<u32
         at += n as u64;
     }
     dst.sync_all()?;
+    Ok(())
+}
+
+/// Writes the backup's `cold.manifest` (the source's entries of the `referenced` segments,
+/// in their order) and copies `cold.store`.
+fn copy_cold_references(
+    dir: &Path,
+    dest: &Path,
+    referenced: &[tally_engine::SegmentSeq],
+) -> Result<()> {
+    use tally_engine::format::cold::{
+        MANIFEST_ENTRY_LEN, MANIFEST_HEADER_LEN, decode_manifest_entry, decode_manifest_header,
+    };
+    use tally_engine::format::files::{COLD_MANIFEST_FILE, COLD_STORE_FILE};
+    let path = dir.join(COLD_MANIFEST_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    decode_manifest_header(&bytes).with_context(|| format!("{}", path.display()))?;
+    let mut out = bytes[..MANIFEST_HEADER_LEN].to_vec();
+    for raw in bytes[MANIFEST_HEADER_LEN..].chunks_exact(MANIFEST_ENTRY_LEN) {
+        // A damaged or torn last entry names no segment that is cold (the open refused the
+        // log otherwise); it is left out.
+        if let Ok(e) = decode_manifest_entry(raw)
+            && referenced.contains(&e.seq)
+        {
+            out.extend_from_slice(raw);
+        }
+    }
+    let kept = (out.len() - MANIFEST_HEADER_LEN) / MANIFEST_ENTRY_LEN;
+    if kept != referenced.len() {
+        bail!(
+            "{} names {kept} of the {} cold segments the backup references",
+            path.display(),
+            referenced.len()
+        );
+    }
+    let to = dest.join(COLD_MANIFEST_FILE);
+    std::fs::write(&to, &out).with_context(|| format!("writing {}", to.display()))?;
+    std::fs::File::open(&to)?.sync_all()?;
+    let store = dir.join(COLD_STORE_FILE);
+    if store.exists() {
+        let n = std::fs::metadata(&store)?.len();
+        copy_prefix(&store, &dest.join(COLD_STORE_FILE), n, n, None)?;
+    }
     Ok(())
 }
 
@@ -1029,17 +1086,36 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
         )?;
     }
     let mut files = 0;
+    let mut referenced = Vec::new();
     for seg in log.segments() {
         let base = seg.base_position.0;
         if base >= size && base > 0 {
             break;
         }
         let name = seg.path.file_name().context("segment file name")?;
-        let len = file_len(&seg.path)?;
-        if seg.sealed && base + seg.record_count <= size {
+        let covered = seg.sealed && base + seg.record_count <= size;
+        let source = match (&seg.cold, a.cold) {
+            (Some(_), ColdBackup::Copy) => Some(log.segment_file(seg.seq)?),
+            (Some(_), ColdBackup::Reference) if covered => None,
+            (Some(_), ColdBackup::Reference) => bail!(
+                "segment {} is cold but not covered by checkpoint {}: copy with a newer \
+                 checkpoint",
+                seg.seq,
+                cp.statement.id
+            ),
+            (None, _) => Some(seg.path.clone()),
+        };
+        if covered {
             // Sealed segments are immutable: a plain copy, with the index and the attribute
-            // index (both derived; a restore that lacks them rebuilds them).
-            copy_prefix(&seg.path, &a.dest.join(name), len, len, None)?;
+            // index (both derived; a restore that lacks them rebuilds them). A cold segment
+            // by reference: its sidecars only, and its manifest entry below.
+            match source {
+                Some(src) => {
+                    let len = file_len(&src)?;
+                    copy_prefix(&src, &a.dest.join(name), len, len, None)?;
+                }
+                None => referenced.push(seg.seq),
+            }
             for ext in ["idx", "adx"] {
                 let side = seg.path.with_extension(ext);
                 if let Ok(n) = file_len(&side) {
@@ -1054,6 +1130,8 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
             }
         } else {
             // The segment the checkpoint ends in: its records up to the checkpoint.
+            let src = source.context("a cold segment is sealed")?;
+            let len = file_len(&src)?;
             let mut end = PAGE_BYTES;
             log.scan_range(
                 seg.base_position,
@@ -1061,9 +1139,12 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
                 tally_engine::Verify::Checksums,
                 |r| end = r.end,
             )?;
-            copy_prefix(&seg.path, &a.dest.join(name), end, len, None)?;
+            copy_prefix(&src, &a.dest.join(name), end, len, None)?;
         }
         files += 1;
+    }
+    if !referenced.is_empty() {
+        copy_cold_references(&a.dir, &a.dest, &referenced)?;
     }
     if writable {
         log.close()?;

@@ -182,3 +182,63 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn backup_takes_cold_segments_by_reference_or_by_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    write_log(dir.path());
+    let d = dir.path().to_str().unwrap();
+    let url = format!("file://{}", store.path().display());
+    json(&tally(&[
+        "compact",
+        d,
+        "--store",
+        &url,
+        "--json",
+        "--keep-local-segments",
+        "1",
+    ]));
+    let dump = stdout(&tally(&["dump", d]));
+
+    let out = tempfile::tempdir().unwrap();
+    let by_ref = out.path().join("ref");
+    let o = tally(&["backup", d, by_ref.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(by_ref.join("cold.manifest").exists() && by_ref.join("cold.store").exists());
+    assert!(
+        !by_ref.join("00000000000000000000.seg").exists(),
+        "by reference: no copy"
+    );
+    let r = by_ref.to_str().unwrap();
+    assert_eq!(
+        stdout(&tally(&["dump", r])),
+        dump,
+        "the copy reads the same objects"
+    );
+
+    let by_copy = out.path().join("copy");
+    let o = tally(&["backup", d, by_copy.to_str().unwrap(), "--cold", "copy"]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!by_copy.join("cold.manifest").exists());
+    assert!(by_copy.join("00000000000000000000.seg").exists());
+    // The copy needs no store: it verifies and dumps with the store gone.
+    std::fs::remove_dir_all(store.path()).unwrap();
+    let c = by_copy.to_str().unwrap();
+    let v = tally(&["verify", c]);
+    assert!(v.status.success(), "{}", stdout(&v));
+    assert_eq!(stdout(&tally(&["dump", c])), dump);
+    // ...while the reference backup now fails, naming the missing object.
+    let v = tally(&["verify", r]);
+    assert_ne!(v.status.code(), Some(0));
+}

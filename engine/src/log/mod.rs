@@ -1140,6 +1140,24 @@ impl Log {
         self.shared.cold.status()
     }
 
+    /// A path to a complete local copy of segment `seq`: its file, or for a segment in the
+    /// cold tier its copy in the cold cache (fetched and checked against the manifest first
+    /// when the cache has none). A cold copy lasts until the cache evicts it: copy it at
+    /// once (what `tally backup --cold copy` does).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a segment the log does not have; [`Error::Cold`] when
+    /// the fetch fails.
+    pub fn segment_file(&self, seq: SegmentSeq) -> Result<PathBuf> {
+        let seg = self
+            .shared
+            .segments_snapshot()
+            .into_iter()
+            .find(|s| s.seq == seq)
+            .ok_or_else(|| invalid_options(format!("the log has no segment {seq}")))?;
+        Ok(seg.open_file()?.1)
+    }
+
     /// The segments, oldest first.
     #[must_use]
     pub fn segments(&self) -> Vec<SegmentInfo> {
