@@ -85,6 +85,49 @@ struct FileConfig {
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
     signing_key: Option<PathBuf>,
+    cold: Option<ColdConfig>,
+}
+
+/// `[cold]`: the cold tier (docs/OPERATIONS.md section 9). With a table, tallyd moves sealed
+/// segments to `store` in the background, at low priority, every `interval_secs`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct ColdConfig {
+    /// `file:///path` or `s3://bucket/prefix`.
+    store: String,
+    keep_local_segments: Option<usize>,
+    older_than_secs: Option<u64>,
+    local_budget_mib: Option<u64>,
+    interval_secs: Option<u64>,
+    cache_mib: Option<u64>,
+}
+
+/// The cold tier's options from `[cold]`, its store opened.
+fn cold_options(c: &ColdConfig) -> anyhow::Result<tally_engine::ColdOptions> {
+    let store = tally_server::cold_store::open_store(&c.store)
+        .with_context(|| format!("[cold] store {}", c.store))?;
+    let defaults = tally_engine::ColdOptions::default();
+    let mib = |m: u64| {
+        m.checked_mul(1 << 20)
+            .ok_or_else(|| anyhow::anyhow!("[cold] {m} MiB is far too large"))
+    };
+    Ok(tally_engine::ColdOptions {
+        store: Some(store),
+        policy: tally_engine::CompactPolicy {
+            keep_local_segments: c
+                .keep_local_segments
+                .unwrap_or(defaults.policy.keep_local_segments),
+            older_than: c.older_than_secs.map(Duration::from_secs),
+            local_budget_bytes: c.local_budget_mib.map(mib).transpose()?,
+        },
+        background: Some(Duration::from_secs(c.interval_secs.unwrap_or(300).max(1))),
+        cache_bytes: c
+            .cache_mib
+            .map(mib)
+            .transpose()?
+            .unwrap_or(defaults.cache_bytes),
+        ..defaults
+    })
 }
 
 fn config(cli: &Cli) -> anyhow::Result<Config> {
@@ -163,6 +206,15 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
         options.checkpoint_interval = Some(Duration::from_secs(s));
     }
     options.signing_key = file.signing_key;
+    if let Some(c) = &file.cold {
+        options.cold = cold_options(c)?;
+    } else if let Some(store) = tally_server::cold_store::store_of_dir(&cfg.data)
+        .context("opening the cold store named in the data directory's cold.store")?
+    {
+        // A log compacted before (by `tally compact`) reads its cold segments; no
+        // background compaction without a [cold] table.
+        options.cold.store = Some(store);
+    }
     let witness_files: Vec<PathBuf> = cli
         .witness_key
         .iter()
@@ -257,5 +309,53 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_of(toml: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("tallyd.toml");
+        std::fs::write(&file, toml)?;
+        let data = dir.path().join("data");
+        let cli = Cli::parse_from([
+            "tallyd",
+            "--data",
+            data.to_str().unwrap_or_default(),
+            "--config",
+            file.to_str().unwrap_or_default(),
+        ]);
+        config(&cli)
+    }
+
+    #[test]
+    fn a_cold_table_configures_background_compaction_to_its_store() {
+        let store = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let cfg = config_of(&format!(
+            "[cold]\nstore = \"file://{}\"\nkeep_local_segments = 8\nolder_than_secs = 86400\n\
+             local_budget_mib = 100\ninterval_secs = 60\ncache_mib = 64\n",
+            store.path().display()
+        ))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let c = &cfg.options.cold;
+        assert!(
+            c.store
+                .as_ref()
+                .is_some_and(|s| s.url().starts_with("file:///"))
+        );
+        assert_eq!(c.policy.keep_local_segments, 8);
+        assert_eq!(c.policy.older_than, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.policy.local_budget_bytes, Some(100 << 20));
+        assert_eq!(c.background, Some(Duration::from_secs(60)));
+        assert_eq!(c.cache_bytes, 64 << 20);
+        // Without the table: no store, no background compaction.
+        let cfg = config_of("").unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(cfg.options.cold.store.is_none() && cfg.options.cold.background.is_none());
+        // A bad store or an unknown key is refused.
+        assert!(config_of("[cold]\nstore = \"ftp://x\"\n").is_err());
+        assert!(config_of("[cold]\nstore = \"file:///tmp/x\"\nkeep = 1\n").is_err());
     }
 }
