@@ -575,3 +575,37 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn background_compaction_moves_segments_while_appends_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    let mut o = opts(Arc::clone(&store));
+    o.cold.background = Some(Duration::from_millis(5));
+    let log = Log::open(dir.path(), o.clone()).unwrap();
+    fill(&log, 3_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cold_count(&log) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            log.cold_status()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fill(&log, 500);
+    let before = snapshot(&log);
+    assert_eq!(before.0.len(), 3_500);
+    assert!(
+        log.cold_status().last_error.is_none(),
+        "{:?}",
+        log.cold_status()
+    );
+    log.close().unwrap();
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    assert!(cold_count(&log) >= 3);
+    assert_eq!(snapshot(&log), before);
+    log.verify().unwrap();
+    log.close().unwrap();
+}
