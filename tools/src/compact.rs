@@ -19,8 +19,9 @@ use crate::ops::{KeyArg, print_json, require_data_dir};
 pub struct CompactArgs {
     /// The data directory (of a stopped log: tallyd compacts its own in the background).
     dir: PathBuf,
-    /// The object store: `file:///path`. Without it, the store the log's first compaction
-    /// recorded in DIR/cold.store.
+    /// The object store: `file:///path` or `s3://bucket/prefix` (credentials, region and
+    /// endpoint from the AWS_* environment variables). Without it, the store the log's first
+    /// compaction recorded in DIR/cold.store.
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// Keep at least this many of the newest sealed segments local.
@@ -66,11 +67,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn compact(a: &CompactArgs) -> Result<ExitCode> {
     require_data_dir(&a.dir)?;
     let store: Option<Arc<dyn ColdStore>> = match &a.store {
-        Some(url) => Some(Arc::new(
-            tally_engine::cold::open_url(url, &tally_engine::Storage::os())
+        Some(url) => Some(
+            tally_server::cold_store::open_store(url)
                 .with_context(|| format!("opening the store {url}"))?,
-        )),
-        None => None,
+        ),
+        None => crate::ops::cold_options(&a.dir)?.store,
     };
     let policy = CompactPolicy {
         keep_local_segments: a.keep_local_segments,

@@ -53,6 +53,7 @@ pub fn open_read_only(dir: &Path) -> Result<Log> {
         Options {
             recovery: RecoveryMode::ReadOnly,
             create: false,
+            cold: cold_options(dir)?,
             ..Options::default()
         },
     ) {
@@ -65,6 +66,21 @@ pub fn open_read_only(dir: &Path) -> Result<Log> {
     }
 }
 
+/// The cold tier of a log with one: its store (`DIR/cold.store`, `file://` or `s3://`),
+/// opened through the `object_store` adapter.
+pub fn cold_options(dir: &Path) -> Result<tally_engine::ColdOptions> {
+    let store = tally_server::cold_store::store_of_dir(dir).with_context(|| {
+        format!(
+            "opening the cold store {}",
+            dir.join("cold.store").display()
+        )
+    })?;
+    Ok(tally_engine::ColdOptions {
+        store,
+        ..tally_engine::ColdOptions::default()
+    })
+}
+
 /// Opens a log for writing when no other process has it open; otherwise read-only.
 /// Returns whether it is writable.
 pub fn open_writable_if_free(dir: &Path, key: &KeyArg) -> Result<(Log, bool)> {
@@ -74,6 +90,7 @@ pub fn open_writable_if_free(dir: &Path, key: &KeyArg) -> Result<(Log, bool)> {
         Options {
             create: false,
             signing_key: key.key.clone(),
+            cold: cold_options(dir)?,
             ..Options::default()
         },
     ) {

@@ -1,0 +1,144 @@
+//! The cold tier on a real S3-compatible server (moto's, on 127.0.0.1, started by
+//! `scripts/s3-test-server`, which `.ci/run` runs): `tally compact --store s3://...` moves
+//! segments through the `object_store` S3 client, and `dump`, `verify`, `inspect` and
+//! `backup --cold copy` read them back through it; an object deleted from the bucket makes
+//! `verify` fail naming it, while the newest (local) events still read.
+//!
+//! Without `TALLY_S3_ENDPOINT` the test prints `SKIPPED` with its name and returns (it cannot
+//! pass silently); with `TALLY_REQUIRE_S3` set, as `.ci/run` sets it, a missing endpoint
+//! fails it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use serde_json::Value;
+use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
+
+use common::{stdout, tally};
+
+/// The bucket URL to use, or `None` (after saying so) when no S3 server is configured.
+fn s3_prefix(test: &str) -> Option<String> {
+    match (
+        std::env::var("TALLY_S3_ENDPOINT"),
+        std::env::var("TALLY_S3_BUCKET"),
+    ) {
+        (Ok(_), Ok(bucket)) => Some(format!(
+            "s3://{bucket}/{test}-{}-{}",
+            std::process::id(),
+            tally_engine::now().0
+        )),
+        _ if std::env::var_os("TALLY_REQUIRE_S3").is_some() => {
+            panic!("{test}: TALLY_REQUIRE_S3 is set but no S3 server is configured")
+        }
+        _ => {
+            // Straight to the process's stderr, past the test harness's capture, so that a
+            // skip is seen in every run.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: no S3 server (scripts/test starts one)"
+            );
+            None
+        }
+    }
+}
+
+fn json(o: &std::process::Output) -> Value {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&stdout(o)).unwrap()
+}
+
+#[test]
+fn segments_compacted_to_s3_read_back_through_every_tool() {
+    let Some(url) = s3_prefix("segments_compacted_to_s3_read_back_through_every_tool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Log::open(
+            dir.path(),
+            Options {
+                segment_bytes: 64 << 10,
+                durability: Durability::None,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        for b in 0..150u64 {
+            let events: Vec<EventData> = (0..10)
+                .map(|i| EventData::json("TradeAmended", format!("{{\"trade\":{b},\"leg\":{i}}}")))
+                .collect();
+            log.append(&format!("trade-{}", b % 3), ExpectedVersion::Any, &events)
+                .unwrap();
+        }
+        log.wait_sealed().unwrap();
+        log.close().unwrap();
+    }
+    let d = dir.path().to_str().unwrap();
+    let dump = stdout(&tally(&["dump", d]));
+    let done = json(&tally(&[
+        "compact",
+        d,
+        "--store",
+        &url,
+        "--json",
+        "--keep-local-segments",
+        "1",
+    ]));
+    let moved = done["moved"].as_array().unwrap().len();
+    assert!(moved >= 2, "{done}");
+    assert_eq!(done["store"], url.as_str());
+    // Every tool reads through the bucket (DIR/cold.store names it).
+    assert_eq!(stdout(&tally(&["dump", d])), dump);
+    let v = tally(&["verify", d]);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        stdout(&v),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let inspect = json(&tally(&["inspect", d, "--json"]));
+    let cold = inspect["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "cold" && s["object"].as_str().unwrap().starts_with(&url))
+        .count();
+    assert_eq!(cold, moved);
+    let copy = dir.path().join("backup");
+    let o = tally(&["backup", d, copy.to_str().unwrap(), "--cold", "copy"]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // An object deleted from the bucket: verify fails and names it.
+    let store = tally_server_store(&url);
+    let log_id = json(&tally(&["inspect", d, "--json"]))["log_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key = format!("{log_id}/00000000000000000000.cold");
+    store.delete(&key).unwrap();
+    let v = tally(&["verify", d]);
+    assert_ne!(v.status.code(), Some(0));
+    let text = format!("{}{}", stdout(&v), String::from_utf8_lossy(&v.stderr));
+    assert!(
+        text.contains("cold segment 0") && text.contains(&key),
+        "{text}"
+    );
+    // The backup made with --cold copy does not need the bucket.
+    assert_eq!(stdout(&tally(&["dump", copy.to_str().unwrap()])), dump);
+}
+
+fn tally_server_store(url: &str) -> std::sync::Arc<dyn tally_engine::cold::ColdStore> {
+    tally_server::cold_store::open_store(url).unwrap()
+}
