@@ -11,6 +11,7 @@
 
 mod budget;
 pub mod client;
+#[cfg(feature = "cold-store")]
 pub mod cold_store;
 pub mod projection;
 pub mod protocol;
