@@ -110,6 +110,12 @@ pub struct BenchArgs {
     /// With --compare: pairs of runs, alternating which goes first; medians are printed.
     #[arg(long, default_value_t = 1)]
     pub(crate) rounds: usize,
+    /// Embedded: while the load runs, a background compaction (at low priority, as
+    /// tallyd's `[cold]` runs it) moves every sealed segment but the newest to a directory
+    /// store in a temporary directory, checking every step; compare with
+    /// `--compare no-compaction`.
+    #[arg(long)]
+    pub(crate) cold_compaction: bool,
 }
 
 /// The baseline of `--compare`.
@@ -119,6 +125,8 @@ pub(crate) enum CompareArg {
     FormatV1,
     /// The same load without producer signatures.
     Unsigned,
+    /// The same load without a background compaction (use with --cold-compaction).
+    NoCompaction,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -315,10 +323,23 @@ fn compare(args: &BenchArgs, c: CompareArg) -> anyhow::Result<ExitCode> {
                 ..args.clone()
             },
         ),
+        CompareArg::NoCompaction => (
+            BenchArgs {
+                compare: None,
+                cold_compaction: true,
+                ..args.clone()
+            },
+            BenchArgs {
+                compare: None,
+                cold_compaction: false,
+                ..args.clone()
+            },
+        ),
     };
     let labels = match c {
         CompareArg::FormatV1 => ("main", "format-v1"),
         CompareArg::Unsigned => ("signed", "unsigned"),
+        CompareArg::NoCompaction => ("compacting", "no-compaction"),
     };
     let (mut mains, mut bases) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
@@ -404,6 +425,23 @@ fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
     if let Some(v) = args.format_version {
         opts.format_version = v;
     }
+    let store_dir = if args.cold_compaction {
+        let d = tempfile_dir()?;
+        opts.cold = tally_engine::ColdOptions {
+            store: Some(std::sync::Arc::new(tally_engine::cold::DirStore::new(
+                &d.0,
+            )?)),
+            policy: tally_engine::CompactPolicy {
+                keep_local_segments: 1,
+                ..tally_engine::CompactPolicy::default()
+            },
+            background: Some(Duration::from_millis(10)),
+            ..tally_engine::ColdOptions::default()
+        };
+        Some(d)
+    } else {
+        None
+    };
     let log = Log::open(&dir, opts).with_context(|| format!("opening {}", dir.display()))?;
     let producer = if args.sign {
         let keys = tempfile_dir()?;
@@ -454,7 +492,19 @@ fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
         histogram.add(&r.histogram)?;
         events += r.events;
     }
+    if store_dir.is_some() {
+        let status = log.cold_status();
+        eprintln!(
+            "bench: the background compaction moved {} segments during the run{}",
+            status.cold_segments,
+            status
+                .last_error
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+    }
     log.close()?;
+    drop(store_dir);
     Ok(Measured {
         label: "embedded",
         events,
