@@ -162,6 +162,17 @@ fn compaction_moves_sealed_segments_and_every_read_still_works() {
     assert!(log.compact(None, false).unwrap().moved.is_empty());
     log.close().unwrap();
 
+    // A subscriber catching up from position 0 reads through the cold segments.
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let mut tail = log.tail(Position(0));
+    let mut caught_up = Vec::new();
+    while caught_up.len() < before.0.len() {
+        caught_up.push(tail.next().unwrap().unwrap());
+    }
+    assert_eq!(caught_up, before.0);
+    drop(tail);
+    log.close().unwrap();
+
     // A new open learns the cold segments from the manifest and fetches them on reads.
     let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
     assert_eq!(cold_count(&log), sealed - 2);

@@ -119,6 +119,29 @@ fn compact_moves_segments_and_every_tool_reads_across_tiers() {
     let v = tally(&["verify", d]);
     assert!(v.status.success(), "{}", stdout(&v));
 
+    // prove, find and audit reach the cold events too.
+    let proof = json(&tally(&["prove", d, "--position", "5", "--json"]));
+    assert!(proof.to_string().contains("\"position\":5"), "{proof}");
+    let found = tally(&["find", d, "--type", "TradeAmended", "--format", "jsonl"]);
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let first: Value = serde_json::from_str(stdout(&found).lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["position"], 0,
+        "the first event, cold, is found: {first}"
+    );
+    assert_eq!(stdout(&found).lines().count() as u64, n);
+    let audit = tally(&["audit", d, "--stream", "trade-0", "--json"]);
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    assert!(stdout(&audit).matches("TradeAmended").count() >= (n / 4) as usize);
+
     // An extract of a stream whose oldest events are cold verifies offline.
     let ext = dir.path().join("t0.tex");
     let o = tally(&[
