@@ -558,8 +558,12 @@ fn a_consistent_rewrite_of_object_and_manifest_is_still_caught_by_the_records() 
     let err = log.verify().unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert!(
-        err.to_string().contains("cold-cache"),
-        "the finding names the cold copy it is in: {err}"
+        err.to_string().contains("cold-cache")
+            && err.to_string().contains(&format!(
+                "[cold tier: segment 1 from file://{}",
+                root.path().display()
+            )),
+        "the finding names the tier, the object and the copy it read: {err}"
     );
     log.close().unwrap();
 }

@@ -324,7 +324,7 @@ pub(crate) fn verify(
                     let end = segs
                         .get(i + 1)
                         .map_or(visible, |n| n.header.base_position.min(visible));
-                    let r = check_segment(&ctx, &segs[i], end);
+                    let r = check_segment(&ctx, &segs[i], end).map_err(|e| in_tier(&segs[i], e));
                     if r.is_err() {
                         stop_after.fetch_min(i, Ordering::Relaxed);
                     }
@@ -988,6 +988,35 @@ fn check_runs(
         piece.sort_unstable_by_key(|h| h.0);
     }
     Ok((keys, pieces))
+}
+
+/// A finding in a cold segment says so, with the object it was fetched from (the file it
+/// names is the copy in the cold cache).
+fn in_tier(seg: &SegmentHandle, e: Error) -> Error {
+    let Some(place) = seg.cold_place() else {
+        return e;
+    };
+    match e {
+        Error::Corrupt {
+            file,
+            offset,
+            position,
+            detail,
+            source,
+        } => Error::Corrupt {
+            file,
+            offset,
+            position,
+            detail: format!(
+                "{detail} [cold tier: segment {} from {}/{}]",
+                seg.seq,
+                place.tier.store_url(),
+                place.key
+            ),
+            source,
+        },
+        other => other,
+    }
 }
 
 /// Checks one segment on its own (see the module comment).
