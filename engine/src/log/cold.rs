@@ -38,8 +38,9 @@ use super::{Error, Result, now};
 use crate::cold::{ColdStore, with_retries};
 use crate::format::chain::merkle_root;
 use crate::format::cold::{
-    ColdEncodeOptions, MANIFEST_ENTRY_LEN, MANIFEST_HEADER_LEN, ManifestEntry, decode_cold,
-    decode_manifest_entry, decode_manifest_header, decompress_block, encode_cold,
+    BlockEntry, COLD_HEADER_LEN, COLD_TRAILER_LEN, ColdEncodeOptions, MANIFEST_ENTRY_LEN,
+    MANIFEST_HEADER_LEN, ManifestEntry, decode_cold, decode_header, decode_index,
+    decode_manifest_entry, decode_manifest_header, decode_trailer, decompress_block, encode_cold,
     encode_manifest_entry, encode_manifest_header,
 };
 use crate::format::files::{COLD_CACHE_DIR, COLD_MANIFEST_FILE, COLD_STORE_FILE, cold_object_key};
@@ -86,6 +87,9 @@ pub struct ColdOptions {
     /// The most bytes of cold segments kept in the local cache (at least the one being
     /// read is always kept).
     pub cache_bytes: u64,
+    /// The most bytes of decompressed blocks kept for point reads of cold segments that
+    /// are not in the segment cache (an event read fetches only the block holding it).
+    pub block_cache_bytes: u64,
     /// Block size and zstd level of the cold objects written.
     pub encode: ColdEncodeOptions,
     /// How many times a store operation is tried before compaction gives up on a segment,
@@ -102,6 +106,7 @@ impl Default for ColdOptions {
             policy: CompactPolicy::default(),
             background: None,
             cache_bytes: 1 << 30,
+            block_cache_bytes: 256 << 20,
             encode: ColdEncodeOptions::default(),
             attempts: 4,
             first_retry_wait: Duration::from_millis(200),
@@ -154,6 +159,13 @@ struct Manifest {
     len: u64,
 }
 
+/// Decompressed blocks of cold segments, `(segment, segment offset, bytes)`, least recently
+/// used first, and their total bytes.
+type BlockCache = (
+    std::collections::VecDeque<(SegmentSeq, u64, Arc<Vec<u8>>)>,
+    u64,
+);
+
 /// A segment in the cache.
 #[derive(Debug)]
 struct Cached {
@@ -179,6 +191,14 @@ pub(crate) struct ColdTier {
     fetches: std::sync::atomic::AtomicU64,
     /// One compaction at a time.
     pub(crate) compacting: Mutex<()>,
+    /// The block index of each cold segment a point read reached (fetched once: its
+    /// trailer, header and index ranges).
+    indexes: Mutex<std::collections::HashMap<SegmentSeq, Arc<Vec<BlockEntry>>>>,
+    /// Decompressed blocks for point reads, least recently used first, and their bytes.
+    blocks: Mutex<BlockCache>,
+    block_cache_bytes: u64,
+    /// Blocks fetched since open.
+    block_fetches: std::sync::atomic::AtomicU64,
     /// The background compaction thread (when `ColdOptions::background` is set).
     pub(crate) compactor: Worker,
     /// The last background compaction's error, if it failed.
@@ -192,8 +212,10 @@ pub struct ColdStatus {
     pub store: String,
     /// Segments in the manifest.
     pub cold_segments: usize,
-    /// Objects fetched from the store since open.
+    /// Whole objects fetched from the store since open (into the segment cache).
     pub fetches: u64,
+    /// Single blocks fetched for point reads since open.
+    pub block_fetches: u64,
     /// Segments in the local cache now, and their bytes.
     pub cached: (usize, u64),
     /// The last background compaction's error, if it failed.
@@ -274,6 +296,10 @@ impl ColdTier {
             cached: Mutex::new(Vec::new()),
             fetches: std::sync::atomic::AtomicU64::new(0),
             compacting: Mutex::new(()),
+            indexes: Mutex::new(std::collections::HashMap::new()),
+            blocks: Mutex::new((std::collections::VecDeque::new(), 0)),
+            block_cache_bytes: opts.cold.block_cache_bytes,
+            block_fetches: std::sync::atomic::AtomicU64::new(0),
             compactor: Worker::default(),
             last_error: Mutex::new(None),
         })
@@ -310,6 +336,9 @@ impl ColdTier {
             store: self.store_url(),
             cold_segments: lock(&self.manifest).entries.len(),
             fetches: self.fetches.load(std::sync::atomic::Ordering::Relaxed),
+            block_fetches: self
+                .block_fetches
+                .load(std::sync::atomic::Ordering::Relaxed),
             cached: (cached.len(), cached.iter().map(|c| c.bytes).sum()),
             last_error: lock(&self.last_error).clone(),
         }
@@ -352,6 +381,107 @@ impl ColdTier {
         )
         .map_err(io_err("mapping the cold cache", &path))?;
         Ok(map)
+    }
+
+    /// The block of a cold segment that holds the record at segment offset `offset`, and
+    /// the segment offset the block starts at: from the block cache, or fetched alone (its
+    /// frame by a range read, checked by its CRC and decompressed). The segment's block
+    /// index is fetched once, from the object's trailer, header and index ranges, and its
+    /// header and footer must be the manifest's.
+    pub(crate) fn block_at(
+        &self,
+        seg: &SegmentHandle,
+        place: &ColdPlace,
+        offset: u64,
+    ) -> Result<(u64, Arc<Vec<u8>>)> {
+        let index = self.block_index(seg, place)?;
+        let i = index.partition_point(|b| b.segment_end() <= offset);
+        let Some(b) = index.get(i).filter(|b| b.segment_offset <= offset) else {
+            return Err(super::background::corrupt(
+                &self.cache_path(seg.seq),
+                offset,
+                None,
+                format!("no block of cold segment {} holds offset {offset}", seg.seq),
+                None,
+            ));
+        };
+        {
+            let mut blocks = lock(&self.blocks);
+            if let Some(at) = blocks
+                .0
+                .iter()
+                .position(|(s, o, _)| *s == seg.seq && *o == b.segment_offset)
+            {
+                let hit = blocks.0.remove(at).expect("found above");
+                let bytes = Arc::clone(&hit.2);
+                blocks.0.push_back(hit);
+                return Ok((b.segment_offset, bytes));
+            }
+        }
+        let store = self.store(seg.seq, &place.key)?;
+        let url = store.url();
+        let frame = store
+            .get_range(&place.key, b.object_range())
+            .map_err(|e| cold_error(seg.seq, &place.key, &url, "fetching a block", Some(e)))?;
+        let data = decompress_block(b, &frame).map_err(|e| {
+            cold_error(
+                seg.seq,
+                &place.key,
+                &url,
+                format!("block at position {}: {e}", b.first_position),
+                None,
+            )
+        })?;
+        self.block_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = Arc::new(data);
+        let mut blocks = lock(&self.blocks);
+        blocks.1 += data.len() as u64;
+        blocks
+            .0
+            .push_back((seg.seq, b.segment_offset, Arc::clone(&data)));
+        while blocks.1 > self.block_cache_bytes && blocks.0.len() > 1 {
+            if let Some((_, _, old)) = blocks.0.pop_front() {
+                blocks.1 -= old.len() as u64;
+            }
+        }
+        Ok((b.segment_offset, data))
+    }
+
+    fn block_index(&self, seg: &SegmentHandle, place: &ColdPlace) -> Result<Arc<Vec<BlockEntry>>> {
+        if let Some(i) = lock(&self.indexes).get(&seg.seq) {
+            return Ok(Arc::clone(i));
+        }
+        let (key, entry) = (&place.key, &place.entry);
+        let store = self.store(seg.seq, key)?;
+        let url = store.url();
+        let fail =
+            |what: &str, e| cold_error(seg.seq, key, &url, format!("fetching its {what}"), Some(e));
+        let len = entry.object_len;
+        let tail = store
+            .get_range(key, len - COLD_TRAILER_LEN as u64..len)
+            .map_err(|e| fail("trailer", e))?;
+        let bad = |d: String| cold_error(seg.seq, key, &url, d, None);
+        let trailer = decode_trailer(&tail, len).map_err(|e| bad(format!("trailer: {e}")))?;
+        let head = store
+            .get_range(key, 0..COLD_HEADER_LEN as u64)
+            .map_err(|e| fail("header", e))?;
+        let header = decode_header(&head).map_err(|e| bad(format!("header: {e}")))?;
+        if header.segment_header != entry.segment_header
+            || header.segment_footer != entry.segment_footer
+        {
+            return Err(bad(
+                "the object holds another segment than the manifest names".into(),
+            ));
+        }
+        let raw = store
+            .get_range(key, trailer.index_offset..len - COLD_TRAILER_LEN as u64)
+            .map_err(|e| fail("block index", e))?;
+        let index = Arc::new(
+            decode_index(&raw, &header, &trailer).map_err(|e| bad(format!("block index: {e}")))?,
+        );
+        lock(&self.indexes).insert(seg.seq, Arc::clone(&index));
+        Ok(index)
     }
 
     /// Records that `seg` was just brought into the cache, and evicts the least recently

@@ -517,6 +517,21 @@ fn read_event_linked(
     offset: u64,
     position: Position,
 ) -> Result<(RecordedEvent, u64)> {
+    // A point read of a cold segment that is not in the segment cache needs only the block
+    // that holds the record (records never cross blocks).
+    if let Some(place) = seg.cold_place()
+        && seg.mapped().is_none()
+    {
+        let (start, block) = place.tier.block_at(seg, &place, offset)?;
+        let mut src = crate::segment::OffsetSource {
+            base: start,
+            bytes: &block,
+        };
+        let limit = start + block.len() as u64;
+        let rec = read_record(&mut src, seg.header.layout, offset, limit)
+            .map_err(|e| with_position(seg, e, position))?;
+        return Ok((to_event(seg, &rec, position)?, rec.header.stream_prev));
+    }
     let map = seg.map()?;
     let published = map.published();
     let bytes = map.read(0, published).unwrap_or_default();

@@ -90,6 +90,31 @@ impl ByteSource for SliceSource<'_> {
     }
 }
 
+/// Bytes of a segment from segment offset `base` on (one block of a cold segment).
+pub(crate) struct OffsetSource<'a> {
+    pub(crate) base: u64,
+    pub(crate) bytes: &'a [u8],
+}
+
+impl ByteSource for OffsetSource<'_> {
+    fn bytes(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
+        offset
+            .checked_sub(self.base)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| self.bytes.get(at..at.checked_add(len)?))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "read {offset}+{len} outside the block at {} of {} bytes",
+                        self.base,
+                        self.bytes.len()
+                    ),
+                )
+            })
+    }
+}
+
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RecordError {
