@@ -14,9 +14,10 @@
 //!   Backward)`, streams cycled with a prime stride, on the local log and on the compacted
 //!   one after every cold segment was fetched once (the cache holds them all). The issue's
 //!   target: cold_warm within 2x of local.
-//! - `cold/stream_latest_100/cold_fetch`: the same on the compacted log with a cache of one
-//!   segment, so that most reads fetch (read, check and rehydrate whole segments) from the
-//!   local-filesystem store. Reported, no target.
+//! - `cold/stream_latest_100/cold_fetch`: the same on the compacted log with caches of one
+//!   segment and one block, so that every event read fetches its block (a range read of
+//!   its frame, checked and decompressed) from the local-filesystem store. Reported, no
+//!   target.
 //! - `cold/replay/{local,cold_warm}`: `read_all` of the whole log forwards in pages of
 //!   4,096 events. Throughput in events. The target: cold_warm at least 0.7x local.
 //! - `cold/open/{local,cold}`: `Log::open` and `close` of each log (writable). The issue's
@@ -163,7 +164,9 @@ fn bench(c: &mut Criterion) {
     }
     drop(warm);
     {
-        let fetching = Log::open(&cold_dir, options(Some(Arc::clone(&store)), 1)).expect("open");
+        let mut fetching_options = options(Some(Arc::clone(&store)), 1);
+        fetching_options.cold.block_cache_bytes = 1;
+        let fetching = Log::open(&cold_dir, fetching_options).expect("open");
         let mut i = 0u64;
         g.sample_size(10);
         g.bench_function("cold_fetch", |b| {
@@ -175,9 +178,10 @@ fn bench(c: &mut Criterion) {
                 black_box(got.len())
             });
         });
+        let status = fetching.cold_status();
         eprintln!(
-            "cold: cold_fetch fetched {} objects",
-            fetching.cold_status().fetches
+            "cold: cold_fetch fetched {} whole objects and {} blocks",
+            status.fetches, status.block_fetches
         );
         fetching.close().expect("close");
     }
