@@ -751,3 +751,94 @@ fn log_id(dir: &Path) -> [u8; 16] {
     let bytes = std::fs::read(dir.join("tally.meta")).unwrap();
     bytes[16..32].try_into().unwrap()
 }
+
+/// A copy of a log (a backup restored by reference) shares the store and the log id. Once it
+/// diverges (here: the same log id with another history from the start), its compaction must
+/// never replace the original's objects: it refuses, and the original still reads. A store other than the one in `cold.store` is refused at open.
+#[test]
+fn objects_are_never_replaced_and_a_log_keeps_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let mut o = opts(Arc::clone(&store));
+    o.cold.policy.keep_local_segments = 4;
+    let log = Log::open(dir.path(), o.clone()).unwrap();
+    let before = snapshot(&log);
+    let moved = log.compact(None, false).unwrap().moved.len();
+    assert!(moved >= 2);
+    log.close().unwrap();
+
+    // Rewrite the copy from scratch with other events: same log id, another history.
+    let meta = std::fs::read(dir.path().join("tally.meta")).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("tally.meta"), &meta).unwrap();
+    let c = Log::open(other.path(), opts(Arc::clone(&store))).unwrap();
+    for i in 0..1_500u64 {
+        c.append(
+            "other",
+            ExpectedVersion::Any,
+            &[EventData::json(
+                "X",
+                format!("{{\"i\":{i},\"pad\":\"{}\"}}", "y".repeat(200)),
+            )],
+        )
+        .unwrap();
+    }
+    c.wait_sealed().unwrap();
+    let err = c.compact(None, false).unwrap_err();
+    assert!(
+        matches!(err, Error::Cold { seq: 0, .. }) && err.to_string().contains("never replaced"),
+        "{err}"
+    );
+    c.close().unwrap();
+    let log = Log::open(dir.path(), o).unwrap();
+    assert_eq!(snapshot(&log), before, "the original's objects are intact");
+    log.verify().unwrap();
+    log.close().unwrap();
+
+    // Another store than the one the log's cold segments are in.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other_store: Arc<dyn ColdStore> = Arc::new(DirStore::new(elsewhere.path()).unwrap());
+    let err = Log::open(dir.path(), opts(other_store)).unwrap_err();
+    assert!(matches!(err, Error::InvalidOptions { .. }), "{err}");
+    assert!(err.to_string().contains("cold.store"), "{err}");
+}
+
+#[test]
+fn a_manifest_entry_of_an_unknown_kind_refuses_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    let path = dir.path().join(COLD_MANIFEST_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The last entry says kind 2 with a good CRC (a newer build's entry): never dropped.
+    let at = bytes.len() - MANIFEST_ENTRY_LEN;
+    bytes[at] = 2;
+    let crc = crc32(&bytes[at..at + MANIFEST_ENTRY_LEN - 4]);
+    let end = bytes.len();
+    bytes[end - 4..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Log::open(dir.path(), opts(store)).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+}
+
+/// CRC-32 (IEEE), bit by bit.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

@@ -69,8 +69,12 @@ pub fn open_store(url: &str) -> io::Result<Arc<dyn ColdStore>> {
                 ));
             }
             std::fs::create_dir_all(path)?;
+            // fsync of every object and its directories before a put returns: compaction
+            // removes the local segment once the put and the read-back succeed, so the
+            // object must be as durable as S3 makes its own.
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(to_io)?
+                .with_fsync(true)
                 .with_automatic_cleanup(true);
             (Arc::new(fs), String::new())
         } else if let Some(rest) = url.strip_prefix("s3://") {

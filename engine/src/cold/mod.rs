@@ -119,7 +119,18 @@ impl ColdStore for DirStore {
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
         let path = self.path(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_owned();
-        self.fs.create_dir_all(&dir)?;
+        if !self.fs.exists(&dir) {
+            // The new directories' entries are durable before the object is trusted.
+            self.fs.create_dir_all(&dir)?;
+            let mut at = dir.as_path();
+            while let Some(parent) = at.parent() {
+                self.fs.sync_dir(parent)?;
+                if at == self.root {
+                    break;
+                }
+                at = parent;
+            }
+        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -464,9 +464,19 @@ pub fn decode_index(
                 e.compressed_len, e.uncompressed_len, e.record_count
             )));
         }
-        object_at += u64::from(e.compressed_len);
-        segment_at += u64::from(e.uncompressed_len);
-        position = e.end_position();
+        let overflow = || bad("offsets or positions overflow".to_owned());
+        object_at = object_at
+            .checked_add(u64::from(e.compressed_len))
+            .ok_or_else(overflow)?;
+        segment_at = segment_at
+            .checked_add(u64::from(e.uncompressed_len))
+            .ok_or_else(overflow)?;
+        position = Position(
+            position
+                .0
+                .checked_add(u64::from(e.record_count))
+                .ok_or_else(overflow)?,
+        );
         blocks.push(e);
     }
     if object_at != trailer.index_offset

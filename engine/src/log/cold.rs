@@ -251,6 +251,22 @@ impl ColdTier {
         opts: &super::Options,
         read_only: bool,
     ) -> Result<ColdTier> {
+        let recorded = match fs.read_to_string(&dir.join(COLD_STORE_FILE)) {
+            Ok(url) => Some(url.trim().to_owned()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("reading", dir.join(COLD_STORE_FILE))(e)),
+        };
+        if let (Some(s), Some(url)) = (&opts.cold.store, &recorded)
+            && s.url() != *url
+        {
+            // One store per log: cold segments in two stores could not all be read back.
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "the log's cold segments are in {url} (its cold.store); the store given is {}",
+                    s.url()
+                ),
+            });
+        }
         let (store, no_store) = match &opts.cold.store {
             Some(s) => (Some(Arc::clone(s)), String::new()),
             None => match fs.read_to_string(&dir.join(COLD_STORE_FILE)) {
@@ -361,8 +377,9 @@ impl ColdTier {
         let key = &place.key;
         let store = self.store(seg.seq, key)?;
         let url = store.url();
+        // Exactly the manifest's length: a store that returns more is not read further.
         let object = store
-            .get(key)
+            .get_range(key, 0..entry.object_len)
             .map_err(|e| cold_error(seg.seq, key, &url, "fetching the cold object", Some(e)))?;
         self.fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -511,13 +528,18 @@ impl ColdTier {
             victims
         };
         for v in victims {
-            if let Some(slot) = v.slot.upgrade() {
-                *slot
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            // Under the victim's slot lock, so that no read maps a fresh copy of it between
+            // the two steps. Readers that hold the map keep reading it: an unlinked file
+            // stays mapped.
+            let slot = v.slot.upgrade();
+            let mut guard = slot
+                .as_ref()
+                .map(|s| s.write().unwrap_or_else(std::sync::PoisonError::into_inner));
+            if let Some(g) = guard.as_mut() {
+                **g = None;
             }
-            // Readers that hold the map keep reading it: an unlinked file stays mapped.
             let _ = fs.remove_file(&self.cache_path(v.seq));
+            drop(guard);
         }
     }
 
@@ -604,23 +626,20 @@ fn read_manifest(fs: &crate::Storage, dir: &Path, log_id: &[u8; 16]) -> Result<M
         let offset = (MANIFEST_HEADER_LEN + i * MANIFEST_ENTRY_LEN) as u64;
         let e = match decode_manifest_entry(raw) {
             Ok(e) => e,
-            Err(_)
-                if i + 1 == whole
-                    && !fs.exists(
-                        &dir.join(
-                            // Torn only if nothing acted on it: the segment is still local.
-                            SegmentSeq(crate::format::le::u64_at(raw, crate::format::cold::ME_SEQ))
-                                .file_name(),
-                        ),
-                    ) =>
-            {
+            // A torn append fails its CRC; it is ignored only if nothing acted on it (its
+            // segment is still local). Anything else (an unknown kind with a good CRC, from
+            // a newer build) refuses the open rather than being overwritten.
+            Err(e @ crate::format::DecodeError::Checksum { .. }) if i + 1 == whole => {
+                let seq = SegmentSeq(crate::format::le::u64_at(raw, crate::format::cold::ME_SEQ));
+                if fs.exists(&dir.join(seq.file_name())) {
+                    break;
+                }
                 return Err(corrupt(
                     offset,
                     "the last cold manifest entry is damaged and its segment is not local".into(),
-                    decode_manifest_entry(raw).err(),
+                    Some(e),
                 ));
             }
-            Err(_) if i + 1 == whole => break,
             Err(e) => return Err(corrupt(offset, "cold manifest entry".into(), Some(e))),
         };
         if e.segment_header.log_id != *log_id || m.entries.contains_key(&e.seq) {
@@ -806,7 +825,7 @@ pub(crate) fn compact(
         let object = with_retries(
             shared.opts.cold.attempts,
             shared.opts.cold.first_retry_wait,
-            || store.get(&key),
+            || store.get_range(&key, 0..entry.object_len),
         )
         .map_err(|e| {
             cold_error(
@@ -888,13 +907,43 @@ fn move_segment(
     )
     .map_err(|e| cold_error(seg.seq, key, &url, format!("encoding: {e}"), None))?;
     drop(map);
-    with_retries(cold.attempts, cold.first_retry_wait, || {
-        store.put(key, &object)
-    })
-    .map_err(|e| cold_error(seg.seq, key, &url, "writing the cold object", Some(e)))?;
+    // Create only: an object already under this key is kept when it is this one (an
+    // earlier attempt), and never replaced when it is not (another copy of this log, such as
+    // a restored backup that has since diverged, owns it).
+    let existing = with_retries(cold.attempts, cold.first_retry_wait, || store.head(key))
+        .map_err(|e| cold_error(seg.seq, key, &url, "looking up the cold object", Some(e)))?;
+    let same = match existing {
+        Some(len) if len == object.len() as u64 => {
+            with_retries(cold.attempts, cold.first_retry_wait, || {
+                store.get_range(key, 0..len)
+            })
+            .map_err(|e| cold_error(seg.seq, key, &url, "reading the existing object", Some(e)))?
+                == object
+        }
+        _ => false,
+    };
+    if existing.is_some() && !same {
+        return Err(cold_error(
+            seg.seq,
+            key,
+            &url,
+            "another object already holds this key (another copy of this log, or an earlier \
+             attempt with other settings); it is never replaced: remove it if no manifest \
+             names it",
+            None,
+        ));
+    }
+    if !same {
+        with_retries(cold.attempts, cold.first_retry_wait, || {
+            store.put(key, &object)
+        })
+        .map_err(|e| cold_error(seg.seq, key, &url, "writing the cold object", Some(e)))?;
+    }
     // 3. Read back and check against the local bytes.
-    let back = with_retries(cold.attempts, cold.first_retry_wait, || store.get(key))
-        .map_err(|e| cold_error(seg.seq, key, &url, "reading back the cold object", Some(e)))?;
+    let back = with_retries(cold.attempts, cold.first_retry_wait, || {
+        store.get_range(key, 0..object.len() as u64)
+    })
+    .map_err(|e| cold_error(seg.seq, key, &url, "reading back the cold object", Some(e)))?;
     let entry = ManifestEntry {
         seq: seg.seq,
         recorded_time: now(),

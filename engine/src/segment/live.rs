@@ -141,11 +141,17 @@ impl SegmentHandle {
             };
             let path = place.tier.cache_path(self.seq);
             drop(cold);
-            let _map = self.map()?;
+            let map = self.map()?;
             match self.fs.open(&path, OpenMode::Read) {
                 Ok(file) => return Ok((file, path)),
-                // Evicted between the fetch and the open: fetch again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Evicted between the fetch and the open: forget that map (unless a newer
+                // one replaced it) and fetch again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
+                    if slot.as_ref().is_some_and(|m| Arc::ptr_eq(m, &map)) {
+                        *slot = None;
+                    }
+                }
                 Err(e) => return Err(Error::io("opening the cold cache", &path)(e)),
             }
         }
