@@ -117,6 +117,39 @@ fn sealed_log(dir: &Path, store: &Arc<dyn ColdStore>, n: u64) {
     log.close().unwrap();
 }
 
+/// What a reader sees of a log: forwards, backwards, and each stream.
+type Snapshot = (
+    Vec<RecordedEvent>,
+    Vec<RecordedEvent>,
+    Vec<Vec<RecordedEvent>>,
+);
+
+/// A log of several sealed segments, compacted by the test policy to a directory store.
+struct Compacted {
+    dir: tempfile::TempDir,
+    root: tempfile::TempDir,
+    store: Arc<dyn ColdStore>,
+    /// What it read as before the compaction.
+    before: Snapshot,
+}
+
+fn compacted(n: u64) -> Compacted {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, n);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let before = snapshot(&log);
+    log.compact(None, false).unwrap();
+    log.close().unwrap();
+    Compacted {
+        dir,
+        root,
+        store,
+        before,
+    }
+}
+
 #[test]
 fn compaction_moves_sealed_segments_and_every_read_still_works() {
     let dir = tempfile::tempdir().unwrap();
@@ -206,14 +239,12 @@ fn compaction_moves_sealed_segments_and_every_read_still_works() {
 
 #[test]
 fn a_cache_smaller_than_the_log_evicts_and_fetches_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
-    sealed_log(dir.path(), &store, 3_000);
-    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
-    let before = snapshot(&log);
-    log.compact(None, false).unwrap();
-    log.close().unwrap();
+    let Compacted {
+        dir,
+        root: _root,
+        store,
+        before,
+    } = compacted(3_000);
     let mut o = opts(Arc::clone(&store));
     o.cold.cache_bytes = 1; // one segment at a time
     let log = Log::open(dir.path(), o).unwrap();
@@ -233,14 +264,12 @@ fn a_cache_smaller_than_the_log_evicts_and_fetches_again() {
 
 #[test]
 fn a_read_only_view_reads_cold_segments_through_a_private_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
-    sealed_log(dir.path(), &store, 2_000);
-    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
-    let before = snapshot(&log);
-    log.compact(None, false).unwrap();
-    log.close().unwrap();
+    let Compacted {
+        dir,
+        root: _root,
+        store,
+        before,
+    } = compacted(2_000);
     let listing = |p: &Path| {
         let mut v: Vec<(String, u64)> = walk(p);
         v.sort();
@@ -441,14 +470,12 @@ fn manifest_entries(dir: &Path) -> usize {
 
 #[test]
 fn the_manifest_is_trusted_only_as_far_as_its_rules_allow() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
-    sealed_log(dir.path(), &store, 2_000);
-    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
-    let before = snapshot(&log);
-    log.compact(None, false).unwrap();
-    log.close().unwrap();
+    let Compacted {
+        dir,
+        root: _root,
+        store,
+        before,
+    } = compacted(2_000);
     let path = dir.path().join(COLD_MANIFEST_FILE);
     let good = std::fs::read(&path).unwrap();
     let open = || Log::open(dir.path(), opts(Arc::clone(&store)));
@@ -702,14 +729,12 @@ fn a_power_cut_at_any_step_of_a_compaction_loses_nothing() {
 /// and named, and a whole-segment read (replay) still works beside it.
 #[test]
 fn a_stream_read_fetches_only_the_blocks_it_needs() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
-    sealed_log(dir.path(), &store, 3_000);
-    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
-    let before = snapshot(&log);
-    log.compact(None, false).unwrap();
-    log.close().unwrap();
+    let Compacted {
+        dir,
+        root: _root,
+        store,
+        before,
+    } = compacted(3_000);
 
     let mut o = opts(Arc::clone(&store));
     o.cold.block_cache_bytes = 1 << 20;
@@ -807,38 +832,21 @@ fn objects_are_never_replaced_and_a_log_keeps_one_store() {
 
 #[test]
 fn a_manifest_entry_of_an_unknown_kind_refuses_the_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
-    sealed_log(dir.path(), &store, 2_000);
-    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
-    log.compact(None, false).unwrap();
-    log.close().unwrap();
+    let Compacted {
+        dir,
+        root: _root,
+        store,
+        ..
+    } = compacted(2_000);
     let path = dir.path().join(COLD_MANIFEST_FILE);
     let mut bytes = std::fs::read(&path).unwrap();
     // The last entry says kind 2 with a good CRC (a newer build's entry): never dropped.
     let at = bytes.len() - MANIFEST_ENTRY_LEN;
     bytes[at] = 2;
-    let crc = crc32(&bytes[at..at + MANIFEST_ENTRY_LEN - 4]);
+    let crc = crc32fast::hash(&bytes[at..at + MANIFEST_ENTRY_LEN - 4]);
     let end = bytes.len();
     bytes[end - 4..].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
     let err = Log::open(dir.path(), opts(store)).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
-}
-
-/// CRC-32 (IEEE), bit by bit.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }

@@ -11,7 +11,7 @@ mod common;
 use serde_json::Value;
 use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
 
-use common::{stdout, tally};
+use common::{stdout, success_json as json, tally};
 
 fn write_log(dir: &std::path::Path) -> u64 {
     let log = Log::open(
@@ -42,16 +42,6 @@ fn write_log(dir: &std::path::Path) -> u64 {
     log.wait_sealed().unwrap();
     log.close().unwrap();
     n
-}
-
-fn json(o: &std::process::Output) -> Value {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(o),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_str(&stdout(o)).unwrap()
 }
 
 #[test]

@@ -15,7 +15,7 @@ mod common;
 use serde_json::Value;
 use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
 
-use common::{stdout, tally};
+use common::{stdout, success_json as json, tally};
 
 /// The bucket URL to use, or `None` (after saying so) when no S3 server is configured.
 fn s3_prefix(test: &str) -> Option<String> {
@@ -42,16 +42,6 @@ fn s3_prefix(test: &str) -> Option<String> {
             None
         }
     }
-}
-
-fn json(o: &std::process::Output) -> Value {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(o),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_str(&stdout(o)).unwrap()
 }
 
 #[test]

@@ -69,3 +69,14 @@ pub fn tally(args: &[&str]) -> Output {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// The JSON a successful command printed (the test fails with its output otherwise).
+pub fn success_json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&stdout(o)).unwrap()
+}
