@@ -12,7 +12,6 @@
 
 mod common;
 
-use serde_json::Value;
 use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
 
 use common::{stdout, success_json as json, tally};
