@@ -850,3 +850,28 @@ fn a_manifest_entry_of_an_unknown_kind_refuses_the_open() {
     let err = Log::open(dir.path(), opts(store)).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
 }
+
+/// A read-only view opened beside a writer (as `tally verify` beside tallyd) reads a segment
+/// that the writer moved to the cold tier after the view opened: the manifest is read
+/// again, and the segment is read through the store.
+#[test]
+fn a_read_only_view_follows_a_compaction_after_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    sealed_log(dir.path(), &store, 2_000);
+    let writer = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    writer.wait_sealed().unwrap();
+    let before = snapshot(&writer);
+    let mut o = opts(Arc::clone(&store));
+    o.recovery = tally_engine::RecoveryMode::ReadOnly;
+    let view = Log::open(dir.path(), o).unwrap();
+    assert_eq!(cold_count(&view), 0);
+    let moved = writer.compact(None, false).unwrap().moved.len();
+    assert!(moved >= 3);
+    assert_eq!(snapshot(&view), before, "the view reads what moved");
+    assert!(view.cold_status().fetches + view.cold_status().block_fetches > 0);
+    view.verify().unwrap();
+    view.close().unwrap();
+    writer.close().unwrap();
+}

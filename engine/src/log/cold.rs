@@ -203,6 +203,9 @@ pub(crate) struct ColdTier {
     pub(crate) compactor: Worker,
     /// The last background compaction's error, if it failed.
     last_error: Mutex<Option<String>>,
+    /// The data directory and the log's id, to read the manifest again.
+    dir: PathBuf,
+    log_id: [u8; 16],
 }
 
 /// The cold tier as [`super::Log::cold_status`] reports it.
@@ -318,7 +321,28 @@ impl ColdTier {
             block_fetches: std::sync::atomic::AtomicU64::new(0),
             compactor: Worker::default(),
             last_error: Mutex::new(None),
+            dir: dir.to_owned(),
+            log_id: *log_id,
         })
+    }
+
+    /// Where segment `seq` is in the cold tier if a writer moved it there after this log
+    /// opened (its local file is gone): the manifest read again.
+    pub(crate) fn moved_since_open(
+        self: &Arc<Self>,
+        fs: &crate::Storage,
+        seq: SegmentSeq,
+    ) -> Result<Option<ColdPlace>> {
+        let m = read_manifest(fs, &self.dir, &self.log_id)?;
+        let Some(entry) = m.entries.get(&seq).copied() else {
+            return Ok(None);
+        };
+        lock(&self.manifest).entries.insert(seq, entry);
+        Ok(Some(ColdPlace {
+            entry,
+            key: cold_object_key(&self.log_id, seq),
+            tier: Arc::clone(self),
+        }))
     }
 
     /// The manifest's entries, oldest segment first.

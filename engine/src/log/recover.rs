@@ -389,17 +389,20 @@ fn new_shared(
         read_only,
         commit: CommitPath::new(opts.durability == Durability::Fsync),
         visible: Visible::default(),
-        segments: SegmentSet::new(Spares {
-            prepared: spares
-                .iter()
-                .map(|(s, _)| *s)
-                .chain(found.iter().map(|f| f.seq))
-                .chain(torn.iter().map(|t| t.0))
-                .max(),
-            ready: spares.clone(),
-            wanted: None,
-            error: None,
-        }),
+        segments: SegmentSet::new(
+            Spares {
+                prepared: spares
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .chain(found.iter().map(|f| f.seq))
+                    .chain(torn.iter().map(|t| t.0))
+                    .max(),
+                ready: spares.clone(),
+                wanted: None,
+                error: None,
+            },
+            Arc::clone(&cold),
+        ),
         evidence: Evidence::new(seed),
         indexing: Indexing::new(),
         cold,
@@ -1657,6 +1660,7 @@ fn make_writer(
             map: Arc::new(RwLock::new(None)),
             state: RwLock::new(SegState::Active),
             cold: RwLock::new(None),
+            tier: std::sync::OnceLock::new(),
         });
         return Ok(Writer {
             seg: ActiveSegment {

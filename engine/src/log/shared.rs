@@ -89,10 +89,12 @@ pub(crate) struct SegmentSet {
     pub(crate) abandon_seals: AtomicBool,
     /// Segments whose sidecar was rebuilt since open (for the recovery report).
     pub(crate) rebuilt: Mutex<Vec<SegmentSeq>>,
+    /// The cold tier, handed to every segment that joins the list.
+    tier: Arc<super::cold::ColdTier>,
 }
 
 impl SegmentSet {
-    pub(crate) fn new(spares: Spares) -> SegmentSet {
+    pub(crate) fn new(spares: Spares, tier: Arc<super::cold::ColdTier>) -> SegmentSet {
         SegmentSet {
             list: RwLock::new(Vec::new()),
             spares: Ordered::new(Rank::Spares, Mutex::new(spares)),
@@ -102,6 +104,7 @@ impl SegmentSet {
             sealing_cv: Condvar::new(),
             abandon_seals: AtomicBool::new(false),
             rebuilt: Mutex::new(Vec::new()),
+            tier,
         }
     }
 
@@ -130,6 +133,7 @@ impl SegmentSet {
             list.last().is_none_or(|l| l.seq < segment.seq),
             "segments are added in order"
         );
+        let _ = segment.tier.set(Arc::clone(&self.tier));
         list.push(segment);
     }
 }

@@ -2,13 +2,13 @@
 //! seal, or a sealed one, as readers, the writer and the sealer share it.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use crate::error::{Error, Result};
 use crate::format::SegmentSeq;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::index::{ActiveIndex, SealedIndex};
-use crate::log::ColdPlace;
+use crate::log::{ColdPlace, ColdTier};
 use crate::sys::{FsFile, MapWriter, OpenMode, SegmentMap};
 
 /// One segment, as readers and the sealer see it.
@@ -27,6 +27,9 @@ pub(crate) struct SegmentHandle {
     /// through the cache. Held for reading while the local file is opened, for writing
     /// while compaction moves it.
     pub(crate) cold: RwLock<Option<ColdPlace>>,
+    /// The log's cold tier, set when the segment joins the log's list: a read-only view
+    /// asks it where a local segment went when a writer moved it after the view opened.
+    pub(crate) tier: OnceLock<Arc<ColdTier>>,
 }
 
 /// A segment's map, when it is mapped.
@@ -67,6 +70,7 @@ impl SegmentHandle {
             map: Arc::new(RwLock::new(map)),
             state: RwLock::new(state),
             cold: RwLock::new(None),
+            tier: OnceLock::new(),
         }
     }
 
@@ -101,14 +105,35 @@ impl SegmentHandle {
             SegState::Frozen { data_end, .. } => *data_end,
             SegState::Active => unreachable!("the active segment is mapped at activation"),
         };
-        let file = self
-            .fs
-            .open(&self.path, OpenMode::Read)
-            .map_err(Error::io("opening segment", &self.path))?;
+        let file = match self.fs.open(&self.path, OpenMode::Read) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                drop(cold);
+                if self.moved_to_cold()? {
+                    return self.map();
+                }
+                return Err(Error::io("opening segment", &self.path)(e));
+            }
+            Err(e) => return Err(Error::io("opening segment", &self.path)(e)),
+        };
         let map = SegmentMap::map_read_only(&*file, self.header.capacity, data_end)
             .map_err(Error::io("mapping segment", &self.path))?;
         let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
         Ok(Arc::clone(slot.get_or_insert(map)))
+    }
+
+    /// Whether the segment, whose local file is gone, was moved to the cold tier after this
+    /// log opened (by a writer beside this read-only view): the manifest is read again, and
+    /// the segment is read from the cold tier from now on.
+    fn moved_to_cold(&self) -> Result<bool> {
+        let Some(tier) = self.tier.get() else {
+            return Ok(false);
+        };
+        let Some(place) = tier.moved_since_open(&self.fs, self.seq)? else {
+            return Ok(false);
+        };
+        *self.cold.write().unwrap_or_else(PoisonError::into_inner) = Some(place);
+        Ok(true)
     }
 
     /// The segment's map if it is mapped now.
@@ -133,11 +158,17 @@ impl SegmentHandle {
         for _ in 0..3 {
             let cold = self.cold.read().unwrap_or_else(PoisonError::into_inner);
             let Some(place) = &*cold else {
-                let file = self
-                    .fs
-                    .open(&self.path, OpenMode::Read)
-                    .map_err(Error::io("opening segment", &self.path))?;
-                return Ok((file, self.path.clone()));
+                match self.fs.open(&self.path, OpenMode::Read) {
+                    Ok(file) => return Ok((file, self.path.clone())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        drop(cold);
+                        if self.moved_to_cold()? {
+                            continue;
+                        }
+                        return Err(Error::io("opening segment", &self.path)(e));
+                    }
+                    Err(e) => return Err(Error::io("opening segment", &self.path)(e)),
+                }
             };
             let path = place.tier.cache_path(self.seq);
             drop(cold);
