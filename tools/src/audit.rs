@@ -73,10 +73,18 @@ fn b64() -> base64::engine::GeneralPurpose {
 
 /// Writes an audit extract of format 3 (`crate::extract`), or with `--format 2` one of the
 /// format before it.
-pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
-    if a.format == 3 {
-        return crate::extract::write(a);
-    }
+/// What an extract selects (as its JSON query), the log opened for it (writable when no
+/// other process holds it), and the one checkpoint that covers every selected event: a
+/// fresh one when the log is free, else the latest the running writer wrote. Both extract
+/// formats start here.
+pub(crate) fn open_for_extract(
+    a: &ExtractArgs,
+) -> Result<(
+    Value,
+    Log,
+    bool,
+    tally_engine::format::checkpoint::SignedCheckpoint,
+)> {
     let query = if let Some(s) = &a.stream {
         json!({"stream": s})
     } else if let Some(c) = &a.correlation {
@@ -87,8 +95,6 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
         bail!("select events with --stream, --correlation or --from-time/--to-time");
     };
     let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
-    // One checkpoint covers every selected event: a fresh one when the log is free, else
-    // the latest the running server wrote.
     let cp = if writable {
         log.checkpoint()?
     } else {
@@ -96,6 +102,14 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
             "the log is open by another process and has no checkpoint yet; try again after its next checkpoint",
         )?
     };
+    Ok((query, log, writable, cp))
+}
+
+pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
+    if a.format == 3 {
+        return crate::extract::write(a);
+    }
+    let (query, log, writable, cp) = open_for_extract(a)?;
     let size = cp.statement.tree_size;
     let v2 = cp.statement.streams.is_some();
     let (positions, completeness) = select(&log, a, size, v2)?;
@@ -549,8 +563,8 @@ fn check_record(
     Ok(CheckedRecord { header, body })
 }
 
-/// A JSON array of 64-hex-digit hashes.
-fn hash_list(v: &Value, path: &str) -> Result<Vec<[u8; 32]>, Finding> {
+/// A JSON array of at most 256 64-hex-digit hashes (no proof has more).
+pub(crate) fn hash_list(v: &Value, path: &str) -> Result<Vec<[u8; 32]>, Finding> {
     let items = v
         .as_array()
         .ok_or_else(|| Finding(format!("{path}: not an array")))?;

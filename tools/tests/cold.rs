@@ -11,7 +11,7 @@ mod common;
 use serde_json::Value;
 use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
 
-use common::{stdout, success_json as json, tally};
+use common::{stdout, succeeded, success_json as json, tally};
 
 fn write_log(dir: &std::path::Path) -> u64 {
     let log = Log::open(
@@ -142,12 +142,7 @@ fn compact_moves_segments_and_every_tool_reads_across_tiers() {
         "--out",
         ext.to_str().unwrap(),
     ]);
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    succeeded(&o);
     let pubkey = stdout(&tally(&["pubkey", d]));
     let key = dir.path().join("log.pub");
     std::fs::write(&key, pubkey).unwrap();
@@ -157,12 +152,7 @@ fn compact_moves_segments_and_every_tool_reads_across_tiers() {
         "--pubkey",
         key.to_str().unwrap(),
     ]);
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    succeeded(&o);
     assert!(stdout(&o).contains(&format!("{}", n / 4)), "{}", stdout(&o));
 
     // A cold object altered in the store: verify fails and names it.
@@ -217,12 +207,7 @@ fn backup_takes_cold_segments_by_reference_or_by_copy() {
     let out = tempfile::tempdir().unwrap();
     let by_ref = out.path().join("ref");
     let o = tally(&["backup", d, by_ref.to_str().unwrap()]);
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    succeeded(&o);
     assert!(by_ref.join("cold.manifest").exists() && by_ref.join("cold.store").exists());
     assert!(
         !by_ref.join("00000000000000000000.seg").exists(),
@@ -237,12 +222,7 @@ fn backup_takes_cold_segments_by_reference_or_by_copy() {
 
     let by_copy = out.path().join("copy");
     let o = tally(&["backup", d, by_copy.to_str().unwrap(), "--cold", "copy"]);
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    succeeded(&o);
     assert!(!by_copy.join("cold.manifest").exists());
     assert!(by_copy.join("00000000000000000000.seg").exists());
     // The copy needs no store: it verifies and dumps with the store gone.

@@ -14,7 +14,7 @@ mod common;
 
 use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
 
-use common::{stdout, success_json as json, tally};
+use common::{stdout, succeeded, success_json as json, tally};
 
 /// The bucket URL to use, or `None` (after saying so) when no S3 server is configured.
 fn s3_prefix(test: &str) -> Option<String> {
@@ -86,12 +86,7 @@ fn segments_compacted_to_s3_read_back_through_every_tool() {
     // Every tool reads through the bucket (DIR/cold.store names it).
     assert_eq!(stdout(&tally(&["dump", d])), dump);
     let v = tally(&["verify", d]);
-    assert!(
-        v.status.success(),
-        "{}{}",
-        stdout(&v),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    succeeded(&v);
     let inspect = json(&tally(&["inspect", d, "--json"]));
     let cold = inspect["segments"]
         .as_array()
@@ -102,12 +97,7 @@ fn segments_compacted_to_s3_read_back_through_every_tool() {
     assert_eq!(cold, moved);
     let copy = dir.path().join("backup");
     let o = tally(&["backup", d, copy.to_str().unwrap(), "--cold", "copy"]);
-    assert!(
-        o.status.success(),
-        "{}{}",
-        stdout(&o),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    succeeded(&o);
 
     // An object deleted from the bucket: verify fails and names it.
     let store = tally_server_store(&url);

@@ -519,8 +519,8 @@ fn read_event_linked(
 ) -> Result<(RecordedEvent, u64)> {
     // A point read of a cold segment that is not in the segment cache needs only the block
     // that holds the record (records never cross blocks).
-    if let Some(place) = seg.cold_place()
-        && seg.mapped().is_none()
+    if seg.mapped().is_none()
+        && let Some(place) = seg.cold_place()
     {
         let (start, block) = place.tier.block_at(seg, &place, offset)?;
         let mut src = crate::segment::OffsetSource {

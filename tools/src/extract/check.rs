@@ -22,7 +22,7 @@ use tally_engine::format::checkpoint::Statement;
 use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::format::heads::{HeadProof, stream_key};
 use tally_engine::format::multiproof::RangeFolder;
-use tally_engine::format::proof::{ProofError, hex, parse_hex};
+use tally_engine::format::proof::{ProofError, hex};
 use tally_engine::format::record::{Layout, NO_STREAM_PREV, RecordHeader};
 
 use super::codec::{Next, RawItem, Reader, Role};
@@ -314,7 +314,7 @@ impl Fold {
                 self.events
             )));
         }
-        let gaps = hashes(t("gap")?, "trailer.gap")?;
+        let gaps = crate::audit::hash_list(t("gap")?, "trailer.gap")?;
         match self.folder.push_gap(self.s.tree_size, &gaps) {
             Ok(()) => {}
             Err(ProofError::WrongLength { found, expected }) => {
@@ -354,7 +354,7 @@ impl Fold {
                     })
                 };
                 let (version, position) = (int("version")?, int("position")?);
-                let siblings = hashes(
+                let siblings = crate::audit::hash_list(
                     head.get("proof").unwrap_or(&Value::Null),
                     "trailer.head.proof",
                 )?;
@@ -412,28 +412,6 @@ impl Fold {
         };
         Ok((kind, self.events))
     }
-}
-
-/// A JSON array of at most 256 hashes in hex.
-fn hashes(v: &Value, path: &str) -> Result<Vec<Hash32>, Finding> {
-    let items = v
-        .as_array()
-        .ok_or_else(|| Finding(format!("{path}: not an array")))?;
-    if items.len() > 256 {
-        return Err(Finding(format!(
-            "{path}: {} hashes, more than any proof has",
-            items.len()
-        )));
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(j, h)| {
-            h.as_str()
-                .and_then(parse_hex::<32>)
-                .ok_or_else(|| Finding(format!("{path}[{j}]: not 64 hex digits")))
-        })
-        .collect()
 }
 
 fn selection(head: &Value) -> Result<Selection, Finding> {

@@ -28,7 +28,7 @@ use tally_engine::format::record::RecordHeader;
 use tally_engine::{Direction, Field, Log, Position, Query, Verify};
 
 use crate::audit::{ExtractArgs, V1_WHY};
-use crate::ops::{checkpoint_json, open_writable_if_free, parse_time, rfc3339};
+use crate::ops::{checkpoint_json, parse_time, rfc3339};
 use codec::{Form, Role, Writer};
 
 /// The format 3 name, in the head of both forms.
@@ -184,23 +184,7 @@ impl Out<'_> {
 
 /// Writes a format 3 extract (docs/EXTRACT.md, section 6).
 pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
-    let query = if let Some(s) = &a.stream {
-        json!({"stream": s})
-    } else if let Some(c) = &a.correlation {
-        json!({"correlation_id": c})
-    } else if let (Some(f), Some(t)) = (&a.from_time, &a.to_time) {
-        json!({"from_time": rfc3339(parse_time(f)?), "to_time": rfc3339(parse_time(t)?)})
-    } else {
-        bail!("select events with --stream, --correlation or --from-time/--to-time");
-    };
-    let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
-    let cp = if writable {
-        log.checkpoint()?
-    } else {
-        *log.checkpoints().last().context(
-            "the log is open by another process and has no checkpoint yet; try again after its next checkpoint",
-        )?
-    };
+    let (query, log, writable, cp) = crate::audit::open_for_extract(a)?;
     let tmp = a.out.with_extension("tmp");
     let result = write_to(a, &log, writable, &cp, query, &tmp);
     if writable {

@@ -70,13 +70,18 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// The JSON a successful command printed (the test fails with its output otherwise).
-pub fn success_json(o: &Output) -> serde_json::Value {
+/// What a command that must succeed printed (the test fails with its output otherwise).
+pub fn succeeded(o: &Output) -> String {
     assert!(
         o.status.success(),
         "{}{}",
         stdout(o),
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_str(&stdout(o)).unwrap()
+    stdout(o)
+}
+
+/// The JSON a successful command printed (the test fails with its output otherwise).
+pub fn success_json(o: &Output) -> serde_json::Value {
+    serde_json::from_str(&succeeded(o)).unwrap()
 }
