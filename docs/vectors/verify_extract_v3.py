@@ -257,10 +257,14 @@ def decode_header(h, version):
 LIMITS = [256, 128, 128, 128, 128, 128]  # stream, aggregate_type, event_type, correlation, causation, actor
 
 
-def decode_envelope(b):
-    """FORMAT.md 6: the event envelope."""
+def decode_envelope(b, version):
+    """FORMAT.md 6: the event envelope. Under a version 2 statement (a log of format
+    version 2 or 3, EXTRACT.md 3 step 5.6), payload_form may be 1: a 40-byte blob
+    reference (FORMAT.md 6.5)."""
     need(len(b) >= 48, "envelope shorter than 48 bytes")
-    need(b[29] == 0 and b[42:44] == bytes(2), "envelope reserved bytes not zero")
+    need(b[42:44] == bytes(2), "envelope reserved bytes not zero")
+    form = b[29]
+    need(form == 0 or (version == 2 and form == 1), "envelope payload_form %d not allowed" % form)
     ct = b[28]
     need(ct in (0, 1), "unknown content_type %d" % ct)
     lens = [le16(b, 30 + 2 * i) for i in range(6)]
@@ -269,6 +273,10 @@ def decode_envelope(b):
         need(n <= m, "envelope field longer than its limit")
     need(payload_len <= 1048576, "payload longer than its limit")
     need(48 + sum(lens) + payload_len == len(b), "envelope lengths do not add up to its length")
+    if form == 1:
+        need(payload_len == 40, "a blob reference is not 40 bytes")
+        size = le64(b, len(b) - 8)
+        need(1 <= size <= 268435456, "blob size out of range")
     off, f = 48, []
     for n in lens:
         try:
@@ -296,7 +304,7 @@ def check_record(prev, header, body, version, tree_size):
     if r["flags"] & PRODUCER_SIGNED:                # FORMAT.md 5.4
         need(body[100:104] == bytes(4), "producer block reserved bytes not zero")
         env = body[PRODUCER_BLOCK_LEN:]
-    r["envelope"] = decode_envelope(env)
+    r["envelope"] = decode_envelope(env, version)
     need(r["position"] < tree_size, "position %d not below tree_size %d" % (r["position"], tree_size))
     return r
 

@@ -164,6 +164,20 @@ pub enum Error {
         #[source]
         source: Option<io::Error>,
     },
+    /// A blob (a payload stored in the cold tier's store by its hash) could not be written,
+    /// found, or read back as the event refers to it.
+    #[error("blob {hash} ({object}): {detail}")]
+    Blob {
+        /// The blob's BLAKE3 hash, in hexadecimal.
+        hash: String,
+        /// The store's URL and the object's key.
+        object: String,
+        /// What went wrong.
+        detail: String,
+        /// The store's error, when it reported one.
+        #[source]
+        source: Option<io::Error>,
+    },
     /// Options out of range.
     #[error("invalid options: {reason}")]
     InvalidOptions {

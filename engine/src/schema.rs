@@ -479,6 +479,15 @@ impl Registry {
         if !s.validate {
             return Ok(());
         }
+        if e.blob.is_some() {
+            // A reference says nothing about the blob's fields: a validated type's events
+            // carry their payloads (an append stores a large one as a blob after this check).
+            return Err(invalid(
+                s,
+                "",
+                "is a reference to a stored blob; events of a validated type give their payload itself",
+            ));
+        }
         let v: Value = serde_json::from_slice(&e.payload)
             .map_err(|err| invalid(s, "", format!("is not JSON: {err}")))?;
         let obj = v

@@ -353,6 +353,7 @@ fn every_field_table_is_checked() {
         "Record header",
         "Record header version 2",
         "Envelope fixed part",
+        "Blob references",
         "Index header",
         "Stream-table entry",
         "Event entry",
@@ -531,7 +532,7 @@ fn log_identity_file_matches_the_code() {
         ],
     );
     let m = LogMeta {
-        layout: tally_engine::format::record::Layout::V2,
+        layout: tally_engine::format::record::Layout::V3,
         log_id: ramp(0x10),
         created_time: Timestamp(0x0102_0304_0506_0708),
     };
@@ -569,7 +570,7 @@ fn segment_header_matches_the_code() {
         ],
     );
     let h = SegmentHeader {
-        layout: tally_engine::format::record::Layout::V2,
+        layout: tally_engine::format::record::Layout::V3,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         base_position: Position(0x2222_3333),
@@ -625,7 +626,7 @@ fn segment_footer_matches_the_code() {
         ],
     );
     let f = SegmentFooter {
-        layout: tally_engine::format::record::Layout::V2,
+        layout: tally_engine::format::record::Layout::V3,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         record_count: 0x30,
@@ -835,7 +836,7 @@ fn envelope_fixed_part_matches_the_code() {
             ("event_time", EVENT_TIME_OFFSET),
             ("schema_version", SCHEMA_VERSION_OFFSET),
             ("content_type", CONTENT_TYPE_OFFSET),
-            ("reserved", RESERVED_A_OFFSET),
+            ("payload_form", PAYLOAD_FORM_OFFSET),
             ("stream_len", STREAM_LEN_OFFSET),
             ("aggregate_type_len", AGGREGATE_TYPE_LEN_OFFSET),
             ("event_type_len", EVENT_TYPE_LEN_OFFSET),
@@ -855,6 +856,7 @@ fn envelope_fixed_part_matches_the_code() {
             ("event_time", le64(e.event_time.0)),
             ("schema_version", le32(e.schema_version)),
             ("content_type", vec![ContentType::Json as u8]),
+            ("payload_form", vec![0]),
             ("stream_len", le16(e.stream.len() as u16)),
             ("aggregate_type_len", le16(e.aggregate_type.len() as u16)),
             ("event_type_len", le16(e.event_type.len() as u16)),
@@ -864,6 +866,61 @@ fn envelope_fixed_part_matches_the_code() {
             ("payload_len", le32(e.payload.len() as u32)),
         ],
     );
+}
+
+#[test]
+fn blob_reference_matches_the_code() {
+    use tally_engine::format::blob::{
+        BLOB_BYTES_MAX, BLOB_REF_LEN, BLOB_THRESHOLD_DEFAULT, BlobRef,
+    };
+    use tally_engine::format::files::blob_object_key;
+    check_layout(
+        "Blob references",
+        BLOB_REF_LEN,
+        &[("hash", 0), ("size", 32)],
+    );
+    let blob = BlobRef {
+        hash: ramp(0x40),
+        size: 0x0102_0304,
+    };
+    check_encoding(
+        "Blob references",
+        &blob.encode(),
+        &[
+            ("hash", ramp::<32>(0x40).to_vec()),
+            ("size", le64(0x0102_0304)),
+        ],
+    );
+    let text = section("Blob references");
+    let mut errors = Vec::new();
+    for (name, value) in [
+        ("BLOB_BYTES_MAX", BLOB_BYTES_MAX),
+        ("BLOB_THRESHOLD_DEFAULT", BLOB_THRESHOLD_DEFAULT as u64),
+    ] {
+        if !text.contains(&format!("`{name}` = {value}"))
+            && !text.contains(&format!("`{name}` ({value}"))
+        {
+            errors.push(format!("6.5 does not give {name} as {value}"));
+        }
+    }
+    let key = blob_object_key(&[0xab; 16], &blob.hash);
+    if key
+        != format!(
+            "{}/blobs/{}",
+            "ab".repeat(16),
+            tally_engine::format::proof::hex(&ramp::<32>(0x40))
+        )
+    {
+        errors.push(format!(
+            "blob key {key} is not <log id hex>/blobs/<hash hex>"
+        ));
+    }
+    // The blob's hash is BLAKE3 of its bytes, as 6.5 says.
+    let of = BlobRef::of(b"confirmation").unwrap();
+    if of.hash != *blake3::hash(b"confirmation").as_bytes() || of.size != 12 {
+        errors.push("BlobRef::of is not BLAKE3 and length".into());
+    }
+    fail_on(errors);
 }
 
 /// An envelope whose variable fields all differ in length and content.
@@ -880,6 +937,7 @@ fn sample_envelope() -> (EnvelopeRef<'static>, Vec<u8>) {
         causation_id: "cause-19",
         actor: "alice@desk",
         payload: br#"{"qty":"150"}"#,
+        payload_form: tally_engine::format::envelope::PayloadForm::Inline,
     };
     let mut out = Vec::new();
     e.encode_into(&mut out)
@@ -1732,6 +1790,7 @@ fn sample_attrs() -> Vec<u8> {
             causation_id: &cause,
             actor: if i == 4 { "" } else { "alice" },
             payload: b"{}",
+            payload_form: tally_engine::format::envelope::PayloadForm::Inline,
         };
         b.push(
             Position(0x1000 + i),

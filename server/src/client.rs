@@ -403,6 +403,8 @@ struct Inner {
     opts: ClientOptions,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU32,
+    /// Held by a blob upload: the server keeps one upload per connection.
+    uploading: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -444,6 +446,7 @@ impl Client {
                 opts,
                 conn: tokio::sync::Mutex::new(None),
                 next_id: AtomicU32::new(1),
+                uploading: tokio::sync::Mutex::new(()),
             }),
         };
         c.conn().await?;
@@ -732,6 +735,111 @@ impl Client {
             Response::StreamInfo(i) => Ok(i),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Stores `bytes` as a blob in the server's log store (BLOB_PUT, in pieces that fit
+    /// its frames) and returns the reference an event gives to hold it as its payload
+    /// ([`EventData::with_blob`]). An upload cut by a lost connection starts again once.
+    ///
+    /// # Errors
+    /// [`ClientError::Invalid`] for an empty blob or one above the format's limit (nothing
+    /// is sent); `LimitExceeded` when the server's upload memory cannot take it now;
+    /// `BlobUnavailable` when the log has no store or it
+    /// fails; [`ClientError::Unexpected`] when the server's reference is not the hash of
+    /// `bytes`.
+    pub async fn put_blob(
+        &self,
+        bytes: &[u8],
+    ) -> Result<tally_engine::format::blob::BlobRef, ClientError> {
+        let _one = self.inner.uploading.lock().await;
+        let expected = tally_engine::format::blob::BlobRef::of(bytes).map_err(|_| {
+            ClientError::Invalid(ProtocolError::Limit {
+                what: "blob bytes (at least 1)",
+                value: bytes.len() as u64,
+                max: tally_engine::format::blob::BLOB_BYTES_MAX,
+            })
+        })?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.upload(bytes).await {
+                Ok(b) if b == expected => return Ok(b),
+                Ok(b) => {
+                    return Err(ClientError::Unexpected(format!(
+                        "the server stored {b:?} for a blob whose reference is {expected:?}"
+                    )));
+                }
+                Err(ClientError::Disconnected { .. }) if attempt < 2 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn upload(
+        &self,
+        bytes: &[u8],
+    ) -> Result<tally_engine::format::blob::BlobRef, ClientError> {
+        let piece = (self.hello().await?.limits.frame_bytes_max as usize)
+            .saturating_sub(1024)
+            .max(1024);
+        let total = bytes.len() as u64;
+        let mut offset = 0usize;
+        loop {
+            let end = bytes.len().min(offset + piece);
+            let r = self
+                .call(&Request::BlobPut {
+                    offset: offset as u64,
+                    total,
+                    chunk: bytes[offset..end].to_vec(),
+                })
+                .await?;
+            match r {
+                Response::BlobPut {
+                    blob: Some(b),
+                    received,
+                } if received == total && end == bytes.len() => return Ok(b),
+                Response::BlobPut {
+                    blob: None,
+                    received,
+                } if received == end as u64 && end < bytes.len() => offset = end,
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Reads a blob (BLOB_READ, in pieces) and checks it against its reference.
+    ///
+    /// # Errors
+    /// `BlobUnavailable` when the server's store has no such blob or fails;
+    /// [`ClientError::Unexpected`] when the bytes do not match the reference.
+    pub async fn read_blob(
+        &self,
+        blob: &tally_engine::format::blob::BlobRef,
+    ) -> Result<Vec<u8>, ClientError> {
+        let size = usize::try_from(blob.size)
+            .map_err(|_| ClientError::Unexpected(format!("a blob of {} bytes", blob.size)))?;
+        let mut out = Vec::with_capacity(size.min(64 << 20));
+        while out.len() < size {
+            let r = self
+                .call_retrying(&Request::BlobRead {
+                    blob: *blob,
+                    offset: out.len() as u64,
+                    max: u32::MAX,
+                })
+                .await?;
+            match r {
+                Response::BlobPiece(p) if !p.is_empty() && p.len() <= size - out.len() => {
+                    out.extend_from_slice(&p);
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+        if !blob.matches(&out) {
+            return Err(ClientError::Unexpected(format!(
+                "the server's bytes for {blob:?} do not match its hash"
+            )));
+        }
+        Ok(out)
     }
 
     /// Server and log facts.

@@ -9,7 +9,8 @@
 //! All integers are little-endian. Strings are a `u16` byte length followed by UTF-8.
 
 use bytes::Bytes;
-use tally_engine::format::envelope::EnvelopeRef;
+use tally_engine::format::blob::BlobRef;
+use tally_engine::format::envelope::{EnvelopeRef, PayloadForm};
 use tally_engine::{
     AppendResult, ContentType, EventData, EventId, EventView, ExpectedVersion, Position,
     StreamInfo, Timestamp,
@@ -76,6 +77,8 @@ pub mod op {
     pub const APPEND_MULTI: u8 = 0x11;
     /// [`APPEND_MULTI`] of a batch signed by a producer.
     pub const APPEND_SIGNED: u8 = 0x12;
+    /// Upload a blob in pieces (a payload stored in the log's store by its hash).
+    pub const BLOB_PUT: u8 = 0x13;
     /// Read one stream.
     pub const READ_STREAM: u8 = 0x20;
     /// Read the whole log, optionally filtered.
@@ -84,6 +87,8 @@ pub mod op {
     pub const STREAM_INFO: u8 = 0x22;
     /// Events found through the attribute indexes.
     pub const FIND: u8 = 0x23;
+    /// Read a piece of a blob.
+    pub const BLOB_READ: u8 = 0x24;
     /// Start a subscription.
     pub const SUBSCRIBE: u8 = 0x30;
     /// Grant a subscription more events (no response).
@@ -175,6 +180,9 @@ pub enum ErrorCode {
     Io = 33,
     /// The proof asked for is not available (position or size out of range, no checkpoint).
     ProofUnavailable = 34,
+    /// A blob is not in the log's store with the bytes its reference names, the log has no
+    /// store, or the store failed.
+    BlobUnavailable = 35,
     /// A schema registration was refused (not a schema, not the next version, or a
     /// breaking change); nothing was written.
     SchemaRefused = 26,
@@ -192,7 +200,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::HandshakeRequired,
@@ -217,6 +225,7 @@ impl ErrorCode {
         ErrorCode::Corrupt,
         ErrorCode::Io,
         ErrorCode::ProofUnavailable,
+        ErrorCode::BlobUnavailable,
         ErrorCode::SchemaRefused,
         ErrorCode::SchemaViolation,
         ErrorCode::CosignatureRefused,
@@ -594,6 +603,28 @@ fn direction_to_wire(d: tally_engine::Direction) -> u8 {
     }
 }
 
+/// The `content_type` bit that marks a payload field holding a 40-byte blob reference
+/// (PROTOCOL.md 4.1a).
+pub const CONTENT_BLOB_BIT: u8 = 0x80;
+
+/// A wire `content_type`: the content type and whether the payload field is a blob reference.
+fn content_form_from_wire(v: u8) -> Result<(ContentType, PayloadForm), ProtocolError> {
+    let form = if v & CONTENT_BLOB_BIT == 0 {
+        PayloadForm::Inline
+    } else {
+        PayloadForm::Blob
+    };
+    Ok((content_type_from_wire(v & !CONTENT_BLOB_BIT)?, form))
+}
+
+fn content_form_to_wire(c: ContentType, form: PayloadForm) -> u8 {
+    content_type_to_wire(c)
+        | match form {
+            PayloadForm::Inline => 0,
+            PayloadForm::Blob => CONTENT_BLOB_BIT,
+        }
+}
+
 fn content_type_from_wire(v: u8) -> Result<ContentType, ProtocolError> {
     match v {
         0 => Ok(ContentType::Binary),
@@ -622,12 +653,20 @@ pub fn put_event_data(out: &mut Vec<u8>, e: &EventData) {
     put_str(out, &e.event_type);
     put_u32(out, e.schema_version);
     put_str(out, &e.aggregate_type);
-    out.push(content_type_to_wire(e.content_type));
+    let form = if e.blob.is_some() {
+        PayloadForm::Blob
+    } else {
+        PayloadForm::Inline
+    };
+    out.push(content_form_to_wire(e.content_type, form));
     put_str(out, &e.correlation_id);
     put_str(out, &e.causation_id);
     put_str(out, &e.actor);
     put_u64(out, e.event_time.map_or(0, Timestamp::as_nanos));
-    put_bytes32(out, &e.payload);
+    match &e.blob {
+        Some(b) => put_bytes32(out, &b.encode()),
+        None => put_bytes32(out, &e.payload),
+    }
 }
 
 fn event_data(r: &mut Reader<'_>) -> Result<EventData, ProtocolError> {
@@ -635,12 +674,24 @@ fn event_data(r: &mut Reader<'_>) -> Result<EventData, ProtocolError> {
     let event_type = r.str("event type")?.to_owned();
     let schema_version = r.u32("schema version")?;
     let aggregate_type = r.str("aggregate type")?.to_owned();
-    let content_type = content_type_from_wire(r.u8("content type")?)?;
+    let (content_type, form) = content_form_from_wire(r.u8("content type")?)?;
     let correlation_id = r.str("correlation id")?.to_owned();
     let causation_id = r.str("causation id")?.to_owned();
     let actor = r.str("actor")?.to_owned();
     let event_time = r.u64("event time")?;
-    let payload = r.bytes32("payload")?.to_vec();
+    let field = r.bytes32("payload")?;
+    let (payload, blob) = match form {
+        PayloadForm::Inline => (field.to_vec(), None),
+        PayloadForm::Blob => (
+            Vec::new(),
+            Some(
+                BlobRef::decode(field).map_err(|_| ProtocolError::InvalidValue {
+                    what: "blob reference length or size",
+                    value: field.len() as u64,
+                })?,
+            ),
+        ),
+    };
     Ok(EventData {
         event_id: (id != [0; 16]).then_some(EventId(id)),
         event_type,
@@ -648,6 +699,7 @@ fn event_data(r: &mut Reader<'_>) -> Result<EventData, ProtocolError> {
         aggregate_type,
         content_type,
         payload,
+        blob,
         correlation_id,
         causation_id,
         actor,
@@ -871,6 +923,25 @@ pub enum Request {
     Append(AppendPart),
     /// Atomic append to several streams.
     AppendMulti(Vec<AppendPart>),
+    /// A piece of a blob upload: `offset` 0 starts one (replacing the connection's
+    /// unfinished upload, if any); the piece that reaches `total` stores the blob.
+    BlobPut {
+        /// Where the piece starts in the blob: the bytes received so far.
+        offset: u64,
+        /// The blob's length.
+        total: u64,
+        /// The piece.
+        chunk: Vec<u8>,
+    },
+    /// A piece of a blob.
+    BlobRead {
+        /// The blob.
+        blob: BlobRef,
+        /// First byte.
+        offset: u64,
+        /// Most bytes to return (fewer to fit the frame or the blob's end).
+        max: u32,
+    },
     /// Read one stream.
     ReadStream {
         /// The stream.
@@ -1009,6 +1080,8 @@ impl Request {
             Request::Append(_) => op::APPEND,
             Request::AppendMulti(_) => op::APPEND_MULTI,
             Request::AppendSigned { .. } => op::APPEND_SIGNED,
+            Request::BlobPut { .. } => op::BLOB_PUT,
+            Request::BlobRead { .. } => op::BLOB_READ,
             Request::ReadStream { .. } => op::READ_STREAM,
             Request::ReadAll { .. } => op::READ_ALL,
             Request::Find(_) => op::FIND,
@@ -1085,6 +1158,8 @@ impl Request {
             | Request::CheckpointNote { .. }
             | Request::ConsistencyProof { .. } => Ok(()),
             Request::AddCosignature { cosignature, .. } => text("witness name", &cosignature.name),
+            Request::BlobPut { chunk, .. } => bytes("blob piece", chunk),
+            Request::BlobRead { .. } => Ok(()),
             Request::Append(p) => part(p),
             Request::AppendMulti(parts) | Request::AppendSigned { parts, .. } => {
                 fits("parts", parts.len(), u64::from(u16::MAX))?;
@@ -1176,6 +1251,20 @@ impl Request {
             }
             Request::StreamInfo { stream } => put_str(out, stream),
             Request::Find(q) => q.put(out),
+            Request::BlobPut {
+                offset,
+                total,
+                chunk,
+            } => {
+                put_u64(out, *offset);
+                put_u64(out, *total);
+                put_bytes32(out, chunk);
+            }
+            Request::BlobRead { blob, offset, max } => {
+                out.extend_from_slice(&blob.encode());
+                put_u64(out, *offset);
+                put_u32(out, *max);
+            }
             Request::Subscribe {
                 target,
                 from,
@@ -1330,6 +1419,22 @@ impl Request {
             op::STREAM_INFO => Request::StreamInfo {
                 stream: r.str("stream")?.to_owned(),
             },
+            op::BLOB_PUT => Request::BlobPut {
+                offset: r.u64("offset")?,
+                total: r.u64("total")?,
+                chunk: r.bytes32("blob piece")?.to_vec(),
+            },
+            op::BLOB_READ => {
+                let b: [u8; 40] = r.array("blob reference")?;
+                Request::BlobRead {
+                    blob: BlobRef::decode(&b).map_err(|_| ProtocolError::InvalidValue {
+                        what: "blob size",
+                        value: u64::from_le_bytes(b[32..].try_into().unwrap_or([0; 8])),
+                    })?,
+                    offset: r.u64("offset")?,
+                    max: read_max(&mut r)?,
+                }
+            }
             op::FIND => Request::Find(FindQuery::read(&mut r)?),
             op::SUBSCRIBE => {
                 let target = match r.u8("target")? {
@@ -1527,7 +1632,7 @@ pub fn put_event(
     put_u64(out, version);
     out.extend_from_slice(&env.event_id.0);
     put_u32(out, env.schema_version);
-    out.push(content_type_to_wire(env.content_type));
+    out.push(content_form_to_wire(env.content_type, env.payload_form));
     put_u64(out, env.event_time.as_nanos());
     put_u64(out, record_time.as_nanos());
     put_str(out, env.stream);
@@ -1564,6 +1669,8 @@ pub struct Event {
     pub schema_version: u32,
     /// Content type of the payload.
     pub content_type: ContentType,
+    /// Whether the payload field is the payload or a blob reference ([`EventView::blob`]).
+    pub payload_form: PayloadForm,
     /// Business time.
     pub event_time: Timestamp,
     /// When the server's log wrote it.
@@ -1619,10 +1726,18 @@ impl Event {
         self.text(5)
     }
 
-    /// Payload.
+    /// The payload field: the payload, or the 40-byte reference of a blob
+    /// ([`Event::blob`]).
     #[must_use]
     pub fn payload(&self) -> &[u8] {
         self.field(6)
+    }
+
+    /// The blob holding the payload, when the event refers to one: read it with the client's
+    /// `read_blob`.
+    #[must_use]
+    pub fn blob(&self) -> Option<BlobRef> {
+        EventView::blob(self)
     }
 
     /// Decodes one event at the reader's position; the reader reads from inside `frame`.
@@ -1631,7 +1746,7 @@ impl Event {
         let version = r.u64("version")?;
         let event_id = EventId(r.array("event id")?);
         let schema_version = r.u32("schema version")?;
-        let content_type = content_type_from_wire(r.u8("content type")?)?;
+        let (content_type, payload_form) = content_form_from_wire(r.u8("content type")?)?;
         let event_time = Timestamp(r.u64("event time")?);
         let record_time = Timestamp(r.u64("record time")?);
         let mut spans = [[0u32; 2]; 7];
@@ -1650,6 +1765,12 @@ impl Event {
             spans[i] = [at, at + s.len() as u32];
         }
         let p = r.bytes32("payload")?;
+        if payload_form == PayloadForm::Blob && BlobRef::decode(p).is_err() {
+            return Err(ProtocolError::InvalidValue {
+                what: "blob reference length or size",
+                value: p.len() as u64,
+            });
+        }
         let at = (p.as_ptr() as usize - frame_start) as u32;
         spans[6] = [at, at + p.len() as u32];
         Ok(Event {
@@ -1658,6 +1779,7 @@ impl Event {
             event_id,
             schema_version,
             content_type,
+            payload_form,
             event_time,
             record_time,
             buf: frame.clone(),
@@ -1702,6 +1824,9 @@ impl EventView for Event {
     }
     fn content_type(&self) -> ContentType {
         self.content_type
+    }
+    fn payload_form(&self) -> PayloadForm {
+        self.payload_form
     }
     fn correlation_id(&self) -> &str {
         Event::correlation_id(self)
@@ -1923,6 +2048,16 @@ pub enum Response {
     },
     /// A stream's facts (`None`: no such stream).
     StreamInfo(Option<StreamInfo>),
+    /// A blob upload's progress: the bytes received, and once they are all there, the
+    /// stored blob's reference.
+    BlobPut {
+        /// Bytes of the blob received so far.
+        received: u64,
+        /// The blob, stored: set by the answer to the last piece.
+        blob: Option<BlobRef>,
+    },
+    /// A piece of a blob.
+    BlobPiece(Vec<u8>),
     /// A subscription started; the first event it will deliver has this position (all)
     /// or version (stream).
     Subscribed {
@@ -2025,6 +2160,20 @@ impl Response {
                 }
             }
             Response::StreamInfo(info) => put_stream_info(out, info.as_ref()),
+            Response::BlobPut { received, blob } => {
+                put_u64(out, *received);
+                match blob {
+                    Some(b) => {
+                        out.push(1);
+                        out.extend_from_slice(&b.hash);
+                    }
+                    None => {
+                        out.push(0);
+                        out.extend_from_slice(&[0; 32]);
+                    }
+                }
+            }
+            Response::BlobPiece(b) => put_bytes32(out, b),
             Response::Subscribed { start } => put_u64(out, *start),
             Response::Unsubscribed | Response::CheckpointStored => {}
             Response::Checkpoint(p) => {
@@ -2122,6 +2271,28 @@ impl Response {
                 durability: r.u8("durability")?,
                 checkpoints: r.u64("checkpoints")?,
             }),
+            c if c == op::BLOB_PUT | op::RESPONSE_BIT => {
+                let received = r.u64("received")?;
+                let done = r.u8("done")?;
+                let hash: [u8; 32] = r.array("blob hash")?;
+                let blob = match done {
+                    0 if hash == [0; 32] => None,
+                    1 => Some(BlobRef {
+                        hash,
+                        size: received,
+                    }),
+                    v => {
+                        return Err(ProtocolError::InvalidValue {
+                            what: "blob upload done flag (0 with a zero hash, or 1)",
+                            value: u64::from(v),
+                        });
+                    }
+                };
+                Response::BlobPut { received, blob }
+            }
+            c if c == op::BLOB_READ | op::RESPONSE_BIT => {
+                Response::BlobPiece(r.bytes32("blob piece")?.to_vec())
+            }
             c if c == op::APPEND | op::RESPONSE_BIT
                 || c == op::PROJECTION_APPEND | op::RESPONSE_BIT =>
             {
@@ -2495,6 +2666,7 @@ mod tests {
             causation_id: "",
             actor: "bob",
             payload: env_json,
+            payload_form: tally_engine::format::envelope::PayloadForm::Inline,
         };
         // An EVENTS frame written by the server's direct encoder decodes into the same
         // fields.

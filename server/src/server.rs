@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use tally_engine::format::blob::BLOB_BYTES_MAX;
 use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::{
     AppendHandle, AppendRequest, AppendResult, Direction, Durability, Error as EngineError,
@@ -91,6 +92,9 @@ pub struct Config {
     /// A connection that waits this long for response room while it holds at least half
     /// its share (it does not read its socket) gets `LimitExceeded` and is closed.
     pub response_wait: Duration,
+    /// Bytes of unfinished blob uploads (BLOB_PUT) held in memory, over all connections;
+    /// an upload that would pass it is refused with `LimitExceeded`.
+    pub blob_upload_bytes_max: u64,
     /// How the log is opened (durability, segment size, recovery, checkpoints).
     pub options: Options,
 }
@@ -113,6 +117,7 @@ impl Config {
             response_bytes_max: 256 << 20,
             connection_response_bytes_max: 64 << 20,
             response_wait: Duration::from_secs(30),
+            blob_upload_bytes_max: 512 << 20,
             options: Options::default(),
         }
     }
@@ -182,6 +187,36 @@ struct Ctx {
     validating: AtomicBool,
     /// The memory budget for responses not yet written.
     budget: Arc<crate::budget::Budget>,
+    /// Bytes reserved by unfinished blob uploads (`Config::blob_upload_bytes_max`).
+    blob_upload_bytes: Arc<AtomicU64>,
+}
+
+/// What a connection holds between its requests.
+#[derive(Default)]
+struct Session {
+    /// Its subscriptions, by their SUBSCRIBE's request id.
+    subs: HashMap<u32, SubControl>,
+    /// Its unfinished blob upload.
+    upload: Option<BlobUpload>,
+}
+
+/// A connection's blob upload in progress (BLOB_PUT), holding its bytes' reservation.
+struct BlobUpload {
+    total: u64,
+    buf: Vec<u8>,
+    _held: UploadReservation,
+}
+
+/// Bytes of [`Ctx::blob_upload_bytes`] an upload holds, given back when it ends.
+struct UploadReservation {
+    counter: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for UploadReservation {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// A frame on its way to a connection's socket.
@@ -385,6 +420,7 @@ pub fn engine_error(e: &EngineError) -> WireError {
         EngineError::Corrupt { .. } | EngineError::Index { .. } => (ErrorCode::Corrupt, None),
         EngineError::Io { .. } => (ErrorCode::Io, None),
         EngineError::Proof(_) => (ErrorCode::ProofUnavailable, None),
+        EngineError::Blob { .. } => (ErrorCode::BlobUnavailable, None),
         EngineError::SignatureRefused { .. } => (ErrorCode::SignatureRefused, None),
         _ => (ErrorCode::Internal, None),
     };
@@ -500,6 +536,7 @@ impl Server {
             },
             validating: AtomicBool::new(registry.validates()),
             budget,
+            blob_upload_bytes: Arc::new(AtomicU64::new(0)),
             registering: std::sync::Mutex::new(()),
             schemas: std::sync::RwLock::new(Arc::new(registry)),
         });
@@ -853,7 +890,7 @@ async fn serve(
 ) {
     let cfg = &ctx.cfg;
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
-    let mut subs: HashMap<u32, SubControl> = HashMap::new();
+    let mut session = Session::default();
     let mut shutdown = ctx.shutdown.clone();
     let mut inflight: u32 = 0;
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
@@ -948,7 +985,7 @@ async fn serve(
                     req,
                     reply,
                     &mut here,
-                    &mut subs,
+                    &mut session,
                     &read_slots,
                     version,
                 )),
@@ -1044,16 +1081,16 @@ async fn serve(
             // A shutdown ends subscriptions with SUB_ENDED ShuttingDown; a client that
             // closed its side gets nothing more pushed.
             let quiet = !*shutdown.borrow();
-            for s in subs.values() {
+            for s in session.subs.values() {
                 s.credit.quiet.store(quiet, Ordering::SeqCst);
                 s.credit.ended.store(true, Ordering::SeqCst);
                 s.credit.wake.notify_one();
             }
         }
         if let Some(since) = stopping_since {
-            subs.retain(|_, s| !s.task.is_finished());
+            session.subs.retain(|_, s| !s.task.is_finished());
             let timed_out = since.elapsed() > cfg.shutdown_timeout;
-            if (inflight == 0 && subs.is_empty()) || timed_out {
+            if (inflight == 0 && session.subs.is_empty()) || timed_out {
                 if *shutdown.borrow() && !said_goodbye {
                     // Last, after every answer and push already queued.
                     said_goodbye = true;
@@ -1099,8 +1136,8 @@ async fn serve(
             () = tokio::time::sleep(Duration::from_millis(2)), if !pending.is_empty() => {}
             _ = shutdown.changed(), if stopping_since.is_none() => {}
             () = tokio::time::sleep_until(idle_at), if stopping_since.is_none() => {
-                subs.retain(|_, s| !s.task.is_finished());
-                if inflight == 0 && subs.is_empty() {
+                session.subs.retain(|_, s| !s.task.is_finished());
+                if inflight == 0 && session.subs.is_empty() {
                     error_frame(&mut out, ErrorCode::Timeout, "idle timeout", 0);
                     closing = true;
                 } else {
@@ -1113,7 +1150,7 @@ async fn serve(
     if !pending.is_empty() {
         ctx.waiting.fetch_sub(1, Ordering::Relaxed);
     }
-    for s in subs.values() {
+    for s in session.subs.values() {
         s.credit.ended.store(true, Ordering::SeqCst);
         s.credit.wake.notify_one();
     }
@@ -1223,11 +1260,23 @@ fn handle(
     req: Request,
     reply: Reply,
     here: &mut Here<'_>,
-    subs: &mut HashMap<u32, SubControl>,
+    session: &mut Session,
     read_slots: &Arc<Semaphore>,
     version: u16,
 ) -> Option<Ack> {
+    let subs = &mut session.subs;
     match req {
+        Request::BlobPut {
+            offset,
+            total,
+            chunk,
+        } => blob_put(
+            ctx,
+            &mut session.upload,
+            (offset, total, &chunk),
+            reply,
+            here,
+        ),
         Request::Hello { .. } => here.error(
             reply,
             WireError::new(
@@ -1510,6 +1559,117 @@ fn handle(
         }
     }
     None
+}
+
+/// One piece of a blob upload: kept in the connection's upload until the last, which
+/// stores the blob on the blocking pool and answers with its reference.
+fn blob_put(
+    ctx: &Arc<Ctx>,
+    upload: &mut Option<BlobUpload>,
+    (offset, total, chunk): (u64, u64, &[u8]),
+    reply: Reply,
+    here: &mut Here<'_>,
+) {
+    let malformed = |here: &mut Here<'_>, reply, m: String| {
+        here.error(reply, WireError::new(ErrorCode::MalformedRequest, m));
+    };
+    if offset == 0 {
+        // A new upload replaces an unfinished one (its bytes are given back).
+        *upload = None;
+        if total == 0 || total > BLOB_BYTES_MAX {
+            return here.error(
+                reply,
+                WireError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("a blob holds 1 to {BLOB_BYTES_MAX} bytes, not {total}"),
+                ),
+            );
+        }
+        let max = ctx.cfg.blob_upload_bytes_max;
+        let counter = Arc::clone(&ctx.blob_upload_bytes);
+        if counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(total).filter(|&n| n <= max)
+            })
+            .is_err()
+        {
+            return here.error(
+                reply,
+                WireError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "the server holds unfinished blob uploads up to {max} bytes; an upload of {total} does not fit now"
+                    ),
+                ),
+            );
+        }
+        *upload = Some(BlobUpload {
+            total,
+            buf: Vec::new(),
+            _held: UploadReservation {
+                counter,
+                bytes: total,
+            },
+        });
+    }
+    let Some(u) = upload.as_mut() else {
+        return malformed(
+            here,
+            reply,
+            format!(
+                "no blob upload on this connection continues at offset {offset}: start one at offset 0"
+            ),
+        );
+    };
+    let received = u.buf.len() as u64;
+    if u.total != total || offset != received {
+        return malformed(
+            here,
+            reply,
+            format!(
+                "the upload of {} bytes continues at offset {received}, not at {offset} of {total}",
+                u.total
+            ),
+        );
+    }
+    if chunk.len() as u64 > total - received {
+        return malformed(
+            here,
+            reply,
+            format!(
+                "a piece of {} bytes at offset {offset} passes the blob's {total} bytes",
+                chunk.len()
+            ),
+        );
+    }
+    u.buf.extend_from_slice(chunk);
+    let received = u.buf.len() as u64;
+    if received < total {
+        return here.send(
+            reply,
+            &Response::BlobPut {
+                received,
+                blob: None,
+            },
+        );
+    }
+    let Some(done) = upload.take() else {
+        return;
+    };
+    let log = Arc::clone(&ctx.log);
+    tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || {
+            match log.put_blob(&done.buf) {
+                Ok(b) => reply.send(&Response::BlobPut {
+                    received: b.size,
+                    blob: Some(b),
+                }),
+                Err(e) => reply.error(engine_error(&e)),
+            }
+            drop(done);
+        })
+        .await;
+    });
 }
 
 /// Answers with an error and returns no ack.
@@ -2018,6 +2178,36 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             }
             Err(e) => reply.error(engine_error(&e)),
         },
+        Request::BlobRead { blob, offset, max } => {
+            if offset >= blob.size {
+                return reply.error(WireError::new(
+                    ErrorCode::MalformedRequest,
+                    format!(
+                        "offset {offset} is not inside the blob's {} bytes",
+                        blob.size
+                    ),
+                ));
+            }
+            // Room for the frame header and the piece's length.
+            let room = (max_frame - 64) as u64;
+            let end = blob
+                .size
+                .min(offset.saturating_add(u64::from(max).min(room)));
+            match log.read_blob_range(&blob, offset..end) {
+                Ok(piece) if piece.len() as u64 == end - offset => {
+                    reply.send(&Response::BlobPiece(piece));
+                }
+                Ok(piece) => reply.error(WireError::new(
+                    ErrorCode::BlobUnavailable,
+                    format!(
+                        "blob {}: the store returned {} bytes for {offset}..{end}",
+                        blob.hex(),
+                        piece.len()
+                    ),
+                )),
+                Err(e) => reply.error(engine_error(&e)),
+            }
+        }
         other => reply.error(WireError::new(
             ErrorCode::Internal,
             format!("request 0x{:02x} reached the blocking pool", other.opcode()),

@@ -56,6 +56,7 @@ fn envelope() -> EnvelopeRef<'static> {
         causation_id: "",
         actor: "alice",
         payload: br#"{"qty":100}"#,
+        payload_form: tally_engine::format::envelope::PayloadForm::Inline,
     }
 }
 
@@ -279,6 +280,60 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
                 "unknown opcode 0x7f",
             )),
         ),
+    );
+    // A blob uploaded in one piece, read back, and referred to by an append.
+    let blob_bytes = b"Confirmation of trade 42".to_vec();
+    let blob = tally_engine::format::blob::BlobRef::of(&blob_bytes).unwrap();
+    add(
+        "blob-put-request",
+        7,
+        Msg::Req(Request::BlobPut {
+            offset: 0,
+            total: blob.size,
+            chunk: blob_bytes.clone(),
+        }),
+    );
+    add(
+        "blob-put-response",
+        7,
+        Msg::Resp(
+            op::BLOB_PUT,
+            Response::BlobPut {
+                received: blob.size,
+                blob: Some(blob),
+            },
+        ),
+    );
+    add(
+        "blob-read-request",
+        8,
+        Msg::Req(Request::BlobRead {
+            blob,
+            offset: 0,
+            max: 65536,
+        }),
+    );
+    add(
+        "blob-read-response",
+        8,
+        Msg::Resp(op::BLOB_READ, Response::BlobPiece(blob_bytes)),
+    );
+    add(
+        "append-blob-request",
+        9,
+        Msg::Req(Request::Append(AppendPart {
+            stream: "trade-42".into(),
+            expected: ExpectedVersion::Exact(0),
+            events: vec![
+                EventData::with_blob(
+                    "ConfirmationAttached",
+                    tally_engine::ContentType::Binary,
+                    blob,
+                )
+                .with_id(EventId([0x42; 16]))
+                .event_time(Timestamp(EVENT_TIME)),
+            ],
+        })),
     );
     // Frames with events, as the server's encoder writes them.
     let decode = |b: &[u8]| {

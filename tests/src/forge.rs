@@ -240,7 +240,7 @@ pub fn append_raw(dir: &Path, records: &[(String, Vec<u8>)], signed_block: Optio
     use tally_engine::format::chain::{body_hash, chain_step};
     use tally_engine::format::producer::PRODUCER_BLOCK_LEN;
     use tally_engine::format::record::{
-        Layout, NO_STREAM_PREV, RECORD_HEADER_MAX, RecordKind, flags, set_chain_hash,
+        NO_STREAM_PREV, RECORD_HEADER_MAX, RecordKind, flags, set_chain_hash,
     };
     use tally_engine::{Position, Timestamp};
     let log = Log::open(
@@ -269,7 +269,9 @@ pub fn append_raw(dir: &Path, records: &[(String, Vec<u8>)], signed_block: Optio
     drop(log);
     let segs = segments(dir);
     let (path, h) = segs.last().expect("a segment");
-    assert_eq!(h.layout, Layout::V2);
+    // The record header of version 2 is also version 3's.
+    assert!(h.layout.links_stream_prev(), "{:?}", h.layout);
+    let layout = h.layout;
     let end = record_offsets(path, h)
         .last()
         .map_or(SEGMENT_DATA_START, |&(_, at)| {
@@ -305,7 +307,7 @@ pub fn append_raw(dir: &Path, records: &[(String, Vec<u8>)], signed_block: Optio
         };
         heads.insert(stream.clone(), (version, next));
         let mut header = RecordHeader {
-            layout: Layout::V2,
+            layout,
             body_len: body.len() as u32,
             body_crc: crc32fast::hash(&body),
             durable_lag: 0,
@@ -320,9 +322,9 @@ pub fn append_raw(dir: &Path, records: &[(String, Vec<u8>)], signed_block: Optio
         let mut hb = [0u8; RECORD_HEADER_MAX];
         header.encode_into(&mut hb);
         header.chain_hash = chain_step(&chain, &hb, &body_hash(&body));
-        set_chain_hash(&mut hb, Layout::V2, &header.chain_hash);
+        set_chain_hash(&mut hb, layout, &header.chain_hash);
         chain = header.chain_hash;
-        let mut rec = hb[..Layout::V2.header_len()].to_vec();
+        let mut rec = hb[..layout.header_len()].to_vec();
         rec.extend_from_slice(&body);
         rec.resize(header.record_len() as usize, 0);
         f.write_all_at(&rec, at).expect("write record");

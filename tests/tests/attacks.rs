@@ -1076,6 +1076,7 @@ fn envelope_with(stream: &str, event_type: &str, payload: &[u8]) -> Vec<u8> {
         causation_id: "",
         actor: "oms",
         payload,
+        payload_form: tally_engine::format::envelope::PayloadForm::Inline,
     }
     .encode_into(&mut out)
     .unwrap();

@@ -63,8 +63,57 @@ pub struct ExtractArgs {
     /// Format 3: write the JSON-lines form instead of the binary one.
     #[arg(long)]
     pub(crate) lines: bool,
+    /// Copy every blob an extracted event refers to (a payload stored in the log's cold
+    /// store) into this directory, named by its BLAKE3 hash and checked against it first.
+    /// Without it, the extract holds each blob's hash and size only (in the event's
+    /// envelope, which the proofs cover).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) blobs: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) key: KeyArg,
+}
+
+/// Writes `blob` into `dir` under its hash, read from the log and checked, unless it is there
+/// already. Returns whether it wrote it.
+pub(crate) fn copy_blob(
+    log: &tally_engine::Log,
+    blob: &tally_engine::format::blob::BlobRef,
+    dir: &std::path::Path,
+) -> Result<bool> {
+    let path = dir.join(blob.hex());
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == blob.size) {
+        return Ok(false);
+    }
+    let bytes = log.read_blob(blob)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!("{}.tmp", blob.hex()));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(true)
+}
+
+/// Checks the file named by `blob`'s hash in `dir` against it.
+pub(crate) fn check_blob_file(
+    blob: &tally_engine::format::blob::BlobRef,
+    dir: &std::path::Path,
+) -> std::result::Result<(), String> {
+    let path = dir.join(blob.hex());
+    match std::fs::read(&path) {
+        Ok(b) if blob.matches(&b) => Ok(()),
+        Ok(b) => Err(format!(
+            "blob {} ({} bytes): {} holds {} bytes that do not match its hash",
+            blob.hex(),
+            blob.size,
+            path.display(),
+            b.len()
+        )),
+        Err(e) => Err(format!(
+            "blob {} ({} bytes): {}: {e}",
+            blob.hex(),
+            blob.size,
+            path.display()
+        )),
+    }
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -109,6 +158,9 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     if a.format == 3 {
         return crate::extract::write(a);
     }
+    if a.blobs.is_some() {
+        bail!("--blobs needs format 3 (the default)");
+    }
     let (query, log, writable, cp) = open_for_extract(a)?;
     let size = cp.statement.tree_size;
     let v2 = cp.statement.streams.is_some();
@@ -116,7 +168,7 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     let mut events = Vec::with_capacity(positions.len());
     for p in &positions {
         let (obj, header, body) = record_object(&log, *p, size)?;
-        let env = EnvelopeRef::decode(header.envelope_of(&body))?;
+        let env = EnvelopeRef::decode_in(header.envelope_of(&body), header.layout)?;
         let mut v = event_json(
             p.0,
             header.stream_version,
@@ -345,6 +397,12 @@ pub struct VerifyExtractArgs {
     /// Format 3: worker threads (default: one per core, at most 8).
     #[arg(long)]
     threads: Option<usize>,
+    /// Format 3: check every blob an event refers to against the file named by its hash in
+    /// this directory (written by `tally extract --blobs DIR`); a missing or different one is
+    /// a finding. Without it, blobs are not checked (their hashes are, as part of the
+    /// events).
+    #[arg(long, value_name = "DIR")]
+    blobs: Option<PathBuf>,
 }
 
 fn field<'a>(v: &'a Value, path: &str, key: &str) -> Result<&'a Value, Finding> {
@@ -402,8 +460,15 @@ pub fn check_head(
     if str_field(doc, "extract", "log_id")? != hex(&s.log_id) {
         return Err(Finding("log_id: differs from the signed checkpoint".into()));
     }
-    let layout = Layout::of_version(s.version())
-        .ok_or_else(|| Finding(format!("checkpoint of statement version {}", s.version())))?;
+    // A version 2 statement signs a log of format version 2 or 3, whose records share one
+    // layout; version 3's envelopes may hold a blob reference, which a version 2 writer
+    // never writes. The records are authenticated by the proofs either way, so they are
+    // read by version 3's rules.
+    let layout = match s.version() {
+        2 => Layout::V3,
+        v => Layout::of_version(v)
+            .ok_or_else(|| Finding(format!("checkpoint of statement version {v}")))?,
+    };
     Ok((cp, layout))
 }
 
@@ -426,7 +491,7 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
         let path = format!("events[{i}]");
         let r = check_record(ev, &path, &s, layout)?;
         let at = format!("{path} (position {})", r.header.position);
-        let env = EnvelopeRef::decode(r.header.envelope_of(&r.body))
+        let env = EnvelopeRef::decode_in(r.header.envelope_of(&r.body), r.header.layout)
             .map_err(|e| Finding(format!("{at}: {e}")))?;
         let mut expected = event_json(
             r.header.position.0,
@@ -676,7 +741,7 @@ fn check_completeness(
             Ok(Completeness::Stream(stream.to_owned()))
         }
         "window" => {
-            if layout != Layout::V2 {
+            if !layout.links_stream_prev() {
                 return Err(Finding(
                     "completeness: a window proof needs a version 2 log".into(),
                 ));
@@ -800,6 +865,7 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                 &trusted,
                 tuning,
                 sink.as_mut().map(|w| w as &mut dyn Write),
+                a.blobs.as_deref(),
                 &bar,
             );
             bar.finish_and_clear();
@@ -812,6 +878,9 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
             let mut text = String::new();
             std::io::Read::read_to_string(&mut input, &mut text)
                 .with_context(|| format!("reading {}", a.file.display()))?;
+            if a.blobs.is_some() {
+                bail!("--blobs checks format 3 extracts; this one is format 1 or 2");
+            }
             let doc: Value = serde_json::from_str(&text)
                 .map_err(|e| Finding(format!("{}: not JSON: {e}", a.file.display())))?;
             check_extract(&doc, &trusted)

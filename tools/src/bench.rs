@@ -95,7 +95,7 @@ pub struct BenchArgs {
     /// process instead.
     #[arg(long)]
     pub(crate) embedded_baseline: bool,
-    /// Embedded: the on-disk format version of the log (1 or 2; default: the engine's).
+    /// Embedded: the on-disk format version of the log (1, 2 or 3; default: the engine's).
     #[arg(long)]
     pub(crate) format_version: Option<u16>,
     /// Embedded: each append is a batch signed by a producer key registered at the start

@@ -15,6 +15,7 @@
 
 mod audit;
 mod bench;
+mod blob;
 mod compact;
 mod demo;
 mod extract;
@@ -89,6 +90,8 @@ enum Command {
     /// Move sealed segments of a stopped log to its cold store (an object store), each
     /// only after its copy was read back and checked.
     Compact(compact::CompactArgs),
+    /// Payloads stored as blobs in the log's cold store: read one, checked against its hash.
+    Blob(blob::BlobArgs),
 }
 
 fn main() -> ExitCode {
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Keygen(a) => ops::keygen(&a),
         Command::Inspect(a) => ops::inspect(&a),
         Command::Dump(a) => ops::dump(&a),
+        Command::Blob(a) => blob::run(&a),
         Command::Verify(a) => ops::verify(&a),
         Command::Checkpoint(a) => ops::checkpoint(&a),
         Command::Prove(a) => ops::prove(&a),

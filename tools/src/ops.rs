@@ -706,7 +706,7 @@ pub fn envelope_json(
     e: &EnvelopeRef<'_>,
 ) -> Value {
     let (payload, encoding) = payload_json(e);
-    json!({
+    let mut v = json!({
         "position": position,
         "stream": e.stream,
         "version": version,
@@ -722,7 +722,11 @@ pub fn envelope_json(
         "content_type": content_type_name(e.content_type),
         "payload": payload,
         "payload_encoding": encoding,
-    })
+    });
+    if let Some(b) = e.blob() {
+        v["blob"] = json!({"hash": b.hex(), "size": b.size});
+    }
+    v
 }
 
 fn content_type_name(c: ContentType) -> &'static str {
@@ -732,7 +736,12 @@ fn content_type_name(c: ContentType) -> &'static str {
     }
 }
 
+/// The payload as JSON: parsed for a JSON payload, base64 otherwise; `null` with encoding
+/// `blob` for a payload stored as a blob (the event's `blob` gives its hash and size).
 fn payload_json(e: &EnvelopeRef<'_>) -> (Value, &'static str) {
+    if e.blob().is_some() {
+        return (Value::Null, "blob");
+    }
     if e.content_type == ContentType::Json
         && let Ok(v) = serde_json::from_slice::<Value>(e.payload)
     {
@@ -804,11 +813,13 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                                 .and_then(|()| writeln!(out))
                         }
                         EventFormat::Table => {
-                            let payload = match payload_json(&e) {
-                                (Value::String(s), _) => s,
-                                (v, _) => v.to_string(),
+                            // A blob's reference is shown whole (its hash names it);
+                            // a payload, cut to 60 characters.
+                            let payload = match (payload_json(&e), e.blob()) {
+                                (_, Some(b)) => format!("blob {} ({} bytes)", b.hex(), b.size),
+                                ((Value::String(s), _), None) => s.chars().take(60).collect(),
+                                ((v, _), None) => v.to_string().chars().take(60).collect(),
                             };
-                            let payload: String = payload.chars().take(60).collect();
                             writeln!(
                                 out,
                                 "{:>10}  {:<24}  {:>7}  {:<24}  {:<30}  {:<12}  {payload}",
@@ -887,6 +898,10 @@ pub struct VerifyArgs {
     /// its records and compare them byte for byte. Reads the segments a second time.
     #[arg(long)]
     attribute_indexes: bool,
+    /// Do not read the blobs that events refer to (payloads stored in the cold tier's
+    /// store). By default each is read once and checked against its hash.
+    #[arg(long)]
+    skip_blobs: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -937,6 +952,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         witnesses,
         min_witnesses: a.min_witnesses,
         producers,
+        skip_blobs: a.skip_blobs,
     };
     let result = log.verify_with(&options, &mut |done| {
         if let Some(b) = &bar {
@@ -977,6 +993,24 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             "what": "index sidecar is unusable",
             "cause": source.to_string(),
         })),
+        // A blob that is missing or does not match its reference is a finding; a store
+        // that cannot be reached is not (exit 2, as for any I/O failure).
+        Err(Error::Blob {
+            hash,
+            object,
+            detail,
+            source,
+        }) if source
+            .as_ref()
+            .is_none_or(|s| s.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            Err(json!({
+                "blob": hash,
+                "object": object,
+                "what": detail,
+                "cause": source.map(|s| s.to_string()),
+            }))
+        }
         Err(e) => return Err(e).context("verifying"),
     };
     match outcome {
@@ -997,6 +1031,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                     "newest_witnessed": report.newest_witnessed.map(|(id, size)| json!({"id": id, "tree_size": size})),
                 },
                 "format_version": report.format_version,
+                "blobs": {"references": report.blob_refs, "checked": report.blobs_checked, "skipped": a.skip_blobs},
                 "producers": a.producers.as_ref().map(|_| json!({"signed_batches": report.signed_batches, "unsigned_batches": report.unsigned_batches})),
                 "proves": if report.format_version >= 2 { "inclusion, stream completeness, window completeness" } else { "inclusion only" },
                 "derived": {
@@ -1040,6 +1075,19 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                         println!("newest checkpoint checked: {id} (tree size {size})")
                     }
                     None => println!("no checkpoint checked"),
+                }
+                if report.blob_refs > 0 {
+                    if a.skip_blobs {
+                        println!(
+                            "blobs: {} references, not read (--skip-blobs)",
+                            report.blob_refs
+                        );
+                    } else {
+                        println!(
+                            "blobs: {} references, {} distinct blobs read from the store and matched",
+                            report.blob_refs, report.blobs_checked
+                        );
+                    }
                 }
                 if a.producers.is_some() {
                     println!(

@@ -5,6 +5,8 @@
 //! caller's input) and when decoding (bytes from disk), and the lengths must add up to the
 //! body length exactly.
 
+use super::blob::BlobRef;
+use super::record::Layout;
 use super::{DecodeError, EventId, Timestamp, check_zero, le, need};
 
 /// Bytes in the fixed part of the envelope.
@@ -18,10 +20,12 @@ pub const EVENT_TIME_OFFSET: usize = EVENT_ID_OFFSET + 16;
 pub const SCHEMA_VERSION_OFFSET: usize = EVENT_TIME_OFFSET + 8;
 /// `content_type`: see [`ContentType`].
 pub const CONTENT_TYPE_OFFSET: usize = SCHEMA_VERSION_OFFSET + 4;
-/// One reserved byte, zero.
-pub const RESERVED_A_OFFSET: usize = CONTENT_TYPE_OFFSET + 1;
+/// `payload_form`: see [`PayloadForm`] (a reserved zero byte before format version 3).
+pub const PAYLOAD_FORM_OFFSET: usize = CONTENT_TYPE_OFFSET + 1;
+/// The byte that versions 1 and 2 reserve (zero): `payload_form` from version 3 on.
+pub const RESERVED_A_OFFSET: usize = PAYLOAD_FORM_OFFSET;
 /// `stream_len`, then the other u16 lengths in field order.
-pub const STREAM_LEN_OFFSET: usize = RESERVED_A_OFFSET + 1;
+pub const STREAM_LEN_OFFSET: usize = PAYLOAD_FORM_OFFSET + 1;
 /// `aggregate_type_len`.
 pub const AGGREGATE_TYPE_LEN_OFFSET: usize = STREAM_LEN_OFFSET + 2;
 /// `event_type_len`.
@@ -89,6 +93,31 @@ impl ContentType {
     }
 }
 
+/// Where an event's payload is: in the envelope, or in the store as a blob.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PayloadForm {
+    /// The payload field holds the payload.
+    #[default]
+    Inline = 0,
+    /// The payload field holds a 40-byte [`BlobRef`]; the bytes are a blob in the store
+    /// (format version 3 on). `content_type` says how to read the blob.
+    Blob = 1,
+}
+
+impl PayloadForm {
+    fn from_u8(v: u8) -> Result<PayloadForm, DecodeError> {
+        match v {
+            0 => Ok(PayloadForm::Inline),
+            1 => Ok(PayloadForm::Blob),
+            other => Err(DecodeError::Invalid {
+                what: "payload_form",
+                detail: format!("unknown value {other}"),
+            }),
+        }
+    }
+}
+
 /// A borrowed view of an envelope: what is encoded, or what a decode returns without
 /// copying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +130,8 @@ pub struct EnvelopeRef<'a> {
     pub schema_version: u32,
     /// How to read the payload.
     pub content_type: ContentType,
+    /// Whether `payload` is the payload or a reference to a blob holding it.
+    pub payload_form: PayloadForm,
     /// The stream (aggregate id), for example `trade-42`.
     pub stream: &'a str,
     /// The aggregate type, for example `Trade`; may be empty.
@@ -113,7 +144,7 @@ pub struct EnvelopeRef<'a> {
     pub causation_id: &'a str,
     /// Who caused it (a user or a system); empty when unknown.
     pub actor: &'a str,
-    /// The payload bytes.
+    /// The payload bytes; with [`PayloadForm::Blob`], the encoded [`BlobRef`].
     pub payload: &'a [u8],
 }
 
@@ -183,7 +214,19 @@ impl<'a> EnvelopeRef<'a> {
         )?;
         check_len("actor", self.actor.len(), ACTOR_BYTES_MAX)?;
         check_len("payload", self.payload.len(), PAYLOAD_BYTES_MAX)?;
+        if self.payload_form == PayloadForm::Blob {
+            BlobRef::decode(self.payload)?;
+        }
         Ok(())
+    }
+
+    /// The blob this envelope refers to, for [`PayloadForm::Blob`].
+    #[must_use]
+    pub fn blob(&self) -> Option<BlobRef> {
+        match self.payload_form {
+            PayloadForm::Inline => None,
+            PayloadForm::Blob => BlobRef::decode(self.payload).ok(),
+        }
     }
 
     /// Bytes the encoded envelope takes.
@@ -212,6 +255,7 @@ impl<'a> EnvelopeRef<'a> {
         le::put_u64(fixed, EVENT_TIME_OFFSET, self.event_time.0);
         le::put_u32(fixed, SCHEMA_VERSION_OFFSET, self.schema_version);
         fixed[CONTENT_TYPE_OFFSET] = self.content_type as u8;
+        fixed[PAYLOAD_FORM_OFFSET] = self.payload_form as u8;
         // Lengths fit: check_limits bounded each by a maximum below u16::MAX / u32::MAX.
         le::put_u16(fixed, STREAM_LEN_OFFSET, self.stream.len() as u16);
         le::put_u16(
@@ -255,14 +299,35 @@ impl<'a> EnvelopeRef<'a> {
         body.get(ENVELOPE_FIXED_LEN..ENVELOPE_FIXED_LEN + len)
     }
 
-    /// Decodes an envelope that fills `body` exactly.
+    /// Decodes an envelope of a record of `layout`: as [`EnvelopeRef::decode`], and a blob
+    /// reference only where the format version allows one (3 on).
+    ///
+    /// # Errors
+    /// As [`EnvelopeRef::decode`]; for a blob reference in a version 1 or 2 record, the
+    /// reserved byte that holds it.
+    pub fn decode_in(body: &'a [u8], layout: Layout) -> Result<EnvelopeRef<'a>, DecodeError> {
+        if !layout.allows_blobs() {
+            need(body, ENVELOPE_FIXED_LEN)?;
+            check_zero(
+                body,
+                PAYLOAD_FORM_OFFSET..PAYLOAD_FORM_OFFSET + 1,
+                "envelope",
+            )?;
+        }
+        EnvelopeRef::decode(body)
+    }
+
+    /// Decodes an envelope that fills `body` exactly, in the current format (a blob
+    /// reference allowed; records of older versions are decoded by
+    /// [`EnvelopeRef::decode_in`]).
     ///
     /// # Errors
     /// [`DecodeError`] when the body is short, a length exceeds its limit, the lengths do
-    /// not add up to the body, a string is not UTF-8, or a reserved byte is set.
+    /// not add up to the body, a string is not UTF-8, a reserved byte is set, or a blob
+    /// reference is not 40 bytes of a valid reference.
     pub fn decode(body: &'a [u8]) -> Result<EnvelopeRef<'a>, DecodeError> {
         need(body, ENVELOPE_FIXED_LEN)?;
-        check_zero(body, RESERVED_A_OFFSET..RESERVED_A_OFFSET + 1, "envelope")?;
+        let payload_form = PayloadForm::from_u8(body[PAYLOAD_FORM_OFFSET])?;
         check_zero(body, RESERVED_B_OFFSET..RESERVED_B_OFFSET + 2, "envelope")?;
         let lens = [
             (
@@ -334,6 +399,7 @@ impl<'a> EnvelopeRef<'a> {
             event_time: Timestamp(le::u64_at(body, EVENT_TIME_OFFSET)),
             schema_version: le::u32_at(body, SCHEMA_VERSION_OFFSET),
             content_type: ContentType::from_u8(body[CONTENT_TYPE_OFFSET])?,
+            payload_form,
             stream,
             aggregate_type,
             event_type,
@@ -379,6 +445,7 @@ mod tests {
             causation_id: "cause-9",
             actor: "alice@desk",
             payload: br#"{"qty":"100"}"#,
+            payload_form: crate::format::envelope::PayloadForm::Inline,
         }
     }
 
@@ -527,12 +594,58 @@ mod tests {
     }
 
     #[test]
+    fn a_blob_reference_round_trips_in_version_3_only() {
+        let blob = BlobRef::of(b"a confirmation pdf").unwrap();
+        let bytes = blob.encode();
+        let e = EnvelopeRef {
+            payload_form: PayloadForm::Blob,
+            payload: &bytes,
+            ..sample()
+        };
+        let b = encode(&e);
+        assert_eq!(b[PAYLOAD_FORM_OFFSET], 1);
+        let d = EnvelopeRef::decode_in(&b, Layout::V3).unwrap();
+        assert_eq!(d, e);
+        assert_eq!(d.blob(), Some(blob));
+        assert!(EnvelopeRef::decode_in(&b, Layout::V2).is_err());
+        // A reference of the wrong length, or of size 0, is refused when encoding too.
+        let short = EnvelopeRef {
+            payload: &bytes[..39],
+            ..e
+        };
+        assert!(short.encode_into(&mut Vec::new()).is_err());
+        let mut zero = bytes;
+        zero[32..].fill(0);
+        let z = EnvelopeRef {
+            payload: &zero,
+            ..e
+        };
+        assert!(z.encode_into(&mut Vec::new()).is_err());
+    }
+
+    #[test]
     fn decode_rejects_reserved_bytes_bad_utf8_and_content_type() {
+        // The byte versions 1 and 2 reserve is `payload_form` in version 3: a blob form
+        // is refused in older records, and any value other than 0 and 1 everywhere.
         let mut b = encode(&sample());
         b[RESERVED_A_OFFSET] = 1;
         assert!(matches!(
-            EnvelopeRef::decode(&b),
+            EnvelopeRef::decode_in(&b, Layout::V2),
             Err(DecodeError::NonZeroReserved { .. })
+        ));
+        assert!(matches!(
+            EnvelopeRef::decode_in(&b, Layout::V1),
+            Err(DecodeError::NonZeroReserved { .. })
+        ));
+        // In version 3 the form says blob, and the payload is not a 40-byte reference.
+        assert!(EnvelopeRef::decode_in(&b, Layout::V3).is_err());
+        b[PAYLOAD_FORM_OFFSET] = 2;
+        assert!(matches!(
+            EnvelopeRef::decode_in(&b, Layout::V3),
+            Err(DecodeError::Invalid {
+                what: "payload_form",
+                ..
+            })
         ));
         let mut b = encode(&sample());
         b[RESERVED_B_OFFSET + 1] = 1;

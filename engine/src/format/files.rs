@@ -56,6 +56,13 @@ pub fn cold_object_key(log_id: &[u8; 16], seq: SegmentSeq) -> String {
     format!("{hex}/{:020}.cold", seq.0)
 }
 
+/// The key of a blob in the store: `<log id hex>/blobs/<BLAKE3 hex>`.
+#[must_use]
+pub fn blob_object_key(log_id: &[u8; 16], hash: &super::Hash32) -> String {
+    let hex: String = log_id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}/blobs/{}", super::proof::hex(hash))
+}
+
 /// The file of segment `seq`.
 #[must_use]
 pub fn segment_file_name(seq: SegmentSeq) -> String {

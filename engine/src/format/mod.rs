@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod blob;
 pub mod chain;
 pub mod checkpoint;
 pub mod cold;
@@ -33,7 +34,7 @@ use std::fmt;
 /// segment header and footer. Readers accept exactly the versions listed in
 /// `docs/FORMAT.md` ("Version history"): 1 and 2. A log keeps the version it was created
 /// with.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// The version of the structures that format version 2 left as version 1 defined them (index
 /// and attribute index sidecars, stream snapshot, Merkle node file header, cosignature
@@ -392,7 +393,7 @@ pub(crate) fn check_version(found: u16, what: &'static str) -> Result<(), Decode
     Ok(())
 }
 
-/// Checks the format version of `tally.meta` or a segment header or footer (1 or 2), and
+/// Checks the format version of `tally.meta` or a segment header or footer (1, 2 or 3), and
 /// gives the record layout it implies.
 pub(crate) fn check_format_version(
     found: u16,

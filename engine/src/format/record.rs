@@ -75,15 +75,19 @@ pub enum Layout {
     V1,
     /// Format version 2: an 88-byte header, `stream_prev` linked, `position` after the link.
     V2,
+    /// Format version 3: the record header of version 2; an envelope may refer to its payload
+    /// as a content-addressed blob (docs/FORMAT.md, 6.5).
+    V3,
 }
 
 impl Layout {
-    /// The layout of format version `version` (1 or 2).
+    /// The layout of format version `version` (1, 2 or 3).
     #[must_use]
     pub fn of_version(version: u16) -> Option<Layout> {
         match version {
             1 => Some(Layout::V1),
             2 => Some(Layout::V2),
+            3 => Some(Layout::V3),
             _ => None,
         }
     }
@@ -94,6 +98,7 @@ impl Layout {
         match self {
             Layout::V1 => 1,
             Layout::V2 => 2,
+            Layout::V3 => 3,
         }
     }
 
@@ -102,22 +107,44 @@ impl Layout {
     pub fn header_len(self) -> usize {
         match self {
             Layout::V1 => RECORD_HEADER_LEN,
-            Layout::V2 => RECORD_HEADER_V2_LEN,
+            Layout::V2 | Layout::V3 => RECORD_HEADER_V2_LEN,
         }
     }
 
     fn position_offset(self) -> usize {
         match self {
             Layout::V1 => POSITION_OFFSET,
-            Layout::V2 => V2_POSITION_OFFSET,
+            Layout::V2 | Layout::V3 => V2_POSITION_OFFSET,
         }
     }
 
     fn chain_hash_offset(self) -> usize {
         match self {
             Layout::V1 => CHAIN_HASH_OFFSET,
-            Layout::V2 => V2_CHAIN_HASH_OFFSET,
+            Layout::V2 | Layout::V3 => V2_CHAIN_HASH_OFFSET,
         }
+    }
+
+    /// The layout version of the checkpoint statements of a log of this format
+    /// (docs/FORMAT.md 17.1): 1 for version 1, 2 (with the stream heads map) from version 2.
+    #[must_use]
+    pub fn statement_version(self) -> u16 {
+        match self {
+            Layout::V1 => 1,
+            Layout::V2 | Layout::V3 => 2,
+        }
+    }
+
+    /// Whether records link their stream's previous record (`stream_prev`, version 2 on).
+    #[must_use]
+    pub fn links_stream_prev(self) -> bool {
+        self != Layout::V1
+    }
+
+    /// Whether an envelope may hold a blob reference instead of its payload (version 3 on).
+    #[must_use]
+    pub fn allows_blobs(self) -> bool {
+        self == Layout::V3
     }
 
     /// Bytes a record with a body of `body_len` occupies, padding included.
@@ -232,7 +259,7 @@ impl RecordHeader {
         le::put_u32(out, BODY_CRC_OFFSET, self.body_crc);
         le::put_u32(out, DURABLE_LAG_OFFSET, self.durable_lag);
         le::put_u64(out, self.layout.position_offset(), self.position.0);
-        if self.layout == Layout::V2 {
+        if self.layout.links_stream_prev() {
             le::put_u64(out, V2_STREAM_PREV_OFFSET, self.stream_prev);
         }
         le::put_u64(out, STREAM_VERSION_OFFSET, self.stream_version);
@@ -283,7 +310,7 @@ impl RecordHeader {
         let flags = le::u16_at(buf, FLAGS_OFFSET);
         let known = match layout {
             Layout::V1 => flags::KNOWN_V1,
-            Layout::V2 => flags::KNOWN_V2,
+            Layout::V2 | Layout::V3 => flags::KNOWN_V2,
         };
         if flags & !known != 0 {
             return Err(DecodeError::UnknownFlags { flags });
@@ -313,7 +340,7 @@ impl RecordHeader {
         let stream_version = le::u64_at(buf, STREAM_VERSION_OFFSET);
         let stream_prev = match layout {
             Layout::V1 => NO_STREAM_PREV,
-            Layout::V2 => {
+            Layout::V2 | Layout::V3 => {
                 let prev = le::u64_at(buf, V2_STREAM_PREV_OFFSET);
                 let ok = if stream_version == 0 {
                     prev == NO_STREAM_PREV

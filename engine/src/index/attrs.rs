@@ -914,6 +914,7 @@ mod tests {
             causation_id: "",
             actor,
             payload: b"{}",
+            payload_form: crate::format::envelope::PayloadForm::Inline,
         }
     }
 

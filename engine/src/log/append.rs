@@ -20,8 +20,9 @@ use super::{
     AppendRequest, AppendResult, Durability, EventData, ExpectedVersion, new_event_id, now,
 };
 use crate::error::{Error, Result};
+use crate::format::blob::{BLOB_REF_LEN, BlobRef};
 use crate::format::chain::{body_hash, chain_step};
-use crate::format::envelope::EnvelopeRef;
+use crate::format::envelope::{EnvelopeRef, PayloadForm};
 use crate::format::producer::{PRODUCER_BLOCK_LEN, ProducerBlock, ProducerSignature};
 use crate::format::record::{
     Layout, NO_STREAM_PREV, RECORD_HEADER_MAX, RecordHeader, RecordKind, flags, set_chain_hash,
@@ -100,6 +101,7 @@ fn prepare<'a>(
     segment_bytes: u64,
     layout: Layout,
     signature: Option<(&ProducerSignature, &[u8; 16])>,
+    offloaded: &[Option<BlobRef>],
     mut bodies: Vec<u8>,
 ) -> Result<Prepared<'a>> {
     if signature.is_some() && layout == Layout::V1 {
@@ -150,7 +152,8 @@ fn prepare<'a>(
                     }
                 )));
             }
-            let env = envelope_of(ev, req.stream, event_id, default_time);
+            let blob = blob_of(ev, index, offloaded)?;
+            let env = envelope_of(ev, req.stream, event_id, default_time, blob.as_ref());
             let body_start = bodies.len();
             if let Some((sig, _)) = signature
                 && index == 0
@@ -229,7 +232,8 @@ pub(crate) fn envelope_hashes(requests: &[AppendRequest<'_>]) -> Result<Vec<Hash
             )));
         };
         buf.clear();
-        envelope_of(ev, req.stream, id, Timestamp(0))
+        let blob = blob_of(ev, index, &[])?;
+        envelope_of(ev, req.stream, id, Timestamp(0), blob.as_ref())
             .encode_into(&mut buf)
             .map_err(|source| Error::InvalidEvent { index, source })?;
         out.push(body_hash(&buf));
@@ -237,25 +241,51 @@ pub(crate) fn envelope_hashes(requests: &[AppendRequest<'_>]) -> Result<Vec<Hash
     Ok(out)
 }
 
+/// The envelope of `ev`; `blob` holds its encoded blob reference when its payload is a blob.
 fn envelope_of<'e>(
     ev: &'e EventData,
     stream: &'e str,
     event_id: EventId,
     default_time: Timestamp,
+    blob: Option<&'e [u8; BLOB_REF_LEN]>,
 ) -> EnvelopeRef<'e> {
     EnvelopeRef {
         event_id,
         event_time: ev.event_time.unwrap_or(default_time),
         schema_version: ev.schema_version,
         content_type: ev.content_type,
+        payload_form: if blob.is_some() {
+            PayloadForm::Blob
+        } else {
+            PayloadForm::Inline
+        },
         stream,
         aggregate_type: &ev.aggregate_type,
         event_type: &ev.event_type,
         correlation_id: &ev.correlation_id,
         causation_id: &ev.causation_id,
         actor: &ev.actor,
-        payload: &ev.payload,
+        payload: match blob {
+            Some(b) => b,
+            None => &ev.payload,
+        },
     }
+}
+
+/// The encoded blob reference of `ev`, the event at `index` of its batch: the one it gives,
+/// or the one `offloaded` stored for it.
+fn blob_of(
+    ev: &EventData,
+    index: usize,
+    offloaded: &[Option<BlobRef>],
+) -> Result<Option<[u8; BLOB_REF_LEN]>> {
+    let blob = ev.blob.or_else(|| offloaded.get(index).copied().flatten());
+    if ev.blob.is_some() && !ev.payload.is_empty() {
+        return Err(invalid_append(format!(
+            "event {index} gives both a payload and a blob reference"
+        )));
+    }
+    Ok(blob.map(|b| b.encode()))
 }
 
 fn hash_one(ev: &mut PreparedEvent, bodies: &[u8]) {
@@ -547,7 +577,7 @@ impl Writer {
                     layout,
                     stream_prev: match layout {
                         Layout::V1 => NO_STREAM_PREV,
-                        Layout::V2 => stream_prev,
+                        Layout::V2 | Layout::V3 => stream_prev,
                     },
                     body_len: ev.body_len,
                     body_crc: ev.body_crc,
@@ -800,12 +830,15 @@ pub(crate) fn submit_signed(
         }
         policy.check(&streams, signing.signature)?;
     }
+    let offloaded =
+        super::blobs::offload(shared, requests, signing.signature.is_some(), may_block)?;
     let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));
     let prepared = prepare(
         requests,
         shared.opts.segment_bytes,
         shared.meta.layout,
         signing.signature.map(|s| (s, &shared.meta.log_id)),
+        &offloaded,
         bodies,
     )?;
     let committed = loop {

@@ -131,7 +131,7 @@ impl Checkpoints {
         meta: &crate::format::meta::LogMeta,
         live: bool,
     ) -> Result<Vec<u8>> {
-        let entry_len = crate::format::checkpoint::entry_len(meta.layout.version());
+        let entry_len = crate::format::checkpoint::entry_len(meta.layout.statement_version());
         let log_id = &meta.log_id;
         let path = dir.join(CHECKPOINTS_FILE);
         let mut tries = 0;
@@ -194,7 +194,8 @@ impl Checkpoints {
                 Err(e) => return Err(Error::io("reading checkpoints file", &path)(e)),
             },
         };
-        let entry_len = crate::format::checkpoint::entry_len(shared.meta.layout.version());
+        let entry_len =
+            crate::format::checkpoint::entry_len(shared.meta.layout.statement_version());
         let mut list = Vec::new();
         let mut damage = None;
         let mut truncated_at = None;
@@ -206,7 +207,7 @@ impl Checkpoints {
                 let expected_id = list.len() as u64 + 1;
                 let prev_size = list.last().map_or(0, |p: &SignedCheckpoint| p.statement.tree_size);
                 if s.log_id != shared.meta.log_id
-                    || s.version() != shared.meta.layout.version()
+                    || s.version() != shared.meta.layout.statement_version()
                     || s.id != expected_id
                     || s.tree_size < prev_size
                 {
@@ -291,7 +292,8 @@ impl Checkpoints {
         {
             return Err(Error::Corrupt {
                 file: self.path.clone(),
-                offset: ((self.list.len() - 1) * entry_len(shared.meta.layout.version())) as u64,
+                offset: ((self.list.len() - 1) * entry_len(shared.meta.layout.statement_version()))
+                    as u64,
                 position: Some(size),
                 detail: format!(
                     "checkpoint {} covers {} records but the log has {size}: records were removed",
@@ -311,7 +313,8 @@ impl Checkpoints {
         {
             return Err(Error::Corrupt {
                 file: self.path.clone(),
-                offset: ((self.list.len() - 1) * entry_len(shared.meta.layout.version())) as u64,
+                offset: ((self.list.len() - 1) * entry_len(shared.meta.layout.statement_version()))
+                    as u64,
                 position: Some(last.statement.tree_size),
                 detail: format!(
                     "the first {} records no longer match checkpoint {}, which signed them: history was changed, so nothing more is signed",

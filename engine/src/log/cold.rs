@@ -97,6 +97,9 @@ pub struct ColdOptions {
     pub attempts: u32,
     /// See `attempts`.
     pub first_retry_wait: Duration,
+    /// Payloads longer than this are stored as blobs in the store, and the event refers to
+    /// them by hash (format version 3 logs with a store; docs/FORMAT.md, 6.5).
+    pub blob_threshold: usize,
 }
 
 impl Default for ColdOptions {
@@ -110,6 +113,7 @@ impl Default for ColdOptions {
             encode: ColdEncodeOptions::default(),
             attempts: 4,
             first_retry_wait: Duration::from_millis(200),
+            blob_threshold: crate::format::blob::BLOB_THRESHOLD_DEFAULT,
         }
     }
 }
@@ -227,6 +231,22 @@ pub struct ColdStatus {
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
     Error::io(op, path)
+}
+
+/// Names `store` as the log's in its `cold.store` file, durably, before anything is written
+/// to it (a later open without a store finds it there).
+pub(crate) fn record_store(shared: &Shared, store: &dyn ColdStore) -> Result<()> {
+    let fs = shared.fs();
+    if !fs.exists(&shared.dir.join(COLD_STORE_FILE)) {
+        fs.write_file_atomic(
+            &shared.dir,
+            COLD_STORE_FILE,
+            format!("{}\n", store.url()).as_bytes(),
+            false,
+        )
+        .map_err(io_err("writing", &shared.dir.join(COLD_STORE_FILE)))?;
+    }
+    Ok(())
 }
 
 /// The error for a cold segment that cannot be read or written.
@@ -367,6 +387,11 @@ impl ColdTier {
                 None,
             )
         })
+    }
+
+    /// The store blobs are written to and read from, or why there is none.
+    pub(crate) fn blob_store(&self) -> std::result::Result<&Arc<dyn ColdStore>, &str> {
+        self.store.as_ref().ok_or(self.no_store.as_str())
     }
 
     /// What [`super::Log::cold_status`] reports.
@@ -830,7 +855,6 @@ pub(crate) fn compact(
         dry_run,
         ..CompactReport::default()
     };
-    let fs = shared.fs();
     // Segments a crash left half moved: entry written, local file still there.
     let half: Vec<Arc<SegmentHandle>> = {
         let m = lock(&tier.manifest);
@@ -865,14 +889,8 @@ pub(crate) fn compact(
         finish_move(shared, &seg, entry, key)?;
         report.finished.push(seg.seq);
     }
-    if !dry_run && !fs.exists(&shared.dir.join(COLD_STORE_FILE)) {
-        fs.write_file_atomic(
-            &shared.dir,
-            COLD_STORE_FILE,
-            format!("{}\n", store.url()).as_bytes(),
-            false,
-        )
-        .map_err(io_err("writing", &shared.dir.join(COLD_STORE_FILE)))?;
+    if !dry_run {
+        record_store(shared, store.as_ref())?;
     }
     for (seg, footer) in candidates(shared, policy) {
         if shared.shutdown.load(std::sync::atomic::Ordering::Relaxed)

@@ -13,6 +13,7 @@
 mod append;
 mod attrs;
 mod background;
+mod blobs;
 mod checkpoints;
 mod cold;
 mod commit;
@@ -183,10 +184,16 @@ pub struct EventData {
     pub schema_version: u32,
     /// The aggregate type, for example `Trade`.
     pub aggregate_type: String,
-    /// How to read the payload.
+    /// How to read the payload (or the blob's bytes).
     pub content_type: ContentType,
-    /// The payload.
+    /// The payload. A payload longer than the log's blob threshold
+    /// ([`ColdOptions::blob_threshold`]) is stored as a blob in the cold tier's store and the
+    /// event refers to it by hash; up to [`crate::format::blob::BLOB_BYTES_MAX`] bytes then.
     pub payload: Vec<u8>,
+    /// A blob already in the log's store ([`Log::put_blob`]) that holds the payload: the
+    /// event refers to it, and `payload` must be empty. The append checks that the store has
+    /// it.
+    pub blob: Option<crate::format::blob::BlobRef>,
     /// Correlation id (empty for none).
     pub correlation_id: String,
     /// Causation id (empty for none).
@@ -208,6 +215,7 @@ impl EventData {
             aggregate_type: String::new(),
             content_type: ContentType::Binary,
             payload: payload.into(),
+            blob: None,
             correlation_id: String::new(),
             causation_id: String::new(),
             actor: String::new(),
@@ -221,6 +229,20 @@ impl EventData {
         EventData {
             content_type: ContentType::Json,
             ..EventData::new(event_type, json.into().into_bytes())
+        }
+    }
+
+    /// An event whose payload is a blob already in the log's store ([`Log::put_blob`]).
+    #[must_use]
+    pub fn with_blob(
+        event_type: impl Into<String>,
+        content_type: ContentType,
+        blob: crate::format::blob::BlobRef,
+    ) -> EventData {
+        EventData {
+            content_type,
+            blob: Some(blob),
+            ..EventData::new(event_type, Vec::new())
         }
     }
 
@@ -312,6 +334,9 @@ pub struct RecordedEvent {
     pub schema_version: u32,
     /// How to read the payload.
     pub content_type: ContentType,
+    /// Whether the payload field holds the payload or a blob reference
+    /// ([`RecordedEvent::blob`]).
+    pub payload_form: crate::format::envelope::PayloadForm,
     /// Business time.
     pub event_time: Timestamp,
     /// When the engine wrote it.
@@ -358,6 +383,7 @@ impl RecordedEvent {
             event_id: env.event_id,
             schema_version: env.schema_version,
             content_type: env.content_type,
+            payload_form: env.payload_form,
             event_time: env.event_time,
             record_time,
             record_hash,
@@ -417,10 +443,23 @@ impl RecordedEvent {
         self.text(5)
     }
 
-    /// The payload.
+    /// The payload field: the payload, or for an event whose payload is a blob
+    /// ([`RecordedEvent::blob`]), the 40-byte reference to it.
     #[must_use]
     pub fn payload(&self) -> &[u8] {
         self.field(6)
+    }
+
+    /// The blob holding this event's payload, when it is stored as one: read its bytes with
+    /// [`Log::read_blob`].
+    #[must_use]
+    pub fn blob(&self) -> Option<crate::format::blob::BlobRef> {
+        match self.payload_form {
+            crate::format::envelope::PayloadForm::Inline => None,
+            crate::format::envelope::PayloadForm::Blob => {
+                crate::format::blob::BlobRef::decode(self.payload()).ok()
+            }
+        }
     }
 
     /// The encoded envelope, as stored (what the record hash covers through its body hash).
@@ -455,8 +494,23 @@ pub trait EventView {
     fn causation_id(&self) -> &str;
     /// Who did it.
     fn actor(&self) -> &str;
-    /// The payload.
+    /// The payload field: the payload, or for an event whose payload is a blob
+    /// ([`EventView::blob`]), the 40-byte reference to it.
     fn payload(&self) -> &[u8];
+    /// Whether the payload field holds the payload or a blob reference.
+    fn payload_form(&self) -> crate::format::envelope::PayloadForm {
+        crate::format::envelope::PayloadForm::Inline
+    }
+    /// The blob holding this event's payload, when it is stored as one (read it with
+    /// [`Log::read_blob`] or a client's blob read).
+    fn blob(&self) -> Option<crate::format::blob::BlobRef> {
+        match self.payload_form() {
+            crate::format::envelope::PayloadForm::Inline => None,
+            crate::format::envelope::PayloadForm::Blob => {
+                crate::format::blob::BlobRef::decode(self.payload()).ok()
+            }
+        }
+    }
     /// Business time.
     fn event_time(&self) -> Timestamp;
     /// When the log recorded it.
@@ -469,6 +523,7 @@ pub trait EventView {
             event_time: self.event_time(),
             schema_version: self.schema_version(),
             content_type: self.content_type(),
+            payload_form: self.payload_form(),
             stream: self.stream(),
             aggregate_type: self.aggregate_type(),
             event_type: self.event_type(),
@@ -505,6 +560,9 @@ impl EventView for RecordedEvent {
     fn content_type(&self) -> ContentType {
         self.content_type
     }
+    fn payload_form(&self) -> crate::format::envelope::PayloadForm {
+        self.payload_form
+    }
     fn correlation_id(&self) -> &str {
         RecordedEvent::correlation_id(self)
     }
@@ -537,6 +595,7 @@ impl std::fmt::Debug for RecordedEvent {
             .field("aggregate_type", &self.aggregate_type())
             .field("content_type", &self.content_type)
             .field("payload_len", &self.payload().len())
+            .field("blob", &self.blob())
             .field("correlation_id", &self.correlation_id())
             .field("causation_id", &self.causation_id())
             .field("actor", &self.actor())
@@ -1133,6 +1192,52 @@ impl Log {
         cold::compact(&self.shared, policy, dry_run)
     }
 
+    /// Stores `bytes` as a blob in the cold tier's store (once: the key is its BLAKE3 hash)
+    /// and returns the reference an event gives to hold it as its payload
+    /// ([`EventData::with_blob`]). Appends do this themselves for payloads above
+    /// [`ColdOptions::blob_threshold`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidEvent`] for an empty blob or one above
+    /// [`crate::format::blob::BLOB_BYTES_MAX`]; [`Error::InvalidAppend`] on a log of format
+    /// version 1 or 2; [`Error::Blob`] when there is no store or it fails;
+    /// [`Error::ReadOnly`].
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<crate::format::blob::BlobRef> {
+        blobs::put(&self.shared, bytes)
+    }
+
+    /// Reads a blob whole and checks it against its reference (length and BLAKE3).
+    ///
+    /// # Errors
+    /// [`Error::Blob`] when there is no store, the store fails, the blob is missing, or its
+    /// bytes do not match the reference.
+    pub fn read_blob(&self, blob: &crate::format::blob::BlobRef) -> Result<Vec<u8>> {
+        blobs::read(&self.shared, blob)
+    }
+
+    /// Reads bytes `range` of a blob as the store holds them, unchecked: for a reader that
+    /// takes a blob in pieces and checks the whole against the reference itself (tallyd's
+    /// blob reads).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a range outside the blob; [`Error::Blob`] as
+    /// [`Log::read_blob`].
+    pub fn read_blob_range(
+        &self,
+        blob: &crate::format::blob::BlobRef,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>> {
+        blobs::read_range(&self.shared, blob, range)
+    }
+
+    /// The length of a blob's object in the store, `None` when the store has none.
+    ///
+    /// # Errors
+    /// [`Error::Blob`] when there is no store or it fails.
+    pub fn blob_stored_len(&self, blob: &crate::format::blob::BlobRef) -> Result<Option<u64>> {
+        blobs::stored_len(&self.shared, blob)
+    }
+
     /// The cold tier's state: its store, how many segments are cold, fetches since open,
     /// the cache, and the last background compaction's error.
     #[must_use]
@@ -1647,6 +1752,11 @@ pub struct VerifyReport {
     /// With [`VerifyOptions::producers`]: batches without a producer signature (allowed by
     /// the trust file's policy).
     pub unsigned_batches: u64,
+    /// Events checked that refer to a blob.
+    pub blob_refs: u64,
+    /// Distinct blobs read from the store and found to match their references (0 with
+    /// [`VerifyOptions::skip_blobs`]).
+    pub blobs_checked: u64,
 }
 
 /// What [`Log::verify_with`] checks beyond the records.
@@ -1682,6 +1792,8 @@ pub struct VerifyOptions {
     /// same as an earlier batch's (a replay) fails, and so does an unsigned batch for a
     /// stream whose prefix requires signatures. Hashes every record's envelope once more.
     pub producers: Option<producers::ProducerTrust>,
+    /// Do not read the blobs events refer to (every blob is read and hashed otherwise).
+    pub skip_blobs: bool,
 }
 
 /// Adds a witness's cosignature of checkpoint `cp` to the data directory `dir`

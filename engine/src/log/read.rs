@@ -387,7 +387,7 @@ fn read_picks(stream: &str, picks: &Picks) -> Result<Vec<RecordedEvent>> {
         .map(|(seg, e)| {
             let position = Position(seg.header.base_position.0 + u64::from(e.pos_delta));
             let (ev, stream_prev) = read_event_linked(seg, u64::from(e.offset), position)?;
-            if seg.header.layout == crate::format::record::Layout::V2 {
+            if seg.header.layout.links_stream_prev() {
                 let this = (ev.version, position, stream_prev);
                 if let Some(last) = before {
                     let (earlier, later) = if last.0 < this.0 { (last, this) } else { (this, last) };

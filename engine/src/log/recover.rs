@@ -86,7 +86,7 @@ fn checkpointed_size(fs: &Storage, meta: &LogMeta, dir: &Path) -> Result<Option<
     let log_id = &meta.log_id;
     let bytes = read_checkpoints_file(fs, dir)?;
     Ok(bytes
-        .chunks_exact(entry_len(meta.layout.version()))
+        .chunks_exact(entry_len(meta.layout.statement_version()))
         .filter_map(|e| SignedCheckpoint::decode_entry(e).ok())
         .filter(|cp| cp.statement.log_id == *log_id)
         .map(|cp| (cp.statement.id, cp.statement.tree_size))
@@ -830,7 +830,7 @@ fn open_evidence(
     let signed_by = last_checkpoint_signer(
         fs,
         dir,
-        crate::format::checkpoint::entry_len(shared.meta.layout.version()),
+        crate::format::checkpoint::entry_len(shared.meta.layout.statement_version()),
     )?;
     let key = if read_only {
         None
@@ -893,7 +893,7 @@ fn open_evidence(
     *shared.evidence.checkpoints.lock() = cps;
     let mut tree = open_tree(shared, trusted)?;
     report.merkle_tree_rebuilt = tree.rebuilt;
-    if shared.meta.layout == crate::format::record::Layout::V2 {
+    if shared.meta.layout.links_stream_prev() {
         // The tree now covers the whole log, as the stream table does: its heads map is the
         // table's streams, from here on kept in step as the tree catches up.
         let entries = shared
@@ -1036,7 +1036,7 @@ fn read_or_create_meta(
                 created_time: now(),
                 layout: crate::format::record::Layout::of_version(opts.format_version).ok_or_else(
                     || Error::InvalidOptions {
-                        reason: format!("format_version {} (1 or 2)", opts.format_version),
+                        reason: format!("format_version {} (1, 2 or 3)", opts.format_version),
                     },
                 )?,
             };

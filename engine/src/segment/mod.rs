@@ -158,9 +158,11 @@ impl<'a> RecordRef<'a> {
 
     /// Decodes the body's envelope.
     pub(crate) fn envelope(&self) -> Result<EnvelopeRef<'a>, RecordError> {
-        EnvelopeRef::decode(self.envelope_bytes()).map_err(|source| RecordError::Invalid {
-            offset: self.offset,
-            source,
+        EnvelopeRef::decode_in(self.envelope_bytes(), self.header.layout).map_err(|source| {
+            RecordError::Invalid {
+                offset: self.offset,
+                source,
+            }
         })
     }
 
@@ -506,6 +508,7 @@ mod tests {
                 causation_id: "",
                 actor: "",
                 payload: &vec![i as u8; (i % 5) as usize],
+                payload_form: crate::format::envelope::PayloadForm::Inline,
             }
             .encode_into(&mut body)
             .unwrap();

@@ -82,6 +82,7 @@ struct FileConfig {
     max_response_bytes: Option<usize>,
     max_connection_response_bytes: Option<usize>,
     response_wait_ms: Option<u64>,
+    max_blob_upload_bytes: Option<u64>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
     signing_key: Option<PathBuf>,
@@ -100,6 +101,8 @@ struct ColdConfig {
     local_budget_mib: Option<u64>,
     interval_secs: Option<u64>,
     cache_mib: Option<u64>,
+    /// Payloads above this many KiB are stored as blobs in the store (FORMAT.md 6.5).
+    blob_threshold_kib: Option<u64>,
 }
 
 /// The cold tier's options from `[cold]`, its store opened.
@@ -126,6 +129,11 @@ fn cold_options(c: &ColdConfig) -> anyhow::Result<tally_engine::ColdOptions> {
             .map(mib)
             .transpose()?
             .unwrap_or(defaults.cache_bytes),
+        blob_threshold: match c.blob_threshold_kib {
+            Some(k) => usize::try_from(k.saturating_mul(1024))
+                .context("[cold] blob_threshold_kib is far too large")?,
+            None => defaults.blob_threshold,
+        },
         ..defaults
     })
 }
@@ -180,6 +188,9 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = file.response_wait_ms {
         cfg.response_wait = ms(v);
+    }
+    if let Some(v) = file.max_blob_upload_bytes {
+        cfg.blob_upload_bytes_max = v;
     }
     let mut options = Options {
         recovery: RecoveryMode::Strict,
@@ -335,7 +346,7 @@ mod tests {
     fn a_cold_table_configures_background_compaction_to_its_store() {
         let store = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let cfg = config_of(&format!(
-            "[cold]\nstore = \"file://{}\"\nkeep_local_segments = 8\nolder_than_secs = 86400\n\
+            "max_blob_upload_bytes = 1000\n[cold]\nstore = \"file://{}\"\nblob_threshold_kib = 16\nkeep_local_segments = 8\nolder_than_secs = 86400\n\
              local_budget_mib = 100\ninterval_secs = 60\ncache_mib = 64\n",
             store.path().display()
         ))
@@ -351,6 +362,8 @@ mod tests {
         assert_eq!(c.policy.local_budget_bytes, Some(100 << 20));
         assert_eq!(c.background, Some(Duration::from_secs(60)));
         assert_eq!(c.cache_bytes, 64 << 20);
+        assert_eq!(c.blob_threshold, 16 << 10);
+        assert_eq!(cfg.blob_upload_bytes_max, 1000);
         // Without the table: no store, no background compaction.
         let cfg = config_of("").unwrap_or_else(|e| panic!("{e:#}"));
         assert!(cfg.options.cold.store.is_none() && cfg.options.cold.background.is_none());

@@ -90,6 +90,8 @@ struct Context {
     layout: Layout,
     selection: Selection,
     render: bool,
+    /// Check each blob an event refers to against the file named by its hash here.
+    blobs: Option<std::path::PathBuf>,
 }
 
 /// Checks one record on its own: FORMAT.md's header and body rules, the record hash from
@@ -142,8 +144,11 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
             ),
         ));
     }
-    let env = EnvelopeRef::decode(h.envelope_of(&parts.body))
+    let env = EnvelopeRef::decode_in(h.envelope_of(&parts.body), h.layout)
         .map_err(|e| bad(Some(position), format!("envelope: {e}")))?;
+    if let (Some(dir), Some(blob)) = (&cx.blobs, env.blob()) {
+        crate::audit::check_blob_file(&blob, dir).map_err(|why| bad(Some(position), why))?;
+    }
     if parts.role == Role::Event
         && let Selection::Stream(stream) = &cx.selection
         && env.stream != stream
@@ -443,7 +448,8 @@ fn selection(head: &Value) -> Result<Selection, Finding> {
 }
 
 /// Verifies a format 3 extract from `input` (positioned at its start). Verified events go
-/// to `events` as JSON lines when given.
+/// to `events` as JSON lines when given; with `blobs`, each blob an event refers to must be
+/// the file named by its hash in that directory.
 ///
 /// # Errors
 /// `Err(Finding)` names the first problem in file order.
@@ -453,6 +459,7 @@ pub fn verify<R: BufRead + Send>(
     trusted: &[[u8; 32]],
     tuning: Tuning,
     mut events: Option<&mut dyn Write>,
+    blobs: Option<&std::path::Path>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Checked, Finding> {
     let mut reader = Reader::new(input, form);
@@ -476,6 +483,7 @@ pub fn verify<R: BufRead + Send>(
         layout,
         selection: selection.clone(),
         render: events.is_some(),
+        blobs: blobs.map(std::path::Path::to_path_buf),
     };
     let mut fold = Fold {
         s: cp.statement,

@@ -89,6 +89,11 @@ struct Out<'a> {
     /// The last event's stream version and position (stream extracts check the head).
     last: Option<(u64, u64)>,
     bar: indicatif::ProgressBar,
+    /// Where the blobs the events refer to are copied (`--blobs`), and how many events refer
+    /// to one and how many blobs were written.
+    blobs: Option<&'a Path>,
+    blob_refs: u64,
+    blobs_written: u64,
 }
 
 impl Out<'_> {
@@ -120,6 +125,21 @@ impl Out<'_> {
             self.events += 1;
             self.last = Some((h.stream_version, position));
             self.bar.inc(1);
+            let env = tally_engine::format::envelope::EnvelopeRef::decode_in(
+                h.envelope_of(body),
+                h.layout,
+            )
+            .with_context(|| format!("the envelope at position {position}"))?;
+            if let Some(blob) = env.blob() {
+                self.blob_refs += 1;
+                if let Some(dir) = self.blobs {
+                    let wrote =
+                        crate::audit::copy_blob(self.log, &blob, dir).with_context(|| {
+                            format!("copying the blob of the event at position {position}")
+                        })?;
+                    self.blobs_written += u64::from(wrote);
+                }
+            }
         }
         Ok(())
     }
@@ -190,7 +210,7 @@ pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
     if writable {
         log.close()?;
     }
-    let events = match result {
+    let (events, blob_refs, blobs_written) = match result {
         Ok(n) => n,
         Err(e) => {
             let _ignored = std::fs::remove_file(&tmp);
@@ -205,6 +225,17 @@ pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
         cp.statement.tree_size,
         fingerprint(&cp.public_key)
     );
+    if blob_refs > 0 {
+        match &a.blobs {
+            Some(dir) => println!(
+                "{blob_refs} events refer to blobs: {blobs_written} blobs written to {} (each checked against its hash; the others were there)",
+                dir.display()
+            ),
+            None => println!(
+                "{blob_refs} events refer to blobs: the extract holds their hashes; --blobs DIR copies the blobs"
+            ),
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -215,7 +246,7 @@ fn write_to(
     cp: &SignedCheckpoint,
     query: Value,
     tmp: &Path,
-) -> Result<u64> {
+) -> Result<(u64, u64, u64)> {
     let size = cp.statement.tree_size;
     let v2 = cp.statement.streams.is_some();
     // What the checkpoint lets the extract prove, decided before any record is written.
@@ -303,6 +334,9 @@ fn write_to(
         records: 0,
         last: None,
         bar: progress(expected, "extract"),
+        blobs: a.blobs.as_deref(),
+        blob_refs: 0,
+        blobs_written: 0,
     };
     let mut trailer = serde_json::Map::new();
     if let Some(stream) = &a.stream {
@@ -396,12 +430,12 @@ fn write_to(
         json!(gaps.iter().map(|g| hex(g)).collect::<Vec<_>>()),
     );
     out.bar.finish_and_clear();
-    let events = out.events;
+    let counts = (out.events, out.blob_refs, out.blobs_written);
     let file = out
         .w
         .trailer(&Value::Object(trailer))?
         .into_inner()
         .map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(events)
+    Ok(counts)
 }

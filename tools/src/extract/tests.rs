@@ -84,6 +84,7 @@ fn check(bytes: &[u8], key: &[u8; 32]) -> Result<Checked, Finding> {
         &[*key],
         tuning,
         None,
+        None,
         &indicatif::ProgressBar::hidden(),
     )
 }

@@ -35,7 +35,7 @@ use crate::format::chain::{AlignedRange, MerkleBuilder, leaf_hash};
 use crate::format::checkpoint::{SignedCheckpoint, entry_len};
 use crate::format::heads::{HeadKey, stream_key};
 use crate::format::proof::{NodeSource, hex};
-use crate::format::record::{Layout, NO_STREAM_PREV};
+use crate::format::record::NO_STREAM_PREV;
 use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
@@ -79,6 +79,8 @@ struct Checked {
     /// decrease across segments).
     first_time: Option<Timestamp>,
     last_time: Option<Timestamp>,
+    /// The blobs the segment's events refer to, with the position of each event.
+    blobs: Vec<(u64, crate::format::blob::BlobRef)>,
 }
 
 /// The streams of a segment before `from_segment` (trusted), from its sidecar, or from the
@@ -192,6 +194,8 @@ pub(crate) fn verify(
     let snapshot_path = shared.dir.join(super::streams::SNAPSHOT_FILE);
     let producer_trust = options.producers.clone();
     let mut streams = StreamJoin::default();
+    // The blobs the checked events refer to, with the position of each event.
+    let mut blob_refs: Vec<(u64, crate::format::blob::BlobRef)> = Vec::new();
     // With `from_segment`: the heads of the trusted segments' streams, in log order.
     let mut trusted_heads: Vec<Head> = Vec::new();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
@@ -250,15 +254,15 @@ pub(crate) fn verify(
             let list = trusted_streams(shared, seg)?;
             let idx_path = shared.dir.join(seg.seq.index_file_name());
             streams.join(seg.seq, &seg.path, &idx_path, &list)?;
-            if shared.meta.layout == Layout::V2 {
+            if shared.meta.layout.links_stream_prev() {
                 trusted_heads.extend(heads_of(&list));
             }
         }
         segs.drain(..first);
     } else {
         while cps.pending(0).is_some() {
-            let empty =
-                (shared.meta.layout == Layout::V2).then_some((0, crate::format::heads::EMPTY_ROOT));
+            let empty = (shared.meta.layout.links_stream_prev())
+                .then_some((0, crate::format::heads::EMPTY_ROOT));
             let kept = cps.check(whole.root(), Some(&report.last_chain_hash), empty)?;
             count(&mut report, &cps, kept);
         }
@@ -384,7 +388,10 @@ pub(crate) fn verify(
                             heads.set(*key, *version, *position);
                         }
                     }
-                    let heads_at = (h.layout == Layout::V2).then(|| (heads.len(), heads.root()));
+                    let heads_at = h
+                        .layout
+                        .links_stream_prev()
+                        .then(|| (heads.len(), heads.root()));
                     while cps.pending(*size).is_some() {
                         let mut at = whole.clone();
                         join(&mut at, subtrees);
@@ -400,7 +407,7 @@ pub(crate) fn verify(
                 }
                 let seg = &segs[i];
                 let idx_path = shared.dir.join(seg.seq.index_file_name());
-                if h.layout == Layout::V2
+                if h.layout.links_stream_prev()
                     && let (Some(first), Some(prev)) = (checked.first_time, prev_last_time)
                     && first < prev
                 {
@@ -463,6 +470,7 @@ pub(crate) fn verify(
                 }
                 report.signed_batches += checked.signatures.len() as u64;
                 report.unsigned_batches += checked.unsigned_batches;
+                blob_refs.extend_from_slice(&checked.blobs);
                 position = Position(position.0 + checked.records);
                 report.records += checked.records;
                 report.bytes += checked.bytes;
@@ -519,6 +527,7 @@ pub(crate) fn verify(
     if !options.witnesses.is_empty() || options.min_witnesses > 0 {
         check_witnesses(shared, &checkpoints, options, &mut report)?;
     }
+    check_blobs(shared, options, &blob_refs, &mut report)?;
     Ok(report)
 }
 
@@ -1075,7 +1084,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let mut before_split = split.map(|_| SegStreams::default());
     let mut stream_failure: Option<Error> = None;
     let mut made: Vec<(u32, u64, Hash32)> = Vec::new();
-    let v2 = header.layout == Layout::V2;
+    let v2 = header.layout.links_stream_prev();
     // Version 2: the `stream_prev` of each stream's first record in the segment, by its
     // entry in the sidecar's stream table.
     let mut first_prev: Vec<u64> = match &index {
@@ -1110,6 +1119,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let mut index_failure: Option<Error> = None;
     // Sealed segments with a sidecar: what each record says, for checking the sidecar.
     let mut facts: Vec<RecordFacts> = Vec::new();
+    let mut blobs = Vec::new();
 
     let base = header.base_position.0;
     let mut local = MerkleBuilder::new();
@@ -1136,6 +1146,9 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     let scan = scan_visit(&mut src, from, limit, wanted, &mut |rec, env| {
         let h = &rec.header;
         let key = stream_key(env.stream.as_bytes());
+        if let Some(b) = env.blob() {
+            blobs.push((h.position.0, b));
+        }
         let leaf = leaf_hash(&h.chain_hash);
         local.push_leaf(leaf);
         range.push_leaf_reporting(leaf, CHUNK_LEVEL, &mut |l, j, h| made.push((l, j, *h)));
@@ -1419,7 +1432,41 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         pieces,
         signatures,
         unsigned_batches,
+        blobs,
     })
+}
+
+/// Every blob the checked events refer to must be in the store with the bytes its reference
+/// names (each distinct blob is read once; with `skip_blobs`, only counted).
+fn check_blobs(
+    shared: &Shared,
+    options: &VerifyOptions,
+    refs: &[(u64, crate::format::blob::BlobRef)],
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    report.blob_refs = refs.len() as u64;
+    for (position, blob) in refs {
+        if !seen.insert(blob.hash) || options.skip_blobs {
+            continue;
+        }
+        super::blobs::read(shared, blob).map_err(|e| match e {
+            Error::Blob {
+                hash,
+                object,
+                detail,
+                source,
+            } => Error::Blob {
+                hash,
+                object,
+                detail: format!("the event at position {position} refers to it: {detail}"),
+                source,
+            },
+            other => other,
+        })?;
+        report.blobs_checked += 1;
+    }
+    Ok(())
 }
 
 /// A batch being read, for its producer signature.
