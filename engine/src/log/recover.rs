@@ -513,6 +513,9 @@ fn scan_unsealed<'a>(
             truncated = true;
             break;
         }
+        if let Some(prev) = scanned.last() {
+            zero_after_roll(shared, prev)?;
+        }
         let (partial, from) = start_of_scan(shared, f);
         let file = fs
             .open(&f.path, OpenMode::Read)
@@ -630,6 +633,42 @@ fn scan_unsealed<'a>(
     }
 
     Ok((scanned, end))
+}
+
+/// A segment the log rolled out of ends where the next one starts (checked just before),
+/// so nothing after its last record belongs to the log. A power cut can still bring back
+/// bytes there behind records that end cleanly: pages of an earlier tail whose zeroing was
+/// not synced, or torn halves of them, after zeros that end the scan. They are zeroed
+/// (durably) before the segment is sealed, or its footer would keep them behind its end of
+/// data.
+fn zero_after_roll(shared: &Shared, prev: &Scanned<'_>) -> Result<()> {
+    if shared.read_only {
+        return Ok(());
+    }
+    let f = prev.f;
+    let from = prev.scan.complete_end;
+    let file = shared
+        .fs()
+        .open(&f.path, OpenMode::Read)
+        .map_err(io("opening segment", &f.path))?;
+    let mut src = FileSource::new(&*file).map_err(io("reading segment", &f.path))?;
+    let (_, last_nonzero) = find_durable_evidence(
+        &mut src,
+        f.header.layout,
+        from,
+        f.header.data_limit(),
+        Position(u64::MAX),
+    )
+    .map_err(io("reading segment", &f.path))?;
+    if last_nonzero > from {
+        let wf = shared
+            .fs()
+            .open(&f.path, OpenMode::ReadWrite)
+            .map_err(io("opening segment", &f.path))?;
+        zero_range(&*wf, from, last_nonzero)
+            .map_err(io("zeroing bytes after a rolled segment's end", &f.path))?;
+    }
+    Ok(())
 }
 
 /// Stage 6: records a signed checkpoint covers were synced before it was signed: a log that
