@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::format::envelope::EnvelopeRef;
+use crate::format::envelope::{EnvelopeRef, PayloadForm};
 use crate::format::meta::LogMeta;
 use crate::format::record::{Layout, RECORD_HEADER_MAX, RecordHeader};
 use crate::format::segment::{SegmentFooter, SegmentHeader};
@@ -25,10 +25,10 @@ pub fn decode_record(data: &[u8]) -> bool {
     let Some((&pick, data)) = data.split_first() else {
         return false;
     };
-    let layout = if pick & 1 == 0 {
-        Layout::V1
-    } else {
-        Layout::V2
+    let layout = match pick & 3 {
+        0 | 2 => Layout::V1,
+        1 => Layout::V2,
+        _ => Layout::V3,
     };
     let Ok(h) = RecordHeader::decode_in(data, layout) else {
         return false;
@@ -43,9 +43,12 @@ pub fn decode_record(data: &[u8]) -> bool {
     if h.check_body(body).is_err() {
         return false;
     }
-    let Ok(env) = EnvelopeRef::decode(body) else {
+    let Ok(env) = EnvelopeRef::decode_in(body, layout) else {
         return false;
     };
+    // A blob reference only where the layout allows one, and then a valid one.
+    assert!(env.payload_form == PayloadForm::Inline || layout.allows_blobs());
+    assert_eq!(env.payload_form == PayloadForm::Blob, env.blob().is_some());
     let mut out = Vec::new();
     env.encode_into(&mut out)
         .expect("a decoded envelope is within limits");
@@ -176,10 +179,10 @@ pub fn recover_segment(data: &[u8]) -> usize {
     let Some((log_id, data)) = data.split_first_chunk::<16>() else {
         return 0;
     };
-    let layout = if pick & 1 == 0 {
-        Layout::V1
-    } else {
-        Layout::V2
+    let layout = match pick & 3 {
+        0 | 2 => Layout::V1,
+        1 => Layout::V2,
+        _ => Layout::V3,
     };
     let seed = chain::chain_seed(log_id);
     let from = ScanFrom {

@@ -1659,14 +1659,18 @@ fn blob_put(
     let log = Arc::clone(&ctx.log);
     tokio::spawn(async move {
         let _ = tokio::task::spawn_blocking(move || {
-            match log.put_blob(&done.buf) {
+            // The upload's bytes are shared with the store's request, not copied: a blob is
+            // in memory once. The reservation lasts until they are stored.
+            let BlobUpload { buf, _held, .. } = done;
+            let buf = Arc::new(buf);
+            match log.put_blob_shared(&buf) {
                 Ok(b) => reply.send(&Response::BlobPut {
                     received: b.size,
                     blob: Some(b),
                 }),
                 Err(e) => reply.error(engine_error(&e)),
             }
-            drop(done);
+            drop((buf, _held));
         })
         .await;
     });

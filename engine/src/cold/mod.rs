@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sys::OpenMode;
@@ -34,6 +35,15 @@ pub trait ColdStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// What the store reports.
     fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()>;
+    /// [`ColdStore::put`] of bytes the caller shares (a large blob): a store that needs an
+    /// owned copy for its request (an HTTP body) takes a reference to these instead, so that
+    /// they are held in memory once.
+    ///
+    /// # Errors
+    /// What the store reports.
+    fn put_shared(&self, key: &str, bytes: &Arc<Vec<u8>>) -> io::Result<()> {
+        self.put(key, bytes)
+    }
     /// The whole object `key`.
     ///
     /// # Errors

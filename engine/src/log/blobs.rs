@@ -55,9 +55,26 @@ fn retries<T>(shared: &Shared, op: impl FnMut() -> io::Result<T>) -> io::Result<
     )
 }
 
+/// A blob's bytes as the caller holds them: borrowed (a store that needs its own copy for a
+/// request makes one), or shared (it takes a reference).
+#[derive(Clone, Copy)]
+pub(crate) enum Bytes<'a> {
+    Borrowed(&'a [u8]),
+    Shared(&'a Arc<Vec<u8>>),
+}
+
+impl Bytes<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Borrowed(b) => b,
+            Bytes::Shared(b) => b.as_slice(),
+        }
+    }
+}
+
 /// Writes `bytes` as a blob (once: a blob already stored with the right length is kept)
 /// and records the store as the log's.
-pub(crate) fn put(shared: &Shared, bytes: &[u8]) -> Result<BlobRef> {
+pub(crate) fn put(shared: &Shared, bytes: Bytes<'_>) -> Result<BlobRef> {
     if shared.read_only {
         return Err(Error::ReadOnly);
     }
@@ -69,7 +86,8 @@ pub(crate) fn put(shared: &Shared, bytes: &[u8]) -> Result<BlobRef> {
             ),
         });
     }
-    let blob = BlobRef::of(bytes).map_err(|source| Error::InvalidEvent { index: 0, source })?;
+    let blob =
+        BlobRef::of(bytes.as_slice()).map_err(|source| Error::InvalidEvent { index: 0, source })?;
     let store = store_of(shared, &blob)?;
     let key = blob_object_key(&shared.meta.log_id, &blob.hash);
     let object = || format!("{}/{key}", store.url());
@@ -79,8 +97,11 @@ pub(crate) fn put(shared: &Shared, bytes: &[u8]) -> Result<BlobRef> {
     if found != Some(blob.size) {
         // Absent, or an object of another length under a content address: write the bytes
         // that the address names.
-        retries(shared, || store.put(&key, bytes))
-            .map_err(|e| blob_error(&blob, object(), "writing it", Some(e)))?;
+        retries(shared, || match bytes {
+            Bytes::Borrowed(b) => store.put(&key, b),
+            Bytes::Shared(b) => store.put_shared(&key, b),
+        })
+        .map_err(|e| blob_error(&blob, object(), "writing it", Some(e)))?;
         let stored = retries(shared, || store.head(&key))
             .map_err(|e| blob_error(&blob, object(), "checking it after writing", Some(e)))?;
         if stored != Some(blob.size) {
@@ -236,10 +257,12 @@ pub(crate) fn offload(
                     },
                 });
             }
-            out.push(Some(put(shared, &ev.payload).map_err(|e| match e {
-                Error::InvalidEvent { source, .. } => Error::InvalidEvent { index, source },
-                other => other,
-            })?));
+            out.push(Some(put(shared, Bytes::Borrowed(&ev.payload)).map_err(
+                |e| match e {
+                    Error::InvalidEvent { source, .. } => Error::InvalidEvent { index, source },
+                    other => other,
+                },
+            )?));
         } else {
             out.push(None);
         }

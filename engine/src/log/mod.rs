@@ -1203,7 +1203,20 @@ impl Log {
     /// version 1 or 2; [`Error::Blob`] when there is no store or it fails;
     /// [`Error::ReadOnly`].
     pub fn put_blob(&self, bytes: &[u8]) -> Result<crate::format::blob::BlobRef> {
-        blobs::put(&self.shared, bytes)
+        blobs::put(&self.shared, blobs::Bytes::Borrowed(bytes))
+    }
+
+    /// [`Log::put_blob`] of bytes held in an `Arc`: a store that sends them in a request
+    /// (S3) takes a reference instead of a copy, so that a large blob is in memory once
+    /// (tallyd's uploads).
+    ///
+    /// # Errors
+    /// As [`Log::put_blob`].
+    pub fn put_blob_shared(
+        &self,
+        bytes: &std::sync::Arc<Vec<u8>>,
+    ) -> Result<crate::format::blob::BlobRef> {
+        blobs::put(&self.shared, blobs::Bytes::Shared(bytes))
     }
 
     /// Reads a blob whole and checks it against its reference (length and BLAKE3).
