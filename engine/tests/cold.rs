@@ -875,3 +875,47 @@ fn a_read_only_view_follows_a_compaction_after_it_opened() {
     view.close().unwrap();
     writer.close().unwrap();
 }
+
+/// A segment holding the producer policy (`$producers`), which every open reads, stays local:
+/// the log opens with the store down, its policy still holds (an unsigned append where
+/// signatures are required is refused), and the segments around it moved.
+#[test]
+fn segments_an_open_reads_stay_local_so_a_log_opens_with_the_store_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let faulty = FaultyStore::new(Arc::new(DirStore::new(root.path()).unwrap()));
+    let store: Arc<dyn ColdStore> = Arc::new(faulty.clone());
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    fill(&log, 500);
+    log.require_signatures("settle-", "ops", "settlement instructions are signed")
+        .unwrap();
+    fill(&log, 2_000);
+    log.wait_sealed().unwrap();
+    let policy_seg = log
+        .read_stream("$producers", 0, 1, Direction::Forward)
+        .unwrap()[0]
+        .position;
+    let report = log.compact(None, false).unwrap();
+    assert!(report.moved.len() >= 3, "{report:?}");
+    let segs = log.segments();
+    let holder = segs
+        .iter()
+        .find(|s| {
+            s.base_position <= policy_seg && policy_seg.0 < s.base_position.0 + s.record_count
+        })
+        .unwrap();
+    assert!(holder.cold.is_none(), "{holder:?}");
+    assert!(segs.iter().any(|s| s.cold.is_some() && s.seq < holder.seq));
+    assert!(segs.iter().any(|s| s.cold.is_some() && s.seq > holder.seq));
+    log.close().unwrap();
+    faulty.set_down(true);
+    let log = Log::open(dir.path(), opts(Arc::clone(&store))).unwrap();
+    let r = log.append(
+        "settle-1",
+        ExpectedVersion::Any,
+        &[EventData::new("SettlementInstructed", b"x".to_vec())],
+    );
+    assert!(matches!(r, Err(Error::SignatureRefused { .. })), "{r:?}");
+    fill(&log, 10);
+    log.close().unwrap();
+}

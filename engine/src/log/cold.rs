@@ -767,6 +767,27 @@ fn write_cache_file(
 }
 
 /// The sealed, local segments a policy moves, oldest first.
+/// The system streams an open reads whole: the producer keys and signing policy (the engine)
+/// and the schema registry (tallyd). A segment holding events of one stays local, so that a
+/// log opens, and its policy holds, while the store is down.
+pub(crate) const STREAMS_READ_AT_OPEN: [&str; 2] = [
+    super::producers::PRODUCERS_STREAM,
+    crate::schema::SCHEMA_STREAM,
+];
+
+/// Whether segment `seg` holds events of a stream an open reads ([`STREAMS_READ_AT_OPEN`]);
+/// `true` when its index sidecar cannot tell (it stays local until it can).
+fn read_at_open(shared: &Shared, seg: &SegmentHandle) -> bool {
+    match super::background::sealed_index(shared, seg) {
+        Ok(Some((idx, _))) => (0..idx.stream_count()).any(|i| {
+            idx.stream_at(i)
+                .0
+                .is_some_and(|n| STREAMS_READ_AT_OPEN.contains(&n))
+        }),
+        _ => true,
+    }
+}
+
 fn candidates(shared: &Shared, policy: &CompactPolicy) -> Vec<(Arc<SegmentHandle>, SegmentFooter)> {
     let sealed: Vec<(Arc<SegmentHandle>, SegmentFooter)> = shared
         .segments_snapshot()
@@ -787,7 +808,7 @@ fn candidates(shared: &Shared, policy: &CompactPolicy) -> Vec<(Arc<SegmentHandle
     let local: Vec<(Arc<SegmentHandle>, SegmentFooter)> = sealed
         .into_iter()
         .take(movable)
-        .filter(|(s, _)| s.cold_place().is_none())
+        .filter(|(s, _)| s.cold_place().is_none() && !read_at_open(shared, s))
         .collect();
     if policy.older_than.is_none() && policy.local_budget_bytes.is_none() {
         return local;
