@@ -1021,9 +1021,11 @@ pub struct BackupArgs {
     /// Leave the secret signing key out of the copy.
     #[arg(long)]
     without_key: bool,
-    /// Segments in the cold tier: `reference` copies the cold manifest and store URL, so
-    /// the copy reads the same objects; `copy` fetches each one into the copy as an ordinary
-    /// segment file, so the copy needs no store.
+    /// Segments in the cold tier and blobs: `reference` copies the cold manifest and store
+    /// URL, so the copy reads the same objects; `copy` fetches each cold segment into the
+    /// copy as an ordinary segment file, and each blob the copied events refer to into a
+    /// store inside the copy (`DEST/blobs-store`, named in its `cold.store`), so that the
+    /// copy needs no other store.
     #[arg(long, value_enum, default_value_t = ColdBackup::Reference)]
     cold: ColdBackup,
     #[command(flatten)]
@@ -1065,6 +1067,82 @@ fn copy_prefix(from: &Path, to: &Path, len: u64, file_len: u64, mode: Option<u32
 
 /// Writes the backup's `cold.manifest` (the source's entries of the `referenced` segments,
 /// in their order) and copies `cold.store`.
+/// The blobs the first `size` records refer to. By reference, the store's URL (`cold.store`)
+/// is copied so that the copy reads them where they are; with `copy`, each is read (and
+/// checked against its hash) into `dest/blobs-store`, which the copy's `cold.store` names.
+/// Returns how many distinct blobs the records refer to.
+fn copy_blobs(
+    log: &tally_engine::Log,
+    size: u64,
+    dir: &Path,
+    dest: &Path,
+    cold: ColdBackup,
+) -> Result<usize> {
+    use tally_engine::format::files::{COLD_STORE_FILE, blob_object_key};
+    let mut blobs = std::collections::HashSet::new();
+    let mut bad = None;
+    log.scan_range(
+        Position(0),
+        Position(size),
+        tally_engine::Verify::Checksums,
+        |r| match r.envelope() {
+            Ok(env) => {
+                if let Some(b) = env.blob() {
+                    blobs.insert(b);
+                }
+            }
+            Err(e) => {
+                bad.get_or_insert((r.position, e));
+            }
+        },
+    )?;
+    if let Some((p, e)) = bad {
+        bail!(Finding(format!("the record at position {p}: {e}")));
+    }
+    if blobs.is_empty() {
+        return Ok(0);
+    }
+    let to = dest.join(COLD_STORE_FILE);
+    match cold {
+        ColdBackup::Reference => {
+            if !to.exists() {
+                let from = dir.join(COLD_STORE_FILE);
+                let n = std::fs::metadata(&from)
+                    .with_context(|| format!("reading {}", from.display()))?
+                    .len();
+                copy_prefix(&from, &to, n, n, None)?;
+            }
+        }
+        ColdBackup::Copy => {
+            let root = std::path::absolute(dest.join("blobs-store"))?;
+            for b in &blobs {
+                let path = root.join(blob_object_key(&log.log_id(), &b.hash));
+                let bytes = log.read_blob(b)?;
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                std::fs::write(&path, &bytes)
+                    .and_then(|()| std::fs::File::open(&path)?.sync_all())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            for d in [
+                root.join(hex(&log.log_id())).join("blobs"),
+                root.join(hex(&log.log_id())),
+                root.clone(),
+            ] {
+                std::fs::File::open(&d)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("syncing {}", d.display()))?;
+            }
+            std::fs::write(&to, format!("file://{}\n", root.display()))
+                .and_then(|()| std::fs::File::open(&to)?.sync_all())
+                .with_context(|| format!("writing {}", to.display()))?;
+        }
+    }
+    Ok(blobs.len())
+}
+
 fn copy_cold_references(
     dir: &Path,
     dest: &Path,
@@ -1229,6 +1307,7 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
     if !referenced.is_empty() {
         copy_cold_references(&a.dir, &a.dest, &referenced)?;
     }
+    let blobs = copy_blobs(&log, size, &a.dir, &a.dest, a.cold)?;
     if writable {
         log.close()?;
     } else {
@@ -1263,5 +1342,15 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
         cp.statement.id,
         hex(&cp.statement.root)
     );
+    if blobs > 0 {
+        println!(
+            "{blobs} blobs {}",
+            match a.cold {
+                ColdBackup::Reference => "referred to where they are (the copy's cold.store)",
+                ColdBackup::Copy =>
+                    "copied into blobs-store/ (named by the copy's cold.store), each checked against its hash",
+            }
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -198,3 +198,47 @@ fn every_tool_shows_checks_and_carries_blobs() {
     assert_ne!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no blob"));
 }
+
+/// `tally backup` of a log with blobs: by reference the copy reads them from the same store;
+/// with `--cold copy` they are copied into the backup, which verifies (reading every blob)
+/// with the original store gone.
+#[test]
+fn backup_takes_blobs_by_reference_or_by_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let docs = write_log(dir.path(), store.path());
+    let d = dir.path().to_str().unwrap();
+    let by_ref = dir.path().join("by-ref");
+    let o = tally(&["backup", d, by_ref.to_str().unwrap()]);
+    succeeded(&o);
+    assert!(stdout(&o).contains("2 blobs referred to"), "{}", stdout(&o));
+    let v = json(&tally(&["verify", by_ref.to_str().unwrap(), "--json"]));
+    assert_eq!(v["blobs"]["checked"], 2);
+
+    let copied = tempfile::tempdir().unwrap();
+    let copy = copied.path().join("copy");
+    let o = tally(&["backup", d, copy.to_str().unwrap(), "--cold", "copy"]);
+    succeeded(&o);
+    assert!(stdout(&o).contains("2 blobs copied"), "{}", stdout(&o));
+    // The original store is gone: the copy has its own.
+    drop(store);
+    let c = copy.to_str().unwrap();
+    let v = json(&tally(&["verify", c, "--json"]));
+    assert_eq!(v["blobs"]["checked"], 2);
+    let hash = tally_engine::format::blob::BlobRef::of(&docs[1])
+        .unwrap()
+        .hex();
+    let out = copied.path().join("doc");
+    succeeded(&tally(&[
+        "blob",
+        "get",
+        c,
+        &hash,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(std::fs::read(&out).unwrap(), docs[1]);
+    // And the by-reference copy, whose store went with the original, names the blob.
+    let o = tally(&["verify", by_ref.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+}
