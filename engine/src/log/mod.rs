@@ -189,6 +189,9 @@ pub struct EventData {
     /// The payload. A payload longer than the log's blob threshold
     /// ([`ColdOptions::blob_threshold`]) is stored as a blob in the cold tier's store and the
     /// event refers to it by hash; up to [`crate::format::blob::BLOB_BYTES_MAX`] bytes then.
+    /// A store that sends the bytes in a request (S3) copies such a payload once; to hold a
+    /// large one in memory only once, store it with [`Log::put_blob_shared`] and append
+    /// [`EventData::with_blob`].
     pub payload: Vec<u8>,
     /// A blob already in the log's store ([`Log::put_blob`]) that holds the payload: the
     /// event refers to it, and `payload` must be empty. The append checks that the store has
