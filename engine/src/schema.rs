@@ -593,8 +593,13 @@ impl Registry {
     /// # Errors
     /// As [`Registry::upcast`].
     pub fn view<'e>(&self, e: &'e dyn EventView) -> Result<Upcasted<'e>, SchemaError> {
-        let (schema_version, payload) =
-            self.upcast(e.event_type(), e.schema_version(), e.payload())?;
+        // A payload stored as a blob is shown as it is: its reference cannot be upcast (a
+        // reader fetches the blob, whose schema version is the event's).
+        let (schema_version, payload) = if e.blob().is_some() {
+            (e.schema_version(), e.payload().to_vec())
+        } else {
+            self.upcast(e.event_type(), e.schema_version(), e.payload())?
+        };
         Ok(Upcasted {
             inner: e,
             schema_version,
@@ -634,6 +639,9 @@ impl EventView for Upcasted<'_> {
     }
     fn content_type(&self) -> ContentType {
         self.inner.content_type()
+    }
+    fn payload_form(&self) -> crate::format::envelope::PayloadForm {
+        self.inner.payload_form()
     }
     fn correlation_id(&self) -> &str {
         self.inner.correlation_id()

@@ -302,12 +302,9 @@ fn a_store_failing_at_any_step_of_an_append_leaves_nothing_acknowledged() {
         faulty.fail_in(None);
         match r {
             Ok(_) => {
-                // The fault fell after the append's store operations.
-                assert!(
-                    step > 2,
-                    "the append made only {} store operations",
-                    step - 1
-                );
+                // The fault fell after the append's store operations: a look for the blob,
+                // its write, and the check of what the store holds.
+                assert_eq!(step, 4, "the append made {} store operations", step - 1);
                 break;
             }
             Err(Error::Blob { detail, .. }) => {
@@ -317,6 +314,20 @@ fn a_store_failing_at_any_step_of_an_append_leaves_nothing_acknowledged() {
         }
         step += 1;
     }
+    // A store that keeps fewer bytes than it was given: the append fails, naming what the
+    // store holds, and nothing is written.
+    faulty.truncate_puts(Some(1_000));
+    let before = log.next_position();
+    match log.append(
+        "trade-6",
+        ExpectedVersion::Any,
+        &[EventData::new("TermSheetAttached", bytes(80_000, 0xee))],
+    ) {
+        Err(Error::Blob { detail, .. }) => assert!(detail.contains("1000 bytes"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(log.next_position(), before);
+    faulty.truncate_puts(None);
     // Local reads never needed the store; every acknowledged event's blob reads back.
     faulty.set_down(true);
     let events = log
@@ -461,4 +472,92 @@ fn a_power_cut_at_any_step_of_a_blob_append_keeps_every_acknowledged_blob() {
             "seed {seed}: the append took only {n} disk operations"
         );
     }
+}
+
+/// System streams (`$...`: snapshots, projection checkpoints, policies) keep their payloads
+/// inline whatever their size, because their readers take the payload itself; a registry's
+/// view of a blob event keeps the reference (it cannot be upcast); a threshold above the
+/// inline limit is refused.
+#[test]
+fn system_streams_stay_inline_and_views_keep_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(store_dir.path()).unwrap());
+    let log = Log::open(dir.path(), opts(Some(Arc::clone(&store)))).unwrap();
+    let state = bytes(200_000, 8);
+    log.append(
+        "$projection-positions",
+        ExpectedVersion::Any,
+        &[EventData::new("$ProjectionCheckpoint", state.clone())],
+    )
+    .unwrap();
+    let e = &log
+        .read_stream("$projection-positions", 0, 1, Direction::Forward)
+        .unwrap()[0];
+    assert_eq!(e.blob(), None);
+    assert_eq!(e.payload(), &state[..]);
+
+    log.append(
+        "trade-10",
+        ExpectedVersion::Any,
+        &[EventData::new("TermSheetAttached", bytes(70_000, 9)).schema_version(1)],
+    )
+    .unwrap();
+    let e = &log
+        .read_stream("trade-10", 0, 1, Direction::Forward)
+        .unwrap()[0];
+    let registry = tally_engine::schema::Registry::default();
+    let view = registry.view(e).unwrap();
+    assert!(e.blob().is_some());
+    assert_eq!(tally_engine::EventView::blob(&view), e.blob());
+    log.close().unwrap();
+
+    let r = Log::open(
+        dir.path(),
+        Options {
+            cold: ColdOptions {
+                blob_threshold: 2 << 20,
+                ..ColdOptions::default()
+            },
+            ..opts(Some(store))
+        },
+    );
+    assert!(matches!(r, Err(Error::InvalidOptions { .. })), "{r:?}");
+}
+
+/// A retry of an acknowledged append whose payload went to a blob, while the store is down:
+/// the log holds every event of it, so it answers with the first result instead of failing.
+/// A new event with a large payload still fails while the store is down.
+#[test]
+fn a_retry_of_an_appended_batch_succeeds_while_the_store_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let faulty = Arc::new(FaultyStore::new(Arc::new(
+        DirStore::new(store_dir.path()).unwrap(),
+    )));
+    let log = Log::open(dir.path(), opts(Some(faulty.clone() as Arc<dyn ColdStore>))).unwrap();
+    let e = EventData::new("TermSheetAttached", bytes(90_000, 3)).with_id(EventId([9; 16]));
+    let first = log
+        .append(
+            "trade-11",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&e),
+        )
+        .unwrap();
+    faulty.set_down(true);
+    let again = log
+        .append(
+            "trade-11",
+            ExpectedVersion::NoStream,
+            std::slice::from_ref(&e),
+        )
+        .unwrap();
+    assert_eq!(again, first);
+    let new = EventData::new("TermSheetAttached", bytes(90_000, 4)).with_id(EventId([10; 16]));
+    assert!(matches!(
+        log.append("trade-11", ExpectedVersion::Any, &[new]),
+        Err(Error::Blob { .. })
+    ));
+    faulty.set_down(false);
+    log.close().unwrap();
 }

@@ -739,7 +739,8 @@ impl Client {
 
     /// Stores `bytes` as a blob in the server's log store (BLOB_PUT, in pieces that fit
     /// its frames) and returns the reference an event gives to hold it as its payload
-    /// ([`EventData::with_blob`]). An upload cut by a lost connection starts again once.
+    /// ([`EventData::with_blob`]). An upload cut by a lost connection starts again from its
+    /// first piece on a new one (up to [`ClientOptions::retries`] times).
     ///
     /// # Errors
     /// [`ClientError::Invalid`] for an empty blob or one above the format's limit (nothing
@@ -769,7 +770,10 @@ impl Client {
                         "the server stored {b:?} for a blob whose reference is {expected:?}"
                     )));
                 }
-                Err(ClientError::Disconnected { .. }) if attempt < 2 => {}
+                // The server keeps an upload per connection: on a new one it starts over.
+                Err(e) if e.is_retryable() && attempt <= self.inner.opts.retries => {
+                    tokio::time::sleep(self.inner.opts.retry_delay).await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -784,15 +788,31 @@ impl Client {
             .max(1024);
         let total = bytes.len() as u64;
         let mut offset = 0usize;
+        let conn = self.conn().await?;
         loop {
+            if offset > 0 && !Arc::ptr_eq(&self.conn().await?, &conn) {
+                // The connection that holds the upload is gone.
+                return Err(ClientError::Disconnected { reason: None });
+            }
             let end = bytes.len().min(offset + piece);
-            let r = self
+            let r = match self
                 .call(&Request::BlobPut {
                     offset: offset as u64,
                     total,
                     chunk: bytes[offset..end].to_vec(),
                 })
-                .await?;
+                .await
+            {
+                // The piece went out on a new connection, which has no upload.
+                Err(e)
+                    if offset > 0
+                        && e.code() == Some(ErrorCode::MalformedRequest)
+                        && !Arc::ptr_eq(&self.conn().await?, &conn) =>
+                {
+                    return Err(ClientError::Disconnected { reason: None });
+                }
+                r => r?,
+            };
             match r {
                 Response::BlobPut {
                     blob: Some(b),

@@ -1585,6 +1585,9 @@ fn blob_put(
                 ),
             );
         }
+        if let Err(e) = ctx.log.accepts_blobs() {
+            return here.error(reply, engine_error(&e));
+        }
         let max = ctx.cfg.blob_upload_bytes_max;
         let counter = Arc::clone(&ctx.blob_upload_bytes);
         if counter
@@ -1603,13 +1606,27 @@ fn blob_put(
                 ),
             );
         }
+        // Given back when the upload ends, however it ends.
+        let held = UploadReservation {
+            counter,
+            bytes: total,
+        };
+        // The whole blob's room at once (reserved above, and at most BLOB_BYTES_MAX): grown
+        // piece by piece, the buffer would take up to twice that while it doubles.
+        let mut buf = Vec::new();
+        if buf.try_reserve_exact(total as usize).is_err() {
+            return here.error(
+                reply,
+                WireError::new(
+                    ErrorCode::LimitExceeded,
+                    format!("the server cannot hold an upload of {total} bytes now"),
+                ),
+            );
+        }
         *upload = Some(BlobUpload {
             total,
-            buf: Vec::new(),
-            _held: UploadReservation {
-                counter,
-                bytes: total,
-            },
+            buf,
+            _held: held,
         });
     }
     let Some(u) = upload.as_mut() else {

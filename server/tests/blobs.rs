@@ -246,7 +246,69 @@ async fn pieces_out_of_order_and_uploads_past_the_memory_limit_are_refused() {
         })
         .await
         .unwrap();
+    // A connection that closes with an unfinished upload gives its memory back.
     drop(other);
+    let mut freed = false;
+    for _ in 0..200 {
+        match call(Request::BlobPut {
+            offset: 0,
+            total: 900 << 10,
+            chunk: vec![5; 1],
+        })
+        .await
+        {
+            Ok(_) => {
+                freed = true;
+                break;
+            }
+            Err(e) => {
+                assert_eq!(code(&e), Some(ErrorCode::LimitExceeded), "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+    assert!(
+        freed,
+        "the closed connection's upload still holds its memory"
+    );
     let _ = s.stop.send(());
     s.served.await.unwrap().unwrap();
+}
+
+/// A log that cannot store blobs (format version 2) refuses an upload at its first piece,
+/// before the server keeps any byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_log_refuses_an_upload_at_once() {
+    let data = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(store.path()).unwrap());
+    let mut cfg = Config::new(data.path());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.options = Options {
+        format_version: 2,
+        checkpoint_interval: None,
+        cold: ColdOptions {
+            store: Some(store),
+            ..ColdOptions::default()
+        },
+        ..Options::default()
+    };
+    let server = Server::bind(cfg).await.unwrap();
+    let addr = server.local_addr().unwrap().to_string();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    let c = Client::connect(&addr).await.unwrap();
+    let e = c
+        .call(&Request::BlobPut {
+            offset: 0,
+            total: 100 << 20,
+            chunk: vec![1; 10],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::InvalidAppend), "{e}");
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
 }

@@ -58,6 +58,12 @@ pub fn run(a: &BlobArgs) -> Result<ExitCode> {
                     tally_engine::format::proof::hex(&hash)
                 );
             };
+            if size == 0 || size > tally_engine::format::blob::BLOB_BYTES_MAX {
+                bail!(
+                    "the store's object for blob {} has {size} bytes, which no blob has",
+                    tally_engine::format::proof::hex(&hash)
+                );
+            }
             let blob = BlobRef { hash, size };
             let bytes = log.read_blob(&blob)?;
             match out {

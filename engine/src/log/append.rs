@@ -808,6 +808,9 @@ pub(crate) fn submit_signed(
     if shared.read_only {
         return Err(Error::ReadOnly);
     }
+    // Blobs are stored first, holding no lock: an upload may take a while.
+    let offloaded =
+        super::blobs::offload(shared, requests, signing.signature.is_some(), may_block)?;
     // The policy is read for the whole append, so that it is ordered after or before any
     // registration (which holds it for writing around its own append and its sync).
     let policy = match (signing.system, may_block) {
@@ -830,8 +833,6 @@ pub(crate) fn submit_signed(
         }
         policy.check(&streams, signing.signature)?;
     }
-    let offloaded =
-        super::blobs::offload(shared, requests, signing.signature.is_some(), may_block)?;
     let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));
     let prepared = prepare(
         requests,

@@ -1,6 +1,7 @@
 //! Blobs: payloads stored in the cold tier's store by content hash (docs/FORMAT.md, 6.5).
 //!
-//! An append offloads each payload above the blob threshold before it takes any lock: the
+//! An append offloads each payload above the blob threshold before it takes any lock of the
+//! write path (the producer policy's included): the
 //! blob is written under `<log id>/blobs/<BLAKE3 hex>`, its length checked in the store, and
 //! only then is the event (holding the reference) appended. A crash between the two leaves
 //! an unreferenced blob, which nothing trusts; the append was not acknowledged. A blob is
@@ -75,17 +76,7 @@ impl Bytes<'_> {
 /// Writes `bytes` as a blob (once: a blob already stored with the right length is kept)
 /// and records the store as the log's.
 pub(crate) fn put(shared: &Shared, bytes: Bytes<'_>) -> Result<BlobRef> {
-    if shared.read_only {
-        return Err(Error::ReadOnly);
-    }
-    if !shared.meta.layout.allows_blobs() {
-        return Err(Error::InvalidAppend {
-            reason: format!(
-                "a log of format version {} cannot refer to blobs (version 3 can)",
-                shared.meta.layout.version()
-            ),
-        });
-    }
+    accepts(shared)?;
     let blob =
         BlobRef::of(bytes.as_slice()).map_err(|source| Error::InvalidEvent { index: 0, source })?;
     let store = store_of(shared, &blob)?;
@@ -120,6 +111,31 @@ pub(crate) fn put(shared: &Shared, bytes: Bytes<'_>) -> Result<BlobRef> {
     Ok(blob)
 }
 
+/// Whether the log can store blobs: writable, format version 3, with a store.
+pub(crate) fn accepts(shared: &Shared) -> Result<()> {
+    if shared.read_only {
+        return Err(Error::ReadOnly);
+    }
+    if !shared.meta.layout.allows_blobs() {
+        return Err(Error::InvalidAppend {
+            reason: format!(
+                "a log of format version {} cannot refer to blobs (version 3 can)",
+                shared.meta.layout.version()
+            ),
+        });
+    }
+    shared
+        .cold
+        .blob_store()
+        .map(|_| ())
+        .map_err(|why| Error::Blob {
+            hash: String::new(),
+            object: "(no store)".into(),
+            detail: format!("blobs live in the cold tier's store, and {why}"),
+            source: None,
+        })
+}
+
 /// Checks that the store holds `blob` with its length (an append's own reference).
 fn check_present(shared: &Shared, blob: &BlobRef) -> Result<()> {
     let store = store_of(shared, blob)?;
@@ -149,7 +165,25 @@ pub(crate) fn read(shared: &Shared, blob: &BlobRef) -> Result<Vec<u8>> {
     let store = store_of(shared, blob)?;
     let key = blob_object_key(&shared.meta.log_id, &blob.hash);
     let object = || format!("{}/{key}", store.url());
-    let bytes = retries(shared, || store.get(&key))
+    // Exactly the length the reference names: an object that is longer, shorter or
+    // changed fails the check below, and the store never sizes what is read.
+    let stored = retries(shared, || store.head(&key))
+        .map_err(|e| blob_error(blob, object(), "looking for it in the store", Some(e)))?;
+    if stored != Some(blob.size) {
+        return Err(blob_error(
+            blob,
+            object(),
+            format!(
+                "the store holds {} for a reference of {} bytes",
+                stored.map_or_else(|| "nothing".to_owned(), |n| format!("{n} bytes")),
+                blob.size
+            ),
+            stored
+                .is_none()
+                .then(|| io::Error::from(io::ErrorKind::NotFound)),
+        ));
+    }
+    let bytes = retries(shared, || store.get_range(&key, 0..blob.size))
         .map_err(|e| blob_error(blob, object(), "reading it", Some(e)))?;
     if !blob.matches(&bytes) {
         return Err(blob_error(
@@ -204,14 +238,54 @@ pub(crate) fn stored_len(shared: &Shared, blob: &BlobRef) -> Result<Option<u64>>
     })
 }
 
-/// Whether `ev` is stored as a blob: it gives a reference, or its payload is above the
-/// threshold and the log can store blobs (format version 3 and a store).
-fn offloads(shared: &Shared, ev: &EventData, signed: bool) -> bool {
+/// Whether `ev`, an event of `stream`, is stored as a blob by the append: its payload is
+/// above the threshold and the log can store blobs (format version 3 and a store). Never in a
+/// system stream (`$...`: snapshots, projection checkpoints, policies and schemas), whose
+/// readers take the payload itself, nor in a batch a producer signed.
+fn offloads(shared: &Shared, stream: &str, ev: &EventData, signed: bool) -> bool {
     !signed
+        && !stream.starts_with('$')
         && ev.blob.is_none()
         && ev.payload.len() > shared.opts.cold.blob_threshold
         && shared.meta.layout.allows_blobs()
         && shared.cold.blob_store().is_ok()
+}
+
+/// A store that failed during the offload of a retry: when every event of the batch gives
+/// its id and the log already holds each (the idempotency window), the batch was appended
+/// before, with its blobs, and the append answers with its first result; the references are
+/// computed from the payloads, unstored. Otherwise the store's error `e`.
+fn retry_of_appended(
+    shared: &Shared,
+    requests: &[AppendRequest<'_>],
+    signed: bool,
+    e: Error,
+) -> Result<Vec<Option<BlobRef>>> {
+    let known = {
+        let guard = shared.commit.writer.lock();
+        guard.as_ref().is_some_and(|w| {
+            requests
+                .iter()
+                .flat_map(|r| r.events.iter())
+                .all(|ev| ev.event_id.is_some_and(|id| w.ids.get(id).is_some()))
+        })
+    };
+    if !known {
+        return Err(e);
+    }
+    requests
+        .iter()
+        .flat_map(|r| r.events.iter().map(move |ev| (r.stream, ev)))
+        .map(|(stream, ev)| {
+            if offloads(shared, stream, ev, signed) {
+                BlobRef::of(&ev.payload)
+                    .map(Some)
+                    .map_err(|source| Error::InvalidEvent { index: 0, source })
+            } else {
+                Ok(None)
+            }
+        })
+        .collect()
 }
 
 /// Stores the payloads of `requests` that go to blobs and checks the references they give:
@@ -224,8 +298,12 @@ pub(crate) fn offload(
     signed: bool,
     may_block: Blocking,
 ) -> Result<Vec<Option<BlobRef>>> {
-    let events = || requests.iter().flat_map(|r| r.events.iter());
-    if !events().any(|ev| ev.blob.is_some() || offloads(shared, ev, signed)) {
+    let events = || {
+        requests
+            .iter()
+            .flat_map(|r| r.events.iter().map(move |e| (r.stream, e)))
+    };
+    if !events().any(|(stream, ev)| ev.blob.is_some() || offloads(shared, stream, ev, signed)) {
         return Ok(Vec::new());
     }
     if may_block == Blocking::Refused {
@@ -234,7 +312,7 @@ pub(crate) fn offload(
         return Err(Error::WouldBlock);
     }
     let mut out = Vec::new();
-    for (index, ev) in events().enumerate() {
+    for (index, (stream, ev)) in events().enumerate() {
         if let Some(blob) = &ev.blob {
             if !shared.meta.layout.allows_blobs() {
                 return Err(Error::InvalidAppend {
@@ -244,9 +322,11 @@ pub(crate) fn offload(
                     ),
                 });
             }
-            check_present(shared, blob)?;
+            if let Err(e) = check_present(shared, blob) {
+                return retry_of_appended(shared, requests, signed, e);
+            }
             out.push(None);
-        } else if offloads(shared, ev, signed) {
+        } else if offloads(shared, stream, ev, signed) {
             if ev.payload.len() as u64 > BLOB_BYTES_MAX {
                 return Err(Error::InvalidEvent {
                     index,
@@ -257,12 +337,16 @@ pub(crate) fn offload(
                     },
                 });
             }
-            out.push(Some(put(shared, Bytes::Borrowed(&ev.payload)).map_err(
-                |e| match e {
-                    Error::InvalidEvent { source, .. } => Error::InvalidEvent { index, source },
-                    other => other,
-                },
-            )?));
+            match put(shared, Bytes::Borrowed(&ev.payload)) {
+                Ok(b) => out.push(Some(b)),
+                Err(Error::InvalidEvent { source, .. }) => {
+                    return Err(Error::InvalidEvent { index, source });
+                }
+                Err(e @ Error::Blob { .. }) => {
+                    return retry_of_appended(shared, requests, signed, e);
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             out.push(None);
         }

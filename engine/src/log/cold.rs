@@ -195,6 +195,8 @@ pub(crate) struct ColdTier {
     fetches: std::sync::atomic::AtomicU64,
     /// One compaction at a time.
     pub(crate) compacting: Mutex<()>,
+    /// Held while `cold.store` is written (by an append storing a blob, or a compaction).
+    recording: Mutex<()>,
     /// The block index of each cold segment a point read reached (fetched once: its
     /// trailer, header and index ranges).
     indexes: Mutex<std::collections::HashMap<SegmentSeq, Arc<Vec<BlockEntry>>>>,
@@ -237,6 +239,11 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error {
 /// to it (a later open without a store finds it there).
 pub(crate) fn record_store(shared: &Shared, store: &dyn ColdStore) -> Result<()> {
     let fs = shared.fs();
+    if fs.exists(&shared.dir.join(COLD_STORE_FILE)) {
+        return Ok(());
+    }
+    // Two writers of the file would share its temporary name.
+    let _one = lock(&shared.cold.recording);
     if !fs.exists(&shared.dir.join(COLD_STORE_FILE)) {
         fs.write_file_atomic(
             &shared.dir,
@@ -335,6 +342,7 @@ impl ColdTier {
             cached: Mutex::new(Vec::new()),
             fetches: std::sync::atomic::AtomicU64::new(0),
             compacting: Mutex::new(()),
+            recording: Mutex::new(()),
             indexes: Mutex::new(std::collections::HashMap::new()),
             blocks: Mutex::new((std::collections::VecDeque::new(), 0)),
             block_cache_bytes: opts.cold.block_cache_bytes,

@@ -501,9 +501,7 @@ pub trait EventView {
     /// ([`EventView::blob`]), the 40-byte reference to it.
     fn payload(&self) -> &[u8];
     /// Whether the payload field holds the payload or a blob reference.
-    fn payload_form(&self) -> crate::format::envelope::PayloadForm {
-        crate::format::envelope::PayloadForm::Inline
-    }
+    fn payload_form(&self) -> crate::format::envelope::PayloadForm;
     /// The blob holding this event's payload, when it is stored as one (read it with
     /// [`Log::read_blob`] or a client's blob read).
     fn blob(&self) -> Option<crate::format::blob::BlobRef> {
@@ -1220,6 +1218,15 @@ impl Log {
         bytes: &std::sync::Arc<Vec<u8>>,
     ) -> Result<crate::format::blob::BlobRef> {
         blobs::put(&self.shared, blobs::Bytes::Shared(bytes))
+    }
+
+    /// Whether this log can store blobs ([`Log::put_blob`]): writable, of format version 3,
+    /// with a cold store.
+    ///
+    /// # Errors
+    /// What [`Log::put_blob`] would fail with for that reason.
+    pub fn accepts_blobs(&self) -> Result<()> {
+        blobs::accepts(&self.shared)
     }
 
     /// Reads a blob whole and checks it against its reference (length and BLAKE3).
@@ -1976,6 +1983,13 @@ impl Options {
             && max_delay.is_zero()
         {
             return Err(invalid_options("Batched max_delay must be positive"));
+        }
+        let inline_max = crate::format::envelope::PAYLOAD_BYTES_MAX;
+        if self.cold.blob_threshold > inline_max {
+            return Err(invalid_options(format!(
+                "cold.blob_threshold {} is above the largest inline payload ({inline_max}): payloads between them could be stored neither way",
+                self.cold.blob_threshold
+            )));
         }
         Ok(())
     }

@@ -840,6 +840,9 @@ pub struct RecordView<'a> {
     /// Format version 2: the position of the previous event of the record's stream
     /// ([`crate::format::record::NO_STREAM_PREV`] for version 0, and in version 1 logs).
     pub stream_prev: u64,
+    /// The record's layout (its segment's format version): it decides how the envelope is
+    /// read ([`RecordView::envelope`]).
+    pub layout: crate::format::record::Layout,
     /// File offset of the record in its segment.
     pub offset: u64,
     /// File offset just past the record (where the next one starts).
@@ -854,7 +857,7 @@ impl<'a> RecordView<'a> {
     pub fn envelope(
         &self,
     ) -> Result<crate::format::envelope::EnvelopeRef<'a>, crate::format::DecodeError> {
-        crate::format::envelope::EnvelopeRef::decode(self.body)
+        crate::format::envelope::EnvelopeRef::decode_in(self.body, self.layout)
     }
 }
 
@@ -925,6 +928,7 @@ pub(crate) fn scan_records(
                 flags: rec.header.flags,
                 header: &rec.header_bytes[..rec.header.header_len()],
                 stream_prev: rec.header.stream_prev,
+                layout: rec.header.layout,
                 offset,
                 end: rec.end(),
             });

@@ -1447,7 +1447,7 @@ fn check_blobs(
     let mut seen = std::collections::HashSet::new();
     report.blob_refs = refs.len() as u64;
     for (position, blob) in refs {
-        if !seen.insert(blob.hash) || options.skip_blobs {
+        if !seen.insert(*blob) || options.skip_blobs {
             continue;
         }
         super::blobs::read(shared, blob).map_err(|e| match e {
