@@ -1151,6 +1151,12 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                 if let Some(file) = f["file"].as_str() {
                     println!("  file      {file}");
                 }
+                if let Some(b) = f["blob"].as_str() {
+                    println!("  blob      {b}");
+                }
+                if let Some(o) = f["object"].as_str() {
+                    println!("  object    {o}");
+                }
                 if let Some(o) = f["offset"].as_u64() {
                     println!("  offset    {o}");
                 }
