@@ -4,7 +4,7 @@
 //!   lifecycle events, reads, reopen, chain verification).
 //! - `tally bench`: the embedded load generator (throughput and acknowledgement latency).
 //! - `tally init | pubkey | inspect | dump | verify | checkpoint | prove`: the operator's
-//!   inspection and verification commands ([`ops`]).
+//!   inspection and verification commands ([`commands`]).
 //! - `tally extract | verify-extract | backup`: audit extracts and backups ([`audit`]).
 //! - `tally append | read | tail | info --server ADDR`: a running server's client
 //!   ([`remote`]); `tally bench --server ADDR` loads one ([`remote_bench`]).
@@ -13,24 +13,19 @@
 
 #![forbid(unsafe_code)]
 
-mod audit;
-mod bench;
-mod blob;
-mod compact;
-mod demo;
+mod commands;
 mod extract;
-mod find;
-mod forensic;
-mod ops;
-mod producer;
-mod remote;
-mod remote_bench;
+mod support;
 mod trading;
-mod witness;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use commands::{
+    audit, bench, blob, compact, demo, dump, find, forensic, inspect, keys, producer, proofs,
+    remote, witness,
+};
 
 /// Tally: a tamper-evident event store.
 #[derive(Parser, Debug)]
@@ -49,21 +44,21 @@ enum Command {
     /// throughput and acknowledgement latency; --read measures replay.
     Bench(bench::BenchArgs),
     /// Create a data directory and its signing key.
-    Init(ops::InitArgs),
+    Init(keys::InitArgs),
     /// Print the log's public key, in the form `--pubkey FILE` reads.
-    Pubkey(ops::PubkeyArgs),
+    Pubkey(keys::PubkeyArgs),
     /// Create a new signing key file (for a key kept outside the data directory, or a rotation).
-    Keygen(ops::KeygenArgs),
+    Keygen(keys::KeygenArgs),
     /// Show the segments (or one segment's header, footer and index).
-    Inspect(ops::InspectArgs),
+    Inspect(inspect::InspectArgs),
     /// Print records in order.
-    Dump(ops::DumpArgs),
+    Dump(dump::DumpArgs),
     /// Check every checksum, the hash chain, Merkle roots, checkpoints and indexes.
-    Verify(ops::VerifyArgs),
+    Verify(commands::verify::VerifyArgs),
     /// Write and print a signed checkpoint now (or list them with --list).
-    Checkpoint(ops::CheckpointArgs),
+    Checkpoint(proofs::CheckpointArgs),
     /// Print an inclusion or consistency proof.
-    Prove(ops::ProveArgs),
+    Prove(proofs::ProveArgs),
     /// Write an audit extract: events with inclusion proofs against a signed checkpoint.
     Extract(audit::ExtractArgs),
     /// Verify an audit extract offline, with only the log's public key.
@@ -99,15 +94,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
-        Command::Init(a) => ops::init(&a),
-        Command::Pubkey(a) => ops::pubkey(&a),
-        Command::Keygen(a) => ops::keygen(&a),
-        Command::Inspect(a) => ops::inspect(&a),
-        Command::Dump(a) => ops::dump(&a),
+        Command::Init(a) => keys::init(&a),
+        Command::Pubkey(a) => keys::pubkey(&a),
+        Command::Keygen(a) => keys::keygen(&a),
+        Command::Inspect(a) => inspect::inspect(&a),
+        Command::Dump(a) => dump::dump(&a),
         Command::Blob(a) => blob::run(&a),
-        Command::Verify(a) => ops::verify(&a),
-        Command::Checkpoint(a) => ops::checkpoint(&a),
-        Command::Prove(a) => ops::prove(&a),
+        Command::Verify(a) => commands::verify::verify(&a),
+        Command::Checkpoint(a) => proofs::checkpoint(&a),
+        Command::Prove(a) => proofs::prove(&a),
         Command::Extract(a) => audit::extract(&a),
         Command::VerifyExtract(a) => audit::verify_extract(&a),
         Command::Backup(a) => audit::backup(&a),
@@ -123,7 +118,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<ops::Finding>().is_some() => {
+        Err(e) if e.downcast_ref::<support::Finding>().is_some() => {
             println!("FAILED: {e:#}");
             ExitCode::from(1)
         }

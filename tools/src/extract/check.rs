@@ -26,8 +26,8 @@ use tally_engine::format::proof::{ProofError, hex};
 use tally_engine::format::record::{Layout, NO_STREAM_PREV, RecordHeader};
 
 use super::codec::{Next, RawItem, Reader, Role};
-use crate::audit::{Checked, Completeness, check_head};
-use crate::ops::{Finding, event_json, parse_time, rfc3339};
+use crate::commands::audit::{Checked, Completeness, check_head};
+use crate::support::{Finding, event_json, parse_time, rfc3339};
 
 /// What the head says the extract proves, with what the records are checked against.
 #[derive(Clone, Debug)]
@@ -147,7 +147,8 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
     let env = EnvelopeRef::decode_in(h.envelope_of(&parts.body), h.layout)
         .map_err(|e| bad(Some(position), format!("envelope: {e}")))?;
     if let (Some(dir), Some(blob)) = (&cx.blobs, env.blob()) {
-        crate::audit::check_blob_file(&blob, dir).map_err(|why| bad(Some(position), why))?;
+        crate::commands::audit::check_blob_file(&blob, dir)
+            .map_err(|why| bad(Some(position), why))?;
     }
     if parts.role == Role::Event
         && let Selection::Stream(stream) = &cx.selection
@@ -319,7 +320,7 @@ impl Fold {
                 self.events
             )));
         }
-        let gaps = crate::audit::hash_list(t("gap")?, "trailer.gap")?;
+        let gaps = crate::commands::audit::hash_list(t("gap")?, "trailer.gap")?;
         match self.folder.push_gap(self.s.tree_size, &gaps) {
             Ok(()) => {}
             Err(ProofError::WrongLength { found, expected }) => {
@@ -359,7 +360,7 @@ impl Fold {
                     })
                 };
                 let (version, position) = (int("version")?, int("position")?);
-                let siblings = crate::audit::hash_list(
+                let siblings = crate::commands::audit::hash_list(
                     head.get("proof").unwrap_or(&Value::Null),
                     "trailer.head.proof",
                 )?;

@@ -27,8 +27,8 @@ use tally_engine::format::proof::hex;
 use tally_engine::format::record::RecordHeader;
 use tally_engine::{Direction, Field, Log, Position, Query, Verify};
 
-use crate::audit::{ExtractArgs, V1_WHY};
-use crate::ops::{checkpoint_json, parse_time, rfc3339};
+use crate::commands::audit::{ExtractArgs, V1_WHY};
+use crate::support::{checkpoint_json, parse_time, rfc3339};
 use codec::{Form, Role, Writer};
 
 /// The format 3 name, in the head of both forms.
@@ -133,8 +133,8 @@ impl Out<'_> {
             if let Some(blob) = env.blob() {
                 self.blob_refs += 1;
                 if let Some(dir) = self.blobs {
-                    let wrote =
-                        crate::audit::copy_blob(self.log, &blob, dir).with_context(|| {
+                    let wrote = crate::commands::audit::copy_blob(self.log, &blob, dir)
+                        .with_context(|| {
                             format!("copying the blob of the event at position {position}")
                         })?;
                     self.blobs_written += u64::from(wrote);
@@ -204,7 +204,7 @@ impl Out<'_> {
 
 /// Writes a format 3 extract (docs/EXTRACT.md, section 6).
 pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
-    let (query, log, writable, cp) = crate::audit::open_for_extract(a)?;
+    let (query, log, writable, cp) = crate::commands::audit::open_for_extract(a)?;
     let tmp = a.out.with_extension("tmp");
     let result = write_to(a, &log, writable, &cp, query, &tmp);
     if writable {

@@ -11,8 +11,8 @@ use tally_engine::{Direction, Durability, EventData, ExpectedVersion, Log, Optio
 
 use super::check::{Tuning, verify};
 use super::codec::Reader;
-use crate::audit::{Checked, Completeness, ExtractArgs};
-use crate::ops::Finding;
+use crate::commands::audit::{Checked, Completeness, ExtractArgs};
+use crate::support::Finding;
 
 #[derive(Parser)]
 struct Cli {
@@ -63,7 +63,7 @@ fn extract(dir: &Path, out: &Path, args: &[&str]) -> Vec<u8> {
     let mut argv = vec!["x", dir.to_str().unwrap(), "--out", out.to_str().unwrap()];
     argv.extend_from_slice(args);
     let cli = Cli::try_parse_from(argv).unwrap();
-    crate::audit::extract(&cli.a).unwrap();
+    crate::commands::audit::extract(&cli.a).unwrap();
     std::fs::read(out).unwrap()
 }
 
@@ -90,7 +90,7 @@ fn check(bytes: &[u8], key: &[u8; 32]) -> Result<Checked, Finding> {
 }
 
 fn record_time(dir: &Path, p: u64) -> u64 {
-    let log = crate::ops::open_read_only(dir).unwrap();
+    let log = crate::support::open_read_only(dir).unwrap();
     log.read_all(Position(p), 1, Direction::Forward).unwrap()[0]
         .record_time
         .0
@@ -431,11 +431,11 @@ fn a_format_2_extract_still_verifies() {
     .unwrap()[0];
     let text = std::fs::read_to_string(dir.join("stream-b.json")).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let c = crate::audit::check_extract(&doc, &[key]).unwrap();
+    let c = crate::commands::audit::check_extract(&doc, &[key]).unwrap();
     assert_eq!(describe(&c), "ok 7 stream b");
     let mut changed = doc.clone();
     changed["events"][3]["record"]["prev_record_hash"] = serde_json::json!("00".repeat(32));
-    assert!(crate::audit::check_extract(&changed, &[key]).is_err());
+    assert!(crate::commands::audit::check_extract(&changed, &[key]).is_err());
 }
 
 /// A version 1 log (no stream heads, record times that may decrease): every selection
@@ -562,7 +562,7 @@ fn an_empty_window_is_tied_to_its_edges() {
         let mut after = bytes[e_at..e_at + e_len].to_vec();
         after[0] = super::codec::FRAME_AFTER;
         b.extend_from_slice(&after);
-        let log = crate::ops::open_read_only(&dir).unwrap();
+        let log = crate::support::open_read_only(&dir).unwrap();
         let gap: Vec<String> = log
             .prove_gap(11, size, size)
             .unwrap()

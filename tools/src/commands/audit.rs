@@ -26,7 +26,7 @@ use tally_engine::format::record::{Layout, RecordHeader};
 use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, nodes_for_chunks};
 use tally_engine::{Direction, Field, Log, Position, Query};
 
-use crate::ops::{
+use crate::support::{
     Finding, KeyArg, checkpoint_json, event_json, open_writable_if_free, parse_time, read_pubkeys,
     rfc3339,
 };
@@ -833,7 +833,7 @@ fn check_completeness(
 /// Verifies an extract offline.
 pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
     let trusted = read_pubkeys(&a.pubkey)?;
-    let witnesses = crate::ops::read_witness_keys(&a.witness)?;
+    let witnesses = crate::support::read_witness_keys(&a.witness)?;
     let file =
         std::fs::File::open(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let mut input = std::io::BufReader::with_capacity(1 << 20, file);
@@ -1317,7 +1317,7 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", a.dest.display()))?;
     // Verify the copy: it must be exactly the checkpointed log.
-    let copy = crate::ops::open_read_only(&a.dest)?;
+    let copy = crate::support::open_read_only(&a.dest)?;
     let report = copy
         .verify_with(
             // Every checkpoint is checked under the key stored with it: the copy must be

@@ -18,7 +18,7 @@ use tally_engine::format::note::Note;
 use tally_engine::format::proof::hex;
 use tally_engine::witness::{Observation, Witness, WitnessError};
 
-use crate::ops::{Finding, open_read_only, read_pubkeys};
+use crate::support::{Finding, open_read_only, read_pubkeys};
 
 /// `tally witness`.
 #[derive(Args, Debug)]
@@ -121,8 +121,8 @@ fn init(a: &InitArgs) -> Result<ExitCode> {
 fn log_id_of(source: &Source) -> Result<[u8; 16]> {
     match (&source.data, &source.server) {
         (Some(dir), _) => Ok(open_read_only(dir)?.log_id()),
-        (None, Some(addr)) => crate::remote::block_on(async {
-            let c = crate::remote::connect(addr).await?;
+        (None, Some(addr)) => crate::commands::remote::block_on(async {
+            let c = crate::commands::remote::connect(addr).await?;
             Ok(c.server_info().await?.log_id)
         }),
         (None, None) => bail!("give --data DIR or --server ADDR"),
@@ -183,8 +183,8 @@ fn observe_server(
     w: &Witness,
     addr: &str,
 ) -> Result<std::result::Result<Observation, WitnessError>> {
-    crate::remote::block_on(async {
-        let c = crate::remote::connect(addr).await?;
+    crate::commands::remote::block_on(async {
+        let c = crate::commands::remote::connect(addr).await?;
         let Some(text) = c.checkpoint_note().await? else {
             bail!("the log at {addr} has no checkpoint yet");
         };

@@ -88,7 +88,7 @@ pub struct BenchArgs {
     /// instead of appends. The first --events events are read; if the log has fewer, the
     /// rest are appended first (not measured).
     #[arg(long, value_enum)]
-    pub(crate) read: Option<crate::remote::ReadMode>,
+    pub(crate) read: Option<crate::commands::remote::ReadMode>,
     /// With --server: afterwards run the same load (writers = connections) through the
     /// embedded engine in a temporary directory, and print both and their ratio. With
     /// --read, replay the server's data directory (--data DIR, opened read-only) in
@@ -199,7 +199,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if args.compare.is_some() || args.sign || args.format_version.is_some() {
         bail!("--compare, --sign and --format-version are for the embedded engine");
     }
-    let (server, durability) = crate::remote_bench::run(addr, args)?;
+    let (server, durability) = crate::commands::remote_bench::run(addr, args)?;
     // What the table says and what the baseline runs with is the server's durability.
     let args = &BenchArgs {
         durability: match durability {
@@ -213,7 +213,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if args.embedded_baseline {
         let m = match (args.read, &args.data) {
             (None, _) => embedded(args, args.connections)?,
-            (Some(mode), Some(dir)) => crate::remote_bench::embedded_replay(dir, args, mode)?,
+            (Some(mode), Some(dir)) => {
+                crate::commands::remote_bench::embedded_replay(dir, args, mode)?
+            }
             (Some(_), None) => bail!(
                 "--read with --embedded-baseline needs --data DIR: the server's data directory, \
                  opened read-only beside it"
@@ -447,7 +449,7 @@ fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
         let keys = tempfile_dir()?;
         let path = keys.0.join("producer.key");
         let public = tally_engine::create_signing_key(&path)?;
-        let key = crate::ops::read_secret_key(&path)?;
+        let key = crate::support::read_secret_key(&path)?;
         log.register_producer_key(public, "bench", &[], "tally bench", "signed-batch load")
             .context(
                 "registering the bench's producer key (signed appends need format version 2)",

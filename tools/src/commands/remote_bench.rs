@@ -19,8 +19,8 @@ use tally_engine::{Direction, EventData, ExpectedVersion};
 use tally_server::client::{Client, PendingResponse};
 use tally_server::protocol::{AppendPart, Filter, Request, Response};
 
-use crate::bench::{BenchArgs, Measured};
-use crate::remote::ReadMode;
+use crate::commands::bench::{BenchArgs, Measured};
+use crate::commands::remote::ReadMode;
 
 const READ_PAGE: u32 = 4096;
 
@@ -282,7 +282,7 @@ pub fn embedded_replay(
     args: &BenchArgs,
     mode: ReadMode,
 ) -> Result<Measured> {
-    let log = crate::ops::open_read_only(dir)?;
+    let log = crate::support::open_read_only(dir)?;
     let mut h = histogram()?;
     let (mut events, mut bytes) = (0u64, 0u64);
     let started = Instant::now();

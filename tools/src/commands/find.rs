@@ -19,7 +19,7 @@ use tally_engine::{EventView, Field, Position, Query, Timestamp};
 use tally_server::client::Client;
 use tally_server::protocol::FindQuery;
 
-use crate::ops::{EventFormat, envelope_json, open_read_only, parse_time, rfc3339};
+use crate::support::{EventFormat, envelope_json, open_read_only, parse_time, rfc3339};
 
 /// Options of `tally find`.
 #[derive(Args, Debug)]
@@ -165,7 +165,7 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
         out: std::io::BufWriter::new(std::io::stdout().lock()),
         format: a.format,
         printed: 0,
-        bar: crate::ops::output_progress(a.limit, "find"),
+        bar: crate::support::output_progress(a.limit, "find"),
     };
     let printed = (|| -> Result<()> {
         p.header()?;
@@ -200,7 +200,7 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
                 }
             }
             (None, Some(addr)) => {
-                let rt = crate::remote::runtime()?;
+                let rt = crate::commands::remote::runtime()?;
                 rt.block_on(async {
                     let c = Client::connect(addr)
                         .await
@@ -243,7 +243,7 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
             eprintln!("{INDEX_NOTE}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) if crate::ops::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
+        Err(e) if crate::support::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e),
     }
 }

@@ -10,7 +10,7 @@ use tally_engine::{Direction, EventData, EventView, ExpectedVersion};
 use tally_server::client::{Client, SubscriptionItem};
 use tally_server::protocol::{Event, Filter, SubscribeFrom, SubscribeTarget};
 
-use crate::ops::{envelope_json, rfc3339};
+use crate::support::{envelope_json, rfc3339};
 
 /// The server to talk to.
 #[derive(Args, Debug, Clone)]
@@ -162,7 +162,7 @@ pub fn append(a: &AppendArgs) -> Result<ExitCode> {
         let c = connect_arg(&a.server).await?;
         let r = match &a.sign_key {
             Some(path) => {
-                let key = crate::ops::read_secret_key(path)?;
+                let key = crate::support::read_secret_key(path)?;
                 c.append_signed(vec![(a.stream.clone(), expected, vec![ev])], &key)
                     .await?
                     .remove(0)

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use tally_engine::format::checkpoint::fingerprint;
 use tally_engine::format::proof::hex;
 
-use crate::ops::{KeyArg, open_read_only, open_writable_if_free, read_pubkeys};
+use crate::support::{KeyArg, open_read_only, open_writable_if_free, read_pubkeys};
 
 /// `tally producer`.
 #[derive(Args, Debug)]

@@ -12,7 +12,7 @@ use serde_json::json;
 use tally_engine::cold::ColdStore;
 use tally_engine::{ColdOptions, CompactPolicy, Error, Log, Options};
 
-use crate::ops::{KeyArg, print_json, require_data_dir};
+use crate::support::{KeyArg, print_json, require_data_dir};
 
 /// `tally compact DIR`.
 #[derive(Args, Debug)]
@@ -71,7 +71,7 @@ pub fn compact(a: &CompactArgs) -> Result<ExitCode> {
             tally_server::cold_store::open_store(url)
                 .with_context(|| format!("opening the store {url}"))?,
         ),
-        None => crate::ops::cold_options(&a.dir)?.store,
+        None => crate::support::cold_options(&a.dir)?.store,
     };
     let policy = CompactPolicy {
         keep_local_segments: a.keep_local_segments,

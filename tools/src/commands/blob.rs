@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tally_engine::format::blob::BlobRef;
 
-use crate::ops::open_read_only;
+use crate::support::open_read_only;
 
 /// `tally blob ...`.
 #[derive(Args, Debug)]

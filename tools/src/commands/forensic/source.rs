@@ -13,7 +13,7 @@ use tally_engine::{Direction, EventView, Field, Log, Position, Query};
 use tally_server::client::Client;
 use tally_server::protocol::FindQuery;
 
-use crate::ops::open_read_only;
+use crate::support::open_read_only;
 
 /// Most events asked for in one page.
 pub const PAGE_EVENTS_MAX: usize = 1024;
@@ -82,7 +82,7 @@ impl Source {
         let reader = match (dir, server) {
             (Some(dir), None) => Reader::Local(open_read_only(dir)?),
             (None, Some(addr)) => {
-                let rt = crate::remote::runtime()?;
+                let rt = crate::commands::remote::runtime()?;
                 let client = rt.block_on(async {
                     Client::connect(addr)
                         .await

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tally_engine::{EventId, EventView, Field};
 
-use crate::ops::{envelope_json, rfc3339};
+use crate::support::{envelope_json, rfc3339};
 use cache::Lru;
 use source::Source;
 
@@ -359,7 +359,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
         correlations: Lru::new(quarter),
         causes: Lru::new(quarter),
         correlated_max: a.correlated_max,
-        bar: crate::ops::output_progress(head.checked_add(1), "audit"),
+        bar: crate::support::output_progress(head.checked_add(1), "audit"),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = (|| -> Result<()> {
@@ -369,7 +369,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
             out.write_all(b",\"events\":[")?;
         } else {
             writeln!(out, "stream {}: last version {head}", a.stream)?;
-            writeln!(out, "{}", crate::find::INDEX_NOTE)?;
+            writeln!(out, "{}", crate::commands::find::INDEX_NOTE)?;
         }
         let mut explained = 0u64;
         let mut from = 0;
@@ -399,7 +399,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
         let read = audit.source.events_read;
         if a.json {
             write!(out, "],\"events_read\":{read},\"lookups\":")?;
-            serde_json::to_writer(&mut out, crate::find::INDEX_NOTE)?;
+            serde_json::to_writer(&mut out, crate::commands::find::INDEX_NOTE)?;
             writeln!(out, ",\"correlated_max\":{}}}", a.correlated_max)?;
         } else {
             writeln!(out, "{explained} events explained, {read} events read")?;
@@ -410,7 +410,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
     audit.bar.finish_and_clear();
     match written {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) if crate::ops::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
+        Err(e) if crate::support::is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e),
     }
 }
