@@ -33,6 +33,13 @@ use commands::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How results are printed: `table` (text for people), `json` (one document; listings
+    /// print one object per line) or `jsonl`.
+    #[arg(long, global = true, value_enum)]
+    output: Option<support::Output>,
+    /// The same as `--output json`.
+    #[arg(long, global = true, conflicts_with = "output")]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +98,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let output = match (cli.output, cli.json) {
+        (Some(o), _) => o,
+        (None, true) => support::Output::Json,
+        (None, false) => support::Output::Table,
+    };
+    if output != support::Output::Table && !prints_json(&cli.command) {
+        eprintln!("tally: this command prints no JSON (--output {output:?} was given)");
+        return ExitCode::from(2);
+    }
+    support::set_output(output);
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
@@ -127,4 +144,18 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether `c` can print its results as JSON.
+fn prints_json(c: &Command) -> bool {
+    !matches!(
+        c,
+        Command::Keygen(_)
+            | Command::Pubkey(_)
+            | Command::Blob(_)
+            | Command::Extract(_)
+            | Command::Backup(_)
+            | Command::Append(_)
+            | Command::Producer(_)
+    )
 }

@@ -15,6 +15,47 @@ use tally_engine::format::files::META_FILE;
 use tally_engine::format::proof::hex;
 use tally_engine::{Error, Log, Options, RecoveryMode};
 
+/// How results are printed: the global `--output` (`--json` is `--output json`).
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// Text for people: aligned columns, labelled lines.
+    #[default]
+    Table,
+    /// One JSON document (a listing prints one JSON object per line).
+    Json,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+/// Sets the output format for this run (once, from the command line).
+pub fn set_output(o: Output) {
+    let _ = OUTPUT.set(o);
+}
+
+/// The output format of this run.
+#[must_use]
+pub fn output() -> Output {
+    OUTPUT.get().copied().unwrap_or_default()
+}
+
+/// Whether this run prints JSON (`--output json` or `jsonl`, or `--json`).
+#[must_use]
+pub fn json_output() -> bool {
+    output() != Output::Table
+}
+
+/// The format of an event listing: JSON lines when the run prints JSON, else `asked`.
+#[must_use]
+pub fn event_format(asked: EventFormat) -> EventFormat {
+    if json_output() {
+        EventFormat::Jsonl
+    } else {
+        asked
+    }
+}
+
 /// A problem that verification found: exit status 1.
 #[derive(Debug)]
 pub struct Finding(pub String);

@@ -27,8 +27,8 @@ use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, n
 use tally_engine::{Direction, Field, Log, Position, Query};
 
 use crate::support::{
-    Finding, KeyArg, checkpoint_json, event_json, open_writable_if_free, parse_time, read_pubkeys,
-    rfc3339,
+    Finding, KeyArg, checkpoint_json, event_json, json_output, open_writable_if_free, parse_time,
+    read_pubkeys, rfc3339,
 };
 
 /// The extract format's name and version written now (docs/EXTRACT.md).
@@ -384,9 +384,6 @@ pub struct VerifyExtractArgs {
     /// extract can be presented as inclusion-only without failing otherwise.
     #[arg(long)]
     require_complete: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
     /// Format 3: write each verified event, readable, as a JSON line to this file (`-` for
     /// standard output, which then carries no summary).
     #[arg(long, value_name = "FILE")]
@@ -924,7 +921,7 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                 ),
                 Completeness::Inclusion(why) => ("inclusion", format!("inclusion only: {why}")),
             };
-            if a.json {
+            if json_output() {
                 println!(
                     "{}",
                     json!({
@@ -957,7 +954,7 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(f) => {
-            if a.json {
+            if json_output() {
                 println!("{}", json!({"ok": false, "failure": f.0}));
             } else {
                 println!("FAILED: {f}");

@@ -26,6 +26,8 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use tally_engine::{AppendHandle, Durability, EventData, ExpectedVersion, Log, Options};
 
+use crate::support::json_output;
+
 /// Options of `tally bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -71,9 +73,6 @@ pub struct BenchArgs {
     /// Segment size in MiB.
     #[arg(long, default_value_t = 64)]
     pub(crate) segment_mib: u64,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub(crate) json: bool,
     /// Embedded, one append in flight: spin this many microseconds between appends (a
     /// remote client's round trip leaves the disk idle that long between syncs).
     #[arg(long, default_value_t = 0)]
@@ -228,7 +227,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print(args: &BenchArgs, runs: &[Measured], writers: usize) {
-    if args.json {
+    if json_output() {
         let mut v = serde_json::Map::new();
         for m in runs {
             v.insert(m.label.into(), m.json());
@@ -374,7 +373,7 @@ fn compare(args: &BenchArgs, c: CompareArg) -> anyhow::Result<ExitCode> {
     sorted.sort_by(f64::total_cmp);
     let median_ratio = sorted[sorted.len() / 2];
     let (m, b) = (median_run(&mut mains), median_run(&mut bases));
-    if args.json {
+    if json_output() {
         println!(
             "{}",
             serde_json::json!({

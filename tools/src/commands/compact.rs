@@ -12,7 +12,7 @@ use serde_json::json;
 use tally_engine::cold::ColdStore;
 use tally_engine::{ColdOptions, CompactPolicy, Error, Log, Options};
 
-use crate::support::{KeyArg, print_json, require_data_dir};
+use crate::support::{KeyArg, json_output, print_json, require_data_dir};
 
 /// `tally compact DIR`.
 #[derive(Args, Debug)]
@@ -36,9 +36,6 @@ pub struct CompactArgs {
     /// Report what would move; move nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
     key: KeyArg,
 }
@@ -120,7 +117,7 @@ pub fn compact(a: &CompactArgs) -> Result<ExitCode> {
         .moved
         .iter()
         .fold((0, 0), |(r, o), m| (r + m.record_bytes, o + m.object_bytes));
-    if a.json {
+    if json_output() {
         print_json(&json!({
             "store": report.store,
             "dry_run": report.dry_run,

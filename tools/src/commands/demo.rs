@@ -32,6 +32,7 @@ use tally_engine::{
     Direction, Error, EventData, EventId, ExpectedVersion, Log, Options, Position, Timestamp,
 };
 
+use crate::support::json_output;
 use crate::trading::{
     Amend, NewTrade, Positions, Side, Trade, event_id, price_event, price_stream, trade_stream,
 };
@@ -52,9 +53,6 @@ pub struct DemoArgs {
     /// Seed of the generator (the same seed gives the same day).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Print the report as one JSON document.
-    #[arg(long)]
-    json: bool,
     /// When the demo's appends are acknowledged: `fsync` (each append durable before the
     /// next, as a trading system would run) or `none` (the page cache; everything is
     /// synced when the log closes), for runs of a million trades whose one-at-a-time
@@ -228,7 +226,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let dir = data_dir(args)?;
     let say = |s: &str| {
-        if !args.json {
+        if !json_output() {
             println!("{s}");
         }
     };
@@ -604,7 +602,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "peak_memory_mib": peak_memory_mib(),
         "positions": rows,
     });
-    if args.json {
+    if json_output() {
         println!("{report}");
     } else {
         print_report(&report, &String::from_utf8_lossy(&forensic.stdout));

@@ -10,7 +10,8 @@ use serde_json::Value;
 use tally_engine::Position;
 
 use crate::support::{
-    EventFormat, Finding, event_json, open_read_only, output_progress, payload_json, rfc3339,
+    EventFormat, Finding, event_format, event_json, open_read_only, output_progress, payload_json,
+    rfc3339,
 };
 
 /// `tally dump DIR`.
@@ -45,7 +46,8 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
     let end = log.next_position().0;
     let to = a.to.map_or(end, |t| t.saturating_add(1).min(end));
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if a.format == EventFormat::Table {
+    let format = event_format(a.format);
+    if format == EventFormat::Table {
         writeln!(
             out,
             "{:>10}  {:<24}  {:>7}  {:<24}  {:<30}  {:<12}  payload",
@@ -81,7 +83,7 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                     {
                         return;
                     }
-                    let res = match a.format {
+                    let res = match format {
                         EventFormat::Jsonl => {
                             let v = event_json(
                                 r.position.0,

@@ -19,7 +19,9 @@ use tally_engine::{EventView, Field, Position, Query, Timestamp};
 use tally_server::client::Client;
 use tally_server::protocol::FindQuery;
 
-use crate::support::{EventFormat, envelope_json, open_read_only, parse_time, rfc3339};
+use crate::support::{
+    EventFormat, envelope_json, event_format, open_read_only, parse_time, rfc3339,
+};
 
 /// Options of `tally find`.
 #[derive(Args, Debug)]
@@ -163,7 +165,7 @@ pub fn find(a: &FindArgs) -> Result<ExitCode> {
     let page_bytes = usize::try_from(a.buffer_mb << 20).unwrap_or(usize::MAX);
     let mut p = Printer {
         out: std::io::BufWriter::new(std::io::stdout().lock()),
-        format: a.format,
+        format: event_format(a.format),
         printed: 0,
         bar: crate::support::output_progress(a.limit, "find"),
     };

@@ -14,7 +14,9 @@ use tally_engine::format::proof::hex;
 use tally_engine::format::segment::{SegmentFooter, SegmentHeader};
 use tally_engine::index::SealedIndex;
 
-use crate::support::{checkpoint_json, open_read_only, print_json, print_tree, rfc3339};
+use crate::support::{
+    checkpoint_json, json_output, open_read_only, print_json, print_tree, rfc3339,
+};
 
 /// `tally inspect DIR`.
 #[derive(Args, Debug)]
@@ -24,9 +26,6 @@ pub struct InspectArgs {
     /// Show one segment (by sequence number) in detail.
     #[arg(long)]
     segment: Option<u64>,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 fn read_page(path: &Path, at: u64) -> Result<Vec<u8>> {
@@ -68,7 +67,7 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
                     "complete": i.is_complete(),
                 })),
             });
-            if a.json {
+            if json_output() {
                 print_json(&v)?;
             } else {
                 print_tree(&v, 0);
@@ -119,7 +118,7 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
             "records": seg.record_count,
             "data_end": seg.data_end,
         });
-        if a.json {
+        if json_output() {
             print_json(&v)?;
         } else {
             print_tree(&v, 0);
@@ -176,7 +175,7 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
             "latest_checkpoint": cps.last().map(checkpoint_json),
         },
     });
-    if a.json {
+    if json_output() {
         print_json(&v)?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -11,7 +11,7 @@ use tally_engine::format::files::META_FILE;
 use tally_engine::format::proof::hex;
 use tally_engine::{Log, Options};
 
-use crate::support::{KeyArg, open_read_only, print_json, read_secret_key};
+use crate::support::{KeyArg, json_output, open_read_only, print_json, read_secret_key};
 
 /// `tally init DIR`.
 #[derive(Args, Debug)]
@@ -26,9 +26,6 @@ pub struct InitArgs {
     /// have it cosign the first checkpoint at once.
     #[arg(long, value_name = "WDIR")]
     witness: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Creates a data directory and its signing key.
@@ -67,7 +64,7 @@ pub fn init(a: &InitArgs) -> Result<ExitCode> {
         .checkpoint_note(None)?
         .context("the new log has no checkpoint")?
         .encode();
-    if a.json {
+    if json_output() {
         print_json(&json!({
             "dir": a.dir,
             "log_id": hex(&id),

@@ -10,7 +10,8 @@ use tally_engine::Position;
 use tally_engine::format::proof::hex;
 
 use crate::support::{
-    Finding, KeyArg, checkpoint_json, open_read_only, open_writable_if_free, print_json, print_tree,
+    Finding, KeyArg, checkpoint_json, json_output, open_read_only, open_writable_if_free,
+    print_json, print_tree,
 };
 
 /// `tally checkpoint DIR`.
@@ -31,9 +32,6 @@ pub struct CheckpointArgs {
     id: Option<u64>,
     #[command(flatten)]
     key: KeyArg,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Forces and prints a signed checkpoint, or lists them.
@@ -53,7 +51,7 @@ pub fn checkpoint(a: &CheckpointArgs) -> Result<ExitCode> {
     if a.list {
         let log = open_read_only(&a.dir)?;
         let cps: Vec<Value> = log.checkpoints().iter().map(checkpoint_json).collect();
-        if a.json {
+        if json_output() {
             print_json(&Value::Array(cps))?;
         } else {
             println!(
@@ -83,7 +81,7 @@ pub fn checkpoint(a: &CheckpointArgs) -> Result<ExitCode> {
     let cp = log.checkpoint()?;
     log.close()?;
     let v = checkpoint_json(&cp);
-    if a.json {
+    if json_output() {
         print_json(&v)?;
     } else {
         print_tree(&v, 0);
@@ -105,9 +103,6 @@ pub struct ProveArgs {
     /// Prove that the tree of OLD_SIZE records is a prefix of the tree of NEW_SIZE.
     #[arg(long, num_args = 2, value_names = ["OLD_SIZE", "NEW_SIZE"])]
     consistency: Option<Vec<u64>>,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Prints an inclusion or consistency proof.
@@ -164,7 +159,7 @@ pub fn prove(a: &ProveArgs) -> Result<ExitCode> {
             "path": p.path.iter().map(|h| hex(h)).collect::<Vec<_>>(),
         })
     };
-    if a.json {
+    if json_output() {
         print_json(&v)?;
     } else {
         print_tree(&v, 0);

@@ -10,7 +10,7 @@ use tally_engine::{Direction, EventData, EventView, ExpectedVersion};
 use tally_server::client::{Client, SubscriptionItem};
 use tally_server::protocol::{Event, Filter, SubscribeFrom, SubscribeTarget};
 
-use crate::support::{envelope_json, rfc3339};
+use crate::support::{envelope_json, json_output, rfc3339};
 
 /// The server to talk to.
 #[derive(Args, Debug, Clone)]
@@ -73,9 +73,6 @@ pub struct ReadArgs {
     /// Newest first.
     #[arg(long)]
     backward: bool,
-    /// One JSON object per line instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Options of `tally tail`.
@@ -98,9 +95,6 @@ pub struct TailArgs {
     /// Stop after this many events.
     #[arg(long)]
     limit: Option<u64>,
-    /// One JSON object per line instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Options of `tally info`.
@@ -111,9 +105,6 @@ pub struct InfoArgs {
     /// Also show this stream's facts.
     #[arg(long)]
     stream: Option<String>,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// A current-thread runtime: the tool's commands are one conversation each.
@@ -227,7 +218,7 @@ pub fn read(a: &ReadArgs) -> Result<ExitCode> {
                 .read_stream(&a.stream, from, left.min(4096) as u32, direction)
                 .await?;
             for e in &events {
-                print_event(e, a.json);
+                print_event(e, json_output());
             }
             left -= (events.len() as u64).min(left);
             if end || events.is_empty() {
@@ -260,11 +251,11 @@ pub fn tail(a: &TailArgs) -> Result<ExitCode> {
         while a.limit.is_none_or(|l| n < l) {
             match sub.next().await? {
                 SubscriptionItem::Event(e) => {
-                    print_event(&e, a.json);
+                    print_event(&e, json_output());
                     n += 1;
                 }
                 SubscriptionItem::CaughtUp(p) => {
-                    if !a.json {
+                    if !json_output() {
                         eprintln!("-- caught up at {p}; following live --");
                     }
                 }
@@ -306,7 +297,7 @@ pub fn info(a: &InfoArgs) -> Result<ExitCode> {
                 None => json!(null),
             };
         }
-        if a.json {
+        if json_output() {
             println!("{v}");
         } else if let Value::Object(m) = v {
             for (k, val) in m {

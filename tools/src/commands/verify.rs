@@ -13,7 +13,8 @@ use tally_engine::format::proof::hex;
 use tally_engine::{Error, VerifyOptions};
 
 use crate::support::{
-    checkpoint_json, open_read_only, print_json, read_kept, read_pubkeys, read_witness_keys,
+    checkpoint_json, json_output, open_read_only, print_json, read_kept, read_pubkeys,
+    read_witness_keys,
 };
 
 /// `tally verify DIR`.
@@ -57,9 +58,6 @@ pub struct VerifyArgs {
     /// store). By default each is read once and checked against its hash.
     #[arg(long)]
     skip_blobs: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Verifies a data directory.
@@ -87,7 +85,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         .filter(|s| a.from_segment.is_none_or(|n| s.seq.0 >= n))
         .map(|s| s.data_end.saturating_sub(PAGE_BYTES))
         .sum();
-    let bar = (!a.json && std::io::stderr().is_terminal()).then(|| {
+    let bar = (!json_output() && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -202,7 +200,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             if a.attribute_indexes {
                 v["attribute_indexes"] = json!(report.attribute_indexes);
             }
-            if a.json {
+            if json_output() {
                 print_json(&v)?;
             } else {
                 if a.attribute_indexes {
@@ -295,7 +293,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(failure) => {
-            if a.json {
+            if json_output() {
                 print_json(&json!({"ok": false, "failure": failure}))?;
             } else {
                 let f = &failure;

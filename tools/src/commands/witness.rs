@@ -18,7 +18,7 @@ use tally_engine::format::note::Note;
 use tally_engine::format::proof::hex;
 use tally_engine::witness::{Observation, Witness, WitnessError};
 
-use crate::support::{Finding, open_read_only, read_pubkeys};
+use crate::support::{Finding, json_output, open_read_only, read_pubkeys};
 
 /// `tally witness`.
 #[derive(Args, Debug)]
@@ -81,9 +81,6 @@ pub struct ObserveArgs {
     /// Observe again every SECS seconds, until stopped or until the log misbehaves.
     #[arg(long, value_name = "SECS")]
     every: Option<u64>,
-    /// Print JSON lines.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Runs `tally witness`.
@@ -275,14 +272,14 @@ fn observe(a: &ObserveArgs) -> Result<ExitCode> {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         match describe(obs)? {
             Outcome::Done(msg) => {
-                if a.json {
+                if json_output() {
                     println!("{}", serde_json::json!({"ok": true, "what": msg, "ms": ms}));
                 } else {
                     println!("{msg} ({ms:.1} ms)");
                 }
             }
             Outcome::Misbehaved(msg) => {
-                if a.json {
+                if json_output() {
                     println!("{}", serde_json::json!({"ok": false, "what": msg}));
                     return Ok(ExitCode::from(1));
                 }

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tally_engine::{EventId, EventView, Field};
 
-use crate::support::{envelope_json, rfc3339};
+use crate::support::{envelope_json, json_output, rfc3339};
 use cache::Lru;
 use source::Source;
 
@@ -50,9 +50,6 @@ pub struct AuditArgs {
     /// Ask a running server instead of reading a data directory.
     #[arg(long)]
     server: Option<String>,
-    /// Print one JSON document instead of a table (written as the stream is read).
-    #[arg(long)]
-    json: bool,
     /// Memory for the events being read and the lookups remembered, in MiB: the audit stays
     /// within about this much whatever the length of the stream.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
@@ -363,7 +360,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = (|| -> Result<()> {
-        if a.json {
+        if json_output() {
             out.write_all(b"{\"stream\":")?;
             serde_json::to_writer(&mut out, &a.stream)?;
             out.write_all(b",\"events\":[")?;
@@ -380,7 +377,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
                     break 'pages;
                 }
                 let entry = audit.explain(&**e)?;
-                if a.json {
+                if json_output() {
                     if explained > 0 {
                         out.write_all(b",")?;
                     }
@@ -397,7 +394,7 @@ pub fn audit(a: &AuditArgs) -> Result<ExitCode> {
             from = page.next;
         }
         let read = audit.source.events_read;
-        if a.json {
+        if json_output() {
             write!(out, "],\"events_read\":{read},\"lookups\":")?;
             serde_json::to_writer(&mut out, crate::commands::find::INDEX_NOTE)?;
             writeln!(out, ",\"correlated_max\":{}}}", a.correlated_max)?;

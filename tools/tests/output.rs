@@ -1,0 +1,60 @@
+//! The global output flag: `--output json` (before or after the command) and its alias
+//! `--json` give the same JSON; `--output jsonl` turns an event listing into JSON lines;
+//! a command that prints no JSON refuses the flag instead of ignoring it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use tally_engine::{Durability, EventData, ExpectedVersion, Log, Options};
+
+use common::{stdout, succeeded, tally};
+
+#[test]
+fn the_output_flag_is_global_and_json_is_its_alias() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            durability: Durability::None,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..3 {
+        log.append(
+            "trade-1",
+            ExpectedVersion::Any,
+            &[EventData::json("TradeAmended", format!("{{\"qty\":{i}}}"))],
+        )
+        .unwrap();
+    }
+    log.close().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let strip = |o: &std::process::Output| {
+        let mut v: serde_json::Value = serde_json::from_str(&succeeded(o)).unwrap();
+        v["seconds"] = serde_json::Value::Null;
+        v
+    };
+    let a = strip(&tally(&["--output", "json", "verify", d]));
+    let b = strip(&tally(&["verify", d, "--json"]));
+    let c = strip(&tally(&["verify", d, "--output", "json"]));
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    assert_eq!(a["records"], 3);
+    // A listing as JSON lines, whatever its own --format says.
+    let lines = stdout(&tally(&["dump", d, "--output", "jsonl"]));
+    let events: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["payload"]["qty"], 2);
+    // No JSON from pubkey: refused, not ignored.
+    let o = tally(&["pubkey", d, "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("prints no JSON"));
+    // Both forms at once: a usage error.
+    let o = tally(&["verify", d, "--json", "--output", "table"]);
+    assert_eq!(o.status.code(), Some(2));
+}
