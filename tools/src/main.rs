@@ -135,8 +135,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<support::Finding>().is_some() => {
-            println!("FAILED: {e:#}");
+        Err(e) if support::is_finding(&e) => {
+            support::print_finding(&e);
             ExitCode::from(1)
         }
         Err(e) => {

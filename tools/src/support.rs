@@ -68,6 +68,49 @@ impl std::fmt::Display for Finding {
 
 impl std::error::Error for Finding {}
 
+/// A problem that verification found, with its details as an object (`what`, and `file`,
+/// `offset`, `position`, `blob`, `object`, `cause` where they apply): exit status 1.
+#[derive(Debug)]
+pub struct FindingReport(pub Value);
+
+impl std::fmt::Display for FindingReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0["what"].as_str().unwrap_or("verification failed"))
+    }
+}
+
+impl std::error::Error for FindingReport {}
+
+/// Prints a finding (exit status 1 follows): `{"ok": false, "failure": {...}}` in JSON,
+/// `FAILED: what` and a line per detail otherwise. The one place findings are printed.
+pub fn print_finding(e: &anyhow::Error) {
+    let details = match e.downcast_ref::<FindingReport>() {
+        Some(r) => r.0.clone(),
+        None => json!({ "what": format!("{e:#}") }),
+    };
+    if json_output() {
+        println!("{}", json!({"ok": false, "failure": details}));
+        return;
+    }
+    println!(
+        "FAILED: {}",
+        details["what"].as_str().unwrap_or("verification failed")
+    );
+    for key in ["file", "blob", "object", "offset", "position", "cause"] {
+        match &details[key] {
+            Value::String(s) => println!("  {key:<9} {s}"),
+            Value::Number(n) => println!("  {key:<9} {n}"),
+            _ => {}
+        }
+    }
+}
+
+/// Whether `e` is a finding (exit status 1) rather than a usage or I/O error (2).
+#[must_use]
+pub fn is_finding(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Finding>().is_some() || e.downcast_ref::<FindingReport>().is_some()
+}
+
 pub fn require_data_dir(dir: &Path) -> Result<()> {
     if !dir.join(META_FILE).exists() {
         bail!(

@@ -953,14 +953,7 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(f) => {
-            if json_output() {
-                println!("{}", json!({"ok": false, "failure": f.0}));
-            } else {
-                println!("FAILED: {f}");
-            }
-            Ok(ExitCode::from(1))
-        }
+        Err(f) => Err(f.into()),
     }
 }
 

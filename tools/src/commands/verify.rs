@@ -13,8 +13,8 @@ use tally_engine::format::proof::hex;
 use tally_engine::{Error, VerifyOptions};
 
 use crate::support::{
-    checkpoint_json, json_output, open_read_only, print_json, read_kept, read_pubkeys,
-    read_witness_keys,
+    FindingReport, checkpoint_json, json_output, open_read_only, print_json, read_kept,
+    read_pubkeys, read_witness_keys,
 };
 
 /// `tally verify DIR`.
@@ -292,35 +292,6 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(failure) => {
-            if json_output() {
-                print_json(&json!({"ok": false, "failure": failure}))?;
-            } else {
-                let f = &failure;
-                println!(
-                    "FAILED: {}",
-                    f["what"].as_str().unwrap_or("verification failed")
-                );
-                if let Some(file) = f["file"].as_str() {
-                    println!("  file      {file}");
-                }
-                if let Some(b) = f["blob"].as_str() {
-                    println!("  blob      {b}");
-                }
-                if let Some(o) = f["object"].as_str() {
-                    println!("  object    {o}");
-                }
-                if let Some(o) = f["offset"].as_u64() {
-                    println!("  offset    {o}");
-                }
-                if let Some(p) = f["position"].as_u64() {
-                    println!("  position  {p}");
-                }
-                if let Some(c) = f["cause"].as_str() {
-                    println!("  cause     {c}");
-                }
-            }
-            Ok(ExitCode::from(1))
-        }
+        Err(failure) => Err(FindingReport(failure).into()),
     }
 }

@@ -278,13 +278,7 @@ fn observe(a: &ObserveArgs) -> Result<ExitCode> {
                     println!("{msg} ({ms:.1} ms)");
                 }
             }
-            Outcome::Misbehaved(msg) => {
-                if json_output() {
-                    println!("{}", serde_json::json!({"ok": false, "what": msg}));
-                    return Ok(ExitCode::from(1));
-                }
-                return Err(Finding(msg).into());
-            }
+            Outcome::Misbehaved(msg) => return Err(Finding(msg).into()),
         }
         match a.every {
             Some(secs) => std::thread::sleep(std::time::Duration::from_secs(secs.max(1))),
