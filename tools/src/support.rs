@@ -46,6 +46,37 @@ pub fn json_output() -> bool {
     output() != Output::Table
 }
 
+/// A command's result as a typed value: serialized for `--output json` (one document) and
+/// `jsonl` (one line), written as text for people otherwise ([`render`]).
+pub trait Report: serde::Serialize {
+    /// The text form.
+    ///
+    /// # Errors
+    /// A failed write.
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()>;
+}
+
+/// Prints `report` in the run's output format: the one renderer of typed reports.
+///
+/// # Errors
+/// A failed write or serialization.
+pub fn render(report: &impl Report) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match output() {
+        Output::Table => report.write_text(&mut out)?,
+        Output::Json => {
+            serde_json::to_writer_pretty(&mut out, report)?;
+            writeln!(out)?;
+        }
+        Output::Jsonl => {
+            serde_json::to_writer(&mut out, report)?;
+            writeln!(out)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// The format of an event listing: JSON lines when the run prints JSON, else `asked`.
 #[must_use]
 pub fn event_format(asked: EventFormat) -> EventFormat {

@@ -50,6 +50,25 @@ fn the_output_flag_is_global_and_json_is_its_alias() {
         .collect();
     assert_eq!(events.len(), 3);
     assert_eq!(events[2]["payload"]["qty"], 2);
+    // A typed report (compact's) as one JSON line, and as text.
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", store.path().display());
+    let line = stdout(&tally(&[
+        "compact",
+        d,
+        "--store",
+        &url,
+        "--dry-run",
+        "--output",
+        "jsonl",
+    ]));
+    assert_eq!(line.lines().count(), 1, "{line}");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["store"], url);
+    let text = stdout(&tally(&["compact", d, "--store", &url, "--dry-run"]));
+    assert!(text.starts_with(&format!("store {url}\n")), "{text}");
+    assert!(text.contains("would move 0 segments"), "{text}");
     // No JSON from pubkey: refused, not ignored.
     let o = tally(&["pubkey", d, "--json"]);
     assert_eq!(o.status.code(), Some(2));

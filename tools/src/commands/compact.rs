@@ -1,6 +1,7 @@
 //! `tally compact`: moves sealed segments of a stopped log to its cold store
 //! (docs/FORMAT.md section 21, OPERATIONS.md "The cold tier").
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,11 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::json;
 use tally_engine::cold::ColdStore;
 use tally_engine::{ColdOptions, CompactPolicy, Error, Log, Options};
 
-use crate::support::{KeyArg, json_output, print_json, require_data_dir};
+use crate::support::{KeyArg, Report, render, require_data_dir};
 
 /// `tally compact DIR`.
 #[derive(Args, Debug)]
@@ -99,70 +99,89 @@ pub fn compact(a: &CompactArgs) -> Result<ExitCode> {
     let report = log.compact(Some(&policy), a.dry_run)?;
     let status = log.cold_status();
     log.close()?;
-    let moved: Vec<_> = report
-        .moved
-        .iter()
-        .map(|m| {
-            json!({
-                "seq": m.seq.0,
-                "first_position": m.positions.0.0,
-                "last_position": m.positions.1.0,
-                "record_bytes": m.record_bytes,
-                "object_bytes": m.object_bytes,
-                "key": m.key,
+    render(&CompactOut {
+        store: report.store.clone(),
+        dry_run: report.dry_run,
+        moved: report
+            .moved
+            .iter()
+            .map(|m| MovedOut {
+                seq: m.seq.0,
+                first_position: m.positions.0.0,
+                last_position: m.positions.1.0,
+                record_bytes: m.record_bytes,
+                object_bytes: m.object_bytes,
+                key: m.key.clone(),
             })
-        })
-        .collect();
-    let (records, objects): (u64, u64) = report
-        .moved
-        .iter()
-        .fold((0, 0), |(r, o), m| (r + m.record_bytes, o + m.object_bytes));
-    if json_output() {
-        print_json(&json!({
-            "store": report.store,
-            "dry_run": report.dry_run,
-            "moved": moved,
-            "finished": report.finished.iter().map(|s| s.0).collect::<Vec<_>>(),
-            "cold_segments": status.cold_segments,
-        }))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let verb = if a.dry_run { "would move" } else { "moved" };
-    println!("store {}", report.store);
-    for m in &report.moved {
-        println!(
-            "  segment {:>6}  positions {}..={}  {} bytes of records{}",
-            m.seq.0,
-            m.positions.0,
-            m.positions.1,
-            m.record_bytes,
-            if a.dry_run {
+            .collect(),
+        finished: report.finished.iter().map(|s| s.0).collect(),
+        cold_segments: status.cold_segments,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `tally compact` did (or would do, with `--dry-run`).
+#[derive(serde::Serialize)]
+struct CompactOut {
+    store: String,
+    dry_run: bool,
+    moved: Vec<MovedOut>,
+    /// Segments whose interrupted move this run finished.
+    finished: Vec<u64>,
+    cold_segments: usize,
+}
+
+/// One segment moved.
+#[derive(serde::Serialize)]
+struct MovedOut {
+    seq: u64,
+    first_position: u64,
+    last_position: u64,
+    record_bytes: u64,
+    object_bytes: u64,
+    key: String,
+}
+
+impl Report for CompactOut {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "store {}", self.store)?;
+        for m in &self.moved {
+            let to = if self.dry_run {
                 String::new()
             } else {
                 format!(" -> {} bytes ({})", m.object_bytes, m.key)
-            }
-        );
-    }
-    for s in &report.finished {
-        println!(
-            "  segment {:>6}  finished (an earlier compaction was interrupted)",
-            s.0
-        );
-    }
-    println!(
-        "{verb} {} segments ({records} bytes of records{}); {} segments are cold",
-        report.moved.len(),
-        if a.dry_run || records == 0 {
+            };
+            writeln!(
+                out,
+                "  segment {:>6}  positions {}..={}  {} bytes of records{to}",
+                m.seq, m.first_position, m.last_position, m.record_bytes
+            )?;
+        }
+        for s in &self.finished {
+            writeln!(
+                out,
+                "  segment {s:>6}  finished (an earlier compaction was interrupted)"
+            )?;
+        }
+        let (records, objects) = self.moved.iter().fold((0u64, 0u64), |(r, o), m| {
+            (r + m.record_bytes, o + m.object_bytes)
+        });
+        let ratio = if self.dry_run || records == 0 {
             String::new()
         } else {
             format!(
                 " in {objects} bytes, {:.2}x",
                 records as f64 / objects.max(1) as f64
             )
-        },
-        status.cold_segments,
-    );
-    Ok(ExitCode::SUCCESS)
+        };
+        writeln!(
+            out,
+            "{} {} segments ({records} bytes of records{ratio}); {} segments are cold",
+            if self.dry_run { "would move" } else { "moved" },
+            self.moved.len(),
+            self.cold_segments,
+        )
+    }
 }
 
 #[cfg(test)]
