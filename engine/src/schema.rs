@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::Error;
-use crate::format::envelope::ContentType;
+use crate::format::envelope::{ContentType, PayloadForm};
 use crate::format::{EventId, Position, Timestamp};
 use crate::log::{Direction, EventData, EventView, ExpectedVersion, Log};
 
@@ -595,7 +595,7 @@ impl Registry {
     pub fn view<'e>(&self, e: &'e dyn EventView) -> Result<Upcasted<'e>, SchemaError> {
         // A payload stored as a blob is shown as it is: its reference cannot be upcast (a
         // reader fetches the blob, whose schema version is the event's).
-        let (schema_version, payload) = if e.blob().is_some() {
+        let (schema_version, payload) = if e.payload_form() == PayloadForm::Blob {
             (e.schema_version(), e.payload().to_vec())
         } else {
             self.upcast(e.event_type(), e.schema_version(), e.payload())?

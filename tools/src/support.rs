@@ -120,7 +120,15 @@ pub fn print_finding(e: &anyhow::Error) {
         None => json!({ "what": format!("{e:#}") }),
     };
     if json_output() {
-        println!("{}", json!({"ok": false, "failure": details}));
+        // A finding without details keeps the shape commands gave it before: `failure` and
+        // `what` hold its text.
+        let v = match e.downcast_ref::<FindingReport>() {
+            Some(_) => json!({"ok": false, "failure": details}),
+            None => json!({"ok": false, "failure": details["what"], "what": details["what"]}),
+        };
+        if let Err(e) = print_json(&v) {
+            eprintln!("tally: {e:#}");
+        }
         return;
     }
     println!(
@@ -361,10 +369,40 @@ pub fn checkpoint_json(cp: &SignedCheckpoint) -> Value {
     v
 }
 
+/// Prints a JSON result: one pretty document, or with `--output jsonl` one line (a list,
+/// one line per element).
+///
+/// # Errors
+/// A failed write.
 pub fn print_json(v: &Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
+    match (output(), v) {
+        (Output::Jsonl, Value::Array(items)) => {
+            for item in items {
+                serde_json::to_writer(&mut out, item)?;
+                writeln!(out)?;
+            }
+        }
+        (Output::Jsonl, _) => {
+            serde_json::to_writer(&mut out, v)?;
+            writeln!(out)?;
+        }
+        _ => {
+            serde_json::to_writer_pretty(&mut out, v)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `--output json` for a command, or a form of one, that prints no JSON.
+///
+/// # Errors
+/// When the run asks for JSON.
+pub fn no_json(what: &str) -> Result<()> {
+    if json_output() {
+        bail!("{what} prints no JSON (--output {:?} was given)", output());
+    }
     Ok(())
 }
 

@@ -69,6 +69,33 @@ fn the_output_flag_is_global_and_json_is_its_alias() {
     let text = stdout(&tally(&["compact", d, "--store", &url, "--dry-run"]));
     assert!(text.starts_with(&format!("store {url}\n")), "{text}");
     assert!(text.contains("would move 0 segments"), "{text}");
+    // A listing under jsonl: one object per line.
+    let o = tally(&["checkpoint", d, "--list", "--output", "jsonl"]);
+    let cps: Vec<serde_json::Value> = succeeded(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!cps.is_empty());
+    assert!(cps.iter().all(|c| c["tree_size"].as_u64().is_some()));
+    // A finding without details keeps its shape: `failure` and `what` hold its text.
+    let bad = dir.path().join("not-an-extract");
+    std::fs::write(&bad, b"{}").unwrap();
+    let key = dir.path().join("log.pub");
+    std::fs::write(&key, stdout(&tally(&["pubkey", d]))).unwrap();
+    let o = tally(&[
+        "verify-extract",
+        bad.to_str().unwrap(),
+        "--pubkey",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["failure"].is_string() && v["failure"] == v["what"], "{v}");
+    // No JSON from a note or a key: refused, not ignored.
+    let o = tally(&["checkpoint", d, "--export", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
     // No JSON from pubkey: refused, not ignored.
     let o = tally(&["pubkey", d, "--json"]);
     assert_eq!(o.status.code(), Some(2));

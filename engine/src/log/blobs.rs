@@ -251,43 +251,6 @@ fn offloads(shared: &Shared, stream: &str, ev: &EventData, signed: bool) -> bool
         && shared.cold.blob_store().is_ok()
 }
 
-/// A store that failed during the offload of a retry: when every event of the batch gives
-/// its id and the log already holds each (the idempotency window), the batch was appended
-/// before, with its blobs, and the append answers with its first result; the references are
-/// computed from the payloads, unstored. Otherwise the store's error `e`.
-fn retry_of_appended(
-    shared: &Shared,
-    requests: &[AppendRequest<'_>],
-    signed: bool,
-    e: Error,
-) -> Result<Vec<Option<BlobRef>>> {
-    let known = {
-        let guard = shared.commit.writer.lock();
-        guard.as_ref().is_some_and(|w| {
-            requests
-                .iter()
-                .flat_map(|r| r.events.iter())
-                .all(|ev| ev.event_id.is_some_and(|id| w.ids.get(id).is_some()))
-        })
-    };
-    if !known {
-        return Err(e);
-    }
-    requests
-        .iter()
-        .flat_map(|r| r.events.iter().map(move |ev| (r.stream, ev)))
-        .map(|(stream, ev)| {
-            if offloads(shared, stream, ev, signed) {
-                BlobRef::of(&ev.payload)
-                    .map(Some)
-                    .map_err(|source| Error::InvalidEvent { index: 0, source })
-            } else {
-                Ok(None)
-            }
-        })
-        .collect()
-}
-
 /// Stores the payloads of `requests` that go to blobs and checks the references they give:
 /// the blob of each event, by its index in the batch (empty when there is none, the common
 /// case, which costs one length comparison per event). A producer signs the envelopes it
@@ -322,9 +285,7 @@ pub(crate) fn offload(
                     ),
                 });
             }
-            if let Err(e) = check_present(shared, blob) {
-                return retry_of_appended(shared, requests, signed, e);
-            }
+            check_present(shared, blob)?;
             out.push(None);
         } else if offloads(shared, stream, ev, signed) {
             if ev.payload.len() as u64 > BLOB_BYTES_MAX {
@@ -341,9 +302,6 @@ pub(crate) fn offload(
                 Ok(b) => out.push(Some(b)),
                 Err(Error::InvalidEvent { source, .. }) => {
                     return Err(Error::InvalidEvent { index, source });
-                }
-                Err(e @ Error::Blob { .. }) => {
-                    return retry_of_appended(shared, requests, signed, e);
                 }
                 Err(e) => return Err(e),
             }

@@ -81,7 +81,9 @@ pub(crate) fn copy_blob(
     dir: &std::path::Path,
 ) -> Result<bool> {
     let path = dir.join(blob.hex());
-    if std::fs::read(&path).is_ok_and(|b| blob.matches(&b)) {
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == blob.size)
+        && std::fs::read(&path).is_ok_and(|b| blob.matches(&b))
+    {
         return Ok(false);
     }
     let bytes = log.read_blob(blob)?;

@@ -1,6 +1,8 @@
 //! One module per command family of `tally`. Each parses its arguments (clap) and runs on
 //! the engine's public API (embedded) or a client (`--server`); what they share is in
-//! [`crate::support`].
+//! [`crate::support`]. Commands that only read open the log read-only (no lock, nothing
+//! changed), so they run beside a live server. Exit status: 0 success, 1 a finding (printed
+//! in one place, `support::print_finding`), 2 usage or I/O errors.
 
 pub mod audit;
 pub mod bench;

@@ -37,6 +37,7 @@ pub struct CheckpointArgs {
 /// Forces and prints a signed checkpoint, or lists them.
 pub fn checkpoint(a: &CheckpointArgs) -> Result<ExitCode> {
     if a.export {
+        crate::support::no_json("tally checkpoint --export (a signed note)")?;
         let log = open_read_only(&a.dir)?;
         let Some(note) = log.checkpoint_note(a.id)? else {
             bail!(

@@ -93,6 +93,7 @@ pub fn run(a: &WitnessArgs) -> Result<ExitCode> {
 }
 
 fn init(a: &InitArgs) -> Result<ExitCode> {
+    crate::support::no_json("tally witness init")?;
     if a.wdir
         .join(tally_engine::witness::WITNESS_KEY_FILE)
         .exists()
@@ -127,6 +128,7 @@ fn log_id_of(source: &Source) -> Result<[u8; 16]> {
 }
 
 fn register(a: &RegisterArgs) -> Result<ExitCode> {
+    crate::support::no_json("tally witness register")?;
     let w =
         Witness::open(&a.wdir).with_context(|| format!("opening witness {}", a.wdir.display()))?;
     let keys = read_pubkeys(&a.pubkey)?;
