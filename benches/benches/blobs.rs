@@ -26,11 +26,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tally_benches::{bench_dir, env_u64, print_environment};
+use tally_benches::{bench_dir, env_u64, print_environment, replay_all};
 use tally_engine::cold::{ColdStore, DirStore};
-use tally_engine::{
-    ColdOptions, Direction, Durability, EventData, ExpectedVersion, Log, Options, Position,
-};
+use tally_engine::{ColdOptions, Direction, Durability, EventData, ExpectedVersion, Log, Options};
 
 const ATTACHMENT: usize = 256 << 10;
 const SMALL_PER_ATTACHMENT: u64 = 20;
@@ -144,14 +142,7 @@ fn bench(c: &mut Criterion) {
     for (id, log) in [("inline", &inline), ("blob", &blob)] {
         g.bench_function(id, |b| {
             b.iter(|| {
-                let mut from = Position(0);
-                let mut n = 0u64;
-                loop {
-                    let page = log.read_all(from, 1024, Direction::Forward).expect("read");
-                    let Some(last) = page.last() else { break };
-                    from = last.position.next();
-                    n += page.len() as u64;
-                }
+                let n = replay_all(log, 1024);
                 assert_eq!(n, events);
                 black_box(n)
             });

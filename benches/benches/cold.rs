@@ -39,7 +39,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tally_benches::{BuildSpec, bench_dir, build_log, env_u64, print_environment, stream_name};
+use tally_benches::{
+    BuildSpec, bench_dir, build_log, env_u64, print_environment, replay_all, stream_name,
+};
 use tally_engine::cold::{ColdStore, DirStore};
 use tally_engine::{ColdOptions, CompactPolicy, Direction, Durability, Log, Options, Position};
 
@@ -203,14 +205,7 @@ fn bench(c: &mut Criterion) {
     for (id, log) in [("local", &local), ("cold_warm", &warm)] {
         g.bench_function(id, |b| {
             b.iter(|| {
-                let mut from = Position(0);
-                let mut n = 0u64;
-                loop {
-                    let page = log.read_all(from, 4096, Direction::Forward).expect("read");
-                    let Some(last) = page.last() else { break };
-                    from = last.position.next();
-                    n += page.len() as u64;
-                }
+                let n = replay_all(log, 4096);
                 assert_eq!(n, events);
                 black_box(n)
             });

@@ -362,6 +362,26 @@ fn mount_of(dir: &Path) -> Option<(String, String)> {
         .map(|(_, device, fs)| (device, fs))
 }
 
+/// Reads the whole log forwards in pages of `page` events, as a replay does; returns the
+/// number of events read.
+///
+/// # Panics
+/// If a read fails (a benchmark has nothing better to do).
+#[must_use]
+pub fn replay_all(log: &Log, page: usize) -> u64 {
+    let mut from = tally_engine::Position(0);
+    let mut n = 0u64;
+    loop {
+        let events = log
+            .read_all(from, page, tally_engine::Direction::Forward)
+            .expect("read");
+        let Some(last) = events.last() else { break };
+        from = last.position.next();
+        n += events.len() as u64;
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
