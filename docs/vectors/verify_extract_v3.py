@@ -10,8 +10,9 @@ check of EXTRACT.md 6.5 steps 1 to 5, and prints what the file verifies to in th
 expected.txt (`ok EVENTS stream S`, `ok EVENTS window A B`, `ok EVENTS inclusion`). It then
 runs a tamper self-test: one flipped bit in each byte after the head frame of each binary
 file, and a swapped, a dropped and a missing trailer line in the lines file, each of which
-must fail. The exit status is 0 only if every file verifies as expected and every tampered
-file fails."""
+must fail. It then verifies extract-v3-blobs/ the same way with every blob in its blobs/ checked (EXTRACT.md 6.5
+step 3 with --blobs), and changes each blob file by one bit in a copy, which must fail. The exit
+status is 0 only if every file verifies as expected and every tampered file fails."""
 import base64, binascii, calendar, datetime, json, os, re, struct, sys, time, zlib
 import blake3, nacl.exceptions, nacl.signing
 
@@ -273,10 +274,12 @@ def decode_envelope(b, version):
         need(n <= m, "envelope field longer than its limit")
     need(payload_len <= 1048576, "payload longer than its limit")
     need(48 + sum(lens) + payload_len == len(b), "envelope lengths do not add up to its length")
+    blob = None
     if form == 1:
         need(payload_len == 40, "a blob reference is not 40 bytes")
         size = le64(b, len(b) - 8)
         need(1 <= size <= 268435456, "blob size out of range")
+        blob = (b[len(b) - 40:len(b) - 8], size)
     off, f = 48, []
     for n in lens:
         try:
@@ -288,7 +291,7 @@ def decode_envelope(b, version):
     need(stream != "" and etype != "", "empty stream or event_type")
     need(not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in stream),
          "control character in stream")
-    return dict(stream=stream, event_type=etype, correlation_id=f[3])
+    return dict(stream=stream, event_type=etype, correlation_id=f[3], blob=blob)
 
 
 def check_record(prev, header, body, version, tree_size):
@@ -455,7 +458,17 @@ def line_items(data, ctx):
 
 
 # ---------------------------------------------------------------- the verifier (EXTRACT.md 6.5)
-def verify(data, keys, regions=None):
+def check_blob(blob, blobs):
+    """EXTRACT.md 6.5 step 3 with --blobs: the file named by the blob's hash (hex) in
+    `blobs` has the reference's length and BLAKE3 hash (FORMAT.md 6.5)."""
+    h, size = blob
+    path = os.path.join(blobs, h.hex())
+    need(os.path.isfile(path), "blob %s is not in %s" % (h.hex(), blobs))
+    data = open(path, "rb").read()
+    need(len(data) == size and H(data) == h, "blob %s does not match its reference" % h.hex())
+
+
+def verify(data, keys, regions=None, blobs=None):
     ctx = Ctx()
     if data[:8] == b"TALLYEXT":
         items = binary_items(data, ctx, regions)
@@ -510,6 +523,8 @@ def verify(data, keys, regions=None):
             p = r["position"]
             if kind == "stream" and role == "event":
                 need(r["envelope"]["stream"] == stream, "not of stream %r" % stream)
+            if blobs is not None and role == "event" and r["envelope"]["blob"] is not None:
+                check_blob(r["envelope"]["blob"], blobs)
             # 4. order and proof
             need(role == "event" or kind == "window", "%s outside a window extract" % role)
             need(role != "before" or not roles, "before is not the first item")
@@ -619,9 +634,9 @@ def read_keys(path):
     return keys
 
 
-def check(data, keys, regions=None):
+def check(data, keys, regions=None, blobs=None):
     try:
-        return verify(data, keys, regions)
+        return verify(data, keys, regions, blobs)
     except Fail as e:
         return "FAILED: %s" % e
 
@@ -733,7 +748,43 @@ def main():
     print("tamper: %d of %d altered files fail (%.1f s)" % (caught, total, time.time() - t0))
     ok &= caught == total
     print("extract-v3 ok" if ok else "EXTRACT-V3 DIFFERS")
+    ok &= check_blob_vectors()
     sys.exit(0 if ok else 1)
+
+
+def check_blob_vectors():
+    """extract-v3-blobs: a stream extract whose events refer to blobs, verified with every
+    blob in blobs/ checked; then each blob file changed by one bit (in a copy) must fail."""
+    import shutil, tempfile
+    d = os.path.join(HERE, "extract-v3-blobs")
+    keys = read_keys(os.path.join(d, "log.pub"))
+    blobs = os.path.join(d, "blobs")
+    ok = True
+    for line in open(os.path.join(d, "expected.txt"), encoding="utf-8"):
+        if line.startswith("#") or not line.strip():
+            continue
+        name, expected = line.split(None, 1)
+        expected = " ".join(expected.split())
+        data = open(os.path.join(d, name), "rb").read()
+        got = check(data, keys, blobs=blobs)
+        ok &= got == expected
+        print("%-16s %s%s (blobs checked)" % (name, got, "" if got == expected else "   EXPECTED: " + expected))
+        names = sorted(os.listdir(blobs))
+        caught = 0
+        for victim in names:
+            with tempfile.TemporaryDirectory() as t:
+                for n in names:
+                    shutil.copy(os.path.join(blobs, n), os.path.join(t, n))
+                p = os.path.join(t, victim)
+                b = bytearray(open(p, "rb").read())
+                b[len(b) // 2] ^= 1
+                open(p, "wb").write(bytes(b))
+                if check(data, keys, blobs=t).startswith("FAILED"):
+                    caught += 1
+        print("  %s: %d blob files changed by one bit: %d fail" % (name, len(names), caught))
+        ok &= caught == len(names) and len(names) > 0
+    print("extract-v3-blobs ok" if ok else "EXTRACT-V3-BLOBS DIFFERS")
+    return ok
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ fn extract(dir: &Path, out: &Path, args: &[&str]) -> Vec<u8> {
 }
 
 fn check(bytes: &[u8], key: &[u8; 32]) -> Result<Checked, Finding> {
+    check_with_blobs(bytes, key, None)
+}
+
+fn check_with_blobs(
+    bytes: &[u8],
+    key: &[u8; 32],
+    blobs: Option<&Path>,
+) -> Result<Checked, Finding> {
     let mut input = Cursor::new(bytes);
     let Some(form) = Reader::sniff(&mut input).unwrap() else {
         return Err(Finding("not a format 3 extract".into()));
@@ -84,7 +92,7 @@ fn check(bytes: &[u8], key: &[u8; 32]) -> Result<Checked, Finding> {
         &[*key],
         tuning,
         None,
-        None,
+        blobs,
         &indicatif::ProgressBar::hidden(),
     )
 }
@@ -400,6 +408,108 @@ fn write_vectors(dir: &Path) {
         expected.push_str(&format!("{file} {}\n", describe(&c)));
     }
     std::fs::write(dir.join("expected.txt"), expected).unwrap();
+}
+
+/// The published vectors with blobs (docs/EXTRACT.md 6.7): a stream extract of a log whose
+/// attachments are blobs, with the blobs copied beside it (`--blobs`), verifies to what
+/// `expected.txt` says with every blob checked, and a changed blob file is a finding.
+/// `TALLY_WRITE_VECTORS=1` writes them anew first.
+#[test]
+fn the_published_blob_vectors_verify_with_their_blobs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors/extract-v3-blobs");
+    if std::env::var_os("TALLY_WRITE_VECTORS").is_some() {
+        write_blob_vectors(&dir);
+    }
+    let key = tally_engine::format::checkpoint::parse_public_keys(
+        &std::fs::read_to_string(dir.join("log.pub")).unwrap(),
+    )
+    .unwrap()[0];
+    let expected = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
+    let (file, want) = expected
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.is_empty())
+        .and_then(|l| l.split_once(' '))
+        .unwrap();
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    let blobs = dir.join("blobs");
+    let c = check_with_blobs(&bytes, &key, Some(&blobs)).unwrap();
+    assert_eq!(describe(&c), want);
+    // Each blob file is checked: a copy with one byte changed is a finding.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 2, "{names:?}");
+    for n in &names {
+        std::fs::copy(blobs.join(n), tmp.path().join(n)).unwrap();
+    }
+    let victim = tmp.path().join(&names[0]);
+    let mut b = std::fs::read(&victim).unwrap();
+    b[0] ^= 1;
+    std::fs::write(&victim, &b).unwrap();
+    let f = check_with_blobs(&bytes, &key, Some(tmp.path())).unwrap_err();
+    assert!(f.0.contains("do not match"), "{}", f.0);
+}
+
+fn write_blob_vectors(dir: &Path) {
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let store: Arc<dyn tally_engine::cold::ColdStore> =
+        Arc::new(tally_engine::cold::DirStore::new(tmp.path().join("store")).unwrap());
+    let log = Log::open(
+        &data,
+        Options {
+            cold: tally_engine::ColdOptions {
+                store: Some(store),
+                blob_threshold: 256,
+                ..tally_engine::ColdOptions::default()
+            },
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..12u64 {
+        let e = if i % 4 == 1 {
+            // A confirmation document of a few hundred bytes: a blob.
+            let doc: Vec<u8> = (0..300 + i * 50).map(|k| (k * 7 + i) as u8).collect();
+            EventData::new("ConfirmationAttached", doc)
+        } else {
+            EventData::json(
+                ["NEW", "AMEND", "SETTLE"][(i % 3) as usize],
+                format!(r#"{{"trade":"T-{}","qty":"{}.00"}}"#, i % 2 + 1, 100 + i),
+            )
+        }
+        .actor("alice");
+        log.append(&format!("trade-{}", i % 2 + 1), ExpectedVersion::Any, &[e])
+            .unwrap();
+    }
+    let key = log.public_key().unwrap();
+    log.close().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("log.pub"),
+        tally_engine::format::checkpoint::encode_public_key(&key),
+    )
+    .unwrap();
+    let blobs = dir.join("blobs");
+    let bytes = extract(
+        &data,
+        &dir.join("stream.tex"),
+        &["--stream", "trade-2", "--blobs", blobs.to_str().unwrap()],
+    );
+    let c = check_with_blobs(&bytes, &key, Some(&blobs)).unwrap();
+    std::fs::write(
+        dir.join("expected.txt"),
+        format!(
+            "# file, then what it verifies to, with every blob in blobs/ checked\nstream.tex {}\n",
+            describe(&c)
+        ),
+    )
+    .unwrap();
 }
 
 /// A format 2 extract kept as a file (a stream extract with its completeness proof,
