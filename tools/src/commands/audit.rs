@@ -122,6 +122,40 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
+/// The fields both extract formats open with, in this order: the format, the provenance
+/// (query, time, tool, directory, whether events after the checkpoint were left out), the
+/// log's id, the signer's key and fingerprint, the checkpoint and its signed note.
+pub(crate) fn extract_head(
+    format: &str,
+    a: &ExtractArgs,
+    log: &tally_engine::Log,
+    writable: bool,
+    cp: &SignedCheckpoint,
+    query: Value,
+) -> Result<serde_json::Map<String, Value>> {
+    let note = log
+        .checkpoint_note(Some(cp.statement.id))?
+        .map(|n| n.encode());
+    let Value::Object(head) = json!({
+        "format": format,
+        "provenance": {
+            "query": query,
+            "created": rfc3339(tally_engine::now()),
+            "tool": format!("tally {}", env!("CARGO_PKG_VERSION")),
+            "data_dir": a.dir,
+            "events_after_checkpoint_left_out": !writable,
+        },
+        "log_id": hex(&log.log_id()),
+        "public_key": hex(&cp.public_key),
+        "key_fingerprint": fingerprint(&cp.public_key),
+        "checkpoint": checkpoint_json(cp),
+        "checkpoint_note": note,
+    }) else {
+        unreachable!("a JSON object literal")
+    };
+    Ok(head)
+}
+
 /// Writes an audit extract of format 3 (`crate::extract`), or with `--format 2` one of the
 /// format before it.
 /// What an extract selects (as its JSON query), the log opened for it (writable when no
@@ -182,26 +216,10 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
         v["proof"] = obj["proof"].clone();
         events.push(v);
     }
-    let note = log
-        .checkpoint_note(Some(cp.statement.id))?
-        .map(|n| n.encode());
-    let doc = json!({
-        "format": EXTRACT_FORMAT,
-        "provenance": {
-            "query": query,
-            "created": rfc3339(tally_engine::now()),
-            "tool": format!("tally {}", env!("CARGO_PKG_VERSION")),
-            "data_dir": a.dir,
-            "events_after_checkpoint_left_out": !writable,
-        },
-        "log_id": hex(&log.log_id()),
-        "public_key": hex(&cp.public_key),
-        "key_fingerprint": fingerprint(&cp.public_key),
-        "checkpoint": checkpoint_json(&cp),
-        "checkpoint_note": note,
-        "completeness": completeness,
-        "events": events,
-    });
+    let mut doc = extract_head(EXTRACT_FORMAT, a, &log, writable, &cp, query)?;
+    doc.insert("completeness".into(), completeness);
+    doc.insert("events".into(), json!(events));
+    let doc = Value::Object(doc);
     if writable {
         log.close()?;
     }

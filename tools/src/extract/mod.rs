@@ -28,7 +28,7 @@ use tally_engine::format::record::RecordHeader;
 use tally_engine::{Direction, Field, Log, Position, Query, Verify};
 
 use crate::commands::audit::{ExtractArgs, V1_WHY};
-use crate::support::{checkpoint_json, parse_time, rfc3339};
+use crate::support::{parse_time, rfc3339};
 use codec::{Form, Role, Writer};
 
 /// The format 3 name, in the head of both forms.
@@ -297,25 +297,10 @@ fn write_to(
     } else {
         json!({"kind": "inclusion", "why": V1_WHY})
     };
-    let note = log
-        .checkpoint_note(Some(cp.statement.id))?
-        .map(|n| n.encode());
-    let head = json!({
-        "format": EXTRACT_FORMAT_V3,
-        "provenance": {
-            "query": query,
-            "created": rfc3339(tally_engine::now()),
-            "tool": format!("tally {}", env!("CARGO_PKG_VERSION")),
-            "data_dir": a.dir,
-            "events_after_checkpoint_left_out": !writable,
-        },
-        "log_id": hex(&log.log_id()),
-        "public_key": hex(&cp.public_key),
-        "key_fingerprint": fingerprint(&cp.public_key),
-        "checkpoint": checkpoint_json(cp),
-        "checkpoint_note": note,
-        "selection": selection,
-    });
+    let mut head =
+        crate::commands::audit::extract_head(EXTRACT_FORMAT_V3, a, log, writable, cp, query)?;
+    head.insert("selection".into(), selection);
+    let head = Value::Object(head);
     let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let form = if a.lines { Form::Lines } else { Form::Binary };
     let mut w = Writer::new(BufWriter::with_capacity(1 << 20, file), form);
