@@ -51,11 +51,12 @@ pub use format::{EventId, Hash32, Position, SegmentSeq, Timestamp};
 pub use index::attrs::Field;
 pub use log::producers;
 pub use log::{
-    AppendHandle, AppendRequest, AppendResult, CHECKPOINTS_FILE, COSIGNATURES_FILE, ColdOptions,
-    ColdStatus, CompactPolicy, CompactReport, Direction, Durability, EventData, EventView,
-    ExpectedVersion, KEY_FILE, Log, MovedSegment, Options, Query, RawRecord, RecordView,
-    RecordedEvent, RecoveryMode, RecoveryReport, SegmentInfo, StreamHead, StreamInfo, TREE_FILE,
-    Tail, Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key,
+    AppendHandle, AppendRequest, AppendResult, BackupOptions, BackupReport, CHECKPOINTS_FILE,
+    COSIGNATURES_FILE, ColdBackup, ColdOptions, ColdStatus, CompactPolicy, CompactReport,
+    Direction, Durability, EventData, EventView, ExpectedVersion, IndexSummary, KEY_FILE, Log,
+    MovedSegment, Options, Query, RawRecord, RecordView, RecordedEvent, RecoveryMode,
+    RecoveryReport, SegmentDetail, SegmentInfo, StreamHead, StreamInfo, TREE_FILE, Tail,
+    Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key,
     new_event_id, now, producer_signature,
 };
 #[cfg(feature = "internals")]

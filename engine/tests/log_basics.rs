@@ -702,3 +702,66 @@ fn an_open_allocates_a_sparse_restored_active_segment() {
     assert!(after >= len, "{after} of {len} bytes allocated after open");
     log.close().unwrap();
 }
+
+#[test]
+fn backup_copies_exactly_the_checkpointed_log_and_refuses_what_it_cannot_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    // No checkpoint yet: nothing to copy up to.
+    let err = log
+        .backup_to(
+            &out.path().join("early"),
+            &tally_engine::BackupOptions::default(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no checkpoint"), "{err}");
+    assert!(!out.path().join("early").exists());
+    for n in 0..3_000 {
+        let s = format!("trade-{}", n % 40);
+        log.append(&s, ExpectedVersion::Any, &[ev("TradeAmended", n)])
+            .unwrap();
+    }
+    let cp = log.checkpoint().unwrap();
+    // Records after the checkpoint are not in the copy.
+    log.append("trade-late", ExpectedVersion::Any, &[ev("TradeNew", 1)])
+        .unwrap();
+    let copy = out.path().join("copy");
+    let done = log
+        .backup_to(
+            &copy,
+            &tally_engine::BackupOptions {
+                without_key: true,
+                ..tally_engine::BackupOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(done.records, cp.statement.tree_size);
+    assert_eq!(done.checkpoint_id, cp.statement.id);
+    assert!(done.segment_files > 1, "the log rolled: {done:?}");
+    assert!(!copy.join(tally_engine::KEY_FILE).exists());
+    let err = log
+        .backup_to(&copy, &tally_engine::BackupOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let back = Log::open(
+        &copy,
+        Options {
+            recovery: tally_engine::RecoveryMode::ReadOnly,
+            create: false,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let report = back.verify().unwrap();
+    assert_eq!(back.next_position().0, cp.statement.tree_size);
+    assert_eq!(report.checkpoints, done.checkpoints);
+    let a = log
+        .read_all(Position(0), 100_000, Direction::Forward)
+        .unwrap();
+    let b = back
+        .read_all(Position(0), 100_000, Direction::Forward)
+        .unwrap();
+    assert_eq!(b.len() as u64, cp.statement.tree_size);
+    assert_eq!(a[..b.len()], b[..]);
+}

@@ -13,11 +13,13 @@
 mod append;
 mod attrs;
 mod background;
+mod backup;
 mod blobs;
 mod checkpoints;
 mod cold;
 mod commit;
 mod cosignatures;
+mod detail;
 mod ids;
 mod order;
 pub mod producers;
@@ -35,11 +37,13 @@ use std::time::Duration;
 
 pub use append::AppendHandle;
 pub use attrs::Query;
+pub use backup::{BackupOptions, BackupReport, ColdBackup};
 pub(crate) use checkpoints::create_key_file;
 pub use checkpoints::{CHECKPOINTS_FILE, KEY_FILE};
 pub use cold::{ColdOptions, ColdStatus, CompactPolicy, CompactReport, MovedSegment};
 pub(crate) use cold::{ColdPlace, ColdTier};
 pub use cosignatures::COSIGNATURES_FILE;
+pub use detail::{IndexSummary, SegmentDetail};
 pub use read::{RecordView, Tail, Verify};
 use shared::Shared;
 pub use tree::TREE_FILE;

@@ -8,22 +8,18 @@
 //! say.
 
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use clap::Args;
 use serde_json::{Value, json};
-use tally_engine::format::PAGE_BYTES;
 use tally_engine::format::chain::{body_hash, chain_step};
 use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
 use tally_engine::format::envelope::EnvelopeRef;
-use tally_engine::format::files::META_FILE;
 use tally_engine::format::proof::{InclusionProof, hex, parse_hex};
 use tally_engine::format::record::{Layout, RecordHeader};
-use tally_engine::format::tree::{CHUNK_LEAVES, TREE_HEADER_LEN, TREE_NODE_LEN, nodes_for_chunks};
 use tally_engine::{Direction, Field, Log, Position, Query};
 
 use crate::support::{
@@ -1051,281 +1047,34 @@ pub enum ColdBackup {
     Copy,
 }
 
-fn copy_prefix(from: &Path, to: &Path, len: u64, file_len: u64, mode: Option<u32>) -> Result<()> {
-    let src = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    if let Some(m) = mode {
-        opts.mode(m);
-    }
-    let dst = opts
-        .open(to)
-        .with_context(|| format!("creating {}", to.display()))?;
-    dst.set_len(file_len)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], at)
-            .with_context(|| format!("reading {}", from.display()))?;
-        dst.write_all_at(&buf[..n], at)?;
-        at += n as u64;
-    }
-    dst.sync_all()?;
-    Ok(())
-}
-
-/// Writes the backup's `cold.manifest` (the source's entries of the `referenced` segments,
-/// in their order) and copies `cold.store`.
-/// The blobs the first `size` records refer to. By reference, the store's URL (`cold.store`)
-/// is copied so that the copy reads them where they are; with `copy`, each is read (and
-/// checked against its hash) into `dest/blobs-store`, which the copy's `cold.store` names.
-/// Returns how many distinct blobs the records refer to.
-fn copy_blobs(
-    log: &tally_engine::Log,
-    size: u64,
-    dir: &Path,
-    dest: &Path,
-    cold: ColdBackup,
-) -> Result<usize> {
-    use tally_engine::format::files::{COLD_STORE_FILE, blob_object_key};
-    let mut blobs = std::collections::HashSet::new();
-    let mut bad = None;
-    log.scan_range(
-        Position(0),
-        Position(size),
-        tally_engine::Verify::Checksums,
-        |r| match r.envelope() {
-            Ok(env) => {
-                if let Some(b) = env.blob() {
-                    blobs.insert(b);
-                }
-            }
-            Err(e) => {
-                bad.get_or_insert((r.position, e));
-            }
-        },
-    )?;
-    if let Some((p, e)) = bad {
-        bail!(Finding(format!("the record at position {p}: {e}")));
-    }
-    if blobs.is_empty() {
-        return Ok(0);
-    }
-    let to = dest.join(COLD_STORE_FILE);
-    match cold {
-        ColdBackup::Reference => {
-            if !to.exists() {
-                let from = dir.join(COLD_STORE_FILE);
-                let n = std::fs::metadata(&from)
-                    .with_context(|| format!("reading {}", from.display()))?
-                    .len();
-                copy_prefix(&from, &to, n, n, None)?;
-            }
-        }
-        ColdBackup::Copy => {
-            let root = std::path::absolute(dest.join("blobs-store"))?;
-            for b in &blobs {
-                let path = root.join(blob_object_key(&log.log_id(), &b.hash));
-                let bytes = log.read_blob(b)?;
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("creating {}", parent.display()))?;
-                }
-                std::fs::write(&path, &bytes)
-                    .and_then(|()| std::fs::File::open(&path)?.sync_all())
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            for d in [
-                root.join(hex(&log.log_id())).join("blobs"),
-                root.join(hex(&log.log_id())),
-                root.clone(),
-            ] {
-                std::fs::File::open(&d)
-                    .and_then(|f| f.sync_all())
-                    .with_context(|| format!("syncing {}", d.display()))?;
-            }
-            std::fs::write(&to, format!("file://{}\n", root.display()))
-                .and_then(|()| std::fs::File::open(&to)?.sync_all())
-                .with_context(|| format!("writing {}", to.display()))?;
-        }
-    }
-    Ok(blobs.len())
-}
-
-fn copy_cold_references(
-    dir: &Path,
-    dest: &Path,
-    referenced: &[tally_engine::SegmentSeq],
-) -> Result<()> {
-    use tally_engine::format::cold::{
-        MANIFEST_ENTRY_LEN, MANIFEST_HEADER_LEN, decode_manifest_entry, decode_manifest_header,
-    };
-    use tally_engine::format::files::{COLD_MANIFEST_FILE, COLD_STORE_FILE};
-    let path = dir.join(COLD_MANIFEST_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    decode_manifest_header(&bytes).with_context(|| format!("{}", path.display()))?;
-    let mut out = bytes[..MANIFEST_HEADER_LEN].to_vec();
-    for raw in bytes[MANIFEST_HEADER_LEN..].chunks_exact(MANIFEST_ENTRY_LEN) {
-        // A damaged or torn last entry names no segment that is cold (the open refused the
-        // log otherwise); it is left out.
-        if let Ok(e) = decode_manifest_entry(raw)
-            && referenced.contains(&e.seq)
-        {
-            out.extend_from_slice(raw);
-        }
-    }
-    let kept = (out.len() - MANIFEST_HEADER_LEN) / MANIFEST_ENTRY_LEN;
-    if kept != referenced.len() {
-        bail!(
-            "{} names {kept} of the {} cold segments the backup references",
-            path.display(),
-            referenced.len()
-        );
-    }
-    let to = dest.join(COLD_MANIFEST_FILE);
-    std::fs::write(&to, &out).with_context(|| format!("writing {}", to.display()))?;
-    std::fs::File::open(&to)?.sync_all()?;
-    let store = dir.join(COLD_STORE_FILE);
-    if store.exists() {
-        let n = std::fs::metadata(&store)?.len();
-        copy_prefix(&store, &dest.join(COLD_STORE_FILE), n, n, None)?;
-    }
-    Ok(())
-}
-
 /// Copies a live data directory up to a signed checkpoint and verifies the copy.
 pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
     if a.dest.exists() {
         bail!("{} already exists", a.dest.display());
     }
     let (log, writable) = open_writable_if_free(&a.dir, &a.key)?;
-    let cp = if writable {
-        log.checkpoint()?
-    } else {
-        *log.checkpoints()
-            .last()
-            .context("the log is in use and has no checkpoint yet")?
-    };
-    let size = cp.statement.tree_size;
-    let cps = log.checkpoints();
-    let index = cps
-        .iter()
-        .position(|c| c.statement.id == cp.statement.id)
-        .context("checkpoint vanished")?;
-    std::fs::create_dir_all(&a.dest).with_context(|| format!("creating {}", a.dest.display()))?;
-    let file_len = |p: &Path| std::fs::metadata(p).map(|m| m.len());
-    let meta = a.dir.join(META_FILE);
-    copy_prefix(
-        &meta,
-        &a.dest.join(META_FILE),
-        file_len(&meta)?,
-        file_len(&meta)?,
-        None,
-    )?;
-    let key = a.dir.join(tally_engine::KEY_FILE);
-    if !a.without_key && key.exists() {
-        let n = file_len(&key)?;
-        copy_prefix(
-            &key,
-            &a.dest.join(tally_engine::KEY_FILE),
-            n,
-            n,
-            Some(0o600),
-        )?;
+    if writable {
+        log.checkpoint()?;
+    } else if log.checkpoints().is_empty() {
+        bail!("the log is in use and has no checkpoint yet");
     }
-    let cp_len =
-        ((index + 1) * tally_engine::format::checkpoint::entry_len(cp.statement.version())) as u64;
-    copy_prefix(
-        &a.dir.join(tally_engine::CHECKPOINTS_FILE),
-        &a.dest.join(tally_engine::CHECKPOINTS_FILE),
-        cp_len,
-        cp_len,
-        None,
-    )?;
-    // Stored Merkle nodes of the complete chunks the checkpoint covers.
-    let tree = a.dir.join(tally_engine::TREE_FILE);
-    let nodes =
-        TREE_HEADER_LEN as u64 + nodes_for_chunks(size / CHUNK_LEAVES) * TREE_NODE_LEN as u64;
-    if file_len(&tree).is_ok_and(|l| l >= nodes) {
-        copy_prefix(
-            &tree,
-            &a.dest.join(tally_engine::TREE_FILE),
-            nodes,
-            nodes,
-            None,
-        )?;
-    }
-    let mut files = 0;
-    let mut referenced = Vec::new();
-    for seg in log.segments() {
-        let base = seg.base_position.0;
-        if base >= size && base > 0 {
-            break;
-        }
-        let name = seg.path.file_name().context("segment file name")?;
-        let covered = seg.sealed && base + seg.record_count <= size;
-        let source = match (&seg.cold, a.cold) {
-            (Some(_), ColdBackup::Copy) => Some(log.segment_file(seg.seq)?),
-            (Some(_), ColdBackup::Reference) if covered => None,
-            (Some(_), ColdBackup::Reference) => bail!(
-                "segment {} is cold but not covered by checkpoint {}: copy with a newer \
-                 checkpoint",
-                seg.seq,
-                cp.statement.id
-            ),
-            (None, _) => Some(seg.path.clone()),
-        };
-        if covered {
-            // Sealed segments are immutable: a plain copy, with the index and the attribute
-            // index (both derived; a restore that lacks them rebuilds them). A cold segment
-            // by reference: its sidecars only, and its manifest entry below.
-            match source {
-                Some(src) => {
-                    let len = file_len(&src)?;
-                    copy_prefix(&src, &a.dest.join(name), len, len, None)?;
-                }
-                None => referenced.push(seg.seq),
-            }
-            for ext in ["idx", "adx"] {
-                let side = seg.path.with_extension(ext);
-                if let Ok(n) = file_len(&side) {
-                    copy_prefix(
-                        &side,
-                        &a.dest.join(side.file_name().context("sidecar name")?),
-                        n,
-                        n,
-                        None,
-                    )?;
-                }
-            }
-        } else {
-            // The segment the checkpoint ends in: its records up to the checkpoint.
-            let src = source.context("a cold segment is sealed")?;
-            let len = file_len(&src)?;
-            let mut end = PAGE_BYTES;
-            log.scan_range(
-                seg.base_position,
-                Position(size),
-                tally_engine::Verify::Checksums,
-                |r| end = r.end,
-            )?;
-            copy_prefix(&src, &a.dest.join(name), end, len, None)?;
-        }
-        files += 1;
-    }
-    if !referenced.is_empty() {
-        copy_cold_references(&a.dir, &a.dest, &referenced)?;
-    }
-    let blobs = copy_blobs(&log, size, &a.dir, &a.dest, a.cold)?;
+    let done = log.backup_to(
+        &a.dest,
+        &tally_engine::BackupOptions {
+            without_key: a.without_key,
+            cold: match a.cold {
+                ColdBackup::Reference => tally_engine::ColdBackup::Reference,
+                ColdBackup::Copy => tally_engine::ColdBackup::Copy,
+            },
+        },
+    );
     if writable {
         log.close()?;
     } else {
         drop(log);
     }
-    std::fs::File::open(&a.dest)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", a.dest.display()))?;
+    let done = done.with_context(|| format!("backing up to {}", a.dest.display()))?;
+    let size = done.records;
     // Verify the copy: it must be exactly the checkpointed log.
     let copy = crate::support::open_read_only(&a.dest)?;
     let report = copy
@@ -1337,24 +1086,30 @@ pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
             &mut |_| {},
         )
         .map_err(|e| Finding(format!("the copy does not verify: {e}")))?;
-    if copy.next_position().0 != size || report.checkpoints != index as u64 + 1 {
+    if copy.next_position().0 != size || report.checkpoints != done.checkpoints {
         bail!(Finding(format!(
             "the copy holds {} records and {} checkpoints, expected {size} and {}",
             copy.next_position().0,
             report.checkpoints,
-            index + 1
+            done.checkpoints
         )));
     }
     println!(
-        "backed up {} segment files, {size} records, to {} up to checkpoint {} (root {}); verified",
-        files,
+        "backed up {} segment files{}, {size} records, to {} up to checkpoint {} (root {}); verified",
+        done.segment_files,
+        if done.cold_referenced > 0 {
+            format!(" and {} cold segments by reference", done.cold_referenced)
+        } else {
+            String::new()
+        },
         a.dest.display(),
-        cp.statement.id,
-        hex(&cp.statement.root)
+        done.checkpoint_id,
+        hex(&done.root)
     );
-    if blobs > 0 {
+    if done.blobs > 0 {
         println!(
-            "{blobs} blobs {}",
+            "{} blobs {}",
+            done.blobs,
             match a.cold {
                 ColdBackup::Reference => "referred to where they are (the copy's cold.store)",
                 ColdBackup::Copy =>

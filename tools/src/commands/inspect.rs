@@ -1,18 +1,14 @@
 //! `tally inspect`: the segments, or one segment's header, footer and index.
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::{Value, json};
-use tally_engine::Position;
+use tally_engine::SegmentSeq;
 use tally_engine::format::PAGE_BYTES;
 use tally_engine::format::proof::hex;
-use tally_engine::format::segment::{SegmentFooter, SegmentHeader};
-use tally_engine::index::SealedIndex;
 
 use crate::support::{
     checkpoint_json, json_output, open_read_only, print_json, print_tree, rfc3339,
@@ -28,12 +24,15 @@ pub struct InspectArgs {
     segment: Option<u64>,
 }
 
-fn read_page(path: &Path, at: u64) -> Result<Vec<u8>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut page = vec![0u8; PAGE_BYTES as usize];
-    f.read_exact_at(&mut page, at)
-        .with_context(|| format!("reading {} at byte {at}", path.display()))?;
-    Ok(page)
+fn index_json(i: Option<&tally_engine::IndexSummary>) -> Value {
+    i.map_or(Value::Null, |i| {
+        json!({
+            "file": i.file,
+            "records": i.records,
+            "streams": i.streams,
+            "complete": i.complete,
+        })
+    })
 }
 
 /// Prints the segments table, or one segment.
@@ -41,83 +40,49 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
     let log = open_read_only(&a.dir)?;
     let segs = log.segments();
     if let Some(n) = a.segment {
-        let seg = segs
-            .iter()
-            .find(|s| s.seq.0 == n)
-            .with_context(|| format!("no segment {n} in {}", a.dir.display()))?;
-        if let Some(object) = &seg.cold {
+        let d = log
+            .segment_detail(SegmentSeq(n))
+            .with_context(|| format!("segment {n} of {}", a.dir.display()))?;
+        let seg = &d.info;
+        let v = match &d.header {
             // No local file: what the manifest and the local sidecar say.
-            let idx_path = seg.path.with_extension("idx");
-            let idx = std::fs::read(&idx_path)
-                .ok()
-                .and_then(|b| SealedIndex::open(Arc::new(b)).ok());
-            let v = json!({
+            None => json!({
                 "state": "cold",
-                "object": object,
+                "object": seg.cold,
                 "records": seg.record_count,
                 "first_position": seg.base_position.0,
                 "data_end": seg.data_end,
-                "first_record_time": seg.record_times.map(|t| rfc3339(t.0)),
-                "last_record_time": seg.record_times.map(|t| rfc3339(t.1)),
+                "first_record_time": d.record_times.map(|t| rfc3339(t.0)),
+                "last_record_time": d.record_times.map(|t| rfc3339(t.1)),
                 "merkle_root": seg.merkle_root.map(|r| hex(&r)),
-                "index": idx.as_ref().map(|i| json!({
-                    "file": idx_path,
-                    "records": i.record_count(),
-                    "streams": i.stream_count(),
-                    "complete": i.is_complete(),
+                "index": index_json(d.index.as_ref()),
+            }),
+            Some(header) => json!({
+                "file": seg.path,
+                "state": if seg.sealed { "sealed" } else { "active" },
+                "header": {
+                    "seq": header.seq.0,
+                    "log_id": hex(&header.log_id),
+                    "base_position": header.base_position.0,
+                    "created_time": rfc3339(header.created_time),
+                    "capacity": header.capacity,
+                    "prev_chain_hash": hex(&header.prev_chain_hash),
+                },
+                "footer": d.footer.map(|f| json!({
+                    "record_count": f.record_count,
+                    "first_position": f.first_position.0,
+                    "last_position": f.last_position.0,
+                    "data_end": f.data_end,
+                    "first_record_time": rfc3339(f.first_record_time),
+                    "last_record_time": rfc3339(f.last_record_time),
+                    "last_chain_hash": hex(&f.last_chain_hash),
+                    "merkle_root": hex(&f.merkle_root),
                 })),
-            });
-            if json_output() {
-                print_json(&v)?;
-            } else {
-                print_tree(&v, 0);
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        let header = SegmentHeader::decode_page(&read_page(&seg.path, 0)?)
-            .with_context(|| format!("segment header of {}", seg.path.display()))?;
-        let footer = if seg.sealed {
-            Some(
-                SegmentFooter::decode_page(&read_page(&seg.path, header.footer_offset())?)
-                    .with_context(|| format!("segment footer of {}", seg.path.display()))?,
-            )
-        } else {
-            None
+                "index": index_json(d.index.as_ref()),
+                "records": seg.record_count,
+                "data_end": seg.data_end,
+            }),
         };
-        let idx_path = seg.path.with_extension("idx");
-        let idx = std::fs::read(&idx_path)
-            .ok()
-            .and_then(|b| SealedIndex::open(Arc::new(b)).ok());
-        let v = json!({
-            "file": seg.path,
-            "state": if seg.sealed { "sealed" } else { "active" },
-            "header": {
-                "seq": header.seq.0,
-                "log_id": hex(&header.log_id),
-                "base_position": header.base_position.0,
-                "created_time": rfc3339(header.created_time),
-                "capacity": header.capacity,
-                "prev_chain_hash": hex(&header.prev_chain_hash),
-            },
-            "footer": footer.map(|f| json!({
-                "record_count": f.record_count,
-                "first_position": f.first_position.0,
-                "last_position": f.last_position.0,
-                "data_end": f.data_end,
-                "first_record_time": rfc3339(f.first_record_time),
-                "last_record_time": rfc3339(f.last_record_time),
-                "last_chain_hash": hex(&f.last_chain_hash),
-                "merkle_root": hex(&f.merkle_root),
-            })),
-            "index": idx.as_ref().map(|i| json!({
-                "file": idx_path,
-                "records": i.record_count(),
-                "streams": i.stream_count(),
-                "complete": i.is_complete(),
-            })),
-            "records": seg.record_count,
-            "data_end": seg.data_end,
-        });
         if json_output() {
             print_json(&v)?;
         } else {
@@ -128,24 +93,7 @@ pub fn inspect(a: &InspectArgs) -> Result<ExitCode> {
     let mut rows = Vec::new();
     let (mut records, mut bytes) = (0u64, 0u64);
     for s in &segs {
-        let times = if s.cold.is_some() {
-            s.record_times
-        } else if s.sealed {
-            let header = SegmentHeader::decode_page(&read_page(&s.path, 0)?)?;
-            SegmentFooter::decode_page(&read_page(&s.path, header.footer_offset())?)
-                .ok()
-                .map(|f| (f.first_record_time, f.last_record_time))
-        } else if s.record_count > 0 {
-            let first = log.read_all(s.base_position, 1, tally_engine::Direction::Forward)?;
-            let last_pos = Position(s.base_position.0 + s.record_count - 1);
-            let last = log.read_all(last_pos, 1, tally_engine::Direction::Forward)?;
-            first
-                .first()
-                .zip(last.first())
-                .map(|(a, b)| (a.record_time, b.record_time))
-        } else {
-            None
-        };
+        let times = log.segment_detail(s.seq)?.record_times;
         records += s.record_count;
         bytes += s.data_end.saturating_sub(PAGE_BYTES);
         rows.push(json!({
