@@ -35,6 +35,7 @@ mod error;
 pub mod format;
 #[cfg(feature = "internals")]
 pub mod fuzzing;
+pub mod governance;
 pub mod index;
 mod log;
 pub mod projection;
@@ -55,9 +56,9 @@ pub use log::{
     COSIGNATURES_FILE, ColdBackup, ColdOptions, ColdStatus, CompactPolicy, CompactReport,
     Direction, Durability, EventData, EventView, ExpectedVersion, IndexSummary, KEY_FILE, Log,
     MovedSegment, Options, Query, RawRecord, RecordView, RecordedEvent, RecoveryMode,
-    RecoveryReport, SegmentDetail, SegmentInfo, StreamHead, StreamInfo, TREE_FILE, Tail,
-    Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key,
-    new_event_id, now, producer_signature,
+    RecoveryReport, RetentionPlan, SegmentDetail, SegmentInfo, StreamHead, StreamHeld, StreamInfo,
+    StreamRemoval, TREE_FILE, Tail, Truncation, Verify, VerifyOptions, VerifyReport,
+    add_cosignature, create_signing_key, new_event_id, now, producer_signature,
 };
 #[cfg(feature = "internals")]
 pub use sys::sim;

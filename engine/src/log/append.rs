@@ -831,6 +831,12 @@ pub(crate) fn submit_signed(
                 super::producers::PRODUCERS_STREAM
             )));
         }
+        if streams.contains(&crate::governance::GOVERNANCE_STREAM) {
+            return Err(invalid_append(format!(
+                "{} is written only by the retention policy and legal hold operations",
+                crate::governance::GOVERNANCE_STREAM
+            )));
+        }
         policy.check(&streams, signing.signature)?;
     }
     let bodies = BODIES.with(|b| std::mem::take(&mut *b.borrow_mut()));

@@ -775,12 +775,14 @@ fn write_cache_file(
 }
 
 /// The sealed, local segments a policy moves, oldest first.
-/// The system streams an open reads whole: the producer keys and signing policy (the engine)
-/// and the schema registry (tallyd). A segment holding events of one stays local, so that a
+/// The system streams an open or an operator reads whole: the producer keys and signing
+/// policy (the engine), the schema registry (tallyd), and the retention policies and legal
+/// holds (`$governance`). A segment holding events of one stays local, so that a
 /// log opens, and its policy holds, while the store is down.
-pub(crate) const STREAMS_READ_AT_OPEN: [&str; 2] = [
+pub(crate) const STREAMS_READ_AT_OPEN: [&str; 3] = [
     super::producers::PRODUCERS_STREAM,
     crate::schema::SCHEMA_STREAM,
+    crate::governance::GOVERNANCE_STREAM,
 ];
 
 /// Whether segment `seg` holds events of a stream an open reads ([`STREAMS_READ_AT_OPEN`]);

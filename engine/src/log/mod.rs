@@ -20,6 +20,7 @@ mod cold;
 mod commit;
 mod cosignatures;
 mod detail;
+mod governance;
 mod ids;
 mod order;
 pub mod producers;
@@ -44,6 +45,7 @@ pub use cold::{ColdOptions, ColdStatus, CompactPolicy, CompactReport, MovedSegme
 pub(crate) use cold::{ColdPlace, ColdTier};
 pub use cosignatures::COSIGNATURES_FILE;
 pub use detail::{IndexSummary, SegmentDetail};
+pub use governance::{RetentionPlan, StreamHeld, StreamRemoval};
 pub use read::{RecordView, Tail, Verify};
 use shared::Shared;
 pub use tree::TREE_FILE;

@@ -18,6 +18,9 @@ use std::time::Duration;
 /// A lock's place in the order: lower ranks are taken first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Rank {
+    /// `governance`: held across a governance change's check and append, and across a
+    /// retention run (which reads, appends and rewrites segments under it).
+    Governance,
     /// `producers`: held for reading across an append's writer step, for writing across a
     /// producer registration's own append.
     Producers,

@@ -410,6 +410,7 @@ fn new_shared(
             Rank::Producers,
             parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
         ),
+        governance: Ordered::new(Rank::Governance, parking_lot::Mutex::new(())),
         shutdown: AtomicBool::new(false),
         threads: Mutex::new(Vec::new()),
         lock_file: Mutex::new(lock_file),

@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     /// written only by the producer registration operations, which hold it for writing
     /// around their own append so that every append is ordered after or before them.
     pub(crate) producers: Ordered<parking_lot::RwLock<super::producers::ProducerPolicy>>,
+    /// Orders governance changes and retention runs (`$governance`).
+    pub(crate) governance: Ordered<parking_lot::Mutex<()>>,
     /// Set when the background threads (preparer, sealer, flusher) are told to stop.
     pub(crate) shutdown: AtomicBool,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
