@@ -23,8 +23,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use commands::{
-    audit, bench, blob, compact, demo, dump, find, forensic, inspect, keys, producer, proofs,
-    remote, witness,
+    audit, bench, blob, compact, demo, dump, find, forensic, governance, inspect, keys, producer,
+    proofs, remote, witness,
 };
 
 /// Tally: a tamper-evident event store.
@@ -94,6 +94,12 @@ enum Command {
     Compact(compact::CompactArgs),
     /// Payloads stored as blobs in the log's cold store: read one, checked against its hash.
     Blob(blob::BlobArgs),
+    /// Retention policies per stream category, kept as events of `$governance`.
+    Policy(governance::PolicyArgs),
+    /// Legal holds: nothing a hold covers is removed or erased while it stands.
+    Hold(governance::HoldArgs),
+    /// What the retention policies remove, and what legal holds keep.
+    Retention(governance::RetentionArgs),
 }
 
 fn main() -> ExitCode {
@@ -132,6 +138,9 @@ fn main() -> ExitCode {
         Command::Compact(a) => compact::compact(&a),
         Command::Witness(a) => witness::run(&a),
         Command::Producer(a) => producer::run(&a),
+        Command::Policy(a) => governance::policy(&a),
+        Command::Hold(a) => governance::hold(&a),
+        Command::Retention(a) => governance::retention(&a),
     };
     match result {
         Ok(code) => code,

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod dump;
 pub mod find;
 pub mod forensic;
+pub mod governance;
 pub mod inspect;
 pub mod keys;
 pub mod producer;

@@ -1,0 +1,518 @@
+//! `tally policy`, `tally hold` and `tally retention`: retention policies, legal holds, and
+//! what retention would remove (docs/OPERATIONS.md, "Retention and legal holds"). Each
+//! change is an event of the system stream `$governance` with its actor and reason, written
+//! by the engine's operations; the log must not be open in another process (stop tallyd
+//! first).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tally_engine::Timestamp;
+use tally_engine::governance::{
+    Governance, HoldPlaced, HoldScope, Keep, LegalHold, PolicyScope, PolicySet, RetentionPolicy,
+    parse_duration,
+};
+
+use crate::support::{
+    KeyArg, Report, open_read_only, open_writable_if_free, parse_time, render, rfc3339,
+};
+
+/// Who makes the change, and why: recorded with it.
+#[derive(Args, Debug)]
+struct Why {
+    /// Who makes the change.
+    #[arg(long)]
+    actor: String,
+    /// Why.
+    #[arg(long)]
+    reason: String,
+}
+
+/// `tally policy`.
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Show the retention policies in force, with who set them and when.
+    List(DirArg),
+    /// Set a retention policy (a new one, or a new definition under its name).
+    Set(PolicySetArgs),
+    /// Remove a retention policy.
+    Remove(WithdrawArgs),
+}
+
+/// `tally hold`.
+#[derive(Args, Debug)]
+pub struct HoldArgs {
+    #[command(subcommand)]
+    command: HoldCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum HoldCommand {
+    /// Show the legal holds that stand, with who placed them and when.
+    List(DirArg),
+    /// Place a legal hold: nothing it covers is removed or erased while it stands.
+    Place(HoldPlaceArgs),
+    /// Release a legal hold.
+    Release(WithdrawArgs),
+}
+
+#[derive(Args, Debug)]
+struct DirArg {
+    /// The data directory.
+    dir: PathBuf,
+}
+
+/// `tally policy set`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["prefix", "aggregate_type", "default"])))]
+#[command(group(clap::ArgGroup::new("keep").required(true).args(["keep_after_last", "keep_after", "keep_newest"])))]
+struct PolicySetArgs {
+    /// The data directory.
+    dir: PathBuf,
+    /// The policy's name.
+    name: String,
+    /// Streams whose name starts with this (a category such as `trade-`).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Streams whose first event has this aggregate type.
+    #[arg(long)]
+    aggregate_type: Option<String>,
+    /// Every stream no other policy covers.
+    #[arg(long)]
+    default: bool,
+    /// Keep a stream this long after its last event (`30d`, `7y`), then remove it.
+    #[arg(long, value_name = "DURATION")]
+    keep_after_last: Option<String>,
+    /// Keep a stream this long after its first event of a type, then remove it:
+    /// `TYPE=DURATION`, such as `TradeSettled=7y`.
+    #[arg(long, value_name = "TYPE=DURATION")]
+    keep_after: Option<String>,
+    /// Keep the newest N events of each stream; remove older ones.
+    #[arg(long, value_name = "N")]
+    keep_newest: Option<u64>,
+    #[command(flatten)]
+    why: Why,
+    #[command(flatten)]
+    key: KeyArg,
+}
+
+/// `tally hold place`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["stream", "prefix", "aggregate_type", "correlation_id", "held_actor"])))]
+struct HoldPlaceArgs {
+    /// The data directory.
+    dir: PathBuf,
+    /// The hold's id (a matter or case number).
+    id: String,
+    /// One stream.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Streams whose name starts with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Streams whose first event has this aggregate type.
+    #[arg(long)]
+    aggregate_type: Option<String>,
+    /// Events with this correlation id.
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// Events by this actor.
+    #[arg(long = "of-actor", value_name = "ACTOR")]
+    held_actor: Option<String>,
+    #[command(flatten)]
+    why: Why,
+    #[command(flatten)]
+    key: KeyArg,
+}
+
+/// `tally policy remove`, `tally hold release`.
+#[derive(Args, Debug)]
+struct WithdrawArgs {
+    /// The data directory.
+    dir: PathBuf,
+    /// The policy's name, or the hold's id.
+    name: String,
+    #[command(flatten)]
+    why: Why,
+    #[command(flatten)]
+    key: KeyArg,
+}
+
+/// `tally retention`.
+#[derive(Args, Debug)]
+pub struct RetentionArgs {
+    /// The data directory.
+    dir: PathBuf,
+    /// List what would be removed and why, and what holds keep; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Judge the policies as of this time (RFC 3339 or nanoseconds; `+DURATION` from now,
+    /// such as `+8y`, to see what a policy will remove) instead of now.
+    #[arg(long, value_name = "TIME")]
+    as_of: Option<String>,
+}
+
+fn writable(dir: &Path, key: &KeyArg) -> Result<tally_engine::Log> {
+    let (log, writable) = open_writable_if_free(dir, key)?;
+    if !writable {
+        bail!(
+            "{} is open by another process (a running tallyd?): stop it to change governance",
+            dir.display()
+        );
+    }
+    Ok(log)
+}
+
+fn duration(text: &str) -> Result<u64> {
+    parse_duration(text).map_err(|e| anyhow!(e))
+}
+
+/// A policy as listed.
+#[derive(Serialize)]
+struct PolicyRow<'a> {
+    name: &'a str,
+    scope: &'a PolicyScope,
+    keep: &'a Keep,
+    reason: &'a str,
+    set_by: &'a str,
+    set_at: String,
+    position: u64,
+}
+
+/// A hold as listed.
+#[derive(Serialize)]
+struct HoldRow<'a> {
+    id: &'a str,
+    scope: &'a HoldScope,
+    reason: &'a str,
+    placed_by: &'a str,
+    placed_at: String,
+    position: u64,
+}
+
+#[derive(Serialize)]
+struct Policies<'a>(Vec<PolicyRow<'a>>);
+
+#[derive(Serialize)]
+struct Holds<'a>(Vec<HoldRow<'a>>);
+
+fn scope_text(s: &PolicyScope) -> String {
+    match s {
+        PolicyScope::Default => "default".to_owned(),
+        PolicyScope::Prefix(p) => format!("prefix {p}"),
+        PolicyScope::AggregateType(t) => format!("aggregate type {t}"),
+    }
+}
+
+fn hold_scope_text(s: &HoldScope) -> String {
+    match s {
+        HoldScope::Stream(x) => format!("stream {x}"),
+        HoldScope::Prefix(x) => format!("prefix {x}"),
+        HoldScope::AggregateType(x) => format!("aggregate type {x}"),
+        HoldScope::CorrelationId(x) => format!("correlation id {x}"),
+        HoldScope::Actor(x) => format!("actor {x}"),
+    }
+}
+
+/// A duration in the largest whole unit.
+fn span(nanos: u64) -> String {
+    let secs = nanos / 1_000_000_000;
+    for (unit, n) in [("y", 31_557_600), ("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs >= n && secs % n == 0 {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn keep_text(k: &Keep) -> String {
+    match k {
+        Keep::AfterLastEvent { nanos } => format!("{} after the last event", span(*nanos)),
+        Keep::AfterEvent { event_type, nanos } => {
+            format!("{} after {event_type}", span(*nanos))
+        }
+        Keep::Newest { count } => format!("newest {count} events"),
+    }
+}
+
+impl Report for Policies<'_> {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.0.is_empty() {
+            return writeln!(out, "no retention policies: every event is kept");
+        }
+        for p in &self.0 {
+            writeln!(
+                out,
+                "{}  {}  keep {}  (set by {} at {}, position {}: {})",
+                p.name,
+                scope_text(p.scope),
+                keep_text(p.keep),
+                p.set_by,
+                p.set_at,
+                p.position,
+                p.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Report for Holds<'_> {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.0.is_empty() {
+            return writeln!(out, "no legal holds stand");
+        }
+        for h in &self.0 {
+            writeln!(
+                out,
+                "{}  {}  (placed by {} at {}, position {}: {})",
+                h.id,
+                hold_scope_text(h.scope),
+                h.placed_by,
+                h.placed_at,
+                h.position,
+                h.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn policy_rows(g: &Governance) -> Policies<'_> {
+    Policies(
+        g.policies
+            .values()
+            .map(|RetentionPolicy { policy, set }| PolicyRow {
+                name: &policy.name,
+                scope: &policy.scope,
+                keep: &policy.keep,
+                reason: &policy.reason,
+                set_by: &set.actor,
+                set_at: rfc3339(set.at),
+                position: set.position.0,
+            })
+            .collect(),
+    )
+}
+
+fn hold_rows(g: &Governance) -> Holds<'_> {
+    Holds(
+        g.holds
+            .values()
+            .map(|LegalHold { hold, placed }| HoldRow {
+                id: &hold.id,
+                scope: &hold.scope,
+                reason: &hold.reason,
+                placed_by: &placed.actor,
+                placed_at: rfc3339(placed.at),
+                position: placed.position.0,
+            })
+            .collect(),
+    )
+}
+
+/// A change written to `$governance`.
+#[derive(Serialize)]
+struct Changed {
+    change: String,
+    position: u64,
+}
+
+impl Report for Changed {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(out, "{} (position {})", self.change, self.position)
+    }
+}
+
+fn changed(change: String, position: u64) -> Result<()> {
+    render(&Changed { change, position })
+}
+
+/// Runs `tally policy`.
+pub fn policy(a: &PolicyArgs) -> Result<ExitCode> {
+    match &a.command {
+        PolicyCommand::List(d) => {
+            let g = open_read_only(&d.dir)?.governance()?;
+            render(&policy_rows(&g))?;
+        }
+        PolicyCommand::Set(a) => {
+            let scope = match (&a.prefix, &a.aggregate_type) {
+                (Some(p), _) => PolicyScope::Prefix(p.clone()),
+                (None, Some(t)) => PolicyScope::AggregateType(t.clone()),
+                (None, None) => PolicyScope::Default,
+            };
+            let keep = if let Some(d) = &a.keep_after_last {
+                Keep::AfterLastEvent {
+                    nanos: duration(d)?,
+                }
+            } else if let Some(spec) = &a.keep_after {
+                let (event_type, d) = spec
+                    .split_once('=')
+                    .context("--keep-after takes TYPE=DURATION, such as TradeSettled=7y")?;
+                Keep::AfterEvent {
+                    event_type: event_type.to_owned(),
+                    nanos: duration(d)?,
+                }
+            } else {
+                Keep::Newest {
+                    count: a.keep_newest.context("a --keep-* rule is required")?,
+                }
+            };
+            let p = PolicySet {
+                name: a.name.clone(),
+                scope,
+                keep,
+                reason: a.why.reason.clone(),
+            };
+            let log = writable(&a.dir, &a.key)?;
+            let r = log.set_retention_policy(&p, &a.why.actor)?;
+            log.close()?;
+            changed(
+                format!(
+                    "policy {}: {} keep {}",
+                    p.name,
+                    scope_text(&p.scope),
+                    keep_text(&p.keep)
+                ),
+                r.first_position.0,
+            )?;
+        }
+        PolicyCommand::Remove(a) => {
+            let log = writable(&a.dir, &a.key)?;
+            let r = log.remove_retention_policy(&a.name, &a.why.actor, &a.why.reason)?;
+            log.close()?;
+            changed(format!("policy {} removed", a.name), r.first_position.0)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `tally hold`.
+pub fn hold(a: &HoldArgs) -> Result<ExitCode> {
+    match &a.command {
+        HoldCommand::List(d) => {
+            let g = open_read_only(&d.dir)?.governance()?;
+            render(&hold_rows(&g))?;
+        }
+        HoldCommand::Place(a) => {
+            let scope = if let Some(s) = &a.stream {
+                HoldScope::Stream(s.clone())
+            } else if let Some(p) = &a.prefix {
+                HoldScope::Prefix(p.clone())
+            } else if let Some(t) = &a.aggregate_type {
+                HoldScope::AggregateType(t.clone())
+            } else if let Some(c) = &a.correlation_id {
+                HoldScope::CorrelationId(c.clone())
+            } else {
+                HoldScope::Actor(a.held_actor.clone().context("a hold needs a scope")?)
+            };
+            let h = HoldPlaced {
+                id: a.id.clone(),
+                scope,
+                reason: a.why.reason.clone(),
+            };
+            let log = writable(&a.dir, &a.key)?;
+            let r = log.place_legal_hold(&h, &a.why.actor)?;
+            log.close()?;
+            changed(
+                format!(
+                    "legal hold {} placed on {}",
+                    h.id,
+                    hold_scope_text(&h.scope)
+                ),
+                r.first_position.0,
+            )?;
+        }
+        HoldCommand::Release(a) => {
+            let log = writable(&a.dir, &a.key)?;
+            let r = log.release_legal_hold(&a.name, &a.why.actor, &a.why.reason)?;
+            log.close()?;
+            changed(
+                format!("legal hold {} released", a.name),
+                r.first_position.0,
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `tally retention --dry-run` prints.
+#[derive(Serialize)]
+struct PlanOut {
+    as_of: String,
+    examined: u64,
+    removed_events: u64,
+    held_events: u64,
+    #[serde(flatten)]
+    plan: tally_engine::RetentionPlan,
+}
+
+impl Report for PlanOut {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "as of {}: {} events examined, {} would be removed, {} kept by legal holds",
+            self.as_of, self.examined, self.removed_events, self.held_events
+        )?;
+        for r in &self.plan.removals {
+            writeln!(
+                out,
+                "remove {}  versions {}..={}  ({} events)  policy {}: {}",
+                r.stream,
+                r.versions.0,
+                r.versions.1,
+                r.positions.len(),
+                r.policy,
+                r.why
+            )?;
+        }
+        for h in &self.plan.held {
+            writeln!(
+                out,
+                "keep   {}  ({} events)  policy {} held by {}",
+                h.stream,
+                h.events,
+                h.policy,
+                h.holds.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `tally retention`.
+pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
+    let as_of = match a.as_of.as_deref() {
+        None => tally_engine::now(),
+        Some(t) => match t.strip_prefix('+') {
+            Some(d) => Timestamp(tally_engine::now().0.saturating_add(duration(d)?)),
+            None => parse_time(t)?,
+        },
+    };
+    if !a.dry_run {
+        bail!(
+            "this version of tally lists what retention would remove (--dry-run); removing \
+             events needs a log of format version 4"
+        );
+    }
+    let log = open_read_only(&a.dir)?;
+    let plan = log.retention_plan(as_of)?;
+    render(&PlanOut {
+        as_of: rfc3339(as_of),
+        examined: plan.examined,
+        removed_events: plan.removed_events(),
+        held_events: plan.held_events(),
+        plan,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,156 @@
+//! `tally policy`, `tally hold` and `tally retention --dry-run` end to end: changes recorded
+//! with actor and reason, listings in table and JSON, the plan honouring holds, refusals
+//! with exit status 2 and nothing written.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tally_engine::{Direction, EventData, ExpectedVersion, Log, Options};
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_str(&ok(o)).unwrap()
+}
+
+#[test]
+fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    {
+        let log = Log::open(&dir, Options::default()).unwrap();
+        for id in 1..=3 {
+            let events = ["TradeNew", "TradeSettled"]
+                .map(|t| EventData::json(t, format!("{{\"id\":{id}}}")).aggregate_type("Trade"));
+            log.append(&format!("trade-{id}"), ExpectedVersion::NoStream, &events)
+                .unwrap();
+        }
+        log.close().unwrap();
+    }
+    let d = dir.to_str().unwrap();
+    let why = [
+        "--actor",
+        "compliance@firm",
+        "--reason",
+        "MiFID II art. 16(6)",
+    ];
+    let set = [
+        &["policy", "set", d, "trades-7y", "--prefix", "trade-"][..],
+        &["--keep-after", "TradeSettled=7y"],
+        &why,
+    ]
+    .concat();
+    assert!(
+        ok(&tally(&set)).contains("policy trades-7y: prefix trade- keep 7y after TradeSettled")
+    );
+    let place = [
+        &["hold", "place", d, "case-17", "--stream", "trade-2"][..],
+        &why,
+    ]
+    .concat();
+    assert!(ok(&tally(&place)).contains("legal hold case-17 placed on stream trade-2"));
+
+    let listed = json(&tally(&["policy", "list", d, "--json"]));
+    assert_eq!(listed[0]["name"], "trades-7y");
+    assert_eq!(listed[0]["scope"]["prefix"], "trade-");
+    assert_eq!(
+        listed[0]["keep"]["after_event"]["event_type"],
+        "TradeSettled"
+    );
+    assert_eq!(listed[0]["set_by"], "compliance@firm");
+    let holds = ok(&tally(&["hold", "list", d]));
+    assert!(
+        holds.contains("case-17  stream trade-2  (placed by compliance@firm"),
+        "{holds}"
+    );
+
+    // Today nothing is due; in eight years two trades go and the held one stays.
+    let now = json(&tally(&["retention", d, "--dry-run", "--json"]));
+    assert_eq!(now["removed_events"], 0);
+    let later = json(&tally(&[
+        "retention",
+        d,
+        "--dry-run",
+        "--as-of",
+        "+8y",
+        "--json",
+    ]));
+    assert_eq!(later["removed_events"], 4);
+    assert_eq!(later["held_events"], 2);
+    let removed: Vec<&str> = later["removals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(removed, ["trade-1", "trade-3"]);
+    assert_eq!(later["held"][0]["holds"][0], "case-17");
+    let text = ok(&tally(&["retention", d, "--dry-run", "--as-of", "+8y"]));
+    assert!(
+        text.contains("keep   trade-2  (2 events)  policy trades-7y held by case-17"),
+        "{text}"
+    );
+
+    // Refusals: exit 2, nothing written.
+    let bad = [&["hold", "release", d, "case-99"][..], &why].concat();
+    assert_eq!(tally(&bad).status.code(), Some(2));
+    let bad = [
+        &["policy", "set", d, "p", "--default", "--keep-newest", "0"][..],
+        &why,
+    ]
+    .concat();
+    assert_eq!(tally(&bad).status.code(), Some(2));
+    let release = [&["hold", "release", d, "case-17"][..], &why].concat();
+    ok(&tally(&release));
+    let later = json(&tally(&[
+        "retention",
+        d,
+        "--dry-run",
+        "--as-of",
+        "+8y",
+        "--json",
+    ]));
+    assert_eq!(later["removed_events"], 6);
+
+    // The history, with who and why, is the system stream.
+    let log = Log::open(
+        &dir,
+        Options {
+            recovery: tally_engine::RecoveryMode::ReadOnly,
+            create: false,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let history = log
+        .read_stream("$governance", 0, 100, Direction::Forward)
+        .unwrap();
+    let types: Vec<&str> = history.iter().map(|e| e.event_type()).collect();
+    assert_eq!(
+        types,
+        [
+            "$RetentionPolicySet",
+            "$LegalHoldPlaced",
+            "$LegalHoldReleased"
+        ]
+    );
+    assert!(history.iter().all(|e| e.actor() == "compliance@firm"));
+}
