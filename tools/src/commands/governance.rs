@@ -228,7 +228,7 @@ fn hold_scope_text(s: &HoldScope) -> String {
 fn span(nanos: u64) -> String {
     let secs = nanos / 1_000_000_000;
     for (unit, n) in [("y", 31_557_600), ("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if secs >= n && secs % n == 0 {
+        if secs >= n && secs.is_multiple_of(n) {
             return format!("{}{unit}", secs / n);
         }
     }
