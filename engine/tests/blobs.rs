@@ -98,7 +98,7 @@ fn a_payload_above_the_threshold_is_stored_as_a_blob_and_read_back_checked() {
         .verify_with(&VerifyOptions::default(), &mut |_| {})
         .unwrap();
     assert_eq!((report.blob_refs, report.blobs_checked), (2, 2));
-    assert_eq!(report.format_version, 3);
+    assert_eq!(report.format_version, tally_engine::format::FORMAT_VERSION);
     log.close().unwrap();
     // The store was recorded: a later open without one finds it, and so does a read-only
     // view.

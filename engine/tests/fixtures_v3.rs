@@ -49,6 +49,7 @@ fn opts(recovery: RecoveryMode, key: &Path, store: &Path) -> Options {
     let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(store).unwrap());
     Options {
         segment_bytes: SEGMENT_BYTES,
+        format_version: 3,
         recovery,
         signing_key: Some(key.to_owned()),
         auto_checkpoints: false,

@@ -378,6 +378,8 @@ fn every_field_table_is_checked() {
         "Cold header",
         "Block index entry",
         "Cold trailer",
+        "Record header version 4",
+        "Pruned body",
         "Cold manifest header",
         "Cold manifest entry",
     ];
@@ -532,7 +534,7 @@ fn log_identity_file_matches_the_code() {
         ],
     );
     let m = LogMeta {
-        layout: tally_engine::format::record::Layout::V3,
+        layout: tally_engine::format::record::Layout::V4,
         log_id: ramp(0x10),
         created_time: Timestamp(0x0102_0304_0506_0708),
     };
@@ -570,7 +572,7 @@ fn segment_header_matches_the_code() {
         ],
     );
     let h = SegmentHeader {
-        layout: tally_engine::format::record::Layout::V3,
+        layout: tally_engine::format::record::Layout::V4,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         base_position: Position(0x2222_3333),
@@ -626,7 +628,7 @@ fn segment_footer_matches_the_code() {
         ],
     );
     let f = SegmentFooter {
-        layout: tally_engine::format::record::Layout::V3,
+        layout: tally_engine::format::record::Layout::V4,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         record_count: 0x30,
@@ -696,6 +698,7 @@ fn record_header_version_2_matches_the_code() {
         flags: flags::BATCH_START | flags::BATCH_END,
         kind: RecordKind::Event,
         chain_hash: ramp(0x60),
+        body_form: record::BodyForm::Envelope,
     };
     let mut b = [0u8; RECORD_HEADER_MAX];
     assert_eq!(h.encode_into(&mut b), RECORD_HEADER_V2_LEN);
@@ -716,6 +719,88 @@ fn record_header_version_2_matches_the_code() {
         ],
     );
     assert_eq!(RecordHeader::decode_in(&b, Layout::V2), Ok(h));
+}
+
+#[test]
+fn record_header_v4_and_the_pruned_body_match_the_code() {
+    use record::*;
+    check_layout(
+        "Record header version 4",
+        RECORD_HEADER_V2_LEN,
+        &[
+            ("header_crc", HEADER_CRC_OFFSET),
+            ("body_len", BODY_LEN_OFFSET),
+            ("body_crc", BODY_CRC_OFFSET),
+            ("durable_lag", DURABLE_LAG_OFFSET),
+            ("stream_prev", V2_STREAM_PREV_OFFSET),
+            ("stream_version", STREAM_VERSION_OFFSET),
+            ("record_time", RECORD_TIME_OFFSET),
+            ("flags", FLAGS_OFFSET),
+            ("kind", KIND_OFFSET),
+            ("body_form", BODY_FORM_OFFSET),
+            ("reserved", BODY_FORM_OFFSET + 1),
+            ("position", V2_POSITION_OFFSET),
+            ("chain_hash", V2_CHAIN_HASH_OFFSET),
+        ],
+    );
+    let h = RecordHeader {
+        layout: Layout::V4,
+        stream_prev: 0x0a0b_0000,
+        body_len: 0x0301,
+        body_crc: 0xdead_beef,
+        durable_lag: 0x0102,
+        position: Position(0x0a0b_0c0d),
+        stream_version: 0x0e0f,
+        record_time: Timestamp(0x1700_0000_1234_5678),
+        flags: flags::BATCH_START | flags::BATCH_END,
+        kind: RecordKind::Event,
+        chain_hash: ramp(0x60),
+        body_form: record::BodyForm::Pruned,
+    };
+    let mut b = [0u8; RECORD_HEADER_MAX];
+    h.encode_into(&mut b);
+    check_encoding(
+        "Record header version 4",
+        &b[..RECORD_HEADER_V2_LEN],
+        &[
+            ("body_len", le32(h.body_len)),
+            ("body_crc", le32(h.body_crc)),
+            ("durable_lag", le32(h.durable_lag)),
+            ("stream_prev", le64(h.stream_prev)),
+            ("stream_version", le64(h.stream_version)),
+            ("record_time", le64(h.record_time.0)),
+            ("flags", le16(h.flags)),
+            ("kind", le16(RecordKind::Event as u16)),
+            ("body_form", vec![1]),
+            ("position", le64(h.position.0)),
+            ("chain_hash", h.chain_hash.to_vec()),
+        ],
+    );
+    assert_eq!(RecordHeader::decode_in(&b, Layout::V4), Ok(h));
+    use tally_engine::format::pruned::*;
+    check_layout(
+        "Pruned body",
+        PRUNED_FIXED_LEN,
+        &[
+            ("body_hash", PR_BODY_HASH),
+            ("removed_by", PR_REMOVED_BY),
+            ("stream_len", PR_STREAM_LEN),
+            ("reserved", PR_RESERVED),
+        ],
+    );
+    let body = encode(&ramp(0x10), Position(0x0102_0304), "trade-42", 120).unwrap();
+    check_encoding(
+        "Pruned body",
+        &body,
+        &[
+            ("body_hash", ramp::<32>(0x10).to_vec()),
+            ("removed_by", le64(0x0102_0304)),
+            ("stream_len", le16(8)),
+        ],
+    );
+    assert_eq!(&body[PRUNED_FIXED_LEN..PRUNED_FIXED_LEN + 8], b"trade-42");
+    assert!(body[PRUNED_FIXED_LEN + 8..].iter().all(|&x| x == 0));
+    assert!(section("Pruned body").contains("`format::pruned::PRUNED_FIXED_LEN`"));
 }
 
 #[test]
@@ -750,6 +835,7 @@ fn record_header_matches_the_code() {
         flags: flags::BATCH_START | flags::BATCH_END,
         kind: RecordKind::Event,
         chain_hash: ramp(0x60),
+        body_form: record::BodyForm::Envelope,
     };
     let mut b = [0u8; RECORD_HEADER_LEN];
     h.encode_into(&mut b);
@@ -2055,6 +2141,7 @@ fn every_file_name_in_the_code_is_documented() {
         index_file_name(seq).replace('0', "N"),
         attrs_file_name(seq).replace('0', "N"),
         spare_temp_name(seq).replace('0', "N"),
+        temp_name(&segment_file_name(seq)).replace('0', "N"),
         temp_name("<name>"),
     ];
     for name in data_files {
@@ -2089,6 +2176,7 @@ fn every_file_name_in_the_code_is_documented() {
         .collect();
     let in_code = [
         spare_temp_name(seq),
+        temp_name(&segment_file_name(seq)),
         temp_name(&index_file_name(seq)),
         temp_name(&attrs_file_name(seq)),
         temp_name(SNAPSHOT_FILE),

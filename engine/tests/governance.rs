@@ -55,14 +55,19 @@ fn changes_are_events_with_actor_and_reason_and_survive_a_reopen() {
         },
     );
     log.set_retention_policy(&p, "compliance@firm").unwrap();
-    log.place_legal_hold(&hold("case-1", HoldScope::Stream("trade-9".into())), "legal@firm")
-        .unwrap();
+    log.place_legal_hold(
+        &hold("case-1", HoldScope::Stream("trade-9".into())),
+        "legal@firm",
+    )
+    .unwrap();
     // A second hold with the same id, and withdrawing what does not exist, are refused.
     let err = log
         .place_legal_hold(&hold("case-1", HoldScope::Actor("x".into())), "legal@firm")
         .unwrap_err();
     assert!(err.to_string().contains("already stands"), "{err}");
-    let err = log.release_legal_hold("case-2", "legal@firm", "done").unwrap_err();
+    let err = log
+        .release_legal_hold("case-2", "legal@firm", "done")
+        .unwrap_err();
     assert!(err.to_string().contains("no legal hold"), "{err}");
     let err = log
         .remove_retention_policy("nope", "compliance@firm", "typo")
@@ -73,7 +78,10 @@ fn changes_are_events_with_actor_and_reason_and_survive_a_reopen() {
         .append(
             GOVERNANCE_STREAM,
             ExpectedVersion::Any,
-            &[EventData::json("$LegalHoldReleased", r#"{"name":"case-1","reason":"x"}"#)],
+            &[EventData::json(
+                "$LegalHoldReleased",
+                r#"{"name":"case-1","reason":"x"}"#,
+            )],
         )
         .unwrap_err();
     assert!(matches!(err, Error::InvalidAppend { .. }), "{err}");
@@ -126,7 +134,12 @@ fn the_plan_removes_what_policies_say_and_keeps_what_holds_cover() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), Options::default()).unwrap();
     // trade-1: settled, nothing holds it: goes whole.
-    trade(&log, 1, &["TradeNew", "TradeAmended", "TradeSettled"], "order-1");
+    trade(
+        &log,
+        1,
+        &["TradeNew", "TradeAmended", "TradeSettled"],
+        "order-1",
+    );
     // trade-2: not settled: its clock never started.
     trade(&log, 2, &["TradeNew", "TradeAmended"], "order-2");
     // trade-3: settled, under a stream hold: kept whole.
@@ -159,7 +172,11 @@ fn the_plan_removes_what_policies_say_and_keeps_what_holds_cover() {
     )
     .unwrap();
     log.set_retention_policy(
-        &policy("quotes", PolicyScope::Prefix("quote-".into()), Keep::Newest { count: 2 }),
+        &policy(
+            "quotes",
+            PolicyScope::Prefix("quote-".into()),
+            Keep::Newest { count: 2 },
+        ),
         "compliance",
     )
     .unwrap();
@@ -174,8 +191,11 @@ fn the_plan_removes_what_policies_say_and_keeps_what_holds_cover() {
         "compliance",
     )
     .unwrap();
-    log.place_legal_hold(&hold("case-3", HoldScope::Stream("trade-3".into())), "legal")
-        .unwrap();
+    log.place_legal_hold(
+        &hold("case-3", HoldScope::Stream("trade-3".into())),
+        "legal",
+    )
+    .unwrap();
     log.place_legal_hold(
         &hold("case-4", HoldScope::CorrelationId("order-held".into())),
         "legal",
@@ -215,7 +235,11 @@ fn the_plan_removes_what_policies_say_and_keeps_what_holds_cover() {
             ("trade-4", "trades-7y", 0, 1),
         ]
     );
-    assert!(plan.removals[1].why.contains("7y after TradeSettled"), "{}", plan.removals[1].why);
+    assert!(
+        plan.removals[1].why.contains("7y after TradeSettled"),
+        "{}",
+        plan.removals[1].why
+    );
     let held: Vec<(&str, Vec<String>, u64)> = plan
         .held
         .iter()
@@ -229,7 +253,9 @@ fn the_plan_removes_what_policies_say_and_keeps_what_holds_cover() {
         ]
     );
     // The positions are the streams' own.
-    let t1 = log.read_stream("trade-1", 0, 10, Direction::Forward).unwrap();
+    let t1 = log
+        .read_stream("trade-1", 0, 10, Direction::Forward)
+        .unwrap();
     assert_eq!(
         plan.removals[1].positions,
         t1.iter().map(|e| e.position.0).collect::<Vec<_>>()

@@ -318,6 +318,7 @@ pub fn append_raw(dir: &Path, records: &[(String, Vec<u8>)], signed_block: Optio
             flags: fl,
             kind: RecordKind::Event,
             chain_hash: [0; 32],
+            body_form: tally_engine::format::record::BodyForm::Envelope,
         };
         let mut hb = [0u8; RECORD_HEADER_MAX];
         header.encode_into(&mut hb);

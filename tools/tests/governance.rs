@@ -36,12 +36,32 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     {
-        let log = Log::open(&dir, Options::default()).unwrap();
+        let log = Log::open(
+            &dir,
+            Options {
+                segment_bytes: 64 << 10,
+                ..Options::default()
+            },
+        )
+        .unwrap();
         for id in 1..=3 {
             let events = ["TradeNew", "TradeSettled"]
                 .map(|t| EventData::json(t, format!("{{\"id\":{id}}}")).aggregate_type("Trade"));
             log.append(&format!("trade-{id}"), ExpectedVersion::NoStream, &events)
                 .unwrap();
+        }
+        // Filler that seals the trades' segment: retention prunes sealed segments.
+        for n in 0..300 {
+            let pad = "x".repeat(300);
+            log.append(
+                "filler",
+                ExpectedVersion::Any,
+                &[EventData::json(
+                    "Pad",
+                    format!("{{\"n\":{n},\"pad\":\"{pad}\"}}"),
+                )],
+            )
+            .unwrap();
         }
         log.close().unwrap();
     }
@@ -130,6 +150,36 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
     ]));
     assert_eq!(later["removed_events"], 6);
 
+    // Applying it needs who and why; then the trades read as markers, and verify reports
+    // the removal with its policy.
+    assert_eq!(
+        tally(&["retention", d, "--as-of", "+8y"]).status.code(),
+        Some(2)
+    );
+    let applied = json(&tally(&[
+        "retention",
+        d,
+        "--as-of",
+        "+8y",
+        "--actor",
+        "ops",
+        "--reason",
+        "quarterly",
+        "--json",
+    ]));
+    assert_eq!(applied["removed"], 6);
+    assert_eq!(applied["pending"], 0);
+    let run = applied["recorded_at"].as_u64().unwrap();
+    let v = json(&tally(&["verify", d, "--json"]));
+    assert_eq!(v["removed"][0]["policy"], "trades-7y");
+    assert_eq!(v["removed"][0]["removed_by"], run);
+    let dump = ok(&tally(&["dump", d, "--stream", "trade-1", "--json"]));
+    let first: Value = serde_json::from_str(dump.lines().next().unwrap()).unwrap();
+    assert_eq!(first["removed_by"], run);
+    assert_eq!(first["type"], "$Removed");
+    let text = ok(&tally(&["verify", d]));
+    assert!(text.contains("removed by retention: 6 events"), "{text}");
+
     // The history, with who and why, is the system stream.
     let log = Log::open(
         &dir,
@@ -149,8 +199,10 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
         [
             "$RetentionPolicySet",
             "$LegalHoldPlaced",
-            "$LegalHoldReleased"
+            "$LegalHoldReleased",
+            "$RetentionApplied"
         ]
     );
-    assert!(history.iter().all(|e| e.actor() == "compliance@firm"));
+    assert!(history[..3].iter().all(|e| e.actor() == "compliance@firm"));
+    assert_eq!(history[3].actor(), "ops");
 }

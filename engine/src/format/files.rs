@@ -122,6 +122,7 @@ pub fn is_temporary(name: &str) -> bool {
     };
     base.strip_suffix(".idx")
         .or_else(|| base.strip_suffix(".adx"))
+        .or_else(|| base.strip_suffix(".seg"))
         .is_some_and(segment_named)
         || base == SNAPSHOT_FILE
         || base == META_FILE
@@ -142,6 +143,7 @@ mod tests {
             spare_temp_name(seq),
             temp_name(&index_file_name(seq)),
             temp_name(&attrs_file_name(seq)),
+            temp_name(&segment_file_name(seq)),
             temp_name(SNAPSHOT_FILE),
             temp_name(META_FILE),
         ] {

@@ -78,7 +78,27 @@ pub enum Layout {
     /// Format version 3: the record header of version 2; an envelope may refer to its payload
     /// as a content-addressed blob (docs/FORMAT.md, 6.5).
     V3,
+    /// Format version 4: the layout of version 3, and the header's byte 44 says what the
+    /// body holds ([`BodyForm`]): the envelope, or what retention left of it
+    /// (docs/FORMAT.md 5.5).
+    V4,
 }
+
+/// What a record's body holds (format version 4, header byte 44; earlier versions always
+/// hold the envelope).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum BodyForm {
+    /// The event envelope (after the producer block in a signed batch's first record).
+    Envelope = 0,
+    /// Removed by retention: the body is a pruned body ([`super::pruned`]) that keeps the
+    /// original body's hash, so the chain still links.
+    Pruned = 1,
+}
+
+/// Version 4: `body_form` ([`BodyForm`]), the first byte of what earlier versions reserve.
+/// It is outside the chain link (bytes 12..44), so pruning a record never changes its hash.
+pub const BODY_FORM_OFFSET: usize = RESERVED_OFFSET;
 
 impl Layout {
     /// The layout of format version `version` (1, 2 or 3).
@@ -88,6 +108,7 @@ impl Layout {
             1 => Some(Layout::V1),
             2 => Some(Layout::V2),
             3 => Some(Layout::V3),
+            4 => Some(Layout::V4),
             _ => None,
         }
     }
@@ -99,6 +120,7 @@ impl Layout {
             Layout::V1 => 1,
             Layout::V2 => 2,
             Layout::V3 => 3,
+            Layout::V4 => 4,
         }
     }
 
@@ -107,21 +129,21 @@ impl Layout {
     pub fn header_len(self) -> usize {
         match self {
             Layout::V1 => RECORD_HEADER_LEN,
-            Layout::V2 | Layout::V3 => RECORD_HEADER_V2_LEN,
+            Layout::V2 | Layout::V3 | Layout::V4 => RECORD_HEADER_V2_LEN,
         }
     }
 
     fn position_offset(self) -> usize {
         match self {
             Layout::V1 => POSITION_OFFSET,
-            Layout::V2 | Layout::V3 => V2_POSITION_OFFSET,
+            Layout::V2 | Layout::V3 | Layout::V4 => V2_POSITION_OFFSET,
         }
     }
 
     fn chain_hash_offset(self) -> usize {
         match self {
             Layout::V1 => CHAIN_HASH_OFFSET,
-            Layout::V2 | Layout::V3 => V2_CHAIN_HASH_OFFSET,
+            Layout::V2 | Layout::V3 | Layout::V4 => V2_CHAIN_HASH_OFFSET,
         }
     }
 
@@ -131,7 +153,7 @@ impl Layout {
     pub fn statement_version(self) -> u16 {
         match self {
             Layout::V1 => 1,
-            Layout::V2 | Layout::V3 => 2,
+            Layout::V2 | Layout::V3 | Layout::V4 => 2,
         }
     }
 
@@ -144,7 +166,13 @@ impl Layout {
     /// Whether an envelope may hold a blob reference instead of its payload (version 3 on).
     #[must_use]
     pub fn allows_blobs(self) -> bool {
-        self == Layout::V3
+        matches!(self, Layout::V3 | Layout::V4)
+    }
+
+    /// Whether a record's body may be pruned by retention (version 4 on).
+    #[must_use]
+    pub fn allows_pruning(self) -> bool {
+        self == Layout::V4
     }
 
     /// Bytes a record with a body of `body_len` occupies, padding included.
@@ -217,6 +245,8 @@ pub struct RecordHeader {
     pub kind: RecordKind,
     /// The record's chain hash.
     pub chain_hash: Hash32,
+    /// What the body holds (always [`BodyForm::Envelope`] before version 4).
+    pub body_form: BodyForm,
 }
 
 impl RecordHeader {
@@ -267,6 +297,7 @@ impl RecordHeader {
         le::put_u16(out, FLAGS_OFFSET, self.flags);
         le::put_u16(out, KIND_OFFSET, self.kind as u16);
         le::put_u32(out, RESERVED_OFFSET, 0);
+        out[BODY_FORM_OFFSET] = self.body_form as u8;
         let at = self.layout.chain_hash_offset();
         out[at..at + 32].copy_from_slice(&self.chain_hash);
         let crc = crc32fast::hash(&out[HEADER_CRC_COVERS_FROM..]);
@@ -298,7 +329,27 @@ impl RecordHeader {
             &buf[HEADER_CRC_COVERS_FROM..],
             "record header",
         )?;
-        check_zero(buf, RESERVED_OFFSET..RESERVED_OFFSET + 4, "record header")?;
+        let body_form = match (layout, buf[BODY_FORM_OFFSET]) {
+            (_, 0) => BodyForm::Envelope,
+            (Layout::V4, 1) => BodyForm::Pruned,
+            (Layout::V4, other) => {
+                return Err(DecodeError::Invalid {
+                    what: "body_form",
+                    detail: format!("{other} is neither 0 (envelope) nor 1 (pruned)"),
+                });
+            }
+            _ => {
+                return Err(DecodeError::NonZeroReserved {
+                    what: "record header",
+                    at: BODY_FORM_OFFSET as u64,
+                });
+            }
+        };
+        check_zero(
+            buf,
+            BODY_FORM_OFFSET + 1..RESERVED_OFFSET + 4,
+            "record header",
+        )?;
         let body_len = le::u32_at(buf, BODY_LEN_OFFSET);
         if body_len > BODY_BYTES_MAX {
             return Err(DecodeError::TooLong {
@@ -310,7 +361,7 @@ impl RecordHeader {
         let flags = le::u16_at(buf, FLAGS_OFFSET);
         let known = match layout {
             Layout::V1 => flags::KNOWN_V1,
-            Layout::V2 | Layout::V3 => flags::KNOWN_V2,
+            Layout::V2 | Layout::V3 | Layout::V4 => flags::KNOWN_V2,
         };
         if flags & !known != 0 {
             return Err(DecodeError::UnknownFlags { flags });
@@ -340,7 +391,7 @@ impl RecordHeader {
         let stream_version = le::u64_at(buf, STREAM_VERSION_OFFSET);
         let stream_prev = match layout {
             Layout::V1 => NO_STREAM_PREV,
-            Layout::V2 | Layout::V3 => {
+            Layout::V2 | Layout::V3 | Layout::V4 => {
                 let prev = le::u64_at(buf, V2_STREAM_PREV_OFFSET);
                 let ok = if stream_version == 0 {
                     prev == NO_STREAM_PREV
@@ -370,6 +421,7 @@ impl RecordHeader {
             flags,
             kind,
             chain_hash: le::array_at(buf, layout.chain_hash_offset()),
+            body_form,
         })
     }
 
@@ -442,6 +494,7 @@ mod tests {
             flags: flags::BATCH_START | flags::BATCH_END,
             kind: RecordKind::Event,
             chain_hash: [0xab; 32],
+            body_form: crate::format::record::BodyForm::Envelope,
         }
     }
 
@@ -629,6 +682,43 @@ mod tests {
             assert!(
                 RecordHeader::decode_in(&d, Layout::V2).is_err(),
                 "version {version} prev {prev}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_4_carries_the_body_form_outside_the_link() {
+        let h = RecordHeader {
+            layout: Layout::V4,
+            stream_prev: 1000,
+            ..sample()
+        };
+        let pruned = RecordHeader {
+            body_form: BodyForm::Pruned,
+            ..h
+        };
+        let (mut a, mut b) = ([0u8; RECORD_HEADER_MAX], [0u8; RECORD_HEADER_MAX]);
+        h.encode_into(&mut a);
+        pruned.encode_into(&mut b);
+        assert_eq!(b[44], 1);
+        assert_eq!(RecordHeader::decode_in(&b, Layout::V4), Ok(pruned));
+        // Pruning changes no linked byte: the record's hash stays.
+        assert_eq!(h.link_prefix(), pruned.link_prefix());
+        assert_eq!(a[LINK_FROM..LINK_TO], b[LINK_FROM..LINK_TO]);
+        // Earlier versions reserve the byte; an unknown form, or a set byte after it, fails.
+        for layout in [Layout::V1, Layout::V2, Layout::V3] {
+            let mut d = [0u8; RECORD_HEADER_MAX];
+            RecordHeader { layout, ..pruned }.encode_into(&mut d);
+            assert!(RecordHeader::decode_in(&d, layout).is_err(), "{layout:?}");
+        }
+        for (at, v) in [(44, 2u8), (45, 1)] {
+            let mut d = b;
+            d[at] = v;
+            let crc = crc32fast::hash(&d[HEADER_CRC_COVERS_FROM..RECORD_HEADER_V2_LEN]);
+            le::put_u32(&mut d, HEADER_CRC_OFFSET, crc);
+            assert!(
+                RecordHeader::decode_in(&d, Layout::V4).is_err(),
+                "byte {at} = {v}"
             );
         }
     }

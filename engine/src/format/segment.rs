@@ -364,11 +364,11 @@ mod tests {
             Err(DecodeError::Checksum { .. })
         ));
         let mut p = good.clone();
-        le::put_u16(&mut p, SH_VERSION, 4);
+        le::put_u16(&mut p, SH_VERSION, 5);
         reseal(&mut p, SH_CRC);
         assert!(matches!(
             SegmentHeader::decode_page(&p),
-            Err(DecodeError::UnsupportedVersion { found: 4, .. })
+            Err(DecodeError::UnsupportedVersion { found: 5, .. })
         ));
         // Version 1 decodes, as the version 1 layout.
         let mut p = good.clone();

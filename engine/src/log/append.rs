@@ -577,7 +577,7 @@ impl Writer {
                     layout,
                     stream_prev: match layout {
                         Layout::V1 => NO_STREAM_PREV,
-                        Layout::V2 | Layout::V3 => stream_prev,
+                        Layout::V2 | Layout::V3 | Layout::V4 => stream_prev,
                     },
                     body_len: ev.body_len,
                     body_crc: ev.body_crc,
@@ -589,6 +589,7 @@ impl Writer {
                     flags: fl,
                     kind: RecordKind::Event,
                     chain_hash: [0; 32],
+                    body_form: crate::format::record::BodyForm::Envelope,
                 };
                 let mut hb = [0u8; RECORD_HEADER_MAX];
                 let header_len = header.encode_into(&mut hb);

@@ -143,6 +143,26 @@ pub(crate) struct Attrs {
     building: BTreeMap<SegmentSeq, AttrBuilder>,
 }
 
+/// Forgets segment `seg`'s attribute index and deletes its sidecar (durably): after
+/// retention pruned records of the segment, whose attributes are gone. The indexer builds it
+/// again from the records (the markers) when it next catches up.
+pub(crate) fn forget_segment(shared: &Shared, seg: &SegmentHandle) -> Result<()> {
+    let mut attrs = shared.indexing.attrs.lock();
+    attrs.sealed.remove(&seg.seq);
+    attrs.building.remove(&seg.seq);
+    let path = shared.dir.join(attr_file_name(seg.seq));
+    let fs = shared.fs();
+    if fs.exists(&path) {
+        fs.remove_file(&path)
+            .map_err(Error::io("removing the attribute index", &path))?;
+        fs.sync_dir(&shared.dir)
+            .map_err(Error::io("syncing", &shared.dir))?;
+    }
+    drop(attrs);
+    shared.indexing.indexer.signal();
+    Ok(())
+}
+
 /// The sidecar's file name for segment `seq`.
 #[must_use]
 pub(crate) fn attr_file_name(seq: SegmentSeq) -> String {
@@ -326,7 +346,7 @@ impl Attrs {
             if bad.is_some() {
                 return;
             }
-            match r.envelope() {
+            match r.envelope_or_marker() {
                 Ok(env) => builder.push(
                     r.position,
                     r.offset,

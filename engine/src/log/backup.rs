@@ -246,21 +246,18 @@ impl Log {
         let fs = self.shared.fs();
         let mut blobs = BTreeSet::new();
         let mut bad = None;
-        self.scan_range(
-            Position(0),
-            Position(size),
-            Verify::Checksums,
-            |r| match r.envelope() {
-                Ok(env) => {
-                    if let Some(b) = env.blob() {
-                        blobs.insert((b.hash, b.size));
-                    }
+        self.scan_range(Position(0), Position(size), Verify::Checksums, |r| match r
+            .envelope_or_marker()
+        {
+            Ok(env) => {
+                if let Some(b) = env.blob() {
+                    blobs.insert((b.hash, b.size));
                 }
-                Err(e) => {
-                    bad.get_or_insert((r.position, e));
-                }
-            },
-        )?;
+            }
+            Err(e) => {
+                bad.get_or_insert((r.position, e));
+            }
+        })?;
         if let Some((position, e)) = bad {
             return Err(Error::Corrupt {
                 file: self.shared.dir.clone(),

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::format::record::BodyForm;
 use crate::format::{Position, Timestamp};
 use crate::governance::{
     GOVERNANCE_STREAM, Governance, HOLD_PLACED, HOLD_RELEASED, HoldPlaced, HoldScope, Keep,
@@ -250,6 +251,9 @@ impl Log {
         let mut facts: HashMap<String, Facts> = HashMap::new();
         let mut bad = None;
         self.scan_range(Position(0), end, read::Verify::Checksums, |r| {
+            if r.body_form == BodyForm::Pruned {
+                return;
+            }
             let env = match r.envelope() {
                 Ok(env) => env,
                 Err(e) => {
@@ -261,7 +265,9 @@ impl Log {
                 return;
             }
             let f = facts.entry(env.stream.to_owned()).or_default();
-            if r.stream_version == 0 {
+            // The first event's aggregate type; once retention removed it, the oldest one
+            // left (a stream keeps one aggregate type).
+            if f.aggregate_type.is_empty() {
                 env.aggregate_type.clone_into(&mut f.aggregate_type);
             }
             f.last_version = r.stream_version;
@@ -310,6 +316,9 @@ impl Log {
         let mut removed: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         let mut held: HashMap<&str, (Vec<String>, u64)> = HashMap::new();
         self.scan_range(Position(0), end, read::Verify::Checksums, |r| {
+            if r.body_form == BodyForm::Pruned {
+                return;
+            }
             let Ok(env) = r.envelope() else { return };
             let Some((stream, (from, _, _))) = keep_from.get_key_value(env.stream) else {
                 return;

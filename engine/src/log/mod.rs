@@ -26,6 +26,7 @@ mod order;
 pub mod producers;
 mod read;
 mod recover;
+mod retention;
 mod shared;
 pub(crate) mod streams;
 mod tree;
@@ -47,6 +48,7 @@ pub use cosignatures::COSIGNATURES_FILE;
 pub use detail::{IndexSummary, SegmentDetail};
 pub use governance::{RetentionPlan, StreamHeld, StreamRemoval};
 pub use read::{RecordView, Tail, Verify};
+pub use retention::RetentionReport;
 use shared::Shared;
 pub use tree::TREE_FILE;
 
@@ -358,7 +360,14 @@ pub struct RecordedEvent {
     /// causation id, actor and payload (each starts where the previous ends; the first at
     /// the envelope's fixed length).
     ends: [u32; 7],
+    /// For an event retention removed: the position of the `$RetentionApplied` event that
+    /// removed it.
+    removed_by: Option<Position>,
 }
+
+/// The event type of the marker a read returns in place of an event retention removed
+/// ([`RecordedEvent::removed_by`]).
+pub const REMOVED_EVENT_TYPE: &str = "$Removed";
 
 impl RecordedEvent {
     /// Builds an event from a checked envelope.
@@ -398,7 +407,51 @@ impl RecordedEvent {
             record_hash,
             body: body.into(),
             ends,
+            removed_by: None,
         }
+    }
+
+    /// The marker read in place of an event retention removed: its position, version,
+    /// record time and record hash, its stream, the event type [`REMOVED_EVENT_TYPE`], a nil
+    /// id, and a JSON payload `{"removed_by": P}` naming the `$RetentionApplied` event (which
+    /// says which policy removed it, when and why). Nothing else of the event is left.
+    pub(crate) fn removed(
+        position: Position,
+        version: u64,
+        record_time: Timestamp,
+        record_hash: Hash32,
+        pruned: &crate::format::pruned::PrunedRef<'_>,
+    ) -> RecordedEvent {
+        let payload = format!("{{\"removed_by\":{}}}", pruned.removed_by.0);
+        let env = crate::format::envelope::EnvelopeRef {
+            event_id: EventId([0; 16]),
+            event_time: record_time,
+            schema_version: 0,
+            content_type: ContentType::Json,
+            payload_form: crate::format::envelope::PayloadForm::Inline,
+            stream: pruned.stream,
+            aggregate_type: "",
+            event_type: REMOVED_EVENT_TYPE,
+            correlation_id: "",
+            causation_id: "",
+            actor: "",
+            payload: payload.as_bytes(),
+        };
+        let mut body = Vec::with_capacity(env.encoded_len());
+        // The fields are within every limit (a stream name that was stored, a short type
+        // and payload), so encoding cannot fail; an empty body would only hide the marker.
+        let _ = env.encode_into(&mut body);
+        let mut e = RecordedEvent::new(position, version, record_time, record_hash, &env, &body);
+        e.removed_by = Some(pruned.removed_by);
+        e
+    }
+
+    /// For an event retention removed: the position of the `$RetentionApplied` event that
+    /// removed it ([`Log::governance`] says which policy, when and why). The event then reads
+    /// as a marker of type [`REMOVED_EVENT_TYPE`].
+    #[must_use]
+    pub fn removed_by(&self) -> Option<Position> {
+        self.removed_by
     }
 
     fn field(&self, i: usize) -> &[u8] {
@@ -1568,8 +1621,7 @@ impl Log {
                 Position(now),
                 Verify::Checksums,
                 &mut |r| {
-                    let Some(name) = crate::format::envelope::EnvelopeRef::stream_bytes(r.body)
-                    else {
+                    let Some(name) = r.stream_bytes() else {
                         return;
                     };
                     let k = stream_key(name);
@@ -1786,6 +1838,25 @@ pub struct VerifyReport {
     /// Distinct blobs read from the store and found to match their references (0 with
     /// [`VerifyOptions::skip_blobs`]).
     pub blobs_checked: u64,
+    /// Removed events (format version 4): runs of positions whose event retention removed,
+    /// each checked against the `$RetentionApplied` event that removed it.
+    pub removed: Vec<RemovedRun>,
+    /// Producer-signed batches with a removed event, whose signature can no longer be
+    /// checked (the removal is checked instead).
+    pub pruned_batches: u64,
+}
+
+/// A run of positions whose events retention removed ([`VerifyReport::removed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RemovedRun {
+    /// First position removed.
+    pub from: u64,
+    /// One past the last.
+    pub to: u64,
+    /// The position of the `$RetentionApplied` event that removed them.
+    pub removed_by: u64,
+    /// The policy that removed them.
+    pub policy: String,
 }
 
 /// What [`Log::verify_with`] checks beyond the records.

@@ -560,6 +560,17 @@ fn to_event(seg: &SegmentHandle, rec: &RecordRef<'_>, position: Position) -> Res
             None,
         ));
     }
+    if let crate::segment::Content::Removed(p) =
+        rec.content().map_err(|e| with_position(seg, e, position))?
+    {
+        return Ok(RecordedEvent::removed(
+            position,
+            rec.header.stream_version,
+            rec.header.record_time,
+            rec.header.chain_hash,
+            &p,
+        ));
+    }
     let env = rec
         .envelope()
         .map_err(|e| with_position(seg, e, position))?;
@@ -847,6 +858,8 @@ pub struct RecordView<'a> {
     pub offset: u64,
     /// File offset just past the record (where the next one starts).
     pub end: u64,
+    /// What the body holds: the envelope, or (format version 4) what retention left of it.
+    pub body_form: crate::format::record::BodyForm,
 }
 
 impl<'a> RecordView<'a> {
@@ -857,7 +870,75 @@ impl<'a> RecordView<'a> {
     pub fn envelope(
         &self,
     ) -> Result<crate::format::envelope::EnvelopeRef<'a>, crate::format::DecodeError> {
+        if self.body_form == crate::format::record::BodyForm::Pruned {
+            return Err(crate::format::DecodeError::Invalid {
+                what: "record",
+                detail: format!(
+                    "the event at position {} was removed by retention",
+                    self.position
+                ),
+            });
+        }
         crate::format::envelope::EnvelopeRef::decode_in(self.body, self.layout)
+    }
+
+    /// The envelope, or for an event retention removed, the marker's envelope (its stream,
+    /// the type [`super::REMOVED_EVENT_TYPE`], a nil id, the record time as event time, no
+    /// payload): what an attribute index holds for the record.
+    ///
+    /// # Errors
+    /// The body does not decode.
+    pub fn envelope_or_marker(
+        &self,
+    ) -> Result<crate::format::envelope::EnvelopeRef<'a>, crate::format::DecodeError> {
+        match self.removed()? {
+            None => self.envelope(),
+            Some(p) => Ok(crate::format::envelope::EnvelopeRef {
+                event_id: crate::format::EventId([0; 16]),
+                event_time: self.record_time,
+                schema_version: 0,
+                content_type: crate::format::envelope::ContentType::Json,
+                payload_form: crate::format::envelope::PayloadForm::Inline,
+                stream: p.stream,
+                aggregate_type: "",
+                event_type: super::REMOVED_EVENT_TYPE,
+                correlation_id: "",
+                causation_id: "",
+                actor: "",
+                payload: &[],
+            }),
+        }
+    }
+
+    /// What retention left of the record, when it removed the event.
+    ///
+    /// # Errors
+    /// The pruned body does not decode.
+    pub fn removed(
+        &self,
+    ) -> Result<Option<crate::format::pruned::PrunedRef<'a>>, crate::format::DecodeError> {
+        match self.body_form {
+            crate::format::record::BodyForm::Envelope => Ok(None),
+            crate::format::record::BodyForm::Pruned => {
+                crate::format::pruned::decode(self.record_body).map(Some)
+            }
+        }
+    }
+
+    /// The record's stream, from its envelope or its pruned body, read without decoding the
+    /// rest (the caller has checked the body's checksum). `None` when the body is too short.
+    #[must_use]
+    pub fn stream_bytes(&self) -> Option<&'a [u8]> {
+        match self.body_form {
+            crate::format::record::BodyForm::Envelope => {
+                crate::format::envelope::EnvelopeRef::stream_bytes(self.body)
+            }
+            crate::format::record::BodyForm::Pruned => {
+                crate::format::pruned::decode(self.record_body)
+                    .ok()
+                    .map(|p| p.stream.as_bytes())
+            }
+        }
     }
 }
 
@@ -931,6 +1012,7 @@ pub(crate) fn scan_records(
                 layout: rec.header.layout,
                 offset,
                 end: rec.end(),
+                body_form: rec.header.body_form,
             });
             seen += 1;
         }

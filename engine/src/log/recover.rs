@@ -203,7 +203,9 @@ fn extend_index(
             r.header.position,
             r.offset,
             r.header.record_time,
-            r.event_id,
+            // An event retention removed has lost its id; the nil id stands in (the
+            // sidecar written when the segment was sealed keeps the real one).
+            r.event_id.unwrap_or(EventId([0; 16])),
         );
     }
     Ok(())

@@ -178,7 +178,7 @@ impl Tree {
             scan_range(shared, from, to, Verify::Checksums, &mut |r| {
                 self.push_leaf(r.record_hash);
                 if self.heads.is_some()
-                    && let Some(stream) = crate::format::envelope::EnvelopeRef::stream_bytes(r.body)
+                    && let Some(stream) = r.stream_bytes()
                 {
                     let head = (r.stream_version, r.position.0);
                     match self.pending_heads.get_mut(stream) {

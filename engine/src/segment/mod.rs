@@ -10,7 +10,10 @@ use std::io;
 
 use crate::format::chain::{body_hash, chain_step};
 use crate::format::envelope::EnvelopeRef;
-use crate::format::record::{Layout, RECORD_HEADER_MAX, RecordHeader, check_padding, flags};
+use crate::format::pruned::{self, PrunedRef};
+use crate::format::record::{
+    BodyForm, Layout, RECORD_HEADER_MAX, RecordHeader, check_padding, flags,
+};
 use crate::format::{DecodeError, EventId, Hash32, PAGE_BYTES, Position};
 use crate::sys::FsFile;
 
@@ -156,8 +159,21 @@ impl<'a> RecordRef<'a> {
         self.header.envelope_of(self.body)
     }
 
-    /// Decodes the body's envelope.
+    /// Decodes the body's envelope. A record whose event retention removed has none
+    /// ([`RecordRef::content`] tells it).
     pub(crate) fn envelope(&self) -> Result<EnvelopeRef<'a>, RecordError> {
+        if self.header.body_form == BodyForm::Pruned {
+            return Err(RecordError::Invalid {
+                offset: self.offset,
+                source: DecodeError::Invalid {
+                    what: "record",
+                    detail: format!(
+                        "the event at position {} was removed by retention",
+                        self.header.position
+                    ),
+                },
+            });
+        }
         EnvelopeRef::decode_in(self.envelope_bytes(), self.header.layout).map_err(|source| {
             RecordError::Invalid {
                 offset: self.offset,
@@ -166,9 +182,36 @@ impl<'a> RecordRef<'a> {
         })
     }
 
+    /// Decodes what the body holds: the event's envelope, or what retention left of it.
+    pub(crate) fn content(&self) -> Result<Content<'a>, RecordError> {
+        match self.header.body_form {
+            BodyForm::Envelope => self.envelope().map(Content::Event),
+            BodyForm::Pruned => pruned::decode(self.body)
+                .map(Content::Removed)
+                .map_err(|source| RecordError::Invalid {
+                    offset: self.offset,
+                    source,
+                }),
+        }
+    }
+
+    /// The hash the chain links for the body: BLAKE3 of the body, or for a pruned record
+    /// the original body's hash it keeps.
+    pub(crate) fn body_hash(&self) -> Result<Hash32, RecordError> {
+        match self.header.body_form {
+            BodyForm::Envelope => Ok(body_hash(self.body)),
+            BodyForm::Pruned => pruned::decode(self.body)
+                .map(|p| p.body_hash)
+                .map_err(|source| RecordError::Invalid {
+                    offset: self.offset,
+                    source,
+                }),
+        }
+    }
+
     /// Checks the stored chain hash against `prev`.
     pub(crate) fn check_chain(&self, prev: &Hash32) -> Result<(), RecordError> {
-        let computed = chain_step(prev, &self.header_bytes, &body_hash(self.body));
+        let computed = chain_step(prev, &self.header_bytes, &self.body_hash()?);
         if computed != self.header.chain_hash {
             return Err(RecordError::Invalid {
                 offset: self.offset,
@@ -178,6 +221,33 @@ impl<'a> RecordRef<'a> {
             });
         }
         Ok(())
+    }
+}
+
+/// What a record's body holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Content<'a> {
+    /// The event.
+    Event(EnvelopeRef<'a>),
+    /// The event was removed by retention; this is what is left.
+    Removed(PrunedRef<'a>),
+}
+
+impl<'a> Content<'a> {
+    /// The event's stream.
+    pub(crate) fn stream(&self) -> &'a str {
+        match self {
+            Content::Event(e) => e.stream,
+            Content::Removed(p) => p.stream,
+        }
+    }
+
+    /// The event's id, unless retention removed it.
+    pub(crate) fn event_id(&self) -> Option<EventId> {
+        match self {
+            Content::Event(e) => Some(e.event_id),
+            Content::Removed(_) => None,
+        }
     }
 }
 
@@ -251,7 +321,8 @@ pub(crate) struct ScanFrom {
 pub(crate) struct ScannedRecord {
     pub(crate) offset: u64,
     pub(crate) header: RecordHeader,
-    pub(crate) event_id: EventId,
+    /// `None` for an event retention removed.
+    pub(crate) event_id: Option<EventId>,
     pub(crate) stream: String,
 }
 
@@ -295,8 +366,8 @@ pub(crate) fn scan<S: ByteSource>(src: &mut S, from: ScanFrom, limit: u64) -> Sc
         records.push(ScannedRecord {
             offset: rec.offset,
             header: rec.header,
-            event_id: env.event_id,
-            stream: env.stream.to_owned(),
+            event_id: env.event_id(),
+            stream: env.stream().to_owned(),
         });
     });
     Scan {
@@ -330,7 +401,7 @@ pub(crate) fn scan_visit<S: ByteSource>(
     from: ScanFrom,
     limit: u64,
     max_records: u64,
-    visit: &mut dyn FnMut(&RecordRef<'_>, &EnvelopeRef<'_>),
+    visit: &mut dyn FnMut(&RecordRef<'_>, &Content<'_>),
 ) -> ScanSummary {
     let mut visited = 0u64;
     let mut offset = from.offset;
@@ -382,8 +453,8 @@ pub(crate) fn scan_visit<S: ByteSource>(
                 });
             }
             rec.check_chain(&chain)?;
-            let env = rec.envelope()?;
-            visit(&rec, &env);
+            let content = rec.content()?;
+            visit(&rec, &content);
             Ok((rec.header, rec.end()))
         });
         match step {
@@ -531,6 +602,7 @@ mod tests {
                 flags: fl,
                 kind: RecordKind::Event,
                 chain_hash: [0; 32],
+                body_form: crate::format::record::BodyForm::Envelope,
             };
             let mut hb = [0u8; RECORD_HEADER_LEN];
             h.encode_into(&mut hb);
@@ -567,7 +639,7 @@ mod tests {
         assert_eq!(s.complete, 10);
         assert!(matches!(s.end, ScanEnd::Clean { offset } if offset == data_len));
         assert_eq!(s.complete_end, data_len);
-        assert_eq!(s.records[9].event_id, EventId([9; 16]));
+        assert_eq!(s.records[9].event_id, Some(EventId([9; 16])));
         assert_eq!(s.records[4].stream, "s-1");
     }
 

@@ -71,7 +71,9 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                     if error.is_some() || write_err.is_some() {
                         return;
                     }
-                    let e = match r.envelope() {
+                    // An event retention removed shows as its marker, naming the run.
+                    let removed_by = r.removed().ok().flatten().map(|p| p.removed_by.0);
+                    let e = match r.envelope_or_marker() {
                         Ok(e) => e,
                         Err(err) => {
                             error = Some(format!("position {}: {err}", r.position));
@@ -85,13 +87,16 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                     }
                     let res = match format {
                         EventFormat::Jsonl => {
-                            let v = event_json(
+                            let mut v = event_json(
                                 r.position.0,
                                 r.stream_version,
                                 r.record_time,
                                 r.record_hash,
                                 &e,
                             );
+                            if let Some(by) = removed_by {
+                                v["removed_by"] = by.into();
+                            }
                             serde_json::to_writer(&mut out, &v)
                                 .map_err(std::io::Error::from)
                                 .and_then(|()| writeln!(out))
@@ -100,6 +105,10 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                             // A blob's reference is shown whole (its hash names it);
                             // a payload, cut to 60 characters.
                             let payload = match (payload_json(&e), e.blob()) {
+                                _ if removed_by.is_some() => format!(
+                                    "removed by retention (run at position {})",
+                                    removed_by.unwrap_or_default()
+                                ),
                                 (_, Some(b)) => format!("blob {} ({} bytes)", b.hex(), b.size),
                                 ((Value::String(s), _), None) => s.chars().take(60).collect(),
                                 ((v, _), None) => v.to_string().chars().take(60).collect(),

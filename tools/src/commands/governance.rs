@@ -160,6 +160,15 @@ pub struct RetentionArgs {
     /// such as `+8y`, to see what a policy will remove) instead of now.
     #[arg(long, value_name = "TIME")]
     as_of: Option<String>,
+    /// Who runs it (recorded in the run's `$RetentionApplied` event; required unless
+    /// --dry-run).
+    #[arg(long)]
+    actor: Option<String>,
+    /// Why (recorded with the run; required unless --dry-run).
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    key: KeyArg,
 }
 
 fn writable(dir: &Path, key: &KeyArg) -> Result<tally_engine::Log> {
@@ -490,6 +499,41 @@ impl Report for PlanOut {
     }
 }
 
+/// What `tally retention` (applying) prints.
+#[derive(Serialize)]
+struct AppliedOut {
+    as_of: String,
+    removed: u64,
+    pending: u64,
+    held_events: u64,
+    segments_rewritten: usize,
+    recorded_at: Option<u64>,
+}
+
+impl Report for AppliedOut {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        match self.recorded_at {
+            None => writeln!(out, "as of {}: nothing to remove", self.as_of)?,
+            Some(p) => writeln!(
+                out,
+                "as of {}: removed {} events in {} segments (the run is the $RetentionApplied event at position {p})",
+                self.as_of, self.removed, self.segments_rewritten
+            )?,
+        }
+        if self.held_events > 0 {
+            writeln!(out, "{} events kept by legal holds", self.held_events)?;
+        }
+        if self.pending > 0 {
+            writeln!(
+                out,
+                "{} events due but not removed yet: in the active segment (removed once it is sealed) or in the cold tier",
+                self.pending
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs `tally retention`.
 pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
     let as_of = match a.as_of.as_deref() {
@@ -500,10 +544,24 @@ pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
         },
     };
     if !a.dry_run {
-        bail!(
-            "this version of tally lists what retention would remove (--dry-run); removing \
-             events needs a log of format version 4"
-        );
+        let (Some(actor), Some(reason)) = (&a.actor, &a.reason) else {
+            bail!(
+                "applying retention records who ran it and why: give --actor and --reason (or --dry-run)"
+            );
+        };
+        let log = writable(&a.dir, &a.key)?;
+        let done = log.apply_retention(as_of, actor, reason);
+        log.close()?;
+        let done = done?;
+        render(&AppliedOut {
+            as_of: rfc3339(as_of),
+            removed: done.removed,
+            pending: done.pending,
+            held_events: done.plan.held_events(),
+            segments_rewritten: done.segments_rewritten,
+            recorded_at: done.recorded_at.map(|p| p.0),
+        })?;
+        return Ok(ExitCode::SUCCESS);
     }
     let log = open_read_only(&a.dir)?;
     let plan = log.retention_plan(as_of)?;

@@ -185,7 +185,8 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                 },
                 "format_version": report.format_version,
                 "blobs": {"references": report.blob_refs, "checked": report.blobs_checked, "skipped": a.skip_blobs},
-                "producers": a.producers.as_ref().map(|_| json!({"signed_batches": report.signed_batches, "unsigned_batches": report.unsigned_batches})),
+                "producers": a.producers.as_ref().map(|_| json!({"signed_batches": report.signed_batches, "unsigned_batches": report.unsigned_batches, "pruned_batches": report.pruned_batches})),
+                "removed": report.removed,
                 "proves": if report.format_version >= 2 { "inclusion, stream completeness, window completeness" } else { "inclusion only" },
                 "derived": {
                     "stream_links": report.stream_links,
@@ -228,6 +229,19 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                         println!("newest checkpoint checked: {id} (tree size {size})")
                     }
                     None => println!("no checkpoint checked"),
+                }
+                if !report.removed.is_empty() {
+                    let n: u64 = report.removed.iter().map(|r| r.to - r.from).sum();
+                    println!(
+                        "removed by retention: {n} events in {} ranges, each checked against the run that removed it",
+                        report.removed.len()
+                    );
+                    for r in &report.removed {
+                        println!(
+                            "  positions {}..{}  policy {}  run at position {}",
+                            r.from, r.to, r.policy, r.removed_by
+                        );
+                    }
                 }
                 if report.blob_refs > 0 {
                     if a.skip_blobs {

@@ -40,7 +40,7 @@ use crate::format::segment::{SegmentFooter, SegmentHeader};
 use crate::format::tree::CHUNK_LEVEL;
 use crate::format::{Hash32, Position, SEGMENT_DATA_START};
 use crate::index::SealedIndex;
-use crate::segment::{FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
+use crate::segment::{Content, FileSource, RecordError, ScanEnd, ScanFrom, read_page, scan_visit};
 use crate::sys::FsFile;
 use nodes::NodeFile;
 use streams::{SegStream, SegStreams, StreamJoin};
@@ -81,6 +81,10 @@ struct Checked {
     last_time: Option<Timestamp>,
     /// The blobs the segment's events refer to, with the position of each event.
     blobs: Vec<(u64, crate::format::blob::BlobRef)>,
+    /// Records whose event retention removed, as `(position, removed_by)`.
+    pruned: Vec<(u64, u64)>,
+    /// Signed batches with a removed event: their signature can no longer be checked.
+    pruned_batches: u64,
 }
 
 /// The streams of a segment before `from_segment` (trusted), from its sidecar, or from the
@@ -196,6 +200,8 @@ pub(crate) fn verify(
     let mut streams = StreamJoin::default();
     // The blobs the checked events refer to, with the position of each event.
     let mut blob_refs: Vec<(u64, crate::format::blob::BlobRef)> = Vec::new();
+    // Records whose event retention removed, `(position, removed_by)`.
+    let mut pruned: Vec<(u64, u64)> = Vec::new();
     // With `from_segment`: the heads of the trusted segments' streams, in log order.
     let mut trusted_heads: Vec<Head> = Vec::new();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
@@ -471,6 +477,8 @@ pub(crate) fn verify(
                 report.signed_batches += checked.signatures.len() as u64;
                 report.unsigned_batches += checked.unsigned_batches;
                 blob_refs.extend_from_slice(&checked.blobs);
+                pruned.extend_from_slice(&checked.pruned);
+                report.pruned_batches += checked.pruned_batches;
                 position = Position(position.0 + checked.records);
                 report.records += checked.records;
                 report.bytes += checked.bytes;
@@ -528,7 +536,57 @@ pub(crate) fn verify(
         check_witnesses(shared, &checkpoints, options, &mut report)?;
     }
     check_blobs(shared, options, &blob_refs, &mut report)?;
+    check_removals(shared, &pruned, &mut report)?;
     Ok(report)
+}
+
+/// Every removed event must be covered by the `$RetentionApplied` event its pruned body
+/// names: an event of `$governance`, within the checked records, whose ranges include the
+/// position. Consecutive removals by the same event and policy are reported as one range.
+fn check_removals(shared: &Shared, pruned: &[(u64, u64)], report: &mut VerifyReport) -> Result<()> {
+    if pruned.is_empty() {
+        return Ok(());
+    }
+    let mut g = crate::governance::Governance::default();
+    for e in super::read::read_stream(
+        shared,
+        crate::governance::GOVERNANCE_STREAM,
+        0,
+        usize::MAX,
+        super::Direction::Forward,
+    )? {
+        g.apply(&e)?;
+    }
+    let checked_end = report.first_position.0 + report.records;
+    for &(position, by) in pruned {
+        let policy = (by < checked_end)
+            .then(|| g.removal(Position(by), Position(position)))
+            .flatten()
+            .map(|(_, policy)| policy.to_owned());
+        let Some(policy) = policy else {
+            return Err(Error::Corrupt {
+                file: shared.dir.clone(),
+                offset: 0,
+                position: Some(position),
+                detail: format!(
+                    "the event at position {position} was removed, but position {by} holds no                      retention run that removed it: a removal no policy made"
+                ),
+                source: None,
+            });
+        };
+        match report.removed.last_mut() {
+            Some(r) if r.to == position && r.removed_by == by && r.policy == policy => {
+                r.to += 1;
+            }
+            _ => report.removed.push(crate::log::RemovedRun {
+                from: position,
+                to: position + 1,
+                removed_by: by,
+                policy,
+            }),
+        }
+    }
+    Ok(())
 }
 
 /// Counts a checked checkpoint in the report.
@@ -1120,6 +1178,8 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     // Sealed segments with a sidecar: what each record says, for checking the sidecar.
     let mut facts: Vec<RecordFacts> = Vec::new();
     let mut blobs = Vec::new();
+    let mut pruned = Vec::new();
+    let mut pruned_batches = 0u64;
 
     let base = header.base_position.0;
     let mut local = MerkleBuilder::new();
@@ -1145,9 +1205,14 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
     };
     let scan = scan_visit(&mut src, from, limit, wanted, &mut |rec, env| {
         let h = &rec.header;
-        let key = stream_key(env.stream.as_bytes());
-        if let Some(b) = env.blob() {
-            blobs.push((h.position.0, b));
+        let key = stream_key(env.stream().as_bytes());
+        match env {
+            Content::Event(e) => {
+                if let Some(b) = e.blob() {
+                    blobs.push((h.position.0, b));
+                }
+            }
+            Content::Removed(p) => pruned.push((h.position.0, p.removed_by.0)),
         }
         let leaf = leaf_hash(&h.chain_hash);
         local.push_leaf(leaf);
@@ -1194,38 +1259,49 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
                     block,
                     hashes: Vec::new(),
                     streams: Vec::new(),
+                    pruned: false,
                 });
             }
             if let Some(b) = &mut batch {
-                b.hashes
-                    .push(crate::format::chain::body_hash(rec.envelope_bytes()));
-                if !b.streams.iter().any(|s| s == env.stream) {
-                    b.streams.push(env.stream.to_owned());
+                match env {
+                    Content::Event(_) => b
+                        .hashes
+                        .push(crate::format::chain::body_hash(rec.envelope_bytes())),
+                    // The envelope is gone: the batch's signature cannot be checked. The
+                    // removal itself is checked against its `$RetentionApplied` event.
+                    Content::Removed(_) => b.pruned = true,
+                }
+                if !b.streams.iter().any(|s| s == env.stream()) {
+                    b.streams.push(env.stream().to_owned());
                 }
             }
             if h.flags & flags::BATCH_END != 0
                 && let Some(b) = batch.take()
             {
-                let streams: Vec<&str> = b.streams.iter().map(String::as_str).collect();
-                match trust.check_batch(
-                    &shared.meta.log_id,
-                    b.first,
-                    &streams,
-                    b.block.as_ref(),
-                    &b.hashes,
-                ) {
-                    Ok(()) => match b.block {
-                        Some(block) => signatures.push((b.first, block.signature.signature)),
-                        None => unsigned_batches += 1,
-                    },
-                    Err(detail) => {
-                        producer_failure = Some(corrupt(
-                            path,
-                            0,
-                            Some(b.first),
-                            format!("batch at position {}: {detail}", b.first),
-                            None,
-                        ));
+                if b.pruned {
+                    pruned_batches += 1;
+                } else {
+                    let streams: Vec<&str> = b.streams.iter().map(String::as_str).collect();
+                    match trust.check_batch(
+                        &shared.meta.log_id,
+                        b.first,
+                        &streams,
+                        b.block.as_ref(),
+                        &b.hashes,
+                    ) {
+                        Ok(()) => match b.block {
+                            Some(block) => signatures.push((b.first, block.signature.signature)),
+                            None => unsigned_batches += 1,
+                        },
+                        Err(detail) => {
+                            producer_failure = Some(corrupt(
+                                path,
+                                0,
+                                Some(b.first),
+                                format!("batch at position {}: {detail}", b.first),
+                                None,
+                            ));
+                        }
                     }
                 }
             }
@@ -1233,7 +1309,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         if let Some(p) = &mut piece {
             // Streams of a piece are only summarised; versions and links are checked above.
             let _ = p.push(
-                env.stream,
+                env.stream(),
                 key,
                 h.stream_version,
                 h.position,
@@ -1250,7 +1326,7 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
             let prev = v2.then_some(h.stream_prev);
             let mut note = |list: &mut SegStreams| {
                 if let Err(detail) =
-                    list.push(env.stream, key, h.stream_version, h.position, rt, prev)
+                    list.push(env.stream(), key, h.stream_version, h.position, rt, prev)
                 {
                     stream_failure =
                         Some(corrupt(path, rec.offset, Some(h.position.0), detail, None));
@@ -1284,14 +1360,16 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         }
         if let Some(Ok(idx)) = &index {
             let i = h.position.0 - base;
-            if i >= idx.record_count() || idx.event_id(i) != env.event_id {
+            // A removed event's id is gone from the record; the sidecar keeps the one it had.
+            if i >= idx.record_count() || env.event_id().is_some_and(|id| idx.event_id(i) != id) {
                 index_failure = Some(corrupt(
                     &idx_path,
                     0,
                     Some(h.position.0),
                     format!(
                         "index entry for {} version {} does not match its record",
-                        env.stream, h.stream_version
+                        env.stream(),
+                        h.stream_version
                     ),
                     None,
                 ));
@@ -1433,6 +1511,8 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         signatures,
         unsigned_batches,
         blobs,
+        pruned,
+        pruned_batches,
     })
 }
 
@@ -1475,6 +1555,8 @@ struct Batch {
     block: Option<crate::format::producer::ProducerBlock>,
     hashes: Vec<Hash32>,
     streams: Vec<String>,
+    /// An event of the batch was removed by retention.
+    pruned: bool,
 }
 
 /// A stream's part of a segment as its (checked) sidecar gives it.

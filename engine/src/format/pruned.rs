@@ -1,0 +1,122 @@
+//! Pruned bodies (docs/FORMAT.md 5.5): what retention leaves of a record whose event it
+//! removed. The record keeps its header (so its position, stream version, record time,
+//! flags and chain hash), its length and its place in the segment; the body becomes the
+//! original body's BLAKE3 hash, the position of the `$RetentionApplied` event that removed
+//! it, and the stream's name, followed by zeros. The chain links the stored hash in place of
+//! hashing the body, so every chain hash, Merkle root, checkpoint and proof stays valid.
+
+use super::{DecodeError, Hash32, Position, check_zero, le};
+
+/// Bytes of a pruned body's fixed part.
+pub const PRUNED_FIXED_LEN: usize = 48;
+/// `body_hash`: BLAKE3 of the original body (32 bytes).
+pub const PR_BODY_HASH: usize = 0;
+/// `removed_by`: `u64` the position of the `$RetentionApplied` event that removed it.
+pub const PR_REMOVED_BY: usize = 32;
+/// `stream_len`: `u16` bytes of the stream's name that follow the fixed part.
+pub const PR_STREAM_LEN: usize = 40;
+/// `reserved`: zero.
+pub const PR_RESERVED: usize = 42;
+
+/// A decoded pruned body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrunedRef<'a> {
+    /// BLAKE3 of the body the record held (what the chain links).
+    pub body_hash: Hash32,
+    /// Where the `$RetentionApplied` event that removed it is.
+    pub removed_by: Position,
+    /// The event's stream.
+    pub stream: &'a str,
+}
+
+/// Encodes a pruned body of `body_len` bytes (the original's length).
+///
+/// # Errors
+/// [`DecodeError::TooLong`] when the stream's name does not fit (an envelope always holds
+/// its stream and at least 49 bytes more, so a body the engine wrote always has room).
+pub fn encode(
+    body_hash: &Hash32,
+    removed_by: Position,
+    stream: &str,
+    body_len: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    let need = PRUNED_FIXED_LEN + stream.len();
+    if need > body_len || stream.len() > usize::from(u16::MAX) {
+        return Err(DecodeError::TooLong {
+            what: "pruned body",
+            len: need as u64,
+            max: body_len as u64,
+        });
+    }
+    let mut out = vec![0u8; body_len];
+    out[PR_BODY_HASH..PR_BODY_HASH + 32].copy_from_slice(body_hash);
+    le::put_u64(&mut out, PR_REMOVED_BY, removed_by.0);
+    le::put_u16(&mut out, PR_STREAM_LEN, stream.len() as u16);
+    out[PRUNED_FIXED_LEN..need].copy_from_slice(stream.as_bytes());
+    Ok(out)
+}
+
+/// Decodes and checks a pruned body: its stream is UTF-8 without control characters, not
+/// empty, within the envelope's limit, and every byte after it and every reserved byte is
+/// zero.
+///
+/// # Errors
+/// [`DecodeError`] naming what is wrong.
+pub fn decode(body: &[u8]) -> Result<PrunedRef<'_>, DecodeError> {
+    super::need(body, PRUNED_FIXED_LEN)?;
+    check_zero(body, PR_RESERVED..PRUNED_FIXED_LEN, "pruned body")?;
+    let stream_len = usize::from(le::u16_at(body, PR_STREAM_LEN));
+    if stream_len == 0 || stream_len > super::envelope::STREAM_BYTES_MAX {
+        return Err(DecodeError::Invalid {
+            what: "pruned body",
+            detail: format!("a stream name of {stream_len} bytes"),
+        });
+    }
+    let end = PRUNED_FIXED_LEN + stream_len;
+    super::need(body, end)?;
+    let stream =
+        std::str::from_utf8(&body[PRUNED_FIXED_LEN..end]).map_err(|_| DecodeError::Invalid {
+            what: "pruned body",
+            detail: "the stream name is not UTF-8".into(),
+        })?;
+    if stream.chars().any(char::is_control) {
+        return Err(DecodeError::Invalid {
+            what: "pruned body",
+            detail: "a control character in the stream name".into(),
+        });
+    }
+    check_zero(body, end..body.len(), "pruned body")?;
+    Ok(PrunedRef {
+        body_hash: le::array_at(body, PR_BODY_HASH),
+        removed_by: Position(le::u64_at(body, PR_REMOVED_BY)),
+        stream,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_damage() {
+        let b = encode(&[7; 32], Position(99), "trade-1", 120).unwrap();
+        assert_eq!(b.len(), 120);
+        let p = decode(&b).unwrap();
+        assert_eq!(p.body_hash, [7; 32]);
+        assert_eq!(p.removed_by, Position(99));
+        assert_eq!(p.stream, "trade-1");
+        for at in [42, 47, 60, 119] {
+            let mut d = b.clone();
+            d[at] = 1;
+            assert!(decode(&d).is_err(), "byte {at}");
+        }
+        let mut d = b.clone();
+        le::put_u16(&mut d, PR_STREAM_LEN, 0);
+        assert!(decode(&d).is_err());
+        let mut d = b.clone();
+        le::put_u16(&mut d, PR_STREAM_LEN, 200);
+        assert!(decode(&d).is_err(), "longer than the body");
+        assert!(encode(&[0; 32], Position(1), "trade-1", 54).is_err());
+        assert!(decode(&b[..40]).is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! Applying retention (docs/FORMAT.md 5.5, docs/OPERATIONS.md "Retention and legal holds").
+//!
+//! A run judges every event against the policies and holds in force
+//! ([`Log::retention_plan`]), records what it will remove as a `$RetentionApplied` event of
+//! `$governance` and makes that event durable, and only then rewrites each sealed local
+//! segment that holds a removed event: the segment is copied to `NNN.seg.tmp` with each such
+//! record's body replaced by its pruned body (the original body's hash, the run's position,
+//! the stream) and the header's `body_form` set, synced, renamed over the segment, and the
+//! directory synced. Headers, positions, offsets and chain hashes do not change, so the
+//! index sidecar, the Merkle tree, every checkpoint and every proof stay valid; the
+//! attribute index (derived) is deleted and rebuilt from the markers.
+//!
+//! A crash before the rename leaves the segment as it was and a temporary that the next
+//! writable open deletes; after it, the segment is complete. Either way the run's event
+//! names every position that may have been removed, so `verify` can check each removal, and
+//! the next run removes what this one did not reach.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::files::temp_name;
+use crate::format::record::{BodyForm, RECORD_HEADER_MAX};
+use crate::format::{PAGE_BYTES, Position, SEGMENT_DATA_START, Timestamp, pruned};
+use crate::governance::{GOVERNANCE_STREAM, RETENTION_APPLIED, RemovedRange, RetentionApplied};
+use crate::log::shared::Shared;
+use crate::log::{AppendRequest, EventData, ExpectedVersion, Log, RetentionPlan, append};
+use crate::segment::{
+    Content, FileSource, ScanEnd, ScanFrom, SegState, SegmentHandle, read_page, scan_visit,
+};
+use crate::sys::OpenMode;
+
+/// What [`Log::apply_retention`] did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RetentionReport {
+    /// What the policies and holds said.
+    pub plan: RetentionPlan,
+    /// Where the run's `$RetentionApplied` event is (`None` when nothing was due).
+    pub recorded_at: Option<Position>,
+    /// Events removed now.
+    pub removed: u64,
+    /// Segment files rewritten.
+    pub segments_rewritten: usize,
+    /// Events due but not removed: in the active segment (removed once it is sealed) or in
+    /// the cold tier.
+    pub pending: u64,
+}
+
+/// One record to prune: where it is, and its pruned header and body.
+struct Patch {
+    offset: u64,
+    header: [u8; RECORD_HEADER_MAX],
+    header_len: usize,
+    body: Vec<u8>,
+}
+
+fn refused(reason: String) -> Error {
+    Error::InvalidOptions { reason }
+}
+
+impl Log {
+    /// Applies retention as of `as_of`: removes the body of every event a policy removes
+    /// and no hold covers, in sealed local segments, keeping each record's hash, and records
+    /// the run (with `actor` and `reason`) as a `$RetentionApplied` event before any byte
+    /// is removed. Events due in the active segment or in the cold tier are counted as
+    /// pending.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] for a log of a format version before 4 (its records cannot
+    /// be pruned) or a read-only log; read, append and I/O errors. A failure after the
+    /// run's event leaves every segment either as it was or completely rewritten.
+    pub fn apply_retention(
+        &self,
+        as_of: Timestamp,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RetentionReport> {
+        if !self.shared.meta.layout.allows_pruning() {
+            return Err(refused(format!(
+                "retention needs a log of format version 4; this log is version {}",
+                self.shared.meta.layout.version()
+            )));
+        }
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _order = self.shared.governance.lock();
+        let g = self.governance()?;
+        let plan = self.plan_with(&g, as_of)?;
+        let mut report = RetentionReport::default();
+        // Which due positions are in sealed local segments.
+        let segs = self.shared.segments_snapshot();
+        let prunable = |p: u64| {
+            segs.iter().any(|s| {
+                s.header.base_position.0 <= p
+                    && s.cold_place().is_none()
+                    && matches!(
+                        &*s.state.read().unwrap_or_else(std::sync::PoisonError::into_inner),
+                        SegState::Sealed { footer, .. } if p <= footer.last_position.0
+                    )
+            })
+        };
+        let mut by_policy: Vec<(u64, &str)> = Vec::new();
+        for r in &plan.removals {
+            for &p in &r.positions {
+                if prunable(p) {
+                    by_policy.push((p, r.policy.as_str()));
+                } else {
+                    report.pending += 1;
+                }
+            }
+        }
+        by_policy.sort_unstable();
+        if by_policy.is_empty() {
+            report.plan = plan;
+            return Ok(report);
+        }
+        let mut removed: Vec<RemovedRange> = Vec::new();
+        for &(p, policy) in &by_policy {
+            match removed.last_mut() {
+                Some(r) if r.to == p && r.policy == policy => r.to += 1,
+                _ => removed.push(RemovedRange {
+                    from: p,
+                    to: p + 1,
+                    policy: policy.to_owned(),
+                }),
+            }
+        }
+        let run = RetentionApplied {
+            as_of: as_of.0,
+            removed,
+            held: plan.held_events(),
+            reason: reason.to_owned(),
+        };
+        let payload = serde_json::to_string(&run).map_err(|e| Error::InvalidAppend {
+            reason: format!("{RETENTION_APPLIED}: {e}"),
+        })?;
+        let events = [EventData::json(RETENTION_APPLIED, payload).actor(actor)];
+        let recorded = append::submit_signed(
+            &self.shared,
+            &[AppendRequest {
+                stream: GOVERNANCE_STREAM,
+                expected: ExpectedVersion::Any,
+                events: &events,
+            }],
+            false,
+            append::Signing {
+                signature: None,
+                system: true,
+            },
+            append::Blocking::Allowed,
+        )?
+        .wait()?
+        .remove(0)
+        .first_position;
+        // The run is durable before any byte is removed, whatever the durability setting.
+        self.shared.sync_all()?;
+        let due: HashSet<u64> = by_policy.iter().map(|(p, _)| *p).collect();
+        let mut per_segment: BTreeMap<u64, Arc<SegmentHandle>> = BTreeMap::new();
+        for &(p, _) in &by_policy {
+            if let Some(s) = segs.iter().rev().find(|s| s.header.base_position.0 <= p) {
+                per_segment.insert(s.seq.0, Arc::clone(s));
+            }
+        }
+        for seg in per_segment.values() {
+            report.removed += prune_segment(&self.shared, seg, &due, recorded)?;
+            report.segments_rewritten += 1;
+        }
+        report.recorded_at = Some(recorded);
+        report.plan = plan;
+        Ok(report)
+    }
+}
+
+/// Rewrites sealed segment `seg` with the records at `due` positions pruned (those already
+/// pruned are left as they are). Returns how many it pruned.
+fn prune_segment(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    due: &HashSet<u64>,
+    removed_by: Position,
+) -> Result<u64> {
+    let fs = shared.fs();
+    let path = &seg.path;
+    let corrupt = |offset: u64, position: Option<u64>, detail: String| Error::Corrupt {
+        file: path.clone(),
+        offset,
+        position,
+        detail,
+        source: None,
+    };
+    let footer = match &*seg
+        .state
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        SegState::Sealed { footer, .. } => *footer,
+        _ => {
+            return Err(corrupt(
+                0,
+                None,
+                "retention reached an unsealed segment".into(),
+            ));
+        }
+    };
+    let file = fs
+        .open(path, OpenMode::Read)
+        .map_err(Error::io("opening segment", path))?;
+    // Every record is checked (checksums, positions, the chain from the segment's header)
+    // before any is pruned: a damaged segment is reported, never rewritten.
+    let mut patches = Vec::new();
+    let mut problem = None;
+    let from = ScanFrom {
+        layout: seg.header.layout,
+        offset: SEGMENT_DATA_START,
+        position: seg.header.base_position,
+        chain: seg.header.prev_chain_hash,
+    };
+    let mut src = FileSource::new(&*file).map_err(Error::io("reading segment", path))?;
+    let scan = scan_visit(
+        &mut src,
+        from,
+        footer.data_end,
+        footer.record_count,
+        &mut |rec, content| {
+            let p = rec.header.position.0;
+            if !due.contains(&p) || problem.is_some() {
+                return;
+            }
+            let Content::Event(env) = content else {
+                return;
+            };
+            if env.stream.starts_with('$') {
+                problem = Some((p, "a system stream's event is never removed".to_owned()));
+                return;
+            }
+            let hash = match rec.body_hash() {
+                Ok(h) => h,
+                Err(e) => {
+                    problem = Some((p, e.to_string()));
+                    return;
+                }
+            };
+            let body = match pruned::encode(&hash, removed_by, env.stream, rec.body.len()) {
+                Ok(b) => b,
+                Err(e) => {
+                    problem = Some((p, e.to_string()));
+                    return;
+                }
+            };
+            let mut header = rec.header;
+            header.body_form = BodyForm::Pruned;
+            header.body_crc = crc32fast::hash(&body);
+            let mut bytes = [0u8; RECORD_HEADER_MAX];
+            let header_len = header.encode_into(&mut bytes);
+            patches.push(Patch {
+                offset: rec.offset,
+                header: bytes,
+                header_len,
+                body,
+            });
+        },
+    );
+    if let ScanEnd::Break {
+        offset,
+        position,
+        error,
+    } = scan.end
+    {
+        return Err(corrupt(
+            offset,
+            Some(position.0),
+            format!("retention found a damaged record: {error}"),
+        ));
+    }
+    if scan.visited != footer.record_count {
+        return Err(corrupt(
+            SEGMENT_DATA_START,
+            None,
+            format!(
+                "{} records where the footer says {}",
+                scan.visited, footer.record_count
+            ),
+        ));
+    }
+    if let Some((p, detail)) = problem {
+        return Err(corrupt(0, Some(p), detail));
+    }
+    if patches.is_empty() {
+        return Ok(0);
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| corrupt(0, None, "a segment path without a name".into()))?;
+    let tmp = path.with_file_name(temp_name(name));
+    if fs.exists(&tmp) {
+        fs.remove_file(&tmp).map_err(Error::io("removing", &tmp))?;
+    }
+    let out = fs
+        .open(&tmp, OpenMode::CreateNew { private: false })
+        .map_err(Error::io("creating", &tmp))?;
+    let capacity = seg.header.capacity;
+    out.set_len(capacity).map_err(Error::io("sizing", &tmp))?;
+    // Copy in windows, apply the patches that fall in each, and write only pages that hold
+    // a non-zero byte: the zeros a pruned body leaves are holes, so the space they took is
+    // returned on file systems with sparse files.
+    const WINDOW: u64 = 1 << 20;
+    let mut buf = vec![0u8; WINDOW as usize];
+    let mut at = 0u64;
+    let mut next = 0usize;
+    while at < footer.data_end {
+        let n = (footer.data_end - at).min(WINDOW);
+        let window = &mut buf[..n as usize];
+        file.read_exact_at(window, at)
+            .map_err(Error::io("reading segment", path))?;
+        let end = at + n;
+        // Patches are in offset order; a record may span two windows.
+        let mut i = next;
+        while let Some(p) = patches.get(i) {
+            if p.offset >= end {
+                break;
+            }
+            for (start, bytes) in [
+                (p.offset, &p.header[..p.header_len]),
+                (p.offset + p.header_len as u64, &p.body[..]),
+            ] {
+                let lo = start.max(at);
+                let hi = (start + bytes.len() as u64).min(end);
+                if lo < hi {
+                    window[(lo - at) as usize..(hi - at) as usize]
+                        .copy_from_slice(&bytes[(lo - start) as usize..(hi - start) as usize]);
+                }
+            }
+            if p.offset + (p.header_len + p.body.len()) as u64 <= end {
+                next = i + 1;
+            }
+            i += 1;
+        }
+        for (k, page) in window.chunks(PAGE_BYTES as usize).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                out.write_all_at(page, at + (k as u64) * PAGE_BYTES)
+                    .map_err(Error::io("writing", &tmp))?;
+            }
+        }
+        at = end;
+    }
+    let footer_at = seg.header.footer_offset();
+    let page = read_page(&*file, footer_at).map_err(Error::io("reading segment", path))?;
+    out.write_all_at(&page, footer_at)
+        .map_err(Error::io("writing", &tmp))?;
+    out.sync_all().map_err(Error::io("syncing", &tmp))?;
+    drop(out);
+    drop(file);
+    fs.rename(&tmp, path).map_err(Error::io("renaming", &tmp))?;
+    fs.sync_dir(&shared.dir)
+        .map_err(Error::io("syncing", &shared.dir))?;
+    // Readers map the new file from now on (a reader holding the old map reads the old,
+    // consistent bytes until it lets go). The attribute index is derived from the bodies:
+    // it is rebuilt from the markers when next needed.
+    *seg.map
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    super::attrs::forget_segment(shared, seg)?;
+    Ok(patches.len() as u64)
+}

@@ -1,0 +1,267 @@
+//! Applying retention (format version 4): removed events read as markers naming the run that
+//! removed them, stream versions stay dense, held and undue events stay whole, every
+//! checkpoint and proof made before still verifies, `verify` reports each removal with its
+//! policy and refuses a removal no run made, and logs before version 4 refuse retention.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::FileExt;
+
+use tally_engine::governance::{HoldPlaced, HoldScope, Keep, PolicyScope, PolicySet};
+use tally_engine::{
+    Direction, EventData, ExpectedVersion, Log, Options, Position, REMOVED_EVENT_TYPE, Timestamp,
+};
+
+const YEAR: u64 = 31_557_600 * 1_000_000_000;
+
+fn opts() -> Options {
+    Options {
+        segment_bytes: 64 * 1024,
+        ..Options::default()
+    }
+}
+
+fn far() -> Timestamp {
+    Timestamp(tally_engine::now().0 + 8 * YEAR)
+}
+
+/// 60 trades of 4 events; even ones settled. Trade 10 is held.
+fn history(log: &Log) {
+    for round in 0..4 {
+        for id in 0..60u32 {
+            let t = match round {
+                0 => "TradeNew",
+                3 if id % 2 == 0 => "TradeSettled",
+                _ => "TradeAmended",
+            };
+            let e = EventData::json(
+                t,
+                format!("{{\"trade\":{id},\"client\":\"Jane Doe {id}\"}}"),
+            )
+            .aggregate_type("Trade")
+            .actor("trader-jane")
+            .correlation_id(format!("order-{id}"));
+            log.append(&format!("trade-{id}"), ExpectedVersion::Any, &[e])
+                .unwrap();
+        }
+    }
+    log.set_retention_policy(
+        &PolicySet {
+            name: "trades-7y".into(),
+            scope: PolicyScope::Prefix("trade-".into()),
+            keep: Keep::AfterEvent {
+                event_type: "TradeSettled".into(),
+                nanos: 7 * YEAR,
+            },
+            reason: "MiFID II".into(),
+        },
+        "compliance",
+    )
+    .unwrap();
+    log.place_legal_hold(
+        &HoldPlaced {
+            id: "case-10".into(),
+            scope: HoldScope::Stream("trade-10".into()),
+            reason: "litigation".into(),
+        },
+        "legal",
+    )
+    .unwrap();
+}
+
+#[test]
+fn removed_events_read_as_markers_and_every_proof_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    history(&log);
+    let cp = log.checkpoint().unwrap();
+    let size = cp.statement.tree_size;
+    let before = log
+        .read_all(Position(0), 100_000, Direction::Forward)
+        .unwrap();
+    let proofs: Vec<_> = [0u64, 7, 61, 130, size - 1]
+        .iter()
+        .map(|&p| (p, log.prove_inclusion(Position(p), size).unwrap()))
+        .collect();
+    // Roll so that every trade event is in a sealed segment.
+    for n in 0..400 {
+        log.append(
+            "filler",
+            ExpectedVersion::Any,
+            &[EventData::json(
+                "Pad",
+                format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(200)),
+            )],
+        )
+        .unwrap();
+    }
+    log.wait_sealed().unwrap();
+
+    let plan = log.retention_plan(far()).unwrap();
+    assert_eq!(
+        plan.removed_events(),
+        29 * 4,
+        "the settled trades but the held one"
+    );
+    let report = log.apply_retention(far(), "ops", "quarterly run").unwrap();
+    assert_eq!(report.removed, 29 * 4);
+    assert_eq!(report.pending, 0);
+    let by = report.recorded_at.unwrap();
+    // A second run finds nothing left to do.
+    let again = log.apply_retention(far(), "ops", "again").unwrap();
+    assert_eq!((again.removed, again.recorded_at), (0, None));
+
+    let check = |log: &Log| {
+        for e in &before {
+            let now = &log.read_all(e.position, 1, Direction::Forward).unwrap()[0];
+            assert_eq!(
+                (now.position, now.version, now.record_hash, now.record_time),
+                (e.position, e.version, e.record_hash, e.record_time)
+            );
+            let id: u32 = e
+                .stream()
+                .strip_prefix("trade-")
+                .map_or(u32::MAX, |s| s.parse().unwrap());
+            let due = id != u32::MAX && id.is_multiple_of(2) && id != 10;
+            if due {
+                assert_eq!(now.event_type(), REMOVED_EVENT_TYPE);
+                assert_eq!(now.removed_by(), Some(by));
+                assert_eq!(now.stream(), e.stream());
+                assert!(now.actor().is_empty() && now.correlation_id().is_empty());
+                assert!(!String::from_utf8_lossy(now.payload()).contains("Jane"));
+            } else {
+                assert_eq!(now, e, "kept events are untouched");
+            }
+        }
+        // Stream reads stay dense: four events, removed or not.
+        let t2 = log
+            .read_stream("trade-2", 0, 10, Direction::Forward)
+            .unwrap();
+        assert_eq!(
+            t2.iter().map(|e| e.version).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        assert!(t2.iter().all(|e| e.removed_by() == Some(by)));
+        assert_eq!(log.stream_info("trade-2").unwrap().unwrap().last_version, 3);
+        // Proofs made before retention verify against the checkpoint signed before it.
+        for (p, proof) in &proofs {
+            proof
+                .verify(&before[*p as usize].record_hash, &cp.statement.root)
+                .unwrap();
+            let again = log.prove_inclusion(Position(*p), size).unwrap();
+            again
+                .verify(&before[*p as usize].record_hash, &cp.statement.root)
+                .unwrap();
+        }
+        let v = log.verify().unwrap();
+        let removed: u64 = v.removed.iter().map(|r| r.to - r.from).sum();
+        assert_eq!(removed, 29 * 4);
+        assert!(
+            v.removed
+                .iter()
+                .all(|r| r.policy == "trades-7y" && r.removed_by == by.0)
+        );
+        assert!(v.checkpoints >= 1);
+    };
+    check(&log);
+    // The run is an event of $governance with its actor, reason and ranges.
+    let g = log.governance().unwrap();
+    let (at, run) = g.runs.last().unwrap();
+    assert_eq!(*at, by);
+    assert_eq!(run.reason, "quarterly run");
+    assert_eq!(run.held, 4);
+    let cp2 = log.checkpoint().unwrap();
+    log.prove_consistency(size, cp2.statement.tree_size)
+        .unwrap()
+        .verify(&cp.statement.root, &cp2.statement.root)
+        .unwrap();
+    log.close().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    check(&log);
+}
+
+#[test]
+fn a_removal_no_run_made_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    history(&log);
+    for n in 0..400 {
+        log.append(
+            "filler",
+            ExpectedVersion::Any,
+            &[EventData::json(
+                "Pad",
+                format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(200)),
+            )],
+        )
+        .unwrap();
+    }
+    log.wait_sealed().unwrap();
+    let report = log.apply_retention(far(), "ops", "run").unwrap();
+    let by = report.recorded_at.unwrap().0;
+    log.close().unwrap();
+    // An attacker with write access prunes a kept event (trade-1, version 0, position 1)
+    // the same way, naming the real run: the run's ranges do not hold it.
+    let seg = dir.path().join("00000000000000000000.seg");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    let mut header = [0u8; 88];
+    // Find position 1's record: walk from the first record.
+    let mut off = 4096u64;
+    loop {
+        f.read_exact_at(&mut header, off).unwrap();
+        let pos = u64::from_le_bytes(header[48..56].try_into().unwrap());
+        let body_len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as u64;
+        if pos == 1 {
+            let mut body = vec![0u8; body_len as usize];
+            f.read_exact_at(&mut body, off + 88).unwrap();
+            let hash = *blake3::hash(&body).as_bytes();
+            let pruned =
+                tally_engine::format::pruned::encode(&hash, Position(by), "trade-1", body.len())
+                    .unwrap();
+            f.write_all_at(&pruned, off + 88).unwrap();
+            header[44] = 1;
+            header[8..12].copy_from_slice(&crc32fast::hash(&pruned).to_le_bytes());
+            let crc = crc32fast::hash(&header[4..88]);
+            header[0..4].copy_from_slice(&crc.to_le_bytes());
+            f.write_all_at(&header, off).unwrap();
+            break;
+        }
+        off += (88 + body_len).next_multiple_of(8);
+    }
+    drop(f);
+    let log = Log::open(
+        dir.path(),
+        Options {
+            create: false,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let err = log.verify().unwrap_err().to_string();
+    assert!(err.contains("a removal no policy made"), "{err}");
+}
+
+#[test]
+fn logs_before_version_4_refuse_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            format_version: 3,
+            ..opts()
+        },
+    )
+    .unwrap();
+    history(&log);
+    let err = log
+        .apply_retention(far(), "ops", "run")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("format version 4"), "{err}");
+    // The plan still says what a version 4 log would remove.
+    assert_eq!(log.retention_plan(far()).unwrap().removed_events(), 29 * 4);
+}
