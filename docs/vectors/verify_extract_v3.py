@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A second, independent verifier of Tally's audit-extract format 3, written from
 EXTRACT.md section 6 (and the checks of sections 2 and 3 it refers to) and FORMAT.md
-(sections 5, 5.3, 5.4, 6, 7, 15, 15.5, 17.1, 17.2, 17.6, 17.9) alone, not from Tally's code:
+(sections 5, 5.3, 5.4, 5.5, 6, 7, 15, 15.5, 17.1, 17.2, 17.6, 17.9) alone, not from Tally's code:
 `pip install blake3 pynacl && python3 verify_extract_v3.py`.
 
 For each line `FILE EXPECTED...` of extract-v3/expected.txt it verifies FILE (the binary
@@ -11,7 +11,9 @@ expected.txt (`ok EVENTS stream S`, `ok EVENTS window A B`, `ok EVENTS inclusion
 runs a tamper self-test: one flipped bit in each byte after the head frame of each binary
 file, and a swapped, a dropped and a missing trailer line in the lines file, each of which
 must fail. It then verifies extract-v3-blobs/ the same way with every blob in its blobs/ checked (EXTRACT.md 6.5
-step 3 with --blobs), and changes each blob file by one bit in a copy, which must fail. The exit
+step 3 with --blobs), and changes each blob file by one bit in a copy, which must fail. Last, it
+verifies extract-v4-removed/ (a stream extract with records retention pruned, FORMAT.md 5.5)
+and flips one bit in each byte after its head frame, each of which must fail. The exit
 status is 0 only if every file verifies as expected and every tampered file fails."""
 import base64, binascii, calendar, datetime, json, os, re, struct, sys, time, zlib
 import blake3, nacl.exceptions, nacl.signing
@@ -232,7 +234,10 @@ def decode_header(h, version):
     n = 80 if version == 1 else 88
     need(len(h) == n, "header must be %d bytes" % n)
     need(zlib.crc32(h[4:n]) == le32(h, 0), "header CRC mismatch")
-    need(h[44:48] == bytes(4), "header reserved bytes not zero")
+    # FORMAT.md 5.5: under a version 2 statement, byte 44 is body_form (0 or 1, format
+    # version 4; logs of versions 2 and 3 always write 0); version 1 reserves it.
+    need(h[44] in ((0, 1) if version == 2 else (0,)), "header body_form %d not allowed" % h[44])
+    need(h[45:48] == bytes(3), "header reserved bytes not zero")
     body_len = le32(h, 4)
     need(body_len <= BODY_BYTES_MAX, "body_len above BODY_BYTES_MAX")
     flags, kind = le16(h, 40), le16(h, 42)
@@ -244,7 +249,7 @@ def decode_header(h, version):
     r = dict(body_len=body_len, body_crc=le32(h, 8), durable_lag=le32(h, 12),
              stream_version=le64(h, 24), record_time=le64(h, 32), flags=flags,
              position=le64(h, 16) if version == 1 else le64(h, 48),
-             chain_hash=h[48:80] if version == 1 else h[56:88])
+             chain_hash=h[48:80] if version == 1 else h[56:88], body_form=h[44])
     need(r["durable_lag"] <= r["position"], "durable_lag above position")
     if version == 2:
         r["stream_prev"] = le64(h, 16)
@@ -294,20 +299,43 @@ def decode_envelope(b, version):
     return dict(stream=stream, event_type=etype, correlation_id=f[3], blob=blob)
 
 
+def decode_pruned(b):
+    """FORMAT.md 5.5: a pruned body keeps the original body's hash, the position of the
+    retention run that removed the event, and its stream; the rest is zero."""
+    need(len(b) >= 48, "pruned body shorter than 48 bytes")
+    need(b[42:48] == bytes(6), "pruned body reserved bytes not zero")
+    n = le16(b, 40)
+    need(1 <= n <= 256 and 48 + n <= len(b), "pruned body stream length %d" % n)
+    try:
+        stream = b[48:48 + n].decode("utf-8")
+    except UnicodeDecodeError:
+        raise Fail("pruned body stream is not UTF-8")
+    need(not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in stream),
+         "control character in stream")
+    need(b[48 + n:] == bytes(len(b) - 48 - n), "pruned body tail not zero")
+    return dict(body_hash=b[:32], removed_by=le64(b, 32), stream=stream)
+
+
 def check_record(prev, header, body, version, tree_size):
     """EXTRACT.md 6.5 step 3 (3 steps 5.1 to 5.3 and 5.6); returns the decoded header."""
     need(len(prev) == 32, "prev must be 32 bytes")
     r = decode_header(header, version)
     need(len(body) == r["body_len"], "body length is not body_len")
     need(zlib.crc32(body) == r["body_crc"], "body CRC mismatch")
-    rh = blake3.blake3(header[12:44] + H(body), key=prev).digest()  # chain_step, FORMAT.md 7
+    pruned = decode_pruned(body) if r["body_form"] == 1 else None
+    linked = pruned["body_hash"] if pruned else H(body)
+    rh = blake3.blake3(header[12:44] + linked, key=prev).digest()  # chain_step, FORMAT.md 7
     need(rh == r["chain_hash"], "record hash mismatch")
     r["record_hash"] = rh
-    env = body
-    if r["flags"] & PRODUCER_SIGNED:                # FORMAT.md 5.4
-        need(body[100:104] == bytes(4), "producer block reserved bytes not zero")
-        env = body[PRODUCER_BLOCK_LEN:]
-    r["envelope"] = decode_envelope(env, version)
+    if pruned:                                       # removed by retention: a marker
+        r["envelope"] = dict(stream=pruned["stream"], event_type="$Removed", correlation_id="",
+                             blob=None, removed_by=pruned["removed_by"])
+    else:
+        env = body
+        if r["flags"] & PRODUCER_SIGNED:            # FORMAT.md 5.4
+            need(body[100:104] == bytes(4), "producer block reserved bytes not zero")
+            env = body[PRODUCER_BLOCK_LEN:]
+        r["envelope"] = decode_envelope(env, version)
     need(r["position"] < tree_size, "position %d not below tree_size %d" % (r["position"], tree_size))
     return r
 
@@ -749,6 +777,7 @@ def main():
     ok &= caught == total
     print("extract-v3 ok" if ok else "EXTRACT-V3 DIFFERS")
     ok &= check_blob_vectors()
+    ok &= check_removed_vectors()
     sys.exit(0 if ok else 1)
 
 
@@ -784,6 +813,48 @@ def check_blob_vectors():
         print("  %s: %d blob files changed by one bit: %d fail" % (name, len(names), caught))
         ok &= caught == len(names) and len(names) > 0
     print("extract-v3-blobs ok" if ok else "EXTRACT-V3-BLOBS DIFFERS")
+    return ok
+
+
+def check_removed_vectors():
+    """extract-v4-removed: a complete stream extract of a format version 4 log whose older
+    events retention removed (FORMAT.md 5.5): it verifies to expected.txt, it holds pruned
+    records, and every single-bit change after the head frame fails (a hex digit's case in
+    the trailer excepted)."""
+    d = os.path.join(HERE, "extract-v4-removed")
+    keys = read_keys(os.path.join(d, "log.pub"))
+    ok = True
+    for line in open(os.path.join(d, "expected.txt"), encoding="utf-8"):
+        if line.startswith("#") or not line.strip():
+            continue
+        name, expected = line.split(None, 1)
+        expected = " ".join(expected.split())
+        data = open(os.path.join(d, name), "rb").read()
+        got = check(data, keys)
+        ok &= got == expected
+        print("%-16s %s%s" % (name, got, "" if got == expected else "   EXPECTED: " + expected))
+        regions = []
+        verify(data, keys, regions)
+        head_end = next(e for s, e, r in regions if r == "head")
+        region_of = {}
+        for s, e, r in regions:
+            for i in range(s, e):
+                region_of[i] = r
+        pruned = sum(1 for s, e, r in regions if r == "header" and data[s + 44] == 1)
+        ok &= pruned > 0
+        tried = caught = 0
+        for i in range(head_end, len(data)):
+            bit = i % 8
+            if region_of.get(i) == "trailer" and bit == 5 and chr(data[i]) in "abcdefABCDEF":
+                continue
+            t = bytearray(data)
+            t[i] ^= 1 << bit
+            tried += 1
+            caught += check(bytes(t), keys).startswith("FAILED")
+        print("  %s: %d pruned records; %d single-bit flips after the head: %d fail"
+              % (name, pruned, tried, caught))
+        ok &= caught == tried
+    print("extract-v4-removed ok" if ok else "EXTRACT-V4-REMOVED DIFFERS")
     return ok
 
 

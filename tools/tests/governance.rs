@@ -180,6 +180,51 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
     let text = ok(&tally(&["verify", d]));
     assert!(text.contains("removed by retention: 6 events"), "{text}");
 
+    // Extracts of a stream with removed events carry their pruned records: every proof
+    // checks, each removed event names its run, and a complete extract stays complete.
+    let pk = tmp.path().join("log.pub");
+    std::fs::write(&pk, ok(&tally(&["pubkey", d]))).unwrap();
+    let pk = pk.to_str().unwrap();
+    for (format, lines) in [("3", false), ("3", true), ("2", false)] {
+        let out = tmp.path().join(format!("trade-1.{format}.{lines}"));
+        let out = out.to_str().unwrap();
+        let mut args = vec![
+            "extract", d, "--stream", "trade-1", "--format", format, "--out", out,
+        ];
+        if lines {
+            args.push("--lines");
+        }
+        let wrote = ok(&tally(&args));
+        if format == "3" {
+            assert!(
+                wrote.contains("2 of them were removed by retention"),
+                "{wrote}"
+            );
+        }
+        let events = tmp.path().join("events.jsonl");
+        let mut check = vec![
+            "verify-extract",
+            out,
+            "--pubkey",
+            pk,
+            "--require-complete",
+            "--json",
+        ];
+        if format == "3" {
+            check.extend(["--events", events.to_str().unwrap()]);
+        }
+        let v = json(&tally(&check));
+        assert_eq!(v["events"], 2, "{v}");
+        let shown = if format == "3" {
+            std::fs::read_to_string(&events).unwrap()
+        } else {
+            let doc: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+            doc["events"].to_string()
+        };
+        assert!(shown.contains(&format!("\"removed_by\":{run}")), "{shown}");
+        assert!(shown.contains("$Removed"), "{shown}");
+    }
+
     // The history, with who and why, is the system stream.
     let log = Log::open(
         &dir,

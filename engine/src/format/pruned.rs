@@ -5,7 +5,12 @@
 //! it, and the stream's name, followed by zeros. The chain links the stored hash in place of
 //! hashing the body, so every chain hash, Merkle root, checkpoint and proof stays valid.
 
-use super::{DecodeError, Hash32, Position, check_zero, le};
+use super::envelope::{ContentType, EnvelopeRef, PayloadForm};
+use super::record::{BodyForm, RecordHeader};
+use super::{DecodeError, EventId, Hash32, Position, Timestamp, check_zero, le};
+
+/// The event type of the marker read in place of an event retention removed.
+pub const REMOVED_EVENT_TYPE: &str = "$Removed";
 
 /// Bytes of a pruned body's fixed part.
 pub const PRUNED_FIXED_LEN: usize = 48;
@@ -91,6 +96,59 @@ pub fn decode(body: &[u8]) -> Result<PrunedRef<'_>, DecodeError> {
         removed_by: Position(le::u64_at(body, PR_REMOVED_BY)),
         stream,
     })
+}
+
+/// The marker's envelope for a removed event: its stream, the type [`REMOVED_EVENT_TYPE`],
+/// a nil id, the record time as event time, content type JSON and no payload (a reader adds
+/// `{"removed_by": P}` where it shows one).
+#[must_use]
+pub fn marker<'a>(pruned: &PrunedRef<'a>, record_time: Timestamp) -> EnvelopeRef<'a> {
+    EnvelopeRef {
+        event_id: EventId([0; 16]),
+        event_time: record_time,
+        schema_version: 0,
+        content_type: ContentType::Json,
+        payload_form: PayloadForm::Inline,
+        stream: pruned.stream,
+        aggregate_type: "",
+        event_type: REMOVED_EVENT_TYPE,
+        correlation_id: "",
+        causation_id: "",
+        actor: "",
+        payload: &[],
+    }
+}
+
+/// The hash a record's chain link takes for its body (FORMAT.md 7): BLAKE3 of the body, or
+/// for a pruned record the hash its pruned body keeps. `body` is the checked body.
+///
+/// # Errors
+/// A pruned body that does not decode.
+pub fn linked_body_hash(header: &RecordHeader, body: &[u8]) -> Result<Hash32, DecodeError> {
+    match header.body_form {
+        BodyForm::Envelope => Ok(super::chain::body_hash(body)),
+        BodyForm::Pruned => decode(body).map(|p| p.body_hash),
+    }
+}
+
+/// What a record's checked body says: its envelope, or for a pruned record the marker's
+/// envelope ([`marker`]) and the position of the run that removed it.
+///
+/// # Errors
+/// The envelope or the pruned body does not decode.
+pub fn content<'a>(
+    header: &RecordHeader,
+    body: &'a [u8],
+) -> Result<(EnvelopeRef<'a>, Option<Position>), DecodeError> {
+    match header.body_form {
+        BodyForm::Envelope => {
+            EnvelopeRef::decode_in(header.envelope_of(body), header.layout).map(|e| (e, None))
+        }
+        BodyForm::Pruned => {
+            let p = decode(body)?;
+            Ok((marker(&p, header.record_time), Some(p.removed_by)))
+        }
+    }
 }
 
 #[cfg(test)]

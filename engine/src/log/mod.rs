@@ -367,7 +367,7 @@ pub struct RecordedEvent {
 
 /// The event type of the marker a read returns in place of an event retention removed
 /// ([`RecordedEvent::removed_by`]).
-pub const REMOVED_EVENT_TYPE: &str = "$Removed";
+pub use crate::format::pruned::REMOVED_EVENT_TYPE;
 
 impl RecordedEvent {
     /// Builds an event from a checked envelope.

@@ -893,20 +893,7 @@ impl<'a> RecordView<'a> {
     ) -> Result<crate::format::envelope::EnvelopeRef<'a>, crate::format::DecodeError> {
         match self.removed()? {
             None => self.envelope(),
-            Some(p) => Ok(crate::format::envelope::EnvelopeRef {
-                event_id: crate::format::EventId([0; 16]),
-                event_time: self.record_time,
-                schema_version: 0,
-                content_type: crate::format::envelope::ContentType::Json,
-                payload_form: crate::format::envelope::PayloadForm::Inline,
-                stream: p.stream,
-                aggregate_type: "",
-                event_type: super::REMOVED_EVENT_TYPE,
-                correlation_id: "",
-                causation_id: "",
-                actor: "",
-                payload: &[],
-            }),
+            Some(p) => Ok(crate::format::pruned::marker(&p, self.record_time)),
         }
     }
 

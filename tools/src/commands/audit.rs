@@ -15,9 +15,8 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use clap::Args;
 use serde_json::{Value, json};
-use tally_engine::format::chain::{body_hash, chain_step};
+use tally_engine::format::chain::chain_step;
 use tally_engine::format::checkpoint::{SignedCheckpoint, fingerprint};
-use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::format::proof::{InclusionProof, hex, parse_hex};
 use tally_engine::format::record::{Layout, RecordHeader};
 use tally_engine::{Direction, Field, Log, Position, Query};
@@ -200,7 +199,7 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
     let mut events = Vec::with_capacity(positions.len());
     for p in &positions {
         let (obj, header, body) = record_object(&log, *p, size)?;
-        let env = EnvelopeRef::decode_in(header.envelope_of(&body), header.layout)?;
+        let (env, removed_by) = tally_engine::format::pruned::content(&header, &body)?;
         let mut v = event_json(
             p.0,
             header.stream_version,
@@ -208,6 +207,9 @@ pub fn extract(a: &ExtractArgs) -> Result<ExitCode> {
             &header.chain_hash,
             &env,
         );
+        if let Some(by) = removed_by {
+            v["removed_by"] = by.0.into();
+        }
         v["record"] = obj["record"].clone();
         v["proof"] = obj["proof"].clone();
         events.push(v);
@@ -473,12 +475,12 @@ pub fn check_head(
     if str_field(doc, "extract", "log_id")? != hex(&s.log_id) {
         return Err(Finding("log_id: differs from the signed checkpoint".into()));
     }
-    // A version 2 statement signs a log of format version 2 or 3, whose records share one
-    // layout; version 3's envelopes may hold a blob reference, which a version 2 writer
-    // never writes. The records are authenticated by the proofs either way, so they are
-    // read by version 3's rules.
+    // A version 2 statement signs a log of format version 2, 3 or 4, whose records share
+    // one layout; version 3's envelopes may hold a blob reference and version 4's records
+    // may be pruned, which older writers never write. The records are authenticated by the
+    // proofs either way, so they are read by version 4's rules.
     let layout = match s.version() {
-        2 => Layout::V3,
+        2 => Layout::V4,
         v => Layout::of_version(v)
             .ok_or_else(|| Finding(format!("checkpoint of statement version {v}")))?,
     };
@@ -504,7 +506,7 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
         let path = format!("events[{i}]");
         let r = check_record(ev, &path, &s, layout)?;
         let at = format!("{path} (position {})", r.header.position);
-        let env = EnvelopeRef::decode_in(r.header.envelope_of(&r.body), r.header.layout)
+        let (env, removed_by) = tally_engine::format::pruned::content(&r.header, &r.body)
             .map_err(|e| Finding(format!("{at}: {e}")))?;
         let mut expected = event_json(
             r.header.position.0,
@@ -513,6 +515,9 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
             &r.header.chain_hash,
             &env,
         );
+        if let Some(by) = removed_by {
+            expected["removed_by"] = by.0.into();
+        }
         expected["record"] = field(ev, &path, "record")?.clone();
         expected["proof"] = field(ev, &path, "proof")?.clone();
         if *ev != expected {
@@ -609,7 +614,9 @@ fn check_record(
         )));
     }
     let prev = hex32(rec, &at, "prev_record_hash")?;
-    let hash = chain_step(&prev, &header_bytes, &body_hash(&body));
+    let linked = tally_engine::format::pruned::linked_body_hash(&header, &body)
+        .map_err(|e| Finding(format!("{at}: pruned body: {e}")))?;
+    let hash = chain_step(&prev, &header_bytes, &linked);
     if hash != header.chain_hash {
         return Err(Finding(format!(
             "{at}: the record hash computed from its bytes is {}, the header says {}",

@@ -17,9 +17,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use tally_engine::Timestamp;
 use tally_engine::format::Hash32;
-use tally_engine::format::chain::{body_hash, chain_step};
+use tally_engine::format::chain::chain_step;
 use tally_engine::format::checkpoint::Statement;
-use tally_engine::format::envelope::EnvelopeRef;
 use tally_engine::format::heads::{HeadProof, stream_key};
 use tally_engine::format::multiproof::RangeFolder;
 use tally_engine::format::proof::{ProofError, hex};
@@ -133,7 +132,9 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
             "the body does not match its header (length or checksum)".into(),
         )
     })?;
-    let hash = chain_step(&parts.prev, &parts.header, &body_hash(&parts.body));
+    let linked = tally_engine::format::pruned::linked_body_hash(&h, &parts.body)
+        .map_err(|e| bad(Some(position), format!("pruned body: {e}")))?;
+    let hash = chain_step(&parts.prev, &parts.header, &linked);
     if hash != h.chain_hash {
         return Err(bad(
             Some(position),
@@ -144,7 +145,7 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
             ),
         ));
     }
-    let env = EnvelopeRef::decode_in(h.envelope_of(&parts.body), h.layout)
+    let (env, removed_by) = tally_engine::format::pruned::content(&h, &parts.body)
         .map_err(|e| bad(Some(position), format!("envelope: {e}")))?;
     if let (Some(dir), Some(blob)) = (&cx.blobs, env.blob()) {
         crate::commands::audit::check_blob_file(&blob, dir)
@@ -160,14 +161,17 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
         ));
     }
     let line = (cx.render && parts.role == Role::Event).then(|| {
-        let mut l = serde_json::to_vec(&event_json(
+        let mut v = event_json(
             position,
             h.stream_version,
             h.record_time,
             &h.chain_hash,
             &env,
-        ))
-        .unwrap_or_default();
+        );
+        if let Some(by) = removed_by {
+            v["removed_by"] = by.0.into();
+        }
+        let mut l = serde_json::to_vec(&v).unwrap_or_default();
         l.push(b'\n');
         l
     });

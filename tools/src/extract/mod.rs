@@ -93,6 +93,8 @@ struct Out<'a> {
     /// to one and how many blobs were written.
     blobs: Option<&'a Path>,
     blob_refs: u64,
+    /// Events retention removed: carried as their pruned records.
+    removed: u64,
     blobs_written: u64,
 }
 
@@ -125,11 +127,9 @@ impl Out<'_> {
             self.events += 1;
             self.last = Some((h.stream_version, position));
             self.bar.inc(1);
-            let env = tally_engine::format::envelope::EnvelopeRef::decode_in(
-                h.envelope_of(body),
-                h.layout,
-            )
-            .with_context(|| format!("the envelope at position {position}"))?;
+            let (env, removed_by) = tally_engine::format::pruned::content(&h, body)
+                .with_context(|| format!("the envelope at position {position}"))?;
+            self.removed += u64::from(removed_by.is_some());
             if let Some(blob) = env.blob() {
                 self.blob_refs += 1;
                 if let Some(dir) = self.blobs {
@@ -210,7 +210,7 @@ pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
     if writable {
         log.close()?;
     }
-    let (events, blob_refs, blobs_written) = match result {
+    let (events, blob_refs, blobs_written, removed) = match result {
         Ok(n) => n,
         Err(e) => {
             let _ignored = std::fs::remove_file(&tmp);
@@ -225,6 +225,11 @@ pub fn write(a: &ExtractArgs) -> Result<ExitCode> {
         cp.statement.tree_size,
         fingerprint(&cp.public_key)
     );
+    if removed > 0 {
+        println!(
+            "{removed} of them were removed by retention: carried as their pruned records (each record's hash and proof, no content), each naming the run that removed it"
+        );
+    }
     if blob_refs > 0 {
         match &a.blobs {
             Some(dir) => println!(
@@ -246,7 +251,7 @@ fn write_to(
     cp: &SignedCheckpoint,
     query: Value,
     tmp: &Path,
-) -> Result<(u64, u64, u64)> {
+) -> Result<(u64, u64, u64, u64)> {
     let size = cp.statement.tree_size;
     let v2 = cp.statement.streams.is_some();
     // What the checkpoint lets the extract prove, decided before any record is written.
@@ -321,6 +326,7 @@ fn write_to(
         bar: progress(expected, "extract"),
         blobs: a.blobs.as_deref(),
         blob_refs: 0,
+        removed: 0,
         blobs_written: 0,
     };
     let mut trailer = serde_json::Map::new();
@@ -415,7 +421,7 @@ fn write_to(
         json!(gaps.iter().map(|g| hex(g)).collect::<Vec<_>>()),
     );
     out.bar.finish_and_clear();
-    let counts = (out.events, out.blob_refs, out.blobs_written);
+    let counts = (out.events, out.blob_refs, out.blobs_written, out.removed);
     let file = out
         .w
         .trailer(&Value::Object(trailer))?

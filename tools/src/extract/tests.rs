@@ -512,6 +512,126 @@ fn write_blob_vectors(dir: &Path) {
     .unwrap();
 }
 
+/// The published vectors with removed events (docs/EXTRACT.md 6.7): a stream extract of a
+/// format version 4 log whose older events retention removed verifies to what
+/// `expected.txt` says, complete, with each removed event carried as its pruned record, and
+/// every single-bit change after the head is a finding. `TALLY_WRITE_VECTORS=1` writes them
+/// anew first.
+#[test]
+fn the_published_removed_vectors_verify_complete() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors/extract-v4-removed");
+    if std::env::var_os("TALLY_WRITE_VECTORS").is_some() {
+        write_removed_vectors(&dir);
+    }
+    let key = tally_engine::format::checkpoint::parse_public_keys(
+        &std::fs::read_to_string(dir.join("log.pub")).unwrap(),
+    )
+    .unwrap()[0];
+    let expected = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
+    let (file, want) = expected
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.is_empty())
+        .and_then(|l| l.split_once(' '))
+        .unwrap();
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    assert_eq!(describe(&check(&bytes, &key).unwrap()), want);
+    // One bit of every byte after the head frame (preamble, kind, length, JSON: EXTRACT.md
+    // 6.2): the records, pruned ones among them, and the trailer.
+    let head_end = 17 + u32::from_le_bytes(bytes[13..17].try_into().unwrap()) as usize;
+    // The trailer frame: kind 5 and a length that reaches the end. A hex digit's case in its
+    // JSON is the same bytes read either way (EXTRACT.md 2), so that flip is not a change.
+    let trailer = (head_end..bytes.len())
+        .rev()
+        .find(|&p| {
+            bytes[p] == 5
+                && p + 5 <= bytes.len()
+                && u32::from_le_bytes(bytes[p + 1..p + 5].try_into().unwrap()) as usize
+                    == bytes.len() - p - 5
+        })
+        .unwrap();
+    let (mut caught, mut tried) = (0, 0);
+    for i in head_end..bytes.len() {
+        if i > trailer
+            && i % 8 == 5
+            && bytes[i].is_ascii_hexdigit()
+            && bytes[i].is_ascii_alphabetic()
+        {
+            continue;
+        }
+        let mut t = bytes.clone();
+        t[i] ^= 1 << (i % 8);
+        tried += 1;
+        caught += usize::from(check(&t, &key).is_err());
+    }
+    assert_eq!(caught, tried, "every flipped bit is a finding");
+}
+
+fn write_removed_vectors(dir: &Path) {
+    use tally_engine::governance::{Keep, PolicyScope, PolicySet};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let log = Log::open(
+        &data,
+        Options {
+            segment_bytes: 64 << 10,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..12u64 {
+        let e = EventData::json(
+            ["NEW", "AMEND", "SETTLE"][(i % 3) as usize],
+            format!(
+                r#"{{"trade":"T-{}","client":"Jane Doe","qty":"{}.00"}}"#,
+                i % 2 + 1,
+                100 + i
+            ),
+        )
+        .actor("alice");
+        log.append(&format!("trade-{}", i % 2 + 1), ExpectedVersion::Any, &[e])
+            .unwrap();
+    }
+    // Filler seals the trades' segment; the policy keeps each trade's newest two events.
+    for n in 0..300u64 {
+        let e = EventData::json("Pad", format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(300)));
+        log.append("filler", ExpectedVersion::Any, &[e]).unwrap();
+    }
+    log.wait_sealed().unwrap();
+    log.set_retention_policy(
+        &PolicySet {
+            name: "trades-newest-2".into(),
+            scope: PolicyScope::Prefix("trade-".into()),
+            keep: Keep::Newest { count: 2 },
+            reason: "vectors".into(),
+        },
+        "compliance",
+    )
+    .unwrap();
+    let run = log
+        .apply_retention(tally_engine::now(), "ops", "vectors")
+        .unwrap();
+    assert_eq!(run.removed, 8);
+    let key = log.public_key().unwrap();
+    log.close().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("log.pub"),
+        tally_engine::format::checkpoint::encode_public_key(&key),
+    )
+    .unwrap();
+    let bytes = extract(&data, &dir.join("stream.tex"), &["--stream", "trade-2"]);
+    let c = check(&bytes, &key).unwrap();
+    std::fs::write(
+        dir.join("expected.txt"),
+        format!(
+            "# file, then what it verifies to; versions 0 to 3 of trade-2 were removed by retention\nstream.tex {}\n",
+            describe(&c)
+        ),
+    )
+    .unwrap();
+}
+
 /// A format 2 extract kept as a file (a stream extract with its completeness proof,
 /// docs/vectors/extract-v2, written by `tally extract --format 2`, whose writer is the one
 /// format 2 shipped with) still verifies, to what it did then. `TALLY_WRITE_VECTORS=1`
