@@ -569,7 +569,7 @@ fn check_removals(shared: &Shared, pruned: &[(u64, u64)], report: &mut VerifyRep
                 offset: 0,
                 position: Some(position),
                 detail: format!(
-                    "the event at position {position} was removed, but position {by} holds no                      retention run that removed it: a removal no policy made"
+                    "the event at position {position} was removed, but position {by} holds no retention run that removed it: a removal no policy made"
                 ),
                 source: None,
             });
