@@ -155,7 +155,7 @@ pub struct RemovedRange {
 }
 
 /// Who made a change, when, and where it is in the log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
     /// The event's actor.
     pub actor: String,
@@ -166,7 +166,7 @@ pub struct Provenance {
 }
 
 /// A retention policy in force.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetentionPolicy {
     /// Its definition.
     pub policy: PolicySet,
@@ -175,7 +175,7 @@ pub struct RetentionPolicy {
 }
 
 /// A legal hold that stands.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LegalHold {
     /// Its definition.
     pub hold: HoldPlaced,
@@ -184,7 +184,7 @@ pub struct LegalHold {
 }
 
 /// The rules in force: a fold of `$governance`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Governance {
     /// Policies by name.
     pub policies: BTreeMap<String, RetentionPolicy>,

@@ -721,6 +721,34 @@ impl Client {
         }
     }
 
+    /// A governance operation (PROTOCOL.md 4.11d): `request` is the JSON request (its
+    /// `op` and fields), the answer the server's JSON text. Reads (`list`,
+    /// `retention_plan`) are retried on a new connection like other reads; changes are sent
+    /// once (a change whose answer was lost is seen in `list`).
+    ///
+    /// # Errors
+    /// `MalformedRequest` for a request the server cannot read or a change the rules refuse
+    /// (a hold that stands, a policy that does not exist), as [`ClientError::Server`]; as
+    /// [`Client::read_stream`] otherwise.
+    pub async fn govern(&self, request: &str) -> Result<String, ClientError> {
+        let req = Request::Govern {
+            request: request.to_owned(),
+        };
+        let read_only = serde_json::from_str::<serde_json::Value>(request)
+            .ok()
+            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_owned))
+            .is_some_and(|op| op == "list" || op == "retention_plan");
+        let answer = if read_only {
+            self.call_retrying(&req).await?
+        } else {
+            self.call(&req).await?
+        };
+        match answer {
+            Response::Governed(text) => Ok(text),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// A stream's facts (`None`: no such stream).
     ///
     /// # Errors

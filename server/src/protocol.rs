@@ -105,6 +105,8 @@ pub mod op {
     pub const REGISTER_SCHEMA: u8 = 0x43;
     /// Append one part or the manifest of a projection's checkpoint of any size.
     pub const PROJECTION_APPEND: u8 = 0x44;
+    /// Retention policies, legal holds and retention runs (JSON in, JSON out).
+    pub const GOVERN: u8 = 0x45;
     /// The latest signed checkpoint.
     pub const LATEST_CHECKPOINT: u8 = 0x50;
     /// An inclusion proof for a position.
@@ -1010,6 +1012,13 @@ pub enum Request {
         /// The schema, as JSON text.
         schema: String,
     },
+    /// A governance operation (PROTOCOL.md 4.11d): a JSON request naming `op` (`list`,
+    /// `policy_set`, `policy_remove`, `hold_place`, `hold_release`, `retention_plan`,
+    /// `retention_apply`) and its fields.
+    Govern {
+        /// The request, as JSON text.
+        request: String,
+    },
     /// An atomic append of a batch signed by a producer (PROTOCOL.md 4.6a).
     AppendSigned {
         /// The batch's parts, as in [`Request::AppendMulti`].
@@ -1094,6 +1103,7 @@ impl Request {
             Request::ProjectionStore { .. } => op::PROJECTION_STORE,
             Request::ProjectionAppend { .. } => op::PROJECTION_APPEND,
             Request::RegisterSchema { .. } => op::REGISTER_SCHEMA,
+            Request::Govern { .. } => op::GOVERN,
             Request::LatestCheckpoint => op::LATEST_CHECKPOINT,
             Request::InclusionProof { .. } => op::INCLUSION_PROOF,
             Request::CheckpointNote { .. } => op::CHECKPOINT_NOTE,
@@ -1189,6 +1199,7 @@ impl Request {
                 bytes("payload", payload)
             }
             Request::RegisterSchema { schema } => bytes("schema", schema.as_bytes()),
+            Request::Govern { request } => bytes("governance request", request.as_bytes()),
         }
     }
 
@@ -1326,6 +1337,7 @@ impl Request {
                 put_bytes32(out, payload);
             }
             Request::RegisterSchema { schema } => put_bytes32(out, schema.as_bytes()),
+            Request::Govern { request } => put_bytes32(out, request.as_bytes()),
             Request::InclusionProof {
                 position,
                 tree_size,
@@ -1509,6 +1521,13 @@ impl Request {
             op::REGISTER_SCHEMA => Request::RegisterSchema {
                 schema: std::str::from_utf8(r.bytes32("schema")?)
                     .map_err(|_| ProtocolError::InvalidUtf8 { what: "schema" })?
+                    .to_owned(),
+            },
+            op::GOVERN => Request::Govern {
+                request: std::str::from_utf8(r.bytes32("governance request")?)
+                    .map_err(|_| ProtocolError::InvalidUtf8 {
+                        what: "governance request",
+                    })?
                     .to_owned(),
             },
             op::LATEST_CHECKPOINT => Request::LatestCheckpoint,
@@ -2076,6 +2095,8 @@ pub enum Response {
     InclusionProof(ProofResponse),
     /// A checkpoint as a signed note (`None`: no such checkpoint).
     CheckpointNote(Option<String>),
+    /// GOVERN's answer: JSON text (PROTOCOL.md 4.11d).
+    Governed(String),
     /// A consistency proof with the two roots it was checked against on the server.
     ConsistencyProof(ConsistencyResponse),
     /// A cosignature was stored (`true`), or the same witness had cosigned that checkpoint
@@ -2204,6 +2225,7 @@ impl Response {
                 }
                 None => out.push(0),
             },
+            Response::Governed(text) => put_bytes32(out, text.as_bytes()),
             Response::ConsistencyProof(p) => {
                 put_u64(out, p.old_size);
                 put_u64(out, p.new_size);
@@ -2394,6 +2416,13 @@ impl Response {
                     path,
                 })
             }
+            c if c == op::GOVERN | op::RESPONSE_BIT => Response::Governed(
+                std::str::from_utf8(r.bytes32("governance answer")?)
+                    .map_err(|_| ProtocolError::InvalidUtf8 {
+                        what: "governance answer",
+                    })?
+                    .to_owned(),
+            ),
             c if c == op::CHECKPOINT_NOTE | op::RESPONSE_BIT => match r.u8("found")? {
                 0 => Response::CheckpointNote(None),
                 _ => {

@@ -2229,10 +2229,99 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                 Err(e) => reply.error(engine_error(&e)),
             }
         }
+        Request::Govern { request } => match govern(log, &request) {
+            Ok(answer) => reply.send(&Response::Governed(answer)),
+            Err(e) => reply.error(e),
+        },
         other => reply.error(WireError::new(
             ErrorCode::Internal,
             format!("request 0x{:02x} reached the blocking pool", other.opcode()),
         )),
+    }
+}
+
+/// A GOVERN request (PROTOCOL.md 4.11d), answered as JSON text. Changes are appended to
+/// `$governance` with the request's `actor` and `reason` by the engine's operations, which
+/// check them against the rules in force; a retention run rewrites sealed segments beside
+/// reads and appends.
+fn govern(log: &Log, request: &str) -> Result<String, WireError> {
+    use tally_engine::governance::{HoldPlaced, PolicySet};
+    let bad = |what: String| WireError::new(ErrorCode::MalformedRequest, what);
+    let v: serde_json::Value =
+        serde_json::from_str(request).map_err(|e| bad(format!("governance request: {e}")))?;
+    let text = |k: &str| -> Result<&str, WireError> {
+        v.get(k)
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| bad(format!("governance request: {k:?} must be a string")))
+    };
+    let time = |k: &str| -> Result<tally_engine::Timestamp, WireError> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(tally_engine::now()),
+            Some(t) => t
+                .as_u64()
+                .map(tally_engine::Timestamp)
+                .ok_or_else(|| bad(format!("governance request: {k:?} must be nanoseconds"))),
+        }
+    };
+    let refused = |e: tally_engine::Error| match e {
+        tally_engine::Error::InvalidOptions { reason } => {
+            WireError::new(ErrorCode::MalformedRequest, reason)
+        }
+        e => engine_error(&e),
+    };
+    let changed = |r: tally_engine::AppendResult| {
+        serde_json::json!({ "position": r.first_position.0 }).to_string()
+    };
+    let field = |k: &str| {
+        v.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("governance request: {k:?} is missing")))
+    };
+    match text("op")? {
+        "list" => {
+            let g = log.governance().map_err(|e| engine_error(&e))?;
+            serde_json::to_string(&g).map_err(|e| bad(e.to_string()))
+        }
+        "policy_set" => {
+            let p: PolicySet = serde_json::from_value(field("policy")?)
+                .map_err(|e| bad(format!("policy: {e}")))?;
+            log.set_retention_policy(&p, text("actor")?)
+                .map(changed)
+                .map_err(refused)
+        }
+        "policy_remove" => log
+            .remove_retention_policy(text("name")?, text("actor")?, text("reason")?)
+            .map(changed)
+            .map_err(refused),
+        "hold_place" => {
+            let h: HoldPlaced =
+                serde_json::from_value(field("hold")?).map_err(|e| bad(format!("hold: {e}")))?;
+            log.place_legal_hold(&h, text("actor")?)
+                .map(changed)
+                .map_err(refused)
+        }
+        "hold_release" => log
+            .release_legal_hold(text("id")?, text("actor")?, text("reason")?)
+            .map(changed)
+            .map_err(refused),
+        "retention_plan" => {
+            let plan = log.retention_plan(time("as_of")?).map_err(refused)?;
+            serde_json::to_string(&plan).map_err(|e| bad(e.to_string()))
+        }
+        "retention_apply" => {
+            let done = log
+                .apply_retention(time("as_of")?, text("actor")?, text("reason")?)
+                .map_err(refused)?;
+            Ok(serde_json::json!({
+                "removed": done.removed,
+                "pending": done.pending,
+                "held_events": done.plan.held_events(),
+                "segments_rewritten": done.segments_rewritten,
+                "recorded_at": done.recorded_at.map(|p| p.0),
+            })
+            .to_string())
+        }
+        other => Err(bad(format!("governance request: unknown op {other:?}"))),
     }
 }
 

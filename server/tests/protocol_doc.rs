@@ -319,6 +319,19 @@ fn examples() -> Vec<(&'static str, Vec<u8>, Msg)> {
         Msg::Resp(op::BLOB_READ, Response::BlobPiece(blob_bytes)),
     );
     add(
+        "govern-request",
+        10,
+        Msg::Req(Request::Govern {
+            request: r#"{"op":"hold_release","id":"case-7","actor":"legal","reason":"closed"}"#
+                .into(),
+        }),
+    );
+    add(
+        "govern-response",
+        10,
+        Msg::Resp(op::GOVERN, Response::Governed(r#"{"position":412}"#.into())),
+    );
+    add(
         "append-blob-request",
         9,
         Msg::Req(Request::Append(AppendPart {

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -73,7 +75,15 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
         "MiFID II art. 16(6)",
     ];
     let set = [
-        &["policy", "set", d, "trades-7y", "--prefix", "trade-"][..],
+        &[
+            "policy",
+            "set",
+            d,
+            "--name",
+            "trades-7y",
+            "--prefix",
+            "trade-",
+        ][..],
         &["--keep-after", "TradeSettled=7y"],
         &why,
     ]
@@ -82,7 +92,7 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
         ok(&tally(&set)).contains("policy trades-7y: prefix trade- keep 7y after TradeSettled")
     );
     let place = [
-        &["hold", "place", d, "case-17", "--stream", "trade-2"][..],
+        &["hold", "place", d, "--id", "case-17", "--stream", "trade-2"][..],
         &why,
     ]
     .concat();
@@ -130,15 +140,24 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
     );
 
     // Refusals: exit 2, nothing written.
-    let bad = [&["hold", "release", d, "case-99"][..], &why].concat();
+    let bad = [&["hold", "release", d, "--id", "case-99"][..], &why].concat();
     assert_eq!(tally(&bad).status.code(), Some(2));
     let bad = [
-        &["policy", "set", d, "p", "--default", "--keep-newest", "0"][..],
+        &[
+            "policy",
+            "set",
+            d,
+            "--name",
+            "p",
+            "--default",
+            "--keep-newest",
+            "0",
+        ][..],
         &why,
     ]
     .concat();
     assert_eq!(tally(&bad).status.code(), Some(2));
-    let release = [&["hold", "release", d, "case-17"][..], &why].concat();
+    let release = [&["hold", "release", d, "--id", "case-17"][..], &why].concat();
     ok(&tally(&release));
     let later = json(&tally(&[
         "retention",
@@ -250,4 +269,105 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
     );
     assert!(history[..3].iter().all(|e| e.actor() == "compliance@firm"));
     assert_eq!(history[3].actor(), "ops");
+}
+
+/// The same operations through a running tallyd (GOVERN, PROTOCOL.md 4.11d): changes land in
+/// the server's `$governance` with the given actor, lists and plans come back, and a refused
+/// change is exit status 2.
+#[test]
+fn policies_holds_and_retention_through_a_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = common::InProcess::start(tmp.path());
+    let a = server.addr.as_str();
+    let why = ["--actor", "compliance@firm", "--reason", "MiFID II"];
+    let set = [
+        &[
+            "policy", "set", "--server", a, "--name", "quotes", "--prefix", "quote-",
+        ][..],
+        &["--keep-newest", "1"],
+        &why,
+    ]
+    .concat();
+    assert!(ok(&tally(&set)).contains("policy quotes: prefix quote- keep newest 1 events"));
+    let place = [
+        &[
+            "hold",
+            "place",
+            "--server",
+            a,
+            "--id",
+            "case-1",
+            "--of-actor",
+            "bob",
+        ][..],
+        &why,
+    ]
+    .concat();
+    ok(&tally(&place));
+    // The same hold again is refused, by the server, with nothing written.
+    assert_eq!(tally(&place).status.code(), Some(2));
+    for n in 0..3 {
+        for actor in ["alice", "bob"] {
+            let o = tally(&[
+                "append",
+                "--server",
+                a,
+                "quote-1",
+                "--type",
+                "Quoted",
+                "--data",
+                &format!(r#"{{"n":{n}}}"#),
+                "--actor",
+                actor,
+            ]);
+            assert!(o.status.success(), "{o:?}");
+        }
+    }
+    let policies = json(&tally(&["policy", "list", "--server", a, "--json"]));
+    assert_eq!(policies[0]["name"], "quotes");
+    assert_eq!(policies[0]["set_by"], "compliance@firm");
+    let holds = json(&tally(&["hold", "list", "--server", a, "--json"]));
+    assert_eq!(holds[0]["id"], "case-1");
+    // Six quotes, the newest (bob's) kept; of the five older, bob's two are held and
+    // alice's three go.
+    let plan = json(&tally(&["retention", "--server", a, "--dry-run", "--json"]));
+    assert_eq!(plan["removed_events"], 3, "{plan}");
+    assert_eq!(plan["held_events"], 2, "{plan}");
+    let run = [&["retention", "--server", a, "--json"][..], &why].concat();
+    let applied = json(&tally(&run));
+    // The server's segment is still active: due, not yet removable.
+    assert_eq!(applied["pending"], 3, "{applied}");
+    let release = [
+        &["hold", "release", "--server", a, "--id", "case-1"][..],
+        &why,
+    ]
+    .concat();
+    ok(&tally(&release));
+    let holds = json(&tally(&["hold", "list", "--server", a, "--json"]));
+    assert_eq!(holds, serde_json::json!([]));
+    drop(server);
+    // What the server wrote is the data directory's history.
+    let log = Log::open(
+        tmp.path(),
+        Options {
+            recovery: tally_engine::RecoveryMode::ReadOnly,
+            create: false,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let types: Vec<String> = log
+        .read_stream("$governance", 0, 100, Direction::Forward)
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} by {}", e.event_type(), e.actor()))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "$RetentionPolicySet by compliance@firm",
+            "$LegalHoldPlaced by compliance@firm",
+            "$LegalHoldReleased by compliance@firm",
+        ]
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::format::record::BodyForm;
@@ -18,7 +18,7 @@ use crate::log::{
 };
 
 /// What a retention run would remove, and what holds keep ([`Log::retention_plan`]).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RetentionPlan {
     /// The time the policies were judged at.
     pub as_of: Timestamp,
@@ -31,7 +31,7 @@ pub struct RetentionPlan {
 }
 
 /// The events of one stream a policy removes.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StreamRemoval {
     /// The stream.
     pub stream: String,
@@ -46,7 +46,7 @@ pub struct StreamRemoval {
 }
 
 /// The events of one stream a hold keeps from its policy.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StreamHeld {
     /// The stream.
     pub stream: String,

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
+use serde_json::{Value, json};
 use tally_engine::Timestamp;
 use tally_engine::governance::{
     Governance, HoldPlaced, HoldScope, Keep, LegalHold, PolicyScope, PolicySet, RetentionPolicy,
@@ -42,7 +43,7 @@ pub struct PolicyArgs {
 #[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Show the retention policies in force, with who set them and when.
-    List(DirArg),
+    List(Target),
     /// Set a retention policy (a new one, or a new definition under its name).
     Set(PolicySetArgs),
     /// Remove a retention policy.
@@ -59,17 +60,22 @@ pub struct HoldArgs {
 #[derive(Subcommand, Debug)]
 enum HoldCommand {
     /// Show the legal holds that stand, with who placed them and when.
-    List(DirArg),
+    List(Target),
     /// Place a legal hold: nothing it covers is removed or erased while it stands.
     Place(HoldPlaceArgs),
     /// Release a legal hold.
     Release(WithdrawArgs),
 }
 
+/// Where the rules are: a data directory (embedded), or a running tallyd.
 #[derive(Args, Debug)]
-struct DirArg {
-    /// The data directory.
-    dir: PathBuf,
+struct Target {
+    /// The data directory. Not with --server.
+    #[arg(required_unless_present = "server")]
+    dir: Option<PathBuf>,
+    /// A running tallyd instead of a data directory (PROTOCOL.md 4.11d).
+    #[arg(long, conflicts_with = "dir")]
+    server: Option<String>,
 }
 
 /// `tally policy set`.
@@ -77,9 +83,10 @@ struct DirArg {
 #[command(group(clap::ArgGroup::new("scope").required(true).args(["prefix", "aggregate_type", "default"])))]
 #[command(group(clap::ArgGroup::new("keep").required(true).args(["keep_after_last", "keep_after", "keep_newest"])))]
 struct PolicySetArgs {
-    /// The data directory.
-    dir: PathBuf,
+    #[command(flatten)]
+    target: Target,
     /// The policy's name.
+    #[arg(long)]
     name: String,
     /// Streams whose name starts with this (a category such as `trade-`).
     #[arg(long)]
@@ -110,9 +117,10 @@ struct PolicySetArgs {
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("scope").required(true).args(["stream", "prefix", "aggregate_type", "correlation_id", "held_actor"])))]
 struct HoldPlaceArgs {
-    /// The data directory.
-    dir: PathBuf,
+    #[command(flatten)]
+    target: Target,
     /// The hold's id (a matter or case number).
+    #[arg(long)]
     id: String,
     /// One stream.
     #[arg(long)]
@@ -138,9 +146,10 @@ struct HoldPlaceArgs {
 /// `tally policy remove`, `tally hold release`.
 #[derive(Args, Debug)]
 struct WithdrawArgs {
-    /// The data directory.
-    dir: PathBuf,
+    #[command(flatten)]
+    target: Target,
     /// The policy's name, or the hold's id.
+    #[arg(long, visible_alias = "id", value_name = "NAME|ID")]
     name: String,
     #[command(flatten)]
     why: Why,
@@ -151,8 +160,8 @@ struct WithdrawArgs {
 /// `tally retention`.
 #[derive(Args, Debug)]
 pub struct RetentionArgs {
-    /// The data directory.
-    dir: PathBuf,
+    #[command(flatten)]
+    target: Target,
     /// List what would be removed and why, and what holds keep; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -347,13 +356,55 @@ fn changed(change: String, position: u64) -> Result<()> {
     render(&Changed { change, position })
 }
 
+/// A governance request to a running tallyd (PROTOCOL.md 4.11d) and its JSON answer.
+fn ask(server: &str, request: &Value) -> Result<Value> {
+    let text = crate::commands::remote::block_on(async {
+        let c = crate::commands::remote::connect(server).await?;
+        Ok(c.govern(&request.to_string()).await?)
+    })?;
+    serde_json::from_str(&text).context("the server's governance answer is not JSON")
+}
+
+/// The position a change was written at, from a server's answer.
+fn position_of(answer: &Value) -> Result<u64> {
+    answer["position"]
+        .as_u64()
+        .context("the server's answer names no position")
+}
+
+/// The rules in force, from a data directory or a server.
+fn rules(t: &Target) -> Result<Governance> {
+    match (&t.dir, &t.server) {
+        (_, Some(server)) => Ok(serde_json::from_value(ask(server, &json!({"op": "list"}))?)
+            .context("the server's rules")?),
+        (Some(dir), None) => Ok(open_read_only(dir)?.governance()?),
+        (None, None) => bail!("give a data directory or --server"),
+    }
+}
+
+/// Makes one change: embedded through the engine, or as a GOVERN request.
+fn change(
+    t: &Target,
+    key: &KeyArg,
+    request: Value,
+    embedded: impl FnOnce(&tally_engine::Log) -> tally_engine::Result<tally_engine::AppendResult>,
+) -> Result<u64> {
+    match (&t.dir, &t.server) {
+        (_, Some(server)) => position_of(&ask(server, &request)?),
+        (Some(dir), None) => {
+            let log = writable(dir, key)?;
+            let r = embedded(&log);
+            log.close()?;
+            Ok(r?.first_position.0)
+        }
+        (None, None) => bail!("give a data directory or --server"),
+    }
+}
+
 /// Runs `tally policy`.
 pub fn policy(a: &PolicyArgs) -> Result<ExitCode> {
     match &a.command {
-        PolicyCommand::List(d) => {
-            let g = open_read_only(&d.dir)?.governance()?;
-            render(&policy_rows(&g))?;
-        }
+        PolicyCommand::List(t) => render(&policy_rows(&rules(t)?))?,
         PolicyCommand::Set(a) => {
             let scope = match (&a.prefix, &a.aggregate_type) {
                 (Some(p), _) => PolicyScope::Prefix(p.clone()),
@@ -383,9 +434,10 @@ pub fn policy(a: &PolicyArgs) -> Result<ExitCode> {
                 keep,
                 reason: a.why.reason.clone(),
             };
-            let log = writable(&a.dir, &a.key)?;
-            let r = log.set_retention_policy(&p, &a.why.actor)?;
-            log.close()?;
+            let request = json!({"op": "policy_set", "policy": &p, "actor": a.why.actor});
+            let at = change(&a.target, &a.key, request, |log| {
+                log.set_retention_policy(&p, &a.why.actor)
+            })?;
             changed(
                 format!(
                     "policy {}: {} keep {}",
@@ -393,14 +445,16 @@ pub fn policy(a: &PolicyArgs) -> Result<ExitCode> {
                     scope_text(&p.scope),
                     keep_text(&p.keep)
                 ),
-                r.first_position.0,
+                at,
             )?;
         }
         PolicyCommand::Remove(a) => {
-            let log = writable(&a.dir, &a.key)?;
-            let r = log.remove_retention_policy(&a.name, &a.why.actor, &a.why.reason)?;
-            log.close()?;
-            changed(format!("policy {} removed", a.name), r.first_position.0)?;
+            let request = json!({"op": "policy_remove", "name": a.name,
+                "actor": a.why.actor, "reason": a.why.reason});
+            let at = change(&a.target, &a.key, request, |log| {
+                log.remove_retention_policy(&a.name, &a.why.actor, &a.why.reason)
+            })?;
+            changed(format!("policy {} removed", a.name), at)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -409,10 +463,7 @@ pub fn policy(a: &PolicyArgs) -> Result<ExitCode> {
 /// Runs `tally hold`.
 pub fn hold(a: &HoldArgs) -> Result<ExitCode> {
     match &a.command {
-        HoldCommand::List(d) => {
-            let g = open_read_only(&d.dir)?.governance()?;
-            render(&hold_rows(&g))?;
-        }
+        HoldCommand::List(t) => render(&hold_rows(&rules(t)?))?,
         HoldCommand::Place(a) => {
             let scope = if let Some(s) = &a.stream {
                 HoldScope::Stream(s.clone())
@@ -430,26 +481,26 @@ pub fn hold(a: &HoldArgs) -> Result<ExitCode> {
                 scope,
                 reason: a.why.reason.clone(),
             };
-            let log = writable(&a.dir, &a.key)?;
-            let r = log.place_legal_hold(&h, &a.why.actor)?;
-            log.close()?;
+            let request = json!({"op": "hold_place", "hold": &h, "actor": a.why.actor});
+            let at = change(&a.target, &a.key, request, |log| {
+                log.place_legal_hold(&h, &a.why.actor)
+            })?;
             changed(
                 format!(
                     "legal hold {} placed on {}",
                     h.id,
                     hold_scope_text(&h.scope)
                 ),
-                r.first_position.0,
+                at,
             )?;
         }
         HoldCommand::Release(a) => {
-            let log = writable(&a.dir, &a.key)?;
-            let r = log.release_legal_hold(&a.name, &a.why.actor, &a.why.reason)?;
-            log.close()?;
-            changed(
-                format!("legal hold {} released", a.name),
-                r.first_position.0,
-            )?;
+            let request = json!({"op": "hold_release", "id": a.name,
+                "actor": a.why.actor, "reason": a.why.reason});
+            let at = change(&a.target, &a.key, request, |log| {
+                log.release_legal_hold(&a.name, &a.why.actor, &a.why.reason)
+            })?;
+            changed(format!("legal hold {} released", a.name), at)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -500,8 +551,9 @@ impl Report for PlanOut {
 }
 
 /// What `tally retention` (applying) prints.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 struct AppliedOut {
+    #[serde(default)]
     as_of: String,
     removed: u64,
     pending: u64,
@@ -549,22 +601,43 @@ pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
                 "applying retention records who ran it and why: give --actor and --reason (or --dry-run)"
             );
         };
-        let log = writable(&a.dir, &a.key)?;
-        let done = log.apply_retention(as_of, actor, reason);
-        log.close()?;
-        let done = done?;
+        let out = match (&a.target.dir, &a.target.server) {
+            (_, Some(server)) => serde_json::from_value(ask(
+                server,
+                &json!({"op": "retention_apply", "as_of": as_of.0, "actor": actor, "reason": reason}),
+            )?)
+            .context("the server's answer")?,
+            (Some(dir), None) => {
+                let log = writable(dir, &a.key)?;
+                let done = log.apply_retention(as_of, actor, reason);
+                log.close()?;
+                let done = done?;
+                AppliedOut {
+                    as_of: String::new(),
+                    removed: done.removed,
+                    pending: done.pending,
+                    held_events: done.plan.held_events(),
+                    segments_rewritten: done.segments_rewritten,
+                    recorded_at: done.recorded_at.map(|p| p.0),
+                }
+            }
+            (None, None) => bail!("give a data directory or --server"),
+        };
         render(&AppliedOut {
             as_of: rfc3339(as_of),
-            removed: done.removed,
-            pending: done.pending,
-            held_events: done.plan.held_events(),
-            segments_rewritten: done.segments_rewritten,
-            recorded_at: done.recorded_at.map(|p| p.0),
+            ..out
         })?;
         return Ok(ExitCode::SUCCESS);
     }
-    let log = open_read_only(&a.dir)?;
-    let plan = log.retention_plan(as_of)?;
+    let plan: tally_engine::RetentionPlan = match (&a.target.dir, &a.target.server) {
+        (_, Some(server)) => serde_json::from_value(ask(
+            server,
+            &json!({"op": "retention_plan", "as_of": as_of.0}),
+        )?)
+        .context("the server's plan")?,
+        (Some(dir), None) => open_read_only(dir)?.retention_plan(as_of)?,
+        (None, None) => bail!("give a data directory or --server"),
+    };
     render(&PlanOut {
         as_of: rfc3339(as_of),
         examined: plan.examined,
