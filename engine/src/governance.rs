@@ -190,7 +190,9 @@ pub struct Governance {
     pub policies: BTreeMap<String, RetentionPolicy>,
     /// Standing holds by id.
     pub holds: BTreeMap<String, LegalHold>,
-    /// Every retention run, oldest first, with where it was recorded.
+    /// Every retention run, oldest first, with where it was recorded (one run may be
+    /// recorded as several events: [`crate::RANGES_PER_EVENT`] ranges each).
+    #[serde(default)]
     pub runs: Vec<(Position, RetentionApplied)>,
 }
 

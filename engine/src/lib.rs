@@ -55,11 +55,11 @@ pub use log::{
     AppendHandle, AppendRequest, AppendResult, BackupOptions, BackupReport, CHECKPOINTS_FILE,
     COSIGNATURES_FILE, ColdBackup, ColdOptions, ColdStatus, CompactPolicy, CompactReport,
     Direction, Durability, EventData, EventView, ExpectedVersion, IndexSummary, KEY_FILE, Log,
-    MovedSegment, Options, Query, REMOVED_EVENT_TYPE, RawRecord, RecordView, RecordedEvent,
-    RecoveryMode, RecoveryReport, RemovedRun, RetentionPlan, RetentionReport, SegmentDetail,
-    SegmentInfo, StreamHead, StreamHeld, StreamInfo, StreamRemoval, TREE_FILE, Tail, Truncation,
-    Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key, new_event_id, now,
-    producer_signature,
+    MovedSegment, Options, Query, RANGES_PER_EVENT, REMOVED_EVENT_TYPE, RawRecord, RecordView,
+    RecordedEvent, RecoveryMode, RecoveryReport, RemovedRun, RetentionPlan, RetentionReport,
+    SegmentDetail, SegmentInfo, StreamHead, StreamHeld, StreamInfo, StreamRemoval, TREE_FILE, Tail,
+    Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key,
+    new_event_id, now, producer_signature,
 };
 #[cfg(feature = "internals")]
 pub use sys::sim;

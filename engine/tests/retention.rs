@@ -394,3 +394,70 @@ fn a_power_cut_at_any_step_of_a_run_removes_only_what_the_plan_said() {
         assert!(n > 10, "seed {seed}: the run took only {n} disk operations");
     }
 }
+
+/// A run whose removals are scattered over more ranges than one event may list is recorded
+/// as several `$RetentionApplied` events, each naming the positions it covers; every removed
+/// record names the event that lists it, and `verify` checks each against it.
+#[test]
+fn a_run_of_many_scattered_removals_is_recorded_in_several_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            durability: tally_engine::Durability::None,
+            segment_bytes: 1 << 20,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let n = tally_engine::RANGES_PER_EVENT as u64 + 900;
+    for i in 0..n {
+        for stream in ["quote-a", "keep-b"] {
+            log.append(
+                stream,
+                ExpectedVersion::Any,
+                &[EventData::json("Quoted", format!("{{\"i\":{i}}}"))],
+            )
+            .unwrap();
+        }
+    }
+    for k in 0..4000 {
+        let e = EventData::json(
+            "Pad",
+            format!("{{\"k\":{k},\"pad\":\"{}\"}}", "x".repeat(250)),
+        );
+        log.append("filler", ExpectedVersion::Any, &[e]).unwrap();
+    }
+    log.wait_sealed().unwrap();
+    log.set_retention_policy(
+        &PolicySet {
+            name: "quotes".into(),
+            scope: PolicyScope::Prefix("quote-".into()),
+            keep: Keep::Newest { count: 1 },
+            reason: "r".into(),
+        },
+        "c",
+    )
+    .unwrap();
+    let done = log
+        .apply_retention(tally_engine::now(), "ops", "big")
+        .unwrap();
+    assert_eq!(done.removed, n - 1);
+    assert_eq!(done.run_events, 2);
+    let g = log.governance().unwrap();
+    assert_eq!(g.runs.len(), 2);
+    assert_eq!(g.runs[0].1.removed.len(), tally_engine::RANGES_PER_EVENT);
+    // The first and the last removed event name different events, each listing them.
+    let first = log
+        .read_stream("quote-a", 0, 1, Direction::Forward)
+        .unwrap()[0]
+        .clone();
+    let last = log
+        .read_stream("quote-a", n - 2, 1, Direction::Forward)
+        .unwrap()[0]
+        .clone();
+    assert_eq!(first.removed_by(), Some(g.runs[0].0));
+    assert_eq!(last.removed_by(), Some(g.runs[1].0));
+    let v = log.verify().unwrap();
+    assert_eq!(v.removed.iter().map(|r| r.to - r.from).sum::<u64>(), n - 1);
+}

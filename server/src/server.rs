@@ -2279,8 +2279,28 @@ fn govern(log: &Log, request: &str) -> Result<String, WireError> {
     };
     match text("op")? {
         "list" => {
+            // The runs as a summary (their ranges can be long): where, as of when, how many
+            // events, why.
             let g = log.governance().map_err(|e| engine_error(&e))?;
-            serde_json::to_string(&g).map_err(|e| bad(e.to_string()))
+            let runs: Vec<serde_json::Value> = g
+                .runs
+                .iter()
+                .map(|(at, run)| {
+                    serde_json::json!({
+                        "position": at.0,
+                        "as_of": run.as_of,
+                        "removed": run.removed.iter().map(|r| r.to - r.from).sum::<u64>(),
+                        "held": run.held,
+                        "reason": run.reason,
+                    })
+                })
+                .collect();
+            Ok(serde_json::json!({
+                "policies": g.policies,
+                "holds": g.holds,
+                "run_summaries": runs,
+            })
+            .to_string())
         }
         "policy_set" => {
             let p: PolicySet = serde_json::from_value(field("policy")?)
@@ -2306,7 +2326,7 @@ fn govern(log: &Log, request: &str) -> Result<String, WireError> {
             .map_err(refused),
         "retention_plan" => {
             let plan = log.retention_plan(time("as_of")?).map_err(refused)?;
-            serde_json::to_string(&plan).map_err(|e| bad(e.to_string()))
+            serde_json::to_string(&plan.summary()).map_err(|e| bad(e.to_string()))
         }
         "retention_apply" => {
             let done = log
@@ -2318,6 +2338,7 @@ fn govern(log: &Log, request: &str) -> Result<String, WireError> {
                 "held_events": done.plan.held_events(),
                 "segments_rewritten": done.segments_rewritten,
                 "recorded_at": done.recorded_at.map(|p| p.0),
+                "run_events": done.run_events,
             })
             .to_string())
         }

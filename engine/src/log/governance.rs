@@ -39,7 +39,11 @@ pub struct StreamRemoval {
     pub policy: String,
     /// Why, in words (the rule and the event or time that started its clock).
     pub why: String,
-    /// The positions removed, ascending.
+    /// How many events.
+    pub events: u64,
+    /// The positions removed, ascending (left out of a plan sent as a summary, such as
+    /// GOVERN's answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub positions: Vec<u64>,
     /// The first and last stream version removed.
     pub versions: (u64, u64),
@@ -59,10 +63,20 @@ pub struct StreamHeld {
 }
 
 impl RetentionPlan {
+    /// The plan without the positions of each removal (the counts, versions and reasons
+    /// stay): what a report or a protocol answer carries, whatever the size of the log.
+    #[must_use]
+    pub fn summary(mut self) -> RetentionPlan {
+        for r in &mut self.removals {
+            r.positions = Vec::new();
+        }
+        self
+    }
+
     /// Events the plan removes.
     #[must_use]
     pub fn removed_events(&self) -> u64 {
-        self.removals.iter().map(|r| r.positions.len() as u64).sum()
+        self.removals.iter().map(|r| r.events).sum()
     }
 
     /// Events holds keep.
@@ -368,6 +382,7 @@ impl Log {
                     events.first().map_or(0, |e| e.1),
                     events.last().map_or(0, |e| e.1),
                 ),
+                events: events.len() as u64,
                 positions: events.into_iter().map(|e| e.0).collect(),
             });
         }

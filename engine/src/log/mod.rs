@@ -48,7 +48,7 @@ pub use cosignatures::COSIGNATURES_FILE;
 pub use detail::{IndexSummary, SegmentDetail};
 pub use governance::{RetentionPlan, StreamHeld, StreamRemoval};
 pub use read::{RecordView, Tail, Verify};
-pub use retention::RetentionReport;
+pub use retention::{RANGES_PER_EVENT, RetentionReport};
 use shared::Shared;
 pub use tree::TREE_FILE;
 

@@ -15,7 +15,7 @@
 //! names every position that may have been removed, so `verify` can check each removal, and
 //! the next run removes what this one did not reach.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -37,8 +37,11 @@ use crate::sys::OpenMode;
 pub struct RetentionReport {
     /// What the policies and holds said.
     pub plan: RetentionPlan,
-    /// Where the run's `$RetentionApplied` event is (`None` when nothing was due).
+    /// Where the run's first `$RetentionApplied` event is (`None` when nothing was due).
     pub recorded_at: Option<Position>,
+    /// How many `$RetentionApplied` events record the run (one per [`RANGES_PER_EVENT`]
+    /// ranges of removed positions).
+    pub run_events: usize,
     /// Events removed now.
     pub removed: u64,
     /// Segment files rewritten.
@@ -55,6 +58,10 @@ struct Patch {
     header_len: usize,
     body: Vec<u8>,
 }
+
+/// Ranges of removed positions one `$RetentionApplied` event lists at most: with a policy
+/// name of at most 128 bytes, an event stays under 1 MiB (about 200 bytes a range).
+pub const RANGES_PER_EVENT: usize = 4096;
 
 fn refused(reason: String) -> Error {
     Error::InvalidOptions { reason }
@@ -128,36 +135,56 @@ impl Log {
                 }),
             }
         }
-        let run = RetentionApplied {
-            as_of: as_of.0,
-            removed,
-            held: plan.held_events(),
-            reason: reason.to_owned(),
-        };
-        let payload = serde_json::to_string(&run).map_err(|e| Error::InvalidAppend {
-            reason: format!("{RETENTION_APPLIED}: {e}"),
-        })?;
-        let events = [EventData::json(RETENTION_APPLIED, payload).actor(actor)];
-        let recorded = append::submit_signed(
-            &self.shared,
-            &[AppendRequest {
-                stream: GOVERNANCE_STREAM,
-                expected: ExpectedVersion::Any,
-                events: &events,
-            }],
-            false,
-            append::Signing {
-                signature: None,
-                system: true,
-            },
-            append::Blocking::Allowed,
-        )?
-        .wait()?
-        .remove(0)
-        .first_position;
+        // The run is recorded as one event per RANGES_PER_EVENT ranges, so that each
+        // stays far below the payload limit however scattered the removals are.
+        let mut recorded = Vec::new();
+        // And small enough for the segment: a record never spans two (about 200 bytes a
+        // range with a policy name of 128 bytes).
+        let room = usize::try_from(self.shared.opts.segment_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(4 * crate::format::PAGE_BYTES as usize);
+        let per_event = (room / 200).clamp(1, RANGES_PER_EVENT);
+        for chunk in removed.chunks(per_event) {
+            let run = RetentionApplied {
+                as_of: as_of.0,
+                removed: chunk.to_vec(),
+                held: plan.held_events(),
+                reason: reason.to_owned(),
+            };
+            let payload = serde_json::to_string(&run).map_err(|e| Error::InvalidAppend {
+                reason: format!("{RETENTION_APPLIED}: {e}"),
+            })?;
+            let events = [EventData::json(RETENTION_APPLIED, payload).actor(actor)];
+            let at = append::submit_signed(
+                &self.shared,
+                &[AppendRequest {
+                    stream: GOVERNANCE_STREAM,
+                    expected: ExpectedVersion::Any,
+                    events: &events,
+                }],
+                false,
+                append::Signing {
+                    signature: None,
+                    system: true,
+                },
+                append::Blocking::Allowed,
+            )?
+            .wait()?
+            .remove(0)
+            .first_position;
+            recorded.push((chunk[0].from, at));
+        }
         // The run is durable before any byte is removed, whatever the durability setting.
         self.shared.sync_all()?;
-        let due: HashSet<u64> = by_policy.iter().map(|(p, _)| *p).collect();
+        // Each position is removed by the event whose ranges list it: the last one whose
+        // first range starts at or before it (the ranges are ascending across events).
+        let due: HashMap<u64, Position> = by_policy
+            .iter()
+            .map(|(p, _)| {
+                let i = recorded.partition_point(|(from, _)| *from <= *p);
+                (*p, recorded[i.saturating_sub(1)].1)
+            })
+            .collect();
         let mut per_segment: BTreeMap<u64, Arc<SegmentHandle>> = BTreeMap::new();
         for &(p, _) in &by_policy {
             if let Some(s) = segs.iter().rev().find(|s| s.header.base_position.0 <= p) {
@@ -165,22 +192,23 @@ impl Log {
             }
         }
         for seg in per_segment.values() {
-            report.removed += prune_segment(&self.shared, seg, &due, recorded)?;
+            report.removed += prune_segment(&self.shared, seg, &due)?;
             report.segments_rewritten += 1;
         }
-        report.recorded_at = Some(recorded);
+        report.recorded_at = recorded.first().map(|r| r.1);
+        report.run_events = recorded.len();
         report.plan = plan;
         Ok(report)
     }
 }
 
-/// Rewrites sealed segment `seg` with the records at `due` positions pruned (those already
-/// pruned are left as they are). Returns how many it pruned.
+/// Rewrites sealed segment `seg` with the records at `due` positions pruned, each naming
+/// the run event that lists it (those already pruned are left as they are). Returns how many
+/// it pruned.
 fn prune_segment(
     shared: &Shared,
     seg: &SegmentHandle,
-    due: &HashSet<u64>,
-    removed_by: Position,
+    due: &HashMap<u64, Position>,
 ) -> Result<u64> {
     let fs = shared.fs();
     let path = &seg.path;
@@ -226,7 +254,10 @@ fn prune_segment(
         footer.record_count,
         &mut |rec, content| {
             let p = rec.header.position.0;
-            if !due.contains(&p) || problem.is_some() {
+            let Some(&removed_by) = due.get(&p) else {
+                return;
+            };
+            if problem.is_some() {
                 return;
             }
             let Content::Event(env) = content else {

@@ -528,12 +528,7 @@ impl Report for PlanOut {
             writeln!(
                 out,
                 "remove {}  versions {}..={}  ({} events)  policy {}: {}",
-                r.stream,
-                r.versions.0,
-                r.versions.1,
-                r.positions.len(),
-                r.policy,
-                r.why
+                r.stream, r.versions.0, r.versions.1, r.events, r.policy, r.why
             )?;
         }
         for h in &self.plan.held {
@@ -560,12 +555,19 @@ struct AppliedOut {
     held_events: u64,
     segments_rewritten: usize,
     recorded_at: Option<u64>,
+    #[serde(default)]
+    run_events: usize,
 }
 
 impl Report for AppliedOut {
     fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
         match self.recorded_at {
             None => writeln!(out, "as of {}: nothing to remove", self.as_of)?,
+            Some(p) if self.run_events > 1 => writeln!(
+                out,
+                "as of {}: removed {} events in {} segments (the run is {} $RetentionApplied events from position {p})",
+                self.as_of, self.removed, self.segments_rewritten, self.run_events
+            )?,
             Some(p) => writeln!(
                 out,
                 "as of {}: removed {} events in {} segments (the run is the $RetentionApplied event at position {p})",
@@ -619,6 +621,7 @@ pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
                     held_events: done.plan.held_events(),
                     segments_rewritten: done.segments_rewritten,
                     recorded_at: done.recorded_at.map(|p| p.0),
+                    run_events: done.run_events,
                 }
             }
             (None, None) => bail!("give a data directory or --server"),
@@ -635,7 +638,7 @@ pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
             &json!({"op": "retention_plan", "as_of": as_of.0}),
         )?)
         .context("the server's plan")?,
-        (Some(dir), None) => open_read_only(dir)?.retention_plan(as_of)?,
+        (Some(dir), None) => open_read_only(dir)?.retention_plan(as_of)?.summary(),
         (None, None) => bail!("give a data directory or --server"),
     };
     render(&PlanOut {
