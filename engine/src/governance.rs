@@ -358,19 +358,21 @@ impl Governance {
             })
     }
 
-    /// The standing holds that cover event `e` of a stream whose first event has
-    /// `aggregate_type`.
+    /// The standing holds that cover an event of `stream` (whose aggregate type is
+    /// `aggregate_type`) with `correlation_id` and `actor`.
     pub fn holds_on<'a>(
         &'a self,
-        e: &'a RecordedEvent,
+        stream: &'a str,
         aggregate_type: &'a str,
+        correlation_id: &'a str,
+        actor: &'a str,
     ) -> impl Iterator<Item = &'a LegalHold> + 'a {
         self.holds.values().filter(move |h| match &h.hold.scope {
-            HoldScope::Stream(s) => e.stream() == s,
-            HoldScope::Prefix(p) => e.stream().starts_with(p.as_str()),
+            HoldScope::Stream(s) => stream == s,
+            HoldScope::Prefix(p) => stream.starts_with(p.as_str()),
             HoldScope::AggregateType(t) => aggregate_type == t,
-            HoldScope::CorrelationId(c) => e.correlation_id() == c,
-            HoldScope::Actor(a) => e.actor() == a,
+            HoldScope::CorrelationId(c) => correlation_id == c,
+            HoldScope::Actor(a) => actor == a,
         })
     }
 

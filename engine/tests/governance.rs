@@ -85,6 +85,17 @@ fn changes_are_events_with_actor_and_reason_and_survive_a_reopen() {
         )
         .unwrap_err();
     assert!(matches!(err, Error::InvalidAppend { .. }), "{err}");
+    // A second policy for the same scope is refused (which one applied would be left to
+    // their names); setting the same name again replaces it.
+    let mut twin = p.clone();
+    twin.name = "trades-10y".into();
+    let err = log
+        .set_retention_policy(&twin, "compliance@firm")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already covers that scope"),
+        "{err}"
+    );
     // An invalid definition is refused before anything is written.
     let mut bad = p.clone();
     bad.keep = Keep::Newest { count: 0 };

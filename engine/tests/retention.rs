@@ -21,8 +21,10 @@ fn opts() -> Options {
     }
 }
 
+/// Now: the policies keep settled trades for a nanosecond, so that a run judged now has
+/// them due (a run may not be judged in the future).
 fn far() -> Timestamp {
-    Timestamp(tally_engine::now().0 + 8 * YEAR)
+    tally_engine::now()
 }
 
 /// 60 trades of 4 events; even ones settled. Trade 10 is held.
@@ -47,11 +49,11 @@ fn history(log: &Log) {
     }
     log.set_retention_policy(
         &PolicySet {
-            name: "trades-7y".into(),
+            name: "trades".into(),
             scope: PolicyScope::Prefix("trade-".into()),
             keep: Keep::AfterEvent {
                 event_type: "TradeSettled".into(),
-                nanos: 7 * YEAR,
+                nanos: 1,
             },
             reason: "MiFID II".into(),
         },
@@ -103,6 +105,11 @@ fn removed_events_read_as_markers_and_every_proof_still_verifies() {
         29 * 4,
         "the settled trades but the held one"
     );
+    // A run is judged now, not in the future (a dry run may look ahead).
+    let err = log
+        .apply_retention(Timestamp(tally_engine::now().0 + YEAR), "ops", "early")
+        .unwrap_err();
+    assert!(err.to_string().contains("future"), "{err}");
     let report = log.apply_retention(far(), "ops", "quarterly run").unwrap();
     assert_eq!(report.removed, 29 * 4);
     assert_eq!(report.pending, 0);
@@ -159,7 +166,7 @@ fn removed_events_read_as_markers_and_every_proof_still_verifies() {
         assert!(
             v.removed
                 .iter()
-                .all(|r| r.policy == "trades-7y" && r.removed_by == by.0)
+                .all(|r| r.policy == "trades" && r.removed_by == by.0)
         );
         assert!(v.checkpoints >= 1);
     };
@@ -314,11 +321,11 @@ fn a_power_cut_at_any_step_of_a_run_removes_only_what_the_plan_said() {
             log.wait_sealed().unwrap();
             log.set_retention_policy(
                 &PolicySet {
-                    name: "trades-7y".into(),
+                    name: "trades".into(),
                     scope: PolicyScope::Prefix("trade-".into()),
                     keep: Keep::AfterEvent {
                         event_type: "TradeSettled".into(),
-                        nanos: 7 * YEAR,
+                        nanos: 1,
                     },
                     reason: "MiFID II".into(),
                 },

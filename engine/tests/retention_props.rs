@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use tally_engine::governance::{HoldPlaced, HoldScope, Keep, PolicyScope, PolicySet};
-use tally_engine::{Direction, EventData, ExpectedVersion, Log, Options, Position, Timestamp};
+use tally_engine::{Direction, EventData, ExpectedVersion, Log, Options, Position};
 
 const STREAMS: [&str; 6] = [
     "trade-0", "trade-1", "quote-0", "quote-1", "misc-0", "misc-1",
@@ -102,7 +102,7 @@ proptest! {
                 }
             }
         }
-        let as_of = Timestamp(tally_engine::now().0 + 1_000_000_000);
+        let as_of = tally_engine::now();
         let run = log.apply_retention(as_of, "ops", "property").unwrap();
         prop_assert_eq!(run.pending, 0);
         let removed: BTreeSet<u64> = before.iter()

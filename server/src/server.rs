@@ -95,6 +95,10 @@ pub struct Config {
     /// Bytes of unfinished blob uploads (BLOB_PUT) held in memory, over all connections;
     /// an upload that would pass it is refused with `LimitExceeded`.
     pub blob_upload_bytes_max: u64,
+    /// Whether GOVERN may change policies and holds and apply retention. Off by default:
+    /// until clients are authenticated (issue 17), any client could otherwise release a
+    /// legal hold; reads of the rules and plans are always allowed.
+    pub governance_changes: bool,
     /// How the log is opened (durability, segment size, recovery, checkpoints).
     pub options: Options,
 }
@@ -118,6 +122,7 @@ impl Config {
             connection_response_bytes_max: 64 << 20,
             response_wait: Duration::from_secs(30),
             blob_upload_bytes_max: 512 << 20,
+            governance_changes: false,
             options: Options::default(),
         }
     }
@@ -2229,7 +2234,7 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
                 Err(e) => reply.error(engine_error(&e)),
             }
         }
-        Request::Govern { request } => match govern(log, &request) {
+        Request::Govern { request } => match govern(log, &request, ctx.cfg.governance_changes) {
             Ok(answer) => reply.send(&Response::Governed(answer)),
             Err(e) => reply.error(e),
         },
@@ -2244,7 +2249,7 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
 /// `$governance` with the request's `actor` and `reason` by the engine's operations, which
 /// check them against the rules in force; a retention run rewrites sealed segments beside
 /// reads and appends.
-fn govern(log: &Log, request: &str) -> Result<String, WireError> {
+fn govern(log: &Log, request: &str, changes: bool) -> Result<String, WireError> {
     use tally_engine::governance::{HoldPlaced, PolicySet};
     let bad = |what: String| WireError::new(ErrorCode::MalformedRequest, what);
     let v: serde_json::Value =
@@ -2277,7 +2282,17 @@ fn govern(log: &Log, request: &str) -> Result<String, WireError> {
             .cloned()
             .ok_or_else(|| bad(format!("governance request: {k:?} is missing")))
     };
-    match text("op")? {
+    let op = text("op")?;
+    if !changes && !matches!(op, "list" | "retention_plan") {
+        return Err(WireError::new(
+            ErrorCode::ReadOnly,
+            format!(
+                "governance changes ({op}) are off on this server: start tallyd with \
+                 governance_changes = true (or change them with tally on the stopped log)"
+            ),
+        ));
+    }
+    match op {
         "list" => {
             // The runs as a summary (their ranges can be long): where, as of when, how many
             // events, why.
@@ -2431,7 +2446,26 @@ fn read_all_forward(
             if full {
                 return;
             }
-            let env = match v.envelope() {
+            // An event retention removed is sent as its marker, as every read returns it.
+            let removed = match v.removed() {
+                Ok(r) => r,
+                Err(e) => {
+                    bad.get_or_insert((v.position, e));
+                    full = true;
+                    return;
+                }
+            };
+            let marker_payload =
+                removed.map(|p| tally_engine::format::pruned::marker_payload(p.removed_by));
+            let env = match (&removed, &marker_payload) {
+                (Some(p), Some(payload)) => Ok(tally_engine::format::pruned::marker_with_payload(
+                    p,
+                    v.record_time,
+                    payload.as_bytes(),
+                )),
+                _ => v.envelope(),
+            };
+            let env = match env {
                 Ok(e) => e,
                 Err(e) => {
                     bad.get_or_insert((v.position, e));

@@ -169,17 +169,31 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
     ]));
     assert_eq!(later["removed_events"], 6);
 
-    // Applying it needs who and why; then the trades read as markers, and verify reports
-    // the removal with its policy.
-    assert_eq!(
-        tally(&["retention", d, "--as-of", "+8y"]).status.code(),
-        Some(2)
-    );
+    // Applying it needs who and why, and is judged now: a run in the future is refused.
+    assert_eq!(tally(&["retention", d]).status.code(), Some(2));
+    let early = [&["retention", d, "--as-of", "+8y"][..], &why].concat();
+    assert_eq!(tally(&early).status.code(), Some(2));
+    // Eight years later, in the test's terms: the policy, set again, keeps settled trades
+    // no time at all. Then the trades read as markers, and verify reports the removal with
+    // its policy.
+    let again = [
+        &[
+            "policy",
+            "set",
+            d,
+            "--name",
+            "trades-7y",
+            "--prefix",
+            "trade-",
+        ][..],
+        &["--keep-after", "TradeSettled=0s"],
+        &why,
+    ]
+    .concat();
+    ok(&tally(&again));
     let applied = json(&tally(&[
         "retention",
         d,
-        "--as-of",
-        "+8y",
         "--actor",
         "ops",
         "--reason",
@@ -264,11 +278,12 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
             "$RetentionPolicySet",
             "$LegalHoldPlaced",
             "$LegalHoldReleased",
+            "$RetentionPolicySet",
             "$RetentionApplied"
         ]
     );
-    assert!(history[..3].iter().all(|e| e.actor() == "compliance@firm"));
-    assert_eq!(history[3].actor(), "ops");
+    assert!(history[..4].iter().all(|e| e.actor() == "compliance@firm"));
+    assert_eq!(history[4].actor(), "ops");
 }
 
 /// The same operations through a running tallyd (GOVERN, PROTOCOL.md 4.11d): changes land in
@@ -277,9 +292,36 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
 #[test]
 fn policies_holds_and_retention_through_a_server() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = common::InProcess::start(tmp.path());
-    let a = server.addr.as_str();
+    // By default a server reads the rules but refuses changes (no authentication yet).
+    let closed = tempfile::tempdir().unwrap();
+    let server = common::InProcess::start(closed.path());
     let why = ["--actor", "compliance@firm", "--reason", "MiFID II"];
+    let a = server.addr.as_str();
+    let set = [
+        &[
+            "policy",
+            "set",
+            "--server",
+            a,
+            "--name",
+            "p",
+            "--default",
+            "--keep-newest",
+            "1",
+        ][..],
+        &why,
+    ]
+    .concat();
+    let o = tally(&set);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("governance changes"),
+        "{o:?}"
+    );
+    ok(&tally(&["policy", "list", "--server", a]));
+    drop(server);
+    let server = common::InProcess::start_with(tmp.path(), |c| c.governance_changes = true);
+    let a = server.addr.as_str();
     let set = [
         &[
             "policy", "set", "--server", a, "--name", "quotes", "--prefix", "quote-",
@@ -370,4 +412,88 @@ fn policies_holds_and_retention_through_a_server() {
             "$LegalHoldReleased by compliance@firm",
         ]
     );
+}
+
+/// A log whose events retention removed, served by tallyd: READ_ALL forward (what `$all`
+/// subscriptions and catch-up reads use) and backward, and stream reads, return the markers
+/// naming the run, never an error.
+#[test]
+fn a_pruned_log_reads_through_a_server_with_markers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let by = {
+        let log = Log::open(
+            tmp.path(),
+            Options {
+                segment_bytes: 64 << 10,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        for n in 0..4 {
+            log.append(
+                "quote-1",
+                ExpectedVersion::Any,
+                &[EventData::json("Quoted", format!(r#"{{"n":{n}}}"#))],
+            )
+            .unwrap();
+        }
+        for n in 0..300 {
+            let pad = "x".repeat(300);
+            log.append(
+                "filler",
+                ExpectedVersion::Any,
+                &[EventData::json(
+                    "Pad",
+                    format!(r#"{{"n":{n},"p":"{pad}"}}"#),
+                )],
+            )
+            .unwrap();
+        }
+        log.wait_sealed().unwrap();
+        log.set_retention_policy(
+            &tally_engine::governance::PolicySet {
+                name: "quotes".into(),
+                scope: tally_engine::governance::PolicyScope::Prefix("quote-".into()),
+                keep: tally_engine::governance::Keep::Newest { count: 1 },
+                reason: "r".into(),
+            },
+            "c",
+        )
+        .unwrap();
+        let run = log
+            .apply_retention(tally_engine::now(), "ops", "r")
+            .unwrap();
+        assert_eq!(run.removed, 3);
+        log.close().unwrap();
+        run.recorded_at.unwrap().0
+    };
+    let server = common::InProcess::start(tmp.path());
+    let addr = server.addr.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let c = tally_server::client::Client::connect(&addr).await.unwrap();
+        let filter = tally_server::protocol::Filter::default();
+        for direction in [Direction::Forward, Direction::Backward] {
+            let from = if direction == Direction::Forward {
+                0
+            } else {
+                u64::MAX
+            };
+            let (events, _, _) = c.read_all(from, 1000, direction, &filter).await.unwrap();
+            let quotes: Vec<_> = events.iter().filter(|e| e.stream() == "quote-1").collect();
+            assert_eq!(quotes.len(), 4, "{direction:?}");
+            let removed: Vec<_> = quotes
+                .iter()
+                .filter(|e| e.event_type() == "$Removed")
+                .collect();
+            assert_eq!(removed.len(), 3, "{direction:?}");
+            for e in removed {
+                assert_eq!(e.payload(), format!(r#"{{"removed_by":{by}}}"#).as_bytes());
+            }
+        }
+    });
+    drop(server);
 }

@@ -98,11 +98,28 @@ pub fn decode(body: &[u8]) -> Result<PrunedRef<'_>, DecodeError> {
     })
 }
 
+/// The payload of a removed event's marker as reads return it: `{"removed_by":P}`.
+#[must_use]
+pub fn marker_payload(removed_by: Position) -> String {
+    format!("{{\"removed_by\":{}}}", removed_by.0)
+}
+
 /// The marker's envelope for a removed event: its stream, the type [`REMOVED_EVENT_TYPE`],
-/// a nil id, the record time as event time, content type JSON and no payload (a reader adds
-/// `{"removed_by": P}` where it shows one).
+/// a nil id, the record time as event time, content type JSON and no payload (what an
+/// attribute index or an extract holds; reads add [`marker_payload`] with
+/// [`marker_with_payload`]).
 #[must_use]
 pub fn marker<'a>(pruned: &PrunedRef<'a>, record_time: Timestamp) -> EnvelopeRef<'a> {
+    marker_with_payload(pruned, record_time, &[])
+}
+
+/// [`marker`] with a payload (the reads' [`marker_payload`]).
+#[must_use]
+pub fn marker_with_payload<'a>(
+    pruned: &PrunedRef<'a>,
+    record_time: Timestamp,
+    payload: &'a [u8],
+) -> EnvelopeRef<'a> {
     EnvelopeRef {
         event_id: EventId([0; 16]),
         event_time: record_time,
@@ -115,7 +132,7 @@ pub fn marker<'a>(pruned: &PrunedRef<'a>, record_time: Timestamp) -> EnvelopeRef
         correlation_id: "",
         causation_id: "",
         actor: "",
-        payload: &[],
+        payload,
     }
 }
 

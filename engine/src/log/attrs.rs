@@ -143,10 +143,16 @@ pub(crate) struct Attrs {
     building: BTreeMap<SegmentSeq, AttrBuilder>,
 }
 
-/// Forgets segment `seg`'s attribute index and deletes its sidecar (durably): after
-/// retention pruned records of the segment, whose attributes are gone. The indexer builds it
-/// again from the records (the markers) when it next catches up.
-pub(crate) fn forget_segment(shared: &Shared, seg: &SegmentHandle) -> Result<()> {
+/// Replaces segment `seg`'s file by `replace` with its attribute index forgotten and its
+/// sidecar deleted (durably) first, the attribute indexes held meanwhile: after retention
+/// pruned records of the segment, whose attributes are gone, no crash and no lookup can
+/// leave a sidecar of the old records beside the new file. The indexer builds it again
+/// from the records (the markers) when it next catches up.
+pub(crate) fn replace_segment(
+    shared: &Shared,
+    seg: &SegmentHandle,
+    replace: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let mut attrs = shared.indexing.attrs.lock();
     attrs.sealed.remove(&seg.seq);
     attrs.building.remove(&seg.seq);
@@ -158,6 +164,7 @@ pub(crate) fn forget_segment(shared: &Shared, seg: &SegmentHandle) -> Result<()>
         fs.sync_dir(&shared.dir)
             .map_err(Error::io("syncing", &shared.dir))?;
     }
+    replace()?;
     drop(attrs);
     shared.indexing.indexer.signal();
     Ok(())

@@ -178,6 +178,18 @@ struct Cached {
     slot: Weak<MapSlot>,
 }
 
+impl ColdTier {
+    /// Whether the manifest names segment `seq` (moved, or half moved by a compaction that
+    /// a crash cut short: the entry written, the local file still there).
+    pub(crate) fn in_manifest(&self, seq: SegmentSeq) -> bool {
+        self.manifest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entries
+            .contains_key(&seq)
+    }
+}
+
 /// The cold tier of an open log.
 #[derive(Debug)]
 pub(crate) struct ColdTier {

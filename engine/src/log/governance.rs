@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::format::record::BodyForm;
 use crate::format::{Position, Timestamp};
 use crate::governance::{
-    GOVERNANCE_STREAM, Governance, HOLD_PLACED, HOLD_RELEASED, HoldPlaced, HoldScope, Keep,
-    POLICY_REMOVED, POLICY_SET, PolicySet, Withdrawn,
+    GOVERNANCE_STREAM, Governance, HOLD_PLACED, HOLD_RELEASED, HoldPlaced, Keep, POLICY_REMOVED,
+    POLICY_SET, PolicySet, Withdrawn,
 };
 use crate::log::{
     AppendRequest, AppendResult, Direction, EventData, ExpectedVersion, Log, append, read,
@@ -41,6 +41,10 @@ pub struct StreamRemoval {
     pub why: String,
     /// How many events.
     pub events: u64,
+    /// The stream's last version when the plan was made: a run removes nothing of a stream
+    /// that has grown since (its clock may have started again).
+    #[serde(default)]
+    pub last_version: u64,
     /// The positions removed, ascending (left out of a plan sent as a summary, such as
     /// GOVERN's answer).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -96,6 +100,15 @@ struct Facts {
     started: HashMap<String, Timestamp>,
 }
 
+/// The fold of `$governance`: the rules in force and every run.
+pub(crate) fn fold(shared: &super::shared::Shared) -> Result<Governance> {
+    let mut g = Governance::default();
+    for e in read::read_stream(shared, GOVERNANCE_STREAM, 0, usize::MAX, Direction::Forward)? {
+        g.apply(&e)?;
+    }
+    Ok(g)
+}
+
 fn refused(reason: String) -> Error {
     Error::InvalidOptions { reason }
 }
@@ -118,17 +131,7 @@ impl Log {
     /// # Errors
     /// Read errors; a governance event that does not decode.
     pub fn governance(&self) -> Result<Governance> {
-        let mut g = Governance::default();
-        for e in read::read_stream(
-            &self.shared,
-            GOVERNANCE_STREAM,
-            0,
-            usize::MAX,
-            Direction::Forward,
-        )? {
-            g.apply(&e)?;
-        }
-        Ok(g)
+        fold(&self.shared)
     }
 
     /// Sets a retention policy (a new one, or a new definition under an existing name),
@@ -138,7 +141,21 @@ impl Log {
     /// [`Error::InvalidAppend`] for a definition that does not check; as [`Log::append`].
     pub fn set_retention_policy(&self, policy: &PolicySet, actor: &str) -> Result<AppendResult> {
         policy.check()?;
-        self.write_governance(POLICY_SET, policy, actor, |_| Ok(()))
+        self.write_governance(POLICY_SET, policy, actor, |g| {
+            // One policy per scope: two would leave which one applies to a stream to their
+            // names.
+            match g
+                .policies
+                .values()
+                .find(|p| p.policy.scope == policy.scope && p.policy.name != policy.name)
+            {
+                Some(other) => Err(refused(format!(
+                    "policy {:?} already covers that scope: set it again, or remove it first",
+                    other.policy.name
+                ))),
+                None => Ok(()),
+            }
+        })
     }
 
     /// Removes the retention policy `name`.
@@ -240,8 +257,11 @@ impl Log {
     /// # Errors
     /// Read errors; a record that does not decode.
     pub fn retention_plan(&self, as_of: Timestamp) -> Result<RetentionPlan> {
-        let g = self.governance()?;
-        self.plan_with(&g, as_of)
+        // Two passes over every record: at low priority, beside appends.
+        super::retention::at_low_priority(|| {
+            let g = self.governance()?;
+            self.plan_with(&g, as_of)
+        })
     }
 
     pub(crate) fn plan_with(&self, g: &Governance, as_of: Timestamp) -> Result<RetentionPlan> {
@@ -346,15 +366,7 @@ impl Log {
                 .map(|f| f.aggregate_type.as_str())
                 .unwrap_or_default();
             let holds: Vec<&str> = g
-                .holds
-                .values()
-                .filter(|h| match &h.hold.scope {
-                    HoldScope::Stream(s) => env.stream == s,
-                    HoldScope::Prefix(p) => env.stream.starts_with(p.as_str()),
-                    HoldScope::AggregateType(t) => agg == t,
-                    HoldScope::CorrelationId(c) => env.correlation_id == c,
-                    HoldScope::Actor(a) => env.actor == a,
-                })
+                .holds_on(env.stream, agg, env.correlation_id, env.actor)
                 .map(|h| h.hold.id.as_str())
                 .collect();
             if holds.is_empty() {
@@ -383,6 +395,7 @@ impl Log {
                     events.last().map_or(0, |e| e.1),
                 ),
                 events: events.len() as u64,
+                last_version: facts.get(stream).map_or(0, |f| f.last_version),
                 positions: events.into_iter().map(|e| e.0).collect(),
             });
         }

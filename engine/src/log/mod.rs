@@ -422,21 +422,9 @@ impl RecordedEvent {
         record_hash: Hash32,
         pruned: &crate::format::pruned::PrunedRef<'_>,
     ) -> RecordedEvent {
-        let payload = format!("{{\"removed_by\":{}}}", pruned.removed_by.0);
-        let env = crate::format::envelope::EnvelopeRef {
-            event_id: EventId([0; 16]),
-            event_time: record_time,
-            schema_version: 0,
-            content_type: ContentType::Json,
-            payload_form: crate::format::envelope::PayloadForm::Inline,
-            stream: pruned.stream,
-            aggregate_type: "",
-            event_type: REMOVED_EVENT_TYPE,
-            correlation_id: "",
-            causation_id: "",
-            actor: "",
-            payload: payload.as_bytes(),
-        };
+        let payload = crate::format::pruned::marker_payload(pruned.removed_by);
+        let env =
+            crate::format::pruned::marker_with_payload(pruned, record_time, payload.as_bytes());
         let mut body = Vec::with_capacity(env.encoded_len());
         // The fields are within every limit (a stream name that was stored, a short type
         // and payload), so encoding cannot fail; an empty body would only hide the marker.

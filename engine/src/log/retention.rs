@@ -63,6 +63,21 @@ struct Patch {
 /// name of at most 128 bytes, an event stays under 1 MiB (about 200 bytes a range).
 pub const RANGES_PER_EVENT: usize = 4096;
 
+/// Runs `f` on a new thread whose scheduling priority is lowered (nice 10), and waits for it:
+/// work that must not take the CPU from appenders and the flusher when the cores are busy.
+pub(crate) fn at_low_priority<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            crate::sys::lower_thread_priority();
+            f()
+        });
+        match worker.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 fn refused(reason: String) -> Error {
     Error::InvalidOptions { reason }
 }
@@ -84,6 +99,17 @@ impl Log {
         actor: &str,
         reason: &str,
     ) -> Result<RetentionReport> {
+        // The run reads every record and rewrites segments: it runs on a thread of its
+        // own at low priority, so that appends and reads beside it keep their cores.
+        at_low_priority(|| self.apply_retention_now(as_of, actor, reason))
+    }
+
+    fn apply_retention_now(
+        &self,
+        as_of: Timestamp,
+        actor: &str,
+        reason: &str,
+    ) -> Result<RetentionReport> {
         if !self.shared.meta.layout.allows_pruning() {
             return Err(refused(format!(
                 "retention needs a log of format version 4; this log is version {}",
@@ -93,7 +119,22 @@ impl Log {
         if self.shared.read_only {
             return Err(Error::ReadOnly);
         }
+        if as_of > crate::now() {
+            return Err(refused(
+                "a retention run is judged as of now or earlier: a time in the future would \
+                 remove events before their policies let them go (a plan may look ahead)"
+                    .to_owned(),
+            ));
+        }
         let _order = self.shared.governance.lock();
+        // No compaction while segments are rewritten: a segment moved to the cold tier
+        // between its read and its rename would keep the removed events in its object.
+        let _no_compaction = self
+            .shared
+            .cold
+            .compacting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let g = self.governance()?;
         let plan = self.plan_with(&g, as_of)?;
         let mut report = RetentionReport::default();
@@ -103,6 +144,7 @@ impl Log {
             segs.iter().any(|s| {
                 s.header.base_position.0 <= p
                     && s.cold_place().is_none()
+                    && !self.shared.cold.in_manifest(s.seq)
                     && matches!(
                         &*s.state.read().unwrap_or_else(std::sync::PoisonError::into_inner),
                         SegState::Sealed { footer, .. } if p <= footer.last_position.0
@@ -111,6 +153,15 @@ impl Log {
         };
         let mut by_policy: Vec<(u64, &str)> = Vec::new();
         for r in &plan.removals {
+            // A stream that grew after the plan read it is left for the next run: an event
+            // appended meanwhile may restart its policy's clock.
+            let grown = self
+                .stream_info(&r.stream)?
+                .is_none_or(|i| i.last_version != r.last_version);
+            if grown {
+                report.pending += r.events;
+                continue;
+            }
             for &p in &r.positions {
                 if prunable(p) {
                     by_policy.push((p, r.policy.as_str()));
@@ -138,13 +189,32 @@ impl Log {
         // The run is recorded as one event per RANGES_PER_EVENT ranges, so that each
         // stays far below the payload limit however scattered the removals are.
         let mut recorded = Vec::new();
-        // And small enough for the segment: a record never spans two (about 200 bytes a
-        // range with a policy name of 128 bytes).
+        // And small enough for the segment (a record never spans two): ranges are added to
+        // an event while its JSON stays within the budget, measured, not estimated (a policy
+        // name's escapes can triple its length).
         let room = usize::try_from(self.shared.opts.segment_bytes)
             .unwrap_or(usize::MAX)
             .saturating_sub(4 * crate::format::PAGE_BYTES as usize);
-        let per_event = (room / 200).clamp(1, RANGES_PER_EVENT);
-        for chunk in removed.chunks(per_event) {
+        let budget = room
+            .min(crate::format::envelope::PAYLOAD_BYTES_MAX)
+            .saturating_sub(1024 + 2 * reason.len());
+        let mut chunks: Vec<Vec<RemovedRange>> = vec![Vec::new()];
+        let mut used = 0;
+        for r in removed {
+            let len = serde_json::to_string(&r).map_or(512, |t| t.len() + 1);
+            let last = chunks
+                .last_mut()
+                .filter(|c| !c.is_empty() && (c.len() == RANGES_PER_EVENT || used + len > budget));
+            if last.is_some() {
+                chunks.push(Vec::new());
+                used = 0;
+            }
+            used += len;
+            if let Some(c) = chunks.last_mut() {
+                c.push(r);
+            }
+        }
+        for chunk in &chunks {
             let run = RetentionApplied {
                 as_of: as_of.0,
                 removed: chunk.to_vec(),
@@ -212,6 +282,14 @@ fn prune_segment(
 ) -> Result<u64> {
     let fs = shared.fs();
     let path = &seg.path;
+    // The local file stays the segment's while it is read and replaced.
+    let cold = seg
+        .cold
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if cold.is_some() {
+        return Ok(0);
+    }
     let corrupt = |offset: u64, position: Option<u64>, detail: String| Error::Corrupt {
         file: path.clone(),
         offset,
@@ -385,15 +463,17 @@ fn prune_segment(
     out.sync_all().map_err(Error::io("syncing", &tmp))?;
     drop(out);
     drop(file);
-    fs.rename(&tmp, path).map_err(Error::io("renaming", &tmp))?;
-    fs.sync_dir(&shared.dir)
-        .map_err(Error::io("syncing", &shared.dir))?;
-    // Readers map the new file from now on (a reader holding the old map reads the old,
-    // consistent bytes until it lets go). The attribute index is derived from the bodies:
-    // it is rebuilt from the markers when next needed.
-    *seg.map
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-    super::attrs::forget_segment(shared, seg)?;
+    // The attribute index goes first (it describes the old bodies), then the file is
+    // replaced; readers map the new file from then on (a reader holding the old map reads
+    // the old, consistent bytes until it lets go).
+    super::attrs::replace_segment(shared, seg, || {
+        fs.rename(&tmp, path).map_err(Error::io("renaming", &tmp))?;
+        fs.sync_dir(&shared.dir)
+            .map_err(Error::io("syncing", &shared.dir))?;
+        *seg.map
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        Ok(())
+    })?;
     Ok(patches.len() as u64)
 }

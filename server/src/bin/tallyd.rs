@@ -83,6 +83,8 @@ struct FileConfig {
     max_connection_response_bytes: Option<usize>,
     response_wait_ms: Option<u64>,
     max_blob_upload_bytes: Option<u64>,
+    /// Let GOVERN change retention policies and legal holds and apply retention.
+    governance_changes: Option<bool>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
     signing_key: Option<PathBuf>,
@@ -191,6 +193,9 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(v) = file.max_blob_upload_bytes {
         cfg.blob_upload_bytes_max = v;
+    }
+    if let Some(v) = file.governance_changes {
+        cfg.governance_changes = v;
     }
     let mut options = Options {
         recovery: RecoveryMode::Strict,
@@ -340,6 +345,14 @@ mod tests {
             file.to_str().unwrap_or_default(),
         ]);
         config(&cli)
+    }
+
+    #[test]
+    fn governance_changes_are_off_unless_the_file_turns_them_on() {
+        let off = config_of("").unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!off.governance_changes);
+        let on = config_of("governance_changes = true\n").unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(on.governance_changes);
     }
 
     #[test]

@@ -17,10 +17,17 @@ pub struct InProcess {
 
 impl InProcess {
     pub fn start(dir: &std::path::Path) -> InProcess {
+        InProcess::start_with(dir, |_| {})
+    }
+
+    /// [`InProcess::start`] with the configuration changed by `edit` first.
+    #[allow(dead_code)]
+    pub fn start_with(dir: &std::path::Path, edit: impl FnOnce(&mut Config)) -> InProcess {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut cfg = Config::new(dir);
         cfg.listen = "127.0.0.1:0".parse().unwrap();
+        edit(&mut cfg);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -81,8 +81,9 @@ struct Checked {
     last_time: Option<Timestamp>,
     /// The blobs the segment's events refer to, with the position of each event.
     blobs: Vec<(u64, crate::format::blob::BlobRef)>,
-    /// Records whose event retention removed, as `(position, removed_by)`.
-    pruned: Vec<(u64, u64)>,
+    /// Records whose event retention removed, as `(position, removed_by, of a system
+    /// stream)`.
+    pruned: Vec<(u64, u64, bool)>,
     /// Signed batches with a removed event: their signature can no longer be checked.
     pruned_batches: u64,
 }
@@ -200,8 +201,8 @@ pub(crate) fn verify(
     let mut streams = StreamJoin::default();
     // The blobs the checked events refer to, with the position of each event.
     let mut blob_refs: Vec<(u64, crate::format::blob::BlobRef)> = Vec::new();
-    // Records whose event retention removed, `(position, removed_by)`.
-    let mut pruned: Vec<(u64, u64)> = Vec::new();
+    // Records whose event retention removed, `(position, removed_by, of a system stream)`.
+    let mut pruned: Vec<(u64, u64, bool)> = Vec::new();
     // With `from_segment`: the heads of the trusted segments' streams, in log order.
     let mut trusted_heads: Vec<Head> = Vec::new();
     // The whole-log Merkle tree, recomputed from the records, checked at each checkpoint.
@@ -543,23 +544,20 @@ pub(crate) fn verify(
 /// Every removed event must be covered by the `$RetentionApplied` event its pruned body
 /// names: an event of `$governance`, within the checked records, whose ranges include the
 /// position. Consecutive removals by the same event and policy are reported as one range.
-fn check_removals(shared: &Shared, pruned: &[(u64, u64)], report: &mut VerifyReport) -> Result<()> {
+fn check_removals(
+    shared: &Shared,
+    pruned: &[(u64, u64, bool)],
+    report: &mut VerifyReport,
+) -> Result<()> {
     if pruned.is_empty() {
         return Ok(());
     }
-    let mut g = crate::governance::Governance::default();
-    for e in super::read::read_stream(
-        shared,
-        crate::governance::GOVERNANCE_STREAM,
-        0,
-        usize::MAX,
-        super::Direction::Forward,
-    )? {
-        g.apply(&e)?;
-    }
+    let g = super::governance::fold(shared)?;
     let checked_end = report.first_position.0 + report.records;
-    for &(position, by) in pruned {
-        let policy = (by < checked_end)
+    for &(position, by, system) in pruned {
+        // The run comes after what it removes, and never removes a system stream's event
+        // (a policy, a hold, a producer key): such a removal is no run's.
+        let policy = (by < checked_end && position < by && !system)
             .then(|| g.removal(Position(by), Position(position)))
             .flatten()
             .map(|(_, policy)| policy.to_owned());
@@ -1212,7 +1210,9 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
                     blobs.push((h.position.0, b));
                 }
             }
-            Content::Removed(p) => pruned.push((h.position.0, p.removed_by.0)),
+            Content::Removed(p) => {
+                pruned.push((h.position.0, p.removed_by.0, p.stream.starts_with('$')));
+            }
         }
         let leaf = leaf_hash(&h.chain_hash);
         local.push_leaf(leaf);
@@ -1237,7 +1237,11 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
         {
             use crate::format::record::flags;
             if h.flags & flags::BATCH_START != 0 {
-                let block = if h.flags & flags::PRODUCER_SIGNED != 0 {
+                // A pruned first record has no producer block left (the batch is counted as
+                // pruned below).
+                let block = if h.flags & flags::PRODUCER_SIGNED != 0
+                    && h.body_form == crate::format::record::BodyForm::Envelope
+                {
                     match crate::format::producer::ProducerBlock::decode(rec.body) {
                         Ok(b) => Some(b),
                         Err(e) => {
