@@ -381,9 +381,10 @@ impl Governance {
     #[must_use]
     pub fn removal(&self, by: Position, removed: Position) -> Option<(&RetentionApplied, &str)> {
         let (_, run) = self.runs.iter().find(|(p, _)| *p == by)?;
+        let i = run.removed.partition_point(|r| r.from <= removed.0);
         run.removed
-            .iter()
-            .find(|r| r.from <= removed.0 && removed.0 < r.to)
+            .get(i.checked_sub(1)?)
+            .filter(|r| removed.0 < r.to)
             .map(|r| (run, r.policy.as_str()))
     }
 }

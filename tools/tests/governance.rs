@@ -248,6 +248,7 @@ fn policies_and_holds_are_recorded_listed_and_honoured_by_the_plan() {
         }
         let v = json(&tally(&check));
         assert_eq!(v["events"], 2, "{v}");
+        assert_eq!(v["removed_by_retention"], 2, "{v}");
         let shown = if format == "3" {
             std::fs::read_to_string(&events).unwrap()
         } else {

@@ -502,12 +502,14 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
         .as_array()
         .ok_or_else(|| Finding("events: not an array".into()))?;
     let mut checked = Vec::with_capacity(events.len());
+    let mut removed = 0;
     for (i, ev) in events.iter().enumerate() {
         let path = format!("events[{i}]");
         let r = check_record(ev, &path, &s, layout)?;
         let at = format!("{path} (position {})", r.header.position);
         let (env, removed_by) = tally_engine::format::pruned::content(&r.header, &r.body)
             .map_err(|e| Finding(format!("{at}: {e}")))?;
+        removed += usize::from(removed_by.is_some());
         let mut expected = event_json(
             r.header.position.0,
             r.header.stream_version,
@@ -544,6 +546,7 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
     Ok(Checked {
         checkpoint: cp,
         events: events.len(),
+        removed,
         kind,
         note: doc
             .get("checkpoint_note")
@@ -574,6 +577,9 @@ pub struct Checked {
     pub kind: Completeness,
     /// The checkpoint as a signed note, with the witnesses' cosignatures (format 2).
     pub note: Option<String>,
+    /// Events retention removed: carried as their pruned records (hash and place, no
+    /// content), each naming the run that removed it.
+    pub removed: usize,
 }
 
 /// A record of an extract whose bytes, record hash and inclusion proof were checked.
@@ -950,6 +956,7 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                     json!({
                         "ok": true,
                         "events": c.events,
+                        "removed_by_retention": c.removed,
                         "proof": kind,
                         "what": what,
                         "witnesses": cosigned,
@@ -967,6 +974,12 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                     rfc3339(cp.statement.time)
                 );
                 println!("{what}");
+                if c.removed > 0 {
+                    println!(
+                        "{} of them were removed by retention: their record hashes and places are proven, their content is gone; each names the $RetentionApplied event that removed it (prove that event with an extract of $governance)",
+                        c.removed
+                    );
+                }
                 if !witnesses.is_empty() {
                     println!(
                         "cosigned by {cosigned} of the {} given witnesses",

@@ -236,10 +236,20 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
                         "removed by retention: {n} events in {} ranges, each checked against the run that removed it",
                         report.removed.len()
                     );
+                    // By run event and policy (the ranges themselves are in --json).
+                    let mut groups: std::collections::BTreeMap<(u64, &str), (u64, u64, u64)> =
+                        std::collections::BTreeMap::new();
                     for r in &report.removed {
+                        let g = groups
+                            .entry((r.removed_by, r.policy.as_str()))
+                            .or_insert((0, r.from, r.to));
+                        g.0 += r.to - r.from;
+                        g.1 = g.1.min(r.from);
+                        g.2 = g.2.max(r.to);
+                    }
+                    for ((by, policy), (events, from, to)) in &groups {
                         println!(
-                            "  positions {}..{}  policy {}  run at position {}",
-                            r.from, r.to, r.policy, r.removed_by
+                            "  {events} events between positions {from} and {to}  policy {policy}  run at position {by}"
                         );
                     }
                 }

@@ -73,6 +73,8 @@ struct Good {
     gaps: Vec<Hash32>,
     /// Its readable JSON line, when asked for (`--events`).
     line: Option<Vec<u8>>,
+    /// Retention removed the event (a pruned record).
+    removed: bool,
 }
 
 /// A record that failed: what the worker could tell of it, and why.
@@ -184,6 +186,7 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
         record_hash: h.chain_hash,
         gaps: parts.gaps,
         line,
+        removed: removed_by.is_some(),
     })
 }
 
@@ -193,6 +196,8 @@ struct Fold {
     selection: Selection,
     folder: RangeFolder,
     events: u64,
+    /// Events that retention removed.
+    removed: u64,
     records: u64,
     proof_nodes: u64,
     last_position: Option<u64>,
@@ -305,6 +310,7 @@ impl Fold {
                 }
                 self.first_event.get_or_insert(g.position);
                 self.events += 1;
+                self.removed += u64::from(g.removed);
             }
         }
         Ok(())
@@ -495,6 +501,7 @@ pub fn verify<R: BufRead + Send>(
         selection,
         folder: RangeFolder::new(cp.statement.tree_size),
         events: 0,
+        removed: 0,
         records: 0,
         proof_nodes: 0,
         last_position: None,
@@ -505,34 +512,38 @@ pub fn verify<R: BufRead + Send>(
     };
     let batch_bytes = (tuning.buffer_bytes / IN_FLIGHT).max(64 << 10);
     let workers = tuning.workers.max(1);
-    let (kind, n) = std::thread::scope(|scope| -> Result<(Completeness, u64), Finding> {
-        let (work_tx, work_rx) = sync_channel::<Batch>(IN_FLIGHT / 2 - workers.min(IN_FLIGHT / 4));
-        let (done_tx, done_rx) = sync_channel::<(u64, Checkeds)>(IN_FLIGHT / 2);
-        let work_rx = Arc::new(Mutex::new(work_rx));
-        for _ in 0..workers {
-            let (rx, tx, cx) = (Arc::clone(&work_rx), done_tx.clone(), &cx);
-            scope.spawn(move || work(&rx, &tx, cx));
-        }
-        drop(done_tx);
-        let read = scope.spawn(move || read_batches(&mut reader, &work_tx, batch_bytes, bar));
-        let folded = fold_batches(&mut fold, &done_rx, &mut events);
-        drop(done_rx);
-        drop(work_rx);
-        let read = read
-            .join()
-            .map_err(|_| Finding("the reader failed".into()))?;
-        let folded = folded?;
-        let (trailer, batches) = read?;
-        if folded != batches {
-            return Err(Finding(format!(
-                "{folded} of {batches} batches of records were checked: a worker failed"
-            )));
-        }
-        fold.finish(&trailer)
-    })?;
+    let (kind, n, removed) =
+        std::thread::scope(|scope| -> Result<(Completeness, u64, u64), Finding> {
+            let (work_tx, work_rx) =
+                sync_channel::<Batch>(IN_FLIGHT / 2 - workers.min(IN_FLIGHT / 4));
+            let (done_tx, done_rx) = sync_channel::<(u64, Checkeds)>(IN_FLIGHT / 2);
+            let work_rx = Arc::new(Mutex::new(work_rx));
+            for _ in 0..workers {
+                let (rx, tx, cx) = (Arc::clone(&work_rx), done_tx.clone(), &cx);
+                scope.spawn(move || work(&rx, &tx, cx));
+            }
+            drop(done_tx);
+            let read = scope.spawn(move || read_batches(&mut reader, &work_tx, batch_bytes, bar));
+            let folded = fold_batches(&mut fold, &done_rx, &mut events);
+            drop(done_rx);
+            drop(work_rx);
+            let read = read
+                .join()
+                .map_err(|_| Finding("the reader failed".into()))?;
+            let folded = folded?;
+            let (trailer, batches) = read?;
+            if folded != batches {
+                return Err(Finding(format!(
+                    "{folded} of {batches} batches of records were checked: a worker failed"
+                )));
+            }
+            let removed = fold.removed;
+            fold.finish(&trailer).map(|(kind, n)| (kind, n, removed))
+        })?;
     Ok(Checked {
         checkpoint: cp,
         events: usize::try_from(n).unwrap_or(usize::MAX),
+        removed: usize::try_from(removed).unwrap_or(usize::MAX),
         kind,
         note: head
             .get("checkpoint_note")

@@ -553,14 +553,27 @@ fn check_removals(
         return Ok(());
     }
     let g = super::governance::fold(shared)?;
+    // Each run event's ranges, by its position (they are ascending within an event), so that
+    // a removal is found with one lookup and a binary search.
+    let runs: std::collections::HashMap<u64, &[crate::governance::RemovedRange]> = g
+        .runs
+        .iter()
+        .map(|(at, run)| (at.0, run.removed.as_slice()))
+        .collect();
     let checked_end = report.first_position.0 + report.records;
     for &(position, by, system) in pruned {
         // The run comes after what it removes, and never removes a system stream's event
         // (a policy, a hold, a producer key): such a removal is no run's.
         let policy = (by < checked_end && position < by && !system)
-            .then(|| g.removal(Position(by), Position(position)))
+            .then(|| runs.get(&by))
             .flatten()
-            .map(|(_, policy)| policy.to_owned());
+            .and_then(|ranges| {
+                let i = ranges.partition_point(|r| r.from <= position);
+                ranges
+                    .get(i.checked_sub(1)?)
+                    .filter(|r| position < r.to)
+                    .map(|r| r.policy.clone())
+            });
         let Some(policy) = policy else {
             return Err(Error::Corrupt {
                 file: shared.dir.clone(),
