@@ -417,8 +417,12 @@ fn prune_segment(
     // a non-zero byte: the zeros a pruned body leaves are holes, so the space they took is
     // returned on file systems with sparse files.
     const WINDOW: u64 = 1 << 20;
+    const REWRITE_BYTES_PER_SEC: u64 = 64 << 20;
     let mut buf = vec![0u8; WINDOW as usize];
     let mut at = 0u64;
+    // Paced: the rewrite is a background job, and the disk it writes is the one appends
+    // sync to.
+    let started = std::time::Instant::now();
     let mut next = 0usize;
     while at < footer.data_end {
         let n = (footer.data_end - at).min(WINDOW);
@@ -455,6 +459,10 @@ fn prune_segment(
             }
         }
         at = end;
+        let due = std::time::Duration::from_secs_f64(at as f64 / REWRITE_BYTES_PER_SEC as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
     }
     let footer_at = seg.header.footer_offset();
     let page = read_page(&*file, footer_at).map_err(Error::io("reading segment", path))?;
