@@ -228,6 +228,17 @@ impl Log {
     ) -> Result<AppendResult> {
         let _order = self.shared.governance.lock();
         check(&self.governance()?)?;
+        self.append_governance(event_type, payload, actor)
+    }
+
+    /// Appends one event to `$governance` and waits for it; the caller holds the
+    /// governance lock.
+    pub(crate) fn append_governance(
+        &self,
+        event_type: &str,
+        payload: &impl Serialize,
+        actor: &str,
+    ) -> Result<AppendResult> {
         let payload = serde_json::to_string(payload).map_err(|e| Error::InvalidAppend {
             reason: format!("{event_type}: {e}"),
         })?;

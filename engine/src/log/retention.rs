@@ -24,9 +24,9 @@ use crate::error::{Error, Result};
 use crate::format::files::temp_name;
 use crate::format::record::{BodyForm, RECORD_HEADER_MAX};
 use crate::format::{PAGE_BYTES, Position, SEGMENT_DATA_START, Timestamp, pruned};
-use crate::governance::{GOVERNANCE_STREAM, RETENTION_APPLIED, RemovedRange, RetentionApplied};
+use crate::governance::{RETENTION_APPLIED, RemovedRange, RetentionApplied};
 use crate::log::shared::Shared;
-use crate::log::{AppendRequest, EventData, ExpectedVersion, Log, RetentionPlan, append};
+use crate::log::{Log, RetentionPlan};
 use crate::segment::{
     Content, FileSource, ScanEnd, ScanFrom, SegState, SegmentHandle, read_page, scan_visit,
 };
@@ -140,16 +140,27 @@ impl Log {
         let mut report = RetentionReport::default();
         // Which due positions are in sealed local segments.
         let segs = self.shared.segments_snapshot();
-        let prunable = |p: u64| {
-            segs.iter().any(|s| {
-                s.header.base_position.0 <= p
-                    && s.cold_place().is_none()
-                    && !self.shared.cold.in_manifest(s.seq)
-                    && matches!(
-                        &*s.state.read().unwrap_or_else(std::sync::PoisonError::into_inner),
-                        SegState::Sealed { footer, .. } if p <= footer.last_position.0
-                    )
+        // The position ranges `[first, last]` of the sealed local segments, ascending,
+        // found once; each due position is then a binary search.
+        let local: Vec<(u64, u64)> = segs
+            .iter()
+            .filter(|s| s.cold_place().is_none() && !self.shared.cold.in_manifest(s.seq))
+            .filter_map(|s| {
+                match &*s
+                    .state
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                {
+                    SegState::Sealed { footer, .. } => {
+                        Some((footer.first_position.0, footer.last_position.0))
+                    }
+                    _ => None,
+                }
             })
+            .collect();
+        let prunable = |p: u64| {
+            let i = local.partition_point(|(first, _)| *first <= p);
+            i.checked_sub(1).is_some_and(|i| p <= local[i].1)
         };
         let mut by_policy: Vec<(u64, &str)> = Vec::new();
         for r in &plan.removals {
@@ -221,27 +232,9 @@ impl Log {
                 held: plan.held_events(),
                 reason: reason.to_owned(),
             };
-            let payload = serde_json::to_string(&run).map_err(|e| Error::InvalidAppend {
-                reason: format!("{RETENTION_APPLIED}: {e}"),
-            })?;
-            let events = [EventData::json(RETENTION_APPLIED, payload).actor(actor)];
-            let at = append::submit_signed(
-                &self.shared,
-                &[AppendRequest {
-                    stream: GOVERNANCE_STREAM,
-                    expected: ExpectedVersion::Any,
-                    events: &events,
-                }],
-                false,
-                append::Signing {
-                    signature: None,
-                    system: true,
-                },
-                append::Blocking::Allowed,
-            )?
-            .wait()?
-            .remove(0)
-            .first_position;
+            let at = self
+                .append_governance(RETENTION_APPLIED, &run, actor)?
+                .first_position;
             recorded.push((chunk[0].from, at));
         }
         // The run is durable before any byte is removed, whatever the durability setting.
@@ -257,7 +250,9 @@ impl Log {
             .collect();
         let mut per_segment: BTreeMap<u64, Arc<SegmentHandle>> = BTreeMap::new();
         for &(p, _) in &by_policy {
-            if let Some(s) = segs.iter().rev().find(|s| s.header.base_position.0 <= p) {
+            // The segments are in position order: the last one starting at or before `p`.
+            let i = segs.partition_point(|s| s.header.base_position.0 <= p);
+            if let Some(s) = i.checked_sub(1).and_then(|i| segs.get(i)) {
                 per_segment.insert(s.seq.0, Arc::clone(s));
             }
         }
