@@ -178,6 +178,33 @@ pub enum Error {
         #[source]
         source: Option<io::Error>,
     },
+    /// The key store of personal data's subject keys ([`crate::keys`]) failed, or holds
+    /// what it must not (a wrong master key, a damaged file).
+    #[error("key store {}: {detail}", path.display())]
+    Keys {
+        /// The key store.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+        /// The I/O error, when there was one.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// An erasure refused because a legal hold covers an event that holds the subject's
+    /// data.
+    #[error(
+        "subject {subject} cannot be erased: legal hold {hold:?} ({reason}) covers the event at position {position}"
+    )]
+    ErasureHeld {
+        /// The subject's id hash, in hexadecimal.
+        subject: String,
+        /// The hold's id.
+        hold: String,
+        /// The hold's reason.
+        reason: String,
+        /// An event of the subject the hold covers.
+        position: u64,
+    },
     /// Options out of range.
     #[error("invalid options: {reason}")]
     InvalidOptions {

@@ -37,6 +37,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod governance;
 pub mod index;
+pub mod keys;
 mod log;
 pub mod projection;
 pub mod replay;
@@ -54,12 +55,14 @@ pub use log::producers;
 pub use log::{
     AppendHandle, AppendRequest, AppendResult, BackupOptions, BackupReport, CHECKPOINTS_FILE,
     COSIGNATURES_FILE, ColdBackup, ColdOptions, ColdStatus, CompactPolicy, CompactReport,
-    Direction, Durability, EventData, EventView, ExpectedVersion, IndexSummary, KEY_FILE, Log,
-    MovedSegment, Options, Query, RANGES_PER_EVENT, REMOVED_EVENT_TYPE, RawRecord, RecordView,
+    Direction, Durability, ERASED_MARKER, ERASURE_STREAM, Erasure, EventData, EventView,
+    ExpectedVersion, ForgetReport, IndexSummary, KEY_FILE, Log, MovedSegment, Options, Personal,
+    PersonalScope, Query, RANGES_PER_EVENT, REMOVED_EVENT_TYPE, RawRecord, RecordView,
     RecordedEvent, RecoveryMode, RecoveryReport, RemovedRun, RetentionPlan, RetentionReport,
-    SegmentDetail, SegmentInfo, StreamHead, StreamHeld, StreamInfo, StreamRemoval, TREE_FILE, Tail,
-    Truncation, Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key,
-    new_event_id, now, producer_signature,
+    SEALED_MARKER, SUBJECT_ERASED, SealState, Sealing, SegmentDetail, SegmentInfo, StreamHead,
+    StreamHeld, StreamInfo, StreamRemoval, SubjectErased, TREE_FILE, Tail, Truncation, Verify,
+    VerifyOptions, VerifyReport, add_cosignature, create_signing_key, new_event_id, now,
+    producer_signature,
 };
 #[cfg(feature = "internals")]
 pub use sys::sim;

@@ -48,6 +48,7 @@ fn opts(recovery: RecoveryMode, key: &Path) -> Options {
         signing_key: Some(key.to_owned()),
         auto_checkpoints: false,
         index_attributes: false,
+        format_version: 4,
         ..Options::default()
     }
 }

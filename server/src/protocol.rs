@@ -622,7 +622,9 @@ fn content_form_from_wire(v: u8) -> Result<(ContentType, PayloadForm), ProtocolE
 fn content_form_to_wire(c: ContentType, form: PayloadForm) -> u8 {
     content_type_to_wire(c)
         | match form {
-            PayloadForm::Inline => 0,
+            // A sealed payload the engine could not open (it opens every other one on read)
+            // goes as the opaque bytes it is.
+            PayloadForm::Inline | PayloadForm::Sealed => 0,
             PayloadForm::Blob => CONTENT_BLOB_BIT,
         }
 }
@@ -683,7 +685,7 @@ fn event_data(r: &mut Reader<'_>) -> Result<EventData, ProtocolError> {
     let event_time = r.u64("event time")?;
     let field = r.bytes32("payload")?;
     let (payload, blob) = match form {
-        PayloadForm::Inline => (field.to_vec(), None),
+        PayloadForm::Inline | PayloadForm::Sealed => (field.to_vec(), None),
         PayloadForm::Blob => (
             Vec::new(),
             Some(
@@ -706,6 +708,7 @@ fn event_data(r: &mut Reader<'_>) -> Result<EventData, ProtocolError> {
         causation_id,
         actor,
         event_time: (event_time != 0).then_some(Timestamp(event_time)),
+        personal: None,
     })
 }
 

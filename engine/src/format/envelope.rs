@@ -103,6 +103,10 @@ pub enum PayloadForm {
     /// The payload field holds a 40-byte [`BlobRef`]; the bytes are a blob in the store
     /// (format version 3 on). `content_type` says how to read the blob.
     Blob = 1,
+    /// The payload field holds a sealed payload ([`super::sealed`], format version 5 on):
+    /// personal data encrypted with a key of its data subject. Reads open it, or show
+    /// markers where the subject was erased.
+    Sealed = 2,
 }
 
 impl PayloadForm {
@@ -110,6 +114,7 @@ impl PayloadForm {
         match v {
             0 => Ok(PayloadForm::Inline),
             1 => Ok(PayloadForm::Blob),
+            2 => Ok(PayloadForm::Sealed),
             other => Err(DecodeError::Invalid {
                 what: "payload_form",
                 detail: format!("unknown value {other}"),
@@ -214,8 +219,14 @@ impl<'a> EnvelopeRef<'a> {
         )?;
         check_len("actor", self.actor.len(), ACTOR_BYTES_MAX)?;
         check_len("payload", self.payload.len(), PAYLOAD_BYTES_MAX)?;
-        if self.payload_form == PayloadForm::Blob {
-            BlobRef::decode(self.payload)?;
+        match self.payload_form {
+            PayloadForm::Inline => {}
+            PayloadForm::Blob => {
+                BlobRef::decode(self.payload)?;
+            }
+            PayloadForm::Sealed => {
+                super::sealed::decode(self.payload)?;
+            }
         }
         Ok(())
     }
@@ -224,7 +235,7 @@ impl<'a> EnvelopeRef<'a> {
     #[must_use]
     pub fn blob(&self) -> Option<BlobRef> {
         match self.payload_form {
-            PayloadForm::Inline => None,
+            PayloadForm::Inline | PayloadForm::Sealed => None,
             PayloadForm::Blob => BlobRef::decode(self.payload).ok(),
         }
     }
@@ -313,6 +324,16 @@ impl<'a> EnvelopeRef<'a> {
                 PAYLOAD_FORM_OFFSET..PAYLOAD_FORM_OFFSET + 1,
                 "envelope",
             )?;
+        }
+        need(body, ENVELOPE_FIXED_LEN)?;
+        if body[PAYLOAD_FORM_OFFSET] == PayloadForm::Sealed as u8 && !layout.allows_sealing() {
+            return Err(DecodeError::Invalid {
+                what: "payload_form",
+                detail: format!(
+                    "a sealed payload in a record of format version {}",
+                    layout.version()
+                ),
+            });
         }
         EnvelopeRef::decode(body)
     }
@@ -639,13 +660,22 @@ mod tests {
         ));
         // In version 3 the form says blob, and the payload is not a 40-byte reference.
         assert!(EnvelopeRef::decode_in(&b, Layout::V3).is_err());
+        // A sealed payload only from version 5 on; no version knows form 3.
+        for (form, layout) in [(2, Layout::V3), (2, Layout::V4), (3, Layout::V5)] {
+            b[PAYLOAD_FORM_OFFSET] = form;
+            assert!(matches!(
+                EnvelopeRef::decode_in(&b, layout),
+                Err(DecodeError::Invalid {
+                    what: "payload_form",
+                    ..
+                })
+            ));
+        }
+        // In version 5 form 2 says sealed, and the payload is not a sealed payload.
         b[PAYLOAD_FORM_OFFSET] = 2;
         assert!(matches!(
-            EnvelopeRef::decode_in(&b, Layout::V3),
-            Err(DecodeError::Invalid {
-                what: "payload_form",
-                ..
-            })
+            EnvelopeRef::decode_in(&b, Layout::V5),
+            Err(DecodeError::Truncated { .. } | DecodeError::Invalid { what: "sealed payload", .. })
         ));
         let mut b = encode(&sample());
         b[RESERVED_B_OFFSET + 1] = 1;

@@ -26,6 +26,7 @@ pub mod producer;
 pub mod proof;
 pub mod pruned;
 pub mod record;
+pub mod sealed;
 pub mod segment;
 pub mod tree;
 
@@ -35,7 +36,7 @@ use std::fmt;
 /// segment header and footer. Readers accept exactly the versions listed in
 /// `docs/FORMAT.md` ("Version history"): 1 and 2. A log keeps the version it was created
 /// with.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 
 /// The version of the structures that format version 2 left as version 1 defined them (index
 /// and attribute index sidecars, stream snapshot, Merkle node file header, cosignature

@@ -82,6 +82,9 @@ pub enum Layout {
     /// body holds ([`BodyForm`]): the envelope, or what retention left of it
     /// (docs/FORMAT.md 5.5).
     V4,
+    /// Format version 5: the layout of version 4, and an envelope may seal personal data
+    /// with a key of its data subject (docs/FORMAT.md 6.6).
+    V5,
 }
 
 /// What a record's body holds (format version 4, header byte 44; earlier versions always
@@ -109,6 +112,7 @@ impl Layout {
             2 => Some(Layout::V2),
             3 => Some(Layout::V3),
             4 => Some(Layout::V4),
+            5 => Some(Layout::V5),
             _ => None,
         }
     }
@@ -121,6 +125,7 @@ impl Layout {
             Layout::V2 => 2,
             Layout::V3 => 3,
             Layout::V4 => 4,
+            Layout::V5 => 5,
         }
     }
 
@@ -129,21 +134,21 @@ impl Layout {
     pub fn header_len(self) -> usize {
         match self {
             Layout::V1 => RECORD_HEADER_LEN,
-            Layout::V2 | Layout::V3 | Layout::V4 => RECORD_HEADER_V2_LEN,
+            Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => RECORD_HEADER_V2_LEN,
         }
     }
 
     fn position_offset(self) -> usize {
         match self {
             Layout::V1 => POSITION_OFFSET,
-            Layout::V2 | Layout::V3 | Layout::V4 => V2_POSITION_OFFSET,
+            Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => V2_POSITION_OFFSET,
         }
     }
 
     fn chain_hash_offset(self) -> usize {
         match self {
             Layout::V1 => CHAIN_HASH_OFFSET,
-            Layout::V2 | Layout::V3 | Layout::V4 => V2_CHAIN_HASH_OFFSET,
+            Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => V2_CHAIN_HASH_OFFSET,
         }
     }
 
@@ -153,7 +158,7 @@ impl Layout {
     pub fn statement_version(self) -> u16 {
         match self {
             Layout::V1 => 1,
-            Layout::V2 | Layout::V3 | Layout::V4 => 2,
+            Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => 2,
         }
     }
 
@@ -166,13 +171,19 @@ impl Layout {
     /// Whether an envelope may hold a blob reference instead of its payload (version 3 on).
     #[must_use]
     pub fn allows_blobs(self) -> bool {
-        matches!(self, Layout::V3 | Layout::V4)
+        matches!(self, Layout::V3 | Layout::V4 | Layout::V5)
     }
 
     /// Whether a record's body may be pruned by retention (version 4 on).
     #[must_use]
     pub fn allows_pruning(self) -> bool {
-        self == Layout::V4
+        matches!(self, Layout::V4 | Layout::V5)
+    }
+
+    /// Whether an envelope may seal personal data (version 5 on).
+    #[must_use]
+    pub fn allows_sealing(self) -> bool {
+        self == Layout::V5
     }
 
     /// Bytes a record with a body of `body_len` occupies, padding included.
@@ -331,8 +342,8 @@ impl RecordHeader {
         )?;
         let body_form = match (layout, buf[BODY_FORM_OFFSET]) {
             (_, 0) => BodyForm::Envelope,
-            (Layout::V4, 1) => BodyForm::Pruned,
-            (Layout::V4, other) => {
+            (Layout::V4 | Layout::V5, 1) => BodyForm::Pruned,
+            (Layout::V4 | Layout::V5, other) => {
                 return Err(DecodeError::Invalid {
                     what: "body_form",
                     detail: format!("{other} is neither 0 (envelope) nor 1 (pruned)"),
@@ -361,7 +372,7 @@ impl RecordHeader {
         let flags = le::u16_at(buf, FLAGS_OFFSET);
         let known = match layout {
             Layout::V1 => flags::KNOWN_V1,
-            Layout::V2 | Layout::V3 | Layout::V4 => flags::KNOWN_V2,
+            Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => flags::KNOWN_V2,
         };
         if flags & !known != 0 {
             return Err(DecodeError::UnknownFlags { flags });
@@ -391,7 +402,7 @@ impl RecordHeader {
         let stream_version = le::u64_at(buf, STREAM_VERSION_OFFSET);
         let stream_prev = match layout {
             Layout::V1 => NO_STREAM_PREV,
-            Layout::V2 | Layout::V3 | Layout::V4 => {
+            Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => {
                 let prev = le::u64_at(buf, V2_STREAM_PREV_OFFSET);
                 let ok = if stream_version == 0 {
                     prev == NO_STREAM_PREV

@@ -364,11 +364,11 @@ mod tests {
             Err(DecodeError::Checksum { .. })
         ));
         let mut p = good.clone();
-        le::put_u16(&mut p, SH_VERSION, 5);
+        le::put_u16(&mut p, SH_VERSION, 6);
         reseal(&mut p, SH_CRC);
         assert!(matches!(
             SegmentHeader::decode_page(&p),
-            Err(DecodeError::UnsupportedVersion { found: 5, .. })
+            Err(DecodeError::UnsupportedVersion { found: 6, .. })
         ));
         // Version 1 decodes, as the version 1 layout.
         let mut p = good.clone();

@@ -152,6 +152,11 @@ fn prepare<'a>(
                     }
                 )));
             }
+            if ev.personal.as_ref().is_some_and(|p| !p.is_sealed()) {
+                return Err(invalid_append(format!(
+                    "event {index} marks personal data that was not sealed"
+                )));
+            }
             let blob = blob_of(ev, index, offloaded)?;
             let env = envelope_of(ev, req.stream, event_id, default_time, blob.as_ref());
             let body_start = bodies.len();
@@ -256,6 +261,8 @@ fn envelope_of<'e>(
         content_type: ev.content_type,
         payload_form: if blob.is_some() {
             PayloadForm::Blob
+        } else if ev.personal.as_ref().is_some_and(|p| p.is_sealed()) {
+            PayloadForm::Sealed
         } else {
             PayloadForm::Inline
         },
@@ -577,7 +584,7 @@ impl Writer {
                     layout,
                     stream_prev: match layout {
                         Layout::V1 => NO_STREAM_PREV,
-                        Layout::V2 | Layout::V3 | Layout::V4 => stream_prev,
+                        Layout::V2 | Layout::V3 | Layout::V4 | Layout::V5 => stream_prev,
                     },
                     body_len: ev.body_len,
                     body_crc: ev.body_crc,
@@ -809,6 +816,25 @@ pub(crate) fn submit_signed(
     if shared.read_only {
         return Err(Error::ReadOnly);
     }
+    // Personal data is sealed first (a new subject's key is made durable), holding no lock.
+    let sealed =
+        super::personal::seal_requests(shared, requests, signing.signature.is_some(), may_block)?;
+    let sealed_requests: Vec<AppendRequest<'_>>;
+    let requests = match &sealed {
+        None => requests,
+        Some(events) => {
+            sealed_requests = requests
+                .iter()
+                .zip(events)
+                .map(|(r, events)| AppendRequest {
+                    stream: r.stream,
+                    expected: r.expected,
+                    events,
+                })
+                .collect();
+            &sealed_requests
+        }
+    };
     // Blobs are stored first, holding no lock: an upload may take a while.
     let offloaded =
         super::blobs::offload(shared, requests, signing.signature.is_some(), may_block)?;
@@ -830,6 +856,12 @@ pub(crate) fn submit_signed(
             return Err(invalid_append(format!(
                 "{} is written only by the producer registration operations",
                 super::producers::PRODUCERS_STREAM
+            )));
+        }
+        if streams.contains(&super::personal::ERASURE_STREAM) {
+            return Err(invalid_append(format!(
+                "{} is written only by the erasure operation (forget)",
+                super::personal::ERASURE_STREAM
             )));
         }
         if streams.contains(&crate::governance::GOVERNANCE_STREAM) {

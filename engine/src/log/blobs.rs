@@ -246,6 +246,7 @@ fn offloads(shared: &Shared, stream: &str, ev: &EventData, signed: bool) -> bool
     !signed
         && !stream.starts_with('$')
         && ev.blob.is_none()
+        && ev.personal.is_none()
         && ev.payload.len() > shared.opts.cold.blob_threshold
         && shared.meta.layout.allows_blobs()
         && shared.cold.blob_store().is_ok()

@@ -106,6 +106,14 @@ pub(crate) fn create_key_file(fs: &Storage, path: &Path) -> Result<SigningKey> {
 }
 
 impl Checkpoints {
+    /// Signs `message` with the log's checkpoint key: the signature and the public key,
+    /// `None` for a log without one (read-only).
+    pub(crate) fn sign(&self, message: &[u8]) -> Option<([u8; 64], [u8; 32])> {
+        use ed25519_dalek::Signer as _;
+        let key = self.key.as_ref()?;
+        Some((key.sign(message).to_bytes(), key.verifying_key().to_bytes()))
+    }
+
     /// No checkpoints and no key (replaced by [`Checkpoints::open`] on open).
     pub(crate) fn empty() -> Checkpoints {
         Checkpoints {

@@ -791,8 +791,9 @@ fn write_cache_file(
 /// policy (the engine), the schema registry (tallyd), and the retention policies and legal
 /// holds (`$governance`). A segment holding events of one stays local, so that a
 /// log opens, and its policy holds, while the store is down.
-pub(crate) const STREAMS_READ_AT_OPEN: [&str; 3] = [
+pub(crate) const STREAMS_READ_AT_OPEN: [&str; 4] = [
     super::producers::PRODUCERS_STREAM,
+    super::personal::ERASURE_STREAM,
     crate::schema::SCHEMA_STREAM,
     crate::governance::GOVERNANCE_STREAM,
 ];

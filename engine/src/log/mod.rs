@@ -23,6 +23,7 @@ mod detail;
 mod governance;
 mod ids;
 mod order;
+mod personal;
 pub mod producers;
 mod read;
 mod recover;
@@ -47,6 +48,10 @@ pub(crate) use cold::{ColdPlace, ColdTier};
 pub use cosignatures::COSIGNATURES_FILE;
 pub use detail::{IndexSummary, SegmentDetail};
 pub use governance::{RetentionPlan, StreamHeld, StreamRemoval};
+pub use personal::{
+    ERASED_MARKER, ERASURE_STREAM, Erasure, ForgetReport, Personal, PersonalScope, SEALED_MARKER,
+    SUBJECT_ERASED, SealState, Sealing, SubjectErased,
+};
 pub use read::{RecordView, Tail, Verify};
 pub use retention::{RANGES_PER_EVENT, RetentionReport};
 use shared::Shared;
@@ -135,6 +140,10 @@ pub struct Options {
     pub storage: crate::Storage,
     /// The cold tier: its store, its policy, its cache (docs/FORMAT.md, section 21).
     pub cold: ColdOptions,
+    /// The key store of data subjects' keys ([`crate::keys`]): needed to append events
+    /// that mark personal data ([`EventData::personal`]), to read it, and to forget a
+    /// subject ([`Log::forget`]). It must not be inside the log's directory.
+    pub keys: Option<std::sync::Arc<dyn crate::keys::KeyStore>>,
 }
 
 impl Default for Options {
@@ -154,6 +163,7 @@ impl Default for Options {
             witness_keys: None,
             storage: crate::Storage::os(),
             cold: ColdOptions::default(),
+            keys: None,
         }
     }
 }
@@ -213,6 +223,9 @@ pub struct EventData {
     pub actor: String,
     /// Business time; the time of the append when `None`.
     pub event_time: Option<Timestamp>,
+    /// Personal data in the payload, sealed at append with a key of its data subject so
+    /// that [`Log::forget`] can erase it (needs a log with a key store, format version 5).
+    pub personal: Option<personal::Personal>,
 }
 
 impl EventData {
@@ -231,6 +244,7 @@ impl EventData {
             causation_id: String::new(),
             actor: String::new(),
             event_time: None,
+            personal: None,
         }
     }
 
@@ -299,6 +313,14 @@ impl EventData {
         self
     }
 
+    /// Marks personal data in the payload ([`Personal`]): sealed at append under its
+    /// subject's key, erased by [`Log::forget`].
+    #[must_use]
+    pub fn personal(mut self, personal: Personal) -> EventData {
+        self.personal = Some(personal);
+        self
+    }
+
     /// Sets the business time.
     #[must_use]
     pub fn event_time(mut self, t: Timestamp) -> EventData {
@@ -363,6 +385,8 @@ pub struct RecordedEvent {
     /// For an event retention removed: the position of the `$RetentionApplied` event that
     /// removed it.
     removed_by: Option<Position>,
+    /// For an event that sealed personal data: what became of it when read.
+    sealing: Option<Box<personal::Sealing>>,
 }
 
 /// The event type of the marker a read returns in place of an event retention removed
@@ -408,7 +432,52 @@ impl RecordedEvent {
             body: body.into(),
             ends,
             removed_by: None,
+            sealing: None,
         }
+    }
+
+    /// Replaces a sealed event's payload by what opening it gave (the payload, or markers),
+    /// and records how.
+    pub(crate) fn reopen(
+        &mut self,
+        payload: Vec<u8>,
+        content_type: ContentType,
+        sealing: personal::Sealing,
+    ) {
+        let Ok(env) = crate::format::envelope::EnvelopeRef::decode(&self.body) else {
+            return;
+        };
+        let env = personal::reopened_envelope(&env, &payload, content_type);
+        let mut body = Vec::with_capacity(env.encoded_len());
+        if env.encode_into(&mut body).is_err() {
+            // An opened payload longer than an envelope holds (fields re-serialised): the
+            // event keeps its sealed bytes, and says why.
+            self.sealing = Some(Box::new(personal::Sealing {
+                state: personal::SealState::Unavailable {
+                    reason: "the opened payload exceeds the envelope's limit".into(),
+                },
+                ..sealing
+            }));
+            return;
+        }
+        let mut e = RecordedEvent::new(
+            self.position,
+            self.version,
+            self.record_time,
+            self.record_hash,
+            &env,
+            &body,
+        );
+        e.sealing = Some(Box::new(sealing));
+        *self = e;
+    }
+
+    /// For an event that sealed personal data: whose it is, which fields, and whether it was
+    /// opened, erased (and by which `$SubjectErased` event) or unavailable. The payload then
+    /// reads as appended, or with markers in place of what could not be opened.
+    #[must_use]
+    pub fn sealing(&self) -> Option<&personal::Sealing> {
+        self.sealing.as_deref()
     }
 
     /// The marker read in place of an event retention removed: its position, version,
@@ -505,7 +574,8 @@ impl RecordedEvent {
     #[must_use]
     pub fn blob(&self) -> Option<crate::format::blob::BlobRef> {
         match self.payload_form {
-            crate::format::envelope::PayloadForm::Inline => None,
+            crate::format::envelope::PayloadForm::Inline
+            | crate::format::envelope::PayloadForm::Sealed => None,
             crate::format::envelope::PayloadForm::Blob => {
                 crate::format::blob::BlobRef::decode(self.payload()).ok()
             }
@@ -553,7 +623,8 @@ pub trait EventView {
     /// [`Log::read_blob`] or a client's blob read).
     fn blob(&self) -> Option<crate::format::blob::BlobRef> {
         match self.payload_form() {
-            crate::format::envelope::PayloadForm::Inline => None,
+            crate::format::envelope::PayloadForm::Inline
+            | crate::format::envelope::PayloadForm::Sealed => None,
             crate::format::envelope::PayloadForm::Blob => {
                 crate::format::blob::BlobRef::decode(self.payload()).ok()
             }
@@ -713,6 +784,9 @@ pub struct RecoveryReport {
     pub checkpoint_tail_truncated: Option<u64>,
     /// Position of the next record to be written.
     pub next_position: Position,
+    /// Keys of erased subjects that were still in the key store (a crash between an
+    /// erasure's event and the key's destruction), destroyed during open.
+    pub erasures_redone: u64,
 }
 
 /// A summary of one segment, for tools.
@@ -1112,7 +1186,9 @@ impl Log {
         max: usize,
         direction: Direction,
     ) -> Result<Vec<RecordedEvent>> {
-        read::read_stream(&self.shared, stream, from_version, max, direction)
+        let mut events = read::read_stream(&self.shared, stream, from_version, max, direction)?;
+        personal::open_events(&self.shared, &mut events);
+        Ok(events)
     }
 
     /// Reads up to `max` events of the whole log, starting at `from` and going in
@@ -1126,7 +1202,9 @@ impl Log {
         max: usize,
         direction: Direction,
     ) -> Result<Vec<RecordedEvent>> {
-        read::read_all(&self.shared, from, max, direction)
+        let mut events = read::read_all(&self.shared, from, max, direction)?;
+        personal::open_events(&self.shared, &mut events);
+        Ok(events)
     }
 
     /// The visible events `query` selects, in position order, through the attribute indexes
@@ -1143,7 +1221,14 @@ impl Log {
     /// [`Error::InvalidOptions`] for a field with an empty value; [`Error::Corrupt`] when a
     /// record read is damaged; I/O errors writing a sidecar.
     pub fn find(&self, query: &Query<'_>) -> Result<Vec<RecordedEvent>> {
-        self.shared.indexing.attrs.lock().find(&self.shared, query)
+        let mut events = self
+            .shared
+            .indexing
+            .attrs
+            .lock()
+            .find(&self.shared, query)?;
+        personal::open_events(&self.shared, &mut events);
+        Ok(events)
     }
 
     /// The first position whose record time is at or after `t` (the next position if

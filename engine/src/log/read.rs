@@ -758,7 +758,8 @@ impl Tail {
                 return Ok(Some(ev));
             }
             if self.shared.visible_position() > self.next {
-                let got = read_all(&self.shared, self.next, TAIL_BATCH, Direction::Forward)?;
+                let mut got = read_all(&self.shared, self.next, TAIL_BATCH, Direction::Forward)?;
+                super::personal::open_events(&self.shared, &mut got);
                 if let Some(last) = got.last() {
                     self.next = last.position.next();
                 }

@@ -264,6 +264,7 @@ fn lock_outcome(
 
 pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryReport)> {
     opts.check()?;
+    check_key_store_outside(dir, &opts)?;
     let fs = &opts.storage.clone();
     let mut report = RecoveryReport::default();
     // 1. The directory's lock and the log's identity.
@@ -291,11 +292,39 @@ pub(crate) fn open(dir: &Path, opts: Options) -> Result<(Arc<Shared>, RecoveryRe
     seal_and_activate(&shared, kept, end, table, last_sealed_time, &mut report)?;
     // 9. The evidence: signing key, checkpoints and key ledger, Merkle tree.
     open_evidence(&shared, checkpoints_read_before, &mut report)?;
-    // 10. The producer keys and signing policy.
+    // 10. The producer keys and signing policy; the recorded erasures (and the destruction
+    // of any key one names that a crash left).
     load_producers(&shared)?;
+    report.erasures_redone = super::personal::load_erasures(&shared)?;
     // 11. The idempotency window and the background threads.
     start(&shared)?;
     Ok((shared, report))
+}
+
+/// Refuses a key store inside the log's directory: a copy of the directory would carry the
+/// keys, and destroying one would not erase the copy.
+fn check_key_store_outside(dir: &Path, opts: &Options) -> Result<()> {
+    let Some(store) = &opts.keys else {
+        return Ok(());
+    };
+    let abs = |p: &Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| {
+            std::env::current_dir()
+                .map(|c| c.join(p))
+                .unwrap_or_else(|_| p.to_owned())
+        })
+    };
+    let (d, k) = (abs(dir), abs(store.location()));
+    if k.starts_with(&d) {
+        return Err(Error::InvalidOptions {
+            reason: format!(
+                "the key store {} is inside the log's directory {}: keep it elsewhere, or a copy of the directory keeps every key",
+                store.location().display(),
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// What stage 1 found.
@@ -417,6 +446,7 @@ fn new_shared(
         threads: Mutex::new(Vec::new()),
         lock_file: Mutex::new(lock_file),
         closed: AtomicBool::new(false),
+        erasures: parking_lot::RwLock::new(std::collections::HashMap::new()),
     })
 }
 

@@ -74,6 +74,11 @@ pub(crate) struct Shared {
     /// The directory's lock, released at close.
     pub(crate) lock_file: Mutex<Option<Box<dyn FsFile>>>,
     pub(crate) closed: AtomicBool,
+    /// The recorded erasures (`$erasures`), by subject: a leaf lock, held only to look up
+    /// or insert.
+    pub(crate) erasures: parking_lot::RwLock<
+        std::collections::HashMap<crate::format::sealed::SubjectHash, super::personal::Erasure>,
+    >,
 }
 
 /// The segments of the log and their life from spare to sealed.

@@ -1,0 +1,513 @@
+//! Personal data sealed under its subject's key, and erased by destroying the key: reads
+//! open it, then show markers naming the erasure event; no byte of a segment changes; every
+//! check and proof still holds; legal holds refuse the erasure; a crash between the erasure
+//! event and the key's destruction is finished by the next open.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tally_engine::format::envelope::PayloadForm;
+use tally_engine::format::sealed::subject_hash;
+use tally_engine::governance::{HoldPlaced, HoldScope};
+use tally_engine::keys::{FileKeyStore, KeyLookup, KeyStore, SecretKey};
+use tally_engine::{
+    Direction, ERASURE_STREAM, Error, EventData, ExpectedVersion, Log, Options, Personal, Position,
+    SealState, Verify,
+};
+
+const MASTER: [u8; 32] = [0x42; 32];
+
+fn store(dir: &Path) -> Arc<FileKeyStore> {
+    Arc::new(FileKeyStore::open(dir, &SecretKey::from_hex(&hex(&MASTER)).unwrap(), true).unwrap())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn open(dir: &Path, keys: &Path) -> Log {
+    Log::open(
+        dir,
+        Options {
+            keys: Some(store(keys)),
+            ..Options::default()
+        },
+    )
+    .unwrap()
+}
+
+fn confirmation(client: &str, n: u32) -> EventData {
+    EventData::json(
+        "TradeConfirmed",
+        json!({
+            "trade_id": format!("T-{n}"),
+            "book": "RATES-1",
+            "client": client,
+            "client_name": format!("Name of {client}"),
+            "client_email": format!("{client}@example.com"),
+            "account": format!("ACC-{client}"),
+        })
+        .to_string(),
+    )
+    .aggregate_type("Trade")
+    .actor("desk-7")
+    .correlation_id(format!("corr-{n}"))
+    .personal(Personal::fields(client, ["client_name", "client_email"]).with_tokens(["account"]))
+}
+
+fn payload(e: &tally_engine::RecordedEvent) -> Value {
+    serde_json::from_slice(e.payload()).unwrap()
+}
+
+fn segment_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn sealed_fields_read_back_and_the_segment_holds_no_plaintext() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    let log = open(&d.path().join("log"), k.path());
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-42", 1)],
+    )
+    .unwrap();
+    let got = log
+        .read_stream("trade-1", 0, 10, Direction::Forward)
+        .unwrap();
+    let p = payload(&got[0]);
+    assert_eq!(p["client_name"], "Name of client-42");
+    assert_eq!(p["client_email"], "client-42@example.com");
+    assert_eq!(p["book"], "RATES-1");
+    let token = p["account"].as_str().unwrap();
+    assert!(token.starts_with("tok_"), "{token}");
+    let s = got[0].sealing().unwrap();
+    assert_eq!(s.state, SealState::Opened);
+    assert_eq!(s.subject, subject_hash("client-42"));
+    assert_eq!(
+        s.fields.as_deref().unwrap(),
+        ["client_email".to_owned(), "client_name".to_owned()]
+    );
+    assert_eq!(got[0].payload_form, PayloadForm::Inline);
+    // The same value gives the same token (projections join on it).
+    log.append(
+        "trade-2",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-42", 2)],
+    )
+    .unwrap();
+    let again = log
+        .read_stream("trade-2", 0, 10, Direction::Forward)
+        .unwrap();
+    assert_eq!(payload(&again[0])["account"], token);
+    log.sync().unwrap();
+    for (name, bytes) in segment_bytes(&d.path().join("log")) {
+        for secret in [
+            &b"Name of client-42"[..],
+            b"client-42@example.com",
+            b"ACC-client-42",
+        ] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{name} holds {:?} in clear",
+                String::from_utf8_lossy(secret)
+            );
+        }
+    }
+    // The raw record is sealed; the scan sees its form.
+    let mut forms = Vec::new();
+    log.scan_range(Position(0), log.next_position(), Verify::Checksums, |r| {
+        if let Ok(env) = r.envelope() {
+            forms.push(env.payload_form);
+        }
+    })
+    .unwrap();
+    assert!(forms.contains(&PayloadForm::Sealed));
+}
+
+#[test]
+fn forget_erases_in_every_read_without_changing_a_byte_and_proofs_still_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    let dir = d.path().join("log");
+    let log = open(&dir, k.path());
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-42", 1)],
+    )
+    .unwrap();
+    log.append(
+        "trade-2",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-7", 2)],
+    )
+    .unwrap();
+    log.append(
+        "kyc-42",
+        ExpectedVersion::NoStream,
+        &[
+            EventData::new("PassportScanned", b"\x89PNG scan of a passport".to_vec())
+                .personal(Personal::payload("client-42")),
+        ],
+    )
+    .unwrap();
+    let cp = log.checkpoint().unwrap();
+    let size = cp.statement.tree_size;
+    let hashes: Vec<_> = log
+        .read_all(Position(0), 100, Direction::Forward)
+        .unwrap()
+        .iter()
+        .map(|e| e.record_hash)
+        .collect();
+    log.sync().unwrap();
+    let before = segment_bytes(&dir);
+
+    let report = log
+        .forget("client-42", "dpo@firm", "GDPR art. 17 request R-981")
+        .unwrap();
+    assert!(report.signed);
+    assert!(!report.already_erased);
+    assert_eq!(report.generation, 1);
+    let by = Position(report.position);
+
+    // No byte a record held changed: the only bytes written are the erasure event's, in
+    // space that was empty (zeros) before.
+    let after = segment_bytes(&dir);
+    assert_eq!(before.len(), after.len());
+    for ((n0, b0), (n1, b1)) in before.iter().zip(&after) {
+        assert_eq!(n0, n1);
+        for (at, (x, y)) in b0.iter().zip(b1).enumerate() {
+            assert!(
+                x == y || *x == 0,
+                "{n0}: byte {at} changed from {x:#04x} to {y:#04x}"
+            );
+        }
+    }
+    let check = |log: &Log| {
+        let t1 = log
+            .read_stream("trade-1", 0, 10, Direction::Forward)
+            .unwrap();
+        let p = payload(&t1[0]);
+        assert_eq!(p["client_name"]["$erased"]["by"], by.0);
+        assert_eq!(p["client_email"]["$erased"]["by"], by.0);
+        assert_eq!(p["book"], "RATES-1");
+        assert_eq!(
+            t1[0].sealing().unwrap().state,
+            SealState::Erased { by: Some(by) }
+        );
+        // The other client is untouched.
+        let t2 = log
+            .read_stream("trade-2", 0, 10, Direction::Forward)
+            .unwrap();
+        assert_eq!(payload(&t2[0])["client_name"], "Name of client-7");
+        // A sealed whole payload reads as a marker, in every read of the API.
+        let kyc = log
+            .read_stream("kyc-42", 0, 10, Direction::Forward)
+            .unwrap();
+        assert_eq!(payload(&kyc[0])["$erased"]["by"], by.0);
+        let all = log.read_all(Position(0), 100, Direction::Forward).unwrap();
+        let kyc_all = all.iter().find(|e| e.stream() == "kyc-42").unwrap();
+        assert_eq!(payload(kyc_all)["$erased"]["by"], by.0);
+        let found = log
+            .find(&tally_engine::Query::field(
+                tally_engine::Field::Correlation,
+                "corr-1",
+            ))
+            .unwrap();
+        assert_eq!(payload(&found[0])["client_name"]["$erased"]["by"], by.0);
+        let mut tail = log.tail(Position(0));
+        let first = tail
+            .next_timeout(std::time::Duration::from_secs(1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(payload(&first)["client_email"]["$erased"]["by"], by.0);
+        // The erasure event is in the log, with its actor.
+        let er = log
+            .read_stream(ERASURE_STREAM, 0, 10, Direction::Forward)
+            .unwrap();
+        assert_eq!(er.len(), 1);
+        assert_eq!(er[0].actor(), "dpo@firm");
+        // Everything verifies, and the checkpoint taken before still proves the records.
+        log.verify().unwrap();
+        for (p, h) in hashes.iter().enumerate() {
+            assert_eq!(
+                log.read_all(Position(p as u64), 1, Direction::Forward)
+                    .unwrap()[0]
+                    .record_hash,
+                *h
+            );
+            log.prove_inclusion(Position(p as u64), size)
+                .unwrap()
+                .verify(h, &cp.statement.root)
+                .unwrap();
+        }
+        let cp2 = log.checkpoint().unwrap();
+        log.prove_consistency(size, cp2.statement.tree_size)
+            .unwrap()
+            .verify(&cp.statement.root, &cp2.statement.root)
+            .unwrap();
+    };
+    check(&log);
+    drop(log);
+    // After a reopen, and the key is gone from the store.
+    let log = open(&dir, k.path());
+    check(&log);
+    assert_eq!(
+        store(k.path()).key(&subject_hash("client-42"), 1).unwrap(),
+        KeyLookup::Destroyed
+    );
+    // A retry answers with the first erasure.
+    let again = log.forget("client-42", "dpo@firm", "retry").unwrap();
+    assert!(again.already_erased);
+    assert_eq!(again.position, by.0);
+    // The subject seen again gets a new key; the old data stays erased.
+    log.append(
+        "trade-3",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-42", 3)],
+    )
+    .unwrap();
+    let t3 = log
+        .read_stream("trade-3", 0, 1, Direction::Forward)
+        .unwrap();
+    assert_eq!(payload(&t3[0])["client_name"], "Name of client-42");
+    assert_eq!(t3[0].sealing().unwrap().generation, 2);
+    let t1 = log
+        .read_stream("trade-1", 0, 1, Direction::Forward)
+        .unwrap();
+    assert!(payload(&t1[0])["client_name"]["$erased"].is_object());
+}
+
+#[test]
+fn a_legal_hold_refuses_the_erasure_naming_the_hold() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    let log = open(&d.path().join("log"), k.path());
+    log.append(
+        "trade-1",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-42", 1)],
+    )
+    .unwrap();
+    log.append(
+        "trade-2",
+        ExpectedVersion::NoStream,
+        &[confirmation("client-7", 2)],
+    )
+    .unwrap();
+    log.place_legal_hold(
+        &HoldPlaced {
+            id: "case-17".into(),
+            scope: HoldScope::CorrelationId("corr-1".into()),
+            reason: "litigation with client-42".into(),
+        },
+        "legal@firm",
+    )
+    .unwrap();
+    let err = log.forget("client-42", "dpo@firm", "request").unwrap_err();
+    match &err {
+        Error::ErasureHeld { hold, position, .. } => {
+            assert_eq!(hold, "case-17");
+            assert_eq!(*position, 0);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("case-17"), "{err}");
+    // Nothing was erased or recorded.
+    let t1 = log
+        .read_stream("trade-1", 0, 1, Direction::Forward)
+        .unwrap();
+    assert_eq!(payload(&t1[0])["client_name"], "Name of client-42");
+    assert!(log.erasures().is_empty());
+    // A subject the hold does not cover is erased.
+    log.forget("client-7", "dpo@firm", "request").unwrap();
+    // Released, the erasure goes through.
+    log.release_legal_hold("case-17", "legal@firm", "settled")
+        .unwrap();
+    log.forget("client-42", "dpo@firm", "request").unwrap();
+}
+
+/// A key store whose destruction fails: the crash between the erasure event and the key's
+/// destruction, without killing the test.
+#[derive(Debug)]
+struct FailingDestroy(Arc<FileKeyStore>);
+
+impl KeyStore for FailingDestroy {
+    fn location(&self) -> &Path {
+        self.0.location()
+    }
+    fn keys_for_append(
+        &self,
+        s: &[tally_engine::format::sealed::SubjectHash],
+    ) -> tally_engine::Result<Vec<(u32, SecretKey)>> {
+        self.0.keys_for_append(s)
+    }
+    fn key(
+        &self,
+        s: &tally_engine::format::sealed::SubjectHash,
+        g: u32,
+    ) -> tally_engine::Result<KeyLookup> {
+        self.0.key(s, g)
+    }
+    fn generation(
+        &self,
+        s: &tally_engine::format::sealed::SubjectHash,
+    ) -> tally_engine::Result<Option<(u32, bool)>> {
+        self.0.generation(s)
+    }
+    fn destroy(&self, _: &tally_engine::format::sealed::SubjectHash) -> tally_engine::Result<bool> {
+        Err(Error::InvalidOptions {
+            reason: "power cut".into(),
+        })
+    }
+    fn token_key(&self) -> &SecretKey {
+        self.0.token_key()
+    }
+    fn subjects(&self) -> usize {
+        self.0.subjects()
+    }
+}
+
+#[test]
+fn an_erasure_interrupted_before_the_key_goes_is_finished_by_the_next_open() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    let dir = d.path().join("log");
+    {
+        let log = Log::open(
+            &dir,
+            Options {
+                keys: Some(Arc::new(FailingDestroy(store(k.path())))),
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        log.append(
+            "trade-1",
+            ExpectedVersion::NoStream,
+            &[confirmation("client-42", 1)],
+        )
+        .unwrap();
+        assert!(log.forget("client-42", "dpo@firm", "request").is_err());
+        // The erasure holds from its event on, though the key is still there.
+        let t1 = log
+            .read_stream("trade-1", 0, 1, Direction::Forward)
+            .unwrap();
+        assert!(payload(&t1[0])["client_name"]["$erased"].is_object());
+    }
+    let h = subject_hash("client-42");
+    assert!(matches!(
+        store(k.path()).key(&h, 1).unwrap(),
+        KeyLookup::Live(_)
+    ));
+    let log = open(&dir, k.path());
+    assert_eq!(log.recovery_report().erasures_redone, 1);
+    assert_eq!(store(k.path()).key(&h, 1).unwrap(), KeyLookup::Destroyed);
+    let t1 = log
+        .read_stream("trade-1", 0, 1, Direction::Forward)
+        .unwrap();
+    assert!(payload(&t1[0])["client_name"]["$erased"].is_object());
+}
+
+#[test]
+fn refusals_are_clear() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    // No key store: personal data is refused, nothing is written.
+    let plain = Log::open(d.path().join("plain"), Options::default()).unwrap();
+    let err = plain
+        .append("trade-1", ExpectedVersion::Any, &[confirmation("c", 1)])
+        .unwrap_err();
+    assert!(err.to_string().contains("no key store"), "{err}");
+    assert_eq!(plain.next_position(), Position(0));
+    assert!(plain.forget("c", "a", "r").is_err());
+    drop(plain);
+    // A key store inside the log's directory.
+    let inside = d.path().join("inside");
+    let err = Log::open(
+        &inside,
+        Options {
+            keys: Some(store(&inside.join("keys"))),
+            ..Options::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("inside the log's directory"),
+        "{err}"
+    );
+    // A log of format version 4 cannot seal.
+    let v4 = Log::open(
+        d.path().join("v4"),
+        Options {
+            keys: Some(store(k.path())),
+            format_version: 4,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let err = v4
+        .append("trade-1", ExpectedVersion::Any, &[confirmation("c", 1)])
+        .unwrap_err();
+    assert!(err.to_string().contains("format version 4"), "{err}");
+    drop(v4);
+    let log = open(&d.path().join("log"), k.path());
+    // Personal fields of a payload that is not a JSON object; a system stream; the erasure
+    // stream written directly; an unknown subject.
+    let bad = EventData::json("X", "[1,2]").personal(Personal::fields("c", ["a"]));
+    assert!(log.append("s", ExpectedVersion::Any, &[bad]).is_err());
+    assert!(
+        log.append("$mine", ExpectedVersion::Any, &[confirmation("c", 1)])
+            .is_err()
+    );
+    assert!(
+        log.append(
+            ERASURE_STREAM,
+            ExpectedVersion::Any,
+            &[EventData::json("X", "{}")]
+        )
+        .is_err()
+    );
+    let err = log.forget("nobody", "dpo", "r").unwrap_err();
+    assert!(err.to_string().contains("no key of subject"), "{err}");
+    assert!(log.forget("c", "", "r").is_err());
+}
+
+#[test]
+fn without_its_key_store_a_log_reads_markers_not_ciphertext_or_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    let dir = d.path().join("log");
+    open(&dir, k.path())
+        .append(
+            "trade-1",
+            ExpectedVersion::NoStream,
+            &[confirmation("client-42", 1)],
+        )
+        .unwrap();
+    let log = Log::open(&dir, Options::default()).unwrap();
+    let t1 = log
+        .read_stream("trade-1", 0, 1, Direction::Forward)
+        .unwrap();
+    let p = payload(&t1[0]);
+    assert!(p["client_name"]["$sealed"]["reason"].is_string(), "{p}");
+    assert_eq!(p["book"], "RATES-1");
+    assert!(matches!(
+        t1[0].sealing().unwrap().state,
+        SealState::Unavailable { .. }
+    ));
+    log.verify().unwrap();
+}
