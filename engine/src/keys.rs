@@ -291,6 +291,7 @@ pub struct FileKeyStore {
     token_key: SecretKey,
     inner: Mutex<Inner>,
     damaged: u64,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for FileKeyStore {
@@ -316,12 +317,32 @@ fn wrap_aad(subject: &SubjectHash, generation: u32) -> Vec<u8> {
 
 impl FileKeyStore {
     /// Opens the key store in `dir` with `master`, creating the directory and an empty store
-    /// when `create` is set and there is none.
+    /// when `create` is set and there is none. The process holds the store's lock until it
+    /// drops it: one writer at a time (tallyd, or a tool on a stopped log).
     ///
     /// # Errors
     /// [`Error::Keys`] for a file that is not a key store, a master key that does not
-    /// unwrap it, or I/O errors.
+    /// unwrap it, a store another process holds, or I/O errors.
     pub fn open(dir: &Path, master: &SecretKey, create: bool) -> Result<FileKeyStore> {
+        Self::open_as(dir, master, create, false)
+    }
+
+    /// Opens the key store to read keys only, without its lock (beside a writer that holds
+    /// it): it knows the subjects the file held when opened, and refuses to add or destroy
+    /// keys.
+    ///
+    /// # Errors
+    /// As [`FileKeyStore::open`].
+    pub fn open_read_only(dir: &Path, master: &SecretKey) -> Result<FileKeyStore> {
+        Self::open_as(dir, master, false, true)
+    }
+
+    fn open_as(
+        dir: &Path,
+        master: &SecretKey,
+        create: bool,
+        read_only: bool,
+    ) -> Result<FileKeyStore> {
         let path = dir.join(KEY_FILE);
         let keys_err = |detail: String| Error::Keys {
             path: path.clone(),
@@ -337,9 +358,22 @@ impl FileKeyStore {
         }
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!read_only)
             .open(&path)
             .map_err(Error::io("open key store", &path))?;
+        if !read_only {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(keys_err(
+                        "another process holds it (stop tallyd, or open it read-only)".into(),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("lock key store", &path)(e));
+                }
+            }
+        }
         let len = file
             .metadata()
             .map_err(Error::io("stat key store", &path))?
@@ -423,6 +457,7 @@ impl FileKeyStore {
                 next_slot: slots,
             }),
             damaged,
+            read_only,
         })
     }
 
@@ -454,6 +489,17 @@ impl FileKeyStore {
     #[must_use]
     pub fn damaged_slots(&self) -> u64 {
         self.damaged
+    }
+
+    fn refuse_if_read_only(&self, what: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Keys {
+                path: self.path.clone(),
+                detail: format!("opened read-only: cannot {what}"),
+                source: None,
+            });
+        }
+        Ok(())
     }
 
     fn io_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -571,6 +617,7 @@ impl KeyStore for FileKeyStore {
             out.push((generation, key));
         }
         if !created.is_empty() {
+            self.refuse_if_read_only("add keys")?;
             // Every new key is durable before any is handed out.
             inner
                 .file
@@ -637,6 +684,7 @@ impl KeyStore for FileKeyStore {
         else {
             return Ok(false);
         };
+        self.refuse_if_read_only("destroy a key")?;
         let s = self.slot_bytes(SLOT_DESTROYED, subject, generation, None)?;
         inner
             .file
@@ -718,6 +766,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let s = store(d.path());
         assert!(matches!(s.key(&a, 1), Err(Error::Keys { .. })));
+        drop(s);
         // A torn slot is skipped and counted.
         bytes[SLOT_LEN + 3] ^= 1;
         bytes.extend_from_slice(&[1; 50]);
@@ -726,6 +775,22 @@ mod tests {
         assert_eq!(s.damaged_slots(), 1);
         assert_eq!(s.key(&a, 1).unwrap(), KeyLookup::Unknown);
         assert_eq!(s.keys_for_append(&[a]).unwrap()[0].0, 1);
+    }
+
+    #[test]
+    fn one_writer_at_a_time_and_read_only_opens_refuse_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let a = subject_hash("a");
+        let w = store(d.path());
+        w.keys_for_append(&[a]).unwrap();
+        let err = FileKeyStore::open(d.path(), &SecretKey([5; 32]), false).unwrap_err();
+        assert!(err.to_string().contains("another process"), "{err}");
+        let r = FileKeyStore::open_read_only(d.path(), &SecretKey([5; 32])).unwrap();
+        assert!(matches!(r.key(&a, 1).unwrap(), KeyLookup::Live(_)));
+        assert!(r.destroy(&a).is_err());
+        assert!(r.keys_for_append(&[subject_hash("b")]).is_err());
+        drop(w);
+        assert!(FileKeyStore::open(d.path(), &SecretKey([5; 32]), false).is_ok());
     }
 
     #[test]

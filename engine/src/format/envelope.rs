@@ -675,7 +675,11 @@ mod tests {
         b[PAYLOAD_FORM_OFFSET] = 2;
         assert!(matches!(
             EnvelopeRef::decode_in(&b, Layout::V5),
-            Err(DecodeError::Truncated { .. } | DecodeError::Invalid { what: "sealed payload", .. })
+            Err(DecodeError::Truncated { .. }
+                | DecodeError::Invalid {
+                    what: "sealed payload",
+                    ..
+                })
         ));
         let mut b = encode(&sample());
         b[RESERVED_B_OFFSET + 1] = 1;
