@@ -92,6 +92,21 @@ pub struct Field {
     /// The value an upcast gives it when the older version lacks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
+    /// Whether it holds personal data, and how it is kept: sealed under the key of the
+    /// event's data subject ([`Schema::subject_field`]) or stored as a token
+    /// (docs/FORMAT.md 6.6). Appends through tallyd follow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personal: Option<PersonalMark>,
+}
+
+/// How a field holding personal data is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PersonalMark {
+    /// Sealed under the subject's key; erased when the subject is forgotten.
+    Sealed,
+    /// Replaced by a stable token (a keyed hash): joinable, never readable.
+    Token,
 }
 
 /// A version of an event type's schema. Unknown keys in its JSON form are refused (a
@@ -108,6 +123,10 @@ pub struct Schema {
     /// Check appends of this version against it ([`Registry::check`]).
     #[serde(default)]
     pub validate: bool,
+    /// The field that names the event's data subject (a client or trader id), needed when a
+    /// field is [`PersonalMark::Sealed`]: a required string field, kept in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_field: Option<String>,
 }
 
 impl Schema {
@@ -205,6 +224,32 @@ pub enum SchemaError {
         /// Why.
         reason: String,
     },
+}
+
+/// What is wrong with a schema's personal-data marks: a sealed field without a subject
+/// field, a subject field that is not a required string of the schema, or one that is
+/// itself marked.
+fn personal_problem(s: &Schema) -> Option<String> {
+    let sealed = s
+        .fields
+        .iter()
+        .any(|f| f.personal == Some(PersonalMark::Sealed));
+    match &s.subject_field {
+        None if sealed => {
+            Some("a field is marked sealed, and no subject_field names the data subject".into())
+        }
+        None => None,
+        Some(name) => match s.fields.iter().find(|f| &f.name == name) {
+            None => Some(format!("subject_field {name:?} is not one of its fields")),
+            Some(f) if f.kind != FieldKind::String || !f.required => Some(format!(
+                "subject_field {name:?} must be a required string field"
+            )),
+            Some(f) if f.personal.is_some() => Some(format!(
+                "subject_field {name:?} names the subject and is kept in clear: it cannot be marked personal"
+            )),
+            Some(_) => None,
+        },
+    }
 }
 
 /// A function lifting a payload from version `n` to `n + 1`.
@@ -341,6 +386,60 @@ impl Registry {
         self.schemas.values().flatten().any(|s| s.validate)
     }
 
+    /// Whether some schema marks personal data ([`Registry::personal_for`] has work).
+    #[must_use]
+    pub fn marks_personal(&self) -> bool {
+        self.schemas
+            .values()
+            .flatten()
+            .any(|s| s.fields.iter().any(|f| f.personal.is_some()))
+    }
+
+    /// The personal data an event holds by its schema version's marks: the sealed fields,
+    /// the tokenised ones, and the subject named by its subject field. `None` when the
+    /// event gives its own marking, or its schema marks nothing.
+    ///
+    /// # Errors
+    /// [`SchemaError::Invalid`] when the payload is not a JSON object or lacks the subject.
+    pub fn personal_for(&self, e: &EventData) -> Result<Option<crate::log::Personal>, SchemaError> {
+        if e.personal.is_some() {
+            return Ok(None);
+        }
+        let Some(s) = self.get(&e.event_type, e.schema_version) else {
+            return Ok(None);
+        };
+        let marked = |m: PersonalMark| {
+            s.fields
+                .iter()
+                .filter(move |f| f.personal == Some(m))
+                .map(|f| f.name.clone())
+        };
+        let sealed: Vec<String> = marked(PersonalMark::Sealed).collect();
+        let tokens: Vec<String> = marked(PersonalMark::Token).collect();
+        if sealed.is_empty() && tokens.is_empty() {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&e.payload)
+            .map_err(|err| invalid(s, "", format!("is not JSON: {err}")))?;
+        let subject = match &s.subject_field {
+            Some(name) => match v.get(name) {
+                Some(Value::String(id)) if !id.is_empty() => id.clone(),
+                _ => {
+                    return Err(invalid(
+                        s,
+                        name,
+                        "names the event's data subject: a non-empty string is required",
+                    ));
+                }
+            },
+            // Tokens only: no key is used.
+            None => String::from("-"),
+        };
+        Ok(Some(
+            crate::log::Personal::fields(subject, sealed).with_tokens(tokens),
+        ))
+    }
+
     /// The newest version of `event_type`, if it has a schema.
     #[must_use]
     pub fn latest(&self, event_type: &str) -> Option<&Schema> {
@@ -397,6 +496,9 @@ impl Registry {
                 "field {:?} is named twice (a payload could never meet both)",
                 twice.name
             )));
+        }
+        if let Some(reason) = personal_problem(&schema) {
+            return Err(malformed(reason));
         }
         if schema.fields.len() > FIELDS_MAX {
             return Err(SchemaError::Breaking {

@@ -15,6 +15,7 @@ fn field(name: &str, kind: FieldKind, required: bool, default: Option<serde_json
         kind,
         required,
         default,
+        personal: None,
     }
 }
 
@@ -29,6 +30,7 @@ fn v1() -> Schema {
             field("note", FieldKind::String, false, None),
         ],
         validate: true,
+        subject_field: None,
     }
 }
 

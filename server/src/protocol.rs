@@ -185,6 +185,9 @@ pub enum ErrorCode {
     /// A blob is not in the log's store with the bytes its reference names, the log has no
     /// store, or the store failed.
     BlobUnavailable = 35,
+    /// An erasure was refused because a legal hold covers an event holding the subject's
+    /// data; the message names the hold. Nothing was erased.
+    ErasureHeld = 36,
     /// A schema registration was refused (not a schema, not the next version, or a
     /// breaking change); nothing was written.
     SchemaRefused = 26,
@@ -202,7 +205,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::BadFrame,
         ErrorCode::UnsupportedVersion,
         ErrorCode::HandshakeRequired,
@@ -228,6 +231,7 @@ impl ErrorCode {
         ErrorCode::Io,
         ErrorCode::ProofUnavailable,
         ErrorCode::BlobUnavailable,
+        ErrorCode::ErasureHeld,
         ErrorCode::SchemaRefused,
         ErrorCode::SchemaViolation,
         ErrorCode::CosignatureRefused,

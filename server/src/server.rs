@@ -427,6 +427,8 @@ pub fn engine_error(e: &EngineError) -> WireError {
         EngineError::Proof(_) => (ErrorCode::ProofUnavailable, None),
         EngineError::Blob { .. } => (ErrorCode::BlobUnavailable, None),
         EngineError::SignatureRefused { .. } => (ErrorCode::SignatureRefused, None),
+        EngineError::ErasureHeld { .. } => (ErrorCode::ErasureHeld, None),
+        EngineError::Keys { .. } => (ErrorCode::Io, None),
         _ => (ErrorCode::Internal, None),
     };
     // The message names the cause chain, as the engine's errors keep their sources.
@@ -539,7 +541,7 @@ impl Server {
                 rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
                     && rt.metrics().num_workers() >= 2
             },
-            validating: AtomicBool::new(registry.validates()),
+            validating: AtomicBool::new(registry.validates() || registry.marks_personal()),
             budget,
             blob_upload_bytes: Arc::new(AtomicU64::new(0)),
             registering: std::sync::Mutex::new(()),
@@ -1744,9 +1746,19 @@ fn append(
             return None;
         }
     };
-    if let Err(e) = check_schemas(&registry, parts) {
-        here.error(reply, e);
-        return None;
+    match check_schemas(&registry, parts) {
+        Err(e) => {
+            here.error(reply, e);
+            return None;
+        }
+        Ok(Some(marked)) => {
+            // Personal data to seal: the key store is I/O, so the append goes to the
+            // blocking pool (which applies the registry again, to the same result).
+            drop(registry);
+            defer_append(ctx, &marked, signature, reply, here, kind, Validate::Yes);
+            return None;
+        }
+        Ok(None) => {}
     }
     let ack = submit(ctx, parts, signature, reply, here, kind, Validate::Yes);
     drop(registry);
@@ -1762,22 +1774,34 @@ enum Validate {
     No,
 }
 
-/// Checks every event against the registry.
+/// Checks every event against the registry, and marks the personal data its schema marks
+/// (FORMAT.md 6.6): `Some` parts with the marks when any event has some.
 fn check_schemas(
     registry: &tally_engine::schema::Registry,
     parts: &[AppendPart],
-) -> Result<(), WireError> {
-    for p in parts {
+) -> Result<Option<Vec<AppendPart>>, WireError> {
+    let violation = |stream: &str, i: usize, err: tally_engine::schema::SchemaError| {
+        WireError::new(
+            ErrorCode::SchemaViolation,
+            format!("stream {stream:?}, event {i}: {err}"),
+        )
+    };
+    let mut marked: Option<Vec<AppendPart>> = None;
+    for (pi, p) in parts.iter().enumerate() {
         for (i, e) in p.events.iter().enumerate() {
-            if let Err(err) = registry.check(e) {
-                return Err(WireError::new(
-                    ErrorCode::SchemaViolation,
-                    format!("stream {:?}, event {i}: {err}", p.stream),
-                ));
+            registry
+                .check(e)
+                .map_err(|err| violation(&p.stream, i, err))?;
+            if let Some(personal) = registry
+                .personal_for(e)
+                .map_err(|err| violation(&p.stream, i, err))?
+            {
+                let m = marked.get_or_insert_with(|| parts.to_vec());
+                m[pi].events[i].personal = Some(personal);
             }
         }
     }
-    Ok(())
+    Ok(marked)
 }
 
 /// Submits an append without blocking this worker; returns it if it still waits for its
@@ -1859,10 +1883,13 @@ fn defer_append(
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
             });
-        if let Some(registry) = &registry
-            && let Err(e) = check_schemas(registry, &parts)
-        {
-            return reply.error(e);
+        let mut parts = parts;
+        if let Some(registry) = &registry {
+            match check_schemas(registry, &parts) {
+                Err(e) => return reply.error(e),
+                Ok(Some(marked)) => parts = marked,
+                Ok(None) => {}
+            }
         }
         let reqs = requests(&parts);
         let submitted = match &signature {
@@ -2071,7 +2098,7 @@ fn blocking_request(ctx: &Ctx, req: Request, reply: Reply) {
             };
             let mut next = (*current).clone();
             next.commit(parsed);
-            let validates = next.validates();
+            let validates = next.validates() || next.marks_personal();
             // Under the write lock: no append is between its check and its place in the
             // log, so every append ordered after the registration is checked against it.
             // The sync is waited for after the lock is let go.
@@ -2357,6 +2384,26 @@ fn govern(log: &Log, request: &str, changes: bool) -> Result<String, WireError> 
             })
             .to_string())
         }
+        "forget" => {
+            let reason = text("reason")?;
+            let actor = text("actor")?;
+            let done = match (v.get("subject"), v.get("subject_hash")) {
+                (Some(_), None) => log.forget(text("subject")?, actor, reason),
+                (None, Some(_)) => {
+                    let h =
+                        tally_engine::format::sealed::SubjectHash::from_hex(text("subject_hash")?)
+                            .map_err(|e| bad(format!("subject_hash: {e}")))?;
+                    log.forget_hash(h, actor, reason)
+                }
+                _ => {
+                    return Err(bad(
+                        "governance request: give one of \"subject\" and \"subject_hash\"".into(),
+                    ));
+                }
+            }
+            .map_err(refused)?;
+            serde_json::to_string(&done).map_err(|e| bad(e.to_string()))
+        }
         other => Err(bad(format!("governance request: unknown op {other:?}"))),
     }
 }
@@ -2476,6 +2523,17 @@ fn read_all_forward(
             if !filter.matches(env.stream, env.event_type) {
                 return;
             }
+            // Personal data goes as every read returns it: opened, or markers.
+            let opened = log.open_sealed(&env);
+            let env = match &opened {
+                Some((payload, content_type, _)) => tally_engine::format::envelope::EnvelopeRef {
+                    payload,
+                    content_type: *content_type,
+                    payload_form: tally_engine::format::envelope::PayloadForm::Inline,
+                    ..env
+                },
+                None => env,
+            };
             let len = protocol::event_wire_len(&env);
             if u64::from(b.count) == max || (b.count > 0 && b.out.len() - b.start + len > max_frame)
             {

@@ -298,7 +298,9 @@ pub(crate) fn seal_requests(
                 )));
             }
         }
-        subjects.push(subject_hash(&p.subject));
+        if needs_key(p) {
+            subjects.push(subject_hash(&p.subject));
+        }
     }
     let keys = store.keys_for_append(&subjects)?;
     let mut keys = keys.into_iter();
@@ -310,10 +312,14 @@ pub(crate) fn seal_requests(
             match &ev.personal {
                 None => events.push(ev.clone()),
                 Some(p) => {
-                    let (generation, key) = keys.next().ok_or_else(|| {
-                        invalid("the key store gave fewer keys than asked".into())
-                    })?;
-                    events.push(seal_one(ev, p, generation, &key, store.token_key(), index)?);
+                    let key = if needs_key(p) {
+                        Some(keys.next().ok_or_else(|| {
+                            invalid("the key store gave fewer keys than asked".into())
+                        })?)
+                    } else {
+                        None
+                    };
+                    events.push(seal_one(ev, p, key.as_ref(), store.token_key(), index)?);
                 }
             }
             index += 1;
@@ -323,11 +329,18 @@ pub(crate) fn seal_requests(
     Ok(Some(out))
 }
 
+/// Whether sealing `p` needs a key: something of the payload is sealed (not tokens only).
+fn needs_key(p: &Personal) -> bool {
+    match &p.scope {
+        PersonalScope::Payload => true,
+        PersonalScope::Fields(f) => !f.is_empty(),
+    }
+}
+
 fn seal_one(
     ev: &EventData,
     p: &Personal,
-    generation: u32,
-    key: &SecretKey,
+    key: Option<&(u32, SecretKey)>,
     token_key: &SecretKey,
     index: usize,
 ) -> Result<EventData> {
@@ -371,6 +384,10 @@ fn seal_one(
             (clear, names, plaintext)
         }
     };
+    let Some((generation, key)) = key else {
+        return Err(invalid(format!("event {index}: no key to seal it with")));
+    };
+    let generation = *generation;
     let scope = match p.scope {
         PersonalScope::Payload => SealScope::Payload,
         PersonalScope::Fields(_) => SealScope::Fields,
@@ -403,41 +420,50 @@ pub(crate) fn open_event(shared: &Shared, e: &mut RecordedEvent) {
     if e.payload_form != PayloadForm::Sealed {
         return;
     }
-    let opened = {
-        // The envelope was checked when read, the sealed payload with it.
-        let Ok(s) = sealed::decode(e.payload()) else {
-            return;
-        };
-        let fields = s.field_names().ok();
-        let mut state = seal_state(shared, &s);
-        let mut content_type = ContentType::Json;
-        let mut payload = Vec::new();
-        if state == SealState::Opened {
-            match opened_payload(shared, e.event_id, &s) {
-                Ok(p) => {
-                    payload = p;
-                    content_type = e.content_type;
-                }
-                Err(reason) => state = SealState::Unavailable { reason },
+    if let Some((payload, content_type, sealing)) =
+        open_payload(shared, e.event_id, e.payload(), e.content_type)
+    {
+        e.reopen(payload, content_type, sealing);
+    }
+}
+
+/// What a read returns for a sealed payload: the payload opened (with its content type)
+/// when the key is live, else markers (JSON); and how. `None` for bytes that are not a
+/// sealed payload (an envelope read was checked, so never for one).
+fn open_payload(
+    shared: &Shared,
+    event_id: EventId,
+    payload: &[u8],
+    content_type: ContentType,
+) -> Option<(Vec<u8>, ContentType, Sealing)> {
+    let s = sealed::decode(payload).ok()?;
+    let fields = s.field_names().ok();
+    let mut state = seal_state(shared, &s);
+    let mut out_type = ContentType::Json;
+    let mut out = Vec::new();
+    if state == SealState::Opened {
+        match opened_payload(shared, event_id, &s) {
+            Ok(p) => {
+                out = p;
+                out_type = content_type;
             }
+            Err(reason) => state = SealState::Unavailable { reason },
         }
-        if state != SealState::Opened {
-            payload = marker_payload(&s, fields.as_deref(), &state);
-        }
-        let sealing = Sealing {
-            subject: s.subject,
-            generation: s.generation,
-            fields: if s.scope == SealScope::Payload {
-                None
-            } else {
-                Some(fields.unwrap_or_default())
-            },
-            state,
-        };
-        (payload, content_type, sealing)
+    }
+    if state != SealState::Opened {
+        out = marker_payload(&s, fields.as_deref(), &state);
+    }
+    let sealing = Sealing {
+        subject: s.subject,
+        generation: s.generation,
+        fields: if s.scope == SealScope::Payload {
+            None
+        } else {
+            Some(fields.unwrap_or_default())
+        },
+        state,
     };
-    let (payload, content_type, sealing) = opened;
-    e.reopen(payload, content_type, sealing);
+    Some((out, out_type, sealing))
 }
 
 fn seal_state(shared: &Shared, s: &SealedRef<'_>) -> SealState {
@@ -762,6 +788,17 @@ impl Log {
             }),
             None => Ok(()),
         }
+    }
+
+    /// For an envelope read raw ([`Log::scan_range`]) whose payload is sealed: the payload
+    /// every read of the API returns in its place (opened when the key is live, else
+    /// markers), its content type, and how it was opened. `None` for any other envelope.
+    #[must_use]
+    pub fn open_sealed(&self, env: &EnvelopeRef<'_>) -> Option<(Vec<u8>, ContentType, Sealing)> {
+        if env.payload_form != PayloadForm::Sealed {
+            return None;
+        }
+        open_payload(&self.shared, env.event_id, env.payload, env.content_type)
     }
 
     /// Every recorded erasure, by subject.

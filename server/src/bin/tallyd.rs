@@ -89,6 +89,11 @@ struct FileConfig {
     checkpoint_interval_secs: Option<u64>,
     signing_key: Option<PathBuf>,
     cold: Option<ColdConfig>,
+    /// The key store of data subjects' keys (a directory outside the data directory):
+    /// personal data is sealed under them, and GOVERN `forget` destroys them.
+    key_store: Option<PathBuf>,
+    /// The file holding the key store's master key (64 hex digits), kept apart from both.
+    master_key: Option<PathBuf>,
 }
 
 /// `[cold]`: the cold tier (docs/OPERATIONS.md section 9). With a table, tallyd moves sealed
@@ -222,6 +227,17 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
         options.checkpoint_interval = Some(Duration::from_secs(s));
     }
     options.signing_key = file.signing_key;
+    match (&file.key_store, &file.master_key) {
+        (Some(dir), Some(master)) => {
+            let master =
+                tally_engine::keys::SecretKey::from_file(master).context("reading master_key")?;
+            let store = tally_engine::keys::FileKeyStore::open(dir, &master, true)
+                .with_context(|| format!("opening the key store {}", dir.display()))?;
+            options.keys = Some(std::sync::Arc::new(store));
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("key_store and master_key go together"),
+    }
     if let Some(c) = &file.cold {
         options.cold = cold_options(c)?;
     } else if let Some(store) = tally_server::cold_store::store_of_dir(&cfg.data)
