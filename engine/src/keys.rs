@@ -43,6 +43,15 @@ const WRAP_AAD: &[u8] = b"tally subject key v1\0";
 /// The associated data of the wrapped tokenisation key.
 const TOKEN_AAD: &[u8] = b"tally token key v1\0";
 
+/// The detail of the error a store another process holds gives.
+const HELD_ELSEWHERE: &str = "another process holds it (stop tallyd, or open it read-only)";
+
+/// Whether `e` is [`FileKeyStore::open`]'s refusal of a store another process holds.
+#[must_use]
+pub fn is_held_elsewhere(e: &Error) -> bool {
+    matches!(e, Error::Keys { detail, .. } if detail == HELD_ELSEWHERE)
+}
+
 /// A 32-byte key. Its `Debug` shows nothing of it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretKey(pub(crate) [u8; 32]);
@@ -365,9 +374,7 @@ impl FileKeyStore {
             match file.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(keys_err(
-                        "another process holds it (stop tallyd, or open it read-only)".into(),
-                    ));
+                    return Err(keys_err(HELD_ELSEWHERE.into()));
                 }
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(Error::io("lock key store", &path)(e));

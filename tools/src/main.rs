@@ -40,6 +40,13 @@ struct Cli {
     /// The same as `--output json`.
     #[arg(long, global = true, conflicts_with = "output")]
     json: bool,
+    /// The key store of data subjects' keys (a directory outside the data directory): reads
+    /// open sealed personal data with it, and `forget` destroys keys in it.
+    #[arg(long, global = true, env = "TALLY_KEY_STORE", value_name = "DIR")]
+    key_store: Option<std::path::PathBuf>,
+    /// The file holding the key store's master key (64 hex digits).
+    #[arg(long, global = true, env = "TALLY_MASTER_KEY", value_name = "FILE")]
+    master_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,6 +107,10 @@ enum Command {
     Hold(governance::HoldArgs),
     /// What the retention policies remove, and what legal holds keep.
     Retention(governance::RetentionArgs),
+    /// Erase a data subject's personal data: destroy their key, record a signed erasure.
+    Forget(governance::ForgetArgs),
+    /// Create a key store (and its master key file) for personal data.
+    KeyStore(governance::KeyStoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +125,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     support::set_output(output);
+    support::set_key_store(cli.key_store.clone(), cli.master_key.clone());
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
@@ -141,6 +153,8 @@ fn main() -> ExitCode {
         Command::Policy(a) => governance::policy(&a),
         Command::Hold(a) => governance::hold(&a),
         Command::Retention(a) => governance::retention(&a),
+        Command::Forget(a) => governance::forget(&a),
+        Command::KeyStore(a) => governance::key_store(&a),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
@@ -160,6 +161,38 @@ pub fn require_data_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The key store of this run (`--key-store` and `--master-key`, or `TALLY_KEY_STORE` and
+/// `TALLY_MASTER_KEY`), set once from the command line.
+static KEY_STORE: std::sync::OnceLock<(Option<PathBuf>, Option<PathBuf>)> =
+    std::sync::OnceLock::new();
+
+/// Sets the key store for this run.
+pub fn set_key_store(dir: Option<PathBuf>, master: Option<PathBuf>) {
+    let _ = KEY_STORE.set((dir, master));
+}
+
+/// Opens this run's key store, if one was named: for reading only beside a writer that
+/// holds it, or as its one writer.
+///
+/// # Errors
+/// A key store without its master key (or the reverse), a wrong master key, or one another
+/// process holds (when not `read_only`).
+pub fn key_store(read_only: bool) -> Result<Option<Arc<dyn tally_engine::keys::KeyStore>>> {
+    let (dir, master) = KEY_STORE.get().cloned().unwrap_or_default();
+    let (dir, master) = match (dir, master) {
+        (None, None) => return Ok(None),
+        (Some(d), Some(m)) => (d, m),
+        _ => bail!("--key-store and --master-key go together"),
+    };
+    let master = tally_engine::keys::SecretKey::from_file(&master)?;
+    let store = if read_only {
+        tally_engine::keys::FileKeyStore::open_read_only(&dir, &master)?
+    } else {
+        tally_engine::keys::FileKeyStore::open(&dir, &master, false)?
+    };
+    Ok(Some(Arc::new(store)))
+}
+
 /// Opens a log read-only: nothing on disk changes and no lock is taken.
 pub fn open_read_only(dir: &Path) -> Result<Log> {
     require_data_dir(dir)?;
@@ -169,6 +202,7 @@ pub fn open_read_only(dir: &Path) -> Result<Log> {
             recovery: RecoveryMode::ReadOnly,
             create: false,
             cold: cold_options(dir)?,
+            keys: key_store(true)?,
             ..Options::default()
         },
     ) {
@@ -200,12 +234,24 @@ pub fn cold_options(dir: &Path) -> Result<tally_engine::ColdOptions> {
 /// Returns whether it is writable.
 pub fn open_writable_if_free(dir: &Path, key: &KeyArg) -> Result<(Log, bool)> {
     require_data_dir(dir)?;
+    let keys = match key_store(false) {
+        Ok(k) => k,
+        // The store's writer (tallyd) has the log too.
+        Err(e)
+            if e.downcast_ref::<Error>()
+                .is_some_and(tally_engine::keys::is_held_elsewhere) =>
+        {
+            return Ok((open_read_only(dir)?, false));
+        }
+        Err(e) => return Err(e),
+    };
     match Log::open(
         dir,
         Options {
             create: false,
             signing_key: key.key.clone(),
             cold: cold_options(dir)?,
+            keys,
             ..Options::default()
         },
     ) {
@@ -466,6 +512,28 @@ pub fn event_json(
 ) -> Value {
     let mut v = envelope_json(position, version, record_time, e);
     v["record_hash"] = Value::String(hex(record_hash));
+    v
+}
+
+/// How a sealed event's personal data was read ([`tally_engine::Sealing`]), as JSON:
+/// `{"subject", "generation", "fields", "state", "erased_by"?, "reason"?}`.
+pub fn sealing_json(s: &tally_engine::Sealing) -> Value {
+    let mut v = json!({
+        "subject": s.subject.to_hex(),
+        "generation": s.generation,
+        "fields": s.fields,
+    });
+    match &s.state {
+        tally_engine::SealState::Opened => v["state"] = "opened".into(),
+        tally_engine::SealState::Erased { by } => {
+            v["state"] = "erased".into();
+            v["erased_by"] = json!(by.map(|p| p.0));
+        }
+        tally_engine::SealState::Unavailable { reason } => {
+            v["state"] = "unavailable".into();
+            v["reason"] = reason.clone().into();
+        }
+    }
     v
 }
 

@@ -475,12 +475,13 @@ pub fn check_head(
     if str_field(doc, "extract", "log_id")? != hex(&s.log_id) {
         return Err(Finding("log_id: differs from the signed checkpoint".into()));
     }
-    // A version 2 statement signs a log of format version 2, 3 or 4, whose records share
-    // one layout; version 3's envelopes may hold a blob reference and version 4's records
-    // may be pruned, which older writers never write. The records are authenticated by the
-    // proofs either way, so they are read by version 4's rules.
+    // A version 2 statement signs a log of format version 2, 3, 4 or 5, whose records share
+    // one layout; version 3's envelopes may hold a blob reference, version 4's records may
+    // be pruned, and version 5's envelopes may seal personal data, which older writers never
+    // write. The records are authenticated by the proofs either way, so they are read by
+    // version 5's rules.
     let layout = match s.version() {
-        2 => Layout::V4,
+        2 => Layout::V5,
         v => Layout::of_version(v)
             .ok_or_else(|| Finding(format!("checkpoint of statement version {v}")))?,
     };
@@ -547,6 +548,7 @@ pub fn check_extract(doc: &Value, trusted: &[[u8; 32]]) -> Result<Checked, Findi
         checkpoint: cp,
         events: events.len(),
         removed,
+        personal: Personal::default(),
         kind,
         note: doc
             .get("checkpoint_note")
@@ -580,6 +582,32 @@ pub struct Checked {
     /// Events retention removed: carried as their pruned records (hash and place, no
     /// content), each naming the run that removed it.
     pub removed: usize,
+    /// Personal data in the extract: events that seal some, their subjects, and the
+    /// erasures the extract itself proves.
+    pub personal: Personal,
+}
+
+/// The personal data an extract carries sealed (FORMAT.md 6.6): only ciphertext, which
+/// nobody reads without the subject's key, and nobody once an erasure destroyed it.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Personal {
+    /// Events with sealed fields or a sealed payload.
+    pub sealed_events: u64,
+    /// Their subjects (id hashes), each with the fields sealed in its events.
+    pub subjects: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// `$SubjectErased` events the extract proves: subject, key generation, position.
+    pub erasures: Vec<(String, u32, u64)>,
+}
+
+impl Personal {
+    /// Subjects of sealed events an erasure in the extract covers.
+    #[must_use]
+    pub fn erased_subjects(&self) -> usize {
+        self.subjects
+            .keys()
+            .filter(|s| self.erasures.iter().any(|(e, _, _)| e == *s))
+            .count()
+    }
 }
 
 /// A record of an extract whose bytes, record hash and inclusion proof were checked.
@@ -957,6 +985,11 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                         "ok": true,
                         "events": c.events,
                         "removed_by_retention": c.removed,
+                        "personal": {
+                            "sealed_events": c.personal.sealed_events,
+                            "subjects": c.personal.subjects,
+                            "erasures": c.personal.erasures.iter().map(|(s, g, p)| json!({"subject": s, "generation": g, "position": p})).collect::<Vec<_>>(),
+                        },
                         "proof": kind,
                         "what": what,
                         "witnesses": cosigned,
@@ -978,6 +1011,42 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                     println!(
                         "{} of them were removed by retention: their record hashes and places are proven, their content is gone; each names the $RetentionApplied event that removed it (prove that event with an extract of $governance)",
                         c.removed
+                    );
+                }
+                if c.personal.sealed_events > 0 {
+                    println!(
+                        "{} of them seal personal data of {} data subjects: only ciphertext is carried, readable with the subject's key and by nobody once an erasure destroyed it",
+                        c.personal.sealed_events,
+                        c.personal.subjects.len()
+                    );
+                    for (subject, fields) in &c.personal.subjects {
+                        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+                        let erased = c.personal.erasures.iter().find(|(s, _, _)| s == subject);
+                        println!(
+                            "  subject {subject}: {}{}",
+                            if fields.is_empty() {
+                                "whole payloads".to_owned()
+                            } else {
+                                format!("fields {}", fields.join(", "))
+                            },
+                            match erased {
+                                Some((_, g, p)) => format!(
+                                    "; erased (key generations up to {g}) by the $SubjectErased event at position {p}, proven in this extract"
+                                ),
+                                None => String::new(),
+                            }
+                        );
+                    }
+                    if c.personal.erased_subjects() < c.personal.subjects.len() {
+                        println!(
+                            "  (whether the others were erased is in $erasures: prove it with an extract of that stream)"
+                        );
+                    }
+                }
+                if !c.personal.erasures.is_empty() && c.personal.sealed_events == 0 {
+                    println!(
+                        "{} of them are erasures ($SubjectErased), each proven like every event",
+                        c.personal.erasures.len()
                     );
                 }
                 if !witnesses.is_empty() {

@@ -85,6 +85,20 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                     {
                         return;
                     }
+                    // Sealed personal data shows as every read returns it: opened with the
+                    // key store, else markers; never ciphertext.
+                    let opened = log.open_sealed(&e);
+                    let e = match &opened {
+                        Some((payload, content_type, _)) => {
+                            tally_engine::format::envelope::EnvelopeRef {
+                                payload,
+                                content_type: *content_type,
+                                payload_form: tally_engine::format::envelope::PayloadForm::Inline,
+                                ..e
+                            }
+                        }
+                        None => e,
+                    };
                     let res = match format {
                         EventFormat::Jsonl => {
                             let mut v = event_json(
@@ -96,6 +110,9 @@ pub fn dump(a: &DumpArgs) -> Result<ExitCode> {
                             );
                             if let Some(by) = removed_by {
                                 v["removed_by"] = by.into();
+                            }
+                            if let Some((_, _, s)) = &opened {
+                                v["sealed"] = crate::support::sealing_json(s);
                             }
                             serde_json::to_writer(&mut out, &v)
                                 .map_err(std::io::Error::from)

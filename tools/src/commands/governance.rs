@@ -650,3 +650,163 @@ pub fn retention(a: &RetentionArgs) -> Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// `tally forget`.
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// The data subject's id (a client or trader id), or with --hash its id hash.
+    subject: String,
+    /// SUBJECT is the subject's 64-hex-digit id hash (as markers and erasure events show).
+    #[arg(long)]
+    hash: bool,
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    why: Why,
+    #[command(flatten)]
+    key: KeyArg,
+}
+
+/// What a forget did.
+#[derive(Serialize, serde::Deserialize)]
+struct Forgot {
+    subject: String,
+    generation: u32,
+    position: u64,
+    signed: bool,
+    already_erased: bool,
+}
+
+impl Report for Forgot {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.already_erased {
+            writeln!(
+                out,
+                "subject {} was already erased (position {})",
+                self.subject, self.position
+            )
+        } else {
+            writeln!(
+                out,
+                "subject {} erased: key generation {} destroyed, {} erasure event at position {}",
+                self.subject,
+                self.generation,
+                if self.signed { "signed" } else { "unsigned" },
+                self.position
+            )
+        }
+    }
+}
+
+/// Runs `tally forget`.
+pub fn forget(a: &ForgetArgs) -> Result<ExitCode> {
+    let subject = if a.hash {
+        tally_engine::format::sealed::SubjectHash::from_hex(&a.subject)?
+    } else {
+        tally_engine::format::sealed::subject_hash(&a.subject)
+    };
+    let done: Forgot = match (&a.target.dir, &a.target.server) {
+        (_, Some(server)) => serde_json::from_value(ask(
+            server,
+            &json!({"op": "forget", "subject_hash": subject.to_hex(), "actor": a.why.actor, "reason": a.why.reason}),
+        )?)
+        .context("the server's answer")?,
+        (Some(dir), None) => {
+            if crate::support::key_store(true)?.is_none() {
+                bail!("forget destroys a key in the key store: give --key-store and --master-key");
+            }
+            let log = writable(dir, &a.key)?;
+            let r = log.forget_hash(subject, &a.why.actor, &a.why.reason);
+            log.close()?;
+            let r = r?;
+            Forgot {
+                subject: r.subject,
+                generation: r.generation,
+                position: r.position,
+                signed: r.signed,
+                already_erased: r.already_erased,
+            }
+        }
+        (None, None) => bail!("give a data directory or --server"),
+    };
+    render(&done)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tally key-store`.
+#[derive(Args, Debug)]
+pub struct KeyStoreArgs {
+    #[command(subcommand)]
+    command: KeyStoreCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyStoreCommand {
+    /// Create an empty key store in DIR (outside any data directory) and, when FILE does not
+    /// exist, a new random master key in it (mode 0600): keep the two apart.
+    Init(KeyStoreInitArgs),
+    /// How many subjects the store holds keys of (live or destroyed), and damaged slots.
+    Info(KeyStoreInitArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeyStoreInitArgs {
+    /// The key store's directory.
+    dir: PathBuf,
+    /// The master key file.
+    #[arg(long = "master", value_name = "FILE")]
+    master: PathBuf,
+}
+
+/// A key store's facts.
+#[derive(Serialize)]
+struct KeyStoreOut {
+    dir: String,
+    subjects: usize,
+    damaged_slots: u64,
+    master_key_created: bool,
+}
+
+impl Report for KeyStoreOut {
+    fn write_text(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        if self.master_key_created {
+            writeln!(
+                out,
+                "new master key written: keep it apart from the store and the log"
+            )?;
+        }
+        writeln!(
+            out,
+            "key store {}: {} subjects, {} damaged slots",
+            self.dir, self.subjects, self.damaged_slots
+        )
+    }
+}
+
+/// Runs `tally key-store`.
+pub fn key_store(a: &KeyStoreArgs) -> Result<ExitCode> {
+    use tally_engine::keys::{FileKeyStore, KeyStore as _, SecretKey};
+    let (args, create) = match &a.command {
+        KeyStoreCommand::Init(x) => (x, true),
+        KeyStoreCommand::Info(x) => (x, false),
+    };
+    let mut created = false;
+    let master = if create && !args.master.exists() {
+        created = true;
+        SecretKey::create_file(&args.master)?
+    } else {
+        SecretKey::from_file(&args.master)?
+    };
+    let store = if create {
+        FileKeyStore::open(&args.dir, &master, true)?
+    } else {
+        FileKeyStore::open_read_only(&args.dir, &master)?
+    };
+    render(&KeyStoreOut {
+        dir: args.dir.display().to_string(),
+        subjects: store.subjects(),
+        damaged_slots: store.damaged_slots(),
+        master_key_created: created,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -19,6 +19,7 @@ use tally_engine::Timestamp;
 use tally_engine::format::Hash32;
 use tally_engine::format::chain::chain_step;
 use tally_engine::format::checkpoint::Statement;
+use tally_engine::format::envelope::{EnvelopeRef, PayloadForm};
 use tally_engine::format::heads::{HeadProof, stream_key};
 use tally_engine::format::multiproof::RangeFolder;
 use tally_engine::format::proof::{ProofError, hex};
@@ -75,6 +76,10 @@ struct Good {
     line: Option<Vec<u8>>,
     /// Retention removed the event (a pruned record).
     removed: bool,
+    /// For an event that seals personal data: its subject and sealed fields.
+    sealed: Option<(String, Vec<String>)>,
+    /// For a `$SubjectErased` event: its subject and generation.
+    erasure: Option<(String, u32)>,
 }
 
 /// A record that failed: what the worker could tell of it, and why.
@@ -162,6 +167,13 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
             format!("an event of stream {}, not of {stream}", env.stream),
         ));
     }
+    let sealed = sealed_of(&env).map_err(|why| bad(Some(position), why))?;
+    let erasure = (env.stream == tally_engine::ERASURE_STREAM
+        && env.event_type == tally_engine::SUBJECT_ERASED)
+        .then(|| serde_json::from_slice::<tally_engine::SubjectErased>(env.payload))
+        .transpose()
+        .map_err(|e| bad(Some(position), format!("an erasure event: {e}")))?
+        .map(|e| (e.subject, e.generation));
     let line = (cx.render && parts.role == Role::Event).then(|| {
         let mut v = event_json(
             position,
@@ -172,6 +184,11 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
         );
         if let Some(by) = removed_by {
             v["removed_by"] = by.0.into();
+        }
+        if let Some((payload, s)) = sealed_view(&env) {
+            v["payload"] = payload;
+            v["payload_encoding"] = "json".into();
+            v["sealed"] = s;
         }
         let mut l = serde_json::to_vec(&v).unwrap_or_default();
         l.push(b'\n');
@@ -187,7 +204,51 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
         gaps: parts.gaps,
         line,
         removed: removed_by.is_some(),
+        sealed: sealed.map(|s| (s.subject.to_hex(), s.field_names().unwrap_or_default())),
+        erasure,
     })
+}
+
+/// The sealed payload of `env`, checked (FORMAT.md 6.6), when it has one.
+fn sealed_of<'a>(
+    env: &EnvelopeRef<'a>,
+) -> Result<Option<tally_engine::format::sealed::SealedRef<'a>>, String> {
+    if env.payload_form != PayloadForm::Sealed {
+        return Ok(None);
+    }
+    let s = tally_engine::format::sealed::decode(env.payload)
+        .map_err(|e| format!("sealed payload: {e}"))?;
+    s.field_names()
+        .map_err(|e| format!("sealed payload: {e}"))?;
+    Ok(Some(s))
+}
+
+/// How a sealed event reads in an extract, which carries no key: its clear fields with each
+/// sealed one as `{"$sealed": {"subject": S}}` (or the whole payload so), and a `sealed`
+/// object naming the subject, generation and fields.
+fn sealed_view(env: &EnvelopeRef<'_>) -> Option<(Value, Value)> {
+    let s = sealed_of(env).ok()??;
+    let names = s.field_names().unwrap_or_default();
+    let marker =
+        serde_json::json!({ tally_engine::SEALED_MARKER: { "subject": s.subject.to_hex() } });
+    let payload = if s.scope == tally_engine::format::sealed::SealScope::Payload {
+        marker
+    } else {
+        let mut obj = match serde_json::from_slice::<Value>(s.clear) {
+            Ok(Value::Object(o)) => o,
+            _ => serde_json::Map::new(),
+        };
+        for n in &names {
+            obj.insert(n.clone(), marker.clone());
+        }
+        Value::Object(obj)
+    };
+    let info = serde_json::json!({
+        "subject": s.subject.to_hex(),
+        "generation": s.generation,
+        "fields": (s.scope == tally_engine::format::sealed::SealScope::Fields).then_some(names),
+    });
+    Some((payload, info))
 }
 
 /// The in-order fold of the checked records.
@@ -198,6 +259,8 @@ struct Fold {
     events: u64,
     /// Events that retention removed.
     removed: u64,
+    /// Personal data sealed in the events, and erasures among them.
+    personal: crate::commands::audit::Personal,
     records: u64,
     proof_nodes: u64,
     last_position: Option<u64>,
@@ -311,6 +374,19 @@ impl Fold {
                 self.first_event.get_or_insert(g.position);
                 self.events += 1;
                 self.removed += u64::from(g.removed);
+                if let Some((subject, fields)) = g.sealed {
+                    self.personal.sealed_events += 1;
+                    self.personal
+                        .subjects
+                        .entry(subject)
+                        .or_default()
+                        .extend(fields);
+                }
+                if let Some((subject, generation)) = g.erasure {
+                    self.personal
+                        .erasures
+                        .push((subject, generation, g.position));
+                }
             }
         }
         Ok(())
@@ -502,6 +578,7 @@ pub fn verify<R: BufRead + Send>(
         folder: RangeFolder::new(cp.statement.tree_size),
         events: 0,
         removed: 0,
+        personal: crate::commands::audit::Personal::default(),
         records: 0,
         proof_nodes: 0,
         last_position: None,
@@ -512,6 +589,7 @@ pub fn verify<R: BufRead + Send>(
     };
     let batch_bytes = (tuning.buffer_bytes / IN_FLIGHT).max(64 << 10);
     let workers = tuning.workers.max(1);
+    let mut personal = crate::commands::audit::Personal::default();
     let (kind, n, removed) =
         std::thread::scope(|scope| -> Result<(Completeness, u64, u64), Finding> {
             let (work_tx, work_rx) =
@@ -538,12 +616,14 @@ pub fn verify<R: BufRead + Send>(
                 )));
             }
             let removed = fold.removed;
+            personal = std::mem::take(&mut fold.personal);
             fold.finish(&trailer).map(|(kind, n)| (kind, n, removed))
         })?;
     Ok(Checked {
         checkpoint: cp,
         events: usize::try_from(n).unwrap_or(usize::MAX),
         removed: usize::try_from(removed).unwrap_or(usize::MAX),
+        personal,
         kind,
         note: head
             .get("checkpoint_note")
