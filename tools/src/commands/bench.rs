@@ -115,6 +115,11 @@ pub struct BenchArgs {
     /// `--compare no-compaction`.
     #[arg(long)]
     pub(crate) cold_compaction: bool,
+    /// Embedded, with --json-payload: seal one field (`book`) of every event as personal
+    /// data of one of this many data subjects (keys in a key store in a temporary directory,
+    /// made before the run); compare with `--compare unsealed`.
+    #[arg(long, value_name = "SUBJECTS", requires = "json_payload")]
+    pub(crate) seal_field: Option<u64>,
 }
 
 /// The baseline of `--compare`.
@@ -126,6 +131,8 @@ pub(crate) enum CompareArg {
     Unsigned,
     /// The same load without a background compaction (use with --cold-compaction).
     NoCompaction,
+    /// The same load without sealing (use with --seal-field).
+    Unsealed,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -336,11 +343,28 @@ fn compare(args: &BenchArgs, c: CompareArg) -> anyhow::Result<ExitCode> {
                 ..args.clone()
             },
         ),
+        CompareArg::Unsealed => {
+            if args.seal_field.is_none() {
+                bail!("--compare unsealed compares with --seal-field: give it");
+            }
+            (
+                BenchArgs {
+                    compare: None,
+                    ..args.clone()
+                },
+                BenchArgs {
+                    compare: None,
+                    seal_field: None,
+                    ..args.clone()
+                },
+            )
+        }
     };
     let labels = match c {
         CompareArg::FormatV1 => ("main", "format-v1"),
         CompareArg::Unsigned => ("signed", "unsigned"),
         CompareArg::NoCompaction => ("compacting", "no-compaction"),
+        CompareArg::Unsealed => ("sealed", "unsealed"),
     };
     let (mut mains, mut bases) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
@@ -442,6 +466,27 @@ fn embedded(args: &BenchArgs, writers: usize) -> anyhow::Result<Measured> {
         Some(d)
     } else {
         None
+    };
+    // The key store lives beside the log's temporary directory, never inside it; every
+    // subject's key is made before the run (a new subject's first append syncs the store).
+    let _key_dir = match args.seal_field {
+        Some(subjects) => {
+            let d = tempfile_dir()?;
+            let store = tally_engine::keys::FileKeyStore::open(
+                &d.0,
+                &tally_engine::keys::SecretKey::random()?,
+                true,
+            )?;
+            let hashes: Vec<_> = (0..subjects.max(1))
+                .map(|i| tally_engine::format::sealed::subject_hash(&format!("client-{i}")))
+                .collect();
+            for chunk in hashes.chunks(100_000) {
+                tally_engine::keys::KeyStore::keys_for_append(&store, chunk)?;
+            }
+            opts.keys = Some(std::sync::Arc::new(store));
+            Some(d)
+        }
+        None => None,
     };
     let log = Log::open(&dir, opts).with_context(|| format!("opening {}", dir.display()))?;
     let producer = if args.sign {
@@ -562,10 +607,17 @@ fn writer(
         format!("{head}{}\"}}", "x".repeat(pad))
     });
     let batch: Vec<EventData> = (0..args.batch)
-        .map(|_| {
+        .map(|i| {
             let e = match &json {
                 Some(j) => EventData::json("BenchEvent", j.clone()),
                 None => EventData::new("BenchEvent", payload.clone()),
+            };
+            let e = match args.seal_field {
+                Some(n) => e.personal(tally_engine::Personal::fields(
+                    format!("client-{}", (i as u64 + w as u64) % n.max(1)),
+                    ["book"],
+                )),
+                None => e,
             };
             match &args.correlation {
                 Some(c) => e.correlation_id(c.clone()),
