@@ -148,12 +148,27 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-/// A random 24-byte nonce.
+/// A fresh 24-byte nonce: 16 random bytes drawn once per process, then a counter, so that
+/// no two nonces of a process are equal and two processes share a prefix with probability
+/// 2^-128, without a system call per nonce.
 ///
 /// # Errors
 /// [`Error::Keys`] when the system has no randomness to give.
 pub fn nonce() -> Result<[u8; 24]> {
-    random_bytes::<24>()
+    static PREFIX: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = match PREFIX.get() {
+        Some(p) => *p,
+        None => {
+            let p = random_bytes::<16>()?;
+            *PREFIX.get_or_init(|| p)
+        }
+    };
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut out = [0u8; 24];
+    out[..16].copy_from_slice(&prefix);
+    out[16..].copy_from_slice(&n.to_le_bytes());
+    Ok(out)
 }
 
 /// Encrypts `plaintext` with XChaCha20-Poly1305 under `key` and a random nonce, which it
@@ -798,6 +813,21 @@ mod tests {
         assert!(r.keys_for_append(&[subject_hash("b")]).is_err());
         drop(w);
         assert!(FileKeyStore::open(d.path(), &SecretKey([5; 32]), false).is_ok());
+    }
+
+    #[test]
+    fn nonces_never_repeat_in_a_process() {
+        let mut seen = std::collections::HashSet::new();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..10_000).map(|_| nonce().unwrap()).collect::<Vec<_>>())
+            })
+            .collect();
+        for t in threads {
+            for n in t.join().unwrap() {
+                assert!(seen.insert(n));
+            }
+        }
     }
 
     #[test]

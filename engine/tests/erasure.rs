@@ -516,3 +516,55 @@ fn without_its_key_store_a_log_reads_markers_not_ciphertext_or_errors() {
     ));
     log.verify().unwrap();
 }
+
+#[test]
+fn a_large_batch_is_sealed_in_order_across_streams() {
+    let d = tempfile::tempdir().unwrap();
+    let k = tempfile::tempdir().unwrap();
+    let log = open(&d.path().join("log"), k.path());
+    // Over the size from which sealing is spread over the cores, mixed with plain events,
+    // in two streams of one atomic append.
+    let a: Vec<EventData> = (0..400)
+        .map(|n| {
+            if n % 7 == 0 {
+                EventData::json("Plain", format!("{{\"n\":{n}}}"))
+            } else {
+                confirmation(&format!("client-{}", n % 50), n)
+            }
+        })
+        .collect();
+    let b: Vec<EventData> = (400..700).map(|n| confirmation("client-x", n)).collect();
+    log.append_multi(&[
+        tally_engine::AppendRequest {
+            stream: "batch-a",
+            expected: ExpectedVersion::NoStream,
+            events: &a,
+        },
+        tally_engine::AppendRequest {
+            stream: "batch-b",
+            expected: ExpectedVersion::NoStream,
+            events: &b,
+        },
+    ])
+    .unwrap();
+    let got = log
+        .read_stream("batch-a", 0, 1000, Direction::Forward)
+        .unwrap();
+    assert_eq!(got.len(), 400);
+    for (n, e) in got.iter().enumerate() {
+        let p = payload(e);
+        if n % 7 == 0 {
+            assert_eq!(p["n"], n);
+            assert!(e.sealing().is_none());
+        } else {
+            assert_eq!(p["trade_id"], format!("T-{n}"));
+            assert_eq!(p["client_name"], format!("Name of client-{}", n % 50));
+        }
+    }
+    let got = log
+        .read_stream("batch-b", 0, 1000, Direction::Forward)
+        .unwrap();
+    assert_eq!(got.len(), 300);
+    assert_eq!(payload(&got[299])["trade_id"], "T-699");
+    assert_eq!(payload(&got[299])["client_name"], "Name of client-x");
+}

@@ -304,30 +304,67 @@ pub(crate) fn seal_requests(
     }
     let keys = store.keys_for_append(&subjects)?;
     let mut keys = keys.into_iter();
-    let mut out = Vec::with_capacity(requests.len());
-    let mut index = 0usize;
-    for r in requests {
-        let mut events = Vec::with_capacity(r.events.len());
-        for ev in r.events {
-            match &ev.personal {
-                None => events.push(ev.clone()),
-                Some(p) => {
-                    let key = if needs_key(p) {
-                        Some(keys.next().ok_or_else(|| {
-                            invalid("the key store gave fewer keys than asked".into())
-                        })?)
-                    } else {
-                        None
-                    };
-                    events.push(seal_one(ev, p, key.as_ref(), store.token_key(), index)?);
-                }
-            }
-            index += 1;
-        }
-        out.push(events);
+    // Each event with the key it is sealed under, in batch order.
+    let mut work: Vec<(usize, &EventData, Option<(u32, SecretKey)>)> = Vec::new();
+    for (index, ev) in requests.iter().flat_map(|r| r.events.iter()).enumerate() {
+        let key = match &ev.personal {
+            Some(p) if needs_key(p) => Some(
+                keys.next()
+                    .ok_or_else(|| invalid("the key store gave fewer keys than asked".into()))?,
+            ),
+            _ => None,
+        };
+        work.push((index, ev, key));
     }
+    let token_key = store.token_key();
+    let seal = |chunk: &[(usize, &EventData, Option<(u32, SecretKey)>)]| -> Result<Vec<EventData>> {
+        chunk
+            .iter()
+            .map(|(index, ev, key)| match &ev.personal {
+                None => Ok((*ev).clone()),
+                Some(p) => seal_one(ev, p, key.as_ref(), token_key, *index),
+            })
+            .collect()
+    };
+    // A large batch is sealed on every core (an appender uses one): each event on its own.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let sealed_events = work.iter().filter(|w| w.1.personal.is_some()).count();
+    let mut flat: Vec<EventData> = if cores > 1 && sealed_events >= PARALLEL_SEAL_MIN {
+        let per = work.len().div_ceil(cores.min(PARALLEL_SEAL_THREADS));
+        let parts: Vec<Result<Vec<EventData>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = work
+                .chunks(per)
+                .map(|chunk| scope.spawn(move || seal(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(invalid("a sealing thread panicked".into())))
+                })
+                .collect()
+        });
+        let mut flat = Vec::with_capacity(work.len());
+        for part in parts {
+            flat.extend(part?);
+        }
+        flat
+    } else {
+        seal(&work)?
+    };
+    let mut out = Vec::with_capacity(requests.len());
+    for r in requests.iter().rev() {
+        let rest = flat.split_off(flat.len() - r.events.len());
+        out.push(rest);
+    }
+    out.reverse();
     Ok(Some(out))
 }
+
+/// Sealed events in one append from which the sealing is spread over the cores.
+const PARALLEL_SEAL_MIN: usize = 256;
+/// The most threads one append seals on.
+const PARALLEL_SEAL_THREADS: usize = 4;
 
 /// Whether sealing `p` needs a key: something of the payload is sealed (not tokens only).
 fn needs_key(p: &Personal) -> bool {
