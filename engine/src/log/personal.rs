@@ -327,9 +327,13 @@ pub(crate) fn seal_requests(
             .collect()
     };
     // A large batch is sealed on every core (an appender uses one): each event on its own.
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let sealed_events = work.iter().filter(|w| w.1.personal.is_some()).count();
-    let mut flat: Vec<EventData> = if cores > 1 && sealed_events >= PARALLEL_SEAL_MIN {
+    let cores = if sealed_events >= PARALLEL_SEAL_MIN {
+        cores()
+    } else {
+        1
+    };
+    let mut flat: Vec<EventData> = if cores > 1 {
         let per = work.len().div_ceil(cores.min(PARALLEL_SEAL_THREADS));
         let parts: Vec<Result<Vec<EventData>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = work
@@ -359,6 +363,12 @@ pub(crate) fn seal_requests(
     }
     out.reverse();
     Ok(Some(out))
+}
+
+/// The cores this process may use, asked once (the question reads cgroup files).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
 }
 
 /// Sealed events in one append from which the sealing is spread over the cores.
