@@ -425,7 +425,10 @@ fn seal_one(
                 out.personal = None;
                 return Ok(out);
             }
-            let names: Vec<&String> = secret.keys().collect();
+            // Sorted: the bytes must not depend on the JSON map's order (which a build
+            // with `serde_json/preserve_order` changes).
+            let mut names: Vec<&String> = secret.keys().collect();
+            names.sort();
             let names = serde_json::to_vec(&names).unwrap_or_default();
             let plaintext = serde_json::to_vec(&Value::Object(secret)).unwrap_or_default();
             (clear, names, plaintext)
