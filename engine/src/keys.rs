@@ -36,8 +36,38 @@ pub const SLOT_LEN: usize = 128;
 pub const SLOT_LIVE: u8 = 1;
 /// A slot's state: a destroyed key (its nonce and wrapped key are zeros).
 pub const SLOT_DESTROYED: u8 = 2;
+/// Header: `magic` (`KEY_FILE_MAGIC`).
+pub const KH_MAGIC: usize = 0;
+/// Header: `version` (`u16`).
+pub const KH_VERSION: usize = 8;
+/// Header: reserved, zero.
+pub const KH_RESERVED: usize = 10;
+/// Header: `slot_len` (`u32`, [`SLOT_LEN`]).
+pub const KH_SLOT_LEN: usize = 12;
+/// Header: the nonce that wraps the token key.
+pub const KH_NONCE: usize = 16;
+/// Header: the wrapped token key (32 bytes and a 16-byte tag).
+pub const KH_TOKEN_KEY: usize = 40;
+/// Header: reserved, zero.
+pub const KH_RESERVED_B: usize = 88;
+/// Header and slot: the CRC-32 of the bytes before it.
+pub const K_CRC: usize = SLOT_LEN - 4;
+/// Slot: `state` ([`SLOT_LIVE`] or [`SLOT_DESTROYED`]).
+pub const KS_STATE: usize = 0;
+/// Slot: reserved, zero.
+pub const KS_RESERVED: usize = 1;
+/// Slot: `generation` (`u32`).
+pub const KS_GENERATION: usize = 4;
+/// Slot: the subject's id hash.
+pub const KS_SUBJECT: usize = 8;
+/// Slot: the nonce that wraps the key.
+pub const KS_NONCE: usize = 40;
+/// Slot: the wrapped key (32 bytes and a 16-byte tag).
+pub const KS_WRAPPED_KEY: usize = 64;
+/// Slot: reserved, zero.
+pub const KS_RESERVED_B: usize = 112;
 /// Bytes of a CRC-covered slot or header before its CRC.
-const CRC_AT: usize = SLOT_LEN - 4;
+const CRC_AT: usize = K_CRC;
 /// The prefix of a subject key's associated data when wrapped.
 const WRAP_AAD: &[u8] = b"tally subject key v1\0";
 /// The associated data of the wrapped tokenisation key.
@@ -406,22 +436,27 @@ impl FileKeyStore {
         let mut header = [0u8; SLOT_LEN];
         file.read_exact_at(&mut header, 0)
             .map_err(Error::io("read key store", &path))?;
-        if &header[..8] != KEY_FILE_MAGIC {
+        if &header[KH_MAGIC..KH_MAGIC + 8] != KEY_FILE_MAGIC {
             return Err(keys_err("not a key store (bad magic)".into()));
         }
         if le::u32_at(&header, CRC_AT) != slot_crc(&header) {
             return Err(keys_err("its header's checksum does not match".into()));
         }
-        let version = le::u16_at(&header, 8);
-        if version != KEY_FILE_VERSION || le::u32_at(&header, 12) != SLOT_LEN as u32 {
+        let version = le::u16_at(&header, KH_VERSION);
+        if version != KEY_FILE_VERSION || le::u32_at(&header, KH_SLOT_LEN) != SLOT_LEN as u32 {
             return Err(keys_err(format!(
                 "layout version {version} (this build reads {KEY_FILE_VERSION})"
             )));
         }
-        let nonce: [u8; 24] = le::array_at(&header, 16);
-        let token = decrypt(master, &nonce, TOKEN_AAD, &header[40..88])
-            .filter(|k| k.len() == 32)
-            .ok_or_else(|| keys_err("the master key does not open this key store".into()))?;
+        let nonce: [u8; 24] = le::array_at(&header, KH_NONCE);
+        let token = decrypt(
+            master,
+            &nonce,
+            TOKEN_AAD,
+            &header[KH_TOKEN_KEY..KH_RESERVED_B],
+        )
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| keys_err("the master key does not open this key store".into()))?;
         let mut token_key = [0u8; 32];
         token_key.copy_from_slice(&token);
         // Every whole slot; a torn last slot (a crash while one was added) is ignored and
@@ -439,7 +474,7 @@ impl FileKeyStore {
                 .map_err(Error::io("read key store", &path))?;
             for (i, s) in bytes.chunks_exact(SLOT_LEN).enumerate() {
                 let slot = at + i as u32;
-                let state = s[0];
+                let state = s[KS_STATE];
                 if le::u32_at(s, CRC_AT) != slot_crc(s)
                     || !(state == SLOT_LIVE || state == SLOT_DESTROYED)
                 {
@@ -449,8 +484,8 @@ impl FileKeyStore {
                     damaged += 1;
                     continue;
                 }
-                let subject = SubjectHash(le::array_at(s, 8));
-                let generation = le::u32_at(s, 4);
+                let subject = SubjectHash(le::array_at(s, KS_SUBJECT));
+                let generation = le::u32_at(s, KS_GENERATION);
                 let newer = subjects
                     .get(&subject)
                     .is_none_or(|e| generation >= e.generation);
@@ -487,11 +522,11 @@ impl FileKeyStore {
         let token = SecretKey::random()?;
         let (nonce, wrapped) = encrypt(master, TOKEN_AAD, &token.0)?;
         let mut h = [0u8; SLOT_LEN];
-        h[..8].copy_from_slice(KEY_FILE_MAGIC);
-        le::put_u16(&mut h, 8, KEY_FILE_VERSION);
-        le::put_u32(&mut h, 12, SLOT_LEN as u32);
-        h[16..40].copy_from_slice(&nonce);
-        h[40..88].copy_from_slice(&wrapped);
+        h[KH_MAGIC..KH_MAGIC + 8].copy_from_slice(KEY_FILE_MAGIC);
+        le::put_u16(&mut h, KH_VERSION, KEY_FILE_VERSION);
+        le::put_u32(&mut h, KH_SLOT_LEN, SLOT_LEN as u32);
+        h[KH_NONCE..KH_TOKEN_KEY].copy_from_slice(&nonce);
+        h[KH_TOKEN_KEY..KH_RESERVED_B].copy_from_slice(&wrapped);
         let crc = slot_crc(&h);
         le::put_u32(&mut h, CRC_AT, crc);
         // Written whole under a temporary name, then renamed: a crash leaves no store or a
@@ -540,13 +575,13 @@ impl FileKeyStore {
         key: Option<&SecretKey>,
     ) -> Result<[u8; SLOT_LEN]> {
         let mut s = [0u8; SLOT_LEN];
-        s[0] = state;
-        le::put_u32(&mut s, 4, generation);
-        s[8..40].copy_from_slice(&subject.0);
+        s[KS_STATE] = state;
+        le::put_u32(&mut s, KS_GENERATION, generation);
+        s[KS_SUBJECT..KS_NONCE].copy_from_slice(&subject.0);
         if let Some(key) = key {
             let (nonce, wrapped) = encrypt(&self.master, &wrap_aad(subject, generation), &key.0)?;
-            s[40..64].copy_from_slice(&nonce);
-            s[64..112].copy_from_slice(&wrapped);
+            s[KS_NONCE..KS_WRAPPED_KEY].copy_from_slice(&nonce);
+            s[KS_WRAPPED_KEY..KS_RESERVED_B].copy_from_slice(&wrapped);
         }
         let crc = slot_crc(&s);
         le::put_u32(&mut s, CRC_AT, crc);
@@ -559,7 +594,7 @@ impl FileKeyStore {
             .file
             .read_exact_at(&mut s, SLOT_LEN as u64 * (1 + u64::from(e.slot)))
             .map_err(self.io_err("read a key"))?;
-        let nonce: [u8; 24] = le::array_at(&s, 40);
+        let nonce: [u8; 24] = le::array_at(&s, KS_NONCE);
         let damaged = || Error::Keys {
             path: self.path.clone(),
             detail: format!(
@@ -569,9 +604,9 @@ impl FileKeyStore {
             source: None,
         };
         if le::u32_at(&s, CRC_AT) != slot_crc(&s)
-            || s[0] != SLOT_LIVE
-            || s[8..40] != subject.0
-            || le::u32_at(&s, 4) != e.generation
+            || s[KS_STATE] != SLOT_LIVE
+            || s[KS_SUBJECT..KS_NONCE] != subject.0
+            || le::u32_at(&s, KS_GENERATION) != e.generation
         {
             return Err(damaged());
         }
@@ -579,7 +614,7 @@ impl FileKeyStore {
             &self.master,
             &nonce,
             &wrap_aad(subject, e.generation),
-            &s[64..112],
+            &s[KS_WRAPPED_KEY..KS_RESERVED_B],
         )
         .filter(|k| k.len() == 32)
         .ok_or_else(damaged)?;
@@ -648,7 +683,7 @@ impl KeyStore for FileKeyStore {
                 .map_err(self.io_err("add keys"))?;
             let mut slot = first_new;
             for chunk in new_slots.chunks_exact(SLOT_LEN) {
-                let subject = SubjectHash(le::array_at(chunk, 8));
+                let subject = SubjectHash(le::array_at(chunk, KS_SUBJECT));
                 let (generation, key) = created[&subject].clone();
                 inner.subjects.insert(
                     subject,

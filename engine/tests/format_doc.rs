@@ -380,6 +380,9 @@ fn every_field_table_is_checked() {
         "Cold trailer",
         "Record header version 4",
         "Pruned body",
+        "Sealed payload",
+        "Key store header",
+        "Key store slot",
         "Cold manifest header",
         "Cold manifest entry",
     ];
@@ -481,6 +484,10 @@ fn magic_numbers_match_the_code() {
             "format::cold::MANIFEST_MAGIC",
             format::cold::MANIFEST_MAGIC.to_vec(),
         ),
+        (
+            "keys::KEY_FILE_MAGIC",
+            tally_engine::keys::KEY_FILE_MAGIC.to_vec(),
+        ),
     ];
     let t = table("Magic numbers");
     let (magic_col, const_col) = (column(&t, "Magic"), column(&t, "Constant"));
@@ -534,7 +541,7 @@ fn log_identity_file_matches_the_code() {
         ],
     );
     let m = LogMeta {
-        layout: tally_engine::format::record::Layout::V4,
+        layout: tally_engine::format::record::Layout::V5,
         log_id: ramp(0x10),
         created_time: Timestamp(0x0102_0304_0506_0708),
     };
@@ -572,7 +579,7 @@ fn segment_header_matches_the_code() {
         ],
     );
     let h = SegmentHeader {
-        layout: tally_engine::format::record::Layout::V4,
+        layout: tally_engine::format::record::Layout::V5,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         base_position: Position(0x2222_3333),
@@ -628,7 +635,7 @@ fn segment_footer_matches_the_code() {
         ],
     );
     let f = SegmentFooter {
-        layout: tally_engine::format::record::Layout::V4,
+        layout: tally_engine::format::record::Layout::V5,
         log_id: ramp(0x10),
         seq: SegmentSeq(0x1111),
         record_count: 0x30,
@@ -801,6 +808,135 @@ fn record_header_v4_and_the_pruned_body_match_the_code() {
     assert_eq!(&body[PRUNED_FIXED_LEN..PRUNED_FIXED_LEN + 8], b"trade-42");
     assert!(body[PRUNED_FIXED_LEN + 8..].iter().all(|&x| x == 0));
     assert!(section("Pruned body").contains("`format::pruned::PRUNED_FIXED_LEN`"));
+}
+
+/// FORMAT.md 6.6: the sealed payload's fixed part, by its table, from the code's encoder.
+#[test]
+fn sealed_payload_matches_the_code() {
+    use tally_engine::format::sealed::*;
+    check_layout(
+        "Sealed payload",
+        SEALED_FIXED_LEN,
+        &[
+            ("seal_version", SL_VERSION),
+            ("scope", SL_SCOPE),
+            ("reserved", SL_RESERVED),
+            ("key_generation", SL_GENERATION),
+            ("subject", SL_SUBJECT),
+            ("nonce", SL_NONCE),
+            ("clear_len", SL_CLEAR_LEN),
+            ("names_len", SL_NAMES_LEN),
+        ],
+    );
+    let subject = subject_hash("client-42");
+    // The subject's id hash is BLAKE3's key derivation with the context the document names.
+    assert_eq!(
+        subject.0,
+        blake3::derive_key("tally 2026-12 data subject id", b"client-42")
+    );
+    assert!(section("Sealed payload").contains("`tally 2026-12 data subject id`"));
+    let (head, aad) = head(
+        SealScope::Fields,
+        0x0102_0304,
+        &subject,
+        &ramp::<24>(0x40),
+        br#"{"book":"B"}"#,
+        br#"["client"]"#,
+        tally_engine::EventId(ramp::<16>(0x70)),
+    )
+    .unwrap();
+    check_encoding(
+        "Sealed payload",
+        &head,
+        &[
+            ("seal_version", vec![1]),
+            ("scope", vec![1]),
+            ("key_generation", le32(0x0102_0304)),
+            ("subject", subject.0.to_vec()),
+            ("nonce", ramp::<24>(0x40).to_vec()),
+            ("clear_len", le32(12)),
+            ("names_len", le32(10)),
+        ],
+    );
+    assert_eq!(&head[72..84], br#"{"book":"B"}"#);
+    assert_eq!(&head[84..94], br#"["client"]"#);
+    // The associated data: the prefix and a zero byte, the event id, every byte before the
+    // ciphertext.
+    let mut want = b"tally sealed v1\0".to_vec();
+    want.extend_from_slice(&ramp::<16>(0x70));
+    want.extend_from_slice(&head);
+    assert_eq!(aad, want);
+    assert!(section("Sealed payload").contains("`tally sealed v1`"));
+}
+
+/// FORMAT.md 22: the key store's header and slot, by their tables, from a store the code
+/// wrote.
+#[test]
+fn key_store_matches_the_code() {
+    use tally_engine::keys::*;
+    check_layout(
+        "Key store header",
+        SLOT_LEN,
+        &[
+            ("magic", KH_MAGIC),
+            ("version", KH_VERSION),
+            ("reserved", KH_RESERVED),
+            ("slot_len", KH_SLOT_LEN),
+            ("nonce", KH_NONCE),
+            ("token_key", KH_TOKEN_KEY),
+            ("reserved", KH_RESERVED_B),
+            ("crc", K_CRC),
+        ],
+    );
+    check_layout(
+        "Key store slot",
+        SLOT_LEN,
+        &[
+            ("state", KS_STATE),
+            ("reserved", KS_RESERVED),
+            ("generation", KS_GENERATION),
+            ("subject", KS_SUBJECT),
+            ("nonce", KS_NONCE),
+            ("wrapped_key", KS_WRAPPED_KEY),
+            ("reserved", KS_RESERVED_B),
+            ("crc", K_CRC),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let subject = tally_engine::format::sealed::subject_hash("client-42");
+    {
+        let store = FileKeyStore::open(
+            dir.path(),
+            &SecretKey::from_hex(&"11".repeat(32)).unwrap(),
+            true,
+        )
+        .unwrap();
+        store.keys_for_append(&[subject]).unwrap();
+    }
+    let bytes = std::fs::read(dir.path().join(KEY_FILE)).unwrap();
+    assert_eq!(bytes.len(), 2 * SLOT_LEN);
+    let (header, slot) = bytes.split_at(SLOT_LEN);
+    check_encoding(
+        "Key store header",
+        header,
+        &[
+            ("version", le16(1)),
+            ("slot_len", le32(128)),
+            ("nonce", header[KH_NONCE..KH_TOKEN_KEY].to_vec()),
+            ("token_key", header[KH_TOKEN_KEY..KH_RESERVED_B].to_vec()),
+        ],
+    );
+    check_encoding(
+        "Key store slot",
+        slot,
+        &[
+            ("state", vec![1]),
+            ("generation", le32(1)),
+            ("subject", subject.0.to_vec()),
+            ("nonce", slot[KS_NONCE..KS_WRAPPED_KEY].to_vec()),
+            ("wrapped_key", slot[KS_WRAPPED_KEY..KS_RESERVED_B].to_vec()),
+        ],
+    );
 }
 
 #[test]

@@ -122,7 +122,7 @@ fn every_tool_shows_checks_and_carries_blobs() {
     let v = json(&tally(&["verify", d, "--json"]));
     assert_eq!(v["blobs"]["references"], 3);
     assert_eq!(v["blobs"]["checked"], 2);
-    assert_eq!(v["format_version"], 4);
+    assert_eq!(v["format_version"], 5);
 
     // extract with the blobs beside it; verify-extract checks them.
     let ext = dir.path().join("trade-1.ext");
