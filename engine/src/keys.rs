@@ -283,12 +283,24 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
     /// inside the log's directory.
     fn location(&self) -> &Path;
 
-    /// The current key of each subject and its generation, creating a key (generation 1, or
-    /// the next after a destroyed one) for a subject that has none.
+    /// The current key of each subject and its generation, of at least the generation given:
+    /// a subject without a live key of that generation or later gets a new one (the next
+    /// generation, and at least the one given), after any older live key is destroyed. The
+    /// log gives one past every erased generation, so that a store that missed a
+    /// destruction (restored from an older copy, or torn) never hands out an erased key.
     ///
     /// # Errors
     /// [`Error::Keys`] when the store cannot be read or written.
-    fn keys_for_append(&self, subjects: &[SubjectHash]) -> Result<Vec<(u32, SecretKey)>>;
+    fn keys_at_least(&self, subjects: &[(SubjectHash, u32)]) -> Result<Vec<(u32, SecretKey)>>;
+
+    /// [`KeyStore::keys_at_least`] of generation 1 or later.
+    ///
+    /// # Errors
+    /// As [`KeyStore::keys_at_least`].
+    fn keys_for_append(&self, subjects: &[SubjectHash]) -> Result<Vec<(u32, SecretKey)>> {
+        let at_least: Vec<(SubjectHash, u32)> = subjects.iter().map(|s| (*s, 1)).collect();
+        self.keys_at_least(&at_least)
+    }
 
     /// The key of `subject` of `generation`.
     ///
@@ -465,6 +477,7 @@ impl FileKeyStore {
         let slots = u32::try_from(slots).map_err(|_| keys_err(format!("{slots} slots")))?;
         let mut subjects: HashMap<SubjectHash, Entry> = HashMap::new();
         let mut damaged = 0;
+        let mut damaged_slots: Vec<u32> = Vec::new();
         let mut buf = vec![0u8; SLOT_LEN * 8192];
         let mut at = 0u32;
         while at < slots {
@@ -477,11 +490,14 @@ impl FileKeyStore {
                 let state = s[KS_STATE];
                 if le::u32_at(s, CRC_AT) != slot_crc(s)
                     || !(state == SLOT_LIVE || state == SLOT_DESTROYED)
+                    || s[KS_RESERVED..KS_GENERATION].iter().any(|&b| b != 0)
+                    || s[KS_RESERVED_B..K_CRC].iter().any(|&b| b != 0)
                 {
                     // A slot torn by a crash while it was written: it was being created
                     // (its key was never handed out) or destroyed (the erasure event is
                     // durable, and it is read as destroyed).
                     damaged += 1;
+                    damaged_slots.push(slot);
                     continue;
                 }
                 let subject = SubjectHash(le::array_at(s, KS_SUBJECT));
@@ -502,6 +518,16 @@ impl FileKeyStore {
                 }
             }
             at += n;
+        }
+        // A damaged slot may hold what a torn destruction left of a key: a writable open
+        // zeroes it (what it held was never handed out, or was erased).
+        if !read_only && !damaged_slots.is_empty() {
+            for slot in &damaged_slots {
+                file.write_all_at(&[0u8; SLOT_LEN], SLOT_LEN as u64 * (1 + u64::from(*slot)))
+                    .map_err(Error::io("zero a damaged key slot", &path))?;
+            }
+            file.sync_data()
+                .map_err(Error::io("sync key store", &path))?;
         }
         Ok(FileKeyStore {
             dir: dir.to_owned(),
@@ -531,12 +557,27 @@ impl FileKeyStore {
         le::put_u32(&mut h, CRC_AT, crc);
         // Written whole under a temporary name, then renamed: a crash leaves no store or a
         // whole one.
-        let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-        let f = File::create(&tmp).map_err(Error::io("create key store", &tmp))?;
+        // Readable by its owner only; linked into place, which fails if another process made
+        // the store meanwhile (whose store is then the one used).
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = dir.join(format!("{KEY_FILE}.{}.tmp", std::process::id()));
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(Error::io("create key store", &tmp))?;
         f.write_all_at(&h, 0)
             .and_then(|()| f.sync_all())
             .map_err(Error::io("write key store", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(Error::io("rename key store", path))?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("link key store", path)(e)),
+        }
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(Error::io("sync", dir))
@@ -629,19 +670,30 @@ impl KeyStore for FileKeyStore {
         &self.dir
     }
 
-    fn keys_for_append(&self, subjects: &[SubjectHash]) -> Result<Vec<(u32, SecretKey)>> {
+    fn keys_at_least(&self, subjects: &[(SubjectHash, u32)]) -> Result<Vec<(u32, SecretKey)>> {
         let mut inner = self.inner.lock();
         let mut out = Vec::with_capacity(subjects.len());
         let mut new_slots: Vec<u8> = Vec::new();
         let mut created: HashMap<SubjectHash, (u32, SecretKey)> = HashMap::new();
+        // Live keys older than asked for: destroyed, in place, before the new ones count.
+        let mut stale: Vec<(u32, [u8; SLOT_LEN])> = Vec::new();
         let first_new = inner.next_slot;
-        for subject in subjects {
+        for &(ref subject, at_least) in subjects {
             if let Some((g, k)) = created.get(subject) {
                 out.push((*g, k.clone()));
                 continue;
             }
             let live = match inner.subjects.get(subject) {
-                Some(e) if e.live => Some((e.generation, e.key.clone())),
+                Some(e) if e.live && e.generation >= at_least => {
+                    Some((e.generation, e.key.clone()))
+                }
+                Some(e) if e.live => {
+                    stale.push((
+                        e.slot,
+                        self.slot_bytes(SLOT_DESTROYED, subject, e.generation, None)?,
+                    ));
+                    None
+                }
                 _ => None,
             };
             if let Some((generation, key)) = live {
@@ -662,7 +714,8 @@ impl KeyStore for FileKeyStore {
             let generation = inner
                 .subjects
                 .get(subject)
-                .map_or(1, |e| e.generation.saturating_add(1));
+                .map_or(1, |e| e.generation.saturating_add(1))
+                .max(at_least);
             let key = SecretKey::random()?;
             new_slots.extend_from_slice(&self.slot_bytes(
                 SLOT_LIVE,
@@ -675,6 +728,12 @@ impl KeyStore for FileKeyStore {
         }
         if !created.is_empty() {
             self.refuse_if_read_only("add keys")?;
+            for (slot, bytes) in &stale {
+                inner
+                    .file
+                    .write_all_at(bytes, SLOT_LEN as u64 * (1 + u64::from(*slot)))
+                    .map_err(self.io_err("destroy a key"))?;
+            }
             // Every new key is durable before any is handed out.
             inner
                 .file
@@ -714,6 +773,19 @@ impl KeyStore for FileKeyStore {
         }
         if let Some(k) = &e.key {
             return Ok(KeyLookup::Live(k.clone()));
+        }
+        // A read-only store reads the slot each time and keeps no key: its writer (tallyd)
+        // may destroy it at any moment.
+        if self.read_only {
+            let mut s = [0u8; SLOT_LEN];
+            inner
+                .file
+                .read_exact_at(&mut s, SLOT_LEN as u64 * (1 + u64::from(e.slot)))
+                .map_err(self.io_err("read a key"))?;
+            if s[KS_STATE] == SLOT_DESTROYED && le::u32_at(&s, K_CRC) == slot_crc(&s) {
+                return Ok(KeyLookup::Destroyed);
+            }
+            return self.unwrap_slot(&inner, subject, e).map(KeyLookup::Live);
         }
         let k = self.unwrap_slot(&inner, subject, e)?;
         if let Some(e) = inner.subjects.get_mut(subject) {
@@ -848,6 +920,51 @@ mod tests {
         assert!(r.keys_for_append(&[subject_hash("b")]).is_err());
         drop(w);
         assert!(FileKeyStore::open(d.path(), &SecretKey([5; 32]), false).is_ok());
+    }
+
+    #[test]
+    fn a_store_that_missed_a_destruction_never_hands_out_an_erased_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let a = subject_hash("a");
+        let w = store(d.path());
+        assert_eq!(w.keys_for_append(&[a]).unwrap()[0].0, 1);
+        // The log says generation 1 was erased; the store still holds it live.
+        let got = w.keys_at_least(&[(a, 2)]).unwrap();
+        assert_eq!(got[0].0, 2);
+        assert_eq!(w.key(&a, 1).unwrap(), KeyLookup::Destroyed);
+        drop(w);
+        let bytes = std::fs::read(d.path().join(KEY_FILE)).unwrap();
+        assert_eq!(
+            bytes[SLOT_LEN + KS_STATE],
+            SLOT_DESTROYED,
+            "the old slot is destroyed on disk"
+        );
+        assert!(
+            bytes[SLOT_LEN + KS_NONCE..SLOT_LEN + KS_RESERVED_B]
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn a_writable_open_zeroes_damaged_slots_and_a_reader_sees_destructions() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (subject_hash("a"), subject_hash("b"));
+        store(d.path()).keys_for_append(&[a, b]).unwrap();
+        // A destruction torn halfway: the state says destroyed, the key bytes are still there.
+        let path = d.path().join(KEY_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[SLOT_LEN + KS_STATE] = SLOT_DESTROYED;
+        std::fs::write(&path, &bytes).unwrap();
+        let w = store(d.path());
+        assert_eq!(w.damaged_slots(), 1);
+        let after = std::fs::read(&path).unwrap();
+        assert!(after[SLOT_LEN..2 * SLOT_LEN].iter().all(|&x| x == 0));
+        // A reader beside the writer sees the writer's destruction at once.
+        let r = FileKeyStore::open_read_only(d.path(), &SecretKey([5; 32])).unwrap();
+        assert!(matches!(r.key(&b, 1).unwrap(), KeyLookup::Live(_)));
+        assert!(w.destroy(&b).unwrap());
+        assert_eq!(r.key(&b, 1).unwrap(), KeyLookup::Destroyed);
     }
 
     #[test]

@@ -254,6 +254,18 @@ fn forget_erases_in_every_read_without_changing_a_byte_and_proofs_still_verify()
             .unwrap();
         assert_eq!(er.len(), 1);
         assert_eq!(er[0].actor(), "dpo@firm");
+        // It is signed by the log's key, over the log, subject, generation and reason.
+        let signed: tally_engine::SubjectErased = serde_json::from_slice(er[0].payload()).unwrap();
+        let key = log.public_key().unwrap();
+        assert!(signed.signature_verifies(&key));
+        assert!(!signed.signature_verifies(&[9; 32]));
+        let forged = tally_engine::SubjectErased {
+            reason: "something else".into(),
+            ..signed.clone()
+        };
+        assert!(!forged.signature_verifies(&key));
+        let v = log.verify().unwrap();
+        assert_eq!((v.erasures, v.erasures_unsigned), (1, 0));
         // Everything verifies, and the checkpoint taken before still proves the records.
         log.verify().unwrap();
         for (p, h) in hashes.iter().enumerate() {
@@ -363,11 +375,11 @@ impl KeyStore for FailingDestroy {
     fn location(&self) -> &Path {
         self.0.location()
     }
-    fn keys_for_append(
+    fn keys_at_least(
         &self,
-        s: &[tally_engine::format::sealed::SubjectHash],
+        s: &[(tally_engine::format::sealed::SubjectHash, u32)],
     ) -> tally_engine::Result<Vec<(u32, SecretKey)>> {
-        self.0.keys_for_append(s)
+        self.0.keys_at_least(s)
     }
     fn key(
         &self,
@@ -674,5 +686,95 @@ fn a_power_cut_at_any_step_of_a_forget_leaves_it_whole_or_absent() {
         // The forget's own disk operations are few (its event's write and sync): at least
         // one cut landed among them.
         assert!(n >= 2, "seed {seed}: no cut landed in the forget");
+    }
+}
+
+/// A forget racing appends of its subject: every event appended before the erasure event
+/// reads erased, every one after reads whole under a new key (none is erased that the
+/// forget never saw), and a held stream's event is never erased (the forget is refused
+/// instead, or came before it).
+#[test]
+fn a_forget_racing_appends_erases_only_what_came_before_it_and_never_what_a_hold_covers() {
+    for round in 0..6 {
+        let d = tempfile::tempdir().unwrap();
+        let k = tempfile::tempdir().unwrap();
+        let log = Arc::new(open(&d.path().join("log"), k.path()));
+        log.append(
+            "trade-0",
+            ExpectedVersion::NoStream,
+            &[confirmation("client-42", 0)],
+        )
+        .unwrap();
+        log.place_legal_hold(
+            &HoldPlaced {
+                id: "case-1".into(),
+                scope: HoldScope::Stream("held".into()),
+                reason: "litigation".into(),
+            },
+            "legal",
+        )
+        .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let appender = {
+            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 1u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 400 {
+                    // Every seventh into the held stream, from the middle of the round on.
+                    let stream = if n.is_multiple_of(7) && n > 20 * round {
+                        "held"
+                    } else {
+                        "trades"
+                    };
+                    log.append(
+                        stream,
+                        ExpectedVersion::Any,
+                        &[confirmation("client-42", n)],
+                    )
+                    .unwrap();
+                    n += 1;
+                }
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(2 + 3 * round as u64));
+        let forgot = log.forget("client-42", "dpo", "request");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        appender.join().unwrap();
+        let by = match &forgot {
+            Ok(r) => Some(r.position),
+            Err(Error::ErasureHeld { hold, .. }) => {
+                assert_eq!(hold, "case-1");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        };
+        for stream in ["trade-0", "trades", "held"] {
+            for e in log
+                .read_stream(stream, 0, 10_000, Direction::Forward)
+                .unwrap()
+            {
+                let p = payload(&e);
+                let erased = p["client_name"]["$erased"].is_object();
+                match by {
+                    Some(by) if e.position.0 < by => {
+                        assert!(
+                            erased,
+                            "round {round}: {stream} at {} before the erasure at {by} reads {p}",
+                            e.position
+                        );
+                        assert_ne!(stream, "held", "round {round}: a held event was erased");
+                    }
+                    _ => {
+                        assert!(
+                            !erased,
+                            "round {round}: {stream} at {} reads {p}",
+                            e.position
+                        );
+                        assert_eq!(e.sealing().unwrap().state, SealState::Opened);
+                    }
+                }
+            }
+        }
+        log.verify().unwrap();
     }
 }

@@ -27,7 +27,7 @@ pub const SL_RESERVED: usize = 2;
 pub const SL_GENERATION: usize = 4;
 /// `subject`: the subject's 32-byte id hash ([`subject_hash`]).
 pub const SL_SUBJECT: usize = 8;
-/// `nonce`: 24 random bytes.
+/// `nonce`: 24 bytes never used twice with a key ([`crate::keys::nonce`]).
 pub const SL_NONCE: usize = 40;
 /// `clear_len`: `u32` bytes of the clear part.
 pub const SL_CLEAR_LEN: usize = 64;

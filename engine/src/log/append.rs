@@ -816,7 +816,15 @@ pub(crate) fn submit_signed(
     if shared.read_only {
         return Err(Error::ReadOnly);
     }
-    // Personal data is sealed first (a new subject's key is made durable), holding no lock.
+    // Personal data is sealed first (a new subject's key is made durable), holding only the
+    // erasure order's read side until the commit: a forget of the subject is wholly before
+    // this append (which then seals under a new key) or wholly after it (and erases it,
+    // unless a hold that covers it refuses).
+    let seals = may_block == Blocking::Allowed
+        && requests
+            .iter()
+            .any(|r| r.events.iter().any(|e| e.personal.is_some()));
+    let erasing = seals.then(|| shared.erasing.read());
     let sealed =
         super::personal::seal_requests(shared, requests, signing.signature.is_some(), may_block)?;
     let sealed_requests: Vec<AppendRequest<'_>>;
@@ -902,6 +910,7 @@ pub(crate) fn submit_signed(
         }
     };
     drop(policy);
+    drop(erasing);
     if prepared.bodies.capacity() <= BODIES_KEPT_BYTES {
         BODIES.with(|b| *b.borrow_mut() = prepared.bodies);
     }

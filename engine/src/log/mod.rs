@@ -450,14 +450,20 @@ impl RecordedEvent {
         let env = personal::reopened_envelope(&env, &payload, content_type);
         let mut body = Vec::with_capacity(env.encoded_len());
         if env.encode_into(&mut body).is_err() {
-            // An opened payload longer than an envelope holds (fields re-serialised): the
-            // event keeps its sealed bytes, and says why.
-            self.sealing = Some(Box::new(personal::Sealing {
+            // An opened payload longer than an envelope holds (fields re-serialised): a
+            // short marker stands in its place, never the sealed bytes.
+            let marker = serde_json::json!({ personal::SEALED_MARKER: {
+                "subject": sealing.subject.to_hex(),
+                "reason": "the opened payload exceeds the envelope's limit",
+            }})
+            .to_string();
+            let sealing = personal::Sealing {
                 state: personal::SealState::Unavailable {
                     reason: "the opened payload exceeds the envelope's limit".into(),
                 },
                 ..sealing
-            }));
+            };
+            self.reopen(marker.into_bytes(), ContentType::Json, sealing);
             return;
         }
         let mut e = RecordedEvent::new(
@@ -1917,6 +1923,11 @@ pub struct VerifyReport {
     /// Producer-signed batches with a removed event, whose signature can no longer be
     /// checked (the removal is checked instead).
     pub pruned_batches: u64,
+    /// `$SubjectErased` events checked: each names this log and, when signed, is signed by
+    /// a trusted key of the log.
+    pub erasures: u64,
+    /// Of them, those without a signature (written by a log without a signing key).
+    pub erasures_unsigned: u64,
 }
 
 /// A run of positions whose events retention removed ([`VerifyReport::removed`]).

@@ -21,6 +21,10 @@ pub(crate) enum Rank {
     /// `governance`: held across a governance change's check and append, and across a
     /// retention run (which reads, appends and rewrites segments under it).
     Governance,
+    /// `erasing`: read across an append that seals personal data (from sealing to its
+    /// commit), written across a forget (its hold check, its event, the key's destruction),
+    /// so that no sealed append interleaves with an erasure.
+    Erasing,
     /// `producers`: held for reading across an append's writer step, for writing across a
     /// producer registration's own append.
     Producers,

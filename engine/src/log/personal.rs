@@ -302,10 +302,29 @@ pub(crate) fn seal_requests(
             subjects.push(subject_hash(&p.subject));
         }
     }
-    let keys = store.keys_for_append(&subjects)?;
+    // A subject erased gets a generation after the erased ones, whatever the store says
+    // (a store restored from an older copy, or whose destruction was torn).
+    let subjects: Vec<(SubjectHash, u32)> = {
+        let erased = shared.erasures.read();
+        subjects
+            .into_iter()
+            .map(|s| {
+                let min = erased.get(&s).map_or(1, |e| e.generation.saturating_add(1));
+                (s, min)
+            })
+            .collect()
+    };
+    let keys = store.keys_at_least(&subjects)?;
+    if keys.iter().zip(&subjects).any(|((g, _), (_, min))| g < min) {
+        return Err(Error::Keys {
+            path: store.location().to_owned(),
+            detail: "the key store gave a key of an erased generation".into(),
+            source: None,
+        });
+    }
     let mut keys = keys.into_iter();
     // Each event with the key it is sealed under, in batch order.
-    let mut work: Vec<(usize, &EventData, Option<(u32, SecretKey)>)> = Vec::new();
+    let mut work: Vec<SealWork<'_>> = Vec::new();
     for (index, ev) in requests.iter().flat_map(|r| r.events.iter()).enumerate() {
         let key = match &ev.personal {
             Some(p) if needs_key(p) => Some(
@@ -317,7 +336,7 @@ pub(crate) fn seal_requests(
         work.push((index, ev, key));
     }
     let token_key = store.token_key();
-    let seal = |chunk: &[(usize, &EventData, Option<(u32, SecretKey)>)]| -> Result<Vec<EventData>> {
+    let seal = |chunk: &[SealWork<'_>]| -> Result<Vec<EventData>> {
         chunk
             .iter()
             .map(|(index, ev, key)| match &ev.personal {
@@ -364,6 +383,9 @@ pub(crate) fn seal_requests(
     out.reverse();
     Ok(Some(out))
 }
+
+/// An event of a batch to seal: its index, the event, and the key it is sealed under.
+type SealWork<'e> = (usize, &'e EventData, Option<(u32, SecretKey)>);
 
 /// The cores this process may use, asked once (the question reads cgroup files).
 fn cores() -> usize {
@@ -535,8 +557,10 @@ fn seal_state(shared: &Shared, s: &SealedRef<'_>) -> SealState {
         Ok(KeyLookup::Unknown) => SealState::Unavailable {
             reason: format!("the key store holds no key of subject {}", s.subject),
         },
-        Err(e) => SealState::Unavailable {
-            reason: e.to_string(),
+        // The store's own error names its files: a read (which may go to a client) says
+        // only that it failed.
+        Err(_) => SealState::Unavailable {
+            reason: "the key store failed to give the key".into(),
         },
     }
 }
@@ -713,6 +737,9 @@ impl Log {
             });
         }
         let _order = shared.governance.lock();
+        // No append sealing data interleaves from here to the key's destruction: the hold
+        // check sees every event of the subject, and an append after seals under a new key.
+        let _erasing = shared.erasing.write();
         let Some((generation, live)) = store.generation(&subject)? else {
             return Err(Error::InvalidOptions {
                 reason: format!(

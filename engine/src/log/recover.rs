@@ -442,6 +442,7 @@ fn new_shared(
             parking_lot::RwLock::new(super::producers::ProducerPolicy::default()),
         ),
         governance: Ordered::new(Rank::Governance, parking_lot::Mutex::new(())),
+        erasing: Ordered::new(Rank::Erasing, parking_lot::RwLock::new(())),
         shutdown: AtomicBool::new(false),
         threads: Mutex::new(Vec::new()),
         lock_file: Mutex::new(lock_file),

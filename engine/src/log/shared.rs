@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) producers: Ordered<parking_lot::RwLock<super::producers::ProducerPolicy>>,
     /// Orders governance changes and retention runs (`$governance`).
     pub(crate) governance: Ordered<parking_lot::Mutex<()>>,
+    /// Orders appends that seal personal data against forgets.
+    pub(crate) erasing: Ordered<parking_lot::RwLock<()>>,
     /// Set when the background threads (preparer, sealer, flusher) are told to stop.
     pub(crate) shutdown: AtomicBool,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,

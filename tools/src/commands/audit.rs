@@ -597,15 +597,28 @@ pub struct Personal {
     pub subjects: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     /// `$SubjectErased` events the extract proves: subject, key generation, position.
     pub erasures: Vec<(String, u32, u64)>,
+    /// The newest key generation each subject's events are sealed under.
+    #[serde(skip)]
+    pub generations: std::collections::BTreeMap<String, u32>,
 }
 
 impl Personal {
+    /// The erasure in the extract that covers every sealed event of `subject` (one of a
+    /// generation at least that of its newest sealed event).
+    #[must_use]
+    pub fn erasure_of(&self, subject: &str) -> Option<&(String, u32, u64)> {
+        let newest = self.generations.get(subject).copied().unwrap_or(0);
+        self.erasures
+            .iter()
+            .find(|(s, g, _)| s == subject && *g >= newest)
+    }
+
     /// Subjects of sealed events an erasure in the extract covers.
     #[must_use]
     pub fn erased_subjects(&self) -> usize {
         self.subjects
             .keys()
-            .filter(|s| self.erasures.iter().any(|(e, _, _)| e == *s))
+            .filter(|s| self.erasure_of(s).is_some())
             .count()
     }
 }
@@ -1021,7 +1034,7 @@ pub fn verify_extract(a: &VerifyExtractArgs) -> Result<ExitCode> {
                     );
                     for (subject, fields) in &c.personal.subjects {
                         let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
-                        let erased = c.personal.erasures.iter().find(|(s, _, _)| s == subject);
+                        let erased = c.personal.erasure_of(subject);
                         println!(
                             "  subject {subject}: {}{}",
                             if fields.is_empty() {

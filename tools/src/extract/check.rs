@@ -76,8 +76,8 @@ struct Good {
     line: Option<Vec<u8>>,
     /// Retention removed the event (a pruned record).
     removed: bool,
-    /// For an event that seals personal data: its subject and sealed fields.
-    sealed: Option<(String, Vec<String>)>,
+    /// For an event that seals personal data: its subject, key generation and sealed fields.
+    sealed: Option<(String, u32, Vec<String>)>,
     /// For a `$SubjectErased` event: its subject and generation.
     erasure: Option<(String, u32)>,
 }
@@ -204,7 +204,13 @@ fn check_one(item: &RawItem, cx: &Context) -> Result<Good, Bad> {
         gaps: parts.gaps,
         line,
         removed: removed_by.is_some(),
-        sealed: sealed.map(|s| (s.subject.to_hex(), s.field_names().unwrap_or_default())),
+        sealed: sealed.map(|s| {
+            (
+                s.subject.to_hex(),
+                s.generation,
+                s.field_names().unwrap_or_default(),
+            )
+        }),
         erasure,
     })
 }
@@ -374,8 +380,14 @@ impl Fold {
                 self.first_event.get_or_insert(g.position);
                 self.events += 1;
                 self.removed += u64::from(g.removed);
-                if let Some((subject, fields)) = g.sealed {
+                if let Some((subject, generation, fields)) = g.sealed {
                     self.personal.sealed_events += 1;
+                    let newest = self
+                        .personal
+                        .generations
+                        .entry(subject.clone())
+                        .or_default();
+                    *newest = (*newest).max(generation);
                     self.personal
                         .subjects
                         .entry(subject)

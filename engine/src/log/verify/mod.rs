@@ -538,7 +538,75 @@ pub(crate) fn verify(
     }
     check_blobs(shared, options, &blob_refs, &mut report)?;
     check_removals(shared, &pruned, &mut report)?;
+    check_erasures(shared, options, &checkpoints, &mut report)?;
     Ok(report)
+}
+
+/// Every `$SubjectErased` event must name this log and, when signed, be signed by a key
+/// the verifier trusts ([`VerifyOptions::trusted_keys`]; without any, a key that signed the
+/// log's checkpoints, or its signing key): an erasure is evidence, and one the log's key did not sign is
+/// reported as a finding.
+fn check_erasures(
+    shared: &Shared,
+    options: &VerifyOptions,
+    checkpoints: &[crate::format::checkpoint::SignedCheckpoint],
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let checked_end = report.first_position.0 + report.records;
+    let trusted: Vec<[u8; 32]> = if options.trusted_keys.is_empty() {
+        checkpoints
+            .iter()
+            .map(|c| c.public_key)
+            .chain(shared.evidence.public_key.get().copied().flatten())
+            .collect()
+    } else {
+        options.trusted_keys.clone()
+    };
+    let log_id: String = shared
+        .meta
+        .log_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for e in super::read::read_stream(
+        shared,
+        super::personal::ERASURE_STREAM,
+        0,
+        usize::MAX,
+        super::Direction::Forward,
+    )? {
+        if e.position.0 >= checked_end {
+            break;
+        }
+        let bad = |detail: String| Error::Corrupt {
+            file: shared.dir.clone(),
+            offset: 0,
+            position: Some(e.position.0),
+            detail,
+            source: None,
+        };
+        let er: super::personal::SubjectErased = serde_json::from_slice(e.payload())
+            .map_err(|err| bad(format!("an erasure event does not decode: {err}")))?;
+        if er.log_id != log_id {
+            return Err(bad(format!(
+                "an erasure event names log {}, not this log",
+                er.log_id
+            )));
+        }
+        match &er.signature {
+            None => report.erasures_unsigned += 1,
+            Some(_) => {
+                if !trusted.iter().any(|k| er.signature_verifies(k)) {
+                    return Err(bad(
+                        "an erasure event's signature does not verify under a trusted key of the log"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        report.erasures += 1;
+    }
+    Ok(())
 }
 
 /// Every removed event must be covered by the `$RetentionApplied` event its pruned body
