@@ -26,9 +26,12 @@ pub fn decode_record(data: &[u8]) -> bool {
         return false;
     };
     let layout = match pick & 3 {
-        0 | 2 => Layout::V1,
+        0 => Layout::V1,
         1 => Layout::V2,
-        _ => Layout::V3,
+        2 => Layout::V3,
+        // Version 5 reads everything versions 3 and 4 add (blobs, pruned bodies) and
+        // sealed payloads.
+        _ => Layout::V5,
     };
     let Ok(h) = RecordHeader::decode_in(data, layout) else {
         return false;
@@ -48,7 +51,18 @@ pub fn decode_record(data: &[u8]) -> bool {
     };
     // A blob reference only where the layout allows one, and then a valid one.
     assert!(env.payload_form == PayloadForm::Inline || layout.allows_blobs());
+    assert!(env.payload_form != PayloadForm::Sealed || layout.allows_sealing());
     assert_eq!(env.payload_form == PayloadForm::Blob, env.blob().is_some());
+    if env.payload_form == PayloadForm::Sealed {
+        // A decoded envelope's sealed payload decodes, and its parts fit in it.
+        let s = crate::format::sealed::decode(env.payload).expect("checked with the envelope");
+        assert_eq!(
+            s.head.len() + s.ciphertext.len(),
+            env.payload.len(),
+            "the sealed parts cover the payload"
+        );
+        let _ = s.field_names();
+    }
     let mut out = Vec::new();
     env.encode_into(&mut out)
         .expect("a decoded envelope is within limits");

@@ -968,6 +968,38 @@ mod tests {
     }
 
     #[test]
+    fn hostile_key_store_files_are_errors_or_damaged_slots_never_panics() {
+        let d = tempfile::tempdir().unwrap();
+        let a = subject_hash("a");
+        store(d.path()).keys_for_append(&[a]).unwrap();
+        let path = d.path().join(KEY_FILE);
+        let good = std::fs::read(&path).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..300 {
+            let mut bytes = good.clone();
+            // Flip a few bytes anywhere, and sometimes cut or extend the file.
+            for _ in 0..1 + round % 4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x as usize) % bytes.len();
+                bytes[at] ^= (x >> 32) as u8 | 1;
+            }
+            match round % 5 {
+                0 => bytes.truncate((x as usize) % bytes.len()),
+                1 => bytes.extend_from_slice(&[0xFF; 77]),
+                _ => {}
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(s) = FileKeyStore::open(d.path(), &SecretKey([5; 32]), false) {
+                // Whatever it holds, a lookup answers or fails; it never panics.
+                let _ = s.key(&a, 1);
+                let _ = s.keys_for_append(&[a]);
+            }
+        }
+    }
+
+    #[test]
     fn nonces_never_repeat_in_a_process() {
         let mut seen = std::collections::HashSet::new();
         let threads: Vec<_> = (0..4)
