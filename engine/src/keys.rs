@@ -106,24 +106,17 @@ impl SecretKey {
     /// # Errors
     /// [`Error::InvalidOptions`] for anything else.
     pub fn from_hex(text: &str) -> Result<SecretKey> {
-        let t = text.trim();
-        let bad = || Error::InvalidOptions {
-            reason: "a key is 64 hexadecimal digits".into(),
-        };
-        if t.len() != 64 || !t.is_ascii() {
-            return Err(bad());
-        }
-        let mut k = [0u8; 32];
-        for (i, b) in k.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(SecretKey(k))
+        crate::format::proof::parse_hex::<32>(text.trim())
+            .map(SecretKey)
+            .ok_or_else(|| Error::InvalidOptions {
+                reason: "a key is 64 hexadecimal digits".into(),
+            })
     }
 
     /// 64 lower-case hexadecimal digits.
     #[must_use]
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::format::proof::hex(&self.0)
     }
 
     /// Reads a master key from a file of 64 hexadecimal digits.

@@ -62,7 +62,7 @@ impl SubjectHash {
     /// Lower-case hex.
     #[must_use]
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        super::proof::hex(&self.0)
     }
 
     /// Parses 64 hex digits.
@@ -70,18 +70,12 @@ impl SubjectHash {
     /// # Errors
     /// [`DecodeError::Invalid`] for anything else.
     pub fn from_hex(s: &str) -> Result<SubjectHash, DecodeError> {
-        let bad = || DecodeError::Invalid {
-            what: "subject hash",
-            detail: format!("{s:?} is not 64 hex digits"),
-        };
-        if s.len() != 64 || !s.is_ascii() {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(SubjectHash(out))
+        super::proof::parse_hex::<32>(s)
+            .map(SubjectHash)
+            .ok_or_else(|| DecodeError::Invalid {
+                what: "subject hash",
+                detail: format!("{s:?} is not 64 hex digits"),
+            })
     }
 }
 

@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::format::envelope::{ContentType, EnvelopeRef, PayloadForm};
+use crate::format::proof::hex;
 use crate::format::record::BodyForm;
 use crate::format::sealed::{self, SealScope, SealedRef, SubjectHash, subject_hash};
 use crate::format::{EventId, Position};
@@ -159,7 +160,7 @@ impl SubjectErased {
         if *k != hex(key) {
             return false;
         }
-        let Some(sig) = unhex::<64>(sig) else {
+        let Some(sig) = crate::format::proof::parse_hex::<64>(sig) else {
             return false;
         };
         ed25519_dalek::VerifyingKey::from_bytes(key).is_ok_and(|vk| {
@@ -170,21 +171,6 @@ impl SubjectErased {
             .is_ok()
         })
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// What became of a sealed event's personal data when it was read.

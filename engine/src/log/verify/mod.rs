@@ -562,12 +562,7 @@ fn check_erasures(
     } else {
         options.trusted_keys.clone()
     };
-    let log_id: String = shared
-        .meta
-        .log_id
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let log_id = crate::format::proof::hex(&shared.meta.log_id);
     for e in super::read::read_stream(
         shared,
         super::personal::ERASURE_STREAM,
