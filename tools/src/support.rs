@@ -171,6 +171,12 @@ pub fn set_key_store(dir: Option<PathBuf>, master: Option<PathBuf>) {
     let _ = KEY_STORE.set((dir, master));
 }
 
+/// Whether this run names a key store (without opening it: a store of a million subjects
+/// takes a read of every slot).
+pub fn key_store_named() -> bool {
+    KEY_STORE.get().is_some_and(|(dir, _)| dir.is_some())
+}
+
 /// Opens this run's key store, if one was named: for reading only beside a writer that
 /// holds it, or as its one writer.
 ///

@@ -712,7 +712,7 @@ pub fn forget(a: &ForgetArgs) -> Result<ExitCode> {
         )?)
         .context("the server's answer")?,
         (Some(dir), None) => {
-            if crate::support::key_store(true)?.is_none() {
+            if !crate::support::key_store_named() {
                 bail!("forget destroys a key in the key store: give --key-store and --master-key");
             }
             let log = writable(dir, &a.key)?;
