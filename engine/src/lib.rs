@@ -61,8 +61,8 @@ pub use log::{
     RecordedEvent, RecoveryMode, RecoveryReport, RemovedRun, RetentionPlan, RetentionReport,
     SEALED_MARKER, SUBJECT_ERASED, SealState, Sealing, SegmentDetail, SegmentInfo, StreamHead,
     StreamHeld, StreamInfo, StreamRemoval, SubjectErased, TREE_FILE, Tail, Truncation, Verify,
-    VerifyOptions, VerifyReport, add_cosignature, create_signing_key, new_event_id, now,
-    producer_signature,
+    VerifyOptions, VerifyReport, add_cosignature, create_signing_key, fold_refusal, new_event_id,
+    now, producer_signature,
 };
 #[cfg(feature = "internals")]
 pub use sys::sim;

@@ -987,6 +987,9 @@ pub(crate) fn with_view<T>(
         position: e.position.0,
         reason,
     };
+    if let Some(reason) = crate::log::fold_refusal(e) {
+        return Err(refused(reason));
+    }
     match registry {
         None => f(e),
         Some(r) => f(&r.view(e).map_err(|err| refused(err.to_string()))?),

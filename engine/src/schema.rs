@@ -158,6 +158,9 @@ pub fn with_newest<T>(
     e: &dyn EventView,
     f: impl FnOnce(&dyn EventView) -> Result<T, String>,
 ) -> Result<T, String> {
+    if let Some(refused) = crate::log::fold_refusal(e) {
+        return Err(refused);
+    }
     match registry {
         None => f(e),
         Some(r) => f(&r.view(e).map_err(|err| err.to_string())?),
@@ -762,5 +765,8 @@ impl EventView for Upcasted<'_> {
     }
     fn record_time(&self) -> Timestamp {
         self.inner.record_time()
+    }
+    fn removed_by(&self) -> Option<Position> {
+        self.inner.removed_by()
     }
 }

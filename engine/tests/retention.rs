@@ -468,3 +468,185 @@ fn a_run_of_many_scattered_removals_is_recorded_in_several_events() {
     let v = log.verify().unwrap();
     assert_eq!(v.removed.iter().map(|r| r.to - r.from).sum::<u64>(), n - 1);
 }
+
+/// Counts events per stream: a projection that would give a wrong answer, silently, if it
+/// folded a history retention shortened.
+#[derive(Debug, Default)]
+struct Counts(std::collections::BTreeMap<String, u64>);
+
+impl tally_engine::projection::Projection for Counts {
+    const STATE_VERSION: u32 = 1;
+    fn initial() -> Self {
+        Counts::default()
+    }
+    fn apply(&mut self, e: &dyn tally_engine::EventView) -> Result<(), String> {
+        *self.0.entry(e.stream().to_owned()).or_default() += 1;
+        Ok(())
+    }
+    fn encode_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.0).unwrap()
+    }
+    fn decode_state(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok().map(Counts)
+    }
+}
+
+impl tally_engine::replay::Traced for Counts {
+    fn key_of(e: &dyn tally_engine::EventView) -> Option<String> {
+        Some(e.stream().to_owned())
+    }
+    fn encode_part(&self, key: &str) -> Vec<u8> {
+        self.0.get(key).copied().unwrap_or(0).to_le_bytes().to_vec()
+    }
+}
+
+impl tally_engine::aggregate::Aggregate for Counts {
+    const SNAPSHOT_VERSION: u32 = 1;
+    fn initial() -> Self {
+        Counts::default()
+    }
+    fn apply(&mut self, e: &dyn tally_engine::EventView) -> Result<(), String> {
+        *self.0.entry(e.stream().to_owned()).or_default() += 1;
+        Ok(())
+    }
+    fn encode_snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.0).unwrap()
+    }
+    fn decode_snapshot(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok().map(Counts)
+    }
+}
+
+/// A retention run rewrites sealed segments only; sealing the active segment lets the next
+/// run remove what was appended a moment ago.
+#[test]
+fn sealing_the_active_segment_lets_a_run_remove_what_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments large enough that the whole history stays in the active one.
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    history(&log);
+    assert_eq!(log.segments().len(), 1);
+    let first = log
+        .apply_retention(far(), "compliance", "first run")
+        .unwrap();
+    assert_eq!(first.removed, 0);
+    assert_eq!(first.pending, 29 * 4, "{first:?}");
+    assert!(log.seal_active_segment().unwrap());
+    assert_eq!(log.segments().len(), 2);
+    assert!(log.segments()[0].sealed, "{:?}", log.segments());
+    let second = log
+        .apply_retention(far(), "compliance", "after sealing")
+        .unwrap();
+    assert_eq!(second.removed, 29 * 4, "{second:?}");
+    assert_eq!(second.pending, 0);
+    let e = log
+        .read_stream("trade-0", 0, usize::MAX, Direction::Forward)
+        .unwrap();
+    assert!(e.iter().all(|e| e.event_type() == REMOVED_EVENT_TYPE));
+    // The new active segment holds the run's event only; sealed again, then nothing is left
+    // to seal and the call says so, changing nothing.
+    let appended_after = log.next_position();
+    assert!(log.seal_active_segment().unwrap());
+    assert!(!log.seal_active_segment().unwrap());
+    assert_eq!(log.next_position(), appended_after);
+    // The log appends and reopens as usual after the rolls.
+    log.append(
+        "trade-0",
+        ExpectedVersion::Any,
+        &[EventData::json("TradeAmended", "{}")],
+    )
+    .unwrap();
+    log.verify().unwrap();
+    drop(log);
+    let log = Log::open(dir.path(), Options::default()).unwrap();
+    assert_eq!(log.stream_info("trade-0").unwrap().unwrap().last_version, 4);
+    log.verify().unwrap();
+}
+
+/// A projection, a replay or an aggregate that meets a removed event stops with an error
+/// naming the run, instead of computing from a shortened history; a window replay that
+/// starts from a signed archive taken before the run still validates.
+#[test]
+fn folds_stop_at_removed_events_and_resume_from_an_archive() {
+    use tally_engine::aggregate::{Repository, SnapshotPolicy};
+    use tally_engine::projection::{Projector, ProjectorOptions};
+    use tally_engine::replay::{
+        Archive, Validation, trace, trace_window, validate, validate_window,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    history(&log);
+    let key = tally_engine::format::checkpoint::SigningKey::from_bytes(&[3; 32]);
+    let (state, before) = trace::<Counts>(&log, "counts", log.next_position().0).unwrap();
+    let earlier = Archive::sign(
+        "counts",
+        log.log_id(),
+        1,
+        "test",
+        "v1",
+        tally_engine::projection::Projection::encode_state(&state),
+        before,
+        &key,
+    );
+    log.seal_active_segment().unwrap();
+    let report = log.apply_retention(far(), "compliance", "run").unwrap();
+    assert!(report.removed > 0);
+    let run = report.recorded_at.unwrap();
+    for i in 0..5 {
+        log.append(
+            &format!("trade-{i}"),
+            ExpectedVersion::Any,
+            &[EventData::json("TradeAmended", "{}")],
+        )
+        .unwrap();
+    }
+    let removed = |reason: &str| {
+        assert!(
+            reason.contains("removed by retention")
+                && reason.contains(&format!("position {}", run.0)),
+            "{reason}"
+        );
+    };
+    // A projection from the start.
+    let mut p = Projector::<Counts>::open(&log, "counts", ProjectorOptions::default()).unwrap();
+    let err = p.catch_up().unwrap_err();
+    removed(&err.to_string());
+    // A replay from the start, and a validation of an archive by one.
+    let err = trace::<Counts>(&log, "counts", log.next_position().0).unwrap_err();
+    removed(&err.to_string());
+    let err = validate::<Counts>(&log, &earlier, &[]).unwrap_err();
+    removed(&format!("{err:?}"));
+    // An aggregate whose stream lost its events.
+    let repo = Repository::<Counts>::new(&log, SnapshotPolicy::OnDemand);
+    let err = repo.load("trade-0").unwrap_err();
+    removed(&err.to_string());
+    // A held stream folds as before.
+    assert_eq!(repo.load("trade-10").unwrap().state.0["trade-10"], 4);
+    // From the archive taken before the run, the window after it replays and validates.
+    let start = earlier.next;
+    let (after_state, window) = trace_window::<Counts>(
+        &log,
+        "counts",
+        <Counts as tally_engine::projection::Projection>::decode_state(&earlier.state).unwrap(),
+        start,
+        log.next_position().0,
+        None,
+    )
+    .unwrap();
+    assert_eq!(after_state.0["trade-0"], 5, "4 before the run, 1 after");
+    let later = Archive::sign(
+        "counts",
+        log.log_id(),
+        1,
+        "test",
+        "v1",
+        tally_engine::projection::Projection::encode_state(&after_state),
+        window,
+        &key,
+    );
+    assert!(matches!(
+        validate_window::<Counts>(&log, &earlier, &later, &[], None).unwrap(),
+        Validation::Identical { .. }
+    ));
+}

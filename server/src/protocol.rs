@@ -1872,6 +1872,21 @@ impl EventView for Event {
     fn record_time(&self) -> Timestamp {
         self.record_time
     }
+    /// A removal marker as reads send it (PROTOCOL.md, "Removed events"): the type
+    /// `$Removed`, a nil id and the payload `{"removed_by": P}`.
+    fn removed_by(&self) -> Option<Position> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Marker {
+            removed_by: u64,
+        }
+        if self.event_type() != tally_engine::REMOVED_EVENT_TYPE || self.event_id.0 != [0; 16] {
+            return None;
+        }
+        serde_json::from_slice::<Marker>(self.payload())
+            .ok()
+            .map(|m| Position(m.removed_by))
+    }
 }
 
 /// Limits a server announces in its HELLO response.

@@ -493,7 +493,18 @@ fn a_pruned_log_reads_through_a_server_with_markers() {
             assert_eq!(removed.len(), 3, "{direction:?}");
             for e in removed {
                 assert_eq!(e.payload(), format!(r#"{{"removed_by":{by}}}"#).as_bytes());
+                // The client knows a marker, so that a remote fold stops at it.
+                let by = tally_engine::Position(by);
+                assert_eq!(tally_engine::EventView::removed_by(*e), Some(by));
+                assert!(tally_engine::fold_refusal(*e).is_some());
             }
+            // And no other event is taken for one.
+            assert!(
+                quotes
+                    .iter()
+                    .filter(|e| e.event_type() != "$Removed")
+                    .all(|e| tally_engine::EventView::removed_by(*e).is_none())
+            );
         }
     });
     drop(server);

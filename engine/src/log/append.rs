@@ -691,6 +691,16 @@ impl Writer {
         })
     }
 
+    /// Rolls to a fresh segment now if the active one holds a record; see
+    /// [`seal_active_segment`].
+    fn roll_now(&mut self, shared: &Shared) -> Result<bool> {
+        if self.seg.index.record_count() == 0 {
+            return Ok(false);
+        }
+        self.roll(shared)?;
+        Ok(true)
+    }
+
     /// Moves to a fresh segment: takes a prepared spare, writes its header, freezes the
     /// current index and hands the old segment to the sealer.
     ///
@@ -928,6 +938,24 @@ pub(crate) fn submit_signed(
         results: committed.results,
         durable_target: wait.then_some(committed.durable_target),
     })
+}
+
+/// [`super::Log::seal_active_segment`]: rolls to a fresh segment under the writer lock (waiting
+/// for the spare without it, as an append does) and returns whether the active segment held
+/// a record.
+pub(crate) fn seal_active_segment(shared: &Shared) -> Result<bool> {
+    loop {
+        let mut guard = shared.commit.writer.lock();
+        let writer = guard.as_mut().ok_or(Error::Closed)?;
+        let unwinding = PoisonOnUnwind(shared);
+        let rolled = writer.roll_now(shared);
+        std::mem::forget(unwinding);
+        drop(guard);
+        match rolled {
+            Err(Error::WouldBlock) => super::background::wait_for_spare(shared),
+            other => return other,
+        }
+    }
 }
 
 /// The writer lock for an append that may not block: refused after [`LOCK_PATIENCE`] (it

@@ -640,6 +640,11 @@ pub trait EventView {
     fn event_time(&self) -> Timestamp;
     /// When the log recorded it.
     fn record_time(&self) -> Timestamp;
+    /// For an event retention removed (a marker in its place), the position of the
+    /// `$RetentionApplied` event that removed it; `None` for every other event.
+    fn removed_by(&self) -> Option<Position> {
+        None
+    }
 
     /// The envelope's fields, borrowed.
     fn envelope(&self) -> crate::format::envelope::EnvelopeRef<'_> {
@@ -706,6 +711,29 @@ impl EventView for RecordedEvent {
     fn record_time(&self) -> Timestamp {
         self.record_time
     }
+    fn removed_by(&self) -> Option<Position> {
+        self.removed_by
+    }
+}
+
+/// Why a fold (a projection, an aggregate, a replay) stops at `e`: an event retention
+/// removed would make it compute from a shortened history without saying so, so it is
+/// refused, naming the `$RetentionApplied` event. A fold of history that retention pruned
+/// starts from a signed archive or a checkpoint after it ([`crate::replay::validate_window`],
+/// a projection's checkpoint). `None` for every event a fold may take.
+#[must_use]
+pub fn fold_refusal(e: &dyn EventView) -> Option<String> {
+    e.removed_by().map(|by| {
+        format!(
+            "the event at position {} (version {} of {}) was removed by retention (the \
+             $RetentionApplied event at position {}); a fold of pruned history starts from a \
+             signed archive or a checkpoint taken after it",
+            e.position().0,
+            e.version(),
+            e.stream(),
+            by.0
+        )
+    })
 }
 
 impl std::fmt::Debug for RecordedEvent {
@@ -1428,6 +1456,26 @@ impl Log {
     #[must_use]
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.shared.segment_infos()
+    }
+
+    /// Seals the active segment now, as if it were full, starts the next one, and waits
+    /// until the sealed one has its footer and index. A retention run rewrites sealed
+    /// segments only (it counts what is due in the active segment as pending), so a run
+    /// that must remove events of the last minutes seals first; so may an operator before a
+    /// backup. Returns `false`, changing nothing, when the active segment holds no record.
+    ///
+    /// # Errors
+    /// [`Error::ReadOnly`]; [`Error::Closed`]; [`Error::Poisoned`] if sealing fails; I/O
+    /// errors of the new segment.
+    pub fn seal_active_segment(&self) -> Result<bool> {
+        if self.shared.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let rolled = append::seal_active_segment(&self.shared)?;
+        if rolled {
+            self.wait_sealed()?;
+        }
+        Ok(rolled)
     }
 
     /// Waits until every segment that has been rolled is sealed (footer and index written).
