@@ -79,7 +79,7 @@ fn check_demo(n_trades: u64, books: u64) -> (tempfile::TempDir, serde_json::Valu
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["demo", "--seed", "7", "--json", "--data"])
+        .args(["demo", "--seed", "7", "--json", "--no-governance", "--data"])
         .arg(&data)
         .args([
             "--trades",
@@ -260,4 +260,146 @@ fn check_demo(n_trades: u64, books: u64) -> (tempfile::TempDir, serde_json::Valu
         "{counted:?}"
     );
     (dir, r)
+}
+
+/// Runs the demo with seed 7 over 250 trades into `dir/name`, with `extra` options.
+fn demo(dir: &std::path::Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "demo", "--seed", "7", "--json", "--trades", "250", "--books", "4",
+        ])
+        .args(extra)
+        .arg("--data")
+        .arg(dir.join(name))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The governance step (retention, a legal hold, erasures) checked against the log it
+/// leaves, read with this test's own code: the day's positions are those of the same day
+/// without the step (which the test above checks independently); every settled trade is
+/// pruned, reading markers that name the run and the policy, except the held one, which is
+/// whole past its retention; every trade of the erased contact reads the erasure marker
+/// where the contact was, and every other contact still opens; the validation from the
+/// signed archive and the extracts passed, and a replay from scratch was refused.
+#[test]
+fn the_demo_governance_step_prunes_holds_and_erases_what_it_reports() {
+    use std::sync::Arc;
+    use tally_engine::keys::{FileKeyStore, SecretKey};
+
+    let dir = tempfile::tempdir().unwrap();
+    let plain = demo(dir.path(), "plain", &["--no-governance"]);
+    let r = demo(dir.path(), "governed", &[]);
+    assert!(plain["governance"].is_null());
+    assert_eq!(plain["positions"], r["positions"], "the same day");
+    let g = &r["governance"];
+    assert_eq!(g["replay"]["window_from_signed_archive_identical"], true);
+    assert_eq!(g["replay"]["incremental_equals_replay"], true);
+    let scratch = g["replay"]["from_scratch"].as_str().unwrap();
+    assert!(
+        scratch.starts_with("refused") && scratch.contains("removed by retention"),
+        "{scratch}"
+    );
+    for x in [
+        "extract_after_erasure",
+        "extract_of_erasures",
+        "extract_of_pruned_trade",
+    ] {
+        assert_eq!(g[x]["verified"], true, "{x}");
+    }
+    let hold = g["hold"].as_str().unwrap();
+    assert!(
+        g["erasure_refused_by_hold"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("\"{hold}\"")),
+        "{g}"
+    );
+    assert_eq!(g["retention"]["pending"], 0);
+
+    // The log, read with the key store (read-only, as a tool beside the writer would).
+    let keys = dir.path().join("governed.keys");
+    let master = SecretKey::from_file(&keys.join("master.key")).unwrap();
+    let store = FileKeyStore::open_read_only(&keys.join("store"), &master).unwrap();
+    let log = Log::open(
+        dir.path().join("governed"),
+        Options {
+            recovery: RecoveryMode::ReadOnly,
+            create: false,
+            keys: Some(Arc::new(store)),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let governance = log.governance().unwrap();
+    let held = g["held_trade"].as_str().unwrap();
+    let erased = g["erased_subject"].as_str().unwrap();
+    let (mut pruned_streams, mut pruned_events, mut erased_contacts, mut opened_contacts) =
+        (0u64, 0u64, 0u64, 0u64);
+    let mut next = 0;
+    let mut streams = std::collections::BTreeSet::new();
+    loop {
+        let page = log
+            .read_all(Position(next), 1000, Direction::Forward)
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        next = last.position.0 + 1;
+        streams.extend(
+            page.iter()
+                .filter(|e| e.stream().starts_with("trade-"))
+                .map(|e| e.stream().to_owned()),
+        );
+    }
+    for stream in &streams {
+        let events = log
+            .read_stream(stream, 0, usize::MAX, Direction::Forward)
+            .unwrap();
+        let removed: Vec<_> = events.iter().filter(|e| e.removed_by().is_some()).collect();
+        if !removed.is_empty() {
+            // Removed whole, by the policy, and only a trade that settled on the day.
+            assert_eq!(removed.len(), events.len(), "{stream}");
+            assert_ne!(stream, held);
+            for e in &removed {
+                let (_, policy) = governance
+                    .removal(e.removed_by().unwrap(), e.position)
+                    .unwrap();
+                assert_eq!(policy, g["policy"].as_str().unwrap());
+            }
+            pruned_streams += 1;
+            pruned_events += removed.len() as u64;
+            continue;
+        }
+        // Kept: it never settled, or it is the held trade.
+        let settled = events.iter().any(|e| e.event_type() == "SETTLE");
+        assert_eq!(settled, stream == held, "{stream}");
+        let new: serde_json::Value = serde_json::from_slice(events[0].payload()).unwrap();
+        let c = &new["confirmation_contact"];
+        match c.get("$erased") {
+            Some(m) => {
+                assert_eq!(m["subject"], erased, "{stream}");
+                erased_contacts += 1;
+            }
+            None => {
+                let email = c["email"].as_str().unwrap();
+                let subject =
+                    tally_engine::format::sealed::subject_hash(&format!("contact:{email}"));
+                assert_ne!(subject.to_hex(), erased, "{stream}");
+                opened_contacts += 1;
+            }
+        }
+    }
+    assert_eq!(g["retention"]["removed_streams"], pruned_streams);
+    assert_eq!(g["retention"]["removed_events"], pruned_events);
+    assert_eq!(
+        pruned_streams + 1,
+        r["settlements"].as_u64().unwrap(),
+        "every settled trade but the held one"
+    );
+    assert!(erased_contacts > 0 && opened_contacts > 0);
 }

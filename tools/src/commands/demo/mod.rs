@@ -12,7 +12,11 @@
 //!    validates the replay against the archive;
 //! 4. explains the corrected trade (who, what, when, why), exports its audit extract and
 //!    verifies it offline with the log's public key;
-//! 5. prints a report: counts, timings, the positions table (`--json` for a document).
+//! 5. governance: a retention policy prunes settled trades, a legal hold keeps one of them
+//!    past its retention, a confirmation contact's personal data is erased on request (and
+//!    refused while the hold covers it); the positions then validate from the signed
+//!    archive over the pruned log, and the audit extracts still verify ([`governance`]);
+//! 6. prints a report: counts, timings, the positions table (`--json` for a document).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -34,8 +38,11 @@ use tally_engine::{
 
 use crate::support::json_output;
 use crate::trading::{
-    Amend, NewTrade, Positions, Side, Trade, event_id, price_event, price_stream, trade_stream,
+    Amend, Contact, NewTrade, Positions, Side, Trade, event_id, price_event, price_stream,
+    trade_stream,
 };
+
+mod governance;
 
 /// Options of `tally demo`.
 #[derive(Args, Debug, Clone)]
@@ -59,6 +66,10 @@ pub struct DemoArgs {
     /// durable appends would measure the disk rather than the rest.
     #[arg(long, value_enum, default_value_t = DemoDurability::Fsync)]
     durability: DemoDurability,
+    /// Skip step 5 (retention, legal hold, erasure): the log then keeps every event of the
+    /// day, for a tool or a test that folds it from scratch.
+    #[arg(long)]
+    no_governance: bool,
 }
 
 /// `tally demo --durability`.
@@ -98,6 +109,24 @@ const INSTRUMENTS: [&str; 5] = [
     "EUA-DEC26",
 ];
 const COUNTERPARTIES: [&str; 4] = ["ACME BANK", "NORDIC POWER", "GULF TRADING", "ALPINE GAS"];
+/// Two confirmation contacts per counterparty (same order): personal data.
+const CONTACTS: [(&str, &str); 8] = [
+    ("Maria Keller", "m.keller@acme-bank.example"),
+    ("Tom Reyes", "t.reyes@acme-bank.example"),
+    ("Ingrid Dahl", "ingrid.dahl@nordic-power.example"),
+    ("Ola Berg", "ola.berg@nordic-power.example"),
+    ("Samir Haddad", "s.haddad@gulf-trading.example"),
+    ("Lena Fischer", "l.fischer@gulf-trading.example"),
+    ("Marco Rossi", "marco.rossi@alpine-gas.example"),
+    ("Anna Huber", "anna.huber@alpine-gas.example"),
+];
+
+fn contact(i: usize) -> Contact {
+    Contact {
+        name: CONTACTS[i].0.to_owned(),
+        email: CONTACTS[i].1.to_owned(),
+    }
+}
 /// 2026-11-23T08:00:00Z, the start of the demo's trading day (business time).
 const DAY_START_NS: u64 = 1_795_420_800_000_000_000;
 
@@ -231,25 +260,30 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     say(&format!("Tally demo: data directory {}", dir.display()));
+    // Personal data is sealed under keys kept outside the log's directory.
+    let keys = governance::KeyStore::create(&dir)?;
+    say(&format!(
+        "           key store (outside the log) {}",
+        keys.dir.display()
+    ));
     let mut timings = BTreeMap::new();
-    let log = Log::open(
-        &dir,
-        Options {
-            // Small segments show sealing and several sidecars at a demo's default size;
-            // a million trades would make thousands of them.
-            segment_bytes: if args.trades >= 100_000 {
-                64 << 20
-            } else {
-                4 << 20
-            },
-            durability: match args.durability {
-                DemoDurability::Fsync => tally_engine::Durability::Fsync,
-                DemoDurability::None => tally_engine::Durability::None,
-            },
-            ..Options::default()
+    let options = Options {
+        // Small segments show sealing and several sidecars at a demo's default size;
+        // a million trades would make thousands of them.
+        segment_bytes: if args.trades >= 100_000 {
+            64 << 20
+        } else {
+            4 << 20
         },
-    )
-    .with_context(|| format!("opening {}", dir.display()))?;
+        durability: match args.durability {
+            DemoDurability::Fsync => tally_engine::Durability::Fsync,
+            DemoDurability::None => tally_engine::Durability::None,
+        },
+        keys: Some(keys.store.clone()),
+        ..Options::default()
+    };
+    let log =
+        Log::open(&dir, options.clone()).with_context(|| format!("opening {}", dir.display()))?;
 
     // 1. The trading day.
     let started = Instant::now();
@@ -270,6 +304,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let bar = progress(args.trades * 2, "trading day");
     let mut new_ids = Vec::with_capacity(args.trades as usize);
+    let mut contact_of = Vec::with_capacity(args.trades as usize);
+    let mut settled = Vec::new();
     let mut fat_finger = None;
     for i in 0..args.trades {
         let at = i * 10;
@@ -284,10 +320,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             fat_finger = Some(price);
             price *= Decimal::TEN;
         }
+        let book = format!("BOOK-{:02}", day.rng.below(args.books) + 1);
+        let cp = day.rng.below(4) as usize;
         let terms = NewTrade {
             trade_id: format!("{i:06}"),
-            book: format!("BOOK-{:02}", day.rng.below(args.books) + 1),
-            counterparty: COUNTERPARTIES[day.rng.below(4) as usize].into(),
+            book,
+            counterparty: COUNTERPARTIES[cp].into(),
             instrument: INSTRUMENTS[k].into(),
             side: if day.rng.percent(50) {
                 Side::Buy
@@ -301,7 +339,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         };
         let stream = trade_stream(&terms.trade_id);
         let id = day.id();
-        let new = Trade::book(&terms)?
+        // Alternate between the counterparty's two contacts.
+        let who = cp * 2 + (i % 2) as usize;
+        contact_of.push(who);
+        let new = Trade::book_for(&terms, &contact(who))?
             .with_id(id)
             .actor(format!("trader-{}", day.rng.below(12) + 1))
             .event_time(secs(at))
@@ -365,6 +406,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
                     t.settle("2026-11-25")
                 })?;
                 day.counts.settlements += u64::from(done);
+                if done {
+                    settled.push(i);
+                }
             }
             _ => {}
         }
@@ -439,6 +483,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         let _ = terms;
     }
     let counts = std::mem::take(&mut day.counts);
+    let day_marks = day.marks.clone();
     timings.insert("trading_day_ms", started.elapsed().as_millis());
 
     // 2. Positions and P&L.
@@ -532,6 +577,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let exe = std::env::current_exe().context("finding the tally binary")?;
     let forensic = Command::new(&exe)
+        .args(keys.flags())
         .arg("audit")
         .arg(&dir)
         .args(["--stream", &s1])
@@ -539,6 +585,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let extract_file = dir.join(format!("{s1}.extract"));
     let pub_file = dir.join("tally.pub");
     let extracted = Command::new(&exe)
+        .args(keys.flags())
         .arg("extract")
         .arg(&dir)
         .args(["--stream", &s1, "--out"])
@@ -556,7 +603,33 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         extracted.status.success() && pubkey.status.success() && verified.status.success();
     timings.insert("audit_ms", started.elapsed().as_millis());
 
-    // 5. The report.
+    // 5. Governance: retention, a legal hold and an erasure, then validation and audit again.
+    let started = Instant::now();
+    let bar = spinner("retention, legal hold, erasure");
+    let governed = if args.no_governance {
+        governance::Governed {
+            report: Value::Null,
+            passed: true,
+        }
+    } else {
+        governance::run(&governance::Day1 {
+            dir: &dir,
+            options: &options,
+            keys: &keys,
+            key: &key,
+            archive: &archive,
+            archive_file: &archive_file,
+            pub_file: &pub_file,
+            exe: &exe,
+            settled: &settled,
+            contact_of: &contact_of,
+            marks: &day_marks,
+        })?
+    };
+    bar.finish_and_clear();
+    timings.insert("governance_ms", started.elapsed().as_millis());
+
+    // 6. The report.
     let rows: Vec<Value> = table
         .iter()
         .map(|((book, instrument), p)| {
@@ -597,6 +670,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         },
         "forensic_stream": s1,
         "extract_verified": extract_verified,
+        "governance": governed.report,
         "timings_ms": timings,
         "durability": format!("{:?}", args.durability).to_lowercase(),
         "peak_memory_mib": peak_memory_mib(),
@@ -607,7 +681,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_report(&report, &String::from_utf8_lossy(&forensic.stdout));
     }
-    if !(identical && incremental_equals_replay && extract_verified) {
+    if !(identical && incremental_equals_replay && extract_verified && governed.passed) {
         bail!("the demo's checks failed: {report}");
     }
     Ok(ExitCode::SUCCESS)
@@ -697,7 +771,10 @@ fn print_report(r: &Value, forensic: &str) {
         "   audit extract exported and verified offline with the public key: {}",
         r["extract_verified"]
     );
-    println!("5. Timings (ms): {}", r["timings_ms"]);
+    if !r["governance"].is_null() {
+        governance::print(&r["governance"]);
+    }
+    println!("6. Timings (ms): {}", r["timings_ms"]);
     match r["peak_memory_mib"].as_f64() {
         Some(m) => println!("   Peak memory (resident): {m:.1} MiB"),
         None => println!("   Peak memory: not known on this system"),
