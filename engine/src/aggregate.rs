@@ -22,8 +22,7 @@ use crate::log::{
     AppendResult, Direction, EventData, EventView, ExpectedVersion, Log, RecordedEvent,
 };
 
-/// The prefix of the stream that holds a stream's snapshots.
-pub const SNAPSHOT_STREAM_PREFIX: &str = "$snapshot-";
+pub use crate::format::pruned::SNAPSHOT_STREAM_PREFIX;
 /// The event type of a snapshot.
 pub const SNAPSHOT_EVENT_TYPE: &str = "$Snapshot";
 /// Bytes of a snapshot payload before the encoded state.

@@ -650,3 +650,99 @@ fn folds_stop_at_removed_events_and_resume_from_an_archive() {
         Validation::Identical { .. }
     ));
 }
+
+/// Snapshots are state derived from their stream: a run that removes a stream whole removes
+/// its snapshots with it; a stream kept (not due, or held) keeps them; a load of the removed
+/// stream is refused rather than answered from what is left.
+#[test]
+fn a_stream_removed_whole_takes_its_snapshots_with_it() {
+    use tally_engine::aggregate::{Repository, SNAPSHOT_STREAM_PREFIX, SnapshotPolicy};
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let repo = Repository::<Counts>::new(&log, SnapshotPolicy::EveryEvents(1));
+    for round in 0..3 {
+        for id in 0..4 {
+            let stream = format!("trade-{id}");
+            let mut t = repo.load(&stream).unwrap();
+            let kind = if round == 2 && id != 1 {
+                "TradeSettled"
+            } else {
+                "TradeAmended"
+            };
+            repo.save(&stream, &mut t, &[EventData::json(kind, "{}")])
+                .unwrap();
+        }
+    }
+    let snapshots = |id: u32| format!("{SNAPSHOT_STREAM_PREFIX}trade-{id}");
+    assert!(
+        log.stream_info(&snapshots(0)).unwrap().is_some(),
+        "snapshots written"
+    );
+    log.set_retention_policy(
+        &PolicySet {
+            name: "trades".into(),
+            scope: PolicyScope::Prefix("trade-".into()),
+            keep: Keep::AfterEvent {
+                event_type: "TradeSettled".into(),
+                nanos: 1,
+            },
+            reason: "r".into(),
+        },
+        "c",
+    )
+    .unwrap();
+    log.place_legal_hold(
+        &HoldPlaced {
+            id: "h".into(),
+            scope: HoldScope::Stream("trade-2".into()),
+            reason: "r".into(),
+        },
+        "c",
+    )
+    .unwrap();
+    let plan = log.retention_plan(far()).unwrap();
+    let planned: Vec<&str> = plan.removals.iter().map(|r| r.stream.as_str()).collect();
+    assert_eq!(
+        planned,
+        [
+            snapshots(0).as_str(),
+            snapshots(3).as_str(),
+            "trade-0",
+            "trade-3"
+        ]
+    );
+    log.seal_active_segment().unwrap();
+    let run = log.apply_retention(far(), "c", "r").unwrap();
+    assert_eq!(run.pending, 0, "{run:?}");
+    let all_removed = |s: &str| {
+        let e = log
+            .read_stream(s, 0, usize::MAX, Direction::Forward)
+            .unwrap();
+        assert!(!e.is_empty(), "{s}");
+        e.iter().all(|e| e.removed_by().is_some())
+    };
+    let none_removed = |s: &str| {
+        log.read_stream(s, 0, usize::MAX, Direction::Forward)
+            .unwrap()
+            .iter()
+            .all(|e| e.removed_by().is_none())
+    };
+    for id in [0, 3] {
+        assert!(all_removed(&format!("trade-{id}")));
+        assert!(all_removed(&snapshots(id)), "{id}");
+        let err = repo.load(&format!("trade-{id}")).unwrap_err().to_string();
+        assert!(err.contains("removed by retention"), "{err}");
+    }
+    for id in [1, 2] {
+        assert!(none_removed(&format!("trade-{id}")));
+        assert!(none_removed(&snapshots(id)), "{id}");
+        assert_eq!(repo.load(&format!("trade-{id}")).unwrap().state.0.len(), 1);
+    }
+    // verify accepts the snapshots' removals (a run names them) and reports them.
+    let v = log.verify().unwrap();
+    let removed: u64 = v.removed.iter().map(|r| r.to - r.from).sum();
+    assert_eq!(removed, run.removed);
+    drop(log);
+    assert!(Log::open(dir.path(), opts()).unwrap().verify().is_ok());
+}

@@ -12,6 +12,25 @@ use super::{DecodeError, EventId, Hash32, Position, Timestamp, check_zero, le};
 /// The event type of the marker read in place of an event retention removed.
 pub const REMOVED_EVENT_TYPE: &str = "$Removed";
 
+/// The prefix of the system stream that holds a stream's snapshots (`$snapshot-<stream>`):
+/// state derived from the stream, so a retention run that removes every event of a stream
+/// removes its snapshots too. Every other system stream is never pruned.
+pub const SNAPSHOT_STREAM_PREFIX: &str = "$snapshot-";
+
+/// The stream whose snapshots `stream` holds, for a snapshot stream.
+#[must_use]
+pub fn snapshot_base(stream: &str) -> Option<&str> {
+    stream.strip_prefix(SNAPSHOT_STREAM_PREFIX)
+}
+
+/// Whether retention may prune an event of `stream`: one of an application stream, or of
+/// a snapshot stream (FORMAT.md 5.5); never one of another system stream (a policy, a hold,
+/// a producer key, an erasure, a checkpoint).
+#[must_use]
+pub fn prunable_stream(stream: &str) -> bool {
+    !stream.starts_with('$') || snapshot_base(stream).is_some()
+}
+
 /// Bytes of a pruned body's fixed part.
 pub const PRUNED_FIXED_LEN: usize = 48;
 /// `body_hash`: BLAKE3 of the original body (32 bytes).

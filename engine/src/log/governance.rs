@@ -263,7 +263,8 @@ impl Log {
 
     /// Judges every event of the log against the retention policies and legal holds in
     /// force at `as_of`: which events a policy removes, and which a hold keeps. Nothing is
-    /// changed. System streams (`$...`) are never removed.
+    /// changed. System streams (`$...`) are never removed, except the snapshots of a stream
+    /// removed whole (`$snapshot-<stream>`), which go with it.
     ///
     /// # Errors
     /// Read errors; a record that does not decode.
@@ -360,11 +361,25 @@ impl Log {
         // Pass 2: each event below its stream's first kept version goes, unless held.
         let mut removed: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         let mut held: HashMap<&str, (Vec<String>, u64)> = HashMap::new();
+        // The snapshots of each stream the policy removes whole (derived from it, they go
+        // with it unless a hold keeps any of its events).
+        let mut snapshots: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         self.scan_range(Position(0), end, read::Verify::Checksums, |r| {
             if r.body_form == BodyForm::Pruned {
                 return;
             }
             let Ok(env) = r.envelope() else { return };
+            if let Some(base) = crate::format::pruned::snapshot_base(env.stream) {
+                if let Some((base, (from, _, _))) = keep_from.get_key_value(base)
+                    && facts.get(*base).is_some_and(|f| *from > f.last_version)
+                {
+                    snapshots
+                        .entry(base)
+                        .or_default()
+                        .push((r.position.0, r.stream_version));
+                }
+                return;
+            }
             let Some((stream, (from, _, _))) = keep_from.get_key_value(env.stream) else {
                 return;
             };
@@ -395,6 +410,24 @@ impl Log {
                 h.1 += 1;
             }
         })?;
+        for (base, events) in snapshots {
+            if held.contains_key(base) || !removed.contains_key(base) {
+                continue;
+            }
+            let (_, policy, _) = &keep_from[base];
+            plan.removals.push(StreamRemoval {
+                stream: format!("{}{base}", crate::format::pruned::SNAPSHOT_STREAM_PREFIX),
+                policy: (*policy).to_owned(),
+                why: format!("the snapshots of {base}, which the policy removes"),
+                versions: (
+                    events.first().map_or(0, |e| e.1),
+                    events.last().map_or(0, |e| e.1),
+                ),
+                events: events.len() as u64,
+                last_version: events.last().map_or(0, |e| e.1),
+                positions: events.into_iter().map(|e| e.0).collect(),
+            });
+        }
         for (stream, events) in removed {
             let (_, policy, why) = &keep_from[stream];
             plan.removals.push(StreamRemoval {

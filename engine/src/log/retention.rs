@@ -336,7 +336,7 @@ fn prune_segment(
             let Content::Event(env) = content else {
                 return;
             };
-            if env.stream.starts_with('$') {
+            if !pruned::prunable_stream(env.stream) {
                 problem = Some((p, "a system stream's event is never removed".to_owned()));
                 return;
             }

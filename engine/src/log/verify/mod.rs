@@ -82,7 +82,7 @@ struct Checked {
     /// The blobs the segment's events refer to, with the position of each event.
     blobs: Vec<(u64, crate::format::blob::BlobRef)>,
     /// Records whose event retention removed, as `(position, removed_by, of a system
-    /// stream)`.
+    /// stream retention never prunes)`.
     pruned: Vec<(u64, u64, bool)>,
     /// Signed batches with a removed event: their signature can no longer be checked.
     pruned_batches: u64,
@@ -201,7 +201,8 @@ pub(crate) fn verify(
     let mut streams = StreamJoin::default();
     // The blobs the checked events refer to, with the position of each event.
     let mut blob_refs: Vec<(u64, crate::format::blob::BlobRef)> = Vec::new();
-    // Records whose event retention removed, `(position, removed_by, of a system stream)`.
+    // Records whose event retention removed, `(position, removed_by, of a system stream
+    // retention never prunes)`.
     let mut pruned: Vec<(u64, u64, bool)> = Vec::new();
     // With `from_segment`: the heads of the trusted segments' streams, in log order.
     let mut trusted_heads: Vec<Head> = Vec::new();
@@ -626,7 +627,7 @@ fn check_removals(
     let checked_end = report.first_position.0 + report.records;
     for &(position, by, system) in pruned {
         // The run comes after what it removes, and never removes a system stream's event
-        // (a policy, a hold, a producer key): such a removal is no run's.
+        // (a policy, a hold, a producer key; snapshots aside): such a removal is no run's.
         let policy = (by < checked_end && position < by && !system)
             .then(|| runs.get(&by))
             .flatten()
@@ -1287,7 +1288,11 @@ fn check_segment(ctx: &Context<'_>, seg: &SegmentHandle, end: Position) -> Resul
                 }
             }
             Content::Removed(p) => {
-                pruned.push((h.position.0, p.removed_by.0, p.stream.starts_with('$')));
+                pruned.push((
+                    h.position.0,
+                    p.removed_by.0,
+                    !crate::format::pruned::prunable_stream(p.stream),
+                ));
             }
         }
         let leaf = leaf_hash(&h.chain_hash);
