@@ -59,10 +59,10 @@ pub use log::{
     ExpectedVersion, ForgetReport, IndexSummary, KEY_FILE, Log, MovedSegment, Options, Personal,
     PersonalScope, Query, RANGES_PER_EVENT, REMOVED_EVENT_TYPE, RawRecord, RecordView,
     RecordedEvent, RecoveryMode, RecoveryReport, RemovedRun, RetentionPlan, RetentionReport,
-    SEALED_MARKER, SUBJECT_ERASED, SealState, Sealing, SegmentDetail, SegmentInfo, StreamHead,
-    StreamHeld, StreamInfo, StreamRemoval, SubjectErased, TREE_FILE, Tail, Truncation, Verify,
-    VerifyOptions, VerifyReport, add_cosignature, create_signing_key, fold_refusal, new_event_id,
-    now, producer_signature,
+    RetentionStatus, SEALED_MARKER, SUBJECT_ERASED, SealState, Sealing, SegmentDetail, SegmentInfo,
+    StreamHead, StreamHeld, StreamInfo, StreamRemoval, SubjectErased, TREE_FILE, Tail, Truncation,
+    Verify, VerifyOptions, VerifyReport, add_cosignature, create_signing_key, fold_refusal,
+    new_event_id, now, producer_signature,
 };
 #[cfg(feature = "internals")]
 pub use sys::sim;

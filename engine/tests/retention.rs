@@ -29,6 +29,12 @@ fn far() -> Timestamp {
 
 /// 60 trades of 4 events; even ones settled. Trade 10 is held.
 fn history(log: &Log) {
+    trades(log);
+    rules(log);
+}
+
+/// [`history`]'s trades.
+fn trades(log: &Log) {
     for round in 0..4 {
         for id in 0..60u32 {
             let t = match round {
@@ -47,6 +53,10 @@ fn history(log: &Log) {
                 .unwrap();
         }
     }
+}
+
+/// [`history`]'s policy and hold.
+fn rules(log: &Log) {
     log.set_retention_policy(
         &PolicySet {
             name: "trades".into(),
@@ -745,4 +755,113 @@ fn a_stream_removed_whole_takes_its_snapshots_with_it() {
     assert_eq!(removed, run.removed);
     drop(log);
     assert!(Log::open(dir.path(), opts()).unwrap().verify().is_ok());
+}
+
+/// The background thread (`Options::retention_every`) applies the policies as of now on
+/// its own, as actor `tally` with reason `scheduled`, and says what it did; the log closes
+/// with it running.
+#[test]
+fn the_background_thread_applies_retention_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            retention_every: Some(std::time::Duration::from_millis(20)),
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(log.retention_status().runs, 0, "no policy, no run");
+    history(&log);
+    log.seal_active_segment().unwrap();
+    // Waits for the thread (no timing is asserted: the bound only stops a hung test).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while log.retention_status().removed < 29 * 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            log.retention_status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let status = log.retention_status();
+    assert_eq!(status.removed, 29 * 4, "{status:?}");
+    assert!(status.last_error.is_none());
+    let at = status.last_recorded_at.unwrap();
+    let run = log.read_all(at, 1, Direction::Forward).unwrap().remove(0);
+    assert_eq!(run.event_type(), "$RetentionApplied");
+    assert_eq!(run.actor(), "tally");
+    let payload: serde_json::Value = serde_json::from_slice(run.payload()).unwrap();
+    assert_eq!(payload["reason"], "scheduled");
+    log.close().unwrap();
+    let log = Log::open(dir.path(), opts()).unwrap();
+    let v = log.verify().unwrap();
+    assert_eq!(v.removed.iter().map(|r| r.to - r.from).sum::<u64>(), 29 * 4);
+}
+
+/// Compaction applies retention first when the log has a policy: what is due is removed
+/// before its segment moves to the cold tier, and reads from the cold tier show markers.
+#[test]
+fn compaction_applies_retention_before_moving_segments() {
+    use std::sync::Arc;
+    use tally_engine::cold::{ColdStore, DirStore};
+    use tally_engine::{ColdOptions, CompactPolicy};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ColdStore> = Arc::new(DirStore::new(root.path()).unwrap());
+    let cold = || Options {
+        cold: ColdOptions {
+            store: Some(Arc::clone(&store)),
+            policy: CompactPolicy {
+                keep_local_segments: 1,
+                ..CompactPolicy::default()
+            },
+            ..ColdOptions::default()
+        },
+        ..opts()
+    };
+    let log = Log::open(dir.path(), cold()).unwrap();
+    // The trades in segments of their own: a segment holding `$governance` stays local.
+    trades(&log);
+    log.seal_active_segment().unwrap();
+    rules(&log);
+    log.seal_active_segment().unwrap();
+    let report = log.compact(None, false).unwrap();
+    assert_eq!(report.retention_removed, 29 * 4, "{report:?}");
+    assert!(!report.moved.is_empty());
+    let cold_first = log
+        .segments()
+        .iter()
+        .filter(|s| s.cold.is_some())
+        .map(|s| s.base_position)
+        .min()
+        .unwrap();
+    assert_eq!(cold_first, Position(0));
+    // trade-0's events are in the segments now cold: they read as markers from there.
+    let e = log
+        .read_stream("trade-0", 0, usize::MAX, Direction::Forward)
+        .unwrap();
+    assert_eq!(e.len(), 4);
+    assert!(
+        e.iter()
+            .all(|e| e.removed_by() == report.retention_recorded_at)
+    );
+    // The held trade was kept whole, in the cold tier too.
+    let held = log
+        .read_stream("trade-10", 0, usize::MAX, Direction::Forward)
+        .unwrap();
+    assert!(held.iter().all(|e| e.removed_by().is_none()));
+    log.verify().unwrap();
+    // A dry run applies nothing.
+    log.append(
+        "trade-1",
+        ExpectedVersion::Any,
+        &[EventData::json("TradeSettled", "{}")],
+    )
+    .unwrap();
+    log.seal_active_segment().unwrap();
+    let dry = log.compact(None, true).unwrap();
+    assert_eq!(dry.retention_removed, 0);
+    assert_eq!(log.retention_status().runs, 1);
 }

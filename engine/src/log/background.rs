@@ -57,6 +57,14 @@ pub(crate) fn start_threads(shared: &Arc<Shared>) -> Result<()> {
         let t = spawn("index", Box::new(move || super::attrs::indexer(&s)))?;
         shared.indexing.indexer.set_thread(t);
     }
+    if let Some(every) = shared.opts.retention_every.filter(|_| !shared.read_only) {
+        let s = Arc::clone(shared);
+        let t = spawn(
+            "retention",
+            Box::new(move || super::retention::retainer(&s, every)),
+        )?;
+        shared.retention.set_thread(t);
+    }
     if let Some(every) = shared.opts.cold.background {
         let s = Arc::clone(shared);
         let t = spawn(

@@ -145,6 +145,11 @@ pub struct CompactReport {
     /// Segments a crash had left half moved (their manifest entry written, their local file
     /// not yet removed), finished by this run.
     pub finished: Vec<SegmentSeq>,
+    /// The retention run made first (when the log has a retention policy): events it
+    /// removed.
+    pub retention_removed: u64,
+    /// Where that run recorded itself, when it removed anything.
+    pub retention_recorded_at: Option<Position>,
 }
 
 /// Where a cold segment is, as a handle knows it.
@@ -193,7 +198,7 @@ impl ColdTier {
 /// The cold tier of an open log.
 #[derive(Debug)]
 pub(crate) struct ColdTier {
-    store: Option<Arc<dyn ColdStore>>,
+    pub(crate) store: Option<Arc<dyn ColdStore>>,
     /// Why there is no store, when there is none.
     no_store: String,
     manifest: Mutex<Manifest>,
@@ -863,14 +868,16 @@ fn candidates(shared: &Shared, policy: &CompactPolicy) -> Vec<(Arc<SegmentHandle
 
 /// The background compaction: runs the policy every `every`, at low priority, until the
 /// log closes. A failure is kept for [`super::Log::cold_status`] and retried next time.
-pub(crate) fn compactor(shared: &Shared, every: Duration) {
+pub(crate) fn compactor(shared: &Arc<Shared>, every: Duration) {
     crate::sys::lower_thread_priority();
     loop {
         let _ = shared.cold.compactor.wait(every);
         if shared.cold.compactor.stopping() || shared.commit.is_poisoned() {
             return;
         }
-        let r = compact(shared, &shared.opts.cold.policy, false);
+        // Retention first (when the log has a policy), so that what is due is removed
+        // before its segment goes to the cold tier.
+        let r = super::Log::handle(shared).compact(None, false);
         *lock(&shared.cold.last_error) = r.err().map(|e| e.to_string());
     }
 }

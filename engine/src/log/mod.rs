@@ -53,7 +53,7 @@ pub use personal::{
     SUBJECT_ERASED, SealState, Sealing, SubjectErased,
 };
 pub use read::{RecordView, Tail, Verify};
-pub use retention::{RANGES_PER_EVENT, RetentionReport};
+pub use retention::{RANGES_PER_EVENT, RetentionReport, RetentionStatus};
 use shared::Shared;
 pub use tree::TREE_FILE;
 
@@ -144,6 +144,11 @@ pub struct Options {
     /// that mark personal data ([`EventData::personal`]), to read it, and to forget a
     /// subject ([`Log::forget`]). It must not be inside the log's directory.
     pub keys: Option<std::sync::Arc<dyn crate::keys::KeyStore>>,
+    /// Apply retention ([`Log::apply_retention`], as of now) in a background thread at this
+    /// interval, at low priority, while the log has a retention policy. `None`: only on
+    /// demand and before each compaction. A failure is kept for
+    /// [`Log::retention_status`] and retried at the next interval.
+    pub retention_every: Option<Duration>,
 }
 
 impl Default for Options {
@@ -164,6 +169,7 @@ impl Default for Options {
             storage: crate::Storage::os(),
             cold: ColdOptions::default(),
             keys: None,
+            retention_every: None,
         }
     }
 }
@@ -852,6 +858,9 @@ pub struct SegmentInfo {
 pub struct Log {
     shared: Arc<Shared>,
     report: RecoveryReport,
+    /// Whether dropping this value closes the log: true for [`Log::open`]'s, false for a
+    /// background thread's handle ([`Log::handle`]), which the log's close waits for.
+    closes_on_drop: bool,
 }
 
 impl std::fmt::Debug for Log {
@@ -871,7 +880,21 @@ impl Log {
     /// file-system failures, [`Error::InvalidOptions`].
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Log> {
         let (shared, report) = recover::open(dir.as_ref(), options)?;
-        Ok(Log { shared, report })
+        Ok(Log {
+            shared,
+            report,
+            closes_on_drop: true,
+        })
+    }
+
+    /// A handle on an open log for one of its background threads: the whole API, and
+    /// dropping it closes nothing.
+    pub(crate) fn handle(shared: &Arc<Shared>) -> Log {
+        Log {
+            shared: Arc::clone(shared),
+            report: RecoveryReport::default(),
+            closes_on_drop: false,
+        }
     }
 
     /// What `open` found and did.
@@ -1346,7 +1369,9 @@ impl Log {
     /// `Options::cold.policy` when `None`), oldest first, each only after its cold object
     /// was written, read back and checked, and its manifest entry synced (docs/FORMAT.md,
     /// 21.6). `dry_run` moves nothing and reports what would move. A segment that a crash
-    /// left half moved is finished first.
+    /// left half moved is finished first. When the log has a retention policy, a run as of
+    /// now comes first ([`Log::apply_retention`], actor `tally`, reason `before
+    /// compaction`), so that what is due never moves.
     ///
     /// # Errors
     /// [`Error::ReadOnly`]; [`Error::InvalidOptions`] when no store is configured;
@@ -1356,7 +1381,20 @@ impl Log {
     /// stay moved.
     pub fn compact(&self, policy: Option<&CompactPolicy>, dry_run: bool) -> Result<CompactReport> {
         let policy = policy.unwrap_or(&self.shared.opts.cold.policy);
-        cold::compact(&self.shared, policy, dry_run)
+        // Retention first, when the log has a policy: what is due is removed before its
+        // segment moves (a cold segment is not pruned; see ADR 0011).
+        let retention = if dry_run || self.shared.cold.store.is_none() {
+            None
+        } else {
+            self.retention_if_policies(retention::BEFORE_COMPACTION_REASON)
+                .transpose()?
+        };
+        let mut report = cold::compact(&self.shared, policy, dry_run)?;
+        if let Some(r) = retention {
+            report.retention_removed = r.removed;
+            report.retention_recorded_at = r.recorded_at;
+        }
+        Ok(report)
     }
 
     /// Stores `bytes` as a blob in the cold tier's store (once: the key is its BLAKE3 hash)
@@ -1876,7 +1914,9 @@ impl Drop for Log {
     fn drop(&mut self) {
         // Best effort: an explicit `close` reports errors; a dropped log is recovered by
         // the next open in the worst case.
-        let _ignored = self.shared.close();
+        if self.closes_on_drop {
+            let _ignored = self.shared.close();
+        }
     }
 }
 

@@ -448,6 +448,8 @@ fn new_shared(
         lock_file: Mutex::new(lock_file),
         closed: AtomicBool::new(false),
         erasures: parking_lot::RwLock::new(std::collections::HashMap::new()),
+        retention: super::shared::Worker::default(),
+        retention_status: Mutex::new(super::retention::RetentionStatus::default()),
     })
 }
 

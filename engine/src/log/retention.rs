@@ -51,6 +51,41 @@ pub struct RetentionReport {
     pub pending: u64,
 }
 
+/// What the retention runs made without being asked ([`Log::retention_status`]): those of
+/// the background thread (`Options::retention_every`) and those before each compaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionStatus {
+    /// Runs made (including those that found nothing due).
+    pub runs: u64,
+    /// Events they removed.
+    pub removed: u64,
+    /// Where the last run that removed anything recorded itself.
+    pub last_recorded_at: Option<Position>,
+    /// Events the last run left pending (in the active segment or the cold tier).
+    pub pending: u64,
+    /// The last run's error, if it failed (retried at the next interval).
+    pub last_error: Option<String>,
+}
+
+/// The reason recorded by a run of the background thread.
+pub const SCHEDULED_REASON: &str = "scheduled";
+/// The reason recorded by a run before a compaction.
+pub const BEFORE_COMPACTION_REASON: &str = "before compaction";
+/// The actor of the runs the log makes itself.
+pub const LOG_ACTOR: &str = "tally";
+
+/// The background retention thread: a run as of now every `every` while the log has a
+/// policy, until the log closes.
+pub(crate) fn retainer(shared: &Arc<Shared>, every: std::time::Duration) {
+    loop {
+        let _ = shared.retention.wait(every);
+        if shared.retention.stopping() || shared.commit.is_poisoned() {
+            return;
+        }
+        let _ = Log::handle(shared).retention_if_policies(SCHEDULED_REASON);
+    }
+}
+
 /// One record to prune: where it is, and its pruned header and body.
 struct Patch {
     offset: u64,
@@ -102,6 +137,51 @@ impl Log {
         // The run reads every record and rewrites segments: it runs on a thread of its
         // own at low priority, so that appends and reads beside it keep their cores.
         at_low_priority(|| self.apply_retention_now(as_of, actor, reason))
+    }
+
+    /// What the runs the log made itself did: those of the background thread and those
+    /// before each compaction.
+    #[must_use]
+    pub fn retention_status(&self) -> RetentionStatus {
+        self.shared
+            .retention_status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A run as of now, by the log itself, when the log can prune and has a policy;
+    /// recorded in [`Log::retention_status`]. `None` when there was nothing to run.
+    pub(crate) fn retention_if_policies(&self, reason: &str) -> Option<Result<RetentionReport>> {
+        if !self.shared.meta.layout.allows_pruning() || self.shared.read_only {
+            return None;
+        }
+        let has_policies = match self.governance() {
+            Ok(g) => !g.policies.is_empty(),
+            Err(e) => return Some(Err(e)),
+        };
+        if !has_policies {
+            return None;
+        }
+        let r = self.apply_retention(crate::now(), LOG_ACTOR, reason);
+        let mut status = self
+            .shared
+            .retention_status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        status.runs += 1;
+        match &r {
+            Ok(report) => {
+                status.removed += report.removed;
+                status.pending = report.pending;
+                if report.recorded_at.is_some() {
+                    status.last_recorded_at = report.recorded_at;
+                }
+                status.last_error = None;
+            }
+            Err(e) => status.last_error = Some(e.to_string()),
+        }
+        Some(r)
     }
 
     fn apply_retention_now(

@@ -81,6 +81,10 @@ pub(crate) struct Shared {
     pub(crate) erasures: parking_lot::RwLock<
         std::collections::HashMap<crate::format::sealed::SubjectHash, super::personal::Erasure>,
     >,
+    /// The background retention thread (`Options::retention_every`).
+    pub(crate) retention: Worker,
+    /// What the background and compaction retention runs did (a leaf lock).
+    pub(crate) retention_status: Mutex<super::retention::RetentionStatus>,
 }
 
 /// The segments of the log and their life from spare to sealed.
@@ -393,6 +397,7 @@ impl Shared {
         }
         // A last checkpoint covers everything acknowledged, before appends stop (it reads
         // through the writer lock).
+        self.retention.stop();
         self.cold.compactor.stop();
         self.indexing.indexer.stop();
         self.evidence.checkpointer.stop();
@@ -434,6 +439,7 @@ impl Shared {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.retention.stop();
         self.cold.compactor.stop();
         self.indexing.indexer.stop();
         self.evidence.checkpointer.stop();

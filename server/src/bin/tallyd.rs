@@ -85,6 +85,9 @@ struct FileConfig {
     max_blob_upload_bytes: Option<u64>,
     /// Let GOVERN change retention policies and legal holds and apply retention.
     governance_changes: Option<bool>,
+    /// Apply the retention policies in the background every this many seconds (and
+    /// before each background compaction, always). Unset: on demand only.
+    retention_interval_secs: Option<u64>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_secs: Option<u64>,
     signing_key: Option<PathBuf>,
@@ -204,6 +207,9 @@ fn config(cli: &Cli) -> anyhow::Result<Config> {
     }
     let mut options = Options {
         recovery: RecoveryMode::Strict,
+        retention_every: file
+            .retention_interval_secs
+            .map(|s| Duration::from_secs(s.max(1))),
         ..Options::default()
     };
     options.durability = match cli.durability.or(file.durability) {
@@ -369,6 +375,14 @@ mod tests {
         assert!(!off.governance_changes);
         let on = config_of("governance_changes = true\n").unwrap_or_else(|e| panic!("{e:#}"));
         assert!(on.governance_changes);
+    }
+
+    #[test]
+    fn retention_runs_in_the_background_only_when_the_file_asks() {
+        let off = config_of("").unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(off.options.retention_every, None);
+        let on = config_of("retention_interval_secs = 3600\n").unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(on.options.retention_every, Some(Duration::from_secs(3600)));
     }
 
     #[test]
