@@ -373,11 +373,37 @@ fn the_demo_governance_step_prunes_holds_and_erases_what_it_reports() {
             }
             pruned_streams += 1;
             pruned_events += removed.len() as u64;
+            // Its snapshots went with it.
+            let snapshots = log
+                .read_stream(
+                    &format!("$snapshot-{stream}"),
+                    0,
+                    usize::MAX,
+                    Direction::Forward,
+                )
+                .unwrap();
+            assert!(
+                snapshots.iter().all(|e| e.removed_by().is_some()),
+                "{stream}"
+            );
+            pruned_events += snapshots.len() as u64;
             continue;
         }
         // Kept: it never settled, or it is the held trade.
         let settled = events.iter().any(|e| e.event_type() == "SETTLE");
         assert_eq!(settled, stream == held, "{stream}");
+        let snapshots = log
+            .read_stream(
+                &format!("$snapshot-{stream}"),
+                0,
+                usize::MAX,
+                Direction::Forward,
+            )
+            .unwrap();
+        assert!(
+            snapshots.iter().all(|e| e.removed_by().is_none()),
+            "{stream}"
+        );
         let new: serde_json::Value = serde_json::from_slice(events[0].payload()).unwrap();
         let c = &new["confirmation_contact"];
         match c.get("$erased") {

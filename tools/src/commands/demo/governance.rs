@@ -335,7 +335,11 @@ pub fn run(day: &Day1<'_>) -> anyhow::Result<Governed> {
         && erasure_proven
         && pruned_extract.report["removed_by_retention"].as_u64()
             == Some(pruned_events.len() as u64);
-    let removed_streams: u64 = run.plan.removals.len() as u64;
+    let (snapshot_streams, removed_streams): (Vec<_>, Vec<_>) = run
+        .plan
+        .removals
+        .iter()
+        .partition(|r| r.stream.starts_with('$'));
     let report = json!({
         "policy": POLICY,
         "hold": HOLD,
@@ -353,7 +357,8 @@ pub fn run(day: &Day1<'_>) -> anyhow::Result<Governed> {
         "retention": {
             "recorded_at": run.recorded_at.map(|p| p.0),
             "removed_events": run.removed,
-            "removed_streams": removed_streams,
+            "removed_streams": removed_streams.len(),
+            "removed_snapshot_streams": snapshot_streams.len(),
             "pending": run.pending,
             "segments_rewritten": run.segments_rewritten,
         },
@@ -441,11 +446,12 @@ pub fn print(g: &Value) {
     );
     let r = &g["retention"];
     println!(
-        "   retention run at position {}: {} events of {} trades removed, {} held, {} segments \
-         rewritten; {} reads \"{}\"",
+        "   retention run at position {}: {} events of {} trades and of their {} snapshot streams \
+         removed, {} held, {} segments rewritten; {} reads \"{}\"",
         r["recorded_at"],
         r["removed_events"],
         r["removed_streams"],
+        r["removed_snapshot_streams"],
         g["held_events"],
         r["segments_rewritten"],
         s(&g["pruned_trade"]),
