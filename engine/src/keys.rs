@@ -16,7 +16,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInOut, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use parking_lot::Mutex;
 
@@ -219,6 +219,19 @@ pub fn encrypt_with(key: &SecretKey, nonce: &[u8; 24], aad: &[u8], plaintext: &[
                 aad,
             },
         )
+        .unwrap_or_default()
+}
+
+/// Encrypts `buf` in place with XChaCha20-Poly1305 under `key` and `nonce` and returns the
+/// tag, which goes after the ciphertext (the layout of [`encrypt_with`]'s output, built in the
+/// caller's buffer without a copy).
+#[must_use]
+pub fn encrypt_in_place(key: &SecretKey, nonce: &[u8; 24], aad: &[u8], buf: &mut [u8]) -> [u8; 16] {
+    let cipher = XChaCha20Poly1305::new(&Key::from(key.0));
+    // As in `encrypt_with`: fails only beyond the cipher's limit (256 GiB).
+    cipher
+        .encrypt_inout_detached(&XNonce::from(*nonce), aad, buf.into())
+        .map(Into::into)
         .unwrap_or_default()
 }
 

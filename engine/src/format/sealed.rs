@@ -88,7 +88,12 @@ impl std::fmt::Display for SubjectHash {
 /// The id hash of the subject `id`.
 #[must_use]
 pub fn subject_hash(id: &str) -> SubjectHash {
-    SubjectHash(blake3::derive_key(SUBJECT_CONTEXT, id.as_bytes()))
+    // `blake3::derive_key`, with the context's key derived once per process.
+    static CONTEXT: std::sync::LazyLock<blake3::Hasher> =
+        std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key(SUBJECT_CONTEXT));
+    let mut h = CONTEXT.clone();
+    h.update(id.as_bytes());
+    SubjectHash(*h.finalize().as_bytes())
 }
 
 /// A decoded sealed payload.
@@ -136,6 +141,63 @@ impl SealedRef<'_> {
     }
 }
 
+/// A sealed payload's fixed part.
+#[must_use]
+pub fn fixed_part(
+    scope: SealScope,
+    generation: u32,
+    subject: &SubjectHash,
+    nonce: &[u8; 24],
+    clear_len: u32,
+    names_len: u32,
+) -> [u8; SEALED_FIXED_LEN] {
+    let mut out = [0u8; SEALED_FIXED_LEN];
+    out[SL_VERSION] = SEAL_VERSION;
+    out[SL_SCOPE] = scope as u8;
+    le::put_u32(&mut out, SL_GENERATION, generation);
+    out[SL_SUBJECT..SL_SUBJECT + 32].copy_from_slice(&subject.0);
+    out[SL_NONCE..SL_NONCE + 24].copy_from_slice(nonce);
+    le::put_u32(&mut out, SL_CLEAR_LEN, clear_len);
+    le::put_u32(&mut out, SL_NAMES_LEN, names_len);
+    out
+}
+
+/// Bytes before the head in the buffer a sealer builds: the associated data is
+/// [`AAD_PREFIX`], the event id and the head, so the head is written after those and the
+/// whole prefix-plus-head is the associated data, with no copy ([`aad_prefix`]).
+pub const AAD_HEAD_OFFSET: usize = AAD_PREFIX.len() + 16;
+
+/// The bytes that come before the head in the associated data.
+#[must_use]
+pub fn aad_prefix(event_id: EventId) -> [u8; AAD_HEAD_OFFSET] {
+    let mut a = [0u8; AAD_HEAD_OFFSET];
+    a[..AAD_PREFIX.len()].copy_from_slice(AAD_PREFIX);
+    a[AAD_PREFIX.len()..].copy_from_slice(&event_id.0);
+    a
+}
+
+/// Whether a sealed payload with a clear part and names of these lengths and `plaintext_len`
+/// bytes of plaintext fits an envelope's payload.
+///
+/// # Errors
+/// [`DecodeError::TooLong`] when it does not.
+pub fn check_len(
+    clear_len: usize,
+    names_len: usize,
+    plaintext_len: usize,
+) -> Result<(), DecodeError> {
+    let max = super::envelope::PAYLOAD_BYTES_MAX;
+    let len = SEALED_FIXED_LEN + clear_len + names_len + plaintext_len + TAG_LEN;
+    if len > max {
+        return Err(DecodeError::TooLong {
+            what: "sealed payload",
+            len: len as u64,
+            max: max as u64,
+        });
+    }
+    Ok(())
+}
+
 fn aad(event_id: EventId, head: &[u8]) -> Vec<u8> {
     let mut a = Vec::with_capacity(AAD_PREFIX.len() + 16 + head.len());
     a.extend_from_slice(AAD_PREFIX);
@@ -168,14 +230,15 @@ pub fn head(
             max: max as u64,
         });
     }
-    let mut out = vec![0u8; SEALED_FIXED_LEN];
-    out[SL_VERSION] = SEAL_VERSION;
-    out[SL_SCOPE] = scope as u8;
-    le::put_u32(&mut out, SL_GENERATION, generation);
-    out[SL_SUBJECT..SL_SUBJECT + 32].copy_from_slice(&subject.0);
-    out[SL_NONCE..SL_NONCE + 24].copy_from_slice(nonce);
-    le::put_u32(&mut out, SL_CLEAR_LEN, clear.len() as u32);
-    le::put_u32(&mut out, SL_NAMES_LEN, names.len() as u32);
+    let mut out = fixed_part(
+        scope,
+        generation,
+        subject,
+        nonce,
+        clear.len() as u32,
+        names.len() as u32,
+    )
+    .to_vec();
     out.extend_from_slice(clear);
     out.extend_from_slice(names);
     let a = aad(event_id, &out);

@@ -102,6 +102,7 @@ fn prepare<'a>(
     layout: Layout,
     signature: Option<(&ProducerSignature, &[u8; 16])>,
     offloaded: &[Option<BlobRef>],
+    sealed: &[Option<super::personal::SealedPayload>],
     mut bodies: Vec<u8>,
 ) -> Result<Prepared<'a>> {
     if signature.is_some() && layout == Layout::V1 {
@@ -138,7 +139,11 @@ fn prepare<'a>(
         }
         let mut events = Vec::with_capacity(req.events.len());
         for ev in req.events {
-            let event_id = ev.event_id.unwrap_or_else(new_event_id);
+            let seal = sealed.get(index).and_then(Option::as_ref);
+            let event_id = match seal {
+                Some(s) => s.event_id,
+                None => ev.event_id.unwrap_or_else(new_event_id),
+            };
             if events_total > 1 && !ids_seen.insert(event_id.as_u128()) {
                 return Err(invalid_append(format!("event id {event_id} appears twice")));
             }
@@ -152,13 +157,17 @@ fn prepare<'a>(
                     }
                 )));
             }
-            if ev.personal.as_ref().is_some_and(|p| !p.is_sealed()) {
+            if ev.personal.is_some() && seal.is_none() {
                 return Err(invalid_append(format!(
                     "event {index} marks personal data that was not sealed"
                 )));
             }
             let blob = blob_of(ev, index, offloaded)?;
-            let env = envelope_of(ev, req.stream, event_id, default_time, blob.as_ref());
+            let mut env = envelope_of(ev, req.stream, event_id, default_time, blob.as_ref());
+            if let Some(s) = seal {
+                env.payload = &s.payload;
+                env.payload_form = s.form;
+            }
             let body_start = bodies.len();
             if let Some((sig, _)) = signature
                 && index == 0
@@ -261,8 +270,6 @@ fn envelope_of<'e>(
         content_type: ev.content_type,
         payload_form: if blob.is_some() {
             PayloadForm::Blob
-        } else if ev.personal.as_ref().is_some_and(|p| p.is_sealed()) {
-            PayloadForm::Sealed
         } else {
             PayloadForm::Inline
         },
@@ -837,22 +844,6 @@ pub(crate) fn submit_signed(
     let erasing = seals.then(|| shared.erasing.read());
     let sealed =
         super::personal::seal_requests(shared, requests, signing.signature.is_some(), may_block)?;
-    let sealed_requests: Vec<AppendRequest<'_>>;
-    let requests = match &sealed {
-        None => requests,
-        Some(events) => {
-            sealed_requests = requests
-                .iter()
-                .zip(events)
-                .map(|(r, events)| AppendRequest {
-                    stream: r.stream,
-                    expected: r.expected,
-                    events,
-                })
-                .collect();
-            &sealed_requests
-        }
-    };
     // Blobs are stored first, holding no lock: an upload may take a while.
     let offloaded =
         super::blobs::offload(shared, requests, signing.signature.is_some(), may_block)?;
@@ -897,6 +888,7 @@ pub(crate) fn submit_signed(
         shared.meta.layout,
         signing.signature.map(|s| (s, &shared.meta.log_id)),
         &offloaded,
+        &sealed,
         bodies,
     )?;
     let committed = loop {

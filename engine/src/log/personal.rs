@@ -58,8 +58,6 @@ pub struct Personal {
     /// instead of their values: projections can join on them without seeing them. A forget
     /// does not change them.
     pub tokens: Vec<String>,
-    /// Set on the copy the append makes once the payload is sealed.
-    sealed: bool,
 }
 
 /// What of a payload is personal data.
@@ -83,7 +81,6 @@ impl Personal {
             subject: subject.into(),
             scope: PersonalScope::Fields(fields.into_iter().map(Into::into).collect()),
             tokens: Vec::new(),
-            sealed: false,
         }
     }
 
@@ -94,7 +91,6 @@ impl Personal {
             subject: subject.into(),
             scope: PersonalScope::Payload,
             tokens: Vec::new(),
-            sealed: false,
         }
     }
 
@@ -103,11 +99,6 @@ impl Personal {
     pub fn with_tokens<S: Into<String>>(mut self, fields: impl IntoIterator<Item = S>) -> Personal {
         self.tokens = fields.into_iter().map(Into::into).collect();
         self
-    }
-
-    /// Whether the append sealed this copy's payload.
-    pub(crate) fn is_sealed(&self) -> bool {
-        self.sealed
     }
 }
 
@@ -218,12 +209,12 @@ pub(crate) fn seal_requests(
     requests: &[AppendRequest<'_>],
     signed: bool,
     may_block: append::Blocking,
-) -> Result<Option<Vec<Vec<EventData>>>> {
+) -> Result<Vec<Option<SealedPayload>>> {
     if !requests
         .iter()
         .any(|r| r.events.iter().any(|e| e.personal.is_some()))
     {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let Some(store) = shared.opts.keys.as_deref() else {
         return Err(invalid(
@@ -245,6 +236,8 @@ pub(crate) fn seal_requests(
         // The key store is I/O (a new subject's key is synced before use).
         return Err(Error::WouldBlock);
     }
+    // Each event's subject hash (the zero hash for an event without personal data).
+    let mut hashes = Vec::new();
     let mut subjects = Vec::new();
     for (index, (stream, ev)) in requests
         .iter()
@@ -252,11 +245,6 @@ pub(crate) fn seal_requests(
         .enumerate()
     {
         let Some(p) = &ev.personal else { continue };
-        if p.sealed {
-            return Err(invalid(format!(
-                "event {index} claims an already sealed payload"
-            )));
-        }
         if stream.starts_with('$') {
             return Err(invalid(format!(
                 "event {index}: a system stream ({stream}) holds no personal data"
@@ -284,9 +272,12 @@ pub(crate) fn seal_requests(
                 )));
             }
         }
+        let hash = subject_hash(&p.subject);
         if needs_key(p) {
-            subjects.push(subject_hash(&p.subject));
+            subjects.push(hash);
         }
+        hashes.resize(index, SubjectHash([0; 32]));
+        hashes.push(hash);
     }
     // A subject erased gets a generation after the erased ones, whatever the store says
     // (a store restored from an older copy, or whose destruction was torn).
@@ -319,15 +310,16 @@ pub(crate) fn seal_requests(
             ),
             _ => None,
         };
-        work.push((index, ev, key));
+        let subject = hashes.get(index).copied().unwrap_or(SubjectHash([0; 32]));
+        work.push((index, ev, key, subject));
     }
     let token_key = store.token_key();
-    let seal = |chunk: &[SealWork<'_>]| -> Result<Vec<EventData>> {
+    let seal = |chunk: &[SealWork<'_>]| -> Result<Vec<Option<SealedPayload>>> {
         chunk
             .iter()
-            .map(|(index, ev, key)| match &ev.personal {
-                None => Ok((*ev).clone()),
-                Some(p) => seal_one(ev, p, key.as_ref(), token_key, *index),
+            .map(|(index, ev, key, subject)| match &ev.personal {
+                None => Ok(None),
+                Some(p) => seal_one(ev, p, subject, key.as_ref(), token_key, *index).map(Some),
             })
             .collect()
     };
@@ -338,9 +330,9 @@ pub(crate) fn seal_requests(
     } else {
         1
     };
-    let mut flat: Vec<EventData> = if cores > 1 {
+    let flat: Vec<Option<SealedPayload>> = if cores > 1 {
         let per = work.len().div_ceil(cores.min(PARALLEL_SEAL_THREADS));
-        let parts: Vec<Result<Vec<EventData>>> = std::thread::scope(|scope| {
+        let parts: Vec<Result<Vec<Option<SealedPayload>>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = work
                 .chunks(per)
                 .map(|chunk| scope.spawn(move || seal(chunk)))
@@ -361,17 +353,24 @@ pub(crate) fn seal_requests(
     } else {
         seal(&work)?
     };
-    let mut out = Vec::with_capacity(requests.len());
-    for r in requests.iter().rev() {
-        let rest = flat.split_off(flat.len() - r.events.len());
-        out.push(rest);
-    }
-    out.reverse();
-    Ok(Some(out))
+    Ok(flat)
 }
 
-/// An event of a batch to seal: its index, the event, and the key it is sealed under.
-type SealWork<'e> = (usize, &'e EventData, Option<(u32, SecretKey)>);
+/// What an append writes in place of an event's payload once its personal data is sealed.
+#[derive(Debug)]
+pub(crate) struct SealedPayload {
+    /// The event's id (the associated data binds the ciphertext to it).
+    pub(crate) event_id: EventId,
+    /// The payload field.
+    pub(crate) payload: Vec<u8>,
+    /// [`PayloadForm::Sealed`], or [`PayloadForm::Inline`] when nothing of the subject's
+    /// was in the payload (tokens only).
+    pub(crate) form: PayloadForm,
+}
+
+/// An event of a batch to seal: its index, the event, the key it is sealed under, and its
+/// subject's id hash.
+type SealWork<'e> = (usize, &'e EventData, Option<(u32, SecretKey)>, SubjectHash);
 
 /// The cores this process may use, asked once (the question reads cgroup files).
 fn cores() -> usize {
@@ -395,73 +394,237 @@ fn needs_key(p: &Personal) -> bool {
 fn seal_one(
     ev: &EventData,
     p: &Personal,
+    subject: &SubjectHash,
     key: Option<&(u32, SecretKey)>,
     token_key: &SecretKey,
     index: usize,
-) -> Result<EventData> {
+) -> Result<SealedPayload> {
     let event_id = ev.event_id.unwrap_or_else(new_event_id);
-    let subject = subject_hash(&p.subject);
-    let mut out = ev.clone();
-    out.event_id = Some(event_id);
-    let (clear, names, plaintext) = match &p.scope {
-        PersonalScope::Payload => (Vec::new(), Vec::new(), ev.payload.clone()),
+    let split;
+    let (scope, clear, names, plaintext): (SealScope, &[u8], &[u8], &[u8]) = match &p.scope {
+        PersonalScope::Payload => (SealScope::Payload, &[], &[], &ev.payload),
         PersonalScope::Fields(fields) => {
-            let mut obj: Map<String, Value> = match serde_json::from_slice(&ev.payload) {
-                Ok(Value::Object(o)) => o,
-                _ => {
-                    return Err(invalid(format!(
-                        "event {index}: personal fields need a payload that is a JSON object"
-                    )));
-                }
+            split = match split_borrowed(&ev.payload, fields, &p.tokens, token_key) {
+                Some(s) => s,
+                None => split_parsed(&ev.payload, fields, &p.tokens, token_key, index)?,
             };
-            for t in &p.tokens {
-                if let Some(v) = obj.get_mut(t) {
-                    let bytes = serde_json::to_vec(v).unwrap_or_default();
-                    *v = Value::String(keys::token(token_key, &bytes));
-                }
-            }
-            let mut secret = Map::new();
-            for f in fields {
-                if let Some(v) = obj.remove(f) {
-                    secret.insert(f.clone(), v);
-                }
-            }
-            let clear = serde_json::to_vec(&Value::Object(obj)).unwrap_or_default();
-            if secret.is_empty() {
+            if split.names.is_empty() {
                 // Nothing of the subject's is in this payload: tokens only.
-                out.payload = clear;
-                out.personal = None;
-                return Ok(out);
+                return Ok(SealedPayload {
+                    event_id,
+                    payload: split.clear,
+                    form: PayloadForm::Inline,
+                });
             }
-            // Sorted: the bytes must not depend on the JSON map's order (which a build
-            // with `serde_json/preserve_order` changes).
-            let mut names: Vec<&String> = secret.keys().collect();
-            names.sort();
-            let names = serde_json::to_vec(&names).unwrap_or_default();
-            let plaintext = serde_json::to_vec(&Value::Object(secret)).unwrap_or_default();
-            (clear, names, plaintext)
+            (
+                SealScope::Fields,
+                &split.clear,
+                &split.names,
+                &split.plaintext,
+            )
         }
     };
     let Some((generation, key)) = key else {
         return Err(invalid(format!("event {index}: no key to seal it with")));
     };
-    let generation = *generation;
-    let scope = match p.scope {
-        PersonalScope::Payload => SealScope::Payload,
-        PersonalScope::Fields(_) => SealScope::Fields,
-    };
+    sealed::check_len(clear.len(), names.len(), plaintext.len())
+        .map_err(|source| Error::InvalidEvent { index, source })?;
     let nonce = keys::nonce()?;
-    let (head, aad) = sealed::head(
-        scope, generation, &subject, &nonce, &clear, &names, event_id,
-    )
-    .map_err(|source| Error::InvalidEvent { index, source })?;
-    let ct = keys::encrypt_with(key, &nonce, &aad, &plaintext);
-    out.payload = sealed::finish(head, &ct);
-    out.personal = Some(Personal {
-        sealed: true,
-        ..p.clone()
-    });
-    Ok(out)
+    // One buffer: the associated data (its prefix, the event id, the head) followed by the
+    // plaintext, encrypted in place; then the prefix is dropped.
+    let mut buf = Vec::with_capacity(
+        sealed::AAD_HEAD_OFFSET
+            + sealed::SEALED_FIXED_LEN
+            + clear.len()
+            + names.len()
+            + plaintext.len()
+            + sealed::TAG_LEN,
+    );
+    buf.extend_from_slice(&sealed::aad_prefix(event_id));
+    buf.extend_from_slice(&sealed::fixed_part(
+        scope,
+        *generation,
+        subject,
+        &nonce,
+        clear.len() as u32,
+        names.len() as u32,
+    ));
+    buf.extend_from_slice(clear);
+    buf.extend_from_slice(names);
+    let text = buf.len();
+    buf.extend_from_slice(plaintext);
+    let (aad, text_part) = buf.split_at_mut(text);
+    let tag = keys::encrypt_in_place(key, &nonce, aad, text_part);
+    buf.extend_from_slice(&tag);
+    buf.drain(..sealed::AAD_HEAD_OFFSET);
+    Ok(SealedPayload {
+        event_id,
+        payload: buf,
+        form: PayloadForm::Sealed,
+    })
+}
+
+/// A JSON payload split for sealing: the clear object, the sealed names (a sorted JSON
+/// array) and the plaintext (a JSON object of the sealed fields).
+struct Split {
+    clear: Vec<u8>,
+    names: Vec<u8>,
+    plaintext: Vec<u8>,
+}
+
+/// The top-level members of a JSON object, borrowed: each key and its value's text.
+struct Members<'a>(Vec<(&'a str, &'a serde_json::value::RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Members<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(m) =
+                    map.next_entry::<&'de str, &'de serde_json::value::RawValue>()?
+                {
+                    members.push(m);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// The canonical token of a field's value: of its JSON as `serde_json` writes it, so that
+/// equal values give equal tokens however they were spaced.
+fn token_of(token_key: &SecretKey, value: &Value) -> String {
+    keys::token(token_key, &serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// Splits `payload` without building a JSON tree: the members' texts are copied as they
+/// are. `None` when the payload is not an object whose keys have no escapes and appear once
+/// (then [`split_parsed`] does it).
+fn split_borrowed(
+    payload: &[u8],
+    fields: &[String],
+    tokens: &[String],
+    token_key: &SecretKey,
+) -> Option<Split> {
+    let Members(members) = serde_json::from_slice(payload).ok()?;
+    let mut keys: Vec<&str> = members.iter().map(|m| m.0).collect();
+    keys.sort_unstable();
+    if keys.windows(2).any(|w| w[0] == w[1]) {
+        return None;
+    }
+    let value = |k: &str, raw: &serde_json::value::RawValue| -> Option<Vec<u8>> {
+        if tokens.iter().any(|t| t == k) {
+            let v: Value = serde_json::from_str(raw.get()).ok()?;
+            serde_json::to_vec(&token_of(token_key, &v)).ok()
+        } else {
+            Some(raw.get().as_bytes().to_vec())
+        }
+    };
+    let member = |out: &mut Vec<u8>, k: &str, v: &[u8]| {
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        // A borrowed key has no escape (and JSON strings hold no control character), so
+        // its quoted form is itself.
+        out.push(b'"');
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(v);
+    };
+    // The plaintext in the order the fields are named, as the parsed path writes it.
+    let mut sealed_names: Vec<&str> = Vec::new();
+    let mut plaintext = Vec::new();
+    for f in fields {
+        if sealed_names.contains(&f.as_str()) {
+            continue;
+        }
+        if let Some((k, raw)) = members.iter().find(|m| m.0 == f) {
+            member(&mut plaintext, k, &value(k, raw)?);
+            sealed_names.push(k);
+        }
+    }
+    let mut clear = Vec::with_capacity(payload.len());
+    for (k, raw) in &members {
+        if !sealed_names.contains(k) {
+            member(&mut clear, k, &value(k, raw)?);
+        }
+    }
+    for part in [&mut clear, &mut plaintext] {
+        if part.is_empty() {
+            part.push(b'{');
+        }
+        part.push(b'}');
+    }
+    sealed_names.sort_unstable();
+    Some(Split {
+        clear,
+        names: if sealed_names.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&sealed_names).ok()?
+        },
+        plaintext,
+    })
+}
+
+/// [`split_borrowed`] through a parsed JSON tree: any JSON object (keys with escapes, a key
+/// given twice, whose last value counts).
+fn split_parsed(
+    payload: &[u8],
+    fields: &[String],
+    tokens: &[String],
+    token_key: &SecretKey,
+    index: usize,
+) -> Result<Split> {
+    let mut obj: Map<String, Value> = match serde_json::from_slice(payload) {
+        Ok(Value::Object(o)) => o,
+        _ => {
+            return Err(invalid(format!(
+                "event {index}: personal fields need a payload that is a JSON object"
+            )));
+        }
+    };
+    for (i, t) in tokens.iter().enumerate() {
+        // A field named twice is one token, not a token of a token.
+        if tokens[..i].contains(t) {
+            continue;
+        }
+        if let Some(v) = obj.get_mut(t) {
+            *v = Value::String(token_of(token_key, v));
+        }
+    }
+    let mut secret = Map::new();
+    for f in fields {
+        if let Some(v) = obj.remove(f) {
+            secret.insert(f.clone(), v);
+        }
+    }
+    let clear = serde_json::to_vec(&Value::Object(obj)).unwrap_or_default();
+    if secret.is_empty() {
+        return Ok(Split {
+            clear,
+            names: Vec::new(),
+            plaintext: Vec::new(),
+        });
+    }
+    // Sorted: the bytes must not depend on the JSON map's order (which a build with
+    // `serde_json/preserve_order` changes).
+    let mut names: Vec<&String> = secret.keys().collect();
+    names.sort();
+    let names = serde_json::to_vec(&names).unwrap_or_default();
+    let plaintext = serde_json::to_vec(&Value::Object(secret)).unwrap_or_default();
+    Ok(Split {
+        clear,
+        names,
+        plaintext,
+    })
 }
 
 /// Opens the sealed events among `events` ([`open_event`]).
@@ -888,5 +1051,111 @@ pub(crate) fn reopened_envelope<'a>(
         content_type,
         payload_form: PayloadForm::Inline,
         ..*env
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> SecretKey {
+        SecretKey::from_hex(&"5a".repeat(32)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn json(bytes: &[u8]) -> Value {
+        serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{e}: {bytes:?}"))
+    }
+
+    /// What the borrowed split gives, read as JSON, is what the parsed split gives.
+    fn same_split(payload: &[u8], fields: &[String], tokens: &[String]) {
+        let parsed =
+            split_parsed(payload, fields, tokens, &key(), 0).unwrap_or_else(|e| panic!("{e}"));
+        let Some(fast) = split_borrowed(payload, fields, tokens, &key()) else {
+            panic!(
+                "the borrowed split refused {}",
+                String::from_utf8_lossy(payload)
+            );
+        };
+        assert_eq!(json(&fast.clear), json(&parsed.clear));
+        assert_eq!(fast.names, parsed.names);
+        if parsed.names.is_empty() {
+            assert!(fast.names.is_empty());
+        } else {
+            assert_eq!(json(&fast.plaintext), json(&parsed.plaintext));
+        }
+    }
+
+    #[test]
+    fn the_borrowed_split_keeps_values_as_written_and_seals_named_fields() {
+        let payload =
+            br#"{"book": "B1", "client":{"name":"Jane","age":41},"qty":"1.10","acct":"DE89"}"#;
+        let fields = vec!["client".to_owned(), "missing".to_owned()];
+        let tokens = vec!["acct".to_owned()];
+        let s = split_borrowed(payload, &fields, &tokens, &key()).unwrap_or_else(|| panic!());
+        let token =
+            serde_json::to_string(&token_of(&key(), &json(br#""DE89""#))).unwrap_or_default();
+        assert_eq!(
+            String::from_utf8_lossy(&s.clear),
+            format!(r#"{{"book":"B1","qty":"1.10","acct":{token}}}"#)
+        );
+        assert_eq!(s.names, br#"["client"]"#);
+        assert_eq!(s.plaintext, br#"{"client":{"name":"Jane","age":41}}"#);
+        same_split(payload, &fields, &tokens);
+    }
+
+    #[test]
+    fn escaped_keys_duplicates_and_non_objects_go_the_parsed_way() {
+        let fields = vec!["a".to_owned()];
+        for p in [
+            &br#"{"a\u0062":1,"a":2}"#[..],
+            br#"{"a":1,"a":2}"#,
+            br#"[1,2]"#,
+            br#""a""#,
+        ] {
+            assert!(split_borrowed(p, &fields, &[], &key()).is_none(), "{p:?}");
+        }
+        // The parsed way: the last of a duplicate counts; an escaped key is matched by its
+        // value.
+        let s = split_parsed(br#"{"a":1,"a":2,"\u0062":3}"#, &fields, &[], &key(), 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json(&s.plaintext), json(br#"{"a":2}"#));
+        assert_eq!(json(&s.clear), json(br#"{"b":3}"#));
+        assert!(split_parsed(b"[1]", &fields, &[], &key(), 0).is_err());
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[ -~]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_borrowed_split_agrees_with_the_parsed_one(
+            members in prop::collection::btree_map("[a-e]{1,2}", value(), 0..8),
+            fields in prop::collection::vec("[a-e]{1,2}", 0..4),
+            tokens in prop::collection::vec("[a-e]{1,2}", 0..3),
+            pretty in any::<bool>(),
+        ) {
+            let obj = Value::Object(members.into_iter().collect());
+            let payload = if pretty {
+                serde_json::to_vec_pretty(&obj)
+            } else {
+                serde_json::to_vec(&obj)
+            }
+            .unwrap_or_default();
+            same_split(&payload, &fields, &tokens);
+        }
     }
 }
