@@ -522,6 +522,19 @@ fn split_borrowed(
         return None;
     }
     let value = |k: &str, raw: &serde_json::value::RawValue| -> Option<Vec<u8>> {
+        // A raw value is checked for syntax only: a number out of range (`1e400`) or a lone
+        // surrogate (`"\ud800"`) passes it, and the parsed way refuses them. Numbers,
+        // escaped strings and nested values are parsed too, so that what is sealed always
+        // reads back as JSON; plain strings, `true`, `false` and `null` need not be.
+        let text = raw.get().as_bytes();
+        let checked = match text.first() {
+            Some(b'"') => !text.contains(&b'\\'),
+            Some(b't' | b'f' | b'n') => true,
+            _ => false,
+        };
+        if !checked && serde_json::from_str::<Value>(raw.get()).is_err() {
+            return None;
+        }
         if tokens.iter().any(|t| t == k) {
             let v: Value = serde_json::from_str(raw.get()).ok()?;
             serde_json::to_vec(&token_of(token_key, &v)).ok()
@@ -585,9 +598,14 @@ fn split_parsed(
 ) -> Result<Split> {
     let mut obj: Map<String, Value> = match serde_json::from_slice(payload) {
         Ok(Value::Object(o)) => o,
-        _ => {
+        Ok(_) => {
             return Err(invalid(format!(
                 "event {index}: personal fields need a payload that is a JSON object"
+            )));
+        }
+        Err(e) => {
+            return Err(invalid(format!(
+                "event {index}: personal fields need a payload that is a JSON object: {e}"
             )));
         }
     };
@@ -978,6 +996,10 @@ impl Log {
         if g.holds.is_empty() {
             return Ok(());
         }
+        // An append that sealed data of the subject and wrote its records before this forget
+        // took the erasure lock may not be durable yet, and so not visible to the scan: make
+        // everything written durable first, or such an event under a hold would be erased.
+        self.shared.sync_all()?;
         let mut found: Option<(String, String, u64)> = None;
         self.scan_range(Position(0), self.next_position(), Verify::Checksums, |r| {
             if found.is_some() || r.body_form == BodyForm::Pruned {
@@ -1067,7 +1089,10 @@ mod tests {
         serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{e}: {bytes:?}"))
     }
 
-    /// What the borrowed split gives, read as JSON, is what the parsed split gives.
+    /// The borrowed split names the fields the parsed split names, and, read as JSON, its
+    /// clear part is the payload without them (tokens in place) and its plaintext is them.
+    /// (Compared with the payload, not with the parsed split's bytes: those rewrite floats,
+    /// which do not always read back to the same value.)
     fn same_split(payload: &[u8], fields: &[String], tokens: &[String]) {
         let parsed =
             split_parsed(payload, fields, tokens, &key(), 0).unwrap_or_else(|e| panic!("{e}"));
@@ -1077,12 +1102,27 @@ mod tests {
                 String::from_utf8_lossy(payload)
             );
         };
-        assert_eq!(json(&fast.clear), json(&parsed.clear));
         assert_eq!(fast.names, parsed.names);
-        if parsed.names.is_empty() {
-            assert!(fast.names.is_empty());
-        } else {
-            assert_eq!(json(&fast.plaintext), json(&parsed.plaintext));
+        let Value::Object(mut clear) = json(payload) else {
+            panic!("not an object")
+        };
+        for (i, t) in tokens.iter().enumerate() {
+            if tokens[..i].contains(t) {
+                continue;
+            }
+            if let Some(v) = clear.get_mut(t) {
+                *v = Value::String(token_of(&key(), v));
+            }
+        }
+        let mut secret = Map::new();
+        for f in fields {
+            if let Some(v) = clear.remove(f) {
+                secret.insert(f.clone(), v);
+            }
+        }
+        assert_eq!(json(&fast.clear), Value::Object(clear));
+        if !secret.is_empty() {
+            assert_eq!(json(&fast.plaintext), Value::Object(secret));
         }
     }
 
@@ -1124,12 +1164,31 @@ mod tests {
         assert!(split_parsed(b"[1]", &fields, &[], &key(), 0).is_err());
     }
 
+    /// Text the JSON syntax admits but a JSON value cannot hold (a number out of range, a
+    /// lone surrogate), in a sealed or a clear field, is refused, as the parsed way refuses
+    /// it: what is sealed always reads back as JSON.
+    #[test]
+    fn values_json_cannot_hold_are_refused_on_both_ways() {
+        let fields = vec!["a".to_owned()];
+        for p in [
+            &br#"{"a":"x","b":1e400}"#[..],
+            br#"{"a":1e400,"b":"x"}"#,
+            br#"{"a":"x","b":"\ud800"}"#,
+            br#"{"a":{"c":-1e999},"b":"x"}"#,
+        ] {
+            assert!(split_borrowed(p, &fields, &[], &key()).is_none(), "{p:?}");
+            assert!(split_parsed(p, &fields, &[], &key(), 0).is_err(), "{p:?}");
+        }
+    }
+
     fn value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
             "[ -~]{0,12}".prop_map(Value::String),
+            "\\PC{0,6}".prop_map(Value::String),
         ];
         leaf.prop_recursive(2, 12, 4, |inner| {
             prop_oneof![
