@@ -711,15 +711,29 @@ fn a_stream_removed_whole_takes_its_snapshots_with_it() {
         "c",
     )
     .unwrap();
+    // A hold on trade-3's snapshots themselves keeps them, though trade-3 goes.
+    log.place_legal_hold(
+        &HoldPlaced {
+            id: "snapshots".into(),
+            scope: HoldScope::Stream(snapshots(3)),
+            reason: "r".into(),
+        },
+        "c",
+    )
+    .unwrap();
     let plan = log.retention_plan(far()).unwrap();
     let planned: Vec<&str> = plan.removals.iter().map(|r| r.stream.as_str()).collect();
+    assert_eq!(planned, [snapshots(0).as_str(), "trade-0", "trade-3"]);
+    let held: Vec<(&str, &[String])> = plan
+        .held
+        .iter()
+        .map(|h| (h.stream.as_str(), h.holds.as_slice()))
+        .collect();
     assert_eq!(
-        planned,
+        held,
         [
-            snapshots(0).as_str(),
-            snapshots(3).as_str(),
-            "trade-0",
-            "trade-3"
+            (snapshots(3).as_str(), &["snapshots".to_owned()][..]),
+            ("trade-2", &["h".to_owned()][..])
         ]
     );
     log.seal_active_segment().unwrap();
@@ -733,17 +747,21 @@ fn a_stream_removed_whole_takes_its_snapshots_with_it() {
         e.iter().all(|e| e.removed_by().is_some())
     };
     let none_removed = |s: &str| {
-        log.read_stream(s, 0, usize::MAX, Direction::Forward)
-            .unwrap()
-            .iter()
-            .all(|e| e.removed_by().is_none())
+        let e = log
+            .read_stream(s, 0, usize::MAX, Direction::Forward)
+            .unwrap();
+        assert!(!e.is_empty(), "{s}");
+        e.iter().all(|e| e.removed_by().is_none())
     };
     for id in [0, 3] {
         assert!(all_removed(&format!("trade-{id}")));
-        assert!(all_removed(&snapshots(id)), "{id}");
-        let err = repo.load(&format!("trade-{id}")).unwrap_err().to_string();
-        assert!(err.contains("removed by retention"), "{err}");
     }
+    assert!(all_removed(&snapshots(0)));
+    let err = repo.load("trade-0").unwrap_err().to_string();
+    assert!(err.contains("removed by retention"), "{err}");
+    // trade-3's held snapshot still loads the state it holds.
+    assert!(none_removed(&snapshots(3)), "held");
+    assert_eq!(repo.load("trade-3").unwrap().from_snapshot, Some(2));
     for id in [1, 2] {
         assert!(none_removed(&format!("trade-{id}")));
         assert!(none_removed(&snapshots(id)), "{id}");
@@ -771,6 +789,8 @@ fn the_background_thread_applies_retention_on_its_own() {
         },
     )
     .unwrap();
+    // Several intervals pass with no policy: no run.
+    std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(log.retention_status().runs, 0, "no policy, no run");
     history(&log);
     log.seal_active_segment().unwrap();

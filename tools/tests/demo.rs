@@ -382,6 +382,8 @@ fn the_demo_governance_step_prunes_holds_and_erases_what_it_reports() {
                     Direction::Forward,
                 )
                 .unwrap();
+            // A settled trade has at least two events, so the demo snapshotted it.
+            assert!(!snapshots.is_empty(), "{stream}");
             assert!(
                 snapshots.iter().all(|e| e.removed_by().is_some()),
                 "{stream}"
@@ -421,6 +423,7 @@ fn the_demo_governance_step_prunes_holds_and_erases_what_it_reports() {
         }
     }
     assert_eq!(g["retention"]["removed_streams"], pruned_streams);
+    assert_eq!(g["retention"]["removed_snapshot_streams"], pruned_streams);
     assert_eq!(g["retention"]["removed_events"], pruned_events);
     assert_eq!(
         pruned_streams + 1,

@@ -937,6 +937,8 @@ pub(crate) fn submit_signed(
 /// a record.
 pub(crate) fn seal_active_segment(shared: &Shared) -> Result<bool> {
     loop {
+        // A poisoned log writes nothing more, a new segment's header included.
+        shared.poison_error()?;
         let mut guard = shared.commit.writer.lock();
         let writer = guard.as_mut().ok_or(Error::Closed)?;
         let unwinding = PoisonOnUnwind(shared);

@@ -364,6 +364,9 @@ impl Log {
         // The snapshots of each stream the policy removes whole (derived from it, they go
         // with it unless a hold keeps any of its events).
         let mut snapshots: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        // Holds that cover a snapshot event itself (its stream, actor or correlation id):
+        // they keep every snapshot of that stream.
+        let mut snapshots_held: HashMap<&str, (Vec<String>, u64)> = HashMap::new();
         self.scan_range(Position(0), end, read::Verify::Checksums, |r| {
             if r.body_form == BodyForm::Pruned {
                 return;
@@ -371,12 +374,26 @@ impl Log {
             let Ok(env) = r.envelope() else { return };
             if let Some(base) = crate::format::pruned::snapshot_base(env.stream) {
                 if let Some((base, (from, _, _))) = keep_from.get_key_value(base)
-                    && facts.get(*base).is_some_and(|f| *from > f.last_version)
+                    && let Some(f) = facts.get(*base).filter(|f| *from > f.last_version)
                 {
-                    snapshots
-                        .entry(base)
-                        .or_default()
-                        .push((r.position.0, r.stream_version));
+                    let holds: Vec<&str> = g
+                        .holds_on(env.stream, &f.aggregate_type, env.correlation_id, env.actor)
+                        .map(|h| h.hold.id.as_str())
+                        .collect();
+                    if holds.is_empty() {
+                        snapshots
+                            .entry(base)
+                            .or_default()
+                            .push((r.position.0, r.stream_version));
+                    } else {
+                        let h = snapshots_held.entry(base).or_default();
+                        for id in holds {
+                            if !h.0.iter().any(|x| x == id) {
+                                h.0.push(id.to_owned());
+                            }
+                        }
+                        h.1 += 1;
+                    }
                 }
                 return;
             }
@@ -410,6 +427,15 @@ impl Log {
                 h.1 += 1;
             }
         })?;
+        for (base, (mut holds, events)) in snapshots_held {
+            holds.sort();
+            plan.held.push(StreamHeld {
+                stream: format!("{}{base}", crate::format::pruned::SNAPSHOT_STREAM_PREFIX),
+                policy: keep_from[base].1.to_owned(),
+                holds,
+                events: events + snapshots.remove(base).map_or(0, |s| s.len() as u64),
+            });
+        }
         for (base, events) in snapshots {
             if held.contains_key(base) || !removed.contains_key(base) {
                 continue;

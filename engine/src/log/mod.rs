@@ -1371,7 +1371,8 @@ impl Log {
     /// 21.6). `dry_run` moves nothing and reports what would move. A segment that a crash
     /// left half moved is finished first. When the log has a retention policy, a run as of
     /// now comes first ([`Log::apply_retention`], actor `tally`, reason `before
-    /// compaction`), so that what is due never moves.
+    /// compaction`), so that what is due then does not move; if it fails, the compaction
+    /// goes on and [`Log::retention_status`] has the error.
     ///
     /// # Errors
     /// [`Error::ReadOnly`]; [`Error::InvalidOptions`] when no store is configured;
@@ -1383,11 +1384,13 @@ impl Log {
         let policy = policy.unwrap_or(&self.shared.opts.cold.policy);
         // Retention first, when the log has a policy: what is due is removed before its
         // segment moves (a cold segment is not pruned; see ADR 0011).
+        // A failed run does not stop the compaction (a log whose retention keeps failing
+        // must still free its disk): its error is in `Log::retention_status`.
         let retention = if dry_run || self.shared.cold.store.is_none() {
             None
         } else {
             self.retention_if_policies(retention::BEFORE_COMPACTION_REASON)
-                .transpose()?
+                .and_then(Result::ok)
         };
         let mut report = cold::compact(&self.shared, policy, dry_run)?;
         if let Some(r) = retention {

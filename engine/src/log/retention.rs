@@ -77,6 +77,8 @@ pub const LOG_ACTOR: &str = "tally";
 /// The background retention thread: a run as of now every `every` while the log has a
 /// policy, until the log closes.
 pub(crate) fn retainer(shared: &Arc<Shared>, every: std::time::Duration) {
+    // Each run reads the whole log: an interval of zero would spin.
+    let every = every.max(std::time::Duration::from_millis(10));
     loop {
         let _ = shared.retention.wait(every);
         if shared.retention.stopping() || shared.commit.is_poisoned() {
@@ -243,7 +245,21 @@ impl Log {
             i.checked_sub(1).is_some_and(|i| p <= local[i].1)
         };
         let mut by_policy: Vec<(u64, &str)> = Vec::new();
-        for r in &plan.removals {
+        // The streams removed whole by this run: a stream's snapshots go only with it.
+        let mut whole: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let (snapshot_removals, stream_removals): (Vec<_>, Vec<_>) = plan
+            .removals
+            .iter()
+            .partition(|r| pruned::snapshot_base(&r.stream).is_some());
+        for r in stream_removals.into_iter().chain(snapshot_removals) {
+            if let Some(base) = pruned::snapshot_base(&r.stream)
+                && !whole.contains(base)
+            {
+                // Its stream stays, or part of it (grown, or in the active segment or the
+                // cold tier): so do its snapshots, until the run that removes it.
+                report.pending += r.events;
+                continue;
+            }
             // A stream that grew after the plan read it is left for the next run: an event
             // appended meanwhile may restart its policy's clock.
             let grown = self
@@ -253,12 +269,19 @@ impl Log {
                 report.pending += r.events;
                 continue;
             }
+            let mut all = true;
             for &p in &r.positions {
                 if prunable(p) {
                     by_policy.push((p, r.policy.as_str()));
                 } else {
                     report.pending += 1;
+                    all = false;
                 }
+            }
+            // All of it removed now (the plan lists a stream's snapshots only when its policy
+            // removes the whole stream).
+            if all {
+                whole.insert(r.stream.as_str());
             }
         }
         by_policy.sort_unstable();
