@@ -1164,21 +1164,33 @@ mod tests {
         assert!(split_parsed(b"[1]", &fields, &[], &key(), 0).is_err());
     }
 
-    /// Text the JSON syntax admits but a JSON value cannot hold (a number out of range, a
-    /// lone surrogate), in a sealed or a clear field, is refused, as the parsed way refuses
-    /// it: what is sealed always reads back as JSON.
+    /// Text the JSON syntax admits but a JSON value may not hold (a number out of range, a
+    /// lone surrogate), in a sealed or a clear field, is taken by the borrowed way exactly
+    /// when the parsed way takes it (serde_json's `arbitrary_precision`, which another crate
+    /// of a build may turn on, admits `1e400`), and what it seals then reads back as JSON.
     #[test]
-    fn values_json_cannot_hold_are_refused_on_both_ways() {
+    fn values_json_may_not_hold_are_taken_as_the_parsed_way_takes_them() {
         let fields = vec!["a".to_owned()];
+        let mut refused = 0;
         for p in [
             &br#"{"a":"x","b":1e400}"#[..],
             br#"{"a":1e400,"b":"x"}"#,
             br#"{"a":"x","b":"\ud800"}"#,
             br#"{"a":{"c":-1e999},"b":"x"}"#,
         ] {
-            assert!(split_borrowed(p, &fields, &[], &key()).is_none(), "{p:?}");
-            assert!(split_parsed(p, &fields, &[], &key(), 0).is_err(), "{p:?}");
+            let fast = split_borrowed(p, &fields, &[], &key());
+            let parsed = split_parsed(p, &fields, &[], &key(), 0);
+            assert_eq!(fast.is_some(), parsed.is_ok(), "{p:?}");
+            match fast {
+                Some(f) => {
+                    json(&f.clear);
+                    json(&f.plaintext);
+                }
+                None => refused += 1,
+            }
         }
+        // A lone surrogate is refused whatever the build.
+        assert!(refused >= 1);
     }
 
     fn value() -> impl Strategy<Value = Value> {
