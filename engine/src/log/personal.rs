@@ -753,7 +753,7 @@ fn opened_payload(
     match s.scope {
         SealScope::Payload => Ok(plain),
         SealScope::Fields => {
-            let mut obj = clear_object(s);
+            let mut obj = clear_object(s)?;
             let secret: Map<String, Value> =
                 serde_json::from_slice(&plain).map_err(|e| format!("sealed fields: {e}"))?;
             obj.extend(secret);
@@ -762,10 +762,13 @@ fn opened_payload(
     }
 }
 
-fn clear_object(s: &SealedRef<'_>) -> Map<String, Value> {
+/// The clear part as a JSON object. The append writes one; anything else is damage that the
+/// record's checksums did not catch (or a forgery), and it reads as unavailable rather than
+/// as an object with fields silently missing.
+fn clear_object(s: &SealedRef<'_>) -> std::result::Result<Map<String, Value>, String> {
     match serde_json::from_slice(s.clear) {
-        Ok(Value::Object(o)) => o,
-        _ => Map::new(),
+        Ok(Value::Object(o)) => Ok(o),
+        _ => Err("the clear part of the sealed payload is not a JSON object".to_owned()),
     }
 }
 
@@ -786,13 +789,16 @@ fn marker_payload(s: &SealedRef<'_>, fields: Option<&[String]>, state: &SealStat
     let m = marker(s, state);
     let v = match s.scope {
         SealScope::Payload => m,
-        SealScope::Fields => {
-            let mut obj = clear_object(s);
-            for f in fields.unwrap_or_default() {
-                obj.insert(f.clone(), m.clone());
+        SealScope::Fields => match clear_object(s) {
+            Ok(mut obj) => {
+                for f in fields.unwrap_or_default() {
+                    obj.insert(f.clone(), m.clone());
+                }
+                Value::Object(obj)
             }
-            Value::Object(obj)
-        }
+            // The whole payload reads as one marker that says why.
+            Err(reason) => marker(s, &SealState::Unavailable { reason }),
+        },
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -1191,6 +1197,33 @@ mod tests {
         }
         // A lone surrogate is refused whatever the build.
         assert!(refused >= 1);
+    }
+
+    /// A clear part that is not a JSON object reads as one marker saying so, never as an
+    /// object with its clear fields silently missing.
+    #[test]
+    fn a_damaged_clear_part_reads_as_a_marker_that_says_so() {
+        let s = SealedRef {
+            scope: SealScope::Fields,
+            generation: 1,
+            subject: SubjectHash([7; 32]),
+            nonce: [0; 24],
+            clear: b"[1,2]",
+            names: br#"["a"]"#,
+            ciphertext: &[0; 16],
+            head: &[],
+        };
+        let fields = vec!["a".to_owned()];
+        let v = json(&marker_payload(
+            &s,
+            Some(&fields),
+            &SealState::Erased { by: None },
+        ));
+        assert_eq!(
+            v[SEALED_MARKER]["reason"],
+            "the clear part of the sealed payload is not a JSON object"
+        );
+        assert!(clear_object(&s).is_err());
     }
 
     fn value() -> impl Strategy<Value = Value> {
