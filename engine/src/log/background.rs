@@ -525,6 +525,7 @@ fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
         job.data_end <= seg.header.data_limit(),
         "sealing past the data limit"
     );
+    zero_after_end(shared, seg, job.data_end)?;
     write_footer(shared.fs(), &seg.path, &seg.header, &footer)?;
     let info = IndexFileInfo {
         log_id: shared.meta.log_id,
@@ -540,6 +541,32 @@ fn seal(shared: &Shared, job: &SealJob) -> Result<u64> {
         index: Arc::new(Mutex::new(Some(index))),
     };
     Ok(streams)
+}
+
+/// Nothing after a sealed segment's end of data belongs to the log, and `verify` refuses a
+/// non-zero byte there. A power cut can leave some behind records that end cleanly (pages of
+/// an earlier tail whose zeroing was not synced, or torn halves of them, after zeros that end
+/// recovery's scan), and the writer may roll before its appends cover them: they are zeroed,
+/// durably, before the footer claims its end (what recovery does for a segment it seals).
+fn zero_after_end(shared: &Shared, seg: &SegmentHandle, data_end: u64) -> Result<()> {
+    let file = shared
+        .fs()
+        .open(&seg.path, OpenMode::ReadWrite)
+        .map_err(Error::io("opening segment", &seg.path))?;
+    let mut src = FileSource::new(&*file).map_err(Error::io("reading segment", &seg.path))?;
+    let (_, last_nonzero) = crate::segment::find_durable_evidence(
+        &mut src,
+        seg.header.layout,
+        data_end,
+        seg.header.data_limit(),
+        Position(u64::MAX),
+    )
+    .map_err(Error::io("reading segment", &seg.path))?;
+    if last_nonzero > data_end {
+        crate::segment::zero_range(&*file, data_end, last_nonzero)
+            .map_err(Error::io("zeroing bytes after a segment's end", &seg.path))?;
+    }
+    Ok(())
 }
 
 /// Writes a new stream-table snapshot covering sealed segment `seq` when enough has
