@@ -100,6 +100,16 @@ struct Facts {
     started: HashMap<String, Timestamp>,
 }
 
+/// Counts one more event kept by `holds`, adding the hold ids not yet named.
+fn note_holds(kept: &mut (Vec<String>, u64), holds: Vec<&str>) {
+    for id in holds {
+        if !kept.0.iter().any(|x| x == id) {
+            kept.0.push(id.to_owned());
+        }
+    }
+    kept.1 += 1;
+}
+
 /// The fold of `$governance`: the rules in force and every run.
 pub(crate) fn fold(shared: &super::shared::Shared) -> Result<Governance> {
     let mut g = Governance::default();
@@ -386,13 +396,7 @@ impl Log {
                             .or_default()
                             .push((r.position.0, r.stream_version));
                     } else {
-                        let h = snapshots_held.entry(base).or_default();
-                        for id in holds {
-                            if !h.0.iter().any(|x| x == id) {
-                                h.0.push(id.to_owned());
-                            }
-                        }
-                        h.1 += 1;
+                        note_holds(snapshots_held.entry(base).or_default(), holds);
                     }
                 }
                 return;
@@ -418,13 +422,7 @@ impl Log {
                     .or_default()
                     .push((r.position.0, r.stream_version));
             } else {
-                let h = held.entry(stream).or_default();
-                for id in holds {
-                    if !h.0.iter().any(|x| x == id) {
-                        h.0.push(id.to_owned());
-                    }
-                }
-                h.1 += 1;
+                note_holds(held.entry(stream).or_default(), holds);
             }
         })?;
         for (base, (mut holds, events)) in snapshots_held {

@@ -28,7 +28,7 @@ use tally_engine::format::checkpoint::SigningKey;
 use tally_engine::format::proof::hex;
 use tally_engine::governance::{HoldPlaced, HoldScope, Keep, PolicyScope, PolicySet};
 use tally_engine::keys::{FileKeyStore, SecretKey};
-use tally_engine::projection::{Projection, Projector, ProjectorOptions};
+use tally_engine::projection::Projection;
 use tally_engine::replay::{Archive, Validation, trace_window, validate, validate_window};
 use tally_engine::{Direction, Error, ExpectedVersion, Log, Options, RecoveryMode};
 
@@ -210,14 +210,7 @@ pub fn run(day: &Day1<'_>) -> anyhow::Result<Governed> {
     };
 
     // 4. The projection goes on from its checkpoint; the replay goes on from the archive.
-    let mut projector = Projector::<Positions>::open(
-        &log,
-        "positions",
-        ProjectorOptions {
-            checkpoint_every: 1000,
-            ..ProjectorOptions::default()
-        },
-    )?;
+    let mut projector = super::open_positions(&log)?;
     projector.catch_up()?;
     let incremental = projector.shared_state().read().encode_state();
     let upto = projector.status().position;

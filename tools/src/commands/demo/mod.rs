@@ -488,14 +488,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
     // 2. Positions and P&L.
     let started = Instant::now();
-    let mut projector = Projector::<Positions>::open(
-        &log,
-        "positions",
-        ProjectorOptions {
-            checkpoint_every: 1000,
-            ..ProjectorOptions::default()
-        },
-    )?;
+    let mut projector = open_positions(&log)?;
     // Progress from the projector's status, read on another thread while it folds.
     let bar = progress(log.next_position().0, "positions and P&L");
     let status = projector.status_handle();
@@ -685,6 +678,20 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         bail!("the demo's checks failed: {report}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The positions and P&L read model, checkpointed every 1,000 events.
+fn open_positions(
+    log: &Log,
+) -> Result<Projector<'_, Positions>, tally_engine::projection::ProjectionError> {
+    Projector::<Positions>::open(
+        log,
+        "positions",
+        ProjectorOptions {
+            checkpoint_every: 1000,
+            ..ProjectorOptions::default()
+        },
+    )
 }
 
 /// The process's peak resident memory in MiB (Linux: `VmHWM` of /proc/self/status), or
