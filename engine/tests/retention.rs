@@ -510,20 +510,20 @@ impl tally_engine::replay::Traced for Counts {
     }
 }
 
+/// The same fold as an aggregate, snapshotted as the projection is checkpointed.
 impl tally_engine::aggregate::Aggregate for Counts {
     const SNAPSHOT_VERSION: u32 = 1;
     fn initial() -> Self {
         Counts::default()
     }
     fn apply(&mut self, e: &dyn tally_engine::EventView) -> Result<(), String> {
-        *self.0.entry(e.stream().to_owned()).or_default() += 1;
-        Ok(())
+        tally_engine::projection::Projection::apply(self, e)
     }
     fn encode_snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.0).unwrap()
+        tally_engine::projection::Projection::encode_state(self)
     }
     fn decode_snapshot(bytes: &[u8]) -> Option<Self> {
-        serde_json::from_slice(bytes).ok().map(Counts)
+        tally_engine::projection::Projection::decode_state(bytes)
     }
 }
 

@@ -219,24 +219,11 @@ pub fn run(day: &Day1<'_>) -> anyhow::Result<Governed> {
     let (replayed, window) =
         trace_window::<Positions>(&log, "positions", start, day.archive.next, upto, None)?;
     let incremental_equals_replay = replayed.encode_state() == incremental;
-    let later = Archive::sign(
-        "positions",
-        log.log_id(),
-        Positions::STATE_VERSION,
-        concat!("tally ", env!("CARGO_PKG_VERSION")),
-        "NEW/AMEND/CANCEL/NOVATE/EXERCISE/SETTLE/PRICE v1",
-        replayed.encode_state(),
-        window,
-        day.key,
-    );
+    let later = super::sign_positions(&log, &replayed, window, day.key);
     let later_file = day
         .archive_file
         .with_file_name("positions.after-retention.archive.json");
-    let tmp = later_file.with_extension("json.tmp");
-    std::fs::write(&tmp, later.to_json())
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &later_file))
-        .with_context(|| format!("writing {}", later_file.display()))?;
+    super::write_archive(&later_file, &later)?;
 
     // What reads show now.
     let g = log.governance()?;

@@ -524,22 +524,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let upto = projector.status().position;
     let (replayed, run) = trace::<Positions>(&log, "positions", upto)?;
     let incremental_equals_replay = replayed.encode_state() == positions.read().encode_state();
-    let archive = Archive::sign(
-        "positions",
-        log.log_id(),
-        Positions::STATE_VERSION,
-        concat!("tally ", env!("CARGO_PKG_VERSION")),
-        "NEW/AMEND/CANCEL/NOVATE/EXERCISE/SETTLE/PRICE v1",
-        replayed.encode_state(),
-        run,
-        &key,
-    );
+    let archive = sign_positions(&log, &replayed, run, &key);
     let archive_file = dir.join("positions.archive.json");
-    let tmp = archive_file.with_extension("json.tmp");
-    std::fs::write(&tmp, archive.to_json())
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &archive_file))
-        .with_context(|| format!("writing {}", archive_file.display()))?;
+    write_archive(&archive_file, &archive)?;
     let snapshots = count_manifests(&log, "$snapshot-")?;
     let positions_read = log.next_position().0;
     let checkpoint = projector.status().checkpoint;
@@ -678,6 +665,34 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         bail!("the demo's checks failed: {report}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The signed archive of a replay of the positions.
+fn sign_positions(
+    log: &Log,
+    replayed: &Positions,
+    trace: tally_engine::replay::Trace,
+    key: &tally_engine::format::checkpoint::SigningKey,
+) -> Archive {
+    Archive::sign(
+        "positions",
+        log.log_id(),
+        Positions::STATE_VERSION,
+        concat!("tally ", env!("CARGO_PKG_VERSION")),
+        "NEW/AMEND/CANCEL/NOVATE/EXERCISE/SETTLE/PRICE v1",
+        replayed.encode_state(),
+        trace,
+        key,
+    )
+}
+
+/// Writes `archive` to `path` whole or not at all (a synced temporary, renamed).
+fn write_archive(path: &std::path::Path, archive: &Archive) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, archive.to_json())
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The positions and P&L read model, checkpointed every 1,000 events.
